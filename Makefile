@@ -1,0 +1,35 @@
+# Two entry points: `make train` (the built-in tiny default, CPU, minutes) and `make test`.
+# Each sets up a local virtual environment first; the set-up is idempotent and re-runs only when
+# pyproject.toml changes.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# On a machine without an NVIDIA GPU the CPU build of torch goes in before the package, so that the
+# package's torch requirement is already met and pip never pulls the multi-GB CUDA build.
+# Point TORCH_CPU at another pin or add pip options (e.g. an index of CPU wheels) where needed.
+TORCH_CPU ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: setup train test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" >/dev/null 2>&1; then \
+		$(PY) -m pip install -q $(TORCH_CPU); fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) train.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .cache logs outputs multirun

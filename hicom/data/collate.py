@@ -1,0 +1,57 @@
+"""Batching: pad text, concatenate frames, tokenise guides, and carry the skipped samples along for counting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hicom.data.template import IGNORE_INDEX
+
+
+@dataclass
+class Collator:
+    """Builds a batch from dataset items.
+
+    Batch fields: `input_ids`, `labels`, `attention_mask` (B, L); `pixel_values` (sum T, 3, S, S);
+    `num_frames` (B,); `guide_ids` (B, Lg); `ids`; `skipped` (list of skip dicts); in generation mode `answers`.
+    Generation batches pad on the left so every prompt ends where decoding starts.
+    """
+
+    pad_token_id: int
+    guide_tokenizer: object
+    padding_side: str = "right"
+
+    def __call__(self, items: list[dict]) -> dict:
+        skipped = [item for item in items if "skip" in item]
+        items = [item for item in items if "skip" not in item]
+        batch: dict = {"skipped": skipped, "ids": [item["id"] for item in items]}
+        if not items:
+            return batch
+        length = max(len(item["input_ids"]) for item in items)
+        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            span = slice(length - n, length) if self.padding_side == "left" else slice(0, n)
+            input_ids[row, span] = item["input_ids"]
+            labels[row, span] = item["labels"]
+            attention_mask[row, span] = 1
+        pixels = [item["pixel_values"] for item in items if item["pixel_values"] is not None]
+        guides = self.guide_tokenizer(
+            [item["guide"] for item in items], padding="max_length", truncation=True, return_tensors="pt"
+        )
+        batch.update(
+            input_ids=input_ids,
+            labels=labels,
+            attention_mask=attention_mask,
+            pixel_values=torch.cat(pixels) if pixels else None,
+            num_frames=torch.tensor([item["num_frames"] for item in items], dtype=torch.long),
+            modalities=[item["modality"] for item in items],
+            guide_ids=guides["input_ids"],
+        )
+        if "answer" in items[0]:
+            batch["answers"] = [item["answer"] for item in items]
+            batch["options"] = [item["options"] for item in items]
+        return batch

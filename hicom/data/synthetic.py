@@ -1,0 +1,430 @@
+"""A synthetic, instruction-dependent video QA dataset: the project's built-in default training data.
+
+Each clip shows a few small coloured shapes (distinct shapes, distinct colours) drifting in straight
+lines over a dark background.  Each question names one object, by its shape or its colour, and asks for
+another attribute of that same object, with the four options always in the same canonical order.  At
+full token resolution the answer is easy to read off; after heavy uniform pooling (several frames times
+several patch cells averaged together) the colours and shapes of neighbouring objects mix and the
+binding between "which object" and "which attribute" is lost.  That makes the dataset a small, fast
+probe of whether a token compressor keeps what the instruction asks for.
+
+`SyntheticVideoQA(...).prepare(root)` renders the clips to mp4 once, writes LLaVA-style JSON records,
+and returns the paths as a `SyntheticSplits`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+__all__ = [
+    "BACKGROUND",
+    "COLOURS",
+    "DIRECTIONS",
+    "QUESTION_TYPES",
+    "SHAPES",
+    "MovingObject",
+    "SyntheticSplits",
+    "SyntheticVideoQA",
+    "build_sample",
+    "render_clip",
+    "render_frames",
+    "sample_objects",
+    "sample_rng",
+    "write_video",
+]
+
+log = logging.getLogger(__name__)
+
+# Bump whenever the rendering or the question logic changes, so that datasets cached on disk by an
+# older version get a new key instead of being silently reused.
+GENERATOR_VERSION = 1
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (40, 80, 230),
+    "yellow": (230, 210, 40),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+# Unit step (dx, dy) in image coordinates: y grows downwards.
+DIRECTIONS: dict[str, tuple[int, int]] = {
+    "left": (-1, 0),
+    "right": (1, 0),
+    "up": (0, -1),
+    "down": (0, 1),
+}
+BACKGROUND: tuple[int, int, int] = (40, 40, 40)
+LETTERS = "ABCD"
+SPLITS: tuple[str, ...] = ("train", "val")
+
+# Objects keep at least this many pixels between their bounding boxes in every frame, so that none
+# is ever occluded and every attribute stays readable at full resolution.
+_MIN_GAP = 2
+_MIN_SPEED, _MAX_SPEED = 3, 5  # px per frame
+_MAX_PLACEMENT_TRIES = 100  # per object, before the whole layout is redrawn
+_MAX_LAYOUT_TRIES = 1_000
+_ANSWER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
+@dataclass(frozen=True)
+class MovingObject:
+    """One shape in a clip: it sits with its top-left corner at (x0, y0) in frame 0 and moves
+    `speed` px per frame in `direction`; its bounding box is `size` x `size` px."""
+
+    shape: str
+    colour: str
+    direction: str
+    x0: int
+    y0: int
+    speed: int
+    size: int
+
+    def position(self, t: int) -> tuple[int, int]:
+        """Top-left corner (x, y) of the bounding box in frame t."""
+        dx, dy = DIRECTIONS[self.direction]
+        return self.x0 + dx * self.speed * t, self.y0 + dy * self.speed * t
+
+    def path(self, num_frames: int) -> np.ndarray:
+        """Top-left corners (x, y) in frames 0..num_frames-1: int array of shape (num_frames, 2)."""
+        step = np.array(DIRECTIONS[self.direction]) * self.speed
+        return np.array([self.x0, self.y0]) + np.arange(num_frames)[:, None] * step
+
+
+@dataclass(frozen=True)
+class SyntheticSplits:
+    """Where a prepared dataset lies; video paths in the JSON files are relative to `video_root`."""
+
+    root: Path
+    train_json: Path
+    val_json: Path
+    video_root: Path
+
+
+def _question_colour_of_shape(obj: MovingObject) -> tuple[str, tuple[str, ...], str]:
+    return f"What colour is the {obj.shape}?", tuple(COLOURS), obj.colour
+
+
+def _question_shape_of_colour(obj: MovingObject) -> tuple[str, tuple[str, ...], str]:
+    return f"What shape is the {obj.colour} object?", SHAPES, obj.shape
+
+
+def _question_direction_of_colour(obj: MovingObject) -> tuple[str, tuple[str, ...], str]:
+    return f"Which direction does the {obj.colour} object move?", tuple(DIRECTIONS), obj.direction
+
+
+# Each builder maps the questioned object to (question, options in canonical order, correct option).
+_QUESTION_BUILDERS: dict[str, Callable[[MovingObject], tuple[str, tuple[str, ...], str]]] = {
+    "colour_of_shape": _question_colour_of_shape,
+    "shape_of_colour": _question_shape_of_colour,
+    "direction_of_colour": _question_direction_of_colour,
+}
+QUESTION_TYPES: tuple[str, ...] = tuple(_QUESTION_BUILDERS)
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    # bool is an int subclass, but `num_objects: true` in a YAML file is surely a mistake.
+    in_range = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    if high is not None:
+        in_range = in_range and value <= high
+    if not in_range:
+        allowed = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
+        raise ValueError(f"SyntheticVideoQA.{name} must be {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SyntheticVideoQA:
+    """Spec of the generated dataset; `prepare(root)` writes it once and returns where it lies.
+
+    Clips are `num_frames` frames of `size` x `size` RGB px at `fps`, each with `num_objects` objects.
+    Sample i of a split depends only on (seed, split, i), never on `num_train` / `num_val`.
+    """
+
+    num_train: int = 2000
+    num_val: int = 200
+    num_frames: int = 8
+    size: int = 112
+    fps: int = 8
+    num_objects: int = 3
+    question_types: tuple[str, ...] = QUESTION_TYPES
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("num_train", self.num_train, 1)
+        _check_int("num_val", self.num_val, 1)
+        _check_int("num_frames", self.num_frames, 8, 16)
+        _check_int("size", self.size, 64, 128)
+        if self.size % 2:
+            # yuv420p subsamples chroma 2x2, so libx264 needs even frame sizes.
+            raise ValueError(f"SyntheticVideoQA.size must be even, got {self.size}")
+        _check_int("fps", self.fps, 1, 60)
+        _check_int("num_objects", self.num_objects, 2, len(SHAPES))
+        _check_int("seed", self.seed, 0)
+        # Hydra hands over lists (or OmegaConf ListConfigs); keep a tuple so the spec stays hashable.
+        question_types = self.question_types
+        if isinstance(question_types, str) or not hasattr(question_types, "__iter__"):
+            raise ValueError(
+                f"SyntheticVideoQA.question_types must be a sequence of names from {QUESTION_TYPES}, "
+                f"got {question_types!r}"
+            )
+        question_types = tuple(question_types)
+        unknown = [name for name in question_types if name not in _QUESTION_BUILDERS]
+        if not question_types or unknown or len(set(question_types)) != len(question_types):
+            raise ValueError(
+                "SyntheticVideoQA.question_types must be a non-empty sequence of distinct names from "
+                f"{QUESTION_TYPES}, got {question_types!r}"
+            )
+        object.__setattr__(self, "question_types", question_types)
+
+    def _spec_dict(self) -> dict[str, Any]:
+        """The spec as it is hashed and stored in spec.json (JSON types only)."""
+        spec = asdict(self)
+        spec["question_types"] = list(self.question_types)
+        spec["generator_version"] = GENERATOR_VERSION
+        return spec
+
+    def key(self) -> str:
+        """Short stable hash of the spec (12 hex chars); changes whenever any field changes."""
+        text = json.dumps(self._spec_dict(), sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+    def splits(self, root: str | os.PathLike) -> SyntheticSplits:
+        """The paths this spec is (or would be) prepared at under `root`; touches nothing."""
+        directory = Path(root) / f"synthetic_videoqa-{self.key()}"
+        return SyntheticSplits(
+            root=directory,
+            train_json=directory / "train.json",
+            val_json=directory / "val.json",
+            video_root=directory / "videos",
+        )
+
+    def is_prepared(self, root: str | os.PathLike) -> bool:
+        """Whether `root` already holds this dataset, complete (spec.json is written last)."""
+        spec_path = self.splits(root).root / "spec.json"
+        try:
+            stored = json.loads(spec_path.read_text())
+        except (OSError, ValueError):
+            return False
+        return stored == self._spec_dict()
+
+    def prepare(self, root: str | os.PathLike) -> SyntheticSplits:
+        """Generate the dataset under `root` unless it is already there; return its paths.
+
+        Safe against concurrent callers: each writes into its own temporary sibling directory and
+        renames it into place atomically; a loser of the race discards its copy.
+        """
+        splits = self.splits(root)
+        if self.is_prepared(root):
+            return splits
+        final = splits.root
+        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        # A directory under our pid can only be the remains of an earlier, crashed process.
+        shutil.rmtree(tmp, ignore_errors=True)
+        start = time.perf_counter()
+        try:
+            self._generate(tmp)
+            # Written last: its presence marks the directory as complete.
+            (tmp / "spec.json").write_text(json.dumps(self._spec_dict(), indent=2, sort_keys=True) + "\n")
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not self.is_prepared(root):
+                    raise RuntimeError(
+                        f"{final} exists but does not hold this dataset spec; delete it and retry"
+                    ) from None
+                shutil.rmtree(tmp)
+                return splits
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info(
+            "Generated %d train + %d val synthetic clips in %s (%.1f s)",
+            self.num_train,
+            self.num_val,
+            final,
+            time.perf_counter() - start,
+        )
+        return splits
+
+    def _generate(self, directory: Path) -> None:
+        """Render, encode and describe every sample of both splits into `directory`."""
+        for split, count in zip(SPLITS, (self.num_train, self.num_val), strict=True):
+            (directory / "videos" / split).mkdir(parents=True)
+            records = []
+            for index in range(count):
+                frames, record = build_sample(self, split, index)
+                write_video(directory / "videos" / record["video"], frames, self.fps)
+                records.append(record)
+            with open(directory / f"{split}.json", "w") as f:
+                json.dump(records, f, indent=1)
+                f.write("\n")
+
+
+def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The random generator that sample `index` of `split` is drawn from."""
+    return np.random.default_rng([seed, SPLITS.index(split), index])
+
+
+def shape_size(frame_size: int) -> int:
+    """Side of an object's bounding box in px: about 2x2 patches of 16 px at a 112 px frame."""
+    return round(0.23 * frame_size)
+
+
+@cache
+def shape_mask(shape: str, side: int) -> np.ndarray:
+    """Boolean (side, side) mask of `shape` filling a side x side box."""
+    centre = (side - 1) / 2
+    ys, xs = np.mgrid[0:side, 0:side]
+    if shape == "circle":
+        mask = (xs - centre) ** 2 + (ys - centre) ** 2 <= (side / 2) ** 2
+    elif shape == "square":
+        mask = np.ones((side, side), dtype=bool)
+    elif shape == "triangle":
+        # Apex at the top centre, base along the bottom row.
+        mask = np.abs(xs - centre) <= (ys + 1) / 2
+    elif shape == "cross":
+        half_arm = side / 6
+        mask = (np.abs(xs - centre) <= half_arm) | (np.abs(ys - centre) <= half_arm)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+    mask.setflags(write=False)
+    return mask
+
+
+def _speed_range(spec: SyntheticVideoQA) -> tuple[int, int]:
+    """Inclusive px-per-frame range that keeps a whole traverse inside the frame."""
+    fit = (spec.size - shape_size(spec.size)) // (spec.num_frames - 1)
+    high = min(_MAX_SPEED, fit)
+    return min(_MIN_SPEED, high), high
+
+
+def _apart(path_a: np.ndarray, path_b: np.ndarray, side: int) -> bool:
+    """Whether two side x side boxes moving along (T, 2) corner paths keep _MIN_GAP px apart throughout."""
+    return bool((np.abs(path_a - path_b) >= side + _MIN_GAP).any(axis=-1).all())
+
+
+def _place(
+    rng: np.random.Generator, spec: SyntheticVideoQA, shape: str, colour: str, placed: list[MovingObject]
+) -> MovingObject | None:
+    """Draw a motion for one object whose path stays inside the frame and clear of `placed`;
+    None when the frame looks too crowded for it."""
+    side = shape_size(spec.size)
+    low_speed, high_speed = _speed_range(spec)
+    placed_paths = [other.path(spec.num_frames) for other in placed]
+    for _ in range(_MAX_PLACEMENT_TRIES):
+        direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
+        speed = int(rng.integers(low_speed, high_speed + 1))
+        travel = speed * (spec.num_frames - 1)
+        dx, dy = DIRECTIONS[direction]
+        # Start far enough from the edge the object heads for that its last frame is still inside.
+        x_low, x_high = max(0, -dx * travel), spec.size - side - max(0, dx * travel)
+        y_low, y_high = max(0, -dy * travel), spec.size - side - max(0, dy * travel)
+        obj = MovingObject(
+            shape=shape,
+            colour=colour,
+            direction=direction,
+            x0=int(rng.integers(x_low, x_high + 1)),
+            y0=int(rng.integers(y_low, y_high + 1)),
+            speed=speed,
+            size=side,
+        )
+        path = obj.path(spec.num_frames)
+        if all(_apart(path, other, side) for other in placed_paths):
+            return obj
+    return None
+
+
+def sample_objects(rng: np.random.Generator, spec: SyntheticVideoQA) -> list[MovingObject]:
+    """Draw `spec.num_objects` objects with distinct shapes and distinct colours whose whole paths
+    stay inside the frame and never touch each other."""
+    for _ in range(_MAX_LAYOUT_TRIES):
+        shapes = rng.choice(SHAPES, size=spec.num_objects, replace=False)
+        colours = rng.choice(list(COLOURS), size=spec.num_objects, replace=False)
+        objects: list[MovingObject] = []
+        for shape, colour in zip(shapes, colours, strict=True):
+            obj = _place(rng, spec, str(shape), str(colour), objects)
+            if obj is None:
+                break
+            objects.append(obj)
+        if len(objects) == spec.num_objects:
+            return objects
+    raise RuntimeError(f"could not place {spec.num_objects} non-touching objects for {spec}")
+
+
+def render_frames(objects: list[MovingObject], spec: SyntheticVideoQA) -> np.ndarray:
+    """Draw `objects` over the background: uint8 frames of shape (num_frames, size, size, 3)."""
+    frames = np.empty((spec.num_frames, spec.size, spec.size, 3), dtype=np.uint8)
+    frames[...] = BACKGROUND
+    for obj in objects:
+        mask = shape_mask(obj.shape, obj.size)
+        for t in range(spec.num_frames):
+            x, y = obj.position(t)
+            frames[t, y : y + obj.size, x : x + obj.size][mask] = COLOURS[obj.colour]
+    return frames
+
+
+def render_clip(rng: np.random.Generator, spec: SyntheticVideoQA) -> tuple[np.ndarray, list[MovingObject]]:
+    """Draw a clip's objects from `rng` and render them: ((T, H, W, 3) uint8 frames, objects)."""
+    objects = sample_objects(rng, spec)
+    return render_frames(objects, spec), objects
+
+
+def _human_turn(question: str, options: tuple[str, ...]) -> str:
+    lines = ["<video>", question, "Options:"]
+    lines += [f"({letter}) {option}" for letter, option in zip(LETTERS, options, strict=True)]
+    lines.append(_ANSWER_INSTRUCTION)
+    return "\n".join(lines)
+
+
+def build_sample(spec: SyntheticVideoQA, split: str, index: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Sample `index` of `split`: its (T, H, W, 3) uint8 frames and its JSON record (without encoding).
+
+    The clip is drawn first and the question second from the same generator, `sample_rng(...)`.
+    """
+    rng = sample_rng(spec.seed, split, index)
+    frames, objects = render_clip(rng, spec)
+    question_type = spec.question_types[rng.integers(len(spec.question_types))]
+    target = objects[rng.integers(len(objects))]
+    question, options, correct = _QUESTION_BUILDERS[question_type](target)
+    answer = LETTERS[options.index(correct)]
+    name = f"{index:06d}"
+    record = {
+        "id": f"{split}-{name}",
+        "video": f"{split}/{name}.mp4",
+        "conversations": [
+            {"from": "human", "value": _human_turn(question, options)},
+            {"from": "gpt", "value": answer},
+        ],
+        "question_type": question_type,
+        "answer": answer,
+        "options": list(options),
+        "question": question,
+    }
+    return frames, record
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int) -> None:
+    """Encode (T, H, W, 3) uint8 RGB frames (H, W even) to an H.264 mp4 at `fps`."""
+    with av.open(os.fspath(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"crf": "18", "preset": "veryfast"})
+        stream.width = frames.shape[2]
+        stream.height = frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        # At these tiny frame sizes x264's worker threads cost more time than they save.
+        stream.codec_context.thread_count = 1
+        for array in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))

@@ -1,0 +1,131 @@
+"""LLaVA-format conversations to token ids and labels under the LLM's own chat template."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+PLACEHOLDERS = ("<video>", "<image>")
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_OPTION_LINE = re.compile(r"^\s*(options?\s*:|\(?[A-Ha-h][\).:]\s)", re.IGNORECASE)
+
+
+class MalformedSample(ValueError):
+    """A sample whose conversation cannot be trained on as written."""
+
+
+def guide_text(question: str) -> str:
+    """The text that guides compression: the question without placeholder, options or answer instructions."""
+    lines = []
+    for line in question.replace("<video>", "").replace("<image>", "").splitlines():
+        if _OPTION_LINE.match(line):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    text = " ".join(lines)
+    return text.removeprefix("Question:").strip()
+
+
+def to_messages(conversations: list[dict]) -> list[dict]:
+    """LLaVA turns ({"from", "value"}) to chat messages, checking roles and alternation."""
+    if not isinstance(conversations, list) or not conversations:
+        raise MalformedSample("empty or missing 'conversations'")
+    messages = []
+    for turn in conversations:
+        if not isinstance(turn, dict) or "from" not in turn or not isinstance(turn.get("value"), str):
+            raise MalformedSample(f"a turn without 'from'/'value': {turn!r:.80}")
+        role = _ROLES.get(turn["from"])
+        if role is None:
+            raise MalformedSample(f"unknown role {turn['from']!r}")
+        messages.append({"role": role, "content": turn["value"]})
+    body = messages[1:] if messages[0]["role"] == "system" else messages
+    if len(body) < 2 or len(body) % 2:
+        raise MalformedSample(f"{len(body)} turns: expected user/assistant pairs")
+    for i, message in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise MalformedSample(f"turn {i} is {message['role']!r}, expected {expected!r}")
+    return messages
+
+
+@dataclass
+class ChatEncoder:
+    """Encodes messages with the tokenizer's chat template; only assistant answers (and their end token) are labelled.
+
+    The placeholder in the user text becomes one visual token, expanded to `num_visual` copies after tokenisation.
+    """
+
+    tokenizer: object
+    visual_token: str = "<|video_pad|>"
+
+    def __post_init__(self) -> None:
+        if self.tokenizer.chat_template is None:
+            raise ValueError("the LLM tokenizer has no chat template")
+        vid = self.tokenizer.convert_tokens_to_ids(self.visual_token)
+        if vid is None or vid == self.tokenizer.unk_token_id:
+            raise ValueError(f"the LLM tokenizer has no {self.visual_token!r} token for visual placeholders")
+        self.visual_token_id = vid
+        self.end_token = self.tokenizer.eos_token
+
+    def _render(self, messages: list[dict], generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, messages: list[dict], num_visual: int, generation: bool = False) -> dict[str, torch.Tensor]:
+        """`generation=True` drops the last answer and ends with the assistant prompt (for decoding)."""
+        messages = [dict(m) for m in messages]
+        found = 0
+        for message in messages:
+            for placeholder in PLACEHOLDERS:
+                found += message["content"].count(placeholder)
+                message["content"] = message["content"].replace(placeholder, self.visual_token)
+        if found != (1 if num_visual else 0):
+            raise MalformedSample(
+                f"{found} visual placeholders for {'one clip' if num_visual else 'a text-only sample'}"
+            )
+        if generation:
+            messages = messages[:-1]
+        ids: list[int] = []
+        labels: list[int] = []
+        done = ""
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                head = self._render(messages[:i], generation_prompt=True)
+                full = self._render(messages[: i + 1])
+                answer = message["content"] + self.end_token
+                if not (head.startswith(done) and full.startswith(head + answer)):
+                    raise ValueError("the chat template does not render turns as a growing prefix")
+                for text, supervised in (
+                    (head[len(done) :], False),
+                    (answer, True),
+                    (full[len(head + answer) :], False),
+                ):
+                    piece = self._ids(text)
+                    ids += piece
+                    labels += piece if supervised else [IGNORE_INDEX] * len(piece)
+            else:
+                full = self._render(messages[: i + 1])
+                piece = self._ids(full[len(done) :])
+                ids += piece
+                labels += [IGNORE_INDEX] * len(piece)
+            done = full
+        if generation:
+            piece = self._ids(self._render(messages, generation_prompt=True)[len(done) :])
+            ids += piece
+            labels += [IGNORE_INDEX] * len(piece)
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        label_ids = torch.tensor(labels, dtype=torch.long)
+        if num_visual:
+            where = (input_ids == self.visual_token_id).nonzero().flatten()
+            if len(where) != 1:
+                raise MalformedSample(f"the placeholder tokenised to {len(where)} visual tokens")
+            at = int(where[0])
+            repeat = torch.full((num_visual,), self.visual_token_id, dtype=torch.long)
+            input_ids = torch.cat([input_ids[:at], repeat, input_ids[at + 1 :]])
+            label_ids = torch.cat([label_ids[:at], torch.full_like(repeat, IGNORE_INDEX), label_ids[at + 1 :]])
+        return {"input_ids": input_ids, "labels": label_ids}

@@ -1,0 +1,64 @@
+"""Frame preprocessing with the settings of a checkpoint's image processor (preprocessor_config.json)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# PIL resample codes used by HF image processors, mapped to torch interpolation modes.
+_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
+@dataclass(frozen=True)
+class FrameTransform:
+    """Pad to square with the mean colour, resize to `size` x `size`, rescale and normalise.
+
+    Call on frames (T, H, W, 3) uint8; returns (T, 3, size, size) float32.
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    rescale: float = 1 / 255
+    mode: str = "bicubic"
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> FrameTransform:
+        file = Path(path) / "preprocessor_config.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing: the vision checkpoint must carry its image-processor config")
+        cfg = json.loads(file.read_text())
+        size = cfg.get("size", {})
+        side = size.get("height") or size.get("shortest_edge") or cfg.get("crop_size", {}).get("height")
+        if not side:
+            raise ValueError(f"{file}: no image size in 'size' ({size})")
+        return cls(
+            size=int(side),
+            mean=tuple(cfg.get("image_mean", (0.5, 0.5, 0.5))),
+            std=tuple(cfg.get("image_std", (0.5, 0.5, 0.5))),
+            rescale=float(cfg.get("rescale_factor", 1 / 255)),
+            mode=_RESAMPLE.get(int(cfg.get("resample", 3)), "bicubic"),
+        )
+
+    def __call__(self, frames: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+        _, _, h, w = x.shape
+        if h != w:
+            side = max(h, w)
+            fill = torch.tensor(self.mean).view(1, 3, 1, 1) / self.rescale
+            canvas = fill.expand(x.shape[0], 3, side, side).clone()
+            top, left = (side - h) // 2, (side - w) // 2
+            canvas[:, :, top : top + h, left : left + w] = x
+            x = canvas
+        if x.shape[-1] != self.size:
+            smooth = {"antialias": True, "align_corners": False} if self.mode in ("bilinear", "bicubic") else {}
+            x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, **smooth)
+            x = x.clamp_(0, 1 / self.rescale)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (x * self.rescale - mean) / std

@@ -1,0 +1,143 @@
+"""The LightningModule: loss, optimizer groups, schedule, logging and the held-out multiple-choice check."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import torch
+from lightning import LightningModule
+from torch import nn
+from transformers import get_cosine_schedule_with_warmup
+
+from hicom.eval.answers import parse_choice
+from hicom.modules.compressors import Compressor
+from hicom.modules.llm import CausalLM
+from hicom.modules.video_llm import VideoLLM
+from hicom.modules.vision import SiglipTower
+
+log = logging.getLogger(__name__)
+
+PARTS = ("vision_trunk", "vision_head", "guide_encoder", "compressor", "llm")
+
+
+class VideoLLMModule(LightningModule):
+    """Receives the built vision tower and LLM and the compressor partial, composes them into a VideoLLM, and
+    trains the parts listed in `trainable` (a subset of PARTS); everything else is frozen and out of the optimizer.
+
+    `lr` maps each trainable part to its learning rate; the compressor's injection sub-modules (its guide
+    injectors) take `lr["injection"]` when given. Skipped samples reported by the collator are counted per reason.
+    """
+
+    def __init__(
+        self,
+        *,
+        vision: SiglipTower,
+        llm: CausalLM,
+        compressor: Callable[..., Compressor],
+        trainable: Iterable[str] = ("compressor",),
+        lr: dict[str, float] | None = None,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.03,
+        max_new_tokens: int = 4,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["vision", "llm", "compressor"])
+        self.net = net = VideoLLM(vision=vision, llm=llm, compressor=compressor)
+        self.trainable = tuple(trainable)
+        unknown = set(self.trainable) - set(PARTS)
+        if unknown:
+            raise ValueError(f"unknown trainable parts {sorted(unknown)}; choose from {PARTS}")
+        self.lr = dict(lr or {})
+        missing = [p for p in self.trainable if p not in self.lr]
+        if missing:
+            raise ValueError(f"no learning rate for trainable parts {missing}: set model.lr.<part>")
+        self.weight_decay, self.betas, self.warmup_ratio = weight_decay, tuple(betas), warmup_ratio
+        self.max_new_tokens = max_new_tokens
+        net.requires_grad_(False)
+        for name in self.trainable:
+            self.parts()[name].requires_grad_(True)
+        self.skipped: dict[str, dict] = {}
+        self.results: list[dict] = []
+
+    def parts(self) -> dict[str, nn.Module]:
+        vision = self.net.vision.vision_tower
+        trunk = nn.ModuleList([vision.embeddings, vision.encoder, vision.post_layernorm])
+        return {
+            "vision_trunk": trunk,
+            "vision_head": vision.head,
+            "guide_encoder": self.net.vision.guide_encoder,
+            "compressor": self.net.compressor,
+            "llm": self.net.llm.model,
+        }
+
+    def parameter_table(self) -> list[tuple[str, int, int]]:
+        """(part, parameters, trainable parameters) per part."""
+        rows = []
+        for name, module in self.parts().items():
+            params = list(module.parameters())
+            rows.append((name, sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)))
+        return rows
+
+    def _count_skipped(self, batch: dict) -> None:
+        for item in batch.get("skipped", []):
+            if item["id"] not in self.skipped:
+                self.skipped[item["id"]] = item
+                log.warning("skipped sample %s (%s): %s", item["id"], item["skip"], item["error"])
+
+    def training_step(self, batch: dict, batch_idx: int):
+        self._count_skipped(batch)
+        if "input_ids" not in batch:
+            return None  # every sample of this batch was skipped
+        loss = self.net(batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]))
+        self.log("data/skipped", float(len(self.skipped)), batch_size=len(batch["ids"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._count_skipped(batch)
+        if "input_ids" in batch:
+            self.log("val/loss", self.net(batch).loss, prog_bar=True, batch_size=len(batch["ids"]))
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """Greedy answers to held-out multiple-choice questions, parsed into letters."""
+        self._count_skipped(batch)
+        if "input_ids" not in batch:
+            return
+        tokens = self.net.generate(batch, max_new_tokens=self.max_new_tokens)
+        replies = self.net.llm.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        for sample_id, reply, answer, options in zip(
+            batch["ids"], replies, batch["answers"], batch["options"], strict=True
+        ):
+            pred = parse_choice(reply, options)
+            self.results.append(
+                {"id": sample_id, "answer": answer, "pred": pred, "reply": reply, "n_options": len(options)}
+            )
+
+    def on_test_epoch_start(self) -> None:
+        self.results = []
+
+    def on_test_epoch_end(self) -> None:
+        n = len(self.results)
+        if n:
+            self.log("eval/synthetic/acc", sum(r["pred"] == r["answer"] for r in self.results) / n)
+            self.log("eval/synthetic/n_unparsed", float(sum(r["pred"] is None for r in self.results)))
+
+    def configure_optimizers(self):
+        groups: dict[str, list[nn.Parameter]] = {}
+        for name, module in self.parts().items():
+            if name not in self.trainable:
+                continue
+            for pname, param in module.named_parameters():
+                key = (
+                    "injection"
+                    if name == "compressor" and "guide_injector" in pname and "injection" in self.lr
+                    else name
+                )
+                groups.setdefault(key, []).append(param)
+        params = [{"params": p, "lr": self.lr[key], "name": key} for key, p in groups.items()]
+        optimizer = torch.optim.AdamW(params, weight_decay=self.weight_decay, betas=self.betas)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, round(self.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

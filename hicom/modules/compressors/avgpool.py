@@ -1,0 +1,46 @@
+"""Baseline: an MLP projector per token, then average pooling over (k_t, k_s, k_s) cells (LLaVA-OneVision style)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from hicom.modules.compressors.base import Compressor, init_weights, readout
+
+
+class AvgPoolCompressor(Compressor):
+    """Pools to a (ceil(T / k_t), ceil(H / k_s), ceil(W / k_s)) grid; k_t = 1 for images and single frames.
+
+    Non-divisible sizes use adaptive pooling, which averages each output cell over the tokens it covers.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_dim: int,
+        out_dim: int,
+        guide_dim: int | None = None,
+        kernel: tuple[int, int, int] = (4, 3, 3),
+        readout_depth: int = 2,
+    ) -> None:
+        super().__init__()
+        if len(kernel) != 3 or min(kernel) < 1:
+            raise ValueError(f"kernel must be three sizes >= 1, got {kernel}")
+        self.kernel = tuple(int(k) for k in kernel)
+        self.readout = readout(in_dim, out_dim, readout_depth)
+        self.apply(init_weights)
+
+    def grid(self, t: int, h: int, w: int, modality: str = "video") -> tuple[int, int, int]:
+        kt = 1 if modality == "image" or t == 1 else self.kernel[0]
+        return math.ceil(t / kt), math.ceil(h / self.kernel[1]), math.ceil(w / self.kernel[2])
+
+    def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
+        return math.prod(self.grid(t, h, w, modality))
+
+    def forward(self, features, embeds=None, guide=None, modality: str = "video") -> torch.Tensor:
+        b, t, h, w, _ = features.shape
+        x = self.readout(features).permute(0, 4, 1, 2, 3)  # (B, d_out, T, H, W)
+        x = F.adaptive_avg_pool3d(x, self.grid(t, h, w, modality))
+        return x.flatten(2).transpose(1, 2)  # (B, N, d_out)

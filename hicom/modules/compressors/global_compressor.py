@@ -1,0 +1,118 @@
+"""HICom's global compressor: N learned queries attend to every token of the clip, with a 3D position table."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hicom.modules.compressors.base import Compressor, init_weights, readout
+from hicom.modules.compressors.injection import Guide, GuideInjector
+
+
+def sincos_table(n: int, dim: int, device=None) -> torch.Tensor:
+    """(n, dim) table: sin at even and cos at odd channels of pos / 10000^(2 * (i // 2) / dim)."""
+    pos = torch.arange(n, dtype=torch.float64, device=device)[:, None]
+    i = torch.arange(dim, device=device)
+    angles = pos / torch.pow(10000.0, (2 * (i // 2)).double() / dim)
+    return torch.where(i % 2 == 0, angles.sin(), angles.cos())  # float64
+
+
+def position_table_3d(t: int, h: int, w: int, dim: int, device=None) -> torch.Tensor:
+    """(T, H, W, dim): the sum of separate sine-cosine tables over time, rows and columns."""
+    table = (
+        sincos_table(t, dim, device)[:, None, None]
+        + sincos_table(h, dim, device)[None, :, None]
+        + sincos_table(w, dim, device)[None, None, :]
+    )
+    return table.float()
+
+
+class GlobalCompressor(Compressor):
+    """Multi-head attention from `num_queries` learned queries (optionally guide-injected) to all tokens.
+
+    Output: readout(query + attention). The position table is added to the keys and values as released
+    (`position="kv"`) or to the keys only as the paper writes (`position="k"`).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_dim: int,
+        out_dim: int,
+        guide_dim: int | None = None,
+        num_queries: int = 32,
+        guide: Guide = Guide.COARSE,
+        num_heads: int | None = None,
+        position: str = "kv",
+        readout_depth: int = 2,
+    ) -> None:
+        super().__init__()
+        if position not in ("kv", "k", "none"):
+            raise ValueError(f"position must be 'kv', 'k' or 'none', got {position!r}")
+        self.num_queries = num_queries
+        self.num_heads = num_heads or max(1, in_dim // 128)
+        if in_dim % self.num_heads:
+            raise ValueError(f"in_dim {in_dim} is not divisible by num_heads {self.num_heads}")
+        self.position = position
+        self.guide = Guide(guide)
+        self.uses_guide = self.guide is not Guide.OFF
+        self.query = nn.Parameter(torch.zeros(num_queries, in_dim))
+        self.guide_injector = (
+            GuideInjector(mode=self.guide, guide_dim=guide_dim or in_dim, dim=in_dim) if self.uses_guide else None
+        )
+        self.attn_layer = nn.ModuleDict(
+            {name: nn.Linear(in_dim, in_dim) for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
+        )
+        self.readout = readout(in_dim, out_dim, readout_depth)
+        self.apply(init_weights)
+        self._table: torch.Tensor | None = None
+
+    def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
+        return self.num_queries
+
+    def _positions(self, t: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+        table = self._table
+        if (
+            table is None
+            or table.device != like.device
+            or any(a < b for a, b in zip(table.shape, (t, h, w), strict=False))
+        ):
+            size = (
+                (t, h, w)
+                if table is None
+                else tuple(max(a, b) for a, b in zip(table.shape[:3], (t, h, w), strict=True))
+            )
+            table = self._table = position_table_3d(*size, like.shape[-1], like.device)
+        return table[:t, :h, :w].to(like.dtype)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        embeds: torch.Tensor | None = None,
+        guide: torch.Tensor | None = None,
+        modality: str = "video",
+    ) -> torch.Tensor:
+        b, t, h, w, d = features.shape
+        queries = self.query.expand(b, -1, -1)  # (B, N, D)
+        if self.guide_injector is not None:
+            if guide is None:
+                raise ValueError("this global compressor is guided: pass the guide")
+            queries = self.guide_injector(queries, guide)
+        tokens = features.reshape(b, t * h * w, d)
+        keys = values = tokens
+        if self.position != "none":
+            pos = self._positions(t, h, w, features).reshape(1, t * h * w, d)
+            keys = tokens + pos
+            values = keys if self.position == "kv" else tokens
+        proj = self.attn_layer
+        heads = self.num_heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, heads, L, D / heads), fp32 for the softmax
+            return x.reshape(b, x.shape[1], heads, d // heads).transpose(1, 2).float()
+
+        out = F.scaled_dot_product_attention(
+            split(proj["q_proj"](queries)), split(proj["k_proj"](keys)), split(proj["v_proj"](values))
+        )
+        out = proj["out_proj"](out.transpose(1, 2).reshape(b, -1, d).to(features.dtype))
+        return self.readout(queries + out)  # (B, N, d_out)

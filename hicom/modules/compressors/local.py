@@ -1,0 +1,82 @@
+"""HICom's local compressor: one query per cell of a (k_t, k_s, k_s) grid attends to the tokens under its cell."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from hicom.modules.compressors.base import Compressor, group_index, init_weights, readout
+from hicom.modules.compressors.injection import Guide, GuideInjector
+
+
+class LocalCompressor(Compressor):
+    """Queries are the features resized to the output grid (trilinear), or the guide itself with direct injection;
+    keys are the joint-space embeddings when guided (else the features); values are the features.
+    Attention is single-head without projections, inside each cell's group of k_t * k_s * k_s tokens.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_dim: int,
+        out_dim: int,
+        guide_dim: int | None = None,
+        kernel: tuple[int, int, int] = (4, 3, 3),
+        guide: Guide = Guide.DIRECT,
+        readout_depth: int = 2,
+    ) -> None:
+        super().__init__()
+        if len(kernel) != 3 or min(kernel) < 1 or kernel[1] != kernel[2]:
+            raise ValueError(f"kernel must be (k_t, k_s, k_s) with sizes >= 1, got {kernel}")
+        self.kernel = tuple(int(k) for k in kernel)
+        self.guide = Guide(guide)
+        self.uses_guide = self.uses_embeds = self.guide is not Guide.OFF
+        self.dim = in_dim
+        self.guide_injector = (
+            GuideInjector(mode=self.guide, guide_dim=guide_dim or in_dim, dim=in_dim) if self.uses_guide else None
+        )
+        self.readout = readout(in_dim, out_dim, readout_depth)
+        self.apply(init_weights)
+
+    def _kernel(self, t: int, modality: str) -> tuple[int, int, int]:
+        kt, ks, _ = self.kernel
+        return (1 if modality == "image" or t == 1 else kt), ks, ks
+
+    def grid(self, t: int, h: int, w: int, modality: str = "video") -> tuple[int, int, int]:
+        kt, ks, _ = self._kernel(t, modality)
+        return math.ceil(t / kt), math.ceil(h / ks), math.ceil(w / ks)
+
+    def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
+        return math.prod(self.grid(t, h, w, modality))
+
+    def _groups(self, x: torch.Tensor, kernel: tuple[int, int, int]) -> torch.Tensor:
+        """(B, T, H, W, D) -> (B, cells, k_t * k_s * k_s, D): the tokens under each output cell."""
+        b, t, h, w, d = x.shape
+        it, ih, iw = (group_index(n, k, x.device) for n, k in zip((t, h, w), kernel, strict=True))
+        x = x[:, it][:, :, :, ih][:, :, :, :, :, iw]  # (B, T', kt, H', ks, W', ks, D)
+        x = x.permute(0, 1, 3, 5, 2, 4, 6, 7)  # (B, T', H', W', kt, ks, ks, D)
+        return x.reshape(b, it.shape[0] * ih.shape[0] * iw.shape[0], -1, d)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        embeds: torch.Tensor | None = None,
+        guide: torch.Tensor | None = None,
+        modality: str = "video",
+    ) -> torch.Tensor:
+        b, t, h, w, d = features.shape
+        kernel = self._kernel(t, modality)
+        grid = self.grid(t, h, w, modality)
+        if self.uses_guide and (guide is None or embeds is None):
+            raise ValueError("this local compressor is guided: pass the guide and the joint-space embeddings")
+        keys = self._groups(embeds if self.uses_guide else features, kernel)  # (B, N, G, D)
+        values = self._groups(features, kernel)  # (B, N, G, D)
+        queries = F.interpolate(features.permute(0, 4, 1, 2, 3), size=grid, mode="trilinear", align_corners=False)
+        queries = queries.flatten(2).transpose(1, 2)  # (B, N, D)
+        if self.guide_injector is not None:
+            queries = self.guide_injector(queries, guide)
+        scores = torch.einsum("bnd,bngd->bng", queries, keys) / math.sqrt(d)
+        weights = scores.softmax(dim=-1)
+        return self.readout(torch.einsum("bng,bngd->bnd", weights, values))  # (B, N, d_out)

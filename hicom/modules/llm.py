@@ -1,0 +1,55 @@
+"""The language model, with visual tokens spliced in at the placeholder positions."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from hicom.utils.checkpoints import require_pretrained
+
+log = logging.getLogger(__name__)
+
+
+class CausalLM(nn.Module):
+    """An HF causal LM loaded with `from_pretrained`; `visual_token` marks where compressed tokens go."""
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        visual_token: str = "<|video_pad|>",
+        attn_implementation: str = "sdpa",
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = require_pretrained(path, "the LLM checkpoint", "model.llm.path")
+        self.path = str(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        token_id = tokenizer.convert_tokens_to_ids(visual_token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"{folder}: the tokenizer has no {visual_token!r} token to mark visual positions")
+        self.visual_token_id = int(token_id)
+        self.tokenizer = tokenizer
+        self.model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn_implementation)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.hidden_size = self.model.config.hidden_size
+        log.info("LLM %s: attention %s", self.path, self.model.config._attn_implementation)
+
+    def embed(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings (B, L, d) with the visual tokens (N, d), in order, at the placeholder positions."""
+        embeds = self.model.get_input_embeddings()(input_ids)
+        mask = input_ids == self.visual_token_id
+        expected = int(mask.sum())
+        given = 0 if visual is None else visual.shape[0]
+        if expected != given:
+            raise ValueError(
+                f"the batch has {expected} visual placeholder tokens but the compressor gave {given} tokens"
+            )
+        if given:
+            embeds = embeds.masked_scatter(mask[..., None], visual.to(embeds.dtype))
+        return embeds

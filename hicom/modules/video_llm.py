@@ -1,0 +1,72 @@
+"""The network: vision tower -> compressor -> LLM."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from hicom.modules.compressors.base import Compressor
+from hicom.modules.llm import CausalLM
+from hicom.modules.vision import SiglipTower
+
+
+class VideoLLM(nn.Module):
+    """Composes the three parts. `compressor` is a partial taking in_dim, out_dim and guide_dim, so its widths
+    come from the loaded checkpoints rather than from config.
+
+    Batches (see hicom.data.collate): pixel_values (sum T, 3, S, S) with num_frames (B,) and modalities;
+    guide_ids (B, Lg); input_ids / attention_mask / labels (B, L).
+    """
+
+    def __init__(self, *, vision: SiglipTower, llm: CausalLM, compressor: Callable[..., Compressor]) -> None:
+        super().__init__()
+        self.vision = vision
+        self.llm = llm
+        self.compressor = compressor(
+            in_dim=vision.hidden_size, out_dim=llm.hidden_size, guide_dim=vision.text_hidden_size
+        )
+
+    def num_visual_tokens(self, num_frames: int, modality: str = "video") -> int:
+        """Tokens the LLM receives for a clip of `num_frames` frames, known before running anything."""
+        return self.compressor.num_tokens(num_frames, self.vision.grid, self.vision.grid, modality)
+
+    def encode_visual(self, batch: dict) -> torch.Tensor | None:
+        """Compressed tokens of every clip in the batch, concatenated in sample order: (sum N_i, d_llm)."""
+        pixels = batch.get("pixel_values")
+        if pixels is None:
+            return None
+        features, embeds = self.vision(pixels, joint_embeds=self.compressor.uses_embeds)
+        guide = self.vision.encode_guide(batch["guide_ids"]) if self.compressor.uses_guide else None
+        counts = batch["num_frames"].tolist()
+        modalities = batch["modalities"]
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        # Clips of one shape are compressed together: one call per distinct (frames, modality), not per sample.
+        shapes: dict[tuple[int, str], list[int]] = {}
+        for i, (n, modality) in enumerate(zip(counts, modalities, strict=True)):
+            if n:
+                shapes.setdefault((n, modality), []).append(i)
+        outputs: dict[int, torch.Tensor] = {}
+        for (n, modality), members in shapes.items():
+            frames = torch.stack([torch.arange(starts[i], starts[i] + n) for i in members]).to(pixels.device)
+            clip_embeds = embeds[frames] if embeds is not None else None
+            clip_guide = guide[members] if guide is not None else None
+            out = self.compressor(features[frames], clip_embeds, clip_guide, modality)  # (b, N, d)
+            outputs.update(zip(members, out, strict=True))
+        return torch.cat([outputs[i] for i in sorted(outputs)])
+
+    def forward(self, batch: dict):
+        embeds = self.llm.embed(batch["input_ids"], self.encode_visual(batch))
+        return self.llm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+
+    @torch.no_grad()
+    def generate(self, batch: dict, max_new_tokens: int = 8) -> torch.Tensor:
+        """Greedy continuation (B, <= max_new_tokens) of left-padded prompts."""
+        embeds = self.llm.embed(batch["input_ids"], self.encode_visual(batch))
+        return self.llm.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )

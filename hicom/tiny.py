@@ -1,0 +1,195 @@
+"""Tiny HF-format checkpoints that the built-in default trains on.
+
+The writers below produce folders that load with the very `from_pretrained` calls used for the real
+SigLIP-so400m and Qwen2.5 weights: a SigLIP with its vision tower, text tower, image-processor config and
+text tokenizer, and a Qwen2 causal LM whose tokenizer carries the Qwen2.5 chat template. Weights are
+random, seeded; each folder holds a `spec.json` and is rewritten only when the spec changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Qwen2.5's chat template, reduced to what the project relies on: the default system turn and
+# `<|im_start|>role\n...<|im_end|>\n` per message.
+QWEN_CHAT_TEMPLATE = (
+    "{%- if not messages or messages[0]['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|video_pad|>", "<|image_pad|>"]
+
+# Text the tiny BPE tokenizers learn their merges from; anything else still encodes through bytes.
+_CORPUS = """
+You are a helpful assistant. system user assistant
+Question: What colour is the circle? What colour is the square? What colour is the triangle? What colour is the cross?
+What shape is the red object? What shape is the green object? What shape is the blue object?
+What shape is the yellow object? Which direction does the red object move? Which direction does the green object move?
+Which direction does the blue object move? Which direction does the yellow object move?
+Options: (A) red (B) green (C) blue (D) yellow (A) circle (B) square (C) triangle (D) cross
+(A) left (B) right (C) up (D) down A B C D E
+Answer with the option's letter from the given choices directly.
+Describe the video. What happens in the video? How many objects are there? 0 1 2 3 4 5 6 7 8 9
+The the a an is are of in on to and with what which who where when why how this that video image frame
+"""
+
+
+def _train_bpe(vocab_size: int, special_tokens: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([line for line in _CORPUS.splitlines() if line] * 4, trainer=trainer)
+    return tok
+
+
+class _Writer:
+    """Writes a folder once per spec: build into a temporary sibling, then rename into place."""
+
+    def __call__(self, out_dir: str | os.PathLike) -> Path:
+        out = Path(out_dir)
+        spec = {"kind": type(self).__name__, **asdict(self)}
+        if (out / "spec.json").is_file():
+            if json.loads((out / "spec.json").read_text()) == spec:
+                return out
+        elif out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} exists and was not written by {spec['kind']}: refusing to replace it")
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.write(tmp)
+        (tmp / "spec.json").write_text(json.dumps(spec, indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        log.info("wrote %s to %s", spec["kind"], out)
+        return out
+
+    def write(self, out: Path) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TinySiglip(_Writer):
+    """A random SigLIP (vision + text towers) in the so400m folder layout, at toy size."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    image_size: int = 112
+    patch_size: int = 16
+    text_max_length: int = 32
+    vocab_size: int = 384
+    seed: int = 0
+
+    def write(self, out: Path) -> None:
+        from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipModel
+
+        tok = _train_bpe(self.vocab_size, ["</s>", "<unk>"])
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            eos_token="</s>",
+            pad_token="</s>",
+            unk_token="<unk>",
+            model_max_length=self.text_max_length,
+            model_input_names=["input_ids"],
+        )
+        tokenizer.save_pretrained(out)
+        tower = dict(
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+        )
+        eos = tokenizer.convert_tokens_to_ids("</s>")
+        config = SiglipConfig(
+            text_config=dict(
+                tower,
+                vocab_size=len(tokenizer),
+                max_position_embeddings=self.text_max_length,
+                pad_token_id=eos,
+                bos_token_id=eos,
+                eos_token_id=eos,
+            ),
+            vision_config=dict(tower, image_size=self.image_size, patch_size=self.patch_size),
+        )
+        torch.manual_seed(self.seed)
+        SiglipModel(config).save_pretrained(out)
+        processor = {
+            "image_processor_type": "SiglipImageProcessor",
+            "do_resize": True,
+            "size": {"height": self.image_size, "width": self.image_size},
+            "resample": 3,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
+        }
+        (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+
+
+@dataclass(frozen=True)
+class TinyQwen2(_Writer):
+    """A random Qwen2 causal LM with a byte-level BPE tokenizer and the Qwen2.5 chat template."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 172
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vocab_size: int = 512
+    max_position_embeddings: int = 1024
+    seed: int = 0
+
+    def write(self, out: Path) -> None:
+        from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=_train_bpe(self.vocab_size, QWEN_SPECIAL_TOKENS),
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+            additional_special_tokens=QWEN_SPECIAL_TOKENS[1:],
+            model_max_length=self.max_position_embeddings,
+        )
+        tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+        tokenizer.save_pretrained(out)
+        eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+        config = Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=True,
+            bos_token_id=pad,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+        torch.manual_seed(self.seed)
+        model = Qwen2ForCausalLM(config)
+        model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, do_sample=False)
+        model.save_pretrained(out)

@@ -1,0 +1,117 @@
+"""One training run from a composed config: build, fit, score the held-out questions, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from hicom.utils.instantiators import check_pretrained, ensure_dir, instantiate_all, write_assets
+
+log = logging.getLogger(__name__)
+
+
+def build(cfg: DictConfig):
+    """The LightningModule and DataModule of a config (tiny assets written first, model folders checked)."""
+    write_assets(cfg.get("assets"))
+    check_pretrained(cfg)
+    log.info("model: <%s>", cfg.model._target_)
+    model = hydra.utils.instantiate(cfg.model)
+    log.info("data: <%s>", cfg.data._target_)
+    datamodule = hydra.utils.instantiate(cfg.data, visual_tokens=model.net.num_visual_tokens)
+    return model, datamodule
+
+
+def parameter_report(model) -> Table:
+    table = Table(title="parameters")
+    for column in ("part", "parameters", "trainable"):
+        table.add_column(column, justify="right" if column != "part" else "left")
+    for part, total, trainable in model.parameter_table():
+        table.add_row(part, f"{total:,}", f"{trainable:,}")
+    return table
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit the configured model and return the run's figures (also written to <output_dir>/metrics.json)."""
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = ensure_dir(cfg.paths.output_dir)
+    model, datamodule = build(cfg)
+    console = Console()
+    console.print(parameter_report(model))
+    loggers = instantiate_all(cfg.get("logger"), "logger")
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks"), "callback"), logger=loggers or False
+    )
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_seconds = time.perf_counter() - start
+
+    frames, grid = datamodule.num_frames, model.net.vision.grid
+    tokens = model.net.num_visual_tokens(frames)
+    metrics = {
+        "compressor": cfg.model.compressor._target_.rsplit(".", 1)[-1],
+        "visual_tokens_per_video": tokens,
+        "uncompressed_tokens_per_video": frames * grid * grid,
+        "compression_ratio": frames * grid * grid / tokens,
+        "steps": trainer.global_step,
+        "fit_seconds": round(fit_seconds, 1),
+        "train_loss": _last(trainer, "train/loss"),
+    }
+    if cfg.get("evaluate") and not trainer.fast_dev_run:
+        trainer.test(model, datamodule=datamodule, verbose=False)
+        results = model.results
+        n = len(results)
+        metrics.update(
+            accuracy=sum(r["pred"] == r["answer"] for r in results) / max(n, 1),
+            chance=sum(1 / r["n_options"] for r in results) / max(n, 1),
+            n_questions=n,
+            n_unparsed=sum(r["pred"] is None for r in results),
+        )
+        _write_jsonl(out_dir / "predictions.jsonl", results)
+    metrics["wall_seconds"] = round(time.perf_counter() - start, 1)
+    metrics["skipped_samples"] = [
+        {k: item[k] for k in ("id", "skip", "path", "error")} for item in model.skipped.values()
+    ]
+    for logger in loggers:
+        logger.log_metrics(
+            {f"summary/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, trainer.global_step
+        )
+        logger.finalize("success")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    console.print(summary_table(metrics))
+    log.info("metrics written to %s", out_dir / "metrics.json")
+    return metrics
+
+
+def _last(trainer, key: str) -> float | None:
+    value = trainer.callback_metrics.get(key)
+    return None if value is None else round(float(value), 4)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def summary_table(metrics: dict) -> Table:
+    table = Table(title="run summary")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        if key == "skipped_samples":
+            value = ", ".join(f"{s['id']} ({s['skip']})" for s in value) or "none"
+        elif isinstance(value, float):
+            value = f"{value:.3f}"
+        table.add_row(key, str(value))
+    return table

@@ -1,0 +1,68 @@
+import pytest
+from transformers import AutoTokenizer
+
+from hicom.data.template import IGNORE_INDEX, ChatEncoder, MalformedSample, guide_text, to_messages
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_paths):
+    return ChatEncoder(AutoTokenizer.from_pretrained(tiny_paths["qwen2"]))
+
+
+def conversation(*turns):
+    return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(turns)]
+
+
+def test_only_assistant_answers_and_their_end_tokens_are_labelled(encoder):
+    messages = to_messages(conversation("<video>\nWhat colour is the circle?", "B", "And the square?", "It is red."))
+    out = encoder.encode(messages, num_visual=5)
+    tokenizer = encoder.tokenizer
+    labelled = out["labels"] != IGNORE_INDEX
+    # the labelled tokens, read as runs, are exactly the two answers with their end tokens
+    runs, current = [], []
+    for token, keep in zip(out["input_ids"].tolist(), labelled.tolist(), strict=True):
+        if keep:
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    assert runs == ["B<|im_end|>", "It is red.<|im_end|>"]
+    assert (out["input_ids"] == encoder.visual_token_id).sum() == 5
+    assert tokenizer.decode(out["input_ids"][~labelled]).count("<|im_start|>assistant\n") == 2
+
+
+def test_generation_prompt_ends_at_the_assistant_header(encoder):
+    messages = to_messages(conversation("<video>\nQ?", "A"))
+    out = encoder.encode(messages, num_visual=3, generation=True)
+    assert encoder.tokenizer.decode(out["input_ids"]).endswith("Q?<|im_end|>\n<|im_start|>assistant\n")
+    assert (out["labels"] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize(
+    "turns, message",
+    [
+        ([], "empty"),
+        ([{"from": "human", "value": "<video>\nQ?"}], "pairs"),
+        ([{"from": "gpt", "value": "A"}, {"from": "human", "value": "<video>\nQ?"}], "expected 'user'"),
+        ([{"from": "robot", "value": "x"}, {"from": "gpt", "value": "A"}], "unknown role"),
+        ([{"from": "human"}, {"from": "gpt", "value": "A"}], "without"),
+    ],
+)
+def test_malformed_conversations_are_named(turns, message):
+    with pytest.raises(MalformedSample, match=message):
+        to_messages(turns)
+
+
+def test_placeholder_count_must_match(encoder):
+    with pytest.raises(MalformedSample, match="0 visual placeholders"):
+        encoder.encode(to_messages(conversation("Q?", "A")), num_visual=4)
+    with pytest.raises(MalformedSample, match="2 visual placeholders"):
+        encoder.encode(to_messages(conversation("<video><video>Q?", "A")), num_visual=4)
+
+
+def test_guide_is_the_bare_question():
+    prompt = "<video>\nQuestion: What colour is the circle?\nOptions:\n(A) red\n(B) green\nAnswer with the letter."
+    assert guide_text(prompt) == "What colour is the circle?"
+    # a prefix, not a character set: "Question: Quite" keeps its 'Q' (the release's lstrip defect)
+    assert guide_text("Question: Quite so?\nA. yes\nB. no") == "Quite so?"
+    assert guide_text("Describe the video.") == "Describe the video."

@@ -1,0 +1,140 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hicom.modules.compressors import AvgPoolCompressor, GlobalCompressor, Guide, HICom, LocalCompressor
+from hicom.modules.compressors.base import group_starts
+from hicom.modules.compressors.global_compressor import position_table_3d
+
+
+def release_groups(n: int, k: int) -> list[list[int]]:
+    """The release's grouping, where it runs: ceil(n/k) groups; the first n % groups take k new positions,
+    the later ones k - 1 new positions plus the last position of their predecessor."""
+    count = math.ceil(n / k)
+    fresh = n % count or count
+    groups, start = [], 0
+    for i in range(count):
+        end = start + (k if i < fresh else k - 1)
+        begin = start if i < fresh else start - 1
+        groups.append(list(range(begin, end)))
+        start = end
+    return groups
+
+
+@pytest.mark.parametrize("n, k", [(n, k) for n in range(1, 40) for k in (1, 2, 3, 4)])
+def test_grouping_matches_the_release_where_it_runs_and_covers_every_size(n, k):
+    starts = group_starts(n, k)
+    size = min(n, k)
+    groups = [list(range(s, s + size)) for s in starts]
+    assert len(groups) == math.ceil(n / k)
+    assert sorted({i for g in groups for i in g}) == list(range(n))
+    reference = release_groups(n, k) if n >= k else None
+    if reference and all(len(g) == k and g[-1] < n for g in reference):
+        assert groups == reference
+    assert release_groups(10, 4) == [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]]
+
+
+def naive_local(module: LocalCompressor, v, e, guide, modality="video"):
+    """Per-cell loop straight from SPEC 2.2, for one clip (T, H, W, D)."""
+    t, h, w, d = v.shape
+    kt, ks = (1 if modality == "image" or t == 1 else module.kernel[0]), module.kernel[1]
+    grid = (math.ceil(t / kt), math.ceil(h / ks), math.ceil(w / ks))
+    q_all = F.interpolate(v.permute(3, 0, 1, 2)[None], size=grid, mode="trilinear", align_corners=False)[0]
+    keys = e if module.uses_guide else v
+    out = []
+    for ct, st in enumerate(group_starts(t, kt)):
+        for ch, sh in enumerate(group_starts(h, ks)):
+            for cw, sw in enumerate(group_starts(w, ks)):
+                block = (slice(st, st + min(kt, t)), slice(sh, sh + min(ks, h)), slice(sw, sw + min(ks, w)))
+                k = keys[block].reshape(-1, d)
+                val = v[block].reshape(-1, d)
+                q = q_all[:, ct, ch, cw]
+                if module.guide is Guide.DIRECT:
+                    q = guide
+                a = torch.softmax(k @ q / math.sqrt(d), dim=0)
+                out.append(a @ val)
+    return module.readout(torch.stack(out))
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 5, 8, 9])
+@pytest.mark.parametrize("hw", [1, 5, 7])
+@pytest.mark.parametrize("kernel", [(1, 1, 1), (2, 2, 2), (4, 3, 3)])
+@pytest.mark.parametrize("guide", [Guide.OFF, Guide.DIRECT])
+def test_local_equals_the_naive_per_cell_computation(t, hw, kernel, guide):
+    torch.manual_seed(0)
+    module = LocalCompressor(in_dim=16, out_dim=8, kernel=kernel, guide=guide).double()
+    v, e = torch.randn(2, t, hw, hw, 16).double(), torch.randn(2, t, hw, hw, 16).double()
+    g = torch.randn(2, 16).double()
+    out = module(v, e, g)
+    assert out.shape == (2, module.num_tokens(t, hw, hw), 8)
+    for b in range(2):
+        torch.testing.assert_close(out[b], naive_local(module, v[b], e[b], g[b]), rtol=1e-10, atol=1e-10)
+
+
+def test_images_and_single_frames_keep_every_frame():
+    module = LocalCompressor(in_dim=8, out_dim=8, kernel=(4, 3, 3), guide=Guide.OFF)
+    assert module.num_tokens(1, 27, 27) == 81
+    assert module.num_tokens(4, 27, 27, modality="image") == 4 * 81
+    assert module.num_tokens(32, 27, 27) == 648
+
+
+def test_global_attends_with_positions_and_injected_queries():
+    torch.manual_seed(0)
+    module = GlobalCompressor(in_dim=16, out_dim=8, num_queries=4, guide=Guide.COARSE, num_heads=2)
+    v, g = torch.randn(3, 2, 3, 3, 16), torch.randn(3, 16)
+    out = module(v, guide=g)
+    assert out.shape == (3, 4, 8)
+    # the same clip with a different guide gives different tokens
+    assert not torch.allclose(module(v, guide=g.roll(1, 0))[0], out[0])
+    # queries start equal (zeros, as released) and give distinct tokens once they differ
+    assert torch.equal(out[0, 0], out[0, 1])
+    with torch.no_grad():
+        module.query.normal_()
+    out = module(v, guide=g)
+    assert not torch.allclose(out[0, 0], out[0, 1])
+    # the table grows with larger inputs and agrees with the smaller one where they overlap
+    small = position_table_3d(2, 3, 3, 16)
+    torch.testing.assert_close(position_table_3d(5, 4, 4, 16)[:2, :3, :3], small)
+    assert module(torch.randn(1, 9, 5, 5, 16), guide=g[:1]).shape == (1, 4, 8)
+
+
+def test_global_positions_reach_keys_only_when_asked():
+    torch.manual_seed(0)
+    kv = GlobalCompressor(in_dim=16, out_dim=8, num_queries=2, guide=Guide.OFF, position="kv")
+    k_only = GlobalCompressor(in_dim=16, out_dim=8, num_queries=2, guide=Guide.OFF, position="k")
+    k_only.load_state_dict(kv.state_dict())
+    v = torch.randn(1, 2, 2, 2, 16)
+    assert not torch.allclose(kv(v), k_only(v))
+
+
+def test_hicom_puts_local_tokens_before_global_ones():
+    torch.manual_seed(0)
+    local = lambda **d: LocalCompressor(**d, kernel=(2, 2, 2), guide=Guide.DIRECT)
+    global_ = lambda **d: GlobalCompressor(**d, num_queries=3, guide=Guide.COARSE, num_heads=1)
+    module = HICom(in_dim=16, out_dim=8, guide_dim=12, local=local, global_=global_)
+    v, e, g = torch.randn(2, 4, 4, 4, 16), torch.randn(2, 4, 4, 4, 16), torch.randn(2, 12)
+    out = module(v, e, g)
+    assert module.num_tokens(4, 4, 4) == 8 + 3 == out.shape[1]
+    torch.testing.assert_close(out[:, :8], module.local_compressor(v, e, g))
+    torch.testing.assert_close(out[:, 8:], module.global_compressor(v, e, g))
+    out.sum().backward()
+    assert all(p.grad is not None for p in module.parameters())
+
+
+def test_avgpool_averages_projected_tokens_per_cell():
+    module = AvgPoolCompressor(in_dim=4, out_dim=4, kernel=(2, 2, 2))
+    v = torch.randn(1, 4, 4, 4, 4)
+    out = module(v)
+    assert out.shape == (1, module.num_tokens(4, 4, 4), 4) == (1, 8, 4)
+    projected = module.readout(v)
+    torch.testing.assert_close(out[0, 0], projected[0, :2, :2, :2].mean(dim=(0, 1, 2)))
+    assert module.num_tokens(5, 7, 7) == 3 * 4 * 4
+
+
+def test_bad_kernels_are_refused():
+    with pytest.raises(ValueError, match="kernel"):
+        LocalCompressor(in_dim=8, out_dim=8, kernel=(4, 3, 2))
+    with pytest.raises(ValueError, match="kernel"):
+        AvgPoolCompressor(in_dim=8, out_dim=8, kernel=(0, 2, 2))

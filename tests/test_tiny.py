@@ -1,0 +1,45 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from hicom.tiny import TinyQwen2
+
+
+def test_tiny_checkpoints_load_like_real_ones(tiny_paths):
+    siglip = AutoModel.from_pretrained(tiny_paths["siglip"])
+    assert type(siglip).__name__ == "SiglipModel"
+    assert json.loads((tiny_paths["siglip"] / "preprocessor_config.json").read_text())["size"]["height"] == 112
+    llm = AutoModelForCausalLM.from_pretrained(tiny_paths["qwen2"])
+    assert type(llm).__name__ == "Qwen2ForCausalLM"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_paths["qwen2"])
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert (
+        text
+        == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert tokenizer.convert_tokens_to_ids("<|video_pad|>") != tokenizer.unk_token_id
+    assert len(tokenizer) <= llm.config.vocab_size
+
+
+def test_writer_is_seeded_and_keyed_by_spec(tmp_path):
+    a = TinyQwen2(hidden_size=32, num_layers=1)(tmp_path / "a")
+    b = TinyQwen2(hidden_size=32, num_layers=1)(tmp_path / "b")
+    wa = AutoModelForCausalLM.from_pretrained(a).state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(b).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    stamp = (a / "spec.json").stat().st_mtime_ns
+    TinyQwen2(hidden_size=32, num_layers=1)(a)
+    assert (a / "spec.json").stat().st_mtime_ns == stamp
+    TinyQwen2(hidden_size=32, num_layers=1, seed=1)(a)
+    assert json.loads((a / "spec.json").read_text())["seed"] == 1
+
+
+def test_writer_never_replaces_a_foreign_folder(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="refusing"):
+        TinyQwen2(hidden_size=32, num_layers=1)(tmp_path / "real")

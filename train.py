@@ -1,0 +1,17 @@
+"""Train a video LLM from the Hydra config: `python train.py [experiment=...] [overrides]`, `-m` for sweeps."""
+
+import hydra
+from omegaconf import DictConfig
+
+import hicom.utils.config  # noqa: F401  (registers the config resolvers)
+from hicom.training import train
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get("accuracy")  # what a Hydra sweeper optimises
+
+
+if __name__ == "__main__":
+    main()
