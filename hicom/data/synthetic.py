@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 # Bump whenever the rendering or the question logic changes, so that datasets cached on disk by an
 # older version get a new key instead of being silently reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -59,6 +59,15 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (230, 210, 40),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+# Each object carries a centred mark in a second palette: a patch token over an object holds both colours, so
+# "the mark on the red object" is readable from one token at full resolution, while pooling over several objects
+# mixes bodies and marks of different objects and loses which mark belongs to which body.
+MARKS: dict[str, tuple[int, int, int]] = {
+    "white": (240, 240, 240),
+    "cyan": (0, 220, 220),
+    "magenta": (220, 0, 220),
+    "black": (0, 0, 0),
+}
 # Unit step (dx, dy) in image coordinates: y grows downwards.
 DIRECTIONS: dict[str, tuple[int, int]] = {
     "left": (-1, 0),
@@ -91,6 +100,7 @@ class MovingObject:
     y0: int
     speed: int
     size: int
+    mark: str = "white"
 
     def position(self, t: int) -> tuple[int, int]:
         """Top-left corner (x, y) of the bounding box in frame t."""
@@ -121,6 +131,10 @@ def _question_shape_of_colour(obj: MovingObject) -> tuple[str, tuple[str, ...], 
     return f"What shape is the {obj.colour} object?", SHAPES, obj.shape
 
 
+def _question_mark_of_colour(obj: MovingObject) -> tuple[str, tuple[str, ...], str]:
+    return f"What colour is the mark on the {obj.colour} object?", tuple(MARKS), obj.mark
+
+
 def _question_direction_of_colour(obj: MovingObject) -> tuple[str, tuple[str, ...], str]:
     return f"Which direction does the {obj.colour} object move?", tuple(DIRECTIONS), obj.direction
 
@@ -130,6 +144,7 @@ _QUESTION_BUILDERS: dict[str, Callable[[MovingObject], tuple[str, tuple[str, ...
     "colour_of_shape": _question_colour_of_shape,
     "shape_of_colour": _question_shape_of_colour,
     "direction_of_colour": _question_direction_of_colour,
+    "mark_of_colour": _question_mark_of_colour,
 }
 QUESTION_TYPES: tuple[str, ...] = tuple(_QUESTION_BUILDERS)
 
@@ -316,7 +331,7 @@ def _apart(path_a: np.ndarray, path_b: np.ndarray, side: int) -> bool:
 
 
 def _place(
-    rng: np.random.Generator, spec: SyntheticVideoQA, shape: str, colour: str, placed: list[MovingObject]
+    rng: np.random.Generator, spec: SyntheticVideoQA, shape: str, colour: str, mark: str, placed: list[MovingObject]
 ) -> MovingObject | None:
     """Draw a motion for one object whose path stays inside the frame and clear of `placed`;
     None when the frame looks too crowded for it."""
@@ -339,6 +354,7 @@ def _place(
             y0=int(rng.integers(y_low, y_high + 1)),
             speed=speed,
             size=side,
+            mark=mark,
         )
         path = obj.path(spec.num_frames)
         if all(_apart(path, other, side) for other in placed_paths):
@@ -352,9 +368,10 @@ def sample_objects(rng: np.random.Generator, spec: SyntheticVideoQA) -> list[Mov
     for _ in range(_MAX_LAYOUT_TRIES):
         shapes = rng.choice(SHAPES, size=spec.num_objects, replace=False)
         colours = rng.choice(list(COLOURS), size=spec.num_objects, replace=False)
+        marks = rng.choice(list(MARKS), size=spec.num_objects, replace=False)
         objects: list[MovingObject] = []
-        for shape, colour in zip(shapes, colours, strict=True):
-            obj = _place(rng, spec, str(shape), str(colour), objects)
+        for shape, colour, mark in zip(shapes, colours, marks, strict=True):
+            obj = _place(rng, spec, str(shape), str(colour), str(mark), objects)
             if obj is None:
                 break
             objects.append(obj)
@@ -369,9 +386,12 @@ def render_frames(objects: list[MovingObject], spec: SyntheticVideoQA) -> np.nda
     frames[...] = BACKGROUND
     for obj in objects:
         mask = shape_mask(obj.shape, obj.size)
+        inner = obj.size // 3  # the mark: a centred square a third of the object's side
+        lo, hi = (obj.size - inner) // 2, (obj.size - inner) // 2 + inner
         for t in range(spec.num_frames):
             x, y = obj.position(t)
             frames[t, y : y + obj.size, x : x + obj.size][mask] = COLOURS[obj.colour]
+            frames[t, y + lo : y + hi, x + lo : x + hi] = MARKS[obj.mark]
     return frames
 
 

@@ -1,0 +1,43 @@
+"""Every config composes; every experiment instantiates (with tiny parts); missing weights fail at once."""
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+from hicom.training import build
+from tests.conftest import CONFIGS, SMALL, compose_train
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+TINY_PARTS = ["assets=tiny", "model/vision=tiny_siglip", "model/llm=tiny_qwen2", "data=synthetic", "trainer=default"]
+
+
+@pytest.mark.parametrize("group", ["model/compressor", "logger", "debug", "data", "trainer"])
+def test_every_option_of_a_group_composes(group, cache_dir, tmp_path):
+    for option in sorted(p.stem for p in (CONFIGS / group).glob("*.yaml")):
+        cfg = compose_train(cache_dir, tmp_path, [f"{group}={option}"])
+        assert cfg.model.compressor._target_
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiments_instantiate_with_tiny_parts(experiment, cache_dir, tmp_path):
+    cfg = compose_train(cache_dir, tmp_path, [f"experiment={experiment}", *TINY_PARTS, *SMALL])
+    model, datamodule = build(cfg)
+    assert model.net.num_visual_tokens(datamodule.num_frames) > 0
+    assert set(model.trainable) == set(cfg.model.trainable)
+    instantiate(cfg.trainer)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiments_without_weights_name_the_missing_path_and_key(experiment, cache_dir, tmp_path):
+    cfg = compose_train(cache_dir, tmp_path, [f"experiment={experiment}", f"paths.weights_dir={tmp_path / 'none'}"])
+    with pytest.raises(FileNotFoundError, match=r"model\.vision\.path") as error:
+        build(cfg)
+    assert str(Path(tmp_path / "none")) in str(error.value)
+
+
+@pytest.mark.parametrize("compressor, tokens", [("hicom", 2 * 3 * 3 + 32), ("avgpool", 2 * 3 * 3)])
+def test_default_token_counts(compressor, tokens, cfg_small, cache_dir, tmp_path):
+    cfg = compose_train(cache_dir, tmp_path, [f"model/compressor={compressor}", *SMALL])
+    model, _ = build(cfg)
+    assert model.net.num_visual_tokens(8) == tokens

@@ -1,0 +1,84 @@
+"""End to end through the real path: generated clips, tiny checkpoints, Lightning fit and test."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from hicom.training import train
+from tests.conftest import SMALL, compose_train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_few_steps_lower_the_loss_and_write_the_summary(cfg_small, tmp_path):
+    from hicom.training import build
+
+    model, datamodule = build(cfg_small)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss = model.net(batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+    metrics = train(cfg_small)
+    written = json.loads((Path(cfg_small.paths.output_dir) / "metrics.json").read_text())
+    assert written == metrics
+    assert metrics["steps"] == 4 and metrics["n_questions"] == 16
+    assert metrics["visual_tokens_per_video"] == 50 and metrics["uncompressed_tokens_per_video"] == 8 * 7 * 7
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["chance"] == 0.25
+    assert (Path(cfg_small.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_missing_and_corrupt_videos_train_to_the_end_and_are_reported(cache_dir, tmp_path):
+    cfg = compose_train(cache_dir, tmp_path / "prep", SMALL)
+    from hicom.training import build
+
+    _, datamodule = build(cfg)
+    splits = datamodule.source.prepare(datamodule.root)
+    records = json.loads(splits.train_json.read_text())[:16]
+    records[0]["video"] = "train/missing.mp4"
+    media = tmp_path / "media"
+    (media / "train").mkdir(parents=True)
+    for record in records[1:]:
+        (media / record["video"]).write_bytes((splits.video_root / record["video"]).read_bytes())
+    (media / records[5]["video"]).write_bytes(b"\x00corrupt" * 64)
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    cfg = compose_train(
+        cache_dir,
+        tmp_path / "run",
+        [
+            *SMALL,
+            "data=llava_json",
+            "data.num_frames=8",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            f"data.source.train_json={tmp_path / 'train.json'}",
+            f"data.source.val_json={tmp_path / 'train.json'}",
+            f"data.source.data_root={media}",
+        ],
+    )
+    metrics = train(cfg)
+    assert metrics["steps"] == 4
+    skipped = {s["id"]: s["skip"] for s in metrics["skipped_samples"]}
+    assert skipped == {records[0]["id"]: "bad_video", records[5]["id"]: "bad_video"}
+    assert metrics["n_questions"] == 14
+
+
+def test_multirun_trains_each_compressor_and_writes_its_metrics(cache_dir, tmp_path):
+    env = {**os.environ, "HICOM_CACHE": str(cache_dir), "HICOM_LOGS": str(tmp_path)}
+    overrides = [o for o in SMALL if not o.startswith("~")] + ["callbacks.progress.refresh_rate=0"]
+    cmd = [sys.executable, "train.py", "-m", "model/compressor=hicom,avgpool", *overrides]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    files = sorted(tmp_path.glob("train/multiruns/*/*/metrics.json"))
+    assert [json.loads(f.read_text())["compressor"] for f in files] == ["HICom", "AvgPoolCompressor"]
