@@ -58,7 +58,7 @@ def test_missing_and_corrupt_videos_train_to_the_end_and_are_reported(cache_dir,
         cache_dir,
         tmp_path / "run",
         [
-            *SMALL,
+            *(o for o in SMALL if not o.startswith("data.source.")),
             "data=llava_json",
             "data.num_frames=8",
             "data.batch_size=4",
