@@ -41,3 +41,15 @@ def test_default_token_counts(compressor, tokens, cfg_small, cache_dir, tmp_path
     cfg = compose_train(cache_dir, tmp_path, [f"model/compressor={compressor}", *SMALL])
     model, _ = build(cfg)
     assert model.net.num_visual_tokens(8) == tokens
+
+
+def test_frozen_parts_stay_in_eval_mode_while_training(cache_dir, tmp_path):
+    cfg = compose_train(cache_dir, tmp_path, ["model.trainable=[compressor,vision_head]", *SMALL])
+    model, _ = build(cfg)
+    for mode in (True, False, True):
+        model.train(mode)
+        assert model.net.compressor.training is mode
+        assert model.net.vision.vision_tower.head.training is mode
+        assert not model.net.llm.model.training
+        assert not model.net.vision.vision_tower.encoder.training
+        assert not model.net.vision.guide_encoder.training

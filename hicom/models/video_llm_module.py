@@ -60,6 +60,16 @@ class VideoLLMModule(LightningModule):
             self.parts()[name].requires_grad_(True)
         self.skipped: dict[str, dict] = {}
         self.results: list[dict] = []
+        self.train()
+
+    def train(self, mode: bool = True):
+        """Trainable parts follow `mode`; frozen parts stay in eval mode (no dropout in what does not learn)."""
+        super().train(mode)
+        if mode:
+            for name, part in self.parts().items():
+                if name not in self.trainable:
+                    part.eval()
+        return self
 
     def parts(self) -> dict[str, nn.Module]:
         vision = self.net.vision.vision_tower

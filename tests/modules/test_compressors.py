@@ -138,3 +138,19 @@ def test_bad_kernels_are_refused():
         LocalCompressor(in_dim=8, out_dim=8, kernel=(4, 3, 2))
     with pytest.raises(ValueError, match="kernel"):
         AvgPoolCompressor(in_dim=8, out_dim=8, kernel=(0, 2, 2))
+
+
+@pytest.mark.parametrize("make", [LocalCompressor, GlobalCompressor, AvgPoolCompressor])
+def test_init_std_is_the_release_fixed_value_or_scaled_to_the_width(make):
+    torch.manual_seed(0)
+    dims = dict(in_dim=256, out_dim=256, guide_dim=256)
+    for std in (0.02, None):
+        linears = [m for m in make(**dims, init_std=std).modules() if isinstance(m, torch.nn.Linear)]
+        assert linears
+        for layer in linears:
+            want = layer.in_features**-0.5 if std is None else std
+            # a normal truncated at +-2 (absolute) is the plain normal at these stds
+            assert layer.weight.std().item() == pytest.approx(want, rel=0.1)
+            assert layer.bias is None or not layer.bias.any()
+    with pytest.raises(ValueError, match="init_std"):
+        make(**dims, init_std=0.0)

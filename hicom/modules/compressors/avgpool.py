@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from hicom.modules.compressors.base import Compressor, init_weights, readout
+from hicom.modules.compressors.base import RELEASE_INIT_STD, Compressor, init_weights, readout
 
 
 class AvgPoolCompressor(Compressor):
@@ -24,13 +25,14 @@ class AvgPoolCompressor(Compressor):
         guide_dim: int | None = None,
         kernel: tuple[int, int, int] = (4, 3, 3),
         readout_depth: int = 2,
+        init_std: float | None = RELEASE_INIT_STD,
     ) -> None:
         super().__init__()
         if len(kernel) != 3 or min(kernel) < 1:
             raise ValueError(f"kernel must be three sizes >= 1, got {kernel}")
         self.kernel = tuple(int(k) for k in kernel)
         self.readout = readout(in_dim, out_dim, readout_depth)
-        self.apply(init_weights)
+        self.apply(partial(init_weights, std=init_std))
 
     def grid(self, t: int, h: int, w: int, modality: str = "video") -> tuple[int, int, int]:
         kt = 1 if modality == "image" or t == 1 else self.kernel[0]

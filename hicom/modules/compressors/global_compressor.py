@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hicom.modules.compressors.base import Compressor, init_weights, readout
+from hicom.modules.compressors.base import RELEASE_INIT_STD, Compressor, init_weights, readout
 from hicom.modules.compressors.injection import Guide, GuideInjector
 
 
@@ -46,6 +48,7 @@ class GlobalCompressor(Compressor):
         num_heads: int | None = None,
         position: str = "kv",
         readout_depth: int = 2,
+        init_std: float | None = RELEASE_INIT_STD,
     ) -> None:
         super().__init__()
         if position not in ("kv", "k", "none"):
@@ -65,7 +68,7 @@ class GlobalCompressor(Compressor):
             {name: nn.Linear(in_dim, in_dim) for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
         )
         self.readout = readout(in_dim, out_dim, readout_depth)
-        self.apply(init_weights)
+        self.apply(partial(init_weights, std=init_std))
         self._table: torch.Tensor | None = None
 
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:

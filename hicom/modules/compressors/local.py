@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from hicom.modules.compressors.base import Compressor, group_index, init_weights, readout
+from hicom.modules.compressors.base import RELEASE_INIT_STD, Compressor, group_index, init_weights, readout
 from hicom.modules.compressors.injection import Guide, GuideInjector
 
 
@@ -26,6 +27,7 @@ class LocalCompressor(Compressor):
         kernel: tuple[int, int, int] = (4, 3, 3),
         guide: Guide = Guide.DIRECT,
         readout_depth: int = 2,
+        init_std: float | None = RELEASE_INIT_STD,
     ) -> None:
         super().__init__()
         if len(kernel) != 3 or min(kernel) < 1 or kernel[1] != kernel[2]:
@@ -38,7 +40,7 @@ class LocalCompressor(Compressor):
             GuideInjector(mode=self.guide, guide_dim=guide_dim or in_dim, dim=in_dim) if self.uses_guide else None
         )
         self.readout = readout(in_dim, out_dim, readout_depth)
-        self.apply(init_weights)
+        self.apply(partial(init_weights, std=init_std))
 
     def _kernel(self, t: int, modality: str) -> tuple[int, int, int]:
         kt, ks, _ = self.kernel
