@@ -43,3 +43,13 @@ def test_writer_never_replaces_a_foreign_folder(tmp_path):
     (tmp_path / "real" / "config.json").write_text("{}")
     with pytest.raises(FileExistsError, match="refusing"):
         TinyQwen2(hidden_size=32, num_layers=1)(tmp_path / "real")
+
+
+@pytest.mark.parametrize(("initializer_range", "expected"), [(None, 64**-0.5), (0.02, 0.02)])
+def test_tiny_qwen2_init_scales_with_its_width(tmp_path, initializer_range, expected):
+    path = TinyQwen2(hidden_size=64, num_layers=1, initializer_range=initializer_range)(tmp_path / "q")
+    llm = AutoModelForCausalLM.from_pretrained(path)
+    assert llm.config.initializer_range == pytest.approx(expected)
+    # every projection and the (tied) embedding start at that std, not at Qwen2's 0.02 for width ~1000
+    weights = [m.weight for m in llm.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)]
+    assert all(w.std().item() == pytest.approx(expected, rel=0.15) for w in weights)

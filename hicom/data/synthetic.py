@@ -39,6 +39,7 @@ __all__ = [
     "SyntheticSplits",
     "SyntheticVideoQA",
     "build_sample",
+    "mark_size",
     "render_clip",
     "render_frames",
     "sample_objects",
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 # Bump whenever the rendering or the question logic changes, so that datasets cached on disk by an
 # older version get a new key instead of being silently reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -297,6 +298,12 @@ def shape_size(frame_size: int) -> int:
     return round(0.23 * frame_size)
 
 
+def mark_size(side: int) -> int:
+    """Side in px of the centred square mark on an object of side `side`: half of it, so that the mark fills
+    a good part of the patch tokens over the object rather than a corner of one."""
+    return side // 2
+
+
 @cache
 def shape_mask(shape: str, side: int) -> np.ndarray:
     """Boolean (side, side) mask of `shape` filling a side x side box."""
@@ -386,7 +393,7 @@ def render_frames(objects: list[MovingObject], spec: SyntheticVideoQA) -> np.nda
     frames[...] = BACKGROUND
     for obj in objects:
         mask = shape_mask(obj.shape, obj.size)
-        inner = obj.size // 3  # the mark: a centred square a third of the object's side
+        inner = mark_size(obj.size)
         lo, hi = (obj.size - inner) // 2, (obj.size - inner) // 2 + inner
         for t in range(spec.num_frames):
             x, y = obj.position(t)

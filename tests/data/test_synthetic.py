@@ -18,6 +18,7 @@ from hicom.data.synthetic import (
     SyntheticSplits,
     SyntheticVideoQA,
     build_sample,
+    mark_size,
     render_clip,
     sample_rng,
     shape_mask,
@@ -236,7 +237,7 @@ def test_objects_stay_inside_the_frame_and_never_occlude_each_other(spec: Synthe
             assert 3 <= obj.speed <= 5
             painted = (frames == np.array(colours[obj.colour], dtype=np.uint8)).all(axis=-1).sum(axis=(1, 2))
             body = shape_mask(obj.shape, obj.size).copy()
-            inner = obj.size // 3  # the centred mark covers part of the body
+            inner = mark_size(obj.size)  # the centred mark covers part of the body
             lo = (obj.size - inner) // 2
             body[lo : lo + inner, lo : lo + inner] = False
             assert (painted == body.sum()).all()
