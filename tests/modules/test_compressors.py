@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from hicom.modules.compressors import AvgPoolCompressor, GlobalCompressor, Guide, HICom, LocalCompressor
 from hicom.modules.compressors.base import group_starts
 from hicom.modules.compressors.global_compressor import position_table_3d
+from hicom.modules.compressors.reference import global_reference, local_reference
 
 
 def release_groups(n: int, k: int) -> list[list[int]]:
@@ -36,41 +36,17 @@ def test_grouping_matches_the_release_where_it_runs_and_covers_every_size(n, k):
     assert release_groups(10, 4) == [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]]
 
 
-def naive_local(module: LocalCompressor, v, e, guide, modality="video"):
-    """Per-cell loop straight from SPEC 2.2, for one clip (T, H, W, D)."""
-    t, h, w, d = v.shape
-    kt, ks = (1 if modality == "image" or t == 1 else module.kernel[0]), module.kernel[1]
-    grid = (math.ceil(t / kt), math.ceil(h / ks), math.ceil(w / ks))
-    q_all = F.interpolate(v.permute(3, 0, 1, 2)[None], size=grid, mode="trilinear", align_corners=False)[0]
-    keys = e if module.uses_guide else v
-    out = []
-    for ct, st in enumerate(group_starts(t, kt)):
-        for ch, sh in enumerate(group_starts(h, ks)):
-            for cw, sw in enumerate(group_starts(w, ks)):
-                block = (slice(st, st + min(kt, t)), slice(sh, sh + min(ks, h)), slice(sw, sw + min(ks, w)))
-                k = keys[block].reshape(-1, d)
-                val = v[block].reshape(-1, d)
-                q = q_all[:, ct, ch, cw]
-                if module.guide is Guide.DIRECT:
-                    q = guide
-                a = torch.softmax(k @ q / math.sqrt(d), dim=0)
-                out.append(a @ val)
-    return module.readout(torch.stack(out))
-
-
-@pytest.mark.parametrize("t", [1, 2, 3, 5, 8, 9])
-@pytest.mark.parametrize("hw", [1, 5, 7])
-@pytest.mark.parametrize("kernel", [(1, 1, 1), (2, 2, 2), (4, 3, 3)])
-@pytest.mark.parametrize("guide", [Guide.OFF, Guide.DIRECT])
+@pytest.mark.parametrize("t", [*range(1, 10), 16, 30, 32, 64])
+@pytest.mark.parametrize("hw", [1, 5, 27])
+@pytest.mark.parametrize("kernel", [(1, 1, 1), (2, 2, 2), (4, 3, 3), (4, 4, 4)])
+@pytest.mark.parametrize("guide", [Guide.OFF, Guide.DIRECT, Guide.COARSE])
 def test_local_equals_the_naive_per_cell_computation(t, hw, kernel, guide):
     torch.manual_seed(0)
-    module = LocalCompressor(in_dim=16, out_dim=8, kernel=kernel, guide=guide).double()
-    v, e = torch.randn(2, t, hw, hw, 16).double(), torch.randn(2, t, hw, hw, 16).double()
-    g = torch.randn(2, 16).double()
+    module = LocalCompressor(in_dim=8, out_dim=4, guide_dim=6, kernel=kernel, guide=guide).double()
+    v, e, g = torch.randn(1, t, hw, hw, 8).double(), torch.randn(1, t, hw, hw, 8).double(), torch.randn(1, 6).double()
     out = module(v, e, g)
-    assert out.shape == (2, module.num_tokens(t, hw, hw), 8)
-    for b in range(2):
-        torch.testing.assert_close(out[b], naive_local(module, v[b], e[b], g[b]), rtol=1e-10, atol=1e-10)
+    assert out.shape == (1, module.num_tokens(t, hw, hw), 4)
+    torch.testing.assert_close(out[0], local_reference(module, v[0], e[0], g[0]), rtol=1e-10, atol=1e-10)
 
 
 def test_images_and_single_frames_keep_every_frame():
@@ -154,3 +130,22 @@ def test_init_std_is_the_release_fixed_value_or_scaled_to_the_width(make):
             assert layer.bias is None or not layer.bias.any()
     with pytest.raises(ValueError, match="init_std"):
         make(**dims, init_std=0.0)
+
+
+@pytest.mark.parametrize("t", [1, 3, 8])
+@pytest.mark.parametrize("hw", [1, 5])
+@pytest.mark.parametrize("position", ["kv", "k", "none"])
+@pytest.mark.parametrize("guide", [Guide.OFF, Guide.DIRECT, Guide.COARSE])
+def test_global_with_folded_projections_equals_standard_attention(t, hw, position, guide):
+    torch.manual_seed(0)
+    module = GlobalCompressor(in_dim=16, out_dim=8, num_queries=3, guide=guide, num_heads=4, position=position)
+    module = module.double()
+    with torch.no_grad():
+        module.query.normal_()
+        for layer in module.attn_layer.values():
+            layer.bias.normal_()
+    v, g = torch.randn(2, t, hw, hw, 16).double(), torch.randn(2, 16).double()
+    out = module(v, guide=g)
+    assert out.shape == (2, 3, 8)
+    for b in range(2):
+        torch.testing.assert_close(out[b], global_reference(module, v[b], guide=g[b]), rtol=1e-10, atol=1e-10)

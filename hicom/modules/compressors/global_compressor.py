@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hicom.modules.compressors.base import RELEASE_INIT_STD, Compressor, init_weights, readout
@@ -108,14 +107,28 @@ class GlobalCompressor(Compressor):
             pos = self._positions(t, h, w, features).reshape(1, t * h * w, d)
             keys = tokens + pos
             values = keys if self.position == "kv" else tokens
+        return self.readout(queries + self._attend(queries, keys, values))  # (B, N, d_out)
+
+    def _attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Multi-head attention of (B, N, D) queries over (B, L, D) keys and values, projections included.
+
+        With few queries and many keys the key and value projections are folded into the query side, so that
+        no (L, D) x (D, D) product is ever formed: per head h, q_h . (W_k,h x + b_k,h) = (W_k,h^T q_h) . x + const,
+        where the constant is shared by all keys and drops out of the softmax, and since the weights sum to one,
+        sum_i a_i (W_v,h x_i + b_v,h) = W_v,h (sum_i a_i x_i) + b_v,h. Scores and weights are fp32.
+        """
+        b, n, d = queries.shape
+        heads, head_dim = self.num_heads, d // self.num_heads
         proj = self.attn_layer
-        heads = self.num_heads
-
-        def split(x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, heads, L, D / heads), fp32 for the softmax
-            return x.reshape(b, x.shape[1], heads, d // heads).transpose(1, 2).float()
-
-        out = F.scaled_dot_product_attention(
-            split(proj["q_proj"](queries)), split(proj["k_proj"](keys)), split(proj["v_proj"](values))
-        )
-        out = proj["out_proj"](out.transpose(1, 2).reshape(b, -1, d).to(features.dtype))
-        return self.readout(queries + out)  # (B, N, d_out)
+        q = proj["q_proj"](queries).reshape(b, n, heads, head_dim).transpose(1, 2)  # (B, h, N, dh)
+        w_k = proj["k_proj"].weight.reshape(heads, head_dim, d)  # rows of head h: (h, dh, D)
+        q_in = torch.einsum("bhnc,hcd->bhnd", q, w_k).reshape(b, heads * n, d)  # (B, h N, D), input space
+        # q_h . b_k,h is the same for every key: it cancels in the softmax, but adding it keeps b_k in the graph
+        # (its gradient is zero either way), so that DDP and DeepSpeed see no unused parameter.
+        shift = (q * proj["k_proj"].bias.reshape(heads, 1, head_dim)).sum(-1).reshape(b, heads * n, 1)
+        scores = (torch.bmm(q_in, keys.transpose(1, 2)).float() + shift.float()) * head_dim**-0.5  # (B, h N, L)
+        weights = scores.softmax(dim=-1).to(values.dtype)
+        mixed = torch.bmm(weights, values).reshape(b, heads, n, d)  # (B, h, N, D): sum_i a_i x_i per head
+        w_v = proj["v_proj"].weight.reshape(heads, head_dim, d)
+        out = torch.einsum("bhnd,hcd->bnhc", mixed, w_v) + proj["v_proj"].bias.reshape(heads, head_dim)
+        return proj["out_proj"](out.reshape(b, n, d))
