@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from functools import partial
 
@@ -53,14 +54,6 @@ class LocalCompressor(Compressor):
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         return math.prod(self.grid(t, h, w, modality))
 
-    def _groups(self, x: torch.Tensor, kernel: tuple[int, int, int]) -> torch.Tensor:
-        """(B, T, H, W, D) -> (B, cells, k_t * k_s * k_s, D): the tokens under each output cell."""
-        b, t, h, w, d = x.shape
-        it, ih, iw = (group_index(n, k, x.device) for n, k in zip((t, h, w), kernel, strict=True))
-        x = x[:, it][:, :, :, ih][:, :, :, :, :, iw]  # (B, T', kt, H', ks, W', ks, D)
-        x = x.permute(0, 1, 3, 5, 2, 4, 6, 7)  # (B, T', H', W', kt, ks, ks, D)
-        return x.reshape(b, it.shape[0] * ih.shape[0] * iw.shape[0], -1, d)
-
     def forward(
         self,
         features: torch.Tensor,
@@ -70,15 +63,44 @@ class LocalCompressor(Compressor):
     ) -> torch.Tensor:
         b, t, h, w, d = features.shape
         kernel = self._kernel(t, modality)
-        grid = self.grid(t, h, w, modality)
         if self.uses_guide and (guide is None or embeds is None):
             raise ValueError("this local compressor is guided: pass the guide and the joint-space embeddings")
-        keys = self._groups(embeds if self.uses_guide else features, kernel)  # (B, N, G, D)
-        values = self._groups(features, kernel)  # (B, N, G, D)
-        queries = F.interpolate(features.permute(0, 4, 1, 2, 3), size=grid, mode="trilinear", align_corners=False)
-        queries = queries.flatten(2).transpose(1, 2)  # (B, N, D)
-        if self.guide_injector is not None:
-            queries = self.guide_injector(queries, guide)
-        scores = torch.einsum("bnd,bngd->bng", queries, keys) / math.sqrt(d)
-        weights = scores.softmax(dim=-1)
-        return self.readout(torch.einsum("bng,bngd->bnd", weights, values))  # (B, N, d_out)
+        index = cell_index((t, h, w), kernel, features.device)  # (N, G) into the T * H * W tokens
+        keys = (embeds if self.uses_guide else features).reshape(b, t * h * w, d)
+        if self.guide is Guide.DIRECT:
+            # Every cell's query is the same injected guide: score each token once, then group the scores.
+            query = self.guide_injector(features.new_zeros(b, 1, d), guide)  # (B, 1, D)
+            scores = torch.bmm(keys, query.transpose(1, 2)).squeeze(-1)[:, index]  # (B, N, G)
+        else:
+            queries = F.interpolate(
+                features.permute(0, 4, 1, 2, 3),
+                size=self.grid(t, h, w, modality),
+                mode="trilinear",
+                align_corners=False,
+            )
+            queries = queries.flatten(2).transpose(1, 2)  # (B, N, D)
+            if self.guide_injector is not None:
+                queries = self.guide_injector(queries, guide)
+            scores = torch.einsum("bnd,bngd->bng", queries, keys[:, index])
+        weights = (scores / math.sqrt(d)).softmax(dim=-1)
+        values = features.reshape(b, t * h * w, d)[:, index]  # (B, N, G, D)
+        pooled = torch.matmul(weights.unsqueeze(-2), values).squeeze(-2)  # (B, N, D)
+        return self.readout(pooled)  # (B, N, d_out)
+
+
+@functools.lru_cache(maxsize=64)
+def _cell_index(size: tuple[int, int, int], kernel: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    t, h, w = size
+    it, ih, iw = (group_index(n, k, device) for n, k in zip(size, kernel, strict=True))
+    # (T', H', W', kt, ks, ks) flat positions t * H * W + y * W + x, cells time-major then row then column
+    flat = (
+        it[:, None, None, :, None, None] * (h * w)
+        + ih[None, :, None, None, :, None] * w
+        + iw[None, None, :, None, None, :]
+    )
+    return flat.reshape(it.shape[0] * ih.shape[0] * iw.shape[0], -1)
+
+
+def cell_index(size: tuple[int, int, int], kernel: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """(cells, k_t * k_s * k_s) flat indices of the tokens under each output cell of a (T, H, W) grid."""
+    return _cell_index(tuple(size), tuple(kernel), torch.device(device))
