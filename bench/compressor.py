@@ -22,6 +22,7 @@ from functools import partial
 import torch
 
 from hicom.modules.compressors import GlobalCompressor, Guide, HICom, LocalCompressor
+from hicom.modules.compressors.base import PackedLayout
 from hicom.modules.compressors.reference import hicom_reference
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -89,8 +90,12 @@ def bench_batch(module: HICom, batch: int, args: argparse.Namespace) -> None:
     embeds = torch.randn(shape, device=args.device, dtype=dtype)
     guide = torch.randn(batch, args.dim, device=args.device, dtype=dtype)
 
+    # The packed call that training makes: clips along the frame axis, with their layout.
+    layout = PackedLayout((args.frames,) * batch, ("video",) * batch, args.grid, args.grid)
+    packed_features, packed_embeds = features.flatten(0, 1), embeds.flatten(0, 1)
+
     def batched() -> torch.Tensor:
-        return module(features, embeds, guide)
+        return module.forward_packed(packed_features, packed_embeds, guide, layout).reshape(batch, -1, args.out_dim)
 
     def baseline() -> torch.Tensor:
         return torch.stack([hicom_reference(module, features[i], embeds[i], guide[i]) for i in range(batch)])

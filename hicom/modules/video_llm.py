@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from hicom.modules.compressors.base import Compressor
+from hicom.modules.compressors.base import Compressor, PackedLayout
 from hicom.modules.llm import CausalLM
 from hicom.modules.vision import SiglipTower
 
@@ -40,21 +40,16 @@ class VideoLLM(nn.Module):
         features, embeds = self.vision(pixels, joint_embeds=self.compressor.uses_embeds)
         guide = self.vision.encode_guide(batch["guide_ids"]) if self.compressor.uses_guide else None
         counts = batch["num_frames"].tolist()
-        modalities = batch["modalities"]
-        starts = [sum(counts[:i]) for i in range(len(counts))]
-        # Clips of one shape are compressed together: one call per distinct (frames, modality), not per sample.
-        shapes: dict[tuple[int, str], list[int]] = {}
-        for i, (n, modality) in enumerate(zip(counts, modalities, strict=True)):
-            if n:
-                shapes.setdefault((n, modality), []).append(i)
-        outputs: dict[int, torch.Tensor] = {}
-        for (n, modality), members in shapes.items():
-            frames = torch.stack([torch.arange(starts[i], starts[i] + n) for i in members]).to(pixels.device)
-            clip_embeds = embeds[frames] if embeds is not None else None
-            clip_guide = guide[members] if guide is not None else None
-            out = self.compressor(features[frames], clip_embeds, clip_guide, modality)  # (b, N, d)
-            outputs.update(zip(members, out, strict=True))
-        return torch.cat([outputs[i] for i in sorted(outputs)])
+        clips = [i for i, n in enumerate(counts) if n]  # samples without a video or image have no rows
+        layout = PackedLayout(
+            num_frames=tuple(counts[i] for i in clips),
+            modalities=tuple(batch["modalities"][i] for i in clips),
+            height=self.vision.grid,
+            width=self.vision.grid,
+        )
+        if guide is not None and len(clips) != len(counts):
+            guide = guide[clips]
+        return self.compressor.forward_packed(features, embeds, guide, layout)  # (sum N_i, d_llm)
 
     def forward(self, batch: dict):
         embeds = self.llm.embed(batch["input_ids"], self.encode_visual(batch))

@@ -1,12 +1,13 @@
 import math
+from functools import partial
 
 import pytest
 import torch
 
 from hicom.modules.compressors import AvgPoolCompressor, GlobalCompressor, Guide, HICom, LocalCompressor
-from hicom.modules.compressors.base import group_starts
+from hicom.modules.compressors.base import PackedLayout, group_starts
 from hicom.modules.compressors.global_compressor import position_table_3d
-from hicom.modules.compressors.reference import global_reference, local_reference
+from hicom.modules.compressors.reference import global_reference, hicom_reference, local_reference
 
 
 def release_groups(n: int, k: int) -> list[list[int]]:
@@ -149,3 +150,75 @@ def test_global_with_folded_projections_equals_standard_attention(t, hw, positio
     assert out.shape == (2, 3, 8)
     for b in range(2):
         torch.testing.assert_close(out[b], global_reference(module, v[b], guide=g[b]), rtol=1e-10, atol=1e-10)
+
+
+MIXED = PackedLayout(
+    num_frames=(5, 1, 9, 3, 2, 1, 8),
+    modalities=("video", "image", "video", "image", "video", "video", "video"),
+    height=5,
+    width=5,
+)
+
+
+def paper_default(**dims):
+    local = partial(LocalCompressor, kernel=(4, 3, 3), guide=Guide.DIRECT)
+    global_ = partial(GlobalCompressor, num_queries=3, guide=Guide.COARSE, num_heads=2)
+    return HICom(**dims, local=local, global_=global_)
+
+
+@pytest.mark.parametrize(
+    ("make", "reference"),
+    [
+        (partial(LocalCompressor, kernel=(4, 3, 3), guide=Guide.OFF), local_reference),
+        (partial(LocalCompressor, kernel=(2, 2, 2), guide=Guide.DIRECT), local_reference),
+        (partial(LocalCompressor, kernel=(4, 4, 4), guide=Guide.COARSE), local_reference),
+        (partial(GlobalCompressor, num_queries=3, guide=Guide.OFF, num_heads=2, position="kv"), global_reference),
+        (partial(GlobalCompressor, num_queries=3, guide=Guide.COARSE, num_heads=2, position="k"), global_reference),
+        (paper_default, hicom_reference),
+    ],
+)
+def test_a_packed_batch_of_images_and_videos_equals_each_clip_alone(make, reference):
+    torch.manual_seed(0)
+    module = make(in_dim=8, out_dim=4, guide_dim=6).double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.5)
+    rows = sum(MIXED.num_frames)
+    v, e = torch.randn(rows, 5, 5, 8).double(), torch.randn(rows, 5, 5, 8).double()
+    g = torch.randn(len(MIXED.num_frames), 6).double()
+    out = module.forward_packed(v, e, g, MIXED)
+    expected = [
+        reference(module, v[start : start + n], e[start : start + n], g[i], modality)
+        for i, (n, modality, start) in enumerate(
+            zip(MIXED.num_frames, MIXED.modalities, MIXED.frame_starts, strict=True)
+        )
+    ]
+    for clip, n, modality in zip(expected, MIXED.num_frames, MIXED.modalities, strict=True):
+        assert clip.shape[0] == module.num_tokens(n, 5, 5, modality)
+    torch.testing.assert_close(out, torch.cat(expected), rtol=1e-10, atol=1e-10)
+
+
+def test_avgpool_packs_through_the_per_shape_default():
+    torch.manual_seed(0)
+    module = AvgPoolCompressor(in_dim=8, out_dim=4, kernel=(2, 2, 2))
+    v = torch.randn(sum(MIXED.num_frames), 5, 5, 8)
+    out = module.forward_packed(v, None, None, MIXED)
+    start = MIXED.frame_starts[2]
+    clip = module(v[None, start : start + 9])[0]
+    offset = sum(module.num_tokens(n, 5, 5, m) for n, m in zip(MIXED.num_frames[:2], MIXED.modalities[:2], strict=True))
+    torch.testing.assert_close(out[offset : offset + clip.shape[0]], clip)
+    assert out.shape[0] == sum(
+        module.num_tokens(n, 5, 5, m) for n, m in zip(MIXED.num_frames, MIXED.modalities, strict=True)
+    )
+
+
+def test_every_parameter_of_the_paper_default_gets_a_gradient_from_a_packed_batch():
+    torch.manual_seed(0)
+    module = paper_default(in_dim=8, out_dim=4, guide_dim=6)
+    rows = sum(MIXED.num_frames)
+    out = module.forward_packed(
+        torch.randn(rows, 5, 5, 8), torch.randn(rows, 5, 5, 8), torch.randn(len(MIXED.num_frames), 6), MIXED
+    )
+    out.square().mean().backward()
+    missing = [name for name, p in module.named_parameters() if p.grad is None]
+    assert not missing

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -65,12 +67,35 @@ def group_index(n: int, k: int, device: torch.device | None = None) -> torch.Ten
     return starts[:, None] + torch.arange(min(k, n), device=device)
 
 
+@dataclass(frozen=True)
+class PackedLayout:
+    """How clips of different lengths and modalities lie in one packed batch: clip i has `num_frames[i]` frames
+    (rows of the packed (sum T, H, W, D) features, in clip order) of H x W tokens and is an image or a video."""
+
+    num_frames: tuple[int, ...]
+    modalities: tuple[str, ...]
+    height: int
+    width: int
+
+    def __post_init__(self) -> None:
+        if len(self.num_frames) != len(self.modalities) or min(self.num_frames, default=1) < 1:
+            raise ValueError(f"every packed clip needs >= 1 frame and a modality, got {self}")
+
+    @property
+    def frame_starts(self) -> tuple[int, ...]:
+        return tuple(itertools.accumulate(self.num_frames, initial=0))[:-1]
+
+
 class Compressor(nn.Module):
     """A compressor maps the vision features of one clip to a sequence of LLM-width tokens.
 
     `forward(features, embeds, guide, modality)` takes a batch of same-shaped clips: features (B, T, H, W, D),
     joint-space embeds of the same shape or None, guide (B, Dg) pooled or (B, L, Dg) token-level or None, and
     returns (B, N, d_out) with N = `num_tokens(T, H, W, modality)`, computable without running.
+
+    `forward_packed(features, embeds, guide, layout)` takes clips of any lengths and modalities packed along the
+    frame axis, (sum T, H, W, D), and returns their tokens packed in clip order, (sum N, d_out). The default
+    compresses each group of same-shaped clips in one call; compressors override it with a single pass.
     """
 
     uses_embeds: bool = False
@@ -78,3 +103,26 @@ class Compressor(nn.Module):
 
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         raise NotImplementedError
+
+    def forward_packed(
+        self,
+        features: torch.Tensor,
+        embeds: torch.Tensor | None,
+        guide: torch.Tensor | None,
+        layout: PackedLayout,
+    ) -> torch.Tensor:
+        shapes: dict[tuple[int, str], list[int]] = {}
+        for i, key in enumerate(zip(layout.num_frames, layout.modalities, strict=True)):
+            shapes.setdefault(key, []).append(i)
+        outputs: dict[int, torch.Tensor] = {}
+        for (n, modality), members in shapes.items():
+            frames = torch.stack([torch.arange(layout.frame_starts[i], layout.frame_starts[i] + n) for i in members])
+            frames = frames.to(features.device)
+            out = self(
+                features[frames],
+                embeds[frames] if embeds is not None else None,
+                guide[members] if guide is not None else None,
+                modality,
+            )
+            outputs.update(zip(members, out, strict=True))
+        return torch.cat([outputs[i] for i in range(len(layout.num_frames))])

@@ -7,7 +7,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from hicom.modules.compressors.base import RELEASE_INIT_STD, Compressor, init_weights, readout
+from hicom.modules.compressors.base import RELEASE_INIT_STD, Compressor, PackedLayout, init_weights, readout
 from hicom.modules.compressors.injection import Guide, GuideInjector
 
 
@@ -101,15 +101,52 @@ class GlobalCompressor(Compressor):
             if guide is None:
                 raise ValueError("this global compressor is guided: pass the guide")
             queries = self.guide_injector(queries, guide)
-        tokens = features.reshape(b, t * h * w, d)
-        keys = values = tokens
-        if self.position != "none":
-            pos = self._positions(t, h, w, features).reshape(1, t * h * w, d)
-            keys = tokens + pos
-            values = keys if self.position == "kv" else tokens
+        keys, values = self._keys_values(features)
         return self.readout(queries + self._attend(queries, keys, values))  # (B, N, d_out)
 
-    def _attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def forward_packed(
+        self,
+        features: torch.Tensor,
+        embeds: torch.Tensor | None,
+        guide: torch.Tensor | None,
+        layout: PackedLayout,
+    ) -> torch.Tensor:
+        """Clips of any lengths in one pass: padded to the longest clip, the padding masked out of the keys.
+        (sum T, H, W, D) -> (B * num_queries, d_out), clip by clip."""
+        _, h, w, d = features.shape
+        b, longest = len(layout.num_frames), max(layout.num_frames)
+        if min(layout.num_frames) == longest:  # clips of one length: nothing to pad or mask
+            real, padded = None, features.reshape(b, longest, h, w, d)
+        else:
+            real = torch.arange(longest, device=features.device) < features.new_tensor(layout.num_frames)[:, None]
+            padded = features.new_zeros(b, longest, h, w, d)
+            padded[real] = features  # (B, T_max, H, W, D): packed rows are clip-major, as the mask's True entries
+        queries = self.query.expand(b, -1, -1)
+        if self.guide_injector is not None:
+            if guide is None:
+                raise ValueError("this global compressor is guided: pass the guide")
+            queries = self.guide_injector(queries, guide)
+        keys, values = self._keys_values(padded)
+        key_mask = None if real is None else real.repeat_interleave(h * w, dim=1)  # (B, T_max H W)
+        out = self.readout(queries + self._attend(queries, keys, values, key_mask))
+        return out.reshape(b * self.num_queries, -1)
+
+    def _keys_values(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, H, W, D) -> keys and values (B, T H W, D), the position table added as configured."""
+        b, t, h, w, d = features.shape
+        tokens = features.reshape(b, t * h * w, d)
+        if self.position == "none":
+            return tokens, tokens
+        keys = tokens + self._positions(t, h, w, features).reshape(1, t * h * w, d)
+        return keys, (keys if self.position == "kv" else tokens)
+
+    def _attend(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Multi-head attention of (B, N, D) queries over (B, L, D) keys and values, projections included.
 
         With few queries and many keys the key and value projections are folded into the query side, so that
@@ -126,7 +163,10 @@ class GlobalCompressor(Compressor):
         # q_h . b_k,h is the same for every key: it cancels in the softmax, but adding it keeps b_k in the graph
         # (its gradient is zero either way), so that DDP and DeepSpeed see no unused parameter.
         shift = (q * proj["k_proj"].bias.reshape(heads, 1, head_dim)).sum(-1).reshape(b, heads * n, 1)
-        scores = (torch.bmm(q_in, keys.transpose(1, 2)).float() + shift.float()) * head_dim**-0.5  # (B, h N, L)
+        wide = torch.promote_types(keys.dtype, torch.float32)  # bf16 / fp16 scores are widened for the softmax
+        scores = (torch.bmm(q_in, keys.transpose(1, 2)).to(wide) + shift.to(wide)) * head_dim**-0.5  # (B, h N, L)
+        if key_mask is not None:  # (B, L) True for real tokens
+            scores = scores.masked_fill(~key_mask[:, None, :], float("-inf"))
         weights = scores.softmax(dim=-1).to(values.dtype)
         mixed = torch.bmm(weights, values).reshape(b, heads, n, d)  # (B, h, N, D): sum_i a_i x_i per head
         w_v = proj["v_proj"].weight.reshape(heads, head_dim, d)

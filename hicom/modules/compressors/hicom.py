@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from hicom.modules.compressors.base import Compressor
+from hicom.modules.compressors.base import Compressor, PackedLayout
 from hicom.modules.compressors.global_compressor import GlobalCompressor
 from hicom.modules.compressors.local import LocalCompressor
 
@@ -37,3 +39,31 @@ class HICom(Compressor):
             if m is not None
         ]
         return torch.cat(outputs, dim=1)  # (B, N_local + N_global, d_out)
+
+    def forward_packed(self, features, embeds, guide, layout: PackedLayout) -> torch.Tensor:
+        """(sum T, H, W, D) -> (sum N, d_out): each clip's local tokens, then its global tokens."""
+        local = global_ = None
+        if self.local_compressor is not None:
+            local = self.local_compressor.forward_packed(features, embeds, guide, layout)
+        if self.global_compressor is not None:
+            global_ = self.global_compressor.forward_packed(features, embeds, guide, layout)
+        if local is None or global_ is None:
+            return local if global_ is None else global_
+        # Interleave clip by clip with one gather: rows of `local` first, then those of `global_`.
+        h, w = layout.height, layout.width
+        clips = zip(layout.num_frames, layout.modalities, strict=True)
+        counts = [self.local_compressor.num_tokens(n, h, w, modality) for n, modality in clips]
+        order = _interleave(tuple(counts), self.global_compressor.num_queries, local.device)
+        return torch.cat([local, global_]).index_select(0, order)
+
+
+@functools.lru_cache(maxsize=32)
+def _interleave(local_counts: tuple[int, ...], num_global: int, device: torch.device) -> torch.Tensor:
+    """Row order that puts each clip's `local_counts[i]` local rows before its `num_global` global rows."""
+    local_total = sum(local_counts)
+    rows, start = [], 0
+    for i, count in enumerate(local_counts):
+        rows.append(torch.arange(start, start + count))
+        rows.append(local_total + i * num_global + torch.arange(num_global))
+        start += count
+    return torch.cat(rows).to(device)

@@ -31,8 +31,18 @@ class GuideInjector(nn.Module):
             self.coarse_norm = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, queries: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        """Queries (B, N, D), guide (B, Dg) -> (B, N, D)."""
         guide = self.text2qk_proj(guide)[:, None]  # (B, 1, D)
         if self.mode is Guide.DIRECT:
             return guide.expand_as(queries)
         scale, shift = self.coarse_proj(guide).chunk(2, dim=-1)
         return self.coarse_norm(queries * (1 + scale) + shift)
+
+    def forward_rows(self, queries: torch.Tensor, guide: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+        """Packed queries (R, D) of several clips, guide (B, Dg), clip (R,) the clip of each row -> (R, D).
+        The guide is transformed once per clip, not once per row."""
+        guide = self.text2qk_proj(guide)  # (B, D)
+        if self.mode is Guide.DIRECT:
+            return guide[clip]
+        scale, shift = self.coarse_proj(guide).chunk(2, dim=-1)
+        return self.coarse_norm(queries * (1 + scale[clip]) + shift[clip])

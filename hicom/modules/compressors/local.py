@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from hicom.modules.compressors.base import RELEASE_INIT_STD, Compressor, group_index, init_weights, readout
+from hicom.modules.compressors.base import (
+    RELEASE_INIT_STD,
+    Compressor,
+    PackedLayout,
+    group_index,
+    init_weights,
+    readout,
+)
 from hicom.modules.compressors.injection import Guide, GuideInjector
 
 
@@ -86,6 +94,85 @@ class LocalCompressor(Compressor):
         values = features.reshape(b, t * h * w, d)[:, index]  # (B, N, G, D)
         pooled = torch.matmul(weights.unsqueeze(-2), values).squeeze(-2)  # (B, N, D)
         return self.readout(pooled)  # (B, N, d_out)
+
+    def forward_packed(
+        self,
+        features: torch.Tensor,
+        embeds: torch.Tensor | None,
+        guide: torch.Tensor | None,
+        layout: PackedLayout,
+    ) -> torch.Tensor:
+        """Clips of any lengths and modalities in one pass: (sum T, H, W, D) -> (sum N, d_out)."""
+        _, h, w, d = features.shape
+        if self.uses_guide and (guide is None or embeds is None):
+            raise ValueError("this local compressor is guided: pass the guide and the joint-space embeddings")
+        plan = _packed_plan(layout, self.kernel, features.device)
+        keys = (embeds if self.uses_guide else features).reshape(-1, d)  # (sum T H W, D)
+        if self.guide is Guide.DIRECT:
+            queries = self.guide_injector.forward_rows(features.new_zeros(len(guide), d), guide, plan.clips)
+            token_scores = (keys @ queries.T).gather(1, plan.token_clip[:, None]).squeeze(1)  # (sum T H W,)
+            scores = token_scores[plan.index]  # (cells, G)
+        else:
+            # Trilinear resize, done separably: bilinear over each frame, then linear over each clip's frames.
+            spatial = F.interpolate(features.permute(0, 3, 1, 2), size=plan.grid, mode="bilinear", align_corners=False)
+            lam = plan.frame_lambda.to(features.dtype)[:, None, None, None]
+            queries = spatial[plan.frame_low] * (1 - lam) + spatial[plan.frame_high] * lam  # (sum T', D, H', W')
+            queries = queries.permute(0, 2, 3, 1).reshape(-1, d)  # (cells, D)
+            if self.guide_injector is not None:
+                queries = self.guide_injector.forward_rows(queries, guide, plan.cell_clip)
+            scores = torch.einsum("cd,cgd->cg", queries, keys[plan.index])
+        if plan.padding is not None:  # images' cells hold fewer tokens than videos' cells
+            scores = scores.masked_fill(plan.padding, float("-inf"))
+        weights = (scores / math.sqrt(d)).softmax(dim=-1)
+        values = features.reshape(-1, d)[plan.index]  # (cells, G, D)
+        return self.readout(torch.matmul(weights.unsqueeze(-2), values).squeeze(-2))  # (cells, d_out)
+
+
+@dataclass(frozen=True)
+class _PackedPlan:
+    index: torch.Tensor  # (cells, G): flat token positions under each cell, padded with a valid position
+    padding: torch.Tensor | None  # (cells, G) True where index is padding
+    cell_clip: torch.Tensor  # (cells,) clip of each cell
+    token_clip: torch.Tensor  # (sum T H W,) clip of each token
+    clips: torch.Tensor  # (B,) 0..B-1
+    grid: tuple[int, int]  # (H', W')
+    frame_low: torch.Tensor  # (sum T',) the two source frames of each output frame, and the weight of the second
+    frame_high: torch.Tensor
+    frame_lambda: torch.Tensor
+
+
+@functools.lru_cache(maxsize=32)
+def _packed_plan(layout: PackedLayout, kernel: tuple[int, int, int], device: torch.device) -> _PackedPlan:
+    """Index tensors for one packed layout, built once: the per-clip Python work stays off the hot path."""
+    kt, ks, _ = kernel
+    h, w = layout.height, layout.width
+    blocks, cell_counts, low, high, lam = [], [], [], [], []
+    for n, modality, start in zip(layout.num_frames, layout.modalities, layout.frame_starts, strict=True):
+        clip_kt = 1 if modality == "image" or n == 1 else kt
+        blocks.append(_cell_index((n, h, w), (clip_kt, ks, ks), torch.device("cpu")) + start * h * w)
+        cell_counts.append(blocks[-1].shape[0])
+        out = math.ceil(n / clip_kt)
+        for dst in range(out):  # linear interpolation's source frames, as F.interpolate computes them
+            src = max((dst + 0.5) * (n / out) - 0.5, 0.0)
+            below = int(src)
+            low.append(start + below)
+            high.append(start + below + (1 if below < n - 1 else 0))
+            lam.append(src - below)
+    width = max(block.shape[1] for block in blocks)
+    padding = torch.cat([(torch.arange(width) >= b.shape[1]).expand(b.shape[0], width) for b in blocks])
+    index = torch.cat([torch.cat([b, b[:, :1].expand(-1, width - b.shape[1])], dim=1) for b in blocks])
+    clips = torch.arange(len(blocks))
+    return _PackedPlan(
+        index=index.to(device),
+        padding=padding.to(device) if padding.any() else None,
+        cell_clip=clips.repeat_interleave(torch.tensor(cell_counts)).to(device),
+        token_clip=clips.repeat_interleave(torch.tensor(layout.num_frames) * h * w).to(device),
+        clips=clips.to(device),
+        grid=(math.ceil(h / ks), math.ceil(w / ks)),
+        frame_low=torch.tensor(low, device=device),
+        frame_high=torch.tensor(high, device=device),
+        frame_lambda=torch.tensor(lam, dtype=torch.float64, device=device),
+    )
 
 
 @functools.lru_cache(maxsize=64)

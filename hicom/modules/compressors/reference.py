@@ -69,7 +69,8 @@ def global_reference(
     heads = []
     for i in range(module.num_heads):
         cols = slice(i * head_dim, (i + 1) * head_dim)
-        weights = torch.softmax((q[:, cols] @ k[:, cols].T).float() / math.sqrt(head_dim), dim=-1).to(v.dtype)
+        scores = (q[:, cols] @ k[:, cols].T).to(torch.promote_types(q.dtype, torch.float32))
+        weights = torch.softmax(scores / math.sqrt(head_dim), dim=-1).to(v.dtype)
         heads.append(weights @ v[:, cols])
     return module.readout(queries + proj["out_proj"](torch.cat(heads, dim=-1)))
 
