@@ -36,7 +36,9 @@ def test_experiments_without_weights_name_the_missing_path_and_key(experiment, c
     assert str(Path(tmp_path / "none")) in str(error.value)
 
 
-@pytest.mark.parametrize("compressor, tokens", [("hicom", 2 * 3 * 3 + 32), ("avgpool", 2 * 3 * 3)])
+@pytest.mark.parametrize(
+    "compressor, tokens", [("hicom", 2 * 3 * 3 + 32), ("avgpool", 2 * 3 * 3), ("bilinear", 8 * 4 * 4)]
+)
 def test_default_token_counts(compressor, tokens, cfg_small, cache_dir, tmp_path):
     cfg = compose_train(cache_dir, tmp_path, [f"model/compressor={compressor}", *SMALL])
     model, _ = build(cfg)

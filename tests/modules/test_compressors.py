@@ -4,7 +4,15 @@ from functools import partial
 import pytest
 import torch
 
-from hicom.modules.compressors import AvgPoolCompressor, GlobalCompressor, Guide, HICom, LocalCompressor
+from hicom.modules.compressors import (
+    AvgPoolCompressor,
+    BilinearPoolCompressor,
+    Compressor,
+    GlobalCompressor,
+    Guide,
+    HICom,
+    LocalCompressor,
+)
 from hicom.modules.compressors.base import PackedLayout, group_starts
 from hicom.modules.compressors.global_compressor import position_table_3d
 from hicom.modules.compressors.reference import global_reference, hicom_reference, local_reference
@@ -172,6 +180,7 @@ def paper_default(**dims):
         (partial(LocalCompressor, kernel=(4, 3, 3), guide=Guide.OFF), local_reference),
         (partial(LocalCompressor, kernel=(2, 2, 2), guide=Guide.DIRECT), local_reference),
         (partial(LocalCompressor, kernel=(4, 4, 4), guide=Guide.COARSE), local_reference),
+        (partial(LocalCompressor, kernel=(4, 3, 3), guide=Guide.DIRECT, keys="features"), local_reference),
         (partial(GlobalCompressor, num_queries=3, guide=Guide.OFF, num_heads=2, position="kv"), global_reference),
         (partial(GlobalCompressor, num_queries=3, guide=Guide.COARSE, num_heads=2, position="k"), global_reference),
         (paper_default, hicom_reference),
@@ -222,3 +231,23 @@ def test_every_parameter_of_the_paper_default_gets_a_gradient_from_a_packed_batc
     out.square().mean().backward()
     missing = [name for name, p in module.named_parameters() if p.grad is None]
     assert not missing
+
+
+def test_bilinear_pooling_halves_video_frames_and_keeps_images_whole():
+    torch.manual_seed(0)
+    module = BilinearPoolCompressor(in_dim=8, out_dim=4)
+    assert module.num_tokens(32, 27, 27) == 32 * 196
+    assert module.num_tokens(1, 27, 27, modality="image") == 729
+    v = torch.randn(2, 3, 5, 5, 8)
+    expected = torch.nn.functional.interpolate(
+        module.readout(v[0]).permute(0, 3, 1, 2), size=(3, 3), mode="bilinear", align_corners=False
+    )
+    torch.testing.assert_close(module(v)[0], expected.permute(0, 2, 3, 1).reshape(-1, 4))
+    # one pass over a mixed batch equals compressing each shape on its own
+    packed = torch.randn(sum(MIXED.num_frames), 5, 5, 8)
+    out = module.forward_packed(packed, None, None, MIXED)
+    torch.testing.assert_close(out, Compressor.forward_packed(module, packed, None, None, MIXED))
+    clips = zip(MIXED.num_frames, MIXED.modalities, strict=True)
+    assert out.shape == (sum(module.num_tokens(n, 5, 5, modality) for n, modality in clips), 4)
+    with pytest.raises(ValueError, match="factor"):
+        BilinearPoolCompressor(in_dim=8, out_dim=4, factor=0)

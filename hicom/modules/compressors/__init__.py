@@ -1,16 +1,20 @@
 from hicom.modules.compressors.avgpool import AvgPoolCompressor
-from hicom.modules.compressors.base import Compressor
+from hicom.modules.compressors.base import Compressor, PackedLayout
+from hicom.modules.compressors.bilinear import BilinearPoolCompressor
 from hicom.modules.compressors.global_compressor import GlobalCompressor
 from hicom.modules.compressors.hicom import HICom
 from hicom.modules.compressors.injection import Guide, GuideInjector
-from hicom.modules.compressors.local import LocalCompressor
+from hicom.modules.compressors.local import Keys, LocalCompressor
 
 __all__ = [
     "AvgPoolCompressor",
+    "BilinearPoolCompressor",
     "Compressor",
     "GlobalCompressor",
     "Guide",
     "GuideInjector",
     "HICom",
+    "Keys",
     "LocalCompressor",
+    "PackedLayout",
 ]

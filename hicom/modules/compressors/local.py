@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import math
 from dataclasses import dataclass
@@ -21,6 +22,13 @@ from hicom.modules.compressors.base import (
 from hicom.modules.compressors.injection import Guide, GuideInjector
 
 
+class Keys(str, enum.Enum):
+    """What a guided local compressor matches its queries against: the joint-space embeddings E or the features V."""
+
+    EMBEDS = "embeds"
+    FEATURES = "features"
+
+
 class LocalCompressor(Compressor):
     """Queries are the features resized to the output grid (trilinear), or the guide itself with direct injection;
     keys are the joint-space embeddings when guided (else the features); values are the features.
@@ -35,6 +43,7 @@ class LocalCompressor(Compressor):
         guide_dim: int | None = None,
         kernel: tuple[int, int, int] = (4, 3, 3),
         guide: Guide = Guide.DIRECT,
+        keys: Keys = Keys.EMBEDS,
         readout_depth: int = 2,
         init_std: float | None = RELEASE_INIT_STD,
     ) -> None:
@@ -43,7 +52,10 @@ class LocalCompressor(Compressor):
             raise ValueError(f"kernel must be (k_t, k_s, k_s) with sizes >= 1, got {kernel}")
         self.kernel = tuple(int(k) for k in kernel)
         self.guide = Guide(guide)
-        self.uses_guide = self.uses_embeds = self.guide is not Guide.OFF
+        self.uses_guide = self.guide is not Guide.OFF
+        # SPEC 2.2: keys are the joint-space embeddings when guided (the guide lives in that space), else V.
+        self.keys = Keys(keys)
+        self.uses_embeds = self.uses_guide and self.keys is Keys.EMBEDS
         self.dim = in_dim
         self.guide_injector = (
             GuideInjector(mode=self.guide, guide_dim=guide_dim or in_dim, dim=in_dim) if self.uses_guide else None
@@ -71,10 +83,10 @@ class LocalCompressor(Compressor):
     ) -> torch.Tensor:
         b, t, h, w, d = features.shape
         kernel = self._kernel(t, modality)
-        if self.uses_guide and (guide is None or embeds is None):
-            raise ValueError("this local compressor is guided: pass the guide and the joint-space embeddings")
+        if (self.uses_guide and guide is None) or (self.uses_embeds and embeds is None):
+            raise ValueError("this local compressor is guided: pass the guide (and the joint-space embeddings)")
         index = cell_index((t, h, w), kernel, features.device)  # (N, G) into the T * H * W tokens
-        keys = (embeds if self.uses_guide else features).reshape(b, t * h * w, d)
+        keys = (embeds if self.uses_embeds else features).reshape(b, t * h * w, d)
         if self.guide is Guide.DIRECT:
             # Every cell's query is the same injected guide: score each token once, then group the scores.
             query = self.guide_injector(features.new_zeros(b, 1, d), guide)  # (B, 1, D)
@@ -104,10 +116,10 @@ class LocalCompressor(Compressor):
     ) -> torch.Tensor:
         """Clips of any lengths and modalities in one pass: (sum T, H, W, D) -> (sum N, d_out)."""
         _, h, w, d = features.shape
-        if self.uses_guide and (guide is None or embeds is None):
-            raise ValueError("this local compressor is guided: pass the guide and the joint-space embeddings")
+        if (self.uses_guide and guide is None) or (self.uses_embeds and embeds is None):
+            raise ValueError("this local compressor is guided: pass the guide (and the joint-space embeddings)")
         plan = _packed_plan(layout, self.kernel, features.device)
-        keys = (embeds if self.uses_guide else features).reshape(-1, d)  # (sum T H W, D)
+        keys = (embeds if self.uses_embeds else features).reshape(-1, d)  # (sum T H W, D)
         if self.guide is Guide.DIRECT:
             queries = self.guide_injector.forward_rows(features.new_zeros(len(guide), d), guide, plan.clips)
             token_scores = (keys @ queries.T).gather(1, plan.token_clip[:, None]).squeeze(1)  # (sum T H W,)

@@ -34,7 +34,7 @@ def local_reference(
     queries = resized.permute(1, 2, 3, 0)  # (T', H', W', D)
     if module.guide_injector is not None:
         queries = module.guide_injector(queries.reshape(1, -1, d), guide[None]).reshape(*grid, d)
-    keys = embeds if module.uses_guide else features
+    keys = embeds if module.uses_embeds else features
     cells = []
     for ct, st in enumerate(group_starts(t, kt)):
         for ch, sh in enumerate(group_starts(h, ks)):
