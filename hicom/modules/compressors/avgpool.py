@@ -8,7 +8,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from hicom.modules.compressors.base import RELEASE_INIT_STD, Compressor, init_weights, readout
+from hicom.modules.compressors.base import RELEASE_INIT_STD, Compressor, frame_kernel, init_weights, readout
 
 
 class AvgPoolCompressor(Compressor):
@@ -35,7 +35,7 @@ class AvgPoolCompressor(Compressor):
         self.apply(partial(init_weights, std=init_std))
 
     def grid(self, t: int, h: int, w: int, modality: str = "video") -> tuple[int, int, int]:
-        kt = 1 if modality == "image" or t == 1 else self.kernel[0]
+        kt = frame_kernel(self.kernel[0], t, modality)
         return math.ceil(t / kt), math.ceil(h / self.kernel[1]), math.ceil(w / self.kernel[2])
 
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:

@@ -41,6 +41,11 @@ def init_weights(module: nn.Module, std: float | None = RELEASE_INIT_STD) -> Non
         nn.init.zeros_(module.bias)
 
 
+def frame_kernel(k_t: int, t: int, modality: str) -> int:
+    """The temporal kernel a clip gets: 1 for images and single frames (SPEC 2.2), else k_t."""
+    return 1 if modality == "image" or t == 1 else k_t
+
+
 def group_starts(n: int, k: int) -> list[int]:
     """Start positions of the ceil(n / k) windows of min(k, n) consecutive positions that cover 0..n-1.
 
@@ -103,6 +108,20 @@ class Compressor(nn.Module):
 
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         raise NotImplementedError
+
+    def _forward_as_packed(
+        self,
+        features: torch.Tensor,
+        embeds: torch.Tensor | None,
+        guide: torch.Tensor | None,
+        modality: str,
+    ) -> torch.Tensor:
+        """`forward` for compressors whose one implementation is `forward_packed`: (B, T, H, W, D) -> (B, N, d)."""
+        b, t, h, w, _ = features.shape
+        layout = PackedLayout((t,) * b, (modality,) * b, h, w)
+        packed_embeds = embeds.flatten(0, 1) if embeds is not None else None
+        out = self.forward_packed(features.flatten(0, 1), packed_embeds, guide, layout)
+        return out.reshape(b, -1, out.shape[-1])
 
     def forward_packed(
         self,

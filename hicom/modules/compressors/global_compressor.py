@@ -95,14 +95,8 @@ class GlobalCompressor(Compressor):
         guide: torch.Tensor | None = None,
         modality: str = "video",
     ) -> torch.Tensor:
-        b, t, h, w, d = features.shape
-        queries = self.query.expand(b, -1, -1)  # (B, N, D)
-        if self.guide_injector is not None:
-            if guide is None:
-                raise ValueError("this global compressor is guided: pass the guide")
-            queries = self.guide_injector(queries, guide)
-        keys, values = self._keys_values(features)
-        return self.readout(queries + self._attend(queries, keys, values))  # (B, N, d_out)
+        """(B, T, H, W, D) clips of one shape -> (B, N, d_out), through the packed path."""
+        return self._forward_as_packed(features, embeds, guide, modality)
 
     def forward_packed(
         self,

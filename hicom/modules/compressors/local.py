@@ -15,6 +15,7 @@ from hicom.modules.compressors.base import (
     RELEASE_INIT_STD,
     Compressor,
     PackedLayout,
+    frame_kernel,
     group_index,
     init_weights,
     readout,
@@ -65,7 +66,7 @@ class LocalCompressor(Compressor):
 
     def _kernel(self, t: int, modality: str) -> tuple[int, int, int]:
         kt, ks, _ = self.kernel
-        return (1 if modality == "image" or t == 1 else kt), ks, ks
+        return frame_kernel(kt, t, modality), ks, ks
 
     def grid(self, t: int, h: int, w: int, modality: str = "video") -> tuple[int, int, int]:
         kt, ks, _ = self._kernel(t, modality)
@@ -81,31 +82,8 @@ class LocalCompressor(Compressor):
         guide: torch.Tensor | None = None,
         modality: str = "video",
     ) -> torch.Tensor:
-        b, t, h, w, d = features.shape
-        kernel = self._kernel(t, modality)
-        if (self.uses_guide and guide is None) or (self.uses_embeds and embeds is None):
-            raise ValueError("this local compressor is guided: pass the guide (and the joint-space embeddings)")
-        index = cell_index((t, h, w), kernel, features.device)  # (N, G) into the T * H * W tokens
-        keys = (embeds if self.uses_embeds else features).reshape(b, t * h * w, d)
-        if self.guide is Guide.DIRECT:
-            # Every cell's query is the same injected guide: score each token once, then group the scores.
-            query = self.guide_injector(features.new_zeros(b, 1, d), guide)  # (B, 1, D)
-            scores = torch.bmm(keys, query.transpose(1, 2)).squeeze(-1)[:, index]  # (B, N, G)
-        else:
-            queries = F.interpolate(
-                features.permute(0, 4, 1, 2, 3),
-                size=self.grid(t, h, w, modality),
-                mode="trilinear",
-                align_corners=False,
-            )
-            queries = queries.flatten(2).transpose(1, 2)  # (B, N, D)
-            if self.guide_injector is not None:
-                queries = self.guide_injector(queries, guide)
-            scores = torch.einsum("bnd,bngd->bng", queries, keys[:, index])
-        weights = (scores / math.sqrt(d)).softmax(dim=-1)
-        values = features.reshape(b, t * h * w, d)[:, index]  # (B, N, G, D)
-        pooled = torch.matmul(weights.unsqueeze(-2), values).squeeze(-2)  # (B, N, D)
-        return self.readout(pooled)  # (B, N, d_out)
+        """(B, T, H, W, D) clips of one shape -> (B, N, d_out), through the packed path."""
+        return self._forward_as_packed(features, embeds, guide, modality)
 
     def forward_packed(
         self,
@@ -160,8 +138,8 @@ def _packed_plan(layout: PackedLayout, kernel: tuple[int, int, int], device: tor
     h, w = layout.height, layout.width
     blocks, cell_counts, low, high, lam = [], [], [], [], []
     for n, modality, start in zip(layout.num_frames, layout.modalities, layout.frame_starts, strict=True):
-        clip_kt = 1 if modality == "image" or n == 1 else kt
-        blocks.append(_cell_index((n, h, w), (clip_kt, ks, ks), torch.device("cpu")) + start * h * w)
+        clip_kt = frame_kernel(kt, n, modality)
+        blocks.append(_cell_index((n, h, w), (clip_kt, ks, ks)) + start * h * w)
         cell_counts.append(blocks[-1].shape[0])
         out = math.ceil(n / clip_kt)
         for dst in range(out):  # linear interpolation's source frames, as F.interpolate computes them
@@ -187,10 +165,10 @@ def _packed_plan(layout: PackedLayout, kernel: tuple[int, int, int], device: tor
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _cell_index(size: tuple[int, int, int], kernel: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+def _cell_index(size: tuple[int, int, int], kernel: tuple[int, int, int]) -> torch.Tensor:
+    """(cells, k_t * k_s * k_s) flat indices of the tokens under each output cell of one (T, H, W) clip."""
     t, h, w = size
-    it, ih, iw = (group_index(n, k, device) for n, k in zip(size, kernel, strict=True))
+    it, ih, iw = (group_index(n, k) for n, k in zip(size, kernel, strict=True))
     # (T', H', W', kt, ks, ks) flat positions t * H * W + y * W + x, cells time-major then row then column
     flat = (
         it[:, None, None, :, None, None] * (h * w)
@@ -198,8 +176,3 @@ def _cell_index(size: tuple[int, int, int], kernel: tuple[int, int, int], device
         + iw[None, None, :, None, None, :]
     )
     return flat.reshape(it.shape[0] * ih.shape[0] * iw.shape[0], -1)
-
-
-def cell_index(size: tuple[int, int, int], kernel: tuple[int, int, int], device: torch.device) -> torch.Tensor:
-    """(cells, k_t * k_s * k_s) flat indices of the tokens under each output cell of a (T, H, W) grid."""
-    return _cell_index(tuple(size), tuple(kernel), torch.device(device))
