@@ -27,6 +27,12 @@ class VideoLLM(nn.Module):
         self.compressor = compressor(
             in_dim=vision.hidden_size, out_dim=llm.hidden_size, guide_dim=vision.text_hidden_size
         )
+        # Branches with clip-scale attention start from the vision checkpoint's logit scale and bias.
+        with torch.no_grad():
+            for module in self.compressor.modules():
+                if getattr(module, "clip_scale", False):
+                    module.logit_scale.copy_(vision.logit_scale.reshape(-1)[:1])
+                    module.logit_bias.copy_(vision.logit_bias.reshape(-1)[:1])
 
     def num_visual_tokens(self, num_frames: int, modality: str = "video") -> int:
         """Tokens the LLM receives for a clip of `num_frames` frames, known before running anything."""
@@ -38,7 +44,9 @@ class VideoLLM(nn.Module):
         if pixels is None:
             return None
         features, embeds = self.vision(pixels, joint_embeds=self.compressor.uses_embeds)
-        guide = self.vision.encode_guide(batch["guide_ids"]) if self.compressor.uses_guide else None
+        guide = None
+        if self.compressor.uses_guide:
+            guide = self.vision.encode_guide(batch["guide_ids"], tokens=self.compressor.guide_tokens)
         counts = batch["num_frames"].tolist()
         clips = [i for i, n in enumerate(counts) if n]  # samples without a video or image have no rows
         layout = PackedLayout(

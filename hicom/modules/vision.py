@@ -18,7 +18,7 @@ class SiglipTower(nn.Module):
     - `features`: the trunk's hidden state at `select_layer` (N, h, w, D).
     - `embeds`: keys in the joint image-text space, X + head.mlp(head.layernorm(X)) per token, X the final
       (post-layernorm) hidden state (N, h, w, D).
-    - `encode_guide`: the text tower's pooled output (B, D_text).
+    - `encode_guide`: the text tower's pooled output (B, D_text), or its token-level output (B, L, D_text).
     A trunk whose parameters are all frozen runs without autograd.
     """
 
@@ -54,6 +54,9 @@ class SiglipTower(nn.Module):
         embeds = final + head.mlp(head.layernorm(final))
         return features, embeds.reshape(n, self.grid, self.grid, -1)
 
-    def encode_guide(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Pooled text embedding (B, D_text) of the guide tokens (padded to the tokenizer's max length)."""
-        return self.guide_encoder(input_ids=input_ids).pooler_output
+    def encode_guide(self, input_ids: torch.Tensor, tokens: bool = False) -> torch.Tensor:
+        """The guide tokens' (padded to the tokenizer's max length) text embedding: pooled C_p (B, D_text), or
+        with `tokens` the token-level C_f (B, L, D_text), the text head applied at every position, whose last
+        row is C_p (SigLIP pools the last position)."""
+        out = self.guide_encoder(input_ids=input_ids)
+        return self.guide_encoder.head(out.last_hidden_state) if tokens else out.pooler_output

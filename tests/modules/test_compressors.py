@@ -48,11 +48,12 @@ def test_grouping_matches_the_release_where_it_runs_and_covers_every_size(n, k):
 @pytest.mark.parametrize("t", [*range(1, 10), 16, 30, 32, 64])
 @pytest.mark.parametrize("hw", [1, 5, 27])
 @pytest.mark.parametrize("kernel", [(1, 1, 1), (2, 2, 2), (4, 3, 3), (4, 4, 4)])
-@pytest.mark.parametrize("guide", [Guide.OFF, Guide.DIRECT, Guide.COARSE])
+@pytest.mark.parametrize("guide", list(Guide))
 def test_local_equals_the_naive_per_cell_computation(t, hw, kernel, guide):
     torch.manual_seed(0)
     module = LocalCompressor(in_dim=8, out_dim=4, guide_dim=6, kernel=kernel, guide=guide).double()
-    v, e, g = torch.randn(1, t, hw, hw, 8).double(), torch.randn(1, t, hw, hw, 8).double(), torch.randn(1, 6).double()
+    v, e = torch.randn(1, t, hw, hw, 8).double(), torch.randn(1, t, hw, hw, 8).double()
+    g = torch.randn(1, *((3,) if guide is Guide.FINE else ()), 6).double()
     out = module(v, e, g)
     assert out.shape == (1, module.num_tokens(t, hw, hw), 4)
     torch.testing.assert_close(out[0], local_reference(module, v[0], e[0], g[0]), rtol=1e-10, atol=1e-10)
@@ -151,7 +152,7 @@ def test_global_with_folded_projections_equals_standard_attention(t, hw, positio
     module = module.double()
     with torch.no_grad():
         module.query.normal_()
-        for layer in module.attn_layer.values():
+        for layer in module.attn_layer.children():
             layer.bias.normal_()
     v, g = torch.randn(2, t, hw, hw, 16).double(), torch.randn(2, 16).double()
     out = module(v, guide=g)
@@ -184,6 +185,20 @@ def paper_default(**dims):
         (partial(GlobalCompressor, num_queries=3, guide=Guide.OFF, num_heads=2, position="kv"), global_reference),
         (partial(GlobalCompressor, num_queries=3, guide=Guide.COARSE, num_heads=2, position="k"), global_reference),
         (paper_default, hicom_reference),
+        (partial(LocalCompressor, kernel=(4, 3, 3), guide=Guide.FINE), local_reference),
+        (partial(LocalCompressor, guide=Guide.COARSE, adapt="qkvg", clip_scale=True), local_reference),
+        (partial(LocalCompressor, guide=Guide.DIRECT, adapt="kvg", clip_scale=True), local_reference),
+        (partial(LocalCompressor, guide=Guide.OFF, adapt="qkv", clip_scale=True), local_reference),
+        (partial(GlobalCompressor, num_queries=3, guide=Guide.FINE, num_heads=2, adapt_guide=True), global_reference),
+        (partial(GlobalCompressor, num_queries=3, guide=Guide.COARSE, num_heads=2, clip_scale=True), global_reference),
+        (
+            partial(
+                HICom,
+                local=partial(LocalCompressor, guide=Guide.FINE),
+                global_=partial(GlobalCompressor, num_queries=2, guide=Guide.DIRECT, num_heads=2),
+            ),
+            hicom_reference,
+        ),
     ],
 )
 def test_a_packed_batch_of_images_and_videos_equals_each_clip_alone(make, reference):
@@ -194,7 +209,8 @@ def test_a_packed_batch_of_images_and_videos_equals_each_clip_alone(make, refere
             p.normal_(0, 0.5)
     rows = sum(MIXED.num_frames)
     v, e = torch.randn(rows, 5, 5, 8).double(), torch.randn(rows, 5, 5, 8).double()
-    g = torch.randn(len(MIXED.num_frames), 6).double()
+    # the token-level guide C_f (B, L, Dg) where a branch injects finely, else the pooled C_p (B, Dg)
+    g = torch.randn(len(MIXED.num_frames), *((5,) if module.guide_tokens else ()), 6).double()
     out = module.forward_packed(v, e, g, MIXED)
     expected = [
         reference(module, v[start : start + n], e[start : start + n], g[i], modality)

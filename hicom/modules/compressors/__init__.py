@@ -4,9 +4,10 @@ from hicom.modules.compressors.bilinear import BilinearPoolCompressor
 from hicom.modules.compressors.global_compressor import GlobalCompressor
 from hicom.modules.compressors.hicom import HICom
 from hicom.modules.compressors.injection import Guide, GuideInjector
-from hicom.modules.compressors.local import Keys, LocalCompressor
+from hicom.modules.compressors.local import Adapt, Keys, LocalCompressor
 
 __all__ = [
+    "Adapt",
     "AvgPoolCompressor",
     "BilinearPoolCompressor",
     "Compressor",

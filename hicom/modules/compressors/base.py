@@ -105,6 +105,7 @@ class Compressor(nn.Module):
 
     uses_embeds: bool = False
     uses_guide: bool = False
+    guide_tokens: bool = False  # needs the token-level guide C_f (B, L, Dg) rather than the pooled C_p (B, Dg)
 
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         raise NotImplementedError
@@ -122,6 +123,21 @@ class Compressor(nn.Module):
         packed_embeds = embeds.flatten(0, 1) if embeds is not None else None
         out = self.forward_packed(features.flatten(0, 1), packed_embeds, guide, layout)
         return out.reshape(b, -1, out.shape[-1])
+
+    def compress(
+        self,
+        features: torch.Tensor,
+        embeds: torch.Tensor | None = None,
+        guide: torch.Tensor | None = None,
+        modality: str = "video",
+    ) -> torch.Tensor:
+        """One clip: features (T, H, W, D), embeds likewise or None, guide (Dg,) pooled or (L, Dg) token-level
+        or None -> (N, d_out). The same computation as a batch of one."""
+        if features.ndim != 4:
+            raise ValueError(f"compress takes one clip (T, H, W, D), got shape {tuple(features.shape)}")
+        t, h, w, _ = features.shape
+        layout = PackedLayout((t,), (modality,), h, w)
+        return self.forward_packed(features, embeds, guide[None] if guide is not None else None, layout)
 
     def forward_packed(
         self,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
 from torch import nn
 
 from hicom.modules.compressors.base import RELEASE_INIT_STD, Compressor, PackedLayout, init_weights, readout
-from hicom.modules.compressors.injection import Guide, GuideInjector
+from hicom.modules.compressors.injection import Attention, Guide, GuideInjector
 
 
 def sincos_table(n: int, dim: int, device=None) -> torch.Tensor:
@@ -46,6 +47,8 @@ class GlobalCompressor(Compressor):
         guide: Guide = Guide.COARSE,
         num_heads: int | None = None,
         position: str = "kv",
+        adapt_guide: bool = False,
+        clip_scale: bool = False,
         readout_depth: int = 2,
         init_std: float | None = RELEASE_INIT_STD,
     ) -> None:
@@ -60,12 +63,20 @@ class GlobalCompressor(Compressor):
         self.guide = Guide(guide)
         self.uses_guide = self.guide is not Guide.OFF
         self.query = nn.Parameter(torch.zeros(num_queries, in_dim))
+        if adapt_guide and not self.uses_guide:
+            raise ValueError("adapt_guide needs a guide: set guide to direct, coarse or fine")
         self.guide_injector = (
-            GuideInjector(mode=self.guide, guide_dim=guide_dim or in_dim, dim=in_dim) if self.uses_guide else None
+            GuideInjector(mode=self.guide, guide_dim=guide_dim or in_dim, dim=in_dim, adapt=adapt_guide)
+            if self.uses_guide
+            else None
         )
-        self.attn_layer = nn.ModuleDict(
-            {name: nn.Linear(in_dim, in_dim) for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
-        )
+        self.guide_tokens = self.guide is Guide.FINE
+        self.attn_layer = Attention(in_dim, self.num_heads)
+        # Clip scale: unit-length projected queries and keys, SigLIP's logit scale and bias for 1 / sqrt(d_head).
+        self.clip_scale = clip_scale
+        if clip_scale:
+            self.logit_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
+            self.logit_bias = nn.Parameter(torch.full((1,), -10.0))
         self.readout = readout(in_dim, out_dim, readout_depth)
         self.apply(partial(init_weights, std=init_std))
         self._table: torch.Tensor | None = None
@@ -151,18 +162,28 @@ class GlobalCompressor(Compressor):
         b, n, d = queries.shape
         heads, head_dim = self.num_heads, d // self.num_heads
         proj = self.attn_layer
-        q = proj["q_proj"](queries).reshape(b, n, heads, head_dim).transpose(1, 2)  # (B, h, N, dh)
-        w_k = proj["k_proj"].weight.reshape(heads, head_dim, d)  # rows of head h: (h, dh, D)
-        q_in = torch.einsum("bhnc,hcd->bhnd", q, w_k).reshape(b, heads * n, d)  # (B, h N, D), input space
-        # q_h . b_k,h is the same for every key: it cancels in the softmax, but adding it keeps b_k in the graph
-        # (its gradient is zero either way), so that DDP and DeepSpeed see no unused parameter.
-        shift = (q * proj["k_proj"].bias.reshape(heads, 1, head_dim)).sum(-1).reshape(b, heads * n, 1)
+        q = proj.q_proj(queries)  # (B, N, D)
         wide = torch.promote_types(keys.dtype, torch.float32)  # bf16 / fp16 scores are widened for the softmax
-        scores = (torch.bmm(q_in, keys.transpose(1, 2)).to(wide) + shift.to(wide)) * head_dim**-0.5  # (B, h N, L)
+        if self.clip_scale:
+            # Unit-length projected keys need every key projected: no folding on this side.
+            q = q / q.norm(dim=-1, keepdim=True)
+            k = proj.k_proj(keys)
+            k = (k / k.norm(dim=-1, keepdim=True)).reshape(b, -1, heads, head_dim).transpose(1, 2)
+            q = q.reshape(b, n, heads, head_dim).transpose(1, 2)
+            scores = torch.matmul(q, k.transpose(2, 3)).to(wide) * self.logit_scale.exp() + self.logit_bias
+            scores = scores.reshape(b, heads * n, -1)  # (B, h N, L)
+        else:
+            q = q.reshape(b, n, heads, head_dim).transpose(1, 2)  # (B, h, N, dh)
+            w_k = proj.k_proj.weight.reshape(heads, head_dim, d)  # rows of head h: (h, dh, D)
+            q_in = torch.einsum("bhnc,hcd->bhnd", q, w_k).reshape(b, heads * n, d)  # (B, h N, D), input space
+            # q_h . b_k,h is the same for every key: it cancels in the softmax, but adding it keeps b_k in the
+            # graph (its gradient is zero either way), so that DDP and DeepSpeed see no unused parameter.
+            shift = (q * proj.k_proj.bias.reshape(heads, 1, head_dim)).sum(-1).reshape(b, heads * n, 1)
+            scores = (torch.bmm(q_in, keys.transpose(1, 2)).to(wide) + shift.to(wide)) * head_dim**-0.5  # (B, hN, L)
         if key_mask is not None:  # (B, L) True for real tokens
             scores = scores.masked_fill(~key_mask[:, None, :], float("-inf"))
         weights = scores.softmax(dim=-1).to(values.dtype)
         mixed = torch.bmm(weights, values).reshape(b, heads, n, d)  # (B, h, N, D): sum_i a_i x_i per head
-        w_v = proj["v_proj"].weight.reshape(heads, head_dim, d)
-        out = torch.einsum("bhnd,hcd->bnhc", mixed, w_v) + proj["v_proj"].bias.reshape(heads, head_dim)
-        return proj["out_proj"](out.reshape(b, n, d))
+        w_v = proj.v_proj.weight.reshape(heads, head_dim, d)
+        out = torch.einsum("bhnd,hcd->bnhc", mixed, w_v) + proj.v_proj.bias.reshape(heads, head_dim)
+        return proj.out_proj(out.reshape(b, n, d))

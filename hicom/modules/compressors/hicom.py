@@ -27,6 +27,7 @@ class HICom(Compressor):
         branches = [m for m in (self.local_compressor, self.global_compressor) if m is not None]
         self.uses_guide = any(m.uses_guide for m in branches)
         self.uses_embeds = any(m.uses_embeds for m in branches)
+        self.guide_tokens = any(m.guide_tokens for m in branches)
 
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         branches = (self.local_compressor, self.global_compressor)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import enum
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from hicom.modules.compressors.base import (
     RELEASE_INIT_STD,
@@ -21,6 +23,15 @@ from hicom.modules.compressors.base import (
     readout,
 )
 from hicom.modules.compressors.injection import Guide, GuideInjector
+
+
+class Adapt(str, enum.Enum):
+    """Which inputs of the local attention get a learned adapter: queries, keys, values, or the guide."""
+
+    Q = "q"
+    K = "k"
+    V = "v"
+    G = "g"
 
 
 class Keys(str, enum.Enum):
@@ -45,6 +56,8 @@ class LocalCompressor(Compressor):
         kernel: tuple[int, int, int] = (4, 3, 3),
         guide: Guide = Guide.DIRECT,
         keys: Keys = Keys.EMBEDS,
+        adapt: Sequence[str] = (),
+        clip_scale: bool = False,
         readout_depth: int = 2,
         init_std: float | None = RELEASE_INIT_STD,
     ) -> None:
@@ -57,12 +70,38 @@ class LocalCompressor(Compressor):
         # SPEC 2.2: keys are the joint-space embeddings when guided (the guide lives in that space), else V.
         self.keys = Keys(keys)
         self.uses_embeds = self.uses_guide and self.keys is Keys.EMBEDS
+        self.adapt = frozenset(Adapt(a) for a in adapt)
+        if Adapt.Q in self.adapt and self.guide is Guide.DIRECT:
+            raise ValueError("adapt q has no effect with direct injection (the queries are the guide): drop it")
+        if Adapt.G in self.adapt and not self.uses_guide:
+            raise ValueError("adapt g needs a guide: set guide to direct, coarse or fine")
         self.dim = in_dim
         self.guide_injector = (
-            GuideInjector(mode=self.guide, guide_dim=guide_dim or in_dim, dim=in_dim) if self.uses_guide else None
+            GuideInjector(mode=self.guide, guide_dim=guide_dim or in_dim, dim=in_dim, adapt=Adapt.G in self.adapt)
+            if self.uses_guide
+            else None
         )
+        self.guide_tokens = self.guide is Guide.FINE
+        # Adapters (the release's "adapt q/k/v"): x' = (1 - a) x + a LN(proj(x)), a learned, zero at init.
+        for name in sorted(self.adapt - {Adapt.G}):
+            proj = nn.Linear(in_dim, in_dim, bias=False) if name is Adapt.Q else readout(in_dim, in_dim, 2)
+            self.add_module(f"{name.value}_proj", proj)
+            self.add_module(f"{name.value}_norm", nn.LayerNorm(in_dim, eps=1e-6))
+            self.register_parameter(f"{name.value}_alpha", nn.Parameter(torch.zeros(1)))
+        # Clip scale: unit-length guide and keys, SigLIP's logit scale and bias (copied from the vision tower by
+        # VideoLLM) in place of 1 / sqrt(D).
+        self.clip_scale = clip_scale
+        if clip_scale:
+            self.logit_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
+            self.logit_bias = nn.Parameter(torch.full((1,), -10.0))
         self.readout = readout(in_dim, out_dim, readout_depth)
         self.apply(partial(init_weights, std=init_std))
+
+    def _adapted(self, x: torch.Tensor, name: Adapt) -> torch.Tensor:
+        if name not in self.adapt:
+            return x
+        proj, norm, alpha = (getattr(self, f"{name.value}_{part}") for part in ("proj", "norm", "alpha"))
+        return (1 - alpha) * x + alpha * norm(proj(x))
 
     def _kernel(self, t: int, modality: str) -> tuple[int, int, int]:
         kt, ks, _ = self.kernel
@@ -97,9 +136,13 @@ class LocalCompressor(Compressor):
         if (self.uses_guide and guide is None) or (self.uses_embeds and embeds is None):
             raise ValueError("this local compressor is guided: pass the guide (and the joint-space embeddings)")
         plan = _packed_plan(layout, self.kernel, features.device)
-        keys = (embeds if self.uses_embeds else features).reshape(-1, d)  # (sum T H W, D)
+        keys = embeds if self.uses_embeds else features
+        if self.clip_scale and self.uses_guide:  # the release normalises the guide and the keys, not the queries
+            keys = keys / keys.norm(dim=-1, keepdim=True)
+            guide = guide / guide.norm(dim=-1, keepdim=True)
+        keys = self._adapted(keys.reshape(-1, d), Adapt.K)  # (sum T H W, D)
         if self.guide is Guide.DIRECT:
-            queries = self.guide_injector.forward_rows(features.new_zeros(len(guide), d), guide, plan.clips)
+            queries = self.guide_injector.prepare(guide)  # (B, D): one query for all cells of a clip
             token_scores = (keys @ queries.T).gather(1, plan.token_clip[:, None]).squeeze(1)  # (sum T H W,)
             scores = token_scores[plan.index]  # (cells, G)
         else:
@@ -107,15 +150,18 @@ class LocalCompressor(Compressor):
             spatial = F.interpolate(features.permute(0, 3, 1, 2), size=plan.grid, mode="bilinear", align_corners=False)
             lam = plan.frame_lambda.to(features.dtype)[:, None, None, None]
             queries = spatial[plan.frame_low] * (1 - lam) + spatial[plan.frame_high] * lam  # (sum T', D, H', W')
-            queries = queries.permute(0, 2, 3, 1).reshape(-1, d)  # (cells, D)
+            queries = self._adapted(queries.permute(0, 2, 3, 1).reshape(-1, d), Adapt.Q)  # (cells, D)
             if self.guide_injector is not None:
-                queries = self.guide_injector.forward_rows(queries, guide, plan.cell_clip)
+                queries = self.guide_injector.forward_rows(queries, guide, plan.cell_clip, plan.cell_counts)
             scores = torch.einsum("cd,cgd->cg", queries, keys[plan.index])
+        if self.clip_scale:
+            scores = scores * self.logit_scale.exp() + self.logit_bias
+        else:
+            scores = scores / math.sqrt(d)
         if plan.padding is not None:  # images' cells hold fewer tokens than videos' cells
             scores = scores.masked_fill(plan.padding, float("-inf"))
-        weights = (scores / math.sqrt(d)).softmax(dim=-1)
-        values = features.reshape(-1, d)[plan.index]  # (cells, G, D)
-        return self.readout(torch.matmul(weights.unsqueeze(-2), values).squeeze(-2))  # (cells, d_out)
+        values = self._adapted(features.reshape(-1, d), Adapt.V)[plan.index]  # (cells, G, D)
+        return self.readout(torch.matmul(scores.softmax(dim=-1).unsqueeze(-2), values).squeeze(-2))  # (cells, d_out)
 
 
 @dataclass(frozen=True)
@@ -123,8 +169,8 @@ class _PackedPlan:
     index: torch.Tensor  # (cells, G): flat token positions under each cell, padded with a valid position
     padding: torch.Tensor | None  # (cells, G) True where index is padding
     cell_clip: torch.Tensor  # (cells,) clip of each cell
+    cell_counts: tuple[int, ...]  # cells of each clip
     token_clip: torch.Tensor  # (sum T H W,) clip of each token
-    clips: torch.Tensor  # (B,) 0..B-1
     grid: tuple[int, int]  # (H', W')
     frame_low: torch.Tensor  # (sum T',) the two source frames of each output frame, and the weight of the second
     frame_high: torch.Tensor
@@ -156,8 +202,8 @@ def _packed_plan(layout: PackedLayout, kernel: tuple[int, int, int], device: tor
         index=index.to(device),
         padding=padding.to(device) if padding.any() else None,
         cell_clip=clips.repeat_interleave(torch.tensor(cell_counts)).to(device),
+        cell_counts=tuple(cell_counts),
         token_clip=clips.repeat_interleave(torch.tensor(layout.num_frames) * h * w).to(device),
-        clips=clips.to(device),
         grid=(math.ceil(h / ks), math.ceil(w / ks)),
         frame_low=torch.tensor(low, device=device),
         frame_high=torch.tensor(high, device=device),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hicom.modules.compressors.base import group_starts
 from hicom.modules.compressors.global_compressor import GlobalCompressor, position_table_3d
 from hicom.modules.compressors.hicom import HICom
-from hicom.modules.compressors.local import LocalCompressor
+from hicom.modules.compressors.local import Adapt, LocalCompressor
 
 
 def local_reference(
@@ -25,24 +25,33 @@ def local_reference(
     guide: torch.Tensor | None = None,
     modality: str = "video",
 ) -> torch.Tensor:
-    """(T, H, W, D) features (and embeds), (Dg,) guide -> (N, d_out)."""
+    """(T, H, W, D) features (and embeds), (Dg,) pooled or (L, Dg) token-level guide -> (N, d_out)."""
     t, h, w, d = features.shape
     kt = 1 if modality == "image" or t == 1 else module.kernel[0]
     ks = module.kernel[1]
     grid = (math.ceil(t / kt), math.ceil(h / ks), math.ceil(w / ks))
     resized = F.interpolate(features.permute(3, 0, 1, 2)[None], size=grid, mode="trilinear", align_corners=False)[0]
-    queries = resized.permute(1, 2, 3, 0)  # (T', H', W', D)
+    queries = module._adapted(resized.permute(1, 2, 3, 0), Adapt.Q)  # (T', H', W', D)
+    keys = embeds if module.uses_embeds else features
+    if module.clip_scale and module.uses_guide:
+        keys = keys / keys.norm(dim=-1, keepdim=True)
+        guide = guide / guide.norm(dim=-1, keepdim=True)
     if module.guide_injector is not None:
         queries = module.guide_injector(queries.reshape(1, -1, d), guide[None]).reshape(*grid, d)
-    keys = embeds if module.uses_embeds else features
+    keys = module._adapted(keys, Adapt.K)
+    values = module._adapted(features, Adapt.V)
+    if module.clip_scale:
+        scale, bias = module.logit_scale.exp(), module.logit_bias
+    else:
+        scale, bias = 1 / math.sqrt(d), 0.0
     cells = []
     for ct, st in enumerate(group_starts(t, kt)):
         for ch, sh in enumerate(group_starts(h, ks)):
             for cw, sw in enumerate(group_starts(w, ks)):
                 block = (slice(st, st + min(kt, t)), slice(sh, sh + min(ks, h)), slice(sw, sw + min(ks, w)))
                 query = queries[ct, ch, cw]
-                weights = torch.softmax(keys[block].reshape(-1, d) @ query / math.sqrt(d), dim=0)
-                cells.append(weights @ features[block].reshape(-1, d))
+                weights = torch.softmax(keys[block].reshape(-1, d) @ query * scale + bias, dim=0)
+                cells.append(weights @ values[block].reshape(-1, d))
     return module.readout(torch.stack(cells))
 
 
@@ -64,15 +73,20 @@ def global_reference(
         keys = tokens + position_table_3d(t, h, w, d, tokens.device).to(tokens.dtype).reshape(-1, d)
         values = keys if module.position == "kv" else tokens
     proj = module.attn_layer
-    q, k, v = proj["q_proj"](queries), proj["k_proj"](keys), proj["v_proj"](values)
+    q, k, v = proj.q_proj(queries), proj.k_proj(keys), proj.v_proj(values)
     head_dim = d // module.num_heads
+    if module.clip_scale:  # unit-length projected queries and keys (across all heads), SigLIP's scale and bias
+        q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+        scale, bias = module.logit_scale.exp(), module.logit_bias
+    else:
+        scale, bias = 1 / math.sqrt(head_dim), 0.0
     heads = []
     for i in range(module.num_heads):
         cols = slice(i * head_dim, (i + 1) * head_dim)
         scores = (q[:, cols] @ k[:, cols].T).to(torch.promote_types(q.dtype, torch.float32))
-        weights = torch.softmax(scores / math.sqrt(head_dim), dim=-1).to(v.dtype)
+        weights = torch.softmax(scores * scale + bias, dim=-1).to(v.dtype)
         heads.append(weights @ v[:, cols])
-    return module.readout(queries + proj["out_proj"](torch.cat(heads, dim=-1)))
+    return module.readout(queries + proj.out_proj(torch.cat(heads, dim=-1)))
 
 
 def hicom_reference(
