@@ -37,9 +37,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
 
-    def forward(
-        self, queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Queries (B, N, D) attend to keys = values (B, L, D); key_mask (B, L) True for real keys."""
         b, n, d = queries.shape
         heads = self.num_heads

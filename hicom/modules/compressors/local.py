@@ -43,7 +43,7 @@ class Keys(str, enum.Enum):
 
 class LocalCompressor(Compressor):
     """Queries are the features resized to the output grid (trilinear), or the guide itself with direct injection;
-    keys are the joint-space embeddings when guided (else the features); values are the features.
+    keys are the joint-space embeddings when guided (else the features, unless `keys` says); values are the features.
     Attention is single-head without projections, inside each cell's group of k_t * k_s * k_s tokens.
     """
 
@@ -55,7 +55,7 @@ class LocalCompressor(Compressor):
         guide_dim: int | None = None,
         kernel: tuple[int, int, int] = (4, 3, 3),
         guide: Guide = Guide.DIRECT,
-        keys: Keys = Keys.EMBEDS,
+        keys: Keys | None = None,
         adapt: Sequence[str] = (),
         clip_scale: bool = False,
         readout_depth: int = 2,
@@ -67,9 +67,10 @@ class LocalCompressor(Compressor):
         self.kernel = tuple(int(k) for k in kernel)
         self.guide = Guide(guide)
         self.uses_guide = self.guide is not Guide.OFF
-        # SPEC 2.2: keys are the joint-space embeddings when guided (the guide lives in that space), else V.
-        self.keys = Keys(keys)
-        self.uses_embeds = self.uses_guide and self.keys is Keys.EMBEDS
+        # SPEC 2.2: keys are the joint-space embeddings when guided (the guide lives in that space), else V;
+        # `keys` set to embeds or features chooses either way.
+        self.keys = Keys(keys) if keys is not None else (Keys.EMBEDS if self.uses_guide else Keys.FEATURES)
+        self.uses_embeds = self.keys is Keys.EMBEDS
         self.adapt = frozenset(Adapt(a) for a in adapt)
         if Adapt.Q in self.adapt and self.guide is Guide.DIRECT:
             raise ValueError("adapt q has no effect with direct injection (the queries are the guide): drop it")
@@ -88,7 +89,7 @@ class LocalCompressor(Compressor):
             self.add_module(f"{name.value}_proj", proj)
             self.add_module(f"{name.value}_norm", nn.LayerNorm(in_dim, eps=1e-6))
             self.register_parameter(f"{name.value}_alpha", nn.Parameter(torch.zeros(1)))
-        # Clip scale: unit-length guide and keys, SigLIP's logit scale and bias (copied from the vision tower by
+        # Clip scale: unit-length guide and embeds (keys), SigLIP's logit scale and bias (copied from the vision tower by
         # VideoLLM) in place of 1 / sqrt(D).
         self.clip_scale = clip_scale
         if clip_scale:
@@ -137,9 +138,10 @@ class LocalCompressor(Compressor):
             raise ValueError("this local compressor is guided: pass the guide (and the joint-space embeddings)")
         plan = _packed_plan(layout, self.kernel, features.device)
         keys = embeds if self.uses_embeds else features
-        if self.clip_scale and self.uses_guide:  # the release normalises the guide and the keys, not the queries
+        if self.clip_scale and self.uses_embeds:  # as released: unit-length embeds and guide, queries as they come
             keys = keys / keys.norm(dim=-1, keepdim=True)
-            guide = guide / guide.norm(dim=-1, keepdim=True)
+            if guide is not None:
+                guide = guide / guide.norm(dim=-1, keepdim=True)
         keys = self._adapted(keys.reshape(-1, d), Adapt.K)  # (sum T H W, D)
         if self.guide is Guide.DIRECT:
             queries = self.guide_injector.prepare(guide)  # (B, D): one query for all cells of a clip

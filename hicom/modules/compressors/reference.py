@@ -33,9 +33,10 @@ def local_reference(
     resized = F.interpolate(features.permute(3, 0, 1, 2)[None], size=grid, mode="trilinear", align_corners=False)[0]
     queries = module._adapted(resized.permute(1, 2, 3, 0), Adapt.Q)  # (T', H', W', D)
     keys = embeds if module.uses_embeds else features
-    if module.clip_scale and module.uses_guide:
+    if module.clip_scale and module.uses_embeds:
         keys = keys / keys.norm(dim=-1, keepdim=True)
-        guide = guide / guide.norm(dim=-1, keepdim=True)
+        if guide is not None:
+            guide = guide / guide.norm(dim=-1, keepdim=True)
     if module.guide_injector is not None:
         queries = module.guide_injector(queries.reshape(1, -1, d), guide[None]).reshape(*grid, d)
     keys = module._adapted(keys, Adapt.K)

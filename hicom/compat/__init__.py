@@ -1,0 +1,1 @@
+"""Compatibility with the public HICom release: its configs and checkpoints in our modules."""

@@ -1,0 +1,297 @@
+"""The released HICom checkpoints in our modules: read an official config.json, build the same compressor, map its
+projector weights, and compare outputs one sample at a time (`compressor.compress`).
+
+The release describes its projector with a legacy string, `mm_projector_type`, plus a few config fields (SPEC 4).
+Widths come from mm_hidden_size (the vision and guide width: SigLIP so400m's towers are both 1152 wide) and
+hidden_size (the LLM's); the release's CLIP-based variants, for which no weights were published, are not built.
+This is the one place that parses such strings; everything else in the project takes structured configs.
+
+    local<k_t><k_s>[_adapt<q|k|v|g>...][_guide<mode>|_<mode>]   a local branch, kernel (k_t, k_s, k_s)
+    global<N>[_adaptg][_guide<mode>|_<mode>]                    a global branch with N queries
+    mlp<depth>x_gelu | linear                                   the LLaVA-style baseline (2x bilinear for videos)
+
+Each branch injects `use_guide` ("off" / "direct" / "coarse" / "fine") unless its own part names a mode. The
+release parses only the `guide<mode>` form: its "local43_global32_coarse" runs the global branch with direct
+injection, 32 identical tokens (SPEC 3, defect 1). We follow the name (and the paper): coarse. Checkpoints trained
+with the defect load with `reproduce_defect_1=True`, which `load_official` sets when the weights call for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hicom.modules.compressors import (
+    Adapt,
+    BilinearPoolCompressor,
+    Compressor,
+    GlobalCompressor,
+    Guide,
+    HICom,
+    LocalCompressor,
+)
+from hicom.modules.compressors.base import RELEASE_INIT_STD
+
+log = logging.getLogger(__name__)
+
+PREFIX = "model.mm_projector."
+_MODES = {mode.value for mode in Guide}
+_MLP = re.compile(r"mlp(\d+)x_gelu")
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One parsed branch of a legacy projector name."""
+
+    size: tuple[int, ...]  # (k_t, k_s) for local, (N,) for global
+    adapt: frozenset[str] = frozenset()
+    named_guide: Guide | None = None  # the mode the name gives this branch, if any
+    release_parses_mode: bool = False  # the name used the guide<mode> form, which the release reads too
+
+
+@dataclass(frozen=True)
+class ProjectorSpec:
+    """What a legacy `mm_projector_type` (+ use_guide, use_clip_scale) asks for."""
+
+    local: Branch | None = None
+    global_: Branch | None = None
+    mlp_depth: int | None = None  # the LLaVA baseline instead of HICom
+    use_guide: Guide = Guide.OFF
+    clip_scale: frozenset[str] = field(default_factory=frozenset)
+
+    def guide_of(self, branch: Branch, *, reproduce_defect_1: bool = False) -> Guide:
+        """The branch's mode: the one its part of the name gives, else use_guide. The release reads only the
+        guide<mode> form, so with `reproduce_defect_1` a bare mode (as in global32_coarse) is ignored."""
+        if branch.named_guide is None or (reproduce_defect_1 and not branch.release_parses_mode):
+            return self.use_guide
+        return branch.named_guide
+
+
+def parse_projector_type(name: str, use_guide: str | None = None, use_clip_scale: str | None = "") -> ProjectorSpec:
+    """Parse a legacy projector name; unknown parts are an error rather than ignored."""
+    guide = Guide.OFF if use_guide in (None, "", "off") else _mode(use_guide, "use_guide")
+    scales = frozenset(part.strip() for part in (use_clip_scale or "").split(",") if part.strip())
+    if scales - {"local", "global"}:
+        raise ValueError(f"use_clip_scale must name local and/or global, got {use_clip_scale!r}")
+    if name == "linear" or _MLP.fullmatch(name):
+        depth = 1 if name == "linear" else int(_MLP.fullmatch(name).group(1))
+        return ProjectorSpec(mlp_depth=depth, use_guide=guide)
+    branches: dict[str, Branch] = {}
+    current: str | None = None
+    for part in name.split("_"):
+        if match := re.fullmatch(r"local(\d)(\d{1,2})", part):
+            current, size = "local", (int(match.group(1)), int(match.group(2)))
+        elif match := re.fullmatch(r"global(\d+)", part):
+            current, size = "global", (int(match.group(1)),)
+        elif current is None:
+            raise ValueError(f"projector type {name!r}: {part!r} before any local<kt><ks> or global<N> part")
+        else:
+            branch = branches[current]
+            if match := re.fullmatch(r"adapt([qkvg]+)", part):
+                if current == "global" and match.group(1) != "g":
+                    raise ValueError(f"projector type {name!r}: the global branch only has adaptg, got {part!r}")
+                branches[current] = replace(branch, adapt=branch.adapt | set(match.group(1)))
+            elif match := re.fullmatch(r"guide(\w+)", part):
+                branches[current] = replace(branch, named_guide=_mode(match.group(1), name), release_parses_mode=True)
+            elif part in _MODES:
+                branches[current] = replace(branch, named_guide=Guide(part))
+            else:
+                raise ValueError(
+                    f"projector type {name!r}: unknown part {part!r} (expected adapt<qkvg>, guide<mode> or a mode)"
+                )
+            continue
+        if current in branches:
+            raise ValueError(f"projector type {name!r} names its {current} branch twice")
+        branches[current] = Branch(size=size)
+    if not branches:
+        raise ValueError(f"projector type {name!r} names no local<kt><ks> or global<N> branch")
+    return ProjectorSpec(
+        local=branches.get("local"), global_=branches.get("global"), use_guide=guide, clip_scale=scales
+    )
+
+
+def _mode(value: str, where: str) -> Guide:
+    if value not in _MODES:
+        raise ValueError(f"{where}: unknown guide mode {value!r}, expected one of {sorted(_MODES)}")
+    return Guide(value)
+
+
+def build_compressor(config: Mapping, *, reproduce_defect_1: bool = False) -> Compressor:
+    """Our compressor for an official config.json dict (fields: mm_projector_type, use_guide, use_clip_scale,
+    mm_hidden_size, hidden_size). `reproduce_defect_1` reproduces release defect 1: the global branch takes
+    `use_guide` even where the name gives it another mode (a bare mode: see `ProjectorSpec.guide_of`)."""
+    missing = [key for key in ("mm_projector_type", "mm_hidden_size", "hidden_size") if key not in config]
+    if missing:
+        raise ValueError(f"official config lacks {missing}: is this a HICom config.json?")
+    spec = parse_projector_type(config["mm_projector_type"], config.get("use_guide"), config.get("use_clip_scale"))
+    in_dim, out_dim = int(config["mm_hidden_size"]), int(config["hidden_size"])
+    dims = dict(in_dim=in_dim, out_dim=out_dim, guide_dim=in_dim)
+    if spec.mlp_depth is not None:
+        return BilinearPoolCompressor(**dims, factor=2, readout_depth=spec.mlp_depth, init_std=RELEASE_INIT_STD)
+    local = global_ = None
+    if spec.local is not None:
+        guide = spec.guide_of(spec.local, reproduce_defect_1=reproduce_defect_1)
+        adapt = {Adapt(a) for a in spec.local.adapt}
+        if guide is Guide.DIRECT:
+            adapt.discard(Adapt.Q)  # the release drops it: with direct injection the queries are the guide
+        if guide is Guide.OFF:
+            adapt.discard(Adapt.G)  # no injector, nothing to adapt
+        kt, ks = spec.local.size
+        local = partial(
+            LocalCompressor,
+            kernel=(kt, ks, ks),
+            guide=guide,
+            # the release's vision tower computes the embeds whenever use_guide is on, and then they are the keys
+            keys="embeds" if spec.use_guide is not Guide.OFF else "features",
+            adapt=sorted(a.value for a in adapt),
+            clip_scale="local" in spec.clip_scale,
+            init_std=RELEASE_INIT_STD,
+        )
+    if spec.global_ is not None:
+        guide = spec.guide_of(spec.global_, reproduce_defect_1=reproduce_defect_1)
+        global_ = partial(
+            GlobalCompressor,
+            num_queries=spec.global_.size[0],
+            guide=guide,
+            position="kv",
+            adapt_guide="g" in spec.global_.adapt and guide is not Guide.OFF,
+            clip_scale="global" in spec.clip_scale,
+            init_std=RELEASE_INIT_STD,
+        )
+    return HICom(**dims, local=local, global_=global_)
+
+
+_RENAMES = {
+    "local_logit_scale": "local_compressor.logit_scale",
+    "local_logit_bias": "local_compressor.logit_bias",
+    "global_logit_scale": "global_compressor.logit_scale",
+    "global_logit_bias": "global_compressor.logit_bias",
+}
+
+
+def convert_state_dict(state_dict: Mapping[str, torch.Tensor], compressor: nn.Module | None = None) -> dict:
+    """Official projector weights (bare mm_projector.bin names or model.mm_projector.* names) in our names.
+
+    With `compressor`, the keys must match its state dict exactly; otherwise a KeyError lists the missing and
+    the unexpected ones. (The release keeps a clip-scale pair for a branch its name leaves out, unused: with
+    `compressor`, such a pair is dropped.)
+    """
+    out = {}
+    for key, value in state_dict.items():
+        name = key.split("mm_projector.", 1)[1] if "mm_projector." in key else key
+        if re.match(r"\d+\.", name):  # the LLaVA baseline's bare nn.Sequential
+            name = f"readout.{name}"
+        elif name in ("weight", "bias"):  # its "linear" form, a bare nn.Linear
+            name = f"readout.0.{name}"
+        out[_RENAMES.get(name, name)] = value
+    if compressor is not None:
+        for branch in ("local_compressor", "global_compressor"):
+            if getattr(compressor, branch, None) is None:
+                for key in (f"{branch}.logit_scale", f"{branch}.logit_bias"):
+                    if out.pop(key, None) is not None:
+                        log.info("dropped %s: the release keeps it for a branch this projector does not have", key)
+        check_keys(out, compressor)
+    return out
+
+
+def to_official_state_dict(state_dict: Mapping[str, torch.Tensor], prefix: str = PREFIX) -> dict:
+    """Our compressor's weights in the release's layout (the inverse of `convert_state_dict`)."""
+    inverse = {ours: theirs for theirs, ours in _RENAMES.items()}
+    single_linear = set(state_dict) == {"readout.0.weight", "readout.0.bias"}
+    out = {}
+    for name, value in state_dict.items():
+        name = inverse.get(name, name)
+        if re.match(r"readout\.\d+\.", name):  # the LLaVA baseline: a bare nn.Sequential or nn.Linear
+            name = name.split(".", 2)[2] if single_linear else name[len("readout.") :]
+        out[prefix + name] = value
+    return out
+
+
+def check_keys(state_dict: Mapping[str, torch.Tensor], compressor: nn.Module) -> None:
+    """KeyError unless the names and shapes of `state_dict` are exactly those of the compressor's."""
+    expected = compressor.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
+    shapes = sorted(
+        f"{key} {tuple(state_dict[key].shape)} != {tuple(expected[key].shape)}"
+        for key in set(expected) & set(state_dict)
+        if state_dict[key].shape != expected[key].shape
+    )
+    if missing or unexpected or shapes:
+        raise KeyError(
+            f"projector weights do not fit the compressor: missing {missing}, unexpected {unexpected}"
+            + (f", wrong shapes {shapes}" if shapes else "")
+        )
+
+
+def read_projector_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The mm_projector tensors of an official folder: mm_projector.bin / .safetensors, or the model shards."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    for name in ("mm_projector.safetensors", "mm_projector.bin"):
+        path = folder / name
+        if path.is_file():
+            try:
+                if path.suffix == ".bin":
+                    return dict(torch.load(path, map_location="cpu", weights_only=True))
+                with safe_open(str(path), framework="pt") as f:
+                    return {key: f.get_tensor(key) for key in f.keys()}
+            except Exception as error:  # truncated or foreign files: say which file
+                raise ValueError(f"cannot read projector weights from {path}: {error}") from error
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(
+            f"no projector weights in {folder}: expected mm_projector.bin, mm_projector.safetensors or "
+            "model*.safetensors holding model.mm_projector.* tensors"
+        )
+    weights = {}
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                weights.update({key: f.get_tensor(key) for key in f.keys() if "mm_projector." in key})
+        except Exception as error:
+            raise ValueError(f"cannot read {shard}: {error}") from error
+    if not weights:
+        raise KeyError(f"the safetensors files in {folder} hold no model.mm_projector.* tensors")
+    return weights
+
+
+def load_official(folder: str | Path) -> Compressor:
+    """Build and load the compressor of an official checkpoint folder (config.json + projector weights).
+
+    Our reading of the config comes first; when its weights do not fit but those of the release's reading do
+    (defect 1: a global branch trained with direct injection under a name that says coarse), that one is used,
+    with a warning.
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in {folder}: pass an official HICom checkpoint folder")
+    config = json.loads(config_path.read_text())
+    weights = read_projector_weights(folder)
+    compressor = build_compressor(config)
+    try:
+        state = convert_state_dict(weights, compressor)
+    except KeyError as ours:
+        release = build_compressor(config, reproduce_defect_1=True)
+        try:
+            state = convert_state_dict(weights, release)
+        except KeyError:
+            raise ours from None
+        log.warning(
+            "%s: the weights were trained with the release's global injection (use_guide %r, defect 1 of SPEC 3); "
+            "loading them that way: its global tokens are all equal",
+            folder,
+            config.get("use_guide"),
+        )
+        compressor = release
+    compressor.load_state_dict(state, strict=True)
+    return compressor
