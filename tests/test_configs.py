@@ -37,7 +37,14 @@ def test_experiments_without_weights_name_the_missing_path_and_key(experiment, c
 
 
 @pytest.mark.parametrize(
-    "compressor, tokens", [("hicom", 2 * 3 * 3 + 32), ("avgpool", 2 * 3 * 3), ("bilinear", 8 * 4 * 4)]
+    "compressor, tokens",
+    [
+        ("hicom", 2 * 3 * 3 + 32),
+        ("avgpool", 2 * 3 * 3),
+        ("bilinear", 8 * 4 * 4),
+        ("qformer", 32),
+        ("instructblip", 32),
+    ],
 )
 def test_default_token_counts(compressor, tokens, cfg_small, cache_dir, tmp_path):
     cfg = compose_train(cache_dir, tmp_path, [f"model/compressor={compressor}", *SMALL])

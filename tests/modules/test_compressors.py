@@ -12,6 +12,7 @@ from hicom.modules.compressors import (
     Guide,
     HICom,
     LocalCompressor,
+    QFormerCompressor,
 )
 from hicom.modules.compressors.base import PackedLayout, group_starts
 from hicom.modules.compressors.global_compressor import position_table_3d
@@ -267,3 +268,36 @@ def test_bilinear_pooling_halves_video_frames_and_keeps_images_whole():
     assert out.shape == (sum(module.num_tokens(n, 5, 5, modality) for n, modality in clips), 4)
     with pytest.raises(ValueError, match="factor"):
         BilinearPoolCompressor(in_dim=8, out_dim=4, factor=0)
+
+
+def small_qformer(**kwargs):
+    sizes = dict(num_queries=3, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, dropout=0.0)
+    return QFormerCompressor(**{**sizes, **kwargs})
+
+
+@pytest.mark.parametrize("instruction", [False, True])
+def test_qformer_packs_mixed_clips_like_each_clip_alone(instruction):
+    torch.manual_seed(0)
+    module = small_qformer(in_dim=8, out_dim=4, guide_dim=6, instruction=instruction).eval()
+    assert module.num_tokens(32, 27, 27) == 3 and module.uses_guide is instruction
+    v = torch.randn(sum(MIXED.num_frames), 5, 5, 8)
+    g = torch.randn(len(MIXED.num_frames), 7, 6)
+    out = module.forward_packed(v, None, g, MIXED)
+    assert out.shape == (3 * len(MIXED.num_frames), 4)
+    for i, (n, modality, start) in enumerate(zip(MIXED.num_frames, MIXED.modalities, MIXED.frame_starts, strict=True)):
+        alone = module.compress(v[start : start + n], None, g[i], modality)
+        torch.testing.assert_close(out[3 * i : 3 * i + 3], alone, rtol=1e-5, atol=1e-5)
+    # the instruction changes the output only in the instruction-aware form
+    other = module.forward_packed(v, None, torch.randn_like(g), MIXED)
+    assert not torch.allclose(out, other) if instruction else torch.equal(out, other)
+
+
+def test_qformer_every_parameter_learns_and_bad_sizes_are_refused():
+    torch.manual_seed(0)
+    module = small_qformer(in_dim=8, out_dim=4, guide_dim=6, instruction=True)
+    module(torch.randn(2, 3, 4, 4, 8), guide=torch.randn(2, 5, 6)).square().mean().backward()
+    assert not [name for name, p in module.named_parameters() if p.grad is None]
+    with pytest.raises(ValueError, match="num_queries"):
+        small_qformer(in_dim=8, out_dim=4, num_queries=0)
+    with pytest.raises(ValueError, match="token-level guide"):
+        module(torch.randn(1, 2, 4, 4, 8), guide=torch.randn(1, 6))

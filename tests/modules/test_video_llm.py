@@ -36,3 +36,21 @@ def test_fine_injection_and_clip_scale_run_through_the_network(cache_dir, tmp_pa
     assert out.shape == (expected, net.llm.hidden_size)
     out.square().mean().backward()
     assert branch.logit_scale.grad is not None
+
+
+def test_instruction_aware_qformer_trains_through_the_network(cache_dir, tmp_path):
+    small = ["hidden_size=16", "num_layers=2", "num_heads=2", "intermediate_size=32", "dropout=0.0"]
+    overrides = ["model/compressor=instructblip", *(f"model.compressor.{o}" for o in small), *SMALL]
+    model, _ = build(compose_train(cache_dir, tmp_path, overrides))
+    net = model.net
+    size = net.vision.vision_tower.config.image_size
+    batch = {
+        "pixel_values": torch.randn(3, 3, size, size),
+        "num_frames": torch.tensor([2, 1]),
+        "modalities": ["video", "image"],
+        "guide_ids": torch.randint(0, 100, (2, 16)),
+    }
+    out = net.encode_visual(batch)
+    assert out.shape == (2 * 32, net.llm.hidden_size)
+    out.square().mean().backward()
+    assert net.compressor.instruction_proj.weight.grad is not None

@@ -5,6 +5,7 @@ from hicom.modules.compressors.global_compressor import GlobalCompressor
 from hicom.modules.compressors.hicom import HICom
 from hicom.modules.compressors.injection import Guide, GuideInjector
 from hicom.modules.compressors.local import Adapt, Keys, LocalCompressor
+from hicom.modules.compressors.qformer import QFormerCompressor
 
 __all__ = [
     "Adapt",
@@ -18,4 +19,5 @@ __all__ = [
     "Keys",
     "LocalCompressor",
     "PackedLayout",
+    "QFormerCompressor",
 ]

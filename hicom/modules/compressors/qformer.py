@@ -1,0 +1,109 @@
+"""Baselines: the Q-Former of BLIP-2 and its instruction-aware form from InstructBLIP (SPEC 2.6).
+
+The Q-Former is transformers' `Blip2QFormerModel`: BERT-like layers in which N learned queries self-attend and,
+every `cross_attention_frequency` layers, cross-attend to the visual tokens. Here the visual tokens are every token
+of the clip (T H W of them, the 3D position table added so that frames are told apart), and the N outputs are
+projected into the LLM's width.
+
+Instruction-aware (InstructBLIP): the instruction's tokens join the queries in self-attention, through the text
+half of each layer (its own feed-forward, no cross-attention), and only the query outputs are kept. InstructBLIP
+embeds the instruction with the Q-Former's BERT vocabulary; here the instruction is the guide the other compressors
+use, SigLIP's token-level text embedding C_f, mapped to the Q-Former's width by a linear layer, so no second
+tokenizer is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hicom.modules.compressors.base import Compressor, PackedLayout, readout
+from hicom.modules.compressors.global_compressor import position_table_3d
+
+
+class QFormerCompressor(Compressor):
+    def __init__(
+        self,
+        *,
+        in_dim: int,
+        out_dim: int,
+        guide_dim: int | None = None,
+        num_queries: int = 32,
+        hidden_size: int = 768,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        intermediate_size: int = 3072,
+        cross_attention_frequency: int = 2,
+        dropout: float = 0.1,
+        initializer_range: float = 0.02,
+        instruction: bool = False,
+        positions: bool = True,
+        readout_depth: int = 1,
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+        if num_queries < 1:
+            raise ValueError(f"num_queries must be >= 1, got {num_queries}")
+        config = Blip2QFormerConfig(
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            intermediate_size=intermediate_size,
+            cross_attention_frequency=cross_attention_frequency,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+            initializer_range=initializer_range,
+            encoder_hidden_size=in_dim,
+            use_qformer_text_input=instruction,  # the text half of each layer, for the instruction tokens
+        )
+        config._attn_implementation = attn_implementation
+        self.qformer = Blip2QFormerModel(config)
+        self.num_queries = num_queries
+        self.query_tokens = nn.Parameter(torch.randn(1, num_queries, hidden_size) * initializer_range)
+        self.instruction = instruction
+        self.uses_guide = self.guide_tokens = instruction
+        self.instruction_proj = nn.Linear(guide_dim or in_dim, hidden_size) if instruction else None
+        self.positions = positions
+        self.readout = readout(hidden_size, out_dim, readout_depth)
+
+    def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
+        return self.num_queries
+
+    def forward(self, features, embeds=None, guide=None, modality: str = "video") -> torch.Tensor:
+        """(B, T, H, W, D) clips of one shape -> (B, num_queries, d_out), through the packed path."""
+        return self._forward_as_packed(features, embeds, guide, modality)
+
+    def forward_packed(self, features, embeds, guide, layout: PackedLayout) -> torch.Tensor:
+        """Clips padded to the longest, the padding masked out of the cross-attention: (sum T, H, W, D) ->
+        (B * num_queries, d_out)."""
+        _, h, w, d = features.shape
+        b, longest = len(layout.num_frames), max(layout.num_frames)
+        if self.positions:
+            table = position_table_3d(longest, h, w, d, features.device).to(features.dtype)
+        if min(layout.num_frames) == longest:
+            padded, mask = features.reshape(b, longest, h, w, d), None
+        else:
+            real = torch.arange(longest, device=features.device) < features.new_tensor(layout.num_frames)[:, None]
+            padded = features.new_zeros(b, longest, h, w, d)
+            padded[real] = features
+            # an additive (B, 1, queries, T_max H W) mask, passed through as prepared: the cross-attention sees
+            # only the queries, even when instruction tokens join them in self-attention
+            keep = real.repeat_interleave(h * w, dim=1)[:, None, None, :]
+            mask = torch.zeros(keep.shape, dtype=torch.float32, device=features.device)
+            mask = mask.masked_fill(~keep, torch.finfo(torch.float32).min).expand(-1, -1, self.num_queries, -1)
+        if self.positions:
+            padded = padded + table
+        queries = self.query_tokens.expand(b, -1, -1)
+        if self.instruction:
+            if guide is None or guide.ndim != 3:
+                raise ValueError("the instruction-aware Q-Former needs the token-level guide (B, L, D)")
+            queries = torch.cat([queries, self.instruction_proj(guide).to(queries.dtype)], dim=1)
+        out = self.qformer(
+            query_embeds=queries,
+            query_length=self.num_queries,
+            encoder_hidden_states=padded.reshape(b, longest * h * w, d),
+            encoder_attention_mask=mask,
+        ).last_hidden_state[:, : self.num_queries]
+        return self.readout(out.to(self.readout[0].weight.dtype)).reshape(b * self.num_queries, -1)
