@@ -21,13 +21,13 @@ def sincos_table(n: int, dim: int, device=None) -> torch.Tensor:
 
 
 def position_table_3d(t: int, h: int, w: int, dim: int, device=None) -> torch.Tensor:
-    """(T, H, W, dim): the sum of separate sine-cosine tables over time, rows and columns."""
+    """(T, H, W, dim) float64: the sum of separate sine-cosine tables over time, rows and columns."""
     table = (
         sincos_table(t, dim, device)[:, None, None]
         + sincos_table(h, dim, device)[None, :, None]
         + sincos_table(w, dim, device)[None, None, :]
     )
-    return table.float()
+    return table
 
 
 class GlobalCompressor(Compressor):
@@ -84,20 +84,13 @@ class GlobalCompressor(Compressor):
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         return self.num_queries
 
-    def _positions(self, t: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    def _axis_table(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """(n, D) sine-cosine table of one axis (the same for t, h and w), cached and grown on demand."""
         table = self._table
-        if (
-            table is None
-            or table.device != like.device
-            or any(a < b for a, b in zip(table.shape, (t, h, w), strict=False))
-        ):
-            size = (
-                (t, h, w)
-                if table is None
-                else tuple(max(a, b) for a, b in zip(table.shape[:3], (t, h, w), strict=True))
-            )
-            table = self._table = position_table_3d(*size, like.shape[-1], like.device)
-        return table[:t, :h, :w].to(like.dtype)
+        if table is None or table.device != like.device or table.shape[0] < n:
+            size = n if table is None else max(n, table.shape[0])
+            table = self._table = sincos_table(size, like.shape[-1], like.device)
+        return table[:n].to(like.dtype)
 
     def forward(
         self,
@@ -131,9 +124,8 @@ class GlobalCompressor(Compressor):
             if guide is None:
                 raise ValueError("this global compressor is guided: pass the guide")
             queries = self.guide_injector(queries, guide)
-        keys, values = self._keys_values(padded)
         key_mask = None if real is None else real.repeat_interleave(h * w, dim=1)  # (B, T_max H W)
-        out = self.readout(queries + self._attend(queries, keys, values, key_mask))
+        out = self.readout(queries + self._attend(queries, padded, key_mask))
         return out.reshape(b * self.num_queries, -1)
 
     def _keys_values(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,30 +134,33 @@ class GlobalCompressor(Compressor):
         tokens = features.reshape(b, t * h * w, d)
         if self.position == "none":
             return tokens, tokens
-        keys = tokens + self._positions(t, h, w, features).reshape(1, t * h * w, d)
+        table = position_table_3d(t, h, w, d, features.device).to(features.dtype)
+        keys = tokens + table.reshape(1, t * h * w, d)
         return keys, (keys if self.position == "kv" else tokens)
 
     def _attend(
-        self,
-        queries: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        key_mask: torch.Tensor | None = None,
+        self, queries: torch.Tensor, features: torch.Tensor, key_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Multi-head attention of (B, N, D) queries over (B, L, D) keys and values, projections included.
+        """Multi-head attention of (B, N, D) queries over the (B, T, H, W, D) tokens plus positions, with the
+        q, k, v and out projections; key_mask (B, T H W) True for real tokens.
 
         With few queries and many keys the key and value projections are folded into the query side, so that
         no (L, D) x (D, D) product is ever formed: per head h, q_h . (W_k,h x + b_k,h) = (W_k,h^T q_h) . x + const,
         where the constant is shared by all keys and drops out of the softmax, and since the weights sum to one,
-        sum_i a_i (W_v,h x_i + b_v,h) = W_v,h (sum_i a_i x_i) + b_v,h. Scores and weights are fp32.
+        sum_i a_i (W_v,h x_i + b_v,h) = W_v,h (sum_i a_i x_i) + b_v,h. The position table is a sum of one table
+        per axis, p(t, h, w) = P[t] + P[h] + P[w], so its share of the scores and of the weighted sum is taken
+        axis by axis, and keys + positions are never formed either. Scores and weights are at least fp32.
         """
         b, n, d = queries.shape
+        _, t, h, w, _ = features.shape
         heads, head_dim = self.num_heads, d // self.num_heads
         proj = self.attn_layer
         q = proj.q_proj(queries)  # (B, N, D)
-        wide = torch.promote_types(keys.dtype, torch.float32)  # bf16 / fp16 scores are widened for the softmax
-        if self.clip_scale:
-            # Unit-length projected keys need every key projected: no folding on this side.
+        x = features.reshape(b, t * h * w, d)
+        wide = torch.promote_types(x.dtype, torch.float32)  # bf16 / fp16 scores are widened for the softmax
+        folded = not self.clip_scale
+        if not folded:  # unit-length projected keys need every key projected
+            keys, x = self._keys_values(features)
             q = q / q.norm(dim=-1, keepdim=True)
             k = proj.k_proj(keys)
             k = (k / k.norm(dim=-1, keepdim=True)).reshape(b, -1, heads, head_dim).transpose(1, 2)
@@ -178,12 +173,34 @@ class GlobalCompressor(Compressor):
             q_in = torch.einsum("bhnc,hcd->bhnd", q, w_k).reshape(b, heads * n, d)  # (B, h N, D), input space
             # q_h . b_k,h is the same for every key: it cancels in the softmax, but adding it keeps b_k in the
             # graph (its gradient is zero either way), so that DDP and DeepSpeed see no unused parameter.
-            shift = (q * proj.k_proj.bias.reshape(heads, 1, head_dim)).sum(-1).reshape(b, heads * n, 1)
-            scores = (torch.bmm(q_in, keys.transpose(1, 2)).to(wide) + shift.to(wide)) * head_dim**-0.5  # (B, hN, L)
-        if key_mask is not None:  # (B, L) True for real tokens
+            bias = (q * proj.k_proj.bias.reshape(heads, 1, head_dim)).sum(-1).reshape(b, heads * n, 1)
+            if self.position != "none":  # q . p(t, h, w) = q . P[t] + q . P[h] + q . P[w]
+                along = [q_in @ self._axis_table(size, x).T for size in (t, h, w)]  # (B, h N, size) each
+                bias = (
+                    bias[..., None, None]
+                    + along[0][..., :, None, None]
+                    + along[1][..., None, :, None]
+                    + along[2][..., None, None, :]
+                ).reshape(b, heads * n, t * h * w)
+            scale = head_dim**-0.5
+            if x.dtype == wide:  # one pass: scale * (q x^T + bias)
+                scores = torch.baddbmm(bias * scale, q_in, x.transpose(1, 2), alpha=scale)
+            else:
+                scores = (torch.bmm(q_in, x.transpose(1, 2)).to(wide) + bias.to(wide)) * scale  # (B, h N, L)
+        if key_mask is not None:
             scores = scores.masked_fill(~key_mask[:, None, :], float("-inf"))
-        weights = scores.softmax(dim=-1).to(values.dtype)
-        mixed = torch.bmm(weights, values).reshape(b, heads, n, d)  # (B, h, N, D): sum_i a_i x_i per head
+        weights = scores.softmax(dim=-1).to(x.dtype)
+        mixed = torch.bmm(weights, x)  # (B, h N, D): sum_i a_i x_i for each head's queries
+        if folded and self.position == "kv":  # + sum_i a_i p_i, axis by axis from the weights' marginals
+            grid = weights.reshape(b, heads * n, t, h, w)
+            over_w = grid.sum(-1)  # (B, h N, T, H)
+            mixed = (
+                mixed
+                + over_w.sum(-1) @ self._axis_table(t, x)
+                + over_w.sum(-2) @ self._axis_table(h, x)
+                + grid.sum((2, 3)) @ self._axis_table(w, x)
+            )
+        mixed = mixed.reshape(b, heads, n, d)
         w_v = proj.v_proj.weight.reshape(heads, head_dim, d)
         out = torch.einsum("bhnd,hcd->bnhc", mixed, w_v) + proj.v_proj.bias.reshape(heads, head_dim)
         return proj.out_proj(out.reshape(b, n, d))
