@@ -25,7 +25,9 @@ def build(cfg: DictConfig):
     log.info("model: <%s>", cfg.model._target_)
     model = hydra.utils.instantiate(cfg.model)
     log.info("data: <%s>", cfg.data._target_)
-    datamodule = hydra.utils.instantiate(cfg.data, visual_tokens=model.net.num_visual_tokens)
+    datamodule = hydra.utils.instantiate(
+        cfg.data, visual_tokens=model.net.num_visual_tokens, guided=model.net.compressor.uses_guide
+    )
     return model, datamodule
 
 

@@ -71,7 +71,7 @@ def test_missing_and_corrupt_videos_train_to_the_end_and_are_reported(cache_dir,
     metrics = train(cfg)
     assert metrics["steps"] == 4
     skipped = {s["id"]: s["skip"] for s in metrics["skipped_samples"]}
-    assert skipped == {records[0]["id"]: "bad_video", records[5]["id"]: "bad_video"}
+    assert skipped == {records[0]["id"]: "missing", records[5]["id"]: "undecodable"}
     assert metrics["n_questions"] == 14
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,46 +12,79 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
 from hicom.data.collate import Collator
-from hicom.data.dataset import VideoQADataset, read_records
+from hicom.data.dataset import VideoQADataset
+from hicom.data.index import MixtureEntry, SampleIndex, read_mixture
 from hicom.data.template import ChatEncoder
 from hicom.data.transforms import FrameTransform
-from hicom.data.video import Decoder
+from hicom.data.video import FrameSampling
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class JsonSplits:
-    """LLaVA-format annotation files and the folder their media paths are relative to."""
+def read_quarantine(path: str | Path) -> list[tuple[str, int]]:
+    """(annotation file, record position) pairs of a preflight quarantine.jsonl."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"quarantine list '{path}' not found: set `data.quarantine=<quarantine.jsonl>` or null")
+    with path.open() as f:
+        return [(entry["source"], int(entry["index"])) for entry in map(json.loads, filter(str.strip, f))]
 
-    train_json: Path
-    val_json: Path | None
-    video_root: Path
+
+@dataclass(frozen=True)
+class Splits:
+    """The annotation files (with their media folders and sampling) of each split."""
+
+    train: tuple[MixtureEntry, ...]
+    val: tuple[MixtureEntry, ...] = ()
 
 
 @dataclass(frozen=True)
 class JsonSource:
-    """Annotation files on disk (the real data): checked, never generated."""
+    """One LLaVA-format JSON / JSONL file per split, on disk (the real data): checked, never generated."""
 
     train_json: str
     data_root: str
     val_json: str | None = None
 
-    def prepare(self, root: str | Path | None = None) -> JsonSplits:
+    def prepare(self, root: str | Path | None = None) -> Splits:
         for key, value in (("data.source.train_json", self.train_json), ("data.source.val_json", self.val_json)):
             if value is not None and not Path(value).is_file():
                 raise FileNotFoundError(f"annotation file '{value}' not found: set `{key}=<file>`")
         if not Path(self.data_root).is_dir():
             raise FileNotFoundError(f"media folder '{self.data_root}' not found: set `data.source.data_root=<dir>`")
-        val = Path(self.val_json) if self.val_json else None
-        return JsonSplits(train_json=Path(self.train_json), val_json=val, video_root=Path(self.data_root))
+        root_dir = Path(self.data_root)
+        val = (MixtureEntry(Path(self.val_json), root_dir),) if self.val_json else ()
+        return Splits(train=(MixtureEntry(Path(self.train_json), root_dir),), val=val)
+
+
+@dataclass(frozen=True)
+class MixtureSource:
+    """Mixture YAMLs (SPEC 5) per split; their relative paths are taken from `data_dir`."""
+
+    train: str
+    data_dir: str
+    val: str | None = None
+
+    def prepare(self, root: str | Path | None = None) -> Splits:
+        for key, value in (("data.source.train", self.train), ("data.source.val", self.val)):
+            if value is not None and not Path(value).is_file():
+                raise FileNotFoundError(f"mixture file '{value}' not found: set `{key}=<file.yaml>`")
+        train = tuple(read_mixture(self.train, self.data_dir))
+        val = tuple(read_mixture(self.val, self.data_dir)) if self.val else ()
+        for entry in train + val:
+            if not entry.json_path.is_file():
+                raise FileNotFoundError(f"annotation file '{entry.json_path}' of a mixture not found")
+        return Splits(train=train, val=val)
 
 
 class VideoQADataModule(LightningDataModule):
     """Serves LLaVA-format video QA for training (loss), validation (loss) and test (greedy multiple choice).
 
-    `source` is anything with `prepare(root) -> splits` (JsonSource, SyntheticVideoQA); `visual_tokens(T, modality)`
-    is the network's token count, which the dataset needs to size the placeholder.
+    `source` is anything with `prepare(root) -> splits` whose `train` / `val` are MixtureEntry tuples (JsonSource,
+    MixtureSource, SyntheticVideoQA); `visual_tokens(T, modality)` is the network's token count, which the dataset
+    needs to size the placeholder. `split_turns`: one training sample per exchange of a conversation (SPEC 5, for
+    guided compressors); None follows `guided`, which `build` sets from the compressor. `quarantine`: a
+    preflight's quarantine.jsonl, whose samples are left out.
     """
 
     def __init__(
@@ -63,11 +97,15 @@ class VideoQADataModule(LightningDataModule):
         visual_tokens: Callable[[int, str], int] | None = None,
         visual_token: str = "<|video_pad|>",
         num_frames: int = 8,
+        sampling: dict | None = None,
         batch_size: int = 8,
         eval_batch_size: int = 16,
         num_workers: int = 2,
-        decoder: Decoder = Decoder.DECORD,
         max_length: int = 4096,
+        split_turns: bool | None = None,
+        guided: bool = False,
+        quarantine: str | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.source = source
@@ -78,8 +116,11 @@ class VideoQADataModule(LightningDataModule):
         self.num_frames = num_frames
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers = num_workers
-        self.decoder = Decoder(decoder)
+        self.sampling = FrameSampling(num_frames=num_frames, **(sampling or {}))
         self.max_length = max_length
+        self.split_turns = guided if split_turns is None else split_turns
+        self.quarantine = quarantine
+        self.seed = seed
         self.splits = None
 
     def prepare_data(self) -> None:
@@ -96,18 +137,18 @@ class VideoQADataModule(LightningDataModule):
         tokenizer = AutoTokenizer.from_pretrained(self.llm_path)
         guide_tokenizer = AutoTokenizer.from_pretrained(self.vision_path)
         common = dict(
-            data_root=self.splits.video_root,
             encoder=ChatEncoder(tokenizer, self.visual_token),
             transform=FrameTransform.from_pretrained(self.vision_path),
             visual_tokens=self.visual_tokens,
-            num_frames=self.num_frames,
-            decoder=self.decoder,
+            sampling=self.sampling,
             max_length=self.max_length,
         )
-        self.train_set = VideoQADataset(records=read_records(self.splits.train_json), **common)
-        val_records = read_records(self.splits.val_json) if self.splits.val_json else []
-        self.val_set = VideoQADataset(records=val_records, **common)
-        self.test_set = VideoQADataset(records=val_records, generation=True, **common)
+        exclude = read_quarantine(self.quarantine) if self.quarantine else []
+        train = SampleIndex.build(self.splits.train, split_turns=self.split_turns, seed=self.seed, exclude=exclude)
+        held_out = SampleIndex.build(self.splits.val, seed=self.seed)
+        self.train_set = VideoQADataset(index=train, **common)
+        self.val_set = VideoQADataset(index=held_out, **common)
+        self.test_set = VideoQADataset(index=held_out, generation=True, **common)
         self.collate = Collator(pad_token_id=tokenizer.pad_token_id, guide_tokenizer=guide_tokenizer)
         self.collate_left = Collator(
             pad_token_id=tokenizer.pad_token_id, guide_tokenizer=guide_tokenizer, padding_side="left"

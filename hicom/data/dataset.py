@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hicom.data.template import ChatEncoder, MalformedSample, guide_text, to_messages
+from hicom.data.index import SampleIndex
+from hicom.data.template import ChatEncoder, MalformedSample, guide_text, to_messages, user_turns
 from hicom.data.transforms import FrameTransform
-from hicom.data.video import Decoder, VideoDecodeError, load_video
+from hicom.data.video import DEFAULT_SAMPLING, FrameSampling, VideoDecodeError, load_video
 from hicom.eval.answers import parse_options
 
 log = logging.getLogger(__name__)
@@ -38,43 +39,47 @@ class VideoQADataset(Dataset):
 
     Each item is a dict: `input_ids` / `labels` (L,), `pixel_values` (T, 3, S, S), `guide` (str), `num_frames`,
     `modality`, `id`; in generation mode also `answer` (the last assistant turn). A sample that cannot be used
-    comes back as `{"skip": reason, "id", "path", "error"}` so the collator can count it without stopping the run.
+    comes back as `{"skip": reason, "id", "path", "error", "source"}` so the collator can count it per reason
+    without stopping the run. Reasons: missing, empty, no_video_stream, undecodable, timeout (the clip),
+    malformed (the conversation), too_long (visual + text tokens over max_length).
+
+    With an index split per exchange (`SampleIndex.build(split_turns=True)`), sample j of a conversation is its
+    j-th question and answer after the earlier turns as unlabelled context, guided by that question.
     """
 
     def __init__(
         self,
         *,
-        records: list[dict],
-        data_root: str | Path,
+        index: SampleIndex,
         encoder: ChatEncoder,
         transform: FrameTransform,
         visual_tokens: Callable[[int, str], int],
-        num_frames: int = 8,
-        decoder: Decoder = Decoder.DECORD,
+        sampling: FrameSampling = DEFAULT_SAMPLING,
         max_length: int = 4096,
         generation: bool = False,
     ) -> None:
-        self.records = records
-        self.data_root = Path(data_root)
+        self.index = index
         self.encoder = encoder
         self.transform = transform
         self.visual_tokens = visual_tokens
-        self.num_frames = num_frames
-        self.decoder = Decoder(decoder)
+        self.sampling = sampling
         self.max_length = max_length
         self.generation = generation
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.index)
 
-    def _load_visual(self, record: dict) -> tuple[torch.Tensor | None, str]:
+    def _load_visual(self, record: dict, root: Path) -> tuple[torch.Tensor | None, str]:
         if "video" in record:
-            sampled = load_video(self.data_root / record["video"], self.num_frames, self.decoder)
+            start, end = record.get("start"), record.get("end")
+            sampled = load_video(root / record["video"], self.sampling, start=start, end=end)
             return self.transform(sampled.frames), "video"
         if "image" in record:
             from PIL import Image
 
-            path = self.data_root / record["image"]
+            path = root / record["image"]
+            if not path.is_file():
+                raise VideoDecodeError(f"{path}: file not found", "missing")
             try:
                 with Image.open(path) as image:
                     frame = np.asarray(image.convert("RGB"))[None]
@@ -83,34 +88,47 @@ class VideoQADataset(Dataset):
             return self.transform(frame), "image"
         return None, "text"
 
-    def __getitem__(self, index: int) -> dict:
-        record = self.records[index]
-        sample_id = str(record.get("id", index)) if isinstance(record, dict) else str(index)
+    def __getitem__(self, i: int) -> dict:
+        record = self.index.record_of(i)
+        turn = self.index.turn_of(i)
+        sample_id = str(record.get("id", i)) if isinstance(record, dict) else str(i)
+        if turn:  # the later exchanges of a split conversation: id#1, id#2, ...
+            sample_id = f"{sample_id}#{turn}"
         media = (record.get("video") or record.get("image")) if isinstance(record, dict) else None
         try:
             if not isinstance(record, dict):
                 raise MalformedSample("a sample is not a JSON object")
             messages = to_messages(record.get("conversations"))
-            pixels, modality = self._load_visual(record)
+            pixels, modality = self._load_visual(record, self.index.root_of(i))
             num_visual = self.visual_tokens(len(pixels), modality) if pixels is not None else 0
-            encoded = self.encoder.encode(messages, num_visual, generation=self.generation)
+            encoded = self.encoder.encode(messages, num_visual, generation=self.generation, turn=turn)
             if len(encoded["input_ids"]) > self.max_length:
-                raise MalformedSample(f"{len(encoded['input_ids'])} tokens exceed max_length {self.max_length}")
+                return self._skip(
+                    "too_long",
+                    sample_id,
+                    media,
+                    i,
+                    f"{len(encoded['input_ids'])} tokens ({num_visual} visual) exceed max_length {self.max_length}",
+                )
         except VideoDecodeError as err:
-            return {"skip": "bad_video", "id": sample_id, "path": media, "error": str(err)}
+            return self._skip(err.reason, sample_id, media, i, str(err))
         except MalformedSample as err:
-            return {"skip": "malformed", "id": sample_id, "path": media, "error": str(err)}
-        user_turns = [m["content"] for m in messages if m["role"] == "user"]
+            return self._skip("malformed", sample_id, media, i, str(err))
+        questions = user_turns(messages)
+        question = questions[turn if turn is not None else -1]
         sample = {
             "id": sample_id,
             **encoded,
             "pixel_values": pixels,
             "num_frames": 0 if pixels is None else len(pixels),
             "modality": modality,
-            # Multi-turn samples are guided by their last question until per-turn splitting lands.
-            "guide": guide_text(user_turns[-1]),
+            "guide": guide_text(question),
         }
         if self.generation:
             sample["answer"] = messages[-1]["content"].strip()
-            sample["options"] = parse_options(user_turns[-1])
+            sample["options"] = parse_options(questions[-1])
         return sample
+
+    def _skip(self, reason: str, sample_id: str, media, i: int, error: str) -> dict:
+        file, row = self.index.where(i)
+        return {"skip": reason, "id": sample_id, "path": media, "error": error, "source": [file, row]}

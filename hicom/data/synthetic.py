@@ -29,6 +29,8 @@ from typing import Any
 import av
 import numpy as np
 
+from hicom.data.index import MixtureEntry
+
 __all__ = [
     "BACKGROUND",
     "COLOURS",
@@ -122,6 +124,14 @@ class SyntheticSplits:
     train_json: Path
     val_json: Path
     video_root: Path
+
+    @property
+    def train(self) -> tuple[MixtureEntry, ...]:
+        return (MixtureEntry(self.train_json, self.video_root),)
+
+    @property
+    def val(self) -> tuple[MixtureEntry, ...]:
+        return (MixtureEntry(self.val_json, self.video_root),)
 
 
 def _question_colour_of_shape(obj: MovingObject) -> tuple[str, tuple[str, ...], str]:

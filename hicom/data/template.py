@@ -29,6 +29,11 @@ def guide_text(question: str) -> str:
     return text.removeprefix("Question:").strip()
 
 
+def user_turns(messages: list[dict]) -> list[str]:
+    """The user messages' texts, in order: one question per exchange."""
+    return [m["content"] for m in messages if m["role"] == "user"]
+
+
 def to_messages(conversations: list[dict]) -> list[dict]:
     """LLaVA turns ({"from", "value"}) to chat messages, checking roles and alternation."""
     if not isinstance(conversations, list) or not conversations:
@@ -76,9 +81,21 @@ class ChatEncoder:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode(self, messages: list[dict], num_visual: int, generation: bool = False) -> dict[str, torch.Tensor]:
-        """`generation=True` drops the last answer and ends with the assistant prompt (for decoding)."""
+    def encode(
+        self, messages: list[dict], num_visual: int, generation: bool = False, turn: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """`generation=True` drops the last answer and ends with the assistant prompt (for decoding).
+
+        `turn=j` makes the sample of the j-th exchange (0-based): the conversation up to and including the j-th
+        answer, with only that answer labelled (the earlier turns are unlabelled context)."""
         messages = [dict(m) for m in messages]
+        answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        supervised_turn = None
+        if turn is not None:
+            if not 0 <= turn < len(answers):
+                raise MalformedSample(f"turn {turn} of a conversation with {len(answers)} answers")
+            messages = messages[: answers[turn] + 1]
+            supervised_turn = answers[turn]
         found = 0
         for message in messages:
             for placeholder in PLACEHOLDERS:
@@ -100,9 +117,10 @@ class ChatEncoder:
                 answer = message["content"] + self.end_token
                 if not (head.startswith(done) and full.startswith(head + answer)):
                     raise ValueError("the chat template does not render turns as a growing prefix")
+                labelled = supervised_turn is None or i == supervised_turn
                 for text, supervised in (
                     (head[len(done) :], False),
-                    (answer, True),
+                    (answer, labelled),
                     (full[len(head + answer) :], False),
                 ):
                     piece = self._ids(text)

@@ -1,25 +1,74 @@
-"""Video decoding and frame sampling.
+"""Video decoding and frame sampling: video files (decord, or PyAV), folders of frames, and GIFs.
 
-A decoder is chosen by enum and imported lazily, so a worker only loads the library it uses. Readers are
-opened inside the calling process (a DataLoader worker) and released before the call returns.
+A decoder is chosen by enum and imported lazily, so a worker only loads the library it uses; readers are opened
+inside the calling process (a DataLoader worker) and released before the call returns. Every failure is a
+VideoDecodeError with a `reason`, which the dataset counts per reason.
+
+Sampling (`FrameSampling`): within the clip, or within [start, end] seconds when a sample gives them,
+- uniform (fps None): the middle frame of each of `num_frames` equal segments;
+- fps: frames `1 / fps` seconds apart, and uniformly `num_frames` of them when there are more.
+A clip with fewer frames than the budget gives each of its frames once, in order (no repeats, no padding): the
+model sees the clip as it is, and the compressor takes any number of frames.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import math
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
 
 class VideoDecodeError(RuntimeError):
-    """A video that cannot give the requested frames: missing, empty, corrupt, or without a video stream."""
+    """A clip that cannot give frames. `reason`: missing, empty, wrong_extension (a still image or text under a
+    video name), no_video_stream, undecodable or timeout."""
+
+    def __init__(self, message: str, reason: str = "undecodable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Decoder(str, enum.Enum):
     DECORD = "decord"
     PYAV = "pyav"
+
+
+@dataclass(frozen=True)
+class FrameSampling:
+    """Which frames a clip gives, and how they are decoded.
+
+    `decoder` first, then `fallback` (None: no second try) when the first cannot decode a file;
+    `frame_folder_fps`: the rate of folders of frames (3 fps, MVBench's); `time_limit`: seconds one clip may
+    take before it is given up as a timeout (None: no limit; enforced with SIGALRM in a process's main thread,
+    which is where DataLoader workers run the dataset, and in the decoders' Python-level loops)."""
+
+    num_frames: int = 8
+    fps: float | None = None
+    decoder: Decoder = Decoder.DECORD
+    fallback: Decoder | None = Decoder.PYAV
+    frame_folder_fps: float = 3.0
+    time_limit: float | None = 60.0
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
+        if self.fps is not None and self.fps <= 0:
+            raise ValueError(f"fps must be positive or None (uniform), got {self.fps}")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise ValueError(f"time_limit must be positive or None, got {self.time_limit}")
+        object.__setattr__(self, "decoder", Decoder(self.decoder))
+        if self.fallback is not None:
+            object.__setattr__(self, "fallback", Decoder(self.fallback))
+
+
+DEFAULT_SAMPLING = FrameSampling()
 
 
 @dataclass(frozen=True)
@@ -32,19 +81,54 @@ class SampledFrames:
 
 
 def uniform_indices(num_available: int, num_frames: int) -> np.ndarray:
-    """The middle frame of each of `num_frames` equal segments of `num_available` frames.
-
-    A clip shorter than the budget gives each of its frames once (no repeats): the model sees the clip as it is.
-    """
+    """The middle frame of each of `num_frames` equal segments of `num_available` frames (all of them, once, when
+    there are no more than `num_frames`)."""
     if num_available <= 0:
-        raise VideoDecodeError("the video has no frames")
+        raise VideoDecodeError("the video has no frames", "empty")
     if num_available <= num_frames:
         return np.arange(num_available)
     edges = np.linspace(0, num_available, num_frames + 1)
     return ((edges[:-1] + edges[1:]) / 2).astype(np.int64)
 
 
-def _decode_decord(path: Path, num_frames: int) -> SampledFrames:
+def sample_indices(
+    num_available: int, fps: float, sampling: FrameSampling, start: float | None = None, end: float | None = None
+) -> np.ndarray:
+    """Frame indices for a clip of `num_available` frames at `fps`, within [start, end] seconds if given."""
+    first, stop = 0, num_available
+    if start is not None:
+        first = min(max(int(math.floor(start * fps)), 0), num_available - 1)
+    if end is not None:
+        stop = max(min(int(math.ceil(end * fps)), num_available), first + 1)
+    window = stop - first
+    if sampling.fps is None:
+        return first + uniform_indices(window, sampling.num_frames)
+    step = fps / sampling.fps  # source frames per sampled frame
+    candidates = np.unique(np.floor(np.arange(0, window, max(step, 1.0))).astype(np.int64))
+    chosen = candidates[uniform_indices(len(candidates), sampling.num_frames)]
+    return first + chosen
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, what: str):
+    """Raise VideoDecodeError(reason="timeout") if the block runs longer than `seconds` (main thread only)."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise VideoDecodeError(f"{what}: gave up after {seconds:g} s", "timeout")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _decode_decord(path: Path, sampling: FrameSampling, start, end) -> SampledFrames:
     import decord
 
     try:
@@ -52,45 +136,134 @@ def _decode_decord(path: Path, num_frames: int) -> SampledFrames:
     except Exception as err:  # decord raises its own DECORDError, or RuntimeError, for unreadable files
         raise VideoDecodeError(f"{path}: {err}") from err
     try:
-        indices = uniform_indices(len(reader), num_frames)
         fps = reader.get_avg_fps() or 1.0
+        indices = sample_indices(len(reader), fps, sampling, start, end)
         frames = reader.get_batch(indices.tolist()).asnumpy()
     except VideoDecodeError:
         raise
-    except Exception as err:
+    except Exception as err:  # frames the container claims but cannot decode, among others
         raise VideoDecodeError(f"{path}: {err}") from err
     finally:
         del reader
     return SampledFrames(frames=frames, indices=indices, timestamps=indices / fps)
 
 
-def _decode_pyav(path: Path, num_frames: int) -> SampledFrames:
+def _decode_pyav(path: Path, sampling: FrameSampling, start, end) -> SampledFrames:
+    """Counts the stream's packets (no decoding), decodes up to the last sampled frame converting only the
+    sampled ones, and, when fewer frames decode than were counted (a truncated file), samples again from the
+    frames that did."""
     import av
 
     try:
         with av.open(str(path)) as container:
+            if container.format.name == "image2" or container.format.name.endswith("_pipe"):
+                raise VideoDecodeError(f"{path}: holds a still image ({container.format.name})", "wrong_extension")
             if not container.streams.video:
-                raise VideoDecodeError(f"{path}: no video stream")
+                raise VideoDecodeError(f"{path}: no video stream", "no_video_stream")
             stream = container.streams.video[0]
-            decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-            fps = float(stream.average_rate or 1.0)
+            fps = float(stream.average_rate or stream.guessed_rate or 1.0)
+            counted = sum(1 for packet in container.demux(stream) if packet.size)
+        for _ in range(2):
+            indices = sample_indices(counted, fps, sampling, start, end)
+            wanted = set(indices.tolist())
+            frames, decoded = {}, 0
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                for frame in container.decode(stream):
+                    if decoded in wanted:
+                        frames[decoded] = frame.to_ndarray(format="rgb24")
+                    decoded += 1
+                    if decoded > indices[-1]:
+                        break
+            if len(frames) == len(indices):
+                return SampledFrames(np.stack([frames[i] for i in indices]), indices, indices / fps)
+            if decoded == 0:
+                raise VideoDecodeError(f"{path}: no frame decodes", "undecodable")
+            counted = decoded  # what decodes, not what the container holds
+        raise VideoDecodeError(f"{path}: frames keep failing to decode")
     except VideoDecodeError:
         raise
     except Exception as err:
         raise VideoDecodeError(f"{path}: {err}") from err
-    indices = uniform_indices(len(decoded), num_frames)
-    return SampledFrames(frames=np.stack([decoded[i] for i in indices]), indices=indices, timestamps=indices / fps)
 
 
-def load_video(path: str | Path, num_frames: int, decoder: Decoder = Decoder.DECORD) -> SampledFrames:
-    """Decode `num_frames` uniformly sampled frames of a video file, or raise VideoDecodeError."""
+def _decode_gif(path: Path, sampling: FrameSampling, start, end) -> SampledFrames:
+    from PIL import Image, ImageSequence
+
+    try:
+        with Image.open(path) as image:
+            durations = [frame.info.get("duration", 100) or 100 for frame in ImageSequence.Iterator(image)]
+            fps = 1000.0 / (sum(durations) / len(durations))
+            indices = sample_indices(len(durations), fps, sampling, start, end)
+            frames = []
+            for i in indices.tolist():
+                image.seek(i)
+                frames.append(np.asarray(image.convert("RGB")))
+    except (OSError, ValueError, EOFError) as err:
+        raise VideoDecodeError(f"{path}: {err}") from err
+    return SampledFrames(np.stack(frames), indices, indices / fps)
+
+
+def _read_folder(path: Path, sampling: FrameSampling, start, end) -> SampledFrames:
+    from PIL import Image
+
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise VideoDecodeError(f"{path}: a folder without frames", "empty")
+    indices = sample_indices(len(files), sampling.frame_folder_fps, sampling, start, end)
+    frames = []
+    for i in indices.tolist():
+        try:
+            with Image.open(files[i]) as image:
+                frames.append(np.asarray(image.convert("RGB")))
+        except (OSError, ValueError) as err:
+            raise VideoDecodeError(f"{files[i]}: {err}") from err
+    if len({f.shape for f in frames}) != 1:
+        raise VideoDecodeError(f"{path}: frames of different sizes")
+    return SampledFrames(np.stack(frames), indices, indices / sampling.frame_folder_fps)
+
+
+_DECODERS = {Decoder.DECORD: _decode_decord, Decoder.PYAV: _decode_pyav}
+
+
+def load_video(
+    path: str | Path,
+    sampling: FrameSampling | int = DEFAULT_SAMPLING,
+    decoder: Decoder | None = None,
+    *,
+    start: float | None = None,
+    end: float | None = None,
+) -> SampledFrames:
+    """Sampled frames of a video file, a folder of frames or a GIF, or VideoDecodeError.
+
+    `sampling` may be a frame count (uniform sampling with the default decoders); `decoder` overrides its decoder.
+    """
+    if isinstance(sampling, int):
+        sampling = FrameSampling(num_frames=sampling)
+    if decoder is not None:
+        sampling = FrameSampling(**{**sampling.__dict__, "decoder": Decoder(decoder)})
     path = Path(path)
-    if not path.is_file():
-        raise VideoDecodeError(f"{path}: file not found")
-    if path.stat().st_size == 0:
-        raise VideoDecodeError(f"{path}: empty file")
-    decode = _decode_decord if Decoder(decoder) is Decoder.DECORD else _decode_pyav
-    sampled = decode(path, num_frames)
-    if sampled.frames.ndim != 4 or sampled.frames.shape[-1] != 3 or len(sampled.frames) == 0:
-        raise VideoDecodeError(f"{path}: decoded an unexpected array of shape {sampled.frames.shape}")
+    with time_limit(sampling.time_limit, str(path)):
+        if path.is_dir():
+            sampled = _read_folder(path, sampling, start, end)
+        elif not path.is_file():
+            raise VideoDecodeError(f"{path}: file not found", "missing")
+        elif path.stat().st_size == 0:
+            raise VideoDecodeError(f"{path}: empty file", "empty")
+        elif path.suffix.lower() == ".gif":
+            sampled = _decode_gif(path, sampling, start, end)
+        else:
+            try:
+                sampled = _DECODERS[sampling.decoder](path, sampling, start, end)
+            except VideoDecodeError as first:
+                if sampling.fallback is None or sampling.fallback is sampling.decoder or first.reason == "timeout":
+                    raise
+                try:
+                    sampled = _DECODERS[sampling.fallback](path, sampling, start, end)
+                except VideoDecodeError as second:
+                    reason = second.reason if second.reason != "undecodable" else first.reason
+                    raise VideoDecodeError(f"{first}; {sampling.fallback.value}: {second}", reason) from second
+    frames = sampled.frames
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise VideoDecodeError(f"{path}: decoded an unexpected array of shape {frames.shape}")
     return sampled

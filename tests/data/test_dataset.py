@@ -2,6 +2,7 @@ import json
 import shutil
 
 from hicom.data.collate import Collator
+from hicom.data.index import MixtureEntry, SampleIndex
 from hicom.training import build
 
 
@@ -15,11 +16,13 @@ def test_missing_and_corrupt_videos_are_skipped_and_counted(cfg_small, tmp_path)
     records[1]["video"] = "train/does_not_exist.mp4"
     (media / records[2]["video"]).write_bytes(b"\x00\x01garbage" * 50)
     records[3]["conversations"] = records[3]["conversations"][:1]
+    (tmp_path / "train.json").write_text(json.dumps(records))
     datamodule.setup("fit")
     dataset = datamodule.train_set
-    dataset.records, dataset.data_root = records, media
+    dataset.index = SampleIndex.build([MixtureEntry(tmp_path / "train.json", media)])
     items = [dataset[i] for i in range(len(records))]
-    assert [item.get("skip") for item in items] == [None, "bad_video", "bad_video", "malformed", None, None]
+    assert [item.get("skip") for item in items] == [None, "missing", "undecodable", "malformed", None, None]
+    assert items[2]["source"] == [str(tmp_path / "train.json"), 2]
     assert "not found" in items[1]["error"]
     batch = datamodule.collate(items)
     assert [s["id"] for s in batch["skipped"]] == [records[i]["id"] for i in (1, 2, 3)]

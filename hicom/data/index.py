@@ -1,0 +1,238 @@
+"""Sample indexes that scale: millions of LLaVA-format records held in a few numpy arrays, and data mixtures.
+
+A Python list of dicts costs about 1 KB per record and, in forked DataLoader workers, is slowly copied into every
+worker as reference counts touch its pages. `SampleIndex` keeps each record as UTF-8 JSON in one byte buffer with
+int64 offsets, plus one small integer row per sample (source, record, turn): arrays whose pages no worker writes,
+so forked workers share them, and a sample is decoded only when it is read.
+
+Mixtures follow SPEC 5: a YAML list (or a `datasets:` list) of {json_path, data_root, sampling_strategy}, the
+strategy `all`, `first:N`, `end:N` or `random:N`, N a count or a percentage such as `50%`; relative paths are
+taken from the configured data folder.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class Strategy(str, enum.Enum):
+    ALL = "all"
+    FIRST = "first"
+    END = "end"
+    RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How many records of a file a mixture takes: all, or `count` / `percent` of them from the start, the
+    end, or at random (seeded)."""
+
+    strategy: Strategy = Strategy.ALL
+    count: int | None = None
+    percent: float | None = None
+
+    @classmethod
+    def parse(cls, text: str | None) -> Sampling:
+        """`all`, `first:N`, `end:N`, `random:N`, N a count or `P%` (the mixture files' format)."""
+        if text is None or str(text).strip() == "all":
+            return cls()
+        kind, sep, amount = str(text).strip().partition(":")
+        if not sep or kind not in {s.value for s in Strategy} - {"all"}:
+            raise ValueError(f"sampling_strategy {text!r}: expected all, first:N, end:N or random:N (N or N%)")
+        try:
+            if amount.endswith("%"):
+                percent = float(amount[:-1])
+                if not 0 <= percent <= 100:
+                    raise ValueError
+                return cls(Strategy(kind), percent=percent)
+            count = int(amount)
+            if count < 0:
+                raise ValueError
+            return cls(Strategy(kind), count=count)
+        except ValueError:
+            raise ValueError(f"sampling_strategy {text!r}: N must be a count >= 0 or a percentage 0-100%") from None
+
+    def select(self, n: int, seed: int) -> np.ndarray:
+        """Indices of the records taken from a file of n records, in file order (random: a seeded subset)."""
+        if self.strategy is Strategy.ALL:
+            return np.arange(n)
+        k = self.count if self.count is not None else math.ceil(n * self.percent / 100)
+        k = min(k, n)
+        if self.strategy is Strategy.FIRST:
+            return np.arange(k)
+        if self.strategy is Strategy.END:
+            return np.arange(n - k, n)
+        return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
+@dataclass(frozen=True)
+class MixtureEntry:
+    """One annotation file of a mixture and the folder its media paths are relative to."""
+
+    json_path: Path
+    data_root: Path
+    sampling: Sampling = Sampling()
+
+
+def read_mixture(path: str | Path, data_dir: str | Path | None = None) -> list[MixtureEntry]:
+    """The entries of a mixture YAML, paths resolved against `data_dir` (default: the YAML's folder)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mixture file not found: {path}")
+    spec = yaml.safe_load(path.read_text())
+    items = spec.get("datasets") if isinstance(spec, dict) else spec
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{path}: expected a list of {{json_path, data_root, sampling_strategy}} (or datasets: [...])")
+    base = Path(data_dir) if data_dir is not None else path.parent
+    entries = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "json_path" not in item:
+            raise ValueError(f"{path}: entry {i} has no json_path")
+        unknown = set(item) - {"json_path", "data_root", "sampling_strategy"}
+        if unknown:
+            raise ValueError(f"{path}: entry {i} has unknown fields {sorted(unknown)}")
+        entries.append(
+            MixtureEntry(
+                json_path=base / item["json_path"],
+                data_root=base / item.get("data_root", "."),
+                sampling=Sampling.parse(item.get("sampling_strategy")),
+            )
+        )
+    return entries
+
+
+def iter_records(path: str | Path) -> Iterator:
+    """The records of a .json list or a .jsonl file, one at a time for JSONL."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    if path.suffix == ".jsonl":
+        with path.open() as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{number}: not JSON ({err})") from err
+        return
+    records = json.loads(path.read_text())
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of samples")
+    yield from records
+
+
+def count_turns(record) -> int:
+    """Exchanges (user question + answer) in a record's conversation, 1 when it cannot tell (the dataset then
+    reports the record as malformed)."""
+    conversations = record.get("conversations") if isinstance(record, dict) else None
+    if not isinstance(conversations, list):
+        return 1
+    answers = sum(1 for t in conversations if isinstance(t, dict) and t.get("from") in ("gpt", "assistant"))
+    return max(answers, 1)
+
+
+class SampleIndex:
+    """Samples of one or more annotation files: records as JSON bytes in one buffer, and per sample its source,
+    its record and, when conversations are split into one sample per exchange, its turn (-1: the whole conversation).
+    """
+
+    def __init__(
+        self,
+        blob: np.ndarray,
+        offsets: np.ndarray,
+        source: np.ndarray,
+        record: np.ndarray,
+        turn: np.ndarray,
+        origin: np.ndarray,
+        roots: tuple[str, ...],
+        files: tuple[str, ...],
+    ) -> None:
+        self.origin = origin
+        self.blob, self.offsets = blob, offsets
+        self.source, self.record, self.turn = source, record, turn
+        self.roots, self.files = roots, files
+
+    @classmethod
+    def build(
+        cls,
+        entries: Iterable[MixtureEntry],
+        *,
+        split_turns: bool = False,
+        seed: int = 0,
+        exclude: Iterable[tuple[str, int]] = (),
+    ) -> SampleIndex:
+        """Read every entry's file, keep the records its sampling selects, and split conversations per exchange
+        when `split_turns` (guided training: one sample per question). `exclude`: (annotation file, record
+        position in that file) pairs to leave out, e.g. a preflight's quarantine."""
+        excluded: dict[str, set[int]] = {}
+        for file, row in exclude:
+            excluded.setdefault(str(Path(file).resolve()), set()).add(int(row))
+        chunks: list[bytes] = []
+        lengths: list[int] = []
+        origin: list[int] = []
+        rows: list[tuple[int, int, int]] = []
+        roots, files = [], []
+        for source, entry in enumerate(entries):
+            records = list(iter_records(entry.json_path))
+            chosen = entry.sampling.select(len(records), seed + source)
+            roots.append(str(entry.data_root))
+            files.append(str(entry.json_path))
+            skip = excluded.get(str(Path(entry.json_path).resolve()), set())
+            for row in chosen.tolist():
+                if row in skip:
+                    continue
+                record = records[row]
+                origin.append(row)
+                data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+                position = len(lengths)
+                chunks.append(data)
+                lengths.append(len(data))
+                turns = range(count_turns(record)) if split_turns else (-1,)
+                rows.extend((source, position, turn) for turn in turns)
+            del records
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        blob = np.frombuffer(b"".join(chunks), dtype=np.uint8) if chunks else np.zeros(0, dtype=np.uint8)
+        table = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+        return cls(
+            blob=blob,
+            offsets=offsets,
+            source=table[:, 0].astype(np.int32),
+            record=table[:, 1],
+            turn=table[:, 2].astype(np.int32),
+            origin=np.asarray(origin, dtype=np.int64),
+            roots=tuple(roots),
+            files=tuple(files),
+        )
+
+    def __len__(self) -> int:
+        return len(self.record)
+
+    def record_of(self, i: int):
+        """The decoded record of sample i."""
+        r = int(self.record[i])
+        return json.loads(self.blob[self.offsets[r] : self.offsets[r + 1]].tobytes())
+
+    def root_of(self, i: int) -> Path:
+        return Path(self.roots[int(self.source[i])])
+
+    def turn_of(self, i: int) -> int | None:
+        turn = int(self.turn[i])
+        return None if turn < 0 else turn
+
+    def where(self, i: int) -> tuple[str, int]:
+        """(annotation file, record position in that file) of sample i, for reports and quarantine lists."""
+        return self.files[int(self.source[i])], int(self.origin[self.record[i]])
+
+    def nbytes(self) -> int:
+        arrays = (self.blob, self.offsets, self.source, self.record, self.turn, self.origin)
+        return sum(a.nbytes for a in arrays)

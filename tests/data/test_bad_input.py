@@ -1,0 +1,195 @@
+"""Every kind of bad input is skipped with its reason; decoding samples what the files hold; per-turn masking."""
+
+import json
+
+import av
+import numpy as np
+import pytest
+
+from hicom.data.dataset import VideoQADataset
+from hicom.data.index import MixtureEntry, SampleIndex
+from hicom.data.synthetic import write_video
+from hicom.data.template import IGNORE_INDEX, ChatEncoder, to_messages
+from hicom.data.transforms import FrameTransform
+from hicom.data.video import Decoder, FrameSampling, VideoDecodeError, load_video
+
+QA = [{"from": "human", "value": "<video>\nWhat moves?"}, {"from": "gpt", "value": "A circle."}]
+
+
+def counting_frames(n: int, size: int = 32) -> np.ndarray:
+    """Frames whose brightness encodes their index (10 * i), to check which frames come back."""
+    frames = np.zeros((n, size, size, 3), dtype=np.uint8)
+    frames += (np.arange(n, dtype=np.uint8) * 10)[:, None, None, None]
+    return frames
+
+
+def frame_ids(frames: np.ndarray) -> list[int]:
+    return [round(float(f.mean()) / 10) for f in frames]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    write_video(root / "good.mp4", counting_frames(20), fps=10)
+    (root / "empty.mp4").write_bytes(b"")
+    data = (root / "good.mp4").read_bytes()
+    (root / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    (root / "garbage.mp4").write_bytes(b"\x00\x01garbage" * 100)
+    (root / "notes.txt").write_text("not a video")
+    from PIL import Image
+
+    Image.fromarray(counting_frames(1)[0]).save(root / "still.png")
+    (root / "still.mp4").write_bytes((root / "still.png").read_bytes())
+    with av.open(str(root / "audio.mp4"), "w") as container:  # an mp4 with only an audio stream
+        stream = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 16000), dtype=np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    folder = root / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(counting_frames(12)):
+        Image.fromarray(frame).save(folder / f"{i + 1:05d}.jpg", quality=100)
+    images = [Image.fromarray(f) for f in counting_frames(6)]
+    images[0].save(root / "clip.gif", save_all=True, append_images=images[1:], duration=100, loop=0)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("nowhere.mp4", "missing"),
+        ("empty.mp4", "empty"),
+        ("truncated.mp4", "undecodable"),
+        ("garbage.mp4", "undecodable"),
+        ("notes.txt", "undecodable"),
+        ("still.mp4", "wrong_extension"),
+        ("audio.mp4", "no_video_stream"),
+    ],
+)
+@pytest.mark.parametrize("decoder", list(Decoder))
+def test_bad_files_fail_with_their_reason(media, name, reason, decoder):
+    with pytest.raises(VideoDecodeError) as error:
+        load_video(media / name, FrameSampling(num_frames=4, decoder=decoder))
+    assert error.value.reason == reason, str(error.value)
+
+
+def test_a_clip_over_its_time_limit_is_given_up(media):
+    with pytest.raises(VideoDecodeError) as error:
+        load_video(media / "good.mp4", FrameSampling(num_frames=4, time_limit=1e-6, decoder=Decoder.PYAV))
+    assert error.value.reason == "timeout"
+    assert len(load_video(media / "good.mp4", FrameSampling(num_frames=4)).frames) == 4  # the alarm is gone
+
+
+@pytest.mark.parametrize("decoder", list(Decoder))
+def test_both_decoders_sample_the_same_frames(media, decoder):
+    uniform = load_video(media / "good.mp4", FrameSampling(num_frames=4, decoder=decoder, fallback=None))
+    assert uniform.indices.tolist() == [2, 7, 12, 17]  # the middle frame of each of 4 segments of 20
+    assert frame_ids(uniform.frames) == [2, 7, 12, 17]
+    rate = load_video(media / "good.mp4", FrameSampling(num_frames=32, fps=2, decoder=decoder, fallback=None))
+    assert rate.indices.tolist() == [0, 5, 10, 15]  # 2 fps of a 10 fps clip
+    window = load_video(media / "good.mp4", FrameSampling(num_frames=2, decoder=decoder), start=1.0, end=1.4)
+    assert window.indices.tolist() == [11, 13] and frame_ids(window.frames) == [11, 13]
+    short = load_video(media / "good.mp4", FrameSampling(num_frames=64, decoder=decoder))
+    assert short.indices.tolist() == list(range(20))  # fewer frames than the budget: each once
+
+
+def test_frame_folders_and_gifs(media):
+    folder = load_video(media / "frames", FrameSampling(num_frames=3))
+    assert folder.indices.tolist() == [2, 6, 10] and frame_ids(folder.frames) == [2, 6, 10]
+    assert folder.timestamps.tolist() == pytest.approx([2 / 3, 2, 10 / 3])  # 3 fps
+    gif = load_video(media / "clip.gif", FrameSampling(num_frames=3))
+    assert gif.indices.tolist() == [1, 3, 5] and frame_ids(gif.frames) == [1, 3, 5]
+
+
+@pytest.fixture(scope="module")
+def make_dataset(media, tiny_paths, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    encoder = ChatEncoder(AutoTokenizer.from_pretrained(tiny_paths["qwen2"]))
+    transform = FrameTransform.from_pretrained(tiny_paths["siglip"])
+
+    def make(records, max_length=4096, split_turns=False):
+        path = tmp_path_factory.mktemp("ann") / "train.json"
+        path.write_text(json.dumps(records))
+        index = SampleIndex.build([MixtureEntry(path, media)], split_turns=split_turns)
+        return VideoQADataset(
+            index=index,
+            encoder=encoder,
+            transform=transform,
+            visual_tokens=lambda t, modality: 3 * t,
+            sampling=FrameSampling(num_frames=4),
+            max_length=max_length,
+        )
+
+    return make
+
+
+def test_every_bad_sample_is_skipped_with_its_reason_and_source(make_dataset):
+    records = [
+        {"id": "ok", "video": "good.mp4", "conversations": QA},
+        {"id": "missing", "video": "nowhere.mp4", "conversations": QA},
+        {"id": "empty", "video": "empty.mp4", "conversations": QA},
+        {"id": "truncated", "video": "truncated.mp4", "conversations": QA},
+        {"id": "no-stream", "video": "audio.mp4", "conversations": QA},
+        {"id": "still", "video": "still.mp4", "conversations": QA},
+        {"id": "odd", "video": "good.mp4", "conversations": QA[:1]},
+        {"id": "order", "video": "good.mp4", "conversations": QA[::-1]},
+        {"id": "no-placeholder", "video": "good.mp4", "conversations": [{"from": "human", "value": "Hi?"}, QA[1]]},
+        {"id": "role", "video": "good.mp4", "conversations": [{"from": "robot", "value": "x"}, QA[1]]},
+        "not an object",
+        {"id": "text-only", "conversations": [{"from": "human", "value": "Hi?"}, QA[1]]},
+    ]
+    dataset = make_dataset(records)
+    reasons = [dataset[i].get("skip") for i in range(len(records))]
+    assert reasons == [
+        None, "missing", "empty", "undecodable", "no_video_stream", "wrong_extension",
+        "malformed", "malformed", "malformed", "malformed", "malformed", None,
+    ]  # fmt: skip
+    assert dataset[1]["source"][1] == 1 and dataset[1]["path"] == "nowhere.mp4"
+    too_long = make_dataset(records[:1], max_length=10)[0]
+    assert too_long["skip"] == "too_long" and "12 visual" in too_long["error"]
+
+
+def test_each_exchange_is_one_sample_with_only_its_answer_labelled(make_dataset):
+    turns = [
+        {"from": "human", "value": "<video>\nWhat moves?\nOptions:\n(A) circle\n(B) square"},
+        {"from": "gpt", "value": "A circle."},
+        {"from": "human", "value": "Which way?"},
+        {"from": "gpt", "value": "Left."},
+        {"from": "human", "value": "How fast?"},
+        {"from": "gpt", "value": "Slowly."},
+    ]
+    dataset = make_dataset([{"id": "c", "video": "good.mp4", "conversations": turns}], split_turns=True)
+    assert len(dataset) == 3
+    tokenizer = dataset.encoder.tokenizer
+    end = tokenizer.eos_token
+    for turn, (answer, guide) in enumerate([("A circle.", "What moves?"), ("Left.", "Which way?"),
+                                            ("Slowly.", "How fast?")]):  # fmt: skip
+        sample = dataset[turn]
+        assert sample["id"] == ("c" if turn == 0 else f"c#{turn}")
+        assert sample["guide"] == guide
+        labelled = sample["labels"][sample["labels"] != IGNORE_INDEX]
+        assert tokenizer.decode(labelled) == answer + end
+        # the context is the conversation so far, and nothing after this answer
+        text = tokenizer.decode(sample["input_ids"])
+        assert text.rstrip().endswith(answer + end) or text.rstrip().endswith(answer + end + "\n")
+    whole = make_dataset([{"id": "c", "video": "good.mp4", "conversations": turns}])[0]
+    labelled = whole["labels"][whole["labels"] != IGNORE_INDEX]
+    assert tokenizer.decode(labelled) == "".join(a + end for a in ("A circle.", "Left.", "Slowly."))
+
+
+def test_a_turn_out_of_range_is_malformed(make_dataset):
+    from hicom.data.template import MalformedSample
+
+    encoder = make_dataset([]).encoder
+    with pytest.raises(MalformedSample, match="turn 1"):
+        encoder.encode(to_messages(QA), 12, turn=1)
+
+
+def test_sampling_config_values_are_checked():
+    for bad in (dict(num_frames=0), dict(fps=0.0), dict(time_limit=-1.0), dict(decoder="opencv")):
+        with pytest.raises(ValueError):
+            FrameSampling(**bad)
