@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -20,18 +19,23 @@ from hicom.eval.answers import parse_options
 log = logging.getLogger(__name__)
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """Records of a LLaVA-format .json (a list) or .jsonl (one object per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    if path.suffix == ".jsonl":
-        with path.open() as f:
-            return [json.loads(line) for line in f if line.strip()]
-    records = json.loads(path.read_text())
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of samples")
-    return records
+def merge_image_placeholders(messages: list[dict], images) -> list[dict]:
+    """A multi-image sample may mark each image with its own <image>: its images form one clip of frames whose
+    tokens (each image compressed on its own, then the global tokens) go where the first <image> stands."""
+    if not isinstance(images, list) or len(images) < 2:
+        return messages
+    count = sum(m["content"].count("<image>") for m in messages)
+    if count not in (1, len(images)):
+        raise MalformedSample(f"{count} <image> placeholders for {len(images)} images (expected 1 or one each)")
+    merged, seen = [], False
+    for message in messages:
+        parts = message["content"].split("<image>")
+        text = parts[0]
+        for part in parts[1:]:
+            text += ("" if seen else "<image>") + part
+            seen = True
+        merged.append({**message, "content": text})
+    return merged
 
 
 class VideoQADataset(Dataset):
@@ -75,18 +79,25 @@ class VideoQADataset(Dataset):
             sampled = load_video(root / record["video"], self.sampling, start=start, end=end)
             return self.transform(sampled.frames), "video"
         if "image" in record:
-            from PIL import Image
-
-            path = root / record["image"]
-            if not path.is_file():
-                raise VideoDecodeError(f"{path}: file not found", "missing")
-            try:
-                with Image.open(path) as image:
-                    frame = np.asarray(image.convert("RGB"))[None]
-            except (OSError, ValueError) as err:
-                raise VideoDecodeError(f"{path}: {err}") from err
-            return self.transform(frame), "image"
+            names = record["image"] if isinstance(record["image"], list) else [record["image"]]
+            if not names or not all(isinstance(name, str) for name in names):
+                raise MalformedSample(f"'image' must be a path or a list of paths, got {record['image']!r:.80}")
+            frames = [self._read_image(root / name) for name in names]
+            # several images of different sizes: each is padded and resized on its own by the transform
+            return torch.cat([self.transform(frame) for frame in frames]), "image"
         return None, "text"
+
+    @staticmethod
+    def _read_image(path: Path) -> np.ndarray:
+        from PIL import Image
+
+        if not path.is_file():
+            raise VideoDecodeError(f"{path}: file not found", "missing")
+        try:
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB"))[None]
+        except (OSError, ValueError) as err:
+            raise VideoDecodeError(f"{path}: {err}") from err
 
     def __getitem__(self, i: int) -> dict:
         record = self.index.record_of(i)
@@ -98,7 +109,7 @@ class VideoQADataset(Dataset):
         try:
             if not isinstance(record, dict):
                 raise MalformedSample("a sample is not a JSON object")
-            messages = to_messages(record.get("conversations"))
+            messages = merge_image_placeholders(to_messages(record.get("conversations")), record.get("image"))
             pixels, modality = self._load_visual(record, self.index.root_of(i))
             num_visual = self.visual_tokens(len(pixels), modality) if pixels is not None else 0
             encoded = self.encoder.encode(messages, num_visual, generation=self.generation, turn=turn)

@@ -73,11 +73,18 @@ DEFAULT_SAMPLING = FrameSampling()
 
 @dataclass(frozen=True)
 class SampledFrames:
-    """Frames of one clip: `frames` (T, H, W, 3) uint8, with the source indices and their times in seconds."""
+    """Frames of one clip: `frames` (T, H, W, 3) uint8, with the source indices and their times in seconds, and
+    the clip's frame rate and frame count (what decodes, where the decoder can tell)."""
 
     frames: np.ndarray
     indices: np.ndarray
     timestamps: np.ndarray
+    fps: float = 0.0
+    available: int = 0
+
+    @property
+    def duration(self) -> float:
+        return self.available / self.fps if self.fps else 0.0
 
 
 def uniform_indices(num_available: int, num_frames: int) -> np.ndarray:
@@ -144,8 +151,9 @@ def _decode_decord(path: Path, sampling: FrameSampling, start, end) -> SampledFr
     except Exception as err:  # frames the container claims but cannot decode, among others
         raise VideoDecodeError(f"{path}: {err}") from err
     finally:
+        count = len(reader)
         del reader
-    return SampledFrames(frames=frames, indices=indices, timestamps=indices / fps)
+    return SampledFrames(frames, indices, indices / fps, fps, count)
 
 
 def _decode_pyav(path: Path, sampling: FrameSampling, start, end) -> SampledFrames:
@@ -176,7 +184,7 @@ def _decode_pyav(path: Path, sampling: FrameSampling, start, end) -> SampledFram
                     if decoded > indices[-1]:
                         break
             if len(frames) == len(indices):
-                return SampledFrames(np.stack([frames[i] for i in indices]), indices, indices / fps)
+                return SampledFrames(np.stack([frames[i] for i in indices]), indices, indices / fps, fps, counted)
             if decoded == 0:
                 raise VideoDecodeError(f"{path}: no frame decodes", "undecodable")
             counted = decoded  # what decodes, not what the container holds
@@ -201,7 +209,7 @@ def _decode_gif(path: Path, sampling: FrameSampling, start, end) -> SampledFrame
                 frames.append(np.asarray(image.convert("RGB")))
     except (OSError, ValueError, EOFError) as err:
         raise VideoDecodeError(f"{path}: {err}") from err
-    return SampledFrames(np.stack(frames), indices, indices / fps)
+    return SampledFrames(np.stack(frames), indices, indices / fps, fps, len(durations))
 
 
 def _read_folder(path: Path, sampling: FrameSampling, start, end) -> SampledFrames:
@@ -220,7 +228,8 @@ def _read_folder(path: Path, sampling: FrameSampling, start, end) -> SampledFram
             raise VideoDecodeError(f"{files[i]}: {err}") from err
     if len({f.shape for f in frames}) != 1:
         raise VideoDecodeError(f"{path}: frames of different sizes")
-    return SampledFrames(np.stack(frames), indices, indices / sampling.frame_folder_fps)
+    fps = sampling.frame_folder_fps
+    return SampledFrames(np.stack(frames), indices, indices / fps, fps, len(files))
 
 
 _DECODERS = {Decoder.DECORD: _decode_decord, Decoder.PYAV: _decode_pyav}

@@ -10,6 +10,7 @@ from lightning import LightningModule
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
+from hicom.data.template import IGNORE_INDEX
 from hicom.eval.answers import parse_choice
 from hicom.modules.compressors import Compressor
 from hicom.modules.llm import CausalLM
@@ -100,6 +101,11 @@ class VideoLLMModule(LightningModule):
         self._count_skipped(batch)
         if "input_ids" not in batch:
             return None  # every sample of this batch was skipped
+        if not (batch["labels"] != IGNORE_INDEX).any():
+            raise ValueError(
+                f"no supervised token in the training batch {batch['ids']}: every answer was masked out, so the "
+                "loss would be a silent zero (check the chat template and the conversations)"
+            )
         loss = self.net(batch).loss
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]))
         self.log("data/skipped", float(len(self.skipped)), batch_size=len(batch["ids"]))

@@ -193,3 +193,28 @@ def test_sampling_config_values_are_checked():
     for bad in (dict(num_frames=0), dict(fps=0.0), dict(time_limit=-1.0), dict(decoder="opencv")):
         with pytest.raises(ValueError):
             FrameSampling(**bad)
+
+
+def test_images_several_images_videos_and_text_share_a_batch(make_dataset, media, tiny_paths):
+    from transformers import AutoTokenizer
+
+    from hicom.data.collate import Collator
+
+    two = [{"from": "human", "value": "<image>\n<image>\nSame?"}, {"from": "gpt", "value": "No."}]
+    records = [
+        {"id": "img", "image": "still.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}, QA[1]]},
+        {"id": "imgs", "image": ["still.png", "still.png"], "conversations": two},
+        {"id": "vid", "video": "good.mp4", "conversations": QA},
+        {"id": "txt", "conversations": [{"from": "human", "value": "Hi?"}, QA[1]]},
+        {"id": "bad", "image": ["still.png"] * 3, "conversations": two},
+    ]
+    dataset = make_dataset(records)
+    items = [dataset[i] for i in range(len(records))]
+    assert items[-1]["skip"] == "malformed" and "2 <image> placeholders for 3 images" in items[-1]["error"]
+    collate = Collator(pad_token_id=0, guide_tokenizer=AutoTokenizer.from_pretrained(tiny_paths["siglip"]))
+    batch = collate(items)
+    assert batch["num_frames"].tolist() == [1, 2, 4, 0]
+    assert batch["modalities"] == ["image", "image", "video", "text"]
+    visual = dataset.encoder.visual_token_id
+    assert (batch["input_ids"] == visual).sum(1).tolist() == [3, 6, 12, 0]  # the test's 3 tokens per frame
+    assert batch["pixel_values"].shape[0] == 7

@@ -1,0 +1,149 @@
+"""Preflight: probe every sample of a corpus before training, and list the bad ones.
+
+    python -m hicom.data.preflight SOURCE --data-root DIR --out DIR [--workers N] [--num-frames N]
+
+SOURCE is a mixture YAML (SPEC 5; its relative paths are taken from --data-root) or one LLaVA-format JSON / JSONL
+file (its media paths relative to --data-root). Every sample is checked in parallel: its conversation (roles,
+turns, placeholder), and its video or image (exists, decodes the sampled frames, frame count, fps, duration).
+Writes OUT/quarantine.jsonl, one line per bad sample {source, index, id, path, reason, error}, which training
+takes as `data.quarantine=OUT/quarantine.jsonl`, and OUT/summary.json (counts per reason, frame / duration /
+text-length statistics). Exits 0 whatever it finds: it reports, it does not judge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from hicom.data.index import MixtureEntry, SampleIndex, read_mixture
+from hicom.data.template import PLACEHOLDERS, MalformedSample, to_messages
+from hicom.data.video import FrameSampling, VideoDecodeError, load_video
+
+_INDEX: SampleIndex | None = None
+_SAMPLING: FrameSampling | None = None
+
+
+def _init(index: SampleIndex, sampling: FrameSampling) -> None:
+    global _INDEX, _SAMPLING
+    _INDEX, _SAMPLING = index, sampling
+
+
+def probe(i: int) -> dict:
+    """One sample's facts, and `reason` / `error` when it cannot be trained on."""
+    record = _INDEX.record_of(i)
+    file, row = _INDEX.where(i)
+    out = {"source": file, "index": row}
+    try:
+        if not isinstance(record, dict):
+            raise MalformedSample("a sample is not a JSON object")
+        out["id"] = str(record.get("id", row))
+        messages = to_messages(record.get("conversations"))
+        out["text_chars"] = sum(len(m["content"]) for m in messages)
+        placeholders = sum(m["content"].count(p) for m in messages for p in PLACEHOLDERS)
+        media = record.get("video") or record.get("image")
+        out["path"] = media
+        if placeholders != (1 if media else 0):
+            raise MalformedSample(f"{placeholders} visual placeholders for {'one clip' if media else 'no media'}")
+        if "video" in record:
+            sampled = load_video(
+                _INDEX.root_of(i) / record["video"], _SAMPLING, start=record.get("start"), end=record.get("end")
+            )
+            out["frames_sampled"] = len(sampled.frames)
+            out["frames"] = sampled.available
+            out["fps"] = round(sampled.fps, 3)
+            out["duration_s"] = round(sampled.duration, 3)
+            out["height"], out["width"] = (int(n) for n in sampled.frames.shape[1:3])
+        elif "image" in record:
+            from PIL import Image
+
+            path = _INDEX.root_of(i) / record["image"]
+            if not path.is_file():
+                raise VideoDecodeError(f"{path}: file not found", "missing")
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except (OSError, ValueError) as err:
+                raise VideoDecodeError(f"{path}: {err}") from err
+    except VideoDecodeError as err:
+        out.update(reason=err.reason, error=str(err))
+    except MalformedSample as err:
+        out.update(reason="malformed", error=str(err))
+    return out
+
+
+def entries_of(source: Path, data_root: Path) -> list[MixtureEntry]:
+    if source.suffix in (".yaml", ".yml"):
+        return read_mixture(source, data_root)
+    if source.suffix in (".json", ".jsonl"):
+        return [MixtureEntry(source, data_root)]
+    raise ValueError(f"{source}: expected a mixture .yaml or a .json / .jsonl annotation file")
+
+
+def summarise(results: list[dict]) -> dict:
+    reasons = Counter(r["reason"] for r in results if "reason" in r)
+
+    def stats(key: str) -> dict | None:
+        values = np.array([r[key] for r in results if r.get(key) is not None], dtype=float)
+        if not len(values):
+            return None
+        low, mid, high = np.percentile(values, [5, 50, 95])
+        return {"min": values.min(), "p5": low, "median": mid, "p95": high, "max": values.max()}
+
+    return {
+        "samples": len(results),
+        "bad": sum(reasons.values()),
+        "by_reason": dict(reasons.most_common()),
+        "frames": stats("frames"),
+        "frames_sampled": stats("frames_sampled"),
+        "duration_s": stats("duration_s"),
+        "text_chars": stats("text_chars"),
+    }
+
+
+def run(source: Path, data_root: Path, out: Path, workers: int, sampling: FrameSampling, progress: bool) -> dict:
+    index = SampleIndex.build(entries_of(source, data_root))
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with context.Pool(workers, initializer=_init, initargs=(index, sampling)) as pool:
+        probes = pool.imap(probe, range(len(index)), chunksize=16)
+        if progress:
+            from tqdm import tqdm
+
+            probes = tqdm(probes, total=len(index), desc="preflight", unit="sample")
+        results.extend(probes)
+    with (out / "quarantine.jsonl").open("w") as f:
+        for result in results:
+            if "reason" in result:
+                keep = ("source", "index", "id", "path", "reason", "error")
+                f.write(json.dumps({k: result.get(k) for k in keep}) + "\n")
+    summary = summarise(results)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path, help="a mixture .yaml or a .json / .jsonl annotation file")
+    parser.add_argument("--data-root", type=Path, required=True, help="the folder relative paths start from")
+    parser.add_argument("--out", type=Path, required=True, help="where quarantine.jsonl and summary.json go")
+    parser.add_argument("--workers", type=int, default=max(1, multiprocessing.cpu_count() - 1))
+    parser.add_argument("--num-frames", type=int, default=8, help="frames each video must decode (uniformly)")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds one clip may take")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    sampling = FrameSampling(num_frames=args.num_frames, time_limit=args.time_limit)
+    summary = run(args.source, args.data_root, args.out, args.workers, sampling, not args.no_progress)
+    print(f"{summary['samples']} samples, {summary['bad']} bad: {summary['by_reason'] or 'none'}")
+    print(f"wrote {args.out / 'quarantine.jsonl'} and {args.out / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Mixtures (SPEC 5), the sample index, preflight and its quarantine list."""
+
+import json
+
+import numpy as np
+import pytest
+
+from hicom.data import preflight
+from hicom.data.datamodule import read_quarantine
+from hicom.data.index import MixtureEntry, SampleIndex, Sampling, Strategy, read_mixture
+from hicom.data.synthetic import write_video
+
+QA = [{"from": "human", "value": "<video>\nWhat moves?"}, {"from": "gpt", "value": "A circle."}]
+
+
+def records(prefix: str, n: int, video: str = "clip.mp4") -> list[dict]:
+    return [{"id": f"{prefix}{i}", "video": video, "conversations": QA} for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("text", "n", "expected"),
+    [
+        ("all", 10, list(range(10))),
+        ("first:3", 10, [0, 1, 2]),
+        ("end:3", 10, [7, 8, 9]),
+        ("first:50%", 10, [0, 1, 2, 3, 4]),
+        ("end:25%", 10, [7, 8, 9]),
+        ("first:20", 10, list(range(10))),
+    ],
+)
+def test_sampling_strategies(text, n, expected):
+    assert Sampling.parse(text).select(n, seed=0).tolist() == expected
+
+
+def test_random_sampling_is_seeded_and_bad_strategies_are_refused():
+    sampling = Sampling.parse("random:30%")
+    assert sampling == Sampling(Strategy.RANDOM, percent=30.0)
+    picked = sampling.select(100, seed=1)
+    assert len(picked) == 30 and len(set(picked.tolist())) == 30
+    assert picked.tolist() == sampling.select(100, seed=1).tolist() != sampling.select(100, seed=2).tolist()
+    for bad in ("some", "first:", "first:-1", "random:120%", "middle:3", "first:x"):
+        with pytest.raises(ValueError, match="sampling_strategy"):
+            Sampling.parse(bad)
+
+
+def test_a_mixture_of_json_and_jsonl_with_relative_paths(tmp_path):
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "a.json").write_text(json.dumps(records("a", 10)))
+    (tmp_path / "ann" / "b.jsonl").write_text("\n".join(json.dumps(r) for r in records("b", 4)) + "\n")
+    (tmp_path / "mix.yaml").write_text(
+        "datasets:\n"
+        "  - json_path: ann/a.json\n    data_root: videos_a\n    sampling_strategy: end:20%\n"
+        "  - json_path: ann/b.jsonl\n    data_root: videos_b\n"
+    )
+    entries = read_mixture(tmp_path / "mix.yaml", tmp_path)
+    assert [e.json_path for e in entries] == [tmp_path / "ann" / "a.json", tmp_path / "ann" / "b.jsonl"]
+    index = SampleIndex.build(entries)
+    assert [index.record_of(i)["id"] for i in range(len(index))] == ["a8", "a9", "b0", "b1", "b2", "b3"]
+    assert index.root_of(0) == tmp_path / "videos_a" and index.root_of(5) == tmp_path / "videos_b"
+    assert index.where(1) == (str(tmp_path / "ann" / "a.json"), 9)
+    (tmp_path / "list.yaml").write_text("- json_path: ann/b.jsonl\n  sampling_strategy: first:1\n")
+    assert len(SampleIndex.build(read_mixture(tmp_path / "list.yaml"))) == 1  # a bare list; paths from its folder
+    (tmp_path / "typo.yaml").write_text("- json_path: ann/b.jsonl\n  sampling: first:1\n")
+    with pytest.raises(ValueError, match="unknown fields"):
+        read_mixture(tmp_path / "typo.yaml")
+
+
+def test_split_turns_index_and_its_memory(tmp_path):
+    turns = QA + [{"from": "human", "value": "And?"}, {"from": "gpt", "value": "Nothing."}]
+    data = records("x", 1000) + [{"id": "multi", "video": "v.mp4", "conversations": turns}]
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    index = SampleIndex.build([MixtureEntry(tmp_path / "a.json", tmp_path)], split_turns=True)
+    assert len(index) == 1002 and [index.turn_of(i) for i in (999, 1000, 1001)] == [0, 0, 1]
+    assert index.record_of(1001)["id"] == "multi"
+    # no Python object per sample: a few numpy arrays, about the JSON's size
+    arrays = [index.blob, index.offsets, index.source, index.record, index.turn, index.origin]
+    assert all(isinstance(a, np.ndarray) for a in arrays)
+    assert index.nbytes() < 1.1 * (tmp_path / "a.json").stat().st_size + 64 * len(index)
+
+
+def test_preflight_writes_a_quarantine_that_training_leaves_out(tmp_path, capsys):
+    write_video(tmp_path / "clip.mp4", np.zeros((6, 16, 16, 3), dtype=np.uint8), fps=3)
+    data = records("ok", 3) + records("gone", 1, "missing.mp4") + [{"id": "odd", "video": "clip.mp4"}]
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    out = tmp_path / "preflight"
+    code = preflight.main([str(tmp_path / "a.json"), "--data-root", str(tmp_path), "--out", str(out),
+                           "--workers", "2", "--no-progress"])  # fmt: skip
+    assert code == 0
+    lines = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert [(q["index"], q["id"], q["reason"]) for q in lines] == [(3, "gone0", "missing"), (4, "odd", "malformed")]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"] == 5 and summary["by_reason"] == {"missing": 1, "malformed": 1}
+    assert summary["frames"]["max"] == 6 and summary["duration_s"]["max"] == pytest.approx(2.0)
+    exclude = read_quarantine(out / "quarantine.jsonl")
+    index = SampleIndex.build([MixtureEntry(tmp_path / "a.json", tmp_path)], exclude=exclude)
+    assert [index.record_of(i)["id"] for i in range(len(index))] == ["ok0", "ok1", "ok2"]
+    assert "5 samples, 2 bad" in capsys.readouterr().out
