@@ -8,12 +8,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from hicom.data.collate import Collator
 from hicom.data.dataset import VideoQADataset
 from hicom.data.index import MixtureEntry, SampleIndex, read_mixture
+from hicom.data.sampler import GroupedBatchSampler
 from hicom.data.template import ChatEncoder
 from hicom.data.transforms import FrameTransform
 from hicom.data.video import FrameSampling
@@ -84,7 +87,8 @@ class VideoQADataModule(LightningDataModule):
     MixtureSource, SyntheticVideoQA); `visual_tokens(T, modality)` is the network's token count, which the dataset
     needs to size the placeholder. `split_turns`: one training sample per exchange of a conversation (SPEC 5, for
     guided compressors); None follows `guided`, which `build` sets from the compressor. `quarantine`: a
-    preflight's quarantine.jsonl, whose samples are left out.
+    preflight's quarantine.jsonl, whose samples are left out. `group_by_length`: training batches of one modality
+    and similar length (GroupedBatchSampler).
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class VideoQADataModule(LightningDataModule):
         split_turns: bool | None = None,
         guided: bool = False,
         quarantine: str | None = None,
+        group_by_length: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -120,6 +125,7 @@ class VideoQADataModule(LightningDataModule):
         self.max_length = max_length
         self.split_turns = guided if split_turns is None else split_turns
         self.quarantine = quarantine
+        self.group_by_length = group_by_length
         self.seed = seed
         self.splits = None
 
@@ -166,7 +172,28 @@ class VideoQADataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, True, self.collate)
+        if not self.group_by_length:
+            return self._loader(self.train_set, self.batch_size, True, self.collate)
+        index = self.train_set.index
+        modalities = index.modalities()
+        visual = np.array([0, self.visual_tokens(1, "image"), self.visual_tokens(self.num_frames, "video")])
+        lengths = index.text_bytes() // 4 + visual[modalities]  # about 4 bytes of JSON per text token
+        generator = torch.Generator().manual_seed(self.seed)
+        batches = GroupedBatchSampler(
+            RandomSampler(self.train_set, generator=generator),
+            batch_size=self.batch_size,
+            drop_last=False,
+            lengths=lengths,
+            groups=modalities,
+            seed=self.seed,
+        )
+        return DataLoader(
+            self.train_set,
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, False, self.collate)

@@ -130,6 +130,19 @@ def iter_records(path: str | Path) -> Iterator:
     yield from records
 
 
+MODALITIES = ("text", "image", "video")
+
+
+def modality_of(record) -> int:
+    """The MODALITIES code of a record (text for anything unreadable: the dataset reports it)."""
+    if isinstance(record, dict):
+        if "video" in record:
+            return 2
+        if "image" in record:
+            return 1
+    return 0
+
+
 def count_turns(record) -> int:
     """Exchanges (user question + answer) in a record's conversation, 1 when it cannot tell (the dataset then
     reports the record as malformed)."""
@@ -155,8 +168,10 @@ class SampleIndex:
         origin: np.ndarray,
         roots: tuple[str, ...],
         files: tuple[str, ...],
+        modality: np.ndarray | None = None,
     ) -> None:
         self.origin = origin
+        self.modality = modality if modality is not None else np.zeros(len(origin), dtype=np.int8)
         self.blob, self.offsets = blob, offsets
         self.source, self.record, self.turn = source, record, turn
         self.roots, self.files = roots, files
@@ -179,6 +194,7 @@ class SampleIndex:
         chunks: list[bytes] = []
         lengths: list[int] = []
         origin: list[int] = []
+        modality: list[int] = []
         rows: list[tuple[int, int, int]] = []
         roots, files = [], []
         for source, entry in enumerate(entries):
@@ -192,6 +208,7 @@ class SampleIndex:
                     continue
                 record = records[row]
                 origin.append(row)
+                modality.append(modality_of(record))
                 data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
                 position = len(lengths)
                 chunks.append(data)
@@ -212,10 +229,19 @@ class SampleIndex:
             origin=np.asarray(origin, dtype=np.int64),
             roots=tuple(roots),
             files=tuple(files),
+            modality=np.asarray(modality, dtype=np.int8),
         )
 
     def __len__(self) -> int:
         return len(self.record)
+
+    def modalities(self) -> np.ndarray:
+        """(samples,) MODALITIES code of each sample."""
+        return self.modality[self.record]
+
+    def text_bytes(self) -> np.ndarray:
+        """(samples,) the size of each sample's record in bytes: a proxy for its text length."""
+        return np.diff(self.offsets)[self.record]
 
     def record_of(self, i: int):
         """The decoded record of sample i."""
@@ -234,5 +260,5 @@ class SampleIndex:
         return self.files[int(self.source[i])], int(self.origin[self.record[i]])
 
     def nbytes(self) -> int:
-        arrays = (self.blob, self.offsets, self.source, self.record, self.turn, self.origin)
+        arrays = (self.blob, self.offsets, self.source, self.record, self.turn, self.origin, self.modality)
         return sum(a.nbytes for a in arrays)

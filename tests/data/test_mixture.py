@@ -95,3 +95,35 @@ def test_preflight_writes_a_quarantine_that_training_leaves_out(tmp_path, capsys
     index = SampleIndex.build([MixtureEntry(tmp_path / "a.json", tmp_path)], exclude=exclude)
     assert [index.record_of(i)["id"] for i in range(len(index))] == ["ok0", "ok1", "ok2"]
     assert "5 samples, 2 bad" in capsys.readouterr().out
+
+
+def test_grouped_batches_hold_one_modality_and_shard_under_ddp():
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler
+
+    from hicom.data.sampler import GroupedBatchSampler
+
+    n = 103
+    groups = np.arange(n) % 3
+    lengths = (np.arange(n) * 7919) % 101
+    dataset = list(range(n))
+    sampler = GroupedBatchSampler(RandomSampler(dataset), 4, False, lengths, groups, megabatch=8)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 26
+    assert sorted(i for b in batches for i in b) == list(range(n))
+    mixed = sum(len({groups[i] for i in b}) > 1 for b in batches)
+    assert mixed <= 3 * 4  # only where a megabatch's groups meet
+    # DDP: Lightning re-creates the batch sampler around its DistributedSampler; each rank groups its own shard
+    shards = []
+    for rank in range(2):
+        with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
+            # as the Trainer calls train_dataloader(): it records the constructors' arguments
+            inner = GroupedBatchSampler(RandomSampler(dataset), 4, False, lengths, groups)
+            loader = DataLoader(dataset, batch_sampler=inner)
+        distributed = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        updated = _update_dataloader(loader, distributed)
+        assert isinstance(updated.batch_sampler, GroupedBatchSampler) and updated.batch_sampler.sampler is distributed
+        shards.append([i for b in updated.batch_sampler for i in b])
+    assert len(shards[0]) == len(shards[1]) == 52  # DistributedSampler pads to equal shards
+    assert set(shards[0]) | set(shards[1]) == set(range(n))
