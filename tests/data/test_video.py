@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from hicom.data.synthetic import write_video
 from hicom.data.transforms import FrameTransform
@@ -49,5 +50,17 @@ def test_transform_pads_with_the_mean_colour_then_normalises():
     frames = np.full((1, 4, 8, 3), 255, np.uint8)
     out = transform(frames)
     assert out.shape == (1, 3, 8, 8)
-    assert out[0, :, 0].abs().max() < 1e-6  # padding rows are the mean colour, 0 after normalising
+    # padding rows are the mean colour as LLaVA's expand2square writes it, int(0.5 * 255) = 127
+    torch.testing.assert_close(out[0, :, 0], torch.full((3, 8), 127 / 127.5 - 1))
     assert out[0, :, 3].sub(1).abs().max() < 1e-6  # white is 1
+
+
+def test_transform_resizes_like_the_hf_processors_pil_path():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, size=(120, 120, 3), dtype=np.uint8)
+    transform = FrameTransform(size=48, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), mode="bicubic")
+    pil = np.asarray(Image.fromarray(frame).resize((48, 48), Image.BICUBIC)).astype(np.float32) / 127.5 - 1
+    out = transform(frame[None])[0].permute(1, 2, 0).numpy()
+    assert np.abs(out - pil).max() <= 1 / 127.5 + 1e-6  # within one grey level of PIL

@@ -1,0 +1,192 @@
+"""Data pipeline speed and memory, each against a baseline measured in the same run.
+
+1. Throughput: the training dataset (decode 32 uniformly sampled frames, pad + resize to 384 px, normalise,
+   tokenise the conversation) over generated 480p clips, in a DataLoader with 2 workers, against raw
+   `decord.VideoReader.get_batch` of the same frames in the same DataLoader set-up. Prints samples/s, frames/s and
+   the ratio (target: at least 0.8x raw decoding).
+2. Memory: a generated 1M-sample JSON read through `SampleIndex` against the same records as a Python list of
+   dicts, each read at random by 2 DataLoader workers. Prints every worker's peak RSS and its PSS (which shares
+   the pages that workers have in common).
+
+    .venv/bin/python bench/data.py [--clips 8] [--seconds 10] [--samples 1000000] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from hicom.data.dataset import VideoQADataset
+from hicom.data.index import MixtureEntry, SampleIndex
+from hicom.data.synthetic import write_video
+from hicom.data.template import ChatEncoder
+from hicom.data.transforms import FrameTransform
+from hicom.data.video import FrameSampling, sample_indices
+
+QA = [{"from": "human", "value": "<video>\nWhat happens in the video?"}, {"from": "gpt", "value": "A ball rolls."}]
+
+
+def make_clips(folder: Path, clips: int, seconds: int, fps: int = 30) -> list[str]:
+    """480p clips of moving gradients (H.264), so that decoding has real work to do."""
+    rng = np.random.default_rng(0)
+    names = []
+    y, x = np.mgrid[0:480, 0:854]
+    for c in range(clips):
+        frames = np.empty((seconds * fps, 480, 854, 3), dtype=np.uint8)
+        base = rng.integers(0, 255, size=3)
+        for t in range(len(frames)):
+            frames[t, ..., 0] = (x + 4 * t + base[0]) % 256
+            frames[t, ..., 1] = (y + 2 * t + base[1]) % 256
+            frames[t, ..., 2] = ((x + y) // 2 + base[2] + c * 16) % 256
+        names.append(f"clip{c}.mp4")
+        write_video(folder / names[-1], frames, fps=fps)
+    return names
+
+
+class RawDecord(Dataset):
+    """The baseline: decord opens the clip and returns the same frames, nothing else."""
+
+    def __init__(self, paths: list[Path], num_frames: int) -> None:
+        self.paths, self.sampling = paths, FrameSampling(num_frames=num_frames)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        import decord
+
+        reader = decord.VideoReader(str(self.paths[i]), num_threads=1)
+        indices = sample_indices(len(reader), reader.get_avg_fps(), self.sampling)
+        frames = reader.get_batch(indices.tolist()).asnumpy()
+        del reader
+        return frames
+
+
+def throughput(dataset: Dataset, workers: int, frames: int) -> tuple[float, float]:
+    loader = DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=lambda items: items)
+    start, count = time.perf_counter(), 0
+    for batch in loader:
+        count += len(batch)
+    seconds = time.perf_counter() - start
+    return count / seconds, count * frames / seconds
+
+
+def memory_stats() -> dict[str, float]:
+    """This process's peak RSS and current PSS, in MiB."""
+    status = Path("/proc/self/status").read_text()
+    peak = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+    rollup = Path("/proc/self/smaps_rollup").read_text()
+    pss = next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:"))
+    return {"peak_rss": peak / 1024, "pss": pss / 1024}
+
+
+class Records(Dataset):
+    """Reads a record per item (through the index or a list) and reports the worker's memory on the last item."""
+
+    def __init__(self, source, order: np.ndarray) -> None:
+        self.source, self.order = source, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int):
+        j = int(self.order[i])
+        record = self.source.record_of(j) if isinstance(self.source, SampleIndex) else self.source[j]
+        size = len(record["conversations"][1]["value"])
+        info = get_worker_info()
+        last = info is not None and i >= len(self.order) - info.num_workers
+        return (info.id if info else 0, memory_stats()) if last or i % 5000 == 0 else size
+
+
+def worker_memory(source, workers: int, reads: int) -> dict[int, dict[str, float]]:
+    order = np.random.default_rng(0).integers(0, len(source), size=reads)
+    loader = DataLoader(Records(source, order), batch_size=256, num_workers=workers, collate_fn=lambda b: b)
+    peaks: dict[int, dict[str, float]] = {}
+    for batch in loader:
+        for item in batch:
+            if isinstance(item, tuple):
+                worker, stats = item
+                old = peaks.get(worker, {"peak_rss": 0.0, "pss": 0.0})
+                peaks[worker] = {k: max(old[k], stats[k]) for k in stats}
+    return peaks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clips", type=int, default=8)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="passes over the clips")
+    parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--size", type=int, default=384)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=1_000_000, help="records in the memory test's JSON")
+    parser.add_argument("--reads", type=int, default=200_000, help="random reads in the memory test")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from transformers import AutoTokenizer
+
+    from hicom.tiny import TinyQwen2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        start = time.perf_counter()
+        names = make_clips(tmp, args.clips, args.seconds)
+        print(
+            f"generated {args.clips} clips of {args.seconds} s, 854 x 480 at 30 fps ({time.perf_counter() - start:.0f} s)"
+        )
+        records = [{"id": f"s{i}", "video": names[i % len(names)], "conversations": QA}
+                   for i in range(args.clips * args.repeats)]  # fmt: skip
+        (tmp / "train.json").write_text(json.dumps(records))
+        tokenizer = AutoTokenizer.from_pretrained(TinyQwen2()(tmp / "qwen2"))
+        dataset = VideoQADataset(
+            index=SampleIndex.build([MixtureEntry(tmp / "train.json", tmp)]),
+            encoder=ChatEncoder(tokenizer),
+            transform=FrameTransform(size=args.size, mean=(0.5,) * 3, std=(0.5,) * 3),
+            visual_tokens=lambda t, modality: 680,
+            sampling=FrameSampling(num_frames=args.frames),
+        )
+        raw = RawDecord([tmp / r["video"] for r in records], args.frames)
+        raw_rate, raw_fps = throughput(raw, args.workers, args.frames)
+        ours_rate, ours_fps = throughput(dataset, args.workers, args.frames)
+        print(f"\n{args.frames} frames at {args.size} px, {args.workers} workers, {len(records)} samples")
+        print(f"{'':28} {'samples/s':>10} {'frames/s':>10}")
+        print(f"{'raw decord get_batch':28} {raw_rate:>10.2f} {raw_fps:>10.1f}")
+        print(f"{'training dataset':28} {ours_rate:>10.2f} {ours_fps:>10.1f}")
+        print(f"{'ratio (target >= 0.8)':28} {ours_rate / raw_rate:>10.2f}x")
+
+        start = time.perf_counter()
+        big = [{"id": f"m{i}", "video": f"videos/{i % 9973}.mp4",
+                "conversations": [QA[0], {"from": "gpt", "value": f"Answer number {i}."}]}
+               for i in range(args.samples)]  # fmt: skip
+        (tmp / "big.json").write_text(json.dumps(big))
+        size = (tmp / "big.json").stat().st_size / 2**20
+        del big
+        gc.collect()
+        index = SampleIndex.build([MixtureEntry(tmp / "big.json", tmp)])
+        print(f"\n{args.samples} samples, {size:.0f} MiB of JSON; index {index.nbytes() / 2**20:.0f} MiB, "
+              f"built with the file in {time.perf_counter() - start:.0f} s")  # fmt: skip
+        ours = worker_memory(index, args.workers, args.reads)
+        del index
+        gc.collect()
+        listed = json.loads((tmp / "big.json").read_text())
+        base = worker_memory(listed, args.workers, args.reads)
+        print(f"{args.reads} random reads, {args.workers} workers; MiB per worker (peak RSS / PSS):")
+        for name, peaks in (("SampleIndex", ours), ("list of dicts", base)):
+            cells = "  ".join(f"w{w}: {p['peak_rss']:.0f} / {p['pss']:.0f}" for w, p in sorted(peaks.items()))
+            print(f"{name:14} {cells}")
+        ratio = max(p["pss"] for p in base.values()) / max(p["pss"] for p in ours.values())
+        print(f"PSS per worker, list / index: {ratio:.1f}x")
+        print(f"main process: {memory_stats()['peak_rss']:.0f} MiB peak RSS (pid {os.getpid()})")
+
+
+if __name__ == "__main__":
+    main()
