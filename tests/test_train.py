@@ -82,3 +82,19 @@ def test_multirun_trains_each_compressor_and_writes_its_metrics(cache_dir, tmp_p
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
     files = sorted(tmp_path.glob("train/multiruns/*/*/metrics.json"))
     assert [json.loads(f.read_text())["compressor"] for f in files] == ["HICom", "AvgPoolCompressor"]
+
+
+def test_a_training_batch_without_supervised_tokens_is_an_error(cfg_small):
+    import pytest
+    import torch
+
+    from hicom.data.template import IGNORE_INDEX
+    from hicom.training import build
+
+    model, datamodule = build(cfg_small)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batch = datamodule.collate([datamodule.train_set[0], datamodule.train_set[1]])
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    with pytest.raises(ValueError, match="no supervised token"):
+        model.training_step(batch, 0)
