@@ -155,9 +155,13 @@ def main() -> None:
             sampling=FrameSampling(num_frames=args.frames),
         )
         raw = RawDecord([tmp / r["video"] for r in records], args.frames)
-        raw_rate, raw_fps = throughput(raw, args.workers, args.frames)
-        ours_rate, ours_fps = throughput(dataset, args.workers, args.frames)
-        print(f"\n{args.frames} frames at {args.size} px, {args.workers} workers, {len(records)} samples")
+        # alternate the two, twice, and keep each one's best pass: the machine's noise hits both alike
+        runs = {"raw": [], "ours": []}
+        for _ in range(2):
+            runs["raw"].append(throughput(raw, args.workers, args.frames))
+            runs["ours"].append(throughput(dataset, args.workers, args.frames))
+        (raw_rate, raw_fps), (ours_rate, ours_fps) = max(runs["raw"]), max(runs["ours"])
+        print(f"\n{args.frames} frames at {args.size} px, {args.workers} workers, {len(records)} samples, best of 2")
         print(f"{'':28} {'samples/s':>10} {'frames/s':>10}")
         print(f"{'raw decord get_batch':28} {raw_rate:>10.2f} {raw_fps:>10.1f}")
         print(f"{'training dataset':28} {ours_rate:>10.2f} {ours_fps:>10.1f}")

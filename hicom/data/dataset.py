@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from hicom.data.index import SampleIndex
 from hicom.data.template import ChatEncoder, MalformedSample, guide_text, to_messages, user_turns
 from hicom.data.transforms import FrameTransform
-from hicom.data.video import DEFAULT_SAMPLING, FrameSampling, VideoDecodeError, load_video
+from hicom.data.video import DEFAULT_SAMPLING, FrameSampling, VideoDecodeError, load_video, within_time_limit
 from hicom.eval.answers import parse_options
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,8 @@ class VideoQADataset(Dataset):
             names = record["image"] if isinstance(record["image"], list) else [record["image"]]
             if not names or not all(isinstance(name, str) for name in names):
                 raise MalformedSample(f"'image' must be a path or a list of paths, got {record['image']!r:.80}")
-            frames = [self._read_image(root / name) for name in names]
+            limit = self.sampling.time_limit
+            frames = [within_time_limit(lambda p=root / name: self._read_image(p), limit, name) for name in names]
             # several images of different sizes: each is padded and resized on its own by the transform
             return torch.cat([self.transform(frame) for frame in frames]), "image"
         return None, "text"

@@ -46,20 +46,31 @@ class FrameTransform:
         )
 
     def __call__(self, frames: np.ndarray) -> torch.Tensor:
-        """Padding and resizing stay in uint8, as the HF processors' PIL path does: torch's antialiased uint8
-        resize matches PIL to one grey level, and is several times faster than resizing floats."""
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
-        _, _, h, w = x.shape
+        """Padding and resizing stay in uint8 and channels-last, as the HF processors' PIL path does: torch's
+        antialiased uint8 resize matches PIL to one grey level, and is several times faster than resizing floats.
+        """
+        x = torch.from_numpy(np.ascontiguousarray(frames))  # (T, H, W, 3) uint8
+        n, h, w, _ = x.shape
         if h != w:
             side = max(h, w)
             fill = torch.tensor([int(m / self.rescale) for m in self.mean], dtype=torch.uint8)  # LLaVA's expand2square
-            canvas = fill.view(1, 3, 1, 1).expand(x.shape[0], 3, side, side).clone()
             top, left = (side - h) // 2, (side - w) // 2
-            canvas[:, :, top : top + h, left : left + w] = x
+            canvas = torch.empty((n, side, side, 3), dtype=torch.uint8)
+            canvas[:, top : top + h, left : left + w] = x
+            for rows, cols in (
+                (slice(0, top), slice(None)),
+                (slice(top + h, side), slice(None)),
+                (slice(top, top + h), slice(0, left)),
+                (slice(top, top + h), slice(left + w, side)),
+            ):
+                canvas[:, rows, cols] = fill  # the bands around the frame
             x = canvas
+        x = x.permute(0, 3, 1, 2)  # (T, 3, H, W), channels-last in memory: the fast layout for uint8 resizing
         if x.shape[-1] != self.size:
             smooth = {"antialias": True, "align_corners": False} if self.mode in ("bilinear", "bicubic") else {}
             x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, **smooth)
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
-        return (x.float() * self.rescale - mean) / std
+        out = torch.empty(x.shape, dtype=torch.float32)
+        out.copy_(x)  # contiguous float (T, 3, S, S)
+        scale = torch.tensor([self.rescale / s for s in self.std]).view(1, 3, 1, 1)
+        shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std, strict=True)]).view(1, 3, 1, 1)
+        return out.mul_(scale).add_(shift)

@@ -13,16 +13,17 @@ model sees the clip as it is, and the compressor takes any number of frames.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import math
-import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
+T = TypeVar("T")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -46,8 +47,7 @@ class FrameSampling:
 
     `decoder` first, then `fallback` (None: no second try) when the first cannot decode a file;
     `frame_folder_fps`: the rate of folders of frames (3 fps, MVBench's); `time_limit`: seconds one clip may
-    take before it is given up as a timeout (None: no limit; enforced with SIGALRM in a process's main thread,
-    which is where DataLoader workers run the dataset, and in the decoders' Python-level loops)."""
+    take before it is given up as a timeout (None: no limit; see `within_time_limit`)."""
 
     num_frames: int = 8
     fps: float | None = None
@@ -116,23 +116,32 @@ def sample_indices(
     return first + chosen
 
 
-@contextlib.contextmanager
-def time_limit(seconds: float | None, what: str):
-    """Raise VideoDecodeError(reason="timeout") if the block runs longer than `seconds` (main thread only)."""
-    if seconds is None or threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def within_time_limit(fn: Callable[[], T], seconds: float | None, what: str) -> T:
+    """`fn()`, or VideoDecodeError(reason="timeout") once it has run `seconds`.
 
-    def expire(signum, frame):
+    `fn` runs in a daemon thread and the caller waits for it with a timeout, so a decoder stuck inside native
+    code (decord and PyAV release the GIL while they decode) or a read blocked on a dead mount cannot stall the
+    DataLoader worker: the sample is skipped and the worker goes on. The stuck thread cannot be killed; it is
+    left behind and ends with the worker.
+    """
+    if seconds is None:
+        return fn()
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # re-raised in the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=target, name=f"decode {what}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
         raise VideoDecodeError(f"{what}: gave up after {seconds:g} s", "timeout")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _decode_decord(path: Path, sampling: FrameSampling, start, end) -> SampledFrames:
@@ -235,6 +244,27 @@ def _read_folder(path: Path, sampling: FrameSampling, start, end) -> SampledFram
 _DECODERS = {Decoder.DECORD: _decode_decord, Decoder.PYAV: _decode_pyav}
 
 
+def _load(path: Path, sampling: FrameSampling, start: float | None, end: float | None) -> SampledFrames:
+    if path.is_dir():
+        return _read_folder(path, sampling, start, end)
+    if not path.is_file():
+        raise VideoDecodeError(f"{path}: file not found", "missing")
+    if path.stat().st_size == 0:
+        raise VideoDecodeError(f"{path}: empty file", "empty")
+    if path.suffix.lower() == ".gif":
+        return _decode_gif(path, sampling, start, end)
+    try:
+        return _DECODERS[sampling.decoder](path, sampling, start, end)
+    except VideoDecodeError as first:
+        if sampling.fallback is None or sampling.fallback is sampling.decoder:
+            raise
+        try:
+            return _DECODERS[sampling.fallback](path, sampling, start, end)
+        except VideoDecodeError as second:
+            reason = second.reason if second.reason != "undecodable" else first.reason
+            raise VideoDecodeError(f"{first}; {sampling.fallback.value}: {second}", reason) from second
+
+
 def load_video(
     path: str | Path,
     sampling: FrameSampling | int = DEFAULT_SAMPLING,
@@ -252,26 +282,7 @@ def load_video(
     if decoder is not None:
         sampling = FrameSampling(**{**sampling.__dict__, "decoder": Decoder(decoder)})
     path = Path(path)
-    with time_limit(sampling.time_limit, str(path)):
-        if path.is_dir():
-            sampled = _read_folder(path, sampling, start, end)
-        elif not path.is_file():
-            raise VideoDecodeError(f"{path}: file not found", "missing")
-        elif path.stat().st_size == 0:
-            raise VideoDecodeError(f"{path}: empty file", "empty")
-        elif path.suffix.lower() == ".gif":
-            sampled = _decode_gif(path, sampling, start, end)
-        else:
-            try:
-                sampled = _DECODERS[sampling.decoder](path, sampling, start, end)
-            except VideoDecodeError as first:
-                if sampling.fallback is None or sampling.fallback is sampling.decoder or first.reason == "timeout":
-                    raise
-                try:
-                    sampled = _DECODERS[sampling.fallback](path, sampling, start, end)
-                except VideoDecodeError as second:
-                    reason = second.reason if second.reason != "undecodable" else first.reason
-                    raise VideoDecodeError(f"{first}; {sampling.fallback.value}: {second}", reason) from second
+    sampled = within_time_limit(lambda: _load(path, sampling, start, end), sampling.time_limit, str(path))
     frames = sampled.frames
     if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise VideoDecodeError(f"{path}: decoded an unexpected array of shape {frames.shape}")

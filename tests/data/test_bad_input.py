@@ -76,6 +76,21 @@ def test_bad_files_fail_with_their_reason(media, name, reason, decoder):
     assert error.value.reason == reason, str(error.value)
 
 
+def test_a_decoder_stuck_in_native_code_is_abandoned_not_waited_for(media, monkeypatch):
+    import time
+
+    from hicom.data import video
+
+    def stuck(path, sampling, start, end):
+        time.sleep(30)  # a call that never comes back to Python (it releases the GIL, as decoders do)
+
+    monkeypatch.setitem(video._DECODERS, Decoder.DECORD, stuck)
+    began = time.perf_counter()
+    with pytest.raises(VideoDecodeError) as error:
+        load_video(media / "good.mp4", FrameSampling(num_frames=4, time_limit=0.3))
+    assert error.value.reason == "timeout" and time.perf_counter() - began < 2
+
+
 def test_a_clip_over_its_time_limit_is_given_up(media):
     with pytest.raises(VideoDecodeError) as error:
         load_video(media / "good.mp4", FrameSampling(num_frames=4, time_limit=1e-6, decoder=Decoder.PYAV))
