@@ -81,6 +81,7 @@ class SampledFrames:
     timestamps: np.ndarray
     fps: float = 0.0
     available: int = 0
+    decoded: int = 0  # frames the decoder produced to get these (0: not counted)
 
     @property
     def duration(self) -> float:
@@ -166,9 +167,11 @@ def _decode_decord(path: Path, sampling: FrameSampling, start, end) -> SampledFr
 
 
 def _decode_pyav(path: Path, sampling: FrameSampling, start, end) -> SampledFrames:
-    """Counts the stream's packets (no decoding), decodes up to the last sampled frame converting only the
-    sampled ones, and, when fewer frames decode than were counted (a truncated file), samples again from the
-    frames that did."""
+    """Reads the stream's packets without decoding them: their count, and the timestamps of the frames and of the
+    keyframes. Each sampled frame is then reached by seeking to the keyframe before it whenever one lies between
+    the last decoded frame and it, so a long video is not decoded end to end. When a sampled frame does not come
+    out of the decoder (a truncated or damaged file), the frames are decoded in order and the sample is taken
+    again from those that do decode."""
     import av
 
     try:
@@ -179,29 +182,78 @@ def _decode_pyav(path: Path, sampling: FrameSampling, start, end) -> SampledFram
                 raise VideoDecodeError(f"{path}: no video stream", "no_video_stream")
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 1.0)
-            counted = sum(1 for packet in container.demux(stream) if packet.size)
-        for _ in range(2):
-            indices = sample_indices(counted, fps, sampling, start, end)
-            wanted = set(indices.tolist())
-            frames, decoded = {}, 0
-            with av.open(str(path)) as container:
-                stream = container.streams.video[0]
-                for frame in container.decode(stream):
-                    if decoded in wanted:
-                        frames[decoded] = frame.to_ndarray(format="rgb24")
-                    decoded += 1
-                    if decoded > indices[-1]:
-                        break
-            if len(frames) == len(indices):
-                return SampledFrames(np.stack([frames[i] for i in indices]), indices, indices / fps, fps, counted)
-            if decoded == 0:
-                raise VideoDecodeError(f"{path}: no frame decodes", "undecodable")
-            counted = decoded  # what decodes, not what the container holds
-        raise VideoDecodeError(f"{path}: frames keep failing to decode")
+            packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size]
+        timestamps = sorted(pts for pts, _ in packets if pts is not None)
+        keyframes = np.array(sorted(pts for pts, key in packets if key and pts is not None))
+        indices = sample_indices(len(packets), fps, sampling, start, end)
+        if len(timestamps) == len(packets):
+            frames, decoded = _pyav_seek(path, [timestamps[i] for i in indices.tolist()], keyframes)
+            if frames is not None:
+                return SampledFrames(np.stack(frames), indices, indices / fps, fps, len(packets), decoded)
+        return _pyav_in_order(path, sampling, start, end, fps, len(packets))
     except VideoDecodeError:
         raise
     except Exception as err:
         raise VideoDecodeError(f"{path}: {err}") from err
+
+
+def _pyav_seek(path: Path, targets: list[int], keyframes: np.ndarray) -> tuple[list[np.ndarray] | None, int]:
+    """The frames whose timestamps are `targets` (sorted), or None when one of them does not decode; and how many
+    frames were decoded."""
+    import av
+
+    found: dict[int, np.ndarray] = {}
+    count = 0
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        position = None  # timestamp of the last frame decoded
+        decoded = None  # one frame iterator, kept across targets until a seek (a second one would flush twice)
+        for target in targets:
+            if target in found:
+                continue
+            skip = position is None or position >= target
+            if not skip:  # a keyframe after the decoder's position and at or before the target: jump to it
+                after = np.searchsorted(keyframes, position, side="right")
+                skip = after < len(keyframes) and keyframes[after] <= target
+            if skip:
+                container.seek(int(target), stream=stream, backward=True, any_frame=False)
+                decoded = container.decode(stream)
+            for frame in decoded:
+                count += 1
+                position = frame.pts
+                if frame.pts is None or frame.pts > target:
+                    return None, count
+                if frame.pts == target:
+                    found[target] = frame.to_ndarray(format="rgb24")
+                    break
+            else:
+                return None, count
+    return [found[t] for t in targets], count
+
+
+def _pyav_in_order(path: Path, sampling: FrameSampling, start, end, fps: float, counted: int) -> SampledFrames:
+    """Decodes in order up to the last sampled frame, converting only the sampled ones; samples again from what
+    decodes when that is fewer frames than counted."""
+    import av
+
+    for _ in range(2):
+        indices = sample_indices(counted, fps, sampling, start, end)
+        wanted = set(indices.tolist())
+        frames, decoded = {}, 0
+        with av.open(str(path)) as container:
+            for frame in container.decode(container.streams.video[0]):
+                if decoded in wanted:
+                    frames[decoded] = frame.to_ndarray(format="rgb24")
+                decoded += 1
+                if decoded > indices[-1]:
+                    break
+        if len(frames) == len(indices):
+            stacked = np.stack([frames[i] for i in indices])
+            return SampledFrames(stacked, indices, indices / fps, fps, counted, decoded)
+        if decoded == 0:
+            raise VideoDecodeError(f"{path}: no frame decodes", "undecodable")
+        counted = decoded  # what decodes, not what the container holds
+    raise VideoDecodeError(f"{path}: frames keep failing to decode")
 
 
 def _decode_gif(path: Path, sampling: FrameSampling, start, end) -> SampledFrames:

@@ -111,6 +111,25 @@ def test_both_decoders_sample_the_same_frames(media, decoder):
     assert short.indices.tolist() == list(range(20))  # fewer frames than the budget: each once
 
 
+def test_pyav_seeks_through_long_videos_instead_of_decoding_them_whole(tmp_path):
+    frames = (
+        np.zeros((300, 32, 32, 3), dtype=np.uint8) + ((np.arange(300) % 25) * 10).astype(np.uint8)[:, None, None, None]
+    )
+    with av.open(str(tmp_path / "long.mp4"), "w") as container:  # a keyframe every 30 frames
+        stream = container.add_stream("libx264", rate=30, options={"g": "30", "crf": "10", "preset": "veryfast"})
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+    sampling = FrameSampling(num_frames=4, decoder=Decoder.PYAV, fallback=None)
+    sampled = load_video(tmp_path / "long.mp4", sampling)
+    assert sampled.indices.tolist() == [37, 112, 187, 262] and sampled.available == 300
+    assert frame_ids(sampled.frames) == [i % 25 for i in sampled.indices.tolist()]
+    assert 0 < sampled.decoded < 150  # from the keyframe before each sampled frame, not all 300
+    decord = load_video(tmp_path / "long.mp4", FrameSampling(num_frames=4, fallback=None))
+    assert np.abs(decord.frames.astype(int) - sampled.frames.astype(int)).max() <= 2
+
+
 def test_frame_folders_and_gifs(media):
     folder = load_video(media / "frames", FrameSampling(num_frames=3))
     assert folder.indices.tolist() == [2, 6, 10] and frame_ids(folder.frames) == [2, 6, 10]
