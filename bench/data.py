@@ -179,12 +179,13 @@ def main() -> None:
         print(f"\n{args.samples} samples, {size:.0f} MiB of JSON; index {index.nbytes() / 2**20:.0f} MiB, "
               f"built with the file in {time.perf_counter() - start:.0f} s")  # fmt: skip
         ours = worker_memory(index, args.workers, args.reads)
+        mapped = worker_memory(SampleIndex.load(index.save(tmp / "index")), args.workers, args.reads)
         del index
         gc.collect()
         listed = json.loads((tmp / "big.json").read_text())
         base = worker_memory(listed, args.workers, args.reads)
         print(f"{args.reads} random reads, {args.workers} workers; MiB per worker (peak RSS / PSS):")
-        for name, peaks in (("SampleIndex", ours), ("list of dicts", base)):
+        for name, peaks in (("SampleIndex", ours), ("  memory-mapped", mapped), ("list of dicts", base)):
             cells = "  ".join(f"w{w}: {p['peak_rss']:.0f} / {p['pss']:.0f}" for w, p in sorted(peaks.items()))
             print(f"{name:14} {cells}")
         ratio = max(p["pss"] for p in base.values()) / max(p["pss"] for p in ours.values())

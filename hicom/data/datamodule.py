@@ -87,7 +87,9 @@ class VideoQADataModule(LightningDataModule):
     MixtureSource, SyntheticVideoQA); `visual_tokens(T, modality)` is the network's token count, which the dataset
     needs to size the placeholder. `split_turns`: one training sample per exchange of a conversation (SPEC 5, for
     guided compressors); None follows `guided`, which `build` sets from the compressor. `quarantine`: a
-    preflight's quarantine.jsonl, whose samples are left out. `group_by_length`: training batches of one modality
+    preflight's quarantine.jsonl, whose samples are left out. `index_dir`: where the sample indexes are saved
+    once (by `prepare_data`) and memory-mapped by every rank and worker; None builds them in memory per process.
+    `group_by_length`: training batches of one modality
     and similar length (GroupedBatchSampler).
     """
 
@@ -110,6 +112,7 @@ class VideoQADataModule(LightningDataModule):
         guided: bool = False,
         quarantine: str | None = None,
         group_by_length: bool = False,
+        index_dir: str | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -126,11 +129,25 @@ class VideoQADataModule(LightningDataModule):
         self.split_turns = guided if split_turns is None else split_turns
         self.quarantine = quarantine
         self.group_by_length = group_by_length
+        self.index_dir = index_dir
         self.seed = seed
         self.splits = None
 
     def prepare_data(self) -> None:
-        self.source.prepare(self.root)
+        """Once per node: generate or check the source, and build the sample indexes into `index_dir`."""
+        splits = self.source.prepare(self.root)
+        if self.index_dir is not None:
+            self._indexes(splits)
+
+    def _indexes(self, splits) -> tuple[SampleIndex, SampleIndex]:
+        exclude = read_quarantine(self.quarantine) if self.quarantine else []
+        train_options = dict(split_turns=self.split_turns, seed=self.seed, exclude=exclude)
+        if self.index_dir is None:
+            return SampleIndex.build(splits.train, **train_options), SampleIndex.build(splits.val, seed=self.seed)
+        return (
+            SampleIndex.cached(self.index_dir, list(splits.train), **train_options),
+            SampleIndex.cached(self.index_dir, list(splits.val), seed=self.seed),
+        )
 
     def setup(self, stage: str | None = None) -> None:
         from transformers import AutoTokenizer
@@ -149,9 +166,7 @@ class VideoQADataModule(LightningDataModule):
             sampling=self.sampling,
             max_length=self.max_length,
         )
-        exclude = read_quarantine(self.quarantine) if self.quarantine else []
-        train = SampleIndex.build(self.splits.train, split_turns=self.split_turns, seed=self.seed, exclude=exclude)
-        held_out = SampleIndex.build(self.splits.val, seed=self.seed)
+        train, held_out = self._indexes(self.splits)
         self.train_set = VideoQADataset(index=train, **common)
         self.val_set = VideoQADataset(index=held_out, **common)
         self.test_set = VideoQADataset(index=held_out, generation=True, **common)

@@ -13,13 +13,18 @@ taken from the configured data folder.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import math
+import os
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+INDEX_VERSION = 1  # bump when the saved layout or the build's rules change
 
 
 class Strategy(str, enum.Enum):
@@ -258,6 +263,51 @@ class SampleIndex:
     def where(self, i: int) -> tuple[str, int]:
         """(annotation file, record position in that file) of sample i, for reports and quarantine lists."""
         return self.files[int(self.source[i])], int(self.origin[self.record[i]])
+
+    _ARRAYS = ("blob", "offsets", "source", "record", "turn", "origin", "modality")
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the index as .npy files plus meta.json, atomically (a temporary sibling renamed into place)."""
+        folder = Path(folder)
+        tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in self._ARRAYS:
+            np.save(tmp / f"{name}.npy", getattr(self, name))
+        (tmp / "meta.json").write_text(json.dumps({"roots": self.roots, "files": self.files}))
+        if folder.exists():  # another process wrote the same index first
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(folder)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> SampleIndex:
+        """Memory-map a saved index: every process that loads it shares its pages through the page cache."""
+        folder = Path(folder)
+        meta = json.loads((folder / "meta.json").read_text())
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in cls._ARRAYS}
+        return cls(**arrays, roots=tuple(meta["roots"]), files=tuple(meta["files"]))
+
+    @classmethod
+    def cached(cls, cache_dir: str | Path, entries: list[MixtureEntry], **options) -> SampleIndex:
+        """`build(entries, **options)` once per content: saved under `cache_dir`, keyed by the annotation files'
+        paths, sizes and modification times and by the options, then memory-mapped by every caller (every DDP
+        rank and DataLoader worker), so the corpus is parsed once, not once per process."""
+        key = {
+            "version": INDEX_VERSION,
+            "entries": [
+                [str(e.json_path), e.json_path.stat().st_size, e.json_path.stat().st_mtime_ns, str(e.data_root),
+                 repr(e.sampling)]
+                for e in entries
+            ],
+            "options": {k: sorted(v) if k == "exclude" else v for k, v in options.items()},
+        }  # fmt: skip
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        folder = Path(cache_dir) / f"index-{digest}"
+        if not (folder / "meta.json").is_file():
+            cls.build(entries, **options).save(folder)
+        return cls.load(folder)
 
     def nbytes(self) -> int:
         arrays = (self.blob, self.offsets, self.source, self.record, self.turn, self.origin, self.modality)

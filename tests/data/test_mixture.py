@@ -127,3 +127,17 @@ def test_grouped_batches_hold_one_modality_and_shard_under_ddp():
         shards.append([i for b in updated.batch_sampler for i in b])
     assert len(shards[0]) == len(shards[1]) == 52  # DistributedSampler pads to equal shards
     assert set(shards[0]) | set(shards[1]) == set(range(n))
+
+
+def test_a_cached_index_is_built_once_and_memory_mapped(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(records("a", 50)))
+    entries = [MixtureEntry(tmp_path / "a.json", tmp_path)]
+    first = SampleIndex.cached(tmp_path / "cache", entries, split_turns=True, seed=0, exclude=[])
+    assert isinstance(first.blob, np.memmap) and len(list((tmp_path / "cache").iterdir())) == 1
+    again = SampleIndex.cached(tmp_path / "cache", entries, split_turns=True, seed=0, exclude=[])
+    assert [again.record_of(i) for i in range(50)] == [first.record_of(i) for i in range(50)]
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # the same content: the same index
+    SampleIndex.cached(tmp_path / "cache", entries, split_turns=True, seed=0, exclude=[(str(tmp_path / "a.json"), 3)])
+    (tmp_path / "a.json").write_text(json.dumps(records("b", 10)))  # a changed file: a new index
+    changed = SampleIndex.cached(tmp_path / "cache", entries, split_turns=True, seed=0, exclude=[])
+    assert len(changed) == 10 and len(list((tmp_path / "cache").iterdir())) == 3
