@@ -9,6 +9,11 @@ from hicom.training import train
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    if cfg.get("dry_run"):
+        from hicom.dry_run import report
+
+        report(cfg)
+        return None
     metrics = train(cfg)
     return metrics.get("accuracy")  # what a Hydra sweeper optimises
 

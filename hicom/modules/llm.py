@@ -22,7 +22,9 @@ class CausalLM(nn.Module):
         visual_token: str = "<|video_pad|>",
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
+        arch: str | None = None,
     ) -> None:
+        """`arch`: the bundled architecture (hicom/arch/<arch>.json) for dry runs; loading ignores it."""
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

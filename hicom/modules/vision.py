@@ -22,7 +22,11 @@ class SiglipTower(nn.Module):
     A trunk whose parameters are all frozen runs without autograd.
     """
 
-    def __init__(self, *, path: str, select_layer: int = -2, attn_implementation: str = "sdpa") -> None:
+    def __init__(
+        self, *, path: str, select_layer: int = -2, attn_implementation: str = "sdpa", arch: str | None = None
+    ) -> None:
+        """`arch` names the bundled architecture (hicom/arch/<arch>.json) that describes the checkpoint, for dry
+        runs that build the model without its weights; loading ignores it."""
         super().__init__()
         from transformers import SiglipModel
 

@@ -1,0 +1,223 @@
+"""Dry run: what a configured model costs before any weight is read or GPU hour spent.
+
+The vision tower and the LLM are built on the meta device from the bundled architecture configs (hicom/arch/*.json,
+named by `model.vision.arch` / `model.llm.arch`), the compressor from its Hydra config. Per stage it prints
+parameters per part, trainable parameters, visual tokens per sample, forward FLOPs per sample for each part
+(torch's FlopCounterMode on meta tensors: exact matrix-product counts), a training estimate, and an estimate of the
+memory per GPU for the chosen ZeRO stage and micro batch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+from hicom.modules.compressors.base import PackedLayout
+
+ARCH_DIR = Path(__file__).parent / "arch"
+PARTS = ("vision_trunk", "vision_head", "guide_encoder", "compressor", "llm")
+
+
+def load_arch(name: str | None, key: str) -> dict:
+    if not name:
+        raise ValueError(f"the dry run needs `{key}`: the name of a bundled architecture in {ARCH_DIR}")
+    path = ARCH_DIR / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in ARCH_DIR.glob("*.json"))
+        raise FileNotFoundError(f"{key}={name!r}: no {path.name} in {ARCH_DIR} (bundled: {known})")
+    return json.loads(path.read_text())
+
+
+@dataclass
+class MetaModel:
+    siglip: torch.nn.Module
+    llm: torch.nn.Module
+    compressor: torch.nn.Module
+    grid: int
+
+    def parts(self) -> dict[str, torch.nn.Module]:
+        vision = self.siglip.vision_model
+        trunk = torch.nn.ModuleList([vision.embeddings, vision.encoder, vision.post_layernorm])
+        return {
+            "vision_trunk": trunk,
+            "vision_head": vision.head,
+            "guide_encoder": self.siglip.text_model,
+            "compressor": self.compressor,
+            "llm": self.llm,
+        }
+
+
+def build_meta(cfg: DictConfig) -> MetaModel:
+    from hydra.utils import instantiate
+    from transformers import AutoModelForCausalLM, SiglipConfig, SiglipModel
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    vision = load_arch(cfg.model.vision.get("arch"), "model.vision.arch")
+    llm_arch = load_arch(cfg.model.llm.get("arch"), "model.llm.arch")
+    llm_config = CONFIG_MAPPING[llm_arch["model_type"]](**{k: v for k, v in llm_arch.items() if k != "model_type"})
+    with torch.device("meta"):
+        siglip = SiglipModel(SiglipConfig(vision_config=vision["vision_config"], text_config=vision["text_config"]))
+        llm = AutoModelForCausalLM.from_config(llm_config)
+        compressor = instantiate(cfg.model.compressor)(
+            in_dim=vision["vision_config"]["hidden_size"],
+            out_dim=llm_config.hidden_size,
+            guide_dim=vision["text_config"]["hidden_size"],
+        )
+    for model in (siglip, llm):
+        model.config._attn_implementation = "sdpa"
+    grid = vision["vision_config"]["image_size"] // vision["vision_config"]["patch_size"]
+    return MetaModel(siglip=siglip, llm=llm, compressor=compressor, grid=grid)
+
+
+def _flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def forward_flops(model: MetaModel, frames: int, modality: str, guided: bool, text: int, guide: int) -> dict:
+    """Forward FLOPs of one sample through each part."""
+    meta = {"device": "meta"}
+    size = model.siglip.config.vision_config.image_size
+    width = model.siglip.config.vision_config.hidden_size
+    grid = model.grid
+    vision = model.siglip.vision_model
+    tokens = frames * grid * grid
+    out = {"vision_trunk": _flops(lambda: vision(pixel_values=torch.empty(frames, 3, size, size, **meta)))}
+    # the head's pooling attention is not used: the joint-space keys are X + head.mlp(head.layernorm(X)) per token
+    out["vision_trunk"] -= _flops(lambda: vision.head(torch.empty(frames, grid * grid, width, **meta)))
+    uses_embeds = getattr(model.compressor, "uses_embeds", False) and guided
+    mlp = vision.head.mlp
+    out["vision_head"] = _flops(lambda: mlp(torch.empty(1, tokens, width, **meta))) if uses_embeds else 0
+    text_model = model.siglip.text_model
+    ids = torch.zeros(1, guide, dtype=torch.long, device="meta")
+    out["guide_encoder"] = _flops(lambda: text_model(input_ids=ids)) if guided else 0
+    layout = PackedLayout((frames,), (modality,), grid, grid)
+    features = torch.empty(frames, grid, grid, width, **meta)
+    guide_shape = (1, guide, width) if getattr(model.compressor, "guide_tokens", False) else (1, width)
+    out["compressor"] = _flops(
+        lambda: model.compressor.forward_packed(features, features, torch.empty(guide_shape, **meta), layout)
+    )
+    visual = model.compressor.num_tokens(frames, grid, grid, modality)
+    hidden = model.llm.config.hidden_size
+    out["llm"] = _flops(lambda: model.llm(inputs_embeds=torch.empty(1, visual + text, hidden, **meta)))
+    return out
+
+
+def training_flops(forward: dict[str, int], trainable: set[str]) -> int:
+    """Forward, plus backward at 2x forward for trainable parts and 1x (input gradients only) for frozen parts
+    that gradients pass through on their way to a trainable part upstream."""
+    order = list(PARTS)  # data flows vision_trunk -> vision_head / guide_encoder -> compressor -> llm
+    total = sum(forward.values())
+    upstream = [i for i, part in enumerate(order) if part in trainable]
+    first = min(upstream) if upstream else len(order)
+    for i, part in enumerate(order):
+        if part in trainable:
+            total += 2 * forward[part]
+        elif i > first and part in ("compressor", "llm"):
+            total += forward[part]
+    return total
+
+
+def memory_per_gpu(
+    params: dict[str, int], trainable: set[str], zero: int, gpus: int, activations: int, offload: bool = False
+) -> dict[str, float]:
+    """GiB per GPU: bf16 weights, bf16 gradients and fp32 Adam states (master, m, v) of the trainable parameters,
+    sharded as ZeRO-`zero` shards them over `gpus`, plus an activation estimate."""
+    total = sum(params.values())
+    train = sum(params[p] for p in trainable)
+    weights = 2 * total / (gpus if zero >= 3 else 1)
+    grads = 2 * train / (gpus if zero >= 2 else 1)
+    optimizer = 0 if offload else 12 * train / (gpus if zero >= 1 else 1)
+    gib = 2**30
+    return {
+        "weights": weights / gib,
+        "gradients": grads / gib,
+        "optimizer": optimizer / gib,
+        "activations": activations / gib,
+        "total": (weights + grads + optimizer + activations) / gib,
+    }
+
+
+def activation_bytes(model: MetaModel, frames: int, visual: int, text: int, micro: int, train_llm_path: bool) -> int:
+    """A rough bf16 activation estimate with gradient checkpointing in the LLM: every layer's input, one layer's
+    internals, and the fp32 logits; plus the vision features and joint-space keys handed to the compressor."""
+    c = model.llm.config
+    seq = visual + text
+    checkpoints = c.num_hidden_layers * seq * c.hidden_size * 2
+    layer = seq * (10 * c.hidden_size + 3 * c.intermediate_size) * 2
+    logits = seq * c.vocab_size * 4
+    width = model.siglip.config.vision_config.hidden_size
+    vision = 2 * frames * model.grid * model.grid * width * 2
+    llm = checkpoints + layer + logits if train_llm_path else seq * c.hidden_size * 2
+    return micro * (llm + vision)
+
+
+def stages_of(cfg: DictConfig) -> list[dict]:
+    stages = cfg.get("stages")
+    if stages:
+        return [OmegaConf.to_container(s, resolve=True) for s in stages]
+    compressor = build_compressor_flags(cfg)
+    return [
+        {
+            "name": "train",
+            "trainable": list(cfg.model.trainable),
+            "num_frames": int(cfg.data.num_frames),
+            "modality": "video",
+            "guided": compressor,
+        }
+    ]
+
+
+def build_compressor_flags(cfg: DictConfig) -> bool:
+    comp = cfg.model.compressor
+    branches = [comp.get("local"), comp.get("global_")]
+    return any(b is not None and b.get("guide", "off") != "off" for b in branches) or bool(comp.get("instruction"))
+
+
+def report(cfg: DictConfig) -> list[dict]:
+    settings = cfg.get("dry_run_settings") or {}
+    gpus, zero = int(settings.get("gpus", 8)), int(settings.get("zero_stage", 2))
+    micro, text = int(settings.get("micro_batch", 1)), int(settings.get("text_tokens", 256))
+    guide = int(settings.get("guide_tokens", 64))
+    model = build_meta(cfg)
+    params = {name: sum(p.numel() for p in part.parameters()) for name, part in model.parts().items()}
+    rows = []
+    print(f"dry run: {cfg.model.vision.arch} + {type(model.compressor).__name__} + {cfg.model.llm.arch}, "
+          f"{gpus} GPUs, ZeRO-{zero}, micro batch {micro}, {text} text tokens per sample")  # fmt: skip
+    print(
+        "parameters: "
+        + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in params.items())
+        + f", total {sum(params.values()) / 1e9:.3f}B"
+    )
+    for stage in stages_of(cfg):
+        trainable = set(stage["trainable"])
+        unknown = trainable - set(PARTS)
+        if unknown:
+            raise ValueError(f"stage {stage['name']}: unknown parts {sorted(unknown)} (parts: {list(PARTS)})")
+        frames, modality, guided = stage["num_frames"], stage.get("modality", "video"), stage.get("guided", True)
+        visual = model.compressor.num_tokens(frames, model.grid, model.grid, modality)
+        fwd = forward_flops(model, frames, modality, guided, text, guide)
+        train = training_flops(fwd, trainable)
+        acts = activation_bytes(model, frames, visual, text, micro, bool(trainable))
+        memory = memory_per_gpu(params, trainable, zero, gpus, acts)
+        row = {
+            "stage": stage["name"],
+            "trainable_params": sum(params[p] for p in trainable),
+            "visual_tokens": visual,
+            "forward_tflops": {k: v / 1e12 for k, v in fwd.items()},
+            "train_tflops": train / 1e12,
+            "memory_gib": memory,
+        }
+        rows.append(row)
+        print(f"\n[{stage['name']}] trainable {sorted(trainable)}: {row['trainable_params'] / 1e6:.1f}M parameters; "
+              f"{frames} x {modality} -> {visual} visual tokens")  # fmt: skip
+        print("  forward TFLOP per sample: " + ", ".join(f"{k} {v:.3f}" for k, v in row["forward_tflops"].items()))
+        print(f"  training TFLOP per sample (forward + backward): {row['train_tflops']:.2f}")
+        print("  GiB per GPU: " + ", ".join(f"{k} {v:.1f}" for k, v in memory.items()))
+    return rows

@@ -1,0 +1,34 @@
+"""The dry run builds the real architectures on the meta device and reports each stage's costs."""
+
+import pytest
+
+from hicom.dry_run import memory_per_gpu, report, training_flops
+from tests.conftest import compose_train
+
+
+def test_the_paper_recipe_on_qwen25_05b(cache_dir, tmp_path, capsys):
+    cfg = compose_train(cache_dir, tmp_path, ["experiment=directg_local43_global32", "model/llm=qwen25_05b"])
+    rows = report(cfg)  # no weights on disk: only the bundled architectures
+    assert [r["stage"] for r in rows] == ["alignment", "conditional", "instruction"]
+    assert [r["visual_tokens"] for r in rows] == [113, 680, 680]  # SPEC 2.5
+    out = capsys.readouterr().out
+    assert "llm 494.0M" in out and "vision_trunk 413.0M" in out  # Qwen2.5-0.5B, SigLIP so400m
+    conditional = rows[1]["forward_tflops"]
+    assert 20 < conditional["vision_trunk"] < 23 and 0.03 < conditional["compressor"] < 0.04
+    assert rows[2]["memory_gib"]["optimizer"] > rows[1]["memory_gib"]["optimizer"]
+
+
+def test_a_config_without_a_bundled_architecture_says_which_key(cache_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"model\.vision\.arch"):
+        report(compose_train(cache_dir, tmp_path, []))  # the tiny default has no bundled architecture
+
+
+def test_training_flops_and_zero_memory_arithmetic():
+    forward = {"vision_trunk": 10, "vision_head": 1, "guide_encoder": 1, "compressor": 2, "llm": 20}
+    assert training_flops(forward, {"compressor"}) == 34 + 2 * 2 + 20  # the LLM passes gradients back
+    assert training_flops(forward, set()) == 34
+    params = {"compressor": 2**30, "llm": 2**30}
+    zero0 = memory_per_gpu(params, {"compressor"}, zero=0, gpus=4, activations=0)
+    zero3 = memory_per_gpu(params, {"compressor"}, zero=3, gpus=4, activations=0)
+    assert (zero0["weights"], zero0["gradients"], zero0["optimizer"]) == (4.0, 2.0, 12.0)
+    assert (zero3["weights"], zero3["gradients"], zero3["optimizer"]) == (1.0, 0.5, 3.0)
