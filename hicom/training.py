@@ -31,6 +31,20 @@ def build(cfg: DictConfig):
     return model, datamodule
 
 
+def gradient_accumulation(global_batch: int | None, micro_batch: int, world_size: int) -> int:
+    """Accumulation steps that make `global_batch` samples per optimizer step from `micro_batch` per process on
+    `world_size` processes (1 when no global batch is set)."""
+    if global_batch is None:
+        return 1
+    per_step = micro_batch * world_size
+    if global_batch < per_step or global_batch % per_step:
+        raise ValueError(
+            f"global_batch_size {global_batch} is not a multiple of data.batch_size {micro_batch} x world size "
+            f"{world_size} = {per_step}: change one of them"
+        )
+    return global_batch // per_step
+
+
 def parameter_report(model) -> Table:
     table = Table(title="parameters")
     for column in ("part", "parameters", "trainable"):
@@ -53,6 +67,15 @@ def train(cfg: DictConfig) -> dict:
     )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    if cfg.get("global_batch_size") is not None:
+        if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
+            raise ValueError("set global_batch_size or trainer.accumulate_grad_batches, not both")
+        micro = int(cfg.data.batch_size)
+        trainer.accumulate_grad_batches = gradient_accumulation(cfg.global_batch_size, micro, trainer.world_size)
+        log.info(
+            "global batch %d = micro batch %d x %d processes x %d accumulation steps",
+            cfg.global_batch_size, micro, trainer.world_size, trainer.accumulate_grad_batches,
+        )  # fmt: skip
 
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

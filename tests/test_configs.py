@@ -62,3 +62,32 @@ def test_frozen_parts_stay_in_eval_mode_while_training(cache_dir, tmp_path):
         assert not model.net.llm.model.training
         assert not model.net.vision.vision_tower.encoder.training
         assert not model.net.vision.guide_encoder.training
+
+
+def test_global_batch_is_the_one_source_of_accumulation():
+    from hicom.training import gradient_accumulation
+
+    assert gradient_accumulation(None, 4, 8) == 1
+    assert gradient_accumulation(512, 1, 8) == 64
+    assert gradient_accumulation(256, 2, 16) == 8
+    for bad in ((100, 1, 8), (4, 1, 8)):
+        with pytest.raises(ValueError, match="global_batch_size"):
+            gradient_accumulation(*bad)
+
+
+@pytest.mark.parametrize("strategy", sorted(p.stem for p in (CONFIGS / "strategy").glob("*.yaml")))
+def test_strategies_compose_without_batch_settings(strategy, cache_dir, tmp_path):
+    cfg = compose_train(cache_dir, tmp_path, [f"strategy={strategy}"])
+    node = cfg.trainer.strategy
+    assert node._target_.startswith("lightning.pytorch.strategies.")
+    assert not any("batch" in key for key in node)
+    if strategy == "ddp":
+        instantiate(cfg.trainer)
+
+
+def test_a_global_batch_sets_accumulation_in_a_run(cache_dir, tmp_path):
+    from hicom.training import train
+
+    overrides = [*SMALL, "global_batch_size=8", "data.batch_size=4", "trainer.limit_train_batches=4"]
+    metrics = train(compose_train(cache_dir, tmp_path, overrides))
+    assert metrics["steps"] == 2  # 4 micro batches of 4, 2 per optimizer step
