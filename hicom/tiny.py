@@ -78,7 +78,8 @@ class _Writer:
         tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        self.write(tmp)
+        with torch.random.fork_rng(devices=[]):  # seeded writing must not move the caller's random state
+            self.write(tmp)
         (tmp / "spec.json").write_text(json.dumps(spec, indent=2))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)

@@ -53,3 +53,15 @@ def test_tiny_qwen2_init_scales_with_its_width(tmp_path, initializer_range, expe
     # every projection and the (tied) embedding start at that std, not at Qwen2's 0.02 for width ~1000
     weights = [m.weight for m in llm.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)]
     assert all(w.std().item() == pytest.approx(expected, rel=0.15) for w in weights)
+
+
+def test_writing_the_tiny_checkpoints_leaves_the_random_state_alone(tmp_path):
+    import torch
+
+    from hicom.tiny import TinyQwen2
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    TinyQwen2()(tmp_path / "qwen2")  # a fresh write seeds its own init
+    torch.testing.assert_close(torch.rand(3), expected)

@@ -98,3 +98,28 @@ def test_a_training_batch_without_supervised_tokens_is_an_error(cfg_small):
     batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
     with pytest.raises(ValueError, match="no supervised token"):
         model.training_step(batch, 0)
+
+
+def test_two_process_ddp_follows_the_one_process_loss_curve(cache_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo), micro batch 4, against 1 process at micro batch 8: the same global
+    batches (no shuffling: DistributedSampler deals rank r the samples r, r + 2, ...), the same losses."""
+    import csv
+    import subprocess
+    import sys
+
+    common = [o for o in SMALL if o != "logger=csv"] + ["logger=csv", "data.shuffle=false", "evaluate=false",
+              "global_batch_size=8", f"paths.cache_dir={cache_dir}"]  # fmt: skip
+
+    def losses(run: str, launcher: list[str], overrides: list[str]) -> list[float]:
+        cmd = [*launcher, "train.py", *common, *overrides, f"hydra.run.dir={tmp_path / run}"]
+        done = subprocess.run(cmd, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = csv.DictReader((tmp_path / run / "csv" / "metrics.csv").open())
+        return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+    single = losses("one", [sys.executable], ["data.batch_size=8"])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531"]
+    ddp = losses("two", torchrun, ["data.batch_size=4", "trainer.devices=2", "trainer.strategy=ddp"])
+    assert len(single) == len(ddp) == 4
+    for a, b in zip(single, ddp, strict=True):
+        assert abs(a - b) <= 1e-4 * abs(a), (single, ddp)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from hicom.data.collate import Collator
 from hicom.data.dataset import VideoQADataset
@@ -113,6 +113,7 @@ class VideoQADataModule(LightningDataModule):
         quarantine: str | None = None,
         group_by_length: bool = False,
         index_dir: str | None = None,
+        shuffle: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -130,6 +131,7 @@ class VideoQADataModule(LightningDataModule):
         self.quarantine = quarantine
         self.group_by_length = group_by_length
         self.index_dir = index_dir
+        self.shuffle = shuffle
         self.seed = seed
         self.splits = None
 
@@ -186,16 +188,32 @@ class VideoQADataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def _train_sampler(self):
+        """Under DDP our own DistributedSampler, so that `shuffle` and `seed` hold there too (Lightning's own
+        always shuffles); otherwise a seeded RandomSampler, or file order."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:
+                return DistributedSampler(self.train_set, shuffle=self.shuffle, seed=self.seed)
+        if self.shuffle:
+            return RandomSampler(self.train_set, generator=torch.Generator().manual_seed(self.seed))
+        return SequentialSampler(self.train_set)
+
     def train_dataloader(self) -> DataLoader:
         if not self.group_by_length:
-            return self._loader(self.train_set, self.batch_size, True, self.collate)
+            return DataLoader(
+                self.train_set,
+                batch_size=self.batch_size,
+                sampler=self._train_sampler(),
+                num_workers=self.num_workers,
+                collate_fn=self.collate,
+                persistent_workers=self.num_workers > 0,
+            )
         index = self.train_set.index
         modalities = index.modalities()
         visual = np.array([0, self.visual_tokens(1, "image"), self.visual_tokens(self.num_frames, "video")])
         lengths = index.text_bytes() // 4 + visual[modalities]  # about 4 bytes of JSON per text token
-        generator = torch.Generator().manual_seed(self.seed)
         batches = GroupedBatchSampler(
-            RandomSampler(self.train_set, generator=generator),
+            self._train_sampler(),
             batch_size=self.batch_size,
             drop_last=False,
             lengths=lengths,

@@ -77,7 +77,8 @@ class VideoLLMModule(LightningModule):
         trunk = nn.ModuleList([vision.embeddings, vision.encoder, vision.post_layernorm])
         return {
             "vision_trunk": trunk,
-            "vision_head": vision.head,
+            # only the head's layernorm and MLP make the joint-space keys; its attention pooling is never used
+            "vision_head": nn.ModuleList([vision.head.layernorm, vision.head.mlp]),
             "guide_encoder": self.net.vision.guide_encoder,
             "compressor": self.net.compressor,
             "llm": self.net.llm.model,
@@ -107,7 +108,8 @@ class VideoLLMModule(LightningModule):
                 "loss would be a silent zero (check the chat template and the conversations)"
             )
         loss = self.net(batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]))
+        # averaged over processes, so that the curve is the global batch's under DDP
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]), sync_dist=True)
         self.log("data/skipped", float(len(self.skipped)), batch_size=len(batch["ids"]))
         return loss
 
