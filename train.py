@@ -14,6 +14,11 @@ def main(cfg: DictConfig) -> float | None:
 
         report(cfg)
         return None
+    if cfg.get("stages"):
+        from hicom.stages import run_stages
+
+        run_stages(cfg)
+        return None
     metrics = train(cfg)
     return metrics.get("accuracy")  # what a Hydra sweeper optimises
 

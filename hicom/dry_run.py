@@ -45,7 +45,7 @@ class MetaModel:
         trunk = torch.nn.ModuleList([vision.embeddings, vision.encoder, vision.post_layernorm])
         return {
             "vision_trunk": trunk,
-            "vision_head": vision.head,
+            "vision_head": torch.nn.ModuleList([vision.head.layernorm, vision.head.mlp]),
             "guide_encoder": self.siglip.text_model,
             "compressor": self.compressor,
             "llm": self.llm,
@@ -161,7 +161,14 @@ def activation_bytes(model: MetaModel, frames: int, visual: int, text: int, micr
 def stages_of(cfg: DictConfig) -> list[dict]:
     stages = cfg.get("stages")
     if stages:
-        return [OmegaConf.to_container(s, resolve=True) for s in stages]
+        out = []
+        for stage in stages:
+            merged = OmegaConf.merge(cfg, stage.get("config") or {})
+            entry = OmegaConf.to_container(stage, resolve=False)
+            entry["guided"] = build_compressor_flags(merged)
+            entry.setdefault("modality", "image" if stage.num_frames == 1 else "video")
+            out.append(entry)
+        return out
     compressor = build_compressor_flags(cfg)
     return [
         {

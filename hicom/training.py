@@ -54,8 +54,11 @@ def parameter_report(model) -> Table:
     return table
 
 
-def train(cfg: DictConfig) -> dict:
-    """Fit the configured model and return the run's figures (also written to <output_dir>/metrics.json)."""
+def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
+    """Fit the configured model and return the run's figures (also written to <output_dir>/metrics.json).
+
+    `before_fit(model)` / `after_fit(model)` run around the fit (the stage runner loads and saves hand-offs there).
+    """
     L.seed_everything(cfg.seed, workers=True)
     out_dir = ensure_dir(cfg.paths.output_dir)
     model, datamodule = build(cfg)
@@ -77,9 +80,13 @@ def train(cfg: DictConfig) -> dict:
             cfg.global_batch_size, micro, trainer.world_size, trainer.accumulate_grad_batches,
         )  # fmt: skip
 
+    if before_fit is not None:
+        before_fit(model)
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_seconds = time.perf_counter() - start
+    if after_fit is not None and trainer.is_global_zero:
+        after_fit(model)
 
     frames, grid = datamodule.num_frames, model.net.vision.grid
     tokens = model.net.num_visual_tokens(frames)

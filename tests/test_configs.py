@@ -31,6 +31,8 @@ def test_experiments_instantiate_with_tiny_parts(experiment, cache_dir, tmp_path
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiments_without_weights_name_the_missing_path_and_key(experiment, cache_dir, tmp_path):
     cfg = compose_train(cache_dir, tmp_path, [f"experiment={experiment}", f"paths.weights_dir={tmp_path / 'none'}"])
+    if cfg.get("assets"):
+        pytest.skip("this experiment runs on the tiny checkpoints the project writes")
     with pytest.raises(FileNotFoundError, match=r"model\.vision\.path") as error:
         build(cfg)
     assert str(Path(tmp_path / "none")) in str(error.value)

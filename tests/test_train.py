@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from hicom.training import train
@@ -123,3 +124,41 @@ def test_two_process_ddp_follows_the_one_process_loss_curve(cache_dir, tmp_path)
     assert len(single) == len(ddp) == 4
     for a, b in zip(single, ddp, strict=True):
         assert abs(a - b) <= 1e-4 * abs(a), (single, ddp)
+
+
+def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_deleted(cache_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from hicom.stages import HandoffError, load_handoff, run_stages
+    from hicom.training import build
+
+    cfg = compose_train(cache_dir, tmp_path / "run", ["experiment=tiny_stages", *SMALL])
+    results = run_stages(cfg)
+    stages = tmp_path / "run" / "stages"
+    assert list(results) == ["alignment", "conditional", "instruction"]
+    assert all(r["steps"] == 4 for r in results.values())
+    manifests = {s: json.loads((stages / s / "manifest.json").read_text()) for s in results}
+    assert manifests["alignment"]["parts"] == ["compressor"] and manifests["alignment"]["parent"] is None
+    assert manifests["instruction"]["parts"] == ["compressor", "llm"]
+    assert manifests["instruction"]["parent"] == str(stages / "conditional")
+    # frozen parts stay out of the hand-off; the stage-2 injection modules appear from stage 2 on
+    names = set(load_file(str(stages / "instruction" / "handoff.safetensors")))
+    assert names and all(n.split(".")[0] in ("compressor", "llm") for n in names)
+    assert not any("guide_injector" in n for n in manifests["alignment"]["parameters"])
+    assert any("guide_injector" in n for n in manifests["conditional"]["parameters"])
+    # a re-run skips every finished stage; deleting one re-runs it (and only it) from its parent
+    assert all(r == {"skipped": True} for r in run_stages(cfg).values())
+    before = load_file(str(stages / "alignment" / "handoff.safetensors"))
+    shutil.rmtree(stages / "conditional")
+    again = run_stages(cfg)
+    assert again["alignment"] == {"skipped": True} and again["instruction"] == {"skipped": True}
+    assert again["conditional"]["steps"] == 4
+    assert all(
+        torch.equal(v, load_file(str(stages / "alignment" / "handoff.safetensors"))[k]) for k, v in before.items()
+    )
+    # strict: a parent whose parameters do not fit names them
+    model, _ = build(compose_train(cache_dir, tmp_path / "other", [*SMALL, "model.compressor.global_.num_queries=4"]))
+    with pytest.raises(HandoffError, match=r"wrong shapes \['global_compressor.query \(32, "):
+        load_handoff(model, stages / "conditional", [])

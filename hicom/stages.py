@@ -1,0 +1,155 @@
+"""The recipe's stages in sequence (SPEC 5), each a Lightning fit that starts from its parent through a checked
+hand-off.
+
+A stage is `{name, trainable, num_frames, global_batch_size, config, new_parameters}`: `config` is a delta merged
+onto the run's config (data source, learning rates, the compressor's guides); `new_parameters` are glob patterns
+of parameters the stage adds to what its parent trained (e.g. the injection modules when stage 2 turns the guide
+on), which start from their init instead of the parent.
+
+Each finished stage writes `<output_dir>/stages/<name>/` with `handoff.safetensors` (the parts trained so far,
+frozen parts left out) and `manifest.json` (parent, compressor config, parameter names and shapes). Loading is
+strict: any parameter of the handed-off parts that is missing (and not declared new) or unexpected stops the run
+with the list. A stage whose manifest exists is skipped on re-run; `stage=<name>` with `stage_parent=<folder>`
+runs one stage alone from a given parent.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from hicom.training import train
+
+log = logging.getLogger(__name__)
+
+HANDOFF, MANIFEST = "handoff.safetensors", "manifest.json"
+
+
+class HandoffError(RuntimeError):
+    """A stage's parent does not fit it: missing or unexpected parameters, or a wrong shape."""
+
+
+def stage_config(base: DictConfig, stage: DictConfig, out_dir: Path) -> DictConfig:
+    cfg = OmegaConf.merge(base, stage.get("config") or {})
+    with open_dict(cfg):
+        cfg.model.trainable = list(stage.trainable)
+        if stage.get("num_frames") is not None:
+            cfg.data.num_frames = stage.num_frames
+        if stage.get("global_batch_size") is not None:
+            cfg.global_batch_size = stage.global_batch_size
+        cfg.paths.output_dir = str(out_dir)
+        cfg.stages = None
+    return cfg
+
+
+def save_handoff(model, out_dir: Path, parts: list[str], parent: str | None, cfg: DictConfig) -> None:
+    from safetensors.torch import save_file
+
+    modules = model.parts()
+    state = {}
+    for part in parts:
+        for key, value in modules[part].state_dict().items():
+            state[f"{part}.{key}"] = value.detach().to("cpu").contiguous().clone()  # tied weights saved apart
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out_dir / f"{HANDOFF}.tmp"))
+    (out_dir / f"{HANDOFF}.tmp").rename(out_dir / HANDOFF)
+    manifest = {
+        "stage": out_dir.name,
+        "parent": parent,
+        "parts": parts,
+        "compressor": OmegaConf.to_container(cfg.model.compressor, resolve=True),
+        "parameters": {key: list(value.shape) for key, value in state.items()},
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))  # written last: the stage is done
+
+
+def load_handoff(model, parent: Path, new_parameters: list[str]) -> list[str]:
+    """Load a parent's hand-off into `model`, strictly; returns the parts it held."""
+    from safetensors.torch import load_file
+
+    manifest_path = parent / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{parent} holds no finished stage ({MANIFEST} missing)")
+    manifest = json.loads(manifest_path.read_text())
+    try:
+        state = load_file(str(parent / HANDOFF))
+    except Exception as error:
+        raise HandoffError(f"cannot read {parent / HANDOFF}: {error}") from error
+    modules = model.parts()
+    problems = []
+    for part in manifest["parts"]:
+        if part not in modules:
+            raise HandoffError(f"{parent}: part {part!r} is not a part of this model ({list(modules)})")
+        expected = modules[part].state_dict()
+        given = {k[len(part) + 1 :]: v for k, v in state.items() if k.startswith(part + ".")}
+        missing = [k for k in expected if k not in given and not _declared(f"{part}.{k}", new_parameters)]
+        unexpected = [k for k in given if k not in expected]
+        shapes = [f"{k} {tuple(given[k].shape)} != {tuple(expected[k].shape)}"
+                  for k in given if k in expected and given[k].shape != expected[k].shape]  # fmt: skip
+        if missing or unexpected or shapes:
+            problems.append(f"{part}: missing {missing}, unexpected {unexpected}, wrong shapes {shapes}")
+            continue
+        with torch.no_grad():
+            for key, value in given.items():
+                expected[key].copy_(value)
+    if problems:
+        raise HandoffError(f"the hand-off from {parent} does not fit:\n  " + "\n  ".join(problems))
+    log.info("loaded the hand-off of stage %s (%s)", manifest["stage"], ", ".join(manifest["parts"]))
+    return list(manifest["parts"])
+
+
+def _declared(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+
+
+def run_stages(cfg: DictConfig) -> dict[str, dict]:
+    """Run the configured stages in order (or only `cfg.stage`), skipping finished ones."""
+    stages = list(cfg.stages)
+    names = [s.name for s in stages]
+    only = cfg.get("stage")
+    if only is not None and only not in names:
+        raise ValueError(f"stage={only!r} is not one of {names}")
+    root = Path(cfg.paths.output_dir) / "stages"
+    parent: Path | None = None
+    results = {}
+    for i, stage in enumerate(stages):
+        out_dir = root / stage.name
+        if only is not None and stage.name != only:
+            parent = out_dir  # the default parent of a stage run alone: the stage before it
+            continue
+        if only is not None and cfg.get("stage_parent"):
+            parent = Path(cfg.stage_parent)
+        if (out_dir / MANIFEST).is_file():
+            log.info("stage %s is done (%s): skipped", stage.name, out_dir)
+            results[stage.name] = {"skipped": True}
+            parent = out_dir
+            continue
+        if i > 0 and parent is None:
+            raise FileNotFoundError(f"stage {stage.name} needs its parent's hand-off: run the earlier stages first")
+        stage_cfg = stage_config(cfg, stage, out_dir)
+        handoff = _Handoff(parent, out_dir, stage_cfg, list(stage.get("new_parameters") or []))
+        log.info("stage %s: training %s from %s", stage.name, list(stage.trainable), parent or "scratch")
+        results[stage.name] = train(stage_cfg, before_fit=handoff.load, after_fit=handoff.save)
+        parent = out_dir
+    return results
+
+
+class _Handoff:
+    """Loads a stage's parent before its fit and saves the stage after it: the parts trained so far."""
+
+    def __init__(self, parent: Path | None, out_dir: Path, cfg: DictConfig, new_parameters: list[str]) -> None:
+        self.parent, self.out_dir, self.cfg, self.new_parameters = parent, out_dir, cfg, new_parameters
+        self.carried: list[str] = []
+
+    def load(self, model) -> None:
+        if self.parent is not None:
+            self.carried = load_handoff(model, self.parent, self.new_parameters)
+
+    def save(self, model) -> None:
+        parts = list(dict.fromkeys([*self.carried, *self.cfg.model.trainable]))
+        save_handoff(model, self.out_dir, parts, str(self.parent) if self.parent else None, self.cfg)
