@@ -93,3 +93,20 @@ def test_a_global_batch_sets_accumulation_in_a_run(cache_dir, tmp_path):
     overrides = [*SMALL, "global_batch_size=8", "data.batch_size=4", "trainer.limit_train_batches=4"]
     metrics = train(compose_train(cache_dir, tmp_path, overrides))
     assert metrics["steps"] == 2  # 4 micro batches of 4, 2 per optimizer step
+
+
+def test_multinode_reads_the_launchers_counts(cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_NNODES", "4")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")
+    cfg = compose_train(cache_dir, tmp_path, ["trainer=multinode"])
+    assert (int(cfg.trainer.num_nodes), int(cfg.trainer.devices)) == (4, 8)
+    monkeypatch.setenv("HICOM_NUM_NODES", "2")
+    cfg = compose_train(cache_dir, tmp_path, ["trainer=multinode"])
+    assert int(cfg.trainer.num_nodes) == 2
+
+
+def test_auto_attention_is_sdpa_without_flash_attn():
+    from hicom.utils.checkpoints import resolve_attention
+
+    assert resolve_attention("auto") == "sdpa"  # no GPU, no flash-attn here
+    assert resolve_attention("eager") == "eager"

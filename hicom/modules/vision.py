@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-from hicom.utils.checkpoints import require_pretrained
+from hicom.utils.checkpoints import require_pretrained, resolve_attention
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class SiglipTower(nn.Module):
 
         folder = require_pretrained(path, "the SigLIP checkpoint", "model.vision.path")
         self.path = str(folder)
-        model = SiglipModel.from_pretrained(folder, attn_implementation=attn_implementation)
+        model = SiglipModel.from_pretrained(folder, attn_implementation=resolve_attention(attn_implementation))
         self.vision_tower = model.vision_model
         self.guide_encoder = model.text_model
         self.logit_scale, self.logit_bias = model.logit_scale, model.logit_bias

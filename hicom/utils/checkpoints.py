@@ -14,3 +14,17 @@ def require_pretrained(path: str | Path, what: str, key: str) -> Path:
             f"`{key}=<folder>` on the command line (or the environment variable that the config reads)."
         )
     return folder
+
+
+def resolve_attention(requested: str) -> str:
+    """`auto`: flash_attention_2 where the flash-attn package is installed and a GPU is present, else torch SDPA.
+    Anything else is passed to transformers as is."""
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
+        return "flash_attention_2"
+    return "sdpa"
