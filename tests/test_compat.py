@@ -203,3 +203,35 @@ def test_unreadable_or_foreign_folders_say_what_is_wrong(tmp_path):
     save_file(other, tmp_path / "mm_projector.safetensors")
     with pytest.raises(KeyError, match=r"wrong shapes \['global_compressor.query \(16, 256\) != \(32, 256\)'\]"):
         load_official(tmp_path)
+
+
+def test_the_whole_model_round_trips_through_the_release_layout(cfg_small, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from hicom.compat.official import export_official, import_official
+    from hicom.training import build
+
+    source = build(cfg_small)[0].net
+    with torch.no_grad():
+        for p in source.compressor.parameters():
+            p.normal_(0, 0.1)
+    folder = export_official(source, tmp_path / "official")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["mm_projector_type"] == "local43_guidedirect_global32_guidecoarse"
+    names = set(load_file(str(folder / "model.safetensors")))
+    assert "model.mm_projector.global_compressor.query" in names and "lm_head.weight" in names
+    assert any(n.startswith("model.vision_tower.guide_encoder.text_model.") for n in names)
+    # the release's parser reads our name the same way
+    assert isinstance(build_compressor({**config, "mm_hidden_size": 64, "hidden_size": 8}), HICom)
+    torch.manual_seed(1)
+    target = build(cfg_small)[0].net
+    import_official(target, folder)
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    # strict: a tensor too many or too few is named
+    state = load_file(str(folder / "model.safetensors"))
+    state["model.mm_projector.local_compressor.extra"] = torch.zeros(1)
+    del state["model.norm.weight"]
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(KeyError, match=r"(?s)projector: .*local_compressor.extra.*llm: .*model.norm.weight"):
+        import_official(target, folder)

@@ -295,3 +295,112 @@ def load_official(folder: str | Path) -> Compressor:
         compressor = release
     compressor.load_state_dict(state, strict=True)
     return compressor
+
+
+# The whole model in the release's layout (SPEC 4): vision tower and guide encoder under model.vision_tower.*,
+# the projector under model.mm_projector.*, the LLM as Qwen2 (model.*, lm_head.*).
+_VISION = "model.vision_tower.vision_tower.vision_model."
+_GUIDE = "model.vision_tower.guide_encoder.text_model."
+
+
+def projector_type(compressor: Compressor) -> dict:
+    """The legacy config fields that describe one of our HICom compressors, in the guide<mode> form that the
+    release parses too (so no bare mode is ever left to defect 1)."""
+    if not isinstance(compressor, HICom):
+        raise ValueError(f"only HICom compressors have a release name, not {type(compressor).__name__}")
+    parts, scales, modes = [], [], []
+    local, global_ = compressor.local_compressor, compressor.global_compressor
+    if local is not None:
+        kt, ks, _ = local.kernel
+        name = f"local{kt}{ks}"
+        if local.adapt:
+            name += "_adapt" + "".join(sorted(a.value for a in local.adapt))
+        parts.append(f"{name}_guide{local.guide.value}")
+        modes.append(local.guide)
+        if local.clip_scale:
+            scales.append("local")
+    if global_ is not None:
+        name = f"global{global_.num_queries}"
+        if global_.guide_injector is not None and global_.guide_injector.adapt:
+            name += "_adaptg"
+        parts.append(f"{name}_guide{global_.guide.value}")
+        modes.append(global_.guide)
+        if global_.clip_scale:
+            scales.append("global")
+    guided = [m for m in modes if m is not Guide.OFF]
+    return {
+        "mm_projector_type": "_".join(parts),
+        "use_guide": guided[0].value if guided else "off",
+        "use_clip_scale": ",".join(scales),
+    }
+
+
+def export_official(net, folder: str | Path) -> Path:
+    """Write our VideoLLM as a release-layout folder: config.json and model.safetensors."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for key, value in net.vision.vision_tower.state_dict().items():
+        state[_VISION + key] = value
+    for key, value in net.vision.guide_encoder.state_dict().items():
+        state[_GUIDE + key] = value
+    state.update(to_official_state_dict(net.compressor.state_dict()))
+    state.update(net.llm.model.state_dict())  # model.* and lm_head.*, as Qwen2ForCausalLM names them
+    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(folder / "model.safetensors"))
+    config = {
+        **net.llm.model.config.to_dict(),
+        **projector_type(net.compressor),
+        "mm_hidden_size": net.vision.hidden_size,
+        "hidden_size": net.llm.hidden_size,
+        "mm_vision_select_layer": net.vision.select_layer,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    return folder
+
+
+def import_official(net, folder: str | Path) -> None:
+    """Load a release-layout folder (every safetensors shard) into our VideoLLM, strictly: a KeyError lists, per
+    part, the missing, unexpected and mis-shaped tensors. SigLIP's logit scale and bias are not in the release's
+    layout and keep the vision checkpoint's values."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"no .safetensors in {folder}")
+    weights = {}
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                weights.update({key: f.get_tensor(key) for key in f.keys()})
+        except Exception as error:
+            raise ValueError(f"cannot read {shard}: {error}") from error
+    groups = {"vision": {}, "guide": {}, "projector": {}, "llm": {}}
+    for key, value in weights.items():
+        if key.startswith(_VISION):
+            groups["vision"][key[len(_VISION) :]] = value
+        elif key.startswith(_GUIDE):
+            groups["guide"][key[len(_GUIDE) :]] = value
+        elif "mm_projector." in key:
+            groups["projector"][key] = value
+        else:
+            groups["llm"][key] = value
+    targets = {
+        "vision": net.vision.vision_tower,
+        "guide": net.vision.guide_encoder,
+        "projector": net.compressor,
+        "llm": net.llm.model,
+    }
+    groups["projector"] = convert_state_dict(groups["projector"])
+    problems = []
+    for name, module in targets.items():
+        try:
+            check_keys(groups[name], module)
+        except KeyError as error:
+            problems.append(f"{name}: {error.args[0]}")
+    if problems:
+        raise KeyError("the checkpoint does not fit the model:\n  " + "\n  ".join(problems))
+    for name, module in targets.items():
+        module.load_state_dict(groups[name], strict=True)
