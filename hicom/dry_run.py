@@ -165,23 +165,23 @@ def stages_of(cfg: DictConfig) -> list[dict]:
         for stage in stages:
             merged = OmegaConf.merge(cfg, stage.get("config") or {})
             entry = OmegaConf.to_container(stage, resolve=False)
-            entry["guided"] = build_compressor_flags(merged)
+            entry["guided"] = is_guided(merged)
             entry.setdefault("modality", "image" if stage.num_frames == 1 else "video")
             out.append(entry)
         return out
-    compressor = build_compressor_flags(cfg)
     return [
         {
             "name": "train",
             "trainable": list(cfg.model.trainable),
             "num_frames": int(cfg.data.num_frames),
             "modality": "video",
-            "guided": compressor,
+            "guided": is_guided(cfg),
         }
     ]
 
 
-def build_compressor_flags(cfg: DictConfig) -> bool:
+def is_guided(cfg: DictConfig) -> bool:
+    """Whether the configured compressor injects a guide (any branch's guide on, or the instruction-aware form)."""
     comp = cfg.model.compressor
     branches = [comp.get("local"), comp.get("global_")]
     return any(b is not None and b.get("guide", "off") != "off" for b in branches) or bool(comp.get("instruction"))

@@ -158,6 +158,13 @@ def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_delete
     assert all(
         torch.equal(v, load_file(str(stages / "alignment" / "handoff.safetensors"))[k]) for k, v in before.items()
     )
+    # one stage alone, from its default parent (the stage before it)
+    shutil.rmtree(stages / "instruction")
+    alone = run_stages(
+        compose_train(cache_dir, tmp_path / "run", ["experiment=tiny_stages", *SMALL, "stage=instruction"])
+    )
+    assert list(alone) == ["instruction"] and alone["instruction"]["steps"] == 4
+    assert json.loads((stages / "instruction" / "manifest.json").read_text())["parent"] == str(stages / "conditional")
     # strict: a parent whose parameters do not fit names them
     model, _ = build(compose_train(cache_dir, tmp_path / "other", [*SMALL, "model.compressor.global_.num_queries=4"]))
     with pytest.raises(HandoffError, match=r"wrong shapes \['global_compressor.query \(32, "):

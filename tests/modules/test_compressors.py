@@ -301,3 +301,13 @@ def test_qformer_every_parameter_learns_and_bad_sizes_are_refused():
         small_qformer(in_dim=8, out_dim=4, num_queries=0)
     with pytest.raises(ValueError, match="token-level guide"):
         module(torch.randn(1, 2, 4, 4, 8), guide=torch.randn(1, 6))
+
+
+def test_a_compressor_must_implement_forward_or_forward_packed():
+    class Empty(Compressor):
+        pass
+
+    with pytest.raises(NotImplementedError, match="neither forward nor forward_packed"):
+        Empty()(torch.zeros(1, 2, 3, 3, 4))
+    with pytest.raises(NotImplementedError, match="neither forward nor forward_packed"):
+        Empty().forward_packed(torch.zeros(2, 3, 3, 4), None, None, PackedLayout((2,), ("video",), 3, 3))

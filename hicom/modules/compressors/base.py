@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,18 @@ def group_index(n: int, k: int, device: torch.device | None = None) -> torch.Ten
     return starts[:, None] + torch.arange(min(k, n), device=device)
 
 
+def pad_packed(rows: torch.Tensor, counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Packed rows (sum counts, ...) of B groups, group-major, as (B, max(counts), ...) zero-padded, with the
+    (B, max) mask of real rows; the mask is None when every group has the same count (then nothing is copied)."""
+    b, longest = len(counts), max(counts)
+    if min(counts) == longest:
+        return rows.reshape(b, longest, *rows.shape[1:]), None
+    real = torch.arange(longest, device=rows.device) < torch.tensor(counts, device=rows.device)[:, None]
+    padded = rows.new_zeros(b, longest, *rows.shape[1:])
+    padded[real] = rows  # the mask's True entries run group-major, as the packed rows do
+    return padded, real
+
+
 @dataclass(frozen=True)
 class PackedLayout:
     """How clips of different lengths and modalities lie in one packed batch: clip i has `num_frames[i]` frames
@@ -110,14 +123,18 @@ class Compressor(nn.Module):
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         raise NotImplementedError
 
-    def _forward_as_packed(
+    def forward(
         self,
         features: torch.Tensor,
-        embeds: torch.Tensor | None,
-        guide: torch.Tensor | None,
-        modality: str,
+        embeds: torch.Tensor | None = None,
+        guide: torch.Tensor | None = None,
+        modality: str = "video",
     ) -> torch.Tensor:
-        """`forward` for compressors whose one implementation is `forward_packed`: (B, T, H, W, D) -> (B, N, d)."""
+        """(B, T, H, W, D) clips of one shape -> (B, N, d_out) through `forward_packed`, for compressors whose one
+        implementation is their packed path; the others override `forward` (and inherit the per-shape
+        `forward_packed`). A compressor must override one of the two."""
+        if type(self).forward_packed is Compressor.forward_packed:
+            raise NotImplementedError(f"{type(self).__name__} overrides neither forward nor forward_packed")
         b, t, h, w, _ = features.shape
         layout = PackedLayout((t,) * b, (modality,) * b, h, w)
         packed_embeds = embeds.flatten(0, 1) if embeds is not None else None
@@ -150,6 +167,8 @@ class Compressor(nn.Module):
         for i, key in enumerate(zip(layout.num_frames, layout.modalities, strict=True)):
             shapes.setdefault(key, []).append(i)
         outputs: dict[int, torch.Tensor] = {}
+        if type(self).forward is Compressor.forward:
+            raise NotImplementedError(f"{type(self).__name__} overrides neither forward nor forward_packed")
         for (n, modality), members in shapes.items():
             frames = torch.stack([torch.arange(layout.frame_starts[i], layout.frame_starts[i] + n) for i in members])
             frames = frames.to(features.device)

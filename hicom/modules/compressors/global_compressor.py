@@ -8,7 +8,14 @@ from functools import partial
 import torch
 from torch import nn
 
-from hicom.modules.compressors.base import RELEASE_INIT_STD, Compressor, PackedLayout, init_weights, readout
+from hicom.modules.compressors.base import (
+    RELEASE_INIT_STD,
+    Compressor,
+    PackedLayout,
+    init_weights,
+    pad_packed,
+    readout,
+)
 from hicom.modules.compressors.injection import Attention, Guide, GuideInjector
 
 
@@ -92,16 +99,6 @@ class GlobalCompressor(Compressor):
             table = self._table = sincos_table(size, like.shape[-1], like.device)
         return table[:n].to(like.dtype)
 
-    def forward(
-        self,
-        features: torch.Tensor,
-        embeds: torch.Tensor | None = None,
-        guide: torch.Tensor | None = None,
-        modality: str = "video",
-    ) -> torch.Tensor:
-        """(B, T, H, W, D) clips of one shape -> (B, N, d_out), through the packed path."""
-        return self._forward_as_packed(features, embeds, guide, modality)
-
     def forward_packed(
         self,
         features: torch.Tensor,
@@ -111,14 +108,9 @@ class GlobalCompressor(Compressor):
     ) -> torch.Tensor:
         """Clips of any lengths in one pass: padded to the longest clip, the padding masked out of the keys.
         (sum T, H, W, D) -> (B * num_queries, d_out), clip by clip."""
-        _, h, w, d = features.shape
-        b, longest = len(layout.num_frames), max(layout.num_frames)
-        if min(layout.num_frames) == longest:  # clips of one length: nothing to pad or mask
-            real, padded = None, features.reshape(b, longest, h, w, d)
-        else:
-            real = torch.arange(longest, device=features.device) < features.new_tensor(layout.num_frames)[:, None]
-            padded = features.new_zeros(b, longest, h, w, d)
-            padded[real] = features  # (B, T_max, H, W, D): packed rows are clip-major, as the mask's True entries
+        _, h, w, _ = features.shape
+        b = len(layout.num_frames)
+        padded, real = pad_packed(features, layout.num_frames)  # (B, T_max, H, W, D), (B, T_max) or None
         queries = self.query.expand(b, -1, -1)
         if self.guide_injector is not None:
             if guide is None:

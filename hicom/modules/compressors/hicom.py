@@ -33,10 +33,6 @@ class HICom(Compressor):
         branches = (self.local_compressor, self.global_compressor)
         return sum(m.num_tokens(t, h, w, modality) for m in branches if m is not None)
 
-    def forward(self, features, embeds=None, guide=None, modality: str = "video") -> torch.Tensor:
-        """(B, T, H, W, D) clips of one shape -> (B, N_local + N_global, d_out), through the packed path."""
-        return self._forward_as_packed(features, embeds, guide, modality)
-
     def forward_packed(self, features, embeds, guide, layout: PackedLayout) -> torch.Tensor:
         """(sum T, H, W, D) -> (sum N, d_out): each clip's local tokens, then its global tokens."""
         local = global_ = None

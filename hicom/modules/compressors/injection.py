@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hicom.modules.compressors.base import readout
+from hicom.modules.compressors.base import pad_packed, readout
 
 
 class Guide(str, enum.Enum):
@@ -118,12 +118,7 @@ class GuideInjector(nn.Module):
         if self.mode is Guide.COARSE:
             scale, shift = self.coarse_proj(guide).chunk(2, dim=-1)
             return self.coarse_norm(queries * (1 + scale[clip]) + shift[clip])
-        if len(set(counts)) == 1:  # clips of one shape: a plain batch
-            attended = self.fine_proj(queries.reshape(len(counts), counts[0], -1), guide).reshape_as(queries)
-        else:  # pad the rows to the largest clip, attend, and take the real rows back
-            longest = max(counts)
-            real = torch.arange(longest, device=queries.device) < queries.new_tensor(counts)[:, None]
-            padded = queries.new_zeros(len(counts), longest, queries.shape[-1])
-            padded[real] = queries
-            attended = self.fine_proj(padded, guide)[real]
+        padded, real = pad_packed(queries, counts)  # rows padded to the largest clip, then taken back
+        attended = self.fine_proj(padded, guide)
+        attended = attended.reshape_as(queries) if real is None else attended[real]
         return self.fine_norm(queries + attended)

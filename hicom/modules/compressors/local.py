@@ -115,16 +115,6 @@ class LocalCompressor(Compressor):
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         return math.prod(self.grid(t, h, w, modality))
 
-    def forward(
-        self,
-        features: torch.Tensor,
-        embeds: torch.Tensor | None = None,
-        guide: torch.Tensor | None = None,
-        modality: str = "video",
-    ) -> torch.Tensor:
-        """(B, T, H, W, D) clips of one shape -> (B, N, d_out), through the packed path."""
-        return self._forward_as_packed(features, embeds, guide, modality)
-
     def forward_packed(
         self,
         features: torch.Tensor,

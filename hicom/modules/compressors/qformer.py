@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hicom.modules.compressors.base import Compressor, PackedLayout, readout
+from hicom.modules.compressors.base import Compressor, PackedLayout, pad_packed, readout
 from hicom.modules.compressors.global_compressor import position_table_3d
 
 
@@ -71,10 +71,6 @@ class QFormerCompressor(Compressor):
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         return self.num_queries
 
-    def forward(self, features, embeds=None, guide=None, modality: str = "video") -> torch.Tensor:
-        """(B, T, H, W, D) clips of one shape -> (B, num_queries, d_out), through the packed path."""
-        return self._forward_as_packed(features, embeds, guide, modality)
-
     def forward_packed(self, features, embeds, guide, layout: PackedLayout) -> torch.Tensor:
         """Clips padded to the longest, the padding masked out of the cross-attention: (sum T, H, W, D) ->
         (B * num_queries, d_out)."""
@@ -82,12 +78,9 @@ class QFormerCompressor(Compressor):
         b, longest = len(layout.num_frames), max(layout.num_frames)
         if self.positions:
             table = position_table_3d(longest, h, w, d, features.device).to(features.dtype)
-        if min(layout.num_frames) == longest:
-            padded, mask = features.reshape(b, longest, h, w, d), None
-        else:
-            real = torch.arange(longest, device=features.device) < features.new_tensor(layout.num_frames)[:, None]
-            padded = features.new_zeros(b, longest, h, w, d)
-            padded[real] = features
+        padded, real = pad_packed(features, layout.num_frames)
+        mask = None
+        if real is not None:
             # an additive (B, 1, queries, T_max H W) mask, passed through as prepared: the cross-attention sees
             # only the queries, even when instruction tokens join them in self-attention
             keep = real.repeat_interleave(h * w, dim=1)[:, None, None, :]
