@@ -35,43 +35,36 @@ def load_arch(name: str | None, key: str) -> dict:
 
 @dataclass
 class MetaModel:
-    siglip: torch.nn.Module
+    vision: torch.nn.Module  # a vision tower (SiglipTower, ClipTower) built from its bundled architecture
     llm: torch.nn.Module
     compressor: torch.nn.Module
-    grid: int
+
+    @property
+    def grid(self) -> int:
+        return self.vision.grid
 
     def parts(self) -> dict[str, torch.nn.Module]:
-        vision = self.siglip.vision_model
-        trunk = torch.nn.ModuleList([vision.embeddings, vision.encoder, vision.post_layernorm])
-        return {
-            "vision_trunk": trunk,
-            "vision_head": torch.nn.ModuleList([vision.head.layernorm, vision.head.mlp]),
-            "guide_encoder": self.siglip.text_model,
-            "compressor": self.compressor,
-            "llm": self.llm,
-        }
+        return {**self.vision.parts(), "compressor": self.compressor, "llm": self.llm}
 
 
 def build_meta(cfg: DictConfig) -> MetaModel:
-    from hydra.utils import instantiate
-    from transformers import AutoModelForCausalLM, SiglipConfig, SiglipModel
+    from hydra.utils import get_class, instantiate
+    from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    vision = load_arch(cfg.model.vision.get("arch"), "model.vision.arch")
+    vision_arch = load_arch(cfg.model.vision.get("arch"), "model.vision.arch")
     llm_arch = load_arch(cfg.model.llm.get("arch"), "model.llm.arch")
     llm_config = CONFIG_MAPPING[llm_arch["model_type"]](**{k: v for k, v in llm_arch.items() if k != "model_type"})
+    tower_class = get_class(cfg.model.vision._target_)
     with torch.device("meta"):
-        siglip = SiglipModel(SiglipConfig(vision_config=vision["vision_config"], text_config=vision["text_config"]))
+        vision = tower_class.from_arch(vision_arch, select_layer=cfg.model.vision.get("select_layer", -2))
         llm = AutoModelForCausalLM.from_config(llm_config)
         compressor = instantiate(cfg.model.compressor)(
-            in_dim=vision["vision_config"]["hidden_size"],
-            out_dim=llm_config.hidden_size,
-            guide_dim=vision["text_config"]["hidden_size"],
+            in_dim=vision.hidden_size, out_dim=llm_config.hidden_size, guide_dim=vision.text_hidden_size
         )
-    for model in (siglip, llm):
-        model.config._attn_implementation = "sdpa"
-    grid = vision["vision_config"]["image_size"] // vision["vision_config"]["patch_size"]
-    return MetaModel(siglip=siglip, llm=llm, compressor=compressor, grid=grid)
+    for module in (vision.vision_tower, vision.guide_encoder, llm):
+        module.config._attn_implementation = "sdpa"
+    return MetaModel(vision=vision, llm=llm, compressor=compressor)
 
 
 def _flops(fn) -> int:
@@ -81,25 +74,20 @@ def _flops(fn) -> int:
 
 
 def forward_flops(model: MetaModel, frames: int, modality: str, guided: bool, text: int, guide: int) -> dict:
-    """Forward FLOPs of one sample through each part."""
+    """Forward FLOPs of one sample through each part, measured on the meta device through the towers' own
+    forward passes: the joint-space keys' share is the difference between the tower with and without them."""
     meta = {"device": "meta"}
-    size = model.siglip.config.vision_config.image_size
-    width = model.siglip.config.vision_config.hidden_size
-    grid = model.grid
-    vision = model.siglip.vision_model
-    tokens = frames * grid * grid
-    out = {"vision_trunk": _flops(lambda: vision(pixel_values=torch.empty(frames, 3, size, size, **meta)))}
-    # the head's pooling attention is not used: the joint-space keys are X + head.mlp(head.layernorm(X)) per token
-    out["vision_trunk"] -= _flops(lambda: vision.head(torch.empty(frames, grid * grid, width, **meta)))
+    tower, grid = model.vision, model.grid
+    pixels = torch.empty(frames, 3, tower.image_size, tower.image_size, **meta)
     uses_embeds = getattr(model.compressor, "uses_embeds", False) and guided
-    mlp = vision.head.mlp
-    out["vision_head"] = _flops(lambda: mlp(torch.empty(1, tokens, width, **meta))) if uses_embeds else 0
-    text_model = model.siglip.text_model
+    out = {"vision_trunk": _flops(lambda: tower(pixels, joint_embeds=False))}
+    out["vision_head"] = _flops(lambda: tower(pixels, joint_embeds=True)) - out["vision_trunk"] if uses_embeds else 0
     ids = torch.zeros(1, guide, dtype=torch.long, device="meta")
-    out["guide_encoder"] = _flops(lambda: text_model(input_ids=ids)) if guided else 0
+    tokens = getattr(model.compressor, "guide_tokens", False)
+    out["guide_encoder"] = _flops(lambda: tower.encode_guide(ids, tokens=tokens)) if guided else 0
     layout = PackedLayout((frames,), (modality,), grid, grid)
-    features = torch.empty(frames, grid, grid, width, **meta)
-    guide_shape = (1, guide, width) if getattr(model.compressor, "guide_tokens", False) else (1, width)
+    features = torch.empty(frames, grid, grid, tower.hidden_size, **meta)
+    guide_shape = (1, guide, tower.text_hidden_size) if tokens else (1, tower.text_hidden_size)
     out["compressor"] = _flops(
         lambda: model.compressor.forward_packed(features, features, torch.empty(guide_shape, **meta), layout)
     )
@@ -152,7 +140,7 @@ def activation_bytes(model: MetaModel, frames: int, visual: int, text: int, micr
     checkpoints = c.num_hidden_layers * seq * c.hidden_size * 2
     layer = seq * (10 * c.hidden_size + 3 * c.intermediate_size) * 2
     logits = seq * c.vocab_size * 4
-    width = model.siglip.config.vision_config.hidden_size
+    width = model.vision.hidden_size
     vision = 2 * frames * model.grid * model.grid * width * 2
     llm = checkpoints + layer + logits if train_llm_path else seq * c.hidden_size * 2
     return micro * (llm + vision)

@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hicom.training import train
+from hicom.utils.checkpoints import full_parameters
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,20 @@ def stage_config(base: DictConfig, stage: DictConfig, out_dir: Path) -> DictConf
     return cfg
 
 
-def save_handoff(model, out_dir: Path, parts: list[str], parent: str | None, cfg: DictConfig) -> None:
+def save_handoff(
+    model, out_dir: Path, parts: list[str], parent: str | None, cfg: DictConfig, write: bool = True
+) -> None:
+    """Every process calls it (under ZeRO-3 the parameters are gathered from all of them); `write` on one."""
     from safetensors.torch import save_file
 
     modules = model.parts()
     state = {}
     for part in parts:
-        for key, value in modules[part].state_dict().items():
-            state[f"{part}.{key}"] = value.detach().to("cpu").contiguous().clone()  # tied weights saved apart
+        with full_parameters(modules[part]):
+            for key, value in modules[part].state_dict().items():
+                state[f"{part}.{key}"] = value.detach().to("cpu").contiguous().clone()  # tied weights saved apart
+    if not write:
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out_dir / f"{HANDOFF}.tmp"))
     (out_dir / f"{HANDOFF}.tmp").rename(out_dir / HANDOFF)
@@ -152,4 +159,5 @@ class _Handoff:
 
     def save(self, model) -> None:
         parts = list(dict.fromkeys([*self.carried, *self.cfg.model.trainable]))
-        save_handoff(model, self.out_dir, parts, str(self.parent) if self.parent else None, self.cfg)
+        parent = str(self.parent) if self.parent else None
+        save_handoff(model, self.out_dir, parts, parent, self.cfg, write=model.trainer.is_global_zero)

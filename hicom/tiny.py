@@ -31,6 +31,25 @@ QWEN_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
+# Llama 3's chat template, reduced likewise: `<|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>` per message.
+LLAMA_CHAT_TEMPLATE = (
+    "{{- '<|begin_of_text|>' -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+)
+
+# Llama 3 has no pad token and no video token: a reserved special token marks the visual positions.
+LLAMA_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|reserved_special_token_0|>",
+]
+
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|video_pad|>", "<|image_pad|>"]
 
 # Text the tiny BPE tokenizers learn their merges from; anything else still encodes through bytes.
@@ -201,4 +220,119 @@ class TinyQwen2(_Writer):
         torch.manual_seed(self.seed)
         model = Qwen2ForCausalLM(config)
         model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, do_sample=False)
+        model.save_pretrained(out)
+
+
+@dataclass(frozen=True)
+class TinyClip(_Writer):
+    """A random CLIP (vision + text towers, projections) in the clip-vit-large-patch14-336 folder layout."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    projection_dim: int = 48
+    image_size: int = 112
+    patch_size: int = 16
+    text_max_length: int = 32
+    vocab_size: int = 384
+    seed: int = 0
+
+    def write(self, out: Path) -> None:
+        from tokenizers import processors
+        from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+
+        tok = _train_bpe(self.vocab_size, ["<|startoftext|>", "<|endoftext|>"])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|startoftext|> $A <|endoftext|>",
+            special_tokens=[(t, tok.token_to_id(t)) for t in ("<|startoftext|>", "<|endoftext|>")],
+        )
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            bos_token="<|startoftext|>",
+            eos_token="<|endoftext|>",
+            pad_token="<|endoftext|>",
+            unk_token="<|endoftext|>",
+            model_max_length=self.text_max_length,
+            model_input_names=["input_ids"],
+        )
+        tokenizer.save_pretrained(out)
+        tower = dict(
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+        )
+        bos, eos = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
+        config = CLIPConfig(
+            text_config=dict(
+                tower,
+                vocab_size=len(tokenizer),
+                max_position_embeddings=self.text_max_length,
+                pad_token_id=eos,
+                bos_token_id=bos,
+                eos_token_id=eos,
+            ),
+            vision_config=dict(tower, image_size=self.image_size, patch_size=self.patch_size),
+            projection_dim=self.projection_dim,
+        )
+        torch.manual_seed(self.seed)
+        CLIPModel(config).save_pretrained(out)
+        processor = {
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": True,
+            "size": {"shortest_edge": self.image_size},
+            "crop_size": {"height": self.image_size, "width": self.image_size},
+            "resample": 3,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+        }
+        (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+
+
+@dataclass(frozen=True)
+class TinyLlama(_Writer):
+    """A random Llama causal LM with a Llama-3-style tokenizer (no pad token) and chat template."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 172
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vocab_size: int = 512
+    max_position_embeddings: int = 1024
+    seed: int = 0
+
+    def write(self, out: Path) -> None:
+        from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=_train_bpe(self.vocab_size, LLAMA_SPECIAL_TOKENS),
+            bos_token="<|begin_of_text|>",
+            eos_token="<|eot_id|>",
+            additional_special_tokens=LLAMA_SPECIAL_TOKENS[1:],
+            model_max_length=self.max_position_embeddings,
+        )
+        tokenizer.chat_template = LLAMA_CHAT_TEMPLATE
+        tokenizer.save_pretrained(out)
+        bos, eos = tokenizer.convert_tokens_to_ids(["<|begin_of_text|>", "<|eot_id|>"])
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=False,
+            initializer_range=self.hidden_size**-0.5,
+            bos_token_id=bos,
+            eos_token_id=eos,
+        )
+        torch.manual_seed(self.seed)
+        model = LlamaForCausalLM(config)
+        model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, do_sample=False)
         model.save_pretrained(out)

@@ -57,7 +57,7 @@ def parameter_report(model) -> Table:
 def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     """Fit the configured model and return the run's figures (also written to <output_dir>/metrics.json).
 
-    `before_fit(model)` / `after_fit(model)` run around the fit (the stage runner loads and saves hand-offs there).
+    `before_fit(model)` / `after_fit(model)` run around the fit, on every process (the stage runner loads and saves hand-offs there).
     """
     L.seed_everything(cfg.seed, workers=True)
     out_dir = ensure_dir(cfg.paths.output_dir)
@@ -85,7 +85,7 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_seconds = time.perf_counter() - start
-    if after_fit is not None and trainer.is_global_zero:
+    if after_fit is not None:  # on every process: saving may gather sharded parameters
         after_fit(model)
 
     frames, grid = datamodule.num_frames, model.net.vision.grid

@@ -32,3 +32,13 @@ def test_training_flops_and_zero_memory_arithmetic():
     zero3 = memory_per_gpu(params, {"compressor"}, zero=3, gpus=4, activations=0)
     assert (zero0["weights"], zero0["gradients"], zero0["optimizer"]) == (4.0, 2.0, 12.0)
     assert (zero3["weights"], zero3["gradients"], zero3["optimizer"]) == (1.0, 0.5, 3.0)
+
+
+def test_clip_l336_and_llama31_8b_are_selectable_by_config(cache_dir, tmp_path, capsys):
+    swap = ["model/vision=clip_l336", "model/llm=llama31_8b", "model.compressor.local.keys=features"]
+    rows = report(compose_train(cache_dir, tmp_path, ["experiment=directg_local43_global32", *swap]))
+    # 24 x 24 patches: an image 8 x 8 local + 32 global, 32 frames 8 x 8 x 8 + 32
+    assert [r["visual_tokens"] for r in rows] == [96, 544, 544]
+    out = capsys.readouterr().out
+    assert "vision_trunk 303.5M" in out and "llm 8030.3M" in out  # CLIP-L/14-336, Llama-3.1-8B
+    assert rows[1]["forward_tflops"]["vision_head"] == 0  # CLIP gives no joint-space keys

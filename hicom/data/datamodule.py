@@ -20,6 +20,7 @@ from hicom.data.sampler import GroupedBatchSampler
 from hicom.data.template import ChatEncoder
 from hicom.data.transforms import FrameTransform
 from hicom.data.video import FrameSampling
+from hicom.utils.checkpoints import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class VideoQADataModule(LightningDataModule):
         if self.visual_tokens is None:
             raise ValueError("the data module needs the network's visual token count (visual_tokens)")
         self.splits = self.source.prepare(self.root)
-        tokenizer = AutoTokenizer.from_pretrained(self.llm_path)
+        tokenizer = load_tokenizer(self.llm_path)
         guide_tokenizer = AutoTokenizer.from_pretrained(self.vision_path)
         common = dict(
             encoder=ChatEncoder(tokenizer, self.visual_token),

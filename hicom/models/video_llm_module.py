@@ -15,7 +15,7 @@ from hicom.eval.answers import parse_choice
 from hicom.modules.compressors import Compressor
 from hicom.modules.llm import CausalLM
 from hicom.modules.video_llm import VideoLLM
-from hicom.modules.vision import SiglipTower
+from hicom.modules.vision import ClipTower, SiglipTower
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class VideoLLMModule(LightningModule):
     def __init__(
         self,
         *,
-        vision: SiglipTower,
+        vision: SiglipTower | ClipTower,
         llm: CausalLM,
         compressor: Callable[..., Compressor],
         trainable: Iterable[str] = ("compressor",),
@@ -72,17 +72,22 @@ class VideoLLMModule(LightningModule):
                     part.eval()
         return self
 
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy) and strategy.config["zero_optimization"]["stage"] == 3:
+            refused = [part for part in ("compressor", "guide_encoder") if part in self.trainable]
+            if refused:
+                raise ValueError(
+                    f"DeepSpeed ZeRO-3 cannot train {refused}: their weights are gathered whole for the forward pass "
+                    "and not again for the backward pass. Use strategy=deepspeed_zero2 (the recipe's stage-3 "
+                    "strategy) or deepspeed_zero0/1; under ZeRO-3 these parts must be frozen."
+                )
+            self.net.mark_zero3_leaves()  # before the strategy partitions the model
+
     def parts(self) -> dict[str, nn.Module]:
-        vision = self.net.vision.vision_tower
-        trunk = nn.ModuleList([vision.embeddings, vision.encoder, vision.post_layernorm])
-        return {
-            "vision_trunk": trunk,
-            # only the head's layernorm and MLP make the joint-space keys; its attention pooling is never used
-            "vision_head": nn.ModuleList([vision.head.layernorm, vision.head.mlp]),
-            "guide_encoder": self.net.vision.guide_encoder,
-            "compressor": self.net.compressor,
-            "llm": self.net.llm.model,
-        }
+        return {**self.net.vision.parts(), "compressor": self.net.compressor, "llm": self.net.llm.model}
 
     def parameter_table(self) -> list[tuple[str, int, int]]:
         """(part, parameters, trainable parameters) per part."""

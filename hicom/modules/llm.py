@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-from hicom.utils.checkpoints import require_pretrained, resolve_attention
+from hicom.utils.checkpoints import load_tokenizer, require_pretrained, resolve_attention
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +26,11 @@ class CausalLM(nn.Module):
     ) -> None:
         """`arch`: the bundled architecture (hicom/arch/<arch>.json) for dry runs; loading ignores it."""
         super().__init__()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         folder = require_pretrained(path, "the LLM checkpoint", "model.llm.path")
         self.path = str(folder)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = load_tokenizer(folder)
         token_id = tokenizer.convert_tokens_to_ids(visual_token)
         if token_id is None or token_id == tokenizer.unk_token_id:
             raise ValueError(f"{folder}: the tokenizer has no {visual_token!r} token to mark visual positions")

@@ -9,7 +9,7 @@ from torch import nn
 
 from hicom.modules.compressors.base import Compressor, PackedLayout
 from hicom.modules.llm import CausalLM
-from hicom.modules.vision import SiglipTower
+from hicom.modules.vision import ClipTower, SiglipTower
 
 
 class VideoLLM(nn.Module):
@@ -20,19 +20,36 @@ class VideoLLM(nn.Module):
     guide_ids (B, Lg); input_ids / attention_mask / labels (B, L).
     """
 
-    def __init__(self, *, vision: SiglipTower, llm: CausalLM, compressor: Callable[..., Compressor]) -> None:
+    def __init__(
+        self, *, vision: SiglipTower | ClipTower, llm: CausalLM, compressor: Callable[..., Compressor]
+    ) -> None:
         super().__init__()
         self.vision = vision
         self.llm = llm
         self.compressor = compressor(
             in_dim=vision.hidden_size, out_dim=llm.hidden_size, guide_dim=vision.text_hidden_size
         )
+        if self.compressor.uses_embeds and not vision.has_joint_embeds:
+            raise ValueError(
+                f"the compressor takes joint-space keys, which {type(vision).__name__} does not provide: set "
+                "model.compressor.local.keys=features"
+            )
         # Branches with clip-scale attention start from the vision checkpoint's logit scale and bias.
         with torch.no_grad():
             for module in self.compressor.modules():
                 if getattr(module, "clip_scale", False):
                     module.logit_scale.copy_(vision.logit_scale.reshape(-1)[:1])
                     module.logit_bias.copy_(vision.logit_bias.reshape(-1)[:1])
+
+    def mark_zero3_leaves(self) -> None:
+        """Modules that DeepSpeed ZeRO-3 gathers whole when they are called, because their code reads weights of
+        their children outside the children's own calls (per-module gathering would hand it empty shards): the
+        compressor's folded attention reads the projections' weights, and the text tower's embedding module reads
+        its position table's shape. Both are small next to the LLM. (With this DeepSpeed, such modules' weights
+        are not gathered again for their own backward pass, so they must stay frozen under ZeRO-3.)"""
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(self, [type(self.compressor), type(self.vision.guide_encoder.embeddings)])
 
     def num_visual_tokens(self, num_frames: int, modality: str = "video") -> int:
         """Tokens the LLM receives for a clip of `num_frames` frames, known before running anything."""
@@ -57,7 +74,7 @@ class VideoLLM(nn.Module):
         )
         if guide is not None and len(clips) != len(counts):
             guide = guide[clips]
-        return self.compressor.forward_packed(features, embeds, guide, layout)  # (sum N_i, d_llm)
+        return self.compressor(features, embeds, guide, layout=layout)  # (sum N_i, d_llm)
 
     def forward(self, batch: dict):
         embeds = self.llm.embed(batch["input_ids"], self.encode_visual(batch))
@@ -72,4 +89,5 @@ class VideoLLM(nn.Module):
             attention_mask=batch["attention_mask"],
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            pad_token_id=self.llm.tokenizer.pad_token_id,
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -28,3 +30,31 @@ def resolve_attention(requested: str) -> str:
     if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
         return "flash_attention_2"
     return "sdpa"
+
+
+def load_tokenizer(folder):
+    """The LLM's tokenizer; one without a pad token (Llama 3) pads with its end-of-sequence token, which the
+    attention mask and the labels hide."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"{folder}: the tokenizer has neither a pad nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@contextlib.contextmanager
+def full_parameters(module) -> Iterator[None]:
+    """Makes `module`'s parameters whole for reading. Under DeepSpeed ZeRO-3 each process holds only a shard of
+    every parameter (its state dict shows empty tensors): they are gathered for the duration. It is a collective
+    call, so every process must enter it; without ZeRO-3 it does nothing."""
+    sharded = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not sharded:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
+        yield

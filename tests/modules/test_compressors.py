@@ -303,11 +303,11 @@ def test_qformer_every_parameter_learns_and_bad_sizes_are_refused():
         module(torch.randn(1, 2, 4, 4, 8), guide=torch.randn(1, 6))
 
 
-def test_a_compressor_must_implement_forward_or_forward_packed():
+def test_a_compressor_must_implement_forward_clips_or_forward_packed():
     class Empty(Compressor):
         pass
 
-    with pytest.raises(NotImplementedError, match="neither forward nor forward_packed"):
+    with pytest.raises(NotImplementedError, match="neither forward_clips nor forward_packed"):
         Empty()(torch.zeros(1, 2, 3, 3, 4))
-    with pytest.raises(NotImplementedError, match="neither forward nor forward_packed"):
+    with pytest.raises(NotImplementedError, match="neither forward_clips nor forward_packed"):
         Empty().forward_packed(torch.zeros(2, 3, 3, 4), None, None, PackedLayout((2,), ("video",), 3, 3))

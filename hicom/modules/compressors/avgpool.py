@@ -41,7 +41,7 @@ class AvgPoolCompressor(Compressor):
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         return math.prod(self.grid(t, h, w, modality))
 
-    def forward(self, features, embeds=None, guide=None, modality: str = "video") -> torch.Tensor:
+    def forward_clips(self, features, embeds=None, guide=None, modality: str = "video") -> torch.Tensor:
         b, t, h, w, _ = features.shape
         x = self.readout(features).permute(0, 4, 1, 2, 3)  # (B, d_out, T, H, W)
         x = F.adaptive_avg_pool3d(x, self.grid(t, h, w, modality))

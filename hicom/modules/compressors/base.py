@@ -107,13 +107,17 @@ class PackedLayout:
 class Compressor(nn.Module):
     """A compressor maps the vision features of one clip to a sequence of LLM-width tokens.
 
-    `forward(features, embeds, guide, modality)` takes a batch of same-shaped clips: features (B, T, H, W, D),
-    joint-space embeds of the same shape or None, guide (B, Dg) pooled or (B, L, Dg) token-level or None, and
-    returns (B, N, d_out) with N = `num_tokens(T, H, W, modality)`, computable without running.
+    `forward_clips(features, embeds, guide, modality)` takes a batch of same-shaped clips: features
+    (B, T, H, W, D), joint-space embeds of the same shape or None, guide (B, Dg) pooled or (B, L, Dg) token-level
+    or None, and returns (B, N, d_out) with N = `num_tokens(T, H, W, modality)`, computable without running.
 
     `forward_packed(features, embeds, guide, layout)` takes clips of any lengths and modalities packed along the
     frame axis, (sum T, H, W, D), and returns their tokens packed in clip order, (sum N, d_out). The default
     compresses each group of same-shaped clips in one call; compressors override it with a single pass.
+
+    Calling the module runs one or the other: `compressor(features, embeds, guide, modality)` the clips,
+    `compressor(features, embeds, guide, layout=layout)` the packed form. Going through the call (rather than
+    the methods) lets module hooks see it, which is how DeepSpeed ZeRO-3 gathers the compressor's parameters.
     """
 
     uses_embeds: bool = False
@@ -129,12 +133,24 @@ class Compressor(nn.Module):
         embeds: torch.Tensor | None = None,
         guide: torch.Tensor | None = None,
         modality: str = "video",
+        layout: PackedLayout | None = None,
+    ) -> torch.Tensor:
+        if layout is not None:
+            return self.forward_packed(features, embeds, guide, layout)
+        return self.forward_clips(features, embeds, guide, modality)
+
+    def forward_clips(
+        self,
+        features: torch.Tensor,
+        embeds: torch.Tensor | None = None,
+        guide: torch.Tensor | None = None,
+        modality: str = "video",
     ) -> torch.Tensor:
         """(B, T, H, W, D) clips of one shape -> (B, N, d_out) through `forward_packed`, for compressors whose one
-        implementation is their packed path; the others override `forward` (and inherit the per-shape
+        implementation is their packed path; the others override `forward_clips` (and inherit the per-shape
         `forward_packed`). A compressor must override one of the two."""
         if type(self).forward_packed is Compressor.forward_packed:
-            raise NotImplementedError(f"{type(self).__name__} overrides neither forward nor forward_packed")
+            raise NotImplementedError(f"{type(self).__name__} overrides neither forward_clips nor forward_packed")
         b, t, h, w, _ = features.shape
         layout = PackedLayout((t,) * b, (modality,) * b, h, w)
         packed_embeds = embeds.flatten(0, 1) if embeds is not None else None
@@ -167,12 +183,12 @@ class Compressor(nn.Module):
         for i, key in enumerate(zip(layout.num_frames, layout.modalities, strict=True)):
             shapes.setdefault(key, []).append(i)
         outputs: dict[int, torch.Tensor] = {}
-        if type(self).forward is Compressor.forward:
-            raise NotImplementedError(f"{type(self).__name__} overrides neither forward nor forward_packed")
+        if type(self).forward_clips is Compressor.forward_clips:
+            raise NotImplementedError(f"{type(self).__name__} overrides neither forward_clips nor forward_packed")
         for (n, modality), members in shapes.items():
             frames = torch.stack([torch.arange(layout.frame_starts[i], layout.frame_starts[i] + n) for i in members])
             frames = frames.to(features.device)
-            out = self(
+            out = self.forward_clips(
                 features[frames],
                 embeds[frames] if embeds is not None else None,
                 guide[members] if guide is not None else None,

@@ -49,7 +49,7 @@ class BilinearPoolCompressor(Compressor):
         x = F.interpolate(x.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False)
         return x.permute(0, 2, 3, 1)
 
-    def forward(self, features, embeds=None, guide=None, modality: str = "video") -> torch.Tensor:
+    def forward_clips(self, features, embeds=None, guide=None, modality: str = "video") -> torch.Tensor:
         b, t, h, w, _ = features.shape
         x = self.readout(features.flatten(0, 1))  # (B T, H, W, d_out)
         if modality != "image":
