@@ -57,10 +57,13 @@ def parameter_report(model) -> Table:
 def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     """Fit the configured model and return the run's figures (also written to <output_dir>/metrics.json).
 
-    `before_fit(model)` / `after_fit(model)` run around the fit, on every process (the stage runner loads and saves hand-offs there).
+    `before_fit(model)` / `after_fit(model)` run around the fit, on every process (the stage runner loads and
+    saves hand-offs there). Without `after_fit`, the trained parts are written as a hand-off into the output
+    folder (handoff.safetensors + manifest.json), beside config.yaml: what `evaluate.py ckpt=<folder>` reads.
     """
     L.seed_everything(cfg.seed, workers=True)
     out_dir = ensure_dir(cfg.paths.output_dir)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     model, datamodule = build(cfg)
     console = Console()
     console.print(parameter_report(model))
@@ -87,6 +90,10 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     fit_seconds = time.perf_counter() - start
     if after_fit is not None:  # on every process: saving may gather sharded parameters
         after_fit(model)
+    else:
+        from hicom.stages import save_handoff
+
+        save_handoff(model, out_dir, list(cfg.model.trainable), None, cfg, write=trainer.is_global_zero)
 
     frames, grid = datamodule.num_frames, model.net.vision.grid
     tokens = model.net.num_visual_tokens(frames)

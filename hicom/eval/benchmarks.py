@@ -1,0 +1,321 @@
+"""The benchmarks as distributed (SPEC 7), read into one question type.
+
+Each reader takes the benchmark's folder and returns `Question`s; a missing or malformed file is an error that
+names the file and what it expected. Multiple-choice answers become letters (A, B, ...), the option texts keep
+their order; open-ended answers stay text.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hicom.eval.answers import LETTERS
+
+
+class Kind(str, enum.Enum):
+    MULTIPLE_CHOICE = "multiple_choice"
+    OPEN_ENDED = "open_ended"
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question about one clip. `video` is a file or a folder of frames; `start` / `end` bound the clip in
+    seconds; `answer` is a letter (multiple choice) or text (open-ended), None where the benchmark withholds it;
+    `duration` is the benchmark's duration class or length; `subtitles` an .srt file."""
+
+    question_id: str
+    task: str
+    video: str
+    question: str
+    options: tuple[str, ...] = ()
+    answer: str | None = None
+    start: float | None = None
+    end: float | None = None
+    duration: str | None = None
+    subtitles: str | None = None
+
+
+class BenchmarkFormatError(ValueError):
+    """A benchmark file that is missing or not in the distributed format."""
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        raise BenchmarkFormatError(f"{path} is missing: put the benchmark's files under {path.parent}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BenchmarkFormatError(f"{path}: not valid JSON ({err})") from err
+
+
+def _field(record: dict, key: str, where: str):
+    if not isinstance(record, dict) or key not in record:
+        raise BenchmarkFormatError(f"{where}: no {key!r} field in {str(record)[:120]}")
+    return record[key]
+
+
+def _letter(candidates: list[str], answer: str, where: str) -> str:
+    if len(candidates) > len(LETTERS) or len(candidates) < 2:
+        raise BenchmarkFormatError(f"{where}: {len(candidates)} candidates (2-{len(LETTERS)} expected)")
+    if answer not in candidates:
+        raise BenchmarkFormatError(f"{where}: the answer {answer!r} is not one of the candidates {candidates}")
+    return LETTERS[candidates.index(answer)]
+
+
+@dataclass(frozen=True)
+class MVBenchTask:
+    """Where one MVBench task's videos live under video/, whether they are folders of frames, and whether its
+    start / end times bound the clip."""
+
+    prefix: str
+    frames: bool = False
+    bounded: bool = False
+
+
+@dataclass
+class MVBench:
+    """json/<task>.json records {video, question, candidates, answer (text), start?, end?}; videos under
+    video/<task prefix>/."""
+
+    root: str
+    tasks: dict[str, MVBenchTask] = field(default_factory=dict)
+    kind = Kind.MULTIPLE_CHOICE
+    mean_of_tasks = False
+
+    def read(self) -> list[Question]:
+        root = Path(self.root)
+        if not self.tasks:
+            raise BenchmarkFormatError("mvbench: no tasks configured")
+        questions = []
+        for name, spec in self.tasks.items():
+            spec = spec if isinstance(spec, MVBenchTask) else MVBenchTask(**spec)
+            path = root / "json" / f"{name}.json"
+            for i, record in enumerate(_read_json(path)):
+                where = f"{path} record {i}"
+                candidates = list(_field(record, "candidates", where))
+                bounded = spec.bounded and record.get("start") is not None and record.get("end") is not None
+                questions.append(
+                    Question(
+                        question_id=f"{name}/{i}",
+                        task=name,
+                        video=str(root / "video" / spec.prefix / _field(record, "video", where)),
+                        question=str(_field(record, "question", where)),
+                        options=tuple(str(c) for c in candidates),
+                        answer=_letter(candidates, _field(record, "answer", where), where),
+                        start=float(record["start"]) if bounded else None,
+                        end=float(record["end"]) if bounded else None,
+                    )
+                )
+        return questions
+
+
+_VIDEOMME_OPTION = re.compile(r"^\s*([A-H])[\.\)]\s*")
+
+
+@dataclass
+class VideoMME:
+    """A parquet of 2,700 rows (video_id, duration, domain, sub_category, videoID, question_id, task_type,
+    question, options ["A. ..."], answer letter); videos <video_dir>/<videoID>.mp4, subtitles
+    <subtitle_dir>/<videoID>.srt (used when `subtitles` is on and the file exists: not every video has one)."""
+
+    root: str
+    parquet: str = "videomme/test-00000-of-00001.parquet"
+    video_dir: str = "videos"
+    subtitle_dir: str = "subtitle"
+    subtitles: bool = False
+    kind = Kind.MULTIPLE_CHOICE
+    mean_of_tasks = False
+
+    def read(self) -> list[Question]:
+        import pyarrow.parquet as pq
+
+        root = Path(self.root)
+        path = root / self.parquet
+        if not path.is_file():
+            raise BenchmarkFormatError(f"{path} is missing: put Video-MME's parquet there (or set its `parquet`)")
+        rows = pq.read_table(path).to_pylist()
+        questions = []
+        for i, row in enumerate(rows):
+            where = f"{path} row {i}"
+            options = []
+            for j, option in enumerate(_field(row, "options", where)):
+                match = _VIDEOMME_OPTION.match(option)
+                if not match or match.group(1) != LETTERS[j]:
+                    raise BenchmarkFormatError(f"{where}: option {j} {option!r} is not of the form '{LETTERS[j]}. ...'")
+                options.append(option[match.end() :].strip())
+            answer = str(_field(row, "answer", where)).strip()
+            if answer not in LETTERS[: len(options)]:
+                raise BenchmarkFormatError(f"{where}: the answer {answer!r} is not an option letter")
+            video_id = str(_field(row, "videoID", where))
+            srt = root / self.subtitle_dir / f"{video_id}.srt"
+            questions.append(
+                Question(
+                    question_id=str(_field(row, "question_id", where)),
+                    task=str(_field(row, "task_type", where)),
+                    video=str(root / self.video_dir / f"{video_id}.mp4"),
+                    question=str(_field(row, "question", where)),
+                    options=tuple(options),
+                    answer=answer,
+                    duration=str(_field(row, "duration", where)),
+                    subtitles=str(srt) if self.subtitles and srt.is_file() else None,
+                )
+            )
+        return questions
+
+
+@dataclass
+class EgoSchema:
+    """questions.json [{q_uid, question, "option 0".."option 4"}], subset_answers.json {q_uid: 0-4}, videos
+    <video_dir>/<q_uid>.mp4. `subset`: only the 500 questions with public answers (scored offline); off: all of
+    them, the others without an answer (for the submission file)."""
+
+    root: str
+    video_dir: str = "videos"
+    subset: bool = True
+    kind = Kind.MULTIPLE_CHOICE
+    mean_of_tasks = False
+
+    def read(self) -> list[Question]:
+        root = Path(self.root)
+        answers = _read_json(root / "subset_answers.json")
+        if not isinstance(answers, dict):
+            raise BenchmarkFormatError(f"{root / 'subset_answers.json'}: expected {{q_uid: answer index}}")
+        questions = []
+        for i, record in enumerate(_read_json(root / "questions.json")):
+            where = f"{root / 'questions.json'} record {i}"
+            uid = str(_field(record, "q_uid", where))
+            if self.subset and uid not in answers:
+                continue
+            options = tuple(str(_field(record, f"option {j}", where)) for j in range(5))
+            index = answers.get(uid)
+            if index is not None and not (isinstance(index, int) and 0 <= index < 5):
+                raise BenchmarkFormatError(f"subset_answers.json: {uid} -> {index!r}, expected 0-4")
+            questions.append(
+                Question(
+                    question_id=uid,
+                    task="egoschema",
+                    video=str(root / self.video_dir / f"{uid}.mp4"),
+                    question=str(_field(record, "question", where)),
+                    options=options,
+                    answer=LETTERS[index] if index is not None else None,
+                )
+            )
+        return questions
+
+
+MLVU_DEV_TASKS = (
+    "1_plotQA",
+    "2_needle",
+    "3_ego",
+    "4_count",
+    "5_order",
+    "6_anomaly_reco",
+    "7_topic_reasoning",
+)
+
+
+@dataclass
+class MLVU:
+    """MLVU dev, multiple choice: json/<stem>.json records {video, duration, question, candidates, answer (text),
+    question_type}; videos video/<stem>/<video>. Scored by M-Avg, the mean of the task accuracies."""
+
+    root: str
+    tasks: tuple[str, ...] = MLVU_DEV_TASKS
+    kind = Kind.MULTIPLE_CHOICE
+    mean_of_tasks = True
+
+    def read(self) -> list[Question]:
+        root = Path(self.root)
+        questions = []
+        for stem in self.tasks:
+            path = root / "json" / f"{stem}.json"
+            for i, record in enumerate(_read_json(path)):
+                where = f"{path} record {i}"
+                candidates = list(_field(record, "candidates", where))
+                questions.append(
+                    Question(
+                        question_id=f"{stem}/{i}",
+                        task=str(record.get("question_type") or stem),
+                        video=str(root / "video" / stem / _field(record, "video", where)),
+                        question=str(_field(record, "question", where)),
+                        options=tuple(str(c) for c in candidates),
+                        answer=_letter(candidates, _field(record, "answer", where), where),
+                        duration=str(record["duration"]) if record.get("duration") is not None else None,
+                    )
+                )
+        return questions
+
+
+@dataclass
+class OpenEndedQA:
+    """ActivityNet-QA, MSVD-QA, MSRVTT-QA: test_q.json [{video_name, question, question_id}] and test_a.json
+    [{answer, type, question_id}], aligned by index; the video is <video_dir>/<video_prefix><video_name> with the
+    first of `extensions` that exists."""
+
+    root: str
+    video_dir: str = "videos"
+    video_prefix: str = ""
+    extensions: tuple[str, ...] = (".mp4", ".mkv", ".webm", ".avi")
+    kind = Kind.OPEN_ENDED
+    mean_of_tasks = False
+
+    def _video(self, name: str) -> str:
+        stem = Path(self.root) / self.video_dir / f"{self.video_prefix}{name}"
+        for ext in self.extensions:
+            if stem.with_name(stem.name + ext).exists():
+                return str(stem.with_name(stem.name + ext))
+        return str(stem.with_name(stem.name + self.extensions[0]))  # missing: reported when it is decoded
+
+    def read(self) -> list[Question]:
+        root = Path(self.root)
+        asked, answered = _read_json(root / "test_q.json"), _read_json(root / "test_a.json")
+        if len(asked) != len(answered):
+            raise BenchmarkFormatError(f"{root}: test_q.json has {len(asked)} entries, test_a.json {len(answered)}")
+        questions = []
+        for i, (q, a) in enumerate(zip(asked, answered, strict=True)):
+            where = f"{root} entry {i}"
+            qid = str(_field(q, "question_id", where))
+            if str(_field(a, "question_id", where)) != qid:
+                raise BenchmarkFormatError(
+                    f"{where}: question_id {qid} in test_q.json, {a['question_id']} in test_a.json"
+                )
+            questions.append(
+                Question(
+                    question_id=qid,
+                    task=str(a.get("type", "all")),
+                    video=self._video(str(_field(q, "video_name", where))),
+                    question=str(_field(q, "question", where)),
+                    answer=str(_field(a, "answer", where)),
+                )
+            )
+        return questions
+
+
+def read_srt(path: str | Path) -> list[tuple[float, float, str]]:
+    """(start, end, text) of each cue of an .srt file, times in seconds."""
+    stamp = re.compile(r"(\d+):(\d+):(\d+)[,.](\d+)\s*-->\s*(\d+):(\d+):(\d+)[,.](\d+)")
+    cues = []
+    for block in re.split(r"\n\s*\n", Path(path).read_text(errors="replace").replace("\r\n", "\n")):
+        lines = block.strip().splitlines()
+        for k, line in enumerate(lines):
+            match = stamp.search(line)
+            if match:
+                v = [int(x) for x in match.groups()]
+                start = v[0] * 3600 + v[1] * 60 + v[2] + v[3] / 1000
+                end = v[4] * 3600 + v[5] * 60 + v[6] + v[7] / 1000
+                text = " ".join(t.strip() for t in lines[k + 1 :] if t.strip())
+                text = re.sub(r"<[^>]+>", "", text)
+                if text:
+                    cues.append((start, end, text))
+                break
+    return cues
+
+
+def subtitles_at(cues: list[tuple[float, float, str]], times) -> list[str]:
+    """The cues shown at any of `times` (seconds), in order, each once (SPEC 7: the lines active at the sampled
+    frames)."""
+    return [text for start, end, text in cues if any(start <= t <= end for t in times)]

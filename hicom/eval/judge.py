@@ -1,0 +1,124 @@
+"""The judge step of open-ended QA: an LLM decides whether a reply matches the answer and scores it 0-5.
+
+`Judge` is the interface; `OpenAICompatibleJudge` calls any OpenAI-compatible chat endpoint (the `openai`
+package, pip install openai). Judging is a separate, resumable step over a predictions file:
+
+    python -m hicom.eval.judge predictions=<run>/activitynet_qa/predictions.jsonl model=<name> [base_url=<url>]
+
+adds a `judge` field ({correct, score, raw}) to each line; `python -m hicom.eval.score` then reports judge_acc
+and judge_score beside the exact match.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Verdict:
+    correct: bool
+    score: float
+    raw: str
+
+
+class Judge(Protocol):
+    def __call__(self, question: str, answer: str, reply: str) -> Verdict: ...
+
+
+JUDGE_SYSTEM = (
+    "You evaluate answers to questions about videos. Compare the predicted answer with the correct answer and "
+    "decide whether the prediction is correct: synonyms and paraphrases count as matches, meaning matters more "
+    "than wording. Reply with only a Python dict with two keys: 'pred', 'yes' or 'no', and 'score', an integer "
+    "from 0 to 5 for how well the prediction matches, for example {'pred': 'yes', 'score': 4}."
+)
+
+
+def judge_prompt(question: str, answer: str, reply: str) -> str:
+    return f"Question: {question}\nCorrect answer: {answer}\nPredicted answer: {reply}\n"
+
+
+def parse_verdict(text: str) -> Verdict:
+    """The judge's dict, read leniently (JSON or a Python literal, anywhere in the text); ValueError otherwise."""
+    match = re.search(r"\{[^{}]*\}", text)
+    if match:
+        for load in (json.loads, ast.literal_eval):
+            try:
+                data = load(match.group(0))
+            except (ValueError, SyntaxError):
+                continue
+            if isinstance(data, dict) and "pred" in data and "score" in data:
+                pred = str(data["pred"]).strip().lower()
+                if pred in ("yes", "no"):
+                    return Verdict(correct=pred == "yes", score=float(data["score"]), raw=text)
+    raise ValueError(f"the judge's reply is not a {{'pred': yes/no, 'score': n}} dict: {text[:200]!r}")
+
+
+@dataclass
+class OpenAICompatibleJudge:
+    """A chat-completions endpoint as judge; the key is read from the environment variable `api_key_env`."""
+
+    model: str
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout: float = 60.0
+    max_retries: int = 3
+
+    def __post_init__(self) -> None:
+        try:
+            from openai import OpenAI
+        except ImportError as err:
+            raise ImportError("the judge needs the openai package: pip install openai") from err
+        key = os.environ.get(self.api_key_env)
+        if key is None and self.base_url is None:
+            raise ValueError(f"set {self.api_key_env} (or base_url for a local server) for the judge")
+        self._client = OpenAI(
+            api_key=key or "none", base_url=self.base_url, timeout=self.timeout, max_retries=self.max_retries
+        )
+
+    def __call__(self, question: str, answer: str, reply: str) -> Verdict:
+        response = self._client.chat.completions.create(
+            model=self.model,
+            temperature=0.0,
+            messages=[
+                {"role": "system", "content": JUDGE_SYSTEM},
+                {"role": "user", "content": judge_prompt(question, answer, reply)},
+            ],
+        )
+        return parse_verdict(response.choices[0].message.content or "")
+
+
+def judge_predictions(path: str | Path, judge: Judge) -> int:
+    """Adds a verdict to every line of a predictions file that has none (lines with a decoding error are left
+    alone); rewrites the file after each verdict, so that an interrupted run resumes. Returns the count judged."""
+    path = Path(path)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    judged = 0
+    for row in rows:
+        if "judge" in row or "error" in row:
+            continue
+        verdict = judge(row.get("question", ""), str(row["answer"]), row.get("reply") or "")
+        row["judge"] = {"correct": verdict.correct, "score": verdict.score, "raw": verdict.raw}
+        judged += 1
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(path)
+    return judged
+
+
+def main(argv: list[str]) -> None:
+    args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
+    if "predictions" not in args or "model" not in args:
+        raise SystemExit("usage: python -m hicom.eval.judge predictions=<file> model=<name> [base_url=<url>]")
+    judge = OpenAICompatibleJudge(model=args["model"], base_url=args.get("base_url"))
+    print(f"judged {judge_predictions(args['predictions'], judge)} replies")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

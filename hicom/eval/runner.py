@@ -1,0 +1,318 @@
+"""evaluate.py's work: load a trained model, answer each benchmark's questions, score them, write the report.
+
+Per benchmark, under <output_dir>/<benchmark>/:
+- predictions.jsonl: one line per question (question_id, task, question, answer, pred, reply, and duration or
+  error where they apply), in the benchmark's order;
+- results.json: the official scores (hicom.eval.score), with the settings that produced them.
+And under <output_dir>: results.json (all benchmarks), results.md (a table) and settings.json.
+
+Sharding: process `shard` of `num_shards` (taken from torchrun's RANK / WORLD_SIZE unless set) answers every
+num_shards-th question into predictions.shard-<i>-of-<n>.jsonl; the process that completes the last shard
+merges them. Resuming: questions already answered (in predictions.jsonl or the shard's file) are skipped;
+questions whose clip failed to decode are tried again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from hicom.data.collate import Collator
+from hicom.data.template import ChatEncoder
+from hicom.data.transforms import FrameTransform
+from hicom.data.video import FrameSampling, VideoDecodeError, load_video
+from hicom.eval.answers import LETTERS, parse_choice
+from hicom.eval.benchmarks import Kind, Question, read_srt, subtitles_at
+from hicom.eval.score import read_predictions, score
+
+log = logging.getLogger(__name__)
+
+
+def find_handoff(ckpt: Path) -> Path:
+    """The folder holding a run's trained weights: the run itself (handoff.safetensors + manifest.json +
+    config.yaml), or for a staged run the last of its stages."""
+    if (ckpt / "manifest.json").is_file() and (ckpt / "config.yaml").is_file():
+        return ckpt
+    stages = [d for d in sorted((ckpt / "stages").glob("*")) if (d / "manifest.json").is_file()]
+    if stages:
+        parents = {json.loads((d / "manifest.json").read_text()).get("parent") for d in stages}
+        last = [d for d in stages if str(d) not in parents]
+        if len(last) == 1 and (last[0] / "config.yaml").is_file():
+            return last[0]
+    raise FileNotFoundError(
+        f"ckpt={ckpt}: neither a training run's folder (handoff.safetensors, manifest.json, config.yaml), a staged "
+        "run with finished stages, nor an HF folder in the release's layout (config.json)"
+    )
+
+
+def load_model(ckpt: str | Path, cfg: DictConfig):
+    """The VideoLLMModule of a run folder (built from its own config.yaml, weights from its hand-off) or of an
+    HF folder in the release's layout (built from this config's `model`, weights imported strictly)."""
+    from hicom.stages import load_handoff
+    from hicom.utils.instantiators import write_assets
+
+    ckpt = Path(ckpt)
+    if (ckpt / "config.json").is_file():
+        from hicom.compat.official import import_official
+
+        write_assets(cfg.get("assets"))
+        module = instantiate(cfg.model)
+        import_official(module.net, ckpt)
+        return module, {"ckpt": str(ckpt), "format": "official"}
+    folder = find_handoff(ckpt)
+    run_cfg = OmegaConf.load(folder / "config.yaml")
+    write_assets(run_cfg.get("assets"))
+    module = instantiate(run_cfg.model)
+    parts = load_handoff(module, folder, [])
+    return module, {"ckpt": str(folder), "format": "run", "parts": parts}
+
+
+class BenchmarkDataset(Dataset):
+    """Questions as generation-mode model inputs; a clip that cannot be read comes back as a skip record."""
+
+    def __init__(
+        self,
+        questions: list[Question],
+        *,
+        encoder: ChatEncoder,
+        transform: FrameTransform,
+        sampling: FrameSampling,
+        visual_tokens,
+        prompts: DictConfig,
+    ) -> None:
+        self.questions = questions
+        self.encoder, self.transform, self.sampling = encoder, transform, sampling
+        self.visual_tokens = visual_tokens
+        self.prompts = prompts
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def prompt(self, q: Question, subtitles: list[str]) -> str:
+        if q.options:
+            options = "\n".join(f"({LETTERS[i]}) {text}" for i, text in enumerate(q.options))
+            text = self.prompts.multiple_choice.format(question=q.question, options=options)
+        else:
+            text = self.prompts.open_ended.format(question=q.question)
+        if subtitles:
+            text = self.prompts.subtitles.format(subtitles="\n".join(subtitles)) + text
+        return text
+
+    def __getitem__(self, i: int) -> dict:
+        q = self.questions[i]
+        try:
+            sampled = load_video(q.video, self.sampling, start=q.start, end=q.end)
+        except VideoDecodeError as err:
+            return {"skip": err.reason, "id": q.question_id, "path": q.video, "error": str(err), "source": None}
+        subtitles = subtitles_at(read_srt(q.subtitles), sampled.timestamps) if q.subtitles else []
+        pixels = self.transform(sampled.frames)
+        messages = [
+            {"role": "user", "content": "<video>\n" + self.prompt(q, subtitles)},
+            {"role": "assistant", "content": ""},
+        ]
+        encoded = self.encoder.encode(messages, self.visual_tokens(len(pixels), "video"), generation=True)
+        return {
+            "id": q.question_id,
+            **encoded,
+            "pixel_values": pixels,
+            "num_frames": len(pixels),
+            "modality": "video",
+            "guide": q.question,  # SPEC 7: the guide is the bare question
+        }
+
+
+def _answered(paths: list[Path]) -> set[str]:
+    done = set()
+    for path in paths:
+        if path.is_file():
+            done |= {r["question_id"] for r in read_predictions(path) if "error" not in r}
+    return done
+
+
+def _shard() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _device(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
+    if cfg.device == "auto":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if cfg.precision == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return device, torch.bfloat16 if bf16 else torch.float32
+    return device, {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[cfg.precision]
+
+
+def run_benchmark(name: str, reader, module, cfg: DictConfig, out: Path, shard: int, num_shards: int) -> dict | None:
+    """Answer this shard's unanswered questions; merge and score when every shard is done (else None)."""
+    from transformers import AutoTokenizer
+
+    net = module.net
+    questions = reader.read()
+    if cfg.limit is not None:
+        questions = questions[: int(cfg.limit)]
+    by_id = {q.question_id: q for q in questions}
+    out.mkdir(parents=True, exist_ok=True)
+    merged = out / "predictions.jsonl"
+    shard_file = out / f"predictions.shard-{shard}-of-{num_shards}.jsonl"
+    done = _answered([merged, shard_file])
+    todo = [q for q in questions[shard::num_shards] if q.question_id not in done]
+    log.info("%s: %d questions, shard %d/%d, %d to answer", name, len(questions), shard, num_shards, len(todo))
+
+    sampling = FrameSampling(**OmegaConf.to_container(cfg.sampling, resolve=True))
+    dataset = BenchmarkDataset(
+        todo,
+        encoder=ChatEncoder(net.llm.tokenizer, net.llm.tokenizer.convert_ids_to_tokens(net.llm.visual_token_id)),
+        transform=FrameTransform.from_pretrained(net.vision.path),
+        sampling=sampling,
+        visual_tokens=net.num_visual_tokens,
+        prompts=cfg.prompts,
+    )
+    collate = Collator(
+        pad_token_id=net.llm.tokenizer.pad_token_id,
+        guide_tokenizer=AutoTokenizer.from_pretrained(net.vision.path),
+        padding_side="left",
+    )
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)
+    device, dtype = _device(cfg)
+    start, answered = time.perf_counter(), 0
+    with shard_file.open("a") as f:
+        for batch in loader:
+            for skip in batch["skipped"]:
+                q = by_id[skip["id"]]
+                row = _row(q, None, None)
+                row["error"] = f"{skip['skip']}: {skip['error']}"
+                f.write(json.dumps(row) + "\n")
+                log.warning("%s %s: %s", name, q.question_id, row["error"])
+            if "input_ids" not in batch:
+                continue
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                tokens = net.generate(batch, max_new_tokens=cfg.max_new_tokens)
+            replies = net.llm.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+            for qid, reply in zip(batch["ids"], replies, strict=True):
+                q = by_id[qid]
+                pred = parse_choice(reply, list(q.options)) if reader.kind is Kind.MULTIPLE_CHOICE else reply.strip()
+                f.write(json.dumps(_row(q, pred, reply)) + "\n")
+            f.flush()
+            answered += len(replies)
+    seconds = time.perf_counter() - start
+    (out / f"shard-{shard}-of-{num_shards}.done").write_text(json.dumps({"answered": answered, "seconds": seconds}))
+    timing = {"answered_this_run": answered, "seconds_per_question": seconds / answered if answered else None}
+    shards = [out / f"predictions.shard-{i}-of-{num_shards}.jsonl" for i in range(num_shards)]
+    if not all((out / f"shard-{i}-of-{num_shards}.done").is_file() for i in range(num_shards)):
+        log.info("%s: shard %d done; the last shard to finish merges", name, shard)
+        return None
+    rows = {}
+    for path in [merged, *shards]:
+        if path.is_file():
+            rows.update({r["question_id"]: r for r in read_predictions(path)})
+    ordered = [rows[q.question_id] for q in questions if q.question_id in rows]
+    tmp = merged.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in ordered))
+    tmp.replace(merged)
+    for path in shards:
+        path.unlink(missing_ok=True)
+    for i in range(num_shards):
+        (out / f"shard-{i}-of-{num_shards}.done").unlink(missing_ok=True)
+    results = {"benchmark": name, **score(reader.kind, ordered, reader.mean_of_tasks), **timing}
+    results["n_questions"] = len(questions)
+    if getattr(reader, "subset", True) is False:  # EgoSchema's full set: the submission file
+        submission = {r["question_id"]: (LETTERS.index(r["pred"]) if r["pred"] else -1) for r in ordered}
+        (out / "submission.json").write_text(json.dumps(submission))
+        results["submission"] = str(out / "submission.json")
+    return results
+
+
+def _row(q: Question, pred, reply) -> dict:
+    row = {
+        "question_id": q.question_id,
+        "task": q.task,
+        "question": q.question,
+        "answer": q.answer,
+        "pred": pred,
+        "reply": reply,
+    }
+    if q.duration is not None:
+        row["duration"] = q.duration
+    if q.options:
+        row["n_options"] = len(q.options)
+    return row
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    if cfg.ckpt is None:
+        raise ValueError("set ckpt=<a training run's folder, a stage folder, or an HF folder in the release's layout>")
+    names = [cfg.benchmark] if isinstance(cfg.benchmark, str) else list(cfg.benchmark)
+    unknown = [n for n in names if n not in cfg.benchmarks]
+    if unknown:
+        raise ValueError(f"unknown benchmarks {unknown}; configured: {sorted(cfg.benchmarks)}")
+    shard, num_shards = (cfg.shard, cfg.num_shards) if cfg.shard is not None else _shard()
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} of {num_shards}")
+    module, source = load_model(cfg.ckpt, cfg)
+    device, dtype = _device(cfg)
+    module.net.to(device).eval()
+    out_dir = Path(cfg.output_dir)
+    settings = {
+        **source,
+        "benchmarks": names,
+        "frames": cfg.sampling.num_frames,
+        "sampling": OmegaConf.to_container(cfg.sampling, resolve=True),
+        "prompts": OmegaConf.to_container(cfg.prompts, resolve=True),
+        "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size},
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "visual_tokens_per_video": module.net.num_visual_tokens(cfg.sampling.num_frames),
+        "shards": num_shards,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "settings.json").write_text(json.dumps(settings, indent=2))
+    all_results = {}
+    for name in names:
+        reader = instantiate(cfg.benchmarks[name])
+        results = run_benchmark(name, reader, module, cfg, out_dir / name, shard, num_shards)
+        if results is not None:
+            results["settings"] = settings
+            (out_dir / name / "results.json").write_text(json.dumps(results, indent=2))
+            all_results[name] = results
+    if all_results:
+        (out_dir / "results.json").write_text(json.dumps(all_results, indent=2))
+        (out_dir / "results.md").write_text(markdown_table(all_results, settings))
+        print(markdown_table(all_results, settings))
+    return all_results
+
+
+def markdown_table(results: dict, settings: dict) -> str:
+    lines = [
+        f"ckpt `{settings['ckpt']}`, {settings['frames']} frames ({settings['visual_tokens_per_video']} visual "
+        f"tokens), greedy, {settings['dtype']}",
+        "",
+        "| benchmark | score | metric | n | unparsed | failed | s / question |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        if "exact_match" in r:
+            value, metric = r["exact_match"], "exact match"
+        elif "m_avg" in r:
+            value, metric = r["m_avg"], "M-Avg"
+        else:
+            value, metric = r["acc"], "accuracy"
+        per_q = r.get("seconds_per_question")
+        lines.append(
+            f"| {name} | {100 * value:.1f} | {metric} | {r['n']} | {r.get('n_unparsed', '-')} | {r['n_failed']} | "
+            f"{per_q:.3f} |" if per_q is not None else
+            f"| {name} | {100 * value:.1f} | {metric} | {r['n']} | {r.get('n_unparsed', '-')} | {r['n_failed']} | - |"
+        )  # fmt: skip
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,149 @@
+"""Scores from a predictions file, by each benchmark's official rule (SPEC 7).
+
+    python -m hicom.eval.score benchmark=mvbench predictions=<run>/mvbench/predictions.jsonl
+
+prints the results as JSON and writes results.json beside the predictions. A predictions line holds at least
+question_id, task, answer, pred and reply; `error` marks a question whose clip could not be read (counted wrong,
+and retried by a resumed run); `duration` and `judge` are used where present.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from hicom.eval.benchmarks import Kind
+
+
+def read_predictions(path: str | Path) -> list[dict]:
+    """The lines of a predictions file; a later line for a question replaces an earlier one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no predictions file")
+    rows: dict[str, dict] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {n}: not JSON ({err})") from err
+        for key in ("question_id", "task", "answer", "pred"):
+            if key not in row:
+                raise ValueError(f"{path} line {n}: no {key!r}")
+        rows[str(row["question_id"])] = row
+    return list(rows.values())
+
+
+def _accuracy(rows: list[dict]) -> dict:
+    n = len(rows)
+    failed = sum("error" in r for r in rows)
+    unparsed = sum(r["pred"] is None and "error" not in r for r in rows)
+    correct = sum(r["pred"] is not None and r["pred"] == r["answer"] for r in rows)
+    answered = n - unparsed - failed
+    return {
+        "acc": correct / n if n else 0.0,
+        "acc_answered": correct / answered if answered else 0.0,
+        "n": n,
+        "n_unparsed": unparsed,
+        "n_failed": failed,
+    }
+
+
+def score_multiple_choice(rows: list[dict], mean_of_tasks: bool = False) -> dict:
+    """`acc` over every scored question (unparsed and failed ones wrong), `acc_answered` over parsed replies,
+    per task and per duration; with `mean_of_tasks` (MLVU) also `m_avg`, the mean of the task accuracies.
+    Questions without a gold answer (EgoSchema outside its public subset) are left out and counted."""
+    scored = [r for r in rows if r["answer"] is not None]
+    out = _accuracy(scored)
+    out["n_unscored"] = len(rows) - len(scored)
+    tasks: dict[str, list[dict]] = defaultdict(list)
+    durations: dict[str, list[dict]] = defaultdict(list)
+    for r in scored:
+        tasks[str(r["task"])].append(r)
+        if r.get("duration") is not None:
+            durations[str(r["duration"])].append(r)
+    out["per_task"] = {t: _accuracy(rs) for t, rs in sorted(tasks.items())}
+    if durations:
+        out["per_duration"] = {d: _accuracy(rs) for d, rs in sorted(durations.items())}
+    if mean_of_tasks:
+        accs = [v["acc"] for v in out["per_task"].values()]
+        out["m_avg"] = sum(accs) / len(accs) if accs else 0.0
+    return out
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str | None) -> str:
+    """Lower case, no punctuation, no articles, single spaces: the usual open-ended QA normalisation."""
+    if not text:
+        return ""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def score_open_ended(rows: list[dict]) -> dict:
+    """`exact_match`: the normalised reply equals the normalised answer; and, for lines a judge has seen,
+    `judge_acc` (share judged correct) and `judge_score` (mean 0-5 score) over the judged lines."""
+    n = len(rows)
+    exact = sum(normalize_answer(r.get("reply")) == normalize_answer(r["answer"]) for r in rows if "error" not in r)
+    out = {"exact_match": exact / n if n else 0.0, "n": n, "n_failed": sum("error" in r for r in rows)}
+    tasks: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        tasks[str(r["task"])].append(r)
+    out["per_task"] = {
+        t: {
+            "exact_match": sum(normalize_answer(r.get("reply")) == normalize_answer(r["answer"]) for r in rs) / len(rs),
+            "n": len(rs),
+        }
+        for t, rs in sorted(tasks.items())
+    }
+    judged = [r["judge"] for r in rows if isinstance(r.get("judge"), dict)]
+    if judged:
+        out["judge_acc"] = sum(bool(j["correct"]) for j in judged) / len(judged)
+        out["judge_score"] = sum(float(j["score"]) for j in judged) / len(judged)
+        out["n_judged"] = len(judged)
+    return out
+
+
+def score(kind: Kind, rows: list[dict], mean_of_tasks: bool = False) -> dict:
+    if Kind(kind) is Kind.OPEN_ENDED:
+        return score_open_ended(rows)
+    return score_multiple_choice(rows, mean_of_tasks)
+
+
+def benchmark_class(name: str):
+    """The reader class of a benchmark named in configs/evaluate.yaml."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import get_class
+
+    import hicom.utils.config  # noqa: F401  (registers the resolvers the configs use)
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        cfg = compose("evaluate")
+    if name not in cfg.benchmarks:
+        raise ValueError(f"benchmark={name!r} is not one of {sorted(cfg.benchmarks)}")
+    return get_class(cfg.benchmarks[name]._target_)
+
+
+def main(argv: list[str]) -> dict:
+    args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
+    unknown = set(args) - {"benchmark", "predictions"}
+    if unknown or {"benchmark", "predictions"} - set(args):
+        raise SystemExit("usage: python -m hicom.eval.score benchmark=<name> predictions=<predictions.jsonl>")
+    reader = benchmark_class(args["benchmark"])
+    path = Path(args["predictions"])
+    results = {"benchmark": args["benchmark"], **score(reader.kind, read_predictions(path), reader.mean_of_tasks)}
+    (path.parent / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

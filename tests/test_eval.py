@@ -1,0 +1,276 @@
+"""evaluate.py end to end: small benchmark folders in each distributed format (generated videos, frame folders,
+start / end times, subtitles, a parquet), a tiny trained checkpoint, every benchmark, resume and shards; and the
+scoring rules on hand-made predictions."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from hicom.data.synthetic import write_video
+from hicom.eval.judge import Verdict, judge_predictions, parse_verdict
+from hicom.eval.score import main as score_main
+from hicom.eval.score import normalize_answer, score_multiple_choice, score_open_ended
+from tests.conftest import CONFIGS, SMALL, compose_train
+
+ALL = ["mvbench", "videomme", "videomme_subs", "egoschema", "mlvu", "activitynet_qa", "msvd_qa", "msrvtt_qa"]
+
+
+def _clip(path: Path, seed: int, frames: int = 12, fps: int = 4) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_video(path, rng.integers(0, 255, (frames, 48, 64, 3), dtype=np.uint8), fps)
+
+
+def _dump(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="session")
+def bench_data(tmp_path_factory) -> Path:
+    """data_dir/eval/<benchmark> for all eight benchmarks, small, in the layouts they are distributed in."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("data")
+    ev = root / "eval"
+    # MVBench: a bounded task with start / end, a folder-of-frames task, one video missing
+    mv = ev / "mvbench"
+    _clip(mv / "video/star/Charades_v1_480/a.mp4", 1, frames=20)
+    _clip(mv / "video/star/Charades_v1_480/b.mp4", 2)
+    seq = [
+        {"video": "a.mp4", "question": "What did the person do first?", "candidates": ["sat", "ran", "ate"],
+         "answer": "ran", "start": 1.0, "end": 4.0},
+        {"video": "b.mp4", "question": "What happened next?", "candidates": ["opened", "closed"], "answer": "closed",
+         "start": 0.0, "end": 2.5},
+        {"video": "gone.mp4", "question": "Which object?", "candidates": ["cup", "box"], "answer": "cup"},
+    ]  # fmt: skip
+    _dump(mv / "json/action_sequence.json", seq)
+    frames = mv / "video/tvqa/frames_fps3_hq/clip1"
+    frames.mkdir(parents=True)
+    for i in range(1, 10):
+        Image.fromarray(np.full((40, 60, 3), 20 * i, np.uint8)).save(frames / f"{i:05d}.jpg")
+    _dump(
+        mv / "json/episodic_reasoning.json",
+        [{"video": "clip1", "question": "Why did she leave?", "candidates": ["late", "tired", "bored", "sick"],
+          "answer": "tired", "start": 0.5, "end": 2.5}],
+    )  # fmt: skip
+    # Video-MME: a parquet, two videos, one with subtitles
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    vm = ev / "videomme"
+    _clip(vm / "videos/vidA.mp4", 3, frames=16)
+    _clip(vm / "videos/vidB.mp4", 4)
+    (vm / "subtitle").mkdir(parents=True)
+    (vm / "subtitle/vidA.srt").write_text(
+        "1\n00:00:00,000 --> 00:00:01,500\nHello there.\n\n2\n00:00:02,000 --> 00:00:03,900\n<i>Where is the cat?</i>\n"
+    )
+    rows = [
+        ("001", "short", "Knowledge", "Humanity", "vidA", "001-1", "Counting Problem", "How many people speak?",
+         ["A. One.", "B. Two.", "C. Three.", "D. Four."], "B"),
+        ("001", "short", "Knowledge", "Humanity", "vidA", "001-2", "Object Recognition", "What animal is mentioned?",
+         ["A. Dog.", "B. Cat.", "C. Bird.", "D. Fish."], "B"),
+        ("002", "long", "Sports", "Football", "vidB", "002-1", "Action Reasoning", "Why does the crowd cheer?",
+         ["A. A goal.", "B. A foul.", "C. Rain.", "D. Music."], "A"),
+    ]  # fmt: skip
+    names = ["video_id", "duration", "domain", "sub_category", "videoID", "question_id", "task_type", "question",
+             "options", "answer"]  # fmt: skip
+    (vm / "videomme").mkdir()
+    pq.write_table(
+        pa.table({n: [r[i] for r in rows] for i, n in enumerate(names)}), vm / "videomme/test-00000-of-00001.parquet"
+    )
+    # EgoSchema: three questions, two in the public subset
+    eg = ev / "egoschema"
+    qs = []
+    for k, uid in enumerate(["u1", "u2", "u3"]):
+        _clip(eg / f"videos/{uid}.mp4", 10 + k)
+        qs.append(
+            {
+                "q_uid": uid,
+                "question": f"What is c doing in video {k}?",
+                **{f"option {j}": f"thing {j}" for j in range(5)},
+            }
+        )
+    _dump(eg / "questions.json", qs)
+    _dump(eg / "subset_answers.json", {"u1": 3, "u3": 0})
+    # MLVU dev: two task files of different sizes
+    ml = ev / "mlvu"
+    _clip(ml / "video/1_plotQA/p.mp4", 20)
+    _clip(ml / "video/4_count/c.mp4", 21)
+    cand = ["red", "green", "blue", "yellow"]
+    _dump(ml / "json/1_plotQA.json", [{"video": "p.mp4", "duration": 12.0, "question": "What colour is the car?",
+                                        "candidates": cand, "answer": "blue", "question_type": "plotQA"}])  # fmt: skip
+    _dump(ml / "json/4_count.json", [{"video": "c.mp4", "duration": 9.5, "question": f"How many {x}?",
+                                       "candidates": ["1", "2", "3", "4"], "answer": "2", "question_type": "count"}
+                                      for x in ("cars", "dogs", "cats")])  # fmt: skip
+    # open-ended QA: test_q / test_a aligned by index; ActivityNet names its files v_<name>
+    for name, prefix, ext in (("activitynet_qa", "v_", ".mp4"), ("msvd_qa", "", ".avi"), ("msrvtt_qa", "", ".mp4")):
+        oq = ev / name
+        _clip(oq / f"videos/{prefix}x1{ext}", 30)
+        _clip(oq / f"videos/{prefix}x2{ext}", 31)
+        _dump(oq / "test_q.json", [{"video_name": "x1", "question": "what is shown", "question_id": "x1_0"},
+                                   {"video_name": "x2", "question": "who is there", "question_id": "x2_0"}])  # fmt: skip
+        _dump(oq / "test_a.json", [{"answer": "dog", "type": 0, "question_id": "x1_0"},
+                                   {"answer": "man", "type": 1, "question_id": "x2_0"}])  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(cache_dir, tmp_path_factory) -> Path:
+    from hicom.training import train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train(compose_train(cache_dir, out, [*SMALL, "evaluate=false"]))
+    return out
+
+
+def compose_eval(cache: Path, data: Path, out: Path, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(
+            "evaluate",
+            overrides=[
+                f"paths.cache_dir={cache}",
+                f"paths.data_dir={data}",
+                "num_workers=0",
+                "batch_size=3",
+                "sampling.num_frames=8",
+                "max_new_tokens=4",
+                "~benchmarks.mvbench.tasks",  # a dict override would merge: replace it instead
+                "+benchmarks.mvbench.tasks={action_sequence: {prefix: star/Charades_v1_480, bounded: true}, "
+                "episodic_reasoning: {prefix: tvqa/frames_fps3_hq, frames: true, bounded: true}}",
+                "benchmarks.mlvu.tasks=[1_plotQA,4_count]",
+                *overrides,
+            ],
+        )
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    return cfg
+
+
+def test_every_benchmark_end_to_end_then_resume(cache_dir, bench_data, trained_run, tmp_path):
+    from hicom.eval.runner import evaluate
+
+    out = tmp_path / "eval"
+    cfg = compose_eval(cache_dir, bench_data, out, [f"ckpt={trained_run}", f"benchmark=[{','.join(ALL)}]"])
+    results = evaluate(cfg)
+    assert sorted(results) == sorted(ALL)
+    sizes = {"mvbench": 4, "videomme": 3, "videomme_subs": 3, "egoschema": 2, "mlvu": 4}
+    for name in ALL:
+        rows = [json.loads(line) for line in (out / name / "predictions.jsonl").read_text().splitlines()]
+        assert len(rows) == sizes.get(name, 2) == results[name]["n"]
+        for row in rows:
+            assert {"question_id", "task", "answer", "pred", "reply"} <= set(row)
+        on_disk = json.loads((out / name / "results.json").read_text())
+        assert on_disk["settings"]["frames"] == 8 and "prompts" in on_disk["settings"]
+    mv = results["mvbench"]
+    assert mv["n_failed"] == 1 and set(mv["per_task"]) == {"action_sequence", "episodic_reasoning"}
+    assert results["videomme"]["per_duration"]["short"]["n"] == 2 and "acc_answered" in results["videomme"]
+    assert results["egoschema"]["n"] == 2  # the public subset only
+    assert results["mlvu"]["per_task"]["count"]["n"] == 3 and "m_avg" in results["mlvu"]
+    assert "exact_match" in results["activitynet_qa"]
+    for r in results.values():
+        assert r["seconds_per_question"] > 0
+    assert (out / "results.md").read_text().count("\n|") == len(ALL) + 2  # header, rule, one row each
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["visual_tokens_per_video"] == 8 // 4 * 3 * 3 + 32
+
+    # the subtitles at the sampled frames reach the Video-MME prompt
+    from hicom.eval.benchmarks import read_srt, subtitles_at
+
+    cues = read_srt(bench_data / "eval/videomme/subtitle/vidA.srt")
+    assert cues[1][2] == "Where is the cat?" and subtitles_at(cues, [0.4, 3.0]) == ["Hello there.", "Where is the cat?"]
+
+    again = evaluate(cfg)  # resumed: everything answered is skipped; the missing video is tried again
+    assert all(again[name]["answered_this_run"] == 0 for name in ALL)
+    assert again["mvbench"]["n_failed"] == 1 and again["mvbench"]["n"] == 4
+
+
+def test_shards_answer_their_share_and_the_last_one_merges(cache_dir, bench_data, trained_run, tmp_path):
+    from hicom.eval.runner import evaluate
+
+    out = tmp_path / "sharded"
+    first = evaluate(
+        compose_eval(cache_dir, bench_data, out, [f"ckpt={trained_run}", "benchmark=mlvu", "shard=0", "num_shards=2"])
+    )
+    assert first == {} and (out / "mlvu/predictions.shard-0-of-2.jsonl").is_file()
+    second = evaluate(
+        compose_eval(cache_dir, bench_data, out, [f"ckpt={trained_run}", "benchmark=mlvu", "shard=1", "num_shards=2"])
+    )
+    rows = [json.loads(line) for line in (out / "mlvu/predictions.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == ["1_plotQA/0", "4_count/0", "4_count/1", "4_count/2"]
+    assert second["mlvu"]["n"] == 4 and not list((out / "mlvu").glob("*.shard-*"))
+
+
+def test_a_bad_checkpoint_or_benchmark_is_a_clear_error(cache_dir, bench_data, tmp_path):
+    from hicom.eval.runner import evaluate
+
+    with pytest.raises(FileNotFoundError, match="neither a training run"):
+        evaluate(compose_eval(cache_dir, bench_data, tmp_path, [f"ckpt={tmp_path}"]))
+    with pytest.raises(ValueError, match="unknown benchmarks"):
+        evaluate(compose_eval(cache_dir, bench_data, tmp_path, [f"ckpt={tmp_path}", "benchmark=nope"]))
+    from hicom.eval.benchmarks import BenchmarkFormatError, MVBench
+
+    with pytest.raises(BenchmarkFormatError, match="action_sequence.json is missing"):
+        MVBench(root=str(tmp_path), tasks={"action_sequence": {"prefix": "x"}}).read()
+
+
+def _mc(qid, task, answer, pred, **extra):
+    return {"question_id": qid, "task": task, "answer": answer, "pred": pred, "reply": str(pred), **extra}
+
+
+def test_multiple_choice_rules():
+    rows = [
+        _mc("1", "a", "A", "A", duration="short"),
+        _mc("2", "a", "B", None, duration="short"),  # unparsed: wrong in acc, left out of acc_answered
+        _mc("3", "b", "C", "C", duration="long"),
+        _mc("4", "b", "D", "A", duration="long"),
+        _mc("5", "b", "A", None, error="missing: file not found", duration="long"),  # failed clip: wrong
+        _mc("6", "b", None, "B"),  # no public answer (EgoSchema outside its subset): not scored
+    ]
+    r = score_multiple_choice(rows, mean_of_tasks=True)
+    assert r["n"] == 5 and r["n_unparsed"] == 1 and r["n_failed"] == 1 and r["n_unscored"] == 1
+    assert r["acc"] == pytest.approx(2 / 5) and r["acc_answered"] == pytest.approx(2 / 3)
+    assert r["per_task"]["a"]["acc"] == 0.5 and r["per_task"]["b"]["acc"] == pytest.approx(1 / 3)
+    assert r["m_avg"] == pytest.approx((0.5 + 1 / 3) / 2)  # MLVU: mean of task accuracies, not of questions
+    assert r["per_duration"]["short"]["acc_answered"] == 1.0 and r["per_duration"]["long"]["n"] == 3
+
+
+def test_open_ended_exact_match_and_judge(tmp_path):
+    assert normalize_answer("The Dog.") == "dog" == normalize_answer(" dog ")
+    rows = [
+        {"question_id": "1", "task": 0, "answer": "dog", "pred": "A dog!", "reply": "A dog!"},
+        {"question_id": "2", "task": 1, "answer": "man", "pred": "woman", "reply": "woman"},
+    ]
+    assert score_open_ended(rows)["exact_match"] == 0.5
+    assert parse_verdict("Sure: {'pred': 'yes', 'score': 4}") == Verdict(True, 4.0, "Sure: {'pred': 'yes', 'score': 4}")
+    assert parse_verdict('{"pred": "no", "score": 1}').correct is False
+    with pytest.raises(ValueError, match="not a"):
+        parse_verdict("I think it is right")
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    calls = []
+
+    def judge(question, answer, reply):  # stands in for the remote judge, which tests never call
+        calls.append(reply)
+        hit = answer in normalize_answer(reply).split()
+        return Verdict(correct=hit, score=5.0 if hit else 1.0, raw="")
+
+    assert judge_predictions(path, judge) == 2 and judge_predictions(path, judge) == 0  # resumable
+    scored = score_open_ended([json.loads(line) for line in path.read_text().splitlines()])
+    assert scored["judge_acc"] == 0.5 and scored["judge_score"] == 3.0 and len(calls) == 2
+
+
+def test_the_score_command_recomputes_results_beside_the_predictions(tmp_path, capsys):
+    path = tmp_path / "mlvu" / "predictions.jsonl"
+    path.parent.mkdir()
+    rows = [_mc("1", "count", "A", "A"), _mc("2", "count", "B", "C"), _mc("3", "plotQA", "A", "A")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = score_main(["benchmark=mlvu", f"predictions={path}"])
+    assert results["m_avg"] == pytest.approx(0.75) and results["acc"] == pytest.approx(2 / 3)
+    assert json.loads((path.parent / "results.json").read_text()) == results
+    assert json.loads(capsys.readouterr().out)["m_avg"] == pytest.approx(0.75)
