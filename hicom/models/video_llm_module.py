@@ -77,14 +77,7 @@ class VideoLLMModule(LightningModule):
 
         strategy = self.trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy) and strategy.config["zero_optimization"]["stage"] == 3:
-            refused = [part for part in ("compressor", "guide_encoder") if part in self.trainable]
-            if refused:
-                raise ValueError(
-                    f"DeepSpeed ZeRO-3 cannot train {refused}: their weights are gathered whole for the forward pass "
-                    "and not again for the backward pass. Use strategy=deepspeed_zero2 (the recipe's stage-3 "
-                    "strategy) or deepspeed_zero0/1; under ZeRO-3 these parts must be frozen."
-                )
-            self.net.mark_zero3_leaves()  # before the strategy partitions the model
+            self.net.prepare_zero3()  # before the strategy partitions the model
 
     def parts(self) -> dict[str, nn.Module]:
         return {**self.net.vision.parts(), "compressor": self.net.compressor, "llm": self.net.llm.model}

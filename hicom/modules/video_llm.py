@@ -34,6 +34,7 @@ class VideoLLM(nn.Module):
                 f"the compressor takes joint-space keys, which {type(vision).__name__} does not provide: set "
                 "model.compressor.local.keys=features"
             )
+        self.zero3 = False  # set by prepare_zero3
         # Branches with clip-scale attention start from the vision checkpoint's logit scale and bias.
         with torch.no_grad():
             for module in self.compressor.modules():
@@ -41,15 +42,20 @@ class VideoLLM(nn.Module):
                     module.logit_scale.copy_(vision.logit_scale.reshape(-1)[:1])
                     module.logit_bias.copy_(vision.logit_bias.reshape(-1)[:1])
 
-    def mark_zero3_leaves(self) -> None:
-        """Modules that DeepSpeed ZeRO-3 gathers whole when they are called, because their code reads weights of
-        their children outside the children's own calls (per-module gathering would hand it empty shards): the
-        compressor's folded attention reads the projections' weights, and the text tower's embedding module reads
-        its position table's shape. Both are small next to the LLM. (With this DeepSpeed, such modules' weights
-        are not gathered again for their own backward pass, so they must stay frozen under ZeRO-3.)"""
-        from deepspeed.utils import set_z3_leaf_modules
+    def prepare_zero3(self) -> None:
+        """Call before DeepSpeed ZeRO-3 partitions the model. ZeRO-3 gathers a module's own weights when the module
+        is called; code that reads a child's weights without calling the child would see empty shards:
+        - the compressor (its folded attention reads the projections' weights) becomes a ZeRO-3 leaf, gathered
+          whole for its call and, since DeepSpeed re-gathers a leaf for its backward pass only through an input
+          that requires grad, its input features are made to require grad while training (see encode_visual);
+        - the text tower's embedding module reads its position table's shape before calling it: the table is
+          registered as an external parameter of that module, gathered with it."""
+        import deepspeed
 
-        set_z3_leaf_modules(self, [type(self.compressor), type(self.vision.guide_encoder.embeddings)])
+        deepspeed.utils.set_z3_leaf_modules(self, [type(self.compressor)])
+        embeddings = self.vision.guide_encoder.embeddings
+        deepspeed.zero.register_external_parameter(embeddings, embeddings.position_embedding.weight)
+        self.zero3 = True
 
     def num_visual_tokens(self, num_frames: int, modality: str = "video") -> int:
         """Tokens the LLM receives for a clip of `num_frames` frames, known before running anything."""
@@ -61,6 +67,8 @@ class VideoLLM(nn.Module):
         if pixels is None:
             return None
         features, embeds = self.vision(pixels, joint_embeds=self.compressor.uses_embeds)
+        if self.zero3 and torch.is_grad_enabled() and not features.requires_grad:
+            features = features.detach().requires_grad_()  # a ZeRO-3 leaf is re-gathered for backward through it
         guide = None
         if self.compressor.uses_guide:
             guide = self.vision.encode_guide(batch["guide_ids"], tokens=self.compressor.guide_tokens)
