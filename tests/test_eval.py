@@ -181,6 +181,10 @@ def test_every_benchmark_end_to_end_then_resume(cache_dir, bench_data, trained_r
     # the subtitles at the sampled frames reach the Video-MME prompt
     from hicom.eval.benchmarks import read_srt, subtitles_at
 
+    subs = {r["question_id"]: r["prompt"] for r in map(json.loads, (out / "videomme_subs/predictions.jsonl").open())}
+    assert "subtitles are listed below:\nHello there." in subs["001-1"] and "subtitles" not in subs["002-1"]
+    plain = [json.loads(line)["prompt"] for line in (out / "videomme/predictions.jsonl").open()]
+    assert plain[0].startswith("<video>\nQuestion: How many people speak?\nOptions:\n(A) One.")
     cues = read_srt(bench_data / "eval/videomme/subtitle/vidA.srt")
     assert cues[1][2] == "Where is the cat?" and subtitles_at(cues, [0.4, 3.0]) == ["Hello there.", "Where is the cat?"]
 

@@ -51,6 +51,8 @@ class Collator:
             modalities=[item["modality"] for item in items],
             guide_ids=guides["input_ids"],
         )
+        if "prompt" in items[0]:  # evaluation: the question as the model saw it
+            batch["prompts"] = [item["prompt"] for item in items]
         if "answer" in items[0]:
             batch["answers"] = [item["answer"] for item in items]
             batch["options"] = [item["options"] for item in items]

@@ -121,6 +121,7 @@ class BenchmarkDataset(Dataset):
         encoded = self.encoder.encode(messages, self.visual_tokens(len(pixels), "video"), generation=True)
         return {
             "id": q.question_id,
+            "prompt": messages[0]["content"],
             **encoded,
             "pixel_values": pixels,
             "num_frames": len(pixels),
@@ -201,10 +202,10 @@ def run_benchmark(name: str, reader, module, cfg: DictConfig, out: Path, shard: 
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 tokens = net.generate(batch, max_new_tokens=cfg.max_new_tokens)
             replies = net.llm.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-            for qid, reply in zip(batch["ids"], replies, strict=True):
+            for qid, reply, prompt in zip(batch["ids"], replies, batch["prompts"], strict=True):
                 q = by_id[qid]
                 pred = parse_choice(reply, list(q.options)) if reader.kind is Kind.MULTIPLE_CHOICE else reply.strip()
-                f.write(json.dumps(_row(q, pred, reply)) + "\n")
+                f.write(json.dumps({**_row(q, pred, reply), "prompt": prompt}) + "\n")
             f.flush()
             answered += len(replies)
     seconds = time.perf_counter() - start

@@ -76,7 +76,7 @@ class VideoLLMModule(LightningModule):
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
         strategy = self.trainer.strategy
-        if isinstance(strategy, DeepSpeedStrategy) and strategy.config["zero_optimization"]["stage"] == 3:
+        if isinstance(strategy, DeepSpeedStrategy) and strategy.config.get("zero_optimization", {}).get("stage") == 3:
             self.net.prepare_zero3()  # before the strategy partitions the model
 
     def parts(self) -> dict[str, nn.Module]:
