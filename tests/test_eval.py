@@ -220,6 +220,18 @@ def test_a_bad_checkpoint_or_benchmark_is_a_clear_error(cache_dir, bench_data, t
 
     with pytest.raises(BenchmarkFormatError, match="action_sequence.json is missing"):
         MVBench(root=str(tmp_path), tasks={"action_sequence": {"prefix": "x"}}).read()
+    from hicom.eval.benchmarks import VideoMME
+
+    bad = tmp_path / "videomme/test.parquet"
+    bad.parent.mkdir()
+    bad.write_bytes((bench_data / "eval/videomme/videomme/test-00000-of-00001.parquet").read_bytes()[:100])
+    with pytest.raises(BenchmarkFormatError, match="not a readable parquet"):
+        VideoMME(root=str(tmp_path), parquet="videomme/test.parquet").read()
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json/action_sequence.json").write_text(json.dumps([{"video": "a.mp4", "question": "q?",
+                                                                      "candidates": ["x", "y"], "answer": "z"}]))  # fmt: skip
+    with pytest.raises(BenchmarkFormatError, match="answer 'z' is not one of the candidates"):
+        MVBench(root=str(tmp_path), tasks={"action_sequence": {"prefix": "x"}}).read()
 
 
 def _mc(qid, task, answer, pred, **extra):
@@ -278,3 +290,33 @@ def test_the_score_command_recomputes_results_beside_the_predictions(tmp_path, c
     assert results["m_avg"] == pytest.approx(0.75) and results["acc"] == pytest.approx(2 / 3)
     assert json.loads((path.parent / "results.json").read_text()) == results
     assert json.loads(capsys.readouterr().out)["m_avg"] == pytest.approx(0.75)
+
+
+def test_an_official_folder_evaluates_like_the_run_it_was_exported_from(cache_dir, bench_data, trained_run, tmp_path):
+    from hicom.compat.official import export_official
+    from hicom.eval.runner import evaluate, load_model
+
+    module, _ = load_model(trained_run, compose_eval(cache_dir, bench_data, tmp_path, []))
+    official = export_official(module.net, tmp_path / "official")
+    replies = {}
+    for name, ckpt in (("run", trained_run), ("official", official)):
+        out = tmp_path / name
+        results = evaluate(compose_eval(cache_dir, bench_data, out, [f"ckpt={ckpt}", "benchmark=mlvu"]))
+        replies[name] = [json.loads(line)["reply"] for line in (out / "mlvu/predictions.jsonl").open()]
+        assert results["mlvu"]["settings"]["format"] == name
+    assert replies["run"] == replies["official"]
+
+
+def test_egoschema_full_set_writes_the_submission_file(cache_dir, bench_data, trained_run, tmp_path):
+    from hicom.eval.runner import evaluate
+
+    cfg = compose_eval(
+        cache_dir,
+        bench_data,
+        tmp_path,
+        [f"ckpt={trained_run}", "benchmark=egoschema", "benchmarks.egoschema.subset=false"],
+    )
+    r = evaluate(cfg)["egoschema"]
+    assert r["n"] == 2 and r["n_unscored"] == 1  # u2 has no public answer
+    submission = json.loads((tmp_path / "egoschema/submission.json").read_text())
+    assert sorted(submission) == ["u1", "u2", "u3"] and all(v in range(-1, 5) for v in submission.values())

@@ -137,7 +137,10 @@ class VideoMME:
         path = root / self.parquet
         if not path.is_file():
             raise BenchmarkFormatError(f"{path} is missing: put Video-MME's parquet there (or set its `parquet`)")
-        rows = pq.read_table(path).to_pylist()
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as err:  # pyarrow's errors for truncated or foreign files
+            raise BenchmarkFormatError(f"{path}: not a readable parquet file ({err})") from err
         questions = []
         for i, row in enumerate(rows):
             where = f"{path} row {i}"
