@@ -320,3 +320,19 @@ def test_egoschema_full_set_writes_the_submission_file(cache_dir, bench_data, tr
     assert r["n"] == 2 and r["n_unscored"] == 1  # u2 has no public answer
     submission = json.loads((tmp_path / "egoschema/submission.json").read_text())
     assert sorted(submission) == ["u1", "u2", "u3"] and all(v in range(-1, 5) for v in submission.values())
+
+
+def test_batched_generation_with_left_padding_answers_as_one_at_a_time(cache_dir, bench_data, trained_run, tmp_path):
+    from hicom.eval.runner import evaluate
+
+    replies = {}
+    for size in (1, 4):
+        out = tmp_path / f"batch{size}"
+        overrides = [f"ckpt={trained_run}", "benchmark=[mlvu,videomme]", f"batch_size={size}", "max_new_tokens=8"]
+        evaluate(compose_eval(cache_dir, bench_data, out, overrides))
+        replies[size] = [
+            json.loads(line)["reply"]
+            for name in ("mlvu", "videomme")
+            for line in (out / name / "predictions.jsonl").open()
+        ]
+    assert replies[1] == replies[4] and len(set(replies[1])) > 1  # prompts of different lengths, padded on the left
