@@ -336,3 +336,17 @@ def test_batched_generation_with_left_padding_answers_as_one_at_a_time(cache_dir
             for line in (out / name / "predictions.jsonl").open()
         ]
     assert replies[1] == replies[4] and len(set(replies[1])) > 1  # prompts of different lengths, padded on the left
+
+
+def test_a_staged_run_is_evaluated_from_its_last_stage(tmp_path):
+    from hicom.eval.runner import find_handoff
+
+    parents = {"first": None, "second": "first", "a_third": "second"}  # folder names do not sort in stage order
+    for name, parent in parents.items():
+        folder = tmp_path / "stages" / name
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(
+            json.dumps({"parent": str(tmp_path / "stages" / parent) if parent else None})
+        )
+        (folder / "config.yaml").write_text("{}")
+    assert find_handoff(tmp_path) == tmp_path / "stages" / "a_third"  # the stage no other stage names as parent
