@@ -170,6 +170,26 @@ class TinySiglip(_Writer):
         (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
 
 
+def _save_causal_lm(out: Path, spec, tokenizer, config_class, model_class, *, generation: dict, **config):
+    """Save a tokenizer and a causal LM of `spec`'s sizes, randomly initialised from `spec.seed`, with its greedy
+    generation config; `config` holds what differs between families (tokens, tying, init)."""
+    from transformers import GenerationConfig
+
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(spec.seed)
+    sizes = dict(
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+    )
+    model = model_class(config_class(vocab_size=len(tokenizer), **sizes, **config))
+    model.generation_config = GenerationConfig(do_sample=False, **generation)
+    model.save_pretrained(out)
+
+
 @dataclass(frozen=True)
 class TinyQwen2(_Writer):
     """A random Qwen2 causal LM with a byte-level BPE tokenizer and the Qwen2.5 chat template.
@@ -191,7 +211,7 @@ class TinyQwen2(_Writer):
     seed: int = 0
 
     def write(self, out: Path) -> None:
-        from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+        from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=_train_bpe(self.vocab_size, QWEN_SPECIAL_TOKENS),
@@ -201,26 +221,20 @@ class TinyQwen2(_Writer):
             model_max_length=self.max_position_embeddings,
         )
         tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-        tokenizer.save_pretrained(out)
         eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-        config = Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_kv_heads,
-            max_position_embeddings=self.max_position_embeddings,
+        _save_causal_lm(
+            out,
+            self,
+            tokenizer,
+            Qwen2Config,
+            Qwen2ForCausalLM,
+            generation=dict(eos_token_id=eos, pad_token_id=pad),
             tie_word_embeddings=True,
             initializer_range=self.hidden_size**-0.5 if self.initializer_range is None else self.initializer_range,
             bos_token_id=pad,
             eos_token_id=eos,
             pad_token_id=pad,
         )
-        torch.manual_seed(self.seed)
-        model = Qwen2ForCausalLM(config)
-        model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, do_sample=False)
-        model.save_pretrained(out)
 
 
 @dataclass(frozen=True)
@@ -307,7 +321,7 @@ class TinyLlama(_Writer):
     seed: int = 0
 
     def write(self, out: Path) -> None:
-        from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+        from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=_train_bpe(self.vocab_size, LLAMA_SPECIAL_TOKENS),
@@ -317,22 +331,16 @@ class TinyLlama(_Writer):
             model_max_length=self.max_position_embeddings,
         )
         tokenizer.chat_template = LLAMA_CHAT_TEMPLATE
-        tokenizer.save_pretrained(out)
         bos, eos = tokenizer.convert_tokens_to_ids(["<|begin_of_text|>", "<|eot_id|>"])
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_kv_heads,
-            max_position_embeddings=self.max_position_embeddings,
+        _save_causal_lm(
+            out,
+            self,
+            tokenizer,
+            LlamaConfig,
+            LlamaForCausalLM,
+            generation=dict(bos_token_id=bos, eos_token_id=eos),
             tie_word_embeddings=False,
             initializer_range=self.hidden_size**-0.5,
             bos_token_id=bos,
             eos_token_id=eos,
         )
-        torch.manual_seed(self.seed)
-        model = LlamaForCausalLM(config)
-        model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, do_sample=False)
-        model.save_pretrained(out)

@@ -12,7 +12,61 @@ from hicom.utils.checkpoints import require_pretrained, resolve_attention
 log = logging.getLogger(__name__)
 
 
-class SiglipTower(nn.Module):
+class _Tower(nn.Module):
+    """What the vision towers share: loading an HF checkpoint folder with `from_pretrained`, or building the same
+    architecture with random weights from a bundled architecture dict (dry runs, on the meta device), and the
+    sizes read off the loaded config. Subclasses name the HF model (`_model`, `_config`) and take its parts
+    (`_take_parts`)."""
+
+    what = "vision"
+
+    def __init__(
+        self, *, path: str, select_layer: int = -2, attn_implementation: str = "sdpa", arch: str | None = None
+    ) -> None:
+        """`arch` names the bundled architecture (hicom/arch/<arch>.json) that describes the checkpoint, for dry
+        runs that build the model without its weights; loading ignores it."""
+        super().__init__()
+        folder = require_pretrained(path, f"the {self.what} checkpoint", "model.vision.path")
+        model = self._model().from_pretrained(folder, attn_implementation=resolve_attention(attn_implementation))
+        self._take(model, select_layer, str(folder))
+
+    @classmethod
+    def from_arch(cls, arch: dict, select_layer: int = -2):
+        """Random weights (on the current default device, e.g. meta) from a bundled architecture dict."""
+        tower = cls.__new__(cls)
+        nn.Module.__init__(tower)
+        tower._take(cls._model()(cls._config(arch)), select_layer, None)
+        return tower
+
+    @staticmethod
+    def _model():
+        raise NotImplementedError
+
+    @staticmethod
+    def _config(arch: dict):
+        raise NotImplementedError
+
+    def _take_parts(self, model) -> None:
+        raise NotImplementedError
+
+    def _trunk(self, pixel_values: torch.Tensor):
+        """The trunk's outputs with every hidden state; without autograd when the trunk is frozen."""
+        frozen = not any(p.requires_grad for p in self.vision_tower.encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            return self.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
+
+    def _take(self, model, select_layer: int, path: str | None) -> None:
+        self.path = path
+        self._take_parts(model)
+        self.select_layer = select_layer
+        vision = model.config.vision_config
+        self.hidden_size = vision.hidden_size
+        self.grid = vision.image_size // vision.patch_size
+        self.image_size = vision.image_size
+        log.info("vision tower %s: attention %s", path or "(architecture only)", model.config._attn_implementation)
+
+
+class SiglipTower(_Tower):
     """Wraps a SigLIP checkpoint (vision + text towers) loaded with `from_pretrained`.
 
     - `features`: the trunk's hidden state at `select_layer` (N, h, w, D).
@@ -22,51 +76,34 @@ class SiglipTower(nn.Module):
     A trunk whose parameters are all frozen runs without autograd.
     """
 
-    def __init__(
-        self, *, path: str, select_layer: int = -2, attn_implementation: str = "sdpa", arch: str | None = None
-    ) -> None:
-        """`arch` names the bundled architecture (hicom/arch/<arch>.json) that describes the checkpoint, for dry
-        runs that build the model without its weights; loading ignores it."""
-        super().__init__()
+    what = "SigLIP"
+    has_joint_embeds = True
+
+    @staticmethod
+    def _model():
         from transformers import SiglipModel
 
-        folder = require_pretrained(path, "the SigLIP checkpoint", "model.vision.path")
-        model = SiglipModel.from_pretrained(folder, attn_implementation=resolve_attention(attn_implementation))
-        self._take(model, select_layer, str(folder))
+        return SiglipModel
 
-    @classmethod
-    def from_arch(cls, arch: dict, select_layer: int = -2) -> SiglipTower:
-        """Random weights (on the current default device, e.g. meta) from a bundled architecture dict."""
-        from transformers import SiglipConfig, SiglipModel
+    @staticmethod
+    def _config(arch: dict):
+        from transformers import SiglipConfig
 
-        tower = cls.__new__(cls)
-        nn.Module.__init__(tower)
-        config = SiglipConfig(vision_config=arch["vision_config"], text_config=arch["text_config"])
-        tower._take(SiglipModel(config), select_layer, None)
-        return tower
+        return SiglipConfig(vision_config=arch["vision_config"], text_config=arch["text_config"])
 
-    def _take(self, model, select_layer: int, path: str | None) -> None:
-        self.path = path
+    def _take_parts(self, model) -> None:
         self.vision_tower = model.vision_model
         # The head's attention pooling (one probe over all tokens) is never used: skip it in the forward pass.
         # Its layernorm and MLP stay, for the joint-space keys.
         self.vision_tower.use_head = False
         self.guide_encoder = model.text_model
         self.logit_scale, self.logit_bias = model.logit_scale, model.logit_bias
-        self.select_layer = select_layer
-        vision = model.config.vision_config
-        self.hidden_size = vision.hidden_size
         self.text_hidden_size = model.config.text_config.hidden_size
-        self.grid = vision.image_size // vision.patch_size
-        self.image_size = vision.image_size
-        log.info("vision tower %s: attention %s", path or "(architecture only)", model.config._attn_implementation)
 
     def forward(
         self, pixel_values: torch.Tensor, joint_embeds: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        trunk_frozen = not any(p.requires_grad for p in self.vision_tower.encoder.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not trunk_frozen):
-            out = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
+        out = self._trunk(pixel_values)
         n = pixel_values.shape[0]
         features = out.hidden_states[self.select_layer].reshape(n, self.grid, self.grid, -1)  # (N, h, w, D)
         if not joint_embeds:
@@ -75,8 +112,6 @@ class SiglipTower(nn.Module):
         head = self.vision_tower.head
         embeds = final + head.mlp(head.layernorm(final))
         return features, embeds.reshape(n, self.grid, self.grid, -1)
-
-    has_joint_embeds = True
 
     def parts(self) -> dict[str, nn.Module]:
         """The tower's trainable parts: the trunk, the head's layernorm + MLP that make the joint-space keys (its
@@ -96,7 +131,7 @@ class SiglipTower(nn.Module):
         return self.guide_encoder.head(out.last_hidden_state) if tokens else out.pooler_output
 
 
-class ClipTower(nn.Module):
+class ClipTower(_Tower):
     """Wraps a CLIP checkpoint (e.g. openai/clip-vit-large-patch14-336) with the interface of `SiglipTower`.
 
     - `features`: the trunk's hidden state at `select_layer` without the class token (N, h, w, D).
@@ -108,44 +143,30 @@ class ClipTower(nn.Module):
     - `logit_scale` is CLIP's; CLIP has no logit bias, so it is a zero.
     """
 
+    what = "CLIP"
     has_joint_embeds = False
 
-    def __init__(
-        self, *, path: str, select_layer: int = -2, attn_implementation: str = "sdpa", arch: str | None = None
-    ) -> None:
-        super().__init__()
+    @staticmethod
+    def _model():
         from transformers import CLIPModel
 
-        folder = require_pretrained(path, "the CLIP checkpoint", "model.vision.path")
-        model = CLIPModel.from_pretrained(folder, attn_implementation=resolve_attention(attn_implementation))
-        self._take(model, select_layer, str(folder))
+        return CLIPModel
 
-    @classmethod
-    def from_arch(cls, arch: dict, select_layer: int = -2) -> ClipTower:
-        from transformers import CLIPConfig, CLIPModel
+    @staticmethod
+    def _config(arch: dict):
+        from transformers import CLIPConfig
 
-        tower = cls.__new__(cls)
-        nn.Module.__init__(tower)
-        config = CLIPConfig(
+        return CLIPConfig(
             vision_config=arch["vision_config"], text_config=arch["text_config"], projection_dim=arch["projection_dim"]
         )
-        tower._take(CLIPModel(config), select_layer, None)
-        return tower
 
-    def _take(self, model, select_layer: int, path: str | None) -> None:
-        self.path = path
+    def _take_parts(self, model) -> None:
         self.vision_tower = model.vision_model
         self.guide_encoder = model.text_model
         self.text_projection = model.text_projection
         self.logit_scale = model.logit_scale
         self.register_buffer("logit_bias", torch.zeros(1, device=model.logit_scale.device), persistent=False)
-        self.select_layer = select_layer
-        vision = model.config.vision_config
-        self.hidden_size = vision.hidden_size
         self.text_hidden_size = model.config.projection_dim
-        self.grid = vision.image_size // vision.patch_size
-        self.image_size = vision.image_size
-        log.info("vision tower %s: attention %s", path or "(architecture only)", model.config._attn_implementation)
 
     def parts(self) -> dict[str, nn.Module]:
         vision = self.vision_tower
@@ -160,9 +181,7 @@ class ClipTower(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if joint_embeds:
             raise ValueError("CLIP has no token-level joint-space embeddings: use the local branch's keys: features")
-        trunk_frozen = not any(p.requires_grad for p in self.vision_tower.encoder.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not trunk_frozen):
-            out = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
+        out = self._trunk(pixel_values)
         n = pixel_values.shape[0]
         features = out.hidden_states[self.select_layer][:, 1:]  # the class token dropped
         return features.reshape(n, self.grid, self.grid, -1), None
