@@ -296,7 +296,9 @@ def test_an_official_folder_evaluates_like_the_run_it_was_exported_from(cache_di
     from hicom.compat.official import export_official
     from hicom.eval.runner import evaluate, load_model
 
-    module, _ = load_model(trained_run, compose_eval(cache_dir, bench_data, tmp_path, []))
+    moved = ["run_overrides=['model.max_new_tokens=7']"]  # the run's config, overridden where it must differ here
+    module, _ = load_model(trained_run, compose_eval(cache_dir, bench_data, tmp_path, moved))
+    assert module.max_new_tokens == 7
     official = export_official(module.net, tmp_path / "official")
     replies = {}
     for name, ckpt in (("run", trained_run), ("official", official)):

@@ -69,6 +69,8 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
         return module, {"ckpt": str(ckpt), "format": "official"}
     folder = find_handoff(ckpt)
     run_cfg = OmegaConf.load(folder / "config.yaml")
+    if cfg.get("run_overrides"):  # e.g. the towers' folders on this machine
+        run_cfg = OmegaConf.merge(run_cfg, OmegaConf.from_dotlist(list(cfg.run_overrides)))
     write_assets(run_cfg.get("assets"))
     module = instantiate(run_cfg.model)
     parts = load_handoff(module, folder, [])
