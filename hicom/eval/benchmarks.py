@@ -85,6 +85,7 @@ class MVBench:
     tasks: dict[str, MVBenchTask] = field(default_factory=dict)
     kind = Kind.MULTIPLE_CHOICE
     mean_of_tasks = False
+    submission = False  # writes the benchmark server's submission file
 
     def read(self) -> list[Question]:
         root = Path(self.root)
@@ -129,6 +130,7 @@ class VideoMME:
     subtitles: bool = False
     kind = Kind.MULTIPLE_CHOICE
     mean_of_tasks = False
+    submission = False  # writes the benchmark server's submission file
 
     def read(self) -> list[Question]:
         import pyarrow.parquet as pq
@@ -182,6 +184,11 @@ class EgoSchema:
     kind = Kind.MULTIPLE_CHOICE
     mean_of_tasks = False
 
+    @property
+    def submission(self) -> bool:
+        """The full set has no public answers: its replies go to submission.json for the benchmark's server."""
+        return not self.subset
+
     def read(self) -> list[Question]:
         root = Path(self.root)
         answers = _read_json(root / "subset_answers.json")
@@ -230,6 +237,7 @@ class MLVU:
     tasks: tuple[str, ...] = MLVU_DEV_TASKS
     kind = Kind.MULTIPLE_CHOICE
     mean_of_tasks = True
+    submission = False
 
     def read(self) -> list[Question]:
         root = Path(self.root)
@@ -265,13 +273,12 @@ class OpenEndedQA:
     extensions: tuple[str, ...] = (".mp4", ".mkv", ".webm", ".avi")
     kind = Kind.OPEN_ENDED
     mean_of_tasks = False
+    submission = False
 
     def _video(self, name: str) -> str:
-        stem = Path(self.root) / self.video_dir / f"{self.video_prefix}{name}"
-        for ext in self.extensions:
-            if stem.with_name(stem.name + ext).exists():
-                return str(stem.with_name(stem.name + ext))
-        return str(stem.with_name(stem.name + self.extensions[0]))  # missing: reported when it is decoded
+        candidates = [Path(self.root) / self.video_dir / f"{self.video_prefix}{name}{ext}" for ext in self.extensions]
+        found = next((path for path in candidates if path.exists()), candidates[0])  # missing: reported on decoding
+        return str(found)
 
     def read(self) -> list[Question]:
         root = Path(self.root)

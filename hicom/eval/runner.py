@@ -156,7 +156,10 @@ def _device(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
     return device, {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[cfg.precision]
 
 
-def run_benchmark(name: str, reader, module, cfg: DictConfig, out: Path, shard: int, num_shards: int) -> dict | None:
+def run_benchmark(
+    name: str, reader, module, cfg: DictConfig, out: Path, shard: int, num_shards: int, device: torch.device,
+    dtype: torch.dtype,
+) -> dict | None:  # fmt: skip
     """Answer this shard's unanswered questions; merge and score when every shard is done (else None)."""
     from transformers import AutoTokenizer
 
@@ -187,7 +190,6 @@ def run_benchmark(name: str, reader, module, cfg: DictConfig, out: Path, shard: 
         padding_side="left",
     )
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)
-    device, dtype = _device(cfg)
     start, answered = time.perf_counter(), 0
     with shard_file.open("a") as f:
         for batch in loader:
@@ -201,8 +203,7 @@ def run_benchmark(name: str, reader, module, cfg: DictConfig, out: Path, shard: 
                 continue
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                tokens = net.generate(batch, max_new_tokens=cfg.max_new_tokens)
+            tokens = net.generate(batch, max_new_tokens=cfg.max_new_tokens)
             replies = net.llm.tokenizer.batch_decode(tokens, skip_special_tokens=True)
             for qid, reply, prompt in zip(batch["ids"], replies, batch["prompts"], strict=True):
                 q = by_id[qid]
@@ -231,7 +232,7 @@ def run_benchmark(name: str, reader, module, cfg: DictConfig, out: Path, shard: 
         (out / f"shard-{i}-of-{num_shards}.done").unlink(missing_ok=True)
     results = {"benchmark": name, **score(reader.kind, ordered, reader.mean_of_tasks), **timing}
     results["n_questions"] = len(questions)
-    if getattr(reader, "subset", True) is False:  # EgoSchema's full set: the submission file
+    if reader.submission:  # EgoSchema's full set: {q_uid: option index}, -1 where no letter parsed
         submission = {r["question_id"]: (LETTERS.index(r["pred"]) if r["pred"] else -1) for r in ordered}
         (out / "submission.json").write_text(json.dumps(submission))
         results["submission"] = str(out / "submission.json")
@@ -266,7 +267,7 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ValueError(f"shard {shard} of {num_shards}")
     module, source = load_model(cfg.ckpt, cfg)
     device, dtype = _device(cfg)
-    module.net.to(device).eval()
+    module.net.to(device=device, dtype=dtype).eval()  # bf16 weights on GPUs that have it
     out_dir = Path(cfg.output_dir)
     settings = {
         **source,
@@ -285,7 +286,7 @@ def evaluate(cfg: DictConfig) -> dict:
     all_results = {}
     for name in names:
         reader = instantiate(cfg.benchmarks[name])
-        results = run_benchmark(name, reader, module, cfg, out_dir / name, shard, num_shards)
+        results = run_benchmark(name, reader, module, cfg, out_dir / name, shard, num_shards, device, dtype)
         if results is not None:
             results["settings"] = settings
             (out_dir / name / "results.json").write_text(json.dumps(results, indent=2))
@@ -313,9 +314,9 @@ def markdown_table(results: dict, settings: dict) -> str:
         else:
             value, metric = r["acc"], "accuracy"
         per_q = r.get("seconds_per_question")
+        seconds = "-" if per_q is None else f"{per_q:.3f}"
         lines.append(
             f"| {name} | {100 * value:.1f} | {metric} | {r['n']} | {r.get('n_unparsed', '-')} | {r['n_failed']} | "
-            f"{per_q:.3f} |" if per_q is not None else
-            f"| {name} | {100 * value:.1f} | {metric} | {r['n']} | {r.get('n_unparsed', '-')} | {r['n_failed']} | - |"
-        )  # fmt: skip
+            f"{seconds} |"
+        )
     return "\n".join(lines) + "\n"

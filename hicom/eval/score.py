@@ -87,22 +87,20 @@ def normalize_answer(text: str | None) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
+def _exact_match(rows: list[dict]) -> float:
+    """Share of rows whose normalised reply equals the normalised answer (a failed clip has no reply: wrong)."""
+    hits = sum(normalize_answer(r.get("reply")) == normalize_answer(r["answer"]) for r in rows if "error" not in r)
+    return hits / len(rows) if rows else 0.0
+
+
 def score_open_ended(rows: list[dict]) -> dict:
     """`exact_match`: the normalised reply equals the normalised answer; and, for lines a judge has seen,
     `judge_acc` (share judged correct) and `judge_score` (mean 0-5 score) over the judged lines."""
-    n = len(rows)
-    exact = sum(normalize_answer(r.get("reply")) == normalize_answer(r["answer"]) for r in rows if "error" not in r)
-    out = {"exact_match": exact / n if n else 0.0, "n": n, "n_failed": sum("error" in r for r in rows)}
+    out = {"exact_match": _exact_match(rows), "n": len(rows), "n_failed": sum("error" in r for r in rows)}
     tasks: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         tasks[str(r["task"])].append(r)
-    out["per_task"] = {
-        t: {
-            "exact_match": sum(normalize_answer(r.get("reply")) == normalize_answer(r["answer"]) for r in rs) / len(rs),
-            "n": len(rs),
-        }
-        for t, rs in sorted(tasks.items())
-    }
+    out["per_task"] = {t: {"exact_match": _exact_match(rs), "n": len(rs)} for t, rs in sorted(tasks.items())}
     judged = [r["judge"] for r in rows if isinstance(r.get("judge"), dict)]
     if judged:
         out["judge_acc"] = sum(bool(j["correct"]) for j in judged) / len(judged)
