@@ -203,6 +203,7 @@ def paper_default(**dims):
     ],
 )
 def test_a_packed_batch_of_images_and_videos_equals_each_clip_alone(make, reference):
+    """Outputs, and the gradients of every parameter and input, equal the per-clip reference's."""
     torch.manual_seed(0)
     module = make(in_dim=8, out_dim=4, guide_dim=6).double()
     with torch.no_grad():
@@ -212,6 +213,8 @@ def test_a_packed_batch_of_images_and_videos_equals_each_clip_alone(make, refere
     v, e = torch.randn(rows, 5, 5, 8).double(), torch.randn(rows, 5, 5, 8).double()
     # the token-level guide C_f (B, L, Dg) where a branch injects finely, else the pooled C_p (B, Dg)
     g = torch.randn(len(MIXED.num_frames), *((5,) if module.guide_tokens else ()), 6).double()
+    for x in (v, e, g):
+        x.requires_grad_()
     out = module.forward_packed(v, e, g, MIXED)
     expected = [
         reference(module, v[start : start + n], e[start : start + n], g[i], modality)
@@ -222,6 +225,12 @@ def test_a_packed_batch_of_images_and_videos_equals_each_clip_alone(make, refere
     for clip, n, modality in zip(expected, MIXED.num_frames, MIXED.modalities, strict=True):
         assert clip.shape[0] == module.num_tokens(n, 5, 5, modality)
     torch.testing.assert_close(out, torch.cat(expected), rtol=1e-10, atol=1e-10)
+    upstream = torch.randn_like(out)
+    wrt = [v, e, g, *module.parameters()]
+    ours = torch.autograd.grad(out, wrt, upstream, allow_unused=True, materialize_grads=True)
+    theirs = torch.autograd.grad(torch.cat(expected), wrt, upstream, allow_unused=True, materialize_grads=True)
+    for name, a, b in zip(["features", "embeds", "guide", *dict(module.named_parameters())], ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"gradient of {name}: {m}")
 
 
 def test_avgpool_packs_through_the_per_shape_default():
@@ -311,3 +320,22 @@ def test_a_compressor_must_implement_forward_clips_or_forward_packed():
         Empty()(torch.zeros(1, 2, 3, 3, 4))
     with pytest.raises(NotImplementedError, match="neither forward_clips nor forward_packed"):
         Empty().forward_packed(torch.zeros(2, 3, 3, 4), None, None, PackedLayout((2,), ("video",), 3, 3))
+
+
+def test_deterministic_mode_takes_the_gather_and_agrees():
+    """The local weighted sum uses a bag sum, whose CUDA value gradient deterministic mode refuses; there it gathers."""
+    torch.manual_seed(0)
+    module = LocalCompressor(in_dim=8, out_dim=4, kernel=(4, 3, 3), guide=Guide.OFF).double()
+    rows = sum(MIXED.num_frames)
+    v = torch.randn(rows, 5, 5, 8, dtype=torch.float64, requires_grad=True)
+    results = []
+    for deterministic in (False, True):
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            out = module.forward_packed(v, None, None, MIXED)
+            results.append((out, *torch.autograd.grad(out.square().sum(), [v, module.readout[0].weight])))
+        finally:
+            torch.use_deterministic_algorithms(previous)
+    for fast, gathered in zip(*results, strict=True):
+        torch.testing.assert_close(fast, gathered, rtol=1e-12, atol=1e-12)
