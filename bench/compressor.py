@@ -8,7 +8,9 @@ every key and value of the global attention projected.
     .venv/bin/python bench/compressor.py                          # 32 frames of 27 x 27 x 1152 -> 3584, fp32, CPU
     .venv/bin/python bench/compressor.py --device cuda --dtype bf16 --batch 1 8
 
-Prints milliseconds per video for forward and forward + backward, and the ratio baseline / batched.
+Prints milliseconds per video for forward and forward + backward and the ratio baseline / batched; then, in the
+"fwd GFLOP" row, the forward pass's matrix-product work per video on each side (torch's FlopCounterMode) and
+its ratio: where both sides run their products at the same rate, that ratio bounds the forward speed-up.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from hicom.modules.compressors import GlobalCompressor, Guide, HICom, LocalCompressor
 from hicom.modules.compressors.base import PackedLayout
@@ -115,10 +118,17 @@ def bench_batch(module: HICom, batch: int, args: argparse.Namespace) -> None:
         module.zero_grad(set_to_none=True)
         fn().float().square().mean().backward()
 
+    def gflop(fn: Callable[[], torch.Tensor]) -> float:
+        with FlopCounterMode(display=False) as counter:  # (it hooks autograd, so not under no_grad)
+            fn()
+        return counter.get_total_flops() / batch / 1e9
+
     for name, run in (("forward", forward), ("fwd+backward", forward_backward)):
         base = timed(partial(run, baseline), args.device, args.repeats) / batch
         ours = timed(partial(run, batched), args.device, args.repeats) / batch
         print(f"{batch:>5} {name:>13} {base * 1e3:>18.1f} {ours * 1e3:>17.1f} {base / ours:>8.1f}x")
+    base_work, our_work = gflop(baseline), gflop(batched)
+    print(f"{batch:>5} {'fwd GFLOP':>13} {base_work:>18.1f} {our_work:>17.1f} {base_work / our_work:>8.1f}x")
     print(f"{batch:>5} {'outputs':>13} max relative difference {error:.1e}")
 
 
