@@ -50,14 +50,15 @@ def test_grouping_matches_the_release_where_it_runs_and_covers_every_size(n, k):
 @pytest.mark.parametrize("hw", [1, 5, 27])
 @pytest.mark.parametrize("kernel", [(1, 1, 1), (2, 2, 2), (4, 3, 3), (4, 4, 4)])
 @pytest.mark.parametrize("guide", list(Guide))
-def test_local_equals_the_naive_per_cell_computation(t, hw, kernel, guide):
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.float64, 1e-10)], ids=["fp32", "fp64"])
+def test_local_equals_the_naive_per_cell_computation(t, hw, kernel, guide, dtype, tolerance):
     torch.manual_seed(0)
-    module = LocalCompressor(in_dim=8, out_dim=4, guide_dim=6, kernel=kernel, guide=guide).double()
-    v, e = torch.randn(1, t, hw, hw, 8).double(), torch.randn(1, t, hw, hw, 8).double()
-    g = torch.randn(1, *((3,) if guide is Guide.FINE else ()), 6).double()
+    module = LocalCompressor(in_dim=8, out_dim=4, guide_dim=6, kernel=kernel, guide=guide).to(dtype)
+    v, e = torch.randn(1, t, hw, hw, 8, dtype=dtype), torch.randn(1, t, hw, hw, 8, dtype=dtype)
+    g = torch.randn(1, *((3,) if guide is Guide.FINE else ()), 6, dtype=dtype)
     out = module(v, e, g)
     assert out.shape == (1, module.num_tokens(t, hw, hw), 4)
-    torch.testing.assert_close(out[0], local_reference(module, v[0], e[0], g[0]), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out[0], local_reference(module, v[0], e[0], g[0]), rtol=tolerance, atol=tolerance)
 
 
 def test_images_and_single_frames_keep_every_frame():
@@ -160,6 +161,22 @@ def test_global_with_folded_projections_equals_standard_attention(t, hw, positio
     assert out.shape == (2, 3, 8)
     for b in range(2):
         torch.testing.assert_close(out[b], global_reference(module, v[b], guide=g[b]), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("t", [*range(1, 10), 16, 30, 32, 64])
+@pytest.mark.parametrize("hw", [1, 5, 27])
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.float64, 1e-10)], ids=["fp32", "fp64"])
+def test_global_paper_default_equals_the_naive_attention_at_every_size(t, hw, dtype, tolerance):
+    """The issue's sweep for the global branch (kernels do not apply): coarse injection, positions on k and v."""
+    torch.manual_seed(0)
+    module = GlobalCompressor(in_dim=16, out_dim=8, guide_dim=12, num_queries=4, guide=Guide.COARSE, num_heads=2)
+    module = module.to(dtype)
+    with torch.no_grad():
+        module.query.normal_()
+    v, g = torch.randn(1, t, hw, hw, 16, dtype=dtype), torch.randn(1, 12, dtype=dtype)
+    torch.testing.assert_close(
+        module(v, guide=g)[0], global_reference(module, v[0], guide=g[0]), rtol=tolerance, atol=tolerance
+    )
 
 
 MIXED = PackedLayout(
