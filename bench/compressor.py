@@ -9,8 +9,8 @@ every key and value of the global attention projected.
     .venv/bin/python bench/compressor.py --device cuda --dtype bf16 --batch 1 8
 
 Prints milliseconds per video for forward and forward + backward and the ratio baseline / batched; then, in the
-"fwd GFLOP" row, the forward pass's matrix-product work per video on each side (torch's FlopCounterMode) and
-its ratio: where both sides run their products at the same rate, that ratio bounds the forward speed-up.
+GFLOP rows, each pass's matrix-product work per video on each side (torch's FlopCounterMode) and its ratio:
+where both sides run their products at the same rate, that ratio bounds the speed-up.
 """
 
 from __future__ import annotations
@@ -118,17 +118,18 @@ def bench_batch(module: HICom, batch: int, args: argparse.Namespace) -> None:
         module.zero_grad(set_to_none=True)
         fn().float().square().mean().backward()
 
-    def gflop(fn: Callable[[], torch.Tensor]) -> float:
-        with FlopCounterMode(display=False) as counter:  # (it hooks autograd, so not under no_grad)
-            fn()
+    def gflop(run: Callable[[Callable[[], torch.Tensor]], None], fn: Callable[[], torch.Tensor]) -> float:
+        with FlopCounterMode(display=False) as counter:  # it hooks autograd: a forward is counted with grad on
+            (fn if run is forward else partial(run, fn))()
         return counter.get_total_flops() / batch / 1e9
 
     for name, run in (("forward", forward), ("fwd+backward", forward_backward)):
         base = timed(partial(run, baseline), args.device, args.repeats) / batch
         ours = timed(partial(run, batched), args.device, args.repeats) / batch
         print(f"{batch:>5} {name:>13} {base * 1e3:>18.1f} {ours * 1e3:>17.1f} {base / ours:>8.1f}x")
-    base_work, our_work = gflop(baseline), gflop(batched)
-    print(f"{batch:>5} {'fwd GFLOP':>13} {base_work:>18.1f} {our_work:>17.1f} {base_work / our_work:>8.1f}x")
+    for name, run in (("fwd GFLOP", forward), ("fwd+bwd GFLOP", forward_backward)):
+        base, ours = gflop(run, baseline), gflop(run, batched)
+        print(f"{batch:>5} {name:>13} {base:>18.1f} {ours:>17.1f} {base / ours:>8.1f}x")
     print(f"{batch:>5} {'outputs':>13} max relative difference {error:.1e}")
 
 
