@@ -135,8 +135,9 @@ class LocalCompressor(Compressor):
         keys = self._adapted(keys.reshape(-1, d), Adapt.K)  # (sum T H W, D)
         if self.guide is Guide.DIRECT:
             queries = self.guide_injector.prepare(guide)  # (B, D): one query for all cells of a clip
-            token_scores = (keys @ queries.T).gather(1, plan.token_clip[:, None]).squeeze(1)  # (sum T H W,)
-            scores = token_scores[plan.index]  # (cells, G)
+            # each frame's tokens against its own clip's query: (sum T, H W, D) x (sum T, D, 1)
+            token_scores = torch.bmm(keys.reshape(-1, h * w, d), queries[plan.frame_clip].unsqueeze(-1))
+            scores = token_scores.reshape(-1)[plan.index]  # (cells, G)
         else:
             # Trilinear resize, done separably: bilinear over each frame, then linear over each clip's frames.
             spatial = F.interpolate(features.permute(0, 3, 1, 2), size=plan.grid, mode="bilinear", align_corners=False)
@@ -175,7 +176,7 @@ class _PackedPlan:
     padding: torch.Tensor | None  # (cells, G) True where index is padding
     cell_clip: torch.Tensor  # (cells,) clip of each cell
     cell_counts: tuple[int, ...]  # cells of each clip
-    token_clip: torch.Tensor  # (sum T H W,) clip of each token
+    frame_clip: torch.Tensor  # (sum T,) clip of each frame
     grid: tuple[int, int]  # (H', W')
     frame_low: torch.Tensor  # (sum T',) the two source frames of each output frame, and the weight of the second
     frame_high: torch.Tensor
@@ -184,31 +185,31 @@ class _PackedPlan:
 
 @functools.lru_cache(maxsize=32)
 def _packed_plan(layout: PackedLayout, kernel: tuple[int, int, int], device: torch.device) -> _PackedPlan:
-    """Index tensors for one packed layout, built once: the per-clip Python work stays off the hot path."""
+    """Index tensors for one packed layout, built once per layout; the cell blocks and frame weights of each clip
+    shape are cached too, so the Python work per clip is an offset."""
     kt, ks, _ = kernel
     h, w = layout.height, layout.width
-    blocks, cell_counts, low, high, lam = [], [], [], [], []
+    blocks, low, high, lam = [], [], [], []
     for n, modality, start in zip(layout.num_frames, layout.modalities, layout.frame_starts, strict=True):
         clip_kt = frame_kernel(kt, n, modality)
         blocks.append(_cell_index((n, h, w), (clip_kt, ks, ks)) + start * h * w)
-        cell_counts.append(blocks[-1].shape[0])
-        out = math.ceil(n / clip_kt)
-        for dst in range(out):  # linear interpolation's source frames, as F.interpolate computes them
-            src = max((dst + 0.5) * (n / out) - 0.5, 0.0)
-            below = int(src)
-            low.append(start + below)
-            high.append(start + below + (1 if below < n - 1 else 0))
-            lam.append(src - below)
+        below, above, weight = _frame_sources(n, math.ceil(n / clip_kt))
+        low += [start + i for i in below]
+        high += [start + i for i in above]
+        lam += weight
+    cell_counts = tuple(block.shape[0] for block in blocks)
     width = max(block.shape[1] for block in blocks)
-    padding = torch.cat([(torch.arange(width) >= b.shape[1]).expand(b.shape[0], width) for b in blocks])
-    index = torch.cat([torch.cat([b, b[:, :1].expand(-1, width - b.shape[1])], dim=1) for b in blocks])
+    padding = None
+    if any(block.shape[1] < width for block in blocks):  # images' cells hold fewer tokens than videos' cells
+        padding = torch.cat([(torch.arange(width) >= b.shape[1]).expand(b.shape[0], width) for b in blocks])
+        blocks = [torch.cat([b, b[:, :1].expand(-1, width - b.shape[1])], dim=1) for b in blocks]
     clips = torch.arange(len(blocks))
     return _PackedPlan(
-        index=index.to(device),
-        padding=padding.to(device) if padding.any() else None,
+        index=torch.cat(blocks).to(device),
+        padding=None if padding is None else padding.to(device),
         cell_clip=clips.repeat_interleave(torch.tensor(cell_counts)).to(device),
-        cell_counts=tuple(cell_counts),
-        token_clip=clips.repeat_interleave(torch.tensor(layout.num_frames) * h * w).to(device),
+        cell_counts=cell_counts,
+        frame_clip=clips.repeat_interleave(torch.tensor(layout.num_frames)).to(device),
         grid=(math.ceil(h / ks), math.ceil(w / ks)),
         frame_low=torch.tensor(low, device=device),
         frame_high=torch.tensor(high, device=device),
@@ -216,8 +217,24 @@ def _packed_plan(layout: PackedLayout, kernel: tuple[int, int, int], device: tor
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _frame_sources(n: int, out: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...]]:
+    """Linear interpolation of n frames to `out`, as F.interpolate computes it: for each output frame the two
+    source frames and the weight of the second."""
+    low, high, lam = [], [], []
+    for dst in range(out):
+        src = max((dst + 0.5) * (n / out) - 0.5, 0.0)
+        below = int(src)
+        low.append(below)
+        high.append(below + (1 if below < n - 1 else 0))
+        lam.append(src - below)
+    return tuple(low), tuple(high), tuple(lam)
+
+
+@functools.lru_cache(maxsize=256)
 def _cell_index(size: tuple[int, int, int], kernel: tuple[int, int, int]) -> torch.Tensor:
-    """(cells, k_t * k_s * k_s) flat indices of the tokens under each output cell of one (T, H, W) clip."""
+    """(cells, k_t * k_s * k_s) flat indices of the tokens under each output cell of one (T, H, W) clip
+    (cached: callers add an offset, which makes a new tensor)."""
     t, h, w = size
     it, ih, iw = (group_index(n, k) for n, k in zip(size, kernel, strict=True))
     # (T', H', W', kt, ks, ks) flat positions t * H * W + y * W + x, cells time-major then row then column
