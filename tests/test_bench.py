@@ -1,0 +1,35 @@
+"""The benchmarks under bench/ still run: each at a tiny size, through the same code as the real run. No timing
+is checked here (the figures are the benchmarks' own output, ratios against a baseline measured in the same run)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_compressor_bench_checks_equal_outputs_and_prints_every_row():
+    out = run_bench(
+        "compressor.py", "--frames", "3", "--grid", "5", "--dim", "64", "--out-dim", "32", "--batch", "1", "2"
+    )
+    for batch in ("1", "2"):
+        rows = [line.split() for line in out.splitlines() if line.split()[:1] == [batch]]
+        assert [" ".join(row[1:-3]) for row in rows[:4]] == ["forward", "fwd+backward", "fwd GFLOP", "fwd+bwd GFLOP"]
+        assert all(row[-1].endswith("x") for row in rows[:4])
+        assert rows[4][1:4] == ["outputs", "max", "relative"] and float(rows[4][-1]) < 1e-4
+
+
+def test_data_bench_runs_at_a_small_size():
+    out = run_bench(
+        "data.py",
+        *"--clips 2 --seconds 2 --repeats 1 --frames 4 --size 64 --workers 1 --samples 2000 --reads 1000".split(),
+    )
+    assert "PSS per worker, list / index" in out
