@@ -165,20 +165,19 @@ class GlobalCompressor(Compressor):
             q_in = torch.einsum("bhnc,hcd->bhnd", q, w_k).reshape(b, heads * n, d)  # (B, h N, D), input space
             # q_h . b_k,h is the same for every key: it cancels in the softmax, but adding it keeps b_k in the
             # graph (its gradient is zero either way), so that DDP and DeepSpeed see no unused parameter.
-            bias = (q * proj.k_proj.bias.reshape(heads, 1, head_dim)).sum(-1).reshape(b, heads * n, 1)
+            scale = head_dim**-0.5
+            # the scaled bias, scaled while its parts are small: (B, h N, 1), then (B, h N, L) with positions
+            bias = (q * proj.k_proj.bias.reshape(heads, 1, head_dim)).sum(-1).reshape(b, heads * n, 1) * scale
             if self.position != "none":  # q . p(t, h, w) = q . P[t] + q . P[h] + q . P[w]
-                along = [q_in @ self._axis_table(size, x).T for size in (t, h, w)]  # (B, h N, size) each
+                along = [(q_in * scale) @ self._axis_table(size, x).T for size in (t, h, w)]  # (B, h N, size) each
                 bias = (
-                    bias[..., None, None]
-                    + along[0][..., :, None, None]
-                    + along[1][..., None, :, None]
+                    (bias[..., None, None] + along[0][..., :, None, None] + along[1][..., None, :, None])
                     + along[2][..., None, None, :]
                 ).reshape(b, heads * n, t * h * w)
-            scale = head_dim**-0.5
-            if x.dtype == wide:  # one pass: scale * (q x^T + bias)
-                scores = torch.baddbmm(bias * scale, q_in, x.transpose(1, 2), alpha=scale)
+            if x.dtype == wide:  # one pass: scale * q x^T + bias
+                scores = torch.baddbmm(bias, q_in, x.transpose(1, 2), alpha=scale)
             else:
-                scores = (torch.bmm(q_in, x.transpose(1, 2)).to(wide) + bias.to(wide)) * scale  # (B, h N, L)
+                scores = torch.bmm(q_in, x.transpose(1, 2)).to(wide) * scale + bias.to(wide)  # (B, h N, L)
         if key_mask is not None:
             scores = scores.masked_fill(~key_mask[:, None, :], float("-inf"))
         weights = scores.softmax(dim=-1).to(x.dtype)
