@@ -119,7 +119,7 @@ def test_two_process_ddp_follows_the_one_process_loss_curve(cache_dir, tmp_path)
         return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
 
     single = losses("one", [sys.executable], ["data.batch_size=8"])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # a free port
     ddp = losses("two", torchrun, ["data.batch_size=4", "trainer.devices=2", "trainer.strategy=ddp"])
     assert len(single) == len(ddp) == 4
     for a, b in zip(single, ddp, strict=True):

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_zero3_keeps_the_loaded_weights_steps_them_right_and_hands_off_whole_tensors(cache_dir, tmp_path):
     pytest.importorskip("deepspeed")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # a free port
     script = str(ROOT / "tests" / "scripts" / "zero3_handoff.py")
     done = subprocess.run(
         [*command, script, str(cache_dir), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
