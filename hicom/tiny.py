@@ -170,35 +170,10 @@ class TinySiglip(_Writer):
         (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
 
 
-def _save_causal_lm(out: Path, spec, tokenizer, config_class, model_class, *, generation: dict, **config):
-    """Save a tokenizer and a causal LM of `spec`'s sizes, randomly initialised from `spec.seed`, with its greedy
-    generation config; `config` holds what differs between families (tokens, tying, init)."""
-    from transformers import GenerationConfig
-
-    tokenizer.save_pretrained(out)
-    torch.manual_seed(spec.seed)
-    sizes = dict(
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=spec.max_position_embeddings,
-    )
-    model = model_class(config_class(vocab_size=len(tokenizer), **sizes, **config))
-    model.generation_config = GenerationConfig(do_sample=False, **generation)
-    model.save_pretrained(out)
-
-
 @dataclass(frozen=True)
-class TinyQwen2(_Writer):
-    """A random Qwen2 causal LM with a byte-level BPE tokenizer and the Qwen2.5 chat template.
-
-    `initializer_range` is the std of the random init; None scales it to the width (hidden_size ** -0.5).
-    Qwen2's own default, 0.02, suits widths near 1000: at width 64 every layer starts with a gain near 0.16,
-    attention is uniform, and the from-scratch LM sits on the answer prior for thousands of steps before it
-    reads the visual tokens.
-    """
+class _TinyCausalLM(_Writer):
+    """The sizes a tiny causal LM shares across families, and its save: tokenizer, random model, greedy
+    generation config."""
 
     hidden_size: int = 64
     intermediate_size: int = 172
@@ -207,8 +182,38 @@ class TinyQwen2(_Writer):
     num_kv_heads: int = 2
     vocab_size: int = 512
     max_position_embeddings: int = 1024
-    initializer_range: float | None = None
     seed: int = 0
+
+    def _save(self, out: Path, tokenizer, config_class, model_class, *, generation: dict, **config) -> None:
+        """`config` holds what differs between families (tokens, tying, init)."""
+        from transformers import GenerationConfig
+
+        tokenizer.save_pretrained(out)
+        torch.manual_seed(self.seed)
+        sizes = dict(
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            max_position_embeddings=self.max_position_embeddings,
+        )
+        model = model_class(config_class(vocab_size=len(tokenizer), **sizes, **config))
+        model.generation_config = GenerationConfig(do_sample=False, **generation)
+        model.save_pretrained(out)
+
+
+@dataclass(frozen=True)
+class TinyQwen2(_TinyCausalLM):
+    """A random Qwen2 causal LM with a byte-level BPE tokenizer and the Qwen2.5 chat template.
+
+    `initializer_range` is the std of the random init; None scales it to the width (hidden_size ** -0.5).
+    Qwen2's own default, 0.02, suits widths near 1000: at width 64 every layer starts with a gain near 0.16,
+    attention is uniform, and the from-scratch LM sits on the answer prior for thousands of steps before it
+    reads the visual tokens.
+    """
+
+    initializer_range: float | None = None
 
     def write(self, out: Path) -> None:
         from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -222,9 +227,8 @@ class TinyQwen2(_Writer):
         )
         tokenizer.chat_template = QWEN_CHAT_TEMPLATE
         eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-        _save_causal_lm(
+        self._save(
             out,
-            self,
             tokenizer,
             Qwen2Config,
             Qwen2ForCausalLM,
@@ -308,17 +312,8 @@ class TinyClip(_Writer):
 
 
 @dataclass(frozen=True)
-class TinyLlama(_Writer):
+class TinyLlama(_TinyCausalLM):
     """A random Llama causal LM with a Llama-3-style tokenizer (no pad token) and chat template."""
-
-    hidden_size: int = 64
-    intermediate_size: int = 172
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    vocab_size: int = 512
-    max_position_embeddings: int = 1024
-    seed: int = 0
 
     def write(self, out: Path) -> None:
         from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -332,9 +327,8 @@ class TinyLlama(_Writer):
         )
         tokenizer.chat_template = LLAMA_CHAT_TEMPLATE
         bos, eos = tokenizer.convert_tokens_to_ids(["<|begin_of_text|>", "<|eot_id|>"])
-        _save_causal_lm(
+        self._save(
             out,
-            self,
             tokenizer,
             LlamaConfig,
             LlamaForCausalLM,

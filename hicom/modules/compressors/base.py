@@ -168,9 +168,8 @@ class Compressor(nn.Module):
         or None -> (N, d_out). The same computation as a batch of one."""
         if features.ndim != 4:
             raise ValueError(f"compress takes one clip (T, H, W, D), got shape {tuple(features.shape)}")
-        t, h, w, _ = features.shape
-        layout = PackedLayout((t,), (modality,), h, w)
-        return self.forward_packed(features, embeds, guide[None] if guide is not None else None, layout)
+        batch = (x[None] if x is not None else None for x in (embeds, guide))
+        return self(features[None], *batch, modality)[0]
 
     def forward_packed(
         self,
