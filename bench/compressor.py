@@ -1,12 +1,14 @@
 """Compressor speed: the batched HICom compressor against a straightforward per-clip implementation.
 
-Both run the paper's default (local (4, 3, 3) with direct injection, 32 global queries with coarse injection)
+Both run the paper's default (local (4, 3, 3) with direct injection, 32 global queries with coarse injection,
+or with `--local-guide` the local branch of an ablation)
 with the same parameters on the same inputs, so the outputs must agree; the script checks that first.
 The baseline is `hicom.modules.compressors.reference`: one clip at a time, a Python loop over the local cells,
 every key and value of the global attention projected.
 
     .venv/bin/python bench/compressor.py                          # 32 frames of 27 x 27 x 1152 -> 3584, fp32, CPU
     .venv/bin/python bench/compressor.py --device cuda --dtype bf16 --batch 1 8
+    .venv/bin/python bench/compressor.py --local-guide coarse     # an ablation's local branch
 
 Prints milliseconds per video for forward and forward + backward and the ratio baseline / batched; then, in the
 GFLOP rows, each pass's matrix-product work per video on each side (torch's FlopCounterMode) and its ratio:
@@ -31,13 +33,13 @@ from hicom.modules.compressors.reference import hicom_reference
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def build(dim: int, out_dim: int, device: str, dtype: torch.dtype) -> HICom:
+def build(dim: int, out_dim: int, device: str, dtype: torch.dtype, local_guide: Guide = Guide.DIRECT) -> HICom:
     torch.manual_seed(0)
     module = HICom(
         in_dim=dim,
         out_dim=out_dim,
         guide_dim=dim,
-        local=partial(LocalCompressor, kernel=(4, 3, 3), guide=Guide.DIRECT),
+        local=partial(LocalCompressor, kernel=(4, 3, 3), guide=local_guide),
         global_=partial(GlobalCompressor, num_queries=32, guide=Guide.COARSE),
     )
     with torch.no_grad():  # released queries start at zero; random ones make the 32 global tokens differ
@@ -73,10 +75,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument(
+        "--local-guide",
+        choices=[g.value for g in (Guide.DIRECT, Guide.COARSE, Guide.OFF)],
+        default=Guide.DIRECT.value,
+        help="the local branch's injection: the paper's direct, or an ablation's coarse or none",
+    )
     args = parser.parse_args()
-    module = build(args.dim, args.out_dim, args.device, DTYPES[args.dtype])
+    module = build(args.dim, args.out_dim, args.device, DTYPES[args.dtype], Guide(args.local_guide))
     print(
-        f"HICom local (4, 3, 3) direct + 32 global coarse | {args.frames} x {args.grid} x {args.grid} x {args.dim}"
+        f"HICom local (4, 3, 3) {args.local_guide} + 32 global coarse | {args.frames} x {args.grid} x {args.grid} x {args.dim}"
         f" -> {module.num_tokens(args.frames, args.grid, args.grid)} x {args.out_dim} | {args.dtype} on {args.device}"
         f" | torch {torch.__version__}, {torch.get_num_threads()} threads"
     )

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,9 +18,15 @@ def run_bench(script: str, *args: str) -> str:
     return done.stdout
 
 
-def test_compressor_bench_checks_equal_outputs_and_prints_every_row():
+@pytest.mark.parametrize(
+    ("frames", "grid", "local_guide"),
+    [("3", "5", "direct"), ("4", "6", "coarse")],  # the second: windows tile the clip, keys scored in place
+)
+def test_compressor_bench_checks_equal_outputs_and_prints_every_row(frames, grid, local_guide):
     out = run_bench(
-        "compressor.py", "--frames", "3", "--grid", "5", "--dim", "64", "--out-dim", "32", "--batch", "1", "2"
+        "compressor.py",
+        *("--frames", frames, "--grid", grid, "--local-guide", local_guide),
+        *("--dim", "64", "--out-dim", "32", "--batch", "1", "2"),
     )
     for batch in ("1", "2"):
         rows = [line.split() for line in out.splitlines() if line.split()[:1] == [batch]]

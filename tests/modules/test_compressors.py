@@ -16,6 +16,7 @@ from hicom.modules.compressors import (
 )
 from hicom.modules.compressors.base import PackedLayout, group_starts
 from hicom.modules.compressors.global_compressor import position_table_3d
+from hicom.modules.compressors.local import _packed_plan
 from hicom.modules.compressors.reference import global_reference, hicom_reference, local_reference
 
 
@@ -185,6 +186,14 @@ MIXED = PackedLayout(
     height=5,
     width=5,
 )
+# Every local kernel of the packed test tiles these clips exactly: 12 x 12 frames, lengths a multiple of k_t or
+# shorter than it, images.
+TILED = PackedLayout(
+    num_frames=(4, 1, 8, 3, 2, 1, 12),
+    modalities=("video", "image", "video", "image", "video", "video", "video"),
+    height=12,
+    width=12,
+)
 
 
 def paper_default(**dims):
@@ -219,28 +228,33 @@ def paper_default(**dims):
         ),
     ],
 )
-def test_a_packed_batch_of_images_and_videos_equals_each_clip_alone(make, reference):
-    """Outputs, and the gradients of every parameter and input, equal the per-clip reference's."""
+@pytest.mark.parametrize("layout", [MIXED, TILED], ids=["overlapping", "tiled"])
+def test_a_packed_batch_of_images_and_videos_equals_each_clip_alone(make, reference, layout):
+    """Outputs, and the gradients of every parameter and input, equal the per-clip reference's, where windows
+    overlap (the local branch gathers keys) and where they tile every clip (it scores runs of keys in place)."""
     torch.manual_seed(0)
     module = make(in_dim=8, out_dim=4, guide_dim=6).double()
+    local = module.local_compressor if isinstance(module, HICom) else module
+    if isinstance(local, LocalCompressor):
+        assert (_packed_plan(layout, local.kernel, torch.device("cpu")).run_rows is None) == (layout is MIXED)
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0, 0.5)
-    rows = sum(MIXED.num_frames)
-    v, e = torch.randn(rows, 5, 5, 8).double(), torch.randn(rows, 5, 5, 8).double()
+    rows, size = sum(layout.num_frames), (layout.height, layout.width)
+    v, e = torch.randn(rows, *size, 8).double(), torch.randn(rows, *size, 8).double()
     # the token-level guide C_f (B, L, Dg) where a branch injects finely, else the pooled C_p (B, Dg)
-    g = torch.randn(len(MIXED.num_frames), *((5,) if module.guide_tokens else ()), 6).double()
+    g = torch.randn(len(layout.num_frames), *((5,) if module.guide_tokens else ()), 6).double()
     for x in (v, e, g):
         x.requires_grad_()
-    out = module.forward_packed(v, e, g, MIXED)
+    out = module.forward_packed(v, e, g, layout)
     expected = [
         reference(module, v[start : start + n], e[start : start + n], g[i], modality)
         for i, (n, modality, start) in enumerate(
-            zip(MIXED.num_frames, MIXED.modalities, MIXED.frame_starts, strict=True)
+            zip(layout.num_frames, layout.modalities, layout.frame_starts, strict=True)
         )
     ]
-    for clip, n, modality in zip(expected, MIXED.num_frames, MIXED.modalities, strict=True):
-        assert clip.shape[0] == module.num_tokens(n, 5, 5, modality)
+    for clip, n, modality in zip(expected, layout.num_frames, layout.modalities, strict=True):
+        assert clip.shape[0] == module.num_tokens(n, *size, modality)
     torch.testing.assert_close(out, torch.cat(expected), rtol=1e-10, atol=1e-10)
     upstream = torch.randn_like(out)
     wrt = [v, e, g, *module.parameters()]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hicom.modules.compressors.base import pad_packed, readout
+from hicom.modules.compressors.base import pad_packed, readout, take_rows
 
 
 class Guide(str, enum.Enum):
@@ -114,10 +114,10 @@ class GuideInjector(nn.Module):
         sorted, and counts (B,) the rows of each clip -> (R, D). The guide is transformed once per clip."""
         guide = self.prepare(guide)
         if self.mode is Guide.DIRECT:
-            return guide[clip]
+            return take_rows(guide, clip)
         if self.mode is Guide.COARSE:
             scale, shift = self.coarse_proj(guide).chunk(2, dim=-1)
-            return self.coarse_norm(queries * (1 + scale[clip]) + shift[clip])
+            return self.coarse_norm(queries * (1 + take_rows(scale, clip)) + take_rows(shift, clip))
         padded, real = pad_packed(queries, counts)  # rows padded to the largest clip, then taken back
         attended = self.fine_proj(padded, guide)
         attended = attended.reshape_as(queries) if real is None else attended[real]
