@@ -41,6 +41,9 @@ def test_grouping_matches_the_release_where_it_runs_and_covers_every_size(n, k):
     groups = [list(range(s, s + size)) for s in starts]
     assert len(groups) == math.ceil(n / k)
     assert sorted({i for g in groups for i in g}) == list(range(n))
+    # the local branch's runs rely on this: each position lies in one or two windows, consecutive ones
+    holders = [[i for i, g in enumerate(groups) if p in g] for p in range(n)]
+    assert all(len(h) in (1, 2) and h[-1] - h[0] == len(h) - 1 for h in holders)
     reference = release_groups(n, k) if n >= k else None
     if reference and all(len(g) == k and g[-1] < n for g in reference):
         assert groups == reference
@@ -194,6 +197,8 @@ TILED = PackedLayout(
     height=12,
     width=12,
 )
+# Rows tiled by every kernel, columns and clips not.
+RAGGED = PackedLayout(MIXED.num_frames, MIXED.modalities, height=12, width=5)
 
 
 def paper_default(**dims):
@@ -228,15 +233,17 @@ def paper_default(**dims):
         ),
     ],
 )
-@pytest.mark.parametrize("layout", [MIXED, TILED], ids=["overlapping", "tiled"])
+@pytest.mark.parametrize("layout", [MIXED, TILED, RAGGED], ids=["overlapping", "tiled", "ragged"])
 def test_a_packed_batch_of_images_and_videos_equals_each_clip_alone(make, reference, layout):
-    """Outputs, and the gradients of every parameter and input, equal the per-clip reference's, where windows
-    overlap (the local branch gathers keys) and where they tile every clip (it scores runs of keys in place)."""
+    """Outputs, and the gradients of every parameter and input, equal the per-clip reference's: where windows
+    overlap along every axis (the local branch gathers its keys), where they tile every clip (it reads runs of
+    keys, one row of cells each), and where they tile only the rows (runs, two rows of cells where frames overlap)."""
     torch.manual_seed(0)
     module = make(in_dim=8, out_dim=4, guide_dim=6).double()
     local = module.local_compressor if isinstance(module, HICom) else module
     if isinstance(local, LocalCompressor):
-        assert (_packed_plan(layout, local.kernel, torch.device("cpu")).run_rows is None) == (layout is MIXED)
+        runs = _packed_plan(layout, local.kernel, torch.device("cpu")).runs
+        assert (None if runs is None else runs.rows.shape[1]) == {MIXED: None, TILED: 1, RAGGED: 2}[layout]
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0, 0.5)

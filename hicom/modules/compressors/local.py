@@ -164,20 +164,21 @@ class LocalCompressor(Compressor):
 def _cell_scores(queries: torch.Tensor, keys: torch.Tensor, plan: _PackedPlan) -> torch.Tensor:
     """q_c . k_i for every cell c and each token i under it: (cells, D), (tokens, D) -> (cells, G).
 
-    Where the windows tile every clip exactly, the tokens under one row of cells in one frame are a single
-    contiguous run of k_s x W keys; each run is scored against all W' queries of its row, and each token keeps
-    the column of its own cell. That is W' times the products of the exact scores (0.5 GFLOP per video at
-    32 x 27 x 27 x 1152), but reads the keys in place, where gathering them into cell blocks copies every token.
-    Overlapping windows (sizes the kernel does not divide) take the gather.
+    Where the row windows tile H (a size the clamped k_s divides), the keys are read in place, in runs of k_s rows
+    of a frame: each run is scored against all W' cells of its row of cells (of both rows where its frame lies in
+    two overlapping time windows), and each token keeps its scores for its own cells. That is W' (or 2 W') times
+    the products of the exact scores, 0.5 GFLOP per video at 32 x 27 x 27 x 1152, where gathering the keys into
+    cell blocks copies every token. Elsewhere, or past `MAX_RUN_COLUMNS` scores per key, the keys are gathered
+    (runs of single rows in up to two row windows measured no faster on CPU, and kept more for backward).
     """
-    if plan.run_rows is None:
+    if plan.runs is None:
         return torch.einsum("cd,cgd->cg", queries, take_rows(keys, plan.index))
     d = keys.shape[-1]
-    row_queries = take_rows(queries.reshape(-1, plan.grid[1], d), plan.run_rows)  # (sum T H', W', D)
-    runs = keys.reshape(row_queries.shape[0], -1, d)  # (sum T H', k_s W, D), a view
-    run_scores = torch.bmm(runs, row_queries.transpose(1, 2))  # (sum T H', k_s W, W')
-    token_scores = run_scores.gather(2, plan.run_column.expand(runs.shape[0], -1, -1))
-    return take_rows(token_scores.reshape(-1), plan.index)
+    runs = plan.runs.rows.shape[0]
+    row_queries = take_rows(queries.reshape(-1, plan.grid[1], d), plan.runs.rows)  # (runs, slots, W', D)
+    run_keys = keys.reshape(runs, -1, d)  # (runs, run length, D), a view
+    run_scores = torch.bmm(run_keys, row_queries.reshape(runs, -1, d).transpose(1, 2))  # (runs, length, slots W')
+    return take_rows(run_scores.reshape(-1), plan.runs.score_index)
 
 
 def _weighted_sum(weights: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -192,6 +193,15 @@ def _weighted_sum(weights: torch.Tensor, values: torch.Tensor, index: torch.Tens
     return F.embedding_bag(index, values, mode="sum", per_sample_weights=weights)
 
 
+MAX_RUN_COLUMNS = 64  # queries a run of keys may be scored against before gathering the keys is the cheaper way
+
+
+@dataclass(frozen=True)
+class _Runs:
+    rows: torch.Tensor  # (runs, slots): the rows of cells, as packed t' * H' + h', each run of keys is scored against
+    score_index: torch.Tensor  # (cells, G): each token's score for its cell in the flat (runs, length, slots, W')
+
+
 @dataclass(frozen=True)
 class _PackedPlan:
     index: torch.Tensor  # (cells, G): flat token positions under each cell, padded with a valid position
@@ -199,8 +209,7 @@ class _PackedPlan:
     cell_clip: torch.Tensor  # (cells,) clip of each cell
     cell_counts: tuple[int, ...]  # cells of each clip
     frame_clip: torch.Tensor  # (sum T,) clip of each frame
-    run_rows: torch.Tensor | None  # (sum T H',) row of cells over each run of k_s rows of tokens, where windows tile
-    run_column: torch.Tensor  # (1, k_s W, 1) cell column of each token in a run of k_s rows
+    runs: _Runs | None  # where the local scores read the keys in place (None: gather them)
     grid: tuple[int, int]  # (H', W')
     frame_low: torch.Tensor  # (sum T',) the two source frames of each output frame, and the weight of the second
     frame_high: torch.Tensor
@@ -214,14 +223,18 @@ def _packed_plan(layout: PackedLayout, kernel: tuple[int, int, int], device: tor
     kt, ks, _ = kernel
     h, w = layout.height, layout.width
     rows, cols = math.ceil(h / ks), math.ceil(w / ks)
-    blocks, low, high, lam, frame_rows = [], [], [], [], []
-    # Windows tile a size exactly where their (clamped) size divides it; then each position lies in one window.
-    tiles = h % min(ks, h) == 0 and w % min(ks, w) == 0
-    for n, modality, start in zip(layout.num_frames, layout.modalities, layout.frame_starts, strict=True):
-        clip_kt = frame_kernel(kt, n, modality)
-        tiles = tiles and n % min(clip_kt, n) == 0
-        frame_rows += [len(low) + i // min(clip_kt, n) for i in range(n)]  # the output frame of each frame
+    kernels = [frame_kernel(kt, n, modality) for n, modality in zip(layout.num_frames, layout.modalities, strict=True)]
+    # Runs of k_s rows of keys where the row windows tile H; a frame lies in one time window where they tile its
+    # clip, else in up to two.
+    slots = 1 if all(n % min(k, n) == 0 for n, k in zip(layout.num_frames, kernels, strict=True)) else 2
+    use_runs = h % min(ks, h) == 0 and slots * cols <= MAX_RUN_COLUMNS
+    blocks, scores, run_rows, low, high, lam = [], [], [], [], [], []
+    for n, clip_kt, start in zip(layout.num_frames, kernels, layout.frame_starts, strict=True):
         blocks.append(_cell_index((n, h, w), (clip_kt, ks, ks)) + start * h * w)
+        if use_runs:
+            clip_rows, clip_scores = _run_index((n, h, w), (clip_kt, ks, ks), slots)
+            run_rows.append(clip_rows + len(low) * rows)  # the clip's first row of cells
+            scores.append(clip_scores + start * h * w * slots * cols)  # its first run
         below, above, weight = _frame_sources(n, math.ceil(n / clip_kt))
         low += [start + i for i in below]
         high += [start + i for i in above]
@@ -231,22 +244,51 @@ def _packed_plan(layout: PackedLayout, kernel: tuple[int, int, int], device: tor
     padding = None
     if any(block.shape[1] < width for block in blocks):  # images' cells hold fewer tokens than videos' cells
         padding = torch.cat([(torch.arange(width) >= b.shape[1]).expand(b.shape[0], width) for b in blocks])
-        blocks = [torch.cat([b, b[:, :1].expand(-1, width - b.shape[1])], dim=1) for b in blocks]
+        blocks, scores = (
+            [torch.cat([b, b[:, :1].expand(-1, width - b.shape[1])], dim=1) for b in x] for x in (blocks, scores)
+        )
     clips = torch.arange(len(blocks))
-    run_rows = (torch.tensor(frame_rows)[:, None] * rows + torch.arange(rows)).reshape(-1) if tiles else None
     return _PackedPlan(
         index=torch.cat(blocks).to(device),
         padding=None if padding is None else padding.to(device),
         cell_clip=clips.repeat_interleave(torch.tensor(cell_counts)).to(device),
         cell_counts=cell_counts,
         frame_clip=clips.repeat_interleave(torch.tensor(layout.num_frames)).to(device),
-        run_rows=None if run_rows is None else run_rows.to(device),
-        run_column=((torch.arange(min(ks, h) * w) % w) // min(ks, w)).reshape(1, -1, 1).to(device),
+        runs=_Runs(torch.cat(run_rows).to(device), torch.cat(scores).to(device)) if use_runs else None,
         grid=(rows, cols),
         frame_low=torch.tensor(low, device=device),
         frame_high=torch.tensor(high, device=device),
         frame_lambda=torch.tensor(lam, dtype=torch.float64, device=device),
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _run_index(
+    size: tuple[int, int, int], kernel: tuple[int, int, int], slots: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run layout of one (T, H, W) clip whose row windows tile H (see `_cell_scores`): the clip's rows of
+    cells (t' * H' + h') each run of k_s rows is scored against, (runs, slots), the row of a frame's first time
+    window and then of its second (the first again where there is none); and, for each token under each cell, the
+    flat position of its score in the (runs, k_s W, slots, W') products, (cells, G) in `_cell_index`'s order
+    (cached: callers add offsets, which makes new tensors)."""
+    t, h, w = size
+    it, ih, iw = (group_index(n, k) for n, k in zip(size, kernel, strict=True))  # (windows, window size) per axis
+    windows_t = it.shape[0]
+    first_t = _first_window(it, t)  # (T,) the first time window holding each frame
+    frame_windows = (first_t[:, None] + torch.arange(slots)).clamp(max=windows_t - 1)  # (T, slots)
+    rows = (frame_windows[:, None, :] * ih.shape[0] + torch.arange(ih.shape[0])[:, None]).reshape(-1, slots)
+    # every token under every cell, (T', H', W', kt, ks, ks) as in _cell_index, its slot and its cell's column
+    tt, yy, xx = it[:, None, None, :, None, None], ih[None, :, None, None, :, None], iw[None, None, :, None, None, :]
+    slot = torch.arange(windows_t)[:, None, None, None, None, None] - first_t[tt]
+    column = torch.arange(iw.shape[0])[None, None, :, None, None, None]
+    flat = ((tt * (h * w) + yy * w + xx) * slots + slot) * iw.shape[0] + column
+    return rows, flat.reshape(windows_t * ih.shape[0] * iw.shape[0], -1)
+
+
+def _first_window(windows: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) the first of the (windows, size) windows that holds each of the positions 0..n-1."""
+    holds = (windows[:, :, None] == torch.arange(n)).any(dim=1)  # (windows, n)
+    return holds.int().argmax(dim=0)
 
 
 @functools.lru_cache(maxsize=256)
