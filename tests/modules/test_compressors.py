@@ -16,7 +16,7 @@ from hicom.modules.compressors import (
 )
 from hicom.modules.compressors.base import PackedLayout, group_starts
 from hicom.modules.compressors.global_compressor import position_table_3d
-from hicom.modules.compressors.local import _packed_plan
+from hicom.modules.compressors.local import _packed_plan, gathered_keys
 from hicom.modules.compressors.reference import global_reference, hicom_reference, local_reference
 
 
@@ -377,3 +377,18 @@ def test_deterministic_mode_takes_the_gather_and_agrees():
             torch.use_deterministic_algorithms(previous)
     for fast, gathered in zip(*results, strict=True):
         torch.testing.assert_close(fast, gathered, rtol=1e-12, atol=1e-12)
+
+
+def test_gathered_keys_gives_the_same_scores_in_the_release_order():
+    torch.manual_seed(0)
+    module = LocalCompressor(in_dim=8, out_dim=4, guide_dim=6, kernel=(4, 3, 3), guide=Guide.COARSE).double()
+    rows = sum(TILED.num_frames)
+    v, e, g = torch.randn(rows, 12, 12, 8).double(), torch.randn(rows, 12, 12, 8).double(), torch.randn(7, 6).double()
+    _packed_plan.cache_clear()
+    with gathered_keys():
+        gathered = module.forward_packed(v, e, g, TILED)
+    assert _packed_plan.cache_info().currsize == 1  # the one plan built, without runs
+    assert _packed_plan(TILED, module.kernel, torch.device("cpu"), runs=False).runs is None
+    assert _packed_plan.cache_info().hits == 1
+    torch.testing.assert_close(module.forward_packed(v, e, g, TILED), gathered, rtol=1e-12, atol=1e-12)
+    assert _packed_plan(TILED, module.kernel, torch.device("cpu")).runs is not None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -127,7 +129,7 @@ class LocalCompressor(Compressor):
         _, h, w, d = features.shape
         if (self.uses_guide and guide is None) or (self.uses_embeds and embeds is None):
             raise ValueError("this local compressor is guided: pass the guide (and the joint-space embeddings)")
-        plan = _packed_plan(layout, self.kernel, features.device)
+        plan = _packed_plan(layout, self.kernel, features.device, runs=not _GATHER_KEYS.get())
         keys = embeds if self.uses_embeds else features
         if self.clip_scale and self.uses_embeds:  # as released: unit-length embeds and guide, queries as they come
             keys = keys / keys.norm(dim=-1, keepdim=True)
@@ -177,7 +179,8 @@ def _cell_scores(queries: torch.Tensor, keys: torch.Tensor, plan: _PackedPlan) -
     runs = plan.runs.rows.shape[0]
     row_queries = take_rows(queries.reshape(-1, plan.grid[1], d), plan.runs.rows)  # (runs, slots, W', D)
     run_keys = keys.reshape(runs, -1, d)  # (runs, run length, D), a view
-    run_scores = torch.bmm(run_keys, row_queries.reshape(runs, -1, d).transpose(1, 2))  # (runs, length, slots W')
+    # queries x keys^T: on CPU half the rounding error of keys x queries^T (and faster) at these shapes
+    run_scores = torch.bmm(row_queries.reshape(runs, -1, d), run_keys.transpose(1, 2))  # (runs, slots W', length)
     return take_rows(run_scores.reshape(-1), plan.runs.score_index)
 
 
@@ -194,12 +197,27 @@ def _weighted_sum(weights: torch.Tensor, values: torch.Tensor, index: torch.Tens
 
 
 MAX_RUN_COLUMNS = 64  # queries a run of keys may be scored against before gathering the keys is the cheaper way
+_GATHER_KEYS = contextvars.ContextVar("gather_keys", default=False)
+
+
+@contextlib.contextmanager
+def gathered_keys() -> Iterator[None]:
+    """Inside, the local branch scores each cell against its own gathered keys, one dot product per token as the
+    release computes them, instead of reading runs of keys in place. The math is the same, and so are the results
+    to fp32 rounding; but where a cell's largest scores are large and nearly tied (thousands, apart by less than
+    one), rounding moves its softmax weights visibly, and only the same summation order rounds as the release
+    does. scripts/release_parity.py compares with the release in this order."""
+    token = _GATHER_KEYS.set(True)
+    try:
+        yield
+    finally:
+        _GATHER_KEYS.reset(token)
 
 
 @dataclass(frozen=True)
 class _Runs:
     rows: torch.Tensor  # (runs, slots): the rows of cells, as packed t' * H' + h', each run of keys is scored against
-    score_index: torch.Tensor  # (cells, G): each token's score for its cell in the flat (runs, length, slots, W')
+    score_index: torch.Tensor  # (cells, G): each token's score for its cell in the flat (runs, slots, W', length)
 
 
 @dataclass(frozen=True)
@@ -217,7 +235,9 @@ class _PackedPlan:
 
 
 @functools.lru_cache(maxsize=32)
-def _packed_plan(layout: PackedLayout, kernel: tuple[int, int, int], device: torch.device) -> _PackedPlan:
+def _packed_plan(
+    layout: PackedLayout, kernel: tuple[int, int, int], device: torch.device, runs: bool = True
+) -> _PackedPlan:
     """Index tensors for one packed layout, built once per layout; the cell blocks and frame weights of each clip
     shape are cached too, so the Python work per clip is an offset."""
     kt, ks, _ = kernel
@@ -227,7 +247,7 @@ def _packed_plan(layout: PackedLayout, kernel: tuple[int, int, int], device: tor
     # Runs of k_s rows of keys where the row windows tile H; a frame lies in one time window where they tile its
     # clip, else in up to two.
     slots = 1 if all(n % min(k, n) == 0 for n, k in zip(layout.num_frames, kernels, strict=True)) else 2
-    use_runs = h % min(ks, h) == 0 and slots * cols <= MAX_RUN_COLUMNS
+    use_runs = runs and h % min(ks, h) == 0 and slots * cols <= MAX_RUN_COLUMNS
     blocks, scores, run_rows, low, high, lam = [], [], [], [], [], []
     for n, clip_kt, start in zip(layout.num_frames, kernels, layout.frame_starts, strict=True):
         blocks.append(_cell_index((n, h, w), (clip_kt, ks, ks)) + start * h * w)
@@ -269,7 +289,7 @@ def _run_index(
     """The run layout of one (T, H, W) clip whose row windows tile H (see `_cell_scores`): the clip's rows of
     cells (t' * H' + h') each run of k_s rows is scored against, (runs, slots), the row of a frame's first time
     window and then of its second (the first again where there is none); and, for each token under each cell, the
-    flat position of its score in the (runs, k_s W, slots, W') products, (cells, G) in `_cell_index`'s order
+    flat position of its score in the (runs, slots, W', k_s W) products, (cells, G) in `_cell_index`'s order
     (cached: callers add offsets, which makes new tensors)."""
     t, h, w = size
     it, ih, iw = (group_index(n, k) for n, k in zip(size, kernel, strict=True))  # (windows, window size) per axis
@@ -281,7 +301,9 @@ def _run_index(
     tt, yy, xx = it[:, None, None, :, None, None], ih[None, :, None, None, :, None], iw[None, None, :, None, None, :]
     slot = torch.arange(windows_t)[:, None, None, None, None, None] - first_t[tt]
     column = torch.arange(iw.shape[0])[None, None, :, None, None, None]
-    flat = ((tt * (h * w) + yy * w + xx) * slots + slot) * iw.shape[0] + column
+    token, length = tt * (h * w) + yy * w + xx, ih.shape[1] * w
+    run, position = token // length, token % length  # the token's run and its place in the run
+    flat = ((run * slots + slot) * iw.shape[0] + column) * length + position
     return rows, flat.reshape(windows_t * ih.shape[0] * iw.shape[0], -1)
 
 
