@@ -13,7 +13,7 @@ of the release or no further from the float64 result than the release is.
 
 Ours runs under `gathered_keys()`: the local branch dots each cell's query with each of its gathered keys, as the
 release does, rather than reading runs of keys in place (our default; the tests check that both orders give the
-same results, at fp64 to 1e-10). With random weights some configs reach local scores in the thousands that are
+same results, at fp64 to 1e-12). With random weights some configs reach local scores in the thousands that are
 nearly tied (e.g. 1933.956 and 1933.586, where one fp32 step is 1.2e-4), and there any other summation order
 moves the output by up to a few 1e-5 relative; the default order's difference is printed after each line.
 """
