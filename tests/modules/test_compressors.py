@@ -241,9 +241,6 @@ def test_a_packed_batch_of_images_and_videos_equals_each_clip_alone(make, refere
     torch.manual_seed(0)
     module = make(in_dim=8, out_dim=4, guide_dim=6).double()
     local = module.local_compressor if isinstance(module, HICom) else module
-    if isinstance(local, LocalCompressor):
-        runs = _packed_plan(layout, local.kernel, torch.device("cpu")).runs
-        assert (None if runs is None else runs.rows.shape[1]) == {MIXED: None, TILED: 1, RAGGED: 2}[layout]
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0, 0.5)
@@ -254,6 +251,12 @@ def test_a_packed_batch_of_images_and_videos_equals_each_clip_alone(make, refere
     for x in (v, e, g):
         x.requires_grad_()
     out = module.forward_packed(v, e, g, layout)
+    if isinstance(local, LocalCompressor):  # the plan that call built (direct injection needs no runs): a cache hit
+        scored_per_cell, hits = local.guide is not Guide.DIRECT, _packed_plan.cache_info().hits
+        runs = _packed_plan(layout, local.kernel, torch.device("cpu"), runs=scored_per_cell).runs
+        assert _packed_plan.cache_info().hits == hits + 1
+        slots = {MIXED: None, TILED: 1, RAGGED: 2}[layout] if scored_per_cell else None
+        assert (None if runs is None else runs.rows.shape[1]) == slots
     expected = [
         reference(module, v[start : start + n], e[start : start + n], g[i], modality)
         for i, (n, modality, start) in enumerate(

@@ -129,7 +129,9 @@ class LocalCompressor(Compressor):
         _, h, w, d = features.shape
         if (self.uses_guide and guide is None) or (self.uses_embeds and embeds is None):
             raise ValueError("this local compressor is guided: pass the guide (and the joint-space embeddings)")
-        plan = _packed_plan(layout, self.kernel, features.device, runs=not _GATHER_KEYS.get())
+        # runs of keys serve the per-cell queries; direct injection scores every token against one query per clip
+        runs = self.guide is not Guide.DIRECT and not _GATHER_KEYS.get()
+        plan = _packed_plan(layout, self.kernel, features.device, runs=runs)
         keys = embeds if self.uses_embeds else features
         if self.clip_scale and self.uses_embeds:  # as released: unit-length embeds and guide, queries as they come
             keys = keys / keys.norm(dim=-1, keepdim=True)
@@ -238,8 +240,9 @@ class _PackedPlan:
 def _packed_plan(
     layout: PackedLayout, kernel: tuple[int, int, int], device: torch.device, runs: bool = True
 ) -> _PackedPlan:
-    """Index tensors for one packed layout, built once per layout; the cell blocks and frame weights of each clip
-    shape are cached too, so the Python work per clip is an offset."""
+    """Index tensors for one packed layout, built once per layout; the cell blocks, run layouts (where `runs` asks
+    for them and the sizes allow) and frame weights of each clip shape are cached too, so the Python work per clip
+    is an offset."""
     kt, ks, _ = kernel
     h, w = layout.height, layout.width
     rows, cols = math.ceil(h / ks), math.ceil(w / ks)
