@@ -290,6 +290,12 @@ def test_the_score_command_recomputes_results_beside_the_predictions(tmp_path, c
     assert results["m_avg"] == pytest.approx(0.75) and results["acc"] == pytest.approx(2 / 3)
     assert json.loads((path.parent / "results.json").read_text()) == results
     assert json.loads(capsys.readouterr().out)["m_avg"] == pytest.approx(0.75)
+    # evaluate.py's results.json keeps the settings and timings that produced it; a re-score replaces the scores
+    stale = {**results, "m_avg": 0.0, "settings": {"frames": 32}, "seconds_per_question": 0.5}
+    (path.parent / "results.json").write_text(json.dumps(stale))
+    rescored = score_main(["benchmark=mlvu", f"predictions={path}"])
+    assert rescored["m_avg"] == pytest.approx(0.75) and rescored["settings"] == {"frames": 32}
+    assert rescored["seconds_per_question"] == 0.5
 
 
 def test_an_official_folder_evaluates_like_the_run_it_was_exported_from(cache_dir, bench_data, trained_run, tmp_path):
@@ -352,3 +358,17 @@ def test_a_staged_run_is_evaluated_from_its_last_stage(tmp_path):
         )
         (folder / "config.yaml").write_text("{}")
     assert find_handoff(tmp_path) == tmp_path / "stages" / "a_third"  # the stage no other stage names as parent
+
+
+def test_a_staged_run_is_found_by_a_relative_path_and_after_a_move(tmp_path, monkeypatch):
+    from hicom.eval.runner import find_handoff
+
+    trained_at = tmp_path / "old" / "run"  # the manifests record where the stages were trained
+    for name, parent in {"alignment": None, "conditional": "alignment", "instruction": "conditional"}.items():
+        folder = tmp_path / "new" / "run" / "stages" / name
+        folder.mkdir(parents=True)
+        recorded = str(trained_at / "stages" / parent) if parent else None
+        (folder / "manifest.json").write_text(json.dumps({"parent": recorded}))
+        (folder / "config.yaml").write_text("{}")
+    monkeypatch.chdir(tmp_path / "new")
+    assert find_handoff(Path("run")) == Path("run") / "stages" / "instruction"

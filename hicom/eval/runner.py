@@ -43,8 +43,11 @@ def find_handoff(ckpt: Path) -> Path:
         return ckpt
     stages = [d for d in sorted((ckpt / "stages").glob("*")) if (d / "manifest.json").is_file()]
     if stages:
+        # A stage's parent is recorded as the path it had when it was trained; the run may since have been moved
+        # or be named here by another (relative) path, so a parent names a stage of this run by folder name.
         parents = {json.loads((d / "manifest.json").read_text()).get("parent") for d in stages}
-        last = [d for d in stages if str(d) not in parents]
+        named = {Path(p).name for p in parents if p and Path(p).parent.name == "stages"}
+        last = [d for d in stages if d.name not in named]
         if len(last) == 1 and (last[0] / "config.yaml").is_file():
             return last[0]
     raise FileNotFoundError(

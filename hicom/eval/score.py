@@ -138,7 +138,10 @@ def main(argv: list[str]) -> dict:
     reader = benchmark_class(args["benchmark"])
     path = Path(args["predictions"])
     results = {"benchmark": args["benchmark"], **score(reader.kind, read_predictions(path), reader.mean_of_tasks)}
-    (path.parent / "results.json").write_text(json.dumps(results, indent=2))
+    out = path.parent / "results.json"
+    if out.is_file():  # evaluate.py's results: the scores are replaced, the settings and timings that made them kept
+        results = {**json.loads(out.read_text()), **results}
+    out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return results
 
