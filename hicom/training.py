@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -95,6 +96,11 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
 
         save_handoff(model, out_dir, list(cfg.model.trainable), None, cfg, write=trainer.is_global_zero)
 
+    # Every process writes into the folder of process 0 (they agree unless a launch gave them no shared run name).
+    shared_dir = Path(trainer.strategy.broadcast(str(out_dir)))
+    if shared_dir != out_dir:
+        log.warning("this process composed its run folder as %s; writing into process 0's, %s", out_dir, shared_dir)
+        out_dir = shared_dir
     frames, grid = datamodule.num_frames, model.net.vision.grid
     tokens = model.net.num_visual_tokens(frames)
     metrics = {
@@ -108,7 +114,7 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     }
     if cfg.get("evaluate") and not trainer.fast_dev_run:
         trainer.test(model, datamodule=datamodule, verbose=False)
-        results = model.results
+        results = merge_shares(_gathered(model.results))
         n = len(results)
         metrics.update(
             accuracy=sum(r["pred"] == r["answer"] for r in results) / max(n, 1),
@@ -116,20 +122,50 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
             n_questions=n,
             n_unparsed=sum(r["pred"] is None for r in results),
         )
-        _write_jsonl(out_dir / "predictions.jsonl", results)
     metrics["wall_seconds"] = round(time.perf_counter() - start, 1)
-    metrics["skipped_samples"] = [
-        {k: item[k] for k in ("id", "skip", "path", "error")} for item in model.skipped.values()
-    ]
+    skipped = _unique([item for items in _gathered(list(model.skipped.values())) for item in items], "id")
+    metrics["skipped_samples"] = [{k: item[k] for k in ("id", "skip", "path", "error")} for item in skipped.values()]
     for logger in loggers:
         logger.log_metrics(
             {f"summary/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, trainer.global_step
         )
         logger.finalize("success")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    console.print(summary_table(metrics))
-    log.info("metrics written to %s", out_dir / "metrics.json")
+    if trainer.is_global_zero:
+        if "n_questions" in metrics:
+            _write_jsonl(out_dir / "predictions.jsonl", results)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        console.print(summary_table(metrics))
+        log.info("metrics written to %s", out_dir / "metrics.json")
     return metrics
+
+
+def _gathered(rows: list) -> list[list]:
+    """`rows` of every process, in rank order (this process's alone outside a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [list(rows)]
+    everyone: list[list] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(everyone, list(rows))
+    return everyone
+
+
+def merge_shares(shares: list[list[dict]]) -> list[dict]:
+    """The held-out answers of every process as one list in the held-out set's order, each question once.
+
+    Under DDP the distributed sampler deals process r the questions r, r + world, r + 2 world, ..., repeating a
+    few from the start to even the shares out: interleaving the shares restores the order, and the repeats go.
+    """
+    interleaved = [row for rows in itertools.zip_longest(*shares) for row in rows if row is not None]
+    return list(_unique(interleaved, "id").values())
+
+
+def _unique(rows: list[dict], key: str) -> dict:
+    """The first row of each `key`, by key."""
+    unique: dict = {}
+    for row in rows:
+        unique.setdefault(row[key], row)
+    return unique
 
 
 def _last(trainer, key: str) -> float | None:

@@ -110,3 +110,51 @@ def test_auto_attention_is_sdpa_without_flash_attn():
 
     assert resolve_attention("auto") == "sdpa"  # no GPU, no flash-attn here
     assert resolve_attention("eager") == "eager"
+
+
+LAUNCH_VARIABLES = ["HICOM_RUN_STAMP", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_PROCID",
+                    "SLURM_JOB_ID", "SLURM_STEP_ID"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("env", "stamp"),
+    [
+        ({"HICOM_RUN_STAMP": "ablation 3/a"}, "ablation-3-a"),  # given: as a folder name
+        ({"WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "3f2a9c"}, "torchrun-3f2a9c"),  # every torchrun worker shares it
+        ({"SLURM_NTASKS": "16", "SLURM_PROCID": "5", "SLURM_JOB_ID": "42", "SLURM_STEP_ID": "0"}, "slurm-42.0"),
+        ({"SLURM_NTASKS": "16", "SLURM_PROCID": "5", "SLURM_JOB_ID": "42", "HICOM_RUN_STAMP": "mine"}, "mine"),
+        ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_JOB_ID": "42"}, None),  # one process: the time
+        ({}, None),
+    ],
+)
+def test_every_process_of_a_launch_names_the_run_folder_alike(env, stamp, monkeypatch):
+    from hicom.utils.config import run_stamp
+
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if stamp is None:
+        assert len(run_stamp("%Y-%m-%d_%H-%M-%S")) == len("2026-01-01_00-00-00")
+    else:
+        assert run_stamp("%Y-%m-%d_%H-%M-%S") == stamp
+
+
+def test_a_launch_without_a_shared_id_warns_that_its_processes_may_part(monkeypatch):
+    from hicom.utils.config import run_stamp
+
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's default with --master_addr
+    with pytest.warns(UserWarning, match="HICOM_RUN_STAMP"):
+        run_stamp("%Y")
+
+
+def test_the_run_folder_is_named_by_the_launch(cache_dir, tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    monkeypatch.setenv("HICOM_RUN_STAMP", "sweep-7")
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True)
+    assert Path(cfg.hydra.run.dir).name == "sweep-7" and Path(cfg.hydra.sweep.dir).name == "sweep-7"

@@ -209,6 +209,31 @@ def test_shards_answer_their_share_and_the_last_one_merges(cache_dir, bench_data
     assert second["mlvu"]["n"] == 4 and not list((out / "mlvu").glob("*.shard-*"))
 
 
+def test_shards_finishing_together_merge_once_and_the_report_holds_every_benchmark(
+    cache_dir, bench_data, trained_run, tmp_path
+):
+    from hicom.eval.runner import _locked, evaluate
+
+    out = tmp_path / "together"
+
+    def shard(i: int) -> dict:
+        overrides = [f"ckpt={trained_run}", "benchmark=[mlvu,videomme]", f"shard={i}", "num_shards=2"]
+        return evaluate(compose_eval(cache_dir, bench_data, out, overrides))
+
+    assert shard(1) == {}
+    (out / "mlvu").mkdir(parents=True, exist_ok=True)
+    with _locked(out / "mlvu" / "merge.lock") as held:  # another process is merging mlvu
+        assert held
+        with _locked(out / "mlvu" / "merge.lock", wait=False) as second:
+            assert not second
+        merged = shard(0)
+    assert list(merged) == ["videomme"] and (out / "mlvu/predictions.shard-0-of-2.jsonl").is_file()
+    assert list(shard(1)) == ["mlvu"]  # shard 1 again: every mlvu shard is done, and now it merges them
+    report = json.loads((out / "results.json").read_text())
+    assert list(report) == ["mlvu", "videomme"]
+    assert all(report[name] == json.loads((out / name / "results.json").read_text()) for name in report)
+
+
 def test_a_bad_checkpoint_or_benchmark_is_a_clear_error(cache_dir, bench_data, tmp_path):
     from hicom.eval.runner import evaluate
 

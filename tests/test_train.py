@@ -101,29 +101,45 @@ def test_a_training_batch_without_supervised_tokens_is_an_error(cfg_small):
         model.training_step(batch, 0)
 
 
-def test_two_process_ddp_follows_the_one_process_loss_curve(cache_dir, tmp_path):
+def test_two_process_ddp_follows_the_one_process_run_into_one_folder(cache_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo), micro batch 4, against 1 process at micro batch 8: the same global
-    batches (no shuffling: DistributedSampler deals rank r the samples r, r + 2, ...), the same losses."""
+    batches (no shuffling: DistributedSampler deals rank r the samples r, r + 2, ...), the same losses; both
+    processes write into one run folder (named by torchrun's rendezvous id), and the summary covers every held-out
+    question, not process 0's share."""
     import csv
-    import subprocess
-    import sys
 
-    common = [o for o in SMALL if o != "logger=csv"] + ["logger=csv", "data.shuffle=false", "evaluate=false",
-              "global_batch_size=8", f"paths.cache_dir={cache_dir}"]  # fmt: skip
+    common = [o for o in SMALL if o != "logger=csv"] + ["logger=csv", "data.shuffle=false", "global_batch_size=8",
+              f"paths.cache_dir={cache_dir}"]  # fmt: skip
 
-    def losses(run: str, launcher: list[str], overrides: list[str]) -> list[float]:
-        cmd = [*launcher, "train.py", *common, *overrides, f"hydra.run.dir={tmp_path / run}"]
-        done = subprocess.run(cmd, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+    def run(name: str, launcher: list[str], overrides: list[str]) -> tuple[list[float], dict, list[str]]:
+        env = {k: v for k, v in os.environ.items() if k != "HICOM_RUN_STAMP"}
+        env["HICOM_LOGS"] = str(tmp_path / name)
+        cmd = [*launcher, "train.py", *common, *overrides]
+        done = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-        rows = csv.DictReader((tmp_path / run / "csv" / "metrics.csv").open())
-        return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+        (folder,) = (tmp_path / name / "train" / "runs").iterdir()  # one folder for the launch
+        rows = csv.DictReader((folder / "csv" / "metrics.csv").open())
+        losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+        ids = [json.loads(line)["id"] for line in (folder / "predictions.jsonl").open()]
+        return losses, json.loads((folder / "metrics.json").read_text()), ids
 
-    single = losses("one", [sys.executable], ["data.batch_size=8"])
+    single, single_metrics, single_ids = run("one", [sys.executable], ["data.batch_size=8"])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # a free port
-    ddp = losses("two", torchrun, ["data.batch_size=4", "trainer.devices=2", "trainer.strategy=ddp"])
+    ddp, ddp_metrics, ddp_ids = run("two", torchrun, ["data.batch_size=4", "trainer.devices=2", "trainer.strategy=ddp"])
     assert len(single) == len(ddp) == 4
     for a, b in zip(single, ddp, strict=True):
         assert abs(a - b) <= 1e-4 * abs(a), (single, ddp)
+    assert single_metrics["n_questions"] == ddp_metrics["n_questions"] == 16
+    assert ddp_ids == single_ids  # every question once, in the held-out set's order
+
+
+def test_the_shares_of_the_held_out_answers_merge_in_order_without_the_repeats():
+    from hicom.training import merge_shares
+
+    # 5 questions on 2 processes: the sampler deals 0, 2, 4 and 1, 3, 0 (question 0 again, to even the shares)
+    shares = [[{"id": "q0"}, {"id": "q2"}, {"id": "q4"}], [{"id": "q1"}, {"id": "q3"}, {"id": "q0"}]]
+    assert [r["id"] for r in merge_shares(shares)] == ["q0", "q1", "q2", "q3", "q4"]
+    assert [r["id"] for r in merge_shares([[{"id": "a"}], []])] == ["a"]  # a process whose share was all skipped
 
 
 def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_deleted(cache_dir, tmp_path):

@@ -14,10 +14,13 @@ questions whose clip failed to decode are tried again.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -217,10 +220,23 @@ def run_benchmark(
     seconds = time.perf_counter() - start
     (out / f"shard-{shard}-of-{num_shards}.done").write_text(json.dumps({"answered": answered, "seconds": seconds}))
     timing = {"answered_this_run": answered, "seconds_per_question": seconds / answered if answered else None}
-    shards = [out / f"predictions.shard-{i}-of-{num_shards}.jsonl" for i in range(num_shards)]
-    if not all((out / f"shard-{i}-of-{num_shards}.done").is_file() for i in range(num_shards)):
+    done_files = [out / f"shard-{i}-of-{num_shards}.done" for i in range(num_shards)]
+    if not all(path.is_file() for path in done_files):
         log.info("%s: shard %d done; the last shard to finish merges", name, shard)
         return None
+    with _locked(out / "merge.lock", wait=False) as held:
+        # two shards finishing together both see every shard done: one merges, under the lock; the other returns,
+        # or finds the shards already merged (their files gone) once it holds the lock
+        if not held or not all(path.is_file() for path in done_files):
+            log.info("%s: shard %d done; another shard merges", name, shard)
+            return None
+        return _merge(name, reader, out, questions, num_shards, timing)
+
+
+def _merge(name: str, reader, out: Path, questions: list[Question], num_shards: int, timing: dict) -> dict:
+    """Every shard's answers into predictions.jsonl in the benchmark's order, the shard files removed; the scores."""
+    merged = out / "predictions.jsonl"
+    shards = [out / f"predictions.shard-{i}-of-{num_shards}.jsonl" for i in range(num_shards)]
     rows = {}
     for path in [merged, *shards]:
         if path.is_file():
@@ -240,6 +256,27 @@ def run_benchmark(
         (out / "submission.json").write_text(json.dumps(submission))
         results["submission"] = str(out / "submission.json")
     return results
+
+
+@contextlib.contextmanager
+def _locked(path: Path, wait: bool = True) -> Iterator[bool]:
+    """An exclusive lock on `path` (flock: released if the process dies) for as long as the block runs; yields
+    whether it is held: False when `wait` is off and another process holds it. Where the file system does not
+    lock, it yields True (one process per benchmark is then the user's guarantee, as without shards)."""
+    with path.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        except OSError as error:  # e.g. a mount without locking
+            log.warning("cannot lock %s (%s): merging without a lock", path, error)
+            yield True
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _row(q: Question, pred, reply) -> dict:
@@ -295,9 +332,17 @@ def evaluate(cfg: DictConfig) -> dict:
             (out_dir / name / "results.json").write_text(json.dumps(results, indent=2))
             all_results[name] = results
     if all_results:
-        (out_dir / "results.json").write_text(json.dumps(all_results, indent=2))
-        (out_dir / "results.md").write_text(markdown_table(all_results, settings))
-        print(markdown_table(all_results, settings))
+        # Under shards, different processes may merge different benchmarks: the report holds every benchmark of
+        # this call whose results are written so far, composed under a lock so that the last writer has them all.
+        with _locked(out_dir / "results.lock"):
+            report = {}
+            for name in names:
+                path = out_dir / name / "results.json"
+                if name in all_results or path.is_file():
+                    report[name] = all_results.get(name) or json.loads(path.read_text())
+            (out_dir / "results.json").write_text(json.dumps(report, indent=2))
+            (out_dir / "results.md").write_text(markdown_table(report, settings))
+        print(markdown_table(report, settings))
     return all_results
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import time
+import warnings
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -13,5 +17,47 @@ def project_root() -> str:
     return str(here if (here / "configs").is_dir() else Path.cwd())
 
 
+def run_stamp(pattern: str = "%Y-%m-%d_%H-%M-%S") -> str:
+    """The name of a run's folder, the same in every process of one launch.
+
+    Each process of a multi-process launch (torchrun, srun) composes its own config, and the time it starts at
+    differs between processes, so a time stamp would give each its own folder. In order: `HICOM_RUN_STAMP` when set
+    (scripts/cluster/ sets it once per launch); in a process of a multi-process launch, the launch's own id
+    (torchrun's rendezvous id, `torchrun-<id>`; srun's job and step, `slurm-<job>.<step>`); else the local time in
+    `pattern`.
+    """
+    explicit = os.environ.get("HICOM_RUN_STAMP", "").strip()
+    if explicit:
+        return _safe(explicit)
+    launch = _launch_id()
+    if launch is not None:
+        return launch
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        warnings.warn(
+            "a multi-process launch without a shared id (torchrun with --rdzv-id left at 'none'): each process names "
+            "its run folder by its own start time; set HICOM_RUN_STAMP to the same value in every process",
+            stacklevel=2,
+        )
+    return time.strftime(pattern)
+
+
+def _launch_id() -> str | None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        run = os.environ.get("TORCHELASTIC_RUN_ID", "")
+        if run and run != "none":
+            return _safe(f"torchrun-{run}")
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ and "SLURM_JOB_ID" in os.environ:
+        step = os.environ.get("SLURM_STEP_ID")
+        return _safe(f"slurm-{os.environ['SLURM_JOB_ID']}" + (f".{step}" if step else ""))
+    return None
+
+
+def _safe(name: str) -> str:
+    """A folder name: characters other than letters, digits, '.', '_' and '-' become '-'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name)
+
+
 if not OmegaConf.has_resolver("hicom_root"):
     OmegaConf.register_new_resolver("hicom_root", project_root)
+if not OmegaConf.has_resolver("run_stamp"):
+    OmegaConf.register_new_resolver("run_stamp", run_stamp)

@@ -4,6 +4,12 @@
 set -euo pipefail
 : "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK}" "${MASTER_ADDR:?set MASTER_ADDR}"
 GPUS=${GPUS_PER_NODE:-8}
+# Every process writes into one run folder, logs/train/runs/$HICOM_RUN_STAMP: on one node the time of this launch;
+# on several, each node's script starts at its own time, so give all of them the same name.
+if [ "$NNODES" -gt 1 ]; then
+  : "${HICOM_RUN_STAMP:?set HICOM_RUN_STAMP to the same run name on every node}"
+fi
+export HICOM_RUN_STAMP=${HICOM_RUN_STAMP:-$(date +%Y-%m-%d_%H-%M-%S)}
 export HICOM_NUM_NODES=$NNODES HICOM_GPUS_PER_NODE=$GPUS
 .venv/bin/python -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS" \
   --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-29500}" \
