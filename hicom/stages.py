@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hicom.training import train
 from hicom.utils.checkpoints import full_parameters
+from hicom.utils.instantiators import check_data, check_pretrained, write_assets
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,12 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
     if only is not None and only not in names:
         raise ValueError(f"stage={only!r} is not one of {names}")
     root = Path(cfg.paths.output_dir) / "stages"
+    # every stage still to run finds its weights and data now, not after the stages before it have trained
+    write_assets(cfg.get("assets"))
+    check_pretrained(cfg)
+    for stage in stages:
+        if (only is None or stage.name == only) and not (root / stage.name / MANIFEST).is_file():
+            check_data(stage_config(cfg, stage, root / stage.name))
     parent: Path | None = None
     results = {}
     for i, stage in enumerate(stages):

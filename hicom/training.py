@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from hicom.utils.instantiators import check_pretrained, ensure_dir, instantiate_all, write_assets
+from hicom.utils.instantiators import check_data, check_pretrained, ensure_dir, instantiate_all, write_assets
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,7 @@ def build(cfg: DictConfig):
     """The LightningModule and DataModule of a config (tiny assets written first, model folders checked)."""
     write_assets(cfg.get("assets"))
     check_pretrained(cfg)
+    check_data(cfg)
     log.info("model: <%s>", cfg.model._target_)
     model = hydra.utils.instantiate(cfg.model)
     log.info("data: <%s>", cfg.data._target_)

@@ -38,6 +38,20 @@ def test_experiments_without_weights_name_the_missing_path_and_key(experiment, c
     assert str(Path(tmp_path / "none")) in str(error.value)
 
 
+def test_a_staged_run_checks_every_stages_data_before_the_first_trains(cache_dir, tmp_path):
+    from hicom.stages import run_stages
+
+    data = tmp_path / "data"
+    for present in ("LLaVA-Pretrain/blip_laion_cc_sbu_558k.json", "Ins-VL/248328_qa_llavaformat.json"):
+        (data / present).parent.mkdir(parents=True)
+        (data / present).write_text("[]")  # stages 1 and 2 find their files; stage 3's are missing
+    overrides = ["experiment=directg_local43_global32", *TINY_PARTS[:3], f"paths.data_dir={data}"]
+    cfg = compose_train(cache_dir, tmp_path / "run", overrides)
+    with pytest.raises(FileNotFoundError, match=r"stage3_video_instruct\.yaml not found.*HICOM_DATA"):
+        run_stages(cfg)
+    assert not (tmp_path / "run" / "stages").exists()  # nothing trained
+
+
 @pytest.mark.parametrize(
     "compressor, tokens",
     [

@@ -34,6 +34,10 @@ def read_quarantine(path: str | Path) -> list[tuple[str, int]]:
         return [(entry["source"], int(entry["index"])) for entry in map(json.loads, filter(str.strip, f))]
 
 
+# where data paths come from by default; the real data is never generated or downloaded
+DATA_DIR_HINT = " (data paths default to paths.data_dir, which the environment variable HICOM_DATA sets)"
+
+
 @dataclass(frozen=True)
 class Splits:
     """The annotation files (with their media folders and sampling) of each split."""
@@ -50,12 +54,18 @@ class JsonSource:
     data_root: str
     val_json: str | None = None
 
-    def prepare(self, root: str | Path | None = None) -> Splits:
+    def check(self) -> None:
+        """A FileNotFoundError naming the key to set where the annotation files or the media folder are missing."""
         for key, value in (("data.source.train_json", self.train_json), ("data.source.val_json", self.val_json)):
             if value is not None and not Path(value).is_file():
-                raise FileNotFoundError(f"annotation file '{value}' not found: set `{key}=<file>`")
+                raise FileNotFoundError(f"annotation file '{value}' not found: set `{key}=<file>`{DATA_DIR_HINT}")
         if not Path(self.data_root).is_dir():
-            raise FileNotFoundError(f"media folder '{self.data_root}' not found: set `data.source.data_root=<dir>`")
+            raise FileNotFoundError(
+                f"media folder '{self.data_root}' not found: set `data.source.data_root=<dir>`{DATA_DIR_HINT}"
+            )
+
+    def prepare(self, root: str | Path | None = None) -> Splits:
+        self.check()
         root_dir = Path(self.data_root)
         val = (MixtureEntry(Path(self.val_json), root_dir),) if self.val_json else ()
         return Splits(train=(MixtureEntry(Path(self.train_json), root_dir),), val=val)
@@ -69,15 +79,26 @@ class MixtureSource:
     data_dir: str
     val: str | None = None
 
+    def check(self) -> None:
+        """A FileNotFoundError naming what to set where a mixture file or an annotation file it lists is missing
+        (the media are checked sample by sample: a missing clip skips its sample)."""
+        self._splits()
+
     def prepare(self, root: str | Path | None = None) -> Splits:
+        return self._splits()
+
+    def _splits(self) -> Splits:
         for key, value in (("data.source.train", self.train), ("data.source.val", self.val)):
             if value is not None and not Path(value).is_file():
                 raise FileNotFoundError(f"mixture file '{value}' not found: set `{key}=<file.yaml>`")
         train = tuple(read_mixture(self.train, self.data_dir))
         val = tuple(read_mixture(self.val, self.data_dir)) if self.val else ()
-        for entry in train + val:
+        for entry, mixture in [(e, self.train) for e in train] + [(e, self.val) for e in val]:
             if not entry.json_path.is_file():
-                raise FileNotFoundError(f"annotation file '{entry.json_path}' of a mixture not found")
+                raise FileNotFoundError(
+                    f"annotation file '{entry.json_path}' of the mixture {mixture} not found: its paths start at "
+                    f"data.source.data_dir ('{self.data_dir}'){DATA_DIR_HINT}"
+                )
         return Splits(train=train, val=val)
 
 

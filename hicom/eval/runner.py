@@ -63,13 +63,14 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
     """The VideoLLMModule of a run folder (built from its own config.yaml, weights from its hand-off) or of an
     HF folder in the release's layout (built from this config's `model`, weights imported strictly)."""
     from hicom.stages import load_handoff
-    from hicom.utils.instantiators import write_assets
+    from hicom.utils.instantiators import check_pretrained, write_assets
 
     ckpt = Path(ckpt)
     if (ckpt / "config.json").is_file():
         from hicom.compat.official import import_official
 
         write_assets(cfg.get("assets"))
+        check_pretrained(cfg)
         module = instantiate(cfg.model)
         import_official(module.net, ckpt)
         return module, {"ckpt": str(ckpt), "format": "official"}
@@ -78,6 +79,7 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
     if cfg.get("run_overrides"):  # e.g. the towers' folders on this machine
         run_cfg = OmegaConf.merge(run_cfg, OmegaConf.from_dotlist(list(cfg.run_overrides)))
     write_assets(run_cfg.get("assets"))
+    check_pretrained(run_cfg, override="run_overrides=['{key}=<folder>']")  # the run's config names the towers
     module = instantiate(run_cfg.model)
     parts = load_handoff(module, folder, [])
     return module, {"ckpt": str(folder), "format": "run", "parts": parts}

@@ -7,13 +7,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def require_pretrained(path: str | Path, what: str, key: str) -> Path:
-    """The folder `path` if it holds a config.json, else a FileNotFoundError that names the config key to set."""
+def require_pretrained(path: str | Path, what: str, key: str, override: str | None = None) -> Path:
+    """The folder `path` if it holds a config.json, else a FileNotFoundError that names what to set: `override`
+    (default `<key>=<folder>`) on the command line, or the environment."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"{what} not found at '{folder}' (no config.json there). Put the HF-format folder there, or set "
-            f"`{key}=<folder>` on the command line (or the environment variable that the config reads)."
+            f"`{override or f'{key}=<folder>'}` on the command line; or HICOM_WEIGHTS, the folder holding the "
+            "checkpoints under their usual names (HICOM_SIGLIP, HICOM_CLIP, HICOM_QWEN and HICOM_LLAMA name one "
+            "folder each, for the configs of that family)."
         )
     return folder
 

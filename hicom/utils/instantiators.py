@@ -20,12 +20,24 @@ def write_assets(cfg: DictConfig | None) -> None:
         log.info("asset %s: %s", name, path)
 
 
-def check_pretrained(cfg: DictConfig) -> None:
-    """Fail before building anything when a model folder named in the config is missing."""
-    for key, what in (("model.vision.path", "the SigLIP checkpoint"), ("model.llm.path", "the LLM checkpoint")):
+def check_pretrained(cfg: DictConfig, override: str = "{key}=<folder>") -> None:
+    """Fail before building anything when a model folder named in the config is missing; the message says to set
+    `override` (formatted with the config key)."""
+    for key, what in (("model.vision.path", "the vision tower's checkpoint"), ("model.llm.path", "the LLM checkpoint")):
         path = OmegaConf.select(cfg, key)
         if path is not None:
-            require_pretrained(path, what, key)
+            require_pretrained(path, what, key, override.format(key=key))
+
+
+def check_data(cfg: DictConfig) -> None:
+    """Fail before building anything when the data the config names is missing (generated data is not checked:
+    it is written on first use)."""
+    source = OmegaConf.select(cfg, "data.source")
+    if source is None:
+        return
+    built = hydra.utils.instantiate(source)
+    if hasattr(built, "check"):
+        built.check()
 
 
 def instantiate_all(cfg: DictConfig | None, kind: str) -> list:
