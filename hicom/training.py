@@ -113,13 +113,13 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
         "fit_seconds": round(fit_seconds, 1),
         "train_loss": _last(trainer, "train/loss"),
     }
-    if cfg.get("evaluate") and not trainer.fast_dev_run:
+    if cfg.get("evaluate"):  # under fast_dev_run: one test batch, like every other hook
         trainer.test(model, datamodule=datamodule, verbose=False)
         results = merge_shares(_gathered(model.results))
         n = len(results)
-        metrics.update(
-            accuracy=sum(r["pred"] == r["answer"] for r in results) / max(n, 1),
-            chance=sum(1 / r["n_options"] for r in results) / max(n, 1),
+        metrics.update(  # None where the data has no held-out questions (e.g. data=llava_json without val_json)
+            accuracy=sum(r["pred"] == r["answer"] for r in results) / n if n else None,
+            chance=sum(1 / r["n_options"] for r in results) / n if n else None,
             n_questions=n,
             n_unparsed=sum(r["pred"] is None for r in results),
         )
@@ -189,5 +189,7 @@ def summary_table(metrics: dict) -> Table:
             value = ", ".join(f"{s['id']} ({s['skip']})" for s in value) or "none"
         elif isinstance(value, float):
             value = f"{value:.3f}"
+        elif value is None:
+            value = "n/a"
         table.add_row(key, str(value))
     return table

@@ -185,3 +185,19 @@ def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_delete
     model, _ = build(compose_train(cache_dir, tmp_path / "other", [*SMALL, "model.compressor.global_.num_queries=4"]))
     with pytest.raises(HandoffError, match=r"wrong shapes \['global_compressor.query \(32, "):
         load_handoff(model, stages / "conditional", [])
+
+
+def test_a_figure_a_run_does_not_have_reads_n_a_in_the_summary():
+    from rich.console import Console
+
+    from hicom.training import summary_table
+
+    console = Console(width=100, record=True)
+    console.print(summary_table({"accuracy": None, "chance": None, "steps": 3, "skipped_samples": []}))
+    text = console.export_text()
+    assert "n/a" in text and "0.000" not in text
+
+
+def test_a_fast_dev_run_puts_one_batch_through_every_hook_test_included(cache_dir, tmp_path):
+    metrics = train(compose_train(cache_dir, tmp_path, [*SMALL, "debug=fdr"]))
+    assert metrics["steps"] == 1 and metrics["n_questions"] == 8  # one test batch of data.eval_batch_size
