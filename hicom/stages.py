@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hicom.training import train
 from hicom.utils.checkpoints import full_parameters
+from hicom.utils.config import unshared_launch
 from hicom.utils.instantiators import check_data, check_pretrained, write_assets
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,11 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
     only = cfg.get("stage")
     if only is not None and only not in names:
         raise ValueError(f"stage={only!r} is not one of {names}")
+    if unshared_launch():  # each process would keep its stages in its own folder and miss the others' hand-offs
+        raise RuntimeError(
+            "a staged run on several processes needs one run folder for all of them: set HICOM_RUN_STAMP to the same "
+            "name in every process (scripts/cluster/torchrun.sh asks for it), or give torchrun an --rdzv-id"
+        )
     root = Path(cfg.paths.output_dir) / "stages"
     # every stage still to run finds its weights and data now, not after the stages before it have trained
     write_assets(cfg.get("assets"))

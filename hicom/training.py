@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import time
@@ -154,11 +153,12 @@ def _gathered(rows: list) -> list[list]:
 def merge_shares(shares: list[list[dict]]) -> list[dict]:
     """The held-out answers of every process as one list in the held-out set's order, each question once.
 
-    Under DDP the distributed sampler deals process r the questions r, r + world, r + 2 world, ..., repeating a
-    few from the start to even the shares out: interleaving the shares restores the order, and the repeats go.
+    Under DDP the distributed sampler deals each process a share, repeating a few questions to even the shares
+    out; each answer carries its question's position in the held-out set (ids need not be unique), which orders
+    them and drops the repeats.
     """
-    interleaved = [row for rows in itertools.zip_longest(*shares) for row in rows if row is not None]
-    return list(_unique(interleaved, "id").values())
+    unique = _unique([row for rows in shares for row in rows], "position")
+    return [unique[position] for position in sorted(unique)]
 
 
 def _unique(rows: list[dict], key: str) -> dict:

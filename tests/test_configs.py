@@ -138,6 +138,7 @@ LAUNCH_VARIABLES = ["HICOM_RUN_STAMP", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLU
         ({"SLURM_NTASKS": "16", "SLURM_PROCID": "5", "SLURM_JOB_ID": "42", "SLURM_STEP_ID": "0"}, "slurm-42.0"),
         ({"SLURM_NTASKS": "16", "SLURM_PROCID": "5", "SLURM_JOB_ID": "42", "HICOM_RUN_STAMP": "mine"}, "mine"),
         ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_JOB_ID": "42"}, None),  # one process: the time
+        ({"SLURM_NTASKS": "16", "SLURM_PROCID": "0", "SLURM_JOB_ID": "42"}, None),  # the batch script, not a step
         ({}, None),
     ],
 )
@@ -172,3 +173,27 @@ def test_the_run_folder_is_named_by_the_launch(cache_dir, tmp_path, monkeypatch)
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", return_hydra_config=True)
     assert Path(cfg.hydra.run.dir).name == "sweep-7" and Path(cfg.hydra.sweep.dir).name == "sweep-7"
+
+
+def test_the_run_stamp_is_read_once_per_config(monkeypatch):
+    """Lightning's DDP launcher reads hydra.run.dir again for its child processes, seconds later: the same folder."""
+    from omegaconf import OmegaConf
+
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    seconds = iter(["00", "07", "09"])
+    monkeypatch.setattr("hicom.utils.config.time.strftime", lambda pattern: next(seconds))
+    cfg = OmegaConf.create({"dir": "runs/${run_stamp:%S}"})
+    assert cfg.dir == cfg.dir == "runs/00"
+
+
+def test_a_staged_run_without_a_shared_run_folder_refuses_to_start(cache_dir, tmp_path, monkeypatch):
+    from hicom.stages import run_stages
+
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    cfg = compose_train(cache_dir, tmp_path, ["experiment=tiny_stages", *SMALL])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    with pytest.raises(RuntimeError, match="HICOM_RUN_STAMP"):
+        run_stages(cfg)

@@ -316,11 +316,11 @@ def test_the_score_command_recomputes_results_beside_the_predictions(tmp_path, c
     assert json.loads((path.parent / "results.json").read_text()) == results
     assert json.loads(capsys.readouterr().out)["m_avg"] == pytest.approx(0.75)
     # evaluate.py's results.json keeps the settings and timings that produced it; a re-score replaces the scores
-    stale = {**results, "m_avg": 0.0, "settings": {"frames": 32}, "seconds_per_question": 0.5}
+    stale = {**results, "m_avg": 0.0, "judge_acc": 0.9, "settings": {"frames": 32}, "seconds_per_question": 0.5}
     (path.parent / "results.json").write_text(json.dumps(stale))
     rescored = score_main(["benchmark=mlvu", f"predictions={path}"])
     assert rescored["m_avg"] == pytest.approx(0.75) and rescored["settings"] == {"frames": 32}
-    assert rescored["seconds_per_question"] == 0.5
+    assert rescored["seconds_per_question"] == 0.5 and "judge_acc" not in rescored  # scores are the new ones only
 
 
 def test_an_official_folder_evaluates_like_the_run_it_was_exported_from(cache_dir, bench_data, trained_run, tmp_path):

@@ -136,10 +136,14 @@ def test_two_process_ddp_follows_the_one_process_run_into_one_folder(cache_dir, 
 def test_the_shares_of_the_held_out_answers_merge_in_order_without_the_repeats():
     from hicom.training import merge_shares
 
+    def rows(*positions: int) -> list[dict]:
+        return [{"id": f"video{p // 2}", "position": p} for p in positions]  # two questions per video: one id
+
     # 5 questions on 2 processes: the sampler deals 0, 2, 4 and 1, 3, 0 (question 0 again, to even the shares)
-    shares = [[{"id": "q0"}, {"id": "q2"}, {"id": "q4"}], [{"id": "q1"}, {"id": "q3"}, {"id": "q0"}]]
-    assert [r["id"] for r in merge_shares(shares)] == ["q0", "q1", "q2", "q3", "q4"]
-    assert [r["id"] for r in merge_shares([[{"id": "a"}], []])] == ["a"]  # a process whose share was all skipped
+    merged = merge_shares([rows(0, 2, 4), rows(1, 3, 0)])
+    assert [r["position"] for r in merged] == [0, 1, 2, 3, 4] and [r["id"] for r in merged][:2] == ["video0"] * 2
+    assert [r["position"] for r in merge_shares([rows(0, 4), rows(1, 3, 0)])] == [0, 1, 3, 4]  # 2 was skipped
+    assert [r["position"] for r in merge_shares([rows(0, 1, 2)])] == [0, 1, 2]  # one process
 
 
 def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_deleted(cache_dir, tmp_path):

@@ -33,3 +33,4 @@ def test_zero3_keeps_the_loaded_weights_steps_them_right_and_hands_off_whole_ten
     # the step is lr (1e-3) x sign(g) wherever |g| > 1e-4: the hand-off matches it far below one step
     assert report["handoff_keys_match"] and report["moved_parameters"] > 100_000
     assert report["handoff_max_difference"] < 1e-5
+    assert report["generated_tokens"] >= 1  # generation under ZeRO-3 with replies of different lengths: no hang

@@ -14,7 +14,8 @@ class Collator:
     """Builds a batch from dataset items.
 
     Batch fields: `input_ids`, `labels`, `attention_mask` (B, L); `pixel_values` (sum T, 3, S, S);
-    `num_frames` (B,); `guide_ids` (B, Lg); `ids`; `skipped` (list of skip dicts); in generation mode `answers`.
+    `num_frames` (B,); `guide_ids` (B, Lg); `ids`; `skipped` (list of skip dicts); in generation mode `answers`,
+    `options` and `positions` (each question's index in its dataset).
     Generation batches pad on the left so every prompt ends where decoding starts.
     """
 
@@ -56,4 +57,5 @@ class Collator:
         if "answer" in items[0]:
             batch["answers"] = [item["answer"] for item in items]
             batch["options"] = [item["options"] for item in items]
+            batch["positions"] = [item["position"] for item in items]
         return batch

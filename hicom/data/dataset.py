@@ -139,6 +139,7 @@ class VideoQADataset(Dataset):
         if self.generation:
             sample["answer"] = messages[-1]["content"].strip()
             sample["options"] = parse_options(questions[-1])
+            sample["position"] = i  # the question's place in the held-out set: ids need not be unique
         return sample
 
     def _skip(self, reason: str, sample_id: str, media, i: int, error: str) -> dict:

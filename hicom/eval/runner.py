@@ -260,6 +260,12 @@ def _merge(name: str, reader, out: Path, questions: list[Question], num_shards: 
     return results
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 @contextlib.contextmanager
 def _locked(path: Path, wait: bool = True) -> Iterator[bool]:
     """An exclusive lock on `path` (flock: released if the process dies) for as long as the block runs; yields
@@ -272,7 +278,7 @@ def _locked(path: Path, wait: bool = True) -> Iterator[bool]:
             yield False
             return
         except OSError as error:  # e.g. a mount without locking
-            log.warning("cannot lock %s (%s): merging without a lock", path, error)
+            log.warning("cannot lock %s (%s): going on without the lock", path, error)
             yield True
             return
         try:
@@ -331,7 +337,7 @@ def evaluate(cfg: DictConfig) -> dict:
         results = run_benchmark(name, reader, module, cfg, out_dir / name, shard, num_shards, device, dtype)
         if results is not None:
             results["settings"] = settings
-            (out_dir / name / "results.json").write_text(json.dumps(results, indent=2))
+            _write_atomically(out_dir / name / "results.json", json.dumps(results, indent=2))  # others may read it
             all_results[name] = results
     if all_results:
         # Under shards, different processes may merge different benchmarks: the report holds every benchmark of

@@ -130,6 +130,10 @@ def benchmark_class(name: str):
     return get_class(cfg.benchmarks[name]._target_)
 
 
+# what a re-score keeps of evaluate.py's results.json: how the predictions were made, not what they scored
+KEPT_ON_RESCORE = ("settings", "answered_this_run", "seconds_per_question", "n_questions", "submission")
+
+
 def main(argv: list[str]) -> dict:
     args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
     unknown = set(args) - {"benchmark", "predictions"}
@@ -140,7 +144,8 @@ def main(argv: list[str]) -> dict:
     results = {"benchmark": args["benchmark"], **score(reader.kind, read_predictions(path), reader.mean_of_tasks)}
     out = path.parent / "results.json"
     if out.is_file():  # evaluate.py's results: the scores are replaced, the settings and timings that made them kept
-        results = {**json.loads(out.read_text()), **results}
+        before = json.loads(out.read_text())
+        results.update({key: before[key] for key in KEPT_ON_RESCORE if key in before})
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return results

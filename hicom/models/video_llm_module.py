@@ -123,13 +123,14 @@ class VideoLLMModule(LightningModule):
             return
         tokens = self.net.generate(batch, max_new_tokens=self.max_new_tokens)
         replies = self.net.llm.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        for sample_id, reply, answer, options in zip(
-            batch["ids"], replies, batch["answers"], batch["options"], strict=True
+        for sample_id, position, reply, answer, options in zip(
+            batch["ids"], batch["positions"], replies, batch["answers"], batch["options"], strict=True
         ):
             pred = parse_choice(reply, options)
             self.results.append(
-                {"id": sample_id, "answer": answer, "pred": pred, "reply": reply, "n_options": len(options)}
-            )
+                {"id": sample_id, "position": position, "answer": answer, "pred": pred, "reply": reply,
+                 "n_options": len(options)}
+            )  # fmt: skip
 
     def on_test_epoch_start(self) -> None:
         self.results = []

@@ -90,7 +90,14 @@ class VideoLLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch: dict, max_new_tokens: int = 8) -> torch.Tensor:
-        """Greedy continuation (B, <= max_new_tokens) of left-padded prompts."""
+        """Greedy continuation (B, <= max_new_tokens) of left-padded prompts.
+
+        Under ZeRO-3 every forward gathers parameters from all processes, so a process whose replies end early
+        keeps stepping with the others until all are done (transformers' synced_gpus), instead of leaving them
+        waiting on a gather it never joins."""
+        import torch.distributed as dist
+
+        synced = self.zero3 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         embeds = self.llm.embed(batch["input_ids"], self.encode_visual(batch))
         return self.llm.model.generate(
             inputs_embeds=embeds,
@@ -98,4 +105,5 @@ class VideoLLM(nn.Module):
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=self.llm.tokenizer.pad_token_id,
+            synced_gpus=synced,
         )

@@ -12,11 +12,13 @@ def require_pretrained(path: str | Path, what: str, key: str, override: str | No
     (default `<key>=<folder>`) on the command line, or the environment."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
+        message = f"{what} not found at '{folder}' (no config.json there). Put the HF-format folder there, or set "
+        if override is not None:  # e.g. a trained run's config, whose paths are resolved: only the override works
+            raise FileNotFoundError(message + f"`{override}` on the command line.")
         raise FileNotFoundError(
-            f"{what} not found at '{folder}' (no config.json there). Put the HF-format folder there, or set "
-            f"`{override or f'{key}=<folder>'}` on the command line; or HICOM_WEIGHTS, the folder holding the "
-            "checkpoints under their usual names (HICOM_SIGLIP, HICOM_CLIP, HICOM_QWEN and HICOM_LLAMA name one "
-            "folder each, for the configs of that family)."
+            message + f"`{key}=<folder>` on the command line; or HICOM_WEIGHTS, the folder holding the checkpoints "
+            "under their usual names (HICOM_SIGLIP, HICOM_CLIP, HICOM_QWEN and HICOM_LLAMA name one folder each, "
+            "for the configs of that family)."
         )
     return folder
 

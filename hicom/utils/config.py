@@ -32,10 +32,11 @@ def run_stamp(pattern: str = "%Y-%m-%d_%H-%M-%S") -> str:
     launch = _launch_id()
     if launch is not None:
         return launch
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if unshared_launch():
         warnings.warn(
             "a multi-process launch without a shared id (torchrun with --rdzv-id left at 'none'): each process names "
-            "its run folder by its own start time; set HICOM_RUN_STAMP to the same value in every process",
+            "its run folder by its own start time, and a staged run refuses to start; set HICOM_RUN_STAMP to the "
+            "same value in every process",
             stacklevel=2,
         )
     return time.strftime(pattern)
@@ -46,10 +47,21 @@ def _launch_id() -> str | None:
         run = os.environ.get("TORCHELASTIC_RUN_ID", "")
         if run and run != "none":
             return _safe(f"torchrun-{run}")
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ and "SLURM_JOB_ID" in os.environ:
-        step = os.environ.get("SLURM_STEP_ID")
-        return _safe(f"slurm-{os.environ['SLURM_JOB_ID']}" + (f".{step}" if step else ""))
+    # a task of an srun step (the batch script itself has no step: each python it starts is its own run)
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_PROCID")
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and all(name in os.environ for name in slurm):
+        return _safe(f"slurm-{os.environ['SLURM_JOB_ID']}.{os.environ['SLURM_STEP_ID']}")
     return None
+
+
+def unshared_launch() -> bool:
+    """A multi-process launch whose processes share no run name (torchrun's static rendezvous with its default id
+    'none', without HICOM_RUN_STAMP): each names its run folder by its own start time."""
+    return (
+        int(os.environ.get("WORLD_SIZE", "1")) > 1
+        and os.environ.get("TORCHELASTIC_RUN_ID") == "none"
+        and not os.environ.get("HICOM_RUN_STAMP", "").strip()
+    )
 
 
 def _safe(name: str) -> str:
@@ -60,4 +72,6 @@ def _safe(name: str) -> str:
 if not OmegaConf.has_resolver("hicom_root"):
     OmegaConf.register_new_resolver("hicom_root", project_root)
 if not OmegaConf.has_resolver("run_stamp"):
-    OmegaConf.register_new_resolver("run_stamp", run_stamp)
+    # cached like Hydra's own `now`: the run folder is read again later (Lightning's DDP launcher hands it to its
+    # child processes, a multirun copies it to every job) and must not move to a later second
+    OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)

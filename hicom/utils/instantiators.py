@@ -20,13 +20,13 @@ def write_assets(cfg: DictConfig | None) -> None:
         log.info("asset %s: %s", name, path)
 
 
-def check_pretrained(cfg: DictConfig, override: str = "{key}=<folder>") -> None:
+def check_pretrained(cfg: DictConfig, override: str | None = None) -> None:
     """Fail before building anything when a model folder named in the config is missing; the message says to set
-    `override` (formatted with the config key)."""
+    `override` (formatted with the config key) where given, else the key or the environment."""
     for key, what in (("model.vision.path", "the vision tower's checkpoint"), ("model.llm.path", "the LLM checkpoint")):
         path = OmegaConf.select(cfg, key)
         if path is not None:
-            require_pretrained(path, what, key, override.format(key=key))
+            require_pretrained(path, what, key, None if override is None else override.format(key=key))
 
 
 def check_data(cfg: DictConfig) -> None:

@@ -67,6 +67,10 @@ def main(cache: str, out: str) -> None:
     loss = engine.module.net(batch).loss
     engine.backward(loss)
     engine.step()
+    # greedy replies of different lengths on the two processes: the shorter one keeps stepping with the other
+    with torch.no_grad():
+        replies = engine.module.net.generate(batch, max_new_tokens=2 + 6 * rank)
+    dist.barrier()
     save_handoff(model, Path(out) / "handoff", parts, None, cfg, write=rank == 0)
     dist.barrier()
     if rank == 0:
@@ -84,6 +88,7 @@ def main(cache: str, out: str) -> None:
                 ((written[k] - reference[k]).abs() * (gradient[k].abs() > 1e-4)).max().item() for k in reference
             ),
             "moved_parameters": sum(int((gradient[k].abs() > 1e-4).sum()) for k in reference),
+            "generated_tokens": replies.shape[1],
         }
         print("ZERO3 " + json.dumps(report), flush=True)
     dist.destroy_process_group()
