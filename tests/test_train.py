@@ -133,6 +133,19 @@ def test_two_process_ddp_follows_the_one_process_run_into_one_folder(cache_dir, 
     assert ddp_ids == single_ids  # every question once, in the held-out set's order
 
 
+def test_lightnings_own_ddp_launcher_keeps_one_run_folder(cache_dir, tmp_path):
+    """`trainer.devices=2 strategy=ddp` without torchrun: Lightning starts the second process itself, handing it
+    the run folder it reads again seconds later; both write into one folder."""
+    env = {k: v for k, v in os.environ.items() if k != "HICOM_RUN_STAMP"}
+    env["HICOM_LOGS"] = str(tmp_path)
+    overrides = [*SMALL, f"paths.cache_dir={cache_dir}", "trainer.devices=2", "strategy=ddp"]
+    done = subprocess.run([sys.executable, "train.py", *overrides], cwd=Path(__file__).parents[1], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (folder,) = (tmp_path / "train" / "runs").iterdir()
+    assert json.loads((folder / "metrics.json").read_text())["n_questions"] == 16
+
+
 def test_the_shares_of_the_held_out_answers_merge_in_order_without_the_repeats():
     from hicom.training import merge_shares
 
