@@ -41,35 +41,37 @@ def test_a_few_steps_lower_the_loss_and_write_the_summary(cfg_small, tmp_path):
     assert (Path(cfg_small.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_missing_and_corrupt_videos_train_to_the_end_and_are_reported(cache_dir, tmp_path):
-    cfg = compose_train(cache_dir, tmp_path / "prep", SMALL)
+def _videos_with_bad_ones(cache_dir: Path, tmp_path: Path, missing: int, corrupt: int) -> tuple[list[dict], list[str]]:
+    """16 generated training samples as a LLaVA JSON of their own, sample `missing`'s video missing and sample
+    `corrupt`'s garbage; the records and the overrides that train on them."""
     from hicom.training import build
 
-    _, datamodule = build(cfg)
+    _, datamodule = build(compose_train(cache_dir, tmp_path / "prep", SMALL))
     splits = datamodule.source.prepare(datamodule.root)
     records = json.loads(splits.train_json.read_text())[:16]
-    records[0]["video"] = "train/missing.mp4"
+    records[missing]["video"] = "train/missing.mp4"
     media = tmp_path / "media"
     (media / "train").mkdir(parents=True)
-    for record in records[1:]:
-        (media / record["video"]).write_bytes((splits.video_root / record["video"]).read_bytes())
-    (media / records[5]["video"]).write_bytes(b"\x00corrupt" * 64)
+    for i, record in enumerate(records):
+        if i != missing:
+            (media / record["video"]).write_bytes((splits.video_root / record["video"]).read_bytes())
+    (media / records[corrupt]["video"]).write_bytes(b"\x00corrupt" * 64)
     (tmp_path / "train.json").write_text(json.dumps(records))
-    cfg = compose_train(
-        cache_dir,
-        tmp_path / "run",
-        [
-            *(o for o in SMALL if not o.startswith("data.source.")),
-            "data=llava_json",
-            "data.num_frames=8",
-            "data.batch_size=4",
-            "data.num_workers=0",
-            f"data.source.train_json={tmp_path / 'train.json'}",
-            f"data.source.val_json={tmp_path / 'train.json'}",
-            f"data.source.data_root={media}",
-        ],
-    )
-    metrics = train(cfg)
+    overrides = [
+        *(o for o in SMALL if not o.startswith("data.source.")),
+        "data=llava_json",
+        "data.num_frames=8",
+        "data.num_workers=0",
+        f"data.source.train_json={tmp_path / 'train.json'}",
+        f"data.source.val_json={tmp_path / 'train.json'}",
+        f"data.source.data_root={media}",
+    ]
+    return records, overrides
+
+
+def test_missing_and_corrupt_videos_train_to_the_end_and_are_reported(cache_dir, tmp_path):
+    records, overrides = _videos_with_bad_ones(cache_dir, tmp_path, missing=0, corrupt=5)
+    metrics = train(compose_train(cache_dir, tmp_path / "run", [*overrides, "data.batch_size=4"]))
     assert metrics["steps"] == 4
     skipped = {s["id"]: s["skip"] for s in metrics["skipped_samples"]}
     assert skipped == {records[0]["id"]: "missing", records[5]["id"]: "undecodable"}
@@ -131,6 +133,30 @@ def test_two_process_ddp_follows_the_one_process_run_into_one_folder(cache_dir, 
         assert abs(a - b) <= 1e-4 * abs(a), (single, ddp)
     assert single_metrics["n_questions"] == ddp_metrics["n_questions"] == 16
     assert ddp_ids == single_ids  # every question once, in the held-out set's order
+
+
+def test_a_process_whose_batch_was_all_skipped_keeps_in_step_with_the_others(cache_dir, tmp_path):
+    """torchrun, 2 processes, micro batch 1, no shuffling: process 1's second and third samples (3 and 5) are
+    missing / corrupt. It runs its last batch again at zero weight, so the other's gradient all-reduce is
+    answered (returning nothing would hang both), and the loss curve is the mean over processes with samples."""
+    import csv
+
+    records, overrides = _videos_with_bad_ones(cache_dir, tmp_path, missing=3, corrupt=5)
+    env = {k: v for k, v in os.environ.items() if k != "HICOM_RUN_STAMP"}
+    env["HICOM_LOGS"] = str(tmp_path / "logs")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = [*torchrun, "train.py", *overrides, "data.batch_size=1", "data.shuffle=false", "trainer.devices=2",
+               "strategy=ddp", f"paths.cache_dir={cache_dir}"]  # fmt: skip
+    done = subprocess.run(command, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (folder,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["steps"] == 4
+    assert {s["id"] for s in metrics["skipped_samples"]} == {records[3]["id"], records[5]["id"]}
+    losses = [
+        float(r["train/loss"]) for r in csv.DictReader((folder / "csv" / "metrics.csv").open()) if r.get("train/loss")
+    ]
+    assert len(losses) == 4 and all(0 < loss < 100 for loss in losses)
 
 
 def test_lightnings_own_ddp_launcher_keeps_one_run_folder(cache_dir, tmp_path):

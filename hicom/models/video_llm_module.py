@@ -61,6 +61,7 @@ class VideoLLMModule(LightningModule):
             self.parts()[name].requires_grad_(True)
         self.skipped: dict[str, dict] = {}
         self.results: list[dict] = []
+        self._last_batch: dict[str, dict] = {}  # per stage: the stand-in for a batch whose samples were all skipped
         self.train()
 
     def train(self, mode: bool = True):
@@ -96,31 +97,66 @@ class VideoLLMModule(LightningModule):
                 self.skipped[item["id"]] = item
                 log.warning("skipped sample %s (%s): %s", item["id"], item["skip"], item["error"])
 
+    def _world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _stand_in(self, batch: dict, stage: str) -> dict:
+        """For a batch whose every sample was skipped, on one of several processes: the last batch this process ran,
+        so that it still joins the others' collectives (DDP's gradient all-reduce; ZeRO-3's parameter gathers),
+        its result discarded. Stepping out instead would leave the others waiting for ever."""
+        last = self._last_batch.get(stage)
+        if last is None:
+            raise RuntimeError(
+                f"every sample of this process's first {stage} batch was skipped ({batch.get('skipped')}), and a "
+                "process with no batch to run cannot keep in step with the others: leave the bad samples out "
+                "(python -m hicom.data.preflight, then data.quarantine=...) or raise data.batch_size"
+            )
+        return last
+
     def training_step(self, batch: dict, batch_idx: int):
         self._count_skipped(batch)
-        if "input_ids" not in batch:
-            return None  # every sample of this batch was skipped
-        if not (batch["labels"] != IGNORE_INDEX).any():
-            raise ValueError(
-                f"no supervised token in the training batch {batch['ids']}: every answer was masked out, so the "
-                "loss would be a silent zero (check the chat template and the conversations)"
-            )
-        loss = self.net(batch).loss
-        # averaged over processes, so that the curve is the global batch's under DDP
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]), sync_dist=True)
-        self.log("data/skipped", float(len(self.skipped)), batch_size=len(batch["ids"]))
+        skipped = "input_ids" not in batch  # every sample of this batch was skipped
+        if skipped and self._world() == 1:
+            return None
+        if skipped:  # a zero loss through the whole network: this process adds no gradient, but joins the rest
+            loss = self.net(self._stand_in(batch, "train")).loss * 0.0
+        else:
+            if not (batch["labels"] != IGNORE_INDEX).any():
+                raise ValueError(
+                    f"no supervised token in the training batch {batch['ids']}: every answer was masked out, so "
+                    "the loss would be a silent zero (check the chat template and the conversations)"
+                )
+            self._last_batch["train"] = batch
+            loss = self.net(batch).loss
+        # the mean over the processes that had samples: the global batch's loss under DDP
+        self.log("train/loss", self._mean_over_processes(loss, 0.0 if skipped else 1.0), prog_bar=True,
+                 batch_size=max(len(batch["ids"]), 1))  # fmt: skip
+        self.log("data/skipped", float(len(self.skipped)), batch_size=max(len(batch["ids"]), 1))
         return loss
+
+    def _mean_over_processes(self, loss: torch.Tensor, weight: float) -> torch.Tensor:
+        if self._world() == 1:
+            return loss.detach()
+        stats = torch.stack([loss.detach().float() * weight, loss.new_tensor(weight, dtype=torch.float32)])
+        stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        return stats[0] / stats[1].clamp(min=1.0)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._count_skipped(batch)
         if "input_ids" in batch:
+            self._last_batch["val"] = batch
             self.log("val/loss", self.net(batch).loss, prog_bar=True, batch_size=len(batch["ids"]))
+        elif self.net.zero3 and self._world() > 1:  # the others' forward gathers parameters from this process too
+            self.net(self._stand_in(batch, "val"))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         """Greedy answers to held-out multiple-choice questions, parsed into letters."""
         self._count_skipped(batch)
         if "input_ids" not in batch:
+            if self.net.zero3 and self._world() > 1:  # as in validation: generate along, discard the replies
+                self.net.generate(self._stand_in(batch, "test"), max_new_tokens=self.max_new_tokens)
             return
+        self._last_batch["test"] = batch
         tokens = self.net.generate(batch, max_new_tokens=self.max_new_tokens)
         replies = self.net.llm.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         for sample_id, position, reply, answer, options in zip(
