@@ -136,12 +136,12 @@ def test_two_process_ddp_follows_the_one_process_run_into_one_folder(cache_dir, 
 
 
 def test_a_process_whose_batch_was_all_skipped_keeps_in_step_with_the_others(cache_dir, tmp_path):
-    """torchrun, 2 processes, micro batch 1, no shuffling: process 1's second and third samples (3 and 5) are
-    missing / corrupt. It runs its last batch again at zero weight, so the other's gradient all-reduce is
-    answered (returning nothing would hang both), and the loss curve is the mean over processes with samples."""
+    """torchrun, 2 processes, micro batch 1, no shuffling: process 1's first and third samples (1 and 5) are
+    missing / corrupt. It steps with a zero loss over its trainable parameters, so the other's gradient all-reduce
+    is answered (returning nothing failed the run), and the loss curve is the mean over processes with samples."""
     import csv
 
-    records, overrides = _videos_with_bad_ones(cache_dir, tmp_path, missing=3, corrupt=5)
+    records, overrides = _videos_with_bad_ones(cache_dir, tmp_path, missing=1, corrupt=5)
     env = {k: v for k, v in os.environ.items() if k != "HICOM_RUN_STAMP"}
     env["HICOM_LOGS"] = str(tmp_path / "logs")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -152,7 +152,7 @@ def test_a_process_whose_batch_was_all_skipped_keeps_in_step_with_the_others(cac
     (folder,) = (tmp_path / "logs" / "train" / "runs").iterdir()
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["steps"] == 4
-    assert {s["id"] for s in metrics["skipped_samples"]} == {records[3]["id"], records[5]["id"]}
+    assert {s["id"] for s in metrics["skipped_samples"]} == {records[1]["id"], records[5]["id"]}
     losses = [
         float(r["train/loss"]) for r in csv.DictReader((folder / "csv" / "metrics.csv").open()) if r.get("train/loss")
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+import torch
 from lightning import Callback
 
 log = logging.getLogger(__name__)
@@ -43,15 +44,20 @@ class BadSampleGuard(Callback):
         if skipped:
             for reason, count in self.reasons.items():
                 pl_module.log(f"data/skipped/{reason}", float(count))
-        bad = sum(self.reasons.values())
-        if self.seen >= self.min_samples and bad > self.max_fraction * self.seen:
-            raise BadSampleRateExceeded(self.report())
+        seen, bad = self.seen, sum(self.reasons.values())
+        if trainer.world_size > 1:  # decided on the whole run's counts, the same on every process: all stop together
+            counts = torch.tensor([seen, bad], dtype=torch.float64, device=pl_module.device)
+            seen, bad = (int(x) for x in trainer.strategy.reduce(counts, reduce_op="sum"))
+        if seen >= self.min_samples and bad > self.max_fraction * seen:
+            raise BadSampleRateExceeded(self.report(seen, bad))
 
-    def report(self) -> str:
-        bad = sum(self.reasons.values())
+    def report(self, seen: int | None = None, bad: int | None = None) -> str:
+        """The counts (of all processes where given) and, by reason, this process's skips with examples."""
+        seen = self.seen if seen is None else seen
+        bad = sum(self.reasons.values()) if bad is None else bad
         lines = [
-            f"{bad} of {self.seen} training samples were skipped ({bad / max(self.seen, 1):.1%}), over the allowed "
-            f"{self.max_fraction:.1%} (callbacks.bad_samples.max_fraction). By reason:"
+            f"{bad} of {seen} training samples were skipped ({bad / max(seen, 1):.1%}), over the allowed "
+            f"{self.max_fraction:.1%} (callbacks.bad_samples.max_fraction). By reason, on this process:"
         ]
         for reason, count in self.reasons.most_common():
             lines.append(f"  {reason}: {count}, e.g.")

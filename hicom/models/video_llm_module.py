@@ -61,7 +61,7 @@ class VideoLLMModule(LightningModule):
             self.parts()[name].requires_grad_(True)
         self.skipped: dict[str, dict] = {}
         self.results: list[dict] = []
-        self._last_batch: dict[str, dict] = {}  # per stage: the stand-in for a batch whose samples were all skipped
+        self._stand_ins: dict[str, dict] = {}  # ZeRO-3, per stage: what runs for a batch whose samples were all skipped
         self.train()
 
     def train(self, mode: bool = True):
@@ -100,51 +100,74 @@ class VideoLLMModule(LightningModule):
     def _world(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
 
+    def _in_step(self) -> bool:
+        """Whether a process must run every step with the others even without samples: several processes
+        (DDP's gradient all-reduce, ZeRO-3's parameter gathers), or DeepSpeed, whose engine steps every batch."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return self._trainer is not None and (self._world() > 1 or isinstance(self.trainer.strategy, DeepSpeedStrategy))
+
+    def _keep_stand_in(self, batch: dict, stage: str) -> None:
+        if self.net.zero3 and self._in_step():  # only ZeRO-3 needs a real batch to stand in (see _empty_loss)
+            self._stand_ins[stage] = batch
+
     def _stand_in(self, batch: dict, stage: str) -> dict:
-        """For a batch whose every sample was skipped, on one of several processes: the last batch this process ran,
-        so that it still joins the others' collectives (DDP's gradient all-reduce; ZeRO-3's parameter gathers),
-        its result discarded. Stepping out instead would leave the others waiting for ever."""
-        last = self._last_batch.get(stage)
+        """Under ZeRO-3, for a batch whose every sample was skipped: the last batch this process ran in this stage
+        (else in another), run again so that this process joins the others' parameter gathers, its result
+        discarded."""
+        last = self._stand_ins.get(stage) or next(iter(self._stand_ins.values()), None)
         if last is None:
             raise RuntimeError(
-                f"every sample of this process's first {stage} batch was skipped ({batch.get('skipped')}), and a "
-                "process with no batch to run cannot keep in step with the others: leave the bad samples out "
-                "(python -m hicom.data.preflight, then data.quarantine=...) or raise data.batch_size"
+                f"every sample of this process's {stage} batch was skipped ({batch.get('skipped')}) before it ran any "
+                "batch, and under ZeRO-3 a process with no batch to run cannot keep in step with the others: leave "
+                "the bad samples out (python -m hicom.data.preflight, then data.quarantine=...)"
             )
         return last
+
+    def _empty_loss(self, batch: dict) -> torch.Tensor:
+        """A zero loss for a training batch whose samples were all skipped: this process adds no gradient but joins
+        the others' reductions. Every trainable parameter takes part (DDP reduces them all); under ZeRO-3, where
+        parameters are gathered only inside a forward, through a forward of a stand-in batch."""
+        if self.net.zero3:
+            return self.net(self._stand_in(batch, "train")).loss * 0.0
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
     def training_step(self, batch: dict, batch_idx: int):
         self._count_skipped(batch)
         skipped = "input_ids" not in batch  # every sample of this batch was skipped
-        if skipped and self._world() == 1:
-            return None
-        if skipped:  # a zero loss through the whole network: this process adds no gradient, but joins the rest
-            loss = self.net(self._stand_in(batch, "train")).loss * 0.0
+        if skipped and not self._in_step():
+            return None  # Lightning skips the step
+        if skipped:
+            loss = self._empty_loss(batch)
         else:
             if not (batch["labels"] != IGNORE_INDEX).any():
                 raise ValueError(
                     f"no supervised token in the training batch {batch['ids']}: every answer was masked out, so "
                     "the loss would be a silent zero (check the chat template and the conversations)"
                 )
-            self._last_batch["train"] = batch
+            self._keep_stand_in(batch, "train")
             loss = self.net(batch).loss
-        # the mean over the processes that had samples: the global batch's loss under DDP
-        self.log("train/loss", self._mean_over_processes(loss, 0.0 if skipped else 1.0), prog_bar=True,
-                 batch_size=max(len(batch["ids"]), 1))  # fmt: skip
+        # the mean over the processes that had samples: the global batch's loss under DDP (none: nothing logged)
+        value = (
+            torch.zeros((), device=loss.device) if skipped else loss.detach().float()
+        )  # (a stand-in's NaN stays out)
+        total, count = self._sum_over_processes(value, 0.0 if skipped else 1.0)
+        if count > 0:
+            self.log("train/loss", total / count, prog_bar=True, batch_size=max(len(batch["ids"]), 1))
         self.log("data/skipped", float(len(self.skipped)), batch_size=max(len(batch["ids"]), 1))
         return loss
 
-    def _mean_over_processes(self, loss: torch.Tensor, weight: float) -> torch.Tensor:
-        if self._world() == 1:
-            return loss.detach()
-        stats = torch.stack([loss.detach().float() * weight, loss.new_tensor(weight, dtype=torch.float32)])
-        stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-        return stats[0] / stats[1].clamp(min=1.0)
+    def _sum_over_processes(self, value: torch.Tensor, weight: float) -> tuple[torch.Tensor, float]:
+        """(sum over processes of value, sum of weights): one all-reduce, called by every process."""
+        stats = torch.stack([value.float().reshape(()), value.new_tensor(weight, dtype=torch.float32)])
+        if self._world() > 1:
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        return stats[0], float(stats[1])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._count_skipped(batch)
         if "input_ids" in batch:
-            self._last_batch["val"] = batch
+            self._keep_stand_in(batch, "val")
             self.log("val/loss", self.net(batch).loss, prog_bar=True, batch_size=len(batch["ids"]))
         elif self.net.zero3 and self._world() > 1:  # the others' forward gathers parameters from this process too
             self.net(self._stand_in(batch, "val"))
@@ -156,7 +179,7 @@ class VideoLLMModule(LightningModule):
             if self.net.zero3 and self._world() > 1:  # as in validation: generate along, discard the replies
                 self.net.generate(self._stand_in(batch, "test"), max_new_tokens=self.max_new_tokens)
             return
-        self._last_batch["test"] = batch
+        self._keep_stand_in(batch, "test")
         tokens = self.net.generate(batch, max_new_tokens=self.max_new_tokens)
         replies = self.net.llm.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         for sample_id, position, reply, answer, options in zip(
@@ -168,14 +191,23 @@ class VideoLLMModule(LightningModule):
                  "n_options": len(options)}
             )  # fmt: skip
 
+    def on_fit_end(self) -> None:
+        self._stand_ins.clear()
+
     def on_test_epoch_start(self) -> None:
         self.results = []
 
     def on_test_epoch_end(self) -> None:
-        n = len(self.results)
-        if n:
-            self.log("eval/synthetic/acc", sum(r["pred"] == r["answer"] for r in self.results) / n)
-            self.log("eval/synthetic/n_unparsed", float(sum(r["pred"] is None for r in self.results)))
+        # over every process's answers (the distributed sampler's few repeats included; the run's summary has none)
+        correct = sum(r["pred"] == r["answer"] for r in self.results)
+        unparsed = sum(r["pred"] is None for r in self.results)
+        counts = torch.tensor([correct, unparsed, len(self.results)], dtype=torch.float32, device=self.device)
+        if self._world() > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        self._stand_ins.clear()
+        if counts[2] > 0:
+            self.log("eval/synthetic/acc", float(counts[0] / counts[2]), rank_zero_only=True)
+            self.log("eval/synthetic/n_unparsed", float(counts[1]), rank_zero_only=True)
 
     def configure_optimizers(self):
         groups: dict[str, list[nn.Parameter]] = {}
