@@ -77,6 +77,21 @@ def save_handoff(
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))  # written last: the stage is done
 
 
+def read_manifest(path: Path) -> dict:
+    """A stage's manifest.json, or a HandoffError naming the file (a stage whose manifest is damaged is not done:
+    delete its folder to train it again)."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise HandoffError(f"{path} cannot be read ({err}): delete the stage's folder to train it again") from err
+    missing = {"stage", "parent", "parts"} - set(manifest if isinstance(manifest, dict) else ())
+    if missing:
+        raise HandoffError(
+            f"{path} is not a stage manifest (no {sorted(missing)}): delete the stage's folder to train it again"
+        )
+    return manifest
+
+
 def load_handoff(model, parent: Path, new_parameters: list[str]) -> list[str]:
     """Load a parent's hand-off into `model`, strictly; returns the parts it held."""
     from safetensors.torch import load_file
@@ -84,7 +99,7 @@ def load_handoff(model, parent: Path, new_parameters: list[str]) -> list[str]:
     manifest_path = parent / MANIFEST
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{parent} holds no finished stage ({MANIFEST} missing)")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(manifest_path)
     try:
         state = load_file(str(parent / HANDOFF))
     except Exception as error:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import hydra
@@ -89,6 +90,14 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_seconds = time.perf_counter() - start
+    counts = _gathered([model.fit_counts])
+    batches, samples = (sum(c[0][key] for c in counts) for key in ("batches", "samples"))
+    if batches and not samples:  # every training sample was skipped: the weights are the untrained ones
+        reasons = Counter(item["skip"] for item in model.skipped.values())
+        raise RuntimeError(
+            f"no training sample could be used ({batches} batches, all skipped; on this process by reason: "
+            f"{dict(reasons)}): check data.source and the media, or run `python -m hicom.data.preflight`"
+        )
     if after_fit is not None:  # on every process: saving may gather sharded parameters
         after_fit(model)
     else:

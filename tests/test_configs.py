@@ -197,3 +197,20 @@ def test_a_staged_run_without_a_shared_run_folder_refuses_to_start(cache_dir, tm
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     with pytest.raises(RuntimeError, match="HICOM_RUN_STAMP"):
         run_stages(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.lr.compressor=-1", "learning rates must be > 0"),
+        ("model.warmup_ratio=5", "warmup_ratio"),
+        ("model.compressor.global_.num_queries=0", "num_queries must be >= 1"),
+        ("data.batch_size=0", "data.batch_size must be >= 1"),
+        ("data.eval_batch_size=0", "data.eval_batch_size must be >= 1"),
+    ],
+)
+def test_a_bad_config_value_is_a_clear_error_when_the_run_is_built(override, message, cache_dir, tmp_path):
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(InstantiationException, match=message):  # Hydra's wrapper around the part's ValueError
+        build(compose_train(cache_dir, tmp_path, [*SMALL, override]))

@@ -378,9 +378,8 @@ def test_a_staged_run_is_evaluated_from_its_last_stage(tmp_path):
     for name, parent in parents.items():
         folder = tmp_path / "stages" / name
         folder.mkdir(parents=True)
-        (folder / "manifest.json").write_text(
-            json.dumps({"parent": str(tmp_path / "stages" / parent) if parent else None})
-        )
+        recorded = str(tmp_path / "stages" / parent) if parent else None
+        (folder / "manifest.json").write_text(json.dumps({"stage": name, "parent": recorded, "parts": ["compressor"]}))
         (folder / "config.yaml").write_text("{}")
     assert find_handoff(tmp_path) == tmp_path / "stages" / "a_third"  # the stage no other stage names as parent
 
@@ -393,7 +392,7 @@ def test_a_staged_run_is_found_by_a_relative_path_and_after_a_move(tmp_path, mon
         folder = tmp_path / "new" / "run" / "stages" / name
         folder.mkdir(parents=True)
         recorded = str(trained_at / "stages" / parent) if parent else None
-        (folder / "manifest.json").write_text(json.dumps({"parent": recorded}))
+        (folder / "manifest.json").write_text(json.dumps({"stage": name, "parent": recorded, "parts": ["compressor"]}))
         (folder / "config.yaml").write_text("{}")
     monkeypatch.chdir(tmp_path / "new")
     assert find_handoff(Path("run")) == Path("run") / "stages" / "instruction"

@@ -244,3 +244,28 @@ def test_a_figure_a_run_does_not_have_reads_n_a_in_the_summary():
 def test_a_fast_dev_run_puts_one_batch_through_every_hook_test_included(cache_dir, tmp_path):
     metrics = train(compose_train(cache_dir, tmp_path, [*SMALL, "debug=fdr"]))
     assert metrics["steps"] == 1 and metrics["n_questions"] == 8  # one test batch of data.eval_batch_size
+
+
+def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path):
+    """ckpt_path= loads the Lightning checkpoint (torch.load with weights_only=True: the module's hyperparameters
+    must be plain Python values) and goes on from its step."""
+    import csv
+
+    first = train(compose_train(cache_dir, tmp_path / "first", [*SMALL, "trainer.max_steps=2"]))
+    checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert first["steps"] == 2 and checkpoint.is_file()
+    more = [*SMALL, f"ckpt_path={checkpoint}", "trainer.max_steps=3", "trainer.max_epochs=3"]
+    resumed = train(compose_train(cache_dir, tmp_path / "resumed", more))
+    rows = csv.DictReader((tmp_path / "resumed" / "csv" / "metrics.csv").open())
+    assert resumed["steps"] == 3 and [int(r["step"]) for r in rows if r.get("train/loss")] == [2]  # one more step
+
+
+def test_a_run_whose_every_training_sample_is_unusable_fails_instead_of_reporting_success(cache_dir, tmp_path):
+    records, overrides = _videos_with_bad_ones(cache_dir, tmp_path, missing=0, corrupt=1)
+    for record in records:
+        record["video"] = "train/missing.mp4"
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    cfg = compose_train(cache_dir, tmp_path / "run", [*overrides, "data.batch_size=4", "evaluate=false"])
+    with pytest.raises(RuntimeError, match=r"no training sample could be used .*'missing': 16"):
+        train(cfg)
+    assert not (tmp_path / "run" / "handoff.safetensors").exists()  # no untrained weights handed on

@@ -139,6 +139,9 @@ class VideoQADataModule(LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        for key, value in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
         self.source = source
         self.root = root
         self.llm_path, self.vision_path = llm_path, vision_path
@@ -199,6 +202,8 @@ class VideoQADataModule(LightningDataModule):
             pad_token_id=tokenizer.pad_token_id, guide_tokenizer=guide_tokenizer, padding_side="left"
         )
         log.info("data: %d train / %d held-out samples", len(self.train_set), len(self.val_set))
+        if stage == "fit" and len(self.train_set) == 0:
+            raise ValueError(f"the training data holds no samples ({self.source}): check data.source")
 
     def _loader(self, dataset, batch_size: int, shuffle: bool, collate) -> DataLoader:
         return DataLoader(

@@ -129,7 +129,10 @@ def iter_records(path: str | Path) -> Iterator:
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{path}:{number}: not JSON ({err})") from err
         return
-    records = json.loads(path.read_text())
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not JSON ({err})") from err
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of samples")
     yield from records

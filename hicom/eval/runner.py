@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 
 def find_handoff(ckpt: Path) -> Path:
+    from hicom.stages import read_manifest
+
     """The folder holding a run's trained weights: the run itself (handoff.safetensors + manifest.json +
     config.yaml), or for a staged run the last of its stages."""
     if (ckpt / "manifest.json").is_file() and (ckpt / "config.yaml").is_file():
@@ -48,7 +50,7 @@ def find_handoff(ckpt: Path) -> Path:
     if stages:
         # A stage's parent is recorded as the path it had when it was trained; the run may since have been moved
         # or be named here by another (relative) path, so a parent names a stage of this run by folder name.
-        parents = {json.loads((d / "manifest.json").read_text()).get("parent") for d in stages}
+        parents = {read_manifest(d / "manifest.json")["parent"] for d in stages}
         named = {Path(p).name for p in parents if p and Path(p).parent.name == "stages"}
         last = [d for d in stages if d.name not in named]
         if len(last) == 1 and (last[0] / "config.yaml").is_file():
@@ -311,6 +313,10 @@ def evaluate(cfg: DictConfig) -> dict:
     if unknown:
         raise ValueError(f"unknown benchmarks {unknown}; configured: {sorted(cfg.benchmarks)}")
     shard, num_shards = (cfg.shard, cfg.num_shards) if cfg.shard is not None else _shard()
+    if cfg.limit is not None and int(cfg.limit) < 0:
+        raise ValueError(f"limit is the number of questions per benchmark (null: all), got {cfg.limit}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
     if not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} of {num_shards}")
     module, source = load_model(cfg.ckpt, cfg)

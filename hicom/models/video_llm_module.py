@@ -44,16 +44,30 @@ class VideoLLMModule(LightningModule):
         max_new_tokens: int = 4,
     ) -> None:
         super().__init__()
+        # plain Python values (Hydra passes ListConfig / DictConfig): checkpoints hold them as hyperparameters, and
+        # torch.load(weights_only=True) of a resumed run accepts only plain types
+        trainable, lr, betas = (
+            [str(p) for p in trainable],
+            {str(k): float(v) for k, v in (lr or {}).items()},
+            tuple(betas),
+        )
         self.save_hyperparameters(ignore=["vision", "llm", "compressor"])
-        self.net = net = VideoLLM(vision=vision, llm=llm, compressor=compressor)
         self.trainable = tuple(trainable)
         unknown = set(self.trainable) - set(PARTS)
         if unknown:
             raise ValueError(f"unknown trainable parts {sorted(unknown)}; choose from {PARTS}")
-        self.lr = dict(lr or {})
+        self.lr = lr
         missing = [p for p in self.trainable if p not in self.lr]
         if missing:
             raise ValueError(f"no learning rate for trainable parts {missing}: set model.lr.<part>")
+        bad = {part: rate for part, rate in self.lr.items() if not rate > 0}
+        if bad:
+            raise ValueError(f"learning rates must be > 0, got {bad} (model.lr)")
+        if not 0 <= warmup_ratio < 1:
+            raise ValueError(
+                f"model.warmup_ratio is the share of steps spent warming up, in [0, 1): got {warmup_ratio}"
+            )
+        self.net = net = VideoLLM(vision=vision, llm=llm, compressor=compressor)
         self.weight_decay, self.betas, self.warmup_ratio = weight_decay, tuple(betas), warmup_ratio
         self.max_new_tokens = max_new_tokens
         net.requires_grad_(False)
@@ -61,6 +75,7 @@ class VideoLLMModule(LightningModule):
             self.parts()[name].requires_grad_(True)
         self.skipped: dict[str, dict] = {}
         self.results: list[dict] = []
+        self.fit_counts = {"batches": 0, "samples": 0}  # training batches and usable samples of this process's fit
         self._stand_ins: dict[str, dict] = {}  # ZeRO-3, per stage: what runs for a batch whose samples were all skipped
         self.train()
 
@@ -132,9 +147,14 @@ class VideoLLMModule(LightningModule):
             return self.net(self._stand_in(batch, "train")).loss * 0.0
         return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
+    def on_fit_start(self) -> None:
+        self.fit_counts = {"batches": 0, "samples": 0}
+
     def training_step(self, batch: dict, batch_idx: int):
         self._count_skipped(batch)
         skipped = "input_ids" not in batch  # every sample of this batch was skipped
+        self.fit_counts["batches"] += 1
+        self.fit_counts["samples"] += len(batch["ids"])
         if skipped and not self._in_step():
             return None  # Lightning skips the step
         if skipped:

@@ -251,3 +251,21 @@ def test_images_several_images_videos_and_text_share_a_batch(make_dataset, media
     visual = dataset.encoder.visual_token_id
     assert (batch["input_ids"] == visual).sum(1).tolist() == [3, 6, 12, 0]  # the test's 3 tokens per frame
     assert batch["pixel_values"].shape[0] == 7
+
+
+def test_an_annotation_file_that_is_not_json_names_itself(tmp_path):
+    from hicom.data.index import iter_records
+
+    path = tmp_path / "train.json"
+    path.write_text('[{"id": "a"}, {"id": ')
+    with pytest.raises(ValueError, match=r"train\.json: not JSON"):
+        list(iter_records(path))
+
+
+def test_a_damaged_stage_manifest_names_itself(tmp_path):
+    from hicom.stages import HandoffError, read_manifest
+
+    for text in ("{not json", "[]", '{"stage": "a"}'):
+        (tmp_path / "manifest.json").write_text(text)
+        with pytest.raises(HandoffError, match=r"manifest\.json .*delete the stage's folder"):
+            read_manifest(tmp_path / "manifest.json")

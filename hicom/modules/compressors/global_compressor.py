@@ -60,6 +60,8 @@ class GlobalCompressor(Compressor):
         init_std: float | None = RELEASE_INIT_STD,
     ) -> None:
         super().__init__()
+        if num_queries < 1:
+            raise ValueError(f"num_queries must be >= 1, got {num_queries}")
         if position not in ("kv", "k", "none"):
             raise ValueError(f"position must be 'kv', 'k' or 'none', got {position!r}")
         self.num_queries = num_queries
