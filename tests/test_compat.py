@@ -235,3 +235,20 @@ def test_the_whole_model_round_trips_through_the_release_layout(cfg_small, tmp_p
     save_file(state, str(folder / "model.safetensors"))
     with pytest.raises(KeyError, match=r"(?s)projector: .*local_compressor.extra.*llm: .*model.norm.weight"):
         import_official(target, folder)
+
+
+def test_a_release_folder_is_imported_only_into_the_compressor_its_config_describes(cfg_small, cache_dir, tmp_path):
+    """Weights of the same names and shapes fit a compressor with another guide mode or position table; importing
+    into one would evaluate something else without a word."""
+    from hicom.compat.official import export_official, import_official
+    from hicom.training import build
+    from tests.conftest import SMALL, compose_train
+
+    folder = export_official(build(cfg_small)[0].net, tmp_path / "official")
+    for override in ("model.compressor.global_.position=k", "model.compressor.local.guide=off"):
+        other = build(compose_train(cache_dir, tmp_path / "other", [*SMALL, override]))[0].net
+        with pytest.raises(ValueError, match=r"config\.json describes the compressor .* model\.compressor builds"):
+            import_official(other, folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"cannot read .*config\.json"):
+        import_official(build(cfg_small)[0].net, folder)

@@ -360,6 +360,44 @@ def export_official(net, folder: str | Path) -> Path:
     return folder
 
 
+def read_config(folder: Path) -> dict:
+    """The folder's config.json as a dict, or an error naming the file."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return config
+
+
+def _description(compressor: Compressor) -> dict:
+    """What decides a compressor's outputs beyond its weights' names and shapes: its release name and guides,
+    the local keys and the global position table's use."""
+    if not isinstance(compressor, HICom):
+        return {"type": type(compressor).__name__}
+    local, global_ = compressor.local_compressor, compressor.global_compressor
+    return {
+        **projector_type(compressor),
+        "local_keys": None if local is None else local.keys.value,
+        "global_position": None if global_ is None else global_.position,
+    }
+
+
+def check_compressor(compressor: Compressor, config: Mapping, folder: Path) -> None:
+    """Weights of the same names and shapes fit compressors that compute different things (another guide mode,
+    another position table): the compressor a release-layout folder is imported into must be the one its
+    config.json describes, in our reading or in the release's (defect 1)."""
+    readings = [_description(build_compressor(config, reproduce_defect_1=r)) for r in (False, True)]
+    ours = _description(compressor)
+    if ours not in readings:
+        raise ValueError(
+            f"{folder / 'config.json'} describes the compressor {readings[0]}, but model.compressor builds {ours}: "
+            "set model.compressor to match (hicom.compat.official.build_compressor(config) builds it)"
+        )
+
+
 def import_official(net, folder: str | Path) -> None:
     """Load a release-layout folder (every safetensors shard) into our VideoLLM, strictly: a KeyError lists, per
     part, the missing, unexpected and mis-shaped tensors. SigLIP's logit scale and bias are not in the release's
@@ -367,6 +405,7 @@ def import_official(net, folder: str | Path) -> None:
     from safetensors import safe_open
 
     folder = Path(folder)
+    check_compressor(net.compressor, read_config(folder), folder)
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"no .safetensors in {folder}")
