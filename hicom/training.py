@@ -33,6 +33,20 @@ def build(cfg: DictConfig):
     return model, datamodule
 
 
+def check_checkpoint(path: Path) -> None:
+    """Before anything is built: a checkpoint to resume from exists and is whole. A Lightning checkpoint file is
+    a zip archive (torch.save), cut short it has no central directory; DeepSpeed's is a folder."""
+    import zipfile
+
+    if not path.exists():
+        raise FileNotFoundError(f"ckpt_path '{path}' not found: give a run's checkpoints/last.ckpt (or null)")
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"ckpt_path '{path}' is not a whole checkpoint (truncated or not a torch.save file): resume from "
+            "another one in the run's checkpoints/ folder"
+        )
+
+
 def gradient_accumulation(global_batch: int | None, micro_batch: int, world_size: int) -> int:
     """Accumulation steps that make `global_batch` samples per optimizer step from `micro_batch` per process on
     `world_size` processes (1 when no global batch is set)."""
@@ -64,6 +78,8 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     folder (handoff.safetensors + manifest.json), beside config.yaml: what `evaluate.py ckpt=<folder>` reads.
     """
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("ckpt_path"):
+        check_checkpoint(Path(cfg.ckpt_path))
     out_dir = ensure_dir(cfg.paths.output_dir)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     model, datamodule = build(cfg)

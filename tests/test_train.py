@@ -255,6 +255,12 @@ def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path):
     checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
     assert first["steps"] == 2 and checkpoint.is_file()
     more = [*SMALL, f"ckpt_path={checkpoint}", "trainer.max_steps=3", "trainer.max_epochs=3"]
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(checkpoint.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"truncated\.ckpt' is not a whole checkpoint"):
+        train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"ckpt_path={truncated}"]))
+    with pytest.raises(FileNotFoundError, match="ckpt_path"):
+        train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"ckpt_path={tmp_path / 'none.ckpt'}"]))
     resumed = train(compose_train(cache_dir, tmp_path / "resumed", more))
     rows = csv.DictReader((tmp_path / "resumed" / "csv" / "metrics.csv").open())
     assert resumed["steps"] == 3 and [int(r["step"]) for r in rows if r.get("train/loss")] == [2]  # one more step
