@@ -207,6 +207,7 @@ def test_a_staged_run_without_a_shared_run_folder_refuses_to_start(cache_dir, tm
         ("model.compressor.global_.num_queries=0", "num_queries must be >= 1"),
         ("data.batch_size=0", "data.batch_size must be >= 1"),
         ("data.eval_batch_size=0", "data.eval_batch_size must be >= 1"),
+        ("model.compressor.local.guide=bogus", r"guide must be one of \['off', 'direct', 'coarse', 'fine'\]"),
     ],
 )
 def test_a_bad_config_value_is_a_clear_error_when_the_run_is_built(override, message, cache_dir, tmp_path):

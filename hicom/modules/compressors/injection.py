@@ -17,6 +17,10 @@ class Guide(str, enum.Enum):
     COARSE = "coarse"
     FINE = "fine"
 
+    @classmethod
+    def _missing_(cls, value):
+        raise ValueError(f"guide must be one of {[g.value for g in cls]}, got {value!r}")
+
 
 def pooled(guide: torch.Tensor) -> torch.Tensor:
     """The pooled guide C_p (B, D) of a pooled (B, D) or token-level (B, L, D) guide.
