@@ -40,10 +40,10 @@ log = logging.getLogger(__name__)
 
 
 def find_handoff(ckpt: Path) -> Path:
-    from hicom.stages import read_manifest
-
     """The folder holding a run's trained weights: the run itself (handoff.safetensors + manifest.json +
     config.yaml), or for a staged run the last of its stages."""
+    from hicom.stages import read_manifest
+
     if (ckpt / "manifest.json").is_file() and (ckpt / "config.yaml").is_file():
         return ckpt
     stages = [d for d in sorted((ckpt / "stages").glob("*")) if (d / "manifest.json").is_file()]

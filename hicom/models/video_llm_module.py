@@ -68,7 +68,7 @@ class VideoLLMModule(LightningModule):
                 f"model.warmup_ratio is the share of steps spent warming up, in [0, 1): got {warmup_ratio}"
             )
         self.net = net = VideoLLM(vision=vision, llm=llm, compressor=compressor)
-        self.weight_decay, self.betas, self.warmup_ratio = weight_decay, tuple(betas), warmup_ratio
+        self.weight_decay, self.betas, self.warmup_ratio = weight_decay, betas, warmup_ratio
         self.max_new_tokens = max_new_tokens
         net.requires_grad_(False)
         for name in self.trainable:
@@ -167,10 +167,9 @@ class VideoLLMModule(LightningModule):
                 )
             self._keep_stand_in(batch, "train")
             loss = self.net(batch).loss
-        # the mean over the processes that had samples: the global batch's loss under DDP (none: nothing logged)
-        value = (
-            torch.zeros((), device=loss.device) if skipped else loss.detach().float()
-        )  # (a stand-in's NaN stays out)
+        # the mean over the processes that had samples: the global batch's loss under DDP (none: nothing logged);
+        # a skipped batch adds zero, not its stand-in's loss
+        value = torch.zeros((), device=loss.device) if skipped else loss.detach().float()
         total, count = self._sum_over_processes(value, 0.0 if skipped else 1.0)
         if count > 0:
             self.log("train/loss", total / count, prog_bar=True, batch_size=max(len(batch["ids"]), 1))
@@ -178,10 +177,12 @@ class VideoLLMModule(LightningModule):
         return loss
 
     def _sum_over_processes(self, value: torch.Tensor, weight: float) -> tuple[torch.Tensor, float]:
-        """(sum over processes of value, sum of weights): one all-reduce, called by every process."""
+        """(sum over processes of value, sum of weights): one all-reduce, called by every process; on one process
+        no device work (the weight is known here, and reading it back from a GPU would wait on the step)."""
+        if self._world() == 1:
+            return value, weight
         stats = torch.stack([value.float().reshape(()), value.new_tensor(weight, dtype=torch.float32)])
-        if self._world() > 1:
-            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
         return stats[0], float(stats[1])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -26,7 +26,7 @@ def run_stamp(pattern: str = "%Y-%m-%d_%H-%M-%S") -> str:
     (torchrun's rendezvous id, `torchrun-<id>`; srun's job and step, `slurm-<job>.<step>`); else the local time in
     `pattern`.
     """
-    explicit = os.environ.get("HICOM_RUN_STAMP", "").strip()
+    explicit = _explicit_stamp()
     if explicit:
         return _safe(explicit)
     launch = _launch_id()
@@ -60,8 +60,12 @@ def unshared_launch() -> bool:
     return (
         int(os.environ.get("WORLD_SIZE", "1")) > 1
         and os.environ.get("TORCHELASTIC_RUN_ID") == "none"
-        and not os.environ.get("HICOM_RUN_STAMP", "").strip()
+        and not _explicit_stamp()
     )
+
+
+def _explicit_stamp() -> str:
+    return os.environ.get("HICOM_RUN_STAMP", "").strip()
 
 
 def _safe(name: str) -> str:
