@@ -52,6 +52,8 @@ def build_meta(cfg: DictConfig) -> MetaModel:
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    from hicom.modules.video_llm import compose_compressor
+
     vision_arch = load_arch(cfg.model.vision.get("arch"), "model.vision.arch")
     llm_arch = load_arch(cfg.model.llm.get("arch"), "model.llm.arch")
     llm_config = CONFIG_MAPPING[llm_arch["model_type"]](**{k: v for k, v in llm_arch.items() if k != "model_type"})
@@ -59,9 +61,7 @@ def build_meta(cfg: DictConfig) -> MetaModel:
     with torch.device("meta"):
         vision = tower_class.from_arch(vision_arch, select_layer=cfg.model.vision.get("select_layer", -2))
         llm = AutoModelForCausalLM.from_config(llm_config)
-        compressor = instantiate(cfg.model.compressor)(
-            in_dim=vision.hidden_size, out_dim=llm_config.hidden_size, guide_dim=vision.text_hidden_size
-        )
+        compressor = compose_compressor(instantiate(cfg.model.compressor), vision, llm_config.hidden_size)
     for module in (vision.vision_tower, vision.guide_encoder, llm):
         module.config._attn_implementation = "sdpa"
     return MetaModel(vision=vision, llm=llm, compressor=compressor)

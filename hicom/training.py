@@ -14,22 +14,31 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from hicom.utils.instantiators import check_data, check_pretrained, ensure_dir, instantiate_all, write_assets
+from hicom.utils.instantiators import (
+    check_data,
+    check_model,
+    check_pretrained,
+    ensure_dir,
+    instantiate_all,
+    write_assets,
+)
 
 log = logging.getLogger(__name__)
 
 
 def build(cfg: DictConfig):
-    """The LightningModule and DataModule of a config (tiny assets written first, model folders checked)."""
+    """The LightningModule and DataModule of a config (tiny assets written first, model folders checked). The model's
+    values are checked and the data module is made first: a bad value fails before the towers and the LLM load
+    (minutes at real sizes)."""
     write_assets(cfg.get("assets"))
     check_pretrained(cfg)
+    check_model(cfg)
     check_data(cfg)
+    log.info("data: <%s>", cfg.data._target_)
+    datamodule = hydra.utils.instantiate(cfg.data)
     log.info("model: <%s>", cfg.model._target_)
     model = hydra.utils.instantiate(cfg.model)
-    log.info("data: <%s>", cfg.data._target_)
-    datamodule = hydra.utils.instantiate(
-        cfg.data, visual_tokens=model.net.num_visual_tokens, guided=model.net.compressor.uses_guide
-    )
+    datamodule.use_network(model.net.num_visual_tokens, model.net.compressor.uses_guide)
     return model, datamodule
 
 
@@ -82,15 +91,12 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
         check_checkpoint(Path(cfg.ckpt_path))
     out_dir = ensure_dir(cfg.paths.output_dir)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    model, datamodule = build(cfg)
-    console = Console()
-    console.print(parameter_report(model))
+    # the trainer (with its loggers and callbacks) and the batch arithmetic first: their values fail in seconds,
+    # before the towers and the LLM load
     loggers = instantiate_all(cfg.get("logger"), "logger")
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks"), "callback"), logger=loggers or False
     )
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     if cfg.get("global_batch_size") is not None:
         if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
             raise ValueError("set global_batch_size or trainer.accumulate_grad_batches, not both")
@@ -100,6 +106,11 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
             "global batch %d = micro batch %d x %d processes x %d accumulation steps",
             cfg.global_batch_size, micro, trainer.world_size, trainer.accumulate_grad_batches,
         )  # fmt: skip
+    model, datamodule = build(cfg)
+    console = Console()
+    console.print(parameter_report(model))
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     if before_fit is not None:
         before_fit(model)

@@ -3,9 +3,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from hicom.training import build
+from hicom.utils.checkpoints import check_safetensors
 from tests.conftest import CONFIGS, SMALL, compose_train
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
@@ -199,19 +201,63 @@ def test_a_staged_run_without_a_shared_run_folder_refuses_to_start(cache_dir, tm
         run_stages(cfg)
 
 
+@pytest.fixture(scope="module")
+def unloadable_llm(tiny_paths, tmp_path_factory) -> Path:
+    """The tiny LLM folder with one tensor of the wrong shape in whole weights: it fails only when it loads."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(tiny_paths["qwen2"], tmp_path_factory.mktemp("unloadable") / "qwen2")
+    state = load_file(str(folder / "model.safetensors"))
+    state[next(iter(state))] = torch.zeros(3, 3)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("model.lr.compressor=-1", "learning rates must be > 0"),
+        ("model.trainable=[compressor,bogus]", "unknown trainable parts"),
         ("model.warmup_ratio=5", "warmup_ratio"),
         ("model.compressor.global_.num_queries=0", "num_queries must be >= 1"),
+        ("model.compressor.local.guide=bogus", r"guide must be one of \['off', 'direct', 'coarse', 'fine'\]"),
+        ("model/vision=tiny_clip", "joint-space keys, which ClipTower does not provide"),
         ("data.batch_size=0", "data.batch_size must be >= 1"),
         ("data.eval_batch_size=0", "data.eval_batch_size must be >= 1"),
-        ("model.compressor.local.guide=bogus", r"guide must be one of \['off', 'direct', 'coarse', 'fine'\]"),
+        ("data.num_frames=0", "num_frames must be >= 1"),
+        ("data.sampling.fps=-1", "fps must be positive"),
+        ("trainer.max_steps=-5", "max_steps"),
+        ("+global_batch_size=6", "global_batch_size 6 is not a multiple"),
     ],
 )
-def test_a_bad_config_value_is_a_clear_error_when_the_run_is_built(override, message, cache_dir, tmp_path):
-    from hydra.errors import InstantiationException
+def test_a_bad_config_value_fails_before_any_weights_load(override, message, cache_dir, tmp_path, unloadable_llm):
+    """Each bad value is reported, not the LLM's unloadable weights: it was checked before they load."""
+    from hicom.training import train
 
-    with pytest.raises(InstantiationException, match=message):  # Hydra's wrapper around the part's ValueError
-        build(compose_train(cache_dir, tmp_path, [*SMALL, override]))
+    with pytest.raises(Exception, match="ignore_mismatched_sizes"):  # what the LLM's weights fail with
+        build(compose_train(cache_dir, tmp_path / "good", [*SMALL, f"model.llm.path={unloadable_llm}"]))
+    overrides = [*SMALL, override, f"model.llm.path={unloadable_llm}"]
+    with pytest.raises(Exception, match=message):
+        train(compose_train(cache_dir, tmp_path, overrides))
+
+
+def test_weights_cut_short_are_named_before_anything_loads(cache_dir, tmp_path, tiny_paths):
+    import shutil
+
+    folder = shutil.copytree(tiny_paths["qwen2"], tmp_path / "qwen2")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"'{weights}' is not a readable safetensors file .*copy it again"):
+        build(compose_train(cache_dir, tmp_path / "run", [*SMALL, f"model.llm.path={folder}"]))
+    whole = (tmp_path / "whole.safetensors",)
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(64), "b": torch.ones(3, 5)}, str(whole[0]))
+    check_safetensors(whole[0])
+    data = whole[0].read_bytes()
+    for damaged in (data[:-4], data + b"\0"):  # the tensor data short by 4 bytes; one byte too many
+        whole[0].write_bytes(damaged)
+        with pytest.raises(ValueError, match=f"is {len(damaged)} bytes but its header lists {len(data)}"):
+            check_safetensors(whole[0])

@@ -108,7 +108,8 @@ class VideoQADataModule(LightningDataModule):
     `source` is anything with `prepare(root) -> splits` whose `train` / `val` are MixtureEntry tuples (JsonSource,
     MixtureSource, SyntheticVideoQA); `visual_tokens(T, modality)` is the network's token count, which the dataset
     needs to size the placeholder. `split_turns`: one training sample per exchange of a conversation (SPEC 5, for
-    guided compressors); None follows `guided`, which `build` sets from the compressor. `quarantine`: a
+    guided compressors); None follows `guided`. `build` makes the data module before the model, so that its values
+    are checked before any weights load, and then gives it both from the network (`use_network`). `quarantine`: a
     preflight's quarantine.jsonl, whose samples are left out. `index_dir`: where the sample indexes are saved
     once (by `prepare_data`) and memory-mapped by every rank and worker; None builds them in memory per process.
     `group_by_length`: training batches of one modality
@@ -152,13 +153,23 @@ class VideoQADataModule(LightningDataModule):
         self.num_workers = num_workers
         self.sampling = FrameSampling(num_frames=num_frames, **(sampling or {}))
         self.max_length = max_length
-        self.split_turns = guided if split_turns is None else split_turns
+        self._split_turns, self.guided = split_turns, guided
         self.quarantine = quarantine
         self.group_by_length = group_by_length
         self.index_dir = index_dir
         self.shuffle = shuffle
         self.seed = seed
         self.splits = None
+
+    @property
+    def split_turns(self) -> bool:
+        return self.guided if self._split_turns is None else self._split_turns
+
+    def use_network(self, visual_tokens: Callable[[int, str], int], guided: bool) -> None:
+        """The network's token count and whether its compressor reads the instruction (see the class)."""
+        if self.splits is not None:
+            raise RuntimeError("use_network comes before setup: the datasets are sized by the network")
+        self.visual_tokens, self.guided = visual_tokens, guided
 
     def prepare_data(self) -> None:
         """Once per node: generate or check the source, and build the sample indexes into `index_dir`."""

@@ -22,6 +22,21 @@ log = logging.getLogger(__name__)
 PARTS = ("vision_trunk", "vision_head", "guide_encoder", "compressor", "llm")
 
 
+def check_hparams(trainable: Iterable[str], lr: dict[str, float], warmup_ratio: float) -> None:
+    """The module's own values (see VideoLLMModule): `build` checks them before the towers load, too."""
+    unknown = set(trainable) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown trainable parts {sorted(unknown)}; choose from {PARTS}")
+    missing = [p for p in trainable if p not in lr]
+    if missing:
+        raise ValueError(f"no learning rate for trainable parts {missing}: set model.lr.<part>")
+    bad = {part: rate for part, rate in lr.items() if not rate > 0}
+    if bad:
+        raise ValueError(f"learning rates must be > 0, got {bad} (model.lr)")
+    if not 0 <= warmup_ratio < 1:
+        raise ValueError(f"model.warmup_ratio is the share of steps spent warming up, in [0, 1): got {warmup_ratio}")
+
+
 class VideoLLMModule(LightningModule):
     """Receives the built vision tower and LLM and the compressor partial, composes them into a VideoLLM, and
     trains the parts listed in `trainable` (a subset of PARTS); everything else is frozen and out of the optimizer.
@@ -52,21 +67,8 @@ class VideoLLMModule(LightningModule):
             tuple(betas),
         )
         self.save_hyperparameters(ignore=["vision", "llm", "compressor"])
-        self.trainable = tuple(trainable)
-        unknown = set(self.trainable) - set(PARTS)
-        if unknown:
-            raise ValueError(f"unknown trainable parts {sorted(unknown)}; choose from {PARTS}")
-        self.lr = lr
-        missing = [p for p in self.trainable if p not in self.lr]
-        if missing:
-            raise ValueError(f"no learning rate for trainable parts {missing}: set model.lr.<part>")
-        bad = {part: rate for part, rate in self.lr.items() if not rate > 0}
-        if bad:
-            raise ValueError(f"learning rates must be > 0, got {bad} (model.lr)")
-        if not 0 <= warmup_ratio < 1:
-            raise ValueError(
-                f"model.warmup_ratio is the share of steps spent warming up, in [0, 1): got {warmup_ratio}"
-            )
+        check_hparams(trainable, lr, warmup_ratio)
+        self.trainable, self.lr = tuple(trainable), lr
         self.net = net = VideoLLM(vision=vision, llm=llm, compressor=compressor)
         self.weight_decay, self.betas, self.warmup_ratio = weight_decay, betas, warmup_ratio
         self.max_new_tokens = max_new_tokens

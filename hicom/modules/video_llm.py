@@ -12,6 +12,19 @@ from hicom.modules.llm import CausalLM
 from hicom.modules.vision import ClipTower, SiglipTower
 
 
+def compose_compressor(
+    compressor: Callable[..., Compressor], vision: SiglipTower | ClipTower, llm_width: int
+) -> Compressor:
+    """The compressor at the vision tower's and the LLM's widths, refused where it asks for keys the tower lacks."""
+    built = compressor(in_dim=vision.hidden_size, out_dim=llm_width, guide_dim=vision.text_hidden_size)
+    if built.uses_embeds and not vision.has_joint_embeds:
+        raise ValueError(
+            f"the compressor takes joint-space keys, which {type(vision).__name__} does not provide: set "
+            "model.compressor.local.keys=features"
+        )
+    return built
+
+
 class VideoLLM(nn.Module):
     """Composes the three parts. `compressor` is a partial taking in_dim, out_dim and guide_dim, so its widths
     come from the loaded checkpoints rather than from config.
@@ -26,14 +39,7 @@ class VideoLLM(nn.Module):
         super().__init__()
         self.vision = vision
         self.llm = llm
-        self.compressor = compressor(
-            in_dim=vision.hidden_size, out_dim=llm.hidden_size, guide_dim=vision.text_hidden_size
-        )
-        if self.compressor.uses_embeds and not vision.has_joint_embeds:
-            raise ValueError(
-                f"the compressor takes joint-space keys, which {type(vision).__name__} does not provide: set "
-                "model.compressor.local.keys=features"
-            )
+        self.compressor = compose_compressor(compressor, vision, llm.hidden_size)
         self.zero3 = False  # set by prepare_zero3
         # Branches with clip-scale attention start from the vision checkpoint's logit scale and bias.
         with torch.no_grad():

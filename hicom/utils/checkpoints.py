@@ -20,7 +20,32 @@ def require_pretrained(path: str | Path, what: str, key: str, override: str | No
             "under their usual names (HICOM_SIGLIP, HICOM_CLIP, HICOM_QWEN and HICOM_LLAMA name one folder each, "
             "for the configs of that family)."
         )
+    for weights in sorted(folder.glob("*.safetensors")):
+        check_safetensors(weights)
     return folder
+
+
+def check_safetensors(path: Path) -> None:
+    """A ValueError naming `path` where it is not a whole safetensors file: the header unreadable, or the file's
+    size not the header's end plus the tensor data the header lists (a copy cut short). Reads the header only."""
+    import json
+    import struct
+
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                raise ValueError(f"a header of {length} bytes in a file of {size}")
+            header = json.loads(f.read(length))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as error:
+        raise ValueError(f"'{path}' is not a readable safetensors file ({error}): copy it again") from error
+    if size != 8 + length + end:
+        raise ValueError(
+            f"'{path}' is {size} bytes but its header lists {8 + length + end}: the file is cut short or damaged, "
+            "copy it again"
+        )
 
 
 def resolve_attention(requested: str) -> str:

@@ -40,6 +40,38 @@ def check_data(cfg: DictConfig) -> None:
         built.check()
 
 
+def check_model(cfg: DictConfig) -> None:
+    """Fail in seconds, before any weights load, on a bad model value: the module's own (trainable parts, learning
+    rates, warm-up) and the compressor's, which is built on the meta device at the widths the checkpoints'
+    config.json give (check_pretrained first: the folders are there)."""
+    import json
+
+    import torch
+    from hydra.utils import get_class
+    from transformers import AutoConfig
+
+    from hicom.models.video_llm_module import check_hparams
+    from hicom.modules.video_llm import compose_compressor
+
+    model = cfg.model
+    if "trainable" in model:
+        lr = OmegaConf.to_container(model.get("lr") or {}, resolve=True)
+        check_hparams([str(p) for p in model.trainable], lr, float(model.get("warmup_ratio", 0.0)))
+    if not all(OmegaConf.select(cfg, key) for key in ("model.vision.path", "model.llm.path", "model.compressor")):
+        return
+    vision_json = Path(model.vision.path) / "config.json"
+    try:
+        vision_arch = json.loads(vision_json.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"the vision tower's config '{vision_json}' cannot be read ({e}): is the folder whole?") from e
+    llm_width = AutoConfig.from_pretrained(model.llm.path).hidden_size
+    with torch.device("meta"):
+        tower = get_class(model.vision._target_).from_arch(
+            vision_arch, select_layer=model.vision.get("select_layer", -2)
+        )
+        compose_compressor(hydra.utils.instantiate(model.compressor), tower, llm_width)
+
+
 def instantiate_all(cfg: DictConfig | None, kind: str) -> list:
     """Every `_target_` entry of a dict of configs (callbacks, loggers)."""
     built = []
