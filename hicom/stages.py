@@ -68,6 +68,7 @@ def save_handoff(
     save_file(state, str(out_dir / f"{HANDOFF}.tmp"))
     (out_dir / f"{HANDOFF}.tmp").rename(out_dir / HANDOFF)
     manifest = {
+        "sha256": file_sha256(out_dir / HANDOFF),
         "stage": out_dir.name,
         "parent": parent,
         "parts": parts,
@@ -75,6 +76,13 @@ def save_handoff(
         "parameters": {key: list(value.shape) for key, value in state.items()},
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))  # written last: the stage is done
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_manifest(path: Path) -> dict:
@@ -100,6 +108,13 @@ def load_handoff(model, parent: Path, new_parameters: list[str]) -> list[str]:
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{parent} holds no finished stage ({MANIFEST} missing)")
     manifest = read_manifest(manifest_path)
+    # the digest the stage wrote (manifests from before it was recorded have none): damaged bytes in the tensor data
+    # would load as other numbers
+    if "sha256" in manifest and (parent / HANDOFF).is_file() and file_sha256(parent / HANDOFF) != manifest["sha256"]:
+        raise HandoffError(
+            f"{parent / HANDOFF} is not the file its stage wrote (its SHA-256 differs from {MANIFEST}'s): copy it "
+            "again, or delete the stage's folder to train it again"
+        )
     try:
         state = load_file(str(parent / HANDOFF))
     except Exception as error:

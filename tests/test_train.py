@@ -228,6 +228,15 @@ def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_delete
     model, _ = build(compose_train(cache_dir, tmp_path / "other", [*SMALL, "model.compressor.global_.num_queries=4"]))
     with pytest.raises(HandoffError, match=r"wrong shapes \['global_compressor.query \(32, "):
         load_handoff(model, stages / "conditional", [])
+    # one byte of tensor data changed (the header still whole, so the file would load other numbers) is refused
+    model, _ = build(cfg)
+    handoff = stages / "conditional" / "handoff.safetensors"
+    data = bytearray(handoff.read_bytes())
+    data[-5] ^= 0x40
+    handoff.write_bytes(bytes(data))
+    assert set(load_file(str(handoff))) == set(manifests["conditional"]["parameters"])  # loadable as it is
+    with pytest.raises(HandoffError, match=r"conditional/handoff\.safetensors is not the file its stage wrote"):
+        load_handoff(model, stages / "conditional", [])
 
 
 def test_a_figure_a_run_does_not_have_reads_n_a_in_the_summary():
