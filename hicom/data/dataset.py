@@ -93,7 +93,7 @@ class VideoQADataset(Dataset):
         from PIL import Image
 
         if not path.is_file():
-            raise VideoDecodeError(f"{path}: file not found", "missing")
+            raise VideoDecodeError(f"{path}: {'not a regular file' if path.exists() else 'file not found'}", "missing")
         try:
             with Image.open(path) as image:
                 return np.asarray(image.convert("RGB"))[None]

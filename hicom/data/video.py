@@ -300,7 +300,7 @@ def _load(path: Path, sampling: FrameSampling, start: float | None, end: float |
     if path.is_dir():
         return _read_folder(path, sampling, start, end)
     if not path.is_file():
-        raise VideoDecodeError(f"{path}: file not found", "missing")
+        raise VideoDecodeError(f"{path}: {'not a regular file' if path.exists() else 'file not found'}", "missing")
     if path.stat().st_size == 0:
         raise VideoDecodeError(f"{path}: empty file", "empty")
     if path.suffix.lower() == ".gif":

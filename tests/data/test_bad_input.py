@@ -269,3 +269,16 @@ def test_a_damaged_stage_manifest_names_itself(tmp_path):
         (tmp_path / "manifest.json").write_text(text)
         with pytest.raises(HandoffError, match=r"manifest\.json .*delete the stage's folder"):
             read_manifest(tmp_path / "manifest.json")
+
+
+def test_a_path_that_is_not_a_regular_file_says_so(tmp_path):
+    import os
+
+    from hicom.data.video import VideoDecodeError, load_video
+
+    os.mkfifo(tmp_path / "pipe.mp4")  # opening it would block: it is refused before any open
+    with pytest.raises(VideoDecodeError, match=r"pipe\.mp4: not a regular file") as error:
+        load_video(tmp_path / "pipe.mp4", 4)
+    assert error.value.reason == "missing"
+    with pytest.raises(VideoDecodeError, match=r"gone\.mp4: file not found"):
+        load_video(tmp_path / "gone.mp4", 4)
