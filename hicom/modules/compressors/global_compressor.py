@@ -176,9 +176,7 @@ class GlobalCompressor(Compressor):
                     (bias[..., None, None] + along[0][..., :, None, None] + along[1][..., None, :, None])
                     + along[2][..., None, None, :]
                 ).reshape(b, heads * n, t * h * w)
-            if x.dtype == wide and bias.shape[-1] == x.shape[1]:  # one pass: scale * q x^T added into the bias
-                scores = bias.baddbmm_(q_in, x.transpose(1, 2), alpha=scale)  # in place: no (B, h N, L) copy
-            elif x.dtype == wide:
+            if x.dtype == wide:  # one pass: scale * q x^T + bias
                 scores = torch.baddbmm(bias, q_in, x.transpose(1, 2), alpha=scale)
             else:
                 scores = torch.bmm(q_in, x.transpose(1, 2)).to(wide) * scale + bias.to(wide)  # (B, h N, L)
