@@ -4,7 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 import hicom.utils.config  # noqa: F401  (registers the config resolvers)
-from hicom.training import train
+from hicom.training import release_process_group, train
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -18,8 +18,10 @@ def main(cfg: DictConfig) -> float | None:
         from hicom.stages import run_stages
 
         run_stages(cfg)
+        release_process_group()
         return None
     metrics = train(cfg)
+    release_process_group()
     return metrics.get("accuracy")  # what a Hydra sweeper optimises
 
 

@@ -175,6 +175,17 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     return metrics
 
 
+def release_process_group() -> None:
+    """Close the process group Lightning opened and leaves open, once every process has come this far. Left to the
+    interpreter's exit, gloo's worker threads can outlive its teardown and abort a process whose run succeeded
+    (SIGABRT, "terminate called without an active exception"), which fails the whole launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _gathered(rows: list) -> list[list]:
     """`rows` of every process, in rank order (this process's alone outside a process group)."""
     import torch.distributed as dist
