@@ -13,7 +13,14 @@ from torch.utils.data import Dataset
 from hicom.data.index import SampleIndex
 from hicom.data.template import ChatEncoder, MalformedSample, guide_text, to_messages, user_turns
 from hicom.data.transforms import FrameTransform
-from hicom.data.video import DEFAULT_SAMPLING, FrameSampling, VideoDecodeError, load_video, within_time_limit
+from hicom.data.video import (
+    DEFAULT_SAMPLING,
+    FrameSampling,
+    VideoDecodeError,
+    load_video,
+    not_a_file,
+    within_time_limit,
+)
 from hicom.eval.answers import parse_options
 
 log = logging.getLogger(__name__)
@@ -93,7 +100,7 @@ class VideoQADataset(Dataset):
         from PIL import Image
 
         if not path.is_file():
-            raise VideoDecodeError(f"{path}: {'not a regular file' if path.exists() else 'file not found'}", "missing")
+            raise not_a_file(path)
         try:
             with Image.open(path) as image:
                 return np.asarray(image.convert("RGB"))[None]

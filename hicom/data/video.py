@@ -296,11 +296,17 @@ def _read_folder(path: Path, sampling: FrameSampling, start, end) -> SampledFram
 _DECODERS = {Decoder.DECORD: _decode_decord, Decoder.PYAV: _decode_pyav}
 
 
+def not_a_file(path: Path) -> VideoDecodeError:
+    """The error for a media path that is not a regular file: absent, or a pipe, socket or device (never opened:
+    reading a pipe could block)."""
+    return VideoDecodeError(f"{path}: {'not a regular file' if path.exists() else 'file not found'}", "missing")
+
+
 def _load(path: Path, sampling: FrameSampling, start: float | None, end: float | None) -> SampledFrames:
     if path.is_dir():
         return _read_folder(path, sampling, start, end)
     if not path.is_file():
-        raise VideoDecodeError(f"{path}: {'not a regular file' if path.exists() else 'file not found'}", "missing")
+        raise not_a_file(path)
     if path.stat().st_size == 0:
         raise VideoDecodeError(f"{path}: empty file", "empty")
     if path.suffix.lower() == ".gif":

@@ -26,26 +26,17 @@ def require_pretrained(path: str | Path, what: str, key: str, override: str | No
 
 
 def check_safetensors(path: Path) -> None:
-    """A ValueError naming `path` where it is not a whole safetensors file: the header unreadable, or the file's
-    size not the header's end plus the tensor data the header lists (a copy cut short). Reads the header only."""
-    import json
-    import struct
+    """A ValueError naming `path` where safetensors cannot open it: its header unreadable, or the tensor data the
+    header lists not filling the file exactly (a copy cut short). Opening reads the header only."""
+    from safetensors import SafetensorError, safe_open
 
-    size = path.stat().st_size
     try:
-        with path.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > size - 8:
-                raise ValueError(f"a header of {length} bytes in a file of {size}")
-            header = json.loads(f.read(length))
-        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as error:
-        raise ValueError(f"'{path}' is not a readable safetensors file ({error}): copy it again") from error
-    if size != 8 + length + end:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (OSError, SafetensorError) as error:
         raise ValueError(
-            f"'{path}' is {size} bytes but its header lists {8 + length + end}: the file is cut short or damaged, "
-            "copy it again"
-        )
+            f"'{path}' ({path.stat().st_size} bytes) is not a whole safetensors file ({error}): copy it again"
+        ) from error
 
 
 def resolve_attention(requested: str) -> str:
