@@ -1,5 +1,6 @@
 """Every config composes; every experiment instantiates (with tiny parts); missing weights fail at once."""
 
+import json
 import re
 from pathlib import Path
 
@@ -13,6 +14,34 @@ from tests.conftest import CONFIGS, SMALL, compose_train
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 TINY_PARTS = ["assets=tiny", "model/vision=tiny_siglip", "model/llm=tiny_qwen2", "data=synthetic", "trainer=default"]
+
+
+def _json_data(folder: Path, train: str, val: str | None = None) -> list[str]:
+    """Overrides that train on LLaVA JSON files written into `folder` (their media are never read: the tests using
+    them fail first)."""
+    (folder / "media").mkdir(parents=True, exist_ok=True)
+    for name, text in (("train.json", train), ("val.json", val)):
+        if text is not None:
+            (folder / name).write_text(text)
+    overrides = [
+        *(o for o in SMALL if not o.startswith("data.source.")),
+        "data=llava_json",
+        f"data.source.train_json={folder / 'train.json'}",
+        f"data.source.data_root={folder / 'media'}",
+        f"data.index_dir={folder / 'index'}",
+    ]
+    return overrides + ([f"data.source.val_json={folder / 'val.json'}"] if val is not None else [])
+
+
+GOOD_RECORD = json.dumps(
+    [
+        {
+            "id": "a",
+            "video": "a.mp4",
+            "conversations": [{"from": "human", "value": "<video>\nQ?"}, {"from": "gpt", "value": "A."}],
+        }
+    ]
+)
 
 
 @pytest.mark.parametrize("group", ["model/compressor", "logger", "debug", "data", "trainer"])
@@ -47,12 +76,27 @@ def test_a_staged_run_checks_every_stages_data_before_the_first_trains(cache_dir
     data = tmp_path / "data"
     for present in ("LLaVA-Pretrain/blip_laion_cc_sbu_558k.json", "Ins-VL/248328_qa_llavaformat.json"):
         (data / present).parent.mkdir(parents=True)
-        (data / present).write_text("[]")  # stages 1 and 2 find their files; stage 3's are missing
+        (data / present).write_text(GOOD_RECORD)  # stages 1 and 2 find their files; stage 3's are missing
     overrides = ["experiment=directg_local43_global32", *TINY_PARTS[:3], f"paths.data_dir={data}"]
     cfg = compose_train(cache_dir, tmp_path / "run", overrides)
     with pytest.raises(FileNotFoundError, match=r"stage3_video_instruct\.yaml not found.*HICOM_DATA"):
         run_stages(cfg)
     assert not (tmp_path / "run" / "stages").exists()  # nothing trained
+
+
+def test_a_later_stage_with_an_unreadable_annotation_file_fails_before_the_first_stage_trains(cache_dir, tmp_path):
+    from omegaconf import open_dict
+
+    from hicom.stages import run_stages
+
+    overrides = _json_data(tmp_path / "data", GOOD_RECORD)
+    (tmp_path / "bad.jsonl").write_text(GOOD_RECORD[1:-1] + "\n{not json\n")
+    cfg = compose_train(cache_dir, tmp_path / "run", ["experiment=tiny_stages", *overrides])
+    with open_dict(cfg):
+        cfg.stages[2].config = {"data": {"source": {"train_json": str(tmp_path / "bad.jsonl")}}}
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not JSON"):
+        run_stages(cfg)
+    assert not (Path(cfg.paths.output_dir) / "stages").exists()
 
 
 @pytest.mark.parametrize(
@@ -240,6 +284,25 @@ def test_a_bad_config_value_fails_before_any_weights_load(override, message, cac
     overrides = [*SMALL, override, f"model.llm.path={unloadable_llm}"]
     with pytest.raises(Exception, match=message):
         train(compose_train(cache_dir, tmp_path, overrides))
+
+
+@pytest.mark.parametrize(
+    ("train_text", "val_text", "message"),
+    [
+        ('[{"id": "a"}, {"id": ', None, r"train\.json: not JSON"),
+        ('{"id": "a"}', None, r"train\.json: expected a JSON list of samples"),
+        ("[]", None, r"the training data selects no record from .*train\.json"),
+        (GOOD_RECORD, "[{", r"val\.json: not JSON"),
+    ],
+)
+def test_an_unreadable_annotation_file_fails_before_any_weights_load(
+    train_text, val_text, message, cache_dir, tmp_path, unloadable_llm
+):
+    from hicom.training import train
+
+    overrides = [*_json_data(tmp_path / "data", train_text, val_text), f"model.llm.path={unloadable_llm}"]
+    with pytest.raises(ValueError, match=message):
+        train(compose_train(cache_dir, tmp_path / "run", overrides))
 
 
 def test_the_unloadable_llm_fails_when_it_loads(cache_dir, tmp_path, unloadable_llm):

@@ -54,8 +54,9 @@ class JsonSource:
     data_root: str
     val_json: str | None = None
 
-    def check(self) -> None:
-        """A FileNotFoundError naming the key to set where the annotation files or the media folder are missing."""
+    def check(self) -> Splits:
+        """A FileNotFoundError naming the key to set where the annotation files or the media folder are missing;
+        the splits otherwise."""
         for key, value in (("data.source.train_json", self.train_json), ("data.source.val_json", self.val_json)):
             if value is not None and not Path(value).is_file():
                 raise FileNotFoundError(f"annotation file '{value}' not found: set `{key}=<file>`{DATA_DIR_HINT}")
@@ -63,12 +64,12 @@ class JsonSource:
             raise FileNotFoundError(
                 f"media folder '{self.data_root}' not found: set `data.source.data_root=<dir>`{DATA_DIR_HINT}"
             )
-
-    def prepare(self, root: str | Path | None = None) -> Splits:
-        self.check()
         root_dir = Path(self.data_root)
         val = (MixtureEntry(Path(self.val_json), root_dir),) if self.val_json else ()
         return Splits(train=(MixtureEntry(Path(self.train_json), root_dir),), val=val)
+
+    def prepare(self, root: str | Path | None = None) -> Splits:
+        return self.check()
 
 
 @dataclass(frozen=True)
@@ -79,15 +80,9 @@ class MixtureSource:
     data_dir: str
     val: str | None = None
 
-    def check(self) -> None:
+    def check(self) -> Splits:
         """A FileNotFoundError naming what to set where a mixture file or an annotation file it lists is missing
-        (the media are checked sample by sample: a missing clip skips its sample)."""
-        self._splits()
-
-    def prepare(self, root: str | Path | None = None) -> Splits:
-        return self._splits()
-
-    def _splits(self) -> Splits:
+        (the media are checked sample by sample: a missing clip skips its sample); the splits otherwise."""
         for key, value in (("data.source.train", self.train), ("data.source.val", self.val)):
             if value is not None and not Path(value).is_file():
                 raise FileNotFoundError(f"mixture file '{value}' not found: set `{key}=<file.yaml>`")
@@ -100,6 +95,9 @@ class MixtureSource:
                     f"data.source.data_dir ('{self.data_dir}'){DATA_DIR_HINT}"
                 )
         return Splits(train=train, val=val)
+
+    def prepare(self, root: str | Path | None = None) -> Splits:
+        return self.check()
 
 
 class VideoQADataModule(LightningDataModule):

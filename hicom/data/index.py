@@ -64,12 +64,17 @@ class Sampling:
         except ValueError:
             raise ValueError(f"sampling_strategy {text!r}: N must be a count >= 0 or a percentage 0-100%") from None
 
+    def size(self, n: int) -> int:
+        """How many records of a file of n records this sampling takes."""
+        if self.strategy is Strategy.ALL:
+            return n
+        return min(self.count if self.count is not None else math.ceil(n * self.percent / 100), n)
+
     def select(self, n: int, seed: int) -> np.ndarray:
         """Indices of the records taken from a file of n records, in file order (random: a seeded subset)."""
         if self.strategy is Strategy.ALL:
             return np.arange(n)
-        k = self.count if self.count is not None else math.ceil(n * self.percent / 100)
-        k = min(k, n)
+        k = self.size(n)
         if self.strategy is Strategy.FIRST:
             return np.arange(k)
         if self.strategy is Strategy.END:
@@ -136,6 +141,37 @@ def iter_records(path: str | Path) -> Iterator:
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of samples")
     yield from records
+
+
+def count_records(path: str | Path, seen_dir: str | Path | None = None) -> int:
+    """The records of an annotation file, read through as the index build reads it: a file that is not JSON /
+    JSONL, or not a list, fails here with its path (and line). With `seen_dir`, the count of a file read before
+    (same path, size and modification time) is taken from there, and a new count is written there."""
+    path = Path(path)
+    stat = path.stat()
+    key = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+    stamp = Path(seen_dir) / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json" if seen_dir is not None else None
+    if stamp is not None and stamp.is_file():
+        try:
+            seen = json.loads(stamp.read_text())
+            if seen["key"] == key:
+                return int(seen["records"])
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged stamp: read the file again
+    count = sum(1 for _ in iter_records(path))
+    if stamp is not None:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stamp.with_name(f"{stamp.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "records": count}))
+        tmp.replace(stamp)
+    return count
+
+
+def check_annotations(entries: Iterable[MixtureEntry], seen_dir: str | Path | None = None) -> int:
+    """Read every entry's annotation file through (count_records) and return how many records their sampling
+    selects: run before any weights load (and, in a staged run, before the first stage trains), a file that cannot
+    be read fails in seconds, not once the training of its stage starts."""
+    return sum(entry.sampling.size(count_records(entry.json_path, seen_dir)) for entry in entries)
 
 
 MODALITIES = ("text", "image", "video")

@@ -262,6 +262,30 @@ def test_an_annotation_file_that_is_not_json_names_itself(tmp_path):
         list(iter_records(path))
 
 
+def test_an_annotation_file_read_once_is_not_read_again_until_it_changes(tmp_path, monkeypatch):
+    import os
+
+    from hicom.data import index
+    from hicom.data.index import MixtureEntry, Sampling, check_annotations
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"id": "a"}\n{"id": "b"}\n\n{"id": "c"}\n')
+    seen = tmp_path / "seen"
+    assert index.count_records(path, seen) == 3
+    reads = []
+    real = index.iter_records
+    monkeypatch.setattr(index, "iter_records", lambda p: reads.append(p) or real(p))
+    entries = [MixtureEntry(path, tmp_path), MixtureEntry(path, tmp_path, Sampling.parse("end:50%"))]
+    assert check_annotations(entries, seen) == 3 + 2
+    assert reads == []
+    path.write_text('{"id": "a"}\n{"id": "b"}\n')
+    os.utime(path, ns=(1, 1))  # whatever the clock's resolution: another version of the file
+    assert index.count_records(path, seen) == 2 and reads == [path]
+    for stamp in seen.glob("*.json"):
+        stamp.write_text("{damaged")
+    assert index.count_records(path, seen) == 2 and len(reads) == 2
+
+
 def test_a_damaged_stage_manifest_names_itself(tmp_path):
     from hicom.stages import HandoffError, read_manifest
 

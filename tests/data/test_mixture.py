@@ -29,14 +29,16 @@ def records(prefix: str, n: int, video: str = "clip.mp4") -> list[dict]:
     ],
 )
 def test_sampling_strategies(text, n, expected):
-    assert Sampling.parse(text).select(n, seed=0).tolist() == expected
+    sampling = Sampling.parse(text)
+    assert sampling.select(n, seed=0).tolist() == expected
+    assert sampling.size(n) == len(expected)  # what the early check counts without selecting
 
 
 def test_random_sampling_is_seeded_and_bad_strategies_are_refused():
     sampling = Sampling.parse("random:30%")
     assert sampling == Sampling(Strategy.RANDOM, percent=30.0)
     picked = sampling.select(100, seed=1)
-    assert len(picked) == 30 and len(set(picked.tolist())) == 30
+    assert len(picked) == 30 == sampling.size(100) and len(set(picked.tolist())) == 30
     assert picked.tolist() == sampling.select(100, seed=1).tolist() != sampling.select(100, seed=2).tolist()
     for bad in ("some", "first:", "first:-1", "random:120%", "middle:3", "first:x"):
         with pytest.raises(ValueError, match="sampling_strategy"):
