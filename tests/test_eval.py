@@ -371,6 +371,18 @@ def test_batched_generation_with_left_padding_answers_as_one_at_a_time(cache_dir
     assert replies[1] == replies[4] and len(set(replies[1])) > 1  # prompts of different lengths, padded on the left
 
 
+def test_a_bf16_evaluation_answers_every_question(cache_dir, bench_data, trained_run, tmp_path):
+    """What a GPU evaluates in (precision=auto picks bf16 there), on the CPU."""
+    from hicom.eval.runner import evaluate
+
+    overrides = [f"ckpt={trained_run}", "benchmark=[mlvu,videomme]", "precision=bf16"]
+    results = evaluate(compose_eval(cache_dir, bench_data, tmp_path, overrides))
+    for name, result in results.items():
+        assert result["settings"]["dtype"] == "bfloat16" and result["n_failed"] == 0
+        rows = [json.loads(line) for line in (tmp_path / name / "predictions.jsonl").open()]
+        assert len(rows) == result["n"] and all(row["reply"] for row in rows)
+
+
 def test_a_staged_run_is_evaluated_from_its_last_stage(tmp_path):
     from hicom.eval.runner import find_handoff
 

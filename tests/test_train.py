@@ -255,6 +255,31 @@ def test_a_fast_dev_run_puts_one_batch_through_every_hook_test_included(cache_di
     assert metrics["steps"] == 1 and metrics["n_questions"] == 8  # one test batch of data.eval_batch_size
 
 
+@pytest.mark.parametrize(
+    ("compressor", "precision"),
+    [
+        ("hicom", "bf16-true"),
+        ("hicom", "bf16-mixed"),
+        ("avgpool", "bf16-true"),
+        ("bilinear", "bf16-true"),
+        ("instructblip", "bf16-true"),
+    ],
+)
+def test_a_step_and_an_answer_in_bf16(compressor, precision, cache_dir, tmp_path):
+    """The GPU recipe's number formats, on the CPU: bf16 weights and inputs (DeepSpeed's bf16, bf16-true) or fp32
+    weights under autocast (bf16-mixed); a trained part takes the step, and the held-out questions are answered."""
+    from safetensors.torch import load_file
+
+    overrides = [*SMALL, "debug=fdr", f"model/compressor={compressor}", f"trainer.precision={precision}"]
+    before = {}
+    keep = lambda model: before.update({k: v.clone() for k, v in model.net.compressor.state_dict().items()})  # noqa: E731
+    metrics = train(compose_train(cache_dir, tmp_path, overrides), before_fit=keep)
+    assert metrics["steps"] == 1 and metrics["n_questions"] == 8 and torch.tensor(metrics["train_loss"]).isfinite()
+    after = {k.removeprefix("compressor."): v for k, v in load_file(str(tmp_path / "handoff.safetensors")).items()}
+    assert all(after[k].isfinite().all() for k in before)
+    assert any(not torch.equal(after[k], v.to(after[k].dtype)) for k, v in before.items())  # the step moved it
+
+
 def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path):
     """ckpt_path= loads the Lightning checkpoint (torch.load with weights_only=True: the module's hyperparameters
     must be plain Python values) and goes on from its step."""

@@ -395,3 +395,35 @@ def test_gathered_keys_gives_the_same_scores_in_the_release_order():
     assert _packed_plan.cache_info().hits == 1
     torch.testing.assert_close(module.forward_packed(v, e, g, TILED), gathered, rtol=1e-12, atol=1e-12)
     assert _packed_plan(TILED, module.kernel, torch.device("cpu")).runs is not None
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        paper_default,
+        partial(LocalCompressor, kernel=(4, 3, 3), guide=Guide.FINE, adapt="qkvg", clip_scale=True),
+        partial(GlobalCompressor, num_queries=3, guide=Guide.FINE, num_heads=2, position="k"),
+        partial(AvgPoolCompressor, kernel=(2, 2, 2)),
+        BilinearPoolCompressor,
+        partial(small_qformer, instruction=True),
+    ],
+    ids=["hicom", "local-fine", "global-fine", "avgpool", "bilinear", "instructblip"],
+)
+def test_bf16_weights_and_inputs_agree_with_fp32_and_learn(make):
+    """What a GPU run under DeepSpeed bf16 does: weights and inputs in bf16, no autocast. Nothing is promoted back
+    to fp32 on the way (a mixed-dtype matmul would fail), the output stays bf16, agrees with the fp32 module at
+    bf16 rounding, and every parameter gets a finite gradient."""
+    torch.manual_seed(0)
+    module = make(in_dim=64, out_dim=32, guide_dim=48).eval()
+    rows = sum(MIXED.num_frames)
+    v, e = torch.randn(rows, 5, 5, 64), torch.randn(rows, 5, 5, 64)
+    g = torch.randn(len(MIXED.num_frames), *((7,) if module.guide_tokens else ()), 48)
+    expected = module.forward_packed(v, e, g, MIXED)
+    module = module.to(torch.bfloat16)
+    out = module.forward_packed(v.bfloat16(), e.bfloat16(), g.bfloat16(), MIXED)
+    assert out.dtype == torch.bfloat16
+    error = (out.float() - expected).norm() / expected.norm()
+    assert error < 3e-2, f"relative error {error:.2e} of bf16 against fp32"
+    out.float().square().mean().backward()
+    bad = [name for name, p in module.named_parameters() if p.grad is None or not p.grad.isfinite().all()]
+    assert not bad
