@@ -41,9 +41,11 @@ def test_a_few_steps_lower_the_loss_and_write_the_summary(cfg_small, tmp_path):
     assert (Path(cfg_small.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
 
 
-def _videos_with_bad_ones(cache_dir: Path, tmp_path: Path, missing: int, corrupt: int) -> tuple[list[dict], list[str]]:
-    """16 generated training samples as a LLaVA JSON of their own, sample `missing`'s video missing and sample
-    `corrupt`'s garbage; the records and the overrides that train on them."""
+def _videos_with_bad_ones(
+    cache_dir: Path, tmp_path: Path, missing: int, corrupt: int, *more_corrupt: int
+) -> tuple[list[dict], list[str]]:
+    """16 generated training samples as a LLaVA JSON of their own, sample `missing`'s video missing and the videos
+    of samples `corrupt` and `more_corrupt` garbage; the records and the overrides that train on them."""
     from hicom.training import build
 
     _, datamodule = build(compose_train(cache_dir, tmp_path / "prep", SMALL))
@@ -55,7 +57,8 @@ def _videos_with_bad_ones(cache_dir: Path, tmp_path: Path, missing: int, corrupt
     for i, record in enumerate(records):
         if i != missing:
             (media / record["video"]).write_bytes((splits.video_root / record["video"]).read_bytes())
-    (media / records[corrupt]["video"]).write_bytes(b"\x00corrupt" * 64)
+    for i in (corrupt, *more_corrupt):
+        (media / records[i]["video"]).write_bytes(b"\x00corrupt" * 64)
     (tmp_path / "train.json").write_text(json.dumps(records))
     overrides = [
         *(o for o in SMALL if not o.startswith("data.source.")),
@@ -138,25 +141,30 @@ def test_two_process_ddp_follows_the_one_process_run_into_one_folder(cache_dir, 
 def test_a_process_whose_batch_was_all_skipped_keeps_in_step_with_the_others(cache_dir, tmp_path):
     """torchrun, 2 processes, micro batch 1, no shuffling: process 1's first and third samples (1 and 5) are
     missing / corrupt. It steps with a zero loss over its trainable parameters, so the other's gradient all-reduce
-    is answered (returning nothing failed the run), and the loss curve is the mean over processes with samples."""
+    is answered (returning nothing failed the run), and the loss curve is the mean over processes with samples.
+    The fourth step's samples (6 and 7) are corrupt on both processes: that step leaves AdamW as it was."""
     import csv
 
-    records, overrides = _videos_with_bad_ones(cache_dir, tmp_path, missing=1, corrupt=5)
+    records, overrides = _videos_with_bad_ones(cache_dir, tmp_path, 1, 5, 6, 7)
     env = {k: v for k, v in os.environ.items() if k != "HICOM_RUN_STAMP"}
     env["HICOM_LOGS"] = str(tmp_path / "logs")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command = [*torchrun, "train.py", *overrides, "data.batch_size=1", "data.shuffle=false", "trainer.devices=2",
+    command = [*torchrun, "train.py", *overrides, "data.batch_size=1", "data.shuffle=false", "data.group_by_length=false", "trainer.devices=2",
                "strategy=ddp", f"paths.cache_dir={cache_dir}"]  # fmt: skip
     done = subprocess.run(command, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (folder,) = (tmp_path / "logs" / "train" / "runs").iterdir()
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["steps"] == 4
-    assert {s["id"] for s in metrics["skipped_samples"]} == {records[1]["id"], records[5]["id"]}
+    assert {s["id"] for s in metrics["skipped_samples"]} == {records[i]["id"] for i in (1, 5, 6, 7)}
     losses = [
         float(r["train/loss"]) for r in csv.DictReader((folder / "csv" / "metrics.csv").open()) if r.get("train/loss")
     ]
-    assert len(losses) == 4 and all(0 < loss < 100 for loss in losses)
+    # the fourth step logs no loss; Lightning's row for it repeats the third's
+    assert len(losses) == 4 and losses[3] == losses[2] and all(0 < loss < 100 for loss in losses)
+    checkpoint = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    adam_steps = {float(state["step"]) for state in checkpoint["optimizer_states"][0]["state"].values()}
+    assert checkpoint["global_step"] == 4 and adam_steps == {3.0}
 
 
 def test_lightnings_own_ddp_launcher_keeps_one_run_folder(cache_dir, tmp_path):

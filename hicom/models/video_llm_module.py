@@ -79,6 +79,7 @@ class VideoLLMModule(LightningModule):
         self.results: list[dict] = []
         self.fit_counts = {"batches": 0, "samples": 0}  # training batches and usable samples of this process's fit
         self._stand_ins: dict[str, dict] = {}  # ZeRO-3, per stage: what runs for a batch whose samples were all skipped
+        self._stepped = 0.0  # processes with samples, over the micro-batches of the optimizer step under way
         self.train()
 
     def train(self, mode: bool = True):
@@ -151,6 +152,7 @@ class VideoLLMModule(LightningModule):
 
     def on_fit_start(self) -> None:
         self.fit_counts = {"batches": 0, "samples": 0}
+        self._stepped = 0.0
 
     def training_step(self, batch: dict, batch_idx: int):
         self._count_skipped(batch)
@@ -169,14 +171,29 @@ class VideoLLMModule(LightningModule):
                 )
             self._keep_stand_in(batch, "train")
             loss = self.net(batch).loss
-        # the mean over the processes that had samples: the global batch's loss under DDP (none: nothing logged);
+        # the mean over the processes that had samples: the global batch's loss under DDP (none: nothing logged,
+        # and Lightning's logger rows repeat the last value logged);
         # a skipped batch adds zero, not its stand-in's loss
         value = torch.zeros((), device=loss.device) if skipped else loss.detach().float()
         total, count = self._sum_over_processes(value, 0.0 if skipped else 1.0)
+        self._stepped += count
         if count > 0:
             self.log("train/loss", total / count, prog_bar=True, batch_size=max(len(batch["ids"]), 1))
         self.log("data/skipped", float(len(self.skipped)), batch_size=max(len(batch["ids"]), 1))
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """An optimizer step whose every micro-batch on every process was skipped is no step: its zero gradients
+        are dropped, so that AdamW leaves the weights, its moments and its step count as they were (a zero gradient
+        would still move them by the momentum and the weight decay). Every process counts the same (the count is
+        all-reduced), so they all decide alike. DeepSpeed's engine keeps its gradients apart: there the step runs."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if self._stepped == 0 and not isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            optimizer.zero_grad(set_to_none=True)
+            log.warning("step %d: every sample of every process was skipped: the weights are left as they were",
+                        self.trainer.global_step)  # fmt: skip
+        self._stepped = 0.0
 
     def _sum_over_processes(self, value: torch.Tensor, weight: float) -> tuple[torch.Tensor, float]:
         """(sum over processes of value, sum of weights): one all-reduce, called by every process; on one process
