@@ -280,6 +280,29 @@ def test_multiple_choice_rules():
     assert r["per_duration"]["short"]["acc_answered"] == 1.0 and r["per_duration"]["long"]["n"] == 3
 
 
+@pytest.mark.parametrize(
+    ("reply", "options", "letter"),
+    [
+        ("The answer is C", ["x", "y", "z"], "C"),  # the word 'answer' removed, then the first letter
+        ("(B) blue", ["red", "blue"], "B"),
+        ("Answer: D.", ["p", "q", "r", "s"], "D"),
+        ("It is blue.", ["red", "green", "blue"], "C"),  # no letter: the option whose text appears
+        ("dark red", ["red", "dark red", "blue"], "B"),  # 'red' only inside the longer option
+        ("red, red", ["red", "dark red"], "A"),
+        ("10", ["1", "10", "100"], "B"),  # whole words: '1' is not in '10'
+        ("50%", ["5%", "50%"], "B"),
+        ("I don't know", ["yes", "no"], None),  # 'no' is not in 'know'
+        ("The person is not moving", ["yes", "no"], None),
+        ("cup", ["up", "down"], None),
+        ("red and blue", ["red", "green", "blue"], None),  # two options: unparsed, not guessed
+    ],
+)
+def test_a_reply_names_an_option_by_letter_or_by_its_whole_text(reply, options, letter):
+    from hicom.eval.answers import parse_choice
+
+    assert parse_choice(reply, options) == letter
+
+
 def test_open_ended_exact_match_and_judge(tmp_path):
     assert normalize_answer("The Dog.") == "dog" == normalize_answer(" dog ")
     rows = [

@@ -20,12 +20,27 @@ def parse_options(prompt: str) -> list[str]:
 
 def parse_choice(reply: str, options: list[str]) -> str | None:
     """The chosen letter: the first option letter in the reply (after removing the word 'answer'), else the
-    option whose text appears in the reply, else None (counted as unparsed, never guessed)."""
+    option whose text appears in the reply, else None (counted as unparsed, never guessed).
+
+    An option's text appears only as whole words ("no" is not in "know", "1" not in "10"), and an occurrence
+    inside a longer option's occurrence does not count ("red" in "dark red"); two options left: unparsed."""
     letters = LETTERS[: len(options)] or LETTERS
     text = re.sub(r"answer", "", reply, flags=re.IGNORECASE)
     match = re.search(rf"\b([{letters}])\b", text)
     if match:
         return match.group(1)
     lowered = reply.lower()
-    hits = [LETTERS[i] for i, option in enumerate(options) if option and option.lower() in lowered]
+    spans = {}
+    for letter, option in zip(LETTERS, options, strict=False):
+        needle = option.strip().lower()
+        if needle:
+            found = [m.span() for m in re.finditer(rf"(?<!\w){re.escape(needle)}(?!\w)", lowered)]
+            if found:
+                spans[letter] = found
+    covered = [(start, end) for found in spans.values() for start, end in found]
+
+    def inside_another(start: int, end: int) -> bool:
+        return any(a <= start and end <= b and (a, b) != (start, end) for a, b in covered)
+
+    hits = [letter for letter, found in spans.items() if not all(inside_another(*span) for span in found)]
     return hits[0] if len(hits) == 1 else None
