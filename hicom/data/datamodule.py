@@ -175,15 +175,20 @@ class VideoQADataModule(LightningDataModule):
         if self.index_dir is not None:
             self._indexes(splits)
 
-    def _indexes(self, splits) -> tuple[SampleIndex, SampleIndex]:
+    def _indexes(self, splits) -> tuple[SampleIndex, SampleIndex, SampleIndex]:
+        """Training, validation and test indexes. Validation is split per exchange as training is (its loss is
+        then measured as it is trained: each answer under its own question's guide); the test asks each held-out
+        conversation's last question."""
         exclude = read_quarantine(self.quarantine) if self.quarantine else []
-        train_options = dict(split_turns=self.split_turns, seed=self.seed, exclude=exclude)
-        if self.index_dir is None:
-            return SampleIndex.build(splits.train, **train_options), SampleIndex.build(splits.val, seed=self.seed)
-        return (
-            SampleIndex.cached(self.index_dir, list(splits.train), **train_options),
-            SampleIndex.cached(self.index_dir, list(splits.val), seed=self.seed),
-        )
+
+        def index(entries, **options) -> SampleIndex:
+            if self.index_dir is None:
+                return SampleIndex.build(entries, seed=self.seed, **options)
+            return SampleIndex.cached(self.index_dir, list(entries), seed=self.seed, **options)
+
+        train = index(splits.train, split_turns=self.split_turns, exclude=exclude)
+        val = index(splits.val, split_turns=self.split_turns)
+        return train, val, index(splits.val) if self.split_turns else val
 
     def setup(self, stage: str | None = None) -> None:
         from transformers import AutoTokenizer
@@ -202,10 +207,10 @@ class VideoQADataModule(LightningDataModule):
             sampling=self.sampling,
             max_length=self.max_length,
         )
-        train, held_out = self._indexes(self.splits)
+        train, val, test = self._indexes(self.splits)
         self.train_set = VideoQADataset(index=train, **common)
-        self.val_set = VideoQADataset(index=held_out, **common)
-        self.test_set = VideoQADataset(index=held_out, generation=True, **common)
+        self.val_set = VideoQADataset(index=val, **common)
+        self.test_set = VideoQADataset(index=test, generation=True, **common)
         self.collate = Collator(pad_token_id=tokenizer.pad_token_id, guide_tokenizer=guide_tokenizer)
         self.collate_left = Collator(
             pad_token_id=tokenizer.pad_token_id, guide_tokenizer=guide_tokenizer, padding_side="left"

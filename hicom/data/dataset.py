@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,19 @@ from hicom.eval.answers import parse_options
 log = logging.getLogger(__name__)
 
 
+def read_image(path: Path) -> np.ndarray:
+    """One image as a (1, H, W, 3) uint8 clip, or VideoDecodeError."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise not_a_file(path)
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))[None]
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise VideoDecodeError(f"{path}: {err}") from err
+
+
 def merge_image_placeholders(messages: list[dict], images) -> list[dict]:
     """A multi-image sample may mark each image with its own <image>: its images form one clip of frames whose
     tokens (each image compressed on its own, then the global tokens) go where the first <image> stands."""
@@ -45,6 +59,32 @@ def merge_image_placeholders(messages: list[dict], images) -> list[dict]:
     return merged
 
 
+@dataclass(frozen=True)
+class Media:
+    """What a record shows: a video (one path, with its optional [start, end] seconds), images (one or more
+    paths, one clip of frames) or nothing (text only)."""
+
+    modality: str
+    paths: tuple[Path, ...] = ()
+    start: float | None = None
+    end: float | None = None
+
+
+def media_of(record: dict, root: Path) -> Media:
+    """The media a record names, under `root`; MalformedSample where 'video' is not one path or 'image' not a path
+    or a list of them (an empty name would be the data folder itself)."""
+    if "video" in record:
+        if not isinstance(record["video"], str) or not record["video"].strip():
+            raise MalformedSample(f"'video' must be a path, got {record['video']!r:.80}")
+        return Media("video", (root / record["video"],), record.get("start"), record.get("end"))
+    if "image" in record:
+        names = record["image"] if isinstance(record["image"], list) else [record["image"]]
+        if not names or not all(isinstance(name, str) and name.strip() for name in names):
+            raise MalformedSample(f"'image' must be a path or a list of paths, got {record['image']!r:.80}")
+        return Media("image", tuple(root / name for name in names))
+    return Media("text")
+
+
 class VideoQADataset(Dataset):
     """LLaVA-format samples as model inputs.
 
@@ -52,7 +92,9 @@ class VideoQADataset(Dataset):
     `modality`, `id`; in generation mode also `answer` (the last assistant turn). A sample that cannot be used
     comes back as `{"skip": reason, "id", "path", "error", "source"}` so the collator can count it per reason
     without stopping the run. Reasons: missing, empty, no_video_stream, undecodable, timeout (the clip),
-    malformed (the conversation), too_long (visual + text tokens over max_length).
+    malformed (the conversation, the media fields or the time window), too_long (visual + text tokens over
+    max_length), error (anything else one sample raised, with its exception: counted like the others, so the bad
+    samples guard stops a run where it is every sample).
 
     With an index split per exchange (`SampleIndex.build(split_turns=True)`), sample j of a conversation is its
     j-th question and answer after the earlier turns as unlabelled context, guided by that question.
@@ -81,31 +123,16 @@ class VideoQADataset(Dataset):
         return len(self.index)
 
     def _load_visual(self, record: dict, root: Path) -> tuple[torch.Tensor | None, str]:
-        if "video" in record:
-            start, end = record.get("start"), record.get("end")
-            sampled = load_video(root / record["video"], self.sampling, start=start, end=end)
+        media = media_of(record, root)
+        if media.modality == "video":
+            sampled = load_video(media.paths[0], self.sampling, start=media.start, end=media.end)
             return self.transform(sampled.frames), "video"
-        if "image" in record:
-            names = record["image"] if isinstance(record["image"], list) else [record["image"]]
-            if not names or not all(isinstance(name, str) for name in names):
-                raise MalformedSample(f"'image' must be a path or a list of paths, got {record['image']!r:.80}")
+        if media.modality == "image":
             limit = self.sampling.time_limit
-            frames = [within_time_limit(lambda p=root / name: self._read_image(p), limit, name) for name in names]
+            frames = [within_time_limit(lambda p=path: read_image(p), limit, str(path)) for path in media.paths]
             # several images of different sizes: each is padded and resized on its own by the transform
             return torch.cat([self.transform(frame) for frame in frames]), "image"
         return None, "text"
-
-    @staticmethod
-    def _read_image(path: Path) -> np.ndarray:
-        from PIL import Image
-
-        if not path.is_file():
-            raise not_a_file(path)
-        try:
-            with Image.open(path) as image:
-                return np.asarray(image.convert("RGB"))[None]
-        except (OSError, ValueError) as err:
-            raise VideoDecodeError(f"{path}: {err}") from err
 
     def __getitem__(self, i: int) -> dict:
         record = self.index.record_of(i)
@@ -133,6 +160,9 @@ class VideoQADataset(Dataset):
             return self._skip(err.reason, sample_id, media, i, str(err))
         except MalformedSample as err:
             return self._skip("malformed", sample_id, media, i, str(err))
+        except Exception as err:  # noqa: BLE001  whatever else one sample raises skips it, named, and is counted
+            log.warning("sample %s raised %s", sample_id, type(err).__name__, exc_info=True)
+            return self._skip("error", sample_id, media, i, f"{type(err).__name__}: {err}")
         questions = user_turns(messages)
         question = questions[turn if turn is not None else -1]
         sample = {

@@ -1,6 +1,6 @@
 """Preflight: probe every sample of a corpus before training, and list the bad ones.
 
-    python -m hicom.data.preflight SOURCE --data-root DIR --out DIR [--workers N] [--num-frames N]
+    python -m hicom.data.preflight SOURCE --data-root DIR --out DIR [--workers N] [--num-frames N] [--seed S]
 
 SOURCE is a mixture YAML (SPEC 5; its relative paths are taken from --data-root) or one LLaVA-format JSON / JSONL
 file (its media paths relative to --data-root). Every sample is checked in parallel: its conversation (roles,
@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from hicom.data.dataset import media_of, merge_image_placeholders, read_image
 from hicom.data.index import MixtureEntry, SampleIndex, read_mixture
 from hicom.data.template import PLACEHOLDERS, MalformedSample, to_messages
-from hicom.data.video import FrameSampling, VideoDecodeError, load_video
+from hicom.data.video import FrameSampling, VideoDecodeError, load_video, within_time_limit
 
 _INDEX: SampleIndex | None = None
 _SAMPLING: FrameSampling | None = None
@@ -43,37 +44,30 @@ def probe(i: int) -> dict:
         if not isinstance(record, dict):
             raise MalformedSample("a sample is not a JSON object")
         out["id"] = str(record.get("id", row))
-        messages = to_messages(record.get("conversations"))
+        out["path"] = record.get("video") or record.get("image")
+        # the training dataset's own rules: its media fields, its placeholders (one per clip, or one per image)
+        media = media_of(record, _INDEX.root_of(i))
+        messages = merge_image_placeholders(to_messages(record.get("conversations")), record.get("image"))
         out["text_chars"] = sum(len(m["content"]) for m in messages)
         placeholders = sum(m["content"].count(p) for m in messages for p in PLACEHOLDERS)
-        media = record.get("video") or record.get("image")
-        out["path"] = media
-        if placeholders != (1 if media else 0):
-            raise MalformedSample(f"{placeholders} visual placeholders for {'one clip' if media else 'no media'}")
-        if "video" in record:
-            sampled = load_video(
-                _INDEX.root_of(i) / record["video"], _SAMPLING, start=record.get("start"), end=record.get("end")
-            )
+        visual = media.modality != "text"
+        if placeholders != (1 if visual else 0):
+            raise MalformedSample(f"{placeholders} visual placeholders for {'one clip' if visual else 'no media'}")
+        if media.modality == "video":
+            sampled = load_video(media.paths[0], _SAMPLING, start=media.start, end=media.end)
             out["frames_sampled"] = len(sampled.frames)
             out["frames"] = sampled.available
             out["fps"] = round(sampled.fps, 3)
             out["duration_s"] = round(sampled.duration, 3)
             out["height"], out["width"] = (int(n) for n in sampled.frames.shape[1:3])
-        elif "image" in record:
-            from PIL import Image
-
-            path = _INDEX.root_of(i) / record["image"]
-            if not path.is_file():
-                raise VideoDecodeError(f"{path}: file not found", "missing")
-            try:
-                with Image.open(path) as image:
-                    image.verify()
-            except (OSError, ValueError) as err:
-                raise VideoDecodeError(f"{path}: {err}") from err
+        for path in media.paths if media.modality == "image" else ():
+            within_time_limit(lambda p=path: read_image(p), _SAMPLING.time_limit, str(path))
     except VideoDecodeError as err:
         out.update(reason=err.reason, error=str(err))
     except MalformedSample as err:
         out.update(reason="malformed", error=str(err))
+    except Exception as err:  # noqa: BLE001  as in training: one sample's failure is reported, not fatal
+        out.update(reason="error", error=f"{type(err).__name__}: {err}")
     return out
 
 
@@ -106,8 +100,12 @@ def summarise(results: list[dict]) -> dict:
     }
 
 
-def run(source: Path, data_root: Path, out: Path, workers: int, sampling: FrameSampling, progress: bool) -> dict:
-    index = SampleIndex.build(entries_of(source, data_root))
+def run(
+    source: Path, data_root: Path, out: Path, workers: int, sampling: FrameSampling, progress: bool, seed: int = 0
+) -> dict:
+    """Probe the samples training would read: `seed` is the run's data.seed, with which `random:N` mixture
+    entries pick their records."""
+    index = SampleIndex.build(entries_of(source, data_root), seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
@@ -136,10 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=max(1, multiprocessing.cpu_count() - 1))
     parser.add_argument("--num-frames", type=int, default=8, help="frames each video must decode (uniformly)")
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds one clip may take")
+    parser.add_argument("--seed", type=int, default=0, help="the training run's data.seed (random:N picks with it)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     sampling = FrameSampling(num_frames=args.num_frames, time_limit=args.time_limit)
-    summary = run(args.source, args.data_root, args.out, args.workers, sampling, not args.no_progress)
+    summary = run(args.source, args.data_root, args.out, args.workers, sampling, not args.no_progress, args.seed)
     print(f"{summary['samples']} samples, {summary['bad']} bad: {summary['by_reason'] or 'none'}")
     print(f"wrote {args.out / 'quarantine.jsonl'} and {args.out / 'summary.json'}")
     return 0

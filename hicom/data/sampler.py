@@ -11,7 +11,10 @@ from torch.utils.data import BatchSampler, Sampler
 class GroupedBatchSampler(BatchSampler):
     """Takes `megabatch` batches' worth of indices from `sampler` at a time, orders them by (group, length) and
     cuts them into batches, so that a batch holds samples of one modality and similar length (less padding, and
-    frames of like count); the batches of a megabatch then come in a seeded order.
+    frames of like count); the batches of a megabatch then come in a seeded order. The cuts fall every
+    `batch_size` samples, not at the groups' boundaries, so that the batch count depends on the sample count
+    alone: where a group ends inside a batch (at most once per group and megabatch), that batch holds two
+    modalities, which the collator and the compressors take like any other batch.
 
     `sampler` decides which indices and in what order: a RandomSampler for one process; under DDP Lightning
     re-creates this sampler around its DistributedSampler (it keeps the constructor's arguments), so each rank

@@ -40,8 +40,12 @@ def to_messages(conversations: list[dict]) -> list[dict]:
         raise MalformedSample("empty or missing 'conversations'")
     messages = []
     for turn in conversations:
-        if not isinstance(turn, dict) or "from" not in turn or not isinstance(turn.get("value"), str):
-            raise MalformedSample(f"a turn without 'from'/'value': {turn!r:.80}")
+        if (
+            not isinstance(turn, dict)
+            or not isinstance(turn.get("from"), str)
+            or not isinstance(turn.get("value"), str)
+        ):
+            raise MalformedSample(f"a turn without a text 'from'/'value': {turn!r:.80}")
         role = _ROLES.get(turn["from"])
         if role is None:
             raise MalformedSample(f"unknown role {turn['from']!r}")
@@ -74,6 +78,10 @@ class ChatEncoder:
             raise ValueError(f"the LLM tokenizer has no {self.visual_token!r} token for visual placeholders")
         self.visual_token_id = vid
         self.end_token = self.tokenizer.eos_token
+        # a template that trims each message (Llama 3's `content | trim`) would render an answer with surrounding
+        # whitespace differently from the text labelled: such templates get the messages trimmed first
+        probe = self._render([{"role": "user", "content": " probe "}])
+        self.trims = " probe " not in probe
 
     def _render(self, messages: list[dict], generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -98,6 +106,8 @@ class ChatEncoder:
             supervised_turn = answers[turn]
         found = 0
         for message in messages:
+            if self.trims:
+                message["content"] = message["content"].strip()
             for placeholder in PLACEHOLDERS:
                 found += message["content"].count(placeholder)
                 message["content"] = message["content"].replace(placeholder, self.visual_token)

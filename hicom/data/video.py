@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 class VideoDecodeError(RuntimeError):
-    """A clip that cannot give frames. `reason`: missing, empty, wrong_extension (a still image or text under a
-    video name), no_video_stream, undecodable or timeout."""
+    """A clip that cannot give frames. `reason`: missing, empty (also a [start, end] window after the clip's end),
+    wrong_extension (a still image or text under a video name), no_video_stream, undecodable, timeout, or
+    malformed (a window that is not one: not numbers, negative, or start after end)."""
 
     def __init__(self, message: str, reason: str = "undecodable") -> None:
         super().__init__(message)
@@ -102,10 +104,15 @@ def uniform_indices(num_available: int, num_frames: int) -> np.ndarray:
 def sample_indices(
     num_available: int, fps: float, sampling: FrameSampling, start: float | None = None, end: float | None = None
 ) -> np.ndarray:
-    """Frame indices for a clip of `num_available` frames at `fps`, within [start, end] seconds if given."""
+    """Frame indices for a clip of `num_available` frames at `fps`, within [start, end] seconds if given (`end` past
+    the clip is taken as its end, as annotations round; `start` past it is an error, never a substitute frame)."""
     first, stop = 0, num_available
     if start is not None:
-        first = min(max(int(math.floor(start * fps)), 0), num_available - 1)
+        first = int(math.floor(start * fps))
+        if first >= num_available:
+            raise VideoDecodeError(
+                f"the window [{start}, {end}] s starts after the clip's end ({num_available / fps:.2f} s)", "empty"
+            )
     if end is not None:
         stop = max(min(int(math.ceil(end * fps)), num_available), first + 1)
     window = stop - first
@@ -115,6 +122,17 @@ def sample_indices(
     candidates = np.unique(np.floor(np.arange(0, window, max(step, 1.0))).astype(np.int64))
     chosen = candidates[uniform_indices(len(candidates), sampling.num_frames)]
     return first + chosen
+
+
+def check_window(start, end) -> None:
+    """A sample's [start, end] seconds: each a number >= 0 or absent, start not after end."""
+    for name, value in (("start", start), ("end", end)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf
+        ):
+            raise VideoDecodeError(f"'{name}' must be a number of seconds >= 0, got {value!r:.40}", "malformed")
+    if start is not None and end is not None and start > end:
+        raise VideoDecodeError(f"the window [{start}, {end}] s ends before it starts", "malformed")
 
 
 def within_time_limit(fn: Callable[[], T], seconds: float | None, what: str) -> T:
@@ -268,15 +286,20 @@ def _decode_gif(path: Path, sampling: FrameSampling, start, end) -> SampledFrame
             for i in indices.tolist():
                 image.seek(i)
                 frames.append(np.asarray(image.convert("RGB")))
-    except (OSError, ValueError, EOFError) as err:
+    except (OSError, ValueError, EOFError, Image.DecompressionBombError) as err:
         raise VideoDecodeError(f"{path}: {err}") from err
     return SampledFrames(np.stack(frames), indices, indices / fps, fps, len(durations))
+
+
+def frame_order(path: Path) -> list:
+    """Frames in time order: numbers within names compare as numbers (2.jpg before 10.jpg)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.name) if part]
 
 
 def _read_folder(path: Path, sampling: FrameSampling, start, end) -> SampledFrames:
     from PIL import Image
 
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=frame_order)
     if not files:
         raise VideoDecodeError(f"{path}: a folder without frames", "empty")
     indices = sample_indices(len(files), sampling.frame_folder_fps, sampling, start, end)
@@ -285,7 +308,7 @@ def _read_folder(path: Path, sampling: FrameSampling, start, end) -> SampledFram
         try:
             with Image.open(files[i]) as image:
                 frames.append(np.asarray(image.convert("RGB")))
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise VideoDecodeError(f"{files[i]}: {err}") from err
     if len({f.shape for f in frames}) != 1:
         raise VideoDecodeError(f"{path}: frames of different sizes")
@@ -339,6 +362,7 @@ def load_video(
         sampling = FrameSampling(num_frames=sampling)
     if decoder is not None:
         sampling = FrameSampling(**{**sampling.__dict__, "decoder": Decoder(decoder)})
+    check_window(start, end)
     path = Path(path)
     sampled = within_time_limit(lambda: _load(path, sampling, start, end), sampling.time_limit, str(path))
     frames = sampled.frames

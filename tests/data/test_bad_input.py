@@ -187,6 +187,68 @@ def test_every_bad_sample_is_skipped_with_its_reason_and_source(make_dataset):
     assert too_long["skip"] == "too_long" and "12 visual" in too_long["error"]
 
 
+def test_media_fields_and_windows_of_the_wrong_kind_are_malformed_not_fatal(make_dataset, media):
+    """A training run reads each record in a DataLoader worker: a TypeError there would end the run."""
+    from PIL import Image
+
+    # an empty name would be the media folder itself, read as a folder of frames (it holds still.png)
+    bad = {"video": [5, None, ["good.mp4"], "", " "], "image": ["", [], ["still.png", 3]]}
+    records = [{"id": f"{key}{i}", key: value, "conversations": QA} for key, values in bad.items()
+               for i, value in enumerate(values)]  # fmt: skip
+    records += [
+        {"id": "role", "video": "good.mp4", "conversations": [{"from": ["human"], "value": "<video>\nQ?"}, QA[1]]},
+        {"id": "start-text", "video": "good.mp4", "start": "1", "conversations": QA},
+        {"id": "reversed", "video": "frames", "start": 3, "end": 1, "conversations": QA},
+        {"id": "negative", "video": "clip.gif", "start": -1, "conversations": QA},
+        {"id": "endless", "video": "good.mp4", "end": float("inf"), "conversations": QA},
+        {"id": "after-the-end", "video": "frames", "start": 20, "end": 25, "conversations": QA},  # a 4 s folder
+        {"id": "end-rounded", "video": "good.mp4", "start": 1.0, "end": 2.05, "conversations": QA},  # a 2 s clip
+    ]
+    Image.new("1", (20000, 10000)).save(media / "bomb.png")  # 24 KB, 200 M pixels: PIL's decompression-bomb guard
+    records.append({"id": "bomb", "image": "bomb.png", "conversations": [{"from": "human", "value": "<image>\nQ?"},
+                                                                          QA[1]]})  # fmt: skip
+    dataset = make_dataset(records)
+    items = {item["id"]: item for item in (dataset[i] for i in range(len(records)))}
+    expected = {**{r["id"]: "malformed" for r in records[:9]}, "role": "malformed", "start-text": "malformed",
+                "reversed": "malformed", "negative": "malformed", "endless": "malformed", "after-the-end": "empty",
+                "end-rounded": None, "bomb": "undecodable"}  # fmt: skip
+    assert {key: item.get("skip") for key, item in items.items()} == expected
+    assert "starts after the clip's end" in items["after-the-end"]["error"]
+    assert items["end-rounded"]["num_frames"] == 4
+
+
+def test_frames_of_a_folder_come_in_the_order_of_their_numbers(tmp_path):
+    from PIL import Image
+
+    for i, frame in enumerate(counting_frames(12)):  # 1.jpg ... 12.jpg: as text, 10.jpg would come second
+        Image.fromarray(frame).save(tmp_path / f"{i + 1}.jpg", quality=100)
+    sampled = load_video(tmp_path, FrameSampling(num_frames=12))
+    assert frame_ids(sampled.frames) == list(range(12))
+
+
+def test_whatever_else_one_sample_raises_skips_it_by_name(media, tiny_paths, tmp_path):
+    from transformers import AutoTokenizer
+
+    def visual_tokens(frames: int, modality: str) -> int:
+        if modality == "image":
+            raise ArithmeticError("no count for images")
+        return 3 * frames
+
+    path = tmp_path / "train.json"
+    image_qa = [{"from": "human", "value": "<image>\nQ?"}, QA[1]]
+    path.write_text(json.dumps([{"id": "v", "video": "good.mp4", "conversations": QA},
+                                {"id": "i", "image": "still.png", "conversations": image_qa}]))  # fmt: skip
+    dataset = VideoQADataset(
+        index=SampleIndex.build([MixtureEntry(path, media)]),
+        encoder=ChatEncoder(AutoTokenizer.from_pretrained(tiny_paths["qwen2"])),
+        transform=FrameTransform.from_pretrained(tiny_paths["siglip"]),
+        visual_tokens=visual_tokens,
+        sampling=FrameSampling(num_frames=4),
+    )
+    assert "skip" not in dataset[0]
+    assert dataset[1]["skip"] == "error" and dataset[1]["error"] == "ArithmeticError: no count for images"
+
+
 def test_each_exchange_is_one_sample_with_only_its_answer_labelled(make_dataset):
     turns = [
         {"from": "human", "value": "<video>\nWhat moves?\nOptions:\n(A) circle\n(B) square"},

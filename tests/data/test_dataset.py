@@ -47,3 +47,26 @@ def test_an_all_skipped_batch_is_empty_not_an_error():
         [{"skip": "bad_video", "id": "x", "path": "p", "error": "e"}]
     )
     assert batch == {"skipped": [{"skip": "bad_video", "id": "x", "path": "p", "error": "e"}], "ids": []}
+
+
+def test_validation_is_split_per_exchange_like_training_and_the_test_asks_the_last_question(tiny_paths, tmp_path):
+    """A guided model's validation loss is measured as it trains: each answer under its own question's guide."""
+    import json
+
+    from hicom.data.datamodule import JsonSource, VideoQADataModule
+
+    turns = [{"from": "human", "value": "<video>\nWhat colour?"}, {"from": "gpt", "value": "Red."},
+             {"from": "human", "value": "How many cubes?"}, {"from": "gpt", "value": "Two."}]  # fmt: skip
+    (tmp_path / "media").mkdir()
+    (tmp_path / "a.json").write_text(json.dumps([{"id": "c", "video": "c.mp4", "conversations": turns}]))
+    source = JsonSource(str(tmp_path / "a.json"), str(tmp_path / "media"), val_json=str(tmp_path / "a.json"))
+    datamodule = VideoQADataModule(
+        source=source, root=str(tmp_path), llm_path=str(tiny_paths["qwen2"]), vision_path=str(tiny_paths["siglip"]),
+        visual_tokens=lambda frames, modality: 3 * frames, guided=True, num_workers=0,
+    )  # fmt: skip
+    datamodule.setup("fit")
+    for dataset in (datamodule.train_set, datamodule.val_set):
+        index = dataset.index
+        assert [(index.record_of(i)["id"], index.turn_of(i)) for i in range(len(index))] == [("c", 0), ("c", 1)]
+    test = datamodule.test_set.index
+    assert len(test) == 1 and test.turn_of(0) is None  # the whole conversation: its last question is asked

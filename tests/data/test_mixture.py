@@ -99,6 +99,36 @@ def test_preflight_writes_a_quarantine_that_training_leaves_out(tmp_path, capsys
     assert "5 samples, 2 bad" in capsys.readouterr().out
 
 
+def test_preflight_follows_the_datasets_rules_and_the_runs_seed(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    two = [{"from": "human", "value": "<image>\n<image>\nSame?"}, {"from": "gpt", "value": "No."}]
+    data = [
+        {"id": "two-images", "image": ["a.png", "a.png"], "conversations": two},  # one placeholder per image
+        {"id": "number", "video": 7, "conversations": QA},
+        {"id": "listed", "image": ["a.png", 3], "conversations": two},
+    ]
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    preflight.main([str(tmp_path / "a.json"), "--data-root", str(tmp_path), "--out", str(tmp_path / "p"),
+                    "--workers", "1", "--no-progress"])  # fmt: skip
+    lines = [json.loads(line) for line in (tmp_path / "p" / "quarantine.jsonl").read_text().splitlines()]
+    assert [(q["id"], q["reason"]) for q in lines] == [("number", "malformed"), ("listed", "malformed")]
+    # random:N picks with the run's data.seed: preflight probes the records training will read
+    (tmp_path / "b.json").write_text(json.dumps(records("gone", 10, "missing.mp4")))
+    (tmp_path / "mix.yaml").write_text("- {json_path: b.json, sampling_strategy: 'random:3'}\n")
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        preflight.main([str(tmp_path / "mix.yaml"), "--data-root", str(tmp_path), "--out", str(out), "--workers",
+                        "1", "--no-progress", "--seed", str(seed)])  # fmt: skip
+        probed = [json.loads(line)["id"] for line in (out / "quarantine.jsonl").read_text().splitlines()]
+        index = SampleIndex.build(read_mixture(tmp_path / "mix.yaml", tmp_path), seed=seed)
+        assert probed == [index.record_of(i)["id"] for i in range(len(index))] and len(probed) == 3
+    assert (tmp_path / "seed0" / "quarantine.jsonl").read_text() != (
+        tmp_path / "seed1" / "quarantine.jsonl"
+    ).read_text()
+
+
 def test_grouped_batches_hold_one_modality_and_shard_under_ddp():
     from lightning.fabric.utilities.data import _replace_dunder_methods
     from lightning.pytorch.utilities.data import _update_dataloader

@@ -66,3 +66,16 @@ def test_guide_is_the_bare_question():
     # a prefix, not a character set: "Question: Quite" keeps its 'Q' (the release's lstrip defect)
     assert guide_text("Question: Quite so?\nA. yes\nB. no") == "Quite so?"
     assert guide_text("Describe the video.") == "Describe the video."
+
+
+def test_a_template_that_trims_messages_labels_the_trimmed_answer(tiny_paths):
+    """Llama 3's template renders `message['content'] | trim`: an answer with surrounding whitespace (common in
+    LLaVA data) must still be found in the rendering, and labelled as it is rendered."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_paths["qwen2"])
+    tokenizer.chat_template = tokenizer.chat_template.replace("message['content']", "message['content'] | trim")
+    trimming, plain = ChatEncoder(tokenizer), ChatEncoder(AutoTokenizer.from_pretrained(tiny_paths["qwen2"]))
+    assert trimming.trims and not plain.trims
+    for answer in ("Red", "Red\n", " Red "):
+        out = trimming.encode(to_messages(conversation("<video>\n What colour? ", answer)), num_visual=2)
+        labelled = out["labels"][out["labels"] != IGNORE_INDEX]
+        assert tokenizer.decode(labelled) == "Red" + tokenizer.eos_token
