@@ -2,11 +2,14 @@
 start / end times, subtitles, a parquet), a tiny trained checkpoint, every benchmark, resume and shards; and the
 scoring rules on hand-made predictions."""
 
+import fcntl
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
@@ -174,7 +177,11 @@ def test_every_benchmark_end_to_end_then_resume(cache_dir, bench_data, trained_r
     assert "exact_match" in results["activitynet_qa"]
     for r in results.values():
         assert r["seconds_per_question"] > 0
-    assert (out / "results.md").read_text().count("\n|") == len(ALL) + 2  # header, rule, one row each
+    table = (out / "results.md").read_text()
+    assert table.count("\n|") == len(ALL) + 2  # header, rule, one row each
+    for name, metric in (("videomme", "accuracy over answered"), ("mlvu", "M-Avg"), ("msvd_qa", "exact match")):
+        assert f"| {name} | {100 * results[name][results[name]['metric']]:.1f} | {metric} |" in table
+    assert results["videomme"]["metric"] == "acc_answered" and results["mvbench"]["metric"] == "acc"
     settings = json.loads((out / "settings.json").read_text())
     assert settings["visual_tokens_per_video"] == 8 // 4 * 3 * 3 + 32
 
@@ -209,29 +216,84 @@ def test_shards_answer_their_share_and_the_last_one_merges(cache_dir, bench_data
     assert second["mlvu"]["n"] == 4 and not list((out / "mlvu").glob("*.shard-*"))
 
 
-def test_shards_finishing_together_merge_once_and_the_report_holds_every_benchmark(
-    cache_dir, bench_data, trained_run, tmp_path
+def test_shards_merge_under_the_lock_merging_again_changes_nothing_and_the_report_holds_every_benchmark(
+    cache_dir, bench_data, trained_run, tmp_path, monkeypatch
 ):
-    from hicom.eval.runner import _locked, evaluate
+    from hicom.eval import runner
 
     out = tmp_path / "together"
+    merges, merge = [], runner._merge
+
+    def locked_merge(name, *args):
+        with (out / name / "merge.lock").open("a") as f, pytest.raises(BlockingIOError):  # a shard finishing now waits
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        merges.append(name)
+        return merge(name, *args)
+
+    monkeypatch.setattr(runner, "_merge", locked_merge)
 
     def shard(i: int) -> dict:
         overrides = [f"ckpt={trained_run}", "benchmark=[mlvu,videomme]", f"shard={i}", "num_shards=2"]
-        return evaluate(compose_eval(cache_dir, bench_data, out, overrides))
+        return runner.evaluate(compose_eval(cache_dir, bench_data, out, overrides))
 
     assert shard(1) == {}
-    (out / "mlvu").mkdir(parents=True, exist_ok=True)
-    with _locked(out / "mlvu" / "merge.lock") as held:  # another process is merging mlvu
-        assert held
-        with _locked(out / "mlvu" / "merge.lock", wait=False) as second:
-            assert not second
-        merged = shard(0)
-    assert list(merged) == ["videomme"] and (out / "mlvu/predictions.shard-0-of-2.jsonl").is_file()
-    assert list(shard(1)) == ["mlvu"]  # shard 1 again: every mlvu shard is done, and now it merges them
+    first = shard(0)
+    assert list(first) == merges == ["mlvu", "videomme"]
+    rows = {name: (out / name / "predictions.jsonl").read_text() for name in first}
+    (out / "mlvu/shard-0-of-2.done").unlink()  # shard 0 relaunched and still answering mlvu: no one merges it
+    again = shard(1)  # every videomme shard done: shard 1 merges it again, with nothing new
+    assert list(again) == ["videomme"] and merges[2:] == ["videomme"] and again["videomme"]["answered_this_run"] == 0
+    timing = ("answered_this_run", "seconds_per_question")
+    assert {k: v for k, v in again["videomme"].items() if k not in timing} == {
+        k: v for k, v in first["videomme"].items() if k not in timing
+    }
+    assert all((out / name / "predictions.jsonl").read_text() == text for name, text in rows.items())
     report = json.loads((out / "results.json").read_text())
-    assert list(report) == ["mlvu", "videomme"]
+    assert list(report) == ["mlvu", "videomme"]  # mlvu as shard 0 merged it before
     assert all(report[name] == json.loads((out / name / "results.json").read_text()) for name in report)
+
+
+def test_a_relaunched_shard_retries_its_failed_clip_and_merges_the_new_answer(
+    cache_dir, bench_data, trained_run, tmp_path
+):
+    from hicom.eval.runner import evaluate
+
+    data = tmp_path / "data"
+    shutil.copytree(bench_data / "eval/mlvu", data / "eval/mlvu")
+    video = data / "eval/mlvu/video/1_plotQA/p.mp4"
+    moved = video.rename(tmp_path / "p.mp4")  # shard 0's first question (1_plotQA/0) cannot be read
+    out = tmp_path / "out"
+
+    def shard(i: int) -> dict | None:
+        overrides = [f"ckpt={trained_run}", "benchmark=mlvu", f"shard={i}", "num_shards=2"]
+        return evaluate(compose_eval(cache_dir, data, out, overrides)).get("mlvu")
+
+    assert shard(0) is None  # shard 1 never finishes this launch
+    moved.rename(video)
+    first = shard(1)  # relaunched, it finishes first: every shard has finished once, so it merges
+    assert first["n_failed"] == 1
+    last = shard(0)  # relaunched: it retries the clip and, finishing last, merges again
+    assert last["answered_this_run"] == 1 and last["n_failed"] == 0 and last["n"] == 4
+    rows = {r["question_id"]: r for r in map(json.loads, (out / "mlvu/predictions.jsonl").open())}
+    assert len(rows) == 4 and "error" not in rows["1_plotQA/0"] and rows["1_plotQA/0"]["reply"] is not None
+    assert not list((out / "mlvu").glob("predictions.shard-*"))
+
+
+def test_a_limited_run_scores_its_questions_and_keeps_every_answer(cache_dir, bench_data, trained_run, tmp_path):
+    from hicom.eval.runner import evaluate
+
+    def run(*overrides: str) -> dict:
+        cfg = compose_eval(cache_dir, bench_data, tmp_path, [f"ckpt={trained_run}", "benchmark=mlvu", *overrides])
+        return evaluate(cfg)["mlvu"]
+
+    assert run()["n"] == 4
+    path = tmp_path / "mlvu/predictions.jsonl"
+    rows = path.read_text()
+    limited = run("limit=2")
+    assert limited["n"] == limited["n_questions"] == 2 and limited["answered_this_run"] == 0
+    assert path.read_text() == rows
+    again = run()
+    assert again["answered_this_run"] == 0 and again["n"] == 4 and path.read_text() == rows
 
 
 def test_a_bad_checkpoint_or_benchmark_is_a_clear_error(cache_dir, bench_data, tmp_path):
@@ -327,6 +389,13 @@ def test_open_ended_exact_match_and_judge(tmp_path):
     assert judge_predictions(path, judge) == 2 and judge_predictions(path, judge) == 0  # resumable
     scored = score_open_ended([json.loads(line) for line in path.read_text().splitlines()])
     assert scored["judge_acc"] == 0.5 and scored["judge_score"] == 3.0 and len(calls) == 2
+    failed = {"question_id": "3", "task": 1, "answer": "cat", "pred": None, "reply": None, "error": "missing"}
+    with path.open("a") as f:
+        f.write(json.dumps(failed) + "\n")
+    assert judge_predictions(path, judge) == 0  # a failed clip has no reply to judge
+    scored = score_open_ended([json.loads(line) for line in path.read_text().splitlines()])
+    assert scored["judge_acc"] == scored["exact_match"] == pytest.approx(1 / 3)  # the failed clip wrong in both
+    assert scored["judge_score"] == pytest.approx(6 / 3) and scored["n_judged"] == 2 and scored["n_failed"] == 1
 
 
 def test_the_score_command_recomputes_results_beside_the_predictions(tmp_path, capsys):
@@ -344,6 +413,7 @@ def test_the_score_command_recomputes_results_beside_the_predictions(tmp_path, c
     rescored = score_main(["benchmark=mlvu", f"predictions={path}"])
     assert rescored["m_avg"] == pytest.approx(0.75) and rescored["settings"] == {"frames": 32}
     assert rescored["seconds_per_question"] == 0.5 and "judge_acc" not in rescored  # scores are the new ones only
+    assert rescored["metric"] == "m_avg"
 
 
 def test_an_official_folder_evaluates_like_the_run_it_was_exported_from(cache_dir, bench_data, trained_run, tmp_path):
@@ -431,3 +501,24 @@ def test_a_staged_run_is_found_by_a_relative_path_and_after_a_move(tmp_path, mon
         (folder / "config.yaml").write_text("{}")
     monkeypatch.chdir(tmp_path / "new")
     assert find_handoff(Path("run")) == Path("run") / "stages" / "instruction"
+
+
+def test_decoding_is_greedy_whatever_the_checkpoint_generation_config_says(cache_dir, tiny_paths, tmp_path):
+    from hydra.utils import instantiate
+
+    net = instantiate(compose_train(cache_dir, tmp_path).model).net.eval()
+    lm = net.llm.model
+    # Qwen2.5-Instruct's generation_config.json, with a penalty strong enough to change this tiny model's argmax
+    lm.generation_config.update(do_sample=True, repetition_penalty=2.0, temperature=0.7, top_p=0.8, top_k=20)
+    ids = net.llm.tokenizer("what is shown in the video", return_tensors="pt").input_ids
+    tokens = net.generate({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, max_new_tokens=16)
+    greedy = ids
+    with torch.no_grad():
+        for _ in range(16):
+            greedy = torch.cat([greedy, lm(input_ids=greedy).logits[:, -1:].argmax(-1)], dim=1)
+    assert tokens.tolist() == greedy[:, ids.shape[1] :].tolist()
+    embeds = lm.get_input_embeddings()(ids)
+    inherited = lm.generate(
+        inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False
+    )
+    assert inherited.tolist() != tokens.tolist()  # do_sample=False alone keeps the checkpoint's penalty

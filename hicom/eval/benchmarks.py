@@ -2,7 +2,8 @@
 
 Each reader takes the benchmark's folder and returns `Question`s; a missing or malformed file is an error that
 names the file and what it expected. Multiple-choice answers become letters (A, B, ...), the option texts keep
-their order; open-ended answers stay text.
+their order; open-ended answers stay text. A reader class also says how its benchmark is scored: `kind`,
+`mean_of_tasks` and `metric`, the official headline figure (a key of hicom.eval.score's results).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class MVBench:
     tasks: dict[str, MVBenchTask] = field(default_factory=dict)
     kind = Kind.MULTIPLE_CHOICE
     mean_of_tasks = False
+    metric = "acc"
     submission = False  # writes the benchmark server's submission file
 
     def read(self) -> list[Question]:
@@ -130,6 +132,7 @@ class VideoMME:
     subtitles: bool = False
     kind = Kind.MULTIPLE_CHOICE
     mean_of_tasks = False
+    metric = "acc_answered"  # SPEC 7: accuracy over the answered questions
     submission = False  # writes the benchmark server's submission file
 
     def read(self) -> list[Question]:
@@ -183,6 +186,7 @@ class EgoSchema:
     subset: bool = True
     kind = Kind.MULTIPLE_CHOICE
     mean_of_tasks = False
+    metric = "acc"
 
     @property
     def submission(self) -> bool:
@@ -237,6 +241,7 @@ class MLVU:
     tasks: tuple[str, ...] = MLVU_DEV_TASKS
     kind = Kind.MULTIPLE_CHOICE
     mean_of_tasks = True
+    metric = "m_avg"
     submission = False
 
     def read(self) -> list[Question]:
@@ -273,6 +278,7 @@ class OpenEndedQA:
     extensions: tuple[str, ...] = (".mp4", ".mkv", ".webm", ".avi")
     kind = Kind.OPEN_ENDED
     mean_of_tasks = False
+    metric = "exact_match"
     submission = False
 
     def _video(self, name: str) -> str:

@@ -6,7 +6,7 @@ package, pip install openai). Judging is a separate, resumable step over a predi
     python -m hicom.eval.judge predictions=<run>/activitynet_qa/predictions.jsonl model=<name> [base_url=<url>]
 
 adds a `judge` field ({correct, score, raw}) to each line; `python -m hicom.eval.score` then reports judge_acc
-and judge_score beside the exact match.
+and judge_score beside the exact match (a clip that could not be read, never judged, counting wrong with score 0).
 """
 
 from __future__ import annotations

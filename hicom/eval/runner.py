@@ -7,9 +7,12 @@ Per benchmark, under <output_dir>/<benchmark>/:
 And under <output_dir>: results.json (all benchmarks), results.md (a table) and settings.json.
 
 Sharding: process `shard` of `num_shards` (taken from torchrun's RANK / WORLD_SIZE unless set) answers every
-num_shards-th question into predictions.shard-<i>-of-<n>.jsonl; the process that completes the last shard
-merges them. Resuming: questions already answered (in predictions.jsonl or the shard's file) are skipped;
-questions whose clip failed to decode are tried again.
+num_shards-th question into predictions.shard-<i>-of-<n>.jsonl. A shard removes its shard-<i>-of-<n>.done when it
+starts and writes it when it finishes; a shard that finishes with every .done present merges (under a lock, one at a
+time), so the last to finish merges everything, a relaunched shard included. Merging again changes nothing, so the
+.done files stay. Resuming: questions already answered (in predictions.jsonl or the shard's file) are skipped;
+questions whose clip failed to decode are tried again. A `limit` run answers and scores the first questions only,
+and keeps every answer predictions.jsonl already has.
 """
 
 from __future__ import annotations
@@ -174,13 +177,17 @@ def run_benchmark(
     from transformers import AutoTokenizer
 
     net = module.net
-    questions = reader.read()
-    if cfg.limit is not None:
-        questions = questions[: int(cfg.limit)]
+    every = reader.read()
+    questions = every if cfg.limit is None else every[: int(cfg.limit)]
     by_id = {q.question_id: q for q in questions}
     out.mkdir(parents=True, exist_ok=True)
     merged = out / "predictions.jsonl"
     shard_file = out / f"predictions.shard-{shard}-of-{num_shards}.jsonl"
+    done_files = [out / f"shard-{i}-of-{num_shards}.done" for i in range(num_shards)]
+    with _locked(out / "merge.lock"):
+        # until this shard finishes, no other one merges: none can use its earlier answers as its last, nor remove
+        # the shard file it appends to
+        done_files[shard].unlink(missing_ok=True)
     done = _answered([merged, shard_file])
     todo = [q for q in questions[shard::num_shards] if q.question_id not in done]
     log.info("%s: %d questions, shard %d/%d, %d to answer", name, len(questions), shard, num_shards, len(todo))
@@ -222,41 +229,39 @@ def run_benchmark(
             f.flush()
             answered += len(replies)
     seconds = time.perf_counter() - start
-    (out / f"shard-{shard}-of-{num_shards}.done").write_text(json.dumps({"answered": answered, "seconds": seconds}))
+    done_files[shard].write_text(json.dumps({"answered": answered, "seconds": seconds}))
     timing = {"answered_this_run": answered, "seconds_per_question": seconds / answered if answered else None}
-    done_files = [out / f"shard-{i}-of-{num_shards}.done" for i in range(num_shards)]
-    if not all(path.is_file() for path in done_files):
-        log.info("%s: shard %d done; the last shard to finish merges", name, shard)
-        return None
-    with _locked(out / "merge.lock", wait=False) as held:
-        # two shards finishing together both see every shard done: one merges, under the lock; the other returns,
-        # or finds the shards already merged (their files gone) once it holds the lock
-        if not held or not all(path.is_file() for path in done_files):
-            log.info("%s: shard %d done; another shard merges", name, shard)
+    # Shards finishing together merge one after the other; the last sees every shard done, whatever the order.
+    with _locked(out / "merge.lock"):
+        if not all(path.is_file() for path in done_files):
+            log.info("%s: shard %d done; the last shard to finish merges", name, shard)
             return None
-        return _merge(name, reader, out, questions, num_shards, timing)
+        return _merge(name, reader, out, every, questions, num_shards, timing)
 
 
-def _merge(name: str, reader, out: Path, questions: list[Question], num_shards: int, timing: dict) -> dict:
-    """Every shard's answers into predictions.jsonl in the benchmark's order, the shard files removed; the scores."""
+def _merge(
+    name: str, reader, out: Path, every: list[Question], questions: list[Question], num_shards: int, timing: dict
+) -> dict:
+    """predictions.jsonl and every shard's answers (a later line for a question wins) into predictions.jsonl, in the
+    order of `every` question of the benchmark, the shard files removed; the scores of `questions` (a `limit` run's
+    first ones). Merging again changes nothing."""
     merged = out / "predictions.jsonl"
     shards = [out / f"predictions.shard-{i}-of-{num_shards}.jsonl" for i in range(num_shards)]
     rows = {}
     for path in [merged, *shards]:
         if path.is_file():
             rows.update({r["question_id"]: r for r in read_predictions(path)})
-    ordered = [rows[q.question_id] for q in questions if q.question_id in rows]
+    kept = [rows[q.question_id] for q in every if q.question_id in rows]
     tmp = merged.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in ordered))
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     tmp.replace(merged)
     for path in shards:
         path.unlink(missing_ok=True)
-    for i in range(num_shards):
-        (out / f"shard-{i}-of-{num_shards}.done").unlink(missing_ok=True)
-    results = {"benchmark": name, **score(reader.kind, ordered, reader.mean_of_tasks), **timing}
+    scored = [rows[q.question_id] for q in questions if q.question_id in rows]
+    results = {"benchmark": name, **score(reader, scored), **timing}
     results["n_questions"] = len(questions)
     if reader.submission:  # EgoSchema's full set: {q_uid: option index}, -1 where no letter parsed
-        submission = {r["question_id"]: (LETTERS.index(r["pred"]) if r["pred"] else -1) for r in ordered}
+        submission = {r["question_id"]: (LETTERS.index(r["pred"]) if r["pred"] else -1) for r in kept}
         (out / "submission.json").write_text(json.dumps(submission))
         results["submission"] = str(out / "submission.json")
     return results
@@ -269,24 +274,16 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path, wait: bool = True) -> Iterator[bool]:
-    """An exclusive lock on `path` (flock: released if the process dies) for as long as the block runs; yields
-    whether it is held: False when `wait` is off and another process holds it. Where the file system does not
-    lock, it yields True (one process per benchmark is then the user's guarantee, as without shards)."""
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` for as long as the block runs, waiting for it (flock: released when the file
+    closes, or if the process dies). Where the file system does not lock, the block runs unlocked (one process per
+    benchmark is then the user's guarantee, as without shards)."""
     with path.open("a") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
+            fcntl.flock(f, fcntl.LOCK_EX)
         except OSError as error:  # e.g. a mount without locking
             log.warning("cannot lock %s (%s): going on without the lock", path, error)
-            yield True
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield
 
 
 def _row(q: Question, pred, reply) -> dict:
@@ -360,6 +357,21 @@ def evaluate(cfg: DictConfig) -> dict:
     return all_results
 
 
+# each benchmark's official metric (its reader's `metric`), as results.md names it
+METRIC_NAMES = {
+    "acc": "accuracy",
+    "acc_answered": "accuracy over answered",
+    "m_avg": "M-Avg",
+    "exact_match": "exact match",
+}
+
+
+def _older_metric(results: dict) -> str:
+    """The headline of a results.json written before results named their metric (another benchmark's, from an
+    earlier version, may share the report): what those tables showed."""
+    return next(key for key in ("exact_match", "m_avg", "acc") if key in results)
+
+
 def markdown_table(results: dict, settings: dict) -> str:
     lines = [
         f"ckpt `{settings['ckpt']}`, {settings['frames']} frames ({settings['visual_tokens_per_video']} visual "
@@ -369,16 +381,10 @@ def markdown_table(results: dict, settings: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        if "exact_match" in r:
-            value, metric = r["exact_match"], "exact match"
-        elif "m_avg" in r:
-            value, metric = r["m_avg"], "M-Avg"
-        else:
-            value, metric = r["acc"], "accuracy"
-        per_q = r.get("seconds_per_question")
+        metric, per_q = r.get("metric") or _older_metric(r), r.get("seconds_per_question")
         seconds = "-" if per_q is None else f"{per_q:.3f}"
         lines.append(
-            f"| {name} | {100 * value:.1f} | {metric} | {r['n']} | {r.get('n_unparsed', '-')} | {r['n_failed']} | "
-            f"{seconds} |"
+            f"| {name} | {100 * r[metric]:.1f} | {METRIC_NAMES[metric]} | {r['n']} | {r.get('n_unparsed', '-')} | "
+            f"{r['n_failed']} | {seconds} |"
         )
     return "\n".join(lines) + "\n"

@@ -2,7 +2,8 @@
 
     python -m hicom.eval.score benchmark=mvbench predictions=<run>/mvbench/predictions.jsonl
 
-prints the results as JSON and writes results.json beside the predictions. A predictions line holds at least
+prints the results as JSON and writes results.json beside the predictions; `metric` names the benchmark's official
+figure among them (its reader's `metric`). A predictions line holds at least
 question_id, task, answer, pred and reply; `error` marks a question whose clip could not be read (counted wrong,
 and retried by a resumed run); `duration` and `judge` are used where present.
 """
@@ -94,25 +95,32 @@ def _exact_match(rows: list[dict]) -> float:
 
 
 def score_open_ended(rows: list[dict]) -> dict:
-    """`exact_match`: the normalised reply equals the normalised answer; and, for lines a judge has seen,
-    `judge_acc` (share judged correct) and `judge_score` (mean 0-5 score) over the judged lines."""
+    """`exact_match`: the normalised reply equals the normalised answer; and, once a judge has seen replies,
+    `judge_acc` (share judged correct) and `judge_score` (mean 0-5 score) over the judged lines and the failed
+    clips, which have no reply to judge: wrong, score 0, as in the exact match. `n_judged` counts the verdicts, so
+    that a judge run still under way shows (n_judged + n_failed < n)."""
     out = {"exact_match": _exact_match(rows), "n": len(rows), "n_failed": sum("error" in r for r in rows)}
     tasks: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         tasks[str(r["task"])].append(r)
     out["per_task"] = {t: {"exact_match": _exact_match(rs), "n": len(rs)} for t, rs in sorted(tasks.items())}
-    judged = [r["judge"] for r in rows if isinstance(r.get("judge"), dict)]
+    judged = [r["judge"] for r in rows if isinstance(r.get("judge"), dict) and "error" not in r]
     if judged:
-        out["judge_acc"] = sum(bool(j["correct"]) for j in judged) / len(judged)
-        out["judge_score"] = sum(float(j["score"]) for j in judged) / len(judged)
+        counted = len(judged) + out["n_failed"]
+        out["judge_acc"] = sum(bool(j["correct"]) for j in judged) / counted
+        out["judge_score"] = sum(float(j["score"]) for j in judged) / counted
         out["n_judged"] = len(judged)
     return out
 
 
-def score(kind: Kind, rows: list[dict], mean_of_tasks: bool = False) -> dict:
-    if Kind(kind) is Kind.OPEN_ENDED:
-        return score_open_ended(rows)
-    return score_multiple_choice(rows, mean_of_tasks)
+def score(reader, rows: list[dict]) -> dict:
+    """The scores of a benchmark (its reader or reader class: kind, mean_of_tasks, metric) with `metric` naming
+    the official one among them."""
+    if Kind(reader.kind) is Kind.OPEN_ENDED:
+        scores = score_open_ended(rows)
+    else:
+        scores = score_multiple_choice(rows, reader.mean_of_tasks)
+    return {**scores, "metric": reader.metric}
 
 
 def benchmark_class(name: str):
@@ -141,7 +149,7 @@ def main(argv: list[str]) -> dict:
         raise SystemExit("usage: python -m hicom.eval.score benchmark=<name> predictions=<predictions.jsonl>")
     reader = benchmark_class(args["benchmark"])
     path = Path(args["predictions"])
-    results = {"benchmark": args["benchmark"], **score(reader.kind, read_predictions(path), reader.mean_of_tasks)}
+    results = {"benchmark": args["benchmark"], **score(reader, read_predictions(path))}
     out = path.parent / "results.json"
     if out.is_file():  # evaluate.py's results: the scores are replaced, the settings and timings that made them kept
         before = json.loads(out.read_text())

@@ -98,18 +98,29 @@ class VideoLLM(nn.Module):
     def generate(self, batch: dict, max_new_tokens: int = 8) -> torch.Tensor:
         """Greedy continuation (B, <= max_new_tokens) of left-padded prompts.
 
+        Decoding is plain greedy (SPEC 7) whatever the checkpoint's generation_config.json says: transformers takes
+        each setting not given here from it, and Qwen2.5-Instruct's repetition_penalty (1.05) applies even without
+        sampling. Only the stop tokens are the checkpoint's.
+
         Under ZeRO-3 every forward gathers parameters from all processes, so a process whose replies end early
         keeps stepping with the others until all are done (transformers' synced_gpus), instead of leaving them
         waiting on a gather it never joins."""
         import torch.distributed as dist
+        from transformers import GenerationConfig
 
+        greedy = GenerationConfig(
+            do_sample=False,
+            num_beams=1,
+            repetition_penalty=1.0,
+            temperature=1.0,  # the sampling settings at transformers' neutral values: unused, and not inherited
+            top_p=1.0,
+            top_k=50,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.llm.model.generation_config.eos_token_id,
+            pad_token_id=self.llm.tokenizer.pad_token_id,
+        )
         synced = self.zero3 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         embeds = self.llm.embed(batch["input_ids"], self.encode_visual(batch))
         return self.llm.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=batch["attention_mask"],
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.llm.tokenizer.pad_token_id,
-            synced_gpus=synced,
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], generation_config=greedy, synced_gpus=synced
         )
