@@ -4,6 +4,8 @@ Parity with the release's own code is checked outside the tree by scripts/releas
 
 import json
 import logging
+from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,25 +14,22 @@ from safetensors.torch import save_file
 from hicom.compat.official import (
     build_compressor,
     convert_state_dict,
+    export_official,
     load_official,
     parse_projector_type,
+    projector_type,
     to_official_state_dict,
 )
-from hicom.modules.compressors import Adapt, BilinearPoolCompressor, Guide, HICom
+from hicom.modules.compressors import Adapt, BilinearPoolCompressor, GlobalCompressor, Guide, HICom, LocalCompressor
 from hicom.modules.compressors.reference import hicom_reference
 
-WIDTH = 256  # the release fixes 1152; any width builds here
+WIDTH = 256  # the release fixes 1152 (SigLIP so400m); a config that names no tower builds at any width
+SIGLIP = "google/siglip-so400m-patch14-384"
 
 
 def official(name, use_guide="direct", clip="", **extra):
     return dict(
-        mm_projector_type=name,
-        use_guide=use_guide,
-        use_clip_scale=clip,
-        mm_hidden_size=WIDTH,
-        hidden_size=32,
-        mm_vision_tower="google/siglip-so400m-patch14-384",
-        **extra,
+        mm_projector_type=name, use_guide=use_guide, use_clip_scale=clip, mm_hidden_size=WIDTH, hidden_size=32, **extra
     )
 
 
@@ -92,11 +91,49 @@ def test_official_parameter_names_are_ours():
         ("global32_adaptk", "only has adaptg"),
         ("local43_guidebest", "unknown guide mode"),
         ("", "before any"),
+        # one mode and one adapt part per branch: the release reads the last guide<mode> and no bare mode, and
+        # only the last adapt part
+        ("local43_global32_coarse_fine", "'local43_global32_coarse_fine': its global branch names a second guide"),
+        ("local43_guidedirect_coarse", "its local branch names a second guide mode, 'coarse' after 'direct'"),
+        ("local43_guidecoarse_guidefine", "second guide mode"),
+        ("local43_adaptk_adaptv", "'local43_adaptk_adaptv': a second adapt part 'adaptv'"),
     ],
 )
 def test_unknown_names_are_refused_not_guessed(name, fails):
     with pytest.raises(ValueError, match=fails):
         parse_projector_type(name, "direct")
+
+
+@pytest.mark.parametrize(
+    ("name", "local", "global_"),
+    [
+        ("local43_global32", (4, 3), (32,)),
+        ("local43_adaptkv_global32", (4, 3), (32,)),
+        ("local43_global32_coarse", (4, 3), (32,)),
+        ("local43_adaptkv_global32_coarse", (4, 3), (32,)),
+        ("local43_adaptqkvg_global32_adaptg", (4, 3), (32,)),
+        ("local43_guidecoarse_global32_guidefine", (4, 3), (32,)),
+        ("local22_global16_guidecoarse", (2, 2), (16,)),
+        ("local44", (4, 4), None),
+        ("local412", (4, 12), None),
+        ("global32", None, (32,)),
+    ],
+)
+def test_the_names_the_release_writes_parse(name, local, global_):
+    spec = parse_projector_type(name, "direct")
+    assert (spec.local and spec.local.size, spec.global_ and spec.global_.size) == (local, global_)
+
+
+def test_only_the_siglip_so400m_tower_is_built():
+    built = build_compressor({**official("local43_global32"), "mm_hidden_size": 1152, "mm_vision_tower": SIGLIP})
+    assert built.local_compressor.dim == 1152
+    for tower, width, fails in [
+        ("openai/clip-vit-large-patch14-336", 1024, "a CLIP tower: the release's CLIP variants are not built"),
+        ("/models/vit-base", 1152, "not a tower the release builds"),
+        (SIGLIP, WIDTH, "mm_hidden_size 256 with mm_vision_tower .* 1152 wide"),
+    ]:
+        with pytest.raises(ValueError, match=fails):
+            build_compressor({**official("local43_global32"), "mm_hidden_size": width, "mm_vision_tower": tower})
 
 
 def test_bad_config_values_are_refused():
@@ -119,13 +156,31 @@ def test_bad_config_values_are_refused():
     ],
 )
 def test_a_state_dict_in_the_official_layout_round_trips(config, prefix):
+    linear = config["mm_projector_type"] == "linear"
     source = randomised(build_compressor(config))
-    theirs = to_official_state_dict(source.state_dict(), prefix=prefix)
+    theirs = to_official_state_dict(source.state_dict(), prefix=prefix, linear=linear)
     target = build_compressor(config)
     target.load_state_dict(convert_state_dict(theirs, target), strict=True)
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value)
-    assert to_official_state_dict(convert_state_dict(theirs), prefix=prefix).keys() == theirs.keys()
+    assert to_official_state_dict(convert_state_dict(theirs), prefix=prefix, linear=linear).keys() == theirs.keys()
+
+
+def test_the_baseline_is_written_as_the_release_builds_it():
+    """mlp<depth>x_gelu is an nn.Sequential in the release, mlp1x_gelu too; only "linear" is a bare nn.Linear."""
+    state = build_compressor(official("mlp1x_gelu", None)).state_dict()
+    assert set(to_official_state_dict(state)) == {"model.mm_projector.0.weight", "model.mm_projector.0.bias"}
+    assert set(to_official_state_dict(state, linear=True)) == {"model.mm_projector.weight", "model.mm_projector.bias"}
+    with pytest.raises(ValueError, match="one nn.Linear"):
+        to_official_state_dict(build_compressor(official("mlp2x_gelu", None)).state_dict(), linear=True)
+
+
+def test_two_names_of_one_tensor_are_refused():
+    module = build_compressor(official("local43"))
+    theirs = to_official_state_dict(module.state_dict())
+    theirs["local_compressor.readout.0.bias"] = torch.ones(32)  # bare, beside model.mm_projector.<the same>
+    with pytest.raises(ValueError, match=r"'local_compressor.readout.0.bias' twice, as 'model.mm_projector.local_com"):
+        convert_state_dict(theirs, module)
 
 
 def test_missing_and_unexpected_keys_are_listed():
@@ -185,6 +240,28 @@ def test_checkpoints_trained_with_defect_1_load_with_it_and_say_so(tmp_path, cap
     torch.testing.assert_close(global_tokens, global_tokens[:1].expand_as(global_tokens))  # all 32 the same
 
 
+def test_weights_that_fit_both_readings_load_ours_and_say_how_to_load_the_release(tmp_path, caplog):
+    """Direct and off injection have the same weights: the release runs this global branch direct (it ignores the
+    bare "off"), ours off, and the weights cannot tell which one they were trained with."""
+    config = official("local43_global32_off")
+    trained = randomised(build_compressor(config, reproduce_defect_1=True))
+    write_folder(tmp_path / "ckpt", config, to_official_state_dict(trained.state_dict()), "safetensors")
+    with caplog.at_level(logging.WARNING):
+        ours = load_official(tmp_path / "ckpt")
+    assert ours.global_compressor.guide is Guide.OFF
+    warning = caplog.text
+    assert (
+        "the name gives the global branch off injection, the release (which reads only guide<mode> parts) direct"
+        in warning
+    )
+    assert "fit both readings" in warning and "load_official(folder, reproduce_defect_1=True)" in warning
+    caplog.clear()
+    release = load_official(tmp_path / "ckpt", reproduce_defect_1=True)
+    assert release.global_compressor.guide is Guide.DIRECT and not caplog.text
+    v, e, g = torch.randn(4, 9, 9, WIDTH), torch.randn(4, 9, 9, WIDTH), torch.randn(WIDTH)
+    torch.testing.assert_close(release.compress(v, e, g), trained.compress(v, e, g), rtol=0, atol=0)
+
+
 def test_unreadable_or_foreign_folders_say_what_is_wrong(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_official(tmp_path)
@@ -208,7 +285,7 @@ def test_unreadable_or_foreign_folders_say_what_is_wrong(tmp_path):
 def test_the_whole_model_round_trips_through_the_release_layout(cfg_small, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from hicom.compat.official import export_official, import_official
+    from hicom.compat.official import import_official
     from hicom.training import build
 
     source = build(cfg_small)[0].net
@@ -240,15 +317,139 @@ def test_the_whole_model_round_trips_through_the_release_layout(cfg_small, tmp_p
 def test_a_release_folder_is_imported_only_into_the_compressor_its_config_describes(cfg_small, cache_dir, tmp_path):
     """Weights of the same names and shapes fit a compressor with another guide mode or position table; importing
     into one would evaluate something else without a word."""
-    from hicom.compat.official import export_official, import_official
+    from hicom.compat.official import import_official
     from hicom.training import build
     from tests.conftest import SMALL, compose_train
 
     folder = export_official(build(cfg_small)[0].net, tmp_path / "official")
-    for override in ("model.compressor.global_.position=k", "model.compressor.local.guide=off"):
+    for override, gap in (
+        ("model.compressor.global_.position=k", "global_.position=k"),
+        ("model.compressor.local.guide=off", "local.keys=features"),  # off takes the features, the release embeds
+    ):
         other = build(compose_train(cache_dir, tmp_path / "other", [*SMALL, override]))[0].net
         with pytest.raises(ValueError, match=r"config\.json describes the compressor .* model\.compressor builds"):
             import_official(other, folder)
+        with pytest.raises(ValueError, match=gap):  # nor can such a model be exported as the release's
+            export_official(other, tmp_path / "refused")
+        assert not (tmp_path / "refused").exists()
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"cannot read .*config\.json"):
         import_official(build(cfg_small)[0].net, folder)
+
+
+LOCAL_VARIANTS = [None] + [dict(guide=guide, keys=keys) for guide in Guide for keys in (None, "embeds", "features")]
+LOCAL_VARIANTS += [
+    dict(guide=Guide.DIRECT, adapt=["k", "v"], clip_scale=True),
+    dict(guide=Guide.COARSE, adapt=["q", "k", "v", "g"], clip_scale=True),
+    dict(guide=Guide.FINE, adapt=["g"]),
+    dict(guide=Guide.OFF, kernel=(2, 12, 12), adapt=["q"], clip_scale=True),
+]
+GLOBAL_VARIANTS = [None] + [dict(guide=guide, position=p) for guide in Guide for p in ("kv", "k", "none")]
+GLOBAL_VARIANTS += [
+    dict(guide=Guide.COARSE, adapt_guide=True, clip_scale=True),
+    dict(guide=Guide.FINE, adapt_guide=True),
+]
+
+
+def release_cannot_carry(local, global_):
+    """What of a compressor the release's config cannot describe, by the release's rules: the local keys are the
+    joint-space embeddings whenever use_guide is on, positions go to keys and values, and every branch gets the
+    guide in the one form use_guide asks for (token-level for fine)."""
+    reasons = []
+    guides = {branch["guide"] for branch in (local, global_) if branch is not None} - {Guide.OFF}
+    if Guide.FINE in guides and len(guides) > 1:
+        reasons.append("guides")
+    if local is not None:
+        keys = local.get("keys") or ("features" if local["guide"] is Guide.OFF else "embeds")
+        if keys != ("embeds" if guides else "features"):
+            reasons.append(f"local.keys={keys}")
+    if global_ is not None and global_.get("position", "kv") != "kv":
+        reasons.append(f"global_.position={global_['position']}")
+    return reasons
+
+
+def test_what_the_release_can_describe_exports_and_loads_as_the_same_compressor(tmp_path, caplog):
+    """Every pair of branch variants: exported (config fields + weights) and loaded back, the same outputs;
+    or refused, naming each setting the release's config cannot carry."""
+    width = 128  # one global head, as the release's width / 128
+    torch.manual_seed(0)
+    v, e = torch.randn(5, 7, 7, width), torch.randn(5, 7, 7, width)
+    tokens = torch.randn(6, width)  # token-level guide; its last row is the pooled one
+    exported = 0
+    for i, (local, global_) in enumerate((a, b) for a in LOCAL_VARIANTS for b in GLOBAL_VARIANTS if a or b):
+        source = HICom(
+            in_dim=width,
+            out_dim=32,
+            local=partial(LocalCompressor, **local) if local else None,
+            global_=partial(GlobalCompressor, **global_) if global_ else None,
+        )
+        reasons = release_cannot_carry(local, global_)
+        if reasons:
+            with pytest.raises(ValueError, match="cannot describe") as refused:
+                projector_type(source)
+            assert all(reason in str(refused.value) for reason in reasons), (local, global_, str(refused.value))
+            continue
+        config = {**projector_type(source), "mm_hidden_size": width, "hidden_size": 32}
+        source = randomised(source)
+        write_folder(tmp_path / f"{i}", config, to_official_state_dict(source.state_dict()), "safetensors")
+        with caplog.at_level(logging.WARNING):
+            loaded = load_official(tmp_path / f"{i}")
+        guide = tokens if source.guide_tokens else tokens[-1]
+        torch.testing.assert_close(loaded.compress(v, e, guide), source.compress(v, e, guide), rtol=0, atol=0)
+        exported += 1
+    assert not caplog.text  # the guide<mode> names read the same way in the release
+    assert exported == 59  # of the 254 pairs
+
+
+def test_the_clip_scale_pair_of_a_missing_branch_is_dropped_on_both_load_paths(cache_dir, tmp_path, caplog):
+    """The release keeps global_logit_* whenever use_clip_scale names global, with or without a global branch."""
+    from safetensors.torch import load_file
+
+    from hicom.compat.official import import_official
+    from hicom.training import build
+    from tests.conftest import SMALL, compose_train
+
+    local_only = [*SMALL, "model.compressor.global_=null", "model.compressor.local.clip_scale=true"]
+    source = build(compose_train(cache_dir, tmp_path / "run", local_only))[0].net
+    folder = export_official(source, tmp_path / "official")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["use_clip_scale"] == "local"
+    (folder / "config.json").write_text(json.dumps({**config, "use_clip_scale": "local,global"}))
+    state = load_file(str(folder / "model.safetensors"))
+    state |= {f"model.mm_projector.global_logit_{name}": torch.zeros(1) for name in ("scale", "bias")}
+    save_file(state, str(folder / "model.safetensors"))
+    with caplog.at_level(logging.INFO, logger="hicom.compat.official"):
+        loaded = load_official(folder)
+        target = build(compose_train(cache_dir, tmp_path / "other", local_only))[0].net
+        import_official(target, folder)
+    assert caplog.text.count("dropped model.mm_projector.global_logit_scale") == 2
+    for compressor in (loaded, target.compressor):
+        for (name, a), b in zip(source.compressor.state_dict().items(), compressor.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+
+
+def test_an_export_the_release_cannot_describe_writes_nothing(tmp_path):
+    compressor = HICom(
+        in_dim=WIDTH,
+        out_dim=32,
+        local=partial(LocalCompressor, guide=Guide.OFF),  # features as keys, where the release takes embeddings
+        global_=partial(GlobalCompressor, guide=Guide.COARSE, position="k"),
+    )
+    net = SimpleNamespace(compressor=compressor, vision=SimpleNamespace())
+    with pytest.raises(ValueError, match="cannot carry") as refused:
+        export_official(net, tmp_path / "official")
+    for setting in ("model.vision: a SimpleNamespace", "local.keys=features", "set embeds", "global_.position=k"):
+        assert setting in str(refused.value)
+    assert not (tmp_path / "official").exists()
+    odd = HICom(
+        in_dim=WIDTH,
+        out_dim=32,
+        guide_dim=64,  # a guide narrower than the features: both injectors map it with an MLP
+        local=partial(LocalCompressor, kernel=(12, 3, 3), readout_depth=1),
+        global_=partial(GlobalCompressor, guide=Guide.DIRECT, num_heads=4),
+    )
+    with pytest.raises(ValueError, match="cannot describe") as refused:
+        projector_type(odd)
+    for setting in ("local.kernel=[12, 3, 3]", "local.readout_depth=1", "global_.num_heads=4", "(2 here)"):
+        assert setting in str(refused.value)
+    assert str(refused.value).count("a guide of another width") == 2

@@ -3,17 +3,20 @@ projector weights, and compare outputs one sample at a time (`compressor.compres
 
 The release describes its projector with a legacy string, `mm_projector_type`, plus a few config fields (SPEC 4).
 Widths come from mm_hidden_size (the vision and guide width: SigLIP so400m's towers are both 1152 wide) and
-hidden_size (the LLM's); the release's CLIP-based variants, for which no weights were published, are not built.
+hidden_size (the LLM's); the release's CLIP-based variants, for which no weights were published, are not built:
+a config whose mm_vision_tower is not siglip-so400m-patch14-384 is refused (one that names no tower is taken at
+its widths, as tests and parity runs write them).
 This is the one place that parses such strings; everything else in the project takes structured configs.
 
     local<k_t><k_s>[_adapt<q|k|v|g>...][_guide<mode>|_<mode>]   a local branch, kernel (k_t, k_s, k_s)
     global<N>[_adaptg][_guide<mode>|_<mode>]                    a global branch with N queries
     mlp<depth>x_gelu | linear                                   the LLaVA-style baseline (2x bilinear for videos)
 
-Each branch injects `use_guide` ("off" / "direct" / "coarse" / "fine") unless its own part names a mode. The
-release parses only the `guide<mode>` form: its "local43_global32_coarse" runs the global branch with direct
-injection, 32 identical tokens (SPEC 3, defect 1). We follow the name (and the paper): coarse. Checkpoints trained
-with the defect load with `reproduce_defect_1=True`, which `load_official` sets when the weights call for it.
+Each branch injects `use_guide` ("off" / "direct" / "coarse" / "fine") unless its own part names a mode; a branch
+takes at most one mode part and one adapt part. The release parses only the `guide<mode>` form: its
+"local43_global32_coarse" runs the global branch with direct injection, 32 identical tokens (SPEC 3, defect 1).
+We follow the name (and the paper): coarse. Checkpoints trained with the defect load with
+`reproduce_defect_1=True`, which `load_official` sets when the weights call for it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from hicom.modules.compressors import (
     GlobalCompressor,
     Guide,
     HICom,
+    Keys,
     LocalCompressor,
 )
 from hicom.modules.compressors.base import RELEASE_INIT_STD
@@ -43,6 +47,7 @@ from hicom.modules.compressors.base import RELEASE_INIT_STD
 log = logging.getLogger(__name__)
 
 PREFIX = "model.mm_projector."
+SIGLIP, SIGLIP_WIDTH = "siglip-so400m-patch14-384", 1152  # the one tower the published checkpoints use
 _MODES = {mode.value for mode in Guide}
 _MLP = re.compile(r"mlp(\d+)x_gelu")
 
@@ -98,11 +103,17 @@ def parse_projector_type(name: str, use_guide: str | None = None, use_clip_scale
             if match := re.fullmatch(r"adapt([qkvg]+)", part):
                 if current == "global" and match.group(1) != "g":
                     raise ValueError(f"projector type {name!r}: the global branch only has adaptg, got {part!r}")
-                branches[current] = replace(branch, adapt=branch.adapt | set(match.group(1)))
-            elif match := re.fullmatch(r"guide(\w+)", part):
-                branches[current] = replace(branch, named_guide=_mode(match.group(1), name), release_parses_mode=True)
-            elif part in _MODES:
-                branches[current] = replace(branch, named_guide=Guide(part))
+                if branch.adapt:  # the release reads only the last adapt part of a branch
+                    raise ValueError(f"projector type {name!r}: a second adapt part {part!r} in its {current} branch")
+                branches[current] = replace(branch, adapt=frozenset(match.group(1)))
+            elif (match := re.fullmatch(r"guide(\w+)", part)) or part in _MODES:
+                if branch.named_guide is not None:  # the release keeps the last guide<mode>, ignores bare modes
+                    raise ValueError(
+                        f"projector type {name!r}: its {current} branch names a second guide mode, {part!r} after "
+                        f"{branch.named_guide.value!r}: name one"
+                    )
+                mode = _mode(match.group(1), name) if match else Guide(part)
+                branches[current] = replace(branch, named_guide=mode, release_parses_mode=match is not None)
             else:
                 raise ValueError(
                     f"projector type {name!r}: unknown part {part!r} (expected adapt<qkvg>, guide<mode> or a mode)"
@@ -118,6 +129,24 @@ def parse_projector_type(name: str, use_guide: str | None = None, use_clip_scale
     )
 
 
+def _check_tower(config: Mapping) -> None:
+    """ValueError unless the config's mm_vision_tower is SigLIP so400m at its width, the release's widths then
+    being ours. A config that names no tower is taken at its widths (tests and parity runs write such configs)."""
+    tower = config.get("mm_vision_tower")
+    if not tower:
+        return
+    if SIGLIP not in str(tower):
+        kind = "not a tower the release builds"
+        if re.search(r"(?<!sig)clip", str(tower), re.IGNORECASE):
+            kind = "a CLIP tower: the release's CLIP variants are not built here"
+        raise ValueError(f"official config: mm_vision_tower {tower!r} is {kind}; only {SIGLIP} checkpoints load")
+    if int(config["mm_hidden_size"]) != SIGLIP_WIDTH:
+        raise ValueError(
+            f"official config: mm_hidden_size {config['mm_hidden_size']} with mm_vision_tower {tower!r}, whose "
+            f"features are {SIGLIP_WIDTH} wide"
+        )
+
+
 def _mode(value: str, where: str) -> Guide:
     if value not in _MODES:
         raise ValueError(f"{where}: unknown guide mode {value!r}, expected one of {sorted(_MODES)}")
@@ -126,11 +155,12 @@ def _mode(value: str, where: str) -> Guide:
 
 def build_compressor(config: Mapping, *, reproduce_defect_1: bool = False) -> Compressor:
     """Our compressor for an official config.json dict (fields: mm_projector_type, use_guide, use_clip_scale,
-    mm_hidden_size, hidden_size). `reproduce_defect_1` reproduces release defect 1: the global branch takes
-    `use_guide` even where the name gives it another mode (a bare mode: see `ProjectorSpec.guide_of`)."""
+    mm_hidden_size, hidden_size, mm_vision_tower). `reproduce_defect_1` reproduces release defect 1: a branch
+    takes `use_guide` even where the name gives it another mode (a bare mode: see `ProjectorSpec.guide_of`)."""
     missing = [key for key in ("mm_projector_type", "mm_hidden_size", "hidden_size") if key not in config]
     if missing:
         raise ValueError(f"official config lacks {missing}: is this a HICom config.json?")
+    _check_tower(config)
     spec = parse_projector_type(config["mm_projector_type"], config.get("use_guide"), config.get("use_clip_scale"))
     in_dim, out_dim = int(config["mm_hidden_size"]), int(config["hidden_size"])
     dims = dict(in_dim=in_dim, out_dim=out_dim, guide_dim=in_dim)
@@ -181,36 +211,46 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], compressor: nn.Mo
     """Official projector weights (bare mm_projector.bin names or model.mm_projector.* names) in our names.
 
     With `compressor`, the keys must match its state dict exactly; otherwise a KeyError lists the missing and
-    the unexpected ones. (The release keeps a clip-scale pair for a branch its name leaves out, unused: with
-    `compressor`, such a pair is dropped.)
+    the unexpected ones. The release keeps the clip-scale pair of every branch use_clip_scale names, even of one
+    its projector name leaves out: a pair whose branch has no other weights is dropped. Two names of one tensor
+    (model.mm_projector.X and X) are a ValueError.
     """
-    out = {}
+    out, source = {}, {}
     for key, value in state_dict.items():
         name = key.split("mm_projector.", 1)[1] if "mm_projector." in key else key
         if re.match(r"\d+\.", name):  # the LLaVA baseline's bare nn.Sequential
             name = f"readout.{name}"
         elif name in ("weight", "bias"):  # its "linear" form, a bare nn.Linear
             name = f"readout.0.{name}"
-        out[_RENAMES.get(name, name)] = value
+        name = _RENAMES.get(name, name)
+        if name in out:
+            raise ValueError(f"projector weights hold {name!r} twice, as {source[name]!r} and as {key!r}: keep one")
+        out[name], source[name] = value, key
+    for branch in ("local_compressor", "global_compressor"):
+        pair = (f"{branch}.logit_scale", f"{branch}.logit_bias")
+        if not any(name.startswith(f"{branch}.") and name not in pair for name in out):
+            for name in pair:
+                if out.pop(name, None) is not None:
+                    log.info("dropped %s: the release keeps it for a branch this projector does not have", source[name])
     if compressor is not None:
-        for branch in ("local_compressor", "global_compressor"):
-            if getattr(compressor, branch, None) is None:
-                for key in (f"{branch}.logit_scale", f"{branch}.logit_bias"):
-                    if out.pop(key, None) is not None:
-                        log.info("dropped %s: the release keeps it for a branch this projector does not have", key)
         check_keys(out, compressor)
     return out
 
 
-def to_official_state_dict(state_dict: Mapping[str, torch.Tensor], prefix: str = PREFIX) -> dict:
-    """Our compressor's weights in the release's layout (the inverse of `convert_state_dict`)."""
+def to_official_state_dict(
+    state_dict: Mapping[str, torch.Tensor], prefix: str = PREFIX, *, linear: bool = False
+) -> dict:
+    """Our compressor's weights in the release's layout (the inverse of `convert_state_dict`). The LLaVA
+    baseline's readout is the release's nn.Sequential (mlp<depth>x_gelu: 0.weight, 0.bias, 2.weight, ...), or
+    with `linear` its bare nn.Linear (projector type "linear": weight, bias)."""
+    if linear and set(state_dict) != {"readout.0.weight", "readout.0.bias"}:
+        raise ValueError("linear: the release's 'linear' projector is one nn.Linear; this state dict is not")
     inverse = {ours: theirs for theirs, ours in _RENAMES.items()}
-    single_linear = set(state_dict) == {"readout.0.weight", "readout.0.bias"}
     out = {}
     for name, value in state_dict.items():
         name = inverse.get(name, name)
-        if re.match(r"readout\.\d+\.", name):  # the LLaVA baseline: a bare nn.Sequential or nn.Linear
-            name = name.split(".", 2)[2] if single_linear else name[len("readout.") :]
+        if re.match(r"readout\.\d+\.", name):  # the LLaVA baseline
+            name = name.split(".", 2)[2] if linear else name[len("readout.") :]
         out[prefix + name] = value
     return out
 
@@ -264,37 +304,71 @@ def read_projector_weights(folder: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def load_official(folder: str | Path) -> Compressor:
+def load_official(folder: str | Path, *, reproduce_defect_1: bool | None = None) -> Compressor:
     """Build and load the compressor of an official checkpoint folder (config.json + projector weights).
 
-    Our reading of the config comes first; when its weights do not fit but those of the release's reading do
-    (defect 1: a global branch trained with direct injection under a name that says coarse), that one is used,
-    with a warning.
+    A bare mode in the projector name (as in "local43_global32_coarse") sets its branch's mode in our reading;
+    the release ignores it and runs `use_guide` there (defect 1 of SPEC 3). Where the two readings differ, the
+    weights decide: ours when they fit it, else the release's, with a warning. When they fit both (direct and
+    off injection have the same weights), ours is used, with a warning. `reproduce_defect_1` True or False
+    takes the release's or our reading whatever the weights.
     """
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {folder}: pass an official HICom checkpoint folder")
     config = json.loads(config_path.read_text())
-    weights = read_projector_weights(folder)
-    compressor = build_compressor(config)
-    try:
-        state = convert_state_dict(weights, compressor)
-    except KeyError as ours:
+    state = convert_state_dict(read_projector_weights(folder))
+    compressor = build_compressor(config, reproduce_defect_1=bool(reproduce_defect_1))
+    differences = _differing_readings(config) if reproduce_defect_1 is None else ""
+    if differences:
         release = build_compressor(config, reproduce_defect_1=True)
-        try:
-            state = convert_state_dict(weights, release)
-        except KeyError:
-            raise ours from None
-        log.warning(
-            "%s: the weights were trained with the release's global injection (use_guide %r, defect 1 of SPEC 3); "
-            "loading them that way: its global tokens are all equal",
-            folder,
-            config.get("use_guide"),
-        )
-        compressor = release
+        fit_ours, fit_release = _fits(state, compressor), _fits(state, release)
+        if fit_release and not fit_ours:
+            equal = release.global_compressor is not None and release.global_compressor.guide is Guide.DIRECT
+            log.warning(
+                "%s: the weights were trained with the release's reading of mm_projector_type %r (use_guide %r, "
+                "defect 1 of SPEC 3): %s. Loading them that way%s",
+                folder,
+                config["mm_projector_type"],
+                config.get("use_guide"),
+                differences,
+                ": its global tokens are all equal" if equal else "",
+            )
+            compressor = release
+        elif fit_release:
+            log.warning(
+                "%s: the weights fit both readings of mm_projector_type %r (use_guide %r): %s. Loading the name's "
+                "reading; load_official(folder, reproduce_defect_1=True) loads the release's",
+                folder,
+                config["mm_projector_type"],
+                config.get("use_guide"),
+                differences,
+            )
+    check_keys(state, compressor)  # a KeyError when the weights fit neither reading, naming what ours misses
     compressor.load_state_dict(state, strict=True)
     return compressor
+
+
+def _differing_readings(config: Mapping) -> str:
+    """Where the release's reading of the config's projector name differs from ours, in words ("" if nowhere)."""
+    spec = parse_projector_type(config["mm_projector_type"], config.get("use_guide"), config.get("use_clip_scale"))
+    differences = []
+    for where, branch in (("local", spec.local), ("global", spec.global_)):
+        if branch is not None and spec.guide_of(branch) is not spec.guide_of(branch, reproduce_defect_1=True):
+            differences.append(
+                f"the name gives the {where} branch {spec.guide_of(branch).value} injection, the release (which "
+                f"reads only guide<mode> parts) {spec.guide_of(branch, reproduce_defect_1=True).value}"
+            )
+    return "; ".join(differences)
+
+
+def _fits(state: Mapping[str, torch.Tensor], compressor: nn.Module) -> bool:
+    try:
+        check_keys(state, compressor)
+    except KeyError:
+        return False
+    return True
 
 
 # The whole model in the release's layout (SPEC 4): vision tower and guide encoder under model.vision_tower.*,
@@ -303,18 +377,79 @@ _VISION = "model.vision_tower.vision_tower.vision_model."
 _GUIDE = "model.vision_tower.guide_encoder.text_model."
 
 
+def release_gaps(compressor: Compressor) -> list[str]:
+    """What of `compressor` the release's config fields and projector name cannot carry, each with what to change
+    (empty: `projector_type` describes it, and `build_compressor` rebuilds it from that description)."""
+    if not isinstance(compressor, HICom):
+        return [f"the compressor is a {type(compressor).__name__}: only HICom compressors have a release name"]
+    gaps = []
+    local, global_ = compressor.local_compressor, compressor.global_compressor
+    branches = {"model.compressor.local": local, "model.compressor.global_": global_}
+    modes = {branch.guide for branch in branches.values() if branch is not None and branch.uses_guide}
+    if Guide.FINE in modes and len(modes) > 1:
+        gaps.append(
+            f"guides {' and '.join(sorted(mode.value for mode in modes))}: the release hands every branch the guide "
+            "in the one form use_guide asks for (token-level for fine, pooled otherwise): make both fine or neither"
+        )
+    for where, branch in branches.items():
+        if branch is None:
+            continue
+        if len(branch.readout) != 3:
+            depth = (len(branch.readout) + 1) // 2
+            gaps.append(f"{where}.readout_depth={depth}: the release's readouts have 2 layers: set 2")
+        if branch.guide_injector is not None and not isinstance(branch.guide_injector.text2qk_proj, nn.Identity):
+            gaps.append(
+                f"{where}: a guide of another width than the vision features: the release's guide encoder is the "
+                "SigLIP tower's text half, as wide as its vision features"
+            )
+    if local is not None:
+        kt, ks, _ = local.kernel
+        if kt > 9 or ks > 99:
+            gaps.append(
+                f"model.compressor.local.kernel={list(local.kernel)}: the release's name holds k_t in one digit and "
+                "k_s in one or two"
+            )
+        keys = Keys.EMBEDS if modes else Keys.FEATURES
+        if local.keys is not keys:
+            gaps.append(
+                f"model.compressor.local.keys={local.keys.value}: the release matches the local queries against the "
+                "joint-space embeddings whenever a branch is guided (use_guide on), else against the features: "
+                f"set {keys.value}"
+            )
+    if global_ is not None:
+        if global_.position != "kv":
+            gaps.append(
+                f"model.compressor.global_.position={global_.position}: the release adds the position table to the "
+                "keys and the values: set kv"
+            )
+        heads = max(1, global_.query.shape[1] // 128)
+        if global_.num_heads != heads:
+            gaps.append(
+                f"model.compressor.global_.num_heads={global_.num_heads}: the release uses width / 128 heads "
+                f"({heads} here): set null"
+            )
+    return gaps
+
+
 def projector_type(compressor: Compressor) -> dict:
     """The legacy config fields that describe one of our HICom compressors, in the guide<mode> form that the
-    release parses too (so no bare mode is ever left to defect 1)."""
-    if not isinstance(compressor, HICom):
-        raise ValueError(f"only HICom compressors have a release name, not {type(compressor).__name__}")
+    release parses too (so no bare mode is ever left to defect 1). A ValueError lists what the release's
+    fields cannot carry (`release_gaps`): written anyway, they would load as another model."""
+    gaps = release_gaps(compressor)
+    if gaps:
+        raise ValueError("the release's config cannot describe this compressor:\n  " + "\n  ".join(gaps))
+    return _legacy_fields(compressor)
+
+
+def _legacy_fields(compressor: HICom) -> dict:
+    """mm_projector_type, use_guide and use_clip_scale as `projector_type` writes them, unchecked."""
     parts, scales, modes = [], [], []
     local, global_ = compressor.local_compressor, compressor.global_compressor
     if local is not None:
         kt, ks, _ = local.kernel
         name = f"local{kt}{ks}"
         if local.adapt:
-            name += "_adapt" + "".join(sorted(a.value for a in local.adapt))
+            name += "_adapt" + "".join(a.value for a in Adapt if a in local.adapt)
         parts.append(f"{name}_guide{local.guide.value}")
         modes.append(local.guide)
         if local.clip_scale:
@@ -328,17 +463,27 @@ def projector_type(compressor: Compressor) -> dict:
         if global_.clip_scale:
             scales.append("global")
     guided = [m for m in modes if m is not Guide.OFF]
+    # use_guide: on whenever a branch is guided (the release then computes the embeds), fine when one is fine
+    # (the release then hands the guide over token-level); each branch's own mode is in the name
     return {
         "mm_projector_type": "_".join(parts),
-        "use_guide": guided[0].value if guided else "off",
+        "use_guide": (Guide.FINE if Guide.FINE in guided else next(iter(guided), Guide.OFF)).value,
         "use_clip_scale": ",".join(scales),
     }
 
 
 def export_official(net, folder: str | Path) -> Path:
-    """Write our VideoLLM as a release-layout folder: config.json and model.safetensors."""
+    """Write our VideoLLM as a release-layout folder: config.json and model.safetensors. A ValueError, before
+    anything is written, lists what the release's layout cannot carry (a CLIP tower, `release_gaps`)."""
     from safetensors.torch import save_file
 
+    from hicom.modules.vision import SiglipTower
+
+    gaps = release_gaps(net.compressor)
+    if not isinstance(net.vision, SiglipTower):
+        gaps.insert(0, f"model.vision: a {type(net.vision).__name__}: the release's layout holds a SigLIP tower")
+    if gaps:
+        raise ValueError(f"cannot export to {folder}, the release's layout cannot carry:\n  " + "\n  ".join(gaps))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {}
@@ -379,7 +524,7 @@ def _description(compressor: Compressor) -> dict:
         return {"type": type(compressor).__name__}
     local, global_ = compressor.local_compressor, compressor.global_compressor
     return {
-        **projector_type(compressor),
+        **_legacy_fields(compressor),
         "local_keys": None if local is None else local.keys.value,
         "global_position": None if global_ is None else global_.position,
     }
