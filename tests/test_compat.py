@@ -295,6 +295,7 @@ def test_the_whole_model_round_trips_through_the_release_layout(cfg_small, tmp_p
     folder = export_official(source, tmp_path / "official")
     config = json.loads((folder / "config.json").read_text())
     assert config["mm_projector_type"] == "local43_guidedirect_global32_guidecoarse"
+    assert "mm_vision_tower" not in config  # named only for so400m's width, which the release's loader then builds
     names = set(load_file(str(folder / "model.safetensors")))
     assert "model.mm_projector.global_compressor.query" in names and "lm_head.weight" in names
     assert any(n.startswith("model.vision_tower.guide_encoder.text_model.") for n in names)

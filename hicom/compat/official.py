@@ -501,6 +501,8 @@ def export_official(net, folder: str | Path) -> Path:
         "hidden_size": net.llm.hidden_size,
         "mm_vision_select_layer": net.vision.select_layer,
     }
+    if net.vision.hidden_size == SIGLIP_WIDTH:  # the release builds its tower from this name (hub id or a local copy)
+        config["mm_vision_tower"] = f"google/{SIGLIP}"
     (folder / "config.json").write_text(json.dumps(config, indent=1, default=str))
     return folder
 
