@@ -83,12 +83,23 @@ class VideoLLMModule(LightningModule):
         self.train()
 
     def train(self, mode: bool = True):
-        """Trainable parts follow `mode`; frozen parts stay in eval mode (no dropout in what does not learn)."""
+        """Trainable parts follow `mode`; frozen parts stay in eval mode (no dropout in what does not learn), but
+        for a frozen LLM with gradient checkpointing: transformers checkpoints only layers in training mode, and the
+        compressor's gradients pass through the LLM's activations, which are what checkpointing saves (stages 1-2
+        of the recipe). Qwen2.5's and Llama 3.1's configs have no dropout, so training mode changes nothing else."""
         super().train(mode)
         if mode:
+            llm = self.net.llm.model
+            checkpointed = getattr(llm, "is_gradient_checkpointing", False)
             for name, part in self.parts().items():
-                if name not in self.trainable:
+                if name not in self.trainable and not (name == "llm" and checkpointed):
                     part.eval()
+            if "llm" not in self.trainable and checkpointed and getattr(llm.config, "attention_dropout", 0.0):
+                log.warning(
+                    "the frozen LLM runs in training mode for gradient checkpointing, and its attention_dropout "
+                    "%s applies: set model.llm.gradient_checkpointing=false to train without it",
+                    llm.config.attention_dropout,
+                )  # fmt: skip
         return self
 
     def setup(self, stage: str) -> None:

@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-from hicom.utils.checkpoints import load_tokenizer, require_pretrained, resolve_attention
+from hicom.utils.checkpoints import MASTER_DTYPE, load_tokenizer, require_pretrained, resolve_attention
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class CausalLM(nn.Module):
         self.visual_token_id = int(token_id)
         self.tokenizer = tokenizer
         self.model = AutoModelForCausalLM.from_pretrained(
-            folder, attn_implementation=resolve_attention(attn_implementation)
+            folder, attn_implementation=resolve_attention(attn_implementation), dtype=MASTER_DTYPE
         )
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()

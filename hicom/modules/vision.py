@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-from hicom.utils.checkpoints import require_pretrained, resolve_attention
+from hicom.utils.checkpoints import MASTER_DTYPE, require_pretrained, resolve_attention
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ class _Tower(nn.Module):
         runs that build the model without its weights; loading ignores it."""
         super().__init__()
         folder = require_pretrained(path, f"the {self.what} checkpoint", "model.vision.path")
-        model = self._model().from_pretrained(folder, attn_implementation=resolve_attention(attn_implementation))
+        attention = resolve_attention(attn_implementation)
+        model = self._model().from_pretrained(folder, attn_implementation=attention, dtype=MASTER_DTYPE)
         self._take(model, select_layer, str(folder))
 
     @classmethod

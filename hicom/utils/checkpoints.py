@@ -6,6 +6,8 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 
 def require_pretrained(path: str | Path, what: str, key: str, override: str | None = None) -> Path:
     """The folder `path` if it holds a config.json, else a FileNotFoundError that names what to set: `override`
@@ -37,6 +39,13 @@ def check_safetensors(path: Path) -> None:
         raise ValueError(
             f"'{path}' ({path.stat().st_size} bytes) is not a whole safetensors file ({error}): copy it again"
         ) from error
+
+
+# Weights load in fp32 whatever the checkpoint stores (Qwen2.5's are bf16, and transformers keeps a checkpoint's
+# dtype): AdamW must step fp32 weights, since a 1e-5 step on a bf16 weight mostly rounds away. bf16 compute comes
+# from the precision plugin (bf16-mixed autocast) or DeepSpeed (bf16 copies of the fp32 masters); evaluation casts
+# the loaded model to bf16 itself. The price is 4 bytes per parameter of host memory while loading.
+MASTER_DTYPE = torch.float32
 
 
 def resolve_attention(requested: str) -> str:

@@ -54,3 +54,59 @@ def test_instruction_aware_qformer_trains_through_the_network(cache_dir, tmp_pat
     assert out.shape == (2 * 32, net.llm.hidden_size)
     out.square().mean().backward()
     assert net.compressor.instruction_proj.weight.grad is not None
+
+
+def test_a_frozen_llm_with_gradient_checkpointing_is_checkpointed(cache_dir, tmp_path):
+    """Stages 1-2 of the recipe: the LLM is frozen, the compressor's gradients pass through its activations.
+    transformers checkpoints only layers in training mode, so the frozen LLM must run in it: the forward then
+    keeps far fewer tensors for backward, and the compressor's gradients are the same."""
+    import torch.autograd.graph as graph
+
+    saved, grads = {}, {}
+    for checkpointing in (False, True):
+        overrides = [*SMALL, "model.trainable=[compressor]", f"model.llm.gradient_checkpointing={checkpointing}"]
+        torch.manual_seed(0)  # the same compressor init
+        model, datamodule = build(compose_train(cache_dir, tmp_path / str(checkpointing), overrides))
+        datamodule.setup("fit")
+        batch = datamodule.collate([datamodule.train_set[i] for i in range(2)])
+        model.train()
+        frozen = [module.training for name, part in model.parts().items() if name not in ("compressor", "llm")
+                  for module in list(part.modules())[1:]]  # fmt: skip
+        assert model.net.llm.model.training is checkpointing and not any(frozen)
+        kept = []
+
+        def keep(tensor, kept=kept):
+            kept.append(tensor.numel())
+            return tensor
+
+        with graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            loss = model.net(batch).loss
+        loss.backward()
+        saved[checkpointing] = sum(kept)
+        grads[checkpointing] = [p.grad.clone() for p in model.net.compressor.parameters()]
+    assert saved[True] < saved[False] / 2, saved
+    for a, b in zip(grads[False], grads[True], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_weights_stored_in_bf16_load_as_fp32_masters(tiny_paths, tmp_path):
+    """Qwen2.5 ships bf16 weights and transformers keeps a checkpoint's dtype: AdamW would then step bf16 weights,
+    where a 1e-5 update mostly rounds away. They load in fp32; bf16 compute is the precision plugin's."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from hicom.modules.llm import CausalLM
+    from hicom.modules.vision import SiglipTower
+
+    for name in ("qwen2", "siglip"):
+        folder = shutil.copytree(tiny_paths[name], tmp_path / name)
+        for weights in folder.glob("*.safetensors"):
+            state = {k: v.to(torch.bfloat16) for k, v in load_file(str(weights)).items()}
+            save_file(state, str(weights), metadata={"format": "pt"})
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16", "torch_dtype": "bfloat16"}))
+    llm = CausalLM(path=str(tmp_path / "qwen2"))
+    tower = SiglipTower(path=str(tmp_path / "siglip"))
+    assert {p.dtype for p in [*llm.parameters(), *tower.parameters()]} == {torch.float32}
