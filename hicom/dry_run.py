@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
 from hicom.modules.compressors.base import PackedLayout
@@ -147,25 +147,27 @@ def activation_bytes(model: MetaModel, frames: int, visual: int, text: int, micr
 
 
 def stages_of(cfg: DictConfig) -> list[dict]:
+    """Each stage's name, trainable parts, frames, modality, whether it is guided, its config (as the stage runner
+    composes it: its own compressor) and its ZeRO stage (its strategy's where that is DeepSpeed, else the dry
+    run's setting)."""
+    from hicom.stages import stage_config, uses_deepspeed
+
+    default_zero = int((cfg.get("dry_run_settings") or {}).get("zero_stage", 2))
     stages = cfg.get("stages")
-    if stages:
-        out = []
-        for stage in stages:
-            merged = OmegaConf.merge(cfg, stage.get("config") or {})
-            entry = OmegaConf.to_container(stage, resolve=False)
-            entry["guided"] = is_guided(merged)
-            entry.setdefault("modality", "image" if stage.num_frames == 1 else "video")
-            out.append(entry)
-        return out
-    return [
-        {
-            "name": "train",
-            "trainable": list(cfg.model.trainable),
-            "num_frames": int(cfg.data.num_frames),
-            "modality": "video",
-            "guided": is_guided(cfg),
+    out = []
+    for stage in stages or [None]:
+        merged = cfg if stage is None else stage_config(cfg, stage, Path(cfg.paths.output_dir) / stage.name)
+        entry = {
+            "name": "train" if stage is None else stage.name,
+            "trainable": list(merged.model.trainable),
+            "num_frames": int(merged.data.num_frames),
+            "guided": is_guided(merged),
+            "config": merged,
+            "zero": int(merged.trainer.strategy.get("stage", 0)) if uses_deepspeed(merged) else default_zero,
         }
-    ]
+        entry["modality"] = (stage or {}).get("modality") or ("image" if entry["num_frames"] == 1 else "video")
+        out.append(entry)
+    return out
 
 
 def is_guided(cfg: DictConfig) -> bool:
@@ -176,21 +178,30 @@ def is_guided(cfg: DictConfig) -> bool:
 
 
 def report(cfg: DictConfig) -> list[dict]:
+    from hydra.utils import instantiate
+
+    from hicom.modules.video_llm import compose_compressor
+
     settings = cfg.get("dry_run_settings") or {}
-    gpus, zero = int(settings.get("gpus", 8)), int(settings.get("zero_stage", 2))
+    gpus = int(settings.get("gpus", 8))
     micro, text = int(settings.get("micro_batch", 1)), int(settings.get("text_tokens", 256))
     guide = int(settings.get("guide_tokens", 64))
-    model = build_meta(cfg)
-    params = {name: sum(p.numel() for p in part.parameters()) for name, part in model.parts().items()}
+    base = build_meta(cfg)
     rows = []
-    print(f"dry run: {cfg.model.vision.arch} + {type(model.compressor).__name__} + {cfg.model.llm.arch}, "
-          f"{gpus} GPUs, ZeRO-{zero}, micro batch {micro}, {text} text tokens per sample")  # fmt: skip
-    print(
-        "parameters: "
-        + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in params.items())
-        + f", total {sum(params.values()) / 1e9:.3f}B"
-    )
+    print(f"dry run: {cfg.model.vision.arch} + {type(base.compressor).__name__} + {cfg.model.llm.arch}, "
+          f"{gpus} GPUs, micro batch {micro}, {text} text tokens per sample")  # fmt: skip
     for stage in stages_of(cfg):
+        with torch.device("meta"):  # the stage's own compressor (stage 1 of the recipe has no injection modules)
+            compressor = instantiate(stage["config"].model.compressor)
+            compressor = compose_compressor(compressor, base.vision, base.llm.config.hidden_size)
+        model = MetaModel(vision=base.vision, llm=base.llm, compressor=compressor)
+        params = {name: sum(p.numel() for p in part.parameters()) for name, part in model.parts().items()}
+        zero = stage["zero"]
+        print(
+            f"\n[{stage['name']}] ZeRO-{zero}; parameters: "
+            + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in params.items())
+            + f", total {sum(params.values()) / 1e9:.3f}B"
+        )
         trainable = set(stage["trainable"])
         unknown = trainable - set(PARTS)
         if unknown:
@@ -208,9 +219,10 @@ def report(cfg: DictConfig) -> list[dict]:
             "forward_tflops": {k: v / 1e12 for k, v in fwd.items()},
             "train_tflops": train / 1e12,
             "memory_gib": memory,
+            "zero_stage": zero,
         }
         rows.append(row)
-        print(f"\n[{stage['name']}] trainable {sorted(trainable)}: {row['trainable_params'] / 1e6:.1f}M parameters; "
+        print(f"  trainable {sorted(trainable)}: {row['trainable_params'] / 1e6:.1f}M parameters; "
               f"{frames} x {modality} -> {visual} visual tokens")  # fmt: skip
         print("  forward TFLOP per sample: " + ", ".join(f"{k} {v:.3f}" for k, v in row["forward_tflops"].items()))
         print(f"  training TFLOP per sample (forward + backward): {row['train_tflops']:.2f}")

@@ -1,8 +1,11 @@
 """The recipe's stages in sequence (SPEC 5), each a Lightning fit that starts from its parent through a checked
 hand-off.
 
-A stage is `{name, trainable, num_frames, global_batch_size, config, new_parameters}`: `config` is a delta merged
-onto the run's config (data source, learning rates, the compressor's guides); `new_parameters` are glob patterns
+A stage is `{name, trainable, num_frames, global_batch_size, zero_stage, config, new_parameters}`: `config` is a
+delta merged onto the run's config (data source, learning rates, the compressor's guides); `zero_stage` is the
+least DeepSpeed ZeRO stage the stage runs at where the run's strategy is DeepSpeed (the recipe's stage 3 needs
+ZeRO-2's sharded optimizer states; a higher stage, or another strategy, chosen with `strategy=...` is kept);
+`new_parameters` are glob patterns
 of parameters the stage adds to what its parent trained (e.g. the injection modules when stage 2 turns the guide
 on), which start from their init instead of the parent.
 
@@ -37,6 +40,17 @@ class HandoffError(RuntimeError):
     """A stage's parent does not fit it: missing or unexpected parameters, or a wrong shape."""
 
 
+def uses_deepspeed(cfg: DictConfig) -> bool:
+    """Whether the config's trainer strategy is (a subclass of) Lightning's DeepSpeedStrategy."""
+    from hydra.utils import get_class
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = OmegaConf.select(cfg, "trainer.strategy")
+    if not isinstance(strategy, DictConfig) or "_target_" not in strategy:
+        return False
+    return issubclass(get_class(strategy._target_), DeepSpeedStrategy)
+
+
 def stage_config(base: DictConfig, stage: DictConfig, out_dir: Path) -> DictConfig:
     cfg = OmegaConf.merge(base, stage.get("config") or {})
     with open_dict(cfg):
@@ -45,6 +59,8 @@ def stage_config(base: DictConfig, stage: DictConfig, out_dir: Path) -> DictConf
             cfg.data.num_frames = stage.num_frames
         if stage.get("global_batch_size") is not None:
             cfg.global_batch_size = stage.global_batch_size
+        if stage.get("zero_stage") is not None and uses_deepspeed(cfg):
+            cfg.trainer.strategy.stage = max(int(cfg.trainer.strategy.get("stage", 0)), int(stage.zero_stage))
         cfg.paths.output_dir = str(out_dir)
         cfg.stages = None
     return cfg

@@ -13,7 +13,14 @@ from hicom.utils.checkpoints import check_safetensors
 from tests.conftest import CONFIGS, SMALL, compose_train
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
-TINY_PARTS = ["assets=tiny", "model/vision=tiny_siglip", "model/llm=tiny_qwen2", "data=synthetic", "trainer=default"]
+TINY_PARTS = [
+    "assets=tiny",
+    "model/vision=tiny_siglip",
+    "model/llm=tiny_qwen2",
+    "data=synthetic",
+    "trainer=default",
+    "~strategy",
+]
 
 
 def _json_data(folder: Path, train: str, val: str | None = None) -> list[str]:
@@ -82,6 +89,24 @@ def test_a_staged_run_checks_every_stages_data_before_the_first_trains(cache_dir
     with pytest.raises(FileNotFoundError, match=r"stage3_video_instruct\.yaml not found.*HICOM_DATA"):
         run_stages(cfg)
     assert not (tmp_path / "run" / "stages").exists()  # nothing trained
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (None, [("DeepSpeedStrategy", 0), ("DeepSpeedStrategy", 0), ("DeepSpeedStrategy", 2)]),  # SPEC 5
+        ("strategy=deepspeed_zero3", [("DeepSpeedStrategy", 3)] * 3),  # more sharding than a stage needs is kept
+        ("strategy=ddp", [("DDPStrategy", None)] * 3),
+    ],
+)
+def test_the_recipes_stages_run_under_deepspeed_zero_0_0_2_unless_told_otherwise(
+    override, expected, cache_dir, tmp_path
+):
+    from hicom.stages import stage_config
+
+    cfg = compose_train(cache_dir, tmp_path, ["experiment=directg_local43_global32", *([override] if override else [])])
+    strategies = [stage_config(cfg, stage, tmp_path / stage.name).trainer.strategy for stage in cfg.stages]
+    assert [(s._target_.rsplit(".", 1)[-1], s.get("stage")) for s in strategies] == expected
 
 
 def test_a_later_stage_with_an_unreadable_annotation_file_fails_before_the_first_stage_trains(cache_dir, tmp_path):

@@ -16,6 +16,9 @@ def test_the_paper_recipe_on_qwen25_05b(cache_dir, tmp_path, capsys):
     conditional = rows[1]["forward_tflops"]
     assert 20 < conditional["vision_trunk"] < 23 and 0.03 < conditional["compressor"] < 0.04
     assert rows[2]["memory_gib"]["optimizer"] > rows[1]["memory_gib"]["optimizer"]
+    # each stage as the runner composes it: stage 1 without the injection modules, SPEC 5's ZeRO stages
+    assert rows[0]["trainable_params"] < rows[1]["trainable_params"]  # the compressor alone trains in both
+    assert [r["zero_stage"] for r in rows] == [0, 0, 2]
 
 
 def test_a_config_without_a_bundled_architecture_says_which_key(cache_dir, tmp_path):

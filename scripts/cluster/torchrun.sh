@@ -13,4 +13,4 @@ export HICOM_RUN_STAMP=${HICOM_RUN_STAMP:-$(date +%Y-%m-%d_%H-%M-%S)}
 export HICOM_NUM_NODES=$NNODES HICOM_GPUS_PER_NODE=$GPUS
 .venv/bin/python -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS" \
   --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-29500}" \
-  train.py experiment=directg_local43_global32 trainer=multinode strategy=deepspeed_zero2 "$@"
+  train.py experiment=directg_local43_global32 trainer=multinode "$@"
