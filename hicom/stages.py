@@ -1,8 +1,11 @@
 """The recipe's stages in sequence (SPEC 5), each a Lightning fit that starts from its parent through a checked
 hand-off.
 
-A stage is `{name, trainable, num_frames, global_batch_size, zero_stage, config, new_parameters}`: `config` is a
-delta merged onto the run's config (data source, learning rates, the compressor's guides); `zero_stage` is the
+A stage is `{name, trainable, num_frames, global_batch_size, zero_stage, guided, guide_added, config,
+new_parameters}`: `config` is a delta merged onto the run's config (data source, learning rates); `guided: false`
+turns the compressor's guide off, whatever the compressor (its class's `unguided` delta), and `guide_added: true`
+says the stage turns on the guide its parent trained without, so that the parameters only a guided compressor has
+start from their init (found by building the compressor unguided on the meta device); `zero_stage` is the
 least DeepSpeed ZeRO stage the stage runs at where the run's strategy is DeepSpeed (the recipe's stage 3 needs
 ZeRO-2's sharded optimizer states; a higher stage, or another strategy, chosen with `strategy=...` is kept);
 `new_parameters` are glob patterns
@@ -59,6 +62,12 @@ def stage_config(base: DictConfig, stage: DictConfig, out_dir: Path) -> DictConf
             cfg.data.num_frames = stage.num_frames
         if stage.get("global_batch_size") is not None:
             cfg.global_batch_size = stage.global_batch_size
+        if stage.get("guided") is False:
+            from hydra.utils import get_class
+
+            cfg.model.compressor = OmegaConf.merge(
+                cfg.model.compressor, get_class(cfg.model.compressor._target_).unguided
+            )
         if stage.get("zero_stage") is not None and uses_deepspeed(cfg):
             cfg.trainer.strategy.stage = max(int(cfg.trainer.strategy.get("stage", 0)), int(stage.zero_stage))
         cfg.paths.output_dir = str(out_dir)
@@ -114,6 +123,20 @@ def read_manifest(path: Path) -> dict:
             f"{path} is not a stage manifest (no {sorted(missing)}): delete the stage's folder to train it again"
         )
     return manifest
+
+
+def guide_parameters(model, cfg: DictConfig) -> list[str]:
+    """The names (as hand-offs write them) of the compressor's tensors that only its guided form has: its state
+    less that of the same compressor built unguided, on the meta device."""
+    from hydra.utils import get_class, instantiate
+
+    from hicom.modules.video_llm import compose_compressor
+
+    compressor = cfg.model.compressor
+    unguided = OmegaConf.merge(compressor, get_class(compressor._target_).unguided)
+    with torch.device("meta"):
+        plain = compose_compressor(instantiate(unguided), model.net.vision, model.net.llm.hidden_size)
+    return [f"compressor.{key}" for key in model.net.compressor.state_dict() if key not in plain.state_dict()]
 
 
 def load_handoff(model, parent: Path, new_parameters: list[str]) -> list[str]:
@@ -198,7 +221,9 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
         if i > 0 and parent is None:
             raise FileNotFoundError(f"stage {stage.name} needs its parent's hand-off: run the earlier stages first")
         stage_cfg = stage_config(cfg, stage, out_dir)
-        handoff = _Handoff(parent, out_dir, stage_cfg, list(stage.get("new_parameters") or []))
+        handoff = _Handoff(
+            parent, out_dir, stage_cfg, list(stage.get("new_parameters") or []), stage.get("guide_added")
+        )
         log.info("stage %s: training %s from %s", stage.name, list(stage.trainable), parent or "scratch")
         results[stage.name] = train(stage_cfg, before_fit=handoff.load, after_fit=handoff.save)
         parent = out_dir
@@ -208,13 +233,17 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
 class _Handoff:
     """Loads a stage's parent before its fit and saves the stage after it: the parts trained so far."""
 
-    def __init__(self, parent: Path | None, out_dir: Path, cfg: DictConfig, new_parameters: list[str]) -> None:
+    def __init__(
+        self, parent: Path | None, out_dir: Path, cfg: DictConfig, new_parameters: list[str], guide_added: bool = False
+    ) -> None:
         self.parent, self.out_dir, self.cfg, self.new_parameters = parent, out_dir, cfg, new_parameters
+        self.guide_added = bool(guide_added)
         self.carried: list[str] = []
 
     def load(self, model) -> None:
         if self.parent is not None:
-            self.carried = load_handoff(model, self.parent, self.new_parameters)
+            new = [*self.new_parameters, *(guide_parameters(model, self.cfg) if self.guide_added else [])]
+            self.carried = load_handoff(model, self.parent, new)
 
     def save(self, model) -> None:
         parts = list(dict.fromkeys([*self.carried, *self.cfg.model.trainable]))

@@ -109,6 +109,24 @@ def test_the_recipes_stages_run_under_deepspeed_zero_0_0_2_unless_told_otherwise
     assert [(s._target_.rsplit(".", 1)[-1], s.get("stage")) for s in strategies] == expected
 
 
+@pytest.mark.parametrize("compressor", sorted(p.stem for p in (CONFIGS / "model" / "compressor").glob("*.yaml")))
+def test_the_recipe_composes_with_every_compressor(compressor, cache_dir, tmp_path):
+    """`experiment=directg_local43_global32 model/compressor=<any>`: stage 1 aligns it without its guide, the later
+    stages guide it where it can be guided, and every stage builds it at the release's init."""
+    from hicom.stages import stage_config
+
+    cfg = compose_train(cache_dir, tmp_path, ["experiment=directg_local43_global32", f"model/compressor={compressor}"])
+    guided = []
+    for stage in cfg.stages:
+        built = instantiate(stage_config(cfg, stage, tmp_path / stage.name).model.compressor)
+        guided.append(built(in_dim=48, out_dim=8, guide_dim=48).uses_guide)
+    assert guided == [False, *[compressor in ("hicom", "instructblip")] * 2]
+    comp = cfg.model.compressor
+    stds = [c.init_std for c in (comp, comp.get("local"), comp.get("global_")) if c is not None and "init_std" in c]
+    # the release's init where the compressor has the setting (the Q-Former keeps BERT's initializer_range)
+    assert set(stds) == (set() if compressor in ("qformer", "instructblip") else {0.02})
+
+
 def test_a_later_stage_with_an_unreadable_annotation_file_fails_before_the_first_stage_trains(cache_dir, tmp_path):
     from omegaconf import open_dict
 

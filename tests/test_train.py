@@ -247,6 +247,25 @@ def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_delete
         load_handoff(model, stages / "conditional", [])
 
 
+@pytest.mark.parametrize("compressor", ["instructblip", "avgpool"])
+def test_the_staged_recipe_takes_another_compressor_by_one_override(compressor, cache_dir, tmp_path):
+    """Stage 1 aligns without a guide and stage 2 turns it on whatever the compressor: the instruction-aware
+    Q-Former's instruction modules start in stage 2 (its unguided form has none); avgpool has no guide at all."""
+    from hicom.stages import run_stages
+
+    overrides = ["experiment=tiny_stages", f"model/compressor={compressor}", *SMALL, "trainer.limit_train_batches=1"]
+    if compressor == "instructblip":  # a Q-Former of the tiny models' size, not BERT-base's
+        sizes = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+        overrides += [f"model.compressor.{key}={value}" for key, value in sizes.items()]
+    results = run_stages(compose_train(cache_dir, tmp_path, overrides))
+    assert [r["steps"] for r in results.values()] == [1, 1, 1]
+    stages = tmp_path / "stages"
+    names = {s: set(json.loads((stages / s / "manifest.json").read_text())["parameters"]) for s in results}
+    added = names["conditional"] - names["alignment"]
+    assert bool(added) is (compressor == "instructblip") and names["instruction"] >= names["conditional"]
+    assert all(name.startswith("compressor.") for name in added)
+
+
 def test_a_figure_a_run_does_not_have_reads_n_a_in_the_summary():
     from rich.console import Console
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -43,6 +44,8 @@ class GlobalCompressor(Compressor):
     Output: readout(query + attention). The position table is added to the keys and values as released
     (`position="kv"`) or to the keys only as the paper writes (`position="k"`).
     """
+
+    unguided: ClassVar[dict] = {"guide": "off"}
 
     def __init__(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import torch
 
@@ -16,6 +17,8 @@ class HICom(Compressor):
 
     `local` and `global_` are partials (from Hydra) taking in_dim / out_dim / guide_dim.
     """
+
+    unguided: ClassVar[dict] = {"local": {"guide": "off"}, "global_": {"guide": "off"}}
 
     def __init__(self, *, in_dim: int, out_dim: int, guide_dim: int | None = None, local=None, global_=None) -> None:
         super().__init__()

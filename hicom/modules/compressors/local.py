@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,8 @@ class LocalCompressor(Compressor):
     keys are the joint-space embeddings when guided (else the features, unless `keys` says); values are the features.
     Attention is single-head without projections, inside each cell's group of k_t * k_s * k_s tokens.
     """
+
+    unguided: ClassVar[dict] = {"guide": "off"}
 
     def __init__(
         self,

@@ -14,6 +14,8 @@ tokenizer is needed.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -22,6 +24,8 @@ from hicom.modules.compressors.global_compressor import position_table_3d
 
 
 class QFormerCompressor(Compressor):
+    unguided: ClassVar[dict] = {"instruction": False}
+
     def __init__(
         self,
         *,
