@@ -148,6 +148,8 @@ class ChatEncoder:
             labels += [IGNORE_INDEX] * len(piece)
         input_ids = torch.tensor(ids, dtype=torch.long)
         label_ids = torch.tensor(labels, dtype=torch.long)
+        if not num_visual and (input_ids == self.visual_token_id).any():  # the LLM would look for visual tokens
+            raise MalformedSample(f"a text-only sample whose text holds the visual token {self.visual_token!r}")
         if num_visual:
             where = (input_ids == self.visual_token_id).nonzero().flatten()
             if len(where) != 1:

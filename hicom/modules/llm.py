@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-from hicom.utils.checkpoints import MASTER_DTYPE, load_tokenizer, require_pretrained, resolve_attention
+from hicom.utils.checkpoints import load_pretrained, load_tokenizer, require_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,7 @@ class CausalLM(nn.Module):
             raise ValueError(f"{folder}: the tokenizer has no {visual_token!r} token to mark visual positions")
         self.visual_token_id = int(token_id)
         self.tokenizer = tokenizer
-        self.model = AutoModelForCausalLM.from_pretrained(
-            folder, attn_implementation=resolve_attention(attn_implementation), dtype=MASTER_DTYPE
-        )
+        self.model = load_pretrained(AutoModelForCausalLM, folder, "the LLM checkpoint", attn_implementation)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.hidden_size = self.model.config.hidden_size

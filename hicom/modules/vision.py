@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-from hicom.utils.checkpoints import MASTER_DTYPE, require_pretrained, resolve_attention
+from hicom.utils.checkpoints import load_pretrained, require_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,7 @@ class _Tower(nn.Module):
         runs that build the model without its weights; loading ignores it."""
         super().__init__()
         folder = require_pretrained(path, f"the {self.what} checkpoint", "model.vision.path")
-        attention = resolve_attention(attn_implementation)
-        model = self._model().from_pretrained(folder, attn_implementation=attention, dtype=MASTER_DTYPE)
+        model = load_pretrained(self._model(), folder, f"the {self.what} checkpoint", attn_implementation)
         self._take(model, select_layer, str(folder))
 
     @classmethod

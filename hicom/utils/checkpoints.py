@@ -62,12 +62,33 @@ def resolve_attention(requested: str) -> str:
     return "sdpa"
 
 
+def load_pretrained(model_class, folder: Path, what: str, attn_implementation: str):
+    """`model_class.from_pretrained(folder)` in fp32 (MASTER_DTYPE) with the attention kernel asked for; a folder
+    whose weights lack tensors of the architecture is an error naming them (transformers would fill them with a
+    random init and go on)."""
+    model, info = model_class.from_pretrained(
+        folder, attn_implementation=resolve_attention(attn_implementation), dtype=MASTER_DTYPE, output_loading_info=True
+    )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ValueError(
+            f"{what} at '{folder}' lacks {len(missing)} weight tensors of its architecture (e.g. {missing[:3]}): the "
+            "folder is incomplete; copy its weight files again"
+        )
+    return model
+
+
 def load_tokenizer(folder):
     """The LLM's tokenizer; one without a pad token (Llama 3) pads with its end-of-sequence token, which the
     attention mask and the labels hide."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    if len(tokenizer) < 2:  # transformers builds an empty tokenizer where the folder holds no tokenizer files
+        raise FileNotFoundError(
+            f"'{folder}' holds no tokenizer (tokenizer.json / tokenizer_config.json and the vocabulary files): copy "
+            "the checkpoint's tokenizer files there"
+        )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"{folder}: the tokenizer has neither a pad nor an end-of-sequence token")

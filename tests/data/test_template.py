@@ -79,3 +79,9 @@ def test_a_template_that_trims_messages_labels_the_trimmed_answer(tiny_paths):
         out = trimming.encode(to_messages(conversation("<video>\n What colour? ", answer)), num_visual=2)
         labelled = out["labels"][out["labels"] != IGNORE_INDEX]
         assert tokenizer.decode(labelled) == "Red" + tokenizer.eos_token
+
+
+def test_a_text_only_sample_holding_the_visual_token_is_malformed(encoder):
+    """The LLM would find a visual position with no visual token to fill it, and fail the whole batch."""
+    with pytest.raises(MalformedSample, match="text-only sample whose text holds the visual token"):
+        encoder.encode(to_messages(conversation("What is <|video_pad|>?", "A token.")), num_visual=0)

@@ -1,5 +1,6 @@
 """The network's guide plumbing: token-level guides for fine injection, clip scale from the vision checkpoint."""
 
+import pytest
 import torch
 
 from hicom.training import build
@@ -110,3 +111,26 @@ def test_weights_stored_in_bf16_load_as_fp32_masters(tiny_paths, tmp_path):
     llm = CausalLM(path=str(tmp_path / "qwen2"))
     tower = SiglipTower(path=str(tmp_path / "siglip"))
     assert {p.dtype for p in [*llm.parameters(), *tower.parameters()]} == {torch.float32}
+
+
+def test_a_folder_missing_weight_tensors_or_its_tokenizer_is_an_error_not_a_random_init(tiny_paths, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from hicom.modules.llm import CausalLM
+    from hicom.modules.vision import SiglipTower
+
+    for name, prefix, part in (("qwen2", "model.layers.1.", CausalLM), ("siglip", "text_model.", SiglipTower)):
+        folder = shutil.copytree(tiny_paths[name], tmp_path / name)
+        (weights,) = folder.glob("*.safetensors")
+        state = load_file(str(weights))
+        save_file({k: v for k, v in state.items() if not k.startswith(prefix)}, str(weights), metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=rf"lacks \d+ weight tensors of its architecture \(e\.g\. \['{prefix}"):
+            part(path=str(folder))
+    folder = shutil.copytree(tiny_paths["qwen2"], tmp_path / "no-tokenizer")
+    for file in folder.iterdir():
+        if "token" in file.name or file.suffix in (".jinja", ".txt") or file.name == "vocab.json":
+            file.unlink()
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer"):
+        CausalLM(path=str(folder))
