@@ -89,8 +89,7 @@ class VideoLLMModule(LightningModule):
         of the recipe). Qwen2.5's and Llama 3.1's configs have no dropout, so training mode changes nothing else."""
         super().train(mode)
         if mode:
-            llm = self.net.llm.model
-            checkpointed = getattr(llm, "is_gradient_checkpointing", False)
+            llm, checkpointed = self.net.llm.model, self.net.llm.gradient_checkpointing
             for name, part in self.parts().items():
                 if name not in self.trainable and not (name == "llm" and checkpointed):
                     part.eval()

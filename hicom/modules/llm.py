@@ -37,8 +37,10 @@ class CausalLM(nn.Module):
         self.visual_token_id = int(token_id)
         self.tokenizer = tokenizer
         self.model = load_pretrained(AutoModelForCausalLM, folder, "the LLM checkpoint", attn_implementation)
-        if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+        self.gradient_checkpointing = gradient_checkpointing
+        if gradient_checkpointing:  # transformers 5 renamed it (the old name warns)
+            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            (enable or self.model.gradient_checkpointing_enable)()
         self.hidden_size = self.model.config.hidden_size
         log.info("LLM %s: attention %s", self.path, self.model.config._attn_implementation)
 
