@@ -146,11 +146,21 @@ def activation_bytes(model: MetaModel, frames: int, visual: int, text: int, micr
     return micro * (llm + vision)
 
 
+def zero_stage_of(cfg: DictConfig, default: int) -> int:
+    """The ZeRO stage a config trains at: its DeepSpeed strategy's; 0 (nothing sharded) under another strategy it
+    names, such as DDP; `default` (dry_run_settings.zero_stage) where it leaves the strategy to Lightning."""
+    from hicom.stages import uses_deepspeed
+
+    strategy = cfg.trainer.get("strategy")
+    if uses_deepspeed(cfg):
+        return int(strategy.get("stage", 0))
+    return 0 if isinstance(strategy, DictConfig) else default
+
+
 def stages_of(cfg: DictConfig) -> list[dict]:
     """Each stage's name, trainable parts, frames, modality, whether it is guided, its config (as the stage runner
-    composes it: its own compressor) and its ZeRO stage (its strategy's where that is DeepSpeed, else the dry
-    run's setting)."""
-    from hicom.stages import stage_config, uses_deepspeed
+    composes it: its own compressor) and its ZeRO stage (`zero_stage_of`)."""
+    from hicom.stages import stage_config
 
     default_zero = int((cfg.get("dry_run_settings") or {}).get("zero_stage", 2))
     stages = cfg.get("stages")
@@ -163,7 +173,7 @@ def stages_of(cfg: DictConfig) -> list[dict]:
             "num_frames": int(merged.data.num_frames),
             "guided": is_guided(merged),
             "config": merged,
-            "zero": int(merged.trainer.strategy.get("stage", 0)) if uses_deepspeed(merged) else default_zero,
+            "zero": zero_stage_of(merged, default_zero),
         }
         entry["modality"] = (stage or {}).get("modality") or ("image" if entry["num_frames"] == 1 else "video")
         out.append(entry)

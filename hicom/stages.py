@@ -3,7 +3,7 @@ hand-off.
 
 A stage is `{name, trainable, num_frames, global_batch_size, zero_stage, guided, guide_added, config,
 new_parameters}`: `config` is a delta merged onto the run's config (data source, learning rates); `guided: false`
-turns the compressor's guide off, whatever the compressor (its class's `unguided` delta), and `guide_added: true`
+turns the compressor's guide off, whatever the compressor (its class's `unguided_config`), and `guide_added: true`
 says the stage turns on the guide its parent trained without, so that the parameters only a guided compressor has
 start from their init (found by building the compressor unguided on the meta device); `zero_stage` is the
 least DeepSpeed ZeRO stage the stage runs at where the run's strategy is DeepSpeed (the recipe's stage 3 needs
@@ -65,9 +65,7 @@ def stage_config(base: DictConfig, stage: DictConfig, out_dir: Path) -> DictConf
         if stage.get("guided") is False:
             from hydra.utils import get_class
 
-            cfg.model.compressor = OmegaConf.merge(
-                cfg.model.compressor, get_class(cfg.model.compressor._target_).unguided
-            )
+            cfg.model.compressor = get_class(cfg.model.compressor._target_).unguided_config(cfg.model.compressor)
         if stage.get("zero_stage") is not None and uses_deepspeed(cfg):
             cfg.trainer.strategy.stage = max(int(cfg.trainer.strategy.get("stage", 0)), int(stage.zero_stage))
         cfg.paths.output_dir = str(out_dir)
@@ -133,7 +131,7 @@ def guide_parameters(model, cfg: DictConfig) -> list[str]:
     from hicom.modules.video_llm import compose_compressor
 
     compressor = cfg.model.compressor
-    unguided = OmegaConf.merge(compressor, get_class(compressor._target_).unguided)
+    unguided = get_class(compressor._target_).unguided_config(compressor)
     with torch.device("meta"):
         plain = compose_compressor(instantiate(unguided), model.net.vision, model.net.llm.hidden_size)
     return [f"compressor.{key}" for key in model.net.compressor.state_dict() if key not in plain.state_dict()]

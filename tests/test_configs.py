@@ -127,6 +127,25 @@ def test_the_recipe_composes_with_every_compressor(compressor, cache_dir, tmp_pa
     assert set(stds) == (set() if compressor in ("qformer", "instructblip") else {0.02})
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [["model.compressor.global_=null"], ["model.compressor.local=null"],
+     ["model.compressor.global_.adapt_guide=true", "model.compressor.local.adapt=[k,v,g]"]],
+    ids=["local-only", "global-only", "guide-adapters"],
+)  # fmt: skip
+def test_the_recipe_turns_off_every_hicom_variants_guide_in_stage_1(variant, cache_dir, tmp_path):
+    """Single-branch ablations and the release's adaptg variants: stage 1 builds them unguided (a guide adapter
+    without a guide is refused), the later stages guided."""
+    from hicom.stages import stage_config
+
+    cfg = compose_train(cache_dir, tmp_path, ["experiment=directg_local43_global32", *variant])
+    guided = [
+        instantiate(stage_config(cfg, stage, tmp_path / stage.name).model.compressor)(in_dim=48, out_dim=8).uses_guide
+        for stage in cfg.stages
+    ]
+    assert guided == [False, True, True]
+
+
 def test_a_later_stage_with_an_unreadable_annotation_file_fails_before_the_first_stage_trains(cache_dir, tmp_path):
     from omegaconf import open_dict
 

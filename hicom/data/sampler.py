@@ -14,7 +14,8 @@ class GroupedBatchSampler(BatchSampler):
     frames of like count); the batches of a megabatch then come in a seeded order. The cuts fall every
     `batch_size` samples, not at the groups' boundaries, so that the batch count depends on the sample count
     alone: where a group ends inside a batch (at most once per group and megabatch), that batch holds two
-    modalities, which the collator and the compressors take like any other batch.
+    modalities (more where a group is smaller than a batch), which the collator and the compressors take like any
+    other batch.
 
     `sampler` decides which indices and in what order: a RandomSampler for one process; under DDP Lightning
     re-creates this sampler around its DistributedSampler (it keeps the constructor's arguments), so each rank

@@ -6,7 +6,10 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 import torch
 from torch import nn
@@ -131,9 +134,12 @@ class Compressor(nn.Module):
     uses_embeds: bool = False
     uses_guide: bool = False
     guide_tokens: bool = False  # needs the token-level guide C_f (B, L, Dg) rather than the pooled C_p (B, Dg)
-    # the delta to this compressor's Hydra config that turns its guide off (a recipe stage that aligns without a
-    # guide applies it, whatever the compressor): nothing for one that never reads a guide
-    unguided: ClassVar[dict] = {}
+
+    @classmethod
+    def unguided_config(cls, cfg: DictConfig) -> DictConfig:
+        """This compressor's Hydra config with its guide turned off, and whatever only a guide uses (a recipe stage
+        that aligns without a guide applies it, whatever the compressor); unchanged for one that reads no guide."""
+        return cfg
 
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         raise NotImplementedError

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -45,7 +44,11 @@ class GlobalCompressor(Compressor):
     (`position="kv"`) or to the keys only as the paper writes (`position="k"`).
     """
 
-    unguided: ClassVar[dict] = {"guide": "off"}
+    @classmethod
+    def unguided_config(cls, cfg):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.merge(cfg, {"guide": "off", "adapt_guide": False})
 
     def __init__(
         self,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from typing import ClassVar
 
 import torch
 
@@ -18,7 +17,17 @@ class HICom(Compressor):
     `local` and `global_` are partials (from Hydra) taking in_dim / out_dim / guide_dim.
     """
 
-    unguided: ClassVar[dict] = {"local": {"guide": "off"}, "global_": {"guide": "off"}}
+    @classmethod
+    def unguided_config(cls, cfg):
+        """Each branch the config has (one may be null: the single-branch ablations) unguided."""
+        from omegaconf import OmegaConf, open_dict
+
+        cfg = OmegaConf.create(cfg)
+        with open_dict(cfg):
+            for key, branch in (("local", LocalCompressor), ("global_", GlobalCompressor)):
+                if cfg.get(key) is not None:
+                    cfg[key] = branch.unguided_config(cfg[key])
+        return cfg
 
     def __init__(self, *, in_dim: int, out_dim: int, guide_dim: int | None = None, local=None, global_=None) -> None:
         super().__init__()

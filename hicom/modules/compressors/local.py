@@ -10,7 +10,6 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +50,12 @@ class LocalCompressor(Compressor):
     Attention is single-head without projections, inside each cell's group of k_t * k_s * k_s tokens.
     """
 
-    unguided: ClassVar[dict] = {"guide": "off"}
+    @classmethod
+    def unguided_config(cls, cfg):
+        from omegaconf import OmegaConf
+
+        adapt = [a for a in (cfg.get("adapt") or []) if a != "g"]  # the guide's adapter goes with the guide
+        return OmegaConf.merge(cfg, {"guide": "off", "adapt": adapt})
 
     def __init__(
         self,

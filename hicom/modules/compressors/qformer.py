@@ -14,8 +14,6 @@ tokenizer is needed.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import nn
 
@@ -24,7 +22,11 @@ from hicom.modules.compressors.global_compressor import position_table_3d
 
 
 class QFormerCompressor(Compressor):
-    unguided: ClassVar[dict] = {"instruction": False}
+    @classmethod
+    def unguided_config(cls, cfg):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.merge(cfg, {"instruction": False})
 
     def __init__(
         self,
