@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from hicom.modules.compressors.base import PackedLayout
@@ -207,6 +207,8 @@ def report(cfg: DictConfig) -> list[dict]:
         model = MetaModel(vision=base.vision, llm=base.llm, compressor=compressor)
         params = {name: sum(p.numel() for p in part.parameters()) for name, part in model.parts().items()}
         zero = stage["zero"]
+        if settings.get("print_config"):
+            print(f"\n[{stage['name']}] config:\n{OmegaConf.to_yaml(stage['config'], resolve=True)}")
         print(
             f"\n[{stage['name']}] ZeRO-{zero}; parameters: "
             + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in params.items())

@@ -45,3 +45,13 @@ def test_clip_l336_and_llama31_8b_are_selectable_by_config(cache_dir, tmp_path, 
     out = capsys.readouterr().out
     assert "vision_trunk 303.5M" in out and "llm 8030.3M" in out  # CLIP-L/14-336, Llama-3.1-8B
     assert rows[1]["forward_tflops"]["vision_head"] == 0  # CLIP gives no joint-space keys
+
+
+def test_the_dry_run_prints_each_stages_config_as_the_runner_composes_it(cache_dir, tmp_path, capsys):
+    overrides = ["experiment=directg_local43_global32", "model/llm=qwen25_05b", "dry_run_settings.print_config=true"]
+    report(compose_train(cache_dir, tmp_path, overrides))
+    out = capsys.readouterr().out
+    alignment = out.split("[alignment] config:")[1].split("[conditional]")[0]
+    instruction = out.split("[instruction] config:")[1]
+    assert "guide: 'off'" in alignment and "stage1_llava_pretrain.yaml" in alignment and "stage: 0" in alignment
+    assert "stage3_video_instruct.yaml" in instruction and "stage: 2" in instruction
