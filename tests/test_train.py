@@ -165,6 +165,7 @@ def test_a_process_whose_batch_was_all_skipped_keeps_in_step_with_the_others(cac
     checkpoint = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     adam_steps = {float(state["step"]) for state in checkpoint["optimizer_states"][0]["state"].values()}
     assert checkpoint["global_step"] == 4 and adam_steps == {3.0}
+    assert checkpoint["lr_schedulers"][0]["last_epoch"] == 3  # the schedule did not advance either
 
 
 def test_lightnings_own_ddp_launcher_keeps_one_run_folder(cache_dir, tmp_path):

@@ -195,15 +195,23 @@ class VideoLLMModule(LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         """An optimizer step whose every micro-batch on every process was skipped is no step: its zero gradients
         are dropped, so that AdamW leaves the weights, its moments and its step count as they were (a zero gradient
-        would still move them by the momentum and the weight decay). Every process counts the same (the count is
-        all-reduced), so they all decide alike. DeepSpeed's engine keeps its gradients apart: there the step runs."""
+        would still move them by the momentum and the weight decay), and the learning-rate schedule does not
+        advance (`lr_scheduler_step`). Every process counts the same (the count is all-reduced), so they all decide
+        alike. DeepSpeed's engine keeps its gradients apart: there the step runs."""
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        if self._stepped == 0 and not isinstance(self.trainer.strategy, DeepSpeedStrategy):
+        self._empty_step = self._stepped == 0 and not isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        if self._empty_step:
             optimizer.zero_grad(set_to_none=True)
             log.warning("step %d: every sample of every process was skipped: the weights are left as they were",
                         self.trainer.global_step)  # fmt: skip
         self._stepped = 0.0
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        """The schedule counts the optimizer steps that moved the weights (see `on_before_optimizer_step`)."""
+        if getattr(self, "_empty_step", False):
+            return
+        scheduler.step() if metric is None else scheduler.step(metric)
 
     def _sum_over_processes(self, value: torch.Tensor, weight: float) -> tuple[torch.Tensor, float]:
         """(sum over processes of value, sum of weights): one all-reduce, called by every process; on one process
