@@ -158,8 +158,8 @@ def zero_stage_of(cfg: DictConfig, default: int) -> int:
 
 
 def stages_of(cfg: DictConfig) -> list[dict]:
-    """Each stage's name, trainable parts, frames, modality, whether it is guided, its config (as the stage runner
-    composes it: its own compressor) and its ZeRO stage (`zero_stage_of`)."""
+    """Each stage's name, trainable parts, frames, modality, its config (as the stage runner composes it: its own
+    compressor) and its ZeRO stage (`zero_stage_of`)."""
     from hicom.stages import stage_config
 
     default_zero = int((cfg.get("dry_run_settings") or {}).get("zero_stage", 2))
@@ -171,20 +171,12 @@ def stages_of(cfg: DictConfig) -> list[dict]:
             "name": "train" if stage is None else stage.name,
             "trainable": list(merged.model.trainable),
             "num_frames": int(merged.data.num_frames),
-            "guided": is_guided(merged),
             "config": merged,
             "zero": zero_stage_of(merged, default_zero),
         }
         entry["modality"] = (stage or {}).get("modality") or ("image" if entry["num_frames"] == 1 else "video")
         out.append(entry)
     return out
-
-
-def is_guided(cfg: DictConfig) -> bool:
-    """Whether the configured compressor injects a guide (any branch's guide on, or the instruction-aware form)."""
-    comp = cfg.model.compressor
-    branches = [comp.get("local"), comp.get("global_")]
-    return any(b is not None and b.get("guide", "off") != "off" for b in branches) or bool(comp.get("instruction"))
 
 
 def report(cfg: DictConfig) -> list[dict]:
@@ -218,7 +210,7 @@ def report(cfg: DictConfig) -> list[dict]:
         unknown = trainable - set(PARTS)
         if unknown:
             raise ValueError(f"stage {stage['name']}: unknown parts {sorted(unknown)} (parts: {list(PARTS)})")
-        frames, modality, guided = stage["num_frames"], stage.get("modality", "video"), stage.get("guided", True)
+        frames, modality, guided = stage["num_frames"], stage.get("modality", "video"), compressor.uses_guide
         visual = model.compressor.num_tokens(frames, model.grid, model.grid, modality)
         fwd = forward_flops(model, frames, modality, guided, text, guide)
         train = training_flops(fwd, trainable)

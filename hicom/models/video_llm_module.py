@@ -80,6 +80,7 @@ class VideoLLMModule(LightningModule):
         self.fit_counts = {"batches": 0, "samples": 0}  # training batches and usable samples of this process's fit
         self._stand_ins: dict[str, dict] = {}  # ZeRO-3, per stage: what runs for a batch whose samples were all skipped
         self._stepped = 0.0  # processes with samples, over the micro-batches of the optimizer step under way
+        self._empty_step = False  # the last optimizer step had no sample on any process (on_before_optimizer_step)
         self.train()
 
     def train(self, mode: bool = True):
@@ -209,9 +210,12 @@ class VideoLLMModule(LightningModule):
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         """The schedule counts the optimizer steps that moved the weights (see `on_before_optimizer_step`)."""
-        if getattr(self, "_empty_step", False):
+        if self._empty_step:
             return
-        scheduler.step() if metric is None else scheduler.step(metric)
+        if metric is None:
+            scheduler.step()
+        else:
+            scheduler.step(metric)
 
     def _sum_over_processes(self, value: torch.Tensor, weight: float) -> tuple[torch.Tensor, float]:
         """(sum over processes of value, sum of weights): one all-reduce, called by every process; on one process

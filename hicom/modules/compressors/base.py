@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from omegaconf import DictConfig
-
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def readout(in_dim: int, out_dim: int, depth: int = 2) -> nn.Sequential:
