@@ -317,7 +317,7 @@ def load_official(folder: str | Path, *, reproduce_defect_1: bool | None = None)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {folder}: pass an official HICom checkpoint folder")
-    config = json.loads(config_path.read_text())
+    config = read_config(folder)
     state = convert_state_dict(read_projector_weights(folder))
     compressor = build_compressor(config, reproduce_defect_1=bool(reproduce_defect_1))
     differences = _differing_readings(config) if reproduce_defect_1 is None else ""
