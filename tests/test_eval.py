@@ -357,6 +357,10 @@ def test_multiple_choice_rules():
         ("The person is not moving", ["yes", "no"], None),
         ("cup", ["up", "down"], None),
         ("red and blue", ["red", "green", "blue"], None),  # two options: unparsed, not guessed
+        ("b", ["red", "blue"], "B"),  # a lowercase letter alone is an answer
+        ("Answer: (c).", ["x", "y", "z"], "C"),
+        ("a dog", ["cat", "dog"], "B"),  # but not the article 'a': the option's text decides
+        ("e", ["x", "y", "z"], None),  # no option E
     ],
 )
 def test_a_reply_names_an_option_by_letter_or_by_its_whole_text(reply, options, letter):
@@ -508,15 +512,19 @@ def test_decoding_is_greedy_whatever_the_checkpoint_generation_config_says(cache
 
     net = instantiate(compose_train(cache_dir, tmp_path).model).net.eval()
     lm = net.llm.model
-    # Qwen2.5-Instruct's generation_config.json, with a penalty strong enough to change this tiny model's argmax
-    lm.generation_config.update(do_sample=True, repetition_penalty=2.0, temperature=0.7, top_p=0.8, top_k=20)
     ids = net.llm.tokenizer("what is shown in the video", return_tensors="pt").input_ids
-    tokens = net.generate({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, max_new_tokens=16)
     greedy = ids
     with torch.no_grad():
         for _ in range(16):
             greedy = torch.cat([greedy, lm(input_ids=greedy).logits[:, -1:].argmax(-1)], dim=1)
+    # Qwen2.5-Instruct's generation_config.json, with a penalty strong enough to change this tiny model's argmax,
+    # and settings other LLMs ship that greedy decoding leaves unset, each enough to change the reply
+    first = greedy[0, ids.shape[1]].item()
+    settings = dict(do_sample=True, repetition_penalty=2.0, temperature=0.7, top_p=0.8, top_k=20)
+    lm.generation_config.update(**settings, no_repeat_ngram_size=1, suppress_tokens=[first])
+    tokens = net.generate({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, max_new_tokens=16)
     assert tokens.tolist() == greedy[:, ids.shape[1] :].tolist()
+    assert lm.generation_config.repetition_penalty == 2.0 and lm.generation_config.suppress_tokens == [first]
     embeds = lm.get_input_embeddings()(ids)
     inherited = lm.generate(
         inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False

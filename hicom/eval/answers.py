@@ -22,13 +22,15 @@ def parse_choice(reply: str, options: list[str]) -> str | None:
     """The chosen letter: the first option letter in the reply (after removing the word 'answer'), else the
     option whose text appears in the reply, else None (counted as unparsed, never guessed).
 
-    An option's text appears only as whole words ("no" is not in "know", "1" not in "10"), and an occurrence
-    inside a longer option's occurrence does not count ("red" in "dark red"); two options left: unparsed."""
+    A reply that is a lowercase letter and nothing else ("b", "(c).") names that option; a lowercase letter
+    within words does not ("a dog"). An option's text appears only as whole words ("no" is not in "know", "1"
+    not in "10"), and an occurrence inside a longer option's occurrence does not count ("red" in "dark red");
+    two options left: unparsed."""
     letters = LETTERS[: len(options)] or LETTERS
     text = re.sub(r"answer", "", reply, flags=re.IGNORECASE)
-    match = re.search(rf"\b([{letters}])\b", text)
+    match = re.search(rf"\b([{letters}])\b", text) or re.fullmatch(rf"\W*([{letters.lower()}])\W*", text)
     if match:
-        return match.group(1)
+        return match.group(1).upper()
     lowered = reply.lower()
     spans = {}
     for letter, option in zip(LETTERS, options, strict=False):

@@ -98,9 +98,10 @@ class VideoLLM(nn.Module):
     def generate(self, batch: dict, max_new_tokens: int = 8) -> torch.Tensor:
         """Greedy continuation (B, <= max_new_tokens) of left-padded prompts.
 
-        Decoding is plain greedy (SPEC 7) whatever the checkpoint's generation_config.json says: transformers takes
-        each setting not given here from it, and Qwen2.5-Instruct's repetition_penalty (1.05) applies even without
-        sampling. Only the stop tokens are the checkpoint's.
+        Decoding is plain greedy (SPEC 7) whatever the checkpoint's generation_config.json says: transformers fills
+        each setting left unset here from the model's generation config (Qwen2.5-Instruct's repetition_penalty 1.05
+        applies even without sampling; another LLM's no_repeat_ngram_size or suppress_tokens would too), so during
+        the call the model's config is the library's defaults. Only the stop tokens are the checkpoint's.
 
         Under ZeRO-3 every forward gathers parameters from all processes, so a process whose replies end early
         keeps stepping with the others until all are done (transformers' synced_gpus), instead of leaving them
@@ -108,19 +109,24 @@ class VideoLLM(nn.Module):
         import torch.distributed as dist
         from transformers import GenerationConfig
 
+        model = self.llm.model
+        checkpoint_config = model.generation_config
         greedy = GenerationConfig(
             do_sample=False,
             num_beams=1,
-            repetition_penalty=1.0,
-            temperature=1.0,  # the sampling settings at transformers' neutral values: unused, and not inherited
-            top_p=1.0,
-            top_k=50,
             max_new_tokens=max_new_tokens,
-            eos_token_id=self.llm.model.generation_config.eos_token_id,
+            eos_token_id=checkpoint_config.eos_token_id,
             pad_token_id=self.llm.tokenizer.pad_token_id,
         )
         synced = self.zero3 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         embeds = self.llm.embed(batch["input_ids"], self.encode_visual(batch))
-        return self.llm.model.generate(
-            inputs_embeds=embeds, attention_mask=batch["attention_mask"], generation_config=greedy, synced_gpus=synced
-        )
+        model.generation_config = GenerationConfig()
+        try:
+            return model.generate(
+                inputs_embeds=embeds,
+                attention_mask=batch["attention_mask"],
+                generation_config=greedy,
+                synced_gpus=synced,
+            )
+        finally:
+            model.generation_config = checkpoint_config
