@@ -299,10 +299,21 @@ def test_a_step_and_an_answer_in_bf16(compressor, precision, cache_dir, tmp_path
     from safetensors.torch import load_file
 
     overrides = [*SMALL, "debug=fdr", f"model/compressor={compressor}", f"trainer.precision={precision}"]
-    before = {}
-    keep = lambda model: before.update({k: v.clone() for k, v in model.net.compressor.state_dict().items()})  # noqa: E731
+    before, built, frequencies = {}, [], []
+
+    def keep(model) -> None:
+        before.update({k: v.clone() for k, v in model.net.compressor.state_dict().items()})
+        built.append(model)
+        rotary = model.net.llm.model.model.rotary_emb  # the dtype of RoPE's frequencies in each forward
+        rotary.register_forward_pre_hook(lambda module, args: frequencies.append(module.inv_freq.dtype))
+
     metrics = train(compose_train(cache_dir, tmp_path, overrides), before_fit=keep)
     assert metrics["steps"] == 1 and metrics["n_questions"] == 8 and torch.tensor(metrics["train_loss"]).isfinite()
+    # bf16-true casts the module, but RoPE's frequencies stay fp32 in training, validation and test
+    assert frequencies and set(frequencies) == {torch.float32}
+    assert built[0].net.llm.model.lm_head.weight.dtype == (
+        torch.bfloat16 if precision == "bf16-true" else torch.float32
+    )
     after = {k.removeprefix("compressor."): v for k, v in load_file(str(tmp_path / "handoff.safetensors")).items()}
     assert all(after[k].isfinite().all() for k in before)
     assert any(not torch.equal(after[k], v.to(after[k].dtype)) for k, v in before.items())  # the step moved it

@@ -38,6 +38,7 @@ from hicom.data.video import FrameSampling, VideoDecodeError, load_video
 from hicom.eval.answers import LETTERS, parse_choice
 from hicom.eval.benchmarks import Kind, Question, read_srt, subtitles_at
 from hicom.eval.score import read_predictions, score
+from hicom.utils.checkpoints import computed_buffers, restore_computed_buffers
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +319,9 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ValueError(f"shard {shard} of {num_shards}")
     module, source = load_model(cfg.ckpt, cfg)
     device, dtype = _device(cfg)
+    computed = computed_buffers(module.net)
     module.net.to(device=device, dtype=dtype).eval()  # bf16 weights on GPUs that have it
+    restore_computed_buffers(module.net, computed)  # RoPE's frequencies stay fp32, as from_pretrained keeps them
     out_dir = Path(cfg.output_dir)
     settings = {
         **source,

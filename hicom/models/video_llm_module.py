@@ -16,6 +16,7 @@ from hicom.modules.compressors import Compressor
 from hicom.modules.llm import CausalLM
 from hicom.modules.video_llm import VideoLLM
 from hicom.modules.vision import ClipTower, SiglipTower
+from hicom.utils.checkpoints import computed_buffers, restore_computed_buffers
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class VideoLLMModule(LightningModule):
         self._stand_ins: dict[str, dict] = {}  # ZeRO-3, per stage: what runs for a batch whose samples were all skipped
         self._stepped = 0.0  # processes with samples, over the micro-batches of the optimizer step under way
         self._empty_step = False  # the last optimizer step had no sample on any process (on_before_optimizer_step)
+        self._computed = computed_buffers(net)  # fp32 RoPE frequencies, put back after bf16-true / DeepSpeed casts
         self.train()
 
     def train(self, mode: bool = True):
@@ -162,8 +164,15 @@ class VideoLLMModule(LightningModule):
         return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
     def on_fit_start(self) -> None:
+        restore_computed_buffers(self.net, self._computed)  # the strategy has cast the module by now
         self.fit_counts = {"batches": 0, "samples": 0}
         self._stepped = 0.0
+
+    def on_validation_start(self) -> None:
+        restore_computed_buffers(self.net, self._computed)
+
+    def on_test_start(self) -> None:
+        restore_computed_buffers(self.net, self._computed)
 
     def training_step(self, batch: dict, batch_idx: int):
         self._count_skipped(batch)

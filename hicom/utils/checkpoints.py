@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 
 
 def require_pretrained(path: str | Path, what: str, key: str, override: str | None = None) -> Path:
@@ -46,6 +47,31 @@ def check_safetensors(path: Path) -> None:
 # from the precision plugin (bf16-mixed autocast) or DeepSpeed (bf16 copies of the fp32 masters); evaluation casts
 # the loaded model to bf16 itself. The price is 4 bytes per parameter of host memory while loading.
 MASTER_DTYPE = torch.float32
+
+
+def computed_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """fp32 copies of the floating-point buffers a module computes at build time instead of loading them
+    (non-persistent: the LLM's RoPE frequencies inv_freq), by qualified name. A cast of the whole module to bf16
+    (evaluation's `.to(bf16)`, Lightning's bf16-true, DeepSpeed's bf16 engine) rounds them too, which moves the
+    rotary angles of a 128-wide head by up to a radian within 1,000 positions; `from_pretrained(dtype=bf16)`, as the
+    release evaluates, keeps them fp32, and `restore_computed_buffers` puts them back."""
+    saved = {}
+    for prefix, sub in module.named_modules():
+        for name in sub._non_persistent_buffers_set:
+            buffer = sub._buffers.get(name)
+            if buffer is not None and buffer.is_floating_point():
+                saved[f"{prefix}.{name}" if prefix else name] = buffer.detach().to(torch.float32, copy=True)
+    return saved
+
+
+def restore_computed_buffers(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put back the fp32 values `computed_buffers` took where a cast has changed a buffer's dtype, on its device."""
+    for key, value in saved.items():
+        prefix, _, name = key.rpartition(".")
+        sub = module.get_submodule(prefix)
+        current = sub._buffers.get(name)
+        if current is not None and current.dtype != value.dtype:
+            sub._buffers[name] = value.to(current.device)
 
 
 def resolve_attention(requested: str) -> str:

@@ -113,6 +113,26 @@ def test_weights_stored_in_bf16_load_as_fp32_masters(tiny_paths, tmp_path):
     assert {p.dtype for p in [*llm.parameters(), *tower.parameters()]} == {torch.float32}
 
 
+def test_a_bf16_cast_keeps_the_rope_frequencies_in_fp32(tiny_paths):
+    """Casting the LLM to bf16 rounds its computed RoPE frequencies too (inv_freq 1e-6 apart lose their low bits);
+    they are put back in fp32, as from_pretrained(dtype=bf16) keeps them, and the weights stay bf16."""
+    from hicom.modules.llm import CausalLM
+    from hicom.utils.checkpoints import computed_buffers, restore_computed_buffers
+
+    model = CausalLM(path=str(tiny_paths["qwen2"])).model
+    saved = computed_buffers(model)
+    rotary = model.model.rotary_emb
+    assert {"model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"} <= set(saved)
+    exact = rotary.inv_freq.clone()
+    model.to(torch.bfloat16)
+    assert rotary.inv_freq.dtype == torch.bfloat16 and not torch.equal(rotary.inv_freq.float(), exact)
+    restore_computed_buffers(model, saved)
+    assert rotary.inv_freq.dtype == torch.float32 and torch.equal(rotary.inv_freq, exact)
+    assert rotary.original_inv_freq.dtype == torch.float32 and model.lm_head.weight.dtype == torch.bfloat16
+    ids = torch.tensor([[1, 2, 3]])
+    assert model(input_ids=ids).logits.dtype == torch.bfloat16  # runs with fp32 frequencies and bf16 weights
+
+
 def test_a_folder_missing_weight_tensors_or_its_tokenizer_is_an_error_not_a_random_init(tiny_paths, tmp_path):
     import shutil
 
