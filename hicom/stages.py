@@ -70,6 +70,8 @@ def stage_config(base: DictConfig, stage: DictConfig, out_dir: Path) -> DictConf
             cfg.trainer.strategy.stage = max(int(cfg.trainer.strategy.get("stage", 0)), int(stage.zero_stage))
         cfg.paths.output_dir = str(out_dir)
         cfg.stages = None
+        if base.get("stage") != stage.name:  # ckpt_path, given with stage=<name>, is that stage's alone
+            cfg.ckpt_path = None
     return cfg
 
 
@@ -190,6 +192,11 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
     only = cfg.get("stage")
     if only is not None and only not in names:
         raise ValueError(f"stage={only!r} is not one of {names}")
+    if cfg.get("ckpt_path") and only is None:  # a checkpoint is one stage's: the others' would be overwritten by it
+        raise ValueError(
+            "ckpt_path resumes one stage: give stage=<name> with it; or launch the run again under its name "
+            "(HICOM_RUN_STAMP), and the stage that stopped part-way resumes from its own checkpoints/last.ckpt"
+        )
     if unshared_launch():  # each process would keep its stages in its own folder and miss the others' hand-offs
         raise RuntimeError(
             "a staged run on several processes needs one run folder for all of them: set HICOM_RUN_STAMP to the same "
@@ -219,6 +226,12 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
         if i > 0 and parent is None:
             raise FileNotFoundError(f"stage {stage.name} needs its parent's hand-off: run the earlier stages first")
         stage_cfg = stage_config(cfg, stage, out_dir)
+        last = out_dir / "checkpoints" / "last.ckpt"  # a stage that stopped part-way goes on from its last checkpoint
+        with open_dict(stage_cfg):
+            if not stage_cfg.get("ckpt_path"):
+                stage_cfg.ckpt_path = str(last) if last.exists() else None
+        if stage_cfg.ckpt_path:
+            log.info("stage %s: resuming from %s", stage.name, stage_cfg.ckpt_path)
         handoff = _Handoff(
             parent, out_dir, stage_cfg, list(stage.get("new_parameters") or []), stage.get("guide_added")
         )

@@ -248,6 +248,56 @@ def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_delete
         load_handoff(model, stages / "conditional", [])
 
 
+def test_a_stage_that_stopped_part_way_resumes_from_its_last_checkpoint(cache_dir, tmp_path, monkeypatch):
+    """Launched again under its name, a staged run skips the finished stages and resumes the one that stopped
+    from its own last.ckpt; the stages after it start fresh. An explicit ckpt_path is one stage's: it needs stage=."""
+    import hicom.stages
+    import hicom.training
+    from hicom.stages import run_stages
+
+    every_step = [
+        "callbacks.model_checkpoint.train_time_interval=null",
+        "+callbacks.model_checkpoint.every_n_train_steps=1",
+    ]
+    cfg = compose_train(cache_dir, tmp_path / "run", ["experiment=tiny_stages", *SMALL, *every_step])
+    trained, resumed_from = {}, {}
+
+    def train(stage_cfg, before_fit, after_fit):
+        name = Path(stage_cfg.paths.output_dir).name
+        resumed_from[name] = stage_cfg.ckpt_path
+
+        def recorded(model) -> None:
+            before_fit(model)
+            step = model.training_step
+
+            def dies(batch, *args):
+                if name == "conditional" and model.global_step == 2 and not stage_cfg.ckpt_path:
+                    raise RuntimeError("the node went away")
+                trained.setdefault(name, []).append(model.global_step)
+                return step(batch, *args)
+
+            model.training_step = dies
+
+        return hicom.training.train(stage_cfg, before_fit=recorded, after_fit=after_fit)
+
+    monkeypatch.setattr(hicom.stages, "train", train)
+    with pytest.raises(RuntimeError, match="node went away"):
+        run_stages(cfg)
+    assert trained == {"alignment": [0, 1, 2, 3], "conditional": [0, 1]}
+    trained.clear()
+    resumed_from.clear()
+    results = run_stages(cfg)
+    stages = tmp_path / "run" / "stages"
+    assert results["alignment"] == {"skipped": True} and results["conditional"]["steps"] == 4
+    assert trained == {"conditional": [2, 3], "instruction": [0, 1, 2, 3]}
+    assert resumed_from == {
+        "conditional": str(stages / "conditional" / "checkpoints" / "last.ckpt"),
+        "instruction": None,
+    }
+    with pytest.raises(ValueError, match=r"ckpt_path resumes one stage: give stage=<name>"):
+        run_stages(compose_train(cache_dir, tmp_path / "run", ["experiment=tiny_stages", *SMALL, "ckpt_path=x.ckpt"]))
+
+
 @pytest.mark.parametrize("compressor", ["instructblip", "avgpool"])
 def test_the_staged_recipe_takes_another_compressor_by_one_override(compressor, cache_dir, tmp_path):
     """Stage 1 aligns without a guide and stage 2 turns it on whatever the compressor: the instruction-aware
@@ -317,6 +367,50 @@ def test_a_step_and_an_answer_in_bf16(compressor, precision, cache_dir, tmp_path
     after = {k.removeprefix("compressor."): v for k, v in load_file(str(tmp_path / "handoff.safetensors")).items()}
     assert all(after[k].isfinite().all() for k in before)
     assert any(not torch.equal(after[k], v.to(after[k].dtype)) for k, v in before.items())  # the step moved it
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_resumed_mid_epoch_trains_the_batches_it_would_have_had(workers, cache_dir, tmp_path):
+    """A run that dies mid-epoch resumes from its last periodic checkpoint, its data loader where it was
+    (ResumableLoader): the rest of the epoch in the uninterrupted run's order, then the next epoch as that run
+    has it, no batch twice. A run that max_steps stopped goes on with the next epoch, as Lightning counts it."""
+    base = [*SMALL, "trainer.limit_train_batches=null", "trainer.limit_val_batches=0", "evaluate=false"]
+    base += ["trainer.max_epochs=2", "data.source.num_train=24", "data.group_by_length=true"]
+    base += [f"data.num_workers={workers}"]  # persistent workers keep their iterator from epoch to epoch
+    every_2_steps = [
+        "callbacks.model_checkpoint.train_time_interval=null",
+        "+callbacks.model_checkpoint.every_n_train_steps=2",
+    ]
+
+    def run(out, overrides, die_at=None):
+        seen = []
+
+        def record(model) -> None:
+            step = model.training_step
+
+            def recorded(batch, *args):
+                if model.global_step == die_at:
+                    raise RuntimeError("the node went away")
+                seen.append(sorted(batch["ids"]))
+                return step(batch, *args)
+
+            model.training_step = recorded
+
+        try:
+            train(compose_train(cache_dir, tmp_path / out, [*base, *overrides]), before_fit=record)
+        except RuntimeError as error:
+            assert die_at is not None and "node went away" in str(error)
+        return seen
+
+    whole = run("whole", [])
+    assert len(whole) == 12 and whole[:6] != whole[6:]  # 2 epochs of 6 batches, each in its own order
+    died = run("died", every_2_steps, die_at=5)
+    assert died == whole[:5]
+    rest = run("rest", [f"ckpt_path={tmp_path / 'died' / 'checkpoints' / 'last.ckpt'}"])  # saved at step 4
+    assert whole[:4] + rest == whole
+    stopped = run("stopped", ["trainer.max_steps=3"])
+    more = run("more", [f"ckpt_path={tmp_path / 'stopped' / 'checkpoints' / 'last.ckpt'}"])
+    assert stopped + more == whole[:3] + whole[6:]
 
 
 def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path):

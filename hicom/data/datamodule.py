@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader
 
 from hicom.data.collate import Collator
 from hicom.data.dataset import VideoQADataset
 from hicom.data.index import MixtureEntry, SampleIndex, read_mixture
-from hicom.data.sampler import GroupedBatchSampler
+from hicom.data.sampler import ResumableLoader, TrainSampler
 from hicom.data.template import ChatEncoder
 from hicom.data.transforms import FrameTransform
 from hicom.data.video import FrameSampling
@@ -111,7 +111,7 @@ class VideoQADataModule(LightningDataModule):
     preflight's quarantine.jsonl, whose samples are left out. `index_dir`: where the sample indexes are saved
     once (by `prepare_data`) and memory-mapped by every rank and worker; None builds them in memory per process.
     `group_by_length`: training batches of one modality
-    and similar length (GroupedBatchSampler).
+    and similar length (TrainSampler).
     """
 
     def __init__(
@@ -158,6 +158,8 @@ class VideoQADataModule(LightningDataModule):
         self.shuffle = shuffle
         self.seed = seed
         self.splits = None
+        self._train_loader: ResumableLoader | None = None
+        self._train_state: dict | None = None  # a checkpoint's loader state, for the loader not made yet
 
     @property
     def split_turns(self) -> bool:
@@ -229,45 +231,51 @@ class VideoQADataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def _train_sampler(self):
-        """Under DDP our own DistributedSampler, so that `shuffle` and `seed` hold there too (Lightning's own
-        always shuffles); otherwise a seeded RandomSampler, or file order."""
+    def train_dataloader(self) -> ResumableLoader:
+        """The training batches in `TrainSampler`'s order (this process's shard under DDP, `shuffle` and `seed`
+        honoured there too), grouped by modality and length with `group_by_length`; resumable mid-epoch."""
+        world, rank = 1, 0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:
-                return DistributedSampler(self.train_set, shuffle=self.shuffle, seed=self.seed)
-        if self.shuffle:
-            return RandomSampler(self.train_set, generator=torch.Generator().manual_seed(self.seed))
-        return SequentialSampler(self.train_set)
-
-    def train_dataloader(self) -> DataLoader:
-        if not self.group_by_length:
-            return DataLoader(
-                self.train_set,
-                batch_size=self.batch_size,
-                sampler=self._train_sampler(),
-                num_workers=self.num_workers,
-                collate_fn=self.collate,
-                persistent_workers=self.num_workers > 0,
-            )
-        index = self.train_set.index
-        modalities = index.modalities()
-        visual = np.array([0, self.visual_tokens(1, "image"), self.visual_tokens(self.num_frames, "video")])
-        lengths = index.text_bytes() // 4 + visual[modalities]  # about 4 bytes of JSON per text token
-        batches = GroupedBatchSampler(
-            self._train_sampler(),
-            batch_size=self.batch_size,
-            drop_last=False,
-            lengths=lengths,
-            groups=modalities,
-            seed=self.seed,
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        grouping = {}
+        if self.group_by_length:
+            index = self.train_set.index
+            modalities = index.modalities()
+            visual = np.array([0, self.visual_tokens(1, "image"), self.visual_tokens(self.num_frames, "video")])
+            lengths = index.text_bytes() // 4 + visual[modalities]  # about 4 bytes of JSON per text token
+            grouping = dict(batch_size=self.batch_size, lengths=lengths, groups=modalities)
+        sampler = TrainSampler(
+            self.train_set, num_replicas=world, rank=rank, shuffle=self.shuffle, seed=self.seed, **grouping
         )
-        return DataLoader(
+        loader = self._train_loader = ResumableLoader(
             self.train_set,
-            batch_sampler=batches,
+            batch_size=self.batch_size,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=self.collate,
             persistent_workers=self.num_workers > 0,
+            epochs_done=self._epochs_done,
         )
+        if self._train_state is not None:
+            loader.load_state_dict(self._train_state)
+        return loader
+
+    def state_dict(self) -> dict:
+        """The training loader's place, which Lightning keeps in its checkpoints: it restores a data module's state
+        whatever the strategy, where its own loader state is loaded after the trainer has started the loader
+        when the schedule is sized first (estimated_stepping_batches), and then never applies."""
+        if self._train_loader is None:
+            return {} if self._train_state is None else {"train_loader": self._train_state}
+        return {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._train_state = state.get("train_loader")
+        if self._train_loader is not None and self._train_state is not None:
+            self._train_loader.load_state_dict(self._train_state)
+
+    def _epochs_done(self) -> int | None:
+        """The training epochs whose end the trainer has processed, if there is a trainer."""
+        return None if self.trainer is None else self.trainer.fit_loop.epoch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, False, self.collate)

@@ -1,67 +1,138 @@
-"""Batches of samples of like modality and length, under any sampler (DDP's included)."""
+"""The training order, a function of the seed and the epoch: shuffled, sharded across processes, optionally grouped
+by modality and length; and a DataLoader that Lightning resumes mid-epoch."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+import itertools
+from collections.abc import Callable, Iterator, Sized
 
 import numpy as np
-from torch.utils.data import BatchSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
-class GroupedBatchSampler(BatchSampler):
-    """Takes `megabatch` batches' worth of indices from `sampler` at a time, orders them by (group, length) and
-    cuts them into batches, so that a batch holds samples of one modality and similar length (less padding, and
-    frames of like count); the batches of a megabatch then come in a seeded order. The cuts fall every
-    `batch_size` samples, not at the groups' boundaries, so that the batch count depends on the sample count
-    alone: where a group ends inside a batch (at most once per group and megabatch), that batch holds two
-    modalities (more where a group is smaller than a batch), which the collator and the compressors take like any
-    other batch.
+class TrainSampler(DistributedSampler):
+    """This process's indices for one epoch: a permutation seeded by (seed, epoch) when `shuffle`, else file order,
+    shared out among `num_replicas` processes as DistributedSampler does (padded to equal shards). With one process
+    too, so that every epoch's order depends on the seed and the epoch alone (a resumed run goes on with it); and
+    Lightning, which under DDP swaps a training sampler that is not a DistributedSampler for its own, always
+    shuffled and seeded by the run, keeps this one with its `shuffle` and `seed`. It calls `set_epoch`.
 
-    `sampler` decides which indices and in what order: a RandomSampler for one process; under DDP Lightning
-    re-creates this sampler around its DistributedSampler (it keeps the constructor's arguments), so each rank
-    groups its own shard, and every rank gets the same number of batches.
+    With `lengths` and `groups` (one per sample), each run of `megabatch * batch_size` indices is ordered by
+    (group, length) and cut into batches of `batch_size`, which then come in a seeded order where `shuffle` (a
+    short batch last), so that a batch holds one modality and similar lengths: less padding, frames of like count. The DataLoader
+    batches the stream every `batch_size` indices, where the cuts were made. The cuts fall every `batch_size`
+    indices, not at the groups' boundaries, so that the batch count depends on the sample count alone: where a
+    group ends inside a batch (at most once per group and megabatch), that batch holds two modalities, which the
+    collator and the compressors take like any other batch.
     """
 
     def __init__(
         self,
-        sampler: Sampler[int] | Sized,
-        batch_size: int,
-        drop_last: bool,
-        lengths: np.ndarray,
-        groups: np.ndarray,
-        megabatch: int = 64,
+        dataset: Sized,
+        *,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
         seed: int = 0,
+        batch_size: int = 1,
+        lengths: np.ndarray | None = None,
+        groups: np.ndarray | None = None,
+        megabatch: int = 64,
     ) -> None:
-        super().__init__(sampler, batch_size, drop_last)
-        if len(lengths) != len(groups):
-            raise ValueError(f"{len(lengths)} lengths for {len(groups)} groups")
-        if megabatch < 1:
-            raise ValueError(f"megabatch must be >= 1, got {megabatch}")
-        self.lengths, self.groups = np.asarray(lengths), np.asarray(groups)
-        self.megabatch, self.seed = megabatch, seed
-        self.epoch = 0
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        if (lengths is None) != (groups is None):
+            raise ValueError("grouping needs both lengths and groups")
+        if lengths is not None and not len(lengths) == len(groups) == len(dataset):
+            raise ValueError(f"{len(lengths)} lengths and {len(groups)} groups for {len(dataset)} samples")
+        if batch_size < 1 or megabatch < 1:
+            raise ValueError(f"batch_size and megabatch must be >= 1, got {batch_size} and {megabatch}")
+        self.lengths = None if lengths is None else np.asarray(lengths)
+        self.groups = None if groups is None else np.asarray(groups)
+        self.batch_size, self.megabatch = batch_size, megabatch
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        if self.lengths is None:
+            return iter(indices)
+        rng = np.random.default_rng((self.seed, self.epoch))
+        size = self.megabatch * self.batch_size
+        return itertools.chain.from_iterable(
+            self._grouped(np.asarray(indices[start : start + size]), rng) for start in range(0, len(indices), size)
+        )
+
+    def _grouped(self, ids: np.ndarray, rng: np.random.Generator) -> list[int]:
+        ordered = ids[np.lexsort((self.lengths[ids], self.groups[ids]))]
+        batches = [ordered[i : i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
+        full = len(batches) - (len(batches[-1]) < self.batch_size)  # a short batch stays last
+        order = [*(rng.permutation(full) if self.shuffle else range(full)), *range(full, len(batches))]
+        return np.concatenate([batches[i] for i in order]).tolist()
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader over a `TrainSampler` that resumes mid-epoch. Its state (`state_dict`) is the epoch
+    and how many of its batches were handed out; after `load_state_dict` the sampler takes that epoch, and the next
+    iteration leaves out those batches' indices before any sample is read, so that a resumed run goes on with the
+    batches it would have had next. The data module keeps this state in Lightning's checkpoints (see its
+    `state_dict`).
+
+    Iteration starts at the first batch asked for, not at `iter()`, so that a state loaded in between applies.
+    `epochs_done` gives the epochs the trainer counts as done (those whose end it has processed, an epoch that
+    max_steps cut short included): a state taken past the loader's epoch resumes at the start of the trainer's
+    next one. None (no trainer): an epoch is done when all its batches are.
+    """
+
+    def __init__(self, *args, epochs_done: Callable[[], int | None] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, TrainSampler):
+            raise TypeError(f"a ResumableLoader needs a TrainSampler, got {type(self.sampler).__name__}")
+        self._epochs_done = epochs_done or (lambda: None)
+        self._resume: dict[str, int] | None = None  # a loaded state the next iteration starts from
+        self._skipping = 0  # while an iteration is made: the batches it leaves out
+        self._taken = 0  # batches of the current epoch handed out, the left-out ones included
+
+    @property
+    def _index_sampler(self):
+        return _Skipping(self, super()._index_sampler)
+
+    def __iter__(self) -> Iterator:
+        return self._batches()
+
+    def _batches(self) -> Iterator:
+        if self._resume is not None:
+            self.sampler.set_epoch(self._resume["epoch"])
+            self._skipping, self._resume = self._resume["batches"], None
+        try:
+            iterator = super().__iter__()
+        finally:
+            self._taken, self._skipping = self._skipping, 0
+        for batch in iterator:
+            self._taken += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        if self._resume is not None:
+            return dict(self._resume)
+        epoch, done = self.sampler.epoch, self._epochs_done()
+        if done is None:
+            done = epoch + 1 if self._taken >= len(self) else epoch
+        if done > epoch:
+            return {"epoch": done, "batches": 0}
+        return {"epoch": epoch, "batches": self._taken}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+
+
+class _Skipping:
+    """A loader's batch sampler, less the batches its iteration under way leaves out (`_skipping`, read when an
+    iteration starts): a DataLoader's iterator keeps its index sampler and, with persistent workers, iterates it
+    again for each epoch, when nothing is left out."""
+
+    def __init__(self, loader: ResumableLoader, batches) -> None:
+        self.loader, self.batches = loader, batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        rng = np.random.default_rng((self.seed, self.epoch))
-        chunk: list[int] = []
-        for index in self.sampler:
-            chunk.append(index)
-            if len(chunk) == self.megabatch * self.batch_size:
-                yield from self._batches(chunk, rng)
-                chunk = []
-        if chunk:
-            yield from self._batches(chunk, rng)
+        return itertools.islice(iter(self.batches), self.loader._skipping, None)
 
-    def _batches(self, chunk: list[int], rng: np.random.Generator) -> Iterator[list[int]]:
-        ids = np.asarray(chunk)
-        ordered = ids[np.lexsort((self.lengths[ids], self.groups[ids]))]
-        batches = [ordered[i : i + self.batch_size].tolist() for i in range(0, len(ordered), self.batch_size)]
-        if self.drop_last and len(batches[-1]) < self.batch_size:
-            batches.pop()
-        for i in rng.permutation(len(batches)):
-            yield batches[i]
+    def __len__(self) -> int:
+        return max(len(self.batches) - self.loader._skipping, 0)

@@ -130,35 +130,72 @@ def test_preflight_follows_the_datasets_rules_and_the_runs_seed(tmp_path):
 
 
 def test_grouped_batches_hold_one_modality_and_shard_under_ddp():
-    from lightning.fabric.utilities.data import _replace_dunder_methods
-    from lightning.pytorch.utilities.data import _update_dataloader
-    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler
+    from torch.utils.data import DataLoader, DistributedSampler
 
-    from hicom.data.sampler import GroupedBatchSampler
+    from hicom.data.sampler import TrainSampler
 
     n = 103
     groups = np.arange(n) % 3
     lengths = (np.arange(n) * 7919) % 101
     dataset = list(range(n))
-    sampler = GroupedBatchSampler(RandomSampler(dataset), 4, False, lengths, groups, megabatch=8)
-    batches = list(sampler)
-    assert len(batches) == len(sampler) == 26
-    assert sorted(i for b in batches for i in b) == list(range(n))
-    mixed = sum(len({groups[i] for i in b}) > 1 for b in batches)
+
+    def batches(epoch=0, **options):
+        sampler = TrainSampler(dataset, batch_size=4, lengths=lengths, groups=groups, megabatch=8, **options)
+        sampler.set_epoch(epoch)
+        return [b.tolist() for b in DataLoader(dataset, batch_size=4, sampler=sampler)]
+
+    one = batches()
+    assert len(one) == 26 and sorted(i for b in one for i in b) == list(range(n))
+    assert all(len(b) == 4 for b in one[:-1])  # the short batch comes last
+    mixed = sum(len({groups[i] for i in b}) > 1 for b in one)
     assert mixed <= 3 * 4  # only where a megabatch's groups meet
-    # DDP: Lightning re-creates the batch sampler around its DistributedSampler; each rank groups its own shard
-    shards = []
-    for rank in range(2):
-        with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
-            # as the Trainer calls train_dataloader(): it records the constructors' arguments
-            inner = GroupedBatchSampler(RandomSampler(dataset), 4, False, lengths, groups)
-            loader = DataLoader(dataset, batch_sampler=inner)
-        distributed = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
-        updated = _update_dataloader(loader, distributed)
-        assert isinstance(updated.batch_sampler, GroupedBatchSampler) and updated.batch_sampler.sampler is distributed
-        shards.append([i for b in updated.batch_sampler for i in b])
-    assert len(shards[0]) == len(shards[1]) == 52  # DistributedSampler pads to equal shards
+    assert batches() == one and batches(epoch=1) != one and batches(seed=1) != one  # a function of seed and epoch
+    # DDP: each rank groups its own shard; a DistributedSampler, so Lightning keeps it (and its shuffle and seed)
+    assert isinstance(TrainSampler(dataset), DistributedSampler)
+    shards = [[i for b in batches(num_replicas=2, rank=rank) for i in b] for rank in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 52  # padded to equal shards, as DistributedSampler does
     assert set(shards[0]) | set(shards[1]) == set(range(n))
+    plain = [i for b in DataLoader(dataset, batch_size=4, sampler=TrainSampler(dataset, shuffle=False)) for i in b]
+    assert plain == list(range(n))  # shuffle=false: file order
+
+
+def test_a_resumable_loader_goes_on_with_the_batches_it_would_have_had_next():
+    from hicom.data.sampler import ResumableLoader, TrainSampler
+
+    reads = []
+
+    class Samples(list):
+        def __getitem__(self, i):
+            reads.append(i)
+            return super().__getitem__(i)
+
+    def loader(epochs_done=None):
+        samples = Samples(range(40))
+        return ResumableLoader(samples, batch_size=4, sampler=TrainSampler(samples, seed=3), epochs_done=epochs_done)
+
+    full = loader()
+    epochs = []
+    for epoch in range(2):
+        full.sampler.set_epoch(epoch)
+        epochs.append([b.tolist() for b in full])
+    first = loader()
+    first.sampler.set_epoch(1)
+    iterator = iter(first)
+    assert [next(iterator).tolist() for _ in range(3)] == epochs[1][:3]
+    state = first.state_dict()
+    assert state == {"epoch": 1, "batches": 3}
+    resumed = loader()
+    iterator = iter(resumed)  # as the trainer does before it restores the state: iteration starts at next()
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == state  # not yet applied
+    reads.clear()
+    assert [b.tolist() for b in iterator] == epochs[1][3:] and len(reads) == 28  # left-out samples are not read
+    assert resumed.state_dict() == {"epoch": 2, "batches": 0}  # all its batches done: the next epoch's start
+    assert [b.tolist() for b in resumed] == epochs[1]  # only the first iteration after a load leaves batches out
+    stopped = loader(epochs_done=lambda: 1)  # the trainer counts the epoch as done (max_steps cut it short)
+    iterator = iter(stopped)
+    next(iterator), next(iterator)
+    assert stopped.state_dict() == {"epoch": 1, "batches": 0}
 
 
 def test_a_cached_index_is_built_once_and_memory_mapped(tmp_path):
