@@ -110,11 +110,12 @@ def test_two_process_ddp_follows_the_one_process_run_into_one_folder(cache_dir, 
     """torchrun with 2 CPU processes (gloo), micro batch 4, against 1 process at micro batch 8: the same global
     batches (no shuffling: DistributedSampler deals rank r the samples r, r + 2, ...), the same losses; both
     processes write into one run folder (named by torchrun's rendezvous id), and the summary covers every held-out
-    question, not process 0's share."""
+    question, not process 0's share. val/loss is over both processes' held-out samples (the same 4 samples, one
+    per batch, as the one process validates)."""
     import csv
 
     common = [o for o in SMALL if o != "logger=csv"] + ["logger=csv", "data.shuffle=false", "global_batch_size=8",
-              f"paths.cache_dir={cache_dir}"]  # fmt: skip
+              f"paths.cache_dir={cache_dir}", "data.eval_batch_size=1"]  # fmt: skip
 
     def run(name: str, launcher: list[str], overrides: list[str]) -> tuple[list[float], dict, list[str]]:
         env = {k: v for k, v in os.environ.items() if k != "HICOM_RUN_STAMP"}
@@ -123,15 +124,18 @@ def test_two_process_ddp_follows_the_one_process_run_into_one_folder(cache_dir, 
         done = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         (folder,) = (tmp_path / name / "train" / "runs").iterdir()  # one folder for the launch
-        rows = csv.DictReader((folder / "csv" / "metrics.csv").open())
-        losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+        rows = list(csv.DictReader((folder / "csv" / "metrics.csv").open()))
+        losses = [float(r[key]) for key in ("train/loss", "val/loss") for r in rows if r.get(key)]
         ids = [json.loads(line)["id"] for line in (folder / "predictions.jsonl").open()]
         return losses, json.loads((folder / "metrics.json").read_text()), ids
 
-    single, single_metrics, single_ids = run("one", [sys.executable], ["data.batch_size=8"])
+    single, single_metrics, single_ids = run(
+        "one", [sys.executable], ["data.batch_size=8", "trainer.limit_val_batches=4"]
+    )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # a free port
-    ddp, ddp_metrics, ddp_ids = run("two", torchrun, ["data.batch_size=4", "trainer.devices=2", "trainer.strategy=ddp"])
-    assert len(single) == len(ddp) == 4
+    two = ["data.batch_size=4", "trainer.devices=2", "trainer.strategy=ddp", "trainer.limit_val_batches=2"]
+    ddp, ddp_metrics, ddp_ids = run("two", torchrun, two)
+    assert len(single) == len(ddp) == 5  # 4 training steps, then val/loss
     for a, b in zip(single, ddp, strict=True):
         assert abs(a - b) <= 1e-4 * abs(a), (single, ddp)
     assert single_metrics["n_questions"] == ddp_metrics["n_questions"] == 16

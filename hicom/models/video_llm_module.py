@@ -82,6 +82,7 @@ class VideoLLMModule(LightningModule):
         self._stand_ins: dict[str, dict] = {}  # ZeRO-3, per stage: what runs for a batch whose samples were all skipped
         self._stepped = 0.0  # processes with samples, over the micro-batches of the optimizer step under way
         self._empty_step = False  # the last optimizer step had no sample on any process (on_before_optimizer_step)
+        self._val_sum, self._val_count = 0.0, 0.0  # the validation under way (on_validation_epoch_end)
         self._computed = computed_buffers(net)  # fp32 RoPE frequencies, put back after bf16-true / DeepSpeed casts
         self.train()
 
@@ -235,13 +236,28 @@ class VideoLLMModule(LightningModule):
         stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
         return stats[0], float(stats[1])
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum, self._val_count = 0.0, 0.0  # this process's sum of batch losses times samples, and samples
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._count_skipped(batch)
         if "input_ids" in batch:
             self._keep_stand_in(batch, "val")
-            self.log("val/loss", self.net(batch).loss, prog_bar=True, batch_size=len(batch["ids"]))
+            loss = self.net(batch).loss.detach().float()
+            self._val_sum, self._val_count = (
+                self._val_sum + loss * len(batch["ids"]),
+                self._val_count + len(batch["ids"]),
+            )
         elif self.net.zero3 and self._world() > 1:  # the others' forward gathers parameters from this process too
             self.net(self._stand_in(batch, "val"))
+
+    def on_validation_epoch_end(self) -> None:
+        """val/loss over every process's held-out samples (each process validates its own shard): summed across
+        processes by all of them, so that a process whose batches were all skipped joins in with nothing."""
+        value = torch.as_tensor(self._val_sum, dtype=torch.float32, device=self.device)
+        total, count = self._sum_over_processes(value, self._val_count)
+        if count > 0:
+            self.log("val/loss", total / count, prog_bar=True, sync_dist=True)  # the same on every process
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         """Greedy answers to held-out multiple-choice questions, parsed into letters."""
