@@ -182,7 +182,7 @@ def stages_of(cfg: DictConfig) -> list[dict]:
 def report(cfg: DictConfig) -> list[dict]:
     from hydra.utils import instantiate
 
-    from hicom.modules.video_llm import compose_compressor
+    from hicom.modules.video_llm import compose_compressor, idle_parts
 
     settings = cfg.get("dry_run_settings") or {}
     gpus = int(settings.get("gpus", 8))
@@ -210,6 +210,10 @@ def report(cfg: DictConfig) -> list[dict]:
         unknown = trainable - set(PARTS)
         if unknown:
             raise ValueError(f"stage {stage['name']}: unknown parts {sorted(unknown)} (parts: {list(PARTS)})")
+        idle = trainable & set(idle_parts(base.vision.parts(), compressor))
+        if idle:  # as the training module leaves them
+            print(f"  {sorted(idle)} stay frozen: this compressor does not read them")
+            trainable -= idle
         frames, modality, guided = stage["num_frames"], stage.get("modality", "video"), compressor.uses_guide
         visual = model.compressor.num_tokens(frames, model.grid, model.grid, modality)
         fwd = forward_flops(model, frames, modality, guided, text, guide)

@@ -257,6 +257,6 @@ class _Handoff:
             self.carried = load_handoff(model, self.parent, new)
 
     def save(self, model) -> None:
-        parts = list(dict.fromkeys([*self.carried, *self.cfg.model.trainable]))
+        parts = list(dict.fromkeys([*self.carried, *model.trainable]))  # less the parts it left frozen
         parent = str(self.parent) if self.parent else None
         save_handoff(model, self.out_dir, parts, parent, self.cfg, write=model.trainer.is_global_zero)

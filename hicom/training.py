@@ -130,7 +130,7 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     else:
         from hicom.stages import save_handoff
 
-        save_handoff(model, out_dir, list(cfg.model.trainable), None, cfg, write=trainer.is_global_zero)
+        save_handoff(model, out_dir, list(model.trainable), None, cfg, write=trainer.is_global_zero)
 
     # Every process writes into the folder of process 0 (they agree unless a launch gave them no shared run name).
     shared_dir = Path(trainer.strategy.broadcast(str(out_dir)))

@@ -69,8 +69,12 @@ class VideoLLMModule(LightningModule):
         )
         self.save_hyperparameters(ignore=["vision", "llm", "compressor"])
         check_hparams(trainable, lr, warmup_ratio)
-        self.trainable, self.lr = tuple(trainable), lr
         self.net = net = VideoLLM(vision=vision, llm=llm, compressor=compressor)
+        idle = [name for name in trainable if name in net.idle_parts()]
+        if idle:  # a recipe's stage 3 trains the SigLIP head and the text tower, which a pooling compressor never reads
+            log.warning("trainable parts %s stay frozen: this compressor does not read them", idle)
+            trainable = [name for name in trainable if name not in idle]
+        self.trainable, self.lr = tuple(trainable), lr
         self.weight_decay, self.betas, self.warmup_ratio = weight_decay, betas, warmup_ratio
         self.max_new_tokens = max_new_tokens
         net.requires_grad_(False)

@@ -63,6 +63,10 @@ class VideoLLM(nn.Module):
         deepspeed.zero.register_external_parameter(embeddings, embeddings.position_embedding.weight)
         self.zero3 = True
 
+    def idle_parts(self) -> list[str]:
+        """The vision tower's parts whose outputs this compressor never reads (see `idle_parts`)."""
+        return idle_parts(self.vision.parts(), self.compressor)
+
     def num_visual_tokens(self, num_frames: int, modality: str = "video") -> int:
         """Tokens the LLM receives for a clip of `num_frames` frames, known before running anything."""
         return self.compressor.num_tokens(num_frames, self.vision.grid, self.vision.grid, modality)
@@ -130,3 +134,15 @@ class VideoLLM(nn.Module):
             )
         finally:
             model.generation_config = checkpoint_config
+
+
+def idle_parts(parts: dict[str, nn.Module], compressor) -> list[str]:
+    """Of a vision tower's `parts`, those whose outputs `compressor` never reads: the head that makes the
+    joint-space keys where it takes none, the text tower where it takes no guide, and any part without parameters
+    (CLIP's head). Training them would change nothing, and under DDP their missing gradients stop the run."""
+    idle = [name for name, part in parts.items() if next(part.parameters(), None) is None]
+    if not compressor.uses_embeds:
+        idle.append("vision_head")
+    if not compressor.uses_guide:
+        idle.append("guide_encoder")
+    return list(dict.fromkeys(idle))

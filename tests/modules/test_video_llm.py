@@ -154,3 +154,33 @@ def test_a_folder_missing_weight_tensors_or_its_tokenizer_is_an_error_not_a_rand
             file.unlink()
     with pytest.raises(FileNotFoundError, match="holds no tokenizer"):
         CausalLM(path=str(folder))
+
+
+@pytest.mark.parametrize(
+    ("compressor", "frozen"),
+    [("hicom", []), ("avgpool", ["vision_head", "guide_encoder"]), ("instructblip", ["vision_head"])],
+)
+def test_trainable_parts_the_compressor_never_reads_stay_frozen(compressor, frozen, cache_dir, tmp_path):
+    """The recipe's stage 3 trains the SigLIP head and the text tower; a compressor that reads neither the
+    joint-space keys nor the guide leaves them frozen, so that every trainable parameter gets a gradient (DDP
+    stops a run where one does not)."""
+    from omegaconf import open_dict
+
+    parts = ["compressor", "llm", "vision_head", "guide_encoder"]
+    overrides = [*SMALL, f"model/compressor={compressor}"]
+    if compressor == "instructblip":  # a Q-Former of the tiny models' size
+        overrides += [
+            "model.compressor.hidden_size=32",
+            "model.compressor.num_layers=2",
+            "model.compressor.num_heads=2",
+        ]
+        overrides += ["model.compressor.intermediate_size=64"]
+    cfg = compose_train(cache_dir, tmp_path, overrides)
+    with open_dict(cfg):
+        cfg.model.trainable = parts
+    model, data = build(cfg)
+    assert list(model.trainable) == [p for p in parts if p not in frozen]
+    data.prepare_data()
+    data.setup("fit")
+    model.net(next(iter(data.train_dataloader()))).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
