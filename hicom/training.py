@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -115,7 +116,10 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     if before_fit is not None:
         before_fit(model)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # a checkpoint holds tensors and plain values only: unpickling anything else is refused whatever torch's default
+    # (weights_only=False before torch 2.6); Lightning before 2.5 has no such argument, and torch's default rules
+    safe = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), **safe)
     fit_seconds = time.perf_counter() - start
     counts = _gathered([model.fit_counts])
     batches, samples = (sum(c[0][key] for c in counts) for key in ("batches", "samples"))
