@@ -415,6 +415,29 @@ def test_a_run_resumed_mid_epoch_trains_the_batches_it_would_have_had(workers, c
     stopped = run("stopped", ["trainer.max_steps=3"])
     more = run("more", [f"ckpt_path={tmp_path / 'stopped' / 'checkpoints' / 'last.ckpt'}"])
     assert stopped + more == whole[:3] + whole[6:]
+    # a checkpoint on an epoch's last batch: the next epoch, whole
+    every_6_steps = [every_2_steps[0], "+callbacks.model_checkpoint.every_n_train_steps=6"]
+    assert run("died_later", every_6_steps, die_at=7) == whole[:7]
+    assert run("rest_later", [f"ckpt_path={tmp_path / 'died_later' / 'checkpoints' / 'last.ckpt'}"]) == whole[6:]
+
+
+def test_last_ckpt_is_written_at_the_end_after_periodic_ones(cache_dir, tmp_path):
+    """Lightning's ModelCheckpoint with a step or time trigger writes last.ckpt at the end only if it never wrote
+    one: 12 steps checkpointed every 5 ended with a step-10 last.ckpt (LastCheckpoint writes it at 12)."""
+    overrides = [*SMALL, "trainer.limit_train_batches=12", "data.source.num_train=48", "evaluate=false"]
+    overrides += [
+        "callbacks.model_checkpoint.train_time_interval=null",
+        "+callbacks.model_checkpoint.every_n_train_steps=5",
+    ]
+    assert train(compose_train(cache_dir, tmp_path, overrides))["steps"] == 12
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 12
+
+
+def test_the_overfit_debug_config_trains(cache_dir, tmp_path):
+    """trainer.overfit_batches: Lightning gives the training loader a sequential sampler of its own."""
+    metrics = train(compose_train(cache_dir, tmp_path, [*SMALL, "debug=overfit", "trainer.max_epochs=2"]))
+    assert metrics["steps"] == 4
 
 
 def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path):

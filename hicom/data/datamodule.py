@@ -20,7 +20,7 @@ from hicom.data.sampler import ResumableLoader, TrainSampler
 from hicom.data.template import ChatEncoder
 from hicom.data.transforms import FrameTransform
 from hicom.data.video import FrameSampling
-from hicom.utils.checkpoints import load_tokenizer
+from hicom.utils.checkpoints import load_guide_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,6 @@ class VideoQADataModule(LightningDataModule):
         return train, val, index(splits.val) if self.split_turns else val
 
     def setup(self, stage: str | None = None) -> None:
-        from transformers import AutoTokenizer
 
         if self.splits is not None:
             return
@@ -201,7 +200,7 @@ class VideoQADataModule(LightningDataModule):
             raise ValueError("the data module needs the network's visual token count (visual_tokens)")
         self.splits = self.source.prepare(self.root)
         tokenizer = load_tokenizer(self.llm_path)
-        guide_tokenizer = AutoTokenizer.from_pretrained(self.vision_path)
+        guide_tokenizer = load_guide_tokenizer(self.vision_path)
         common = dict(
             encoder=ChatEncoder(tokenizer, self.visual_token),
             transform=FrameTransform.from_pretrained(self.vision_path),
@@ -256,8 +255,9 @@ class VideoQADataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
             epochs_done=self._epochs_done,
         )
-        if self._train_state is not None:
+        if self._train_state is not None:  # once: a loader made again (reload_dataloaders_every_n_epochs) starts anew
             loader.load_state_dict(self._train_state)
+            self._train_state = None
         return loader
 
     def state_dict(self) -> dict:
@@ -272,6 +272,7 @@ class VideoQADataModule(LightningDataModule):
         self._train_state = state.get("train_loader")
         if self._train_loader is not None and self._train_state is not None:
             self._train_loader.load_state_dict(self._train_state)
+            self._train_state = None
 
     def _epochs_done(self) -> int | None:
         """The training epochs whose end the trainer has processed, if there is a trainer."""

@@ -4,10 +4,13 @@ by modality and length; and a DataLoader that Lightning resumes mid-epoch."""
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Iterator, Sized
 
 import numpy as np
 from torch.utils.data import DataLoader, DistributedSampler
+
+log = logging.getLogger(__name__)
 
 
 class TrainSampler(DistributedSampler):
@@ -75,16 +78,19 @@ class ResumableLoader(DataLoader):
     batches it would have had next. The data module keeps this state in Lightning's checkpoints (see its
     `state_dict`).
 
-    Iteration starts at the first batch asked for, not at `iter()`, so that a state loaded in between applies.
+    Iteration starts at the first batch asked for, not at `iter()`, so that a state loaded in between applies,
+    and after the trainer has set the epoch it runs: a state of an earlier epoch (taken on that epoch's last
+    batch, or where limit_train_batches ended it early) is dropped, and the epoch starts from its first batch.
     `epochs_done` gives the epochs the trainer counts as done (those whose end it has processed, an epoch that
-    max_steps cut short included): a state taken past the loader's epoch resumes at the start of the trainer's
-    next one. None (no trainer): an epoch is done when all its batches are.
+    max_steps cut short included): a state taken past the loader's epoch names the trainer's next one. None (no
+    trainer): an epoch is done when all its batches are. The state also records the layout it counts in (the
+    processes, the batch size and the samples): under another layout the same count means other samples, so the
+    epoch starts over, with a warning. Where Lightning gives the loader another sampler (overfit_batches), there
+    is no place to keep, and the loader iterates as a DataLoader does.
     """
 
     def __init__(self, *args, epochs_done: Callable[[], int | None] | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if not isinstance(self.sampler, TrainSampler):
-            raise TypeError(f"a ResumableLoader needs a TrainSampler, got {type(self.sampler).__name__}")
         self._epochs_done = epochs_done or (lambda: None)
         self._resume: dict[str, int] | None = None  # a loaded state the next iteration starts from
         self._skipping = 0  # while an iteration is made: the batches it leaves out
@@ -97,10 +103,22 @@ class ResumableLoader(DataLoader):
     def __iter__(self) -> Iterator:
         return self._batches()
 
+    def _layout(self) -> dict[str, int]:
+        return {"processes": self.sampler.num_replicas, "batch_size": self.batch_size, "samples": len(self.dataset)}
+
     def _batches(self) -> Iterator:
-        if self._resume is not None:
-            self.sampler.set_epoch(self._resume["epoch"])
-            self._skipping, self._resume = self._resume["batches"], None
+        state, self._resume = self._resume, None
+        if state is not None and isinstance(self.sampler, TrainSampler):
+            layout = {key: state.get(key, value) for key, value in self._layout().items()}
+            if layout != self._layout():
+                log.warning(
+                    "the checkpoint's data loader counted %d batches of epoch %d in another layout (%s, now %s): "
+                    "the same count is other samples here, so the epoch starts over",
+                    state["batches"], state["epoch"], layout, self._layout(),
+                )  # fmt: skip
+            elif state["epoch"] >= self.sampler.epoch:  # the trainer has set the epoch it runs by now
+                self.sampler.set_epoch(state["epoch"])
+                self._skipping = state["batches"]
         try:
             iterator = super().__iter__()
         finally:
@@ -110,17 +128,20 @@ class ResumableLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
+        if not isinstance(self.sampler, TrainSampler):
+            return {}
         if self._resume is not None:
             return dict(self._resume)
         epoch, done = self.sampler.epoch, self._epochs_done()
         if done is None:
             done = epoch + 1 if self._taken >= len(self) else epoch
         if done > epoch:
-            return {"epoch": done, "batches": 0}
-        return {"epoch": epoch, "batches": self._taken}
+            return {"epoch": done, "batches": 0, **self._layout()}
+        return {"epoch": epoch, "batches": self._taken, **self._layout()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+        if state:
+            self._resume = {key: int(value) for key, value in state.items()}
 
 
 class _Skipping:

@@ -38,7 +38,7 @@ from hicom.data.video import FrameSampling, VideoDecodeError, load_video
 from hicom.eval.answers import LETTERS, parse_choice
 from hicom.eval.benchmarks import Kind, Question, read_srt, subtitles_at
 from hicom.eval.score import read_predictions, score
-from hicom.utils.checkpoints import computed_buffers, restore_computed_buffers
+from hicom.utils.checkpoints import computed_buffers, load_guide_tokenizer, restore_computed_buffers
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,6 @@ def run_benchmark(
     dtype: torch.dtype,
 ) -> dict | None:  # fmt: skip
     """Answer this shard's unanswered questions; merge and score when every shard is done (else None)."""
-    from transformers import AutoTokenizer
-
     net = module.net
     every = reader.read()
     questions = every if cfg.limit is None else every[: int(cfg.limit)]
@@ -204,7 +202,7 @@ def run_benchmark(
     )
     collate = Collator(
         pad_token_id=net.llm.tokenizer.pad_token_id,
-        guide_tokenizer=AutoTokenizer.from_pretrained(net.vision.path),
+        guide_tokenizer=load_guide_tokenizer(net.vision.path),
         padding_side="left",
     )
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)

@@ -173,6 +173,14 @@ class VideoLLMModule(LightningModule):
         self.fit_counts = {"batches": 0, "samples": 0}
         self._stepped = 0.0
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if data is not None and hasattr(data, "state_dict") and type(data).__qualname__ not in checkpoint:
+            log.warning(
+                "the checkpoint holds no place of the data loader (it predates resumable loading): the epoch under "
+                "way starts again from its first batch"
+            )
+
     def on_validation_start(self) -> None:
         restore_computed_buffers(self.net, self._computed)
 

@@ -122,6 +122,27 @@ def load_tokenizer(folder):
     return tokenizer
 
 
+def load_guide_tokenizer(folder):
+    """The vision tower's text tokenizer, for the guide. The guide is padded to its `model_max_length`, which must
+    be the text tower's position count (SigLIP's text tower is trained on exactly 64 tokens, padding included): a
+    tokenizer folder that does not set it (transformers then reads 10^30) takes it from config.json."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if len(tokenizer) < 2:
+        raise FileNotFoundError(
+            f"'{folder}' holds no text tokenizer for the guide (tokenizer.json / tokenizer_config.json and the "
+            "vocabulary files): copy the checkpoint's tokenizer files there"
+        )
+    config = Path(folder) / "config.json"
+    positions = json.loads(config.read_text()).get("text_config", {}).get("max_position_embeddings")
+    if positions is not None and tokenizer.model_max_length > positions:
+        tokenizer.model_max_length = int(positions)
+    return tokenizer
+
+
 @contextlib.contextmanager
 def full_parameters(module) -> Iterator[None]:
     """Makes `module`'s parameters whole for reading. Under DeepSpeed ZeRO-3 each process holds only a shard of

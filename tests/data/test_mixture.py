@@ -183,19 +183,28 @@ def test_a_resumable_loader_goes_on_with_the_batches_it_would_have_had_next():
     iterator = iter(first)
     assert [next(iterator).tolist() for _ in range(3)] == epochs[1][:3]
     state = first.state_dict()
-    assert state == {"epoch": 1, "batches": 3}
+    assert state == {"epoch": 1, "batches": 3, "processes": 1, "batch_size": 4, "samples": 40}
     resumed = loader()
     iterator = iter(resumed)  # as the trainer does before it restores the state: iteration starts at next()
     resumed.load_state_dict(state)
     assert resumed.state_dict() == state  # not yet applied
     reads.clear()
     assert [b.tolist() for b in iterator] == epochs[1][3:] and len(reads) == 28  # left-out samples are not read
-    assert resumed.state_dict() == {"epoch": 2, "batches": 0}  # all its batches done: the next epoch's start
+    assert resumed.state_dict() == {**state, "epoch": 2, "batches": 0}  # all its batches done: the next epoch
     assert [b.tolist() for b in resumed] == epochs[1]  # only the first iteration after a load leaves batches out
     stopped = loader(epochs_done=lambda: 1)  # the trainer counts the epoch as done (max_steps cut it short)
     iterator = iter(stopped)
     next(iterator), next(iterator)
-    assert stopped.state_dict() == {"epoch": 1, "batches": 0}
+    assert stopped.state_dict() == {**state, "epoch": 1, "batches": 0}
+    later = loader()  # the trainer has moved on to epoch 2: a state of epoch 1 is dropped
+    later.load_state_dict(state)
+    later.sampler.set_epoch(2)
+    full.sampler.set_epoch(2)
+    assert [b.tolist() for b in later] == [b.tolist() for b in full]
+    other = ResumableLoader(list(range(40)), batch_size=8, sampler=TrainSampler(range(40), seed=3))
+    other.load_state_dict(state)  # counted in batches of 4: with batches of 8 the epoch starts over
+    other.sampler.set_epoch(1)
+    assert len([b for b in other]) == 5
 
 
 def test_a_cached_index_is_built_once_and_memory_mapped(tmp_path):

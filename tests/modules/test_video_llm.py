@@ -184,3 +184,25 @@ def test_trainable_parts_the_compressor_never_reads_stay_frozen(compressor, froz
     data.setup("fit")
     model.net(next(iter(data.train_dataloader()))).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_the_guide_is_padded_to_the_text_towers_positions_whatever_the_tokenizer_folder_says(tiny_paths, tmp_path):
+    """SigLIP's text tower reads exactly its position count of tokens (64 for so400m), padding included; a
+    tokenizer_config.json without model_max_length (transformers then reads 10^30) would leave guides unpadded."""
+    import json
+    import shutil
+
+    from hicom.data.collate import Collator
+    from hicom.utils.checkpoints import load_guide_tokenizer
+
+    folder = shutil.copytree(tiny_paths["siglip"], tmp_path / "siglip")
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    del settings["model_max_length"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    positions = json.loads((folder / "config.json").read_text())["text_config"]["max_position_embeddings"]
+    tokenizer = load_guide_tokenizer(folder)
+    assert tokenizer.model_max_length == positions
+    item = {"input_ids": torch.tensor([1, 2]), "labels": torch.tensor([-100, 2]), "pixel_values": None,
+            "num_frames": 0, "modality": "text", "id": "a", "guide": "what is the man doing " * 20}  # fmt: skip
+    batch = Collator(pad_token_id=0, guide_tokenizer=tokenizer)([item, {**item, "guide": "why"}])
+    assert batch["guide_ids"].shape == (2, positions)
