@@ -421,6 +421,34 @@ def test_a_run_resumed_mid_epoch_trains_the_batches_it_would_have_had(workers, c
     assert run("rest_later", [f"ckpt_path={tmp_path / 'died_later' / 'checkpoints' / 'last.ckpt'}"]) == whole[6:]
 
 
+def test_a_resumed_run_that_makes_its_loader_again_each_epoch_resumes_once(cache_dir, tmp_path, caplog):
+    """reload_dataloaders_every_n_epochs makes a new loader each epoch: the checkpoint's place applies to the
+    first one only. A checkpoint without the loader's place (older code) says so and starts the epoch over."""
+    base = [*SMALL, "trainer.limit_train_batches=null", "trainer.limit_val_batches=0", "evaluate=false"]
+    base += ["trainer.max_epochs=2", "data.source.num_train=24", "+trainer.reload_dataloaders_every_n_epochs=1"]
+    base += ["callbacks.model_checkpoint.train_time_interval=null", "+callbacks.model_checkpoint.every_n_train_steps=2"]
+
+    def run(out, overrides):
+        seen = []
+
+        def record(model) -> None:
+            step = model.training_step
+            model.training_step = lambda batch, *args: seen.append(sorted(batch["ids"])) or step(batch, *args)
+
+        train(compose_train(cache_dir, tmp_path / out, [*base, *overrides]), before_fit=record)
+        return seen
+
+    whole = run("whole", [])
+    run("first", ["trainer.max_epochs=1", "trainer.max_steps=4"])  # its step-4 checkpoint: epoch 0, 4 batches
+    checkpoint = torch.load(tmp_path / "first" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert run("rest", [f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}"]) == whole[4:]
+    del checkpoint["VideoQADataModule"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with caplog.at_level("WARNING"):
+        assert run("old", [f"ckpt_path={tmp_path / 'old.ckpt'}"]) == whole[:2] + whole[6:]
+    assert "holds no place of the data loader" in caplog.text
+
+
 def test_last_ckpt_is_written_at_the_end_after_periodic_ones(cache_dir, tmp_path):
     """Lightning's ModelCheckpoint with a step or time trigger writes last.ckpt at the end only if it never wrote
     one: 12 steps checkpointed every 5 ended with a step-10 last.ckpt (LastCheckpoint writes it at 12)."""
