@@ -89,6 +89,9 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     """
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("ckpt_path"):
+        last = Path(cfg.ckpt_path) / "checkpoints" / "last.ckpt"
+        if last.exists():  # a run's folder (as evaluate.py's ckpt= takes): its last checkpoint
+            cfg.ckpt_path = str(last)
         check_checkpoint(Path(cfg.ckpt_path))
     out_dir = ensure_dir(cfg.paths.output_dir)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

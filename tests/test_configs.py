@@ -326,6 +326,8 @@ def unloadable_llm(tiny_paths, tmp_path_factory) -> Path:
     ("override", "message"),
     [
         ("model.lr.compressor=-1", "learning rates must be > 0"),
+        ("model.lr=1e-4", r"model.lr is a learning rate per trainable part, got 0.0001: set model.lr.<part>=1e-4"),
+        ("model.lr.compressor=abc", r"learning rates are numbers, got \{'compressor': 'abc'\}"),
         ("model.trainable=[compressor,bogus]", "unknown trainable parts"),
         ("model.warmup_ratio=5", "warmup_ratio"),
         ("model.compressor.global_.num_queries=0", "num_queries must be >= 1"),

@@ -261,7 +261,7 @@ def test_a_stage_that_stopped_part_way_resumes_from_its_last_checkpoint(cache_di
 
     every_step = [
         "callbacks.model_checkpoint.train_time_interval=null",
-        "+callbacks.model_checkpoint.every_n_train_steps=1",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
     ]
     cfg = compose_train(cache_dir, tmp_path / "run", ["experiment=tiny_stages", *SMALL, *every_step])
     trained, resumed_from = {}, {}
@@ -374,7 +374,7 @@ def test_a_step_and_an_answer_in_bf16(compressor, precision, cache_dir, tmp_path
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_run_resumed_mid_epoch_trains_the_batches_it_would_have_had(workers, cache_dir, tmp_path):
+def test_a_run_resumed_mid_epoch_trains_the_batches_it_would_have_had(workers, cache_dir, tmp_path, caplog):
     """A run that dies mid-epoch resumes from its last periodic checkpoint, its data loader where it was
     (ResumableLoader): the rest of the epoch in the uninterrupted run's order, then the next epoch as that run
     has it, no batch twice. A run that max_steps stopped goes on with the next epoch, as Lightning counts it."""
@@ -383,7 +383,7 @@ def test_a_run_resumed_mid_epoch_trains_the_batches_it_would_have_had(workers, c
     base += [f"data.num_workers={workers}"]  # persistent workers keep their iterator from epoch to epoch
     every_2_steps = [
         "callbacks.model_checkpoint.train_time_interval=null",
-        "+callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
     ]
 
     def run(out, overrides, die_at=None):
@@ -413,10 +413,12 @@ def test_a_run_resumed_mid_epoch_trains_the_batches_it_would_have_had(workers, c
     rest = run("rest", [f"ckpt_path={tmp_path / 'died' / 'checkpoints' / 'last.ckpt'}"])  # saved at step 4
     assert whole[:4] + rest == whole
     stopped = run("stopped", ["trainer.max_steps=3"])
-    more = run("more", [f"ckpt_path={tmp_path / 'stopped' / 'checkpoints' / 'last.ckpt'}"])
+    with caplog.at_level("WARNING"):
+        more = run("more", [f"ckpt_path={tmp_path / 'stopped'}"])  # a run's folder: its checkpoints/last.ckpt
     assert stopped + more == whole[:3] + whole[6:]
+    assert "stopped after 3 of epoch 0's 6 batches (max_steps)" in caplog.text
     # a checkpoint on an epoch's last batch: the next epoch, whole
-    every_6_steps = [every_2_steps[0], "+callbacks.model_checkpoint.every_n_train_steps=6"]
+    every_6_steps = [every_2_steps[0], "callbacks.model_checkpoint.every_n_train_steps=6"]
     assert run("died_later", every_6_steps, die_at=7) == whole[:7]
     assert run("rest_later", [f"ckpt_path={tmp_path / 'died_later' / 'checkpoints' / 'last.ckpt'}"]) == whole[6:]
 
@@ -426,7 +428,7 @@ def test_a_resumed_run_that_makes_its_loader_again_each_epoch_resumes_once(cache
     first one only. A checkpoint without the loader's place (older code) says so and starts the epoch over."""
     base = [*SMALL, "trainer.limit_train_batches=null", "trainer.limit_val_batches=0", "evaluate=false"]
     base += ["trainer.max_epochs=2", "data.source.num_train=24", "+trainer.reload_dataloaders_every_n_epochs=1"]
-    base += ["callbacks.model_checkpoint.train_time_interval=null", "+callbacks.model_checkpoint.every_n_train_steps=2"]
+    base += ["callbacks.model_checkpoint.train_time_interval=null", "callbacks.model_checkpoint.every_n_train_steps=2"]
 
     def run(out, overrides):
         seen = []
@@ -455,7 +457,7 @@ def test_last_ckpt_is_written_at_the_end_after_periodic_ones(cache_dir, tmp_path
     overrides = [*SMALL, "trainer.limit_train_batches=12", "data.source.num_train=48", "evaluate=false"]
     overrides += [
         "callbacks.model_checkpoint.train_time_interval=null",
-        "+callbacks.model_checkpoint.every_n_train_steps=5",
+        "callbacks.model_checkpoint.every_n_train_steps=5",
     ]
     assert train(compose_train(cache_dir, tmp_path, overrides))["steps"] == 12
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

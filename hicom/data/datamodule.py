@@ -254,6 +254,7 @@ class VideoQADataModule(LightningDataModule):
             collate_fn=self.collate,
             persistent_workers=self.num_workers > 0,
             epochs_done=self._epochs_done,
+            batches_per_epoch=lambda: None if self.trainer is None else self.trainer.num_training_batches,
         )
         if self._train_state is not None:  # once: a loader made again (reload_dataloaders_every_n_epochs) starts anew
             loader.load_state_dict(self._train_state)

@@ -83,15 +83,24 @@ class ResumableLoader(DataLoader):
     batch, or where limit_train_batches ended it early) is dropped, and the epoch starts from its first batch.
     `epochs_done` gives the epochs the trainer counts as done (those whose end it has processed, an epoch that
     max_steps cut short included): a state taken past the loader's epoch names the trainer's next one. None (no
-    trainer): an epoch is done when all its batches are. The state also records the layout it counts in (the
+    trainer): an epoch is done when all its batches are. An epoch the trainer counts done before its last batch
+    (`batches_per_epoch`, the trainer's count: max_steps stopped it) is named in the state, and resuming from it
+    says which batches are left out. The state also records the layout it counts in (the
     processes, the batch size and the samples): under another layout the same count means other samples, so the
     epoch starts over, with a warning. Where Lightning gives the loader another sampler (overfit_batches), there
     is no place to keep, and the loader iterates as a DataLoader does.
     """
 
-    def __init__(self, *args, epochs_done: Callable[[], int | None] | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        epochs_done: Callable[[], int | None] | None = None,
+        batches_per_epoch: Callable[[], float | None] | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._epochs_done = epochs_done or (lambda: None)
+        self._batches_per_epoch = batches_per_epoch or (lambda: None)
         self._resume: dict[str, int] | None = None  # a loaded state the next iteration starts from
         self._skipping = 0  # while an iteration is made: the batches it leaves out
         self._taken = 0  # batches of the current epoch handed out, the left-out ones included
@@ -119,6 +128,12 @@ class ResumableLoader(DataLoader):
             elif state["epoch"] >= self.sampler.epoch:  # the trainer has set the epoch it runs by now
                 self.sampler.set_epoch(state["epoch"])
                 self._skipping = state["batches"]
+                if state.get("cut_short"):
+                    log.warning(
+                        "the run this resumes stopped after %d of epoch %d's %d batches (max_steps), and Lightning "
+                        "counts that epoch done: it goes on with epoch %d, and the rest of epoch %d is not trained",
+                        state["cut_short"], state["epoch"] - 1, state["of"], state["epoch"], state["epoch"] - 1,
+                    )  # fmt: skip
         try:
             iterator = super().__iter__()
         finally:
@@ -136,7 +151,9 @@ class ResumableLoader(DataLoader):
         if done is None:
             done = epoch + 1 if self._taken >= len(self) else epoch
         if done > epoch:
-            return {"epoch": done, "batches": 0, **self._layout()}
+            per_epoch = self._batches_per_epoch() or len(self)
+            short = {"cut_short": self._taken, "of": int(per_epoch)} if 0 < self._taken < per_epoch else {}
+            return {"epoch": done, "batches": 0, **self._layout(), **short}
         return {"epoch": epoch, "batches": self._taken, **self._layout()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:

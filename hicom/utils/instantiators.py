@@ -74,7 +74,13 @@ def check_model(cfg: DictConfig) -> None:
 
     model = cfg.model
     if "trainable" in model:
-        lr = OmegaConf.to_container(model.get("lr") or {}, resolve=True)
+        lr = model.get("lr") or {}
+        if not isinstance(lr, DictConfig):
+            raise ValueError(f"model.lr is a learning rate per trainable part, got {lr!r}: set model.lr.<part>=1e-4")
+        lr = OmegaConf.to_container(lr, resolve=True)
+        bad = {part: rate for part, rate in lr.items() if isinstance(rate, bool) or not isinstance(rate, int | float)}
+        if bad:
+            raise ValueError(f"learning rates are numbers, got {bad} (model.lr)")
         check_hparams([str(p) for p in model.trainable], lr, float(model.get("warmup_ratio", 0.0)))
     if not all(OmegaConf.select(cfg, key) for key in ("model.vision.path", "model.llm.path", "model.compressor")):
         return
