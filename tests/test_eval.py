@@ -294,6 +294,9 @@ def test_a_limited_run_scores_its_questions_and_keeps_every_answer(cache_dir, be
     assert path.read_text() == rows
     again = run()
     assert again["answered_this_run"] == 0 and again["n"] == 4 and path.read_text() == rows
+    with pytest.raises(ValueError, match=r"holds answers made otherwise(.|\n)*frames: 8 there, 4 now"):
+        run("sampling.num_frames=4")  # the folder's answers were made at 8 frames: not kept and scored with these
+    assert path.read_text() == rows
 
 
 def test_a_bad_checkpoint_or_benchmark_is_a_clear_error(cache_dir, bench_data, tmp_path):
@@ -305,8 +308,14 @@ def test_a_bad_checkpoint_or_benchmark_is_a_clear_error(cache_dir, bench_data, t
         evaluate(compose_eval(cache_dir, bench_data, tmp_path, [f"ckpt={tmp_path}", "benchmark=nope"]))
     from hicom.eval.benchmarks import BenchmarkFormatError, MVBench
 
-    with pytest.raises(BenchmarkFormatError, match="action_sequence.json is missing"):
-        MVBench(root=str(tmp_path), tasks={"action_sequence": {"prefix": "x"}}).read()
+    tasks = {"action_sequence": {"prefix": "x"}, "fine_action": {"prefix": "y"}}
+    with pytest.raises(BenchmarkFormatError, match="2 of 2 task files missing .*action_sequence.json, fine_action"):
+        MVBench(root=str(tmp_path), tasks=tasks).read()
+    # every benchmark's files are read before the model loads (this checkpoint folder would fail to load)
+    missing = [f"ckpt={tmp_path}", "benchmark=[mvbench,egoschema]", f"benchmarks.egoschema.root={tmp_path}/none"]
+    missing.append(f"benchmarks.mvbench.root={tmp_path}/none")
+    with pytest.raises(BenchmarkFormatError, match=r"cannot read the benchmarks:\n  mvbench: .*\n  egoschema: "):
+        evaluate(compose_eval(cache_dir, bench_data, tmp_path, missing))
     from hicom.eval.benchmarks import VideoMME
 
     bad = tmp_path / "videomme/test.parquet"

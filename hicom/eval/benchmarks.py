@@ -93,6 +93,13 @@ class MVBench:
         root = Path(self.root)
         if not self.tasks:
             raise BenchmarkFormatError("mvbench: no tasks configured")
+        missing = [f"{name}.json" for name in self.tasks if not (root / "json" / f"{name}.json").is_file()]
+        if missing:  # all at once, not one per run
+            raise BenchmarkFormatError(
+                f"mvbench: {len(missing)} of {len(self.tasks)} task files missing under {root / 'json'}: "
+                f"{', '.join(missing)} (to run some tasks only: '~benchmarks.mvbench.tasks' "
+                "'+benchmarks.mvbench.tasks={<task>: {prefix: <folder under video/>}}')"
+            )
         questions = []
         for name, spec in self.tasks.items():
             spec = spec if isinstance(spec, MVBenchTask) else MVBenchTask(**spec)

@@ -36,7 +36,7 @@ from hicom.data.template import ChatEncoder
 from hicom.data.transforms import FrameTransform
 from hicom.data.video import FrameSampling, VideoDecodeError, load_video
 from hicom.eval.answers import LETTERS, parse_choice
-from hicom.eval.benchmarks import Kind, Question, read_srt, subtitles_at
+from hicom.eval.benchmarks import BenchmarkFormatError, Kind, Question, read_srt, subtitles_at
 from hicom.eval.score import read_predictions, score
 from hicom.utils.checkpoints import computed_buffers, load_guide_tokenizer, restore_computed_buffers
 
@@ -172,11 +172,12 @@ def _device(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
 
 def run_benchmark(
     name: str, reader, module, cfg: DictConfig, out: Path, shard: int, num_shards: int, device: torch.device,
-    dtype: torch.dtype,
+    dtype: torch.dtype, every: list[Question] | None = None,
 ) -> dict | None:  # fmt: skip
-    """Answer this shard's unanswered questions; merge and score when every shard is done (else None)."""
+    """Answer this shard's unanswered questions (`every`: the benchmark's questions, read by `reader` when not
+    given); merge and score when every shard is done (else None)."""
     net = module.net
-    every = reader.read()
+    every = reader.read() if every is None else every
     questions = every if cfg.limit is None else every[: int(cfg.limit)]
     by_id = {q.question_id: q for q in questions}
     out.mkdir(parents=True, exist_ok=True)
@@ -301,6 +302,28 @@ def _row(q: Question, pred, reply) -> dict:
     return row
 
 
+def answer_settings(settings: dict) -> dict:
+    """What decides a reply, of a run's settings: the model and how it was loaded, the frames and their sampling,
+    the prompts, the number format and the reply length (not the benchmarks, device, batch size or shards)."""
+    keys = ("ckpt", "format", "parts", "frames", "sampling", "prompts", "dtype", "visual_tokens_per_video")
+    return {**{k: settings.get(k) for k in keys}, "max_new_tokens": settings.get("decoding", {}).get("max_new_tokens")}
+
+
+def check_same_answers(path: Path, settings: dict) -> None:
+    """A folder's answers are kept and scored with new ones only where they were made the same way: an
+    output_dir that holds answers of another checkpoint or other settings is refused, with what differs."""
+    if not path.is_file():
+        return
+    before, now = answer_settings(json.loads(path.read_text())), answer_settings(settings)
+    differ = {key: (before[key], now[key]) for key in now if before[key] != now[key]}
+    if differ:
+        lines = "\n  ".join(f"{key}: {old!r} there, {new!r} now" for key, (old, new) in differ.items())
+        raise ValueError(
+            f"{path.parent} holds answers made otherwise, which this run would keep and score with its own:\n  "
+            f"{lines}\ngive another output_dir (each run has its own by default), or delete that folder"
+        )
+
+
 def evaluate(cfg: DictConfig) -> dict:
     if cfg.ckpt is None:
         raise ValueError("set ckpt=<a training run's folder, a stage folder, or an HF folder in the release's layout>")
@@ -315,6 +338,15 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
     if not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} of {num_shards}")
+    readers, questions, problems = {}, {}, []
+    for name in names:  # every benchmark's files, before the model loads: all that is missing, at once
+        try:
+            readers[name] = instantiate(cfg.benchmarks[name])
+            questions[name] = readers[name].read()
+        except (OSError, ValueError) as error:
+            problems.append(f"{name}: {error}")
+    if problems:
+        raise BenchmarkFormatError("cannot read the benchmarks:\n  " + "\n  ".join(problems))
     module, source = load_model(cfg.ckpt, cfg)
     device, dtype = _device(cfg)
     computed = computed_buffers(module.net)
@@ -334,11 +366,13 @@ def evaluate(cfg: DictConfig) -> dict:
         "shards": num_shards,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_same_answers(out_dir / "settings.json", settings)
     (out_dir / "settings.json").write_text(json.dumps(settings, indent=2))
     all_results = {}
     for name in names:
-        reader = instantiate(cfg.benchmarks[name])
-        results = run_benchmark(name, reader, module, cfg, out_dir / name, shard, num_shards, device, dtype)
+        results = run_benchmark(
+            name, readers[name], module, cfg, out_dir / name, shard, num_shards, device, dtype, questions[name]
+        )
         if results is not None:
             results["settings"] = settings
             _write_atomically(out_dir / name / "results.json", json.dumps(results, indent=2))  # others may read it
