@@ -223,8 +223,11 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
             results[stage.name] = {"skipped": True}
             parent = out_dir
             continue
-        if i > 0 and parent is None:
-            raise FileNotFoundError(f"stage {stage.name} needs its parent's hand-off: run the earlier stages first")
+        if i > 0 and (parent is None or not (parent / MANIFEST).is_file()):  # before any weights load
+            raise FileNotFoundError(
+                f"stage {stage.name} starts from its parent's hand-off, and {parent} holds no finished stage "
+                f"({MANIFEST} missing): run the earlier stages first, or give stage_parent=<a finished stage's folder>"
+            )
         stage_cfg = stage_config(cfg, stage, out_dir)
         last = out_dir / "checkpoints" / "last.ckpt"  # a stage that stopped part-way goes on from its last checkpoint
         with open_dict(stage_cfg):

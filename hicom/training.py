@@ -27,14 +27,20 @@ from hicom.utils.instantiators import (
 log = logging.getLogger(__name__)
 
 
-def build(cfg: DictConfig):
-    """The LightningModule and DataModule of a config (tiny assets written first, model folders checked). The model's
-    values are checked and the data module is made first: a bad value fails before the towers and the LLM load
-    (minutes at real sizes)."""
+def check(cfg: DictConfig) -> None:
+    """What fails in seconds, before anything is built: the model folders, the model's values and the data (tiny
+    assets written first)."""
     write_assets(cfg.get("assets"))
     check_pretrained(cfg)
     check_model(cfg)
     check_data(cfg)
+
+
+def build(cfg: DictConfig, checked: bool = False):
+    """The LightningModule and DataModule of a config, `check`ed first unless it was. The data module is made
+    first, so that its values fail before the towers and the LLM load (minutes at real sizes)."""
+    if not checked:
+        check(cfg)
     log.info("data: <%s>", cfg.data._target_)
     datamodule = hydra.utils.instantiate(cfg.data)
     log.info("model: <%s>", cfg.model._target_)
@@ -93,9 +99,10 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
         if last.exists():  # a run's folder (as evaluate.py's ckpt= takes): its last checkpoint
             cfg.ckpt_path = str(last)
         check_checkpoint(Path(cfg.ckpt_path))
+    check(cfg)  # missing weights or data first: the user's first fix
     out_dir = ensure_dir(cfg.paths.output_dir)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    # the trainer (with its loggers and callbacks) and the batch arithmetic first: their values fail in seconds,
+    # the trainer (with its loggers and callbacks) and the batch arithmetic next: their values fail in seconds,
     # before the towers and the LLM load
     loggers = instantiate_all(cfg.get("logger"), "logger")
     trainer = hydra.utils.instantiate(
@@ -110,7 +117,7 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
             "global batch %d = micro batch %d x %d processes x %d accumulation steps",
             cfg.global_batch_size, micro, trainer.world_size, trainer.accumulate_grad_batches,
         )  # fmt: skip
-    model, datamodule = build(cfg)
+    model, datamodule = build(cfg, checked=True)
     console = Console()
     console.print(parameter_report(model))
     for logger in loggers:

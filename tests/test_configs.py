@@ -72,9 +72,18 @@ def test_experiments_without_weights_name_the_missing_path_and_key(experiment, c
     cfg = compose_train(cache_dir, tmp_path, [f"experiment={experiment}", f"paths.weights_dir={tmp_path / 'none'}"])
     if cfg.get("assets"):
         pytest.skip("this experiment runs on the tiny checkpoints the project writes")
-    with pytest.raises(FileNotFoundError, match=r"model\.vision\.path") as error:
-        build(cfg)
+    with pytest.raises(FileNotFoundError, match=r"model\.vision\.path(.|\n)*model\.llm\.path") as error:
+        build(cfg)  # both missing folders at once
     assert str(Path(tmp_path / "none")) in str(error.value)
+
+
+def test_one_stage_without_a_finished_parent_names_stage_parent_before_any_weights_load(cache_dir, tmp_path):
+    from hicom.stages import run_stages
+
+    cfg = compose_train(cache_dir, tmp_path / "run", ["experiment=tiny_stages", *SMALL, "stage=conditional"])
+    with pytest.raises(FileNotFoundError, match=r"stages/alignment holds no finished stage.*stage_parent=<a finished"):
+        run_stages(cfg)
+    assert not (tmp_path / "run" / "stages" / "conditional").exists()
 
 
 def test_a_staged_run_checks_every_stages_data_before_the_first_trains(cache_dir, tmp_path):

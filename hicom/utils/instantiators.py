@@ -23,10 +23,16 @@ def write_assets(cfg: DictConfig | None) -> None:
 def check_pretrained(cfg: DictConfig, override: str | None = None) -> None:
     """Fail before building anything when a model folder named in the config is missing; the message says to set
     `override` (formatted with the config key) where given, else the key or the environment."""
+    missing = []
     for key, what in (("model.vision.path", "the vision tower's checkpoint"), ("model.llm.path", "the LLM checkpoint")):
         path = OmegaConf.select(cfg, key)
         if path is not None:
-            require_pretrained(path, what, key, None if override is None else override.format(key=key))
+            try:
+                require_pretrained(path, what, key, None if override is None else override.format(key=key))
+            except FileNotFoundError as error:
+                missing.append(str(error))
+    if missing:  # both at once, not one per launch
+        raise FileNotFoundError("\n".join(missing))
 
 
 def check_data(cfg: DictConfig) -> None:
