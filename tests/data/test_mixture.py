@@ -195,7 +195,7 @@ def test_a_resumable_loader_goes_on_with_the_batches_it_would_have_had_next():
     stopped = loader(epochs_done=lambda: 1)  # the trainer counts the epoch as done (max_steps cut it short)
     iterator = iter(stopped)
     next(iterator), next(iterator)
-    assert stopped.state_dict() == {**state, "epoch": 1, "batches": 0}
+    assert stopped.state_dict() == {**state, "epoch": 1, "batches": 0, "cut_short": 2, "of": 10}  # named
     later = loader()  # the trainer has moved on to epoch 2: a state of epoch 1 is dropped
     later.load_state_dict(state)
     later.sampler.set_epoch(2)
