@@ -86,7 +86,7 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
         run_cfg = OmegaConf.merge(run_cfg, OmegaConf.from_dotlist(list(cfg.run_overrides)))
     write_assets(run_cfg.get("assets"))
     check_pretrained(run_cfg, override="run_overrides=['{key}=<folder>']")  # the run's config names the towers
-    module = instantiate(run_cfg.model)
+    module = instantiate(run_cfg.model, trainable=[])  # nothing trains here: no part is left frozen with a warning
     parts = load_handoff(module, folder, [])
     return module, {"ckpt": str(folder), "format": "run", "parts": parts}
 
