@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from hicom.modules.compressors.base import unguided_config
 from hicom.training import train
 from hicom.utils.checkpoints import full_parameters
 from hicom.utils.config import unshared_launch
@@ -63,15 +64,14 @@ def stage_config(base: DictConfig, stage: DictConfig, out_dir: Path) -> DictConf
         if stage.get("global_batch_size") is not None:
             cfg.global_batch_size = stage.global_batch_size
         if stage.get("guided") is False:
-            from hydra.utils import get_class
-
-            cfg.model.compressor = get_class(cfg.model.compressor._target_).unguided_config(cfg.model.compressor)
+            cfg.model.compressor = unguided_config(cfg.model.compressor)
         if stage.get("zero_stage") is not None and uses_deepspeed(cfg):
             cfg.trainer.strategy.stage = max(int(cfg.trainer.strategy.get("stage", 0)), int(stage.zero_stage))
         cfg.paths.output_dir = str(out_dir)
         cfg.stages = None
-        if base.get("stage") != stage.name:  # ckpt_path, given with stage=<name>, is that stage's alone
-            cfg.ckpt_path = None
+        if base.get("stage") != stage.name or not base.get("ckpt_path"):  # given with stage=<name>: that stage's
+            last = out_dir / "checkpoints" / "last.ckpt"  # else a stage that stopped part-way goes on from its own
+            cfg.ckpt_path = str(last) if last.exists() else None
     return cfg
 
 
@@ -128,14 +128,14 @@ def read_manifest(path: Path) -> dict:
 def guide_parameters(model, cfg: DictConfig) -> list[str]:
     """The names (as hand-offs write them) of the compressor's tensors that only its guided form has: its state
     less that of the same compressor built unguided, on the meta device."""
-    from hydra.utils import get_class, instantiate
+    from hydra.utils import instantiate
 
     from hicom.modules.video_llm import compose_compressor
 
-    compressor = cfg.model.compressor
-    unguided = get_class(compressor._target_).unguided_config(compressor)
     with torch.device("meta"):
-        plain = compose_compressor(instantiate(unguided), model.net.vision, model.net.llm.hidden_size)
+        plain = compose_compressor(
+            instantiate(unguided_config(cfg.model.compressor)), model.net.vision, model.net.llm.hidden_size
+        )
     return [f"compressor.{key}" for key in model.net.compressor.state_dict() if key not in plain.state_dict()]
 
 
@@ -229,10 +229,6 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
                 f"({MANIFEST} missing): run the earlier stages first, or give stage_parent=<a finished stage's folder>"
             )
         stage_cfg = stage_config(cfg, stage, out_dir)
-        last = out_dir / "checkpoints" / "last.ckpt"  # a stage that stopped part-way goes on from its last checkpoint
-        with open_dict(stage_cfg):
-            if not stage_cfg.get("ckpt_path"):
-                stage_cfg.ckpt_path = str(last) if last.exists() else None
         if stage_cfg.ckpt_path:
             log.info("stage %s: resuming from %s", stage.name, stage_cfg.ckpt_path)
         handoff = _Handoff(

@@ -193,7 +193,6 @@ class VideoQADataModule(LightningDataModule):
         return train, val, index(splits.val) if self.split_turns else val
 
     def setup(self, stage: str | None = None) -> None:
-
         if self.splits is not None:
             return
         if self.visual_tokens is None:
@@ -253,7 +252,9 @@ class VideoQADataModule(LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=self.collate,
             persistent_workers=self.num_workers > 0,
-            epochs_done=self._epochs_done,
+            epochs_done=lambda: (
+                None if self.trainer is None else self.trainer.fit_loop.epoch_progress.current.processed
+            ),
             batches_per_epoch=lambda: None if self.trainer is None else self.trainer.num_training_batches,
         )
         if self._train_state is not None:  # once: a loader made again (reload_dataloaders_every_n_epochs) starts anew
@@ -274,10 +275,6 @@ class VideoQADataModule(LightningDataModule):
         if self._train_loader is not None and self._train_state is not None:
             self._train_loader.load_state_dict(self._train_state)
             self._train_state = None
-
-    def _epochs_done(self) -> int | None:
-        """The training epochs whose end the trainer has processed, if there is a trainer."""
-        return None if self.trainer is None else self.trainer.fit_loop.epoch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, False, self.collate)

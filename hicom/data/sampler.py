@@ -22,11 +22,11 @@ class TrainSampler(DistributedSampler):
 
     With `lengths` and `groups` (one per sample), each run of `megabatch * batch_size` indices is ordered by
     (group, length) and cut into batches of `batch_size`, which then come in a seeded order where `shuffle` (a
-    short batch last), so that a batch holds one modality and similar lengths: less padding, frames of like count. The DataLoader
-    batches the stream every `batch_size` indices, where the cuts were made. The cuts fall every `batch_size`
-    indices, not at the groups' boundaries, so that the batch count depends on the sample count alone: where a
-    group ends inside a batch (at most once per group and megabatch), that batch holds two modalities, which the
-    collator and the compressors take like any other batch.
+    short batch last), so that a batch holds one modality and similar lengths: less padding, frames of like count.
+    The DataLoader batches the stream every `batch_size` indices, where the cuts were made: not at the groups'
+    boundaries, so that the batch count depends on the sample count alone. Where a group ends inside a batch (at
+    most once per group and megabatch), that batch holds two modalities, which the collator and the compressors
+    take like any other batch.
     """
 
     def __init__(

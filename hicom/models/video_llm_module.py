@@ -175,7 +175,7 @@ class VideoLLMModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         data = self.trainer.datamodule if self._trainer is not None else None
-        if data is not None and hasattr(data, "state_dict") and type(data).__qualname__ not in checkpoint:
+        if data is not None and type(data).__qualname__ not in checkpoint:
             log.warning(
                 "the checkpoint holds no place of the data loader (it predates resumable loading): the epoch under "
                 "way starts again from its first batch"

@@ -104,17 +104,22 @@ def load_pretrained(model_class, folder: Path, what: str, attn_implementation: s
     return model
 
 
-def load_tokenizer(folder):
-    """The LLM's tokenizer; one without a pad token (Llama 3) pads with its end-of-sequence token, which the
-    attention mask and the labels hide."""
+def _read_tokenizer(folder, what: str):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if len(tokenizer) < 2:  # transformers builds an empty tokenizer where the folder holds no tokenizer files
         raise FileNotFoundError(
-            f"'{folder}' holds no tokenizer (tokenizer.json / tokenizer_config.json and the vocabulary files): copy "
+            f"'{folder}' holds no {what} (tokenizer.json / tokenizer_config.json and the vocabulary files): copy "
             "the checkpoint's tokenizer files there"
         )
+    return tokenizer
+
+
+def load_tokenizer(folder):
+    """The LLM's tokenizer; one without a pad token (Llama 3) pads with its end-of-sequence token, which the
+    attention mask and the labels hide."""
+    tokenizer = _read_tokenizer(folder, "tokenizer")
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"{folder}: the tokenizer has neither a pad nor an end-of-sequence token")
@@ -128,16 +133,9 @@ def load_guide_tokenizer(folder):
     tokenizer folder that does not set it (transformers then reads 10^30) takes it from config.json."""
     import json
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if len(tokenizer) < 2:
-        raise FileNotFoundError(
-            f"'{folder}' holds no text tokenizer for the guide (tokenizer.json / tokenizer_config.json and the "
-            "vocabulary files): copy the checkpoint's tokenizer files there"
-        )
-    config = Path(folder) / "config.json"
-    positions = json.loads(config.read_text()).get("text_config", {}).get("max_position_embeddings")
+    tokenizer = _read_tokenizer(folder, "text tokenizer for the guide")
+    positions = json.loads((Path(folder) / "config.json").read_text()).get("text_config", {})
+    positions = positions.get("max_position_embeddings")
     if positions is not None and tokenizer.model_max_length > positions:
         tokenizer.model_max_length = int(positions)
     return tokenizer

@@ -15,6 +15,14 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 
+def unguided_config(cfg):
+    """A compressor's config (of any class, by its `_target_`) with its guide turned off, by the class's own rule
+    (`Compressor.unguided_config`)."""
+    from hydra.utils import get_class
+
+    return get_class(cfg._target_).unguided_config(cfg)
+
+
 def readout(in_dim: int, out_dim: int, depth: int = 2) -> nn.Sequential:
     """Linear(in -> out), then (GELU, Linear(out -> out)) x (depth - 1): the projection into the LLM's width."""
     layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]

@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from hicom.modules.compressors.base import Compressor, PackedLayout
+from hicom.modules.compressors.base import Compressor, PackedLayout, unguided_config
 from hicom.modules.compressors.global_compressor import GlobalCompressor
 from hicom.modules.compressors.local import LocalCompressor
 
@@ -24,9 +24,9 @@ class HICom(Compressor):
 
         cfg = OmegaConf.create(cfg)
         with open_dict(cfg):
-            for key, branch in (("local", LocalCompressor), ("global_", GlobalCompressor)):
+            for key in ("local", "global_"):
                 if cfg.get(key) is not None:
-                    cfg[key] = branch.unguided_config(cfg[key])
+                    cfg[key] = unguided_config(cfg[key])
         return cfg
 
     def __init__(self, *, in_dim: int, out_dim: int, guide_dim: int | None = None, local=None, global_=None) -> None:
