@@ -438,12 +438,42 @@ def test_an_official_folder_evaluates_like_the_run_it_was_exported_from(cache_di
     assert module.max_new_tokens == 7
     official = export_official(module.net, tmp_path / "official")
     replies = {}
-    for name, ckpt in (("run", trained_run), ("official", official)):
+    # the folder's config.json decides the compressor, whatever model.compressor says (here: an average pooling)
+    for name, ckpt, model in (("run", trained_run, []), ("official", official, ["model/compressor=avgpool"])):
         out = tmp_path / name
-        results = evaluate(compose_eval(cache_dir, bench_data, out, [f"ckpt={ckpt}", "benchmark=mlvu"]))
+        results = evaluate(compose_eval(cache_dir, bench_data, out, [f"ckpt={ckpt}", "benchmark=mlvu", *model]))
         replies[name] = [json.loads(line)["reply"] for line in (out / "mlvu/predictions.jsonl").open()]
         assert results["mlvu"]["settings"]["format"] == name
     assert replies["run"] == replies["official"]
+
+
+def test_frames_default_to_the_checkpoints_own(cache_dir, bench_data, trained_run, tmp_path):
+    from hicom.compat.official import export_official, folder_compressor
+    from hicom.eval.runner import evaluate, load_model
+
+    def frames(ckpt, name, *more):
+        cfg = compose_eval(cache_dir, bench_data, tmp_path / name, [f"ckpt={ckpt}", "benchmark=mlvu", "limit=1", *more])
+        with open_dict(cfg):
+            cfg.sampling.num_frames = None  # compose_eval's 8 taken back: the default
+        return evaluate(cfg)["mlvu"]["settings"]["frames"]
+
+    assert frames(trained_run, "run") == 8  # the run's data.num_frames
+    module, _ = load_model(trained_run, compose_eval(cache_dir, bench_data, tmp_path, []))
+    official = export_official(module.net, tmp_path / "official")
+    assert frames(official, "release") == 32  # config.json names none: the release's 32
+    config = json.loads((official / "config.json").read_text())
+    (official / "config.json").write_text(json.dumps({**config, "num_frames": 5}))
+    assert frames(official, "named") == 5
+    # towers of other widths than config.json's are refused, naming the parts to pick
+    compose = folder_compressor(official)
+    width = config["hidden_size"]
+    assert compose(in_dim=config["mm_hidden_size"], out_dim=width) is compose(
+        in_dim=config["mm_hidden_size"], out_dim=width
+    )
+    with pytest.raises(ValueError, match="model/llm=qwen25_7b"):
+        compose(in_dim=config["mm_hidden_size"], out_dim=width + 1)
+    with pytest.raises(ValueError, match="num_frames must be >= 1"):  # a bad value stops the run before loading
+        evaluate(compose_eval(cache_dir, bench_data, tmp_path / "bad", [f"ckpt={official}", "sampling.num_frames=0"]))
 
 
 def test_egoschema_full_set_writes_the_submission_file(cache_dir, bench_data, trained_run, tmp_path):

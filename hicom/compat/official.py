@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -348,6 +348,29 @@ def load_official(folder: str | Path, *, reproduce_defect_1: bool | None = None)
     check_keys(state, compressor)  # a KeyError when the weights fit neither reading, naming what ours misses
     compressor.load_state_dict(state, strict=True)
     return compressor
+
+
+def folder_compressor(folder: str | Path, *, reproduce_defect_1: bool | None = None) -> Callable[..., Compressor]:
+    """The compressor of a release-layout folder as `VideoLLM` takes one (a callable of the towers' widths): the
+    one its config.json describes, in the reading its weights fit (`load_official`), so that evaluating a
+    checkpoint needs no compressor settings. Towers of other widths than config.json's are a ValueError."""
+    folder = Path(folder)
+    config = read_config(folder)
+    compressor = load_official(folder, reproduce_defect_1=reproduce_defect_1)
+    widths = {"in_dim": int(config["mm_hidden_size"]), "out_dim": int(config["hidden_size"])}
+
+    def compose(*, in_dim: int, out_dim: int, guide_dim: int | None = None) -> Compressor:
+        towers = {"in_dim": in_dim, "out_dim": out_dim}
+        if towers != widths or guide_dim not in (None, in_dim):
+            raise ValueError(
+                f"{folder / 'config.json'} gives the vision width (mm_hidden_size) {widths['in_dim']} and the LLM "
+                f"width (hidden_size) {widths['out_dim']}, but model.vision and model.llm have {in_dim} and "
+                f"{out_dim} (text tower {guide_dim}): pick the towers the checkpoint was trained on "
+                "(model/vision=siglip_so400m, model/llm=qwen25_7b for the released HICom-7B)"
+            )
+        return compressor
+
+    return compose
 
 
 def _differing_readings(config: Mapping) -> str:

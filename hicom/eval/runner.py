@@ -65,21 +65,30 @@ def find_handoff(ckpt: Path) -> Path:
     )
 
 
+# the frames the release trains and the paper evaluates at, for a release folder whose config.json names none
+RELEASE_FRAMES = 32
+
+
 def load_model(ckpt: str | Path, cfg: DictConfig):
     """The VideoLLMModule of a run folder (built from its own config.yaml, weights from its hand-off) or of an
-    HF folder in the release's layout (built from this config's `model`, weights imported strictly)."""
+    HF folder in the release's layout (towers from this config's `model`, the compressor its config.json
+    describes, weights imported strictly), and where it came from, with the frames it was trained at."""
     from hicom.stages import load_handoff
     from hicom.utils.instantiators import check_pretrained, write_assets
 
     ckpt = Path(ckpt)
     if (ckpt / "config.json").is_file():
-        from hicom.compat.official import import_official
+        from hicom.compat.official import folder_compressor, import_official, read_config
 
+        frames = read_config(ckpt).get("num_frames")
         write_assets(cfg.get("assets"))
         check_pretrained(cfg)
-        module = instantiate(cfg.model)
+        compressor = folder_compressor(ckpt, reproduce_defect_1=cfg.official.reproduce_defect_1)
+        module = instantiate(cfg.model, compressor=compressor, trainable=[])
         import_official(module.net, ckpt)
-        return module, {"ckpt": str(ckpt), "format": "official"}
+        if frames is None:
+            log.info("%s names no num_frames: %d frames, as the release trains", ckpt / "config.json", RELEASE_FRAMES)
+        return module, {"ckpt": str(ckpt), "format": "official", "trained_frames": int(frames or RELEASE_FRAMES)}
     folder = find_handoff(ckpt)
     run_cfg = OmegaConf.load(folder / "config.yaml")
     if cfg.get("run_overrides"):  # e.g. the towers' folders on this machine
@@ -88,7 +97,8 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
     check_pretrained(run_cfg, override="run_overrides=['{key}=<folder>']")  # the run's config names the towers
     module = instantiate(run_cfg.model, trainable=[])  # nothing trains here: no part is left frozen with a warning
     parts = load_handoff(module, folder, [])
-    return module, {"ckpt": str(folder), "format": "run", "parts": parts}
+    source = {"ckpt": str(folder), "format": "run", "parts": parts, "trained_frames": int(run_cfg.data.num_frames)}
+    return module, source
 
 
 class BenchmarkDataset(Dataset):
@@ -338,6 +348,9 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
     if not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} of {num_shards}")
+    sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
+    if sampling["num_frames"] is not None:
+        FrameSampling(**sampling)  # a bad value stops the run before the model loads
     readers, questions, problems = {}, {}, []
     for name in names:  # every benchmark's files, before the model loads: all that is missing, at once
         try:
@@ -348,6 +361,9 @@ def evaluate(cfg: DictConfig) -> dict:
     if problems:
         raise BenchmarkFormatError("cannot read the benchmarks:\n  " + "\n  ".join(problems))
     module, source = load_model(cfg.ckpt, cfg)
+    trained_frames = source.pop("trained_frames")
+    if cfg.sampling.num_frames is None:  # the checkpoint's own frames unless asked for others
+        cfg.sampling.num_frames = trained_frames
     device, dtype = _device(cfg)
     computed = computed_buffers(module.net)
     module.net.to(device=device, dtype=dtype).eval()  # bf16 weights on GPUs that have it
