@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hicom.modules.compressors.base import unguided_config
 from hicom.training import train
-from hicom.utils.checkpoints import full_parameters
+from hicom.utils.checkpoints import check_safetensors, full_parameters
 from hicom.utils.config import unshared_launch
 from hicom.utils.instantiators import check_data, check_pretrained, write_assets
 
@@ -123,6 +123,21 @@ def read_manifest(path: Path) -> dict:
             f"{path} is not a stage manifest (no {sorted(missing)}): delete the stage's folder to train it again"
         )
     return manifest
+
+
+def check_handoff(folder: Path) -> None:
+    """Before any weights load: a finished stage's hand-off is there and whole (its safetensors header readable and
+    its tensor data filling the file: a copy cut short fails here, in seconds, not after the towers load). Damaged
+    bytes within the file are found by the SHA-256 check when it loads."""
+    path = folder / HANDOFF
+    if not path.is_file():
+        raise HandoffError(
+            f"{folder} has its {MANIFEST} but no {HANDOFF}: copy it, or delete the folder to train it again"
+        )
+    try:
+        check_safetensors(path)
+    except ValueError as error:
+        raise HandoffError(f"{error}, or delete the stage's folder to train it again") from error
 
 
 def guide_parameters(model, cfg: DictConfig) -> list[str]:
@@ -228,6 +243,8 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
                 f"stage {stage.name} starts from its parent's hand-off, and {parent} holds no finished stage "
                 f"({MANIFEST} missing): run the earlier stages first, or give stage_parent=<a finished stage's folder>"
             )
+        if parent is not None:
+            check_handoff(parent)
         stage_cfg = stage_config(cfg, stage, out_dir)
         if stage_cfg.ckpt_path:
             log.info("stage %s: resuming from %s", stage.name, stage_cfg.ckpt_path)

@@ -447,6 +447,21 @@ def test_an_official_folder_evaluates_like_the_run_it_was_exported_from(cache_di
     assert replies["run"] == replies["official"]
 
 
+def test_a_run_whose_handoff_is_cut_short_stops_before_the_model_loads(cache_dir, bench_data, trained_run, tmp_path,
+                                                                       monkeypatch):  # fmt: skip
+    import shutil
+
+    from hicom.eval.runner import load_model
+    from hicom.stages import HandoffError
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    handoff = run / "handoff.safetensors"
+    handoff.write_bytes(handoff.read_bytes()[:-64])
+    monkeypatch.setattr("hicom.eval.runner.instantiate", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(HandoffError, match=r"is not a whole safetensors file"):
+        load_model(run, compose_eval(cache_dir, bench_data, tmp_path, []))
+
+
 def test_frames_default_to_the_checkpoints_own(cache_dir, bench_data, trained_run, tmp_path):
     from hicom.compat.official import export_official, folder_compressor
     from hicom.eval.runner import evaluate, load_model

@@ -198,11 +198,12 @@ def test_the_shares_of_the_held_out_answers_merge_in_order_without_the_repeats()
     assert [r["position"] for r in merge_shares([rows(0, 1, 2)])] == [0, 1, 2]  # one process
 
 
-def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_deleted(cache_dir, tmp_path):
+def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_deleted(cache_dir, tmp_path, monkeypatch):
     import shutil
 
     from safetensors.torch import load_file
 
+    import hicom.stages
     from hicom.stages import HandoffError, load_handoff, run_stages
     from hicom.training import build
 
@@ -250,6 +251,12 @@ def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_delete
     assert set(load_file(str(handoff))) == set(manifests["conditional"]["parameters"])  # loadable as it is
     with pytest.raises(HandoffError, match=r"conditional/handoff\.safetensors is not the file its stage wrote"):
         load_handoff(model, stages / "conditional", [])
+    # a hand-off cut short (a copy that stopped) stops the next stage before anything is built or loaded
+    handoff.write_bytes(bytes(data)[:-100])
+    shutil.rmtree(stages / "instruction")
+    monkeypatch.setattr(hicom.stages, "train", lambda *a, **k: pytest.fail("the stage was built"))
+    with pytest.raises(HandoffError, match=r"handoff\.safetensors' \(\d+ bytes\) is not a whole safetensors file"):
+        run_stages(cfg)
 
 
 def test_a_stage_that_stopped_part_way_resumes_from_its_last_checkpoint(cache_dir, tmp_path, monkeypatch):

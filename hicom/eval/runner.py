@@ -73,7 +73,7 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
     """The VideoLLMModule of a run folder (built from its own config.yaml, weights from its hand-off) or of an
     HF folder in the release's layout (towers from this config's `model`, the compressor its config.json
     describes, weights imported strictly), and where it came from, with the frames it was trained at."""
-    from hicom.stages import load_handoff
+    from hicom.stages import check_handoff, load_handoff
     from hicom.utils.instantiators import check_pretrained, write_assets
 
     ckpt = Path(ckpt)
@@ -90,6 +90,7 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
             log.info("%s names no num_frames: %d frames, as the release trains", ckpt / "config.json", RELEASE_FRAMES)
         return module, {"ckpt": str(ckpt), "format": "official", "trained_frames": int(frames or RELEASE_FRAMES)}
     folder = find_handoff(ckpt)
+    check_handoff(folder)
     run_cfg = OmegaConf.load(folder / "config.yaml")
     if cfg.get("run_overrides"):  # e.g. the towers' folders on this machine
         run_cfg = OmegaConf.merge(run_cfg, OmegaConf.from_dotlist(list(cfg.run_overrides)))
