@@ -53,3 +53,80 @@ def test_on_several_processes_the_run_stops_on_the_counts_of_all_of_them():
     guard = BadSampleGuard(max_fraction=0.25, min_samples=10)
     with pytest.raises(BadSampleRateExceeded, match=r"9 of 20 training samples"):  # this one alone: 1 of 10
         guard.on_train_batch_start(trainer, Recorder(), batch(9, ["missing"]), 0)
+
+
+def test_a_folder_checkpoint_replaces_last_ckpt_whole_or_not_at_all(tmp_path):
+    """DeepSpeed writes a checkpoint folder in place, one file per process; `replace_folder` keeps last.ckpt on a
+    whole checkpoint whatever step of a save the job is killed at (here: a writer that fails part-way)."""
+    from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+
+    from hicom.callbacks.checkpoint import replace_folder, writes_folders
+
+    last = tmp_path / "checkpoints" / "last.ckpt"
+
+    def writer(step: int, files: int = 2):
+        def write(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(files):
+                if i == 1 and step < 0:
+                    raise KeyboardInterrupt("killed during the save")
+                (folder / f"rank{i}.pt").write_text(str(abs(step)))
+
+        return write
+
+    def save(step: int, sign: int = 1):
+        replace_folder(last, step, writer(sign * step), True, lambda: None)
+
+    def content():
+        return sorted(p.read_text() for p in last.glob("*.pt"))
+
+    save(4)
+    assert last.is_symlink() and content() == ["4", "4"]
+    with pytest.raises(KeyboardInterrupt):
+        save(8, sign=-1)  # killed after the first process's file
+    assert content() == ["4", "4"] and (last.parent / "last.step8.ckpt").is_dir()  # the old one, whole
+    save(8)
+    assert content() == ["8", "8"]
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt", "last.step8.1.ckpt"]  # the rest cleared
+    save(8)  # the same step again is a new folder too: the one last.ckpt links is never written into
+    assert content() == ["8", "8"]
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt", "last.step8.ckpt"]
+    # a last.ckpt written in place by an earlier version is replaced by the link
+    os_folder = last.parent / "real"
+    os_folder.mkdir()
+    last.unlink()
+    os_folder.rename(last)
+    (last / "old.pt").write_text("0")
+    save(12)
+    assert last.is_symlink() and content() == ["12", "12"]
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt", "last.step12.ckpt"]
+    assert writes_folders(FSDPStrategy(state_dict_type="sharded")) and not writes_folders(FSDPStrategy())
+    assert not writes_folders(SingleDeviceStrategy(torch.device("cpu")))
+
+
+def test_last_checkpoint_goes_through_the_folder_swap_in_a_real_fit_and_resumes_from_the_link(tmp_path, monkeypatch):
+    """The wiring of `replace_folder` into Lightning's saving, on CPU: DeepSpeed (which writes folders) needs a GPU,
+    so here the single-file checkpoint takes the same route, and a second fit resumes through the link."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    import hicom.callbacks.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "writes_folders", lambda strategy: True)
+    dirpath = tmp_path / "checkpoints"
+
+    def fit(max_steps: int, ckpt_path=None) -> L.Trainer:
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[checkpoint.LastCheckpoint(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=3)],
+        )  # fmt: skip
+        trainer.fit(BoringModel(), ckpt_path=ckpt_path)
+        return trainer
+
+    fit(7)  # saves at steps 3 and 6, and at the end (7)
+    last = dirpath / "last.ckpt"
+    assert last.is_symlink() and last.readlink().name == "last.step7.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 7
+    assert fit(9, ckpt_path=last).global_step == 9 and last.readlink().name == "last.step9.ckpt"
+    assert not (dirpath / "last-v1.ckpt").exists()  # the same name, saved again

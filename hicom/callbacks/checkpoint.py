@@ -1,17 +1,81 @@
-"""Lightning's ModelCheckpoint, its last.ckpt brought up to date when training ends."""
+"""Lightning's ModelCheckpoint, its last.ckpt brought up to date when training ends and, where the strategy writes
+a checkpoint as a folder, replaced whole or not at all."""
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+log = logging.getLogger(__name__)
+
+
+def writes_folders(strategy) -> bool:
+    """Whether the strategy saves a checkpoint as a folder of files (DeepSpeed: one file per process and
+    optimizer shard), which it writes in place; a single-file checkpoint is written whole by Lightning
+    (a temporary file moved into place)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy):
+        return True
+    return isinstance(strategy, FSDPStrategy) and getattr(strategy, "_state_dict_type", "full") == "sharded"
+
+
+def replace_folder(path: Path, step: int, write: Callable[[Path], None], is_writer: bool, barrier) -> None:
+    """Write a folder checkpoint so that `path` names a whole one at every moment: `write` (every process) fills
+    `<stem>.step<N><suffix>` beside it (a name not yet taken), then one process points `path`, a relative symlink, at it in one
+    `os.replace` and deletes the folders it replaced. A write that stops part-way (the job killed during an
+    hourly save) leaves `path` on the checkpoint before, and its leftover folder goes with the next save."""
+    target, again = path.with_name(f"{path.stem}.step{step}{path.suffix}"), 0
+    while target.exists():  # this step saved before, or a write of it that stopped part-way: a new folder still
+        again += 1
+        target = path.with_name(f"{path.stem}.step{step}.{again}{path.suffix}")
+    if is_writer:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    barrier()
+    write(target)
+    barrier()  # every process has written its files
+    if is_writer:
+        if path.exists() and not path.is_symlink():  # a folder written in place (an earlier version): kept until
+            path.rename(path.with_name(f"{path.stem}.replaced{path.suffix}"))  # the link is in place
+        swap = path.with_name(f".{path.name}.swap")
+        swap.unlink(missing_ok=True)
+        swap.symlink_to(target.name)
+        os.replace(swap, path)
+        for old in path.parent.glob(f"{path.stem}.*{path.suffix}"):
+            if old != target and old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
 
 
 class LastCheckpoint(ModelCheckpoint):
     """With a time or step trigger (the hourly last.ckpt), Lightning's ModelCheckpoint writes last.ckpt at the end
     of training only if it never wrote one, so a run longer than the interval ends with a last.ckpt up to an
     interval behind its weights. This one writes it at the end whenever the last write was at an earlier step
-    (Lightning's own conditions: not in fast_dev_run, sanity checking or outside fit)."""
+    (Lightning's own conditions: not in fast_dev_run, sanity checking or outside fit).
+
+    Under a strategy that saves a folder (DeepSpeed), last.ckpt is a link to a whole folder (`replace_folder`):
+    DeepSpeed writes its files in place, and a job killed during the save would otherwise leave last.ckpt
+    neither the old checkpoint nor the new one."""
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        if filepath != self.last_model_path or not writes_folders(trainer.strategy):
+            super()._save_checkpoint(trainer, filepath)
+            return
+        replace_folder(
+            Path(filepath),
+            trainer.global_step,
+            lambda target: super(LastCheckpoint, self)._save_checkpoint(trainer, str(target)),
+            trainer.is_global_zero,
+            trainer.strategy.barrier,
+        )
+        self._last_checkpoint_saved = filepath
