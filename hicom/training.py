@@ -61,6 +61,15 @@ def check_checkpoint(path: Path) -> None:
             f"ckpt_path '{path}' is not a whole checkpoint (truncated or not a torch.save file): resume from "
             "another one in the run's checkpoints/ folder"
         )
+    if path.is_dir():  # DeepSpeed names its checkpoint's folder in `latest`, written once the folder is complete
+        latest = path / "latest"
+        tag = latest.read_text().strip() if latest.is_file() else ""
+        if not tag or not (path / tag).is_dir():
+            raise ValueError(
+                f"ckpt_path '{path}' is neither a run's folder with checkpoints/last.ckpt nor a whole DeepSpeed "
+                "checkpoint (no 'latest' naming a folder in it: a save that stopped part-way); resume from another "
+                "one in the run's checkpoints/ folder"
+            )
 
 
 def gradient_accumulation(global_batch: int | None, micro_batch: int, world_size: int) -> int:

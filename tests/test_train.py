@@ -492,6 +492,11 @@ def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path):
         train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"ckpt_path={truncated}"]))
     with pytest.raises(FileNotFoundError, match="ckpt_path"):
         train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"ckpt_path={tmp_path / 'none.ckpt'}"]))
+    stopped = tmp_path / "deepspeed.ckpt"  # a DeepSpeed folder whose save stopped before it named its tag
+    (stopped / "checkpoint").mkdir(parents=True)
+    (stopped / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"deepspeed\.ckpt' is neither a run's folder .* nor a whole DeepSpeed"):
+        train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"ckpt_path={stopped}"]))
     resumed = train(compose_train(cache_dir, tmp_path / "resumed", more))
     rows = csv.DictReader((tmp_path / "resumed" / "csv" / "metrics.csv").open())
     assert resumed["steps"] == 3 and [int(r["step"]) for r in rows if r.get("train/loss")] == [2]  # one more step
