@@ -20,6 +20,7 @@ from hicom.data.video import (
     VideoDecodeError,
     load_video,
     not_a_file,
+    read_rgb,
     within_time_limit,
 )
 from hicom.eval.answers import parse_options
@@ -29,15 +30,9 @@ log = logging.getLogger(__name__)
 
 def read_image(path: Path) -> np.ndarray:
     """One image as a (1, H, W, 3) uint8 clip, or VideoDecodeError."""
-    from PIL import Image
-
     if not path.is_file():
         raise not_a_file(path)
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))[None]
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise VideoDecodeError(f"{path}: {err}") from err
+    return read_rgb(path)[None]
 
 
 def merge_image_placeholders(messages: list[dict], images) -> list[dict]:

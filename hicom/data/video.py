@@ -296,20 +296,23 @@ def frame_order(path: Path) -> list:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.name) if part]
 
 
-def _read_folder(path: Path, sampling: FrameSampling, start, end) -> SampledFrames:
+def read_rgb(path: Path) -> np.ndarray:
+    """One image file as (H, W, 3) uint8, or a VideoDecodeError naming it."""
     from PIL import Image
 
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise VideoDecodeError(f"{path}: {err}") from err
+
+
+def _read_folder(path: Path, sampling: FrameSampling, start, end) -> SampledFrames:
     files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=frame_order)
     if not files:
         raise VideoDecodeError(f"{path}: a folder without frames", "empty")
     indices = sample_indices(len(files), sampling.frame_folder_fps, sampling, start, end)
-    frames = []
-    for i in indices.tolist():
-        try:
-            with Image.open(files[i]) as image:
-                frames.append(np.asarray(image.convert("RGB")))
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise VideoDecodeError(f"{files[i]}: {err}") from err
+    frames = [read_rgb(files[i]) for i in indices.tolist()]
     if len({f.shape for f in frames}) != 1:
         raise VideoDecodeError(f"{path}: frames of different sizes")
     fps = sampling.frame_folder_fps
