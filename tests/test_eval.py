@@ -584,3 +584,32 @@ def test_decoding_is_greedy_whatever_the_checkpoint_generation_config_says(cache
         inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False
     )
     assert inherited.tolist() != tokens.tolist()  # do_sample=False alone keeps the checkpoint's penalty
+
+
+def test_the_demo_benchmarks_run_every_configured_benchmark_end_to_end(cache_dir, trained_run, tmp_path, capsys):
+    from hicom.eval.demo import main as demo_main
+    from hicom.eval.runner import evaluate
+
+    data = demo_main([f"paths.data_dir={tmp_path / 'demo'}"])
+    assert "python evaluate.py ckpt=<a run's folder>" in capsys.readouterr().out
+    assert demo_main([f"paths.data_dir={data}"]) == data  # its own folder: written again
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(
+            "evaluate",
+            overrides=[f"paths.cache_dir={cache_dir}", f"paths.data_dir={data}", f"ckpt={trained_run}",
+                       f"benchmark=[{','.join(ALL)}]", "num_workers=0", "max_new_tokens=4"],
+        )  # fmt: skip
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "eval")
+    results = evaluate(cfg)
+    assert sorted(results) == sorted(ALL)
+    assert {name: r["n"] for name, r in results.items()} == {
+        "mvbench": 40, "videomme": 2, "videomme_subs": 2, "egoschema": 2, "mlvu": 14,
+        "activitynet_qa": 2, "msvd_qa": 2, "msrvtt_qa": 2,
+    }  # fmt: skip
+    assert all(r["n_failed"] == 0 for r in results.values())  # every clip decodes, frame folders and bounds included
+    assert results["videomme"]["settings"]["frames"] == 8  # the run's own frames
+    real = tmp_path / "real"
+    (real / "eval" / "mvbench").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="holds files the demo did not write"):
+        demo_main([f"paths.data_dir={real}"])

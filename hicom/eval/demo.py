@@ -1,0 +1,180 @@
+"""Small stand-ins for the benchmarks, to try evaluate.py before the real ones are on disk: for every benchmark
+configs/evaluate.yaml configures, two questions per task in the layout its reader takes (SPEC 7: JSON, parquet,
+subtitles, folders of frames), over generated clips that the real decoders read.
+
+    python -m hicom.eval.demo                      # writes <paths.cache_dir>/demo_benchmarks/eval/<name>/
+    python evaluate.py ckpt=<run> paths.data_dir=.cache/demo_benchmarks benchmark=[mvbench,videomme,mlvu]
+
+The clips are noise and the answers arbitrary, so the scores are chance; what runs is the real path, from reading
+the benchmark files to results.md. The folder is marked as the demo's, and a folder holding anything else is refused,
+so that real benchmark files are never written over.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from hicom.data.synthetic import write_video
+from hicom.eval.answers import LETTERS
+from hicom.eval.benchmarks import MLVU, EgoSchema, MVBench, MVBenchTask, OpenEndedQA, VideoMME
+
+MARK = ".hicom-demo"  # in the data folder: written by this module, safe to write again
+
+
+def _dump(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+
+
+class Media:
+    """Generated clips of 48 x 64 noise: an mp4 of 12 frames at 4 fps, or a folder of numbered JPEG frames (as
+    MVBench ships episodic_reasoning)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def clip(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_video(path, self.rng.integers(0, 255, (12, 48, 64, 3), dtype=np.uint8), 4)
+
+    def frames(self, folder: Path, count: int = 9) -> None:
+        from PIL import Image
+
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(1, count + 1):
+            Image.fromarray(self.rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / f"{i:05d}.jpg")
+
+
+def _mvbench(reader: MVBench, media: Media) -> None:
+    root = Path(reader.root)
+    for name, spec in reader.tasks.items():
+        spec = spec if isinstance(spec, MVBenchTask) else MVBenchTask(**spec)
+        records = []
+        for i in range(2):
+            video = f"{name}_{i}" if spec.frames else f"{name}_{i}.mp4"
+            target = root / "video" / spec.prefix / video
+            if spec.frames:
+                media.frames(target)
+            else:
+                media.clip(target)
+            record = {"video": video, "question": f"What happens in clip {i}?", "candidates": ["a", "b", "c"],
+                      "answer": ["a", "b", "c"][i]}  # fmt: skip
+            if spec.bounded:
+                record |= {"start": 0.5, "end": 2.5}
+            records.append(record)
+        _dump(root / "json" / f"{name}.json", records)
+
+
+def _videomme(reader: VideoMME, media: Media) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = Path(reader.root)
+    rows = []
+    for i, (video, duration) in enumerate((("demo0", "short"), ("demo1", "medium"))):
+        media.clip(root / reader.video_dir / f"{video}.mp4")
+        srt = root / reader.subtitle_dir / f"{video}.srt"
+        srt.parent.mkdir(parents=True, exist_ok=True)
+        srt.write_text("1\n00:00:00,000 --> 00:00:02,000\nA line of dialogue.\n")
+        rows.append(
+            {
+                "video_id": f"{i:03d}",
+                "duration": duration,
+                "domain": "Demo",
+                "sub_category": "Demo",
+                "videoID": video,
+                "question_id": f"{i:03d}-1",
+                "task_type": "Object Recognition",
+                "question": "What is shown?",
+                "options": [f"{x}. Option {x}." for x in LETTERS[:4]],
+                "answer": LETTERS[i],
+            }  # fmt: skip
+        )
+    path = root / reader.parquet
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def _egoschema(reader: EgoSchema, media: Media) -> None:
+    root = Path(reader.root)
+    questions = []
+    for i in range(2):
+        media.clip(root / reader.video_dir / f"demo{i}.mp4")
+        questions.append({"q_uid": f"demo{i}", "question": "What is c doing?",
+                          **{f"option {j}": f"thing {j}" for j in range(5)}})  # fmt: skip
+    _dump(root / "questions.json", questions)
+    _dump(root / "subset_answers.json", {"demo0": 1, "demo1": 3})
+
+
+def _mlvu(reader: MLVU, media: Media) -> None:
+    root = Path(reader.root)
+    for stem in reader.tasks:
+        records = []
+        for i in range(2):
+            media.clip(root / "video" / stem / f"{stem}_{i}.mp4")
+            records.append({"video": f"{stem}_{i}.mp4", "duration": 3.0, "question": "Which one?",
+                            "candidates": ["1", "2", "3", "4"], "answer": str(i + 1), "question_type": stem})  # fmt: skip
+        _dump(root / "json" / f"{stem}.json", records)
+
+
+def _open_ended(reader: OpenEndedQA, media: Media) -> None:
+    root = Path(reader.root)
+    for i in range(2):
+        media.clip(root / reader.video_dir / f"{reader.video_prefix}demo{i}{reader.extensions[0]}")
+    _dump(root / "test_q.json", [{"video_name": f"demo{i}", "question": "what is shown", "question_id": f"demo{i}_0"}
+                                 for i in range(2)])  # fmt: skip
+    _dump(root / "test_a.json", [{"answer": ["dog", "man"][i], "type": i, "question_id": f"demo{i}_0"}
+                                 for i in range(2)])  # fmt: skip
+
+
+WRITERS = {MVBench: _mvbench, VideoMME: _videomme, EgoSchema: _egoschema, MLVU: _mlvu, OpenEndedQA: _open_ended}
+
+
+def write_demo(cfg: DictConfig, seed: int = 0) -> Path:
+    """Write every configured benchmark's stand-in under cfg.paths.data_dir (refused where that folder holds
+    anything the demo did not write); returns the folder."""
+    data_dir = Path(cfg.paths.data_dir)
+    if data_dir.exists() and any(data_dir.iterdir()) and not (data_dir / MARK).is_file():
+        raise FileExistsError(
+            f"{data_dir} holds files the demo did not write (real benchmarks?): give paths.data_dir=<an empty or "
+            "new folder>"
+        )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / MARK).write_text("benchmark stand-ins written by python -m hicom.eval.demo\n")
+    media = Media(seed)
+    for name in cfg.benchmarks:
+        reader = instantiate(cfg.benchmarks[name])
+        writer = WRITERS.get(type(reader))
+        if writer is None:
+            raise TypeError(f"benchmarks.{name}: no demo writer for {type(reader).__name__}")
+        writer(reader, media)
+    return data_dir
+
+
+def main(argv: list[str]) -> Path:
+    """`python -m hicom.eval.demo [overrides of configs/evaluate.yaml]`: paths.data_dir defaults to
+    <paths.cache_dir>/demo_benchmarks."""
+    from hydra import compose, initialize_config_dir
+
+    from hicom.utils.config import project_root
+
+    overrides = list(argv)
+    if not any(arg.startswith("paths.data_dir=") for arg in overrides):
+        overrides.append("paths.data_dir=${paths.cache_dir}/demo_benchmarks")
+    with initialize_config_dir(config_dir=str(Path(project_root()) / "configs"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=overrides)
+    data_dir = write_demo(cfg)
+    names = ",".join(cfg.benchmarks)
+    print(f"wrote {len(cfg.benchmarks)} benchmarks' stand-ins under {data_dir / 'eval'}; try:\n"
+          f"  python evaluate.py ckpt=<a run's folder> paths.data_dir={data_dir} benchmark=[{names}]")  # fmt: skip
+    return data_dir
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
