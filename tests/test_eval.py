@@ -534,6 +534,33 @@ def test_a_bf16_evaluation_answers_every_question(cache_dir, bench_data, trained
         assert len(rows) == result["n"] and all(row["reply"] for row in rows)
 
 
+def test_a_bf16_load_is_the_fp32_load_cast(cache_dir, bench_data, trained_run, tmp_path):
+    """Evaluation loads the towers and the LLM in its own dtype (half the host memory of fp32 masters): every
+    weight and buffer equals the fp32 load cast to bf16, and the computed RoPE frequencies stay fp32."""
+    from hicom.eval.runner import load_model
+    from hicom.utils.checkpoints import computed_buffers, loading_dtype, restore_computed_buffers
+
+    cfg = compose_eval(cache_dir, bench_data, tmp_path, [])
+    cast, _ = load_model(trained_run, cfg)
+    computed = computed_buffers(cast.net)
+    cast.net.to(torch.bfloat16)
+    restore_computed_buffers(cast.net, computed)
+    with loading_dtype(torch.bfloat16):
+        direct, _ = load_model(trained_run, cfg)
+    rotary = direct.net.llm.model.model.rotary_emb
+    assert (
+        rotary.inv_freq.dtype == torch.float32
+        and direct.net.llm.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    )
+    computed = computed_buffers(direct.net)
+    direct.net.to(torch.bfloat16)
+    restore_computed_buffers(direct.net, computed)
+    expected = dict(cast.net.named_parameters()) | dict(cast.net.named_buffers())
+    loaded = dict(direct.net.named_parameters()) | dict(direct.net.named_buffers())
+    assert set(loaded) == set(expected)
+    assert all(torch.equal(loaded[k], expected[k]) and loaded[k].dtype == expected[k].dtype for k in expected)
+
+
 def test_a_staged_run_is_evaluated_from_its_last_stage(tmp_path):
     from hicom.eval.runner import find_handoff
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,9 +45,21 @@ def check_safetensors(path: Path) -> None:
 
 # Weights load in fp32 whatever the checkpoint stores (Qwen2.5's are bf16, and transformers keeps a checkpoint's
 # dtype): AdamW must step fp32 weights, since a 1e-5 step on a bf16 weight mostly rounds away. bf16 compute comes
-# from the precision plugin (bf16-mixed autocast) or DeepSpeed (bf16 copies of the fp32 masters); evaluation casts
-# the loaded model to bf16 itself. The price is 4 bytes per parameter of host memory while loading.
+# from the precision plugin (bf16-mixed autocast) or DeepSpeed (bf16 copies of the fp32 masters). The price is 4
+# bytes per parameter of host memory while loading. Evaluation, which steps nothing, loads in its own dtype
+# (`loading_dtype`): the same numbers as an fp32 load cast afterwards, at half the memory and reading.
 MASTER_DTYPE = torch.float32
+_LOAD_DTYPE: contextvars.ContextVar[torch.dtype] = contextvars.ContextVar("load_dtype", default=MASTER_DTYPE)
+
+
+@contextlib.contextmanager
+def loading_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Pretrained towers and LLMs built within load in `dtype` instead of fp32 (MASTER_DTYPE)."""
+    token = _LOAD_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _LOAD_DTYPE.reset(token)
 
 
 def computed_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -89,11 +102,14 @@ def resolve_attention(requested: str) -> str:
 
 
 def load_pretrained(model_class, folder: Path, what: str, attn_implementation: str):
-    """`model_class.from_pretrained(folder)` in fp32 (MASTER_DTYPE) with the attention kernel asked for; a folder
-    whose weights lack tensors of the architecture is an error naming them (transformers would fill them with a
-    random init and go on)."""
+    """`model_class.from_pretrained(folder)` in fp32 (MASTER_DTYPE, or `loading_dtype`'s) with the attention kernel
+    asked for; a folder whose weights lack tensors of the architecture is an error naming them (transformers would
+    fill them with a random init and go on)."""
     model, info = model_class.from_pretrained(
-        folder, attn_implementation=resolve_attention(attn_implementation), dtype=MASTER_DTYPE, output_loading_info=True
+        folder,
+        attn_implementation=resolve_attention(attn_implementation),
+        dtype=_LOAD_DTYPE.get(),
+        output_loading_info=True,
     )
     missing = sorted(info.get("missing_keys") or [])
     if missing:
