@@ -130,14 +130,13 @@ def check_handoff(folder: Path) -> None:
     its tensor data filling the file: a copy cut short fails here, in seconds, not after the towers load). Damaged
     bytes within the file are found by the SHA-256 check when it loads."""
     path = folder / HANDOFF
+    again = "a stage's folder can instead be deleted, and the staged run trains that stage again"
     if not path.is_file():
-        raise HandoffError(
-            f"{folder} has its {MANIFEST} but no {HANDOFF}: copy it, or delete the folder to train it again"
-        )
+        raise HandoffError(f"{folder} has its {MANIFEST} but no {HANDOFF}: copy it there; {again}")
     try:
         check_safetensors(path)
     except ValueError as error:
-        raise HandoffError(f"{error}, or delete the stage's folder to train it again") from error
+        raise HandoffError(f"{error}; {again}") from error
 
 
 def guide_parameters(model, cfg: DictConfig) -> list[str]:

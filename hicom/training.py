@@ -61,14 +61,16 @@ def check_checkpoint(path: Path) -> None:
             f"ckpt_path '{path}' is not a whole checkpoint (truncated or not a torch.save file): resume from "
             "another one in the run's checkpoints/ folder"
         )
-    if path.is_dir():  # DeepSpeed names its checkpoint's folder in `latest`, written once the folder is complete
-        latest = path / "latest"
-        tag = latest.read_text().strip() if latest.is_file() else ""
-        if not tag or not (path / tag).is_dir():
+    if path.is_dir():
+        if (path.parent / "latest").is_file():  # a DeepSpeed checkpoint's tag folder
+            raise ValueError(f"ckpt_path '{path}' is inside a DeepSpeed checkpoint: give its parent, '{path.parent}'")
+        # DeepSpeed names its tag folder in `latest`, Lightning's sharded FSDP writes `meta.pt`: a folder with
+        # neither is a run's folder without checkpoints/last.ckpt, or a save that stopped before naming its parts
+        if not ((path / "latest").is_file() or (path / "meta.pt").is_file()):
             raise ValueError(
-                f"ckpt_path '{path}' is neither a run's folder with checkpoints/last.ckpt nor a whole DeepSpeed "
-                "checkpoint (no 'latest' naming a folder in it: a save that stopped part-way); resume from another "
-                "one in the run's checkpoints/ folder"
+                f"ckpt_path '{path}' is neither a run's folder with checkpoints/last.ckpt nor a checkpoint folder "
+                "(DeepSpeed's 'latest' or FSDP's 'meta.pt' missing: a save that stopped part-way?); resume from "
+                "another one in the run's checkpoints/ folder"
             )
 
 

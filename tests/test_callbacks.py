@@ -1,3 +1,4 @@
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -55,7 +56,7 @@ def test_on_several_processes_the_run_stops_on_the_counts_of_all_of_them():
         guard.on_train_batch_start(trainer, Recorder(), batch(9, ["missing"]), 0)
 
 
-def test_a_folder_checkpoint_replaces_last_ckpt_whole_or_not_at_all(tmp_path):
+def test_a_folder_checkpoint_replaces_last_ckpt_whole_or_not_at_all(tmp_path, monkeypatch):
     """DeepSpeed writes a checkpoint folder in place, one file per process; `replace_folder` keeps last.ckpt on a
     whole checkpoint whatever step of a save the job is killed at (here: a writer that fails part-way)."""
     from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
@@ -91,15 +92,14 @@ def test_a_folder_checkpoint_replaces_last_ckpt_whole_or_not_at_all(tmp_path):
     save(8)  # the same step again is a new folder too: the one last.ckpt links is never written into
     assert content() == ["8", "8"]
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt", "last.step8.ckpt"]
-    # a last.ckpt written in place by an earlier version is replaced by the link
-    os_folder = last.parent / "real"
-    os_folder.mkdir()
-    last.unlink()
-    os_folder.rename(last)
-    (last / "old.pt").write_text("0")
+    # a file system without symlinks: the folder is moved into place (and keeps working from then on)
+    real_symlink = Path.symlink_to
+    monkeypatch.setattr(Path, "symlink_to", lambda *a: (_ for _ in ()).throw(OSError("not supported")))
     save(12)
-    assert last.is_symlink() and content() == ["12", "12"]
-    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt", "last.step12.ckpt"]
+    assert last.is_dir() and not last.is_symlink() and content() == ["12", "12"]
+    save(16)
+    assert content() == ["16", "16"] and sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+    monkeypatch.setattr(Path, "symlink_to", real_symlink)
     assert writes_folders(FSDPStrategy(state_dict_type="sharded")) and not writes_folders(FSDPStrategy())
     assert not writes_folders(SingleDeviceStrategy(torch.device("cpu")))
 

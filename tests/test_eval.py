@@ -462,7 +462,7 @@ def test_a_run_whose_handoff_is_cut_short_stops_before_the_model_loads(cache_dir
         load_model(run, compose_eval(cache_dir, bench_data, tmp_path, []))
 
 
-def test_frames_default_to_the_checkpoints_own(cache_dir, bench_data, trained_run, tmp_path):
+def test_frames_default_to_the_checkpoints_own(cache_dir, bench_data, trained_run, tmp_path, monkeypatch):
     from hicom.compat.official import export_official, folder_compressor
     from hicom.eval.runner import evaluate, load_model
 
@@ -477,8 +477,9 @@ def test_frames_default_to_the_checkpoints_own(cache_dir, bench_data, trained_ru
     official = export_official(module.net, tmp_path / "official")
     assert frames(official, "release") == 32  # config.json names none: the release's 32
     config = json.loads((official / "config.json").read_text())
-    (official / "config.json").write_text(json.dumps({**config, "num_frames": 5}))
-    assert frames(official, "named") == 5
+    assert frames(export_official(module.net, tmp_path / "named", num_frames=5), "named") == 5
+    with pytest.raises(ValueError, match="reproduce_defect_1 is true, false or null"):  # "'false'" is a string
+        folder_compressor(official, reproduce_defect_1="false")
     # towers of other widths than config.json's are refused, naming the parts to pick
     compose = folder_compressor(official)
     width = config["hidden_size"]
@@ -487,8 +488,14 @@ def test_frames_default_to_the_checkpoints_own(cache_dir, bench_data, trained_ru
     )
     with pytest.raises(ValueError, match="model/llm=qwen25_7b"):
         compose(in_dim=config["mm_hidden_size"], out_dim=width + 1)
-    with pytest.raises(ValueError, match="num_frames must be >= 1"):  # a bad value stops the run before loading
+    monkeypatch.setattr("hicom.eval.runner.load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match="num_frames must be >= 1"):  # bad values stop the run before loading
         evaluate(compose_eval(cache_dir, bench_data, tmp_path / "bad", [f"ckpt={official}", "sampling.num_frames=0"]))
+    bad_fps = compose_eval(cache_dir, bench_data, tmp_path / "bad", [f"ckpt={official}", "sampling.fps=-1"])
+    with open_dict(bad_fps):
+        bad_fps.sampling.num_frames = None
+    with pytest.raises(ValueError, match="fps must be positive"):
+        evaluate(bad_fps)
 
 
 def test_egoschema_full_set_writes_the_submission_file(cache_dir, bench_data, trained_run, tmp_path):

@@ -495,8 +495,11 @@ def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path):
     stopped = tmp_path / "deepspeed.ckpt"  # a DeepSpeed folder whose save stopped before it named its tag
     (stopped / "checkpoint").mkdir(parents=True)
     (stopped / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"deepspeed\.ckpt' is neither a run's folder .* nor a whole DeepSpeed"):
+    with pytest.raises(ValueError, match=r"deepspeed\.ckpt' is neither a run's folder .* nor a checkpoint folder"):
         train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"ckpt_path={stopped}"]))
+    (stopped / "latest").write_text("checkpoint")  # named: a DeepSpeed checkpoint, whose tag folder is not one
+    with pytest.raises(ValueError, match=r"inside a DeepSpeed checkpoint: give its parent, '.*deepspeed\.ckpt'"):
+        train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"ckpt_path={stopped / 'checkpoint'}"]))
     resumed = train(compose_train(cache_dir, tmp_path / "resumed", more))
     rows = csv.DictReader((tmp_path / "resumed" / "csv" / "metrics.csv").open())
     assert resumed["steps"] == 3 and [int(r["step"]) for r in rows if r.get("train/loss")] == [2]  # one more step

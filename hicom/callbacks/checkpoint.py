@@ -27,9 +27,11 @@ def writes_folders(strategy) -> bool:
 
 def replace_folder(path: Path, step: int, write: Callable[[Path], None], is_writer: bool, barrier) -> None:
     """Write a folder checkpoint so that `path` names a whole one at every moment: `write` (every process) fills
-    `<stem>.step<N><suffix>` beside it (a name not yet taken), then one process points `path`, a relative symlink, at it in one
-    `os.replace` and deletes the folders it replaced. A write that stops part-way (the job killed during an
-    hourly save) leaves `path` on the checkpoint before, and its leftover folder goes with the next save."""
+    `<stem>.step<N><suffix>` beside it (a name not yet taken), then one process points `path`, a relative symlink,
+    at it in one `os.replace` and deletes the folders it replaced. A write that stops part-way (the job killed
+    during an hourly save) leaves `path` on the checkpoint before, and its leftover folder goes with the next save.
+    Disk use peaks at two checkpoints. Where the file system has no symlinks, the new folder is renamed into place
+    (the old one removed first), with a warning."""
     target, again = path.with_name(f"{path.stem}.step{step}{path.suffix}"), 0
     while target.exists():  # this step saved before, or a write of it that stopped part-way: a new folder still
         again += 1
@@ -40,12 +42,18 @@ def replace_folder(path: Path, step: int, write: Callable[[Path], None], is_writ
     write(target)
     barrier()  # every process has written its files
     if is_writer:
-        if path.exists() and not path.is_symlink():  # a folder written in place (an earlier version): kept until
-            path.rename(path.with_name(f"{path.stem}.replaced{path.suffix}"))  # the link is in place
         swap = path.with_name(f".{path.name}.swap")
-        swap.unlink(missing_ok=True)
-        swap.symlink_to(target.name)
-        os.replace(swap, path)
+        try:
+            swap.unlink(missing_ok=True)
+            swap.symlink_to(target.name)
+            os.replace(swap, path)
+        except OSError as error:  # no symlinks here: the old way, in two steps
+            log.warning("cannot link %s to %s (%s): moving the folder into its place instead", path, target, error)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            path.unlink(missing_ok=True)
+            target.rename(path)
+            target = path
         for old in path.parent.glob(f"{path.stem}.*{path.suffix}"):
             if old != target and old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
@@ -68,7 +76,8 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
-        if filepath != self.last_model_path or not writes_folders(trainer.strategy):
+        written_in_place = Path(filepath).is_dir() and not Path(filepath).is_symlink()  # by an earlier version
+        if filepath != self.last_model_path or not writes_folders(trainer.strategy) or written_in_place:
             super()._save_checkpoint(trainer, filepath)
             return
         replace_folder(

@@ -313,6 +313,8 @@ def load_official(folder: str | Path, *, reproduce_defect_1: bool | None = None)
     off injection have the same weights), ours is used, with a warning. `reproduce_defect_1` True or False
     takes the release's or our reading whatever the weights.
     """
+    if reproduce_defect_1 not in (None, True, False):  # e.g. the string 'false' from a quoted override
+        raise ValueError(f"reproduce_defect_1 is true, false or null (the weights decide), got {reproduce_defect_1!r}")
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -495,8 +497,9 @@ def _legacy_fields(compressor: HICom) -> dict:
     }
 
 
-def export_official(net, folder: str | Path) -> Path:
-    """Write our VideoLLM as a release-layout folder: config.json and model.safetensors. A ValueError, before
+def export_official(net, folder: str | Path, *, num_frames: int | None = None) -> Path:
+    """Write our VideoLLM as a release-layout folder: config.json and model.safetensors, with `num_frames` (the
+    frames it was trained at, which evaluate.py then defaults to) in config.json where given. A ValueError, before
     anything is written, lists what the release's layout cannot carry (a CLIP tower, `release_gaps`)."""
     from safetensors.torch import save_file
 
@@ -526,6 +529,8 @@ def export_official(net, folder: str | Path) -> Path:
     }
     if net.vision.hidden_size == SIGLIP_WIDTH:  # the release builds its tower from this name (hub id or a local copy)
         config["mm_vision_tower"] = f"google/{SIGLIP}"
+    if num_frames is not None:
+        config["num_frames"] = int(num_frames)
     (folder / "config.json").write_text(json.dumps(config, indent=1, default=str))
     return folder
 

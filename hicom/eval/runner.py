@@ -74,7 +74,7 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
     HF folder in the release's layout (towers from this config's `model`, the compressor its config.json
     describes, weights imported strictly), and where it came from, with the frames it was trained at."""
     from hicom.stages import check_handoff, load_handoff
-    from hicom.utils.instantiators import check_pretrained, write_assets
+    from hicom.utils.instantiators import check_model, check_pretrained, write_assets
 
     ckpt = Path(ckpt)
     if (ckpt / "config.json").is_file():
@@ -84,6 +84,7 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
         write_assets(cfg.get("assets"))
         check_pretrained(cfg)
         compressor = folder_compressor(ckpt, reproduce_defect_1=cfg.official.reproduce_defect_1)
+        check_model(cfg, compressor)  # towers of other widths than config.json's, before they load
         module = instantiate(cfg.model, compressor=compressor, trainable=[])
         import_official(module.net, ckpt)
         if frames is None:
@@ -350,8 +351,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} of {num_shards}")
     sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
-    if sampling["num_frames"] is not None:
-        FrameSampling(**sampling)  # a bad value stops the run before the model loads
+    frames = 1 if sampling["num_frames"] is None else sampling["num_frames"]  # None: the checkpoint's, known later
+    FrameSampling(**{**sampling, "num_frames": frames})  # a bad value stops the run before the model loads
     readers, questions, problems = {}, {}, []
     for name in names:  # every benchmark's files, before the model loads: all that is missing, at once
         try:

@@ -65,10 +65,11 @@ def check_data(cfg: DictConfig) -> None:
     )  # fmt: skip
 
 
-def check_model(cfg: DictConfig) -> None:
+def check_model(cfg: DictConfig, compressor=None) -> None:
     """Fail in seconds, before any weights load, on a bad model value: the module's own (trainable parts, learning
     rates, warm-up) and the compressor's, which is built on the meta device at the widths the checkpoints'
-    config.json give (check_pretrained first: the folders are there)."""
+    config.json give (check_pretrained first: the folders are there). `compressor`: the callable that builds it, in
+    place of `model.compressor`'s."""
     import json
 
     import torch
@@ -100,7 +101,7 @@ def check_model(cfg: DictConfig) -> None:
         tower = get_class(model.vision._target_).from_arch(
             vision_arch, select_layer=model.vision.get("select_layer", -2)
         )
-        compose_compressor(hydra.utils.instantiate(model.compressor), tower, llm_width)
+        compose_compressor(compressor or hydra.utils.instantiate(model.compressor), tower, llm_width)
 
 
 def instantiate_all(cfg: DictConfig | None, kind: str) -> list:
