@@ -436,10 +436,14 @@ def test_an_export_the_release_cannot_describe_writes_nothing(tmp_path):
         local=partial(LocalCompressor, guide=Guide.OFF),  # features as keys, where the release takes embeddings
         global_=partial(GlobalCompressor, guide=Guide.COARSE, position="k"),
     )
-    net = SimpleNamespace(compressor=compressor, vision=SimpleNamespace())
+    from transformers import GPT2Config
+
+    llm = SimpleNamespace(model=SimpleNamespace(config=GPT2Config()))
+    net = SimpleNamespace(compressor=compressor, vision=SimpleNamespace(), llm=llm)
     with pytest.raises(ValueError, match="cannot carry") as refused:
         export_official(net, tmp_path / "official")
-    for setting in ("model.vision: a SimpleNamespace", "local.keys=features", "set embeds", "global_.position=k"):
+    settings = ("model.vision: a SimpleNamespace", "model.llm: a gpt2 LLM", "local.keys=features", "set embeds")
+    for setting in (*settings, "global_.position=k"):
         assert setting in str(refused.value)
     assert not (tmp_path / "official").exists()
     odd = HICom(

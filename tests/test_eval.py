@@ -445,6 +445,11 @@ def test_an_official_folder_evaluates_like_the_run_it_was_exported_from(cache_di
         replies[name] = [json.loads(line)["reply"] for line in (out / "mlvu/predictions.jsonl").open()]
         assert results["mlvu"]["settings"]["format"] == name
     assert replies["run"] == replies["official"]
+    # the folder is an HF folder of its LLM too, under the release's model type: the LLM comes from it
+    config = json.loads((official / "config.json").read_text())
+    assert (config["model_type"], config["architectures"]) == ("hicom_qwen2", ["HIComQwen2ForCausalLM"])
+    module, _ = load_model(official, compose_eval(cache_dir, bench_data, tmp_path, ["model/compressor=avgpool"]))
+    assert module.net.llm.path == str(official) and type(module.net.compressor).__name__ == "HICom"
 
 
 def test_a_run_whose_handoff_is_cut_short_stops_before_the_model_loads(cache_dir, bench_data, trained_run, tmp_path,

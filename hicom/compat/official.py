@@ -43,6 +43,7 @@ from hicom.modules.compressors import (
     LocalCompressor,
 )
 from hicom.modules.compressors.base import RELEASE_INIT_STD
+from hicom.utils.checkpoints import RELEASE_LLM_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -498,9 +499,11 @@ def _legacy_fields(compressor: HICom) -> dict:
 
 
 def export_official(net, folder: str | Path, *, num_frames: int | None = None) -> Path:
-    """Write our VideoLLM as a release-layout folder: config.json and model.safetensors, with `num_frames` (the
-    frames it was trained at, which evaluate.py then defaults to) in config.json where given. A ValueError, before
-    anything is written, lists what the release's layout cannot carry (a CLIP tower, `release_gaps`)."""
+    """Write our VideoLLM as a release-layout folder: config.json (the LLM's, under the release's model type, with
+    the projector's fields and `num_frames`, the frames it was trained at, which evaluate.py then defaults to, where
+    given), model.safetensors, and the LLM's tokenizer and generation config. A ValueError, before anything is
+    written, lists what the release's layout cannot carry (a CLIP tower, an LLM other than Qwen2 or Llama,
+    `release_gaps`)."""
     from safetensors.torch import save_file
 
     from hicom.modules.vision import SiglipTower
@@ -508,6 +511,10 @@ def export_official(net, folder: str | Path, *, num_frames: int | None = None) -
     gaps = release_gaps(net.compressor)
     if not isinstance(net.vision, SiglipTower):
         gaps.insert(0, f"model.vision: a {type(net.vision).__name__}: the release's layout holds a SigLIP tower")
+    llm_config = net.llm.model.config.to_dict()
+    release_type = f"hicom_{llm_config['model_type']}"  # the release's names for its Qwen2 / Llama LLM
+    if release_type not in RELEASE_LLM_CLASSES:
+        gaps.append(f"model.llm: a {llm_config['model_type']} LLM: the release's layout holds a Qwen2 or a Llama")
     if gaps:
         raise ValueError(f"cannot export to {folder}, the release's layout cannot carry:\n  " + "\n  ".join(gaps))
     folder = Path(folder)
@@ -521,7 +528,9 @@ def export_official(net, folder: str | Path, *, num_frames: int | None = None) -
     state.update(net.llm.model.state_dict())  # model.* and lm_head.*, as Qwen2ForCausalLM names them
     save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(folder / "model.safetensors"))
     config = {
-        **net.llm.model.config.to_dict(),
+        **llm_config,
+        "model_type": release_type,
+        "architectures": [RELEASE_LLM_CLASSES[release_type]],
         **projector_type(net.compressor),
         "mm_hidden_size": net.vision.hidden_size,
         "hidden_size": net.llm.hidden_size,
@@ -532,6 +541,8 @@ def export_official(net, folder: str | Path, *, num_frames: int | None = None) -
     if num_frames is not None:
         config["num_frames"] = int(num_frames)
     (folder / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    net.llm.tokenizer.save_pretrained(folder)  # as released: the folder is an HF folder of its LLM too
+    net.llm.model.generation_config.save_pretrained(folder)
     return folder
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader, Dataset
 
 from hicom.data.collate import Collator
@@ -81,6 +81,8 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
         from hicom.compat.official import folder_compressor, import_official, read_config
 
         frames = read_config(ckpt).get("num_frames")
+        with open_dict(cfg):  # the folder is an HF folder of its LLM (the architecture, tokenizer and weights)
+            cfg.model.llm.path = str(ckpt)
         write_assets(cfg.get("assets"))
         check_pretrained(cfg)
         compressor = folder_compressor(ckpt, reproduce_defect_1=cfg.official.reproduce_defect_1)
