@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from hicom.callbacks.checkpoint import resume_checkpoint
 from hicom.modules.compressors.base import unguided_config
 from hicom.training import train
 from hicom.utils.checkpoints import check_safetensors, full_parameters
@@ -70,8 +71,8 @@ def stage_config(base: DictConfig, stage: DictConfig, out_dir: Path) -> DictConf
         cfg.paths.output_dir = str(out_dir)
         cfg.stages = None
         if base.get("stage") != stage.name or not base.get("ckpt_path"):  # given with stage=<name>: that stage's
-            last = out_dir / "checkpoints" / "last.ckpt"  # else a stage that stopped part-way goes on from its own
-            cfg.ckpt_path = str(last) if last.exists() else None
+            last = resume_checkpoint(out_dir / "checkpoints")  # else a stage that stopped part-way goes on from its own
+            cfg.ckpt_path = str(last) if last is not None else None
     return cfg
 
 

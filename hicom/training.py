@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from hicom.callbacks.checkpoint import resume_checkpoint
 from hicom.utils.instantiators import (
     check_data,
     check_model,
@@ -66,7 +67,9 @@ def check_checkpoint(path: Path) -> None:
             raise ValueError(f"ckpt_path '{path}' is inside a DeepSpeed checkpoint: give its parent, '{path.parent}'")
         # DeepSpeed names its tag folder in `latest`, Lightning's sharded FSDP writes `meta.pt`: a folder with
         # neither is a run's folder without checkpoints/last.ckpt, or a save that stopped before naming its parts
-        if not ((path / "latest").is_file() or (path / "meta.pt").is_file()):
+        latest = path / "latest"
+        named = latest.is_file() and (path / latest.read_text().strip()).is_dir()
+        if not (named or (path / "meta.pt").is_file()):
             raise ValueError(
                 f"ckpt_path '{path}' is neither a run's folder with checkpoints/last.ckpt nor a checkpoint folder "
                 "(DeepSpeed's 'latest' or FSDP's 'meta.pt' missing: a save that stopped part-way?); resume from "
@@ -106,8 +109,8 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     """
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("ckpt_path"):
-        last = Path(cfg.ckpt_path) / "checkpoints" / "last.ckpt"
-        if last.exists():  # a run's folder (as evaluate.py's ckpt= takes): its last checkpoint
+        last = resume_checkpoint(Path(cfg.ckpt_path) / "checkpoints")
+        if last is not None:  # a run's folder (as evaluate.py's ckpt= takes): its last checkpoint
             cfg.ckpt_path = str(last)
         check_checkpoint(Path(cfg.ckpt_path))
     check(cfg)  # missing weights or data first: the user's first fix

@@ -61,7 +61,7 @@ def test_a_folder_checkpoint_replaces_last_ckpt_whole_or_not_at_all(tmp_path, mo
     whole checkpoint whatever step of a save the job is killed at (here: a writer that fails part-way)."""
     from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 
-    from hicom.callbacks.checkpoint import replace_folder, writes_folders
+    from hicom.callbacks.checkpoint import replace_folder, resume_checkpoint, writes_folders
 
     last = tmp_path / "checkpoints" / "last.ckpt"
 
@@ -92,14 +92,34 @@ def test_a_folder_checkpoint_replaces_last_ckpt_whole_or_not_at_all(tmp_path, mo
     save(8)  # the same step again is a new folder too: the one last.ckpt links is never written into
     assert content() == ["8", "8"]
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt", "last.step8.ckpt"]
-    # a file system without symlinks: the folder is moved into place (and keeps working from then on)
+    # a file system without symlinks: two renames, every save (not written in place from then on)
     real_symlink = Path.symlink_to
     monkeypatch.setattr(Path, "symlink_to", lambda *a: (_ for _ in ()).throw(OSError("not supported")))
     save(12)
     assert last.is_dir() and not last.is_symlink() and content() == ["12", "12"]
-    save(16)
-    assert content() == ["16", "16"] and sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+    with pytest.raises(KeyboardInterrupt):
+        save(16, sign=-1)
+    assert content() == ["12", "12"]
+    original_rename = Path.rename
+
+    def killed_between_the_renames(self, target):
+        original_rename(self, target)
+        if Path(target).name == "last.replaced.ckpt":
+            raise KeyboardInterrupt("killed between the two renames")
+
+    monkeypatch.setattr(Path, "rename", killed_between_the_renames)
+    with pytest.raises(KeyboardInterrupt):
+        save(20)
+    monkeypatch.setattr(Path, "rename", original_rename)
+    assert not last.exists() and resume_checkpoint(last.parent) == last.parent / "last.replaced.ckpt"
+    assert sorted(p.read_text() for p in resume_checkpoint(last.parent).glob("*.pt")) == ["12", "12"]
+    save(24)
+    assert content() == ["24", "24"] and sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+    assert resume_checkpoint(last.parent) == last
     monkeypatch.setattr(Path, "symlink_to", real_symlink)
+    save(28)  # symlinks again: the folder last.ckpt was is replaced by the link
+    assert last.is_symlink() and content() == ["28", "28"]
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt", "last.step28.ckpt"]
     assert writes_folders(FSDPStrategy(state_dict_type="sharded")) and not writes_folders(FSDPStrategy())
     assert not writes_folders(SingleDeviceStrategy(torch.device("cpu")))
 

@@ -4,6 +4,7 @@ scoring rules on hand-made predictions."""
 
 import fcntl
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -450,6 +451,10 @@ def test_an_official_folder_evaluates_like_the_run_it_was_exported_from(cache_di
     assert (config["model_type"], config["architectures"]) == ("hicom_qwen2", ["HIComQwen2ForCausalLM"])
     module, _ = load_model(official, compose_eval(cache_dir, bench_data, tmp_path, ["model/compressor=avgpool"]))
     assert module.net.llm.path == str(official) and type(module.net.compressor).__name__ == "HICom"
+    llm = pickle.loads(pickle.dumps(module.net.llm.model))  # as DataLoader workers started by spawn receive it
+    assert type(llm).__name__ == "HIComQwen2ForCausalLM" and llm.config.model_type == "hicom_qwen2"
+    again = export_official(module.net, tmp_path / "again")  # what was loaded from a release folder exports again
+    assert json.loads((again / "config.json").read_text()) == config
 
 
 def test_a_run_whose_handoff_is_cut_short_stops_before_the_model_loads(cache_dir, bench_data, trained_run, tmp_path,
@@ -491,7 +496,7 @@ def test_frames_default_to_the_checkpoints_own(cache_dir, bench_data, trained_ru
     assert compose(in_dim=config["mm_hidden_size"], out_dim=width) is compose(
         in_dim=config["mm_hidden_size"], out_dim=width
     )
-    with pytest.raises(ValueError, match="model/llm=qwen25_7b"):
+    with pytest.raises(ValueError, match="model/vision=siglip_so400m"):
         compose(in_dim=config["mm_hidden_size"], out_dim=width + 1)
     monkeypatch.setattr("hicom.eval.runner.load_model", lambda *a: pytest.fail("the model was loaded"))
     with pytest.raises(ValueError, match="num_frames must be >= 1"):  # bad values stop the run before loading

@@ -30,8 +30,9 @@ def replace_folder(path: Path, step: int, write: Callable[[Path], None], is_writ
     `<stem>.step<N><suffix>` beside it (a name not yet taken), then one process points `path`, a relative symlink,
     at it in one `os.replace` and deletes the folders it replaced. A write that stops part-way (the job killed
     during an hourly save) leaves `path` on the checkpoint before, and its leftover folder goes with the next save.
-    Disk use peaks at two checkpoints. Where the file system has no symlinks, the new folder is renamed into place
-    (the old one removed first), with a warning."""
+    Disk use peaks at two checkpoints. Where `path` is a folder (the file system has no symlinks, or an earlier
+    version wrote it in place) it is replaced by two renames, and between them `resume_checkpoint` finds it under
+    `<stem>.replaced<suffix>`."""
     target, again = path.with_name(f"{path.stem}.step{step}{path.suffix}"), 0
     while target.exists():  # this step saved before, or a write of it that stopped part-way: a new folder still
         again += 1
@@ -43,21 +44,34 @@ def replace_folder(path: Path, step: int, write: Callable[[Path], None], is_writ
     barrier()  # every process has written its files
     if is_writer:
         swap = path.with_name(f".{path.name}.swap")
+        swap.unlink(missing_ok=True)
         try:
-            swap.unlink(missing_ok=True)
             swap.symlink_to(target.name)
+        except OSError as error:
+            log.warning("cannot link %s to %s (%s): the folder is renamed into its place", path, target, error)
+        linked = swap.is_symlink()
+        if path.is_symlink() and not linked or path.is_dir() and not path.is_symlink():  # no one-step replace
+            path.rename(path.with_name(f"{path.stem}.replaced{path.suffix}"))
+        if linked:
             os.replace(swap, path)
-        except OSError as error:  # no symlinks here: the old way, in two steps
-            log.warning("cannot link %s to %s (%s): moving the folder into its place instead", path, target, error)
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            path.unlink(missing_ok=True)
-            target.rename(path)
-            target = path
+        else:
+            target = target.rename(path)
         for old in path.parent.glob(f"{path.stem}.*{path.suffix}"):
-            if old != target and old.is_dir() and not old.is_symlink():
+            if old.is_symlink():
+                old.unlink()
+            elif old != target and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
+
+
+def resume_checkpoint(checkpoints: Path) -> Path | None:
+    """The checkpoint a run's checkpoints/ folder resumes from: last.ckpt, or, if the job stopped between the two
+    renames that replace a last.ckpt folder (`replace_folder`), the folder being replaced; None if neither."""
+    last = checkpoints / "last.ckpt"
+    if last.exists():
+        return last
+    replaced = checkpoints / "last.replaced.ckpt"
+    return replaced if replaced.is_dir() else None
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -76,8 +90,7 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
-        written_in_place = Path(filepath).is_dir() and not Path(filepath).is_symlink()  # by an earlier version
-        if filepath != self.last_model_path or not writes_folders(trainer.strategy) or written_in_place:
+        if filepath != self.last_model_path or not writes_folders(trainer.strategy):
             super()._save_checkpoint(trainer, filepath)
             return
         replace_folder(

@@ -43,7 +43,6 @@ from hicom.modules.compressors import (
     LocalCompressor,
 )
 from hicom.modules.compressors.base import RELEASE_INIT_STD
-from hicom.utils.checkpoints import RELEASE_LLM_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -367,9 +366,9 @@ def folder_compressor(folder: str | Path, *, reproduce_defect_1: bool | None = N
         if towers != widths or guide_dim not in (None, in_dim):
             raise ValueError(
                 f"{folder / 'config.json'} gives the vision width (mm_hidden_size) {widths['in_dim']} and the LLM "
-                f"width (hidden_size) {widths['out_dim']}, but model.vision and model.llm have {in_dim} and "
-                f"{out_dim} (text tower {guide_dim}): pick the towers the checkpoint was trained on "
-                "(model/vision=siglip_so400m, model/llm=qwen25_7b for the released HICom-7B)"
+                f"width (hidden_size) {widths['out_dim']}, but the towers have {in_dim} and {out_dim} (text tower "
+                f"{guide_dim}): pick the vision tower the checkpoint was trained on (model/vision=siglip_so400m for "
+                "the released HICom-7B; evaluate.py takes the LLM from the folder)"
             )
         return compressor
 
@@ -506,15 +505,17 @@ def export_official(net, folder: str | Path, *, num_frames: int | None = None) -
     `release_gaps`)."""
     from safetensors.torch import save_file
 
+    from hicom.compat.release_llm import release_type
     from hicom.modules.vision import SiglipTower
 
     gaps = release_gaps(net.compressor)
     if not isinstance(net.vision, SiglipTower):
         gaps.insert(0, f"model.vision: a {type(net.vision).__name__}: the release's layout holds a SigLIP tower")
-    llm_config = net.llm.model.config.to_dict()
-    release_type = f"hicom_{llm_config['model_type']}"  # the release's names for its Qwen2 / Llama LLM
-    if release_type not in RELEASE_LLM_CLASSES:
-        gaps.append(f"model.llm: a {llm_config['model_type']} LLM: the release's layout holds a Qwen2 or a Llama")
+    llm_type = release_type(net.llm.model.config)  # the release's class for a Qwen2 / Llama LLM
+    if llm_type is None:
+        gaps.append(
+            f"model.llm: a {net.llm.model.config.model_type} LLM: the release's layout holds a Qwen2 or a Llama"
+        )
     if gaps:
         raise ValueError(f"cannot export to {folder}, the release's layout cannot carry:\n  " + "\n  ".join(gaps))
     folder = Path(folder)
@@ -527,10 +528,13 @@ def export_official(net, folder: str | Path, *, num_frames: int | None = None) -
     state.update(to_official_state_dict(net.compressor.state_dict()))
     state.update(net.llm.model.state_dict())  # model.* and lm_head.*, as Qwen2ForCausalLM names them
     save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(folder / "model.safetensors"))
+    # the LLM's own fields (an LLM loaded from a release folder carries that folder's projector fields too), less
+    # the folder it was loaded from (a path on this machine)
+    plain = set(llm_type.config_class.__mro__[1]().to_dict()) - {"_name_or_path"}
     config = {
-        **llm_config,
-        "model_type": release_type,
-        "architectures": [RELEASE_LLM_CLASSES[release_type]],
+        **{key: value for key, value in net.llm.model.config.to_dict().items() if key in plain},
+        "model_type": llm_type.config_class.model_type,
+        "architectures": [llm_type.__name__],
         **projector_type(net.compressor),
         "mm_hidden_size": net.vision.hidden_size,
         "hidden_size": net.llm.hidden_size,

@@ -101,42 +101,13 @@ def resolve_attention(requested: str) -> str:
     return "sdpa"
 
 
-# The release's config.json names its LLM "hicom_qwen2" or "hicom_llama" (its own classes, registered by its code):
-# types transformers does not know. They are registered here as the plain Qwen2 / Llama causal LMs, so that an HF
-# folder in the release's layout loads as an LLM (its vision tower's and projector's tensors are not the LLM's and
-# are left out), with no remote code.
-RELEASE_LLM_CLASSES = {"hicom_qwen2": "HIComQwen2ForCausalLM", "hicom_llama": "HIComLlamaForCausalLM"}
-
-
-def register_release_llms() -> None:
-    """Register the release's LLM types with transformers' Auto classes (once; a no-op afterwards)."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    for name, config_base, model_base in (
-        ("hicom_qwen2", Qwen2Config, Qwen2ForCausalLM),
-        ("hicom_llama", LlamaConfig, LlamaForCausalLM),
-    ):
-        if name in CONFIG_MAPPING:
-            continue
-        config_class = type(f"Release{config_base.__name__}", (config_base,), {"model_type": name})
-        model_class = type(RELEASE_LLM_CLASSES[name], (model_base,), {"config_class": config_class})
-        AutoConfig.register(name, config_class)
-        AutoModelForCausalLM.register(config_class, model_class)
-
-
 def load_pretrained(model_class, folder: Path, what: str, attn_implementation: str):
     """`model_class.from_pretrained(folder)` in fp32 (MASTER_DTYPE, or `loading_dtype`'s) with the attention kernel
     asked for; a folder whose weights lack tensors of the architecture is an error naming them (transformers would
     fill them with a random init and go on)."""
-    register_release_llms()
+    from hicom.compat.release_llm import register
+
+    register()  # an LLM folder in the release's layout
     model, info = model_class.from_pretrained(
         folder,
         attn_implementation=resolve_attention(attn_implementation),

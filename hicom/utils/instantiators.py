@@ -8,7 +8,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from hicom.utils.checkpoints import register_release_llms, require_pretrained
+from hicom.utils.checkpoints import require_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,9 @@ def check_model(cfg: DictConfig, compressor=None) -> None:
         vision_arch = json.loads(vision_json.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"the vision tower's config '{vision_json}' cannot be read ({e}): is the folder whole?") from e
-    register_release_llms()  # an LLM folder in the release's layout
+    from hicom.compat.release_llm import register
+
+    register()  # an LLM folder in the release's layout
     llm_width = AutoConfig.from_pretrained(model.llm.path).hidden_size
     with torch.device("meta"):
         tower = get_class(model.vision._target_).from_arch(
