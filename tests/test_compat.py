@@ -306,13 +306,22 @@ def test_the_whole_model_round_trips_through_the_release_layout(cfg_small, tmp_p
     import_official(target, folder)
     for (name, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    # strict: a tensor too many or too few is named
+    # a part already loaded from the folder (evaluate.py's LLM) is checked but not read again
+    with torch.no_grad():
+        target.llm.model.model.norm.weight.fill_(7.0)
+        target.compressor.global_compressor.query.zero_()
+    import_official(target, folder, loaded=("llm",))
+    assert torch.equal(target.compressor.global_compressor.query, source.compressor.global_compressor.query)
+    assert bool((target.llm.model.model.norm.weight == 7.0).all())
+    # strict: a tensor too many or too few is named, in a part already loaded too
     state = load_file(str(folder / "model.safetensors"))
     state["model.mm_projector.local_compressor.extra"] = torch.zeros(1)
     del state["model.norm.weight"]
     save_file(state, str(folder / "model.safetensors"))
     with pytest.raises(KeyError, match=r"(?s)projector: .*local_compressor.extra.*llm: .*model.norm.weight"):
         import_official(target, folder)
+    with pytest.raises(KeyError, match=r"llm: .*model.norm.weight"):
+        import_official(target, folder, loaded=("llm",))
 
 
 def test_a_release_folder_is_imported_only_into_the_compressor_its_config_describes(cfg_small, cache_dir, tmp_path):

@@ -588,10 +588,21 @@ def check_compressor(compressor: Compressor, config: Mapping, folder: Path) -> N
         )
 
 
-def import_official(net, folder: str | Path) -> None:
+@dataclass(frozen=True)
+class _Stored:
+    """A tensor of a safetensors shard, by name and shape, read when it is loaded."""
+
+    shard: Path
+    key: str
+    shape: torch.Size
+
+
+def import_official(net, folder: str | Path, *, loaded: tuple[str, ...] = ()) -> None:
     """Load a release-layout folder (every safetensors shard) into our VideoLLM, strictly: a KeyError lists, per
-    part, the missing, unexpected and mis-shaped tensors. SigLIP's logit scale and bias are not in the release's
-    layout and keep the vision checkpoint's values."""
+    part ("vision", "guide", "projector", "llm"), the missing, unexpected and mis-shaped tensors, before any value is
+    read. The parts in `loaded` are checked but not read again (evaluate.py's LLM, loaded from this folder by
+    from_pretrained), and one part is read at a time. SigLIP's logit scale and bias are not in the release's layout
+    and keep the vision checkpoint's values."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -599,15 +610,15 @@ def import_official(net, folder: str | Path) -> None:
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"no .safetensors in {folder}")
-    weights = {}
+    stored = {}
     for shard in shards:
         try:
             with safe_open(str(shard), framework="pt") as f:
-                weights.update({key: f.get_tensor(key) for key in f.keys()})
+                stored.update({key: _Stored(shard, key, torch.Size(f.get_slice(key).get_shape())) for key in f.keys()})
         except Exception as error:
             raise ValueError(f"cannot read {shard}: {error}") from error
     groups = {"vision": {}, "guide": {}, "projector": {}, "llm": {}}
-    for key, value in weights.items():
+    for key, value in stored.items():
         if key.startswith(_VISION):
             groups["vision"][key[len(_VISION) :]] = value
         elif key.startswith(_GUIDE):
@@ -632,4 +643,16 @@ def import_official(net, folder: str | Path) -> None:
     if problems:
         raise KeyError("the checkpoint does not fit the model:\n  " + "\n  ".join(problems))
     for name, module in targets.items():
-        module.load_state_dict(groups[name], strict=True)
+        if name not in loaded:
+            module.load_state_dict(_read(groups[name]), strict=True)
+
+
+def _read(group: Mapping[str, _Stored]) -> dict[str, torch.Tensor]:
+    """The tensors of one part, shard by shard."""
+    from safetensors import safe_open
+
+    out = {}
+    for shard in sorted({s.shard for s in group.values()}):
+        with safe_open(str(shard), framework="pt") as f:
+            out.update({name: f.get_tensor(s.key) for name, s in group.items() if s.shard == shard})
+    return out

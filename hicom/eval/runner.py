@@ -88,7 +88,7 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
         compressor = folder_compressor(ckpt, reproduce_defect_1=cfg.official.reproduce_defect_1)
         check_model(cfg, compressor)  # towers of other widths than config.json's, before they load
         module = instantiate(cfg.model, compressor=compressor, trainable=[])
-        import_official(module.net, ckpt)
+        import_official(module.net, ckpt, loaded=("llm",))  # the LLM came from this folder: checked, not read again
         if frames is None:
             log.info("%s names no num_frames: %d frames, as the release trains", ckpt / "config.json", RELEASE_FRAMES)
         return module, {"ckpt": str(ckpt), "format": "official", "trained_frames": int(frames or RELEASE_FRAMES)}
