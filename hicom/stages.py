@@ -207,6 +207,11 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
     only = cfg.get("stage")
     if only is not None and only not in names:
         raise ValueError(f"stage={only!r} is not one of {names}")
+    if cfg.get("init_from"):
+        raise ValueError(
+            "init_from starts one fit from a release folder, and a staged run's stages start from their parents' "
+            "hand-offs: set stages=null to fine-tune the release in one fit"
+        )
     if cfg.get("ckpt_path") and only is None:  # a checkpoint is one stage's: the others' would be overwritten by it
         raise ValueError(
             "ckpt_path resumes one stage: give stage=<name> with it; or launch the run again under its name "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
@@ -108,6 +108,12 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     folder (handoff.safetensors + manifest.json), beside config.yaml: what `evaluate.py ckpt=<folder>` reads.
     """
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("init_from"):  # the release's LLM loads from its folder; the rest is imported once built
+        from hicom.compat.official import check_release_start
+
+        with open_dict(cfg):
+            cfg.model.llm.path = str(cfg.init_from)
+        check_release_start(cfg.model.compressor, cfg.init_from)
     if cfg.get("ckpt_path"):
         last = resume_checkpoint(Path(cfg.ckpt_path) / "checkpoints")
         if last is not None:  # a run's folder (as evaluate.py's ckpt= takes): its last checkpoint
@@ -132,6 +138,10 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
             cfg.global_batch_size, micro, trainer.world_size, trainer.accumulate_grad_batches,
         )  # fmt: skip
     model, datamodule = build(cfg, checked=True)
+    if cfg.get("init_from"):
+        from hicom.compat.official import import_official
+
+        import_official(model.net, cfg.init_from, loaded=("llm",))
     console = Console()
     console.print(parameter_report(model))
     for logger in loggers:

@@ -657,3 +657,42 @@ def test_the_demo_benchmarks_run_every_configured_benchmark_end_to_end(cache_dir
     (real / "eval" / "mvbench").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="holds files the demo did not write"):
         demo_main([f"paths.data_dir={real}"])
+
+
+def test_a_run_fine_tuned_from_a_release_folder_starts_from_every_weight_of_it(
+    cache_dir, bench_data, trained_run, tmp_path
+):
+    """init_from=<release folder>: the LLM loads from it, the rest is imported; evaluating the run rebuilds the parts
+    it did not train from the folder and the trained ones from its hand-off."""
+    from hicom.compat.official import export_official
+    from hicom.eval.runner import load_model
+    from hicom.stages import run_stages
+    from hicom.training import train
+
+    source, _ = load_model(trained_run, compose_eval(cache_dir, bench_data, tmp_path, []))
+    release = export_official(source.net, tmp_path / "release", num_frames=8)
+    for other in ("model/compressor=avgpool", "model.compressor.global_.guide=direct"):  # refused before loading
+        with pytest.raises(ValueError, match=r"weights in .*release fit the compressor .* model\.compressor builds"):
+            train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"init_from={release}", other]))
+    with pytest.raises(ValueError, match="set stages=null to fine-tune the release in one fit"):
+        run_stages(compose_train(cache_dir, tmp_path / "staged", ["experiment=tiny_stages", f"init_from={release}"]))
+    run = tmp_path / "tuned"
+    overrides = [
+        *SMALL,
+        f"init_from={release}",
+        "model.trainable=[compressor]",
+        "trainer.max_steps=2",
+        "evaluate=false",
+    ]
+    assert train(compose_train(cache_dir, run, overrides))["steps"] == 2
+    tuned, _ = load_model(run, compose_eval(cache_dir, bench_data, tmp_path, []))
+    assert tuned.net.llm.path == str(release)
+    for part in ("vision", "llm"):  # not trained: the release's
+        expected = getattr(source.net, part).state_dict()
+        assert all(torch.equal(v, expected[k]) for k, v in getattr(tuned.net, part).state_dict().items()), part
+    trained = source.net.compressor.state_dict()
+    assert any(not torch.equal(v, trained[k]) for k, v in tuned.net.compressor.state_dict().items())  # two steps
+    # no step at all: the compressor the run hands off is the release's (the fit started from it)
+    train(compose_train(cache_dir, tmp_path / "still", [*overrides, "trainer.max_steps=0"]))
+    still, _ = load_model(tmp_path / "still", compose_eval(cache_dir, bench_data, tmp_path, []))
+    assert all(torch.equal(v, trained[k]) for k, v in still.net.compressor.state_dict().items())

@@ -597,6 +597,27 @@ class _Stored:
     shape: torch.Size
 
 
+def check_release_start(compressor_cfg, folder: str | Path) -> None:
+    """Before the towers load: `compressor_cfg` (a Hydra partial, as model.compressor) builds, at the folder's
+    widths, the compressor its config.json describes in the reading its weights fit (`load_official`: the released
+    HICom-7B's global branch is direct, defect 1), else a ValueError with both."""
+    from hydra.utils import instantiate
+
+    folder = Path(folder)
+    config = read_config(folder)
+    fitted = _description(load_official(folder))
+    width = int(config["mm_hidden_size"])
+    with torch.device("meta"):
+        ours = _description(
+            instantiate(compressor_cfg)(in_dim=width, out_dim=int(config["hidden_size"]), guide_dim=width)
+        )
+    if ours != fitted:
+        raise ValueError(
+            f"the weights in {folder} fit the compressor {fitted}, but model.compressor builds {ours}: set "
+            "model.compressor to match (hicom.compat.official.load_official(folder) builds it)"
+        )
+
+
 def import_official(net, folder: str | Path, *, loaded: tuple[str, ...] = ()) -> None:
     """Load a release-layout folder (every safetensors shard) into our VideoLLM, strictly: a KeyError lists, per
     part ("vision", "guide", "projector", "llm"), the missing, unexpected and mis-shaped tensors, before any value is

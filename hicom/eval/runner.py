@@ -100,6 +100,10 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
     write_assets(run_cfg.get("assets"))
     check_pretrained(run_cfg, override="run_overrides=['{key}=<folder>']")  # the run's config names the towers
     module = instantiate(run_cfg.model, trainable=[])  # nothing trains here: no part is left frozen with a warning
+    if run_cfg.get("init_from"):  # the parts it did not train are the release folder's (its LLM loaded from it)
+        from hicom.compat.official import import_official
+
+        import_official(module.net, run_cfg.init_from, loaded=("llm",))
     parts = load_handoff(module, folder, [])
     source = {"ckpt": str(folder), "format": "run", "parts": parts, "trained_frames": int(run_cfg.data.num_frames)}
     return module, source
