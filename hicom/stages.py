@@ -100,6 +100,7 @@ def save_handoff(
         "parts": parts,
         "compressor": OmegaConf.to_container(cfg.model.compressor, resolve=True),
         "parameters": {key: list(value.shape) for key, value in state.items()},
+        "init_from": cfg.get("init_from"),  # the release folder its untrained parts are
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))  # written last: the stage is done
 
@@ -250,6 +251,12 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
             )
         if parent is not None:
             check_handoff(parent)
+            started = read_manifest(parent / MANIFEST).get("init_from")
+            if started:  # its untrained parts are that folder's, which a stage would rebuild from model's folders
+                raise ValueError(
+                    f"{parent} was fine-tuned from the release folder {started} (init_from): a stage from it would "
+                    "take its untrained parts from model's folders instead; fine-tune further with init_from"
+                )
         stage_cfg = stage_config(cfg, stage, out_dir)
         if stage_cfg.ckpt_path:
             log.info("stage %s: resuming from %s", stage.name, stage_cfg.ckpt_path)

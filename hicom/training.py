@@ -109,17 +109,19 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     """
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("init_from"):  # the release's LLM loads from its folder; the rest is imported once built
-        from hicom.compat.official import check_release_start
-
-        with open_dict(cfg):
-            cfg.model.llm.path = str(cfg.init_from)
-        check_release_start(cfg.model.compressor, cfg.init_from)
+        with open_dict(cfg):  # config.yaml names the folder wherever evaluate.py reads it
+            cfg.init_from = str(Path(cfg.init_from).resolve())
+            cfg.model.llm.path = cfg.init_from
     if cfg.get("ckpt_path"):
         last = resume_checkpoint(Path(cfg.ckpt_path) / "checkpoints")
         if last is not None:  # a run's folder (as evaluate.py's ckpt= takes): its last checkpoint
             cfg.ckpt_path = str(last)
         check_checkpoint(Path(cfg.ckpt_path))
     check(cfg)  # missing weights or data first: the user's first fix
+    if cfg.get("init_from"):
+        from hicom.compat.official import check_release_start
+
+        check_release_start(cfg)
     out_dir = ensure_dir(cfg.paths.output_dir)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     # the trainer (with its loggers and callbacks) and the batch arithmetic next: their values fail in seconds,
@@ -142,6 +144,7 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
         from hicom.compat.official import import_official
 
         import_official(model.net, cfg.init_from, loaded=("llm",))
+        model.init_from = cfg.init_from  # kept in its checkpoints: a resume must name a release folder too
     console = Console()
     console.print(parameter_report(model))
     for logger in loggers:

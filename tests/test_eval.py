@@ -4,7 +4,9 @@ scoring rules on hand-made predictions."""
 
 import fcntl
 import json
+import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from hicom.data.synthetic import write_video
 from hicom.eval.judge import Verdict, judge_predictions, parse_verdict
@@ -660,7 +662,7 @@ def test_the_demo_benchmarks_run_every_configured_benchmark_end_to_end(cache_dir
 
 
 def test_a_run_fine_tuned_from_a_release_folder_starts_from_every_weight_of_it(
-    cache_dir, bench_data, trained_run, tmp_path
+    cache_dir, bench_data, trained_run, tmp_path, monkeypatch
 ):
     """init_from=<release folder>: the LLM loads from it, the rest is imported; evaluating the run rebuilds the parts
     it did not train from the folder and the trained ones from its hand-off."""
@@ -671,20 +673,26 @@ def test_a_run_fine_tuned_from_a_release_folder_starts_from_every_weight_of_it(
 
     source, _ = load_model(trained_run, compose_eval(cache_dir, bench_data, tmp_path, []))
     release = export_official(source.net, tmp_path / "release", num_frames=8)
-    for other in ("model/compressor=avgpool", "model.compressor.global_.guide=direct"):  # refused before loading
-        with pytest.raises(ValueError, match=r"weights in .*release fit the compressor .* model\.compressor builds"):
+    monkeypatch.setattr("hicom.training.build", lambda *a, **k: pytest.fail("the model was built"))
+    for other, differs in (
+        ("model/compressor=avgpool", "model.compressor builds {'type': 'AvgPool"),
+        (
+            "model.compressor.global_.guide=direct",
+            "builds {'mm_projector_type': 'local43_guidedirect_global32_guidedirect'",
+        ),
+        ("+model.compressor.global_.num_heads=2", "global_.num_heads=2"),  # the same weights, other attention
+        ("+model.compressor.local.readout_depth=1", "unexpected ['local_compressor.readout.2.bias'"),
+    ):  # each refused before anything loads, saying what differs
+        with pytest.raises(ValueError, match=rf"(?s)not the compressor of .*release.*{re.escape(differs)}"):
             train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"init_from={release}", other]))
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="set stages=null to fine-tune the release in one fit"):
         run_stages(compose_train(cache_dir, tmp_path / "staged", ["experiment=tiny_stages", f"init_from={release}"]))
     run = tmp_path / "tuned"
-    overrides = [
-        *SMALL,
-        f"init_from={release}",
-        "model.trainable=[compressor]",
-        "trainer.max_steps=2",
-        "evaluate=false",
-    ]
-    assert train(compose_train(cache_dir, run, overrides))["steps"] == 2
+    relative = os.path.relpath(release)  # config.yaml names it absolutely, for evaluate.py launched anywhere
+    overrides = [*SMALL, "model.trainable=[compressor]", "trainer.max_steps=2", "evaluate=false"]
+    assert train(compose_train(cache_dir, run, [*overrides, f"init_from={relative}"]))["steps"] == 2
+    assert OmegaConf.load(run / "config.yaml").init_from == str(release)
     tuned, _ = load_model(run, compose_eval(cache_dir, bench_data, tmp_path, []))
     assert tuned.net.llm.path == str(release)
     for part in ("vision", "llm"):  # not trained: the release's
@@ -693,6 +701,16 @@ def test_a_run_fine_tuned_from_a_release_folder_starts_from_every_weight_of_it(
     trained = source.net.compressor.state_dict()
     assert any(not torch.equal(v, trained[k]) for k, v in tuned.net.compressor.state_dict().items())  # two steps
     # no step at all: the compressor the run hands off is the release's (the fit started from it)
-    train(compose_train(cache_dir, tmp_path / "still", [*overrides, "trainer.max_steps=0"]))
+    train(compose_train(cache_dir, tmp_path / "still", [*overrides, f"init_from={release}", "trainer.max_steps=0"]))
     still, _ = load_model(tmp_path / "still", compose_eval(cache_dir, bench_data, tmp_path, []))
     assert all(torch.equal(v, trained[k]) for k, v in still.net.compressor.state_dict().items())
+    # its checkpoint resumes with a release folder only; a stage from it, or the folder gone, are refused by name
+    last = run / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match="started from .*release: resume it with init_from"):
+        train(compose_train(cache_dir, tmp_path / "resumed", [*overrides, f"ckpt_path={last}", "trainer.max_steps=3"]))
+    staged = ["experiment=tiny_stages", *SMALL, "stage=instruction", f"stage_parent={run}"]
+    with pytest.raises(ValueError, match=r"fine-tuned from the release folder .*release \(init_from\)"):
+        run_stages(compose_train(cache_dir, tmp_path / "next", staged))
+    gone = compose_eval(cache_dir, bench_data, tmp_path, [f"run_overrides=['init_from={tmp_path / 'moved'}']"])
+    with pytest.raises(FileNotFoundError, match=r"not found here: run_overrides=\['init_from=<that folder>'\]"):
+        load_model(run, gone)

@@ -357,8 +357,12 @@ def folder_compressor(folder: str | Path, *, reproduce_defect_1: bool | None = N
     one its config.json describes, in the reading its weights fit (`load_official`), so that evaluating a
     checkpoint needs no compressor settings. Towers of other widths than config.json's are a ValueError."""
     folder = Path(folder)
+    return _composer(folder, load_official(folder, reproduce_defect_1=reproduce_defect_1))
+
+
+def _composer(folder: Path, compressor: Compressor) -> Callable[..., Compressor]:
+    """`compressor`, returned for towers of the widths the folder's config.json gives, else a ValueError."""
     config = read_config(folder)
-    compressor = load_official(folder, reproduce_defect_1=reproduce_defect_1)
     widths = {"in_dim": int(config["mm_hidden_size"]), "out_dim": int(config["hidden_size"])}
 
     def compose(*, in_dim: int, out_dim: int, guide_dim: int | None = None) -> Compressor:
@@ -368,7 +372,7 @@ def folder_compressor(folder: str | Path, *, reproduce_defect_1: bool | None = N
                 f"{folder / 'config.json'} gives the vision width (mm_hidden_size) {widths['in_dim']} and the LLM "
                 f"width (hidden_size) {widths['out_dim']}, but the towers have {in_dim} and {out_dim} (text tower "
                 f"{guide_dim}): pick the vision tower the checkpoint was trained on (model/vision=siglip_so400m for "
-                "the released HICom-7B; evaluate.py takes the LLM from the folder)"
+                "the released HICom-7B; the LLM comes from the folder)"
             )
         return compressor
 
@@ -597,25 +601,35 @@ class _Stored:
     shape: torch.Size
 
 
-def check_release_start(compressor_cfg, folder: str | Path) -> None:
-    """Before the towers load: `compressor_cfg` (a Hydra partial, as model.compressor) builds, at the folder's
-    widths, the compressor its config.json describes in the reading its weights fit (`load_official`: the released
-    HICom-7B's global branch is direct, defect 1), else a ValueError with both."""
+def check_release_start(cfg) -> None:
+    """Before the towers load, for a fit from a release folder (`cfg.init_from`; check_pretrained and check_model
+    first): model.compressor builds, at the folder's widths, exactly the compressor the folder's weights fit
+    (`load_official`: the released HICom-7B's global branch is direct, defect 1), names, shapes and settings the
+    release's layout carries; and model.vision is of the folder's width. Else a ValueError saying what differs."""
     from hydra.utils import instantiate
 
-    folder = Path(folder)
+    from hicom.utils.instantiators import check_model
+
+    folder = Path(cfg.init_from)
     config = read_config(folder)
-    fitted = _description(load_official(folder))
+    fitted = load_official(folder)
     width = int(config["mm_hidden_size"])
     with torch.device("meta"):
-        ours = _description(
-            instantiate(compressor_cfg)(in_dim=width, out_dim=int(config["hidden_size"]), guide_dim=width)
-        )
-    if ours != fitted:
+        ours = instantiate(cfg.model.compressor)(in_dim=width, out_dim=int(config["hidden_size"]), guide_dim=width)
+    problems = release_gaps(ours)
+    if _description(ours) != _description(fitted):
+        problems.insert(0, f"the weights fit {_description(fitted)}, model.compressor builds {_description(ours)}")
+    else:
+        try:
+            check_keys(fitted.state_dict(), ours)
+        except KeyError as error:
+            problems.append(error.args[0])
+    if problems:
         raise ValueError(
-            f"the weights in {folder} fit the compressor {fitted}, but model.compressor builds {ours}: set "
-            "model.compressor to match (hicom.compat.official.load_official(folder) builds it)"
+            f"model.compressor is not the compressor of {folder}; set it to match "
+            "(hicom.compat.official.load_official(folder) builds it):\n  " + "\n  ".join(problems)
         )
+    check_model(cfg, _composer(folder, fitted))  # the vision tower's width
 
 
 def import_official(net, folder: str | Path, *, loaded: tuple[str, ...] = ()) -> None:

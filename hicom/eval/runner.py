@@ -97,6 +97,13 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
     run_cfg = OmegaConf.load(folder / "config.yaml")
     if cfg.get("run_overrides"):  # e.g. the towers' folders on this machine
         run_cfg = OmegaConf.merge(run_cfg, OmegaConf.from_dotlist(list(cfg.run_overrides)))
+    if run_cfg.get("init_from"):  # fine-tuned from a release folder: its LLM and untrained parts are the folder's
+        if not (Path(run_cfg.init_from) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"the run was fine-tuned from the release folder {run_cfg.init_from}, not found here: "
+                "run_overrides=['init_from=<that folder>']"
+            )
+        run_cfg.model.llm.path = run_cfg.init_from
     write_assets(run_cfg.get("assets"))
     check_pretrained(run_cfg, override="run_overrides=['{key}=<folder>']")  # the run's config names the towers
     module = instantiate(run_cfg.model, trainable=[])  # nothing trains here: no part is left frozen with a warning

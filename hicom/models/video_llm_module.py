@@ -81,6 +81,7 @@ class VideoLLMModule(LightningModule):
         for name in self.trainable:
             self.parts()[name].requires_grad_(True)
         self.skipped: dict[str, dict] = {}
+        self.init_from: str | None = None  # the release folder the fit started from (training.train sets it)
         self.results: list[dict] = []
         self.fit_counts = {"batches": 0, "samples": 0}  # training batches and usable samples of this process's fit
         self._stand_ins: dict[str, dict] = {}  # ZeRO-3, per stage: what runs for a batch whose samples were all skipped
@@ -173,7 +174,17 @@ class VideoLLMModule(LightningModule):
         self.fit_counts = {"batches": 0, "samples": 0}
         self._stepped = 0.0
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["init_from"] = self.init_from
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        started = checkpoint.get("init_from")
+        if (started is None) != (self.init_from is None):  # the weights it holds came from a release folder or not
+            raise ValueError(
+                f"this checkpoint's run started from {started}: resume it with init_from=<that folder>"
+                if started is not None
+                else "this checkpoint's run did not start from a release folder: resume it without init_from"
+            )
         data = self.trainer.datamodule if self._trainer is not None else None
         if data is not None and type(data).__qualname__ not in checkpoint:
             log.warning(
