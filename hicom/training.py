@@ -109,6 +109,10 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     """
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("init_from"):  # the release's LLM loads from its folder; the rest is imported once built
+        if not (Path(cfg.init_from) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"init_from={cfg.init_from}: no config.json there; give an HF folder in the release's layout"
+            )
         with open_dict(cfg):  # config.yaml names the folder wherever evaluate.py reads it
             cfg.init_from = str(Path(cfg.init_from).resolve())
             cfg.model.llm.path = cfg.init_from

@@ -685,6 +685,8 @@ def test_a_run_fine_tuned_from_a_release_folder_starts_from_every_weight_of_it(
     ):  # each refused before anything loads, saying what differs
         with pytest.raises(ValueError, match=rf"(?s)not the compressor of .*release.*{re.escape(differs)}"):
             train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"init_from={release}", other]))
+    with pytest.raises(FileNotFoundError, match=r"init_from=.*nowhere: no config\.json there"):
+        train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"init_from={tmp_path / 'nowhere'}"]))
     monkeypatch.undo()
     with pytest.raises(ValueError, match="set stages=null to fine-tune the release in one fit"):
         run_stages(compose_train(cache_dir, tmp_path / "staged", ["experiment=tiny_stages", f"init_from={release}"]))
