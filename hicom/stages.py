@@ -255,8 +255,8 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
             if started:  # its untrained parts are that folder's, which a stage would rebuild from model's folders
                 raise ValueError(
                     f"{parent} was fine-tuned from the release folder {started} (init_from): a stage from it would "
-                    "take its untrained parts from model's folders instead; resume it (ckpt_path with init_from), or export it "
-                    "(export_official) and fine-tune that folder with init_from"
+                    "take its untrained parts from model's folders instead; resume it (ckpt_path with init_from), "
+                    "or export it (export_official) and fine-tune that folder with init_from"
                 )
         stage_cfg = stage_config(cfg, stage, out_dir)
         if stage_cfg.ckpt_path:

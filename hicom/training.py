@@ -109,13 +109,11 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     """
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("init_from"):  # the release's LLM loads from its folder; the rest is imported once built
-        if not (Path(cfg.init_from) / "config.json").is_file():
-            raise FileNotFoundError(
-                f"init_from={cfg.init_from}: no config.json there; give an HF folder in the release's layout"
-            )
-        with open_dict(cfg):  # config.yaml names the folder wherever evaluate.py reads it
-            cfg.init_from = str(Path(cfg.init_from).resolve())
-            cfg.model.llm.path = cfg.init_from
+        from hicom.compat.official import use_release_llm
+
+        missing = f"init_from={cfg.init_from} is not an HF folder in the release's layout"
+        with open_dict(cfg):  # config.yaml names the folder absolutely, wherever evaluate.py reads it
+            cfg.init_from = use_release_llm(cfg, cfg.init_from, missing)
     if cfg.get("ckpt_path"):
         last = resume_checkpoint(Path(cfg.ckpt_path) / "checkpoints")
         if last is not None:  # a run's folder (as evaluate.py's ckpt= takes): its last checkpoint

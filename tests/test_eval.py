@@ -685,7 +685,7 @@ def test_a_run_fine_tuned_from_a_release_folder_starts_from_every_weight_of_it(
     ):  # each refused before anything loads, saying what differs
         with pytest.raises(ValueError, match=rf"(?s)not the compressor of .*release.*{re.escape(differs)}"):
             train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"init_from={release}", other]))
-    with pytest.raises(FileNotFoundError, match=r"init_from=.*nowhere: no config\.json there"):
+    with pytest.raises(FileNotFoundError, match=r"init_from=.*nowhere is not an HF folder in the release's layout"):
         train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"init_from={tmp_path / 'nowhere'}"]))
     monkeypatch.undo()
     with pytest.raises(ValueError, match="set stages=null to fine-tune the release in one fit"):
@@ -710,6 +710,9 @@ def test_a_run_fine_tuned_from_a_release_folder_starts_from_every_weight_of_it(
     last = run / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match="started from .*release: resume it with init_from"):
         train(compose_train(cache_dir, tmp_path / "resumed", [*overrides, f"ckpt_path={last}", "trainer.max_steps=3"]))
+    plain = [*overrides, f"ckpt_path={trained_run}", f"init_from={release}", "trainer.max_steps=6"]
+    with pytest.raises(ValueError, match="did not start from a release folder: resume it without init_from"):
+        train(compose_train(cache_dir, tmp_path / "resumed", plain))
     staged = ["experiment=tiny_stages", *SMALL, "stage=instruction", f"stage_parent={run}"]
     with pytest.raises(ValueError, match=r"fine-tuned from the release folder .*release \(init_from\)"):
         run_stages(compose_train(cache_dir, tmp_path / "next", staged))

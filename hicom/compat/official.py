@@ -30,6 +30,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from omegaconf import open_dict
 from torch import nn
 
 from hicom.modules.compressors import (
@@ -509,7 +510,7 @@ def export_official(net, folder: str | Path, *, num_frames: int | None = None) -
     `release_gaps`)."""
     from safetensors.torch import save_file
 
-    from hicom.compat.release_llm import release_type
+    from hicom.compat.release_llm import RELEASE_TYPES, release_type
     from hicom.modules.vision import SiglipTower
 
     gaps = release_gaps(net.compressor)
@@ -534,7 +535,8 @@ def export_official(net, folder: str | Path, *, num_frames: int | None = None) -
     save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(folder / "model.safetensors"))
     # the LLM's own fields (an LLM loaded from a release folder carries that folder's projector fields too), less
     # the folder it was loaded from (a path on this machine)
-    plain = set(llm_type.config_class.__mro__[1]().to_dict()) - {"_name_or_path"}
+    base = next(config_class for config_class, model in RELEASE_TYPES.items() if model is llm_type)
+    plain = set(base().to_dict()) - {"_name_or_path"}
     config = {
         **{key: value for key, value in net.llm.model.config.to_dict().items() if key in plain},
         "model_type": llm_type.config_class.model_type,
@@ -599,6 +601,18 @@ class _Stored:
     shard: Path
     key: str
     shape: torch.Size
+
+
+def use_release_llm(cfg, folder: str | Path, missing: str) -> str:
+    """Point cfg.model.llm.path at a release folder (an HF folder of its LLM too) and return the folder, resolved;
+    a FileNotFoundError saying `missing` where it holds no config.json."""
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{missing}: no config.json in {path}")
+    resolved = str(path.resolve())
+    with open_dict(cfg):
+        cfg.model.llm.path = resolved
+    return resolved
 
 
 def check_release_start(cfg) -> None:

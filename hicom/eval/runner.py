@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from hicom.data.collate import Collator
@@ -78,11 +78,10 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
 
     ckpt = Path(ckpt)
     if (ckpt / "config.json").is_file():
-        from hicom.compat.official import folder_compressor, import_official, read_config
+        from hicom.compat.official import folder_compressor, import_official, read_config, use_release_llm
 
         frames = read_config(ckpt).get("num_frames")
-        with open_dict(cfg):  # the folder is an HF folder of its LLM (the architecture, tokenizer and weights)
-            cfg.model.llm.path = str(ckpt)
+        use_release_llm(cfg, ckpt, str(ckpt))  # the folder is an HF folder of its LLM too
         write_assets(cfg.get("assets"))
         check_pretrained(cfg)
         compressor = folder_compressor(ckpt, reproduce_defect_1=cfg.official.reproduce_defect_1)
@@ -98,12 +97,14 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
     if cfg.get("run_overrides"):  # e.g. the towers' folders on this machine
         run_cfg = OmegaConf.merge(run_cfg, OmegaConf.from_dotlist(list(cfg.run_overrides)))
     if run_cfg.get("init_from"):  # fine-tuned from a release folder: its LLM and untrained parts are the folder's
-        if not (Path(run_cfg.init_from) / "config.json").is_file():
-            raise FileNotFoundError(
-                f"the run was fine-tuned from the release folder {run_cfg.init_from}, not found here: "
-                "run_overrides=['init_from=<that folder>']"
-            )
-        run_cfg.model.llm.path = run_cfg.init_from
+        from hicom.compat.official import use_release_llm
+
+        use_release_llm(
+            run_cfg,
+            run_cfg.init_from,
+            f"the run was fine-tuned from the release folder {run_cfg.init_from}, not found here: "
+            "run_overrides=['init_from=<that folder>']",
+        )
     write_assets(run_cfg.get("assets"))
     check_pretrained(run_cfg, override="run_overrides=['{key}=<folder>']")  # the run's config names the towers
     module = instantiate(run_cfg.model, trainable=[])  # nothing trains here: no part is left frozen with a warning
