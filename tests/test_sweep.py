@@ -1,0 +1,72 @@
+"""Optuna sweeps (configs/hparams_search/): the configs name real keys, the metric is checked first, trials run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from hicom.sweep import check_sweep, swept_value
+from tests.conftest import CONFIGS, SMALL, compose_train
+
+ROOT = Path(__file__).resolve().parents[1]
+SEARCHES = sorted(p.stem for p in (CONFIGS / "hparams_search").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_every_searched_parameter_is_a_key_of_the_config(search, cache_dir, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hparams_search={search}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params, "a search with nothing to search"
+    for key in params:
+        assert OmegaConf.select(cfg, key, throw_on_missing=True) is not None, key
+    check_sweep(cfg)  # its metric is one a run reports
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optimized_metric=acc"], r"optimized_metric='acc' is not a figure a run reports: one of \['accuracy'"),
+        (["optimized_metric=accuracy", "evaluate=false"], "scored on the held-out questions: set evaluate=true"),
+        (["optimized_metric=train_loss", "dry_run=true"], "a dry run trains nothing"),
+        (["optimized_metric=train_loss", "experiment=tiny_stages"], "set stages=null"),
+    ],
+)
+def test_a_metric_no_run_can_report_is_refused_before_anything_runs(overrides, message, cache_dir, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        check_sweep(compose_train(cache_dir, tmp_path, overrides))
+
+
+def test_the_swept_value_is_the_named_figure_and_a_missing_one_fails_the_trial(cache_dir, tmp_path):
+    cfg = compose_train(cache_dir, tmp_path, ["optimized_metric=accuracy"])
+    assert swept_value(cfg, {"accuracy": 0.75, "train_loss": 1.0}) == 0.75
+    with pytest.raises(RuntimeError, match="optimized_metric=accuracy: this run has no value for it"):
+        swept_value(cfg, {"accuracy": None})  # no held-out questions: no made-up figure
+    assert swept_value(compose_train(cache_dir, tmp_path, []), {"accuracy": 0.75}) is None
+
+
+def test_an_optuna_sweep_runs_its_trials_and_records_the_best(cache_dir, tmp_path):
+    env = {**os.environ, "HICOM_CACHE": str(cache_dir), "HICOM_LOGS": str(tmp_path)}
+    overrides = [o for o in SMALL if not o.startswith("~")] + ["callbacks.progress.refresh_rate=0"]
+    cmd = [
+        sys.executable, "train.py", "hparams_search=hicom_optuna", "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=1", *overrides,
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (sweep,) = tmp_path.glob("train/multiruns/*")
+    trials = sorted(sweep.glob("*/metrics.json"))
+    assert len(trials) == 2
+    accuracies = [json.loads(f.read_text())["accuracy"] for f in trials]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == max(accuracies)
+    for trial in trials:  # each trial ran with the values Optuna drew
+        queries = yaml.safe_load((trial.parent / "config.yaml").read_text())["model"]["compressor"]["global_"]
+        assert queries["num_queries"] in (8, 16, 32, 64)
