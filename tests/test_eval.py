@@ -177,6 +177,7 @@ def test_every_benchmark_end_to_end_then_resume(cache_dir, bench_data, trained_r
     assert results["videomme"]["per_duration"]["short"]["n"] == 2 and "acc_answered" in results["videomme"]
     assert results["egoschema"]["n"] == 2  # the public subset only
     assert results["mlvu"]["per_task"]["count"]["n"] == 3 and "m_avg" in results["mlvu"]
+    assert "per_duration" not in results["mlvu"]  # its durations are lengths in seconds, not classes
     assert "exact_match" in results["activitynet_qa"]
     for r in results.values():
         assert r["seconds_per_question"] > 0
@@ -200,6 +201,8 @@ def test_every_benchmark_end_to_end_then_resume(cache_dir, bench_data, trained_r
 
     again = evaluate(cfg)  # resumed: everything answered is skipped; the missing video is tried again
     assert all(again[name]["answered_this_run"] == 0 for name in ALL)
+    for name in ALL:  # the timing measured when the questions were answered stays
+        assert again[name]["seconds_per_question"] == results[name]["seconds_per_question"]
     assert again["mvbench"]["n_failed"] == 1 and again["mvbench"]["n"] == 4
 
 
@@ -297,6 +300,16 @@ def test_a_limited_run_scores_its_questions_and_keeps_every_answer(cache_dir, be
     assert path.read_text() == rows
     again = run()
     assert again["answered_this_run"] == 0 and again["n"] == 4 and path.read_text() == rows
+
+    # a run killed while writing its last answer: that line is cut off and the question answered again
+    lines = rows.splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]))
+    (tmp_path / "mlvu/predictions.shard-0-of-1.jsonl").write_text(lines[-1][: len(lines[-1]) // 2])
+    resumed = run()
+    assert resumed["answered_this_run"] == 1 and resumed["n"] == 4 and resumed["n_failed"] == 0
+    assert [json.loads(line)["question_id"] for line in path.read_text().splitlines()] == [
+        json.loads(line)["question_id"] for line in lines
+    ]
     with pytest.raises(ValueError, match=r"holds answers made otherwise(.|\n)*frames: 8 there, 4 now"):
         run("sampling.num_frames=4")  # the folder's answers were made at 8 frames: not kept and scored with these
     assert path.read_text() == rows
@@ -352,6 +365,16 @@ def test_multiple_choice_rules():
     assert r["per_task"]["a"]["acc"] == 0.5 and r["per_task"]["b"]["acc"] == pytest.approx(1 / 3)
     assert r["m_avg"] == pytest.approx((0.5 + 1 / 3) / 2)  # MLVU: mean of task accuracies, not of questions
     assert r["per_duration"]["short"]["acc_answered"] == 1.0 and r["per_duration"]["long"]["n"] == 3
+    assert r["n_failed_unscored"] == 0
+    r = score_multiple_choice([*rows, _mc("7", "b", None, None, error="missing: file not found")])
+    assert r["n_unscored"] == 2 and r["n_failed_unscored"] == 1 and r["n_failed"] == 1  # counted, not dropped
+
+
+def test_subtitle_times_read_fractions_of_any_length(tmp_path):
+    from hicom.eval.benchmarks import read_srt
+
+    (tmp_path / "a.srt").write_text("1\n00:00:01,5 --> 00:00:02,25\nHi.\n\n2\n00:01:00.040 --> 00:01:02,000\nYo.\n")
+    assert read_srt(tmp_path / "a.srt") == [(1.5, 2.25, "Hi."), (60.04, 62.0, "Yo.")]
 
 
 @pytest.mark.parametrize(
@@ -373,6 +396,13 @@ def test_multiple_choice_rules():
         ("Answer: (c).", ["x", "y", "z"], "C"),
         ("a dog", ["cat", "dog"], "B"),  # but not the article 'a': the option's text decides
         ("e", ["x", "y", "z"], None),  # no option E
+        ("C washes the dishes.", ["C picks up a knife", "C washes the dishes", "C sits"], "B"),  # EgoSchema's C
+        ("Plan A", ["Plan B", "Plan A"], "B"),  # a reply that is one option's whole text names it
+        ("(B) C washes the dishes", ["C sits", "C washes the dishes"], "B"),  # the letter given first
+        ("The answer is b.", ["x", "y", "z"], "B"),
+        ("The correct option is (b).", ["x", "y"], "B"),
+        ("I choose option c", ["x", "y", "z"], "C"),
+        ("The answer is a dog", ["cat", "dog"], "B"),  # 'is a' ends nothing: the article again
     ],
 )
 def test_a_reply_names_an_option_by_letter_or_by_its_whole_text(reply, options, letter):
@@ -523,6 +553,16 @@ def test_egoschema_full_set_writes_the_submission_file(cache_dir, bench_data, tr
     assert r["n"] == 2 and r["n_unscored"] == 1  # u2 has no public answer
     submission = json.loads((tmp_path / "egoschema/submission.json").read_text())
     assert sorted(submission) == ["u1", "u2", "u3"] and all(v in range(-1, 5) for v in submission.values())
+
+    data = tmp_path / "data"  # u2's clip cannot be read: its failure is counted and shown, though it is not scored
+    shutil.copytree(bench_data / "eval/egoschema", data / "eval/egoschema")
+    (video,) = (data / "eval/egoschema").rglob("u2.mp4")
+    video.unlink()
+    cfg = compose_eval(cache_dir, data, tmp_path / "gone", [f"ckpt={trained_run}", "benchmark=egoschema",
+                                                            "benchmarks.egoschema.subset=false"])  # fmt: skip
+    r = evaluate(cfg)["egoschema"]
+    assert r["n_failed"] == 0 and r["n_failed_unscored"] == 1
+    assert "| 0 (+1 unscored) |" in (tmp_path / "gone/results.md").read_text()
 
 
 def test_batched_generation_with_left_padding_answers_as_one_at_a_time(cache_dir, bench_data, trained_run, tmp_path):

@@ -18,19 +18,33 @@ def parse_options(prompt: str) -> list[str]:
     return options
 
 
+def _plain(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s%]", " ", text.lower()).split())
+
+
 def parse_choice(reply: str, options: list[str]) -> str | None:
     """The chosen letter: the first option letter in the reply (after removing the word 'answer'), else the
     option whose text appears in the reply, else None (counted as unparsed, never guessed).
 
-    A reply that is a lowercase letter and nothing else ("b", "(c).") names that option; a lowercase letter
-    within words does not ("a dog"). An option's text appears only as whole words ("no" is not in "know", "1"
-    not in "10"), and an occurrence inside a longer option's occurrence does not count ("red" in "dark red");
-    two options left: unparsed."""
+    A reply that is one option's whole text names that option first, whatever letters it holds (EgoSchema's
+    options read "C picks up ...", C being the camera wearer). A lowercase letter names an option alone ("b",
+    "(c)."), in parentheses, after "option" or ending the reply after "is" ("the answer is b."); within words it
+    does not ("a dog"). An option's text appears only as whole words ("no" is not in "know", "1" not in "10"),
+    and an occurrence inside a longer option's occurrence does not count ("red" in "dark red"); two options
+    left: unparsed."""
+    whole = [letter for letter, option in zip(LETTERS, options, strict=False) if _plain(option) == _plain(reply)]
+    if len(whole) == 1 and _plain(reply):
+        return whole[0]
     letters = LETTERS[: len(options)] or LETTERS
+    lower = letters.lower()
     text = re.sub(r"answer", "", reply, flags=re.IGNORECASE)
-    match = re.search(rf"\b([{letters}])\b", text) or re.fullmatch(rf"\W*([{letters.lower()}])\W*", text)
+    match = (
+        re.search(rf"\b([{letters}])\b", text)
+        or re.fullmatch(rf"\W*([{lower}])\W*", text)
+        or re.search(rf"\(([{lower}])\)|\boption\s+([{lower}])\b|\bis:?\s+([{lower}])\W*$", text, re.IGNORECASE)
+    )
     if match:
-        return match.group(1).upper()
+        return next(group for group in match.groups() if group).upper()
     lowered = reply.lower()
     spans = {}
     for letter, option in zip(LETTERS, options, strict=False):

@@ -26,7 +26,8 @@ class Kind(str, enum.Enum):
 class Question:
     """One question about one clip. `video` is a file or a folder of frames; `start` / `end` bound the clip in
     seconds; `answer` is a letter (multiple choice) or text (open-ended), None where the benchmark withholds it;
-    `duration` is the benchmark's duration class or length; `subtitles` an .srt file."""
+    `duration` is the benchmark's duration class (Video-MME's short / medium / long), by which scores are also
+    grouped; `subtitles` an .srt file."""
 
     question_id: str
     task: str
@@ -266,8 +267,8 @@ class MLVU:
                         video=str(root / "video" / stem / _field(record, "video", where)),
                         question=str(_field(record, "question", where)),
                         options=tuple(str(c) for c in candidates),
+                        # MLVU's duration is a length in seconds, not a class to group scores by
                         answer=_letter(candidates, _field(record, "answer", where), where),
-                        duration=str(record["duration"]) if record.get("duration") is not None else None,
                     )
                 )
         return questions
@@ -328,8 +329,9 @@ def read_srt(path: str | Path) -> list[tuple[float, float, str]]:
             match = stamp.search(line)
             if match:
                 v = [int(x) for x in match.groups()]
-                start = v[0] * 3600 + v[1] * 60 + v[2] + v[3] / 1000
-                end = v[4] * 3600 + v[5] * 60 + v[6] + v[7] / 1000
+                fractions = match.group(4), match.group(8)  # "1,5" is 1.5 s: a fraction, whatever its digits
+                start = v[0] * 3600 + v[1] * 60 + v[2] + float("0." + fractions[0])
+                end = v[4] * 3600 + v[5] * 60 + v[6] + float("0." + fractions[1])
                 text = " ".join(t.strip() for t in lines[k + 1 :] if t.strip())
                 text = re.sub(r"<[^>]+>", "", text)
                 if text:

@@ -37,7 +37,7 @@ from hicom.data.transforms import FrameTransform
 from hicom.data.video import FrameSampling, VideoDecodeError, load_video
 from hicom.eval.answers import LETTERS, parse_choice
 from hicom.eval.benchmarks import BenchmarkFormatError, Kind, Question, read_srt, subtitles_at
-from hicom.eval.score import read_predictions, score
+from hicom.eval.score import drop_torn_tail, read_predictions, score
 from hicom.utils.checkpoints import computed_buffers, load_guide_tokenizer, loading_dtype, restore_computed_buffers
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,7 @@ def run_benchmark(
         # until this shard finishes, no other one merges: none can use its earlier answers as its last, nor remove
         # the shard file it appends to
         done_files[shard].unlink(missing_ok=True)
+    drop_torn_tail(shard_file)  # a run killed mid-write: that question is answered again
     done = _answered([merged, shard_file])
     todo = [q for q in questions[shard::num_shards] if q.question_id not in done]
     log.info("%s: %d questions, shard %d/%d, %d to answer", name, len(questions), shard, num_shards, len(todo))
@@ -284,6 +285,9 @@ def _merge(
     for path in shards:
         path.unlink(missing_ok=True)
     scored = [rows[q.question_id] for q in questions if q.question_id in rows]
+    before = out / "results.json"
+    if not timing["answered_this_run"] and before.is_file():  # nothing left to answer: the timing that was measured
+        timing["seconds_per_question"] = json.loads(before.read_text()).get("seconds_per_question")
     results = {"benchmark": name, **score(reader, scored), **timing}
     results["n_questions"] = len(questions)
     if reader.submission:  # EgoSchema's full set: {q_uid: option index}, -1 where no letter parsed
@@ -451,8 +455,9 @@ def markdown_table(results: dict, settings: dict) -> str:
     for name, r in results.items():
         metric, per_q = r.get("metric") or _older_metric(r), r.get("seconds_per_question")
         seconds = "-" if per_q is None else f"{per_q:.3f}"
+        failed = f"{r['n_failed']}" + (f" (+{r['n_failed_unscored']} unscored)" if r.get("n_failed_unscored") else "")
         lines.append(
             f"| {name} | {100 * r[metric]:.1f} | {METRIC_NAMES[metric]} | {r['n']} | {r.get('n_unparsed', '-')} | "
-            f"{r['n_failed']} | {seconds} |"
+            f"{failed} | {seconds} |"
         )
     return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ and retried by a resumed run); `duration` and `judge` are used where present.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import string
 import sys
@@ -18,6 +19,23 @@ from collections import defaultdict
 from pathlib import Path
 
 from hicom.eval.benchmarks import Kind
+
+log = logging.getLogger(__name__)
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a last line that a killed run left half written (no newline after it) off a predictions file that is
+    appended to, so that a resumed run answers that question again; any other line stays as it is."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    keep = data.rfind(b"\n") + 1
+    log.warning("%s: its last line was cut short (%d bytes); removed, its question is answered again", path,
+                len(data) - keep)  # fmt: skip
+    with path.open("r+b") as f:
+        f.truncate(keep)
 
 
 def read_predictions(path: str | Path) -> list[dict]:
@@ -58,10 +76,12 @@ def _accuracy(rows: list[dict]) -> dict:
 def score_multiple_choice(rows: list[dict], mean_of_tasks: bool = False) -> dict:
     """`acc` over every scored question (unparsed and failed ones wrong), `acc_answered` over parsed replies,
     per task and per duration; with `mean_of_tasks` (MLVU) also `m_avg`, the mean of the task accuracies.
-    Questions without a gold answer (EgoSchema outside its public subset) are left out and counted."""
+    Questions without a gold answer (EgoSchema outside its public subset) are left out and counted, and so are
+    the clips among them that could not be read (`n_failed_unscored`: their submission entry is no answer)."""
     scored = [r for r in rows if r["answer"] is not None]
     out = _accuracy(scored)
     out["n_unscored"] = len(rows) - len(scored)
+    out["n_failed_unscored"] = sum("error" in r for r in rows if r["answer"] is None)
     tasks: dict[str, list[dict]] = defaultdict(list)
     durations: dict[str, list[dict]] = defaultdict(list)
     for r in scored:
@@ -154,6 +174,11 @@ def main(argv: list[str]) -> dict:
     if out.is_file():  # evaluate.py's results: the scores are replaced, the settings and timings that made them kept
         before = json.loads(out.read_text())
         results.update({key: before[key] for key in KEPT_ON_RESCORE if key in before})
+        if before.get("n_questions") not in (None, results["n"]):  # e.g. a `limit` run over a fuller file
+            log.warning(
+                "%s: the run scored %s of its questions; this re-score scores every line of the file (%d)",
+                path, before["n_questions"], results["n"],
+            )  # fmt: skip
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return results
