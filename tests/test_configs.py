@@ -228,13 +228,20 @@ def test_a_global_batch_sets_accumulation_in_a_run(cache_dir, tmp_path):
 
 
 def test_multinode_reads_the_launchers_counts(cache_dir, tmp_path, monkeypatch):
+    for name in ("SLURM_NNODES", "SLURM_NTASKS_PER_NODE", "HICOM_NUM_NODES", "HICOM_GPUS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    cpu = ["trainer=multinode", "trainer.accelerator=cpu", "trainer.precision=32-true"]
+
+    def trainer():  # built as train.py builds it: Lightning takes counts as ints, not the strings the env gives
+        return instantiate(compose_train(cache_dir, tmp_path, cpu).trainer)
+
+    assert (trainer().num_nodes, trainer().world_size) == (1, 1)  # no launcher: one node, Lightning's devices
     monkeypatch.setenv("SLURM_NNODES", "4")
-    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")
-    cfg = compose_train(cache_dir, tmp_path, ["trainer=multinode"])
-    assert (int(cfg.trainer.num_nodes), int(cfg.trainer.devices)) == (4, 8)
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    assert (trainer().num_nodes, trainer().world_size) == (4, 8)
     monkeypatch.setenv("HICOM_NUM_NODES", "2")
-    cfg = compose_train(cache_dir, tmp_path, ["trainer=multinode"])
-    assert int(cfg.trainer.num_nodes) == 2
+    monkeypatch.setenv("HICOM_GPUS_PER_NODE", "1")
+    assert (trainer().num_nodes, trainer().world_size) == (2, 2)
 
 
 def test_auto_attention_is_sdpa_without_flash_attn():
