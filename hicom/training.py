@@ -202,8 +202,10 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
             n_unparsed=sum(r["pred"] is None for r in results),
         )
     metrics["wall_seconds"] = round(time.perf_counter() - start, 1)
-    skipped = _unique([item for items in _gathered(list(model.skipped.values())) for item in items], "id")
-    metrics["skipped_samples"] = [{k: item[k] for k in ("id", "skip", "path", "error")} for item in skipped.values()]
+    skipped = _unique([item for items in _gathered(list(model.skipped.values())) for item in items], "key")
+    metrics["skipped_samples"] = [
+        {k: item[k] for k in ("id", "skip", "path", "error", "source") if k in item} for item in skipped.values()
+    ]
     for logger in loggers:
         logger.log_metrics(
             {f"summary/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, trainer.global_step

@@ -514,3 +514,17 @@ def test_a_run_whose_every_training_sample_is_unusable_fails_instead_of_reportin
     with pytest.raises(RuntimeError, match=r"no training sample could be used .*'missing': 16"):
         train(cfg)
     assert not (tmp_path / "run" / "handoff.safetensors").exists()  # no untrained weights handed on
+
+
+def test_skipped_records_are_told_apart_by_file_and_row_not_by_id():
+    """Ids repeat across a mixture's files: two bad records with one id are two skips; one record seen twice, one."""
+    from types import SimpleNamespace
+
+    from hicom.models.video_llm_module import VideoLLMModule
+
+    module = SimpleNamespace(skipped={})
+    bad = {"id": "0001", "skip": "missing", "path": "a.mp4", "error": "file not found"}
+    batch = {"skipped": [{**bad, "source": ["x.json", 3]}, {**bad, "source": ["y.json", 3]}]}
+    VideoLLMModule._count_skipped(module, batch)
+    VideoLLMModule._count_skipped(module, {"skipped": [{**bad, "source": ["x.json", 3]}]})  # the next epoch
+    assert sorted(module.skipped) == ["x.json:3", "y.json:3"]

@@ -110,6 +110,9 @@ def read_mixture(path: str | Path, data_dir: str | Path | None = None) -> list[M
         unknown = set(item) - {"json_path", "data_root", "sampling_strategy"}
         if unknown:
             raise ValueError(f"{path}: entry {i} has unknown fields {sorted(unknown)}")
+        for key in ("json_path", "data_root"):  # `data_root:` left empty reads as null
+            if key in item and not isinstance(item[key], str) or item.get(key) == "":
+                raise ValueError(f"{path}: entry {i}: {key} must be a path, got {item[key]!r}")
         entries.append(
             MixtureEntry(
                 json_path=base / item["json_path"],

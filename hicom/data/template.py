@@ -109,7 +109,12 @@ class ChatEncoder:
             if self.trims:
                 message["content"] = message["content"].strip()
             for placeholder in PLACEHOLDERS:
-                found += message["content"].count(placeholder)
+                count = message["content"].count(placeholder)
+                if count and message["role"] != "user":  # spliced into an answer or the system text otherwise
+                    raise MalformedSample(
+                        f"{placeholder} in a message from the {message['role']}: the clip belongs to a question"
+                    )
+                found += count
                 message["content"] = message["content"].replace(placeholder, self.visual_token)
         if found != (1 if num_visual else 0):
             raise MalformedSample(

@@ -1,4 +1,4 @@
-"""Video decoding and frame sampling: video files (decord, or PyAV), folders of frames, and GIFs.
+"""Video decoding and frame sampling: video files (PyAV, or decord), folders of frames, and GIFs.
 
 A decoder is chosen by enum and imported lazily, so a worker only loads the library it uses; readers are opened
 inside the calling process (a DataLoader worker) and released before the call returns. Every failure is a
@@ -47,14 +47,16 @@ class Decoder(str, enum.Enum):
 class FrameSampling:
     """Which frames a clip gives, and how they are decoded.
 
-    `decoder` first, then `fallback` (None: no second try) when the first cannot decode a file;
+    `decoder` first, then `fallback` (None: no second try) when the first cannot decode a file. PyAV is the
+    default: decord's batched seek returns wrong frames, with no error, for AVI files and for MPEG-4 Part 2 video
+    with B-frames (dmlc/decord#195, #252), and seeking PyAV to keyframes is no slower;
     `frame_folder_fps`: the rate of folders of frames (3 fps, MVBench's); `time_limit`: seconds one clip may
     take before it is given up as a timeout (None: no limit; see `within_time_limit`)."""
 
     num_frames: int = 8
     fps: float | None = None
-    decoder: Decoder = Decoder.DECORD
-    fallback: Decoder | None = Decoder.PYAV
+    decoder: Decoder = Decoder.PYAV
+    fallback: Decoder | None = Decoder.DECORD
     frame_folder_fps: float = 3.0
     time_limit: float | None = 60.0
 
@@ -200,7 +202,9 @@ def _decode_pyav(path: Path, sampling: FrameSampling, start, end) -> SampledFram
                 raise VideoDecodeError(f"{path}: no video stream", "no_video_stream")
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 1.0)
+            declared = _declared_frames(container, stream, fps)
             packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size]
+        check_whole(path, len(packets), declared, "are in the file")
         timestamps = sorted(pts for pts, _ in packets if pts is not None)
         keyframes = np.array(sorted(pts for pts, key in packets if key and pts is not None))
         indices = sample_indices(len(packets), fps, sampling, start, end)
@@ -213,6 +217,32 @@ def _decode_pyav(path: Path, sampling: FrameSampling, start, end) -> SampledFram
         raise
     except Exception as err:
         raise VideoDecodeError(f"{path}: {err}") from err
+
+
+def _declared_frames(container, stream, fps: float) -> int | None:
+    """The frame count the file's header declares for its video stream: its index's, else the stream's duration
+    at `fps` (Matroska keeps it in a DURATION tag), else the file's where the video is its only stream (an audio
+    track may outlast the video); None where it declares none."""
+    if stream.frames:
+        return int(stream.frames)
+    seconds = None
+    if stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    elif match := re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d+)?)", str(stream.metadata.get("DURATION", "")).strip()):
+        seconds = int(match[1]) * 3600 + int(match[2]) * 60 + float(match[3])
+    elif container.duration and len(container.streams) == 1:  # microseconds
+        seconds = container.duration / 1e6
+    return round(seconds * fps) if seconds else None
+
+
+def check_whole(path: Path, present: int, declared: int | None, where: str) -> None:
+    """A file cut short (a copy interrupted, a download stopped) is skipped as truncated, not sampled from the
+    part that is left: its annotation describes the whole clip. Headers round, so a shortfall of up to 2 frames
+    or 5 % passes."""
+    if declared and declared - present > max(2, 0.05 * declared):
+        raise VideoDecodeError(
+            f"{path}: truncated: {present} of the {declared} frames its header declares {where}", "truncated"
+        )
 
 
 def _pyav_seek(path: Path, targets: list[int], keyframes: np.ndarray) -> tuple[list[np.ndarray] | None, int]:
@@ -270,6 +300,7 @@ def _pyav_in_order(path: Path, sampling: FrameSampling, start, end, fps: float, 
             return SampledFrames(stacked, indices, indices / fps, fps, counted, decoded)
         if decoded == 0:
             raise VideoDecodeError(f"{path}: no frame decodes", "undecodable")
+        check_whole(path, decoded, counted, "decode")  # a damaged tail as a cut one; a frame or two short passes
         counted = decoded  # what decodes, not what the container holds
     raise VideoDecodeError(f"{path}: frames keep failing to decode")
 
@@ -340,8 +371,8 @@ def _load(path: Path, sampling: FrameSampling, start: float | None, end: float |
     try:
         return _DECODERS[sampling.decoder](path, sampling, start, end)
     except VideoDecodeError as first:
-        if sampling.fallback is None or sampling.fallback is sampling.decoder:
-            raise
+        if sampling.fallback is None or sampling.fallback is sampling.decoder or first.reason == "truncated":
+            raise  # a file cut short is so for every decoder
         try:
             return _DECODERS[sampling.fallback](path, sampling, start, end)
         except VideoDecodeError as second:

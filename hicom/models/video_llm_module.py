@@ -130,8 +130,10 @@ class VideoLLMModule(LightningModule):
 
     def _count_skipped(self, batch: dict) -> None:
         for item in batch.get("skipped", []):
-            if item["id"] not in self.skipped:
-                self.skipped[item["id"]] = item
+            # a record is its annotation file and row: ids repeat across the files of a mixture
+            key = "{}:{}".format(*item["source"]) if item.get("source") else str(item["id"])
+            if key not in self.skipped:
+                self.skipped[key] = {**item, "key": key}
                 log.warning("skipped sample %s (%s): %s", item["id"], item["skip"], item["error"])
 
     def _world(self) -> int:

@@ -71,8 +71,9 @@ def media(tmp_path_factory):
 )
 @pytest.mark.parametrize("decoder", list(Decoder))
 def test_bad_files_fail_with_their_reason(media, name, reason, decoder):
+    other = next(d for d in Decoder if d is not decoder)  # either decoder first, the other as the fallback
     with pytest.raises(VideoDecodeError) as error:
-        load_video(media / name, FrameSampling(num_frames=4, decoder=decoder))
+        load_video(media / name, FrameSampling(num_frames=4, decoder=decoder, fallback=other))
     assert error.value.reason == reason, str(error.value)
 
 
@@ -84,7 +85,7 @@ def test_a_decoder_stuck_in_native_code_is_abandoned_not_waited_for(media, monke
     def stuck(path, sampling, start, end):
         time.sleep(30)  # a call that never comes back to Python (it releases the GIL, as decoders do)
 
-    monkeypatch.setitem(video._DECODERS, Decoder.DECORD, stuck)
+    monkeypatch.setitem(video._DECODERS, FrameSampling().decoder, stuck)
     began = time.perf_counter()
     with pytest.raises(VideoDecodeError) as error:
         load_video(media / "good.mp4", FrameSampling(num_frames=4, time_limit=0.3))
@@ -126,8 +127,46 @@ def test_pyav_seeks_through_long_videos_instead_of_decoding_them_whole(tmp_path)
     assert sampled.indices.tolist() == [37, 112, 187, 262] and sampled.available == 300
     assert frame_ids(sampled.frames) == [i % 25 for i in sampled.indices.tolist()]
     assert 0 < sampled.decoded < 150  # from the keyframe before each sampled frame, not all 300
-    decord = load_video(tmp_path / "long.mp4", FrameSampling(num_frames=4, fallback=None))
+    decord = load_video(tmp_path / "long.mp4", FrameSampling(num_frames=4, decoder=Decoder.DECORD, fallback=None))
     assert np.abs(decord.frames.astype(int) - sampled.frames.astype(int)).max() <= 2
+
+
+def _encode(path, frames: np.ndarray, codec: str, **options: str) -> None:
+    with av.open(str(path), "w", options={"movflags": "faststart"} if path.suffix == ".mp4" else {}) as container:
+        stream = container.add_stream(codec, rate=10, options=options)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+@pytest.mark.parametrize(
+    ("name", "codec", "options"),
+    [("h264.avi", "libx264", {"bf": "3", "g": "8"}), ("mpeg4.mp4", "mpeg4", {"bf": "2", "g": "8", "qscale": "2"})],
+)
+def test_files_decord_seeks_wrongly_in_give_the_sampled_frames_by_default(tmp_path, name, codec, options):
+    """decord's batched seek returns other frames, without an error, from these files (dmlc/decord#195, #252):
+    the default decoder is PyAV."""
+    _encode(tmp_path / name, counting_frames(24), codec, **options)
+    sampled = load_video(tmp_path / name, FrameSampling(num_frames=6))
+    assert frame_ids(sampled.frames) == sampled.indices.tolist() == [2, 6, 10, 14, 18, 22]
+    decord = load_video(tmp_path / name, FrameSampling(num_frames=6, decoder=Decoder.DECORD, fallback=None))
+    assert frame_ids(decord.frames) != [2, 6, 10, 14, 18, 22]  # still so in decord: else the default can change
+
+
+@pytest.mark.parametrize("name", ["cut.mp4", "cut.webm"])
+def test_a_file_cut_short_is_skipped_as_truncated_not_sampled_from_what_is_left(tmp_path, name):
+    codec = "libx264" if name.endswith(".mp4") else "libvpx-vp9"
+    _encode(tmp_path / name, counting_frames(24), codec, g="4")
+    data = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(data[: len(data) // 2])
+    for decoder in Decoder:  # the fallback is not tried: the file is cut short for every decoder
+        with pytest.raises(VideoDecodeError, match=r"truncated: \d+ of the 24 frames its header declares") as error:
+            load_video(tmp_path / name, FrameSampling(num_frames=4, decoder=Decoder.PYAV, fallback=decoder))
+        assert error.value.reason == "truncated"
+    whole = tmp_path / f"whole{name[3:]}"
+    _encode(whole, counting_frames(24), codec, g="4")
+    assert len(load_video(whole, FrameSampling(num_frames=4)).frames) == 4
 
 
 def test_frame_folders_and_gifs(media):

@@ -65,6 +65,9 @@ def test_a_mixture_of_json_and_jsonl_with_relative_paths(tmp_path):
     (tmp_path / "typo.yaml").write_text("- json_path: ann/b.jsonl\n  sampling: first:1\n")
     with pytest.raises(ValueError, match="unknown fields"):
         read_mixture(tmp_path / "typo.yaml")
+    (tmp_path / "empty.yaml").write_text("- json_path: ann/b.jsonl\n  data_root:\n")
+    with pytest.raises(ValueError, match=r"empty.yaml: entry 0: data_root must be a path, got None"):
+        read_mixture(tmp_path / "empty.yaml")
 
 
 def test_split_turns_index_and_its_memory(tmp_path):

@@ -58,6 +58,11 @@ def test_placeholder_count_must_match(encoder):
         encoder.encode(to_messages(conversation("Q?", "A")), num_visual=4)
     with pytest.raises(MalformedSample, match="2 visual placeholders"):
         encoder.encode(to_messages(conversation("<video><video>Q?", "A")), num_visual=4)
+    with pytest.raises(MalformedSample, match="<video> in a message from the assistant"):  # not spliced into an answer
+        encoder.encode(to_messages(conversation("What?", "It is <video>.")), num_visual=4)
+    system = [{"from": "system", "value": "Watch <image> closely."}, *conversation("Q?", "A")]
+    with pytest.raises(MalformedSample, match="<image> in a message from the system"):
+        encoder.encode(to_messages(system), num_visual=4)
 
 
 def test_guide_is_the_bare_question():
