@@ -172,6 +172,28 @@ def test_a_process_whose_batch_was_all_skipped_keeps_in_step_with_the_others(cac
     assert checkpoint["lr_schedulers"][0]["last_epoch"] == 3  # the schedule did not advance either
 
 
+def test_text_only_batches_train_under_ddp_beside_video_ones(cache_dir, tmp_path):
+    """torchrun, 2 processes, micro batch 1, no shuffling: process 1's first two samples (1 and 3) are text-only, so
+    its first two batches run no visual part while process 0's do. DDP (no search for unused parameters) still
+    finds a gradient for every trainable parameter: the visual parts run a blank image at zero weight."""
+    records, overrides = _videos_with_bad_ones(cache_dir, tmp_path, 15, 13)  # the bad ones are past the 4 steps
+    for i in (1, 3):
+        records[i].pop("video")
+        records[i]["conversations"] = [{"from": "human", "value": "What is two and two?"},
+                                       {"from": "gpt", "value": "Four."}]  # fmt: skip
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    env = {k: v for k, v in os.environ.items() if k != "HICOM_RUN_STAMP"}
+    env["HICOM_LOGS"] = str(tmp_path / "logs")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = [*torchrun, "train.py", *overrides, "data.batch_size=1", "data.shuffle=false", "data.group_by_length=false",
+               "trainer.devices=2", "strategy=ddp", "evaluate=false", f"paths.cache_dir={cache_dir}"]  # fmt: skip
+    done = subprocess.run(command, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (folder,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["steps"] == 4
+
+
 def test_lightnings_own_ddp_launcher_keeps_one_run_folder(cache_dir, tmp_path):
     """`trainer.devices=2 strategy=ddp` without torchrun: Lightning starts the second process itself, handing it
     the run folder it reads again seconds later; both write into one folder."""

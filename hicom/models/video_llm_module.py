@@ -171,6 +171,21 @@ class VideoLLMModule(LightningModule):
             return self.net(self._stand_in(batch, "train")).loss * 0.0
         return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
+    def _visual_at_zero_weight(self, device: torch.device) -> torch.Tensor:
+        """Zero, through a blank image's pass over the visual parts (tower, guide encoder, compressor), for a
+        batch with no clip (text-only samples, which batches of one modality put together): without it, under DDP
+        those parts' trainable parameters would have no gradient for the all-reduce (an error unless DDP searches
+        for unused parameters every step), and under ZeRO-3 the other processes' parameter gathers no partner."""
+        vision = self.net.vision
+        size = vision.image_size
+        blank = {
+            "pixel_values": torch.zeros(1, 3, size, size, device=device, dtype=next(vision.parameters()).dtype),
+            "num_frames": torch.ones(1, dtype=torch.long),
+            "modalities": ["image"],
+            "guide_ids": torch.zeros(1, 1, dtype=torch.long, device=device),
+        }
+        return self.net.encode_visual(blank).float().sum() * 0.0
+
     def on_fit_start(self) -> None:
         restore_computed_buffers(self.net, self._computed)  # the strategy has cast the module by now
         self.fit_counts = {"batches": 0, "samples": 0}
@@ -217,6 +232,8 @@ class VideoLLMModule(LightningModule):
                 )
             self._keep_stand_in(batch, "train")
             loss = self.net(batch).loss
+            if batch.get("pixel_values") is None and self._in_step():
+                loss = loss + self._visual_at_zero_weight(loss.device)
         # the mean over the processes that had samples: the global batch's loss under DDP (none: nothing logged,
         # and Lightning's logger rows repeat the last value logged);
         # a skipped batch adds zero, not its stand-in's loss
