@@ -31,10 +31,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hicom.callbacks.checkpoint import resume_checkpoint
 from hicom.modules.compressors.base import unguided_config
-from hicom.training import train
+from hicom.training import check_global_batch, train
 from hicom.utils.checkpoints import check_safetensors, full_parameters
 from hicom.utils.config import unshared_launch
-from hicom.utils.instantiators import check_data, check_pretrained, write_assets
+from hicom.utils.instantiators import check_data, check_model, check_pretrained, write_assets
 
 log = logging.getLogger(__name__)
 
@@ -224,12 +224,19 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
             "name in every process (scripts/cluster/torchrun.sh asks for it), or give torchrun an --rdzv-id"
         )
     root = Path(cfg.paths.output_dir) / "stages"
-    # every stage still to run finds its weights and data now, not after the stages before it have trained
+    # every stage still to run finds its weights and data, and has its values checked, now: not after the stages
+    # before it have trained
     write_assets(cfg.get("assets"))
     check_pretrained(cfg)
     for stage in stages:
         if (only is None or stage.name == only) and not (root / stage.name / MANIFEST).is_file():
-            check_data(stage_config(cfg, stage, root / stage.name))
+            stage_cfg = stage_config(cfg, stage, root / stage.name)
+            try:
+                check_model(stage_cfg)
+                check_global_batch(stage_cfg)
+            except ValueError as err:
+                raise ValueError(f"stage {stage.name}: {err}") from err
+            check_data(stage_cfg)
     parent: Path | None = None
     results = {}
     for i, stage in enumerate(stages):

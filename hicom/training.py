@@ -91,6 +91,18 @@ def gradient_accumulation(global_batch: int | None, micro_batch: int, world_size
     return global_batch // per_step
 
 
+def check_global_batch(cfg: DictConfig) -> None:
+    """Before anything is built: `global_batch_size` against the micro batch and, where the launcher tells it
+    (WORLD_SIZE under torchrun and srun), the number of processes. The trainer checks it again once it knows the
+    world size itself."""
+    import os
+
+    if cfg.get("global_batch_size") is None:
+        return
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    gradient_accumulation(int(cfg.global_batch_size), int(cfg.data.batch_size), world)
+
+
 def parameter_report(model) -> Table:
     table = Table(title="parameters")
     for column in ("part", "parameters", "trainable"):

@@ -101,6 +101,23 @@ def test_a_staged_run_checks_every_stages_data_before_the_first_trains(cache_dir
 
 
 @pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+stages.2.config={model: {lr: {llm: -1.0}}}", "stage instruction: learning rates must be > 0"),
+        ("+stages.2.global_batch_size=6", "stage instruction: global_batch_size 6 is not a multiple"),
+        ("+stages.1.config={model: {compressor: {local: {kernel: [0, 3, 3]}}}}", "stage conditional: "),
+    ],
+)
+def test_a_staged_run_checks_every_stages_values_before_the_first_trains(override, message, cache_dir, tmp_path):
+    from hicom.stages import run_stages
+
+    cfg = compose_train(cache_dir, tmp_path / "run", ["experiment=tiny_stages", *SMALL, override])
+    with pytest.raises(ValueError, match=message):
+        run_stages(cfg)
+    assert not (tmp_path / "run" / "stages").exists()  # nothing trained
+
+
+@pytest.mark.parametrize(
     ("override", "expected"),
     [
         (None, [("DeepSpeedStrategy", 0), ("DeepSpeedStrategy", 0), ("DeepSpeedStrategy", 2)]),  # SPEC 5
