@@ -7,8 +7,10 @@ VideoDecodeError with a `reason`, which the dataset counts per reason.
 Sampling (`FrameSampling`): within the clip, or within [start, end] seconds when a sample gives them,
 - uniform (fps None): the middle frame of each of `num_frames` equal segments;
 - fps: frames `1 / fps` seconds apart, and uniformly `num_frames` of them when there are more.
-A clip with fewer frames than the budget gives each of its frames once, in order (no repeats, no padding): the
-model sees the clip as it is, and the compressor takes any number of frames.
+A clip with fewer frames than the budget still gives `num_frames` under uniform sampling, some of them twice (the
+middle frames of N equal segments, as SPEC 7 says and the release samples), so a short clip gets the token count
+the model was trained with; `repeat_frames=False` gives each of its frames once instead. Under fps sampling
+`num_frames` is a cap, never a count to reach.
 """
 
 from __future__ import annotations
@@ -51,10 +53,12 @@ class FrameSampling:
     default: decord's batched seek returns wrong frames, with no error, for AVI files and for MPEG-4 Part 2 video
     with B-frames (dmlc/decord#195, #252), and seeking PyAV to keyframes is no slower;
     `frame_folder_fps`: the rate of folders of frames (3 fps, MVBench's); `time_limit`: seconds one clip may
-    take before it is given up as a timeout (None: no limit; see `within_time_limit`)."""
+    take before it is given up as a timeout (None: no limit; see `within_time_limit`); `repeat_frames`: a clip
+    shorter than `num_frames` repeats frames to make them (uniform sampling; see the module's docstring)."""
 
     num_frames: int = 8
     fps: float | None = None
+    repeat_frames: bool = True
     decoder: Decoder = Decoder.PYAV
     fallback: Decoder | None = Decoder.DECORD
     frame_folder_fps: float = 3.0
@@ -92,12 +96,12 @@ class SampledFrames:
         return self.available / self.fps if self.fps else 0.0
 
 
-def uniform_indices(num_available: int, num_frames: int) -> np.ndarray:
-    """The middle frame of each of `num_frames` equal segments of `num_available` frames (all of them, once, when
-    there are no more than `num_frames`)."""
+def uniform_indices(num_available: int, num_frames: int, repeat: bool = True) -> np.ndarray:
+    """The middle frame of each of `num_frames` equal segments of `num_available` frames: with fewer frames than
+    that, some of them twice, or without `repeat` each of them once."""
     if num_available <= 0:
         raise VideoDecodeError("the video has no frames", "empty")
-    if num_available <= num_frames:
+    if num_available <= num_frames and not repeat:
         return np.arange(num_available)
     edges = np.linspace(0, num_available, num_frames + 1)
     return ((edges[:-1] + edges[1:]) / 2).astype(np.int64)
@@ -119,10 +123,10 @@ def sample_indices(
         stop = max(min(int(math.ceil(end * fps)), num_available), first + 1)
     window = stop - first
     if sampling.fps is None:
-        return first + uniform_indices(window, sampling.num_frames)
+        return first + uniform_indices(window, sampling.num_frames, sampling.repeat_frames)
     step = fps / sampling.fps  # source frames per sampled frame
     candidates = np.unique(np.floor(np.arange(0, window, max(step, 1.0))).astype(np.int64))
-    chosen = candidates[uniform_indices(len(candidates), sampling.num_frames)]
+    chosen = candidates[uniform_indices(len(candidates), sampling.num_frames, repeat=False)]  # a cap
     return first + chosen
 
 
@@ -295,7 +299,7 @@ def _pyav_in_order(path: Path, sampling: FrameSampling, start, end, fps: float, 
                 decoded += 1
                 if decoded > indices[-1]:
                     break
-        if len(frames) == len(indices):
+        if len(frames) == len(wanted):  # a short clip's indices repeat
             stacked = np.stack([frames[i] for i in indices])
             return SampledFrames(stacked, indices, indices / fps, fps, counted, decoded)
         if decoded == 0:

@@ -108,8 +108,16 @@ def test_both_decoders_sample_the_same_frames(media, decoder):
     assert rate.indices.tolist() == [0, 5, 10, 15]  # 2 fps of a 10 fps clip
     window = load_video(media / "good.mp4", FrameSampling(num_frames=2, decoder=decoder), start=1.0, end=1.4)
     assert window.indices.tolist() == [11, 13] and frame_ids(window.frames) == [11, 13]
-    short = load_video(media / "good.mp4", FrameSampling(num_frames=64, decoder=decoder))
-    assert short.indices.tolist() == list(range(20))  # fewer frames than the budget: each once
+    short = load_video(media / "good.mp4", FrameSampling(num_frames=32, decoder=decoder, fallback=None))
+    expected = [int((k + 0.5) * 20 / 32) for k in range(32)]  # fewer frames than the budget: some twice
+    assert short.indices.tolist() == expected and frame_ids(short.frames) == expected
+    once = FrameSampling(num_frames=32, decoder=decoder, fallback=None, repeat_frames=False)
+    assert load_video(media / "good.mp4", once).indices.tolist() == list(range(20))
+    window = load_video(media / "good.mp4", FrameSampling(num_frames=8, decoder=decoder), start=1.0, end=1.4)
+    assert frame_ids(window.frames) == [10, 10, 11, 11, 12, 12, 13, 13]  # a window of 4 frames
+    for folder in (media / "frames", media / "clip.gif"):  # 12 and 6 frames, 16 asked
+        assert len(load_video(folder, FrameSampling(num_frames=16)).frames) == 16
+    assert load_video(media / "good.mp4", FrameSampling(num_frames=32, fps=2)).indices.tolist() == [0, 5, 10, 15]
 
 
 def test_pyav_seeks_through_long_videos_instead_of_decoding_them_whole(tmp_path):

@@ -10,7 +10,10 @@ from hicom.data.video import Decoder, VideoDecodeError, load_video, uniform_indi
 def test_uniform_sampling_takes_segment_midpoints():
     assert uniform_indices(32, 4).tolist() == [4, 12, 20, 28]
     assert uniform_indices(10, 2).tolist() == [2, 7]
-    assert uniform_indices(3, 8).tolist() == [0, 1, 2]  # a short clip is taken as it is
+    # a short clip still gives 8 (SPEC 7's midpoints: repeats), or each of its frames once
+    assert uniform_indices(3, 8).tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert uniform_indices(3, 8, repeat=False).tolist() == [0, 1, 2]
+    assert uniform_indices(8, 8).tolist() == uniform_indices(8, 8, repeat=False).tolist() == list(range(8))
 
 
 @pytest.fixture
