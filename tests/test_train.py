@@ -550,3 +550,23 @@ def test_skipped_records_are_told_apart_by_file_and_row_not_by_id():
     VideoLLMModule._count_skipped(module, batch)
     VideoLLMModule._count_skipped(module, {"skipped": [{**bad, "source": ["x.json", 3]}]})  # the next epoch
     assert sorted(module.skipped) == ["x.json:3", "y.json:3"]
+
+
+@pytest.mark.parametrize("compressor", ["hicom", "instructblip"])
+def test_what_only_the_guide_adds_trains_at_the_injection_rate(compressor, cache_dir, tmp_path):
+    """The injection group is what the compressor's unguided config lacks: HICom's injection modules; the
+    instruction-aware Q-Former's instruction projection and the text half of its layers."""
+    from hydra.utils import instantiate
+
+    from hicom.modules.compressors.base import unguided_config
+    from hicom.training import build
+
+    overrides = [*SMALL, f"model/compressor={compressor}", "model.trainable=[compressor]"]
+    model, _ = build(compose_train(cache_dir, tmp_path, overrides))
+    groups = model.parameter_groups()
+    assert sorted(groups) == ["compressor", "injection"]
+    cfg = compose_train(cache_dir, tmp_path, overrides).model.compressor
+    vision, net = model.net.vision, model.net.compressor
+    widths = {"in_dim": vision.hidden_size, "out_dim": model.net.llm.hidden_size, "guide_dim": vision.text_hidden_size}
+    unguided = {n for n, _ in instantiate(unguided_config(cfg))(**widths).named_parameters()}
+    assert set(groups["injection"]) == {n for n, _ in net.named_parameters()} - unguided != set()

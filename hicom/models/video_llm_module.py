@@ -338,19 +338,21 @@ class VideoLLMModule(LightningModule):
             self.log("eval/synthetic/acc", float(counts[0] / counts[2]), rank_zero_only=True)
             self.log("eval/synthetic/n_unparsed", float(counts[1]), rank_zero_only=True)
 
-    def configure_optimizers(self):
-        groups: dict[str, list[nn.Parameter]] = {}
+    def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        """The trainable parameters by learning rate: one group per trainable part, and `injection` (when
+        model.lr has it) for the compressor's parameters that exist only because it reads a guide."""
+        groups: dict[str, dict[str, nn.Parameter]] = {}
         for name, module in self.parts().items():
             if name not in self.trainable:
                 continue
             for pname, param in module.named_parameters():
-                key = (
-                    "injection"
-                    if name == "compressor" and "guide_injector" in pname and "injection" in self.lr
-                    else name
-                )
-                groups.setdefault(key, []).append(param)
-        params = [{"params": p, "lr": self.lr[key], "name": key} for key, p in groups.items()]
+                guided = name == "compressor" and module.is_guide_parameter(pname)
+                groups.setdefault("injection" if guided and "injection" in self.lr else name, {})[pname] = param
+        return groups
+
+    def configure_optimizers(self):
+        groups = self.parameter_groups()
+        params = [{"params": list(p.values()), "lr": self.lr[key], "name": key} for key, p in groups.items()]
         optimizer = torch.optim.AdamW(params, weight_decay=self.weight_decay, betas=self.betas)
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = get_cosine_schedule_with_warmup(optimizer, round(self.warmup_ratio * total), total)

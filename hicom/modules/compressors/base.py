@@ -149,6 +149,12 @@ class Compressor(nn.Module):
         that aligns without a guide applies it, whatever the compressor); unchanged for one that reads no guide."""
         return cfg
 
+    def is_guide_parameter(self, name: str) -> bool:
+        """Whether the parameter `name` (as named_parameters gives it) exists only because this compressor reads a
+        guide: what its unguided config lacks, which a recipe's conditional stage starts from its init and trains
+        at the `injection` learning rate. HICom's are its injection modules (`guide_injector`)."""
+        return "guide_injector" in name.split(".")
+
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         raise NotImplementedError
 

@@ -14,6 +14,8 @@ tokenizer is needed.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -73,6 +75,13 @@ class QFormerCompressor(Compressor):
         self.instruction_proj = nn.Linear(guide_dim or in_dim, hidden_size) if instruction else None
         self.positions = positions
         self.readout = readout(hidden_size, out_dim, readout_depth)
+
+    def is_guide_parameter(self, name: str) -> bool:
+        """The instruction's projection and the text half of each layer (its feed-forward block)."""
+        return self.instruction and (
+            name.startswith("instruction_proj.")
+            or re.fullmatch(r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\..+", name) is not None
+        )
 
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         return self.num_queries
