@@ -17,16 +17,25 @@ class MalformedSample(ValueError):
     """A sample whose conversation cannot be trained on as written."""
 
 
+# options written on the question's own line: "... Options: (A) x (B) y", or "(A) x (B) y" without the word
+_INLINE_OPTIONS = re.compile(r"\s+(?:options?\s*:|\(A\)\s.*\(B\)\s)", re.IGNORECASE)
+
+
 def guide_text(question: str) -> str:
-    """The text that guides compression: the question without placeholder, options or answer instructions."""
+    """The text that guides compression: the question without placeholder, options or answer instructions.
+
+    Lines are the question's until the first option line ("(A) ...", "B. ...", "Options:"); the first line is the
+    question whatever it starts with ("A. Lincoln appears in which decade?"), and options on its own line are cut
+    off it. A question that is all options keeps its text rather than guide with nothing."""
+    plain = question.replace("<video>", "").replace("<image>", "")
     lines = []
-    for line in question.replace("<video>", "").replace("<image>", "").splitlines():
-        if _OPTION_LINE.match(line):
+    for line in plain.splitlines():
+        if lines and _OPTION_LINE.match(line):
             break
         if line.strip():
-            lines.append(line.strip())
-    text = " ".join(lines)
-    return text.removeprefix("Question:").strip()
+            lines.append(_INLINE_OPTIONS.split(line.strip(), maxsplit=1)[0].strip())
+    text = " ".join(line for line in lines if line).removeprefix("Question:").strip()
+    return text or " ".join(plain.split())
 
 
 def user_turns(messages: list[dict]) -> list[str]:

@@ -71,6 +71,12 @@ def test_guide_is_the_bare_question():
     # a prefix, not a character set: "Question: Quite" keeps its 'Q' (the release's lstrip defect)
     assert guide_text("Question: Quite so?\nA. yes\nB. no") == "Quite so?"
     assert guide_text("Describe the video.") == "Describe the video."
+    assert guide_text("<video>\nA. Lincoln appears in which decade?\n(A) 1860s\n(B) 1960s") == (
+        "A. Lincoln appears in which decade?"  # the first line is the question, whatever it starts with
+    )
+    assert guide_text("What happens? Options: (A) x (B) y") == "What happens?"  # options on the question's line
+    assert guide_text("Which one? (A) a cat (B) a dog ") == "Which one?"
+    assert guide_text("What is (A) in the chart?") == "What is (A) in the chart?"  # one letter is no option list
 
 
 def test_a_template_that_trims_messages_labels_the_trimmed_answer(tiny_paths):
