@@ -422,6 +422,8 @@ def test_open_ended_exact_match_and_judge(tmp_path):
     assert parse_verdict('{"pred": "no", "score": 1}').correct is False
     with pytest.raises(ValueError, match="not a"):
         parse_verdict("I think it is right")
+    with pytest.raises(ValueError, match="score': 0-5"):  # a score off the scale is no verdict
+        parse_verdict("{'pred': 'yes', 'score': 40}")
     path = tmp_path / "predictions.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -442,6 +444,20 @@ def test_open_ended_exact_match_and_judge(tmp_path):
     scored = score_open_ended([json.loads(line) for line in path.read_text().splitlines()])
     assert scored["judge_acc"] == scored["exact_match"] == pytest.approx(1 / 3)  # the failed clip wrong in both
     assert scored["judge_score"] == pytest.approx(6 / 3) and scored["n_judged"] == 2 and scored["n_failed"] == 1
+
+    # an evaluation merging new answers into the file while the judge runs: its lines stay, unjudged
+    fresh = [{**rows[0], "question_id": "4", "judge": None}, {**rows[1], "question_id": "5"}]
+    fresh[0].pop("judge")
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*rows, fresh[0]]))
+
+    def merging_judge(question, answer, reply):
+        with path.open("a") as f:  # what a merge of another shard adds meanwhile
+            f.write(json.dumps(fresh[1]) + "\n")
+        return judge(question, answer, reply)
+
+    assert judge_predictions(path, merging_judge, save_every=1) == 3  # rows 1 and 2 again (rewritten above), 4
+    lines = {r["question_id"]: r for r in map(json.loads, path.read_text().splitlines())}
+    assert sorted(lines) == ["1", "2", "4", "5"] and "judge" in lines["4"] and "judge" not in lines["5"]
 
 
 def test_the_score_command_recomputes_results_beside_the_predictions(tmp_path, capsys):

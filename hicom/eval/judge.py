@@ -55,9 +55,13 @@ def parse_verdict(text: str) -> Verdict:
                 continue
             if isinstance(data, dict) and "pred" in data and "score" in data:
                 pred = str(data["pred"]).strip().lower()
-                if pred in ("yes", "no"):
-                    return Verdict(correct=pred == "yes", score=float(data["score"]), raw=text)
-    raise ValueError(f"the judge's reply is not a {{'pred': yes/no, 'score': n}} dict: {text[:200]!r}")
+                try:
+                    score = float(data["score"])
+                except (TypeError, ValueError):
+                    continue
+                if pred in ("yes", "no") and 0 <= score <= 5:
+                    return Verdict(correct=pred == "yes", score=score, raw=text)
+    raise ValueError(f"the judge's reply is not a {{'pred': yes/no, 'score': 0-5}} dict: {text[:200]!r}")
 
 
 @dataclass
@@ -94,22 +98,36 @@ class OpenAICompatibleJudge:
         return parse_verdict(response.choices[0].message.content or "")
 
 
-def judge_predictions(path: str | Path, judge: Judge) -> int:
+def judge_predictions(path: str | Path, judge: Judge, save_every: int = 50) -> int:
     """Adds a verdict to every line of a predictions file that has none (lines with a decoding error are left
-    alone); rewrites the file after each verdict, so that an interrupted run resumes. Returns the count judged."""
+    alone). The verdicts are written into the file every `save_every` verdicts and at the end, so that an
+    interrupted run resumes; each write reads the file again under the benchmark folder's merge lock and adds
+    the verdicts to it, so answers an evaluation merged in meanwhile stay. Returns the count judged."""
+    from hicom.eval.runner import _locked, _write_atomically
+
     path = Path(path)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    judged = 0
+    verdicts: dict[str, dict] = {}
+
+    def save() -> None:
+        with _locked(path.parent / "merge.lock"):
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            for line in lines:
+                verdict = verdicts.get(str(line.get("question_id")))
+                if verdict is not None and "judge" not in line and "error" not in line:
+                    line["judge"] = verdict
+            _write_atomically(path, "".join(json.dumps(line) + "\n" for line in lines))
+
     for row in rows:
         if "judge" in row or "error" in row:
             continue
         verdict = judge(row.get("question", ""), str(row["answer"]), row.get("reply") or "")
-        row["judge"] = {"correct": verdict.correct, "score": verdict.score, "raw": verdict.raw}
-        judged += 1
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(path)
-    return judged
+        verdicts[str(row["question_id"])] = {"correct": verdict.correct, "score": verdict.score, "raw": verdict.raw}
+        if len(verdicts) % save_every == 0:
+            save()
+    if verdicts:
+        save()
+    return len(verdicts)
 
 
 def main(argv: list[str]) -> None:
