@@ -188,6 +188,13 @@ def test_every_benchmark_end_to_end_then_resume(cache_dir, bench_data, trained_r
     assert results["videomme"]["metric"] == "acc_answered" and results["mvbench"]["metric"] == "acc"
     settings = json.loads((out / "settings.json").read_text())
     assert settings["visual_tokens_per_video"] == 8 // 4 * 3 * 3 + 32
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()  # the scores under the STYLE's names
+    assert events.Scalars("eval/mlvu/m_avg")[0].value == pytest.approx(results["mlvu"]["m_avg"])
+    assert events.Scalars("eval/mvbench/per_task/action_sequence/acc")[0].value == pytest.approx(
+        results["mvbench"]["per_task"]["action_sequence"]["acc"]
+    )
 
     # the subtitles at the sampled frames reach the Video-MME prompt
     from hicom.eval.benchmarks import read_srt, subtitles_at

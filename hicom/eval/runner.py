@@ -4,7 +4,8 @@ Per benchmark, under <output_dir>/<benchmark>/:
 - predictions.jsonl: one line per question (question_id, task, question, answer, pred, reply, and duration or
   error where they apply), in the benchmark's order;
 - results.json: the official scores (hicom.eval.score), with the settings that produced them.
-And under <output_dir>: results.json (all benchmarks), results.md (a table) and settings.json.
+And under <output_dir>: results.json (all benchmarks), results.md (a table), settings.json, and the scores as
+eval/<benchmark>/<metric> in the configured logger's files (TensorBoard events by default).
 
 Sharding: process `shard` of `num_shards` (taken from torchrun's RANK / WORLD_SIZE unless set) answers every
 num_shards-th question into predictions.shard-<i>-of-<n>.jsonl. A shard removes its shard-<i>-of-<n>.done when it
@@ -426,7 +427,37 @@ def evaluate(cfg: DictConfig) -> dict:
             (out_dir / "results.json").write_text(json.dumps(report, indent=2))
             (out_dir / "results.md").write_text(markdown_table(report, settings))
         print(markdown_table(report, settings))
+        log_scores(cfg, all_results)
     return all_results
+
+
+def score_metrics(results: dict) -> dict[str, float]:
+    """The numbers of each benchmark's results under the STYLE's names: eval/<benchmark>/<metric>, and
+    eval/<benchmark>/per_task/<task>/<metric> (per_duration likewise)."""
+    flat = {}
+
+    def add(prefix: str, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                flat[f"{prefix}/{key}"] = float(value)
+
+    for name, r in results.items():
+        add(f"eval/{name}", r)
+        for group in ("per_task", "per_duration"):
+            for key, values in r.get(group, {}).items():
+                add(f"eval/{name}/{group}/{key}", values)
+    return flat
+
+
+def log_scores(cfg: DictConfig, results: dict) -> None:
+    """The scores merged by this process, to the configured loggers (TensorBoard by default)."""
+    from hicom.utils.instantiators import instantiate_all
+
+    metrics = score_metrics(results)
+    here = OmegaConf.merge(cfg, {"paths": {"output_dir": str(cfg.output_dir)}})  # under output_dir, as the rest
+    for logger in instantiate_all(here.get("logger"), "logger"):
+        logger.log_metrics(metrics, step=0)
+        logger.finalize("success")
 
 
 # each benchmark's official metric (its reader's `metric`), as results.md names it
