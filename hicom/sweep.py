@@ -38,8 +38,9 @@ def check_sweep(cfg: DictConfig) -> None:
 
 
 def swept_value(cfg: DictConfig, metrics: dict) -> float | None:
-    """The figure `optimized_metric` names (None when unset); a run that could not score it fails, so the sweeper
-    records a failed trial rather than a made-up value. metrics.json is written before this is read."""
+    """The figure `optimized_metric` names (None when unset); a run that could not score it fails rather than
+    report a made-up value (the Optuna sweeper then stops unless hydra.sweeper.max_failure_rate allows failed
+    trials). metrics.json is written before this is read."""
     name = cfg.get("optimized_metric")
     if name is None:
         return None

@@ -410,6 +410,8 @@ def test_subtitle_times_read_fractions_of_any_length(tmp_path):
         ("The correct option is (b).", ["x", "y"], "B"),
         ("I choose option c", ["x", "y", "z"], "C"),
         ("The answer is a dog", ["cat", "dog"], "B"),  # 'is a' ends nothing: the article again
+        ("The best option a hiker has is to turn back.", ["walk on", "turn back"], "B"),  # 'option a': the article
+        ("(B)", ["B", "A", "C"], "B"),  # a lone letter is the letter, whatever an option's text
     ],
 )
 def test_a_reply_names_an_option_by_letter_or_by_its_whole_text(reply, options, letter):
@@ -451,6 +453,21 @@ def test_open_ended_exact_match_and_judge(tmp_path):
     scored = score_open_ended([json.loads(line) for line in path.read_text().splitlines()])
     assert scored["judge_acc"] == scored["exact_match"] == pytest.approx(1 / 3)  # the failed clip wrong in both
     assert scored["judge_score"] == pytest.approx(6 / 3) and scored["n_judged"] == 2 and scored["n_failed"] == 1
+
+    # a judge that stops on its second call (an endpoint error): the verdict before it is in the file
+    unjudged = [{k: v for k, v in r.items() if k != "judge"} for r in map(json.loads, path.read_text().splitlines())]
+    path.write_text("".join(json.dumps(r) + "\n" for r in unjudged))
+    answered = []
+
+    def failing_judge(question, answer, reply):
+        if answered:
+            raise ConnectionError("the endpoint went away")
+        answered.append(reply)
+        return judge(question, answer, reply)
+
+    with pytest.raises(ConnectionError):
+        judge_predictions(path, failing_judge)
+    assert sum("judge" in json.loads(line) for line in path.read_text().splitlines()) == 1
 
     # an evaluation merging new answers into the file while the judge runs: its lines stay, unjudged
     fresh = [{**rows[0], "question_id": "4", "judge": None}, {**rows[1], "question_id": "5"}]

@@ -570,3 +570,23 @@ def test_what_only_the_guide_adds_trains_at_the_injection_rate(compressor, cache
     widths = {"in_dim": vision.hidden_size, "out_dim": model.net.llm.hidden_size, "guide_dim": vision.text_hidden_size}
     unguided = {n for n, _ in instantiate(unguided_config(cfg))(**widths).named_parameters()}
     assert set(groups["injection"]) == {n for n, _ in net.named_parameters()} - unguided != set()
+
+
+def test_a_text_only_batch_runs_the_parts_in_the_order_a_batch_with_clips_does(cfg_small, monkeypatch):
+    """Under ZeRO-3 each part's parameters are gathered as it runs: every process must run them in one order."""
+    from hicom.training import build
+
+    model, datamodule = build(cfg_small)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    monkeypatch.setattr(model, "_in_step", lambda: True)  # as on several processes
+    order = []
+    for name, part in {"compressor": model.net.compressor, "llm": model.net.llm.model}.items():
+        part.register_forward_hook(lambda *_, name=name: order.append(name))
+    batch = datamodule.collate([datamodule.train_set[0]])
+    model.training_step(batch, 0)
+    with_clips, order[:] = list(order), []
+    text = {**batch, "pixel_values": None, "num_frames": torch.zeros_like(batch["num_frames"])}
+    text["input_ids"] = torch.where(text["input_ids"] == model.net.llm.visual_token_id, 0, text["input_ids"])
+    loss = model.training_step(text, 1)
+    assert order == with_clips == ["compressor", "llm"] and loss.requires_grad

@@ -18,7 +18,7 @@ class MalformedSample(ValueError):
 
 
 # options written on the question's own line: "... Options: (A) x (B) y", or "(A) x (B) y" without the word
-_INLINE_OPTIONS = re.compile(r"\s+(?:options?\s*:|\(A\)\s.*\(B\)\s)", re.IGNORECASE)
+_INLINE_OPTIONS = re.compile(r"\s+(?:Options?\s*:\s*)?\(A\)\s.*\(B\)\s")  # capitals, both: not "(a) the room"
 
 
 def guide_text(question: str) -> str:

@@ -206,9 +206,16 @@ def _decode_pyav(path: Path, sampling: FrameSampling, start, end) -> SampledFram
                 raise VideoDecodeError(f"{path}: no video stream", "no_video_stream")
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 1.0)
-            declared = _declared_frames(container, stream, fps)
-            packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size]
-        check_whole(path, len(packets), declared, "are in the file")
+            declared = _declared_seconds(container, stream)
+            packets, ends = [], []
+            for p in container.demux(stream):
+                if p.pts is not None:
+                    ends.append(p.pts + (p.duration or 0))
+                if p.size:  # empty ones: the flush packet, and an AVI writer's fill for a variable frame rate
+                    packets.append((p.pts, p.is_keyframe))
+            origin = stream.start_time if stream.start_time is not None else min(ends, default=0)
+            covered = float((max(ends) - origin) * stream.time_base) if ends and stream.time_base else None
+        check_whole(path, covered, declared, fps)
         timestamps = sorted(pts for pts, _ in packets if pts is not None)
         keyframes = np.array(sorted(pts for pts, key in packets if key and pts is not None))
         indices = sample_indices(len(packets), fps, sampling, start, end)
@@ -223,29 +230,29 @@ def _decode_pyav(path: Path, sampling: FrameSampling, start, end) -> SampledFram
         raise VideoDecodeError(f"{path}: {err}") from err
 
 
-def _declared_frames(container, stream, fps: float) -> int | None:
-    """The frame count the file's header declares for its video stream: its index's, else the stream's duration
-    at `fps` (Matroska keeps it in a DURATION tag), else the file's where the video is its only stream (an audio
-    track may outlast the video); None where it declares none."""
-    if stream.frames:
-        return int(stream.frames)
-    seconds = None
+def _declared_seconds(container, stream) -> float | None:
+    """The video stream's duration as the file's header declares it: the stream's own, or Matroska's DURATION
+    tag, or the file's where the video is its only stream (an audio track may outlast the video); None if none."""
     if stream.duration and stream.time_base:
-        seconds = float(stream.duration * stream.time_base)
-    elif match := re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d+)?)", str(stream.metadata.get("DURATION", "")).strip()):
-        seconds = int(match[1]) * 3600 + int(match[2]) * 60 + float(match[3])
-    elif container.duration and len(container.streams) == 1:  # microseconds
-        seconds = container.duration / 1e6
-    return round(seconds * fps) if seconds else None
+        return float(stream.duration * stream.time_base)
+    if match := re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d+)?)", str(stream.metadata.get("DURATION", "")).strip()):
+        return int(match[1]) * 3600 + int(match[2]) * 60 + float(match[3])
+    if container.duration and len(container.streams) == 1:  # microseconds
+        return container.duration / 1e6
+    return None
 
 
-def check_whole(path: Path, present: int, declared: int | None, where: str) -> None:
+def check_whole(path: Path, covered: float | None, declared: float | None, fps: float) -> None:
     """A file cut short (a copy interrupted, a download stopped) is skipped as truncated, not sampled from the
-    part that is left: its annotation describes the whole clip. Headers round, so a shortfall of up to 2 frames
-    or 5 % passes."""
-    if declared and declared - present > max(2, 0.05 * declared):
+    part that is left: its annotation describes the whole clip. Time, not frame counts, is compared (the end of
+    the last packet against the declared duration), so variable frame rates and dropped frames pass; headers
+    round, so a shortfall of up to 2 frames or 5 % passes too."""
+    if covered is None or not declared:
+        return
+    if declared - covered > max(2 / fps, 0.05 * declared):
         raise VideoDecodeError(
-            f"{path}: truncated: {present} of the {declared} frames its header declares {where}", "truncated"
+            f"{path}: truncated: its frames cover {covered:.2f} s of the {declared:.2f} s its header declares",
+            "truncated",
         )
 
 
@@ -304,7 +311,6 @@ def _pyav_in_order(path: Path, sampling: FrameSampling, start, end, fps: float, 
             return SampledFrames(stacked, indices, indices / fps, fps, counted, decoded)
         if decoded == 0:
             raise VideoDecodeError(f"{path}: no frame decodes", "undecodable")
-        check_whole(path, decoded, counted, "decode")  # a damaged tail as a cut one; a frame or two short passes
         counted = decoded  # what decodes, not what the container holds
     raise VideoDecodeError(f"{path}: frames keep failing to decode")
 

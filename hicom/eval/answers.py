@@ -33,7 +33,7 @@ def parse_choice(reply: str, options: list[str]) -> str | None:
     and an occurrence inside a longer option's occurrence does not count ("red" in "dark red"); two options
     left: unparsed."""
     whole = [letter for letter, option in zip(LETTERS, options, strict=False) if _plain(option) == _plain(reply)]
-    if len(whole) == 1 and _plain(reply):
+    if len(whole) == 1 and len(_plain(reply)) > 1:  # a lone letter is a letter ("(B)"), whatever an option reads
         return whole[0]
     letters = LETTERS[: len(options)] or LETTERS
     lower = letters.lower()
@@ -41,7 +41,12 @@ def parse_choice(reply: str, options: list[str]) -> str | None:
     match = (
         re.search(rf"\b([{letters}])\b", text)
         or re.fullmatch(rf"\W*([{lower}])\W*", text)
-        or re.search(rf"\(([{lower}])\)|\boption\s+([{lower}])\b|\bis:?\s+([{lower}])\W*$", text, re.IGNORECASE)
+        # "option a" names an option only where the letter ends a clause ("the best option a hiker has" does not)
+        or re.search(
+            rf"\(([{lower}])\)|\boption\s+([{lower}])(?=\s*(?:[.,;:!)]|$))|\bis:?\s+([{lower}])\W*$",
+            text,
+            re.IGNORECASE,
+        )
     )
     if match:
         return next(group for group in match.groups() if group).upper()

@@ -100,7 +100,7 @@ class OpenAICompatibleJudge:
 
 def judge_predictions(path: str | Path, judge: Judge, save_every: int = 50) -> int:
     """Adds a verdict to every line of a predictions file that has none (lines with a decoding error are left
-    alone). The verdicts are written into the file every `save_every` verdicts and at the end, so that an
+    alone). The verdicts are written into the file every `save_every` verdicts, at the end and on an error, so that an
     interrupted run resumes; each write reads the file again under the benchmark folder's merge lock and adds
     the verdicts to it, so answers an evaluation merged in meanwhile stay. Returns the count judged."""
     from hicom.eval.runner import _locked, _write_atomically
@@ -118,15 +118,17 @@ def judge_predictions(path: str | Path, judge: Judge, save_every: int = 50) -> i
                     line["judge"] = verdict
             _write_atomically(path, "".join(json.dumps(line) + "\n" for line in lines))
 
-    for row in rows:
-        if "judge" in row or "error" in row:
-            continue
-        verdict = judge(row.get("question", ""), str(row["answer"]), row.get("reply") or "")
-        verdicts[str(row["question_id"])] = {"correct": verdict.correct, "score": verdict.score, "raw": verdict.raw}
-        if len(verdicts) % save_every == 0:
+    try:
+        for row in rows:
+            if "judge" in row or "error" in row:
+                continue
+            verdict = judge(row.get("question", ""), str(row["answer"]), row.get("reply") or "")
+            verdicts[str(row["question_id"])] = {"correct": verdict.correct, "score": verdict.score, "raw": verdict.raw}
+            if len(verdicts) % save_every == 0:
+                save()
+    finally:  # stopped by an endpoint's error or a verdict it cannot read: the verdicts paid for so far are kept
+        if verdicts:
             save()
-    if verdicts:
-        save()
     return len(verdicts)
 
 

@@ -174,10 +174,11 @@ def main(argv: list[str]) -> dict:
     if out.is_file():  # evaluate.py's results: the scores are replaced, the settings and timings that made them kept
         before = json.loads(out.read_text())
         results.update({key: before[key] for key in KEPT_ON_RESCORE if key in before})
-        if before.get("n_questions") not in (None, results["n"]):  # e.g. a `limit` run over a fuller file
+        rows = results["n"] + results.get("n_unscored", 0)  # every line scored or, without an answer, counted
+        if before.get("n_questions") not in (None, rows):  # e.g. a `limit` run over a fuller file
             log.warning(
                 "%s: the run scored %s of its questions; this re-score scores every line of the file (%d)",
-                path, before["n_questions"], results["n"],
+                path, before["n_questions"], rows,
             )  # fmt: skip
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -231,9 +231,12 @@ class VideoLLMModule(LightningModule):
                     "the loss would be a silent zero (check the chat template and the conversations)"
                 )
             self._keep_stand_in(batch, "train")
-            loss = self.net(batch).loss
+            blank = None  # before the LLM, in the order a batch with clips runs the parts (ZeRO-3 gathers in order)
             if batch.get("pixel_values") is None and self._in_step():
-                loss = loss + self._visual_at_zero_weight(loss.device)
+                blank = self._visual_at_zero_weight(batch["input_ids"].device)
+            loss = self.net(batch).loss
+            if blank is not None:
+                loss = loss + blank.to(loss.device)
         # the mean over the processes that had samples: the global batch's loss under DDP (none: nothing logged,
         # and Lightning's logger rows repeat the last value logged);
         # a skipped batch adds zero, not its stand-in's loss

@@ -169,12 +169,34 @@ def test_a_file_cut_short_is_skipped_as_truncated_not_sampled_from_what_is_left(
     data = (tmp_path / name).read_bytes()
     (tmp_path / name).write_bytes(data[: len(data) // 2])
     for decoder in Decoder:  # the fallback is not tried: the file is cut short for every decoder
-        with pytest.raises(VideoDecodeError, match=r"truncated: \d+ of the 24 frames its header declares") as error:
+        with pytest.raises(
+            VideoDecodeError, match=r"truncated: its frames cover [\d.]+ s of the 2.40 s its header declares"
+        ) as error:
             load_video(tmp_path / name, FrameSampling(num_frames=4, decoder=Decoder.PYAV, fallback=decoder))
         assert error.value.reason == "truncated"
     whole = tmp_path / f"whole{name[3:]}"
     _encode(whole, counting_frames(24), codec, g="4")
     assert len(load_video(whole, FrameSampling(num_frames=4)).frames) == 4
+
+
+@pytest.mark.parametrize("name", ["vfr.mkv", "vfr.avi", "vfr.mp4"])
+def test_a_variable_frame_rate_is_not_taken_for_a_cut(tmp_path, name):
+    """20 frames at 10 fps, then 5 one second apart: far fewer frames than duration x average rate (and AVI's
+    writer fills the gaps with empty packets). The frames cover the declared time: whole."""
+    from fractions import Fraction
+
+    times = [k * 100 for k in range(20)] + [2000 + 1000 * k for k in range(5)]  # milliseconds
+    with av.open(str(tmp_path / name), "w") as container:
+        stream = container.add_stream("libx264", rate=10, options={"g": "4"})
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for frame, ms in zip(counting_frames(25), times, strict=True):
+            video = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            video.pts, video.time_base = ms, Fraction(1, 1000)
+            container.mux(stream.encode(video))
+        container.mux(stream.encode(None))
+    sampled = load_video(tmp_path / name, FrameSampling(num_frames=5, fallback=None))
+    assert len(sampled.frames) == 5 and frame_ids(sampled.frames) == sampled.indices.tolist()
 
 
 def test_frame_folders_and_gifs(media):

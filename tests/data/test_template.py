@@ -77,6 +77,8 @@ def test_guide_is_the_bare_question():
     assert guide_text("What happens? Options: (A) x (B) y") == "What happens?"  # options on the question's line
     assert guide_text("Which one? (A) a cat (B) a dog ") == "Which one?"
     assert guide_text("What is (A) in the chart?") == "What is (A) in the chart?"  # one letter is no option list
+    for kept in ("Describe (a) the room and (b) the person in it.", "What are his options: stay or leave the room?"):
+        assert guide_text(kept) == kept
 
 
 def test_a_template_that_trims_messages_labels_the_trimmed_answer(tiny_paths):
