@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="where quarantine.jsonl and summary.json go")
     parser.add_argument("--workers", type=int, default=max(1, multiprocessing.cpu_count() - 1))
     parser.add_argument(
-        "--num-frames", type=int, default=32, help="frames each video must decode (uniformly): the run's data.num_frames"
+        "--num-frames",
+        type=int,
+        default=32,
+        help="frames each video must decode (uniformly): the run's data.num_frames",
     )
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds one clip may take")
     parser.add_argument("--seed", type=int, default=0, help="the training run's data.seed (random:N picks with it)")
