@@ -412,6 +412,8 @@ def test_subtitle_times_read_fractions_of_any_length(tmp_path):
         ("The answer is a dog", ["cat", "dog"], "B"),  # 'is a' ends nothing: the article again
         ("The best option a hiker has is to turn back.", ["walk on", "turn back"], "B"),  # 'option a': the article
         ("(B)", ["B", "A", "C"], "B"),  # a lone letter is the letter, whatever an option's text
+        ("option b is correct", ["run", "walk", "sit"], "B"),  # only 'a' after 'option' must end a clause
+        ("I'd go with option c since he sits", ["run", "walk", "sit"], "C"),
     ],
 )
 def test_a_reply_names_an_option_by_letter_or_by_its_whole_text(reply, options, letter):

@@ -590,3 +590,9 @@ def test_a_text_only_batch_runs_the_parts_in_the_order_a_batch_with_clips_does(c
     text["input_ids"] = torch.where(text["input_ids"] == model.net.llm.visual_token_id, 0, text["input_ids"])
     loss = model.training_step(text, 1)
     assert order == with_clips == ["compressor", "llm"] and loss.requires_grad
+    # under ZeRO-3 a batch whose samples were all skipped runs the last one again, the text-only one here
+    monkeypatch.setattr(model.net, "zero3", True)
+    model.training_step(text, 2)  # kept as the stand-in
+    order[:] = []
+    model.training_step({"ids": ["gone"], "skipped": [{"id": "gone", "skip": "missing", "path": "x", "error": ""}]}, 3)
+    assert order == ["compressor", "llm"]

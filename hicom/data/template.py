@@ -17,8 +17,9 @@ class MalformedSample(ValueError):
     """A sample whose conversation cannot be trained on as written."""
 
 
-# options written on the question's own line: "... Options: (A) x (B) y", or "(A) x (B) y" without the word
-_INLINE_OPTIONS = re.compile(r"\s+(?:Options?\s*:\s*)?\(A\)\s.*\(B\)\s")  # capitals, both: not "(a) the room"
+# options written on the question's own line: "... Options: A. x B. y" (the word, then an option marker), or
+# "(A) x (B) y" without the word (capitals, both letters: "(a) the room and (b) ..." is a question)
+_INLINE_OPTIONS = re.compile(r"\s+(?:(?i:options?)\s*:\s*(?=\(?[A-Ha-h][).:]\s)|\(A\)\s.*\(B\)\s)")
 
 
 def guide_text(question: str) -> str:

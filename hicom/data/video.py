@@ -207,14 +207,15 @@ def _decode_pyav(path: Path, sampling: FrameSampling, start, end) -> SampledFram
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 1.0)
             declared = _declared_seconds(container, stream)
-            packets, ends = [], []
+            packets, starts, ends = [], [], []
             for p in container.demux(stream):
                 if p.pts is not None:
+                    starts.append(p.pts)
                     ends.append(p.pts + (p.duration or 0))
                 if p.size:  # empty ones: the flush packet, and an AVI writer's fill for a variable frame rate
                     packets.append((p.pts, p.is_keyframe))
-            origin = stream.start_time if stream.start_time is not None else min(ends, default=0)
-            covered = float((max(ends) - origin) * stream.time_base) if ends and stream.time_base else None
+            # from the first frame's time, not stream.start_time (Matroska can report one seconds late)
+            covered = float((max(ends) - min(starts)) * stream.time_base) if ends and stream.time_base else None
         check_whole(path, covered, declared, fps)
         timestamps = sorted(pts for pts, _ in packets if pts is not None)
         keyframes = np.array(sorted(pts for pts, key in packets if key and pts is not None))

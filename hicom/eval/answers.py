@@ -18,6 +18,12 @@ def parse_options(prompt: str) -> list[str]:
     return options
 
 
+def _named(lower: str) -> str:
+    """After "option": a letter; "a" only where it ends a clause ("the best option a hiker has" is the article)."""
+    named = [rf"([{lower[1:]}])\b"] if len(lower) > 1 else []
+    return "(?:" + "|".join([*named, r"(a)(?=\s*(?:[.,;:!)]|$))"]) + ")"
+
+
 def _plain(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s%]", " ", text.lower()).split())
 
@@ -41,12 +47,7 @@ def parse_choice(reply: str, options: list[str]) -> str | None:
     match = (
         re.search(rf"\b([{letters}])\b", text)
         or re.fullmatch(rf"\W*([{lower}])\W*", text)
-        # "option a" names an option only where the letter ends a clause ("the best option a hiker has" does not)
-        or re.search(
-            rf"\(([{lower}])\)|\boption\s+([{lower}])(?=\s*(?:[.,;:!)]|$))|\bis:?\s+([{lower}])\W*$",
-            text,
-            re.IGNORECASE,
-        )
+        or re.search(rf"\(([{lower}])\)|\boption\s+{_named(lower)}|\bis:?\s+([{lower}])\W*$", text, re.IGNORECASE)
     )
     if match:
         return next(group for group in match.groups() if group).upper()

@@ -168,8 +168,18 @@ class VideoLLMModule(LightningModule):
         the others' reductions. Every trainable parameter takes part (DDP reduces them all); under ZeRO-3, where
         parameters are gathered only inside a forward, through a forward of a stand-in batch."""
         if self.net.zero3:
-            return self.net(self._stand_in(batch, "train")).loss * 0.0
+            return self._loss(self._stand_in(batch, "train")) * 0.0
         return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        """The training loss of a batch; one without clips, where processes keep in step, first runs a blank image
+        through the visual parts at zero weight: before the LLM, in the order a batch with clips runs the parts
+        (ZeRO-3 gathers each part's parameters as it runs)."""
+        blank = None
+        if batch.get("pixel_values") is None and self._in_step():
+            blank = self._visual_at_zero_weight(batch["input_ids"].device)
+        loss = self.net(batch).loss
+        return loss if blank is None else loss + blank.to(loss.device)
 
     def _visual_at_zero_weight(self, device: torch.device) -> torch.Tensor:
         """Zero, through a blank image's pass over the visual parts (tower, guide encoder, compressor), for a
@@ -231,12 +241,7 @@ class VideoLLMModule(LightningModule):
                     "the loss would be a silent zero (check the chat template and the conversations)"
                 )
             self._keep_stand_in(batch, "train")
-            blank = None  # before the LLM, in the order a batch with clips runs the parts (ZeRO-3 gathers in order)
-            if batch.get("pixel_values") is None and self._in_step():
-                blank = self._visual_at_zero_weight(batch["input_ids"].device)
-            loss = self.net(batch).loss
-            if blank is not None:
-                loss = loss + blank.to(loss.device)
+            loss = self._loss(batch)
         # the mean over the processes that had samples: the global batch's loss under DDP (none: nothing logged,
         # and Lightning's logger rows repeat the last value logged);
         # a skipped batch adds zero, not its stand-in's loss

@@ -179,20 +179,29 @@ def test_a_file_cut_short_is_skipped_as_truncated_not_sampled_from_what_is_left(
     assert len(load_video(whole, FrameSampling(num_frames=4)).frames) == 4
 
 
-@pytest.mark.parametrize("name", ["vfr.mkv", "vfr.avi", "vfr.mp4"])
-def test_a_variable_frame_rate_is_not_taken_for_a_cut(tmp_path, name):
-    """20 frames at 10 fps, then 5 one second apart: far fewer frames than duration x average rate (and AVI's
-    writer fills the gaps with empty packets). The frames cover the declared time: whole."""
+@pytest.mark.parametrize(
+    ("name", "times"),
+    [
+        *[
+            (f"vfr.{ext}", [k * 100 for k in range(20)] + [2000 + 1000 * k for k in range(5)])
+            for ext in ("mkv", "avi", "mp4")
+        ],
+        ("1fps.mkv", list(range(25))),  # seconds: at 1 fps a frame missing from the sum is a second of it
+    ],
+)
+def test_a_variable_frame_rate_is_not_taken_for_a_cut(tmp_path, name, times):
+    """20 frames at 10 fps, then 5 one second apart (milliseconds): far fewer frames than duration x average rate
+    (and AVI's writer fills the gaps with empty packets). The frames cover the declared time: whole."""
     from fractions import Fraction
 
-    times = [k * 100 for k in range(20)] + [2000 + 1000 * k for k in range(5)]  # milliseconds
     with av.open(str(tmp_path / name), "w") as container:
-        stream = container.add_stream("libx264", rate=10, options={"g": "4"})
+        unit = Fraction(1, 1) if name == "1fps.mkv" else Fraction(1, 1000)
+        stream = container.add_stream("libx264", rate=1 if name == "1fps.mkv" else 10, options={"g": "4", "bf": "0"})
         stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-        stream.codec_context.time_base = Fraction(1, 1000)
-        for frame, ms in zip(counting_frames(25), times, strict=True):
+        stream.codec_context.time_base = unit
+        for frame, at in zip(counting_frames(25), times, strict=True):
             video = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            video.pts, video.time_base = ms, Fraction(1, 1000)
+            video.pts, video.time_base = at, unit
             container.mux(stream.encode(video))
         container.mux(stream.encode(None))
     sampled = load_video(tmp_path / name, FrameSampling(num_frames=5, fallback=None))

@@ -79,6 +79,8 @@ def test_guide_is_the_bare_question():
     assert guide_text("What is (A) in the chart?") == "What is (A) in the chart?"  # one letter is no option list
     for kept in ("Describe (a) the room and (b) the person in it.", "What are his options: stay or leave the room?"):
         assert guide_text(kept) == kept
+    for listed in ("Options: A. run B. walk", "options: (a) run (b) walk", "Options: A) run B) walk C) sit"):
+        assert guide_text(f"What does the man do? {listed}") == "What does the man do?"
 
 
 def test_a_template_that_trims_messages_labels_the_trimmed_answer(tiny_paths):
