@@ -214,8 +214,11 @@ def _decode_pyav(path: Path, sampling: FrameSampling, start, end) -> SampledFram
                     ends.append(p.pts + (p.duration or 0))
                 if p.size:  # empty ones: the flush packet, and an AVI writer's fill for a variable frame rate
                     packets.append((p.pts, p.is_keyframe))
-            # from the first frame's time, not stream.start_time (Matroska can report one seconds late)
-            covered = float((max(ends) - min(starts)) * stream.time_base) if ends and stream.time_base else None
+            # to the last frame's end, from the first frame's time where it is negative (an edit list's pre-roll)
+            # and from 0 otherwise: headers declare either span (stream.start_time can even be seconds off), and
+            # the longer reading is taken, so that only a file ending early is called cut
+            origin = min(min(starts, default=0), 0)
+            covered = float((max(ends) - origin) * stream.time_base) if ends and stream.time_base else None
         check_whole(path, covered, declared, fps)
         timestamps = sorted(pts for pts, _ in packets if pts is not None)
         keyframes = np.array(sorted(pts for pts, key in packets if key and pts is not None))

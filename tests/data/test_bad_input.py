@@ -187,6 +187,7 @@ def test_a_file_cut_short_is_skipped_as_truncated_not_sampled_from_what_is_left(
             for ext in ("mkv", "avi", "mp4")
         ],
         ("1fps.mkv", list(range(25))),  # seconds: at 1 fps a frame missing from the sum is a second of it
+        ("late.mkv", [2000 + 100 * k for k in range(25)]),  # starts at 2 s, and its DURATION tag says where it ends
     ],
 )
 def test_a_variable_frame_rate_is_not_taken_for_a_cut(tmp_path, name, times):
