@@ -51,7 +51,8 @@ class FrameSampling:
 
     `decoder` first, then `fallback` (None: no second try) when the first cannot decode a file. PyAV is the
     default: decord's batched seek returns wrong frames, with no error, for AVI files and for MPEG-4 Part 2 video
-    with B-frames (dmlc/decord#195, #252), and seeking PyAV to keyframes is no slower;
+    with B-frames (dmlc/decord#195, #252). Seeking PyAV to keyframes is faster on long clips (2.0 against 3.7 s
+    for 32 frames of a 2-minute 640 x 360 clip), slower on tiny ones (7 against 3 ms for 8 frames at 112 px);
     `frame_folder_fps`: the rate of folders of frames (3 fps, MVBench's); `time_limit`: seconds one clip may
     take before it is given up as a timeout (None: no limit; see `within_time_limit`); `repeat_frames`: a clip
     shorter than `num_frames` repeats frames to make them (uniform sampling; see the module's docstring)."""
@@ -207,18 +208,17 @@ def _decode_pyav(path: Path, sampling: FrameSampling, start, end) -> SampledFram
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 1.0)
             declared = _declared_seconds(container, stream)
-            packets, starts, ends = [], [], []
+            packets, first, last = [], 0, None  # not start / end: those are the sample's window
             for p in container.demux(stream):
                 if p.pts is not None:
-                    starts.append(p.pts)
-                    ends.append(p.pts + (p.duration or 0))
+                    first = min(first, p.pts)
+                    last = max(last if last is not None else p.pts, p.pts + (p.duration or 0))
                 if p.size:  # empty ones: the flush packet, and an AVI writer's fill for a variable frame rate
                     packets.append((p.pts, p.is_keyframe))
             # to the last frame's end, from the first frame's time where it is negative (an edit list's pre-roll)
             # and from 0 otherwise: headers declare either span (stream.start_time can even be seconds off), and
             # the longer reading is taken, so that only a file ending early is called cut
-            origin = min(min(starts, default=0), 0)
-            covered = float((max(ends) - origin) * stream.time_base) if ends and stream.time_base else None
+            covered = float((last - first) * stream.time_base) if last is not None and stream.time_base else None
         check_whole(path, covered, declared, fps)
         timestamps = sorted(pts for pts, _ in packets if pts is not None)
         keyframes = np.array(sorted(pts for pts, key in packets if key and pts is not None))
