@@ -178,11 +178,11 @@ def test_a_later_stage_with_an_unreadable_annotation_file_fails_before_the_first
     from hicom.stages import run_stages
 
     overrides = _json_data(tmp_path / "data", GOOD_RECORD)
-    (tmp_path / "bad.jsonl").write_text(GOOD_RECORD[1:-1] + "\n{not json\n")
+    (tmp_path / "bad.json").write_text(GOOD_RECORD[:-1] + ", {not json")
     cfg = compose_train(cache_dir, tmp_path / "run", ["experiment=tiny_stages", *overrides])
     with open_dict(cfg):
-        cfg.stages[2].config = {"data": {"source": {"train_json": str(tmp_path / "bad.jsonl")}}}
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not JSON"):
+        cfg.stages[2].config = {"data": {"source": {"train_json": str(tmp_path / "bad.json")}}}
+    with pytest.raises(ValueError, match=r"bad\.json: not JSON"):
         run_stages(cfg)
     assert not (Path(cfg.paths.output_dir) / "stages").exists()
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hicom.data.index import SampleIndex
+from hicom.data.index import SampleIndex, unreadable_line
 from hicom.data.template import ChatEncoder, MalformedSample, guide_text, to_messages, user_turns
 from hicom.data.transforms import FrameTransform
 from hicom.data.video import (
@@ -63,6 +63,15 @@ class Media:
     paths: tuple[Path, ...] = ()
     start: float | None = None
     end: float | None = None
+
+
+def check_record(record) -> None:
+    """MalformedSample unless `record` is a JSON object read from its file (not a JSONL line that failed to parse)."""
+    what = unreadable_line(record)
+    if what is not None:
+        raise MalformedSample(what)
+    if not isinstance(record, dict):
+        raise MalformedSample("a sample is not a JSON object")
 
 
 def media_of(record: dict, root: Path) -> Media:
@@ -137,8 +146,7 @@ class VideoQADataset(Dataset):
             sample_id = f"{sample_id}#{turn}"
         media = (record.get("video") or record.get("image")) if isinstance(record, dict) else None
         try:
-            if not isinstance(record, dict):
-                raise MalformedSample("a sample is not a JSON object")
+            check_record(record)
             messages = merge_image_placeholders(to_messages(record.get("conversations")), record.get("image"))
             pixels, modality = self._load_visual(record, self.index.root_of(i))
             num_visual = self.visual_tokens(len(pixels), modality) if pixels is not None else 0

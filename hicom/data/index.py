@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1  # bump when the saved layout or the build's rules change
 
@@ -123,19 +126,32 @@ def read_mixture(path: str | Path, data_dir: str | Path | None = None) -> list[M
     return entries
 
 
+UNREADABLE = "__unreadable_line__"  # the one key of the record that stands for a JSONL line that is not JSON
+
+
+def unreadable_line(record) -> str | None:
+    """What was wrong with the JSONL line that `record` stands for, None for a record that was read."""
+    if isinstance(record, dict) and set(record) == {UNREADABLE}:
+        return str(record[UNREADABLE])
+    return None
+
+
 def iter_records(path: str | Path) -> Iterator:
-    """The records of a .json list or a .jsonl file, one at a time for JSONL."""
+    """The records of a .json list or a .jsonl file, one at a time for JSONL. A JSONL line that is not JSON (a
+    torn write, a stray edit) is one bad sample, not a bad file: it comes out as `{UNREADABLE: what}` in its place,
+    so the rows of the lines after it keep their numbers, and the dataset skips it as malformed (logged, counted,
+    named by file and row). A .json file that does not parse has no samples to keep and fails here."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     if path.suffix == ".jsonl":
-        with path.open() as f:
+        with path.open("rb") as f:  # bytes: a line that is not UTF-8 is one bad line too
             for number, line in enumerate(f, 1):
                 if line.strip():
                     try:
                         yield json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{number}: not JSON ({err})") from err
+                    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+                        yield {UNREADABLE: f"line {number} is not JSON ({err})"}
         return
     try:
         records = json.loads(path.read_text())
@@ -147,8 +163,8 @@ def iter_records(path: str | Path) -> Iterator:
 
 
 def count_records(path: str | Path, seen_dir: str | Path | None = None) -> int:
-    """The records of an annotation file, read through as the index build reads it: a file that is not JSON /
-    JSONL, or not a list, fails here with its path (and line). With `seen_dir`, the count of a file read before
+    """The records of an annotation file, read through as the index build reads it: a .json file that is not JSON,
+    or not a list, fails here with its path (a JSONL line that is not JSON counts as one record, a bad one). With `seen_dir`, the count of a file read before
     (same path, size and modification time) is taken from there, and a new count is written there."""
     path = Path(path)
     stat = path.stat()
@@ -250,10 +266,13 @@ class SampleIndex:
             roots.append(str(entry.data_root))
             files.append(str(entry.json_path))
             skip = excluded.get(str(Path(entry.json_path).resolve()), set())
+            unreadable = []
             for row in chosen.tolist():
                 if row in skip:
                     continue
                 record = records[row]
+                if unreadable_line(record) is not None:
+                    unreadable.append(unreadable_line(record))
                 origin.append(row)
                 modality.append(modality_of(record))
                 data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
@@ -262,6 +281,13 @@ class SampleIndex:
                 lengths.append(len(data))
                 turns = range(count_turns(record)) if split_turns else (-1,)
                 rows.extend((source, position, turn) for turn in turns)
+            if unreadable:
+                log.warning(
+                    "%s: %d line(s) are not JSON and will be skipped as malformed samples; the first: %s",
+                    entry.json_path,
+                    len(unreadable),
+                    unreadable[0],
+                )
             del records
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])

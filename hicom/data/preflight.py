@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hicom.data.dataset import media_of, merge_image_placeholders, read_image
+from hicom.data.dataset import check_record, media_of, merge_image_placeholders, read_image
 from hicom.data.index import MixtureEntry, SampleIndex, read_mixture
 from hicom.data.template import PLACEHOLDERS, MalformedSample, to_messages
 from hicom.data.video import FrameSampling, VideoDecodeError, load_video, within_time_limit
@@ -41,8 +41,7 @@ def probe(i: int) -> dict:
     file, row = _INDEX.where(i)
     out = {"source": file, "index": row}
     try:
-        if not isinstance(record, dict):
-            raise MalformedSample("a sample is not a JSON object")
+        check_record(record)
         out["id"] = str(record.get("id", row))
         out["path"] = record.get("video") or record.get("image")
         # the training dataset's own rules: its media fields, its placeholders (one per clip, or one per image)

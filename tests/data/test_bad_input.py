@@ -254,13 +254,15 @@ def test_every_bad_sample_is_skipped_with_its_reason_and_source(make_dataset):
         {"id": "role", "video": "good.mp4", "conversations": [{"from": "robot", "value": "x"}, QA[1]]},
         "not an object",
         {"id": "text-only", "conversations": [{"from": "human", "value": "Hi?"}, QA[1]]},
+        {"__unreadable_line__": "line 13 is not JSON (Expecting value)"},  # what a torn JSONL line reads as
     ]
     dataset = make_dataset(records)
     reasons = [dataset[i].get("skip") for i in range(len(records))]
     assert reasons == [
         None, "missing", "empty", "undecodable", "no_video_stream", "wrong_extension",
-        "malformed", "malformed", "malformed", "malformed", "malformed", None,
+        "malformed", "malformed", "malformed", "malformed", "malformed", None, "malformed",
     ]  # fmt: skip
+    assert dataset[12]["error"] == "line 13 is not JSON (Expecting value)" and dataset[12]["source"][1] == 12
     assert dataset[1]["source"][1] == 1 and dataset[1]["path"] == "nowhere.mp4"
     too_long = make_dataset(records[:1], max_length=10)[0]
     assert too_long["skip"] == "too_long" and "12 visual" in too_long["error"]

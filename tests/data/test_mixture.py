@@ -102,6 +102,31 @@ def test_preflight_writes_a_quarantine_that_training_leaves_out(tmp_path, capsys
     assert "5 samples, 2 bad" in capsys.readouterr().out
 
 
+def test_a_jsonl_line_that_is_not_json_is_one_bad_sample_in_its_place(tmp_path, caplog):
+    """One torn line in a million-line JSONL costs that sample, not the run: it keeps its row, so the lines after it
+    keep theirs (a quarantine names rows), and preflight and the dataset report it as malformed."""
+    from hicom.data.index import count_records, unreadable_line
+
+    write_video(tmp_path / "clip.mp4", np.zeros((6, 16, 16, 3), dtype=np.uint8), fps=3)
+    good = [json.dumps(r).encode() for r in records("ok", 3)]
+    (tmp_path / "a.jsonl").write_bytes(b"\n".join([good[0], b'{"id": "torn", "vid', b"\xff\xfe\n", good[1], good[2]]))
+    assert count_records(tmp_path / "a.jsonl") == 5  # the blank line is not a sample; the bad bytes are
+    index = SampleIndex.build([MixtureEntry(tmp_path / "a.jsonl", tmp_path)])
+    assert [index.record_of(i).get("id") for i in (0, 3, 4)] == ["ok0", "ok1", "ok2"]
+    assert "line 2 is not JSON" in unreadable_line(index.record_of(1))
+    assert "line 3 is not JSON" in unreadable_line(index.record_of(2))
+    assert "a.jsonl: 2 line(s) are not JSON" in caplog.text
+    out = tmp_path / "preflight"
+    preflight.main([str(tmp_path / "a.jsonl"), "--data-root", str(tmp_path), "--out", str(out),
+                    "--workers", "1", "--no-progress"])  # fmt: skip
+    lines = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert [(q["index"], q["reason"]) for q in lines] == [(1, "malformed"), (2, "malformed")]
+    assert "line 2 is not JSON" in lines[0]["error"]
+    exclude = read_quarantine(out / "quarantine.jsonl")
+    kept = SampleIndex.build([MixtureEntry(tmp_path / "a.jsonl", tmp_path)], exclude=exclude)
+    assert [kept.record_of(i)["id"] for i in range(len(kept))] == ["ok0", "ok1", "ok2"]
+
+
 def test_preflight_follows_the_datasets_rules_and_the_runs_seed(tmp_path):
     from PIL import Image
 
