@@ -194,6 +194,38 @@ def test_text_only_batches_train_under_ddp_beside_video_ones(cache_dir, tmp_path
     assert metrics["steps"] == 4
 
 
+def test_held_out_batches_without_clips_join_the_visual_gathers_under_zero3(cfg_small, monkeypatch):
+    """Under ZeRO-3 every part's parameters are gathered from all processes when the part runs: a process whose
+    held-out batch is text-only runs a blank image through the visual parts, before the LLM, as a process with
+    clips does; on one process, or without ZeRO-3, it runs the LLM alone."""
+    from hicom.training import build
+
+    model, _ = build(cfg_small)
+    net = model.net
+    calls = []
+    for name, part in (("vision", net.vision), ("compressor", net.compressor), ("llm", net.llm.model)):
+        part.register_forward_pre_hook(lambda *_, name=name: calls.append(name) if calls[-1:] != [name] else None)
+    tokens = net.llm.tokenizer(["What is two and two?"], return_tensors="pt")
+    batch = {"ids": ["t"], "input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
+             "labels": tokens.input_ids.clone()}  # fmt: skip
+    held_out = {**batch, "positions": [0], "answers": ["A"], "options": [["4", "5"]]}
+    model.eval()
+    model.on_validation_epoch_start()
+    model.on_test_epoch_start()
+    with torch.no_grad():
+        model.validation_step(batch, 0)
+        model.test_step(held_out, 0)
+        assert calls == ["llm"]  # one process: no visual part runs
+        net.zero3 = True
+        monkeypatch.setattr(type(model), "_world", lambda self: 2)
+        calls.clear()
+        model.validation_step(batch, 0)
+        assert calls == ["vision", "compressor", "llm"]
+        calls.clear()
+        model.test_step(held_out, 0)
+        assert calls[:3] == ["vision", "compressor", "llm"] and set(calls[3:]) <= {"llm"}
+
+
 def test_lightnings_own_ddp_launcher_keeps_one_run_folder(cache_dir, tmp_path):
     """`trainer.devices=2 strategy=ddp` without torchrun: Lightning starts the second process itself, handing it
     the run folder it reads again seconds later; both write into one folder."""

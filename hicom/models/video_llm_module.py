@@ -289,10 +289,18 @@ class VideoLLMModule(LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_sum, self._val_count = 0.0, 0.0  # this process's sum of batch losses times samples, and samples
 
+    def _join_visual_gathers(self, batch: dict) -> None:
+        """Under ZeRO-3 on several processes, before a held-out batch without clips runs the LLM: a blank image
+        through the visual parts, so that this process joins the parameter gathers of the others' batches with
+        clips, in the order they make them (in training `_loss` does this, with a gradient)."""
+        if batch.get("pixel_values") is None and self.net.zero3 and self._world() > 1:
+            self._visual_at_zero_weight(batch["input_ids"].device)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._count_skipped(batch)
         if "input_ids" in batch:
             self._keep_stand_in(batch, "val")
+            self._join_visual_gathers(batch)
             loss = self.net(batch).loss.detach().float()
             self._val_sum, self._val_count = (
                 self._val_sum + loss * len(batch["ids"]),
@@ -317,6 +325,7 @@ class VideoLLMModule(LightningModule):
                 self.net.generate(self._stand_in(batch, "test"), max_new_tokens=self.max_new_tokens)
             return
         self._keep_stand_in(batch, "test")
+        self._join_visual_gathers(batch)
         tokens = self.net.generate(batch, max_new_tokens=self.max_new_tokens)
         replies = self.net.llm.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         for sample_id, position, reply, answer, options in zip(
