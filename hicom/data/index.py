@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hicom.utils.files import write_atomically
+
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1  # bump when the saved layout or the build's rules change
@@ -180,9 +182,7 @@ def count_records(path: str | Path, seen_dir: str | Path | None = None) -> int:
     count = sum(1 for _ in iter_records(path))
     if stamp is not None:
         stamp.parent.mkdir(parents=True, exist_ok=True)
-        tmp = stamp.with_name(f"{stamp.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "records": count}))
-        tmp.replace(stamp)
+        write_atomically(stamp, json.dumps({"key": key, "records": count}))
     return count
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from hicom.utils.files import locked, write_atomically
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -103,20 +105,18 @@ def judge_predictions(path: str | Path, judge: Judge, save_every: int = 50) -> i
     alone). The verdicts are written into the file every `save_every` verdicts, at the end and on an error, so that an
     interrupted run resumes; each write reads the file again under the benchmark folder's merge lock and adds
     the verdicts to it, so answers an evaluation merged in meanwhile stay. Returns the count judged."""
-    from hicom.eval.runner import _locked, _write_atomically
-
     path = Path(path)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     verdicts: dict[str, dict] = {}
 
     def save() -> None:
-        with _locked(path.parent / "merge.lock"):
+        with locked(path.parent / "merge.lock"):
             lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             for line in lines:
                 verdict = verdicts.get(str(line.get("question_id")))
                 if verdict is not None and "judge" not in line and "error" not in line:
                     line["judge"] = verdict
-            _write_atomically(path, "".join(json.dumps(line) + "\n" for line in lines))
+            write_atomically(path, "".join(json.dumps(line) + "\n" for line in lines))
 
     try:
         for row in rows:

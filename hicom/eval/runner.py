@@ -18,13 +18,10 @@ and keeps every answer predictions.jsonl already has.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -40,6 +37,7 @@ from hicom.eval.answers import LETTERS, parse_choice
 from hicom.eval.benchmarks import BenchmarkFormatError, Kind, Question, read_srt, subtitles_at
 from hicom.eval.score import drop_torn_tail, read_predictions, score
 from hicom.utils.checkpoints import computed_buffers, load_guide_tokenizer, loading_dtype, restore_computed_buffers
+from hicom.utils.files import locked, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +209,7 @@ def run_benchmark(
     merged = out / "predictions.jsonl"
     shard_file = out / f"predictions.shard-{shard}-of-{num_shards}.jsonl"
     done_files = [out / f"shard-{i}-of-{num_shards}.done" for i in range(num_shards)]
-    with _locked(out / "merge.lock"):
+    with locked(out / "merge.lock"):
         # until this shard finishes, no other one merges: none can use its earlier answers as its last, nor remove
         # the shard file it appends to
         done_files[shard].unlink(missing_ok=True)
@@ -260,7 +258,7 @@ def run_benchmark(
     done_files[shard].write_text(json.dumps({"answered": answered, "seconds": seconds}))
     timing = {"answered_this_run": answered, "seconds_per_question": seconds / answered if answered else None}
     # Shards finishing together merge one after the other; the last sees every shard done, whatever the order.
-    with _locked(out / "merge.lock"):
+    with locked(out / "merge.lock"):
         if not all(path.is_file() for path in done_files):
             log.info("%s: shard %d done; the last shard to finish merges", name, shard)
             return None
@@ -280,9 +278,7 @@ def _merge(
         if path.is_file():
             rows.update({r["question_id"]: r for r in read_predictions(path)})
     kept = [rows[q.question_id] for q in every if q.question_id in rows]
-    tmp = merged.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    tmp.replace(merged)
+    write_atomically(merged, "".join(json.dumps(r) + "\n" for r in kept))
     for path in shards:
         path.unlink(missing_ok=True)
     scored = [rows[q.question_id] for q in questions if q.question_id in rows]
@@ -296,25 +292,6 @@ def _merge(
         (out / "submission.json").write_text(json.dumps(submission))
         results["submission"] = str(out / "submission.json")
     return results
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` for as long as the block runs, waiting for it (flock: released when the file
-    closes, or if the process dies). Where the file system does not lock, the block runs unlocked (one process per
-    benchmark is then the user's guarantee, as without shards)."""
-    with path.open("a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except OSError as error:  # e.g. a mount without locking
-            log.warning("cannot lock %s (%s): going on without the lock", path, error)
-        yield
 
 
 def _row(q: Question, pred, reply) -> dict:
@@ -413,12 +390,12 @@ def evaluate(cfg: DictConfig) -> dict:
         )
         if results is not None:
             results["settings"] = settings
-            _write_atomically(out_dir / name / "results.json", json.dumps(results, indent=2))  # others may read it
+            write_atomically(out_dir / name / "results.json", json.dumps(results, indent=2))  # others may read it
             all_results[name] = results
     if all_results:
         # Under shards, different processes may merge different benchmarks: the report holds every benchmark of
         # this call whose results are written so far, composed under a lock so that the last writer has them all.
-        with _locked(out_dir / "results.lock"):
+        with locked(out_dir / "results.lock"):
             report = {}
             for name in names:
                 path = out_dir / name / "results.json"

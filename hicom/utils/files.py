@@ -1,0 +1,33 @@
+"""Files that several processes share: whole-file writes and an exclusive lock."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """`text` into `path` through a file beside it renamed over it: a reader sees the old file or the new one, never
+    part of one, and a write cut short leaves the old file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` for as long as the block runs, waiting for it (flock: released when the file
+    closes, or if the process dies). Where the file system does not lock, the block runs unlocked (one process per
+    benchmark is then the user's guarantee, as without shards)."""
+    with path.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as error:  # e.g. a mount without locking
+            log.warning("cannot lock %s (%s): going on without the lock", path, error)
+        yield
