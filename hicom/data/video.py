@@ -142,19 +142,39 @@ def check_window(start, end) -> None:
         raise VideoDecodeError(f"the window [{start}, {end}] s ends before it starts", "malformed")
 
 
+_decoding = threading.local()  # in a thread of within_time_limit: `stop`, set once its caller has given up
+
+
+class _GivenUp(BaseException):
+    """Ends a decoding thread whose caller stopped waiting; a BaseException, so that no decoder's `except
+    Exception` takes it for a decoding error (or tries its fallback decoder)."""
+
+
+def _go_on() -> None:
+    """Called between packets and frames by the decoders that loop in Python (PyAV, GIF, frame folders): raises
+    _GivenUp in a thread whose caller has given up on it (see within_time_limit)."""
+    stop = getattr(_decoding, "stop", None)
+    if stop is not None and stop.is_set():
+        raise _GivenUp
+
+
 def within_time_limit(fn: Callable[[], T], seconds: float | None, what: str) -> T:
     """`fn()`, or VideoDecodeError(reason="timeout") once it has run `seconds`.
 
     `fn` runs in a daemon thread and the caller waits for it with a timeout, so a decoder stuck inside native
     code (decord and PyAV release the GIL while they decode) or a read blocked on a dead mount cannot stall the
-    DataLoader worker: the sample is skipped and the worker goes on. The stuck thread cannot be killed; it is
-    left behind and ends with the worker.
+    DataLoader worker: the sample is skipped and the worker goes on. A decoder that is slow rather than stuck
+    (PyAV, GIF, a folder of frames) stops at its next packet or frame once the caller has given up, so timed-out
+    clips do not pile up threads that keep decoding; a thread stuck inside one native call cannot be killed and
+    is left behind, to end with the worker.
     """
     if seconds is None:
         return fn()
     box: dict = {}
+    stop = threading.Event()
 
     def target() -> None:
+        _decoding.stop = stop
         try:
             box["value"] = fn()
         except BaseException as err:  # re-raised in the caller's thread
@@ -164,6 +184,7 @@ def within_time_limit(fn: Callable[[], T], seconds: float | None, what: str) -> 
     thread.start()
     thread.join(seconds)
     if thread.is_alive():
+        stop.set()
         raise VideoDecodeError(f"{what}: gave up after {seconds:g} s", "timeout")
     if "error" in box:
         raise box["error"]
@@ -210,6 +231,7 @@ def _decode_pyav(path: Path, sampling: FrameSampling, start, end) -> SampledFram
             declared = _declared_seconds(container, stream)
             packets, first, last = [], 0, None  # not start / end: those are the sample's window
             for p in container.demux(stream):
+                _go_on()
                 if p.pts is not None:
                     first = min(first, p.pts)
                     last = max(last if last is not None else p.pts, p.pts + (p.duration or 0))
@@ -282,6 +304,7 @@ def _pyav_seek(path: Path, targets: list[int], keyframes: np.ndarray) -> tuple[l
                 container.seek(int(target), stream=stream, backward=True, any_frame=False)
                 decoded = container.decode(stream)
             for frame in decoded:
+                _go_on()
                 count += 1
                 position = frame.pts
                 if frame.pts is None or frame.pts > target:
@@ -305,6 +328,7 @@ def _pyav_in_order(path: Path, sampling: FrameSampling, start, end, fps: float, 
         frames, decoded = {}, 0
         with av.open(str(path)) as container:
             for frame in container.decode(container.streams.video[0]):
+                _go_on()
                 if decoded in wanted:
                     frames[decoded] = frame.to_ndarray(format="rgb24")
                 decoded += 1
@@ -329,6 +353,7 @@ def _decode_gif(path: Path, sampling: FrameSampling, start, end) -> SampledFrame
             indices = sample_indices(len(durations), fps, sampling, start, end)
             frames = []
             for i in indices.tolist():
+                _go_on()
                 image.seek(i)
                 frames.append(np.asarray(image.convert("RGB")))
     except (OSError, ValueError, EOFError, Image.DecompressionBombError) as err:
@@ -357,7 +382,10 @@ def _read_folder(path: Path, sampling: FrameSampling, start, end) -> SampledFram
     if not files:
         raise VideoDecodeError(f"{path}: a folder without frames", "empty")
     indices = sample_indices(len(files), sampling.frame_folder_fps, sampling, start, end)
-    frames = [read_rgb(files[i]) for i in indices.tolist()]
+    frames = []
+    for i in indices.tolist():
+        _go_on()
+        frames.append(read_rgb(files[i]))
     if len({f.shape for f in frames}) != 1:
         raise VideoDecodeError(f"{path}: frames of different sizes")
     fps = sampling.frame_folder_fps

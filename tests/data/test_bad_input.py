@@ -92,6 +92,32 @@ def test_a_decoder_stuck_in_native_code_is_abandoned_not_waited_for(media, monke
     assert error.value.reason == "timeout" and time.perf_counter() - began < 2
 
 
+@pytest.mark.parametrize(("name", "num_frames"), [("good.mp4", 8), ("clip.gif", 6), ("frames", 8)])
+def test_a_slow_decode_given_up_on_stops_at_its_next_frame(media, monkeypatch, name, num_frames):
+    """Timed-out clips must not pile up threads that go on decoding in the worker: a decoder that loops in Python
+    stops at its next packet or frame once the caller has given up."""
+    import threading
+    import time
+
+    from hicom.data import video
+
+    go_on = video._go_on
+
+    def slowly() -> None:  # each packet or frame takes 0.25 s: the whole clip would take 1.5-5 s
+        time.sleep(0.25)
+        go_on()
+
+    monkeypatch.setattr(video, "_go_on", slowly)
+    path = media / name
+    before = set(threading.enumerate())  # an earlier test's stuck decoder may still be sleeping
+    with pytest.raises(VideoDecodeError) as error:
+        load_video(path, FrameSampling(num_frames=num_frames, time_limit=0.3, decoder=Decoder.PYAV))
+    assert error.value.reason == "timeout"
+    (thread,) = [t for t in set(threading.enumerate()) - before if t.name == f"decode {path}"]
+    thread.join(0.5)
+    assert not thread.is_alive()
+
+
 def test_a_clip_over_its_time_limit_is_given_up(media):
     with pytest.raises(VideoDecodeError) as error:
         load_video(media / "good.mp4", FrameSampling(num_frames=4, time_limit=1e-6, decoder=Decoder.PYAV))
