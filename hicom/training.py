@@ -77,6 +77,13 @@ def check_checkpoint(path: Path) -> None:
             )
 
 
+def checkpoint_entry(path: Path, key: str):
+    """One top-level entry of a Lightning checkpoint file, read without reading its tensors (memory-mapped)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(key)
+
+
 def gradient_accumulation(global_batch: int | None, micro_batch: int, world_size: int) -> int:
     """Accumulation steps that make `global_batch` samples per optimizer step from `micro_batch` per process on
     `world_size` processes (1 when no global batch is set)."""
@@ -136,6 +143,10 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
         from hicom.compat.official import check_release_start
 
         check_release_start(cfg)
+    if cfg.get("ckpt_path") and Path(cfg.ckpt_path).is_file():  # as on_load_checkpoint will, before the build
+        from hicom.models.video_llm_module import check_resume_origin
+
+        check_resume_origin(checkpoint_entry(Path(cfg.ckpt_path), "init_from"), cfg.get("init_from"))
     out_dir = ensure_dir(cfg.paths.output_dir)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     # the trainer (with its loggers and callbacks) and the batch arithmetic next: their values fail in seconds,

@@ -790,11 +790,17 @@ def test_a_run_fine_tuned_from_a_release_folder_starts_from_every_weight_of_it(
     assert all(torch.equal(v, trained[k]) for k, v in still.net.compressor.state_dict().items())
     # its checkpoint resumes with a release folder only; a stage from it, or the folder gone, are refused by name
     last = run / "checkpoints" / "last.ckpt"
+
+    def not_built(*args, **kwargs):
+        raise AssertionError("the model was built before the checkpoint's start was checked")
+
+    monkeypatch.setattr("hicom.training.build", not_built)  # both are refused before the towers and the LLM load
     with pytest.raises(ValueError, match="started from .*release: resume it with init_from"):
         train(compose_train(cache_dir, tmp_path / "resumed", [*overrides, f"ckpt_path={last}", "trainer.max_steps=3"]))
     plain = [*overrides, f"ckpt_path={trained_run}", f"init_from={release}", "trainer.max_steps=6"]
     with pytest.raises(ValueError, match="did not start from a release folder: resume it without init_from"):
         train(compose_train(cache_dir, tmp_path / "resumed", plain))
+    monkeypatch.undo()
     staged = ["experiment=tiny_stages", *SMALL, "stage=instruction", f"stage_parent={run}"]
     with pytest.raises(ValueError, match=r"fine-tuned from the release folder .*release \(init_from\)"):
         run_stages(compose_train(cache_dir, tmp_path / "next", staged))

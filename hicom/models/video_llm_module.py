@@ -38,6 +38,17 @@ def check_hparams(trainable: Iterable[str], lr: dict[str, float], warmup_ratio: 
         raise ValueError(f"model.warmup_ratio is the share of steps spent warming up, in [0, 1): got {warmup_ratio}")
 
 
+def check_resume_origin(started: str | None, init_from: str | None) -> None:
+    """A checkpoint resumes as its run started: from a release folder (`init_from`, its LLM loaded from there) or
+    not. `started` is the checkpoint's `init_from`."""
+    if (started is None) != (init_from is None):
+        raise ValueError(
+            f"this checkpoint's run started from {started}: resume it with init_from=<that folder>"
+            if started is not None
+            else "this checkpoint's run did not start from a release folder: resume it without init_from"
+        )
+
+
 class VideoLLMModule(LightningModule):
     """Receives the built vision tower and LLM and the compressor partial, composes them into a VideoLLM, and
     trains the parts listed in `trainable` (a subset of PARTS); everything else is frozen and out of the optimizer.
@@ -205,13 +216,7 @@ class VideoLLMModule(LightningModule):
         checkpoint["init_from"] = self.init_from
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        started = checkpoint.get("init_from")
-        if (started is None) != (self.init_from is None):  # the weights it holds came from a release folder or not
-            raise ValueError(
-                f"this checkpoint's run started from {started}: resume it with init_from=<that folder>"
-                if started is not None
-                else "this checkpoint's run did not start from a release folder: resume it without init_from"
-            )
+        check_resume_origin(checkpoint.get("init_from"), self.init_from)
         data = self.trainer.datamodule if self._trainer is not None else None
         if data is not None and type(data).__qualname__ not in checkpoint:
             log.warning(
