@@ -11,6 +11,17 @@ from hicom.training import release_process_group, train
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     check_sweep(cfg)
+    if cfg.get("stages"):
+        from hydra.core.hydra_config import HydraConfig
+
+        from hicom.stages import check_stage_overrides
+
+        check_stage_overrides(cfg.stages, HydraConfig.get().overrides.task)
+    elif cfg.get("stage") is not None or cfg.get("stage_parent") is not None:
+        raise ValueError(
+            "stage= and stage_parent= pick a stage of a staged experiment (one with `stages`, e.g. "
+            "experiment=directg_local43_global32 or experiment=tiny_stages), and this config has none"
+        )
     if cfg.get("dry_run"):
         from hicom.dry_run import report
 

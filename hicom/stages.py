@@ -56,6 +56,57 @@ def uses_deepspeed(cfg: DictConfig) -> bool:
     return issubclass(get_class(strategy._target_), DeepSpeedStrategy)
 
 
+# what a stage's own fields set in the run's config, and the field a per-stage override names
+STAGE_FIELDS = {
+    "model.trainable": "trainable",
+    "data.num_frames": "num_frames",
+    "global_batch_size": "global_batch_size",
+}
+
+
+def stage_keys(stage: DictConfig) -> dict[str, str]:
+    """The dotted keys of the run's config that `stage` sets (stage_config), each with the override that sets it
+    for this stage alone, relative to the stage (`num_frames`, `config.model.lr.compressor`)."""
+    keys = {key: field for key, field in STAGE_FIELDS.items() if stage.get(field) is not None}
+
+    def leaves(node, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for name, value in node.items():
+                leaves(value, f"{prefix}.{name}" if prefix else str(name))
+        else:
+            keys[prefix] = f"config.{prefix}"
+
+    leaves(OmegaConf.to_container(stage.get("config") or OmegaConf.create({}), resolve=False), "")
+    keys.pop("", None)
+    return keys
+
+
+def check_stage_overrides(stages, overrides: list[str]) -> None:
+    """Refuse command-line values that every stage would replace with its own (`data.num_frames=16`,
+    `global_batch_size=64`, `model.lr.compressor=5e-5` against the recipe's per-stage values): the run would
+    otherwise train with the recipe's values and say nothing. The message gives the per-stage overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    problems = []
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if "/" in key or override.is_delete():  # a config group, or a key removed: not a value a stage replaces
+            continue
+        per_stage = []
+        for i, stage in enumerate(stages):
+            for stage_key, field in stage_keys(stage).items():
+                whole = isinstance(override.value(), dict) and stage_key.startswith(key + ".")  # model.lr={...}
+                if key == stage_key or key.startswith(stage_key + ".") or whole:
+                    per_stage.append(f"stages.{i}.{field}{key[len(stage_key) :]}=... ({stage.name})")
+                    break
+        if per_stage:
+            problems.append(f"{override.input_line}: the stages set it themselves; per stage: {', '.join(per_stage)}")
+    if problems:
+        raise ValueError(
+            "values of a staged experiment that its stages replace (stages count from 0):\n  " + "\n  ".join(problems)
+        )
+
+
 def stage_config(base: DictConfig, stage: DictConfig, out_dir: Path) -> DictConfig:
     cfg = OmegaConf.merge(base, stage.get("config") or {})
     with open_dict(cfg):

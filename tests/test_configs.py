@@ -244,6 +244,48 @@ def test_a_global_batch_sets_accumulation_in_a_run(cache_dir, tmp_path):
     assert metrics["steps"] == 2  # 4 micro batches of 4, 2 per optimizer step
 
 
+def test_command_line_values_a_staged_experiment_would_replace_are_refused_with_the_per_stage_keys(cache_dir, tmp_path):
+    from hicom.stages import check_stage_overrides
+
+    stages = compose_train(cache_dir, tmp_path, ["experiment=directg_local43_global32"]).stages
+    fine = ["model/compressor=avgpool", "strategy=ddp", "data=mixture", "~logger", "trainer.max_epochs=2",
+            "stages.1.num_frames=16", "stages.2.config.model.lr.llm=2e-5", "model.weight_decay=0.01"]  # fmt: skip
+    check_stage_overrides(stages, fine)
+    cases = {
+        "data.num_frames=16": "stages.0.num_frames=... (alignment), stages.1.num_frames=... (conditional), "
+        "stages.2.num_frames=... (instruction)",
+        "global_batch_size=64": "stages.2.global_batch_size=... (instruction)",
+        "model.trainable=[llm]": "stages.0.trainable=... (alignment)",
+        "model.lr.compressor=5e-5": "stages.1.config.model.lr.compressor=... (conditional)",
+        "model.lr.llm=5e-5": "stages.2.config.model.lr.llm=... (instruction)",
+        "data.source.train=mix.yaml": "stages.0.config.data.source.train=... (alignment)",
+        "model.lr={compressor: 1}": "stages.0.config.model.lr.compressor=... (alignment)",
+    }
+    for override, hint in cases.items():
+        with pytest.raises(ValueError, match=re.escape(hint)):
+            check_stage_overrides(stages, [*fine, override])
+    with pytest.raises(ValueError) as error:  # every one named at once
+        check_stage_overrides(stages, list(cases))
+    assert all(f"\n  {override}: the stages set it themselves" in str(error.value) for override in cases)
+    assert "stages.0.config.model.lr.llm" not in str(error.value)  # only the stages that set a key are named
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["experiment=tiny_stages", "data.num_frames=4"], "data.num_frames=4: the stages set it themselves"),
+        (["stage=conditional"], "stage= and stage_parent= pick a stage of a staged experiment"),
+    ],
+)
+def test_train_py_refuses_stage_values_it_would_not_use(overrides, message, tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "train.py", *overrides, "dry_run=true", f"hydra.run.dir={tmp_path}"],
+                          cwd=CONFIGS.parent, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+
+
 def test_multinode_reads_the_launchers_counts(cache_dir, tmp_path, monkeypatch):
     for name in ("SLURM_NNODES", "SLURM_NTASKS_PER_NODE", "HICOM_NUM_NODES", "HICOM_GPUS_PER_NODE"):
         monkeypatch.delenv(name, raising=False)
