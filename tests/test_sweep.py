@@ -44,6 +44,23 @@ def test_a_metric_no_run_can_report_is_refused_before_anything_runs(overrides, m
         check_sweep(compose_train(cache_dir, tmp_path, overrides))
 
 
+@pytest.mark.parametrize("search", SEARCHES)
+def test_a_search_keeps_the_best_trial_of_its_metric_not_the_worst(search):
+    from hydra import compose, initialize_config_dir
+
+    def composed(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            return compose("train", overrides=[f"hparams_search={search}", *overrides], return_hydra_config=True)
+
+    for metric, direction in [("accuracy", "maximize"), ("train_loss", "minimize"), ("n_unparsed", "minimize"),
+                              ("fit_seconds", "minimize")]:  # fmt: skip
+        cfg = composed(f"optimized_metric={metric}")
+        assert cfg.hydra.sweeper.direction == direction
+        check_sweep(cfg)
+    with pytest.raises(ValueError, match="train_loss is better lower, and hydra.sweeper.direction=maximize would"):
+        check_sweep(composed("optimized_metric=train_loss", "hydra.sweeper.direction=maximize"))
+
+
 def test_the_swept_value_is_the_named_figure_and_a_missing_one_fails_the_trial(cache_dir, tmp_path):
     cfg = compose_train(cache_dir, tmp_path, ["optimized_metric=accuracy"])
     assert swept_value(cfg, {"accuracy": 0.75, "train_loss": 1.0}) == 0.75

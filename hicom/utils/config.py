@@ -79,3 +79,11 @@ if not OmegaConf.has_resolver("run_stamp"):
     # cached like Hydra's own `now`: the run folder is read again later (Lightning's DDP launcher hands it to its
     # child processes, a multirun copies it to every job) and must not move to a later second
     OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
+if not OmegaConf.has_resolver("hicom_direction"):  # a search config's sweeper direction, from its metric
+
+    def _direction(name: str) -> str:
+        from hicom.sweep import direction_of
+
+        return direction_of(name)
+
+    OmegaConf.register_new_resolver("hicom_direction", _direction)
