@@ -1,6 +1,7 @@
 """Every config composes; every experiment instantiates (with tiny parts); missing weights fail at once."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -333,8 +334,9 @@ def test_every_process_of_a_launch_names_the_run_folder_alike(env, stamp, monkey
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    if stamp is None:
-        assert len(run_stamp("%Y-%m-%d_%H-%M-%S")) == len("2026-01-01_00-00-00")
+    if stamp is None:  # the time, and this process: a launch of its own
+        time_part, pid = run_stamp("%Y-%m-%d_%H-%M-%S").rsplit("_", 1)
+        assert len(time_part) == len("2026-01-01_00-00-00") and pid == str(os.getpid())
     else:
         assert run_stamp("%Y-%m-%d_%H-%M-%S") == stamp
 
@@ -368,7 +370,7 @@ def test_the_run_stamp_is_read_once_per_config(monkeypatch):
     seconds = iter(["00", "07", "09"])
     monkeypatch.setattr("hicom.utils.config.time.strftime", lambda pattern: next(seconds))
     cfg = OmegaConf.create({"dir": "runs/${run_stamp:%S}"})
-    assert cfg.dir == cfg.dir == "runs/00"
+    assert cfg.dir == cfg.dir == f"runs/00_{os.getpid()}"
 
 
 def test_a_staged_run_without_a_shared_run_folder_refuses_to_start(cache_dir, tmp_path, monkeypatch):

@@ -24,7 +24,8 @@ def run_stamp(pattern: str = "%Y-%m-%d_%H-%M-%S") -> str:
     differs between processes, so a time stamp would give each its own folder. In order: `HICOM_RUN_STAMP` when set
     (scripts/cluster/ sets it once per launch); in a process of a multi-process launch, the launch's own id
     (torchrun's rendezvous id, `torchrun-<id>`; srun's job and step, `slurm-<job>.<step>`); else the local time in
-    `pattern`.
+    `pattern` and this process's id (`2026-11-22_07-32-17_48213`): launches that start in the same second (a shell
+    loop with `&`, the tasks of a SLURM array) get folders of their own instead of writing into one.
     """
     explicit = _explicit_stamp()
     if explicit:
@@ -39,7 +40,7 @@ def run_stamp(pattern: str = "%Y-%m-%d_%H-%M-%S") -> str:
             "same value in every process",
             stacklevel=2,
         )
-    return time.strftime(pattern)
+    return f"{time.strftime(pattern)}_{os.getpid()}"
 
 
 def _launch_id() -> str | None:

@@ -9,7 +9,7 @@ GPUS=${GPUS_PER_NODE:-8}
 if [ "$NNODES" -gt 1 ]; then
   : "${HICOM_RUN_STAMP:?set HICOM_RUN_STAMP to the same run name on every node}"
 fi
-export HICOM_RUN_STAMP=${HICOM_RUN_STAMP:-$(date +%Y-%m-%d_%H-%M-%S)}
+export HICOM_RUN_STAMP=${HICOM_RUN_STAMP:-$(date +%Y-%m-%d_%H-%M-%S)_$$}
 export HICOM_NUM_NODES=$NNODES HICOM_GPUS_PER_NODE=$GPUS
 .venv/bin/python -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS" \
   --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-29500}" \
