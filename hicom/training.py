@@ -152,9 +152,12 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     # the trainer (with its loggers and callbacks) and the batch arithmetic next: their values fail in seconds,
     # before the towers and the LLM load
     loggers = instantiate_all(cfg.get("logger"), "logger")
-    trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks"), "callback"), logger=loggers or False
-    )
+    callbacks = instantiate_all(cfg.get("callbacks"), "callback")
+    if not loggers:  # `~logger`: nothing to write learning rates to (Lightning's monitor would refuse at the fit)
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if cfg.get("global_batch_size") is not None:
         if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
             raise ValueError("set global_batch_size or trainer.accumulate_grad_batches, not both")

@@ -90,6 +90,12 @@ def test_multirun_trains_each_compressor_and_writes_its_metrics(cache_dir, tmp_p
     assert [json.loads(f.read_text())["compressor"] for f in files] == ["HICom", "AvgPoolCompressor"]
 
 
+def test_a_run_without_any_logger_trains(cache_dir, tmp_path):
+    """`~logger`: the learning-rate monitor has nowhere to write, and is left out rather than fail the fit."""
+    overrides = [o for o in SMALL if o != "logger=csv"] + ["~logger", "trainer.limit_train_batches=2", "evaluate=false"]
+    assert train(compose_train(cache_dir, tmp_path, overrides))["steps"] == 2
+
+
 def test_a_training_batch_without_supervised_tokens_is_an_error(cfg_small):
     import pytest
     import torch
