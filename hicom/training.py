@@ -186,13 +186,21 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     safe = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), **safe)
     fit_seconds = time.perf_counter() - start
+    if trainer.global_step == 0:  # e.g. max_steps=0, max_epochs=0 or limit_train_batches=0: allowed, but said
+        log.warning(
+            "this fit took no optimizer step (trainer.max_steps / max_epochs / limit_train_batches): what it hands "
+            "off and scores are the weights it started from"
+        )
     counts = _gathered([model.fit_counts])
     batches, samples = (sum(c[0][key] for c in counts) for key in ("batches", "samples"))
     if batches and not samples:  # every training sample was skipped: the weights are the untrained ones
         reasons = Counter(item["skip"] for item in model.skipped.values())
+        fix = "check data.source and the media, or run `python -m hicom.data.preflight`"
+        if reasons and reasons.most_common(1)[0][0] == "too_long":
+            fix = f"raise data.max_length ({cfg.data.get('max_length')}) or lower data.num_frames"
         raise RuntimeError(
             f"no training sample could be used ({batches} batches, all skipped; on this process by reason: "
-            f"{dict(reasons)}): check data.source and the media, or run `python -m hicom.data.preflight`"
+            f"{dict(reasons)}): {fix}"
         )
     if after_fit is not None:  # on every process: saving may gather sharded parameters
         after_fit(model)

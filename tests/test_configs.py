@@ -416,6 +416,13 @@ def unloadable_llm(tiny_paths, tmp_path_factory) -> Path:
         ("data.sampling.fps=-1", "fps must be positive"),
         ("trainer.max_steps=-5", "max_steps"),
         ("+global_batch_size=6", "global_batch_size 6 is not a multiple"),
+        ("model.trainable=[]", "model.trainable is empty"),
+        ("model.weight_decay=-1", "model.weight_decay must be >= 0"),
+        ("model.weight_decay=abc", "model.weight_decay is a number, got 'abc'"),
+        ("model.max_new_tokens=0", "model.max_new_tokens is how many tokens an answer may take, >= 1: got 0"),
+        ("model.vision.select_layer=-10", r"select_layer=-10: this tower has \d+ layers"),
+        ("data.max_length=0", "data.max_length must be >= 1"),
+        ("data.max_length=40", "data.max_length=40 leaves no room for text after the 50 visual tokens"),
     ],
 )
 def test_a_bad_config_value_fails_before_any_weights_load(override, message, cache_dir, tmp_path, unloadable_llm):

@@ -96,6 +96,13 @@ def test_a_run_without_any_logger_trains(cache_dir, tmp_path):
     assert train(compose_train(cache_dir, tmp_path, overrides))["steps"] == 2
 
 
+def test_a_fit_of_no_step_says_so(cache_dir, tmp_path, caplog):
+    """Allowed (it hands off the weights a run started from, e.g. a release folder's), but never silent."""
+    overrides = [*SMALL, "trainer.limit_train_batches=0", "evaluate=false"]
+    assert train(compose_train(cache_dir, tmp_path, overrides))["steps"] == 0
+    assert "this fit took no optimizer step" in caplog.text
+
+
 def test_a_training_batch_without_supervised_tokens_is_an_error(cfg_small):
     import pytest
     import torch

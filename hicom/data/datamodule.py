@@ -138,7 +138,12 @@ class VideoQADataModule(LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        for key, value in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size)):
+        sizes = (
+            ("data.batch_size", batch_size),
+            ("data.eval_batch_size", eval_batch_size),
+            ("data.max_length", max_length),
+        )
+        for key, value in sizes:
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
         self.source = source

@@ -23,8 +23,17 @@ log = logging.getLogger(__name__)
 PARTS = ("vision_trunk", "vision_head", "guide_encoder", "compressor", "llm")
 
 
-def check_hparams(trainable: Iterable[str], lr: dict[str, float], warmup_ratio: float) -> None:
+def check_hparams(
+    trainable: Iterable[str],
+    lr: dict[str, float],
+    warmup_ratio: float,
+    weight_decay: float = 0.0,
+    max_new_tokens: int = 4,
+) -> None:
     """The module's own values (see VideoLLMModule): `build` checks them before the towers load, too."""
+    trainable = list(trainable)
+    if not trainable:
+        raise ValueError(f"model.trainable is empty: a fit needs at least one part to train, of {PARTS}")
     unknown = set(trainable) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown trainable parts {sorted(unknown)}; choose from {PARTS}")
@@ -34,8 +43,15 @@ def check_hparams(trainable: Iterable[str], lr: dict[str, float], warmup_ratio: 
     bad = {part: rate for part, rate in lr.items() if not rate > 0}
     if bad:
         raise ValueError(f"learning rates must be > 0, got {bad} (model.lr)")
+    for key, value in (("warmup_ratio", warmup_ratio), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"model.{key} is a number, got {value!r}")
     if not 0 <= warmup_ratio < 1:
         raise ValueError(f"model.warmup_ratio is the share of steps spent warming up, in [0, 1): got {warmup_ratio}")
+    if not weight_decay >= 0:
+        raise ValueError(f"model.weight_decay must be >= 0 (the recipe's is 0), got {weight_decay}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"model.max_new_tokens is how many tokens an answer may take, >= 1: got {max_new_tokens!r}")
 
 
 def check_resume_origin(started: str | None, init_from: str | None) -> None:
@@ -79,7 +95,7 @@ class VideoLLMModule(LightningModule):
             tuple(betas),
         )
         self.save_hyperparameters(ignore=["vision", "llm", "compressor"])
-        check_hparams(trainable, lr, warmup_ratio)
+        check_hparams(trainable, lr, warmup_ratio, weight_decay, max_new_tokens)
         self.net = net = VideoLLM(vision=vision, llm=llm, compressor=compressor)
         idle = [name for name in trainable if name in net.idle_parts()]
         if idle:  # a recipe's stage 3 trains the SigLIP head and the text tower, which a pooling compressor never reads

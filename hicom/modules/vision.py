@@ -58,8 +58,18 @@ class _Tower(nn.Module):
     def _take(self, model, select_layer: int, path: str | None) -> None:
         self.path = path
         self._take_parts(model)
-        self.select_layer = select_layer
         vision = model.config.vision_config
+        layers = vision.num_hidden_layers  # hidden states: the embeddings, then each layer's output
+        if (
+            isinstance(select_layer, bool)
+            or not isinstance(select_layer, int)
+            or not -layers - 1 <= select_layer <= layers
+        ):
+            raise ValueError(
+                f"model.vision.select_layer={select_layer!r}: this tower has {layers} layers, so a hidden state from "
+                f"{-layers - 1} to {layers} (the release takes -2, the last layer's input)"
+            )
+        self.select_layer = select_layer
         self.hidden_size = vision.hidden_size
         self.grid = vision.image_size // vision.patch_size
         self.image_size = vision.image_size

@@ -88,7 +88,13 @@ def check_model(cfg: DictConfig, compressor=None) -> None:
         bad = {part: rate for part, rate in lr.items() if isinstance(rate, bool) or not isinstance(rate, int | float)}
         if bad:
             raise ValueError(f"learning rates are numbers, got {bad} (model.lr)")
-        check_hparams([str(p) for p in model.trainable], lr, float(model.get("warmup_ratio", 0.0)))
+        check_hparams(
+            [str(p) for p in model.trainable],
+            lr,
+            model.get("warmup_ratio", 0.0),
+            model.get("weight_decay", 0.0),
+            model.get("max_new_tokens", 4),
+        )
     if not all(OmegaConf.select(cfg, key) for key in ("model.vision.path", "model.llm.path", "model.compressor")):
         return
     vision_json = Path(model.vision.path) / "config.json"
@@ -104,7 +110,16 @@ def check_model(cfg: DictConfig, compressor=None) -> None:
         tower = get_class(model.vision._target_).from_arch(
             vision_arch, select_layer=model.vision.get("select_layer", -2)
         )
-        compose_compressor(compressor or hydra.utils.instantiate(model.compressor), tower, llm_width)
+        built = compose_compressor(compressor or hydra.utils.instantiate(model.compressor), tower, llm_width)
+    frames, max_length = OmegaConf.select(cfg, "data.num_frames"), OmegaConf.select(cfg, "data.max_length")
+    by_fps = OmegaConf.select(cfg, "data.sampling.fps") is not None  # then num_frames is only a cap
+    if isinstance(frames, int) and frames >= 1 and isinstance(max_length, int) and max_length >= 1 and not by_fps:
+        visual = built.num_tokens(frames, tower.grid, tower.grid, "video")
+        if visual >= max_length:  # every video sample would be skipped as too_long
+            raise ValueError(
+                f"data.max_length={max_length} leaves no room for text after the {visual} visual tokens of a "
+                f"{frames}-frame clip: raise data.max_length (the recipe's is 4096) or lower data.num_frames"
+            )
 
 
 def instantiate_all(cfg: DictConfig | None, kind: str) -> list:
