@@ -287,6 +287,18 @@ def test_train_py_refuses_stage_values_it_would_not_use(overrides, message, tmp_
     assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
 
 
+@pytest.mark.parametrize("compressor", ["qformer", "instructblip"])
+def test_the_q_former_is_tiny_on_the_tiny_default_and_bert_base_in_the_real_experiments(
+    compressor, cache_dir, tmp_path
+):
+    sizes = ("hidden_size", "num_layers", "num_heads", "intermediate_size")
+    tiny = compose_train(cache_dir, tmp_path, [f"model/compressor={compressor}"]).model.compressor
+    assert [tiny[k] for k in sizes] == [64, 2, 2, 256]
+    for experiment in ("directg_local43_global32", "ablation_conditional"):
+        real = compose_train(cache_dir, tmp_path, [f"experiment={experiment}", f"model/compressor={compressor}"])
+        assert [real.model.compressor[k] for k in sizes] == [768, 12, 12, 3072]
+
+
 def test_multinode_reads_the_launchers_counts(cache_dir, tmp_path, monkeypatch):
     for name in ("SLURM_NNODES", "SLURM_NTASKS_PER_NODE", "HICOM_NUM_NODES", "HICOM_GPUS_PER_NODE"):
         monkeypatch.delenv(name, raising=False)
