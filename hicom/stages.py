@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hicom.callbacks.checkpoint import resume_checkpoint
 from hicom.modules.compressors.base import unguided_config
-from hicom.training import check_global_batch, train
+from hicom.training import check_global_batch, check_trainable, train
 from hicom.utils.checkpoints import check_safetensors, full_parameters
 from hicom.utils.config import unshared_launch
 from hicom.utils.instantiators import check_data, check_model, check_pretrained, write_assets
@@ -284,6 +284,7 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
             stage_cfg = stage_config(cfg, stage, root / stage.name)
             try:
                 check_model(stage_cfg)
+                check_trainable(stage_cfg)
                 check_global_batch(stage_cfg)
             except ValueError as err:
                 raise ValueError(f"stage {stage.name}: {err}") from err

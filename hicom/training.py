@@ -34,7 +34,16 @@ def check(cfg: DictConfig) -> None:
     write_assets(cfg.get("assets"))
     check_pretrained(cfg)
     check_model(cfg)
+    check_trainable(cfg)
     check_data(cfg)
+
+
+def check_trainable(cfg: DictConfig) -> None:
+    """A fit trains at least one part (an evaluation builds the module with none)."""
+    from hicom.models.video_llm_module import PARTS
+
+    if not OmegaConf.select(cfg, "model.trainable", default=None):
+        raise ValueError(f"model.trainable is empty: a fit needs at least one part to train, of {PARTS}")
 
 
 def build(cfg: DictConfig, checked: bool = False):

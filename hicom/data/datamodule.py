@@ -21,6 +21,7 @@ from hicom.data.template import ChatEncoder
 from hicom.data.transforms import FrameTransform
 from hicom.data.video import FrameSampling
 from hicom.utils.checkpoints import load_guide_tokenizer, load_tokenizer
+from hicom.utils.choices import whole_number
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +145,7 @@ class VideoQADataModule(LightningDataModule):
             ("data.max_length", max_length),
         )
         for key, value in sizes:
-            if value < 1:
-                raise ValueError(f"{key} must be >= 1, got {value}")
+            whole_number(key, value)
         self.source = source
         self.root = root
         self.llm_path, self.vision_path = llm_path, vision_path

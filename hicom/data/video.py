@@ -15,7 +15,6 @@ the model was trained with; `repeat_frames=False` gives each of its frames once 
 
 from __future__ import annotations
 
-import enum
 import math
 import re
 import threading
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+
+from hicom.utils.choices import Choice
 
 T = TypeVar("T")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -40,7 +41,7 @@ class VideoDecodeError(RuntimeError):
         self.reason = reason
 
 
-class Decoder(str, enum.Enum):
+class Decoder(Choice):
     DECORD = "decord"
     PYAV = "pyav"
 

@@ -31,9 +31,6 @@ def check_hparams(
     max_new_tokens: int = 4,
 ) -> None:
     """The module's own values (see VideoLLMModule): `build` checks them before the towers load, too."""
-    trainable = list(trainable)
-    if not trainable:
-        raise ValueError(f"model.trainable is empty: a fit needs at least one part to train, of {PARTS}")
     unknown = set(trainable) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown trainable parts {sorted(unknown)}; choose from {PARTS}")

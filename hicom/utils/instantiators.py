@@ -110,7 +110,10 @@ def check_model(cfg: DictConfig, compressor=None) -> None:
         tower = get_class(model.vision._target_).from_arch(
             vision_arch, select_layer=model.vision.get("select_layer", -2)
         )
-        built = compose_compressor(compressor or hydra.utils.instantiate(model.compressor), tower, llm_width)
+        try:
+            built = compose_compressor(compressor or hydra.utils.instantiate(model.compressor), tower, llm_width)
+        except (ValueError, TypeError) as err:
+            raise (TypeError if isinstance(err, TypeError) else ValueError)(f"model.compressor: {err}") from err
     frames, max_length = OmegaConf.select(cfg, "data.num_frames"), OmegaConf.select(cfg, "data.max_length")
     by_fps = OmegaConf.select(cfg, "data.sampling.fps") is not None  # then num_frames is only a cap
     if isinstance(frames, int) and frames >= 1 and isinstance(max_length, int) and max_length >= 1 and not by_fps:

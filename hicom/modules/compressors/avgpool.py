@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hicom.modules.compressors.base import RELEASE_INIT_STD, Compressor, frame_kernel, init_weights, readout
+from hicom.utils.choices import kernel_sizes
 
 
 class AvgPoolCompressor(Compressor):
@@ -28,9 +29,7 @@ class AvgPoolCompressor(Compressor):
         init_std: float | None = RELEASE_INIT_STD,
     ) -> None:
         super().__init__()
-        if len(kernel) != 3 or min(kernel) < 1:
-            raise ValueError(f"kernel must be three sizes >= 1, got {kernel}")
-        self.kernel = tuple(int(k) for k in kernel)
+        self.kernel = kernel_sizes("kernel", kernel)
         self.readout = readout(in_dim, out_dim, readout_depth)
         self.apply(partial(init_weights, std=init_std))
 

@@ -17,6 +17,7 @@ from hicom.modules.compressors.base import (
     readout,
 )
 from hicom.modules.compressors.injection import Attention, Guide, GuideInjector
+from hicom.utils.choices import whole_number
 
 
 def sincos_table(n: int, dim: int, device=None) -> torch.Tensor:
@@ -66,8 +67,7 @@ class GlobalCompressor(Compressor):
         init_std: float | None = RELEASE_INIT_STD,
     ) -> None:
         super().__init__()
-        if num_queries < 1:
-            raise ValueError(f"num_queries must be >= 1, got {num_queries}")
+        whole_number("num_queries", num_queries)
         if position not in ("kv", "k", "none"):
             raise ValueError(f"position must be 'kv', 'k' or 'none', got {position!r}")
         self.num_queries = num_queries

@@ -32,10 +32,17 @@ class HICom(Compressor):
     def __init__(self, *, in_dim: int, out_dim: int, guide_dim: int | None = None, local=None, global_=None) -> None:
         super().__init__()
         if local is None and global_ is None:
-            raise ValueError("HICom needs a local or a global branch (or both)")
+            raise ValueError("HICom needs a local or a global branch (or both): model.compressor.local / global_")
         dims = dict(in_dim=in_dim, out_dim=out_dim, guide_dim=guide_dim)
-        self.local_compressor: LocalCompressor | None = local(**dims) if local is not None else None
-        self.global_compressor: GlobalCompressor | None = global_(**dims) if global_ is not None else None
+
+        def branch(name: str, make):
+            try:
+                return make(**dims) if make is not None else None
+            except (ValueError, TypeError) as err:  # which branch's value: both have a guide, an init, ...
+                raise (TypeError if isinstance(err, TypeError) else ValueError)(f"{name}: {err}") from err
+
+        self.local_compressor: LocalCompressor | None = branch("local", local)
+        self.global_compressor: GlobalCompressor | None = branch("global_", global_)
         branches = [m for m in (self.local_compressor, self.global_compressor) if m is not None]
         self.uses_guide = any(m.uses_guide for m in branches)
         self.uses_embeds = any(m.uses_embeds for m in branches)

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import enum
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hicom.modules.compressors.base import pad_packed, readout, take_rows
+from hicom.utils.choices import Choice
 
 
-class Guide(str, enum.Enum):
+class Guide(Choice):
     OFF = "off"
     DIRECT = "direct"
     COARSE = "coarse"
     FINE = "fine"
-
-    @classmethod
-    def _missing_(cls, value):
-        raise ValueError(f"guide must be one of {[g.value for g in cls]}, got {value!r}")
 
 
 def pooled(guide: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import enum
 import functools
 import math
 from collections.abc import Iterator, Sequence
@@ -26,9 +25,10 @@ from hicom.modules.compressors.base import (
     take_rows,
 )
 from hicom.modules.compressors.injection import Guide, GuideInjector
+from hicom.utils.choices import Choice, kernel_sizes
 
 
-class Adapt(str, enum.Enum):
+class Adapt(Choice):
     """Which inputs of the local attention get a learned adapter: queries, keys, values, or the guide."""
 
     Q = "q"
@@ -37,7 +37,7 @@ class Adapt(str, enum.Enum):
     G = "g"
 
 
-class Keys(str, enum.Enum):
+class Keys(Choice):
     """What a guided local compressor matches its queries against: the joint-space embeddings E or the features V."""
 
     EMBEDS = "embeds"
@@ -72,8 +72,9 @@ class LocalCompressor(Compressor):
         init_std: float | None = RELEASE_INIT_STD,
     ) -> None:
         super().__init__()
-        if len(kernel) != 3 or min(kernel) < 1 or kernel[1] != kernel[2]:
-            raise ValueError(f"kernel must be (k_t, k_s, k_s) with sizes >= 1, got {kernel}")
+        kernel = kernel_sizes("kernel", kernel)
+        if kernel[1] != kernel[2]:
+            raise ValueError(f"kernel must be (k_t, k_s, k_s): one spatial size for both axes, got {kernel!r}")
         self.kernel = tuple(int(k) for k in kernel)
         self.guide = Guide(guide)
         self.uses_guide = self.guide is not Guide.OFF

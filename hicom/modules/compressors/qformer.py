@@ -21,6 +21,7 @@ from torch import nn
 
 from hicom.modules.compressors.base import Compressor, PackedLayout, pad_packed, readout
 from hicom.modules.compressors.global_compressor import position_table_3d
+from hicom.utils.choices import whole_number
 
 
 class QFormerCompressor(Compressor):
@@ -52,8 +53,7 @@ class QFormerCompressor(Compressor):
         super().__init__()
         from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
-        if num_queries < 1:
-            raise ValueError(f"num_queries must be >= 1, got {num_queries}")
+        whole_number("num_queries", num_queries)
         config = Blip2QFormerConfig(
             hidden_size=hidden_size,
             num_hidden_layers=num_layers,

@@ -1,0 +1,33 @@
+"""Config values from a fixed set."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Choice(str, enum.Enum):
+    """A config value from a fixed set (subclasses add the members): a wrong one is refused with the set, under the
+    name of the config key, the class name in lower case (Guide: `guide`)."""
+
+    @classmethod
+    def _missing_(cls, value):
+        raise ValueError(f"{cls.__name__.lower()} must be one of {[c.value for c in cls]}, got {value!r}")
+
+
+def whole_number(key: str, value, least: int = 1) -> int:
+    """`value` if it is an int (not a bool) of at least `least`, else ValueError naming `key`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{key} must be a whole number >= {least}, got {value!r}")
+    return value
+
+
+def kernel_sizes(key: str, kernel) -> tuple[int, ...]:
+    """`kernel` as a tuple of three whole numbers >= 1, else ValueError naming `key`."""
+    if (
+        isinstance(kernel, str | bytes)
+        or not hasattr(kernel, "__len__")
+        or len(kernel) != 3
+        or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in kernel)
+    ):
+        raise ValueError(f"{key} must be three whole numbers >= 1 (k_t, k_s, k_s), got {kernel!r}")
+    return tuple(kernel)
