@@ -183,11 +183,13 @@ def report(cfg: DictConfig) -> list[dict]:
     from hydra.utils import instantiate
 
     from hicom.modules.video_llm import compose_compressor, idle_parts
+    from hicom.utils.choices import whole_number
 
     settings = cfg.get("dry_run_settings") or {}
-    gpus = int(settings.get("gpus", 8))
-    micro, text = int(settings.get("micro_batch", 1)), int(settings.get("text_tokens", 256))
-    guide = int(settings.get("guide_tokens", 64))
+    gpus = whole_number("dry_run_settings.gpus", settings.get("gpus", 8))
+    micro = whole_number("dry_run_settings.micro_batch", settings.get("micro_batch", 1))
+    text = whole_number("dry_run_settings.text_tokens", settings.get("text_tokens", 256), least=0)
+    guide = whole_number("dry_run_settings.guide_tokens", settings.get("guide_tokens", 64), least=0)
     base = build_meta(cfg)
     rows = []
     print(f"dry run: {cfg.model.vision.arch} + {type(base.compressor).__name__} + {cfg.model.llm.arch}, "

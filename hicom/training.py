@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hicom.callbacks.checkpoint import resume_checkpoint
+from hicom.utils.choices import whole_number
 from hicom.utils.instantiators import (
     check_data,
     check_model,
@@ -98,6 +99,7 @@ def gradient_accumulation(global_batch: int | None, micro_batch: int, world_size
     `world_size` processes (1 when no global batch is set)."""
     if global_batch is None:
         return 1
+    whole_number("global_batch_size", global_batch)
     per_step = micro_batch * world_size
     if global_batch < per_step or global_batch % per_step:
         raise ValueError(
@@ -116,7 +118,8 @@ def check_global_batch(cfg: DictConfig) -> None:
     if cfg.get("global_batch_size") is None:
         return
     world = int(os.environ.get("WORLD_SIZE", 1))
-    gradient_accumulation(int(cfg.global_batch_size), int(cfg.data.batch_size), world)
+    micro = whole_number("data.batch_size", cfg.data.batch_size)
+    gradient_accumulation(cfg.global_batch_size, micro, world)
 
 
 def parameter_report(model) -> Table:

@@ -26,6 +26,12 @@ def test_a_config_without_a_bundled_architecture_says_which_key(cache_dir, tmp_p
         report(compose_train(cache_dir, tmp_path, []))  # the tiny default has no bundled architecture
 
 
+def test_a_bad_dry_run_setting_names_itself(cache_dir, tmp_path):
+    overrides = ["experiment=directg_local43_global32", "model/llm=qwen25_05b", "dry_run_settings.gpus=0"]
+    with pytest.raises(ValueError, match="dry_run_settings.gpus must be a whole number >= 1, got 0"):
+        report(compose_train(cache_dir, tmp_path, overrides))
+
+
 def test_training_flops_and_zero_memory_arithmetic():
     forward = {"vision_trunk": 10, "vision_head": 1, "guide_encoder": 1, "compressor": 2, "llm": 20}
     assert training_flops(forward, {"compressor"}) == 34 + 2 * 2 + 20  # the LLM passes gradients back

@@ -322,20 +322,29 @@ def test_a_limited_run_scores_its_questions_and_keeps_every_answer(cache_dir, be
     assert path.read_text() == rows
 
 
-def test_a_bad_checkpoint_or_benchmark_is_a_clear_error(cache_dir, bench_data, tmp_path):
+def test_a_bad_checkpoint_or_benchmark_is_a_clear_error(cache_dir, bench_data, trained_run, tmp_path):
     from hicom.eval.runner import evaluate
 
-    with pytest.raises(FileNotFoundError, match="neither a training run"):
-        evaluate(compose_eval(cache_dir, bench_data, tmp_path, [f"ckpt={tmp_path}"]))
+    for folder in (tmp_path, tmp_path / "nowhere"):  # named before any benchmark file is read
+        with pytest.raises(FileNotFoundError, match="neither a training run"):
+            evaluate(compose_eval(cache_dir, bench_data, tmp_path, [f"ckpt={folder}", "benchmark=nope"]))
     with pytest.raises(ValueError, match="unknown benchmarks"):
-        evaluate(compose_eval(cache_dir, bench_data, tmp_path, [f"ckpt={tmp_path}", "benchmark=nope"]))
+        evaluate(compose_eval(cache_dir, bench_data, tmp_path, [f"ckpt={trained_run}", "benchmark=nope"]))
+    for override, message in [
+        ("benchmark=[]", r"benchmark=\[\] names nothing to evaluate"),
+        ("limit=0", r"limit \(questions per benchmark; null: all\) must be a whole number >= 1, got 0"),
+        ("precision=half", r"precision must be one of \['auto', 'bf16', 'fp32', 'fp16'\], got 'half'"),
+        ("shard=2", r"shard=2 of num_shards=2: shards count from 0 to 1"),
+    ]:  # all before the model loads
+        with pytest.raises(ValueError, match=message):
+            evaluate(compose_eval(cache_dir, bench_data, tmp_path, [f"ckpt={trained_run}", override, "num_shards=2"]))
     from hicom.eval.benchmarks import BenchmarkFormatError, MVBench
 
     tasks = {"action_sequence": {"prefix": "x"}, "fine_action": {"prefix": "y"}}
     with pytest.raises(BenchmarkFormatError, match="2 of 2 task files missing .*action_sequence.json, fine_action"):
         MVBench(root=str(tmp_path), tasks=tasks).read()
-    # every benchmark's files are read before the model loads (this checkpoint folder would fail to load)
-    missing = [f"ckpt={tmp_path}", "benchmark=[mvbench,egoschema]", f"benchmarks.egoschema.root={tmp_path}/none"]
+    # every benchmark's files are read before the model loads, and every one missing is named at once
+    missing = [f"ckpt={trained_run}", "benchmark=[mvbench,egoschema]", f"benchmarks.egoschema.root={tmp_path}/none"]
     missing.append(f"benchmarks.mvbench.root={tmp_path}/none")
     with pytest.raises(BenchmarkFormatError, match=r"cannot read the benchmarks:\n  mvbench: .*\n  egoschema: "):
         evaluate(compose_eval(cache_dir, bench_data, tmp_path, missing))

@@ -37,6 +37,7 @@ from hicom.eval.answers import LETTERS, parse_choice
 from hicom.eval.benchmarks import BenchmarkFormatError, Kind, Question, read_srt, subtitles_at
 from hicom.eval.score import drop_torn_tail, read_predictions, score
 from hicom.utils.checkpoints import computed_buffers, load_guide_tokenizer, loading_dtype, restore_computed_buffers
+from hicom.utils.choices import whole_number
 from hicom.utils.files import locked, write_atomically
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,10 @@ def _device(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
     if cfg.precision == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return device, torch.bfloat16 if bf16 else torch.float32
-    return device, {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[cfg.precision]
+    return device, PRECISIONS[cfg.precision]
+
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 def run_benchmark(
@@ -335,17 +339,23 @@ def check_same_answers(path: Path, settings: dict) -> None:
 def evaluate(cfg: DictConfig) -> dict:
     if cfg.ckpt is None:
         raise ValueError("set ckpt=<a training run's folder, a stage folder, or an HF folder in the release's layout>")
+    if not (Path(cfg.ckpt) / "config.json").is_file():  # a folder that holds no run fails first, in a moment
+        find_handoff(Path(cfg.ckpt))
     names = [cfg.benchmark] if isinstance(cfg.benchmark, str) else list(cfg.benchmark)
+    if not names:
+        raise ValueError(f"benchmark=[] names nothing to evaluate: one or more of {sorted(cfg.benchmarks)}")
     unknown = [n for n in names if n not in cfg.benchmarks]
     if unknown:
         raise ValueError(f"unknown benchmarks {unknown}; configured: {sorted(cfg.benchmarks)}")
     shard, num_shards = (cfg.shard, cfg.num_shards) if cfg.shard is not None else _shard()
-    if cfg.limit is not None and int(cfg.limit) < 0:
-        raise ValueError(f"limit is the number of questions per benchmark (null: all), got {cfg.limit}")
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    if not 0 <= shard < num_shards:
-        raise ValueError(f"shard {shard} of {num_shards}")
+    if cfg.limit is not None:
+        whole_number("limit (questions per benchmark; null: all)", cfg.limit)
+    whole_number("batch_size", cfg.batch_size)
+    whole_number("num_shards", num_shards)
+    if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < num_shards:
+        raise ValueError(f"shard={shard!r} of num_shards={num_shards}: shards count from 0 to {num_shards - 1}")
+    if cfg.precision != "auto" and cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {['auto', *PRECISIONS]}, got {cfg.precision!r}")
     sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
     frames = 1 if sampling["num_frames"] is None else sampling["num_frames"]  # None: the checkpoint's, known later
     FrameSampling(**{**sampling, "num_frames": frames})  # a bad value stops the run before the model loads
