@@ -70,15 +70,15 @@ def check_sweep(cfg: DictConfig) -> None:
             f"hydra.sweeper.direction={direction} would keep the worst trial: set hydra.sweeper.direction="
             f"{wanted.direction}, or leave it out (the search configs follow the metric)"
         )
-    if wanted.held_out and not cfg.get("evaluate"):
-        raise ValueError(f"optimized_metric={name} is scored on the held-out questions: set evaluate=true")
-    if cfg.get("dry_run"):
-        raise ValueError(f"optimized_metric={name}: a dry run trains nothing and reports no figure; set dry_run=false")
     if cfg.get("stages"):
         raise ValueError(
             f"optimized_metric={name}: a sweep's trials are single fits and a staged experiment returns no figure; "
             "set stages=null with the settings of the stage to tune"
         )
+    if wanted.held_out and not cfg.get("evaluate"):
+        raise ValueError(f"optimized_metric={name} is scored on the held-out questions: set evaluate=true")
+    if cfg.get("dry_run"):
+        raise ValueError(f"optimized_metric={name}: a dry run trains nothing and reports no figure; set dry_run=false")
 
 
 def swept_value(cfg: DictConfig, metrics: dict) -> float | None:
