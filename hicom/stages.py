@@ -279,6 +279,7 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
     # before it have trained
     write_assets(cfg.get("assets"))
     check_pretrained(cfg)
+    missing_data = []
     for stage in stages:
         if (only is None or stage.name == only) and not (root / stage.name / MANIFEST).is_file():
             stage_cfg = stage_config(cfg, stage, root / stage.name)
@@ -288,7 +289,12 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
                 check_global_batch(stage_cfg)
             except ValueError as err:
                 raise ValueError(f"stage {stage.name}: {err}") from err
-            check_data(stage_cfg)
+            try:
+                check_data(stage_cfg)
+            except FileNotFoundError as err:  # every stage's missing files at once, not one launch per stage
+                missing_data.append(f"stage {stage.name}: {err}")
+    if missing_data:
+        raise FileNotFoundError("\n".join(missing_data))
     parent: Path | None = None
     results = {}
     for i, stage in enumerate(stages):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from hicom.data.index import read_mixture
 from hicom.training import build
 from hicom.utils.checkpoints import check_safetensors
 from tests.conftest import CONFIGS, SMALL, compose_train
@@ -91,13 +92,18 @@ def test_a_staged_run_checks_every_stages_data_before_the_first_trains(cache_dir
     from hicom.stages import run_stages
 
     data = tmp_path / "data"
-    for present in ("LLaVA-Pretrain/blip_laion_cc_sbu_558k.json", "Ins-VL/248328_qa_llavaformat.json"):
+    for present in ("LLaVA-Pretrain/blip_laion_cc_sbu_558k.json",):
         (data / present).parent.mkdir(parents=True)
-        (data / present).write_text(GOOD_RECORD)  # stages 1 and 2 find their files; stage 3's are missing
+        (data / present).write_text(GOOD_RECORD)  # stage 1 finds its file; stage 2's and stage 3's are missing
     overrides = ["experiment=directg_local43_global32", *TINY_PARTS[:3], f"paths.data_dir={data}"]
     cfg = compose_train(cache_dir, tmp_path / "run", overrides)
-    with pytest.raises(FileNotFoundError, match=r"stage3_video_instruct\.yaml not found.*HICOM_DATA"):
+    with pytest.raises(FileNotFoundError) as error:
         run_stages(cfg)
+    message = str(error.value)  # every missing file of every stage, in one launch
+    assert "stage conditional: 1 annotation file(s) of the mixture not found" in message and "HICOM_DATA" in message
+    third = len(read_mixture(CONFIGS / "mixtures" / "stage3_video_instruct.yaml", data))
+    assert f"stage instruction: {third} annotation file(s)" in message
+    assert message.count("stage3_video_instruct.yaml)") == third
     assert not (tmp_path / "run" / "stages").exists()  # nothing trained
 
 

@@ -89,12 +89,16 @@ class MixtureSource:
                 raise FileNotFoundError(f"mixture file '{value}' not found: set `{key}=<file.yaml>`")
         train = tuple(read_mixture(self.train, self.data_dir))
         val = tuple(read_mixture(self.val, self.data_dir)) if self.val else ()
-        for entry, mixture in [(e, self.train) for e in train] + [(e, self.val) for e in val]:
-            if not entry.json_path.is_file():
-                raise FileNotFoundError(
-                    f"annotation file '{entry.json_path}' of the mixture {mixture} not found: its paths start at "
-                    f"data.source.data_dir ('{self.data_dir}'){DATA_DIR_HINT}"
-                )
+        missing = [
+            f"'{entry.json_path}' (of {mixture})"
+            for entry, mixture in [(e, self.train) for e in train] + [(e, self.val) for e in val]
+            if not entry.json_path.is_file()
+        ]
+        if missing:  # every one at once: a mixture lists ten files, and a launch per missing one would be slow
+            raise FileNotFoundError(
+                f"{len(missing)} annotation file(s) of the mixture not found, their paths starting at "
+                f"data.source.data_dir ('{self.data_dir}'){DATA_DIR_HINT}:\n  " + "\n  ".join(missing)
+            )
         return Splits(train=train, val=val)
 
     def prepare(self, root: str | Path | None = None) -> Splits:
