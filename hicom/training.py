@@ -29,14 +29,15 @@ from hicom.utils.instantiators import (
 log = logging.getLogger(__name__)
 
 
-def check(cfg: DictConfig) -> None:
+def check(cfg: DictConfig):
     """What fails in seconds, before anything is built: the model folders, the model's values and the data (tiny
-    assets written first)."""
+    assets written first). Returns the compressor built on the meta device (see check_model)."""
     write_assets(cfg.get("assets"))
     check_pretrained(cfg)
-    check_model(cfg)
+    compressor = check_model(cfg)
     check_trainable(cfg)
     check_data(cfg)
+    return compressor
 
 
 def check_trainable(cfg: DictConfig) -> None:
@@ -87,11 +88,30 @@ def check_checkpoint(path: Path) -> None:
             )
 
 
-def checkpoint_entry(path: Path, key: str):
-    """One top-level entry of a Lightning checkpoint file, read without reading its tensors (memory-mapped)."""
+def read_checkpoint(path: Path) -> dict:
+    """A Lightning checkpoint file without reading its tensors (memory-mapped): its entries, tensor shapes."""
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(key)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def check_resume_compressor(state_dict: dict, compressor) -> None:
+    """Before the towers load: the checkpoint's compressor tensors are the configured compressor's (names and
+    shapes), as the resume will load them strictly; a resume with another compressor config is refused here."""
+    if compressor is None:
+        return
+    prefix = "net.compressor."
+    saved = {k[len(prefix) :]: tuple(v.shape) for k, v in state_dict.items() if k.startswith(prefix)}
+    wanted = {k: tuple(v.shape) for k, v in compressor.state_dict().items()}
+    if saved == wanted:
+        return
+    missing, unexpected = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+    shapes = sorted(f"{k} {saved[k]} != {wanted[k]}" for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    raise ValueError(
+        "this checkpoint's compressor is not the configured one (model.compressor): resume with the settings of the "
+        f"run it comes from (its config.yaml); missing {missing[:5]}, unexpected {unexpected[:5]}, "
+        f"other shapes {shapes[:5]}"
+    )
 
 
 def gradient_accumulation(global_batch: int | None, micro_batch: int, world_size: int) -> int:
@@ -150,7 +170,7 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
         if last is not None:  # a run's folder (as evaluate.py's ckpt= takes): its last checkpoint
             cfg.ckpt_path = str(last)
         check_checkpoint(Path(cfg.ckpt_path))
-    check(cfg)  # missing weights or data first: the user's first fix
+    compressor = check(cfg)  # missing weights or data first: the user's first fix
     if cfg.get("init_from"):
         from hicom.compat.official import check_release_start
 
@@ -158,7 +178,9 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     if cfg.get("ckpt_path") and Path(cfg.ckpt_path).is_file():  # as on_load_checkpoint will, before the build
         from hicom.models.video_llm_module import check_resume_origin
 
-        check_resume_origin(checkpoint_entry(Path(cfg.ckpt_path), "init_from"), cfg.get("init_from"))
+        saved = read_checkpoint(Path(cfg.ckpt_path))
+        check_resume_origin(saved.get("init_from"), cfg.get("init_from"))
+        check_resume_compressor(saved.get("state_dict") or {}, compressor)
     out_dir = ensure_dir(cfg.paths.output_dir)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     # the trainer (with its loggers and callbacks) and the batch arithmetic next: their values fail in seconds,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -541,7 +542,7 @@ def test_the_overfit_debug_config_trains(cache_dir, tmp_path):
     assert metrics["steps"] == 4
 
 
-def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path):
+def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path, monkeypatch):
     """ckpt_path= loads the Lightning checkpoint (torch.load with weights_only=True: the module's hyperparameters
     must be plain Python values) and goes on from its step."""
     import csv
@@ -564,6 +565,12 @@ def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path):
     (stopped / "latest").write_text("checkpoint")  # named: a DeepSpeed checkpoint, whose tag folder is not one
     with pytest.raises(ValueError, match=r"inside a DeepSpeed checkpoint: give its parent, '.*deepspeed\.ckpt'"):
         train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"ckpt_path={stopped / 'checkpoint'}"]))
+    with monkeypatch.context() as patch:  # refused before the towers and the LLM load
+        patch.setattr("hicom.training.build", lambda *a, **k: pytest.fail("built before the resume was checked"))
+        for other, differs in [("model/compressor=avgpool", "missing ['readout.0.bias'"),
+                               ("model.compressor.global_.num_queries=8", "query (32, 64) != (8, 64)")]:  # fmt: skip
+            with pytest.raises(ValueError, match=re.escape(differs)):
+                train(compose_train(cache_dir, tmp_path / "bad", [*more, other]))
     resumed = train(compose_train(cache_dir, tmp_path / "resumed", more))
     rows = csv.DictReader((tmp_path / "resumed" / "csv" / "metrics.csv").open())
     assert resumed["steps"] == 3 and [int(r["step"]) for r in rows if r.get("train/loss")] == [2]  # one more step

@@ -65,11 +65,12 @@ def check_data(cfg: DictConfig) -> None:
     )  # fmt: skip
 
 
-def check_model(cfg: DictConfig, compressor=None) -> None:
+def check_model(cfg: DictConfig, compressor=None):
     """Fail in seconds, before any weights load, on a bad model value: the module's own (trainable parts, learning
     rates, warm-up) and the compressor's, which is built on the meta device at the widths the checkpoints'
     config.json give (check_pretrained first: the folders are there). `compressor`: the callable that builds it, in
-    place of `model.compressor`'s."""
+    place of `model.compressor`'s. Returns that meta-device compressor (None where the config names no model
+    folders)."""
     import json
 
     import torch
@@ -96,7 +97,7 @@ def check_model(cfg: DictConfig, compressor=None) -> None:
             model.get("max_new_tokens", 4),
         )
     if not all(OmegaConf.select(cfg, key) for key in ("model.vision.path", "model.llm.path", "model.compressor")):
-        return
+        return None
     vision_json = Path(model.vision.path) / "config.json"
     try:
         vision_arch = json.loads(vision_json.read_text())
@@ -123,6 +124,7 @@ def check_model(cfg: DictConfig, compressor=None) -> None:
                 f"data.max_length={max_length} leaves no room for text after the {visual} visual tokens of a "
                 f"{frames}-frame clip: raise data.max_length (the recipe's is 4096) or lower data.num_frames"
             )
+    return built
 
 
 def instantiate_all(cfg: DictConfig | None, kind: str) -> list:
