@@ -771,8 +771,8 @@ def test_a_run_fine_tuned_from_a_release_folder_starts_from_every_weight_of_it(
             "model.compressor.global_.guide=direct",
             "builds {'mm_projector_type': 'local43_guidedirect_global32_guidedirect'",
         ),
-        ("+model.compressor.global_.num_heads=2", "global_.num_heads=2"),  # the same weights, other attention
-        ("+model.compressor.local.readout_depth=1", "unexpected ['local_compressor.readout.2.bias'"),
+        ("model.compressor.global_.num_heads=2", "global_.num_heads=2"),  # the same weights, other attention
+        ("model.compressor.local.readout_depth=1", "unexpected ['local_compressor.readout.2.bias'"),
     ):  # each refused before anything loads, saying what differs
         with pytest.raises(ValueError, match=rf"(?s)not the compressor of .*release.*{re.escape(differs)}"):
             train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"init_from={release}", other]))
