@@ -335,6 +335,11 @@ def test_a_bad_checkpoint_or_benchmark_is_a_clear_error(cache_dir, bench_data, t
         ("limit=0", r"limit \(questions per benchmark; null: all\) must be a whole number >= 1, got 0"),
         ("precision=half", r"precision must be one of \['auto', 'bf16', 'fp32', 'fp16'\], got 'half'"),
         ("shard=2", r"shard=2 of num_shards=2: shards count from 0 to 1"),
+        *(
+            [("device=cuda", r"device=cuda, and this torch .* sees no CUDA GPU")]
+            if not torch.cuda.is_available()
+            else []
+        ),
     ]:  # all before the model loads
         with pytest.raises(ValueError, match=message):
             evaluate(compose_eval(cache_dir, bench_data, tmp_path, [f"ckpt={trained_run}", override, "num_shards=2"]))

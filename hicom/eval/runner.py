@@ -190,6 +190,10 @@ def _device(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"device={cfg.device}, and this torch ({torch.__version__}) sees no CUDA GPU: device=auto or cpu"
+            )
     if cfg.precision == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return device, torch.bfloat16 if bf16 else torch.float32
