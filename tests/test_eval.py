@@ -322,7 +322,7 @@ def test_a_limited_run_scores_its_questions_and_keeps_every_answer(cache_dir, be
     assert path.read_text() == rows
 
 
-def test_a_bad_checkpoint_or_benchmark_is_a_clear_error(cache_dir, bench_data, trained_run, tmp_path):
+def test_a_bad_checkpoint_or_benchmark_is_a_clear_error(cache_dir, bench_data, trained_run, tmp_path, monkeypatch):
     from hicom.eval.runner import evaluate
 
     for folder in (tmp_path, tmp_path / "nowhere"):  # named before any benchmark file is read
@@ -343,6 +343,14 @@ def test_a_bad_checkpoint_or_benchmark_is_a_clear_error(cache_dir, bench_data, t
     ]:  # all before the model loads
         with pytest.raises(ValueError, match=message):
             evaluate(compose_eval(cache_dir, bench_data, tmp_path, [f"ckpt={trained_run}", override, "num_shards=2"]))
+    from hicom.utils.config import run_stamp
+
+    for name in ("HICOM_RUN_STAMP", "WORLD_SIZE", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    own = tmp_path / run_stamp()  # the default folder of a launch without a shared name: this process's alone
+    with pytest.raises(ValueError, match="give every shard the same output_dir=<folder>"):
+        evaluate(compose_eval(cache_dir, bench_data, own, [f"ckpt={trained_run}", "shard=0", "num_shards=2"]))
+    assert not own.exists()
     from hicom.eval.benchmarks import BenchmarkFormatError, MVBench
 
     tasks = {"action_sequence": {"prefix": "x"}, "fine_action": {"prefix": "y"}}

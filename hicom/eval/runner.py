@@ -38,6 +38,7 @@ from hicom.eval.benchmarks import BenchmarkFormatError, Kind, Question, read_srt
 from hicom.eval.score import drop_torn_tail, read_predictions, score
 from hicom.utils.checkpoints import computed_buffers, load_guide_tokenizer, loading_dtype, restore_computed_buffers
 from hicom.utils.choices import whole_number
+from hicom.utils.config import process_own_folder
 from hicom.utils.files import locked, write_atomically
 
 log = logging.getLogger(__name__)
@@ -358,6 +359,12 @@ def evaluate(cfg: DictConfig) -> dict:
     whole_number("num_shards", num_shards)
     if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < num_shards:
         raise ValueError(f"shard={shard!r} of num_shards={num_shards}: shards count from 0 to {num_shards - 1}")
+    if num_shards > 1 and process_own_folder(cfg.output_dir):  # the shards would never meet to merge
+        raise ValueError(
+            f"{num_shards} shards merge their answers in one folder, and this one is named by this process's own "
+            f"start time and id ({cfg.output_dir}): give every shard the same output_dir=<folder> (or "
+            "HICOM_RUN_STAMP=<name>, or torchrun --rdzv-id=<id>)"
+        )
     if cfg.precision != "auto" and cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {['auto', *PRECISIONS]}, got {cfg.precision!r}")
     sampling = OmegaConf.to_container(cfg.sampling, resolve=True)

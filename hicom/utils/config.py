@@ -40,7 +40,18 @@ def run_stamp(pattern: str = "%Y-%m-%d_%H-%M-%S") -> str:
             "same value in every process",
             stacklevel=2,
         )
-    return f"{time.strftime(pattern)}_{os.getpid()}"
+    stamp = f"{time.strftime(pattern)}_{os.getpid()}"
+    _OWN_STAMPS.add(stamp)
+    return stamp
+
+
+_OWN_STAMPS: set[str] = set()  # the stamps run_stamp named by this process's time and id
+
+
+def process_own_folder(path: str | Path) -> bool:
+    """Whether `path` is a run folder named by this process alone (its start time and id): no other process of
+    the launch can know it, so none will share it."""
+    return Path(path).name in _OWN_STAMPS
 
 
 def _launch_id() -> str | None:
