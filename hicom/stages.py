@@ -87,18 +87,25 @@ def check_stage_overrides(stages, overrides: list[str]) -> None:
     otherwise train with the recipe's values and say nothing. The message gives the per-stage overrides."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    def leaves(key: str, value) -> list[str]:  # a dict value merges key by key: each of its leaves is set
+        if isinstance(value, dict):
+            return [leaf for name, item in value.items() for leaf in leaves(f"{key}.{name}", item)]
+        return [key]
+
     problems = []
     for override in OverridesParser.create().parse_overrides(list(overrides)):
-        key = override.key_or_group
-        if "/" in key or override.is_delete():  # a config group, or a key removed: not a value a stage replaces
+        if "/" in override.key_or_group or override.is_delete():  # a config group, or a key removed
             continue
         per_stage = []
         for i, stage in enumerate(stages):
-            for stage_key, field in stage_keys(stage).items():
-                whole = isinstance(override.value(), dict) and stage_key.startswith(key + ".")  # model.lr={...}
-                if key == stage_key or key.startswith(stage_key + ".") or whole:
-                    per_stage.append(f"stages.{i}.{field}{key[len(stage_key) :]}=... ({stage.name})")
-                    break
+            hits = [
+                f"stages.{i}.{field}{key[len(stage_key) :]}=... ({stage.name})"
+                for key in leaves(override.key_or_group, override.value())
+                for stage_key, field in stage_keys(stage).items()
+                if key == stage_key or key.startswith(stage_key + ".")
+            ]
+            if hits:
+                per_stage.append(hits[0])
         if per_stage:
             problems.append(f"{override.input_line}: the stages set it themselves; per stage: {', '.join(per_stage)}")
     if problems:
@@ -279,20 +286,24 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
     # before it have trained
     write_assets(cfg.get("assets"))
     check_pretrained(cfg)
+    to_run = [
+        (stage.name, stage_config(cfg, stage, root / stage.name))
+        for stage in stages
+        if (only is None or stage.name == only) and not (root / stage.name / MANIFEST).is_file()
+    ]
+    for name, stage_cfg in to_run:
+        try:
+            check_model(stage_cfg)
+            check_trainable(stage_cfg)
+            check_global_batch(stage_cfg)
+        except ValueError as err:
+            raise ValueError(f"stage {name}: {err}") from err
     missing_data = []
-    for stage in stages:
-        if (only is None or stage.name == only) and not (root / stage.name / MANIFEST).is_file():
-            stage_cfg = stage_config(cfg, stage, root / stage.name)
-            try:
-                check_model(stage_cfg)
-                check_trainable(stage_cfg)
-                check_global_batch(stage_cfg)
-            except ValueError as err:
-                raise ValueError(f"stage {stage.name}: {err}") from err
-            try:
-                check_data(stage_cfg)
-            except FileNotFoundError as err:  # every stage's missing files at once, not one launch per stage
-                missing_data.append(f"stage {stage.name}: {err}")
+    for name, stage_cfg in to_run:
+        try:
+            check_data(stage_cfg)
+        except FileNotFoundError as err:  # every stage's missing files at once, not one launch per stage
+            missing_data.append(f"stage {name}: {err}")
     if missing_data:
         raise FileNotFoundError("\n".join(missing_data))
     parent: Path | None = None

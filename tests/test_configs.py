@@ -255,8 +255,17 @@ def test_command_line_values_a_staged_experiment_would_replace_are_refused_with_
     from hicom.stages import check_stage_overrides
 
     stages = compose_train(cache_dir, tmp_path, ["experiment=directg_local43_global32"]).stages
-    fine = ["model/compressor=avgpool", "strategy=ddp", "data=mixture", "~logger", "trainer.max_epochs=2",
-            "stages.1.num_frames=16", "stages.2.config.model.lr.llm=2e-5", "model.weight_decay=0.01"]  # fmt: skip
+    fine = [
+        "model/compressor=avgpool",
+        "strategy=ddp",
+        "data=mixture",
+        "~logger",
+        "trainer.max_epochs=2",
+        "stages.1.num_frames=16",
+        "stages.2.config.model.lr.llm=2e-5",
+        "model.weight_decay=0.01",
+        "data.source={data_dir: /elsewhere}",
+    ]  # fmt: skip  (a dict merges: only data_dir is set)
     check_stage_overrides(stages, fine)
     cases = {
         "data.num_frames=16": "stages.0.num_frames=... (alignment), stages.1.num_frames=... (conditional), "
@@ -441,6 +450,7 @@ def unloadable_llm(tiny_paths, tmp_path_factory) -> Path:
         ("data.batch_size=four", "data.batch_size must be a whole number >= 1, got 'four'"),
         ("model.compressor.local.keys=embed", r"local: keys must be one of \['embeds', 'features'\], got 'embed'"),
         ("model.compressor.global_.guide=Direct", r"global_: guide must be one of \['off', 'direct'"),
+        ("data.sampling.fallback=decrd", r"fallback must be one of \['decord', 'pyav'\], got 'decrd'"),
         ("data.sampling.decoder=ffmpeg", r"decoder must be one of \['decord', 'pyav'\], got 'ffmpeg'"),
         ("model.compressor.local.guide=bogus", r"guide must be one of \['off', 'direct', 'coarse', 'fine'\]"),
         ("model/vision=tiny_clip", "joint-space keys, which ClipTower does not provide"),

@@ -238,6 +238,12 @@ def test_held_out_batches_without_clips_join_the_visual_gathers_under_zero3(cfg_
         calls.clear()
         model.test_step(held_out, 0)
         assert calls[:3] == ["vision", "compressor", "llm"] and set(calls[3:]) <= {"llm"}
+        # a batch whose every sample was skipped runs the last batch again as a stand-in: text-only, it too
+        model._stand_ins = {"val": batch, "test": held_out}
+        for step in (model.validation_step, model.test_step):
+            calls.clear()
+            step({"ids": [], "skipped": []}, 0)
+            assert calls[:3] == ["vision", "compressor", "llm"], step.__name__
 
 
 def test_lightnings_own_ddp_launcher_keeps_one_run_folder(cache_dir, tmp_path):

@@ -166,7 +166,8 @@ def iter_records(path: str | Path) -> Iterator:
 
 def count_records(path: str | Path, seen_dir: str | Path | None = None) -> int:
     """The records of an annotation file, read through as the index build reads it: a .json file that is not JSON,
-    or not a list, fails here with its path (a JSONL line that is not JSON counts as one record, a bad one). With `seen_dir`, the count of a file read before
+    or not a list, fails here with its path, as does a file none of whose records is a JSON object (a JSONL line
+    that is not JSON counts as one record, a bad one). With `seen_dir`, the count of a file read before
     (same path, size and modification time) is taken from there, and a new count is written there."""
     path = Path(path)
     stat = path.stat()
@@ -179,7 +180,16 @@ def count_records(path: str | Path, seen_dir: str | Path | None = None) -> int:
                 return int(seen["records"])
         except (ValueError, KeyError, TypeError):
             pass  # a damaged stamp: read the file again
-    count = sum(1 for _ in iter_records(path))
+    count = objects = 0
+    first_bad = None
+    for record in iter_records(path):
+        count += 1
+        if isinstance(record, dict) and unreadable_line(record) is None:
+            objects += 1
+        elif first_bad is None:
+            first_bad = unreadable_line(record) or f"record {count - 1} is not a JSON object"
+    if count and not objects:  # not a file with bad lines but a file of another kind (a JSON list saved as .jsonl)
+        raise ValueError(f"{path}: no record is a JSON object ({first_bad}): not a LLaVA-format JSON / JSONL file")
     if stamp is not None:
         stamp.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(stamp, json.dumps({"key": key, "records": count}))

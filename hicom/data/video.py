@@ -75,7 +75,7 @@ class FrameSampling:
             raise ValueError(f"time_limit must be positive or None, got {self.time_limit}")
         object.__setattr__(self, "decoder", Decoder(self.decoder))
         if self.fallback is not None:
-            object.__setattr__(self, "fallback", Decoder(self.fallback))
+            object.__setattr__(self, "fallback", Decoder.of(self.fallback, "fallback"))
 
 
 DEFAULT_SAMPLING = FrameSampling()

@@ -325,7 +325,9 @@ class VideoLLMModule(LightningModule):
                 self._val_count + len(batch["ids"]),
             )
         elif self.net.zero3 and self._world() > 1:  # the others' forward gathers parameters from this process too
-            self.net(self._stand_in(batch, "val"))
+            stand_in = self._stand_in(batch, "val")
+            self._join_visual_gathers(stand_in)  # a text-only stand-in runs the visual parts too
+            self.net(stand_in)
 
     def on_validation_epoch_end(self) -> None:
         """val/loss over every process's held-out samples (each process validates its own shard): summed across
@@ -340,7 +342,9 @@ class VideoLLMModule(LightningModule):
         self._count_skipped(batch)
         if "input_ids" not in batch:
             if self.net.zero3 and self._world() > 1:  # as in validation: generate along, discard the replies
-                self.net.generate(self._stand_in(batch, "test"), max_new_tokens=self.max_new_tokens)
+                stand_in = self._stand_in(batch, "test")
+                self._join_visual_gathers(stand_in)
+                self.net.generate(stand_in, max_new_tokens=self.max_new_tokens)
             return
         self._keep_stand_in(batch, "test")
         self._join_visual_gathers(batch)

@@ -13,6 +13,13 @@ class Choice(str, enum.Enum):
     def _missing_(cls, value):
         raise ValueError(f"{cls.__name__.lower()} must be one of {[c.value for c in cls]}, got {value!r}")
 
+    @classmethod
+    def of(cls, value, key: str):
+        """`cls(value)`, refused under the name `key` where the config key is not the class's (a fallback decoder)."""
+        if isinstance(value, cls) or value in {c.value for c in cls}:
+            return cls(value)
+        raise ValueError(f"{key} must be one of {[c.value for c in cls]}, got {value!r}")
+
 
 def whole_number(key: str, value, least: int = 1) -> int:
     """`value` if it is an int (not a bool) of at least `least`, else ValueError naming `key`."""

@@ -125,6 +125,13 @@ def test_a_jsonl_line_that_is_not_json_is_one_bad_sample_in_its_place(tmp_path, 
     exclude = read_quarantine(out / "quarantine.jsonl")
     kept = SampleIndex.build([MixtureEntry(tmp_path / "a.jsonl", tmp_path)], exclude=exclude)
     assert [kept.record_of(i)["id"] for i in range(len(kept))] == ["ok0", "ok1", "ok2"]
+    # a file none of whose lines is a record is another kind of file, refused up front: a JSON list saved as .jsonl
+    (tmp_path / "list.jsonl").write_text(json.dumps(records("ok", 3), indent=1))
+    with pytest.raises(ValueError, match=r"list\.jsonl: no record is a JSON object \(line 1 is not JSON"):
+        count_records(tmp_path / "list.jsonl")
+    (tmp_path / "strings.jsonl").write_text('"a"\n"b"\n')
+    with pytest.raises(ValueError, match="no record is a JSON object .record 0 is not a JSON object"):
+        count_records(tmp_path / "strings.jsonl")
 
 
 def test_preflight_follows_the_datasets_rules_and_the_runs_seed(tmp_path):
