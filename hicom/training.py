@@ -185,6 +185,15 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     # the trainer (with its loggers and callbacks) and the batch arithmetic next: their values fail in seconds,
     # before the towers and the LLM load
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator")
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"trainer.accelerator={accelerator}, and this torch ({torch.__version__}) sees no CUDA GPU: "
+                "trainer=default trains on the CPU"
+            )
     loggers = instantiate_all(cfg.get("logger"), "logger")
     callbacks = instantiate_all(cfg.get("callbacks"), "callback")
     if not loggers:  # `~logger`: nothing to write learning rates to (Lightning's monitor would refuse at the fit)

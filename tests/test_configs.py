@@ -450,6 +450,11 @@ def unloadable_llm(tiny_paths, tmp_path_factory) -> Path:
         ("data.batch_size=four", "data.batch_size must be a whole number >= 1, got 'four'"),
         ("model.compressor.local.keys=embed", r"local: keys must be one of \['embeds', 'features'\], got 'embed'"),
         ("model.compressor.global_.guide=Direct", r"global_: guide must be one of \['off', 'direct'"),
+        *(
+            [("trainer=gpu", "sees no CUDA GPU: trainer=default trains on the CPU")]
+            if not torch.cuda.is_available()
+            else []
+        ),
         ("data.sampling.fallback=decrd", r"fallback must be one of \['decord', 'pyav'\], got 'decrd'"),
         ("data.sampling.decoder=ffmpeg", r"decoder must be one of \['decord', 'pyav'\], got 'ffmpeg'"),
         ("model.compressor.local.guide=bogus", r"guide must be one of \['off', 'direct', 'coarse', 'fine'\]"),
