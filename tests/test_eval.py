@@ -826,6 +826,9 @@ def test_a_run_fine_tuned_from_a_release_folder_starts_from_every_weight_of_it(
     staged = ["experiment=tiny_stages", *SMALL, "stage=instruction", f"stage_parent={run}"]
     with pytest.raises(ValueError, match=r"fine-tuned from the release folder .*release \(init_from\)"):
         run_stages(compose_train(cache_dir, tmp_path / "next", staged))
+    typo = compose_eval(cache_dir, bench_data, tmp_path, ["run_overrides=['model.vison.path=/x']"])
+    with pytest.raises(ValueError, match=r"run_overrides: \['model.vison.path'\] are not keys of .*config.yaml"):
+        load_model(run, typo)
     gone = compose_eval(cache_dir, bench_data, tmp_path, [f"run_overrides=['init_from={tmp_path / 'moved'}']"])
     with pytest.raises(FileNotFoundError, match=r"not found here: run_overrides=\['init_from=<that folder>'\]"):
         load_model(run, gone)

@@ -96,7 +96,11 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
     check_handoff(folder)
     run_cfg = OmegaConf.load(folder / "config.yaml")
     if cfg.get("run_overrides"):  # e.g. the towers' folders on this machine
-        run_cfg = OmegaConf.merge(run_cfg, OmegaConf.from_dotlist(list(cfg.run_overrides)))
+        overrides = OmegaConf.from_dotlist(list(cfg.run_overrides))
+        absent = [key for key in _leaf_keys(OmegaConf.to_container(overrides)) if not _has_key(run_cfg, key)]
+        if absent:  # a misspelt key would reach the module as an unknown argument, or be silently ignored
+            raise ValueError(f"run_overrides: {absent} are not keys of {folder / 'config.yaml'}")
+        run_cfg = OmegaConf.merge(run_cfg, overrides)
     if run_cfg.get("init_from"):  # fine-tuned from a release folder: its LLM and untrained parts are the folder's
         from hicom.compat.official import use_release_llm
 
@@ -116,6 +120,18 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
     parts = load_handoff(module, folder, [])
     source = {"ckpt": str(folder), "format": "run", "parts": parts, "trained_frames": int(run_cfg.data.num_frames)}
     return module, source
+
+
+def _leaf_keys(node, prefix: str = "") -> list[str]:
+    if isinstance(node, dict) and node:
+        return [leaf for name, item in node.items() for leaf in _leaf_keys(item, f"{prefix}{name}.")]
+    return [prefix.rstrip(".")]
+
+
+def _has_key(cfg: DictConfig, key: str) -> bool:
+    parent, _, name = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return isinstance(node, DictConfig) and name in node
 
 
 class BenchmarkDataset(Dataset):
