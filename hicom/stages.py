@@ -33,7 +33,7 @@ from hicom.callbacks.checkpoint import resume_checkpoint
 from hicom.modules.compressors.base import unguided_config
 from hicom.training import check_global_batch, check_trainable, train
 from hicom.utils.checkpoints import check_safetensors, full_parameters
-from hicom.utils.config import unshared_launch
+from hicom.utils.config import dotted_keys, unshared_launch
 from hicom.utils.instantiators import check_data, check_model, check_pretrained, write_assets
 
 log = logging.getLogger(__name__)
@@ -68,16 +68,8 @@ def stage_keys(stage: DictConfig) -> dict[str, str]:
     """The dotted keys of the run's config that `stage` sets (stage_config), each with the override that sets it
     for this stage alone, relative to the stage (`num_frames`, `config.model.lr.compressor`)."""
     keys = {key: field for key, field in STAGE_FIELDS.items() if stage.get(field) is not None}
-
-    def leaves(node, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for name, value in node.items():
-                leaves(value, f"{prefix}.{name}" if prefix else str(name))
-        else:
-            keys[prefix] = f"config.{prefix}"
-
-    leaves(OmegaConf.to_container(stage.get("config") or OmegaConf.create({}), resolve=False), "")
-    keys.pop("", None)
+    delta = OmegaConf.to_container(stage.get("config") or OmegaConf.create({}), resolve=False)
+    keys.update({key: f"config.{key}" for key in dotted_keys(delta)})
     return keys
 
 
@@ -88,9 +80,7 @@ def check_stage_overrides(stages, overrides: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     def leaves(key: str, value) -> list[str]:  # a dict value merges key by key: each of its leaves is set
-        if isinstance(value, dict):
-            return [leaf for name, item in value.items() for leaf in leaves(f"{key}.{name}", item)]
-        return [key]
+        return dotted_keys(value, f"{key}.") if isinstance(value, dict) else [key]
 
     problems = []
     for override in OverridesParser.create().parse_overrides(list(overrides)):

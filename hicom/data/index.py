@@ -184,10 +184,11 @@ def count_records(path: str | Path, seen_dir: str | Path | None = None) -> int:
     first_bad = None
     for record in iter_records(path):
         count += 1
-        if isinstance(record, dict) and unreadable_line(record) is None:
+        what = unreadable_line(record)
+        if isinstance(record, dict) and what is None:
             objects += 1
         elif first_bad is None:
-            first_bad = unreadable_line(record) or f"record {count - 1} is not a JSON object"
+            first_bad = what or f"record {count - 1} is not a JSON object"
     if count and not objects:  # not a file with bad lines but a file of another kind (a JSON list saved as .jsonl)
         raise ValueError(f"{path}: no record is a JSON object ({first_bad}): not a LLaVA-format JSON / JSONL file")
     if stamp is not None:
@@ -281,8 +282,9 @@ class SampleIndex:
                 if row in skip:
                     continue
                 record = records[row]
-                if unreadable_line(record) is not None:
-                    unreadable.append(unreadable_line(record))
+                what = unreadable_line(record)
+                if what is not None:
+                    unreadable.append(what)
                 origin.append(row)
                 modality.append(modality_of(record))
                 data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()

@@ -38,7 +38,7 @@ from hicom.eval.benchmarks import BenchmarkFormatError, Kind, Question, read_srt
 from hicom.eval.score import drop_torn_tail, read_predictions, score
 from hicom.utils.checkpoints import computed_buffers, load_guide_tokenizer, loading_dtype, restore_computed_buffers
 from hicom.utils.choices import whole_number
-from hicom.utils.config import process_own_folder
+from hicom.utils.config import dotted_keys, process_own_folder
 from hicom.utils.files import locked, write_atomically
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
     run_cfg = OmegaConf.load(folder / "config.yaml")
     if cfg.get("run_overrides"):  # e.g. the towers' folders on this machine
         overrides = OmegaConf.from_dotlist(list(cfg.run_overrides))
-        absent = [key for key in _leaf_keys(OmegaConf.to_container(overrides)) if not _has_key(run_cfg, key)]
+        absent = [key for key in dotted_keys(OmegaConf.to_container(overrides)) if not _has_key(run_cfg, key)]
         if absent:  # a misspelt key would reach the module as an unknown argument, or be silently ignored
             raise ValueError(f"run_overrides: {absent} are not keys of {folder / 'config.yaml'}")
         run_cfg = OmegaConf.merge(run_cfg, overrides)
@@ -120,12 +120,6 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
     parts = load_handoff(module, folder, [])
     source = {"ckpt": str(folder), "format": "run", "parts": parts, "trained_frames": int(run_cfg.data.num_frames)}
     return module, source
-
-
-def _leaf_keys(node, prefix: str = "") -> list[str]:
-    if isinstance(node, dict) and node:
-        return [leaf for name, item in node.items() for leaf in _leaf_keys(item, f"{prefix}{name}.")]
-    return [prefix.rstrip(".")]
 
 
 def _has_key(cfg: DictConfig, key: str) -> bool:

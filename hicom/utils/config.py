@@ -54,6 +54,16 @@ def process_own_folder(path: str | Path) -> bool:
     return Path(path).name in _OWN_STAMPS
 
 
+def dotted_keys(node: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of a nested dict's leaves (`{"model": {"lr": {"llm": 1}}}` -> `["model.lr.llm"]`); an empty
+    dict is a leaf of its own."""
+    keys = []
+    for name, item in node.items():
+        key = f"{prefix}{name}"
+        keys.extend(dotted_keys(item, f"{key}.") if isinstance(item, dict) and item else [key])
+    return keys
+
+
 def _launch_id() -> str | None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         run = os.environ.get("TORCHELASTIC_RUN_ID", "")
