@@ -86,7 +86,7 @@ def check_stage_overrides(stages, overrides: list[str]) -> None:
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         if "/" in override.key_or_group or override.is_delete():  # a config group, or a key removed
             continue
-        per_stage = []
+        per_stage, others = [], []
         for i, stage in enumerate(stages):
             hits = [
                 f"stages.{i}.{field}{key[len(stage_key) :]}=... ({stage.name})"
@@ -96,8 +96,13 @@ def check_stage_overrides(stages, overrides: list[str]) -> None:
             ]
             if hits:
                 per_stage.append(hits[0])
+            else:  # the stage takes the run's value: it is set for it alone through its config delta
+                others.append(f"+stages.{i}.config.{override.key_or_group}=... ({stage.name})")
         if per_stage:
-            problems.append(f"{override.input_line}: the stages set it themselves; per stage: {', '.join(per_stage)}")
+            where = f"; the other stages take it as {', '.join(others)}" if others else ""
+            problems.append(
+                f"{override.input_line}: the stages set it themselves; per stage: {', '.join(per_stage)}{where}"
+            )
     if problems:
         raise ValueError(
             "values of a staged experiment that its stages replace (stages count from 0):\n  " + "\n  ".join(problems)

@@ -283,7 +283,13 @@ def test_command_line_values_a_staged_experiment_would_replace_are_refused_with_
     with pytest.raises(ValueError) as error:  # every one named at once
         check_stage_overrides(stages, list(cases))
     assert all(f"\n  {override}: the stages set it themselves" in str(error.value) for override in cases)
-    assert "stages.0.config.model.lr.llm" not in str(error.value)  # only the stages that set a key are named
+    lines = {line.split(": ")[0].strip(): line for line in str(error.value).splitlines()[1:]}
+    assert "other stages" not in lines["data.num_frames=16"]  # every stage sets it
+    # a key only stage 2 sets: its key, then how the other two take the value
+    assert lines["model.lr.llm=5e-5"].endswith(
+        "per stage: stages.2.config.model.lr.llm=... (instruction); the other stages take it as "
+        "+stages.0.config.model.lr.llm=... (alignment), +stages.1.config.model.lr.llm=... (conditional)"
+    )
 
 
 @pytest.mark.parametrize(

@@ -61,13 +61,20 @@ class Sampling:
                 percent = float(amount[:-1])
                 if not 0 <= percent <= 100:
                     raise ValueError
-                return cls(Strategy(kind), percent=percent)
-            count = int(amount)
-            if count < 0:
-                raise ValueError
-            return cls(Strategy(kind), count=count)
+                sampling = cls(Strategy(kind), percent=percent)
+            else:
+                count = int(amount)
+                if count < 0:
+                    raise ValueError
+                sampling = cls(Strategy(kind), count=count)
         except ValueError:
             raise ValueError(f"sampling_strategy {text!r}: N must be a count >= 0 or a percentage 0-100%") from None
+        if sampling.strategy is Strategy.END and not (sampling.count or sampling.percent):
+            raise ValueError(  # the release sliced `[-0:]`, which is every record; N from the end is none
+                f"sampling_strategy {text!r} is ambiguous: the release's reading takes every record, the last N none; "
+                "write `all`, or leave the entry out"
+            )
+        return sampling
 
     def size(self, n: int) -> int:
         """How many records of a file of n records this sampling takes."""

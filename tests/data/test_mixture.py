@@ -43,6 +43,10 @@ def test_random_sampling_is_seeded_and_bad_strategies_are_refused():
     for bad in ("some", "first:", "first:-1", "random:120%", "middle:3", "first:x"):
         with pytest.raises(ValueError, match="sampling_strategy"):
             Sampling.parse(bad)
+    for ambiguous in ("end:0", "end:0%", "end:0.0%"):  # the release's `[-0:]` took everything
+        with pytest.raises(ValueError, match="ambiguous: the release's reading takes every record"):
+            Sampling.parse(ambiguous)
+    assert Sampling.parse("first:0").size(10) == 0 == Sampling.parse("random:0%").size(10)
 
 
 def test_a_mixture_of_json_and_jsonl_with_relative_paths(tmp_path):

@@ -353,6 +353,14 @@ def test_qformer_every_parameter_learns_and_bad_sizes_are_refused():
         module(torch.randn(1, 2, 4, 4, 8), guide=torch.randn(1, 6))
 
 
+def test_a_tiny_q_former_on_real_width_tokens_is_named(caplog):
+    with caplog.at_level("WARNING", logger="hicom.modules.compressors.qformer"):
+        small_qformer(in_dim=16, out_dim=4)  # the tiny default: as wide as its tokens
+        assert not caplog.records
+        small_qformer(in_dim=128, out_dim=4)  # 16 wide on 128-wide tokens, as 64 on SigLIP's 1152
+    assert "set qformer_size=null" in caplog.text and "16-wide Q-Former reads 128-wide" in caplog.text
+
+
 def test_a_compressor_must_implement_forward_clips_or_forward_packed():
     class Empty(Compressor):
         pass

@@ -14,6 +14,7 @@ tokenizer is needed.
 
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
@@ -22,6 +23,8 @@ from torch import nn
 from hicom.modules.compressors.base import Compressor, PackedLayout, pad_packed, readout
 from hicom.modules.compressors.global_compressor import position_table_3d
 from hicom.utils.choices import whole_number
+
+log = logging.getLogger(__name__)
 
 
 class QFormerCompressor(Compressor):
@@ -54,6 +57,14 @@ class QFormerCompressor(Compressor):
         from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
         whole_number("num_queries", num_queries)
+        if hidden_size * 8 <= in_dim:  # train.yaml's qformer_size is sized for the 64-wide tiny towers
+            log.warning(
+                "model.compressor: a %d-wide Q-Former reads %d-wide visual tokens; train.yaml's qformer_size is the "
+                "tiny default's (the real experiments set it to null, BLIP-2's BERT-base): set qformer_size=null "
+                "for BERT-base, or leave it if a small Q-Former is what you want",
+                hidden_size,
+                in_dim,
+            )
         config = Blip2QFormerConfig(
             hidden_size=hidden_size,
             num_hidden_layers=num_layers,
