@@ -478,6 +478,7 @@ def unloadable_llm(tiny_paths, tmp_path_factory) -> Path:
         ("model.vision.select_layer=-10", r"select_layer=-10: this tower has \d+ layers"),
         ("data.max_length=0", "data.max_length must be a whole number >= 1"),
         ("data.max_length=40", "data.max_length=40 leaves no room for text after the 50 visual tokens"),
+        ("data.too_long=cut", r"data.too_long must be one of \['skip', 'truncate'\], got 'cut'"),
     ],
 )
 def test_a_bad_config_value_fails_before_any_weights_load(override, message, cache_dir, tmp_path, unloadable_llm):
@@ -508,10 +509,12 @@ def test_an_unreadable_annotation_file_fails_before_any_weights_load(
         train(compose_train(cache_dir, tmp_path / "run", overrides))
 
 
-def test_the_unloadable_llm_fails_when_it_loads(cache_dir, tmp_path, unloadable_llm):
-    """What the test above relies on: with good values, the run gets as far as loading the LLM, and fails there."""
+@pytest.mark.parametrize("extra", [[], ["data.max_length=40", "data.too_long=truncate"]])
+def test_the_unloadable_llm_fails_when_it_loads(extra, cache_dir, tmp_path, unloadable_llm):
+    """What the test above relies on: with good values, the run gets as far as loading the LLM, and fails there.
+    (A max_length below the clip's visual tokens is good where the text alone is cut to it.)"""
     with pytest.raises(Exception, match="ignore_mismatched_sizes"):
-        build(compose_train(cache_dir, tmp_path, [*SMALL, f"model.llm.path={unloadable_llm}"]))
+        build(compose_train(cache_dir, tmp_path, [*SMALL, *extra, f"model.llm.path={unloadable_llm}"]))
 
 
 def test_weights_cut_short_are_named_before_anything_loads(cache_dir, tmp_path, tiny_paths):

@@ -14,7 +14,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
 from hicom.data.collate import Collator
-from hicom.data.dataset import VideoQADataset
+from hicom.data.dataset import TooLong, VideoQADataset
 from hicom.data.index import MixtureEntry, SampleIndex, read_mixture
 from hicom.data.sampler import ResumableLoader, TrainSampler
 from hicom.data.template import ChatEncoder
@@ -117,7 +117,8 @@ class VideoQADataModule(LightningDataModule):
     once (by `prepare_data`) and memory-mapped by every rank and worker; None builds them in memory per process.
     `group_by_length`: training batches of one modality
     and similar length (TrainSampler). `pad_to_square`: frames padded to square with the mean colour before the
-    resize (the release's "pad"), else stretched (its stage 1).
+    resize (the release's "pad"), else stretched (its stage 1). `too_long`: a training sample over `max_length`
+    tokens is skipped and counted (`skip`), or its text cut as the release cut it (`truncate`; see TooLong).
     """
 
     def __init__(
@@ -136,6 +137,7 @@ class VideoQADataModule(LightningDataModule):
         eval_batch_size: int = 16,
         num_workers: int = 2,
         max_length: int = 4096,
+        too_long: str = "skip",
         split_turns: bool | None = None,
         guided: bool = False,
         quarantine: str | None = None,
@@ -163,6 +165,7 @@ class VideoQADataModule(LightningDataModule):
         self.sampling = FrameSampling(num_frames=num_frames, **(sampling or {}))
         self.pad_to_square = pad_to_square
         self.max_length = max_length
+        self.too_long = TooLong.of(too_long, "data.too_long")
         self._split_turns, self.guided = split_turns, guided
         self.quarantine = quarantine
         self.group_by_length = group_by_length
@@ -218,6 +221,7 @@ class VideoQADataModule(LightningDataModule):
             visual_tokens=self.visual_tokens,
             sampling=self.sampling,
             max_length=self.max_length,
+            too_long=self.too_long,
         )
         train, val, test = self._indexes(self.splits)
         self.train_set = VideoQADataset(index=train, **common)

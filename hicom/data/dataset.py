@@ -12,7 +12,15 @@ import torch
 from torch.utils.data import Dataset
 
 from hicom.data.index import SampleIndex, unreadable_line
-from hicom.data.template import ChatEncoder, MalformedSample, clip_first, guide_text, to_messages, user_turns
+from hicom.data.template import (
+    ChatEncoder,
+    MalformedSample,
+    clip_first,
+    cut_text,
+    guide_text,
+    to_messages,
+    user_turns,
+)
 from hicom.data.transforms import FrameTransform
 from hicom.data.video import (
     DEFAULT_SAMPLING,
@@ -24,8 +32,18 @@ from hicom.data.video import (
     within_time_limit,
 )
 from hicom.eval.answers import parse_options
+from hicom.utils.choices import Choice
 
 log = logging.getLogger(__name__)
+
+
+class TooLong(Choice):
+    """What a training sample over `max_length` becomes: skipped and counted (`skip`: visual + text tokens are
+    counted), or cut as the release cuts (`truncate`: its text, the visual tokens counting as one; see cut_text).
+    A question asked for generation is never cut."""
+
+    SKIP = "skip"
+    TRUNCATE = "truncate"
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -104,7 +122,7 @@ class VideoQADataset(Dataset):
     comes back as `{"skip": reason, "id", "path", "error", "source"}` so the collator can count it per reason
     without stopping the run. Reasons: missing, empty, no_video_stream, undecodable, timeout (the clip),
     malformed (the conversation, the media fields or the time window), too_long (visual + text tokens over
-    max_length), error (anything else one sample raised, with its exception: counted like the others, so the bad
+    max_length; with `too_long=truncate`, a sample whose cut would leave no answer or part of its clip), error (anything else one sample raised, with its exception: counted like the others, so the bad
     samples guard stops a run where it is every sample).
 
     With an index split per exchange (`SampleIndex.build(split_turns=True)`), sample j of a conversation is its
@@ -120,6 +138,7 @@ class VideoQADataset(Dataset):
         visual_tokens: Callable[[int, str], int],
         sampling: FrameSampling = DEFAULT_SAMPLING,
         max_length: int = 4096,
+        too_long: TooLong = TooLong.SKIP,
         generation: bool = False,
     ) -> None:
         self.index = index
@@ -128,6 +147,7 @@ class VideoQADataset(Dataset):
         self.visual_tokens = visual_tokens
         self.sampling = sampling
         self.max_length = max_length
+        self.too_long = TooLong.of(too_long, "data.too_long")
         self.generation = generation
 
     def __len__(self) -> int:
@@ -158,7 +178,12 @@ class VideoQADataset(Dataset):
             pixels, modality = self._load_visual(shown)
             num_visual = self.visual_tokens(len(pixels), modality) if pixels is not None else 0
             encoded = self.encoder.encode(messages, num_visual, generation=self.generation, turn=turn)
-            if len(encoded["input_ids"]) > self.max_length:
+            if self.too_long is TooLong.TRUNCATE and not self.generation:
+                try:
+                    encoded = cut_text(encoded, self.encoder.visual_token_id, self.max_length)
+                except MalformedSample as err:
+                    return self._skip("too_long", sample_id, media, i, str(err))
+            elif len(encoded["input_ids"]) > self.max_length:
                 return self._skip(
                     "too_long",
                     sample_id,

@@ -254,3 +254,23 @@ class ChatEncoder:
             input_ids = torch.cat([input_ids[:at], repeat, input_ids[at + 1 :]])
             label_ids = torch.cat([label_ids[:at], torch.full_like(repeat, IGNORE_INDEX), label_ids[at + 1 :]])
         return {"input_ids": input_ids, "labels": label_ids}
+
+
+def cut_text(encoded: dict[str, torch.Tensor], visual_token_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """The release's cut of a long sample: its text is cut to `max_length` tokens, counted as the release's
+    tokenizer counted them, the run of visual tokens as the one placeholder it was; so a sequence reaches
+    `max_length` + visual tokens - 1. A cut that would leave no labelled token or part of the visual tokens
+    raises MalformedSample (the release trained the first without a loss and failed on the second)."""
+    ids, labels = encoded["input_ids"], encoded["labels"]  # (L,)
+    visual = ids == visual_token_id
+    run_start = visual.clone()
+    run_start[1:] &= ~visual[:-1]
+    place = torch.cumsum((~visual | run_start).long(), 0)  # a token's place in the release's text, from 1
+    keep = place <= max_length  # a prefix: places never decrease
+    if bool(keep.all()):
+        return encoded
+    if bool(visual[~keep].any()):
+        raise MalformedSample(f"cut to max_length {max_length} text tokens, the visual tokens would be cut")
+    if not bool((labels[keep] != IGNORE_INDEX).any()):
+        raise MalformedSample(f"cut to max_length {max_length} text tokens, no answer token would be left")
+    return {"input_ids": ids[keep], "labels": labels[keep]}

@@ -117,7 +117,9 @@ def check_model(cfg: DictConfig, compressor=None):
             raise (TypeError if isinstance(err, TypeError) else ValueError)(f"model.compressor: {err}") from err
     frames, max_length = OmegaConf.select(cfg, "data.num_frames"), OmegaConf.select(cfg, "data.max_length")
     by_fps = OmegaConf.select(cfg, "data.sampling.fps") is not None  # then num_frames is only a cap
-    if isinstance(frames, int) and frames >= 1 and isinstance(max_length, int) and max_length >= 1 and not by_fps:
+    cut = OmegaConf.select(cfg, "data.too_long") == "truncate"  # then max_length counts the text alone
+    sized = isinstance(frames, int) and frames >= 1 and isinstance(max_length, int) and max_length >= 1
+    if sized and not by_fps and not cut:
         visual = built.num_tokens(frames, tower.grid, tower.grid, "video")
         if visual >= max_length:  # every video sample would be skipped as too_long
             raise ValueError(

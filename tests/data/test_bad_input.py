@@ -5,6 +5,7 @@ import json
 import av
 import numpy as np
 import pytest
+import torch
 
 from hicom.data.dataset import VideoQADataset
 from hicom.data.index import MixtureEntry, SampleIndex
@@ -268,7 +269,7 @@ def make_dataset(media, tiny_paths, tmp_path_factory):
     encoder = ChatEncoder(AutoTokenizer.from_pretrained(tiny_paths["qwen2"]))
     transform = FrameTransform.from_pretrained(tiny_paths["siglip"])
 
-    def make(records, max_length=4096, split_turns=False):
+    def make(records, max_length=4096, split_turns=False, too_long="skip"):
         path = tmp_path_factory.mktemp("ann") / "train.json"
         path.write_text(json.dumps(records))
         index = SampleIndex.build([MixtureEntry(path, media)], split_turns=split_turns)
@@ -279,6 +280,7 @@ def make_dataset(media, tiny_paths, tmp_path_factory):
             visual_tokens=lambda t, modality: 3 * t,
             sampling=FrameSampling(num_frames=4),
             max_length=max_length,
+            too_long=too_long,
         )
 
     return make
@@ -310,6 +312,29 @@ def test_every_bad_sample_is_skipped_with_its_reason_and_source(make_dataset):
     assert dataset[1]["source"][1] == 1 and dataset[1]["path"] == "nowhere.mp4"
     too_long = make_dataset(records[:1], max_length=10)[0]
     assert too_long["skip"] == "too_long" and "12 visual" in too_long["error"]
+
+
+def test_a_long_sample_is_cut_as_the_release_cuts_it_with_too_long_truncate(make_dataset):
+    long_answer = {"from": "gpt", "value": " ".join(["circle"] * 40)}
+    record = {"id": "long", "video": "good.mp4", "conversations": [QA[0], long_answer]}
+    whole = make_dataset([record])[0]
+    visual = 12  # the fixture's 4 frames x 3 tokens
+    assert len(whole["input_ids"]) > 40 + visual
+    assert make_dataset([record], max_length=40)[0]["skip"] == "too_long"
+    cut = make_dataset([record], max_length=40, too_long="truncate")[0]
+    assert "skip" not in cut and len(cut["input_ids"]) == 40 + visual - 1  # the text is 40 tokens, clip as one
+    assert torch.equal(cut["input_ids"], whole["input_ids"][: 40 + visual - 1])
+    assert torch.equal(cut["labels"], whole["labels"][: 40 + visual - 1]) and (cut["labels"] != -100).any()
+    # a cut before the answer leaves nothing to learn, a cut before the clip's end would break it: both skipped
+    answer_at = int((whole["labels"] != -100).nonzero()[0])  # the text tokens before it: answer_at - visual + 1
+    for max_length, why in ((answer_at - visual + 1, "no answer token"), (answer_at - visual, "no answer token"),
+                            (8, "the visual tokens would be cut")):  # fmt: skip
+        skipped = make_dataset([record], max_length=max_length, too_long="truncate")[0]
+        assert skipped["skip"] == "too_long" and why in skipped["error"], (max_length, skipped)
+    kept = make_dataset([record], max_length=answer_at - visual + 2, too_long="truncate")[0]
+    assert (kept["labels"] != -100).sum() == 1  # the answer's first token
+    with pytest.raises(ValueError, match=r"data.too_long must be one of \['skip', 'truncate'\], got 'cut'"):
+        make_dataset([record], too_long="cut")
 
 
 def test_media_fields_and_windows_of_the_wrong_kind_are_malformed_not_fatal(make_dataset, media):
