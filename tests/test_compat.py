@@ -240,6 +240,28 @@ def test_checkpoints_trained_with_defect_1_load_with_it_and_say_so(tmp_path, cap
     torch.testing.assert_close(global_tokens, global_tokens[:1].expand_as(global_tokens))  # all 32 the same
 
 
+def test_a_fine_tuning_reads_weights_that_fit_both_readings_as_model_compressor_does(tmp_path):
+    from hicom.compat.official import _description, reading_of
+
+    config = official("local43_global32_off")  # the release runs its global branch direct, ours off
+    ours, release = (build_compressor(config, reproduce_defect_1=r) for r in (False, True))
+    write_folder(tmp_path / "both", config, to_official_state_dict(randomised(release).state_dict()), "safetensors")
+    for wanted in (ours, release):  # the same weights: model.compressor decides
+        assert _description(reading_of(tmp_path / "both", wanted)) == _description(wanted)
+    assert release.global_compressor.guide is Guide.DIRECT and ours.global_compressor.guide is Guide.OFF
+    # weights that fit the release's reading alone are read that way, whatever model.compressor is
+    config = official("local43_global32_coarse")
+    defect = build_compressor(config, reproduce_defect_1=True)
+    write_folder(tmp_path / "one", config, to_official_state_dict(randomised(defect).state_dict()), "safetensors")
+    fitted = reading_of(tmp_path / "one", build_compressor(config))
+    assert _description(fitted) == _description(defect) != _description(build_compressor(config))
+    state = to_official_state_dict(randomised(defect).state_dict())
+    del state["model.mm_projector.global_compressor.query"]
+    write_folder(tmp_path / "neither", config, state, "safetensors")
+    with pytest.raises(KeyError, match="global_compressor.query"):
+        reading_of(tmp_path / "neither", defect)
+
+
 def test_weights_that_fit_both_readings_load_ours_and_say_how_to_load_the_release(tmp_path, caplog):
     """Direct and off injection have the same weights: the release runs this global branch direct (it ignores the
     bare "off"), ours off, and the weights cannot tell which one they were trained with."""

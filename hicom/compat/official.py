@@ -615,10 +615,23 @@ def use_release_llm(cfg, folder: str | Path, missing: str) -> str:
     return resolved
 
 
+def reading_of(folder: Path, ours: Compressor) -> Compressor:
+    """The compressor of a release folder (unloaded) in the reading its weights fit, as load_official picks it;
+    where they fit both (direct and off injection have the same weights), in the reading `ours` is, so that
+    model.compressor decides how a fine-tuning reads them. A KeyError where they fit neither."""
+    config = read_config(folder)
+    state = convert_state_dict(read_projector_weights(folder))
+    readings = [build_compressor(config, reproduce_defect_1=r) for r in (False, True)]
+    fitting = [c for c in readings if _fits(state, c)]
+    if not fitting:
+        check_keys(state, readings[0])  # the KeyError, naming what our reading misses
+    return next((c for c in fitting if _description(c) == _description(ours)), fitting[0])
+
+
 def check_release_start(cfg) -> None:
     """Before the towers load, for a fit from a release folder (`cfg.init_from`; check_pretrained and check_model
     first): model.compressor builds, at the folder's widths, exactly the compressor the folder's weights fit
-    (`load_official`: the released HICom-7B's global branch is direct, defect 1), names, shapes and settings the
+    (`reading_of`: the released HICom-7B's global branch is direct, defect 1), names, shapes and settings the
     release's layout carries; and model.vision is of the folder's width. Else a ValueError saying what differs."""
     from hydra.utils import instantiate
 
@@ -626,10 +639,10 @@ def check_release_start(cfg) -> None:
 
     folder = Path(cfg.init_from)
     config = read_config(folder)
-    fitted = load_official(folder)
     width = int(config["mm_hidden_size"])
     with torch.device("meta"):
         ours = instantiate(cfg.model.compressor)(in_dim=width, out_dim=int(config["hidden_size"]), guide_dim=width)
+    fitted = reading_of(folder, ours)
     problems = release_gaps(ours)
     if _description(ours) != _description(fitted):
         problems.insert(0, f"the weights fit {_description(fitted)}, model.compressor builds {_description(ours)}")
