@@ -319,7 +319,8 @@ def test_the_whole_model_round_trips_through_the_release_layout(cfg_small, tmp_p
     assert config["mm_projector_type"] == "local43_guidedirect_global32_guidecoarse"
     assert "mm_vision_tower" not in config  # named only for so400m's width, which the release's loader then builds
     names = set(load_file(str(folder / "model.safetensors")))
-    assert "model.mm_projector.global_compressor.query" in names and "lm_head.weight" in names
+    assert "model.mm_projector.global_compressor.query" in names and "model.embed_tokens.weight" in names
+    assert "lm_head.weight" not in names  # the tiny Qwen2 ties it to the embeddings: written once, as HF writes it
     assert any(n.startswith("model.vision_tower.guide_encoder.text_model.") for n in names)
     # the release's parser reads our name the same way
     assert isinstance(build_compressor({**config, "mm_hidden_size": 64, "hidden_size": 8}), HICom)
@@ -328,6 +329,17 @@ def test_the_whole_model_round_trips_through_the_release_layout(cfg_small, tmp_p
     import_official(target, folder)
     for (name, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+    # a folder that writes the tied weight twice loads the same
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}, str(tmp_path / "both.st"))
+    (tmp_path / "both.st").replace(folder / "model.safetensors")
+    torch.manual_seed(2)
+    again = build(cfg_small)[0].net
+    import_official(again, folder)
+    assert all(
+        torch.equal(a, b) for a, b in zip(source.state_dict().values(), again.state_dict().values(), strict=True)
+    )
+    assert again.llm.model.lm_head.weight is again.llm.model.model.embed_tokens.weight
     # a part already loaded from the folder (evaluate.py's LLM) is checked but not read again
     with torch.no_grad():
         target.llm.model.model.norm.weight.fill_(7.0)
@@ -340,7 +352,10 @@ def test_the_whole_model_round_trips_through_the_release_layout(cfg_small, tmp_p
     state["model.mm_projector.local_compressor.extra"] = torch.zeros(1)
     del state["model.norm.weight"]
     save_file(state, str(folder / "model.safetensors"))
-    with pytest.raises(KeyError, match=r"(?s)projector: .*local_compressor.extra.*llm: .*model.norm.weight"):
+    with pytest.raises(
+        KeyError,
+        match=r"(?s)projector: missing or unexpected tensors: .*local_compressor.extra.*llm: .*model.norm.weight",
+    ):
         import_official(target, folder)
     with pytest.raises(KeyError, match=r"llm: .*model.norm.weight"):
         import_official(target, folder, loaded=("llm",))

@@ -256,8 +256,12 @@ def to_official_state_dict(
     return out
 
 
-def check_keys(state_dict: Mapping[str, torch.Tensor], compressor: nn.Module) -> None:
-    """KeyError unless the names and shapes of `state_dict` are exactly those of the compressor's."""
+def check_keys(
+    state_dict: Mapping[str, torch.Tensor],
+    compressor: nn.Module,
+    what: str = "projector weights do not fit the compressor",
+) -> None:
+    """KeyError unless the names and shapes of `state_dict` are exactly those of the module's (`what` begins it)."""
     expected = compressor.state_dict()
     missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
     shapes = sorted(
@@ -267,8 +271,7 @@ def check_keys(state_dict: Mapping[str, torch.Tensor], compressor: nn.Module) ->
     )
     if missing or unexpected or shapes:
         raise KeyError(
-            f"projector weights do not fit the compressor: missing {missing}, unexpected {unexpected}"
-            + (f", wrong shapes {shapes}" if shapes else "")
+            f"{what}: missing {missing}, unexpected {unexpected}" + (f", wrong shapes {shapes}" if shapes else "")
         )
 
 
@@ -531,7 +534,8 @@ def export_official(net, folder: str | Path, *, num_frames: int | None = None) -
     for key, value in net.vision.guide_encoder.state_dict().items():
         state[_GUIDE + key] = value
     state.update(to_official_state_dict(net.compressor.state_dict()))
-    state.update(net.llm.model.state_dict())  # model.* and lm_head.*, as Qwen2ForCausalLM names them
+    tied = tied_aliases(net.llm.model)  # written once, as save_pretrained writes them (Qwen2.5-0.5B's lm_head)
+    state.update({k: v for k, v in net.llm.model.state_dict().items() if k not in tied})  # Qwen2ForCausalLM's names
     save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(folder / "model.safetensors"))
     # the LLM's own fields (an LLM loaded from a release folder carries that folder's projector fields too), less
     # the folder it was loaded from (a path on this machine)
@@ -698,8 +702,11 @@ def import_official(net, folder: str | Path, *, loaded: tuple[str, ...] = ()) ->
     groups["projector"] = convert_state_dict(groups["projector"])
     problems = []
     for name, module in targets.items():
+        for alias, source in tied_aliases(module).items():  # save_pretrained writes a tied weight once
+            if alias not in groups[name] and source in groups[name]:
+                groups[name][alias] = groups[name][source]
         try:
-            check_keys(groups[name], module)
+            check_keys(groups[name], module, what="missing or unexpected tensors")
         except KeyError as error:
             problems.append(f"{name}: {error.args[0]}")
     if problems:
@@ -707,6 +714,19 @@ def import_official(net, folder: str | Path, *, loaded: tuple[str, ...] = ()) ->
     for name, module in targets.items():
         if name not in loaded:
             module.load_state_dict(_read(groups[name]), strict=True)
+
+
+def tied_aliases(module: nn.Module) -> dict[str, str]:
+    """The names of `module`'s parameters that are another's, each with the first name of its tensor (a Qwen2 LM
+    with tied embeddings: lm_head.weight -> model.embed_tokens.weight)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            aliases[name] = first[id(parameter)]
+        else:
+            first[id(parameter)] = name
+    return aliases
 
 
 def _read(group: Mapping[str, _Stored]) -> dict[str, torch.Tensor]:
