@@ -56,3 +56,33 @@ def test_llama_without_a_pad_token_pads_with_its_end_token(cache_dir, tmp_path):
     write_assets(cfg.assets)
     tok = load_tokenizer(cfg.model.llm.path)
     assert tok.pad_token == tok.eos_token == "<|eot_id|>"
+
+
+@pytest.mark.parametrize("vision", ["tiny_siglip", "tiny_clip"])
+def test_a_tower_takes_the_selected_hidden_state_alone_and_equal_to_hf_s(vision, cache_dir, tmp_path):
+    """The trunk keeps only the state it reads (a hook on the layer that makes it), not every layer's: the same
+    tensors as HF's output_hidden_states, at every select_layer, with autograd through a trainable trunk."""
+    from hicom.utils.instantiators import write_assets
+
+    cfg = compose_train(cache_dir, tmp_path, [f"model/vision={vision}"])
+    write_assets(cfg.assets)
+    tower = instantiate(cfg.model.vision)
+    layers = len(tower.vision_tower.encoder.layers)
+    pixels = torch.randn(2, 3, tower.image_size, tower.image_size)
+    with torch.no_grad():
+        reference = tower.vision_tower(pixel_values=pixels, output_hidden_states=True)
+    for select_layer in (-2, -1, 0, 1, layers, -layers - 1):
+        tower.select_layer = select_layer
+        with torch.no_grad():
+            selected, final = tower._trunk(pixels)
+        assert torch.equal(selected, reference.hidden_states[select_layer]), select_layer
+        assert torch.equal(final, reference.last_hidden_state)
+    tower.select_layer = -2
+    with torch.no_grad():
+        features, _ = tower(pixels)
+    tokens = reference.hidden_states[-2][:, 1:] if vision == "tiny_clip" else reference.hidden_states[-2]
+    assert torch.equal(features, tokens.reshape(features.shape))
+    tower.vision_tower.requires_grad_(True)  # a trainable trunk: the gradient reaches the layers below the state
+    tower(pixels)[0].square().sum().backward()
+    assert tower.vision_tower.encoder.layers[0].mlp.fc1.weight.grad is not None
+    assert tower.vision_tower.encoder.layers[-1].mlp.fc1.weight.grad is None  # after layer -2: not read here
