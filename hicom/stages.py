@@ -139,8 +139,10 @@ def save_handoff(
     state = {}
     for part in parts:
         with full_parameters(modules[part]):
+            if not write:  # it only takes part in the gather
+                continue
             for key, value in modules[part].state_dict().items():
-                state[f"{part}.{key}"] = value.detach().to("cpu").contiguous().clone()  # tied weights saved apart
+                state[f"{part}.{key}"] = value.detach().to("cpu", copy=True).contiguous()  # tied weights saved apart
     if not write:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -338,7 +340,19 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
         log.info("stage %s: training %s from %s", stage.name, list(stage.trainable), parent or "scratch")
         results[stage.name] = train(stage_cfg, before_fit=handoff.load, after_fit=handoff.save)
         parent = out_dir
+        free_memory()  # the stage's trainer and model sit in reference cycles: a 7B LLM held through the next stage
     return results
+
+
+def free_memory() -> None:
+    """Collect what a finished fit left in reference cycles, and return its GPU memory to the allocator's pool."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class _Handoff:

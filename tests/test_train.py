@@ -659,3 +659,25 @@ def test_a_text_only_batch_runs_the_parts_in_the_order_a_batch_with_clips_does(c
     order[:] = []
     model.training_step({"ids": ["gone"], "skipped": [{"id": "gone", "skip": "missing", "path": "x", "error": ""}]}, 3)
     assert order == ["compressor", "llm"]
+
+
+def test_a_finished_stage_is_freed_before_the_next_one_starts(cache_dir, tmp_path, monkeypatch):
+    """A fit leaves its trainer and model in reference cycles: at 7B a stage would hold the last one's LLM."""
+    import weakref
+
+    import hicom.stages
+    from hicom.stages import run_stages
+
+    fit, models, alive = hicom.stages.train, [], []
+
+    def train(cfg, before_fit, after_fit):
+        def first(model):
+            alive.append([ref() is not None for ref in models])  # the earlier stages' models, as this one starts
+            models.append(weakref.ref(model))
+            before_fit(model)
+
+        return fit(cfg, before_fit=first, after_fit=after_fit)
+
+    monkeypatch.setattr(hicom.stages, "train", train)
+    run_stages(compose_train(cache_dir, tmp_path, ["experiment=tiny_stages", *SMALL, "trainer.limit_train_batches=1"]))
+    assert alive == [[], [False], [False, False]]
