@@ -681,3 +681,30 @@ def test_a_finished_stage_is_freed_before_the_next_one_starts(cache_dir, tmp_pat
     monkeypatch.setattr(hicom.stages, "train", train)
     run_stages(compose_train(cache_dir, tmp_path, ["experiment=tiny_stages", *SMALL, "trainer.limit_train_batches=1"]))
     assert alive == [[], [False], [False, False]]
+
+
+def test_a_checkpoint_leaves_out_the_frozen_towers_and_llm_and_resumes_with_them(cache_dir, tmp_path):
+    """They are what every build loads from the model folders: a checkpoint that held them would be the whole model
+    at every save (a frozen 7B LLM in stages 1-2)."""
+    import torch
+
+    frozen = [*SMALL, "model.trainable=[compressor]", "evaluate=false"]
+    train(compose_train(cache_dir, tmp_path / "first", [*frozen, "trainer.max_steps=2"]))
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    names = set(checkpoint["state_dict"])
+    assert names and all(name.startswith("net.compressor.") for name in names)
+    left_out = checkpoint["frozen_left_out"]
+    assert any(n.startswith("net.llm.") for n in left_out) and any(n.startswith("net.vision.") for n in left_out)
+    resumed = train(
+        compose_train(
+            cache_dir, tmp_path / "again", [*frozen, f"ckpt_path={last}", "trainer.max_steps=3", "trainer.max_epochs=3"]
+        )
+    )
+    assert resumed["steps"] == 3
+    # a checkpoint whose left-out weights this model does not have (another LLM size) is refused by name
+    checkpoint["frozen_left_out"]["net.llm.model.model.norm.weight"] = [7]
+    torch.save(checkpoint, tmp_path / "other.ckpt")
+    other = [*frozen, f"ckpt_path={tmp_path / 'other.ckpt'}", "trainer.max_steps=3"]
+    with pytest.raises(ValueError, match=r"left out frozen weights .*net.llm.model.model.norm.weight"):
+        train(compose_train(cache_dir, tmp_path / "other", other))

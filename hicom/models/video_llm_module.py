@@ -226,11 +226,36 @@ class VideoLLMModule(LightningModule):
         self.fit_counts = dict.fromkeys(self.fit_counts, 0)
         self._stepped = 0.0
 
+    def frozen_loaded(self) -> list[str]:
+        """The state-dict names of the frozen parameters of the towers and the LLM: what every build loads again
+        from the model folders (or init_from), and so what a checkpoint need not hold."""
+        towers = [("net.vision.", self.net.vision), ("net.llm.", self.net.llm)]
+        return [
+            prefix + name
+            for prefix, module in towers
+            for name, parameter in module.named_parameters(remove_duplicate=False)
+            if not parameter.requires_grad
+        ]
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["init_from"] = self.init_from
+        state = checkpoint.get("state_dict")  # not under DeepSpeed, whose engine saves the module itself
+        if state is not None:  # a frozen 7B LLM is 15 GB in bf16, written and held in memory at every save
+            left_out = [name for name in self.frozen_loaded() if name in state]
+            checkpoint["frozen_left_out"] = {name: list(state.pop(name).shape) for name in left_out}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_resume_origin(checkpoint.get("init_from"), self.init_from)
+        state, left_out = checkpoint.get("state_dict"), checkpoint.get("frozen_left_out") or {}
+        if state is not None and left_out:  # the frozen weights this build loaded, strictly as the rest loads
+            current = self.state_dict()
+            differ = [n for n, shape in left_out.items() if n not in current or list(current[n].shape) != shape]
+            if differ:
+                raise ValueError(
+                    f"the checkpoint left out frozen weights that this model does not have in their shapes: "
+                    f"{differ[:5]}{' ...' if len(differ) > 5 else ''} (resume with the model it was saved with)"
+                )
+            state.update({name: current[name] for name in left_out})
         data = self.trainer.datamodule if self._trainer is not None else None
         if data is not None and type(data).__qualname__ not in checkpoint:
             log.warning(
