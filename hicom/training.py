@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import logging
@@ -192,8 +193,16 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
         if not torch.cuda.is_available():
             raise ValueError(
                 f"trainer.accelerator={accelerator}, and this torch ({torch.__version__}) sees no CUDA GPU: "
-                "trainer=default trains on the CPU"
+                "trainer=default trains on the CPU (with '~strategy' where the experiment picks DeepSpeed)"
             )
+    from hicom.stages import uses_deepspeed
+
+    if uses_deepspeed(cfg) and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(
+            "the strategy is DeepSpeed (the recipe's strategy=deepspeed_zero0 / its stages' ZeRO stage), and deepspeed "
+            "is not installed: pip install -e .[gpu] on a GPU machine, or train without it: '~strategy' (one process) "
+            "or strategy=ddp"
+        )
     loggers = instantiate_all(cfg.get("logger"), "logger")
     callbacks = instantiate_all(cfg.get("callbacks"), "callback")
     if not loggers:  # `~logger`: nothing to write learning rates to (Lightning's monitor would refuse at the fit)

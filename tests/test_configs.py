@@ -1,5 +1,6 @@
 """Every config composes; every experiment instantiates (with tiny parts); missing weights fail at once."""
 
+import importlib.util
 import json
 import os
 import re
@@ -459,6 +460,16 @@ def unloadable_llm(tiny_paths, tmp_path_factory) -> Path:
         *(
             [("trainer=gpu", "sees no CUDA GPU: trainer=default trains on the CPU")]
             if not torch.cuda.is_available()
+            else []
+        ),
+        *(
+            [
+                (
+                    "strategy=deepspeed_zero2",
+                    r"deepspeed is not installed: .* '~strategy' \(one process\) or strategy=ddp",
+                )
+            ]
+            if importlib.util.find_spec("deepspeed") is None
             else []
         ),
         ("data.sampling.fallback=decrd", r"fallback must be one of \['decord', 'pyav'\], got 'decrd'"),
