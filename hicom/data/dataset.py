@@ -122,8 +122,9 @@ class VideoQADataset(Dataset):
     comes back as `{"skip": reason, "id", "path", "error", "source"}` so the collator can count it per reason
     without stopping the run. Reasons: missing, empty, no_video_stream, undecodable, timeout (the clip),
     malformed (the conversation, the media fields or the time window), too_long (visual + text tokens over
-    max_length; with `too_long=truncate`, a sample whose cut would leave no answer or part of its clip), error (anything else one sample raised, with its exception: counted like the others, so the bad
-    samples guard stops a run where it is every sample).
+    max_length; with `too_long=truncate`, a sample whose cut would leave no answer or part of its clip), error
+    (anything else one sample raised, with its exception: counted like the others, so the bad samples guard stops
+    a run where it is every sample).
 
     With an index split per exchange (`SampleIndex.build(split_turns=True)`), sample j of a conversation is its
     j-th question and answer after the earlier turns as unlabelled context, guided by that question.
