@@ -115,9 +115,12 @@ def check_model(cfg: DictConfig, compressor=None):
             built = compose_compressor(compressor or hydra.utils.instantiate(model.compressor), tower, llm_width)
         except (ValueError, TypeError) as err:
             raise (TypeError if isinstance(err, TypeError) else ValueError)(f"model.compressor: {err}") from err
+    from hicom.data.dataset import TooLong
+
     frames, max_length = OmegaConf.select(cfg, "data.num_frames"), OmegaConf.select(cfg, "data.max_length")
     by_fps = OmegaConf.select(cfg, "data.sampling.fps") is not None  # then num_frames is only a cap
-    cut = OmegaConf.select(cfg, "data.too_long") == "truncate"  # then max_length counts the text alone
+    too_long = OmegaConf.select(cfg, "data.too_long", default=TooLong.SKIP.value)
+    cut = TooLong.of(too_long, "data.too_long") is TooLong.TRUNCATE  # then max_length counts the text alone
     sized = isinstance(frames, int) and frames >= 1 and isinstance(max_length, int) and max_length >= 1
     if sized and not by_fps and not cut:
         visual = built.num_tokens(frames, tower.grid, tower.grid, "video")
