@@ -301,6 +301,8 @@ def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_delete
     # frozen parts stay out of the hand-off; the stage-2 injection modules appear from stage 2 on
     names = set(load_file(str(stages / "instruction" / "handoff.safetensors")))
     assert names and all(n.split(".")[0] in ("compressor", "llm") for n in names)
+    # the tiny Qwen2 ties its LM head to its embeddings: written once, and tied again by whoever loads it
+    assert "llm.model.embed_tokens.weight" in names and "llm.lm_head.weight" not in names
     assert not any("guide_injector" in n for n in manifests["alignment"]["parameters"])
     assert any("guide_injector" in n for n in manifests["conditional"]["parameters"])
     # a re-run skips every finished stage; deleting one re-runs it (and only it) from its parent
@@ -320,6 +322,12 @@ def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_delete
     )
     assert list(alone) == ["instruction"] and alone["instruction"]["steps"] == 4
     assert json.loads((stages / "instruction" / "manifest.json").read_text())["parent"] == str(stages / "conditional")
+    model, _ = build(cfg)
+    assert load_handoff(model, stages / "instruction", []) == ["compressor", "llm"]
+    llm = model.net.llm.model
+    assert llm.lm_head.weight is llm.model.embed_tokens.weight
+    trained = load_file(str(stages / "instruction" / "handoff.safetensors"))["llm.model.embed_tokens.weight"]
+    assert torch.equal(llm.lm_head.weight.detach(), trained)
     # strict: a parent whose parameters do not fit names them
     model, _ = build(compose_train(cache_dir, tmp_path / "other", [*SMALL, "model.compressor.global_.num_queries=4"]))
     with pytest.raises(HandoffError, match=r"wrong shapes \['global_compressor.query \(32, "):

@@ -44,6 +44,7 @@ from hicom.modules.compressors import (
     LocalCompressor,
 )
 from hicom.modules.compressors.base import RELEASE_INIT_STD
+from hicom.utils.checkpoints import tied_aliases
 
 log = logging.getLogger(__name__)
 
@@ -714,19 +715,6 @@ def import_official(net, folder: str | Path, *, loaded: tuple[str, ...] = ()) ->
     for name, module in targets.items():
         if name not in loaded:
             module.load_state_dict(_read(groups[name]), strict=True)
-
-
-def tied_aliases(module: nn.Module) -> dict[str, str]:
-    """The names of `module`'s parameters that are another's, each with the first name of its tensor (a Qwen2 LM
-    with tied embeddings: lm_head.weight -> model.embed_tokens.weight)."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, parameter in module.named_parameters(remove_duplicate=False):
-        if id(parameter) in first:
-            aliases[name] = first[id(parameter)]
-        else:
-            first[id(parameter)] = name
-    return aliases
 
 
 def _read(group: Mapping[str, _Stored]) -> dict[str, torch.Tensor]:

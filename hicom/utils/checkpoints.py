@@ -160,6 +160,19 @@ def load_guide_tokenizer(folder):
     return tokenizer
 
 
+def tied_aliases(module: nn.Module) -> dict[str, str]:
+    """The names of `module`'s parameters that are another's, each with the first name of its tensor (a Qwen2 LM
+    with tied embeddings: lm_head.weight -> model.embed_tokens.weight)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            aliases[name] = first[id(parameter)]
+        else:
+            first[id(parameter)] = name
+    return aliases
+
+
 @contextlib.contextmanager
 def full_parameters(module) -> Iterator[None]:
     """Makes `module`'s parameters whole for reading. Under DeepSpeed ZeRO-3 each process holds only a shard of
