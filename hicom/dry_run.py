@@ -182,6 +182,7 @@ def stages_of(cfg: DictConfig) -> list[dict]:
 def report(cfg: DictConfig) -> list[dict]:
     from hydra.utils import instantiate
 
+    from hicom.modules.compressors.base import check_output
     from hicom.modules.video_llm import compose_compressor, idle_parts
     from hicom.utils.choices import whole_number
 
@@ -200,6 +201,17 @@ def report(cfg: DictConfig) -> list[dict]:
         with torch.device("meta"):  # the stage's own compressor (stage 1 of the recipe has no injection modules)
             compressor = instantiate(stage["config"].model.compressor)
             compressor = compose_compressor(compressor, base.vision, base.llm.config.hidden_size)
+        try:  # what it gives, as training checks it
+            check_output(
+                compressor,
+                in_dim=base.vision.hidden_size,
+                guide_dim=base.vision.text_hidden_size,
+                out_dim=base.llm.config.hidden_size,
+                grid=base.grid,
+                frames=stage["num_frames"],
+            )
+        except ValueError as err:
+            raise ValueError(f"stage {stage['name']}: model.compressor: {err}") from err
         model = MetaModel(vision=base.vision, llm=base.llm, compressor=compressor)
         params = {name: sum(p.numel() for p in part.parameters()) for name, part in model.parts().items()}
         zero = stage["zero"]

@@ -293,9 +293,16 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
         for stage in stages
         if (only is None or stage.name == only) and not (root / stage.name / MANIFEST).is_file()
     ]
+    unguided = {stage.name for stage in stages if stage.get("guided") is False}
     for name, stage_cfg in to_run:
         try:
-            check_model(stage_cfg)
+            built = check_model(stage_cfg)
+            if name in unguided and built is not None and built.uses_guide:
+                raise ValueError(
+                    f"guided: false, but {type(built).__name__}.unguided_config leaves the compressor reading a guide "
+                    "(uses_guide): a compressor of one's own that reads one overrides unguided_config, and "
+                    "is_guide_parameter, to turn it off (see Compressor in hicom/modules/compressors/base.py)"
+                )
             check_trainable(stage_cfg)
             check_global_batch(stage_cfg)
         except ValueError as err:

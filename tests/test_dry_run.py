@@ -1,6 +1,7 @@
 """The dry run builds the real architectures on the meta device and reports each stage's costs."""
 
 import pytest
+from omegaconf import open_dict
 
 from hicom.dry_run import memory_per_gpu, report, training_flops
 from tests.conftest import compose_train
@@ -65,3 +66,12 @@ def test_the_dry_run_prints_each_stages_config_as_the_runner_composes_it(cache_d
     instruction = out.split("[instruction] config:")[1]
     assert "guide: 'off'" in alignment and "stage1_llava_pretrain.yaml" in alignment and "stage: 0" in alignment
     assert "stage3_video_instruct.yaml" in instruction and "stage: 2" in instruction
+
+
+def test_the_dry_run_refuses_a_compressor_whose_output_is_not_what_it_counts(cache_dir, tmp_path):
+    cfg = compose_train(cache_dir, tmp_path, ["experiment=directg_local43_global32", "model/llm=qwen25_05b"])
+    own = {"_target_": "tests.modules.test_video_llm.OwnCompressor", "_partial_": True, "wider": 1}
+    with open_dict(cfg):
+        cfg.model.compressor = own  # a compressor of one's own that writes one column too many
+    with pytest.raises(ValueError, match=r"stage alignment: model.compressor: OwnCompressor gave \(1, 897\) for a 1-"):
+        report(cfg)

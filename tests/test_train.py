@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import open_dict
 
 from hicom.training import train
 from tests.conftest import SMALL, compose_train
@@ -347,6 +348,17 @@ def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_delete
     monkeypatch.setattr(hicom.stages, "train", lambda *a, **k: pytest.fail("the stage was built"))
     with pytest.raises(HandoffError, match=r"handoff\.safetensors' \(\d+ bytes\) is not a whole safetensors file"):
         run_stages(cfg)
+
+
+def test_a_guided_compressor_that_cannot_turn_its_guide_off_is_refused_for_an_unguided_stage(cache_dir, tmp_path):
+    from hicom.stages import run_stages
+
+    cfg = compose_train(cache_dir, tmp_path / "run", ["experiment=tiny_stages", *SMALL])
+    with open_dict(cfg):  # a compressor of one's own that reads the guide and keeps Compressor's unguided_config
+        cfg.model.compressor = {"_target_": "tests.modules.test_video_llm.GuidedOwnCompressor", "_partial_": True}
+    with pytest.raises(ValueError, match=r"stage alignment: guided: false, but GuidedOwnCompressor.unguided_config"):
+        run_stages(cfg)
+    assert not (tmp_path / "run" / "stages").exists()
 
 
 def test_a_stage_that_stopped_part_way_resumes_from_its_last_checkpoint(cache_dir, tmp_path, monkeypatch):

@@ -50,6 +50,11 @@ class CausalLM(nn.Module):
         mask = input_ids == self.visual_token_id
         expected = int(mask.sum())
         given = 0 if visual is None else visual.shape[0]
+        if visual is not None and (visual.ndim != 2 or visual.shape[1] != embeds.shape[-1]):
+            raise ValueError(  # a scatter of other widths would read the rows across token boundaries
+                f"the compressor gave visual tokens of shape {tuple(visual.shape)}: the LLM takes (tokens, "
+                f"{embeds.shape[-1]}), every clip's tokens packed in clip order at the LLM's width"
+            )
         if expected != given:
             raise ValueError(
                 f"the batch has {expected} visual placeholder tokens but the compressor gave {given} tokens"

@@ -78,6 +78,7 @@ def check_model(cfg: DictConfig, compressor=None):
     from transformers import AutoConfig
 
     from hicom.models.video_llm_module import check_hparams
+    from hicom.modules.compressors.base import check_output
     from hicom.modules.video_llm import compose_compressor
 
     model = cfg.model
@@ -115,9 +116,20 @@ def check_model(cfg: DictConfig, compressor=None):
             built = compose_compressor(compressor or hydra.utils.instantiate(model.compressor), tower, llm_width)
         except (ValueError, TypeError) as err:
             raise (TypeError if isinstance(err, TypeError) else ValueError)(f"model.compressor: {err}") from err
+    frames, max_length = OmegaConf.select(cfg, "data.num_frames"), OmegaConf.select(cfg, "data.max_length")
+    try:  # its output's rows and width, in a moment on the meta device
+        check_output(
+            built,
+            in_dim=tower.hidden_size,
+            guide_dim=tower.text_hidden_size,
+            out_dim=llm_width,
+            grid=tower.grid,
+            frames=frames if isinstance(frames, int) and frames >= 1 else 4,
+        )
+    except ValueError as err:
+        raise ValueError(f"model.compressor: {err}") from err
     from hicom.data.dataset import TooLong
 
-    frames, max_length = OmegaConf.select(cfg, "data.num_frames"), OmegaConf.select(cfg, "data.max_length")
     by_fps = OmegaConf.select(cfg, "data.sampling.fps") is not None  # then num_frames is only a cap
     too_long = OmegaConf.select(cfg, "data.too_long", default=TooLong.SKIP.value)
     cut = TooLong.of(too_long, "data.too_long") is TooLong.TRUNCATE  # then max_length counts the text alone

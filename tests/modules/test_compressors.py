@@ -435,3 +435,16 @@ def test_bf16_weights_and_inputs_agree_with_fp32_and_learn(make):
     out.float().square().mean().backward()
     bad = [name for name, p in module.named_parameters() if p.grad is None or not p.grad.isfinite().all()]
     assert not bad
+
+
+def test_unpad_packed_takes_back_the_rows_pad_packed_spread():
+    from hicom.modules.compressors.base import pad_packed, unpad_packed
+
+    counts = (3, 1, 5, 2)
+    rows = torch.randn(sum(counts), 4, 2)
+    padded, real = pad_packed(rows, counts)
+    assert padded.shape == (4, 5, 4, 2) and real is not None
+    assert torch.equal(unpad_packed(padded, counts), rows)
+    assert torch.equal(unpad_packed(padded, counts), padded[real])
+    on_meta = unpad_packed(padded.to("meta"), counts)  # no step sized by data: it runs without the values
+    assert on_meta.shape == rows.shape

@@ -1,8 +1,11 @@
 """The network's guide plumbing: token-level guides for fine injection, clip scale from the vision checkpoint."""
 
+import functools
+
 import pytest
 import torch
 
+from hicom.modules.compressors.base import Compressor
 from hicom.training import build
 from tests.conftest import SMALL, compose_train
 
@@ -206,3 +209,75 @@ def test_the_guide_is_padded_to_the_text_towers_positions_whatever_the_tokenizer
             "num_frames": 0, "modality": "text", "id": "a", "guide": "what is the man doing " * 20}  # fmt: skip
     batch = Collator(pad_token_id=0, guide_tokenizer=tokenizer)([item, {**item, "guide": "why"}])
     assert batch["guide_ids"].shape == (2, positions)
+
+
+class OwnCompressor(Compressor):
+    """A researcher's own compressor, one token per frame (the spatial mean, then a Linear into the LLM's width),
+    with ways to get the interface wrong."""
+
+    def __init__(self, *, in_dim, out_dim, guide_dim=None, wider=0, extra_image_tokens=0, batched=False, fail=False):
+        super().__init__()
+        self.proj = torch.nn.Linear(in_dim, out_dim + wider)
+        self.extra_image_tokens, self.batched, self.fail = extra_image_tokens, batched, fail
+
+    def num_tokens(self, t, h, w, modality="video"):
+        return t + (self.extra_image_tokens if modality == "image" else 0)
+
+    def forward_packed(self, features, embeds, guide, layout):
+        if self.fail:
+            raise TypeError("unsupported operand")
+        out = self.proj(features.mean(dim=(1, 2)))
+        return out[None] if self.batched else out  # batched: (B, N, D) where the packed (sum N, D) is due
+
+
+class GuidedOwnCompressor(OwnCompressor):
+    """The same, adding a projection of the pooled guide to every token; it keeps Compressor's unguided_config,
+    which leaves a compressor as it is."""
+
+    uses_guide = True
+
+    def __init__(self, *, in_dim, out_dim, guide_dim=None, **wrong):
+        super().__init__(in_dim=in_dim, out_dim=out_dim, **wrong)
+        self.from_guide = torch.nn.Linear(guide_dim, out_dim)
+
+    def forward_packed(self, features, embeds, guide, layout):
+        per_clip = torch.tensor(layout.num_frames, device=features.device)
+        return super().forward_packed(features, embeds, guide, layout) + self.from_guide(guide).repeat_interleave(
+            per_clip, dim=0, output_size=features.shape[0]
+        )
+
+
+@pytest.mark.parametrize(
+    ("wrong", "message"),
+    [
+        ({"wider": 3}, r"OwnCompressor gave \(8, 67\) for a 8-frame video of \d+ x \d+ tokens: .* = \(8, 64\)"),
+        ({"batched": True}, r"OwnCompressor gave \(1, 8, 64\) for a 8-frame video .* = \(8, 64\)"),
+        (
+            {"extra_image_tokens": 1},
+            r"OwnCompressor gave \(9, 64\) for a 8-frame video and an image of .*, packed: .* = \(10, 64\)",
+        ),
+        ({"fail": True}, r"OwnCompressor failed on a 8-frame video .*: TypeError: unsupported operand"),
+    ],
+    ids=["width", "batched", "image count", "raises"],
+)
+def test_a_compressor_of_ones_own_that_gets_the_interface_wrong_is_refused_before_weights_load(
+    tiny_paths, cfg_small, wrong, message
+):
+    """Its output is checked against num_tokens and the LLM's width on the meta device: another width would
+    otherwise train on rows scattered across token boundaries, and a miscount fail only at its first batch."""
+    from hicom.utils.instantiators import check_model
+
+    assert cfg_small.data.num_frames == 8
+    built = check_model(cfg_small, functools.partial(OwnCompressor))
+    assert built.proj.weight.is_meta
+    with pytest.raises(ValueError, match=f"model.compressor: {message}"):
+        check_model(cfg_small, functools.partial(OwnCompressor, **wrong))
+
+
+def test_the_llm_refuses_visual_tokens_of_another_width(cfg_small):
+    model, _ = build(cfg_small)
+    llm = model.net.llm
+    ids = torch.tensor([[1, llm.visual_token_id, llm.visual_token_id, 2]])
+    assert llm.embed(ids, torch.randn(2, llm.hidden_size)).shape == (1, 4, llm.hidden_size)
+    with pytest.raises(ValueError, match=rf"visual tokens of shape \(2, {llm.hidden_size + 1}\): the LLM takes"):
+        llm.embed(ids, torch.randn(2, llm.hidden_size + 1))

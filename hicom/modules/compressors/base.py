@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from torch import nn
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 
 def unguided_config(cfg):
@@ -102,6 +105,16 @@ def pad_packed(rows: torch.Tensor, counts: Sequence[int]) -> tuple[torch.Tensor,
     padded = rows.new_zeros(b, longest, *rows.shape[1:])
     padded[real] = rows  # the mask's True entries run group-major, as the packed rows do
     return padded, real
+
+
+def unpad_packed(padded: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """The inverse of pad_packed: (B, max(counts), ...) -> the real rows packed group-major, (sum counts, ...).
+    Indexed by positions worked out from the counts rather than by the mask, so that no step's output size
+    depends on tensor data (the meta device, on which compressors are checked, cannot run a mask's nonzero)."""
+    sizes = torch.tensor(counts, device="cpu")
+    shift = torch.arange(len(counts), device="cpu") * padded.shape[1] - (torch.cumsum(sizes, 0) - sizes)
+    index = torch.arange(int(sizes.sum()), device="cpu") + torch.repeat_interleave(shift, sizes)
+    return padded.flatten(0, 1)[index.to(padded.device)]
 
 
 @dataclass(frozen=True)
@@ -226,3 +239,46 @@ class Compressor(nn.Module):
             )
             outputs.update(zip(members, out, strict=True))
         return torch.cat([outputs[i] for i in range(len(layout.num_frames))])
+
+
+def check_output(
+    compressor: Compressor, *, in_dim: int, guide_dim: int | None, out_dim: int, grid: int, frames: int
+) -> None:
+    """Run a compressor built on the meta device (no weights, no time) on a video of `frames` frames, grid x grid
+    tokens each, and then on that video and an image packed together, and refuse, naming both, an output other
+    than `num_tokens` rows of `out_dim`. A compressor of one's own that miscounts its tokens would otherwise fail
+    only at its first batch (of images, where only their count is wrong), and one of another width would not fail
+    at all: the LLM's embedding scatter would read its rows across token boundaries. One that cannot run on meta
+    tensors (an op with no meta kernel, or whose output size depends on data) is left to the first batch; any
+    other error is refused on the video, and warned of on the video and image (a run may hold no images)."""
+    if next(compressor.parameters(), torch.empty(0, device="meta")).device.type != "meta":
+        return  # a loaded compressor (a release folder's): its weights fit the layout that built it
+    name = type(compressor).__name__
+    for clips in (((frames, "video"),), ((frames, "video"), (1, "image"))):
+        what = " and ".join(f"a {n}-frame {m}" if m == "video" else f"an {m}" for n, m in clips)
+        what += f" of {grid} x {grid} tokens" + (", packed" if len(clips) > 1 else "")
+        layout = PackedLayout(tuple(n for n, _ in clips), tuple(m for _, m in clips), grid, grid)
+        features = torch.empty(sum(layout.num_frames), grid, grid, in_dim, device="meta")
+        embeds = features if compressor.uses_embeds else None
+        guide = None
+        if compressor.uses_guide and guide_dim is not None:
+            b = len(clips)
+            guide = torch.empty((b, 8, guide_dim) if compressor.guide_tokens else (b, guide_dim), device="meta")
+        try:
+            out = compressor(features, embeds, guide, layout=layout)
+        except Exception as err:
+            if isinstance(err, NotImplementedError) or "meta" in str(err).lower():  # no meta kernel, or a
+                log.info("%s was not run on the meta device to check its output (%s)", name, err)  # data-sized op
+                return
+            if len(clips) > 1:
+                log.warning("%s failed on %s (run on the meta device): %s: %s", name, what, type(err).__name__, err)
+                return
+            raise ValueError(f"{name} failed on {what} (run on the meta device): {type(err).__name__}: {err}") from err
+        rows = sum(compressor.num_tokens(n, grid, grid, m) for n, m in clips)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (rows, out_dim):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"{name} gave {shape} for {what}: forward_packed must return (sum of num_tokens, LLM width) = "
+                f"({rows}, {out_dim}), each clip's tokens in clip order (num_tokens says how many without running it; "
+                "the width is the out_dim it is built with)"
+            )

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hicom.modules.compressors.base import pad_packed, readout, take_rows
+from hicom.modules.compressors.base import pad_packed, readout, take_rows, unpad_packed
 from hicom.utils.choices import Choice
 
 
@@ -119,5 +119,5 @@ class GuideInjector(nn.Module):
             return self.coarse_norm(queries * (1 + take_rows(scale, clip)) + take_rows(shift, clip))
         padded, real = pad_packed(queries, counts)  # rows padded to the largest clip, then taken back
         attended = self.fine_proj(padded, guide)
-        attended = attended.reshape_as(queries) if real is None else attended[real]
+        attended = attended.reshape_as(queries) if real is None else unpad_packed(attended, counts)
         return self.fine_norm(queries + attended)
