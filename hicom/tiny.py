@@ -334,14 +334,13 @@ class TinyClip(_Writer):
         )
         torch.manual_seed(self.seed)
         CLIPModel(config).save_pretrained(out)
-        processor = {
-            "image_processor_type": "CLIPImageProcessor",
+        processor = {  # the older format, as openai/clip-vit-large-patch14-336 ships it: sides as bare numbers
+            "feature_extractor_type": "CLIPFeatureExtractor",
             "do_resize": True,
-            "size": {"shortest_edge": self.image_size},
-            "crop_size": {"height": self.image_size, "width": self.image_size},
+            "size": self.image_size,
+            "do_center_crop": True,
+            "crop_size": self.image_size,
             "resample": 3,
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
             "do_normalize": True,
             "image_mean": [0.48145466, 0.4578275, 0.40821073],
             "image_std": [0.26862954, 0.26130258, 0.27577711],

@@ -14,6 +14,30 @@ import torch.nn.functional as F
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
+def image_side(cfg: dict, file: Path) -> int:
+    """The side of the square the vision tower sees, from an image processor's config: its `crop_size` where it
+    centre-crops, else its `size`. Each is a number in the older format (openai/clip-vit-large-patch14-336 ships
+    `"size": 336, "crop_size": 336`) or a dict of height / width or shortest_edge in the newer one."""
+
+    def side(key: str) -> int | None:
+        value = cfg.get(key)
+        if isinstance(value, dict):
+            value = value.get("height", value.get("shortest_edge"))
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{file}: '{key}' must give a side of at least 1 pixel, got {cfg.get(key)!r}")
+        return value
+
+    crop = side("crop_size") if cfg.get("do_center_crop", True) else None
+    found = crop or side("size")
+    if found is None:
+        raise ValueError(
+            f"{file}: no image side in 'size' or 'crop_size' ({cfg.get('size')!r}, {cfg.get('crop_size')!r})"
+        )
+    return found
+
+
 @dataclass(frozen=True)
 class FrameTransform:
     """Pad to square with the mean colour (or, without `pad_to_square`, stretch), resize to `size` x `size`,
@@ -34,13 +58,13 @@ class FrameTransform:
         file = Path(path) / "preprocessor_config.json"
         if not file.is_file():
             raise FileNotFoundError(f"{file} is missing: the vision checkpoint must carry its image-processor config")
-        cfg = json.loads(file.read_text())
-        size = cfg.get("size", {})
-        side = size.get("height") or size.get("shortest_edge") or cfg.get("crop_size", {}).get("height")
-        if not side:
-            raise ValueError(f"{file}: no image size in 'size' ({size})")
+        try:
+            cfg = json.loads(file.read_text())
+        except ValueError as err:
+            raise ValueError(f"{file} is not JSON ({err}): copy it again from the checkpoint") from err
+        side = image_side(cfg, file)
         return cls(
-            size=int(side),
+            size=side,
             mean=tuple(cfg.get("image_mean", (0.5, 0.5, 0.5))),
             std=tuple(cfg.get("image_std", (0.5, 0.5, 0.5))),
             rescale=float(cfg.get("rescale_factor", 1 / 255)),

@@ -77,6 +77,7 @@ def check_model(cfg: DictConfig, compressor=None):
     from hydra.utils import get_class
     from transformers import AutoConfig
 
+    from hicom.data.transforms import FrameTransform
     from hicom.models.video_llm_module import check_hparams
     from hicom.modules.compressors.base import check_output
     from hicom.modules.video_llm import compose_compressor
@@ -116,6 +117,12 @@ def check_model(cfg: DictConfig, compressor=None):
             built = compose_compressor(compressor or hydra.utils.instantiate(model.compressor), tower, llm_width)
         except (ValueError, TypeError) as err:
             raise (TypeError if isinstance(err, TypeError) else ValueError)(f"model.compressor: {err}") from err
+    side = FrameTransform.from_pretrained(model.vision.path).size  # its image processor's file, read as the data will
+    if side != tower.image_size:
+        raise ValueError(
+            f"{Path(model.vision.path) / 'preprocessor_config.json'} resizes frames to {side} px, but the vision tower "
+            f"({vision_json}) takes {tower.image_size} px images: the two files come from different checkpoints"
+        )
     frames, max_length = OmegaConf.select(cfg, "data.num_frames"), OmegaConf.select(cfg, "data.max_length")
     try:  # its output's rows and width, in a moment on the meta device
         check_output(

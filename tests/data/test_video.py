@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -78,3 +80,25 @@ def test_transform_resizes_like_the_hf_processors_pil_path():
     pil = np.asarray(Image.fromarray(frame).resize((48, 48), Image.BICUBIC)).astype(np.float32) / 127.5 - 1
     out = transform(frame[None])[0].permute(1, 2, 0).numpy()
     assert np.abs(out - pil).max() <= 1 / 127.5 + 1e-6  # within one grey level of PIL
+
+
+@pytest.mark.parametrize(
+    ("processor", "side"),
+    [
+        ({"size": 336, "crop_size": 336, "do_center_crop": True}, 336),  # openai/clip-vit-large-patch14-336's format
+        ({"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}}, 336),  # the newer one
+        ({"size": {"height": 384, "width": 384}}, 384),  # SigLIP's
+        ({"size": {"shortest_edge": 400}, "crop_size": {"height": 336, "width": 336}}, 336),  # the crop is seen
+        ({"size": {"shortest_edge": 400}, "crop_size": 336, "do_center_crop": False}, 400),
+    ],
+)
+def test_the_image_side_is_read_from_either_image_processor_format(tmp_path, processor, side):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**processor, "image_mean": [0.5] * 3}))
+    assert FrameTransform.from_pretrained(tmp_path).size == side
+
+
+@pytest.mark.parametrize("processor", [{"size": "336"}, {"size": {"width": 336}}, {"crop_size": 0}, {}])
+def test_an_image_processor_without_a_side_names_its_file(tmp_path, processor):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(processor))
+    with pytest.raises(ValueError, match=r"preprocessor_config\.json: .*(side|'size')"):
+        FrameTransform.from_pretrained(tmp_path)

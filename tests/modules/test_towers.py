@@ -1,5 +1,8 @@
 """The swappable parts: a CLIP tower and a Llama-family LLM go through the same training path as SigLIP + Qwen2."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -28,6 +31,8 @@ def test_clip_guide_is_projected_into_the_joint_space_and_pads_do_not_move_it(ca
     assert tower.hidden_size == 64 and tower.text_hidden_size == 48 and tower.grid == 7
     from transformers import AutoTokenizer
 
+    processor = json.loads((Path(tower.path) / "preprocessor_config.json").read_text())
+    assert processor["size"] == processor["crop_size"] == 112  # bare numbers, as the openai CLIP folders write them
     tok = AutoTokenizer.from_pretrained(tower.path)
     short = tok(["What colour is the circle?"], return_tensors="pt")["input_ids"]
     padded = tok(["What colour is the circle?"], padding="max_length", return_tensors="pt")["input_ids"]
@@ -46,6 +51,27 @@ def test_a_compressor_that_needs_joint_space_keys_is_refused_with_clip(cache_dir
 
     with pytest.raises(Exception, match=r"model\.compressor\.local\.keys=features"):  # Hydra wraps the ValueError
         build(cfg)
+
+
+def test_an_image_processor_of_another_side_than_the_tower_is_refused_before_weights_load(cache_dir, tmp_path):
+    import shutil
+
+    from omegaconf import open_dict
+
+    from hicom.utils.instantiators import check_model, write_assets
+
+    cfg = compose_train(cache_dir, tmp_path, SWAP)
+    write_assets(cfg.assets)
+    check_model(cfg)
+    folder = shutil.copytree(cfg.model.vision.path, tmp_path / "clip")
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**processor, "size": 96, "crop_size": 96}))
+    with open_dict(cfg):
+        cfg.model.vision.path = str(folder)
+    with pytest.raises(
+        ValueError, match=r"clip/preprocessor_config\.json resizes frames to 96 px, but the vision tower"
+    ):
+        check_model(cfg)
 
 
 def test_llama_without_a_pad_token_pads_with_its_end_token(cache_dir, tmp_path):
