@@ -488,7 +488,12 @@ def test_an_export_the_release_cannot_describe_writes_nothing(tmp_path):
     net = SimpleNamespace(compressor=compressor, vision=SimpleNamespace(), llm=llm)
     with pytest.raises(ValueError, match="cannot carry") as refused:
         export_official(net, tmp_path / "official")
-    settings = ("model.vision: a SimpleNamespace", "model.llm: a gpt2 LLM", "local.keys=features", "set embeds")
+    settings = (
+        "model.vision: a SimpleNamespace",
+        "model.llm: a gpt2 LLM",
+        "local.keys=features",
+        "set embeds (with the",
+    )
     for setting in (*settings, "global_.position=k"):
         assert setting in str(refused.value)
     assert not (tmp_path / "official").exists()

@@ -519,6 +519,9 @@ def export_official(net, folder: str | Path, *, num_frames: int | None = None) -
 
     gaps = release_gaps(net.compressor)
     if not isinstance(net.vision, SiglipTower):
+        # joint-space keys come with the SigLIP tower only (CLIP refuses them): its gap first, then theirs
+        keys = "model.compressor.local.keys="
+        gaps = [gap + " (with the SigLIP tower: only it has them)" if gap.startswith(keys) else gap for gap in gaps]
         gaps.insert(0, f"model.vision: a {type(net.vision).__name__}: the release's layout holds a SigLIP tower")
     llm_type = release_type(net.llm.model.config)  # the release's class for a Qwen2 / Llama LLM
     if llm_type is None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,7 +35,12 @@ class CausalLM(nn.Module):
         tokenizer = load_tokenizer(folder)
         token_id = tokenizer.convert_tokens_to_ids(visual_token)
         if token_id is None or token_id == tokenizer.unk_token_id:
-            raise ValueError(f"{folder}: the tokenizer has no {visual_token!r} token to mark visual positions")
+            kind = _model_type(folder)
+            raise ValueError(
+                f"{folder}: the tokenizer has no {visual_token!r} token to mark visual positions (model.llm."
+                f"visual_token){f', and the folder holds a {kind} model' if kind else ''}: pick the model/llm config of "
+                "its family, which names the token it has (qwen25_* for Qwen2.5, llama31_8b for Llama 3)"
+            )
         self.visual_token_id = int(token_id)
         self.tokenizer = tokenizer
         self.model = load_pretrained(AutoModelForCausalLM, folder, "the LLM checkpoint", attn_implementation)
@@ -62,3 +69,11 @@ class CausalLM(nn.Module):
         if given:
             embeds = embeds.masked_scatter(mask[..., None], visual.to(embeds.dtype))
         return embeds
+
+
+def _model_type(folder: Path) -> str | None:
+    """The model_type of an HF folder's config.json (hicom_qwen2 / hicom_llama for the release's), or None."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -112,3 +112,10 @@ def test_a_tower_takes_the_selected_hidden_state_alone_and_equal_to_hf_s(vision,
     tower(pixels)[0].square().sum().backward()
     assert tower.vision_tower.encoder.layers[0].mlp.fc1.weight.grad is not None
     assert tower.vision_tower.encoder.layers[-1].mlp.fc1.weight.grad is None  # after layer -2: not read here
+
+
+def test_an_llm_config_of_another_family_names_the_folders_model_type(tiny_paths):
+    from hicom.modules.llm import CausalLM
+
+    with pytest.raises(ValueError, match=r"no '<\|reserved_special_token_0\|>' token .* holds a qwen2 model: pick"):
+        CausalLM(path=str(tiny_paths["qwen2"]), visual_token="<|reserved_special_token_0|>")
