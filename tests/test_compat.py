@@ -361,6 +361,36 @@ def test_the_whole_model_round_trips_through_the_release_layout(cfg_small, tmp_p
         import_official(target, folder, loaded=("llm",))
 
 
+def test_an_export_past_the_shard_size_writes_shards_and_their_index_as_save_pretrained_does(cfg_small, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hicom.compat.official import import_official
+    from hicom.compat.release_llm import register
+    from hicom.training import build
+
+    source = build(cfg_small)[0].net
+    with torch.no_grad():
+        for p in source.compressor.parameters():
+            p.normal_(0, 0.1)
+    folder = export_official(source, tmp_path / "official", shard_bytes=2**18)
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    torch.manual_seed(1)
+    target = build(cfg_small)[0].net
+    import_official(target, folder)
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    register()  # evaluate.py loads the LLM from the folder through from_pretrained, which reads the index
+    llm = AutoModelForCausalLM.from_pretrained(folder)
+    assert torch.equal(llm.model.norm.weight, source.llm.model.model.norm.weight)
+    # another export's weight files in the folder would be read with these: refused before anything is written
+    with pytest.raises(ValueError, match=r"holds the weight files of another export, \['model-00001-of"):
+        export_official(source, folder)
+    assert export_official(source, folder, shard_bytes=2**18) == folder  # the same layout again overwrites it
+
+
 def test_a_release_folder_is_imported_only_into_the_compressor_its_config_describes(cfg_small, cache_dir, tmp_path):
     """Weights of the same names and shapes fit a compressor with another guide mode or position table; importing
     into one would evaluate something else without a word."""

@@ -506,14 +506,16 @@ def _legacy_fields(compressor: HICom) -> dict:
     }
 
 
-def export_official(net, folder: str | Path, *, num_frames: int | None = None) -> Path:
+SHARD_BYTES = 5 * 2**30  # save_pretrained's default shard size
+
+
+def export_official(net, folder: str | Path, *, num_frames: int | None = None, shard_bytes: int = SHARD_BYTES) -> Path:
     """Write our VideoLLM as a release-layout folder: config.json (the LLM's, under the release's model type, with
     the projector's fields and `num_frames`, the frames it was trained at, which evaluate.py then defaults to, where
-    given), model.safetensors, and the LLM's tokenizer and generation config. A ValueError, before anything is
-    written, lists what the release's layout cannot carry (a CLIP tower, an LLM other than Qwen2 or Llama,
-    `release_gaps`)."""
-    from safetensors.torch import save_file
-
+    given), the weights (model.safetensors, or shards of at most `shard_bytes` with their index, as save_pretrained
+    writes them), and the LLM's tokenizer and generation config. A ValueError, before anything is written, lists
+    what the release's layout cannot carry (a CLIP tower, an LLM other than Qwen2 or Llama, `release_gaps`), or
+    weight files of another export in the folder."""
     from hicom.compat.release_llm import RELEASE_TYPES, release_type
     from hicom.modules.vision import SiglipTower
 
@@ -531,7 +533,6 @@ def export_official(net, folder: str | Path, *, num_frames: int | None = None) -
     if gaps:
         raise ValueError(f"cannot export to {folder}, the release's layout cannot carry:\n  " + "\n  ".join(gaps))
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = {}
     for key, value in net.vision.vision_tower.state_dict().items():
         state[_VISION + key] = value
@@ -540,7 +541,7 @@ def export_official(net, folder: str | Path, *, num_frames: int | None = None) -
     state.update(to_official_state_dict(net.compressor.state_dict()))
     tied = tied_aliases(net.llm.model)  # written once, as save_pretrained writes them (Qwen2.5-0.5B's lm_head)
     state.update({k: v for k, v in net.llm.model.state_dict().items() if k not in tied})  # Qwen2ForCausalLM's names
-    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(folder / "model.safetensors"))
+    write_shards(state, folder, shard_bytes)
     # the LLM's own fields (an LLM loaded from a release folder carries that folder's projector fields too), less
     # the folder it was loaded from (a path on this machine)
     base = next(config_class for config_class, model in RELEASE_TYPES.items() if model is llm_type)
@@ -562,6 +563,41 @@ def export_official(net, folder: str | Path, *, num_frames: int | None = None) -
     net.llm.tokenizer.save_pretrained(folder)  # as released: the folder is an HF folder of its LLM too
     net.llm.model.generation_config.save_pretrained(folder)
     return folder
+
+
+def write_shards(state: Mapping[str, torch.Tensor], folder: Path, shard_bytes: int) -> None:
+    """`state` as model.safetensors, or, past `shard_bytes`, as model-0000i-of-0000n.safetensors and
+    model.safetensors.index.json (the layout from_pretrained reads), copying one shard's tensors at a time. Weight
+    files already in the folder that this would not overwrite are refused first: import reads every one."""
+    from safetensors.torch import save_file
+
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, value in state.items():
+        n = value.numel() * value.element_size()
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += n
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
+    others = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in names)
+    if others:
+        raise ValueError(f"{folder} holds the weight files of another export, {others}: give an empty folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    index = folder / "model.safetensors.index.json"
+    index.unlink(missing_ok=True)
+    weight_map = {}
+    for name, keys in zip(names, shards, strict=True):
+        save_file({key: state[key].detach().contiguous().clone() for key in keys}, str(folder / name))
+        weight_map.update(dict.fromkeys(keys, name))
+    if len(shards) > 1:
+        total = sum(value.numel() * value.element_size() for value in state.values())
+        index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def read_config(folder: Path) -> dict:
