@@ -73,5 +73,7 @@ def test_the_dry_run_refuses_a_compressor_whose_output_is_not_what_it_counts(cac
     own = {"_target_": "tests.modules.test_video_llm.OwnCompressor", "_partial_": True, "wider": 1}
     with open_dict(cfg):
         cfg.model.compressor = own  # a compressor of one's own that writes one column too many
-    with pytest.raises(ValueError, match=r"stage alignment: model.compressor: OwnCompressor gave \(1, 897\) for a 1-"):
+    with pytest.raises(
+        ValueError, match=r"stage alignment: model.compressor: OwnCompressor gave \(1, 897\) for a video of 1 frame of"
+    ):
         report(cfg)

@@ -250,13 +250,16 @@ class GuidedOwnCompressor(OwnCompressor):
 @pytest.mark.parametrize(
     ("wrong", "message"),
     [
-        ({"wider": 3}, r"OwnCompressor gave \(8, 67\) for a 8-frame video of \d+ x \d+ tokens: .* = \(8, 64\)"),
-        ({"batched": True}, r"OwnCompressor gave \(1, 8, 64\) for a 8-frame video .* = \(8, 64\)"),
+        (
+            {"wider": 3},
+            r"OwnCompressor gave \(8, 67\) for a video of 8 frames of \d+ x \d+ tokens a frame: .* = \(8, 64\)",
+        ),
+        ({"batched": True}, r"OwnCompressor gave \(1, 8, 64\) for a video of 8 frames .* = \(8, 64\)"),
         (
             {"extra_image_tokens": 1},
-            r"OwnCompressor gave \(9, 64\) for a 8-frame video and an image of .*, packed: .* = \(10, 64\)",
+            r"OwnCompressor gave \(9, 64\) for a video of 8 frames and an image, packed, of .*: .* = \(10, 64\)",
         ),
-        ({"fail": True}, r"OwnCompressor failed on a 8-frame video .*: TypeError: unsupported operand"),
+        ({"fail": True}, r"OwnCompressor failed on a video of 8 frames .*: TypeError: unsupported operand"),
     ],
     ids=["width", "batched", "image count", "raises"],
 )

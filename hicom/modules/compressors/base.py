@@ -255,8 +255,8 @@ def check_output(
         return  # a loaded compressor (a release folder's): its weights fit the layout that built it
     name = type(compressor).__name__
     for clips in (((frames, "video"),), ((frames, "video"), (1, "image"))):
-        what = " and ".join(f"a {n}-frame {m}" if m == "video" else f"an {m}" for n, m in clips)
-        what += f" of {grid} x {grid} tokens" + (", packed" if len(clips) > 1 else "")
+        what = " and ".join(f"a video of {n} frame{'s' * (n > 1)}" if m == "video" else f"an {m}" for n, m in clips)
+        what += (", packed," if len(clips) > 1 else "") + f" of {grid} x {grid} tokens a frame"
         layout = PackedLayout(tuple(n for n, _ in clips), tuple(m for _, m in clips), grid, grid)
         features = torch.empty(sum(layout.num_frames), grid, grid, in_dim, device="meta")
         embeds = features if compressor.uses_embeds else None
