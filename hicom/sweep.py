@@ -2,14 +2,23 @@
 
 `python train.py hparams_search=<config>` runs Optuna (configs/hparams_search/) over one-fit runs; each run
 returns the figure named by `optimized_metric`. What it names is checked before the first trial trains, so a sweep
-with a misspelt or unreachable metric fails in seconds, not after its first fit.
+with a misspelt or unreachable metric fails in seconds, not after its first fit. At the end of any multirun,
+`SweepSummary` tabulates every run's swept overrides and figures (summary.md, summary.json in the sweep folder).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from hicom.utils.files import write_atomically
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,3 +104,76 @@ def swept_value(cfg: DictConfig, metrics: dict) -> float | None:
             "held-out questions, e.g. data.source.val_json"
         )
     return float(value)
+
+
+# the figures of each run that a sweep's table shows (summary.json keeps every figure)
+TABLE_FIGURES = ("compressor", "visual_tokens_per_video", "accuracy", "chance", "train_loss", "steps", "fit_seconds")
+
+
+def sweep_rows(sweep: Path) -> list[dict]:
+    """One row per run of a multirun folder, in job order: its number, its overrides (`.hydra/overrides.yaml`), the
+    stage (a staged experiment's runs have one row per finished stage) and its metrics.json, or None where it wrote
+    none (a job that failed or is still running)."""
+    import yaml
+
+    rows = []
+    jobs = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    for job in jobs:
+        overrides_file = job / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        found = [(None, job / "metrics.json")] if (job / "metrics.json").is_file() else []
+        found = found or [(p.parent.name, p) for p in sorted(job.glob("stages/*/metrics.json"), key=_mtime)]
+        for stage, path in found or [(None, None)]:
+            try:
+                metrics = json.loads(path.read_text()) if path is not None else None
+            except (OSError, ValueError):
+                metrics = None
+            rows.append({"job": int(job.name), "overrides": overrides or [], "stage": stage, "metrics": metrics})
+    return rows
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """The rows as a Markdown table: the overrides that differ between runs, then the figures of TABLE_FIGURES."""
+    settings = [dict(o.split("=", 1) if "=" in o else (o, "") for o in row["overrides"]) for row in rows]
+    keys = list(dict.fromkeys(key for setting in settings for key in setting))
+    swept = [key for key in keys if len({setting.get(key) for setting in settings}) > 1]
+    staged = any(row["stage"] for row in rows)
+    header = ["job", *swept, *(["stage"] if staged else []), *TABLE_FIGURES, "skipped"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row, setting in zip(rows, settings, strict=True):
+        metrics = row["metrics"]
+        cells = [str(row["job"]), *(setting.get(key, "") for key in swept)] + ([row["stage"] or ""] if staged else [])
+        if metrics is None:
+            cells += ["no metrics.json (failed, or still running)"] + [""] * len(TABLE_FIGURES)
+        else:
+            cells += [_cell(metrics.get(name)) for name in TABLE_FIGURES]
+            cells.append(str(len(metrics.get("skipped_samples") or [])))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun (`train.py -m ...`, an Optuna search): every run's swept overrides and figures in
+    one table, printed and written to the sweep folder as summary.md, with every figure in summary.json."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        if not sweep.is_dir():
+            return
+        rows = sweep_rows(sweep)
+        if not rows:
+            return
+        table = sweep_table(rows)
+        write_atomically(sweep / "summary.json", json.dumps(rows, indent=2))
+        write_atomically(sweep / "summary.md", table)
+        log.info("the sweep's %d runs (%s):\n%s", len({row["job"] for row in rows}), sweep / "summary.md", table)
