@@ -110,14 +110,27 @@ def swept_value(cfg: DictConfig, metrics: dict) -> float | None:
 TABLE_FIGURES = ("compressor", "visual_tokens_per_video", "accuracy", "chance", "train_loss", "steps", "fit_seconds")
 
 
-def sweep_rows(sweep: Path) -> list[dict]:
-    """One row per run of a multirun folder, in job order: its number, its overrides (`.hydra/overrides.yaml`), the
-    stage (a staged experiment's runs have one row per finished stage) and its metrics.json, or None where it wrote
-    none (a job that failed or is still running)."""
+def job_folders(sweep: Path) -> list[Path]:
+    """The run folders of a multirun folder, each with Hydra's `.hydra/` record, a metrics.json or stages: numbered
+    (hydra.sweep.subdir's default) in job order, others (e.g. named by their overrides) by name."""
+    jobs = [
+        p for p in sweep.iterdir() if p.is_dir() and any((p / n).exists() for n in (".hydra", "metrics.json", "stages"))
+    ]
+    return sorted(jobs, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
+
+
+def _stamp(job: Path) -> float:
+    """When Hydra last wrote the job's record (its folder's, where it keeps none)."""
+    record = job / ".hydra" / "overrides.yaml"
+    return (record if record.is_file() else job).stat().st_mtime
+
+
+def sweep_rows(jobs: list[Path]) -> list[dict]:
+    """One row per run folder: its name, its overrides (`.hydra/overrides.yaml`), the stage (a staged experiment's
+    runs have one row per finished stage) and its metrics.json, or None where it wrote none (a job that failed)."""
     import yaml
 
     rows = []
-    jobs = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     for job in jobs:
         overrides_file = job / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
@@ -128,7 +141,7 @@ def sweep_rows(sweep: Path) -> list[dict]:
                 metrics = json.loads(path.read_text()) if path is not None else None
             except (OSError, ValueError):
                 metrics = None
-            rows.append({"job": int(job.name), "overrides": overrides or [], "stage": stage, "metrics": metrics})
+            rows.append({"job": job.name, "overrides": overrides or [], "stage": stage, "metrics": metrics})
     return rows
 
 
@@ -146,13 +159,13 @@ def sweep_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, setting in zip(rows, settings, strict=True):
         metrics = row["metrics"]
-        cells = [str(row["job"]), *(setting.get(key, "") for key in swept)] + ([row["stage"] or ""] if staged else [])
+        cells = [row["job"], *(setting.get(key, "") for key in swept)] + ([row["stage"] or ""] if staged else [])
         if metrics is None:
-            cells += ["no metrics.json (failed, or still running)"] + [""] * len(TABLE_FIGURES)
+            cells += ["no metrics.json (the job failed)"] + [""] * len(TABLE_FIGURES)
         else:
             cells += [_cell(metrics.get(name)) for name in TABLE_FIGURES]
             cells.append(str(len(metrics.get("skipped_samples") or [])))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -166,14 +179,24 @@ class SweepSummary(Callback):
     """At the end of a multirun (`train.py -m ...`, an Optuna search): every run's swept overrides and figures in
     one table, printed and written to the sweep folder as summary.md, with every figure in summary.json."""
 
+    def __init__(self) -> None:
+        self.before: dict[str, float] = {}
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        # a sweep folder given again (hydra.sweep.dir, HICOM_RUN_STAMP) holds an earlier launch's jobs: noted here,
+        # they are left out of this launch's table unless a job of this launch wrote them again
+        sweep = Path(config.hydra.sweep.dir)
+        self.before = {job.name: _stamp(job) for job in job_folders(sweep)} if sweep.is_dir() else {}
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
-        if not sweep.is_dir():
+        if not sweep.is_dir() or config.get("dry_run"):  # a dry run reports its costs, not figures
             return
-        rows = sweep_rows(sweep)
+        jobs = [job for job in job_folders(sweep) if self.before.get(job.name, -1.0) != _stamp(job)]
+        rows = sweep_rows(jobs)
         if not rows:
             return
         table = sweep_table(rows)
         write_atomically(sweep / "summary.json", json.dumps(rows, indent=2))
         write_atomically(sweep / "summary.md", table)
-        log.info("the sweep's %d runs (%s):\n%s", len({row["job"] for row in rows}), sweep / "summary.md", table)
+        log.info("the sweep's %d runs (%s):\n%s", len(jobs), sweep / "summary.md", table)

@@ -875,3 +875,22 @@ def test_a_run_fine_tuned_from_a_release_folder_starts_from_every_weight_of_it(
     gone = compose_eval(cache_dir, bench_data, tmp_path, [f"run_overrides=['init_from={tmp_path / 'moved'}']"])
     with pytest.raises(FileNotFoundError, match=r"not found here: run_overrides=\['init_from=<that folder>'\]"):
         load_model(run, gone)
+
+
+def test_a_run_folder_is_checked_before_its_weights_load(cache_dir, bench_data, trained_run, tmp_path, monkeypatch):
+    """evaluate.py checks a run's config as training does (check_model): here a tower folder whose image processor
+    gives another side than the tower takes, refused before the towers load."""
+    import shutil
+
+    import hicom.eval.runner as runner
+    from hicom.eval.runner import load_model
+
+    config = OmegaConf.load(trained_run / "config.yaml")
+    vision = shutil.copytree(config.model.vision.path, tmp_path / "siglip")
+    processor = json.loads((vision / "preprocessor_config.json").read_text())
+    processor["size"] = {"height": 96, "width": 96}
+    (vision / "preprocessor_config.json").write_text(json.dumps(processor))
+    cfg = compose_eval(cache_dir, bench_data, tmp_path / "out", [f"run_overrides=['model.vision.path={vision}']"])
+    monkeypatch.setattr(runner, "instantiate", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(ValueError, match=r"siglip/preprocessor_config\.json resizes frames to 96 px"):
+        load_model(trained_run, cfg)

@@ -99,6 +99,20 @@ def test_multirun_trains_each_compressor_and_writes_its_metrics(cache_dir, tmp_p
     rows = json.loads((sweep / "summary.json").read_text())
     assert [row["metrics"] for row in rows] == [json.loads(f.read_text()) for f in files]
     assert "the sweep's 2 runs" in done.stderr + done.stdout
+    # the same sweep folder again, one job: its table lists that job, not the earlier launch's job 1 left there
+    again = [*cmd[:3], "model/compressor=avgpool", f"hydra.sweep.dir={sweep}", *overrides]
+    subprocess.run(again, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    assert [row["job"] for row in json.loads((sweep / "summary.json").read_text())] == ["0"]
+
+
+def test_the_sweep_table_escapes_a_bar_in_an_override():
+    from hicom.sweep import sweep_table
+
+    rows = [{"job": str(i), "overrides": [f"+note={v}", "seed=0"], "stage": None, "metrics": {"accuracy": 0.5}}
+            for i, v in enumerate(["a=b", "c|d"])]  # fmt: skip
+    table = sweep_table(rows).splitlines()
+    assert table[0].startswith("| job | +note | compressor |")
+    assert table[2].startswith("| 0 | a=b | n/a | n/a | 0.5 |") and table[3].startswith("| 1 | c\\|d | n/a |")
 
 
 def test_a_run_without_any_logger_trains(cache_dir, tmp_path):

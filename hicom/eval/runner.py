@@ -113,6 +113,7 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
         )
     write_assets(run_cfg.get("assets"))
     check_pretrained(run_cfg, override="run_overrides=['{key}=<folder>']")  # the run's config names the towers
+    check_model(run_cfg)  # its compressor's output, the towers' files: before any weights load
     module = instantiate(run_cfg.model, trainable=[])  # nothing trains here: no part is left frozen with a warning
     if run_cfg.get("init_from"):  # the parts it did not train are the release folder's (its LLM loaded from it)
         from hicom.compat.official import import_official
