@@ -132,8 +132,12 @@ def sweep_rows(jobs: list[Path]) -> list[dict]:
 
     rows = []
     for job in jobs:
-        overrides_file = job / ".hydra" / "overrides.yaml"
-        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        try:  # a record that cannot be read costs its row the swept columns, not the sweep its table
+            overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            overrides = []
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            overrides = []
         found = [(None, job / "metrics.json")] if (job / "metrics.json").is_file() else []
         found = found or [(p.parent.name, p) for p in sorted(job.glob("stages/*/metrics.json"), key=_mtime)]
         for stage, path in found or [(None, None)]:
