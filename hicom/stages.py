@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from hicom.callbacks.checkpoint import resume_checkpoint
 from hicom.modules.compressors.base import unguided_config
 from hicom.training import check_global_batch, check_trainable, train
-from hicom.utils.checkpoints import check_safetensors, full_parameters, tied_aliases
+from hicom.utils.checkpoints import check_safetensors, fill_tied, full_parameters, untied_state
 from hicom.utils.config import dotted_keys, unshared_launch
 from hicom.utils.instantiators import check_data, check_model, check_pretrained, write_assets
 
@@ -141,10 +141,8 @@ def save_handoff(
         with full_parameters(modules[part]):
             if not write:  # it only takes part in the gather
                 continue
-            tied = tied_aliases(modules[part])  # written once (a tied LM head is its embeddings), filled on load
-            for key, value in modules[part].state_dict().items():
-                if key not in tied:
-                    state[f"{part}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+            for key, value in untied_state(modules[part]).items():  # a tied LM head is its embeddings: once
+                state[f"{part}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
     if not write:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -238,9 +236,7 @@ def load_handoff(model, parent: Path, new_parameters: list[str]) -> list[str]:
             raise HandoffError(f"{parent}: part {part!r} is not a part of this model ({list(modules)})")
         expected = modules[part].state_dict()
         given = {k[len(part) + 1 :]: v for k, v in state.items() if k.startswith(part + ".")}
-        for alias, source in tied_aliases(modules[part]).items():  # a tied weight is written once
-            if alias not in given and source in given:
-                given[alias] = given[source]
+        fill_tied(modules[part], given)  # a tied weight is written once
         missing = [k for k in expected if k not in given and not _declared(f"{part}.{k}", new_parameters)]
         unexpected = [k for k in given if k not in expected]
         shapes = [f"{k} {tuple(given[k].shape)} != {tuple(expected[k].shape)}"

@@ -44,7 +44,7 @@ from hicom.modules.compressors import (
     LocalCompressor,
 )
 from hicom.modules.compressors.base import RELEASE_INIT_STD
-from hicom.utils.checkpoints import tied_aliases
+from hicom.utils.checkpoints import fill_tied, untied_state
 
 log = logging.getLogger(__name__)
 
@@ -539,8 +539,7 @@ def export_official(net, folder: str | Path, *, num_frames: int | None = None, s
     for key, value in net.vision.guide_encoder.state_dict().items():
         state[_GUIDE + key] = value
     state.update(to_official_state_dict(net.compressor.state_dict()))
-    tied = tied_aliases(net.llm.model)  # written once, as save_pretrained writes them (Qwen2.5-0.5B's lm_head)
-    state.update({k: v for k, v in net.llm.model.state_dict().items() if k not in tied})  # Qwen2ForCausalLM's names
+    state.update(untied_state(net.llm.model))  # Qwen2ForCausalLM's names, Qwen2.5-0.5B's lm_head written once
     write_shards(state, folder, shard_bytes)
     # the LLM's own fields (an LLM loaded from a release folder carries that folder's projector fields too), less
     # the folder it was loaded from (a path on this machine)
@@ -742,9 +741,7 @@ def import_official(net, folder: str | Path, *, loaded: tuple[str, ...] = ()) ->
     groups["projector"] = convert_state_dict(groups["projector"])
     problems = []
     for name, module in targets.items():
-        for alias, source in tied_aliases(module).items():  # save_pretrained writes a tied weight once
-            if alias not in groups[name] and source in groups[name]:
-                groups[name][alias] = groups[name][source]
+        fill_tied(module, groups[name])  # save_pretrained writes a tied weight once
         try:
             check_keys(groups[name], module, what="missing or unexpected tensors")
         except KeyError as error:

@@ -173,6 +173,20 @@ def tied_aliases(module: nn.Module) -> dict[str, str]:
     return aliases
 
 
+def untied_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s state dict with each tied tensor under its first name only, as save_pretrained writes it (and
+    safetensors, which refuses shared storage, needs it)."""
+    tied = tied_aliases(module)
+    return {key: value for key, value in module.state_dict().items() if key not in tied}
+
+
+def fill_tied(module: nn.Module, state: dict) -> None:
+    """Give each tied alias of `module` that `state` lacks the tensor of its first name (written once)."""
+    for alias, source in tied_aliases(module).items():
+        if alias not in state and source in state:
+            state[alias] = state[source]
+
+
 @contextlib.contextmanager
 def full_parameters(module) -> Iterator[None]:
     """Makes `module`'s parameters whole for reading. Under DeepSpeed ZeRO-3 each process holds only a shard of
