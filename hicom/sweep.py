@@ -2,8 +2,9 @@
 
 `python train.py hparams_search=<config>` runs Optuna (configs/hparams_search/) over one-fit runs; each run
 returns the figure named by `optimized_metric`. What it names is checked before the first trial trains, so a sweep
-with a misspelt or unreachable metric fails in seconds, not after its first fit. At the end of any multirun,
-`SweepSummary` tabulates every run's swept overrides and figures (summary.md, summary.json in the sweep folder).
+with a misspelt or unreachable metric fails in seconds, not after its first fit. As each job of a multirun ends,
+and at its end, `SweepSummary` tabulates every run's swept overrides and figures (summary.md, summary.json in the
+sweep folder), a failed job with its error.
 """
 
 from __future__ import annotations
@@ -125,9 +126,14 @@ def _stamp(job: Path) -> float:
     return (record if record.is_file() else job).stat().st_mtime
 
 
+# what SweepSummary writes into a failed job's folder: the exception that ended it
+ERROR_FILE = "error.txt"
+
+
 def sweep_rows(jobs: list[Path]) -> list[dict]:
     """One row per run folder: its name, its overrides (`.hydra/overrides.yaml`), the stage (a staged experiment's
-    runs have one row per finished stage) and its metrics.json, or None where it wrote none (a job that failed)."""
+    runs have one row per finished stage), its metrics.json, or None where it wrote none (a job that failed, or
+    one still running), and the error that ended it where it failed (error.txt)."""
     import yaml
 
     rows = []
@@ -145,7 +151,15 @@ def sweep_rows(jobs: list[Path]) -> list[dict]:
                 metrics = json.loads(path.read_text()) if path is not None else None
             except (OSError, ValueError):
                 metrics = None
-            rows.append({"job": job.name, "overrides": overrides or [], "stage": stage, "metrics": metrics})
+            rows.append({"job": job.name, "overrides": overrides, "stage": stage, "metrics": metrics, "error": None})
+        try:
+            error = (job / ERROR_FILE).read_text().strip() or None
+        except OSError:
+            error = None
+        if error is not None and rows[-1]["metrics"] is None:
+            rows[-1]["error"] = error
+        elif error is not None:  # it failed after writing figures (a later stage, or the swept value): a row of its own
+            rows.append({"job": job.name, "overrides": overrides, "stage": None, "metrics": None, "error": error})
     return rows
 
 
@@ -164,13 +178,20 @@ def sweep_table(rows: list[dict]) -> str:
     for row, setting in zip(rows, settings, strict=True):
         metrics = row["metrics"]
         cells = [row["job"], *(setting.get(key, "") for key in swept)] + ([row["stage"] or ""] if staged else [])
-        if metrics is None:
-            cells += ["no metrics.json (the job failed)"] + [""] * len(TABLE_FIGURES)
+        if row.get("error"):
+            cells += [f"failed: {_first_line(row['error'])}"] + [""] * len(TABLE_FIGURES)
+        elif metrics is None:
+            cells += ["no metrics.json (running, or stopped)"] + [""] * len(TABLE_FIGURES)
         else:
             cells += [_cell(metrics.get(name)) for name in TABLE_FIGURES]
             cells.append(str(len(metrics.get("skipped_samples") or [])))
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _first_line(text: str, limit: int = 160) -> str:
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _cell(value) -> str:
@@ -180,8 +201,10 @@ def _cell(value) -> str:
 
 
 class SweepSummary(Callback):
-    """At the end of a multirun (`train.py -m ...`, an Optuna search): every run's swept overrides and figures in
-    one table, printed and written to the sweep folder as summary.md, with every figure in summary.json."""
+    """A multirun's table (`train.py -m ...`, an Optuna search): every run's swept overrides and figures, written to
+    the sweep folder as summary.md, with every figure in summary.json, as each job ends and again (printed) at the
+    end. A job that fails leaves its error in its folder (error.txt) and its row: Hydra's sweepers stop the launch on
+    a failed job and then call no end-of-multirun hook, so the table of the jobs that ran is written as they end."""
 
     def __init__(self) -> None:
         self.before: dict[str, float] = {}
@@ -192,15 +215,39 @@ class SweepSummary(Callback):
         sweep = Path(config.hydra.sweep.dir)
         self.before = {job.name: _stamp(job) for job in job_folders(sweep)} if sweep.is_dir() else {}
 
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        from hydra.core.utils import JobStatus
+        from hydra.types import RunMode
+
+        if OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
+            return
+        folder = Path(config.hydra.runtime.output_dir)
+        (folder / ERROR_FILE).unlink(missing_ok=True)  # an earlier launch's, where the sweep folder is given again
+        if job_return.status == JobStatus.FAILED:
+            try:
+                job_return.return_value  # noqa: B018  (raises the exception the job ended with)
+            except BaseException as error:  # noqa: BLE001  (recorded, not handled: the sweeper raises it again)
+                write_atomically(folder / ERROR_FILE, f"{type(error).__name__}: {error}\n")
+        summary = self.summarise(config)
+        if summary is not None and job_return.status == JobStatus.FAILED:
+            log.error("a job of the sweep failed; the table of its %d runs so far (%s):\n%s", *summary)
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        summary = self.summarise(config)
+        if summary is not None:
+            log.info("the sweep's %d runs (%s):\n%s", *summary)
+
+    def summarise(self, config: DictConfig) -> tuple[int, Path, str] | None:
+        """Writes the table of this launch's jobs so far; returns their number, where it went and the table (None
+        where there is nothing to tabulate)."""
         sweep = Path(config.hydra.sweep.dir)
         if not sweep.is_dir() or config.get("dry_run"):  # a dry run reports its costs, not figures
-            return
+            return None
         jobs = [job for job in job_folders(sweep) if self.before.get(job.name, -1.0) != _stamp(job)]
         rows = sweep_rows(jobs)
         if not rows:
-            return
+            return None
         table = sweep_table(rows)
         write_atomically(sweep / "summary.json", json.dumps(rows, indent=2))
         write_atomically(sweep / "summary.md", table)
-        log.info("the sweep's %d runs (%s):\n%s", len(jobs), sweep / "summary.md", table)
+        return len(jobs), sweep / "summary.md", table

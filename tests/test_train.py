@@ -103,6 +103,19 @@ def test_multirun_trains_each_compressor_and_writes_its_metrics(cache_dir, tmp_p
     again = [*cmd[:3], "model/compressor=avgpool", f"hydra.sweep.dir={sweep}", *overrides]
     subprocess.run(again, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
     assert [row["job"] for row in json.loads((sweep / "summary.json").read_text())] == ["0"]
+    # a job that fails: the sweeper raises and calls no end-of-multirun hook, and the table, written as each job
+    # ends, has the job with its error (also in the job's error.txt)
+    failed = tmp_path / "failed"
+    broken = [*cmd[:3], "optimized_metric=no_such_figure", f"hydra.sweep.dir={failed}", *overrides]
+    done = subprocess.run(broken, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    (row,) = json.loads((failed / "summary.json").read_text())
+    assert row["metrics"] is None and row["error"].startswith("ValueError: optimized_metric='no_such_figure' is not")
+    assert (failed / "0" / "error.txt").read_text() == row["error"] + "\n"
+    assert (
+        "| 0 | failed: ValueError: optimized_metric='no_such_figure' is not a figure"
+        in (failed / "summary.md").read_text()
+    )
 
 
 def test_the_sweep_table_escapes_a_bar_in_an_override():
