@@ -130,63 +130,36 @@ def _stamp(job: Path) -> float:
 ERROR_FILE = "error.txt"
 
 
-def sweep_rows(jobs: list[Path]) -> list[dict]:
-    """One row per run folder: its name, its overrides (`.hydra/overrides.yaml`), the stage (a staged experiment's
-    runs have one row per finished stage), its metrics.json, or None where it wrote none (a job that failed, or
-    one still running), and the error that ended it where it failed (error.txt)."""
+def _overrides(job: Path) -> list[str]:
+    """The job's overrides (`.hydra/overrides.yaml`); none where the record cannot be read, which costs its row the
+    swept columns, not the sweep its table."""
     import yaml
 
-    rows = []
-    for job in jobs:
-        try:  # a record that cannot be read costs its row the swept columns, not the sweep its table
-            overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
-        except (OSError, yaml.YAMLError):
-            overrides = []
-        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-            overrides = []
-        found = [(None, job / "metrics.json")] if (job / "metrics.json").is_file() else []
-        found = found or [(p.parent.name, p) for p in sorted(job.glob("stages/*/metrics.json"), key=_mtime)]
-        for stage, path in found or [(None, None)]:
-            try:
-                metrics = json.loads(path.read_text()) if path is not None else None
-            except (OSError, ValueError):
-                metrics = None
-            rows.append({"job": job.name, "overrides": overrides, "stage": stage, "metrics": metrics, "error": None})
-        try:
-            error = (job / ERROR_FILE).read_text().strip() or None
-        except OSError:
-            error = None
-        if error is not None and rows[-1]["metrics"] is None:
-            rows[-1]["error"] = error
-        elif error is not None:  # it failed after writing figures (a later stage, or the swept value): a row of its own
-            rows.append({"job": job.name, "overrides": overrides, "stage": None, "metrics": None, "error": error})
-    return rows
+    try:
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        return []
+    return overrides
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _error(job: Path) -> str | None:
+    try:
+        return (job / ERROR_FILE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _mtime(path: Path) -> float:
     return path.stat().st_mtime
-
-
-def sweep_table(rows: list[dict]) -> str:
-    """The rows as a Markdown table: the overrides that differ between runs, then the figures of TABLE_FIGURES."""
-    settings = [dict(o.split("=", 1) if "=" in o else (o, "") for o in row["overrides"]) for row in rows]
-    keys = list(dict.fromkeys(key for setting in settings for key in setting))
-    swept = [key for key in keys if len({setting.get(key) for setting in settings}) > 1]
-    staged = any(row["stage"] for row in rows)
-    header = ["job", *swept, *(["stage"] if staged else []), *TABLE_FIGURES, "skipped"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row, setting in zip(rows, settings, strict=True):
-        metrics = row["metrics"]
-        cells = [row["job"], *(setting.get(key, "") for key in swept)] + ([row["stage"] or ""] if staged else [])
-        if row.get("error"):
-            cells += [f"failed: {_first_line(row['error'])}"] + [""] * len(TABLE_FIGURES)
-        elif metrics is None:
-            cells += ["no metrics.json (running, or stopped)"] + [""] * len(TABLE_FIGURES)
-        else:
-            cells += [_cell(metrics.get(name)) for name in TABLE_FIGURES]
-            cells.append(str(len(metrics.get("skipped_samples") or [])))
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def _first_line(text: str, limit: int = 160) -> str:
@@ -201,13 +174,67 @@ def _cell(value) -> str:
 
 
 class SweepSummary(Callback):
-    """A multirun's table (`train.py -m ...`, an Optuna search): every run's swept overrides and figures, written to
-    the sweep folder as summary.md, with every figure in summary.json, as each job ends and again (printed) at the
-    end. A job that fails leaves its error in its folder (error.txt) and its row: Hydra's sweepers stop the launch on
-    a failed job and then call no end-of-multirun hook, so the table of the jobs that ran is written as they end."""
+    """A training multirun's table (`train.py -m ...`, an Optuna search): every run's swept overrides and figures,
+    written to the sweep folder as summary.md, with every figure in summary.json, as each job ends and again
+    (printed) at the end. A job that fails leaves its error in its folder (error.txt) and its row: Hydra's sweepers
+    stop the launch on a failed job and then call no end-of-multirun hook, so the table of the jobs that ran is
+    written as they end."""
+
+    part = "stage"  # what a job's rows are of: a staged experiment has one per finished stage
+    header = (*TABLE_FIGURES, "skipped")
+    missing = "no metrics.json (running, or stopped)"
 
     def __init__(self) -> None:
         self.before: dict[str, float] = {}
+
+    def figures(self, job: Path) -> list[tuple[str | None, dict | None]]:
+        """The job's figures: its metrics.json, or each finished stage's, in the order they were written."""
+        if (job / "metrics.json").is_file():
+            return [(None, _read_json(job / "metrics.json"))]
+        stages = sorted(job.glob("stages/*/metrics.json"), key=_mtime)
+        return [(path.parent.name, _read_json(path)) for path in stages]
+
+    def cells(self, metrics: dict) -> list[str]:
+        return [_cell(metrics.get(name)) for name in TABLE_FIGURES] + [str(len(metrics.get("skipped_samples") or []))]
+
+    def rows(self, jobs: list[Path]) -> list[dict]:
+        """A row per job and part: its name, its overrides, the part, its figures (None where it wrote none: a job
+        that failed, or one still running) and the error that ended it where it failed (error.txt): on the row of
+        a job that wrote no figures, else a row of its own (it failed after a stage, or at the swept value)."""
+        rows = []
+        for job in jobs:
+            overrides = _overrides(job)
+            for part, metrics in self.figures(job) or [(None, None)]:
+                rows.append(
+                    {"job": job.name, "overrides": overrides, self.part: part, "metrics": metrics, "error": None}
+                )
+            error = _error(job)
+            if error is not None and rows[-1]["metrics"] is None:
+                rows[-1]["error"] = error
+            elif error is not None:
+                rows.append({"job": job.name, "overrides": overrides, self.part: None, "metrics": None, "error": error})
+        return rows
+
+    def table(self, rows: list[dict]) -> str:
+        """The rows as a Markdown table: the overrides that differ between runs, the part where a job has several,
+        then the figures."""
+        settings = [dict(o.split("=", 1) if "=" in o else (o, "") for o in row["overrides"]) for row in rows]
+        keys = list(dict.fromkeys(key for setting in settings for key in setting))
+        swept = [key for key in keys if len({setting.get(key) for setting in settings}) > 1]
+        parts = any(row.get(self.part) for row in rows)
+        header = ["job", *swept, *([self.part] if parts else []), *self.header]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row, setting in zip(rows, settings, strict=True):
+            cells = [row["job"], *(setting.get(key, "") for key in swept)]
+            cells += [row.get(self.part) or ""] if parts else []
+            if row.get("error"):
+                cells += [f"failed: {_first_line(row['error'])}"] + [""] * (len(self.header) - 1)
+            elif row["metrics"] is None:
+                cells += [self.missing] + [""] * (len(self.header) - 1)
+            else:
+                cells += self.cells(row["metrics"])
+            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+        return "\n".join(lines) + "\n"
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         # a sweep folder given again (hydra.sweep.dir, HICOM_RUN_STAMP) holds an earlier launch's jobs: noted here,
@@ -244,10 +271,38 @@ class SweepSummary(Callback):
         if not sweep.is_dir() or config.get("dry_run"):  # a dry run reports its costs, not figures
             return None
         jobs = [job for job in job_folders(sweep) if self.before.get(job.name, -1.0) != _stamp(job)]
-        rows = sweep_rows(jobs)
+        rows = self.rows(jobs)
         if not rows:
             return None
-        table = sweep_table(rows)
+        table = self.table(rows)
         write_atomically(sweep / "summary.json", json.dumps(rows, indent=2))
         write_atomically(sweep / "summary.md", table)
         return len(jobs), sweep / "summary.md", table
+
+
+class EvalSweepSummary(SweepSummary):
+    """An evaluation multirun's table (`evaluate.py -m ckpt=a,b sampling.num_frames=16,32`): a row per job and
+    benchmark with its swept overrides, score, metric, questions, unparsed and failed replies, frames and visual
+    tokens (each job's results.json; summary.json keeps them whole)."""
+
+    part = "benchmark"
+    header = ("score", "metric", "n", "unparsed", "failed", "frames", "visual_tokens_per_video")
+    missing = "no results.json (running, or stopped)"
+
+    def figures(self, job: Path) -> list[tuple[str | None, dict | None]]:
+        report = _read_json(job / "results.json")
+        if not isinstance(report, dict):
+            return []
+        return [(name, results) for name, results in report.items() if isinstance(results, dict)]
+
+    def cells(self, metrics: dict) -> list[str]:
+        from hicom.eval.runner import METRIC_NAMES
+
+        metric, settings = metrics.get("metric"), metrics.get("settings") or {}
+        score = metrics.get(metric) if metric else None
+        return [
+            f"{100 * score:.1f}" if isinstance(score, int | float) else "n/a",
+            METRIC_NAMES.get(metric, str(metric)),
+            *(_cell(metrics.get(key)) for key in ("n", "n_unparsed", "n_failed")),
+            *(_cell(settings.get(key)) for key in ("frames", "visual_tokens_per_video")),
+        ]

@@ -894,3 +894,37 @@ def test_a_run_folder_is_checked_before_its_weights_load(cache_dir, bench_data, 
     monkeypatch.setattr(runner, "instantiate", lambda *a, **k: pytest.fail("the model was built"))
     with pytest.raises(ValueError, match=r"siglip/preprocessor_config\.json resizes frames to 96 px"):
         load_model(trained_run, cfg)
+
+
+def test_an_evaluation_sweep_writes_one_table_of_its_jobs_and_benchmarks(cache_dir, bench_data, trained_run, tmp_path):
+    """`evaluate.py -m`: a row per job and benchmark with the swept frames, its score and its visual tokens."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HICOM_CACHE": str(cache_dir), "HICOM_DATA": str(bench_data), "HICOM_LOGS": str(tmp_path)}
+    env.pop("HICOM_RUN_STAMP", None)
+    cmd = [sys.executable, "evaluate.py", "-m", f"ckpt={trained_run}", "benchmark=[mlvu,msvd_qa]", "limit=2",
+           "num_workers=0", "max_new_tokens=4", "benchmarks.mlvu.tasks=[1_plotQA]", "sampling.num_frames=4,8",
+           "~logger"]  # fmt: skip
+    subprocess.run(cmd, cwd=CONFIGS.parent, env=env, check=True, capture_output=True, text=True, timeout=600)
+    (sweep,) = tmp_path.glob("evaluate/multiruns/*")
+    rows = json.loads((sweep / "summary.json").read_text())
+    assert [(row["job"], row["benchmark"]) for row in rows] == [
+        ("0", "mlvu"),
+        ("0", "msvd_qa"),
+        ("1", "mlvu"),
+        ("1", "msvd_qa"),
+    ]
+    for row in rows:
+        assert row["metrics"] == json.loads((sweep / row["job"] / "results.json").read_text())[row["benchmark"]]
+    table = (sweep / "summary.md").read_text().splitlines()
+    assert table[0] == (
+        "| job | sampling.num_frames | benchmark | score | metric | n | unparsed | failed | frames | visual_tokens_per_video |"
+    )
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in table[2:]]
+    assert [row[:3] + row[4:6] + row[7:] for row in cells] == [
+        ["0", "4", "mlvu", "M-Avg", "1", "0", "4", "41"],  # frames and visual tokens of each job's clips
+        ["0", "4", "msvd_qa", "exact match", "2", "0", "4", "41"],
+        ["1", "8", "mlvu", "M-Avg", "1", "0", "8", "50"],
+        ["1", "8", "msvd_qa", "exact match", "2", "0", "8", "50"],
+    ]

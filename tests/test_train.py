@@ -119,11 +119,11 @@ def test_multirun_trains_each_compressor_and_writes_its_metrics(cache_dir, tmp_p
 
 
 def test_the_sweep_table_escapes_a_bar_in_an_override():
-    from hicom.sweep import sweep_table
+    from hicom.sweep import SweepSummary
 
     rows = [{"job": str(i), "overrides": [f"+note={v}", "seed=0"], "stage": None, "metrics": {"accuracy": 0.5}}
             for i, v in enumerate(["a=b", "c|d"])]  # fmt: skip
-    table = sweep_table(rows).splitlines()
+    table = SweepSummary().table(rows).splitlines()
     assert table[0].startswith("| job | +note | compressor |")
     assert table[2].startswith("| 0 | a=b | n/a | n/a | 0.5 |") and table[3].startswith("| 1 | c\\|d | n/a |")
 
