@@ -1,7 +1,9 @@
 """Dry run: what a configured model costs before any weight is read or GPU hour spent.
 
 The vision tower and the LLM are built on the meta device from the bundled architecture configs (hicom/arch/*.json,
-named by `model.vision.arch` / `model.llm.arch`), the compressor from its Hydra config. Per stage it prints
+named by `model.vision.arch` / `model.llm.arch`), or, where a part names none, from its model folder's config.json
+(`model.vision.path` / `model.llm.path`: any model on disk, the tiny ones included), and the compressor from its
+Hydra config. Per stage it prints
 parameters per part, trainable parameters, visual tokens per sample, forward FLOPs per sample for each part
 (torch's FlopCounterMode on meta tensors: exact matrix-product counts), a training estimate, and an estimate of the
 memory per GPU for the chosen ZeRO stage and micro batch.
@@ -23,14 +25,28 @@ ARCH_DIR = Path(__file__).parent / "arch"
 PARTS = ("vision_trunk", "vision_head", "guide_encoder", "compressor", "llm")
 
 
-def load_arch(name: str | None, key: str) -> dict:
-    if not name:
-        raise ValueError(f"the dry run needs `{key}`: the name of a bundled architecture in {ARCH_DIR}")
-    path = ARCH_DIR / f"{name}.json"
-    if not path.is_file():
-        known = sorted(p.stem for p in ARCH_DIR.glob("*.json"))
-        raise FileNotFoundError(f"{key}={name!r}: no {path.name} in {ARCH_DIR} (bundled: {known})")
-    return json.loads(path.read_text())
+def load_arch(part: DictConfig, key: str) -> tuple[str, dict]:
+    """A part's architecture and a name for it: the bundled one `<key>.arch` names, else its folder's config.json
+    (no weights read)."""
+    known = sorted(p.stem for p in ARCH_DIR.glob("*.json"))
+    name = part.get("arch")
+    if name:
+        path = ARCH_DIR / f"{name}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{key}.arch={name!r}: no {path.name} in {ARCH_DIR} (bundled: {known})")
+        return name, json.loads(path.read_text())
+    folder = part.get("path")
+    config = Path(folder) / "config.json" if folder else None
+    if config is None or not config.is_file():
+        raise ValueError(
+            f"the dry run needs `{key}.arch` (a bundled architecture: {known}) or the model folder's config.json "
+            f"at `{key}.path` ({folder}: {'none set' if config is None else 'no config.json there'})"
+        )
+    try:
+        arch = json.loads(config.read_text())
+    except ValueError as err:
+        raise ValueError(f"{config}: not a JSON model config ({err})") from err
+    return Path(folder).name, arch
 
 
 @dataclass
@@ -38,6 +54,7 @@ class MetaModel:
     vision: torch.nn.Module  # a vision tower (SiglipTower, ClipTower) built from its bundled architecture
     llm: torch.nn.Module
     compressor: torch.nn.Module
+    names: tuple[str, str] = ("", "")  # the tower's and the LLM's architecture, as the report names them
 
     @property
     def grid(self) -> int:
@@ -53,9 +70,12 @@ def build_meta(cfg: DictConfig) -> MetaModel:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from hicom.modules.video_llm import compose_compressor
+    from hicom.utils.instantiators import write_assets
 
-    vision_arch = load_arch(cfg.model.vision.get("arch"), "model.vision.arch")
-    llm_arch = load_arch(cfg.model.llm.get("arch"), "model.llm.arch")
+    if not (cfg.model.vision.get("arch") and cfg.model.llm.get("arch")):
+        write_assets(cfg.get("assets"))  # the tiny checkpoints' folders, where the config's parts are those
+    vision_name, vision_arch = load_arch(cfg.model.vision, "model.vision")
+    llm_name, llm_arch = load_arch(cfg.model.llm, "model.llm")
     llm_config = CONFIG_MAPPING[llm_arch["model_type"]](**{k: v for k, v in llm_arch.items() if k != "model_type"})
     tower_class = get_class(cfg.model.vision._target_)
     with torch.device("meta"):
@@ -64,7 +84,7 @@ def build_meta(cfg: DictConfig) -> MetaModel:
         compressor = compose_compressor(instantiate(cfg.model.compressor), vision, llm_config.hidden_size)
     for module in (vision.vision_tower, vision.guide_encoder, llm):
         module.config._attn_implementation = "sdpa"
-    return MetaModel(vision=vision, llm=llm, compressor=compressor)
+    return MetaModel(vision=vision, llm=llm, compressor=compressor, names=(vision_name, llm_name))
 
 
 def _flops(fn) -> int:
@@ -192,10 +212,14 @@ def report(cfg: DictConfig) -> list[dict]:
     if micro is not None:
         micro = whole_number("dry_run_settings.micro_batch", micro)
     text = whole_number("dry_run_settings.text_tokens", settings.get("text_tokens", 256), least=0)
-    guide = whole_number("dry_run_settings.guide_tokens", settings.get("guide_tokens", 64), least=0)
     base = build_meta(cfg)
+    longest = base.vision.guide_encoder.config.max_position_embeddings  # what the guide tokenizer pads to
+    guide = settings.get("guide_tokens")
+    guide = longest if guide is None else whole_number("dry_run_settings.guide_tokens", guide, least=0)
+    if guide > longest:
+        raise ValueError(f"dry_run_settings.guide_tokens={guide}: this guide encoder takes at most {longest} tokens")
     rows = []
-    print(f"dry run: {cfg.model.vision.arch} + {type(base.compressor).__name__} + {cfg.model.llm.arch}, "
+    print(f"dry run: {base.names[0]} + {type(base.compressor).__name__} + {base.names[1]}, "
           f"{gpus} GPUs, {text} text tokens per sample")  # fmt: skip
     for stage in stages_of(cfg):
         with torch.device("meta"):  # the stage's own compressor (stage 1 of the recipe has no injection modules)
@@ -212,7 +236,7 @@ def report(cfg: DictConfig) -> list[dict]:
             )
         except ValueError as err:
             raise ValueError(f"stage {stage['name']}: model.compressor: {err}") from err
-        model = MetaModel(vision=base.vision, llm=base.llm, compressor=compressor)
+        model = MetaModel(vision=base.vision, llm=base.llm, compressor=compressor, names=base.names)
         params = {name: sum(p.numel() for p in part.parameters()) for name, part in model.parts().items()}
         zero = stage["zero"]
         batch = micro or whole_number("data.batch_size", stage["config"].data.batch_size)

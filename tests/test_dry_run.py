@@ -26,9 +26,16 @@ def test_the_paper_recipe_on_qwen25_05b(cache_dir, tmp_path, capsys):
     assert one[0]["memory_gib"]["activations"] < rows[0]["memory_gib"]["activations"]
 
 
-def test_a_config_without_a_bundled_architecture_says_which_key(cache_dir, tmp_path):
-    with pytest.raises(ValueError, match=r"model\.vision\.arch"):
-        report(compose_train(cache_dir, tmp_path, []))  # the tiny default has no bundled architecture
+def test_a_part_without_a_bundled_architecture_is_built_from_its_folder(cache_dir, tmp_path, capsys):
+    """The tiny staged experiment names no bundled architecture: its parts come from their folders' config.json."""
+    rows = report(compose_train(cache_dir, tmp_path, ["experiment=tiny_stages"]))
+    assert [r["stage"] for r in rows] == ["alignment", "conditional", "instruction"]
+    assert [r["visual_tokens"] for r in rows] == [50, 50, 50]
+    assert "dry run: siglip + HICom + qwen2" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"model\.llm\.arch(.|\n)*config\.json at `model\.llm\.path` \(\S+: no config"):
+        report(compose_train(cache_dir, tmp_path, [f"model.llm.path={tmp_path / 'nowhere'}"]))
+    with pytest.raises(ValueError, match="guide_tokens=33: this guide encoder takes at most 32 tokens"):
+        report(compose_train(cache_dir, tmp_path, ["dry_run_settings.guide_tokens=33"]))
 
 
 def test_a_bad_dry_run_setting_names_itself(cache_dir, tmp_path):
