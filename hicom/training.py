@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
@@ -28,6 +31,26 @@ from hicom.utils.instantiators import (
 )
 
 log = logging.getLogger(__name__)
+
+# the exit status of a fit stopped by SIGTERM, as a shell reports a process the signal ended (128 + 15)
+STOPPED_BY_SIGTERM = 143
+
+
+@contextlib.contextmanager
+def _unfinished_on_sigterm(trainer, cfg: DictConfig, what: str) -> Iterator[None]:
+    """Lightning ends a fit or test that SIGTERM (or Ctrl-C, see GracefulInterrupt) stopped with a SystemExit of no
+    code: the run would exit 0, "finished", and a scheduler's afterok would go on. It exits STOPPED_BY_SIGTERM."""
+    try:
+        yield
+    except SIGTERMException as stop:
+        log.error(
+            "stopped by SIGTERM or Ctrl-C at step %d, before the end of %s (checkpoints/last.ckpt holds that step): "
+            "ckpt_path=%s goes on from there",
+            trainer.global_step,
+            what,
+            cfg.paths.output_dir,
+        )
+        raise SystemExit(STOPPED_BY_SIGTERM) from stop
 
 
 def check(cfg: DictConfig):
@@ -236,7 +259,8 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     # a checkpoint holds tensors and plain values only: unpickling anything else is refused whatever torch's default
     # (weights_only=False before torch 2.6); Lightning before 2.5 has no such argument, and torch's default rules
     safe = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), **safe)
+    with _unfinished_on_sigterm(trainer, cfg, "the fit"):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), **safe)
     fit_seconds = time.perf_counter() - start
     if trainer.global_step == 0:  # e.g. max_steps=0, max_epochs=0 or limit_train_batches=0: allowed, but said
         log.warning(
@@ -282,7 +306,8 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
         "train_loss": _last(trainer, "train/loss"),
     }
     if cfg.get("evaluate"):  # under fast_dev_run: one test batch, like every other hook
-        trainer.test(model, datamodule=datamodule, verbose=False)
+        with _unfinished_on_sigterm(trainer, cfg, "the held-out questions"):
+            trainer.test(model, datamodule=datamodule, verbose=False)
         results = merge_shares(_gathered(model.results))
         n = len(results)
         metrics.update(  # None where the data has no held-out questions (e.g. data=llava_json without val_json)

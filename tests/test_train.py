@@ -611,6 +611,62 @@ def test_the_overfit_debug_config_trains(cache_dir, tmp_path):
     assert metrics["steps"] == 4
 
 
+def test_a_fit_stopped_by_sigterm_or_ctrl_c_saves_its_step_and_does_not_exit_as_finished(
+    cache_dir, tmp_path, monkeypatch
+):
+    """SIGTERM (preemption, scancel): Lightning ends the fit after the batch at hand, last.ckpt holds that step and
+    the run exits 143, not 0 (a scheduler's afterok must not follow an unfinished run). The first Ctrl-C does the
+    same. Either goes on from where it stopped with ckpt_path=<run>, no batch lost or trained twice."""
+    import signal
+
+    from hicom.callbacks.interrupt import GracefulInterrupt
+
+    base = [*SMALL, "trainer.limit_train_batches=null", "trainer.limit_val_batches=0", "evaluate=false"]
+    base += ["data.source.num_train=24"]  # 6 batches, checkpoints hourly: none before the stop
+
+    def run(out, overrides, seen, stop=None):
+        def record(model) -> None:
+            step = model.training_step
+
+            def recorded(batch, *args):
+                if stop is not None and model.global_step == 3:
+                    stop()
+                seen.append(sorted(batch["ids"]))
+                return step(batch, *args)
+
+            model.training_step = recorded
+
+        train(compose_train(cache_dir, tmp_path / out, [*base, *overrides]), before_fit=record)
+
+    def ctrl_c():
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def last_step(out):
+        saved = torch.load(tmp_path / out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        return saved["global_step"]
+
+    run("whole", [], whole := [])
+    assert len(whole) == 6
+    with pytest.raises(SystemExit) as stopped:
+        run("term", [], term := [], stop=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    assert stopped.value.code == 143 and term == whole[:4] and last_step("term") == 4  # the batch at hand finished
+    run("term_rest", [f"ckpt_path={tmp_path / 'term'}"], rest := [])
+    assert term + rest == whole
+    with pytest.raises(SystemExit) as stopped:
+        run("int", [], interrupted := [], stop=ctrl_c)
+    assert stopped.value.code == 143 and interrupted == whole[:4] and last_step("int") == 4  # as SIGTERM
+    run("int_rest", [f"ckpt_path={tmp_path / 'int'}"], rest := [])
+    assert interrupted + rest == whole
+    with pytest.raises(SystemExit) as stopped:  # the same Ctrl-C passed on by a wrapper: one stop, as above
+        run("forwarded", [], [], stop=lambda: [ctrl_c(), ctrl_c()])
+    assert stopped.value.code == 143 and last_step("forwarded") == 4
+    monkeypatch.setattr(GracefulInterrupt, "again_after", 0.0)
+    with pytest.raises(SystemExit) as stopped:  # Ctrl-C again: at once, nothing saved
+        run("twice", [], [], stop=lambda: [ctrl_c(), ctrl_c()])
+    assert stopped.value.code == 1 and not (tmp_path / "twice" / "checkpoints" / "last.ckpt").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
 def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path, monkeypatch):
     """ckpt_path= loads the Lightning checkpoint (torch.load with weights_only=True: the module's hyperparameters
     must be plain Python values) and goes on from its step."""

@@ -89,6 +89,21 @@ class LastCheckpoint(ModelCheckpoint):
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A fit stopped by SIGTERM (a scheduler's preemption, `scancel`, or Ctrl-C through `GracefulInterrupt`)
+        writes last.ckpt at the step it reached, so that `ckpt_path=<run>` goes on from there rather than from the
+        last hourly save. Lightning stops such a fit after the batch at hand, on every process at once, so the
+        save (a collective under DeepSpeed) is made by all of them at one step. Other exceptions save nothing
+        (a crash may leave its step half done)."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException) or not self.save_last:
+            return
+        if self._should_skip_saving_checkpoint(trainer):  # saved at this step already; not fitting; sanity check
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        log.warning("stopped at step %d: %s written", trainer.global_step, self.last_model_path)
+
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         if filepath != self.last_model_path or not writes_folders(trainer.strategy):
             super()._save_checkpoint(trainer, filepath)

@@ -13,6 +13,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
+from hicom.callbacks.interrupt import loader_worker_signals
 from hicom.data.collate import Collator
 from hicom.data.dataset import TooLong, VideoQADataset
 from hicom.data.index import MixtureEntry, SampleIndex, read_mixture
@@ -243,6 +244,7 @@ class VideoQADataModule(LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=loader_worker_signals,
         )
 
     def train_dataloader(self) -> ResumableLoader:
@@ -268,6 +270,7 @@ class VideoQADataModule(LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=self.collate,
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=loader_worker_signals,
             epochs_done=lambda: (
                 None if self.trainer is None else self.trainer.fit_loop.epoch_progress.current.processed
             ),
