@@ -34,7 +34,7 @@ from hicom.modules.compressors.base import unguided_config
 from hicom.training import check_global_batch, check_trainable, train
 from hicom.utils.checkpoints import check_safetensors, fill_tied, full_parameters, untied_state
 from hicom.utils.config import dotted_keys, unshared_launch
-from hicom.utils.instantiators import check_data, check_model, check_pretrained, write_assets
+from hicom.utils.instantiators import check_data, check_model, check_pretrained, check_tokenizers, write_assets
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +284,7 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
     # before it have trained
     write_assets(cfg.get("assets"))
     check_pretrained(cfg)
+    check_tokenizers(cfg)
     to_run = [
         (stage.name, stage_config(cfg, stage, root / stage.name))
         for stage in stages

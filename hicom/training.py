@@ -25,6 +25,7 @@ from hicom.utils.instantiators import (
     check_data,
     check_model,
     check_pretrained,
+    check_tokenizers,
     ensure_dir,
     instantiate_all,
     write_assets,
@@ -58,6 +59,7 @@ def check(cfg: DictConfig):
     assets written first). Returns the compressor built on the meta device (see check_model)."""
     write_assets(cfg.get("assets"))
     check_pretrained(cfg)
+    check_tokenizers(cfg)
     compressor = check_model(cfg)
     check_trainable(cfg)
     check_data(cfg)

@@ -546,3 +546,34 @@ def test_weights_cut_short_are_named_before_anything_loads(cache_dir, tmp_path, 
         whole.write_bytes(damaged)
         with pytest.raises(ValueError, match=re.escape(f"({len(damaged)} bytes) is not a whole safetensors file")):
             check_safetensors(whole)
+
+
+def test_a_tokenizer_that_cannot_encode_is_refused_before_any_weights_load(cache_dir, tmp_path, monkeypatch):
+    """A Qwen folder without tokenizer.json (transformers builds a tokenizer of its 5 special tokens, and every text
+    tokenizes to nothing), one without tokenizer_config.json (the chat template and end token do not match: every
+    sample would fail), and a SigLIP folder without spiece.model: each refused in the checks, naming the folder."""
+    import shutil
+
+    from hicom.training import train
+    from hicom.utils.instantiators import write_assets
+
+    write_assets(compose_train(cache_dir, tmp_path, SMALL).assets)
+    tiny = cache_dir / "tiny"
+    broken = {"q_no_vocab": ("qwen2", "tokenizer.json"), "q_no_config": ("qwen2", "tokenizer_config.json"),
+              "s_no_spm": ("siglip", "spiece.model")}  # fmt: skip
+    for name, (source, missing) in broken.items():
+        shutil.copytree(tiny / source, tmp_path / name)
+        (tmp_path / name / missing).unlink()
+    monkeypatch.setattr("hicom.training.build", lambda *a, **k: pytest.fail("built before the tokenizers were checked"))
+    for override, error, message in [
+        (f"model.llm.path={tmp_path / 'q_no_vocab'}", FileNotFoundError, "no vocabulary beyond its 5 special tokens"),
+        (f"model.llm.path={tmp_path / 'q_no_config'}", ValueError, "chat template cannot be trained on"),
+        (
+            f"model.vision.path={tmp_path / 's_no_spm'}",
+            FileNotFoundError,
+            "cannot read the text tokenizer for the guide",
+        ),
+    ]:
+        with pytest.raises(error, match=message) as raised:
+            train(compose_train(cache_dir, tmp_path / "run", [*SMALL, override]))
+        assert str(tmp_path) in str(raised.value)

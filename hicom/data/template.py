@@ -180,6 +180,14 @@ class ChatEncoder:
         # whitespace differently from the text labelled: such templates get the messages trimmed first
         probe = self._render([{"role": "user", "content": " probe "}])
         self.trims = " probe " not in probe
+        try:  # a template that cannot label an answer fails every sample: said once, here
+            self.encode([{"role": "user", "content": "<video>\nprobe"}, {"role": "assistant", "content": "probe"}], 1)
+        except ValueError as err:
+            raise ValueError(
+                f"the LLM tokenizer's chat template cannot be trained on ({err}): each answer must be rendered "
+                f"followed by the tokenizer's end token {self.end_token!r}; is the folder's tokenizer_config.json "
+                "the chat model's?"
+            ) from err
 
     def _render(self, messages: list[dict], generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)

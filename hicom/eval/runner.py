@@ -76,7 +76,7 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
     HF folder in the release's layout (towers from this config's `model`, the compressor its config.json
     describes, weights imported strictly), and where it came from, with the frames it was trained at."""
     from hicom.stages import check_handoff, load_handoff
-    from hicom.utils.instantiators import check_model, check_pretrained, write_assets
+    from hicom.utils.instantiators import check_model, check_pretrained, check_tokenizers, write_assets
 
     ckpt = Path(ckpt)
     if (ckpt / "config.json").is_file():
@@ -86,6 +86,7 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
         use_release_llm(cfg, ckpt, str(ckpt))  # the folder is an HF folder of its LLM too
         write_assets(cfg.get("assets"))
         check_pretrained(cfg)
+        check_tokenizers(cfg, training=False)
         compressor = folder_compressor(ckpt, reproduce_defect_1=cfg.official.reproduce_defect_1)
         check_model(cfg, compressor)  # towers of other widths than config.json's, before they load
         module = instantiate(cfg.model, compressor=compressor, trainable=[])
@@ -113,6 +114,7 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
         )
     write_assets(run_cfg.get("assets"))
     check_pretrained(run_cfg, override="run_overrides=['{key}=<folder>']")  # the run's config names the towers
+    check_tokenizers(run_cfg, training=False)
     check_model(run_cfg)  # its compressor's output, the towers' files: before any weights load
     module = instantiate(run_cfg.model, trainable=[])  # nothing trains here: no part is left frozen with a warning
     if run_cfg.get("init_from"):  # the parts it did not train are the release folder's (its LLM loaded from it)

@@ -124,13 +124,23 @@ def load_pretrained(model_class, folder: Path, what: str, attn_implementation: s
 
 
 def _read_tokenizer(folder, what: str):
+    """The folder's tokenizer, refused where it cannot be read or has no vocabulary beyond its special tokens
+    (transformers builds one from tokenizer_config.json alone where the vocabulary file is missing, and every
+    text then tokenizes to nothing)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    fix = "copy the checkpoint's tokenizer files there (tokenizer.json or its vocabulary files, and tokenizer_config.json)"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as err:  # e.g. SentencePiece without its spiece.model
+        raise FileNotFoundError(f"cannot read the {what} in '{folder}' ({err}): {fix}") from err
     if len(tokenizer) < 2:  # transformers builds an empty tokenizer where the folder holds no tokenizer files
+        raise FileNotFoundError(f"'{folder}' holds no {what}: {fix}")
+    probe = tokenizer("a red cube", add_special_tokens=False)["input_ids"]
+    if not set(probe) - set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}:
         raise FileNotFoundError(
-            f"'{folder}' holds no {what} (tokenizer.json / tokenizer_config.json and the vocabulary files): copy "
-            "the checkpoint's tokenizer files there"
+            f"the {what} in '{folder}' has no vocabulary beyond its {len(tokenizer)} special tokens (text "
+            f"tokenizes to {probe}): its vocabulary file is missing; {fix}"
         )
     return tokenizer
 

@@ -35,6 +35,25 @@ def check_pretrained(cfg: DictConfig, override: str | None = None) -> None:
         raise FileNotFoundError("\n".join(missing))
 
 
+def check_tokenizers(cfg: DictConfig, training: bool = True) -> None:
+    """Before any weights load: the LLM's tokenizer reads (and, for training, encodes a conversation with its chat
+    template), and the vision tower's text tokenizer (the guide's) reads; each a second or so."""
+    from hicom.data.template import ChatEncoder
+    from hicom.utils.checkpoints import load_guide_tokenizer, load_tokenizer
+
+    llm, vision = OmegaConf.select(cfg, "model.llm.path"), OmegaConf.select(cfg, "model.vision.path")
+    if llm is not None:
+        tokenizer = load_tokenizer(llm)
+        if training:
+            token = OmegaConf.select(cfg, "model.llm.visual_token", default=None)
+            try:
+                ChatEncoder(tokenizer, *([token] if token else []))
+            except ValueError as err:
+                raise ValueError(f"{llm}: {err}") from err
+    if vision is not None:
+        load_guide_tokenizer(vision)
+
+
 def check_data(cfg: DictConfig) -> None:
     """Fail before building anything when the data the config names is missing, when an annotation file is not
     JSON / JSONL or not a list of records, or when the training split selects no record (generated data is not
