@@ -230,6 +230,12 @@ def load_handoff(model, parent: Path, new_parameters: list[str]) -> list[str]:
     except Exception as error:
         raise HandoffError(f"cannot read {parent / HANDOFF}: {error}") from error
     modules = model.parts()
+    stray = [key for key in state if not any(key.startswith(part + ".") for part in manifest["parts"])]
+    if stray:  # loading the listed parts alone would put the untrained weights in the place of these
+        raise HandoffError(
+            f"{parent / HANDOFF} holds {len(stray)} tensors of parts its {MANIFEST} does not list ({manifest['parts']};"
+            f" e.g. {stray[:3]}): the manifest is not this file's"
+        )
     problems = []
     for part in manifest["parts"]:
         if part not in modules:
@@ -273,6 +279,11 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
         raise ValueError(
             "ckpt_path resumes one stage: give stage=<name> with it; or launch the run again under its name "
             "(HICOM_RUN_STAMP), and the stage that stopped part-way resumes from its own checkpoints/last.ckpt"
+        )
+    if cfg.get("stage_parent") and only is None:  # read only for a stage run alone: it would be ignored
+        raise ValueError(
+            "stage_parent starts one stage from another run's hand-off: give stage=<name> with it (the stages of a "
+            "whole run each start from the one before)"
         )
     if unshared_launch():  # each process would keep its stages in its own folder and miss the others' hand-offs
         raise RuntimeError(

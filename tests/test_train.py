@@ -368,6 +368,12 @@ def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_delete
     model, _ = build(compose_train(cache_dir, tmp_path / "other", [*SMALL, "model.compressor.global_.num_queries=4"]))
     with pytest.raises(HandoffError, match=r"wrong shapes \['global_compressor.query \(32, "):
         load_handoff(model, stages / "conditional", [])
+    # a manifest that lists fewer parts than its file holds: the unlisted trained parts would stay untrained
+    shutil.copytree(stages / "instruction", tmp_path / "edited")
+    edited = json.loads((tmp_path / "edited" / "manifest.json").read_text())
+    (tmp_path / "edited" / "manifest.json").write_text(json.dumps({**edited, "parts": ["compressor"]}))
+    with pytest.raises(HandoffError, match=r"holds \d+ tensors of parts its manifest.json does not list"):
+        load_handoff(model, tmp_path / "edited", [])
     # one byte of tensor data changed (the header still whole, so the file would load other numbers) is refused
     model, _ = build(cfg)
     handoff = stages / "conditional" / "handoff.safetensors"
@@ -444,6 +450,8 @@ def test_a_stage_that_stopped_part_way_resumes_from_its_last_checkpoint(cache_di
     }
     with pytest.raises(ValueError, match=r"ckpt_path resumes one stage: give stage=<name>"):
         run_stages(compose_train(cache_dir, tmp_path / "run", ["experiment=tiny_stages", *SMALL, "ckpt_path=x.ckpt"]))
+    with pytest.raises(ValueError, match=r"stage_parent starts one stage .*: give stage=<name> with it"):
+        run_stages(compose_train(cache_dir, tmp_path / "run", ["experiment=tiny_stages", *SMALL, "stage_parent=x"]))
 
 
 @pytest.mark.parametrize("compressor", ["instructblip", "avgpool"])
