@@ -154,6 +154,8 @@ def to_messages(conversations: list[dict]) -> list[dict]:
         expected = "user" if i % 2 == 0 else "assistant"
         if message["role"] != expected:
             raise MalformedSample(f"turn {i} is {message['role']!r}, expected {expected!r}")
+        if expected == "assistant" and not message["content"].strip():  # it would teach the model to say nothing
+            raise MalformedSample(f"turn {i}: an empty answer")
     return messages
 
 

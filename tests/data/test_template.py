@@ -47,6 +47,7 @@ def test_generation_prompt_ends_at_the_assistant_header(encoder):
         ([{"from": "gpt", "value": "A"}, {"from": "human", "value": "<video>\nQ?"}], "expected 'user'"),
         ([{"from": "robot", "value": "x"}, {"from": "gpt", "value": "A"}], "unknown role"),
         ([{"from": "human"}, {"from": "gpt", "value": "A"}], "without"),
+        ([{"from": "human", "value": "<video>\nQ?"}, {"from": "gpt", "value": " \n"}], "turn 1: an empty answer"),
     ],
 )
 def test_malformed_conversations_are_named(turns, message):
