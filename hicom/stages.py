@@ -34,6 +34,7 @@ from hicom.modules.compressors.base import unguided_config
 from hicom.training import check_global_batch, check_trainable, train
 from hicom.utils.checkpoints import check_safetensors, fill_tied, full_parameters, untied_state
 from hicom.utils.config import dotted_keys, unshared_launch
+from hicom.utils.files import as_created_here
 from hicom.utils.instantiators import check_data, check_model, check_pretrained, check_tokenizers, write_assets
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ def save_handoff(
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out_dir / f"{HANDOFF}.tmp"))
+    as_created_here(out_dir / f"{HANDOFF}.tmp")
     (out_dir / f"{HANDOFF}.tmp").rename(out_dir / HANDOFF)
     manifest = {
         "sha256": file_sha256(out_dir / HANDOFF),

@@ -332,6 +332,10 @@ def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_delete
     assert all(r["steps"] == 4 for r in results.values())
     manifests = {s: json.loads((stages / s / "manifest.json").read_text()) for s in results}
     assert manifests["alignment"]["parts"] == ["compressor"] and manifests["alignment"]["parent"] is None
+    mode = os.stat(stages / "alignment" / "handoff.safetensors").st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask  # as any file made here (safetensors alone makes it 0600: the owner's only)
     assert manifests["instruction"]["parts"] == ["compressor", "llm"]
     assert manifests["instruction"]["parent"] == str(stages / "conditional")
     # frozen parts stay out of the hand-off; the stage-2 injection modules appear from stage 2 on

@@ -45,6 +45,7 @@ from hicom.modules.compressors import (
 )
 from hicom.modules.compressors.base import RELEASE_INIT_STD
 from hicom.utils.checkpoints import fill_tied, untied_state
+from hicom.utils.files import as_created_here
 
 log = logging.getLogger(__name__)
 
@@ -593,6 +594,7 @@ def write_shards(state: Mapping[str, torch.Tensor], folder: Path, shard_bytes: i
     weight_map = {}
     for name, keys in zip(names, shards, strict=True):
         save_file({key: state[key].detach().contiguous().clone() for key in keys}, str(folder / name))
+        as_created_here(folder / name)
         weight_map.update(dict.fromkeys(keys, name))
     if len(shards) > 1:
         total = sum(value.numel() * value.element_size() for value in state.values())

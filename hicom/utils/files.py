@@ -20,6 +20,15 @@ def write_atomically(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def as_created_here(path: Path) -> None:
+    """Give `path` the permissions a file created here gets (0666 less the umask). safetensors 0.8 writes through a
+    temporary file, which is made 0600: a hand-off or an export no one else could read (a teammate's
+    `evaluate.py ckpt=<your run>`)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """An exclusive lock on `path` for as long as the block runs, waiting for it (flock: released when the file
