@@ -440,6 +440,13 @@ def test_mvbench_windows_are_read_as_the_release_reads_them(tmp_path):
     (tmp_path / "json/action_sequence.json").write_text(json.dumps(records))
     with pytest.raises(BenchmarkFormatError, match=r"action_sequence.json record 0: start / end 1.0, 'soon'"):
         reader.read()
+    # fields of the wrong type are named, not read as something else ("abc" as the options a, b, c; null as "None")
+    for key, value, said in [("candidates", "abc", "'candidates' is 'abc', not a list of texts"),
+                             ("candidates", None, "'candidates' is None"), ("question", None, "'question' is None")]:  # fmt: skip
+        bad = [{**records[1], key: value}]
+        (tmp_path / "json/action_sequence.json").write_text(json.dumps(bad))
+        with pytest.raises(BenchmarkFormatError, match=f"action_sequence.json record 0: {re.escape(said)}"):
+            reader.read()
 
 
 def test_subtitle_times_read_fractions_of_any_length(tmp_path):

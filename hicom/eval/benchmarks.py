@@ -71,6 +71,24 @@ def _field(record: dict, key: str, where: str):
     return record[key]
 
 
+def _text(record: dict, key: str, where: str) -> str:
+    """A text field: a string (a number or null would be asked as its repr)."""
+    value = _field(record, key, where)
+    if not isinstance(value, str):
+        raise BenchmarkFormatError(f"{where}: {key!r} is {value!r:.80}, not a text")
+    return value
+
+
+def _candidates(record: dict, where: str) -> list:
+    """The `candidates` field: a list of texts or numbers (a string would be read as one option per character)."""
+    value = _field(record, "candidates", where)
+    if not isinstance(value, list) or not all(
+        isinstance(c, str | int | float) and not isinstance(c, bool) for c in value
+    ):
+        raise BenchmarkFormatError(f"{where}: 'candidates' is {value!r:.80}, not a list of texts")
+    return value
+
+
 def _letter(candidates: list[str], answer: str, where: str) -> str | None:
     """The letter of the candidate that is the answer: the same text, else the same but for surrounding spaces.
     A question whose answer is none of its candidates is asked but not scored (None), and named in the log: one
@@ -125,7 +143,7 @@ class MVBench(Reader):
             path = root / "json" / f"{name}.json"
             for i, record in enumerate(_read_json(path)):
                 where = f"{path} record {i}"
-                candidates = list(_field(record, "candidates", where))
+                candidates = _candidates(record, where)
                 bounded = spec.bounded and record.get("start") is not None and record.get("end") is not None
                 start, end = _mvbench_window(record["start"], record["end"], where) if bounded else (None, None)
                 questions.append(
@@ -133,7 +151,7 @@ class MVBench(Reader):
                         question_id=f"{name}/{i}",
                         task=name,
                         video=str(root / "video" / spec.prefix / _field(record, "video", where)),
-                        question=str(_field(record, "question", where)),
+                        question=_text(record, "question", where),
                         options=tuple(str(c) for c in candidates),
                         answer=_letter(candidates, _field(record, "answer", where), where),
                         start=start,
@@ -204,7 +222,7 @@ class VideoMME(Reader):
                     question_id=str(_field(row, "question_id", where)),
                     task=str(_field(row, "task_type", where)),
                     video=str(root / self.video_dir / f"{video_id}.mp4"),
-                    question=str(_field(row, "question", where)),
+                    question=_text(row, "question", where),
                     options=tuple(options),
                     answer=answer,
                     duration=str(_field(row, "duration", where)),
@@ -252,7 +270,7 @@ class EgoSchema(Reader):
                     question_id=uid,
                     task="egoschema",
                     video=str(root / self.video_dir / f"{uid}.mp4"),
-                    question=str(_field(record, "question", where)),
+                    question=_text(record, "question", where),
                     options=options,
                     answer=LETTERS[index] if index is not None else None,
                 )
@@ -290,13 +308,13 @@ class MLVU(Reader):
             path = root / "json" / f"{stem}.json"
             for i, record in enumerate(_read_json(path)):
                 where = f"{path} record {i}"
-                candidates = list(_field(record, "candidates", where))
+                candidates = _candidates(record, where)
                 questions.append(
                     Question(
                         question_id=f"{stem}/{i}",
                         task=str(record.get("question_type") or stem),
                         video=str(root / "video" / stem / _field(record, "video", where)),
-                        question=str(_field(record, "question", where)),
+                        question=_text(record, "question", where),
                         options=tuple(str(c) for c in candidates),
                         # MLVU's duration is a length in seconds, not a class to group scores by
                         answer=_letter(candidates, _field(record, "answer", where), where),
@@ -343,7 +361,7 @@ class OpenEndedQA(Reader):
                     question_id=qid,
                     task=str(a.get("type", "all")),
                     video=self._video(str(_field(q, "video_name", where))),
-                    question=str(_field(q, "question", where)),
+                    question=_text(q, "question", where),
                     answer=str(_field(a, "answer", where)),
                 )
             )
