@@ -130,6 +130,9 @@ def test_bad_kernels_are_refused():
         LocalCompressor(in_dim=8, out_dim=8, kernel=(4, 3, 2))
     with pytest.raises(ValueError, match="kernel"):
         AvgPoolCompressor(in_dim=8, out_dim=8, kernel=(0, 2, 2))
+    for depth in (0, -1, 1.5):  # no depth-1 readout built in its place
+        with pytest.raises(ValueError, match=f"readout_depth must be a whole number >= 1, got {depth}"):
+            AvgPoolCompressor(in_dim=8, out_dim=8, readout_depth=depth)
 
 
 @pytest.mark.parametrize("make", [LocalCompressor, GlobalCompressor, AvgPoolCompressor])

@@ -28,8 +28,10 @@ def unguided_config(cfg):
 
 def readout(in_dim: int, out_dim: int, depth: int = 2) -> nn.Sequential:
     """Linear(in -> out), then (GELU, Linear(out -> out)) x (depth - 1): the projection into the LLM's width."""
+    from hicom.utils.choices import whole_number
+
     layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
-    for _ in range(depth - 1):
+    for _ in range(whole_number("readout_depth", depth) - 1):
         layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
     return nn.Sequential(*layers)
 
