@@ -170,26 +170,25 @@ def file_sha256(path: Path) -> str:
 
 
 def read_manifest(path: Path) -> dict:
-    """A stage's manifest.json, or a HandoffError naming the file (a stage whose manifest is damaged is not done:
-    delete its folder to train it again)."""
+    """A stage's manifest.json, or a HandoffError naming the file (a stage whose manifest is damaged is not done)."""
+    again = "copy the stage's folder again; or, where it is a stage of this run, delete its folder to train it again"
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise HandoffError(f"{path} cannot be read ({err}): delete the stage's folder to train it again") from err
+        raise HandoffError(f"{path} cannot be read ({err}): {again}") from err
     missing = {"stage", "parent", "parts"} - set(manifest if isinstance(manifest, dict) else ())
     if missing:
-        raise HandoffError(
-            f"{path} is not a stage manifest (no {sorted(missing)}): delete the stage's folder to train it again"
-        )
+        raise HandoffError(f"{path} is not a stage manifest (no {sorted(missing)}): {again}")
     return manifest
 
 
 def check_handoff(folder: Path) -> None:
-    """Before any weights load: a finished stage's hand-off is there and whole (its safetensors header readable and
-    its tensor data filling the file: a copy cut short fails here, in seconds, not after the towers load). Damaged
-    bytes within the file are found by the SHA-256 check when it loads."""
+    """Before any weights load: a finished stage's manifest reads and its hand-off is there and whole (its
+    safetensors header readable and its tensor data filling the file: a copy cut short fails here, in seconds, not
+    after the towers load). Damaged bytes within the file are found by the SHA-256 check when it loads."""
+    read_manifest(folder / MANIFEST)
     path = folder / HANDOFF
-    again = "a stage's folder can instead be deleted, and the staged run trains that stage again"
+    again = "where it is a stage of this run, its folder can instead be deleted, and the staged run trains it again"
     if not path.is_file():
         raise HandoffError(f"{folder} has its {MANIFEST} but no {HANDOFF}: copy it there; {again}")
     try:
@@ -225,7 +224,7 @@ def load_handoff(model, parent: Path, new_parameters: list[str]) -> list[str]:
     if "sha256" in manifest and (parent / HANDOFF).is_file() and file_sha256(parent / HANDOFF) != manifest["sha256"]:
         raise HandoffError(
             f"{parent / HANDOFF} is not the file its stage wrote (its SHA-256 differs from {MANIFEST}'s): copy it "
-            "again, or delete the stage's folder to train it again"
+            "again; or, where it is a stage of this run, delete its folder to train it again"
         )
     try:
         state = load_file(str(parent / HANDOFF))

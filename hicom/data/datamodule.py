@@ -32,8 +32,20 @@ def read_quarantine(path: str | Path) -> list[tuple[str, int]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"quarantine list '{path}' not found: set `data.quarantine=<quarantine.jsonl>` or null")
+    pairs = []
     with path.open() as f:
-        return [(entry["source"], int(entry["index"])) for entry in map(json.loads, filter(str.strip, f))]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                pairs.append((str(entry["source"]), int(entry["index"])))
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(
+                    f"data.quarantine: {path} line {number} is not a preflight entry with 'source' and 'index' "
+                    f"({type(err).__name__}: {err}): write it again with `python -m hicom.data.preflight`"
+                ) from err
+    return pairs
 
 
 # where data paths come from by default; the real data is never generated or downloaded

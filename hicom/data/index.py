@@ -375,9 +375,15 @@ class SampleIndex:
     def load(cls, folder: str | Path) -> SampleIndex:
         """Memory-map a saved index: every process that loads it shares its pages through the page cache."""
         folder = Path(folder)
-        meta = json.loads((folder / "meta.json").read_text())
-        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in cls._ARRAYS}
-        return cls(**arrays, roots=tuple(meta["roots"]), files=tuple(meta["files"]))
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in cls._ARRAYS}
+            return cls(**arrays, roots=tuple(meta["roots"]), files=tuple(meta["files"]))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"the sample index {folder} is damaged ({type(err).__name__}: {err}): delete that folder, and the "
+                "next run builds it again from the annotation files"
+            ) from err
 
     @classmethod
     def cached(cls, cache_dir: str | Path, entries: list[MixtureEntry], **options) -> SampleIndex:

@@ -63,6 +63,11 @@ def check_data(cfg: DictConfig) -> None:
 
     from hicom.data.index import check_annotations
 
+    quarantine = OmegaConf.select(cfg, "data.quarantine")
+    if quarantine is not None:
+        from hicom.data.datamodule import read_quarantine
+
+        read_quarantine(quarantine)  # a file cut short or of another kind: named here, not after the weights load
     source = OmegaConf.select(cfg, "data.source")
     if source is None:
         return

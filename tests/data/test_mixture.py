@@ -106,6 +106,18 @@ def test_preflight_writes_a_quarantine_that_training_leaves_out(tmp_path, capsys
     index = SampleIndex.build([MixtureEntry(tmp_path / "a.json", tmp_path)], exclude=exclude)
     assert [index.record_of(i)["id"] for i in range(len(index))] == ["ok0", "ok1", "ok2"]
     assert "5 samples, 2 bad" in capsys.readouterr().out
+    # a quarantine cut short, or a line of another kind, names the file and line (training checks it first)
+    whole = (out / "quarantine.jsonl").read_text()
+    for text, line in [(whole[:-10], 2), ('{"source": "a.json"}\n', 1)]:
+        (out / "quarantine.jsonl").write_text(text)
+        with pytest.raises(ValueError, match=f"quarantine.jsonl line {line} is not a preflight entry"):
+            read_quarantine(out / "quarantine.jsonl")
+    # a saved index damaged on disk names its folder and the fix
+    saved = index.save(tmp_path / "index")
+    for blob in saved.glob("*.npy"):
+        blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
+    with pytest.raises(ValueError, match="the sample index .* is damaged .*delete that folder"):
+        SampleIndex.load(saved)
 
 
 def test_a_jsonl_line_that_is_not_json_is_one_bad_sample_in_its_place(tmp_path, caplog):
