@@ -478,6 +478,7 @@ def unloadable_llm(tiny_paths, tmp_path_factory) -> Path:
         ("model/vision=tiny_clip", "joint-space keys, which ClipTower does not provide"),
         ("data.batch_size=0", "data.batch_size must be a whole number >= 1"),
         ("data.eval_batch_size=0", "data.eval_batch_size must be a whole number >= 1"),
+        ("data.num_workers=-1", "data.num_workers must be a whole number >= 0"),
         ("data.num_frames=0", "num_frames must be >= 1"),
         ("data.sampling.fps=-1", "fps must be positive"),
         ("trainer.max_steps=-5", "max_steps"),

@@ -341,6 +341,8 @@ def test_a_bad_checkpoint_or_benchmark_is_a_clear_error(
     for override, message in [
         ("benchmark=[]", r"benchmark=\[\] names nothing to evaluate"),
         ("limit=0", r"limit \(questions per benchmark; null: all\) must be a whole number >= 1, got 0"),
+        ("max_new_tokens=0", r"max_new_tokens must be a whole number >= 1, got 0"),
+        ("num_workers=-1", r"num_workers must be a whole number >= 0, got -1"),
         ("precision=half", r"precision must be one of \['auto', 'bf16', 'fp32', 'fp16'\], got 'half'"),
         ("shard=2", r"shard=2 of num_shards=2: shards count from 0 to 1"),
         (  # a misspelt field, a template that is not one, a lone brace: named with the benchmark

@@ -167,6 +167,7 @@ class VideoQADataModule(LightningDataModule):
         )
         for key, value in sizes:
             whole_number(key, value)
+        whole_number("data.num_workers", num_workers, least=0)
         self.source = source
         self.root = root
         self.llm_path, self.vision_path = llm_path, vision_path

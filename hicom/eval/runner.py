@@ -415,6 +415,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.limit is not None:
         whole_number("limit (questions per benchmark; null: all)", cfg.limit)
     whole_number("batch_size", cfg.batch_size)
+    whole_number("max_new_tokens", cfg.max_new_tokens)
+    whole_number("num_workers", cfg.num_workers, least=0)
     whole_number("num_shards", num_shards)
     if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < num_shards:
         raise ValueError(f"shard={shard!r} of num_shards={num_shards}: shards count from 0 to {num_shards - 1}")
