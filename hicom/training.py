@@ -311,13 +311,18 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
         with _unfinished_on_sigterm(trainer, cfg, "the held-out questions"):
             trainer.test(model, datamodule=datamodule, verbose=False)
         results = merge_shares(_gathered(model.results))
+        failed = len(_unique([row for rows in _gathered(model.test_failed) for row in rows], "key"))
         n = len(results)
         metrics.update(  # None where the data has no held-out questions (e.g. data=llava_json without val_json)
-            accuracy=sum(r["pred"] == r["answer"] for r in results) / n if n else None,
+            # a question whose sample could not be read counts wrong, as evaluate.py counts a failed clip
+            accuracy=sum(r["pred"] == r["answer"] for r in results) / (n + failed) if n + failed else None,
             chance=sum(1 / r["n_options"] for r in results) / n if n else None,
-            n_questions=n,
+            n_questions=n + failed,
             n_unparsed=sum(r["pred"] is None for r in results),
+            n_failed=failed,
         )
+        if failed:
+            log.warning("%d of %d held-out questions could not be read: counted wrong", failed, n + failed)
     metrics["wall_seconds"] = round(time.perf_counter() - start, 1)
     skipped = _unique([item for items in _gathered(list(model.skipped.values())) for item in items], "key")
     metrics["skipped_samples"] = [

@@ -36,6 +36,13 @@ def test_skips_are_logged_per_reason_and_a_mostly_bad_run_stops_with_a_report():
     assert "missing: 2" in str(error.value) and "preflight" in str(error.value)
 
 
+def test_a_fit_too_short_to_be_stopped_says_its_rate_at_the_end(caplog):
+    guard, module = BadSampleGuard(max_fraction=0.2, min_samples=200), Recorder()
+    guard.on_train_batch_start(ONE_PROCESS, module, batch(17, ["missing"] * 16), 0)  # 48 %, of 33 samples
+    guard.on_train_end(ONE_PROCESS, module)
+    assert "16 of 33 training samples were skipped (48.5%)" in caplog.text and "min_samples=200" in caplog.text
+
+
 def test_a_few_bad_samples_pass_and_the_count_survives_a_resume():
     guard = BadSampleGuard(max_fraction=0.25, min_samples=4)
     for step in range(10):

@@ -44,12 +44,27 @@ class BadSampleGuard(Callback):
         if skipped:
             for reason, count in self.reasons.items():
                 pl_module.log(f"data/skipped/{reason}", float(count))
-        seen, bad = self.seen, sum(self.reasons.values())
-        if trainer.world_size > 1:  # decided on the whole run's counts, the same on every process: all stop together
-            counts = torch.tensor([seen, bad], dtype=torch.float64, device=pl_module.device)
-            seen, bad = (int(x) for x in trainer.strategy.reduce(counts, reduce_op="sum"))
+        seen, bad = self._counts(trainer, pl_module)
         if seen >= self.min_samples and bad > self.max_fraction * seen:
             raise BadSampleRateExceeded(self.report(seen, bad))
+
+    def _counts(self, trainer, pl_module) -> tuple[int, int]:
+        """Samples seen and skipped: the whole run's, the same on every process (so that all stop together)."""
+        seen, bad = self.seen, sum(self.reasons.values())
+        if trainer.world_size > 1:
+            counts = torch.tensor([seen, bad], dtype=torch.float64, device=pl_module.device)
+            seen, bad = (int(x) for x in trainer.strategy.reduce(counts, reduce_op="sum"))
+        return seen, bad
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # a fit shorter than min_samples is never stopped: its rate is said at the end instead
+        seen, bad = self._counts(trainer, pl_module)
+        if 0 < seen < self.min_samples and bad > self.max_fraction * seen:
+            log.warning(
+                "%s\n(the fit saw fewer than callbacks.bad_samples.min_samples=%d samples, so it was not stopped)",
+                self.report(seen, bad),
+                self.min_samples,
+            )
 
     def report(self, seen: int | None = None, bad: int | None = None) -> str:
         """The counts (of all processes where given) and, by reason, this process's skips with examples."""

@@ -107,6 +107,7 @@ class VideoLLMModule(LightningModule):
         self.skipped: dict[str, dict] = {}
         self.init_from: str | None = None  # the release folder the fit started from (training.train sets it)
         self.results: list[dict] = []
+        self.test_failed: list[dict] = []  # held-out questions whose sample could not be read
         # this process's fit: training batches, usable samples, and the videos among them with their visual tokens
         self.fit_counts = dict.fromkeys(("batches", "samples", "videos", "video_tokens"), 0)
         self._stand_ins: dict[str, dict] = {}  # ZeRO-3, per stage: what runs for a batch whose samples were all skipped
@@ -153,13 +154,17 @@ class VideoLLMModule(LightningModule):
             rows.append((name, sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)))
         return rows
 
-    def _count_skipped(self, batch: dict) -> None:
+    def _count_skipped(self, batch: dict) -> list[str]:
+        """Notes the batch's skipped samples (each record once a run); returns their keys."""
+        keys = []
         for item in batch.get("skipped", []):
             # a record is its annotation file and row: ids repeat across the files of a mixture
             key = "{}:{}".format(*item["source"]) if item.get("source") else str(item["id"])
+            keys.append(key)
             if key not in self.skipped:
                 self.skipped[key] = {**item, "key": key}
                 log.warning("skipped sample %s (%s): %s", item["id"], item["skip"], item["error"])
+        return keys
 
     def _world(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
@@ -372,8 +377,9 @@ class VideoLLMModule(LightningModule):
             self.log("val/loss", total / count, prog_bar=True, sync_dist=True)  # the same on every process
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        """Greedy answers to held-out multiple-choice questions, parsed into letters."""
-        self._count_skipped(batch)
+        """Greedy answers to held-out multiple-choice questions, parsed into letters; the questions whose sample
+        could not be read are noted (`test_failed`), to be counted wrong."""
+        self.test_failed += [{"key": key} for key in self._count_skipped(batch)]
         if "input_ids" not in batch:
             if self.net.zero3 and self._world() > 1:  # as in validation: generate along, discard the replies
                 stand_in = self._stand_in(batch, "test")
@@ -398,6 +404,7 @@ class VideoLLMModule(LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.results = []
+        self.test_failed = []
 
     def on_test_epoch_end(self) -> None:
         # over every process's answers (the distributed sampler's few repeats included; the run's summary has none)
