@@ -33,6 +33,9 @@ from hicom.utils.instantiators import (
 
 log = logging.getLogger(__name__)
 
+# checkpoint files up to this size are read whole before a resume, to find damaged bytes (a few seconds per GiB)
+CRC_CHECKED_BYTES = 4 * 2**30
+
 # the exit status of a fit stopped by SIGTERM, as a shell reports a process the signal ended (128 + 15)
 STOPPED_BY_SIGTERM = 143
 
@@ -99,6 +102,14 @@ def check_checkpoint(path: Path) -> None:
             f"ckpt_path '{path}' is not a whole checkpoint (truncated or not a torch.save file): resume from "
             "another one in the run's checkpoints/ folder"
         )
+    if path.is_file() and path.stat().st_size <= CRC_CHECKED_BYTES:  # bytes damaged within: each entry's CRC-32
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            raise ValueError(
+                f"ckpt_path '{path}' is damaged (its entry {bad} fails its CRC check): resume from another one in the "
+                "run's checkpoints/ folder"
+            )
     if path.is_dir():
         if (path.parent / "latest").is_file():  # a DeepSpeed checkpoint's tag folder
             raise ValueError(f"ckpt_path '{path}' is inside a DeepSpeed checkpoint: give its parent, '{path.parent}'")

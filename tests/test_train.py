@@ -692,6 +692,12 @@ def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path, monkeypatch):
     truncated.write_bytes(checkpoint.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"truncated\.ckpt' is not a whole checkpoint"):
         train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"ckpt_path={truncated}"]))
+    damaged = tmp_path / "damaged.ckpt"  # its zip directory whole, bytes within zeroed
+    data = bytearray(checkpoint.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"damaged\.ckpt' is damaged \(its entry .* fails its CRC check\)"):
+        train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"ckpt_path={damaged}"]))
     with pytest.raises(FileNotFoundError, match="ckpt_path"):
         train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"ckpt_path={tmp_path / 'none.ckpt'}"]))
     stopped = tmp_path / "deepspeed.ckpt"  # a DeepSpeed folder whose save stopped before it named its tag
