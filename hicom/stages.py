@@ -198,17 +198,11 @@ def check_handoff(folder: Path) -> None:
 
 
 def guide_parameters(model, cfg: DictConfig) -> list[str]:
-    """The names (as hand-offs write them) of the compressor's tensors that only its guided form has: its state
-    less that of the same compressor built unguided, on the meta device."""
-    from hydra.utils import instantiate
+    """The names (as hand-offs write them) of the compressor's tensors that only its guided form has."""
+    from hicom.modules.video_llm import guide_only_names
 
-    from hicom.modules.video_llm import compose_compressor
-
-    with torch.device("meta"):
-        plain = compose_compressor(
-            instantiate(unguided_config(cfg.model.compressor)), model.net.vision, model.net.llm.hidden_size
-        )
-    return [f"compressor.{key}" for key in model.net.compressor.state_dict() if key not in plain.state_dict()]
+    only = guide_only_names(model.net, cfg.model.compressor)
+    return [f"compressor.{key}" for key in model.net.compressor.state_dict() if key in only]
 
 
 def load_handoff(model, parent: Path, new_parameters: list[str]) -> list[str]:
@@ -309,8 +303,8 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
             if name in unguided and built is not None and built.uses_guide:
                 raise ValueError(
                     f"guided: false, but {type(built).__name__}.unguided_config leaves the compressor reading a guide "
-                    "(uses_guide): a compressor of one's own that reads one overrides unguided_config, and "
-                    "is_guide_parameter, to turn it off (see Compressor in hicom/modules/compressors/base.py)"
+                    "(uses_guide): a compressor of one's own that reads one overrides unguided_config to turn it "
+                    "off (see Compressor in hicom/modules/compressors/base.py)"
                 )
             check_trainable(stage_cfg)
             check_global_batch(stage_cfg)

@@ -86,6 +86,10 @@ def build(cfg: DictConfig, checked: bool = False):
     datamodule = hydra.utils.instantiate(cfg.data)
     log.info("model: <%s>", cfg.model._target_)
     model = hydra.utils.instantiate(cfg.model)
+    if "lr" in cfg.model and "injection" in cfg.model.lr:  # what only the guide adds, for its learning rate
+        from hicom.modules.video_llm import guide_only_names
+
+        model.guide_only = guide_only_names(model.net, cfg.model.compressor)
     datamodule.use_network(model.net.num_visual_tokens, model.net.compressor.uses_guide)
     return model, datamodule
 

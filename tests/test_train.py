@@ -745,9 +745,10 @@ def test_skipped_records_are_told_apart_by_file_and_row_not_by_id():
 
 
 @pytest.mark.parametrize("compressor", ["hicom", "instructblip"])
-def test_what_only_the_guide_adds_trains_at_the_injection_rate(compressor, cache_dir, tmp_path):
+def test_what_only_the_guide_adds_trains_at_the_injection_rate(compressor, cache_dir, tmp_path, monkeypatch):
     """The injection group is what the compressor's unguided config lacks: HICom's injection modules; the
-    instruction-aware Q-Former's instruction projection and the text half of its layers."""
+    instruction-aware Q-Former's instruction projection and the text half of its layers. It is computed from the
+    unguided config, so a compressor of one's own need not name them (is_guide_parameter is not asked)."""
     from hydra.utils import instantiate
 
     from hicom.modules.compressors.base import unguided_config
@@ -755,7 +756,10 @@ def test_what_only_the_guide_adds_trains_at_the_injection_rate(compressor, cache
 
     overrides = [*SMALL, f"model/compressor={compressor}", "model.trainable=[compressor]"]
     model, _ = build(compose_train(cache_dir, tmp_path, overrides))
+    expected = {n for n, _ in model.net.compressor.named_parameters() if model.net.compressor.is_guide_parameter(n)}
+    monkeypatch.setattr(type(model.net.compressor), "is_guide_parameter", lambda self, name: False)
     groups = model.parameter_groups()
+    assert set(groups["injection"]) == expected  # the built-ins' own rule agrees
     assert sorted(groups) == ["compressor", "injection"]
     cfg = compose_train(cache_dir, tmp_path, overrides).model.compressor
     vision, net = model.net.vision, model.net.compressor

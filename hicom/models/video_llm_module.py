@@ -108,6 +108,9 @@ class VideoLLMModule(LightningModule):
         self.init_from: str | None = None  # the release folder the fit started from (training.train sets it)
         self.results: list[dict] = []
         self.test_failed: list[dict] = []  # held-out questions whose sample could not be read
+        # the compressor's parameters that only its guided form has (hicom.training.build sets it from the
+        # compressor's unguided_config); None: the compressor's is_guide_parameter says
+        self.guide_only: set[str] | None = None
         # this process's fit: training batches, usable samples, and the videos among them with their visual tokens
         self.fit_counts = dict.fromkeys(("batches", "samples", "videos", "video_tokens"), 0)
         self._stand_ins: dict[str, dict] = {}  # ZeRO-3, per stage: what runs for a batch whose samples were all skipped
@@ -426,7 +429,9 @@ class VideoLLMModule(LightningModule):
             if name not in self.trainable:
                 continue
             for pname, param in module.named_parameters():
-                guided = name == "compressor" and module.is_guide_parameter(pname)
+                guided = name == "compressor" and (
+                    pname in self.guide_only if self.guide_only is not None else module.is_guide_parameter(pname)
+                )
                 groups.setdefault("injection" if guided and "injection" in self.lr else name, {})[pname] = param
         return groups
 

@@ -25,6 +25,19 @@ def compose_compressor(
     return built
 
 
+def guide_only_names(net: VideoLLM, compressor_cfg) -> set[str]:
+    """The names in `net.compressor`'s state that only its guided form has: its state less that of the same
+    compressor built from its class's `unguided_config`, on the meta device (HICom's injection modules; the
+    instruction-aware Q-Former's instruction projection and the text half of its layers)."""
+    from hydra.utils import instantiate
+
+    from hicom.modules.compressors.base import unguided_config
+
+    with torch.device("meta"):
+        plain = compose_compressor(instantiate(unguided_config(compressor_cfg)), net.vision, net.llm.hidden_size)
+    return set(net.compressor.state_dict()) - set(plain.state_dict())
+
+
 class VideoLLM(nn.Module):
     """Composes the three parts. `compressor` is a partial taking in_dim, out_dim and guide_dim, so its widths
     come from the loaded checkpoints rather than from config.

@@ -167,7 +167,8 @@ class Compressor(nn.Module):
     def is_guide_parameter(self, name: str) -> bool:
         """Whether the parameter `name` (as named_parameters gives it) exists only because this compressor reads a
         guide: what its unguided config lacks, which a recipe's conditional stage starts from its init and trains
-        at the `injection` learning rate. HICom's are its injection modules (`guide_injector`)."""
+        at the `injection` learning rate. HICom's are its injection modules (`guide_injector`). Asked only of a
+        module built outside `hicom.training.build`, which finds them from `unguided_config` instead."""
         return "guide_injector" in name.split(".")
 
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
