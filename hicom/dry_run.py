@@ -186,7 +186,7 @@ def stages_of(cfg: DictConfig) -> list[dict]:
     stages = cfg.get("stages")
     out = []
     for stage in stages or [None]:
-        merged = cfg if stage is None else stage_config(cfg, stage, Path(cfg.paths.output_dir) / stage.name)
+        merged = cfg if stage is None else stage_config(cfg, stage, Path(cfg.paths.output_dir) / "stages" / stage.name)
         entry = {
             "name": "train" if stage is None else stage.name,
             "trainable": list(merged.model.trainable),

@@ -172,13 +172,15 @@ def gradient_accumulation(global_batch: int | None, micro_batch: int, world_size
 
 def check_global_batch(cfg: DictConfig) -> None:
     """Before anything is built: `global_batch_size` against the micro batch and, where the launcher tells it
-    (WORLD_SIZE under torchrun and srun), the number of processes. The trainer checks it again once it knows the
-    world size itself."""
+    (WORLD_SIZE under torchrun, SLURM_NTASKS under srun), the number of processes. The trainer checks it again
+    once it knows the world size itself."""
     import os
 
     if cfg.get("global_batch_size") is None:
         return
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    from hicom.utils.config import srun_tasks
+
+    world = int(os.environ.get("WORLD_SIZE") or srun_tasks())
     micro = whole_number("data.batch_size", cfg.data.batch_size)
     gradient_accumulation(cfg.global_batch_size, micro, world)
 

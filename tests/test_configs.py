@@ -234,6 +234,23 @@ def test_global_batch_is_the_one_source_of_accumulation():
             gradient_accumulation(*bad)
 
 
+def test_the_global_batch_is_checked_against_the_tasks_of_an_srun_step(cache_dir, tmp_path, monkeypatch):
+    """srun sets no WORLD_SIZE: its task count is read, and only inside a step (a python started by the batch
+    script itself runs alone)."""
+    from hicom.training import check_global_batch
+
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    cfg = compose_train(cache_dir, tmp_path, [*SMALL, "global_batch_size=8"])  # micro batch 4
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    check_global_batch(cfg)  # no step: one process, 8 = 4 x 2
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    with pytest.raises(ValueError, match="global_batch_size"):
+        check_global_batch(cfg)  # 4 tasks of micro batch 4 make 16 a step
+
+
 @pytest.mark.parametrize("strategy", sorted(p.stem for p in (CONFIGS / "strategy").glob("*.yaml")))
 def test_strategies_compose_without_batch_settings(strategy, cache_dir, tmp_path):
     cfg = compose_train(cache_dir, tmp_path, [f"strategy={strategy}"])

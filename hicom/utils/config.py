@@ -69,11 +69,17 @@ def _launch_id() -> str | None:
         run = os.environ.get("TORCHELASTIC_RUN_ID", "")
         if run and run != "none":
             return _safe(f"torchrun-{run}")
-    # a task of an srun step (the batch script itself has no step: each python it starts is its own run)
-    slurm = ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_PROCID")
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and all(name in os.environ for name in slurm):
+    if srun_tasks() > 1:
         return _safe(f"slurm-{os.environ['SLURM_JOB_ID']}.{os.environ['SLURM_STEP_ID']}")
     return None
+
+
+def srun_tasks() -> int:
+    """The tasks of the srun step this process is one of; 1 outside one (the batch script itself has no step:
+    each python it starts is its own run)."""
+    if not all(name in os.environ for name in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_PROCID")):
+        return 1
+    return int(os.environ.get("SLURM_NTASKS", "1"))
 
 
 def unshared_launch() -> bool:
