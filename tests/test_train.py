@@ -198,6 +198,10 @@ def test_two_process_ddp_follows_the_one_process_run_into_one_folder(cache_dir, 
         assert abs(a - b) <= 1e-4 * abs(a), (single, ddp)
     assert single_metrics["n_questions"] == ddp_metrics["n_questions"] == 16
     assert ddp_ids == single_ids  # every question once, in the held-out set's order
+    # each process logs to its own file in the shared folder; only the first writes Hydra's record
+    (folder,) = (tmp_path / "two" / "train" / "runs").iterdir()
+    assert sorted(p.name for p in folder.glob("*.log")) == ["train.log", "train.rank1.log"]
+    assert sorted(p.name for p in folder.glob(".hydra*")) == [".hydra"]
 
 
 def test_a_process_whose_batch_was_all_skipped_keeps_in_step_with_the_others(cache_dir, tmp_path):

@@ -92,6 +92,24 @@ def unshared_launch() -> bool:
     )
 
 
+def launch_rank() -> int:
+    """This process's rank in a torchrun or srun launch (0 outside one), known before any process group exists;
+    the processes Lightning's own launcher starts have their LOCAL_RANK (and NODE_RANK) only."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if "RANK" in os.environ:
+            return int(os.environ["RANK"])
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return local + int(os.environ.get("NODE_RANK", "0")) * int(os.environ.get("LOCAL_WORLD_SIZE", "1024"))
+    return int(os.environ["SLURM_PROCID"]) if srun_tasks() > 1 else 0
+
+
+def rank_suffix() -> str:
+    """'' for the launch's first process, '.rank<n>' for the others: what their log files are named with, so that
+    each process of a launch keeps its own log in the shared run folder, not interleaved lines in one."""
+    rank = launch_rank()
+    return f".rank{rank}" if rank else ""
+
+
 def _explicit_stamp() -> str:
     return os.environ.get("HICOM_RUN_STAMP", "").strip()
 
@@ -107,6 +125,10 @@ if not OmegaConf.has_resolver("run_stamp"):
     # cached like Hydra's own `now`: the run folder is read again later (Lightning's DDP launcher hands it to its
     # child processes, a multirun copies it to every job) and must not move to a later second
     OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
+if not OmegaConf.has_resolver("rank_suffix"):
+    OmegaConf.register_new_resolver("rank_suffix", rank_suffix)
+if not OmegaConf.has_resolver("first_process_only"):  # a value for the launch's first process, null for the others
+    OmegaConf.register_new_resolver("first_process_only", lambda value: value if launch_rank() == 0 else None)
 if not OmegaConf.has_resolver("hicom_direction"):  # a search config's sweeper direction, from its metric
 
     def _direction(name: str) -> str:
