@@ -307,7 +307,13 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
                     "off (see Compressor in hicom/modules/compressors/base.py)"
                 )
             check_trainable(stage_cfg)
-            check_global_batch(stage_cfg)
+            try:
+                check_global_batch(stage_cfg)
+            except ValueError as err:  # where a stage keeps them, as an override names them
+                i = names.index(name)
+                raise ValueError(
+                    f"{err} (this stage's: stages.{i}.global_batch_size, stages.{i}.config.data.batch_size)"
+                ) from err
         except ValueError as err:
             raise ValueError(f"stage {name}: {err}") from err
     missing_data = []

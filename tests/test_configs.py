@@ -112,7 +112,11 @@ def test_a_staged_run_checks_every_stages_data_before_the_first_trains(cache_dir
     ("override", "message"),
     [
         ("+stages.2.config={model: {lr: {llm: -1.0}}}", "stage instruction: learning rates must be > 0"),
-        ("+stages.2.global_batch_size=6", "stage instruction: global_batch_size 6 is not a multiple"),
+        (
+            "+stages.2.global_batch_size=6",
+            r"stage instruction: global_batch_size 6 is not a multiple .* \(this stage's: "
+            r"stages\.2\.global_batch_size, stages\.2\.config\.data\.batch_size\)",
+        ),
         ("+stages.1.config={model: {compressor: {local: {kernel: [0, 3, 3]}}}}", "stage conditional: "),
     ],
 )
