@@ -57,9 +57,30 @@ def _unfinished_on_sigterm(trainer, cfg: DictConfig, what: str) -> Iterator[None
         raise SystemExit(STOPPED_BY_SIGTERM) from stop
 
 
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def matmul_precision(cfg: DictConfig) -> str:
+    precision = cfg.get("float32_matmul_precision", "highest")
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"float32_matmul_precision must be one of {list(MATMUL_PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def set_matmul_precision(cfg: DictConfig) -> None:
+    """`float32_matmul_precision` for fp32 matrix products on a GPU (TF32 at "high"); on CPU torch would take it for
+    its own reduced-precision kernels, which the default leaves alone."""
+    import torch
+
+    precision = matmul_precision(cfg)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision(precision)
+
+
 def check(cfg: DictConfig):
     """What fails in seconds, before anything is built: the model folders, the model's values and the data (tiny
     assets written first). Returns the compressor built on the meta device (see check_model)."""
+    matmul_precision(cfg)
     write_assets(cfg.get("assets"))
     check_pretrained(cfg)
     check_tokenizers(cfg)
@@ -202,6 +223,7 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     folder (handoff.safetensors + manifest.json), beside config.yaml: what `evaluate.py ckpt=<folder>` reads.
     """
     L.seed_everything(cfg.seed, workers=True)
+    set_matmul_precision(cfg)
     if cfg.get("init_from"):  # the release's LLM loads from its folder; the rest is imported once built
         from hicom.compat.official import use_release_llm
 

@@ -474,6 +474,7 @@ def unloadable_llm(tiny_paths, tmp_path_factory) -> Path:
         ("model.compressor.local.kernel=[4,3.5,3.5]", r"local: kernel must be three whole numbers >= 1"),
         ("model.compressor.local.kernel=[4,3,2]", r"local: kernel must be \(k_t, k_s, k_s\): one spatial size"),
         ("global_batch_size=-4", "global_batch_size must be a whole number >= 1, got -4"),
+        ("float32_matmul_precision=tf32", r"float32_matmul_precision must be one of \['highest', 'high', 'medium'\]"),
         ("global_batch_size=abc", "global_batch_size must be a whole number >= 1, got 'abc'"),
         ("data.batch_size=four", "data.batch_size must be a whole number >= 1, got 'four'"),
         ("model.compressor.local.keys=embed", r"local: keys must be one of \['embeds', 'features'\], got 'embed'"),
