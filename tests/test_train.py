@@ -84,6 +84,15 @@ def test_missing_and_corrupt_videos_train_to_the_end_and_are_reported(cache_dir,
     assert metrics["n_questions"] == 16 and metrics["n_failed"] == 2  # the held-out copies count wrong
 
 
+def test_a_run_without_held_out_questions_skips_the_check_and_says_so(cache_dir, tmp_path, caplog):
+    records, overrides = _videos_with_bad_ones(cache_dir, tmp_path, missing=0, corrupt=5)
+    overrides = [o for o in overrides if not o.startswith("data.source.val_json=")]
+    with caplog.at_level("INFO"):
+        metrics = train(compose_train(cache_dir, tmp_path / "run", [*overrides, "data.source.val_json=null"]))
+    assert metrics["n_questions"] == 0 and metrics["accuracy"] is None
+    assert "no held-out questions (data.source names none): the held-out check is skipped" in caplog.text
+
+
 def test_multirun_trains_each_compressor_and_writes_its_metrics(cache_dir, tmp_path):
     env = {**os.environ, "HICOM_CACHE": str(cache_dir), "HICOM_LOGS": str(tmp_path)}
     overrides = [o for o in SMALL if not o.startswith("~")] + ["callbacks.progress.refresh_rate=0"]
