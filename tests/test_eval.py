@@ -443,8 +443,9 @@ def test_mvbench_windows_are_read_as_the_release_reads_them(tmp_path):
     with pytest.raises(BenchmarkFormatError, match=r"action_sequence.json record 0: start / end 1.0, 'soon'"):
         reader.read()
     # fields of the wrong type are named, not read as something else ("abc" as the options a, b, c; null as "None")
-    for key, value, said in [("candidates", "abc", "'candidates' is 'abc', not a list of texts"),
-                             ("candidates", None, "'candidates' is None"), ("question", None, "'question' is None")]:  # fmt: skip
+    wrong = [("candidates", "abc", "'candidates' is 'abc', not a list of texts"),
+             ("candidates", None, "'candidates' is None"), ("question", None, "'question' is None")]  # fmt: skip
+    for key, value, said in wrong:
         bad = [{**records[1], key: value}]
         (tmp_path / "json/action_sequence.json").write_text(json.dumps(bad))
         with pytest.raises(BenchmarkFormatError, match=f"action_sequence.json record 0: {re.escape(said)}"):
@@ -928,7 +929,8 @@ def test_an_evaluation_sweep_writes_one_table_of_its_jobs_and_benchmarks(cache_d
         assert row["metrics"] == json.loads((sweep / row["job"] / "results.json").read_text())[row["benchmark"]]
     table = (sweep / "summary.md").read_text().splitlines()
     assert table[0] == (
-        "| job | sampling.num_frames | benchmark | score | metric | n | unparsed | failed | frames | visual_tokens_per_video |"
+        "| job | sampling.num_frames | benchmark | score | metric | n | unparsed | failed | frames "
+        "| visual_tokens_per_video |"
     )
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in table[2:]]
     assert [row[:3] + row[4:6] + row[7:] for row in cells] == [

@@ -34,8 +34,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 class VideoDecodeError(RuntimeError):
     """A clip that cannot give frames. `reason`: missing, empty (also a [start, end] window after the clip's end),
-    wrong_extension (a still image under a video name; other bytes that are no video are undecodable), no_video_stream, undecodable, timeout, or
-    malformed (a window that is not one: not numbers, negative, or start after end)."""
+    wrong_extension (a still image under a video name; other bytes that are no video are undecodable),
+    no_video_stream, undecodable, timeout, or malformed (a window that is not one: not numbers, negative, or start
+    after end)."""
 
     def __init__(self, message: str, reason: str = "undecodable") -> None:
         super().__init__(message)

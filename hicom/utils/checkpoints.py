@@ -129,7 +129,7 @@ def _read_tokenizer(folder, what: str):
     text then tokenizes to nothing)."""
     from transformers import AutoTokenizer
 
-    fix = "copy the checkpoint's tokenizer files there (tokenizer.json or its vocabulary files, and tokenizer_config.json)"
+    fix = "copy the checkpoint's tokenizer files there (tokenizer.json or its vocabulary file, tokenizer_config.json)"
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as err:  # e.g. SentencePiece without its spiece.model
