@@ -162,8 +162,10 @@ def _mtime(path: Path) -> float:
     return path.stat().st_mtime
 
 
-def _first_line(text: str, limit: int = 160) -> str:
-    line = text.splitlines()[0] if text else ""
+def _first_line(text: str, limit: int = 200) -> str:
+    """An error's first lines, joined, up to `limit` characters: a wrapped error (Hydra's "Error in call to
+    target ...:") says its cause on the next line."""
+    line = " ".join(part.strip() for part in text.splitlines()[:3] if part.strip())
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
@@ -188,8 +190,12 @@ class SweepSummary(Callback):
         self.before: dict[str, float] = {}
 
     def figures(self, job: Path) -> list[tuple[str | None, dict | None]]:
-        """The job's figures: its metrics.json, or each finished stage's, in the order they were written."""
+        """The job's figures: its metrics.json, or each finished stage's, in the order they were written. A
+        metrics.json older than the job's record is an earlier launch's (a sweep folder given again), not this
+        job's; a staged run's finished stages stay its own, skipped when it runs again."""
         if (job / "metrics.json").is_file():
+            if _mtime(job / "metrics.json") < _stamp(job):
+                return []
             return [(None, _read_json(job / "metrics.json"))]
         stages = sorted(job.glob("stages/*/metrics.json"), key=_mtime)
         return [(path.parent.name, _read_json(path)) for path in stages]

@@ -49,7 +49,8 @@ def _unfinished_on_sigterm(trainer, cfg: DictConfig, what: str) -> Iterator[None
     except SIGTERMException as stop:
         log.error(
             "stopped by SIGTERM or Ctrl-C at step %d, before the end of %s (checkpoints/last.ckpt holds that step): "
-            "ckpt_path=%s goes on from there",
+            "ckpt_path=%s goes on from there (a stage of a staged run: launch the run again under its name, "
+            "HICOM_RUN_STAMP, and it resumes the stage)",
             trainer.global_step,
             what,
             cfg.paths.output_dir,

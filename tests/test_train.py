@@ -125,6 +125,11 @@ def test_multirun_trains_each_compressor_and_writes_its_metrics(cache_dir, tmp_p
         "| 0 | failed: ValueError: optimized_metric='no_such_figure' is not a figure"
         in (failed / "summary.md").read_text()
     )
+    # failed again in the first sweep's folder, whose job 0 holds an earlier launch's metrics.json: not shown as its
+    broken_again = [*cmd[:3], "optimized_metric=no_such_figure", f"hydra.sweep.dir={sweep}", *overrides]
+    assert subprocess.run(broken_again, cwd=ROOT, env=env, capture_output=True, timeout=600).returncode != 0
+    (row,) = json.loads((sweep / "summary.json").read_text())
+    assert row["metrics"] is None and row["error"].startswith("ValueError: optimized_metric='no_such_figure'")
 
 
 def test_the_sweep_table_escapes_a_bar_in_an_override():

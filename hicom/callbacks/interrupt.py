@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -28,6 +30,13 @@ class GracefulInterrupt(Callback):
         self._first: float | None = None  # when the first Ctrl-C came
 
     def on_train_start(self, trainer, pl_module) -> None:
+        from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+        if isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher) and trainer.global_rank != 0:
+            # Lightning's own launcher: the first process passes its SIGTERM on to the others (launcher.kill); a
+            # process that also turned the terminal's Ctrl-C into one would stop twice, out of step (a hang)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            return
         if threading.current_thread() is threading.main_thread():
             before = signal.getsignal(signal.SIGINT)
             self._before = signal.default_int_handler if before is None else before  # None: set outside Python
@@ -56,9 +65,10 @@ class GracefulInterrupt(Callback):
         self._restore()
 
 
-# how long a data-loader worker keeps serving after SIGTERM: time for the training process to finish the batch at
-# hand and write its checkpoint (a scheduler's SIGKILL ends everything anyway: SLURM's KillWait is 30 s by default)
-WORKER_GRACE_SECONDS = 60
+# Set in the training process as it exits (atexit runs this before multiprocessing ends its children): a loader
+# worker then leaves at its first SIGTERM. Shared with the workers forked from it.
+_EXITING = multiprocessing.Value("b", 0, lock=False)
+atexit.register(lambda: setattr(_EXITING, "value", 1))
 
 
 def _exit_quietly(signum, frame) -> None:
@@ -66,17 +76,17 @@ def _exit_quietly(signum, frame) -> None:
 
 
 def _outlast_the_stop(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, _exit_quietly)  # a second SIGTERM (the loader shutting a stuck worker): now
-    signal.signal(signal.SIGALRM, _exit_quietly)
-    signal.alarm(WORKER_GRACE_SECONDS)
+    if _EXITING.value:  # the training process is done: nothing to serve
+        os._exit(0)
+    signal.signal(signal.SIGTERM, _exit_quietly)  # the next one (the loader, or the exit, ending the worker): now
 
 
 def loader_worker_signals(worker_id: int) -> None:
     """A DataLoader's `worker_init_fn`. A scheduler's SIGTERM (and a terminal's Ctrl-C) reaches the loader's
     workers with the training process; a worker it ended would make PyTorch raise "DataLoader worker killed by
-    signal" in the training process, which then stops mid-batch with nothing saved. So a worker ignores Ctrl-C
-    and, after SIGTERM, goes on serving for WORKER_GRACE_SECONDS while the training process stops after its batch
-    (GracefulInterrupt, LastCheckpoint) and shuts its loaders down; it then leaves with status 0, which PyTorch
-    does not count as a failure. A second SIGTERM ends it at once."""
+    signal" in the training process, which then stops mid-batch with nothing saved. So a worker ignores Ctrl-C,
+    and SIGTERM while the training process runs, serving on while that stops after its batch (GracefulInterrupt,
+    LastCheckpoint); it leaves, with status 0, which PyTorch does not count as a failure, when the loader shuts it
+    down, at a second SIGTERM, or at the first once the training process is exiting."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _outlast_the_stop)
