@@ -75,10 +75,17 @@ def _exit_quietly(signum, frame) -> None:
     os._exit(0)
 
 
+# the longest a loader worker serves on after a SIGTERM (where it cannot see the exit flag: a worker not forked from
+# the training process, as under the spawn or forkserver start methods)
+WORKER_GRACE_SECONDS = 60
+
+
 def _outlast_the_stop(signum, frame) -> None:
     if _EXITING.value:  # the training process is done: nothing to serve
         os._exit(0)
     signal.signal(signal.SIGTERM, _exit_quietly)  # the next one (the loader, or the exit, ending the worker): now
+    signal.signal(signal.SIGALRM, _exit_quietly)
+    signal.alarm(WORKER_GRACE_SECONDS)
 
 
 def loader_worker_signals(worker_id: int) -> None:
