@@ -201,7 +201,7 @@ def guide_parameters(model, cfg: DictConfig) -> list[str]:
     """The names (as hand-offs write them) of the compressor's tensors that only its guided form has."""
     from hicom.modules.video_llm import guide_only_names
 
-    only = guide_only_names(model.net, cfg.model.compressor)
+    only = model.guide_only if model.guide_only is not None else guide_only_names(model.net, cfg.model.compressor)
     return [f"compressor.{key}" for key in model.net.compressor.state_dict() if key in only]
 
 

@@ -194,7 +194,8 @@ class SweepSummary(Callback):
         metrics.json older than the job's record is an earlier launch's (a sweep folder given again), not this
         job's; a staged run's finished stages stay its own, skipped when it runs again."""
         if (job / "metrics.json").is_file():
-            if _mtime(job / "metrics.json") < _stamp(job):
+            record = job / ".hydra" / "overrides.yaml"  # written as the job starts (the folder's own time is not)
+            if record.is_file() and _mtime(job / "metrics.json") < _mtime(record):
                 return []
             return [(None, _read_json(job / "metrics.json"))]
         stages = sorted(job.glob("stages/*/metrics.json"), key=_mtime)
