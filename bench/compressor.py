@@ -10,7 +10,8 @@ every key and value of the global attention projected.
     .venv/bin/python bench/compressor.py --device cuda --dtype bf16 --batch 1 8
     .venv/bin/python bench/compressor.py --local-guide coarse     # an ablation's local branch
 
-Prints milliseconds per video for forward and forward + backward and the ratio baseline / batched; then, in the
+Prints milliseconds per video for forward and forward + backward and the ratio baseline / batched (on CUDA also the
+forward replayed as a CUDA graph, both sides captured alike); then, in the
 GFLOP rows, each pass's matrix-product work per video on each side (torch's FlopCounterMode) and its ratio:
 where both sides run their products at the same rate, that ratio bounds the speed-up.
 """
@@ -63,6 +64,22 @@ def timed(fn: Callable[[], None], device: str, repeats: int) -> float:
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """`fn`'s forward captured once as a CUDA graph (after warm-up calls on a side stream, as capture needs), and
+    replayed: what the forward costs on the GPU itself, without Python's and the driver's cost of launching each
+    kernel, which at batch 1 exceeds the kernels' own time."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def main() -> None:
@@ -131,10 +148,18 @@ def bench_batch(module: HICom, batch: int, args: argparse.Namespace) -> None:
             (fn if run is forward else partial(run, fn))()
         return counter.get_total_flops() / batch / 1e9
 
-    for name, run in (("forward", forward), ("fwd+backward", forward_backward)):
-        base = timed(partial(run, baseline), args.device, args.repeats) / batch
-        ours = timed(partial(run, batched), args.device, args.repeats) / batch
-        print(f"{batch:>5} {name:>13} {base * 1e3:>18.1f} {ours * 1e3:>17.1f} {base / ours:>8.1f}x")
+    passes = [("forward", partial(forward, fn)) for fn in (baseline, batched)]
+    passes += [("fwd+backward", partial(forward_backward, fn)) for fn in (baseline, batched)]
+    if args.device.startswith("cuda"):  # the forward replayed as one CUDA graph: no per-kernel launch cost
+        try:
+            passes += [("graph forward", graphed(fn)) for fn in (baseline, batched)]
+        except RuntimeError as err:  # a side that syncs with the host cannot be captured
+            print(f"{batch:>5} graph forward: not captured ({str(err).splitlines()[0]})")
+            passes = passes[:4]
+    for (name, base_fn), (_, ours_fn) in zip(passes[::2], passes[1::2], strict=True):
+        base = timed(base_fn, args.device, args.repeats) / batch
+        ours = timed(ours_fn, args.device, args.repeats) / batch
+        print(f"{batch:>5} {name:>13} {base * 1e3:>18.2f} {ours * 1e3:>17.2f} {base / ours:>8.1f}x")
     for name, run in (("fwd GFLOP", forward), ("fwd+bwd GFLOP", forward_backward)):
         base, ours = gflop(run, baseline), gflop(run, batched)
         print(f"{batch:>5} {name:>13} {base:>18.1f} {ours:>17.1f} {base / ours:>8.1f}x")

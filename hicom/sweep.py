@@ -35,6 +35,7 @@ OPTIMISABLE = {
     "train_loss": Figure(held_out=False, direction="minimize"),
     "fit_seconds": Figure(held_out=False, direction="minimize"),
     "wall_seconds": Figure(held_out=False, direction="minimize"),
+    "samples_per_second": Figure(held_out=False, direction="maximize"),
 }
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
@@ -71,7 +72,6 @@ def matmul_precision(cfg: DictConfig) -> str:
 def set_matmul_precision(cfg: DictConfig) -> None:
     """`float32_matmul_precision` for fp32 matrix products on a GPU (TF32 at "high"); on CPU torch would take it for
     its own reduced-precision kernels, which the default leaves alone."""
-    import torch
 
     precision = matmul_precision(cfg)
     if torch.cuda.is_available():
@@ -153,7 +153,6 @@ def check_checkpoint(path: Path) -> None:
 
 def read_checkpoint(path: Path) -> dict:
     """A Lightning checkpoint file without reading its tensors (memory-mapped): its entries, tensor shapes."""
-    import torch
 
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
@@ -253,8 +252,6 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     # before the towers and the LLM load
     accelerator = OmegaConf.select(cfg, "trainer.accelerator")
     if accelerator in ("gpu", "cuda"):
-        import torch
-
         if not torch.cuda.is_available():
             raise ValueError(
                 f"trainer.accelerator={accelerator}, and this torch ({torch.__version__}) sees no CUDA GPU: "
@@ -297,6 +294,8 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
 
     if before_fit is not None:
         before_fit(model)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()  # an earlier stage of this process does not count
     start = time.perf_counter()
     # a checkpoint holds tensors and plain values only: unpickling anything else is refused whatever torch's default
     # (weights_only=False before torch 2.6); Lightning before 2.5 has no such argument, and torch's default rules
@@ -309,6 +308,12 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
             "this fit took no optimizer step (trainer.max_steps / max_epochs / limit_train_batches): what it hands "
             "off and scores are the weights it started from"
         )
+    # on a GPU: the most memory any process held at once during the fit (torch's allocator; the driver's own and
+    # other processes' use come on top), in GiB
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
+    peaks = [row[0] for row in _gathered([peak]) if row[0] is not None]
     counts = _gathered([model.fit_counts])
     batches, samples, videos, video_tokens = (
         sum(c[0][key] for c in counts) for key in ("batches", "samples", "videos", "video_tokens")
@@ -345,6 +350,11 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
         "compression_ratio": frames * grid * grid / tokens,
         "steps": trainer.global_step,
         "fit_seconds": round(fit_seconds, 1),
+        # training samples this fit used (all processes; skipped ones left out) per second of the fit, set-up,
+        # validation and checkpoints included
+        "train_samples": samples,
+        "samples_per_second": round(samples / fit_seconds, 3) if fit_seconds > 0 else None,
+        "gpu_peak_memory_gib": round(max(peaks), 2) if peaks else None,
         "train_loss": _last(trainer, "train/loss"),
     }
     if cfg.get("evaluate"):  # under fast_dev_run: one test batch, like every other hook

@@ -417,8 +417,9 @@ def test_gathered_keys_gives_the_same_scores_in_the_release_order():
         partial(AvgPoolCompressor, kernel=(2, 2, 2)),
         BilinearPoolCompressor,
         partial(small_qformer, instruction=True),
+        partial(small_qformer, instruction=True, attn_implementation="eager"),
     ],
-    ids=["hicom", "local-fine", "global-fine", "avgpool", "bilinear", "instructblip"],
+    ids=["hicom", "local-fine", "global-fine", "avgpool", "bilinear", "instructblip", "instructblip-eager"],
 )
 def test_bf16_weights_and_inputs_agree_with_fp32_and_learn(make):
     """What a GPU run under DeepSpeed bf16 does: weights and inputs in bf16, no autocast. Nothing is promoted back
@@ -451,3 +452,26 @@ def test_unpad_packed_takes_back_the_rows_pad_packed_spread():
     assert torch.equal(unpad_packed(padded, counts), padded[real])
     on_meta = unpad_packed(padded.to("meta"), counts)  # no step sized by data: it runs without the values
     assert on_meta.shape == rows.shape
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        paper_default,
+        partial(small_qformer, instruction=True),
+        small_qformer,
+        partial(AvgPoolCompressor, kernel=(2, 2, 2)),
+        BilinearPoolCompressor,
+    ],
+    ids=["hicom", "instructblip", "qformer", "avgpool", "bilinear"],
+)
+def test_each_compressor_runs_the_meta_check_on_a_video_and_an_image_packed(make, caplog):
+    """The build-time check runs each compressor on meta tensors, a video alone and a video and an image packed (the
+    Q-Former then masks padding): none fails there, so none is reported as failing on images."""
+    from hicom.modules.compressors.base import check_output
+
+    with torch.device("meta"):
+        module = make(in_dim=16, out_dim=8, guide_dim=12)
+    with caplog.at_level("INFO", logger="hicom.modules.compressors.base"):
+        check_output(module, in_dim=16, guide_dim=12, out_dim=8, grid=5, frames=4)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]

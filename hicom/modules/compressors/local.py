@@ -198,10 +198,14 @@ def _weighted_sum(weights: torch.Tensor, values: torch.Tensor, index: torch.Tens
     """sum_g weights[c, g] * values[index[c, g]] for every cell c: (cells, G), (tokens, D), (cells, G) -> (cells, D).
 
     A weighted bag sum reads each value row in place, where gathering the (cells, G, D) block first copies every
-    token once more (15x slower on CPU at 32 x 27 x 27 x 1152). Its gradient for the values accumulates with atomics
-    on CUDA, which deterministic mode refuses; there the gather is used.
+    token once more (15x slower on CPU at 32 x 27 x 27 x 1152). The gather is used where the bag sum cannot train:
+    its gradient for the values accumulates with atomics on CUDA, which deterministic mode refuses, and CUDA has no
+    bf16 kernel for its gradient of the weights (torch 2.11: the recipe's stage 3, whose trainable guide encoder and
+    vision head put the weights on the gradient's path).
     """
-    if values.requires_grad and torch.are_deterministic_algorithms_enabled():
+    if (values.requires_grad and torch.are_deterministic_algorithms_enabled()) or (
+        weights.requires_grad and weights.is_cuda and weights.dtype == torch.bfloat16
+    ):
         return torch.matmul(weights.unsqueeze(-2), take_rows(values, index)).squeeze(-2)
     return F.embedding_bag(index, values, mode="sum", per_sample_weights=weights)
 

@@ -108,10 +108,15 @@ class QFormerCompressor(Compressor):
         mask = None
         if real is not None:
             # an additive (B, 1, queries, T_max H W) mask, passed through as prepared: the cross-attention sees
-            # only the queries, even when instruction tokens join them in self-attention
+            # only the queries, even when instruction tokens join them in self-attention. It is built in the dtype
+            # the attention runs in, its least value that dtype's: fp32's least is -inf in bf16, on which CUDA's
+            # SDPA kernels return NaN, and an fp32 mask would promote eager attention's bf16 scores
             keep = real.repeat_interleave(h * w, dim=1)[:, None, None, :]
-            mask = torch.zeros(keep.shape, dtype=torch.float32, device=features.device)
-            mask = mask.masked_fill(~keep, torch.finfo(torch.float32).min).expand(-1, -1, self.num_queries, -1)
+            dtype, device_type = self.query_tokens.dtype, features.device.type
+            if device_type != "meta" and torch.is_autocast_enabled(device_type):  # meta has no autocast
+                dtype = torch.get_autocast_dtype(device_type)
+            mask = torch.zeros(keep.shape, dtype=dtype, device=features.device)
+            mask = mask.masked_fill(~keep, torch.finfo(dtype).min).expand(-1, -1, self.num_queries, -1)
         if self.positions:
             padded = padded + table
         queries = self.query_tokens.expand(b, -1, -1)
