@@ -157,3 +157,35 @@ def test_last_checkpoint_goes_through_the_folder_swap_in_a_real_fit_and_resumes_
     assert torch.load(last, weights_only=True)["global_step"] == 7
     assert fit(9, ckpt_path=last).global_step == 9 and last.readlink().name == "last.step9.ckpt"
     assert not (dirpath / "last-v1.ckpt").exists()  # the same name, saved again
+
+
+def test_a_checkpoint_that_cannot_be_written_says_where_and_how_much_space_is_left(tmp_path, monkeypatch):
+    """A full disk surfaces from torch.save as 'unexpected pos' (seen writing a 15.8 GB DeepSpeed optimizer shard):
+    the fit stops naming the checkpoint, the free space and the way on, and the last.ckpt before stays whole."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from hicom.callbacks.checkpoint import CheckpointWriteError, LastCheckpoint
+
+    dirpath = tmp_path / "checkpoints"
+    saved = []
+    original = ModelCheckpoint._save_checkpoint
+
+    def disk_fills(self, trainer, filepath):
+        if saved:  # the first save goes through, the next finds the disk full
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 15826249536 vs 15826249368")
+        saved.append(filepath)
+        original(self, trainer, filepath)
+
+    monkeypatch.setattr(ModelCheckpoint, "_save_checkpoint", disk_fills)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[LastCheckpoint(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=3)],
+    )  # fmt: skip
+    with pytest.raises(
+        CheckpointWriteError, match=r"last\.ckpt failed \(RuntimeError: .*unexpected pos.*GiB free"
+    ) as err:
+        trainer.fit(BoringModel())
+    assert "callbacks.model_checkpoint.dirpath" in str(err.value)
+    assert torch.load(dirpath / "last.ckpt", weights_only=True)["global_step"] == 3

@@ -64,6 +64,23 @@ def replace_folder(path: Path, step: int, write: Callable[[Path], None], is_writ
     barrier()
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, most often)."""
+
+
+def write_failure(path: Path, err: BaseException) -> str:
+    """What a failed checkpoint write says: the error, the space left where it was written, and what to do. torch
+    reports a full disk as an 'unexpected pos' or an 'iostream error', which names neither."""
+    folder = next((p for p in (path.parent, *path.parents) if p.exists()), None)
+    free = f"{shutil.disk_usage(folder).free / 2**30:.1f} GiB free on its file system" if folder else "no such folder"
+    return (
+        f"writing the checkpoint {path} failed ({type(err).__name__}: {str(err).strip()}); {free}. A full disk "
+        "fails this way: free space (unfinished folders beside it, last.step<N>[.<k>].ckpt, can go), or point "
+        "callbacks.model_checkpoint.dirpath at a larger file system; the last.ckpt written before this one is kept, "
+        "and `ckpt_path=` resumes from it"
+    )
+
+
 def resume_checkpoint(checkpoints: Path) -> Path | None:
     """The checkpoint a run's checkpoints/ folder resumes from: last.ckpt, or, if the job stopped between the two
     renames that replace a last.ckpt folder (`replace_folder`), the folder being replaced; None if neither."""
@@ -105,6 +122,12 @@ class LastCheckpoint(ModelCheckpoint):
         log.warning("stopped at step %d: %s written", trainer.global_step, self.last_model_path)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
+        try:
+            self._write(trainer, filepath)
+        except (OSError, RuntimeError) as err:
+            raise CheckpointWriteError(write_failure(Path(filepath), err)) from err
+
+    def _write(self, trainer, filepath: str) -> None:
         if filepath != self.last_model_path or not writes_folders(trainer.strategy):
             super()._save_checkpoint(trainer, filepath)
             return
