@@ -34,10 +34,21 @@ def test_a_few_steps_lower_the_loss_and_write_the_summary(cfg_small, tmp_path):
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
 
+    with open_dict(cfg_small):
+        cfg_small.callbacks.throughput.window_size = 2  # a rate from the second micro-batch on
     metrics = train(cfg_small)
     written = json.loads((Path(cfg_small.paths.output_dir) / "metrics.json").read_text())
     assert written == metrics
     assert metrics["steps"] == 4 and metrics["n_questions"] == 16
+    assert metrics["train_samples"] == 16 and metrics["samples_per_second"] > 0
+    assert metrics["gpu_peak_memory_gib"] is None  # on CPU
+    import csv
+
+    rows = list(csv.DictReader((Path(cfg_small.paths.output_dir) / "csv" / "metrics.csv").open()))
+    rates = [(int(r["train/samples"]), float(r["train/device/samples_per_sec"]), float(r["train/device/items_per_sec"]))
+             for r in rows if r.get("train/device/samples_per_sec")]  # fmt: skip
+    assert [n for n, _, _ in rates] == [8, 12, 16]  # ThroughputMonitor, at steps 2-4 of batch 4
+    assert all(0 < per_second < tokens for _, per_second, tokens in rates)
     assert metrics["visual_tokens_per_video"] == 50 and metrics["uncompressed_tokens_per_video"] == 8 * 7 * 7
     assert metrics["mean_visual_tokens_per_video"] == 50  # every generated clip has its 8 frames
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["chance"] == 0.25

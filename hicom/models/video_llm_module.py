@@ -113,6 +113,8 @@ class VideoLLMModule(LightningModule):
         self.guide_only: set[str] | None = None
         # this process's fit: training batches, usable samples, and the videos among them with their visual tokens
         self.fit_counts = dict.fromkeys(("batches", "samples", "videos", "video_tokens"), 0)
+        # ThroughputMonitor's model FLOPs per batch, for its utilisation figure: not counted (batches vary in length)
+        self.flops_per_batch = None
         self._stand_ins: dict[str, dict] = {}  # ZeRO-3, per stage: what runs for a batch whose samples were all skipped
         self._stepped = 0.0  # processes with samples, over the micro-batches of the optimizer step under way
         self._empty_step = False  # the last optimizer step had no sample on any process (on_before_optimizer_step)
