@@ -1,13 +1,18 @@
 """Preflight: probe every sample of a corpus before training, and list the bad ones.
 
     python -m hicom.data.preflight SOURCE --data-root DIR --out DIR [--workers N] [--num-frames N] [--seed S]
+        [--llm DIR --video-tokens N --image-tokens N [--max-length N] [--visual-token TOKEN]]
 
 SOURCE is a mixture YAML (SPEC 5; its relative paths are taken from --data-root) or one LLaVA-format JSON / JSONL
 file (its media paths relative to --data-root). Every sample is checked in parallel: its conversation (roles,
 turns, placeholder), and its video or image (exists, decodes the sampled frames, frame count, fps, duration).
 Writes OUT/quarantine.jsonl, one line per bad sample {source, index, id, path, reason, error}, which training
 takes as `data.quarantine=OUT/quarantine.jsonl`, and OUT/summary.json (counts per reason, frame / duration /
-text-length statistics). Exits 0 whatever it finds: it reports, it does not judge.
+text-length statistics). With `--llm` (the run's model.llm.path) it also counts each sample's LLM tokens as
+training encodes them (chat template, the clip's visual tokens: `--video-tokens` for a clip of --num-frames frames,
+`--image-tokens` per image, as the run summary and the dry run print them) and how many exceed `--max-length`
+(data.max_length): those are the samples `data.too_long` will skip or cut, not quarantined here. Exits 0 whatever
+it finds: it reports, it does not judge.
 """
 
 from __future__ import annotations
@@ -17,22 +22,42 @@ import json
 import multiprocessing
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from hicom.data.dataset import check_record, conversation_of, media_of, read_image
 from hicom.data.index import MixtureEntry, SampleIndex, read_mixture
-from hicom.data.template import MalformedSample, check_placeholders
+from hicom.data.template import ChatEncoder, MalformedSample, check_placeholders
 from hicom.data.video import FrameSampling, VideoDecodeError, load_video, within_time_limit
 
 _INDEX: SampleIndex | None = None
 _SAMPLING: FrameSampling | None = None
 
 
-def _init(index: SampleIndex, sampling: FrameSampling) -> None:
-    global _INDEX, _SAMPLING
-    _INDEX, _SAMPLING = index, sampling
+@dataclass(frozen=True)
+class TokenCount:
+    """How a sample's LLM tokens are counted: the run's tokenizer and chat template with its visual placeholder, and
+    the compressor's tokens for a clip and for an image. A conversation counts whole: with split turns its last
+    exchange is a sample of that length, the earlier ones shorter."""
+
+    encoder: ChatEncoder
+    video_tokens: int
+    image_tokens: int
+    max_length: int
+
+    def of(self, messages: list[dict], modality: str, images: int) -> int:
+        visual = {"video": self.video_tokens, "image": self.image_tokens * images}.get(modality, 0)
+        return len(self.encoder.encode(messages, visual)["input_ids"])
+
+
+_TOKENS: TokenCount | None = None
+
+
+def _init(index: SampleIndex, sampling: FrameSampling, tokens: TokenCount | None = None) -> None:
+    global _INDEX, _SAMPLING, _TOKENS
+    _INDEX, _SAMPLING, _TOKENS = index, sampling, tokens
 
 
 def probe(i: int) -> dict:
@@ -49,6 +74,8 @@ def probe(i: int) -> dict:
         messages = conversation_of(record, media.modality)
         out["text_chars"] = sum(len(m["content"]) for m in messages)
         check_placeholders(messages, media.modality != "text")
+        if _TOKENS is not None:
+            out["tokens"] = _TOKENS.of(messages, media.modality, len(media.paths))
         if media.modality == "video":
             sampled = load_video(media.paths[0], _SAMPLING, start=media.start, end=media.end)
             out["frames_sampled"] = len(sampled.frames)
@@ -75,7 +102,7 @@ def entries_of(source: Path, data_root: Path) -> list[MixtureEntry]:
     raise ValueError(f"{source}: expected a mixture .yaml or a .json / .jsonl annotation file")
 
 
-def summarise(results: list[dict]) -> dict:
+def summarise(results: list[dict], max_length: int | None = None) -> dict:
     reasons = Counter(r["reason"] for r in results if "reason" in r)
 
     def stats(key: str) -> dict | None:
@@ -93,19 +120,35 @@ def summarise(results: list[dict]) -> dict:
         "frames_sampled": stats("frames_sampled"),
         "duration_s": stats("duration_s"),
         "text_chars": stats("text_chars"),
+        **(
+            {}
+            if max_length is None
+            else {
+                "tokens": stats("tokens"),
+                "max_length": max_length,
+                "over_max_length": sum(r.get("tokens", 0) > max_length for r in results),
+            }
+        ),
     }
 
 
 def run(
-    source: Path, data_root: Path, out: Path, workers: int, sampling: FrameSampling, progress: bool, seed: int = 0
+    source: Path,
+    data_root: Path,
+    out: Path,
+    workers: int,
+    sampling: FrameSampling,
+    progress: bool,
+    seed: int = 0,
+    tokens: TokenCount | None = None,
 ) -> dict:
     """Probe the samples training would read: `seed` is the run's data.seed, with which `random:N` mixture
-    entries pick their records."""
+    entries pick their records; `tokens` counts their LLM tokens too."""
     index = SampleIndex.build(entries_of(source, data_root), seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with context.Pool(workers, initializer=_init, initargs=(index, sampling)) as pool:
+    with context.Pool(workers, initializer=_init, initargs=(index, sampling, tokens)) as pool:
         probes = pool.imap(probe, range(len(index)), chunksize=16)
         if progress:
             from tqdm import tqdm
@@ -117,7 +160,7 @@ def run(
             if "reason" in result:
                 keep = ("source", "index", "id", "path", "reason", "error")
                 f.write(json.dumps({k: result.get(k) for k in keep}) + "\n")
-    summary = summarise(results)
+    summary = summarise(results, None if tokens is None else tokens.max_length)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
 
@@ -137,10 +180,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds one clip may take")
     parser.add_argument("--seed", type=int, default=0, help="the training run's data.seed (random:N picks with it)")
     parser.add_argument("--no-progress", action="store_true")
+    tokens = parser.add_argument_group("token counts (all from the run's config; given --llm, the two counts too)")
+    tokens.add_argument(
+        "--llm", type=Path, help="the LLM folder whose tokenizer and chat template train: model.llm.path"
+    )
+    tokens.add_argument("--visual-token", default="<|video_pad|>", help="model.llm.visual_token")
+    tokens.add_argument("--video-tokens", type=int, help="visual tokens of a clip of --num-frames frames (run summary)")
+    tokens.add_argument(
+        "--image-tokens",
+        type=int,
+        help="visual tokens of one image (the dry run's stage 1); a sample of several images counts each image's, "
+        "an upper bound where the compressor's global tokens are shared",
+    )
+    tokens.add_argument("--max-length", type=int, default=4096, help="data.max_length")
     args = parser.parse_args(argv)
     sampling = FrameSampling(num_frames=args.num_frames, time_limit=args.time_limit)
-    summary = run(args.source, args.data_root, args.out, args.workers, sampling, not args.no_progress, args.seed)
+    counts = None
+    if args.llm is not None:
+        missing = [f"--{name}-tokens" for name in ("video", "image") if getattr(args, f"{name}_tokens") is None]
+        if missing:
+            parser.error(f"--llm counts tokens with the compressor's visual tokens: give {' and '.join(missing)}")
+        for name in ("video_tokens", "image_tokens", "max_length"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+        from hicom.utils.checkpoints import load_tokenizer
+
+        encoder = ChatEncoder(load_tokenizer(args.llm), args.visual_token)
+        counts = TokenCount(encoder, args.video_tokens, args.image_tokens, args.max_length)
+    summary = run(
+        args.source, args.data_root, args.out, args.workers, sampling, not args.no_progress, args.seed, counts
+    )
     print(f"{summary['samples']} samples, {summary['bad']} bad: {summary['by_reason'] or 'none'}")
+    if counts is not None:
+        longest = summary["tokens"]["max"] if summary["tokens"] else 0
+        print(
+            f"{summary['over_max_length']} over max_length {counts.max_length} tokens (longest {longest:.0f}): "
+            "data.too_long skips or cuts them"
+        )
     print(f"wrote {args.out / 'quarantine.jsonl'} and {args.out / 'summary.json'}")
     return 0
 

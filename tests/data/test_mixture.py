@@ -280,3 +280,54 @@ def test_a_cached_index_is_built_once_and_memory_mapped(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(records("b", 10)))  # a changed file: a new index
     changed = SampleIndex.cached(tmp_path / "cache", entries, split_turns=True, seed=0, exclude=[])
     assert len(changed) == 10 and len(list((tmp_path / "cache").iterdir())) == 3
+
+
+def test_preflight_counts_tokens_as_training_encodes_them(tmp_path, tiny_paths, capsys):
+    """With the run's LLM folder, preflight counts each sample's tokens through the training encoder (chat template,
+    the clip's visual tokens, each image's) and how many exceed max_length: what data.too_long will skip or cut."""
+    from PIL import Image
+
+    from hicom.data.dataset import conversation_of
+    from hicom.data.template import ChatEncoder
+    from hicom.utils.checkpoints import load_tokenizer
+
+    write_video(tmp_path / "clip.mp4", np.zeros((6, 16, 16, 3), dtype=np.uint8), fps=3)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    long = [QA[0] | {"value": "<video>\n" + "What moves there, and why? " * 20}, QA[1]]
+    two = [{"from": "human", "value": "<image>\n<image>\nSame?"}, {"from": "gpt", "value": "No."}]
+    data = [
+        *records("short", 2),
+        {"id": "long", "video": "clip.mp4", "conversations": long},
+        {"id": "images", "image": ["a.png", "a.png"], "conversations": two},
+        {"id": "text", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
+    ]
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    encoder = ChatEncoder(load_tokenizer(tiny_paths["qwen2"]), "<|video_pad|>")
+    expected = [
+        len(encoder.encode(conversation_of(r, modality), visual)["input_ids"])
+        for r, modality, visual in zip(data, ["video"] * 3 + ["image", "text"], [50, 50, 50, 2 * 7, 0], strict=True)
+    ]
+    assert expected[2] > 100 > max(expected[:2] + expected[3:])
+    out = tmp_path / "preflight"
+    base = [
+        str(tmp_path / "a.json"),
+        "--data-root",
+        str(tmp_path),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
+    sizes = ["--llm", str(tiny_paths["qwen2"]), "--video-tokens", "50", "--image-tokens", "7", "--max-length", "100"]
+    assert preflight.main([*base, *sizes]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bad"] == 0 and summary["over_max_length"] == 1 and summary["max_length"] == 100
+    assert summary["tokens"]["max"] == expected[2] and summary["tokens"]["min"] == min(expected)
+    assert "1 over max_length 100 tokens" in capsys.readouterr().out
+    assert not (out / "quarantine.jsonl").read_text()  # a long sample is not a bad one
+    with pytest.raises(SystemExit):
+        preflight.main([*base, "--llm", str(tiny_paths["qwen2"]), "--video-tokens", "50"])
+    assert "give --image-tokens" in capsys.readouterr().err
+    preflight.main(base)  # without --llm: no counts
+    assert "tokens" not in json.loads((out / "summary.json").read_text())
