@@ -72,7 +72,6 @@ def matmul_precision(cfg: DictConfig) -> str:
 def set_matmul_precision(cfg: DictConfig) -> None:
     """`float32_matmul_precision` for fp32 matrix products on a GPU (TF32 at "high"); on CPU torch would take it for
     its own reduced-precision kernels, which the default leaves alone."""
-
     precision = matmul_precision(cfg)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision(precision)
@@ -153,7 +152,6 @@ def check_checkpoint(path: Path) -> None:
 
 def read_checkpoint(path: Path) -> dict:
     """A Lightning checkpoint file without reading its tensors (memory-mapped): its entries, tensor shapes."""
-
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
