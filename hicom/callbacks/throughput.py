@@ -7,11 +7,13 @@ from __future__ import annotations
 
 
 def samples(batch: dict) -> int:
-    """The batch's usable samples (those skipped as unreadable are not in `ids`)."""
-    return len(batch["ids"])
+    """The batch's samples as read, those skipped as unreadable included: Lightning's count refuses a batch of none
+    (a batch whose every sample was skipped would stop the run)."""
+    return len(batch["ids"]) + len(batch.get("skipped") or ())
 
 
 def tokens(batch: dict) -> int:
-    """The LLM's tokens in the batch, the visual placeholders included: 0 where every sample was skipped."""
+    """The LLM's tokens in the batch, the visual placeholders included, and one for each skipped sample: Lightning's
+    count needs at least a token per sample it counted."""
     mask = batch.get("attention_mask")
-    return 0 if mask is None else int(mask.sum())
+    return (0 if mask is None else int(mask.sum())) + len(batch.get("skipped") or ())
