@@ -1,0 +1,45 @@
+"""The GPU smoke test's set-up (hicom/gpu_check.py), on CPU: the writers at the bundled architectures' sizes, the
+generated data and mixtures, and the run script. Its runs themselves need a GPU (the recipe's trainer=gpu)."""
+
+import json
+import subprocess
+
+import pytest
+
+from hicom import gpu_check
+from hicom.data.index import SampleIndex, read_mixture
+
+
+def test_the_writers_take_the_bundled_architectures_sizes():
+    arch = json.loads((gpu_check.ARCH_DIR / f"{gpu_check.VISION_ARCH}.json").read_text())
+    siglip = gpu_check.siglip_spec(arch)
+    assert (siglip.hidden_size, siglip.num_layers, siglip.num_heads, siglip.image_size, siglip.patch_size) == (
+        1152, 27, 16, 384, 14,
+    )  # fmt: skip
+    qwen = gpu_check.qwen_spec(json.loads((gpu_check.ARCH_DIR / "qwen2.5_7b_instruct.json").read_text()))
+    assert (qwen.hidden_size, qwen.intermediate_size, qwen.num_layers, qwen.num_heads, qwen.num_kv_heads) == (
+        3584, 18944, 28, 28, 4,
+    )  # fmt: skip
+    assert "qwen2.5_0.5b_instruct" in gpu_check.LLM_ARCHS and "qwen2.5_7b_instruct" in gpu_check.LLM_ARCHS
+    arch["text_config"]["hidden_size"] = 768
+    with pytest.raises(ValueError, match="both towers at one size"):
+        gpu_check.siglip_spec(arch)
+
+
+def test_the_data_and_the_run_script(tmp_path):
+    data = gpu_check.write_data(tmp_path / "data", clips=4)
+    sizes = {}
+    for name in ("stage1", "stage2", "stage3", "val"):
+        index = SampleIndex.build(read_mixture(data / f"{name}.yaml", data))
+        sizes[name] = len(index)
+        for i in range(len(index)):
+            record = index.record_of(i)
+            media = record.get("video") or record.get("image")
+            assert (index.root_of(i) / media).is_file()
+    assert sizes == {"stage1": 4, "stage2": 4, "stage3": 8, "val": 8}
+    llms = {"qwen2.5_0.5b_instruct": tmp_path / "q05", "qwen2.5_7b_instruct": tmp_path / "q7"}
+    script = gpu_check.run_script(tmp_path, tmp_path / "siglip", llms, "python")
+    assert script.count(" train.py ") == 3 and "evaluate.py ckpt=" in script
+    assert f"model.llm.path={tmp_path / 'q05'}" in script.split("stage 2")[0]  # the recipe runs on the first LLM
+    (tmp_path / "run.sh").write_text(script)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "run.sh")]).returncode == 0
