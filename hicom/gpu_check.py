@@ -89,21 +89,19 @@ def write_weights(out: Path, llms: list[str]) -> dict[str, Path]:
 
 def write_data(out: Path, clips: int = 48) -> Path:
     """Generated clips and images in three stage mixtures and a held-out one, paths relative to `out`."""
-    import av
     from PIL import Image
 
-    from hicom.data.synthetic import SyntheticVideoQA
+    from hicom.data.synthetic import SyntheticVideoQA, build_sample
 
     spec = SyntheticVideoQA(num_train=clips, num_val=8, num_frames=16, size=128, question_types=["mark_of_colour"])
     splits = spec.prepare(out / "clips")
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     image_records = []
-    for record in json.loads(splits.train_json.read_text()):
+    for i, record in enumerate(json.loads(splits.train_json.read_text())):
         name = record["video"].replace("/", "_").replace(".mp4", ".jpg")
-        with av.open(str(splits.video_root / record["video"])) as container:
-            frame = next(container.decode(video=0)).to_ndarray(format="rgb24")
-        Image.fromarray(frame).save(images / name)
+        frames, _ = build_sample(spec, "train", i)  # the clip's frames as generated: its first is the image
+        Image.fromarray(frames[0]).save(images / name)
         human, answer = record["conversations"]
         human = human | {"value": human["value"].replace("<video>", "<image>")}
         image_records.append({"id": f"image-{record['id']}", "image": name, "conversations": [human, answer]})

@@ -311,8 +311,8 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     peak = (
         torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     )
-    peaks = [row[0] for row in _gathered([peak]) if row[0] is not None]
-    counts = _gathered([model.fit_counts])
+    counts = _gathered([model.fit_counts, peak])  # every process's, in one gather
+    peaks = [row[1] for row in counts if row[1] is not None]
     batches, samples, videos, video_tokens = (
         sum(c[0][key] for c in counts) for key in ("batches", "samples", "videos", "video_tokens")
     )

@@ -67,8 +67,8 @@ def test_bf16_on_cuda_learns_through_every_input(make, layout):
     out.float().square().mean().backward()
     bad = [name for name, p in module.named_parameters() if p.grad is None or not p.grad.isfinite().all()]
     assert not bad
-    used = [x for x, used in zip(inputs, (True, module.uses_embeds, module.uses_guide), strict=True) if used]
-    assert all(x.grad is not None and x.grad.isfinite().all() for x in used)
+    read = [x for x, reads in zip(inputs, (True, module.uses_embeds, module.uses_guide), strict=True) if reads]
+    assert all(x.grad is not None and x.grad.isfinite().all() for x in read)
 
 
 @pytest.mark.parametrize(
