@@ -62,6 +62,11 @@ def check_resume_origin(started: str | None, init_from: str | None) -> None:
         )
 
 
+def _some(names: list[str]) -> str:
+    """The first few of `names`, for an error message."""
+    return f"{names[:5]}{' ...' if len(names) > 5 else ''}"
+
+
 class VideoLLMModule(LightningModule):
     """Receives the built vision tower and LLM and the compressor partial, composes them into a VideoLLM, and
     trains the parts listed in `trainable` (a subset of PARTS); everything else is frozen and out of the optimizer.
@@ -142,11 +147,39 @@ class VideoLLMModule(LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
+        strategy = self._deepspeed()
+        if strategy is None:
+            return
+        if strategy.config.get("zero_optimization", {}).get("stage") == 3:
+            self.net.prepare_zero3()  # before the strategy partitions the model
+        # The engine loads the module state itself, strictly unless told not to; a checkpoint that left out the
+        # frozen weights lacks them by design. It loads leniently, and on_load_checkpoint checks the names.
+        self.strict_loading = False
+        if strategy.exclude_frozen_parameters:
+            kept = [name for name in self._frozen() if name not in set(self.frozen_loaded())]
+            if kept:  # DeepSpeed leaves out every frozen parameter or none
+                log.info(
+                    "checkpoints keep the frozen parameters: %s are frozen but not loaded again by a build "
+                    "(only the towers' and the LLM's are)",
+                    kept[:3] + ["..."] * (len(kept) > 3),
+                )
+                strategy.exclude_frozen_parameters = False
+
+    def _deepspeed(self):
+        """The trainer's strategy where it is Lightning's DeepSpeedStrategy (or a subclass), else None."""
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        strategy = self.trainer.strategy
-        if isinstance(strategy, DeepSpeedStrategy) and strategy.config.get("zero_optimization", {}).get("stage") == 3:
-            self.net.prepare_zero3()  # before the strategy partitions the model
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        return strategy if isinstance(strategy, DeepSpeedStrategy) else None
+
+    def _frozen(self) -> dict[str, list[int]]:
+        """The frozen parameters as DeepSpeed names them (a tied tensor once), with their whole shapes (a ZeRO-3
+        shard's own shape is empty)."""
+        return {
+            name: list(getattr(parameter, "ds_shape", parameter.shape))
+            for name, parameter in self.named_parameters()
+            if not parameter.requires_grad
+        }
 
     def parts(self) -> dict[str, nn.Module]:
         return {**self.net.vision.parts(), "compressor": self.net.compressor, "llm": self.net.llm.model}
@@ -248,29 +281,59 @@ class VideoLLMModule(LightningModule):
         ]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Leaves out the frozen weights every build loads again: a frozen 7B LLM is 15 GB in bf16, written (and
+        held in memory) at every save of stages 1-2. Lightning's state dict loses them here; DeepSpeed's engine,
+        which writes the module itself, leaves them out where its strategy's exclude_frozen_parameters is on
+        (the configs turn it on; `setup` turns it off where a frozen parameter is not reloaded), and the names it
+        wrote are recorded for on_load_checkpoint's check."""
         checkpoint["init_from"] = self.init_from
-        state = checkpoint.get("state_dict")  # not under DeepSpeed, whose engine saves the module itself
-        if state is not None:  # a frozen 7B LLM is 15 GB in bf16, written and held in memory at every save
-            left_out = [name for name in self.frozen_loaded() if name in state]
-            checkpoint["frozen_left_out"] = {name: list(state.pop(name).shape) for name in left_out}
+        strategy = self._deepspeed()
+        if strategy is not None:
+            checkpoint.pop("state_dict", None)  # the strategy drops it (after these hooks): the engine's is saved
+            left_out = self._frozen() if strategy.exclude_frozen_parameters else {}
+            checkpoint["frozen_left_out"] = left_out
+            checkpoint["module_keys"] = [name for name in self.state_dict() if name not in left_out]
+            return
+        state = checkpoint["state_dict"]
+        left_out = [name for name in self.frozen_loaded() if name in state]
+        checkpoint["frozen_left_out"] = {name: list(state.pop(name).shape) for name in left_out}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_resume_origin(checkpoint.get("init_from"), self.init_from)
         state, left_out = checkpoint.get("state_dict"), checkpoint.get("frozen_left_out") or {}
-        if state is not None and left_out:  # the frozen weights this build loaded, strictly as the rest loads
+        if state is None and "module_keys" in checkpoint:  # DeepSpeed's engine has loaded it, leniently (`setup`)
+            self._check_module_keys(checkpoint["module_keys"], left_out)
+        if left_out:  # the frozen weights this build loaded, strictly as the rest loads
             current = self.state_dict()
-            differ = [n for n, shape in left_out.items() if n not in current or list(current[n].shape) != shape]
+            shapes = {name: list(value.shape) for name, value in current.items()} | self._frozen()  # ZeRO-3: whole
+            differ = [n for n, shape in left_out.items() if shapes.get(n) != shape]
             if differ:
                 raise ValueError(
                     f"the checkpoint left out frozen weights that this model does not have in their shapes: "
-                    f"{differ[:5]}{' ...' if len(differ) > 5 else ''} (resume with the model it was saved with)"
+                    f"{_some(differ)} (resume with the model it was saved with)"
                 )
-            state.update({name: current[name] for name in left_out})
+            if state is not None:
+                state.update({name: current[name] for name in left_out})
         data = self.trainer.datamodule if self._trainer is not None else None
         if data is not None and type(data).__qualname__ not in checkpoint:
             log.warning(
                 "the checkpoint holds no place of the data loader (it predates resumable loading): the epoch under "
                 "way starts again from its first batch"
+            )
+
+    def _check_module_keys(self, saved: list[str], left_out: dict[str, list[int]]) -> None:
+        """What a strict load would have refused, less the frozen weights the checkpoint left out and this build
+        loaded again: a name this model has that is neither saved nor left out and reloaded (it would keep its
+        build's value), or a saved name it does not have (dropped)."""
+        expected, saved_names = set(self.state_dict()), set(saved)
+        reloaded = set(left_out) & set(self.frozen_loaded())
+        missing = sorted(expected - saved_names - reloaded)
+        unexpected = sorted(saved_names - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"the checkpoint does not fit this model: missing {_some(missing)} ({len(missing)}), unexpected "
+                f"{_some(unexpected)} ({len(unexpected)}). Resume with the model and trainable parts it was saved "
+                "with (a weight this run trains that the checkpoint left out as frozen is missing too)"
             )
 
     def on_validation_start(self) -> None:

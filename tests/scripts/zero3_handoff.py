@@ -23,6 +23,7 @@ def main(cache: str, out: str) -> None:
 
     from hicom.stages import save_handoff
     from hicom.training import build
+    from hicom.utils.checkpoints import untied_state
     from hicom.utils.instantiators import write_assets
     from tests.conftest import SMALL, compose_train
 
@@ -46,7 +47,7 @@ def main(cache: str, out: str) -> None:
     reference, gradient = {}, {}
     for part in parts:
         named = dict(model.parts()[part].named_parameters())
-        for key, value in model.parts()[part].state_dict().items():
+        for key, value in untied_state(model.parts()[part]).items():  # a tied weight once, as the hand-off writes
             param = named.get(key)
             grad = param.grad.clone() if param is not None and param.grad is not None else torch.zeros_like(value)
             dist.all_reduce(grad)  # each process has its own share of the data: the step takes the mean gradient
