@@ -10,11 +10,14 @@ DeepSpeed is a GPU extra (pip install -e .[gpu]); the tests run wherever it is i
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,3 +70,30 @@ def test_deepspeed_checkpoints_leave_out_the_frozen_weights_and_resume_checked(z
     assert report["resumed_difference"] == 0.0
     assert "error" in report["llm_trained"]  # another trainable set: refused (by the engine's optimizer state)
     assert "missing ['net.compressor.global_compressor.query'] (1)" in report["damaged"]["error"]
+
+
+def test_the_staged_recipe_runs_under_deepspeed_and_a_stopped_stage_resumes_from_its_folder(cache_dir, tmp_path):
+    """train.py's three stages under Lightning's DeepSpeedStrategy (ZeRO-2 on the CPU): each stage hands off to
+    the next, and launched again after the second stopped (its hand-off missing), the run skips the first and
+    resumes the second from its DeepSpeed folder, which left out the frozen towers."""
+    pytest.importorskip("deepspeed")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    command = [
+        sys.executable, "train.py", "experiment=tiny_stages", *SMALL, "trainer.limit_train_batches=2",
+        "strategy=deepspeed_zero2", "trainer.strategy._target_=tests.scripts.cpu_deepspeed.CPUDeepSpeedStrategy",
+        f"paths.cache_dir={cache_dir}", f"paths.output_dir={run}",
+    ]  # fmt: skip
+    first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    stages = run / "stages"
+    assert all((stages / name / "manifest.json").is_file() for name in ("alignment", "instruction", "conditional"))
+    assert (stages / "instruction" / "checkpoints" / "last.ckpt" / "latest").is_file()  # a DeepSpeed folder
+    shutil.rmtree(stages / "conditional")
+    for name in ("manifest.json", "handoff.safetensors"):
+        (stages / "instruction" / name).unlink()
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert "stage alignment is done" in log and "stage instruction: resuming from" in log
+    assert (stages / "conditional" / "manifest.json").is_file()
