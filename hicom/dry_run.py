@@ -87,7 +87,8 @@ def build_meta(cfg: DictConfig) -> MetaModel:
     return MetaModel(vision=vision, llm=llm, compressor=compressor, names=(vision_name, llm_name))
 
 
-def _flops(fn) -> int:
+def flops(fn) -> int:
+    """The matrix-product FLOPs of calling `fn` (torch's FlopCounterMode)."""
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
@@ -100,20 +101,20 @@ def forward_flops(model: MetaModel, frames: int, modality: str, guided: bool, te
     tower, grid = model.vision, model.grid
     pixels = torch.empty(frames, 3, tower.image_size, tower.image_size, **meta)
     uses_embeds = getattr(model.compressor, "uses_embeds", False) and guided
-    out = {"vision_trunk": _flops(lambda: tower(pixels, joint_embeds=False))}
-    out["vision_head"] = _flops(lambda: tower(pixels, joint_embeds=True)) - out["vision_trunk"] if uses_embeds else 0
+    out = {"vision_trunk": flops(lambda: tower(pixels, joint_embeds=False))}
+    out["vision_head"] = flops(lambda: tower(pixels, joint_embeds=True)) - out["vision_trunk"] if uses_embeds else 0
     ids = torch.zeros(1, guide, dtype=torch.long, device="meta")
     tokens = getattr(model.compressor, "guide_tokens", False)
-    out["guide_encoder"] = _flops(lambda: tower.encode_guide(ids, tokens=tokens)) if guided else 0
+    out["guide_encoder"] = flops(lambda: tower.encode_guide(ids, tokens=tokens)) if guided else 0
     layout = PackedLayout((frames,), (modality,), grid, grid)
     features = torch.empty(frames, grid, grid, tower.hidden_size, **meta)
     guide_shape = (1, guide, tower.text_hidden_size) if tokens else (1, tower.text_hidden_size)
-    out["compressor"] = _flops(
+    out["compressor"] = flops(
         lambda: model.compressor.forward_packed(features, features, torch.empty(guide_shape, **meta), layout)
     )
     visual = model.compressor.num_tokens(frames, grid, grid, modality)
     hidden = model.llm.config.hidden_size
-    out["llm"] = _flops(lambda: model.llm(inputs_embeds=torch.empty(1, visual + text, hidden, **meta)))
+    out["llm"] = flops(lambda: model.llm(inputs_embeds=torch.empty(1, visual + text, hidden, **meta)))
     return out
 
 

@@ -15,12 +15,14 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
 from hicom.callbacks.checkpoint import resume_checkpoint
+from hicom.callbacks.throughput import BatchFlops
 from hicom.utils.choices import whole_number
 from hicom.utils.instantiators import (
     check_data,
@@ -213,6 +215,19 @@ def parameter_report(model) -> Table:
     return table
 
 
+def batch_flops(cfg: DictConfig, trainable) -> BatchFlops | None:
+    """ThroughputMonitor's FLOP count of a batch (hicom.callbacks.throughput.BatchFlops), from the parts built on
+    the meta device as the dry run builds them; None, with a log line, where they cannot be (a release folder's
+    LLM, say, whose config transformers does not know)."""
+    from hicom.dry_run import build_meta
+
+    try:
+        return BatchFlops(build_meta(cfg), trainable)
+    except Exception as err:  # a figure on the dashboard, never a reason to stop a run
+        log.info("no FLOP count for the throughput monitor (flops_per_sec, mfu): %s: %s", type(err).__name__, err)
+        return None
+
+
 def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     """Fit the configured model and return the run's figures (also written to <output_dir>/metrics.json).
 
@@ -285,6 +300,8 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
 
         import_official(model.net, cfg.init_from, loaded=("llm",))
         model.init_from = cfg.init_from  # kept in its checkpoints: a resume must name a release folder too
+    if any(isinstance(c, ThroughputMonitor) for c in callbacks):
+        model.batch_flops = batch_flops(cfg, model.trainable)
     console = Console()
     console.print(parameter_report(model))
     for logger in loggers:

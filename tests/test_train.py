@@ -49,6 +49,8 @@ def test_a_few_steps_lower_the_loss_and_write_the_summary(cfg_small, tmp_path):
              for r in rows if r.get("train/device/samples_per_sec")]  # fmt: skip
     assert [n for n, _, _ in rates] == [8, 12, 16]  # ThroughputMonitor, at steps 2-4 of batch 4
     assert all(0 < per_second < tokens for _, per_second, tokens in rates)
+    flop_rates = [float(r["train/device/flops_per_sec"]) for r in rows if r.get("train/device/flops_per_sec")]
+    assert len(flop_rates) == 3 and all(rate > 1e6 for rate in flop_rates)  # no MFU on a CPU: its peak is unknown
     assert metrics["visual_tokens_per_video"] == 50 and metrics["uncompressed_tokens_per_video"] == 8 * 7 * 7
     assert metrics["mean_visual_tokens_per_video"] == 50  # every generated clip has its 8 frames
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["chance"] == 0.25
@@ -870,3 +872,67 @@ def test_a_checkpoint_leaves_out_the_frozen_towers_and_llm_and_resumes_with_them
     other = [*frozen, f"ckpt_path={tmp_path / 'other.ckpt'}", "trainer.max_steps=3"]
     with pytest.raises(ValueError, match=r"left out frozen weights .*net.llm.model.model.norm.weight"):
         train(compose_train(cache_dir, tmp_path / "other", other))
+
+
+def test_the_flop_count_of_a_batch_is_what_torch_counts_for_its_samples_one_by_one(cfg_small):
+    """ThroughputMonitor's FLOPs (flops_per_sec, and MFU on a GPU) come from each part counted once on the meta
+    device; for a batch of an image, videos of two lengths and a text-only sample they must equal what torch counts
+    running each sample's forward and backward through the real model (attention as matrix products, which torch
+    counts; its fused CPU kernel it does not)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from hicom.callbacks.throughput import BatchFlops
+    from hicom.data.template import IGNORE_INDEX
+    from hicom.dry_run import build_meta, flops
+    from hicom.training import build
+
+    model, datamodule = build(cfg_small)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    video = datamodule.collate([datamodule.train_set[0]])
+    visual = model.net.llm.visual_token_id
+    ids, labels = video["input_ids"][0], video["labels"][0]
+    where = (ids == visual).nonzero().flatten().tolist()
+    before, after = slice(0, where[0]), slice(where[-1] + 1, None)
+
+    def sample(frames: int, modality: str) -> dict:
+        n = model.net.num_visual_tokens(frames, modality) if frames else 0
+        one = {**video, "num_frames": torch.tensor([frames]), "modalities": [modality]}
+        one["input_ids"] = torch.cat([ids[before], torch.full((n,), visual), ids[after]])[None]
+        one["labels"] = torch.cat([labels[before], torch.full((n,), IGNORE_INDEX), labels[after]])[None]
+        one["attention_mask"] = torch.ones_like(one["input_ids"])
+        one["pixel_values"] = video["pixel_values"][:frames] if frames else None
+        return one
+
+    samples = [sample(8, "video"), sample(1, "image"), sample(0, "text"), sample(5, "video")]
+    longest = max(s["input_ids"].shape[1] for s in samples)
+
+    def padded(key: str, fill: int) -> torch.Tensor:
+        return torch.cat([F.pad(s[key], (0, longest - s[key].shape[1]), value=fill) for s in samples])
+
+    batch = {
+        **video,
+        "input_ids": padded("input_ids", 0),
+        "labels": padded("labels", IGNORE_INDEX),
+        "attention_mask": padded("attention_mask", 0),
+        "pixel_values": torch.cat([s["pixel_values"] for s in samples if s["pixel_values"] is not None]),
+        "num_frames": torch.tensor([8, 1, 0, 5]),
+        "modalities": ["video", "image", "text", "video"],
+        "guide_ids": video["guide_ids"].expand(len(samples), -1),
+        "ids": ["v8", "i", "t", "v5"],
+    }
+    model.net(batch)  # the batch runs as it is
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = sum(flops(lambda s=s: model.net(s).loss.backward()) for s in samples)
+    assert BatchFlops(build_meta(cfg_small), model.trainable)(batch) == expected  # the default trains every part
+    model.net.requires_grad_(False)
+    model.net.compressor.requires_grad_(True)
+    with sdpa_kernel(SDPBackend.MATH):  # the recipe's alignment stage: gradients pass through the frozen LLM
+        video_only = [s for s in samples if s["pixel_values"] is not None]
+        expected = sum(flops(lambda s=s: model.net(s).loss.backward()) for s in video_only)
+    text_free = {**batch, "num_frames": torch.tensor([8, 1, 5]), "modalities": ["video", "image", "video"]}
+    text_free["attention_mask"] = batch["attention_mask"][[0, 1, 3]]
+    text_free["guide_ids"] = batch["guide_ids"][:3]
+    assert BatchFlops(build_meta(cfg_small), ["compressor"])(text_free) == expected
+    assert BatchFlops(build_meta(cfg_small), ["compressor"])({"ids": [], "skipped": [{}]}) == 0  # all skipped

@@ -5,6 +5,11 @@ are several)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
+import torch
+
 
 def samples(batch: dict) -> int:
     """The batch's samples as read, those skipped as unreadable included: Lightning's count refuses a batch of none
@@ -17,3 +22,99 @@ def tokens(batch: dict) -> int:
     count needs at least a token per sample it counted."""
     mask = batch.get("attention_mask")
     return (0 if mask is None else int(mask.sum())) + len(batch.get("skipped") or ())
+
+
+class BatchFlops:
+    """The training FLOPs of one of our batches, which ThroughputMonitor turns into `train/device/flops_per_sec` and,
+    on a GPU it knows the peak of, `train/device/mfu` (VideoLLMModule sets its `flops_per_batch` from this at each
+    step). Each part's forward and backward are counted on the meta device by torch's FlopCounterMode (the dry run's
+    count), with the run's trainable parts taking gradients and a gradient passed back into a frozen part wherever
+    a part before it trains: the vision tower per frame, the compressor per clip length (counted once per length),
+    the guide encoder and the LLM as a + b n + c n^2 in their sequence length n (fitted exactly from three lengths:
+    matrix products grow with n, attention with n^2). A batch is the sum over its samples at their own lengths,
+    padding left out (the LLM's, and the global attention's over shorter clips); the guide encoder at its padded
+    length, for the samples with a clip. These are the model's FLOPs: what
+    gradient checkpointing computes again is not counted."""
+
+    def __init__(self, meta, trainable) -> None:
+        from hicom.dry_run import flops
+
+        self.meta, trainable = meta, set(trainable)
+        for name, part in meta.parts().items():
+            part.requires_grad_(name in trainable)
+        self.grads = {  # which inputs carry a gradient back: those of a part upstream that trains
+            "features": "vision_trunk" in trainable,
+            "embeds": bool({"vision_trunk", "vision_head"} & trainable),
+            "guide": "guide_encoder" in trainable,
+        }
+        self.grads["llm"] = any(self.grads.values()) or "compressor" in trainable
+        tower, compressor = meta.vision, meta.compressor
+        frame = torch.empty(1, 3, tower.image_size, tower.image_size, device="meta")
+        self.frame = flops(partial(_trained, lambda: tower(frame, joint_embeds=compressor.uses_embeds)))
+        hidden = meta.llm.config.hidden_size
+
+        def llm(n: int) -> int:
+            embeds = torch.empty(1, n, hidden, device="meta", requires_grad=self.grads["llm"])
+            return flops(partial(_trained, lambda: meta.llm(inputs_embeds=embeds).logits))
+
+        self.llm = _quadratic(llm)
+        self.guide = None
+        if compressor.uses_guide:
+
+            def guide(n: int) -> int:
+                ids = torch.zeros(1, n, dtype=torch.long, device="meta")
+                return flops(partial(_trained, lambda: tower.encode_guide(ids, tokens=compressor.guide_tokens)))
+
+            self.guide = _quadratic(guide)
+        self._clips: dict[tuple[int, str, int], int] = {}
+
+    def clip(self, frames: int, modality: str, guide_length: int) -> int:
+        """The compressor's FLOPs for one clip of `frames` frames (and a token-level guide of that many tokens)."""
+        from hicom.dry_run import flops
+        from hicom.modules.compressors.base import PackedLayout
+
+        tower, compressor = self.meta.vision, self.meta.compressor
+        key = (frames, modality, guide_length if compressor.guide_tokens else 0)
+        if key not in self._clips:
+            grid, meta = tower.grid, {"device": "meta"}
+            features = torch.empty(frames, grid, grid, tower.hidden_size, **meta, requires_grad=self.grads["features"])
+            embeds = None
+            if compressor.uses_embeds:
+                embeds = torch.empty(features.shape, **meta, requires_grad=self.grads["embeds"])
+            guide = None
+            if compressor.uses_guide:
+                width = tower.text_hidden_size
+                shape = (1, guide_length, width) if compressor.guide_tokens else (1, width)
+                guide = torch.empty(shape, **meta, requires_grad=self.grads["guide"])
+            layout = PackedLayout((frames,), (modality,), grid, grid)
+            self._clips[key] = flops(partial(_trained, lambda: compressor(features, embeds, guide, layout=layout)))
+        return self._clips[key]
+
+    def __call__(self, batch: dict) -> int:
+        if "input_ids" not in batch:  # every sample was skipped: nothing ran
+            return 0
+        clips = [(n, m) for n, m in zip(batch["num_frames"].tolist(), batch["modalities"], strict=True) if n]
+        guide_ids = batch.get("guide_ids")
+        guide_length = 0 if guide_ids is None else guide_ids.shape[1]
+        total = sum(n for n, _ in clips) * self.frame + sum(self.clip(n, m, guide_length) for n, m in clips)
+        if self.guide is not None:  # the samples with a clip (the encoder runs on all, for one batched call)
+            total += len(clips) * self.guide(guide_length)
+        return total + sum(self.llm(n) for n in batch["attention_mask"].sum(dim=1).tolist())
+
+
+def _trained(forward: Callable) -> None:
+    """forward(), and backward from whatever of its outputs needs a gradient."""
+    out = forward()
+    outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o is not None and o.requires_grad]
+    if outs:
+        torch.autograd.backward([o.sum() for o in outs])
+
+
+def _quadratic(count) -> Callable[[int], int]:
+    """a + b n + c n^2 through count(n) at n = 1, 2, 3 (exact where count is such a polynomial, as FlopCounterMode's
+    counts of a transformer are)."""
+    f1, f2, f3 = count(1), count(2), count(3)
+    c2 = f3 - 2 * f2 + f1  # = 2c
+    b = f2 - f1 - 3 * c2 // 2
+    a = f1 - b - c2 // 2
+    return lambda n: a + b * n + (c2 * n * n) // 2

@@ -118,8 +118,10 @@ class VideoLLMModule(LightningModule):
         self.guide_only: set[str] | None = None
         # this process's fit: training batches, usable samples, and the videos among them with their visual tokens
         self.fit_counts = dict.fromkeys(("batches", "samples", "videos", "video_tokens"), 0)
-        # ThroughputMonitor's model FLOPs per batch, for its utilisation figure: not counted (batches vary in length)
-        self.flops_per_batch = None
+        # ThroughputMonitor's FLOPs of the batch at hand (its flops_per_sec and MFU), set at each training step from
+        # `batch_flops` (hicom.callbacks.throughput.BatchFlops; training.train sets it where the monitor is on)
+        self.flops_per_batch: int | None = None
+        self.batch_flops: Callable[[dict], int] | None = None
         self._stand_ins: dict[str, dict] = {}  # ZeRO-3, per stage: what runs for a batch whose samples were all skipped
         self._stepped = 0.0  # processes with samples, over the micro-batches of the optimizer step under way
         self._empty_step = False  # the last optimizer step had no sample on any process (on_before_optimizer_step)
@@ -351,6 +353,8 @@ class VideoLLMModule(LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         self._count_skipped(batch)
+        if self.batch_flops is not None:
+            self.flops_per_batch = self.batch_flops(batch)
         skipped = "input_ids" not in batch  # every sample of this batch was skipped
         self.fit_counts["batches"] += 1
         self.fit_counts["samples"] += len(batch["ids"])
