@@ -111,10 +111,8 @@ def _trained(forward: Callable) -> None:
 
 
 def _quadratic(count) -> Callable[[int], int]:
-    """a + b n + c n^2 through count(n) at n = 1, 2, 3 (exact where count is such a polynomial, as FlopCounterMode's
-    counts of a transformer are)."""
+    """The quadratic in n through count(n) at n = 1, 2, 3, in Newton's form (whole numbers throughout): exact where
+    count is a quadratic, as FlopCounterMode's counts of a transformer are."""
     f1, f2, f3 = count(1), count(2), count(3)
-    c2 = f3 - 2 * f2 + f1  # = 2c
-    b = f2 - f1 - 3 * c2 // 2
-    a = f1 - b - c2 // 2
-    return lambda n: a + b * n + (c2 * n * n) // 2
+    first, second = f2 - f1, f3 - 2 * f2 + f1
+    return lambda n: f1 + (n - 1) * first + (n - 1) * (n - 2) // 2 * second
