@@ -664,6 +664,7 @@ def test_a_fit_stopped_by_sigterm_or_ctrl_c_saves_its_step_and_does_not_exit_as_
 
     from hicom.callbacks.interrupt import GracefulInterrupt
 
+    before = signal.getsignal(signal.SIGINT)  # Python's default handler, or SIG_IGN in a job started with `&`
     base = [*SMALL, "trainer.limit_train_batches=null", "trainer.limit_val_batches=0", "evaluate=false"]
     base += ["data.source.num_train=24"]  # 6 batches, checkpoints hourly: none before the stop
 
@@ -707,7 +708,7 @@ def test_a_fit_stopped_by_sigterm_or_ctrl_c_saves_its_step_and_does_not_exit_as_
     with pytest.raises(SystemExit) as stopped:  # Ctrl-C again: at once, nothing saved
         run("twice", [], [], stop=lambda: [ctrl_c(), ctrl_c()])
     assert stopped.value.code == 1 and not (tmp_path / "twice" / "checkpoints" / "last.ckpt").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    assert signal.getsignal(signal.SIGINT) is before  # put back
 
 
 def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path, monkeypatch):
@@ -936,3 +937,6 @@ def test_the_flop_count_of_a_batch_is_what_torch_counts_for_its_samples_one_by_o
     text_free["guide_ids"] = batch["guide_ids"][:3]
     assert BatchFlops(build_meta(cfg_small), ["compressor"])(text_free) == expected
     assert BatchFlops(build_meta(cfg_small), ["compressor"])({"ids": [], "skipped": [{}]}) == 0  # all skipped
+    model.batch_flops = lambda batch: 1 / 0  # a count that fails turns counting off; the fit goes on
+    model.on_train_batch_start(batch, 0)
+    assert model.batch_flops is None and model.flops_per_batch is None

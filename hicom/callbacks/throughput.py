@@ -49,12 +49,12 @@ class BatchFlops:
         }
         self.grads["llm"] = any(self.grads.values()) or "compressor" in trainable
         tower, compressor = meta.vision, meta.compressor
-        frame = torch.empty(1, 3, tower.image_size, tower.image_size, device="meta")
+        frame = torch.empty(1, 3, tower.image_size, tower.image_size, device="meta", dtype=torch.float32)
         self.frame = flops(partial(_trained, lambda: tower(frame, joint_embeds=compressor.uses_embeds)))
         hidden = meta.llm.config.hidden_size
 
         def llm(n: int) -> int:
-            embeds = torch.empty(1, n, hidden, device="meta", requires_grad=self.grads["llm"])
+            embeds = torch.empty(1, n, hidden, device="meta", dtype=torch.float32, requires_grad=self.grads["llm"])
             return flops(partial(_trained, lambda: meta.llm(inputs_embeds=embeds).logits))
 
         self.llm = _quadratic(llm)
@@ -76,7 +76,7 @@ class BatchFlops:
         tower, compressor = self.meta.vision, self.meta.compressor
         key = (frames, modality, guide_length if compressor.guide_tokens else 0)
         if key not in self._clips:
-            grid, meta = tower.grid, {"device": "meta"}
+            grid, meta = tower.grid, {"device": "meta", "dtype": torch.float32}  # as the meta parts are
             features = torch.empty(frames, grid, grid, tower.hidden_size, **meta, requires_grad=self.grads["features"])
             embeds = None
             if compressor.uses_embeds:

@@ -351,10 +351,20 @@ class VideoLLMModule(LightningModule):
                 self.fit_counts["videos"] += 1
                 self.fit_counts["video_tokens"] += self.net.num_visual_tokens(frames)
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        """The batch's FLOPs for ThroughputMonitor, which reads them when the batch ends; counted here, outside the
+        step's precision context (bf16-true makes bf16 the default dtype there). A count that fails is a missing
+        figure, not a stopped run: said once, then off."""
+        if self.batch_flops is None:
+            return
+        try:
+            self.flops_per_batch = self.batch_flops(batch)
+        except Exception as err:
+            log.warning("FLOP counting is off for this fit (%s: %s)", type(err).__name__, err)
+            self.batch_flops = self.flops_per_batch = None
+
     def training_step(self, batch: dict, batch_idx: int):
         self._count_skipped(batch)
-        if self.batch_flops is not None:
-            self.flops_per_batch = self.batch_flops(batch)
         skipped = "input_ids" not in batch  # every sample of this batch was skipped
         self.fit_counts["batches"] += 1
         self.fit_counts["samples"] += len(batch["ids"])
