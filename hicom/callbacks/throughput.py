@@ -90,16 +90,24 @@ class BatchFlops:
             self._clips[key] = flops(partial(_trained, lambda: compressor(features, embeds, guide, layout=layout)))
         return self._clips[key]
 
+    def sample(self, frames: int, modality: str, length: int, guide_length: int) -> int:
+        """One sample's training FLOPs: a clip of `frames` frames (none for 0) and `length` LLM tokens."""
+        total = self.llm(length)
+        if frames:
+            total += frames * self.frame + self.clip(frames, modality, guide_length)
+            if self.guide is not None:  # for the samples with a clip (the encoder runs on all, in one batched call)
+                total += self.guide(guide_length)
+        return total
+
     def __call__(self, batch: dict) -> int:
         if "input_ids" not in batch:  # every sample was skipped: nothing ran
             return 0
-        clips = [(n, m) for n, m in zip(batch["num_frames"].tolist(), batch["modalities"], strict=True) if n]
         guide_ids = batch.get("guide_ids")
         guide_length = 0 if guide_ids is None else guide_ids.shape[1]
-        total = sum(n for n, _ in clips) * self.frame + sum(self.clip(n, m, guide_length) for n, m in clips)
-        if self.guide is not None:  # the samples with a clip (the encoder runs on all, for one batched call)
-            total += len(clips) * self.guide(guide_length)
-        return total + sum(self.llm(n) for n in batch["attention_mask"].sum(dim=1).tolist())
+        samples = zip(
+            batch["num_frames"].tolist(), batch["modalities"], batch["attention_mask"].sum(dim=1).tolist(), strict=True
+        )
+        return sum(self.sample(frames, modality, length, guide_length) for frames, modality, length in samples)
 
 
 def _trained(forward: Callable) -> None:
