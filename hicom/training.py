@@ -333,6 +333,8 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     batches, samples, videos, video_tokens = (
         sum(c[0][key] for c in counts) for key in ("batches", "samples", "videos", "video_tokens")
     )
+    counted = [c[0]["flops"] for c in counts]
+    flops = sum(counted) if model.batch_flops is not None and None not in counted else None  # every process's
     if batches and not samples:  # every training sample was skipped: the weights are the untrained ones
         reasons = Counter(item["skip"] for item in model.skipped.values())
         fix = "check data.source and the media, or run `python -m hicom.data.preflight`"
@@ -370,6 +372,9 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
         "train_samples": samples,
         "samples_per_second": round(samples / fit_seconds, 3) if fit_seconds > 0 else None,
         "gpu_peak_memory_gib": round(max(peaks), 2) if peaks else None,
+        # the model's training FLOPs (hicom.callbacks.throughput.BatchFlops) per sample, and per second of the fit
+        "train_gflop_per_sample": round(flops / samples / 1e9, 3) if flops and samples else None,
+        "train_gflops_per_second": round(flops / fit_seconds / 1e9, 3) if flops and fit_seconds > 0 else None,
         "train_loss": _last(trainer, "train/loss"),
     }
     if cfg.get("evaluate"):  # under fast_dev_run: one test batch, like every other hook

@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_few_steps_lower_the_loss_and_write_the_summary(cfg_small, tmp_path):
+    from hicom.callbacks.throughput import BatchFlops
+    from hicom.dry_run import build_meta
     from hicom.training import build
 
     model, datamodule = build(cfg_small)
@@ -42,6 +44,12 @@ def test_a_few_steps_lower_the_loss_and_write_the_summary(cfg_small, tmp_path):
     assert metrics["steps"] == 4 and metrics["n_questions"] == 16
     assert metrics["train_samples"] == 16 and metrics["samples_per_second"] > 0
     assert metrics["gpu_peak_memory_gib"] is None  # on CPU
+    # 16 samples of 8-frame clips, whose questions differ by a few tokens: about the first batch's count a sample
+    per_sample = BatchFlops(build_meta(cfg_small), model.trainable)(batch) / 4 / 1e9
+    assert metrics["train_gflop_per_sample"] == pytest.approx(per_sample, rel=0.05)
+    done = metrics["train_gflop_per_sample"] * metrics["train_samples"]
+    fit = metrics["fit_seconds"]  # rounded to 0.1 s
+    assert done / (fit + 0.051) < metrics["train_gflops_per_second"] < done / max(fit - 0.051, 1e-3)
     import csv
 
     rows = list(csv.DictReader((Path(cfg_small.paths.output_dir) / "csv" / "metrics.csv").open()))

@@ -117,7 +117,8 @@ class VideoLLMModule(LightningModule):
         # compressor's unguided_config); None: the compressor's is_guide_parameter says
         self.guide_only: set[str] | None = None
         # this process's fit: training batches, usable samples, and the videos among them with their visual tokens
-        self.fit_counts = dict.fromkeys(("batches", "samples", "videos", "video_tokens"), 0)
+        # and their training FLOPs, where counted (`batch_flops`)
+        self.fit_counts = dict.fromkeys(("batches", "samples", "videos", "video_tokens", "flops"), 0)
         # ThroughputMonitor's FLOPs of the batch at hand (its flops_per_sec and MFU), set at each training step from
         # `batch_flops` (hicom.callbacks.throughput.BatchFlops; training.train sets it where the monitor is on)
         self.flops_per_batch: int | None = None
@@ -361,7 +362,9 @@ class VideoLLMModule(LightningModule):
             self.flops_per_batch = self.batch_flops(batch)
         except Exception as err:
             log.warning("FLOP counting is off for this fit (%s: %s)", type(err).__name__, err)
-            self.batch_flops = self.flops_per_batch = None
+            self.batch_flops = self.flops_per_batch = self.fit_counts["flops"] = None
+            return
+        self.fit_counts["flops"] += self.flops_per_batch
 
     def training_step(self, batch: dict, batch_idx: int):
         self._count_skipped(batch)
