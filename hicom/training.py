@@ -217,12 +217,21 @@ def parameter_report(model) -> Table:
 
 def batch_flops(cfg: DictConfig, trainable) -> BatchFlops | None:
     """ThroughputMonitor's FLOP count of a batch (hicom.callbacks.throughput.BatchFlops), from the parts built on
-    the meta device as the dry run builds them; None, with a log line, where they cannot be (a release folder's
-    LLM, say, whose config transformers does not know)."""
+    the meta device as the dry run builds them, but from the config.json of the folders the run loaded rather than
+    the bundled architecture a model config names (another size of model at `path`, or another vocabulary, would
+    count as the bundled one); None, with a log line, where they cannot be built (a release folder's LLM, say,
+    whose config transformers does not know)."""
+    import copy
+
     from hicom.dry_run import build_meta
 
+    loaded = copy.deepcopy(cfg)
+    with open_dict(loaded):
+        for part in (loaded.model.vision, loaded.model.llm):
+            if part.get("arch") and part.get("path") and (Path(part.path) / "config.json").is_file():
+                part.arch = None
     try:
-        return BatchFlops(build_meta(cfg), trainable)
+        return BatchFlops(build_meta(loaded), trainable)
     except Exception as err:  # a figure on the dashboard, never a reason to stop a run
         log.info("no FLOP count for the throughput monitor (flops_per_sec, mfu): %s: %s", type(err).__name__, err)
         return None

@@ -894,7 +894,7 @@ def test_the_flop_count_of_a_batch_is_what_torch_counts_for_its_samples_one_by_o
     from hicom.callbacks.throughput import BatchFlops
     from hicom.data.template import IGNORE_INDEX
     from hicom.dry_run import build_meta, flops
-    from hicom.training import build
+    from hicom.training import batch_flops, build
 
     model, datamodule = build(cfg_small)
     datamodule.prepare_data()
@@ -935,6 +935,11 @@ def test_the_flop_count_of_a_batch_is_what_torch_counts_for_its_samples_one_by_o
     with sdpa_kernel(SDPBackend.MATH):
         expected = sum(flops(lambda s=s: model.net(s).loss.backward()) for s in samples)
     assert BatchFlops(build_meta(cfg_small), model.trainable)(batch) == expected  # the default trains every part
+    with open_dict(cfg_small):  # a bundled architecture named beside a loaded folder: the folder's is counted
+        cfg_small.model.llm.arch = "qwen2.5_7b_instruct"
+    assert batch_flops(cfg_small, model.trainable)(batch) == expected
+    with open_dict(cfg_small):
+        del cfg_small.model.llm.arch
     model.net.requires_grad_(False)
     model.net.compressor.requires_grad_(True)
     with sdpa_kernel(SDPBackend.MATH):  # the recipe's alignment stage: gradients pass through the frozen LLM
