@@ -38,7 +38,7 @@ def main(cache: str, out: str, zero_stage: str) -> None:
         folder = (Path(out) / name / "checkpoints" / "last.ckpt").resolve()
         files = sorted(folder.rglob("*.pt"))
         (states,) = folder.glob("checkpoint/*model_states.pt")  # ZeRO-3 names it by its process too
-        model = torch.load(states, map_location="cpu", weights_only=False)  # DeepSpeed's, with its config objects
+        model = torch.load(states, map_location="cpu", weights_only=True)
         return {
             "bytes": sum(f.stat().st_size for f in files),
             "module": sorted(model["module"]),
@@ -65,7 +65,7 @@ def main(cache: str, out: str, zero_stage: str) -> None:
     damaged = Path(out) / "damaged.ckpt"
     shutil.copytree((Path(out) / "first" / "checkpoints" / "last.ckpt").resolve(), damaged)
     (states,) = damaged.glob("checkpoint/*model_states.pt")
-    model = torch.load(states, map_location="cpu", weights_only=False)
+    model = torch.load(states, map_location="cpu", weights_only=True)
     dropped = "net.compressor.global_compressor.query"
     del model["module"][dropped]
     model["module_keys"].remove(dropped)
