@@ -343,7 +343,7 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
         sum(c[0][key] for c in counts) for key in ("batches", "samples", "videos", "video_tokens")
     )
     counted = [c[0]["flops"] for c in counts]
-    flops = sum(counted) if model.batch_flops is not None and None not in counted else None  # every process's
+    flops = None if None in counted else sum(counted)  # every process's; None where one turned counting off
     if batches and not samples:  # every training sample was skipped: the weights are the untrained ones
         reasons = Counter(item["skip"] for item in model.skipped.values())
         fix = "check data.source and the media, or run `python -m hicom.data.preflight`"

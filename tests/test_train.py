@@ -948,8 +948,9 @@ def test_the_flop_count_of_a_batch_is_what_torch_counts_for_its_samples_one_by_o
     text_free = {**batch, "num_frames": torch.tensor([8, 1, 5]), "modalities": ["video", "image", "video"]}
     text_free["attention_mask"] = batch["attention_mask"][[0, 1, 3]]
     text_free["guide_ids"] = batch["guide_ids"][:3]
-    assert BatchFlops(build_meta(cfg_small), ["compressor"])(text_free) == expected
-    assert BatchFlops(build_meta(cfg_small), ["compressor"])({"ids": [], "skipped": [{}]}) == 0  # all skipped
+    alignment = BatchFlops(build_meta(cfg_small), ["compressor"])
+    assert alignment(text_free) == expected
+    assert alignment({"ids": [], "skipped": [{}]}) == 0  # every sample skipped
     model.batch_flops = lambda batch: 1 / 0  # a count that fails turns counting off; the fit goes on
     model.on_train_batch_start(batch, 0)
     assert model.batch_flops is None and model.flops_per_batch is None

@@ -10,6 +10,9 @@ from functools import partial
 
 import torch
 
+from hicom.dry_run import flops
+from hicom.modules.compressors.base import PackedLayout
+
 
 def samples(batch: dict) -> int:
     """The batch's samples as read, those skipped as unreadable included: Lightning's count refuses a batch of none
@@ -37,8 +40,6 @@ class BatchFlops:
     gradient checkpointing computes again is not counted."""
 
     def __init__(self, meta, trainable) -> None:
-        from hicom.dry_run import flops
-
         self.meta, trainable = meta, set(trainable)
         for name, part in meta.parts().items():
             part.requires_grad_(name in trainable)
@@ -70,9 +71,6 @@ class BatchFlops:
 
     def clip(self, frames: int, modality: str, guide_length: int) -> int:
         """The compressor's FLOPs for one clip of `frames` frames (and a token-level guide of that many tokens)."""
-        from hicom.dry_run import flops
-        from hicom.modules.compressors.base import PackedLayout
-
         tower, compressor = self.meta.vision, self.meta.compressor
         key = (frames, modality, guide_length if compressor.guide_tokens else 0)
         if key not in self._clips:
