@@ -10,6 +10,8 @@ STAMP := $(VENV)/.installed
 # Point TORCH_CPU at another pin or add pip options (e.g. an index of CPU wheels) where needed.
 TORCH_CPU ?= torch==2.13.0
 ARGS ?=
+# Test processes (pytest-xdist); each gets an equal share of the cores for torch. 0 runs the tests in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: setup train test lint clean
 
@@ -26,7 +28,7 @@ train: $(STAMP)
 	$(PY) train.py $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -28,6 +28,20 @@ SMALL = [
 ]
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (`make test` runs 2 workers), each worker and the runs it starts take an equal share of the
+    cores: torch's default of one thread per core in every worker would oversubscribe them."""
+    import os
+
+    import torch
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # for train.py and the other processes a test starts
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")

@@ -5,7 +5,7 @@ parts): the loaded weights survive partitioning (same loss), one Adam step moves
 gradient says, and the hand-off gathers whole tensors. And train.py's fits under Lightning's DeepSpeedStrategy at
 ZeRO-2 and ZeRO-3: checkpoints without the frozen weights, and resuming from them.
 
-DeepSpeed is a GPU extra (pip install -e .[gpu]); the tests run wherever it is installed and are skipped elsewhere.
+The set-up (the dev extra) installs deepspeed; the tests are skipped where it is absent.
 """
 
 import json
