@@ -8,6 +8,7 @@ import inspect
 import json
 import logging
 import time
+import zipfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,8 +121,6 @@ def build(cfg: DictConfig, checked: bool = False):
 def check_checkpoint(path: Path) -> None:
     """Before anything is built: a checkpoint to resume from exists and is whole. A Lightning checkpoint file is
     a zip archive (torch.save), cut short it has no central directory; DeepSpeed's is a folder."""
-    import zipfile
-
     if not path.exists():
         raise FileNotFoundError(f"ckpt_path '{path}' not found: give a run's checkpoints/last.ckpt (or null)")
     if path.is_file() and not zipfile.is_zipfile(path):
@@ -152,9 +151,44 @@ def check_checkpoint(path: Path) -> None:
             )
 
 
-def read_checkpoint(path: Path) -> dict:
-    """A Lightning checkpoint file without reading its tensors (memory-mapped): its entries, tensor shapes."""
+def read_checkpoint(path: Path) -> dict | None:
+    """A checkpoint's entries without reading its tensors (memory-mapped): a Lightning file (with its state dict),
+    or what DeepSpeed's folder keeps beside the engine's state (hyperparameters, init_from, ...; the module's
+    tensors are under `module`, a ZeRO-3 shard's empty). None for another folder (FSDP's)."""
+    if path.is_dir():
+        tag = path / (path / "latest").read_text().strip() if (path / "latest").is_file() else None
+        files = sorted(tag.glob("*model_states.pt")) if tag is not None else []
+        if not files:
+            return None
+        if not zipfile.is_zipfile(files[0]):
+            raise ValueError(
+                f"ckpt_path '{path}' is not a whole checkpoint ({files[0].name} is truncated or not a torch.save "
+                "file): resume from another one in the run's checkpoints/ folder"
+            )
+        path = files[0]
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def check_resume_training(saved: dict, model_cfg: DictConfig) -> None:
+    """Before the build: the run trains the parts the checkpoint's run trained, in the same learning-rate groups,
+    which its optimizer state is for (otherwise Lightning's load or DeepSpeed's engine fails with a message about
+    parameter groups or alignment)."""
+    hparams = saved.get("hyper_parameters") or {}
+    if "trainable" not in hparams:
+        return
+    saved_parts, parts = sorted(hparams["trainable"]), sorted(str(p) for p in model_cfg.trainable)
+    saved_split, split = "injection" in (hparams.get("lr") or {}), "injection" in (model_cfg.get("lr") or {})
+    if saved_parts != parts:
+        raise ValueError(
+            f"this checkpoint's run trained {saved_parts} and this one trains {parts}: its optimizer state is for "
+            f"its own parts. Resume with model.trainable=[{','.join(saved_parts)}]"
+        )
+    if saved_split != split:
+        raise ValueError(
+            f"this checkpoint's run {'gave' if saved_split else 'did not give'} the compressor's injection parameters "
+            "a learning-rate group of their own (model.lr.injection), and this one "
+            f"{'does' if split else 'does not'}: its optimizer state is for its own groups. Resume as it was saved"
+        )
 
 
 def check_resume_compressor(state_dict: dict, compressor) -> None:
@@ -262,12 +296,14 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
         from hicom.compat.official import check_release_start
 
         check_release_start(cfg)
-    if cfg.get("ckpt_path") and Path(cfg.ckpt_path).is_file():  # as on_load_checkpoint will, before the build
+    saved = read_checkpoint(Path(cfg.ckpt_path)) if cfg.get("ckpt_path") else None
+    if saved is not None:  # as on_load_checkpoint (or the optimizer's load) will, before the build
         from hicom.models.video_llm_module import check_resume_origin
 
-        saved = read_checkpoint(Path(cfg.ckpt_path))
         check_resume_origin(saved.get("init_from"), cfg.get("init_from"))
-        check_resume_compressor(saved.get("state_dict") or {}, compressor)
+        check_resume_training(saved, cfg.model)
+        if "state_dict" in saved:  # a Lightning file's; DeepSpeed's module names are checked once it has loaded
+            check_resume_compressor(saved["state_dict"], compressor)
     out_dir = ensure_dir(cfg.paths.output_dir)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     # the trainer (with its loggers and callbacks) and the batch arithmetic next: their values fail in seconds,

@@ -746,12 +746,17 @@ def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"deepspeed\.ckpt' is neither a run's folder .* nor a checkpoint folder"):
         train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"ckpt_path={stopped}"]))
     (stopped / "latest").write_text("checkpoint")  # named: a DeepSpeed checkpoint, whose tag folder is not one
+    with pytest.raises(ValueError, match=r"deepspeed\.ckpt' is not a whole checkpoint \(mp_rank_00_model_states\.pt"):
+        train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"ckpt_path={stopped}"]))
     with pytest.raises(ValueError, match=r"inside a DeepSpeed checkpoint: give its parent, '.*deepspeed\.ckpt'"):
         train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"ckpt_path={stopped / 'checkpoint'}"]))
     with monkeypatch.context() as patch:  # refused before the towers and the LLM load
         patch.setattr("hicom.training.build", lambda *a, **k: pytest.fail("built before the resume was checked"))
+        trained = "trained ['compressor', 'guide_encoder', 'llm', 'vision_head', 'vision_trunk'] and this one trains"
         for other, differs in [("model/compressor=avgpool", "missing ['readout.0.bias'"),
-                               ("model.compressor.global_.num_queries=8", "query (32, 64) != (8, 64)")]:  # fmt: skip
+                               ("model.compressor.global_.num_queries=8", "query (32, 64) != (8, 64)"),
+                               ("model.trainable=[compressor,llm]", f"{trained} ['compressor', 'llm']"),
+                               ("~model.lr.injection", "learning-rate group of their own (model.lr.injection)")]:  # fmt: skip
             with pytest.raises(ValueError, match=re.escape(differs)):
                 train(compose_train(cache_dir, tmp_path / "bad", [*more, other]))
     resumed = train(compose_train(cache_dir, tmp_path / "resumed", more))
