@@ -44,8 +44,8 @@ def test_zero3_keeps_the_loaded_weights_steps_them_right_and_hands_off_whole_ten
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_deepspeed_checkpoints_leave_out_the_frozen_weights_and_resume_checked(zero_stage, cache_dir, tmp_path):
-    """train.py's fit under Lightning's DeepSpeedStrategy (on the CPU: tests/scripts/cpu_deepspeed.py): the
-    checkpoint holds the trained compressor and not the frozen towers and LLM, which the resume loads again from
+    """train.py's fit under Lightning's DeepSpeedStrategy (on the CPU: tests/scripts/cpu_deepspeed.py), the LLM
+    frozen and gradient-checkpointed as the real LLMs' configs set it: the checkpoint holds the trained compressor and not the frozen towers and LLM, which the resume loads again from
     their folders; a run whose checkpoints kept them resumes to the same weights; a checkpoint that lacks a weight
     the model needs is refused by name although the engine loads leniently."""
     pytest.importorskip("deepspeed")
