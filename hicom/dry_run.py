@@ -118,21 +118,6 @@ def forward_flops(model: MetaModel, frames: int, modality: str, guided: bool, te
     return out
 
 
-def training_flops(forward: dict[str, int], trainable: set[str]) -> int:
-    """Forward, plus backward at 2x forward for trainable parts and 1x (input gradients only) for frozen parts
-    that gradients pass through on their way to a trainable part upstream."""
-    order = list(PARTS)  # data flows vision_trunk -> vision_head / guide_encoder -> compressor -> llm
-    total = sum(forward.values())
-    upstream = [i for i, part in enumerate(order) if part in trainable]
-    first = min(upstream) if upstream else len(order)
-    for i, part in enumerate(order):
-        if part in trainable:
-            total += 2 * forward[part]
-        elif i > first and part in ("compressor", "llm"):
-            total += forward[part]
-    return total
-
-
 def memory_per_gpu(
     params: dict[str, int], trainable: set[str], zero: int, gpus: int, activations: int, offload: bool = False
 ) -> dict[str, float]:
@@ -203,6 +188,7 @@ def stages_of(cfg: DictConfig) -> list[dict]:
 def report(cfg: DictConfig) -> list[dict]:
     from hydra.utils import instantiate
 
+    from hicom.callbacks.throughput import BatchFlops
     from hicom.modules.compressors.base import check_output
     from hicom.modules.video_llm import compose_compressor, idle_parts
     from hicom.utils.choices import whole_number
@@ -259,7 +245,9 @@ def report(cfg: DictConfig) -> list[dict]:
         frames, modality, guided = stage["num_frames"], stage.get("modality", "video"), compressor.uses_guide
         visual = model.compressor.num_tokens(frames, model.grid, model.grid, modality)
         fwd = forward_flops(model, frames, modality, guided, text, guide)
-        train = training_flops(fwd, trainable)
+        # forward and backward as the throughput monitor counts a training sample (after the forward counts: it
+        # sets the parts' requires_grad as the stage trains them)
+        train = BatchFlops(model, trainable, exact=True).sample(frames, modality, visual + text, guide)
         acts = activation_bytes(model, frames, visual, text, batch, bool(trainable))
         memory = memory_per_gpu(params, trainable, zero, gpus, acts)
         row = {

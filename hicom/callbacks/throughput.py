@@ -6,7 +6,7 @@ are several)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 
 import torch
 
@@ -37,9 +37,12 @@ class BatchFlops:
     matrix products grow with n, attention with n^2). A batch is the sum over its samples at their own lengths,
     padding left out (the LLM's, and the global attention's over shorter clips); the guide encoder at its padded
     length, for the samples with a clip. These are the model's FLOPs: what
-    gradient checkpointing computes again is not counted."""
+    gradient checkpointing computes again is not counted.
 
-    def __init__(self, meta, trainable) -> None:
+    `exact`: the guide encoder and the LLM counted at each length asked for (once per length) instead of fitted: for
+    the few lengths of the dry run's one sample per stage, one count each rather than three."""
+
+    def __init__(self, meta, trainable, exact: bool = False) -> None:
         self.meta, trainable = meta, set(trainable)
         for name, part in meta.parts().items():
             part.requires_grad_(name in trainable)
@@ -58,7 +61,8 @@ class BatchFlops:
             embeds = torch.empty(1, n, hidden, device="meta", dtype=torch.float32, requires_grad=self.grads["llm"])
             return flops(partial(_trained, lambda: meta.llm(inputs_embeds=embeds).logits))
 
-        self.llm = _quadratic(llm)
+        lengthwise = cache if exact else _quadratic
+        self.llm = lengthwise(llm)
         self.guide = None
         if compressor.uses_guide:
 
@@ -66,7 +70,7 @@ class BatchFlops:
                 ids = torch.zeros(1, n, dtype=torch.long, device="meta")
                 return flops(partial(_trained, lambda: tower.encode_guide(ids, tokens=compressor.guide_tokens)))
 
-            self.guide = _quadratic(guide)
+            self.guide = lengthwise(guide)
         self._clips: dict[tuple[int, str, int], int] = {}
 
     def clip(self, frames: int, modality: str, guide_length: int) -> int:
