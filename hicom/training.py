@@ -169,6 +169,20 @@ def read_checkpoint(path: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
+def check_resume(cfg: DictConfig, compressor) -> None:
+    """Before the build, as on_load_checkpoint (or the optimizer state's load) will: the checkpoint at ckpt_path
+    resumes this run (its start, its trainable parts, and for a Lightning file its compressor's tensors)."""
+    from hicom.models.video_llm_module import check_resume_origin
+
+    saved = read_checkpoint(Path(cfg.ckpt_path))
+    if saved is None:
+        return
+    check_resume_origin(saved.get("init_from"), cfg.get("init_from"))
+    check_resume_training(saved, cfg.model)
+    if "state_dict" in saved:  # a Lightning file's; DeepSpeed's module names are checked once it has loaded
+        check_resume_compressor(saved["state_dict"], compressor)
+
+
 def check_resume_training(saved: dict, model_cfg: DictConfig) -> None:
     """Before the build: the run trains the parts the checkpoint's run trained, in the same learning-rate groups,
     which its optimizer state is for (otherwise Lightning's load or DeepSpeed's engine fails with a message about
@@ -296,14 +310,8 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
         from hicom.compat.official import check_release_start
 
         check_release_start(cfg)
-    saved = read_checkpoint(Path(cfg.ckpt_path)) if cfg.get("ckpt_path") else None
-    if saved is not None:  # as on_load_checkpoint (or the optimizer's load) will, before the build
-        from hicom.models.video_llm_module import check_resume_origin
-
-        check_resume_origin(saved.get("init_from"), cfg.get("init_from"))
-        check_resume_training(saved, cfg.model)
-        if "state_dict" in saved:  # a Lightning file's; DeepSpeed's module names are checked once it has loaded
-            check_resume_compressor(saved["state_dict"], compressor)
+    if cfg.get("ckpt_path"):
+        check_resume(cfg, compressor)
     out_dir = ensure_dir(cfg.paths.output_dir)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     # the trainer (with its loggers and callbacks) and the batch arithmetic next: their values fail in seconds,
