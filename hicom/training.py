@@ -195,7 +195,9 @@ def check_resume_training(saved: dict, model_cfg: DictConfig) -> None:
     if saved_parts != parts:
         raise ValueError(
             f"this checkpoint's run trained {saved_parts} and this one trains {parts}: its optimizer state is for "
-            f"its own parts. Resume with model.trainable=[{','.join(saved_parts)}]"
+            f"its own parts. Resume with model.trainable=[{','.join(saved_parts)}]; or, to train other parts from "
+            "its weights with a new optimizer, start a stage of a staged experiment from its finished run's folder "
+            "(stage=<name> stage_parent=<folder with its handoff.safetensors>)"
         )
     if saved_split != split:
         raise ValueError(
