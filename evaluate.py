@@ -4,11 +4,13 @@ See configs/evaluate.yaml for the benchmarks, frames, prompts and decoding; hico
 Under torchrun each process answers its share of the questions and the last one merges and scores them.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-import hicom.utils.config  # noqa: F401  (registers the config resolvers)
 from hicom.eval.runner import evaluate
+from hicom.utils.config import refuse_null_groups  # registers the config resolvers too
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
@@ -17,4 +19,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_null_groups(sys.argv[1:])
     main()

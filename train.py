@@ -1,11 +1,13 @@
 """Train a video LLM from the Hydra config: `python train.py [experiment=...] [overrides]`, `-m` for sweeps."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-import hicom.utils.config  # noqa: F401  (registers the config resolvers)
 from hicom.sweep import check_sweep, swept_value
 from hicom.training import release_process_group, train
+from hicom.utils.config import refuse_null_groups  # registers the config resolvers too
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -39,4 +41,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    refuse_null_groups(sys.argv[1:])
     main()

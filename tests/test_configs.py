@@ -319,6 +319,10 @@ def test_command_line_values_a_staged_experiment_would_replace_are_refused_with_
     [
         (["experiment=tiny_stages", "data.num_frames=4"], "data.num_frames=4: the stages set it themselves"),
         (["stage=conditional"], "stage= and stage_parent= pick a stage of a staged experiment"),
+        (
+            ["experiment=directg_local43_global32", "strategy=null"],
+            "strategy=null: a config group is left out with ~strategy",
+        ),
     ],
 )
 def test_train_py_refuses_stage_values_it_would_not_use(overrides, message, tmp_path):

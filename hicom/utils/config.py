@@ -110,6 +110,17 @@ def rank_suffix() -> str:
     return f".rank{rank}" if rank else ""
 
 
+def refuse_null_groups(args: list[str]) -> None:
+    """Hydra cannot set a config group to null from the command line: `strategy=null` fails deep inside it ("Config
+    group override must be a string or a list"). Stops, before Hydra starts, with the form that drops a group."""
+    configs = Path(project_root()) / "configs"
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        group = key.lstrip("+")
+        if sep and value == "null" and group and (configs / group).is_dir():
+            raise SystemExit(f"{arg}: a config group is left out with ~{group} (Hydra cannot set one to null)")
+
+
 def _explicit_stamp() -> str:
     return os.environ.get("HICOM_RUN_STAMP", "").strip()
 
