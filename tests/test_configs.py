@@ -325,7 +325,7 @@ def test_command_line_values_a_staged_experiment_would_replace_are_refused_with_
         ),
     ],
 )
-def test_train_py_refuses_stage_values_it_would_not_use(overrides, message, tmp_path):
+def test_train_py_refuses_values_it_would_not_use_with_the_form_to_write(overrides, message, tmp_path):
     import subprocess
     import sys
 
