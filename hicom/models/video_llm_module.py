@@ -166,7 +166,8 @@ class VideoLLMModule(LightningModule):
         # frozen weights lacks them by design. It loads leniently, and on_load_checkpoint checks the names.
         self.strict_loading = False
         if strategy.exclude_frozen_parameters:
-            kept = [name for name in self._frozen() if name not in set(self.frozen_loaded())]
+            loaded = set(self.frozen_loaded())
+            kept = [name for name in self._frozen() if name not in loaded]
             if kept:  # DeepSpeed leaves out every frozen parameter or none
                 log.info(
                     "checkpoints keep the frozen parameters: %s are frozen but not loaded again by a build "
@@ -305,9 +306,8 @@ class VideoLLMModule(LightningModule):
         strategy = self._deepspeed()
         if strategy is not None:
             checkpoint.pop("state_dict", None)  # the strategy drops it (after these hooks): the engine's is saved
-            left_out = self._frozen() if strategy.exclude_frozen_parameters else {}
-            checkpoint["frozen_left_out"] = left_out
-            checkpoint["module_keys"] = [name for name in self.state_dict() if name not in left_out]
+            checkpoint["frozen_left_out"] = self._frozen() if strategy.exclude_frozen_parameters else {}
+            checkpoint["module_keys"] = list(self.state_dict())  # without the frozen names where they are left out
             return
         state = checkpoint["state_dict"]
         left_out = [name for name in self.frozen_loaded() if name in state]
