@@ -169,6 +169,8 @@ class TinySiglip(_Writer):
     def write(self, out: Path) -> None:
         from transformers import SiglipConfig, SiglipModel, SiglipTokenizer
 
+        import hicom.modules.vision  # noqa: F401  (its filter of transformers' SigLIP id warning)
+
         # the real folder's tokenizer: SiglipTokenizer over a SentencePiece model (spiece.model), which lowercases
         # and drops punctuation before encoding, so its pieces are learnt from text in that form
         (out / "spiece.model").write_bytes(_train_sentencepiece(self.vocab_size))

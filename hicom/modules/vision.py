@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from torch import nn
@@ -10,6 +11,25 @@ from torch import nn
 from hicom.utils.checkpoints import load_pretrained, require_pretrained
 
 log = logging.getLogger(__name__)
+
+
+class _SiglipDefaultIds(logging.Filter):
+    """Drops transformers' warning that SigLIP's text config has its bos / eos ids outside its vocabulary.
+
+    transformers' SigLIP text config defaults to CLIP's ids (49406, 49407) beside its own 32,000-token vocabulary,
+    and google's so400m folder sets neither, so every SigLIP config transformers makes warns: loading the folder,
+    building the architecture for a dry run, and the default config it compares against when saving one. The text
+    tower pools its last position and reads neither id, and neither do we (the guide tokenizer has its own), so the
+    warning says nothing about the run. Only these two values at that vocabulary size are dropped."""
+
+    pattern = re.compile(r"Model config: (bos|eos)_token_id must be .* \(between 0 and 31999\), got 4940[67]\.")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
+# transformers logs it from this module's logger, and from nowhere else
+logging.getLogger("transformers.configuration_utils").addFilter(_SiglipDefaultIds())
 
 
 class _Tower(nn.Module):

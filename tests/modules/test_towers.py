@@ -119,3 +119,29 @@ def test_an_llm_config_of_another_family_names_the_folders_model_type(tiny_paths
 
     with pytest.raises(ValueError, match=r"no '<\|reserved_special_token_0\|>' token .* holds a qwen2 model: pick"):
         CausalLM(path=str(tiny_paths["qwen2"]), visual_token="<|reserved_special_token_0|>")
+
+
+def test_siglips_default_text_ids_do_not_warn_and_other_out_of_vocabulary_ids_still_do():
+    """transformers' SigLIP text config puts CLIP's bos / eos ids (49406, 49407) beside a 32,000-token vocabulary, and
+    warns so for every SigLIP config, google's so400m folder included; that pair alone is dropped."""
+    import logging
+
+    from transformers import SiglipConfig, SiglipTextConfig
+
+    import hicom.modules.vision  # noqa: F401  (its filter)
+    from hicom.dry_run import ARCH_DIR
+
+    logger = logging.getLogger("transformers.configuration_utils")
+    heard = []
+    handler = logging.Handler()
+    handler.emit = lambda record: heard.append(record.getMessage())
+    logger.addHandler(handler)
+    logging.Logger.warning_once.cache_clear()  # transformers warns once per message and process
+    try:
+        arch = json.loads((ARCH_DIR / "siglip_so400m_patch14_384.json").read_text())
+        SiglipConfig(vision_config=arch["vision_config"], text_config=arch["text_config"])
+        assert heard == []
+        SiglipTextConfig(vocab_size=32000, bos_token_id=40000)
+        assert len(heard) == 1 and "got 40000" in heard[0]
+    finally:
+        logger.removeHandler(handler)
