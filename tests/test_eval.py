@@ -489,6 +489,7 @@ def test_subtitle_times_read_fractions_of_any_length(tmp_path):
         ("(B)", ["B", "A", "C"], "B"),  # a lone letter is the letter, whatever an option's text
         ("option b is correct", ["run", "walk", "sit"], "B"),  # only 'a' after 'option' must end a clause
         ("I'd go with option c since he sits", ["run", "walk", "sit"], "C"),
+        ("he is washing the car, as shown", ["He is washing the car.", "He is cooking."], "A"),  # less its period
     ],
 )
 def test_a_reply_names_an_option_by_letter_or_by_its_whole_text(reply, options, letter):

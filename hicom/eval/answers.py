@@ -35,9 +35,9 @@ def parse_choice(reply: str, options: list[str]) -> str | None:
     A reply that is one option's whole text names that option first, whatever letters it holds (EgoSchema's
     options read "C picks up ...", C being the camera wearer). A lowercase letter names an option alone ("b",
     "(c)."), in parentheses, after "option" or ending the reply after "is" ("the answer is b."); within words it
-    does not ("a dog"). An option's text appears only as whole words ("no" is not in "know", "1" not in "10"),
-    and an occurrence inside a longer option's occurrence does not count ("red" in "dark red"); two options
-    left: unparsed."""
+    does not ("a dog"). An option's text (less a final period) appears only as whole words ("no" is not in "know",
+    "1" not in "10"), and an occurrence inside a longer option's occurrence does not count ("red" in "dark red");
+    two options left: unparsed."""
     whole = [letter for letter, option in zip(LETTERS, options, strict=False) if _plain(option) == _plain(reply)]
     if len(whole) == 1 and len(_plain(reply)) > 1:  # a lone letter is a letter ("(B)"), whatever an option reads
         return whole[0]
@@ -54,7 +54,8 @@ def parse_choice(reply: str, options: list[str]) -> str | None:
     lowered = reply.lower()
     spans = {}
     for letter, option in zip(LETTERS, options, strict=False):
-        needle = option.strip().lower()
+        # less a final period: Video-MME's options end their sentence, where a reply may go on
+        needle = option.strip().rstrip(".").rstrip().lower()
         if needle:
             found = [m.span() for m in re.finditer(rf"(?<!\w){re.escape(needle)}(?!\w)", lowered)]
             if found:
