@@ -1,6 +1,7 @@
 """End to end through the real path: generated clips, tiny checkpoints, Lightning fit and test."""
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -289,6 +290,27 @@ def test_text_only_batches_train_under_ddp_beside_video_ones(cache_dir, tmp_path
     (folder,) = (tmp_path / "logs" / "train" / "runs").iterdir()
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["steps"] == 4
+
+
+def test_text_only_batches_with_the_llm_frozen_are_passed_over_on_one_process(cache_dir, tmp_path, caplog):
+    """Micro batch 1, no shuffling, the compressor alone trained: the second and fourth samples are text-only, so
+    their loss reaches no trainable parameter (backward failed on it). They are passed over with a warning, and only
+    the two steps with clips move AdamW and the schedule."""
+    records, overrides = _videos_with_bad_ones(cache_dir, tmp_path, 15, 13)  # the bad ones are past the 4 steps
+    for i in (1, 3):
+        records[i].pop("video")
+        records[i]["conversations"] = [{"from": "human", "value": "What is two and two?"},
+                                       {"from": "gpt", "value": "Four."}]  # fmt: skip
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    overrides += ["data.batch_size=1", "data.shuffle=false", "data.group_by_length=false", "evaluate=false",
+                  "model.trainable=[compressor]"]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="hicom"):
+        metrics = train(compose_train(cache_dir, tmp_path / "run", overrides))
+    assert metrics["steps"] == 4
+    assert sum("trains nothing and is passed over" in r.getMessage() for r in caplog.records) == 1
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    adam_steps = {float(state["step"]) for state in checkpoint["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {2.0} and checkpoint["lr_schedulers"][0]["last_epoch"] == 2
 
 
 def test_held_out_batches_without_clips_join_the_visual_gathers_under_zero3(cfg_small, monkeypatch):

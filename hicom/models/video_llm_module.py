@@ -130,8 +130,10 @@ class VideoLLMModule(LightningModule):
         self.flops_per_batch: int | None = None
         self.batch_flops: Callable[[dict], int] | None = None
         self._stand_ins: dict[str, dict] = {}  # ZeRO-3, per stage: what runs for a batch whose samples were all skipped
-        self._stepped = 0.0  # processes with samples, over the micro-batches of the optimizer step under way
-        self._empty_step = False  # the last optimizer step had no sample on any process (on_before_optimizer_step)
+        # processes whose samples reached a trainable parameter, over the micro-batches of the optimizer step under way
+        self._stepped = 0.0
+        self._empty_step = False  # the last optimizer step had no such sample on any process (on_before_optimizer_step)
+        self._said_untaught = False  # the warning that batches without clips teach a fit with the LLM frozen nothing
         self._val_sum, self._val_count = 0.0, 0.0  # the validation under way (on_validation_epoch_end)
         self._leaves_out_frozen = False  # the state dict drops the frozen weights (DeepSpeed's checkpoints: `setup`)
         self._computed = computed_buffers(net)  # fp32 RoPE frequencies, put back after bf16-true / DeepSpeed casts
@@ -382,7 +384,16 @@ class VideoLLMModule(LightningModule):
         skipped = "input_ids" not in batch  # every sample of this batch was skipped
         self.fit_counts["batches"] += 1
         self.fit_counts["samples"] += len(batch["ids"])
-        if skipped and not self._in_step():
+        teaches = not skipped and self._teaches(batch)
+        if not skipped and not teaches and not self._said_untaught:
+            self._said_untaught = True
+            log.warning(
+                "a training batch without clips (%s): its text passes through the LLM alone, which is frozen, so it "
+                "trains nothing and is passed over (on several processes, at zero weight); leave text-only "
+                "samples out of a fit that trains only the visual parts",
+                batch["ids"][:3],
+            )
+        if not teaches and not self._in_step():
             return None  # Lightning skips the step
         if skipped:
             loss = self._empty_loss(batch)
@@ -399,15 +410,20 @@ class VideoLLMModule(LightningModule):
         # and Lightning's logger rows repeat the last value logged);
         # a skipped batch adds zero, not its stand-in's loss
         value = torch.zeros((), device=loss.device) if skipped else loss.detach().float()
-        total, count = self._sum_over_processes(value, 0.0 if skipped else 1.0)
-        self._stepped += count
+        total, count, teaching = self._sum_over_processes(value, 0.0 if skipped else 1.0, float(teaches))
+        self._stepped += teaching
         if count > 0:
             self.log("train/loss", total / count, prog_bar=True, batch_size=max(len(batch["ids"]), 1))
         self.log("data/skipped", float(len(self.skipped)), batch_size=max(len(batch["ids"]), 1))
         return loss
 
+    def _teaches(self, batch: dict) -> bool:
+        """Whether the batch's loss reaches a trainable parameter: one without clips passes through the LLM alone."""
+        return batch.get("pixel_values") is not None or any(p.requires_grad for p in self.net.llm.parameters())
+
     def on_before_optimizer_step(self, optimizer) -> None:
-        """An optimizer step whose every micro-batch on every process was skipped is no step: its zero gradients
+        """An optimizer step whose every micro-batch on every process was skipped (or, without clips, reached no
+        trainable parameter: `_teaches`) is no step: its zero gradients
         are dropped, so that AdamW leaves the weights, its moments and its step count as they were (a zero gradient
         would still move them by the momentum and the weight decay), and the learning-rate schedule does not
         advance (`lr_scheduler_step`). Every process counts the same (the count is all-reduced), so they all decide
@@ -417,8 +433,8 @@ class VideoLLMModule(LightningModule):
         self._empty_step = self._stepped == 0 and not isinstance(self.trainer.strategy, DeepSpeedStrategy)
         if self._empty_step:
             optimizer.zero_grad(set_to_none=True)
-            log.warning("step %d: every sample of every process was skipped: the weights are left as they were",
-                        self.trainer.global_step)  # fmt: skip
+            log.warning("step %d: no sample of any process reached a trainable parameter (all skipped, or text "
+                        "through a frozen LLM): the weights are left as they were", self.trainer.global_step)  # fmt: skip
         self._stepped = 0.0
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
@@ -430,14 +446,15 @@ class VideoLLMModule(LightningModule):
         else:
             scheduler.step(metric)
 
-    def _sum_over_processes(self, value: torch.Tensor, weight: float) -> tuple[torch.Tensor, float]:
-        """(sum over processes of value, sum of weights): one all-reduce, called by every process; on one process
-        no device work (the weight is known here, and reading it back from a GPU would wait on the step)."""
+    def _sum_over_processes(self, value: torch.Tensor, *weights: float) -> tuple:
+        """(sum over processes of value, then of each weight): one all-reduce, called by every process; on one
+        process no device work (the weights are known here, and reading them back from a GPU would wait on the
+        step)."""
         if self._world() == 1:
-            return value, weight
-        stats = torch.stack([value.float().reshape(()), value.new_tensor(weight, dtype=torch.float32)])
+            return (value, *weights)
+        stats = torch.stack([value.float().reshape(()), *(value.new_tensor(w, dtype=torch.float32) for w in weights)])
         stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-        return stats[0], float(stats[1])
+        return (stats[0], *stats[1:].tolist())
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum, self._val_count = 0.0, 0.0  # this process's sum of batch losses times samples, and samples
