@@ -205,6 +205,9 @@ class ChatEncoder:
         `turn=j` makes the sample of the j-th exchange (0-based): the conversation up to and including the j-th
         answer, with only that answer labelled (the earlier turns are unlabelled context)."""
         messages = [dict(m) for m in messages]
+        # the whole conversation, before a turn's cut: a record malformed in a later question is malformed in each
+        # of its samples, as it is for preflight and for training without split turns
+        check_placeholders(messages, bool(num_visual))
         answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         supervised_turn = None
         if turn is not None:
@@ -212,7 +215,6 @@ class ChatEncoder:
                 raise MalformedSample(f"turn {turn} of a conversation with {len(answers)} answers")
             messages = messages[: answers[turn] + 1]
             supervised_turn = answers[turn]
-        check_placeholders(messages, bool(num_visual))
         for message in messages:
             if self.trims:
                 message["content"] = message["content"].strip()

@@ -81,6 +81,9 @@ def test_placeholder_count_must_match(encoder):
         encoder.encode(to_messages(conversation("Q?", "A")), num_visual=4)
     with pytest.raises(MalformedSample, match="2 visual placeholders"):
         encoder.encode(to_messages(conversation("<video><video>Q?", "A")), num_visual=4)
+    twice = to_messages(conversation("<video>\nQ1?", "A1", "<video>\nQ2?", "A2"))
+    with pytest.raises(MalformedSample, match="2 visual placeholders"):  # each exchange's sample is malformed too
+        encoder.encode(twice, num_visual=4, turn=0)
     with pytest.raises(MalformedSample, match="<video> in a message from the assistant"):  # not spliced into an answer
         encoder.encode(to_messages(conversation("What?", "It is <video>.")), num_visual=4)
     system = [{"from": "system", "value": "Watch <image> closely."}, *conversation("Q?", "A")]
