@@ -33,7 +33,7 @@ def read_quarantine(path: str | Path) -> list[tuple[str, int]]:
     if not path.is_file():
         raise FileNotFoundError(f"quarantine list '{path}' not found: set `data.quarantine=<quarantine.jsonl>` or null")
     pairs = []
-    with path.open() as f:
+    with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -110,7 +110,7 @@ def read_mixture(path: str | Path, data_dir: str | Path | None = None) -> list[M
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"mixture file not found: {path}")
-    spec = yaml.safe_load(path.read_text())
+    spec = yaml.safe_load(path.read_bytes())  # bytes: YAML's own encoding rules, not the locale's
     items = spec.get("datasets") if isinstance(spec, dict) else spec
     if not isinstance(items, list) or not items:
         raise ValueError(f"{path}: expected a list of {{json_path, data_root, sampling_strategy}} (or datasets: [...])")
@@ -162,9 +162,9 @@ def iter_records(path: str | Path) -> Iterator:
                     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
                         yield {UNREADABLE: f"line {number} is not JSON ({err})"}
         return
-    try:
-        records = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    try:  # bytes: UTF-8 (a byte-order mark allowed) whatever the locale
+        records = json.loads(path.read_bytes())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
         raise ValueError(f"{path}: not JSON ({err})") from err
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of samples")
@@ -289,12 +289,16 @@ class SampleIndex:
                 if row in skip:
                     continue
                 record = records[row]
+                try:
+                    data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+                except UnicodeEncodeError as err:  # "\ud83d", an emoji cut in two: JSON can say it, UTF-8 cannot
+                    record = {UNREADABLE: f"a lone surrogate {err.object[err.start : err.end]!r} in its text"}
+                    data = json.dumps(record).encode()
                 what = unreadable_line(record)
                 if what is not None:
                     unreadable.append(what)
                 origin.append(row)
                 modality.append(modality_of(record))
-                data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
                 position = len(lengths)
                 chunks.append(data)
                 lengths.append(len(data))
@@ -305,7 +309,7 @@ class SampleIndex:
                 rows.extend((source, position, turn) for turn in turns)
             if unreadable:
                 log.warning(
-                    "%s: %d line(s) are not JSON and will be skipped as malformed samples; the first: %s",
+                    "%s: %d record(s) cannot be read and will be skipped as malformed samples; the first: %s",
                     entry.json_path,
                     len(unreadable),
                     unreadable[0],

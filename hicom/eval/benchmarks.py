@@ -60,8 +60,8 @@ def _read_json(path: Path):
     if not path.is_file():
         raise BenchmarkFormatError(f"{path} is missing: put the benchmark's files under {path.parent}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        return json.loads(path.read_bytes())  # bytes: UTF-8 whatever the locale
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
         raise BenchmarkFormatError(f"{path}: not valid JSON ({err})") from err
 
 
@@ -372,7 +372,7 @@ def read_srt(path: str | Path) -> list[tuple[float, float, str]]:
     """(start, end, text) of each cue of an .srt file, times in seconds."""
     stamp = re.compile(r"(\d+):(\d+):(\d+)[,.](\d+)\s*-->\s*(\d+):(\d+):(\d+)[,.](\d+)")
     cues = []
-    for block in re.split(r"\n\s*\n", Path(path).read_text(errors="replace").replace("\r\n", "\n")):
+    for block in re.split(r"\n\s*\n", Path(path).read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")):
         lines = block.strip().splitlines()
         for k, line in enumerate(lines):
             match = stamp.search(line)

@@ -120,6 +120,25 @@ def test_preflight_writes_a_quarantine_that_training_leaves_out(tmp_path, capsys
         SampleIndex.load(saved)
 
 
+def test_a_record_whose_text_holds_a_lone_surrogate_is_one_bad_sample(tmp_path):
+    """JSON can write half of an emoji ("\\ud83d", text cut at a length limit); UTF-8 cannot hold it, and the
+    index build failed the run on it. It is one malformed sample, in a .json list as in a JSONL file."""
+    from hicom.data.index import unreadable_line
+
+    rows = records("ok", 3)
+    rows[1] = {**rows[1], "conversations": [{"from": "human", "value": "<video>\nWhat? \ud83d"}, QA[1]]}
+    for name, text in (("a.json", json.dumps(rows)), ("a.jsonl", "\n".join(json.dumps(r) for r in rows))):
+        (tmp_path / name).write_text(text)
+        index = SampleIndex.build([MixtureEntry(tmp_path / name, tmp_path)], split_turns=True)
+        assert len(index) == 3 and [index.record_of(i).get("id") for i in (0, 2)] == ["ok0", "ok2"]
+        assert unreadable_line(index.record_of(1)) == "a lone surrogate '\\ud83d' in its text"
+    # a .json file is read as UTF-8 whatever the locale, a byte-order mark allowed
+    (tmp_path / "b.json").write_bytes(
+        b"\xef\xbb\xbf" + json.dumps(records("\u00e9t\u00e9", 1), ensure_ascii=False).encode()
+    )
+    assert SampleIndex.build([MixtureEntry(tmp_path / "b.json", tmp_path)]).record_of(0)["id"] == "\u00e9t\u00e90"
+
+
 def test_a_jsonl_line_that_is_not_json_is_one_bad_sample_in_its_place(tmp_path, caplog):
     """One torn line in a million-line JSONL costs that sample, not the run: it keeps its row, so the lines after it
     keep theirs (a quarantine names rows), and preflight and the dataset report it as malformed."""
@@ -133,7 +152,7 @@ def test_a_jsonl_line_that_is_not_json_is_one_bad_sample_in_its_place(tmp_path, 
     assert [index.record_of(i).get("id") for i in (0, 3, 4)] == ["ok0", "ok1", "ok2"]
     assert "line 2 is not JSON" in unreadable_line(index.record_of(1))
     assert "line 3 is not JSON" in unreadable_line(index.record_of(2))
-    assert "a.jsonl: 2 line(s) are not JSON" in caplog.text
+    assert "a.jsonl: 2 record(s) cannot be read" in caplog.text
     out = tmp_path / "preflight"
     preflight.main([str(tmp_path / "a.jsonl"), "--data-root", str(tmp_path), "--out", str(out),
                     "--workers", "1", "--no-progress"])  # fmt: skip
