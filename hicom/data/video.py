@@ -107,8 +107,9 @@ def uniform_indices(num_available: int, num_frames: int, repeat: bool = True) ->
         raise VideoDecodeError("the video has no frames", "empty")
     if num_available <= num_frames and not repeat:
         return np.arange(num_available)
-    edges = np.linspace(0, num_available, num_frames + 1)
-    return ((edges[:-1] + edges[1:]) / 2).astype(np.int64)
+    # segment i's middle, (i + 1/2) n / N, floored in integers: in floats a whole middle can fall just short of
+    # itself (14 frames in 5: 6.999... for 7)
+    return (num_available * (2 * np.arange(num_frames, dtype=np.int64) + 1)) // (2 * num_frames)
 
 
 def sample_indices(

@@ -26,6 +26,7 @@ def records(prefix: str, n: int, video: str = "clip.mp4") -> list[dict]:
         ("first:50%", 10, [0, 1, 2, 3, 4]),
         ("end:25%", 10, [7, 8, 9]),
         ("first:20", 10, list(range(10))),
+        ("first:2.2%", 1500, list(range(33))),  # 33 exactly: no float rounding up to 34
     ],
 )
 def test_sampling_strategies(text, n, expected):

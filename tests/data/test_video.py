@@ -1,4 +1,6 @@
 import json
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -16,6 +18,12 @@ def test_uniform_sampling_takes_segment_midpoints():
     assert uniform_indices(3, 8).tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
     assert uniform_indices(3, 8, repeat=False).tolist() == [0, 1, 2]
     assert uniform_indices(8, 8).tolist() == uniform_indices(8, 8, repeat=False).tolist() == list(range(8))
+    # exactly floor((i + 1/2) n / N): a whole middle is that frame, not the one before (14 in 5: 7, not 6)
+    assert uniform_indices(14, 5).tolist() == [1, 4, 7, 9, 12]
+    for n in range(1, 400):
+        for frames in (3, 5, 6, 7, 10, 12, 24, 32, 48):
+            exact = [math.floor(Fraction(2 * i + 1, 2 * frames) * n) for i in range(frames)]
+            assert uniform_indices(n, frames).tolist() == exact
 
 
 @pytest.fixture
