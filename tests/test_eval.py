@@ -498,6 +498,14 @@ def test_a_reply_names_an_option_by_letter_or_by_its_whole_text(reply, options, 
     assert parse_choice(reply, options) == letter
 
 
+def test_options_are_read_from_a_prompt_in_letter_order_up_to_h():
+    from hicom.eval.answers import parse_options
+
+    assert parse_options("What?\n(A) red\nB. blue\n(D) skipped\nC: green") == ["red", "blue", "green"]
+    many = "What?\n" + "\n".join(f"({letter}) option {letter}" for letter in "ABCDEFGH") + "\n(A) again"
+    assert parse_options(many) == [f"option {letter}" for letter in "ABCDEFGH"]  # nothing after H (it failed)
+
+
 def test_open_ended_exact_match_and_judge(tmp_path):
     assert normalize_answer("The Dog.") == "dog" == normalize_answer(" dog ")
     rows = [

@@ -12,6 +12,8 @@ def parse_options(prompt: str) -> list[str]:
     """Option texts listed in a prompt as lines like '(A) red' or 'A. red', in letter order."""
     options = []
     for line in prompt.splitlines():
+        if len(options) == len(LETTERS):  # H is the last letter
+            break
         match = _OPTION.match(line)
         if match and match.group(1) == LETTERS[len(options)]:
             options.append(match.group(2))
