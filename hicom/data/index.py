@@ -282,12 +282,15 @@ class SampleIndex:
         modality: list[int] = []
         rows: list[tuple[int, int, int]] = []
         roots, files = [], []
+        read: set[str] = set()  # the annotation files, resolved
         for source, entry in enumerate(entries):
             records = list(iter_records(entry.json_path))
             chosen = entry.sampling.select(len(records), seed + source)
             roots.append(str(entry.data_root))
             files.append(str(entry.json_path))
-            skip = excluded.get(str(Path(entry.json_path).resolve()), set())
+            resolved = str(Path(entry.json_path).resolve())
+            skip = excluded.get(resolved, set())
+            read.add(resolved)
             unreadable = []
             for row in chosen.tolist():
                 if row in skip:
@@ -319,6 +322,14 @@ class SampleIndex:
                     unreadable[0],
                 )
             del records
+        unread = sorted(set(excluded) - read)
+        if unread:  # never silently: a quarantine of other files (or of these under other paths) leaves out nothing
+            log.warning(
+                "%d quarantined sample(s) name annotation files this data does not read, and are not left out of "
+                "it: %s; a quarantine names each file as its preflight resolved it",
+                sum(len(excluded[file]) for file in unread),
+                unread[:3],
+            )
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         blob = np.frombuffer(b"".join(chunks), dtype=np.uint8) if chunks else np.zeros(0, dtype=np.uint8)

@@ -159,7 +159,9 @@ def run(
         for result in results:
             if "reason" in result:
                 keep = ("source", "index", "id", "path", "reason", "error")
-                f.write(json.dumps({k: result.get(k) for k in keep}) + "\n")
+                # the file as resolved here: training, launched from another folder, finds it all the same
+                entry = {**{k: result.get(k) for k in keep}, "source": str(Path(result["source"]).resolve())}
+                f.write(json.dumps(entry) + "\n")
     summary = summarise(results, None if tokens is None else tokens.max_length)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary

@@ -121,6 +121,33 @@ def test_preflight_writes_a_quarantine_that_training_leaves_out(tmp_path, capsys
         SampleIndex.load(saved)
 
 
+def test_a_quarantine_written_from_one_folder_is_read_from_any_and_one_of_other_files_is_said(
+    tmp_path, monkeypatch, caplog
+):
+    """Preflight given relative paths writes the files as it resolved them: training launched from another folder
+    leaves the samples out all the same (it found nothing to leave out, and said nothing). A quarantine naming
+    files the data does not read is said, never passed over in silence."""
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    write_video(work / "data" / "clip.mp4", np.zeros((6, 16, 16, 3), dtype=np.uint8), fps=3)
+    (work / "data" / "a.json").write_text(json.dumps(records("ok", 2) + records("gone", 1, "missing.mp4")))
+    monkeypatch.chdir(work)
+    preflight.main(["data/a.json", "--data-root", "data", "--out", "pf", "--workers", "1", "--no-progress"])
+    (line,) = (work / "pf" / "quarantine.jsonl").read_text().splitlines()
+    assert json.loads(line)["source"] == str(work / "data" / "a.json")
+    monkeypatch.chdir(tmp_path)
+    exclude = read_quarantine(work / "pf" / "quarantine.jsonl")
+    entry = MixtureEntry(work / "data" / "a.json", work / "data")
+    with caplog.at_level("WARNING", logger="hicom"):
+        index = SampleIndex.build([entry], exclude=exclude)
+    assert [index.record_of(i)["id"] for i in range(len(index))] == ["ok0", "ok1"] and not caplog.records
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(records("ok", 1)))
+    with caplog.at_level("WARNING", logger="hicom"):
+        SampleIndex.build([MixtureEntry(other, work / "data")], exclude=exclude)
+    assert "1 quarantined sample(s) name annotation files this data does not read" in caplog.text
+
+
 def test_a_record_whose_text_holds_a_lone_surrogate_is_one_bad_sample(tmp_path):
     """JSON can write half of an emoji ("\\ud83d", text cut at a length limit); UTF-8 cannot hold it, and the
     index build failed the run on it. It is one malformed sample, in a .json list as in a JSONL file."""
