@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -609,3 +610,10 @@ def test_a_tokenizer_that_cannot_encode_is_refused_before_any_weights_load(cache
         with pytest.raises(error, match=message) as raised:
             train(compose_train(cache_dir, tmp_path / "run", [*SMALL, override]))
         assert str(tmp_path) in str(raised.value)
+
+
+def test_warmup_is_counted_as_the_releases_trainer_counts_it():
+    from hicom.models.video_llm_module import warmup_steps
+
+    assert warmup_steps(0.03, 1444) == 44  # stage 2 at 512 a step: rounded up, where round() gave 43
+    assert warmup_steps(0.03, 100) == math.ceil(100 * 0.03) and warmup_steps(0.0, 100) == 0

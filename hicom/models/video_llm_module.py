@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -71,6 +72,12 @@ def _leave_out_frozen(module: VideoLLMModule, state: dict, prefix: str, local_me
 def _some(names: list[str]) -> str:
     """The first few of `names`, for an error message."""
     return f"{names[:5]}{' ...' if len(names) > 5 else ''}"
+
+
+def warmup_steps(ratio: float, total: int) -> int:
+    """The warmup of `total` optimizer steps, counted as transformers' Trainer counts it for the release: the ratio's
+    share rounded up (3% of stage 2's 1,444 steps at 512 a step is 44)."""
+    return math.ceil(total * ratio)
 
 
 class VideoLLMModule(LightningModule):
@@ -550,5 +557,5 @@ class VideoLLMModule(LightningModule):
         params = [{"params": list(p.values()), "lr": self.lr[key], "name": key} for key, p in groups.items()]
         optimizer = torch.optim.AdamW(params, weight_decay=self.weight_decay, betas=self.betas)
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, round(self.warmup_ratio * total), total)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(self.warmup_ratio, total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
