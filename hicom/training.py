@@ -8,6 +8,7 @@ import inspect
 import json
 import logging
 import time
+import warnings
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
@@ -36,6 +37,9 @@ from hicom.utils.instantiators import (
 )
 
 log = logging.getLogger(__name__)
+# Lightning (2.6) builds torch's LeafSpec, which torch 2.10 and later deprecate, on every fit's batch-size probe: a
+# warning in the first lines of each run about code that is neither ours nor the user's
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 # checkpoint files up to this size are read whole before a resume, to find damaged bytes (a few seconds per GiB)
 CRC_CHECKED_BYTES = 4 * 2**30
