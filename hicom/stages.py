@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from hicom.callbacks.checkpoint import resume_checkpoint
 from hicom.modules.compressors.base import unguided_config
 from hicom.training import check_global_batch, check_trainable, train
-from hicom.utils.checkpoints import check_safetensors, fill_tied, full_parameters, untied_state
+from hicom.utils.checkpoints import check_safetensors, fill_tied, full_parameters, optimizer_masters, untied_state
 from hicom.utils.config import dotted_keys, unshared_launch
 from hicom.utils.files import as_created_here
 from hicom.utils.instantiators import check_data, check_model, check_pretrained, check_tokenizers, write_assets
@@ -137,13 +137,17 @@ def save_handoff(
     from safetensors.torch import save_file
 
     modules = model.parts()
+    trainer = getattr(model, "_trainer", None)
+    optimizer = trainer.optimizers[0] if trainer is not None and trainer.optimizers else None
     state = {}
     for part in parts:
+        # what the optimizer stepped: under DeepSpeed's bf16 the module holds 16-bit copies of its fp32 weights
+        masters = optimizer_masters(modules[part], optimizer, keep=write)
         with full_parameters(modules[part]):
-            if not write:  # it only takes part in the gather
+            if not write:  # it only takes part in the gathers
                 continue
             for key, value in untied_state(modules[part]).items():  # a tied LM head is its embeddings: once
-                state[f"{part}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+                state[f"{part}.{key}"] = masters.get(key, value).detach().to("cpu", copy=True).contiguous()
     if not write:
         return
     out_dir.mkdir(parents=True, exist_ok=True)

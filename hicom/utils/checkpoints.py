@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,6 +196,57 @@ def fill_tied(module: nn.Module, state: dict) -> None:
     for alias, source in tied_aliases(module).items():
         if alias not in state and source in state:
             state[alias] = state[source]
+
+
+def _zero0_masters(optimizer) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """(16-bit parameter, its fp32 master) pairs of DeepSpeed's ZeRO 0 optimizer for bf16 or fp16, which every
+    process holds whole: FP16_UnfusedOptimizer (around torch's optimizers) one master per parameter, FP16_Optimizer
+    (around DeepSpeed's FusedAdam) one flat master per group. None for any other optimizer."""
+    if optimizer is None or "deepspeed" not in sys.modules:  # a DeepSpeed optimizer has imported it
+        return None
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from torch._utils import _unflatten_dense_tensors
+
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        return [pair for params, fp32 in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True)
+                for pair in zip(params, fp32, strict=True)]  # fmt: skip
+    if isinstance(optimizer, FP16_Optimizer):
+        return [pair for params, flat in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat, strict=True)
+                for pair in zip(params, _unflatten_dense_tensors(flat, params), strict=True)]  # fmt: skip
+    return None
+
+
+def optimizer_masters(module: nn.Module, optimizer=None, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The fp32 weights DeepSpeed's optimizer steps for `module`'s trainable parameters that the module holds in 16
+    bits, by parameter name, on the CPU; none elsewhere (DDP's bf16-mixed trains the fp32 weights themselves).
+
+    Under bf16 / fp16 the engine casts the module and keeps fp32 masters apart: under ZeRO 0 in its optimizer
+    (`optimizer`: the engine's), whole on every process; under ZeRO 1-3 sharded over the processes, gathered one
+    parameter at a time (a 7B LLM's masters are 30 GB) in a collective call that every process enters
+    (`keep=False` only takes part)."""
+    low = {
+        id(p): n for n, p in module.named_parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)
+    }
+    if not low or not keep and _zero0_masters(optimizer) is not None:
+        return {}
+    masters = {}
+    pairs = _zero0_masters(optimizer)
+    if pairs is not None:
+        for parameter, master in pairs:
+            if id(parameter) in low:
+                masters[low[id(parameter)]] = master.detach().to("cpu", copy=True)
+        return masters
+    named = [(n, p) for n, p in module.named_parameters() if id(p) in low]
+    if not any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for _, p in named):
+        return {}
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for name, parameter in named:
+        master = safe_get_full_fp32_param(parameter)
+        if master is not None and keep:
+            masters[name] = master.to("cpu")
+    return masters
 
 
 @contextlib.contextmanager

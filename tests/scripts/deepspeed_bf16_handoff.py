@@ -1,0 +1,52 @@
+"""Run by tests/test_zero3.py (DS_ACCELERATOR=cpu): train.py's fit in bf16 under Lightning's DeepSpeedStrategy on
+the CPU at each ZeRO stage given, the compressor trained. The engine holds the module in bf16 and steps fp32 masters
+in its optimizer; prints one JSON line: per stage, the hand-off's dtypes and how far it lies from the masters and
+from the module's bf16 copies."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def main(cache: str, out: str, *zero_stages: str) -> None:
+    from safetensors.torch import load_file
+
+    from hicom.training import train
+    from hicom.utils.checkpoints import full_parameters, optimizer_masters
+    from tests.conftest import SMALL, compose_train
+
+    report = {}
+    for stage in zero_stages:
+        built = []
+        overrides = [
+            *SMALL,
+            f"strategy=deepspeed_zero{stage}",
+            "trainer.strategy._target_=tests.scripts.cpu_deepspeed.CPUDeepSpeedStrategy",
+            "trainer.precision=bf16-mixed",
+            "trainer.max_steps=2",
+            "model.trainable=[compressor]",
+            "evaluate=false",
+        ]
+        train(compose_train(Path(cache), Path(out) / stage, overrides), before_fit=built.append)
+        model = built[0]
+        handoff = load_file(str(Path(out) / stage / "handoff.safetensors"))
+        masters = optimizer_masters(model.net.compressor, model.trainer.optimizers[0])
+        with full_parameters(model.net.compressor):  # ZeRO-3 shards them
+            copies = {k: v.detach().float().clone() for k, v in model.net.compressor.named_parameters()}
+        report[stage] = {
+            "dtypes": sorted({str(value.dtype) for value in handoff.values()}),
+            "masters": len(masters),
+            "parameters": len(copies),
+            "from_masters": max((handoff[f"compressor.{k}"] - v).abs().max().item() for k, v in masters.items()),
+            "from_copies": max((handoff[f"compressor.{k}"] - v).abs().max().item() for k, v in copies.items()),
+        }
+    print("BF16 " + json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    main(*sys.argv[1:])
