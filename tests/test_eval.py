@@ -233,6 +233,14 @@ def test_shards_answer_their_share_and_the_last_one_merges(cache_dir, bench_data
     rows = [json.loads(line) for line in (out / "mlvu/predictions.jsonl").read_text().splitlines()]
     assert [r["question_id"] for r in rows] == ["1_plotQA/0", "4_count/0", "4_count/1", "4_count/2"]
     assert second["mlvu"]["n"] == 4 and not list((out / "mlvu").glob("*.shard-*"))
+    # a launch split 3 ways that stopped before merging: another split is refused until it finishes or is deleted
+    (out / "mlvu/predictions.shard-1-of-3.jsonl").write_text((out / "mlvu/predictions.jsonl").read_text())
+    with pytest.raises(ValueError, match=r"unmerged answers of a launch split another number of ways \(\['predictions"):
+        evaluate(
+            compose_eval(
+                cache_dir, bench_data, out, [f"ckpt={trained_run}", "benchmark=mlvu", "num_shards=1", "shard=0"]
+            )
+        )
 
 
 def test_shards_merge_under_the_lock_merging_again_changes_nothing_and_the_report_holds_every_benchmark(

@@ -400,6 +400,23 @@ def check_same_answers(path: Path, settings: dict) -> None:
         )
 
 
+def check_unmerged_shards(out_dir: Path, names: list[str], num_shards: int) -> None:
+    """A launch split another number of ways that has not merged leaves its answers in its own shards' files,
+    which this launch would neither count as answered nor merge until that number came back (and then over newer
+    answers): refused, with what to do."""
+    for name in names:
+        other = sorted(
+            path.name
+            for path in (out_dir / name).glob("predictions.shard-*-of-*.jsonl")
+            if not path.name.endswith(f"-of-{num_shards}.jsonl")
+        )
+        if other:
+            raise ValueError(
+                f"{out_dir / name} holds the unmerged answers of a launch split another number of ways ({other[:2]}): "
+                "finish it with that many shards, or delete those files to answer their questions again"
+            )
+
+
 def evaluate(cfg: DictConfig) -> dict:
     if cfg.ckpt is None:
         raise ValueError("set ckpt=<a training run's folder, a stage folder, or an HF folder in the release's layout>")
@@ -428,6 +445,7 @@ def evaluate(cfg: DictConfig) -> dict:
         )
     if cfg.precision != "auto" and cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {['auto', *PRECISIONS]}, got {cfg.precision!r}")
+    check_unmerged_shards(Path(cfg.output_dir), names, num_shards)
     sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
     frames = 1 if sampling["num_frames"] is None else sampling["num_frames"]  # None: the checkpoint's, known later
     FrameSampling(**{**sampling, "num_frames": frames})  # a bad value stops the run before the model loads
