@@ -693,18 +693,20 @@ def test_a_fit_stopped_by_sigterm_or_ctrl_c_saves_its_step_and_does_not_exit_as_
     same. Either goes on from where it stopped with ckpt_path=<run>, no batch lost or trained twice."""
     import signal
 
+    from safetensors.torch import load_file
+
     from hicom.callbacks.interrupt import GracefulInterrupt
 
     before = signal.getsignal(signal.SIGINT)  # Python's default handler, or SIG_IGN in a job started with `&`
     base = [*SMALL, "trainer.limit_train_batches=null", "trainer.limit_val_batches=0", "evaluate=false"]
     base += ["data.source.num_train=24"]  # 6 batches, checkpoints hourly: none before the stop
 
-    def run(out, overrides, seen, stop=None):
+    def run(out, overrides, seen, stop=None, at=lambda model, seen: model.global_step == 3):
         def record(model) -> None:
             step = model.training_step
 
             def recorded(batch, *args):
-                if stop is not None and model.global_step == 3:
+                if stop is not None and at(model, seen):
                     stop()
                 seen.append(sorted(batch["ids"]))
                 return step(batch, *args)
@@ -740,6 +742,18 @@ def test_a_fit_stopped_by_sigterm_or_ctrl_c_saves_its_step_and_does_not_exit_as_
         run("twice", [], [], stop=lambda: [ctrl_c(), ctrl_c()])
     assert stopped.value.code == 1 and not (tmp_path / "twice" / "checkpoints" / "last.ckpt").exists()
     assert signal.getsignal(signal.SIGINT) is before  # put back
+    # 2 micro-batches a step: a SIGTERM within a step (the third micro-batch) is held until the step is taken, since
+    # the gradients gathered so far are in no checkpoint; the resumed run ends on the very weights of the whole one
+    accumulate = ["global_batch_size=8"]
+    run("acc_whole", accumulate, acc_whole := [])
+    with pytest.raises(SystemExit) as stopped:
+        sigterm = lambda: os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
+        run("acc_term", accumulate, acc_term := [], stop=sigterm, at=lambda model, seen: len(seen) == 2)
+    assert stopped.value.code == 143 and acc_term == acc_whole[:4] and last_step("acc_term") == 2
+    run("acc_rest", [*accumulate, f"ckpt_path={tmp_path / 'acc_term'}"], acc_rest := [])
+    assert acc_term + acc_rest == acc_whole
+    ends = [load_file(str(tmp_path / name / "handoff.safetensors")) for name in ("acc_whole", "acc_rest")]
+    assert all(torch.equal(ends[0][key], ends[1][key]) for key in ends[0])
 
 
 def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path, monkeypatch):

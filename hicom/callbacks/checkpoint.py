@@ -51,7 +51,10 @@ def replace_folder(path: Path, step: int, write: Callable[[Path], None], is_writ
             log.warning("cannot link %s to %s (%s): the folder is renamed into its place", path, target, error)
         linked = swap.is_symlink()
         if path.is_symlink() and not linked or path.is_dir() and not path.is_symlink():  # no one-step replace
-            path.rename(path.with_name(f"{path.stem}.replaced{path.suffix}"))
+            replaced = path.with_name(f"{path.stem}.replaced{path.suffix}")
+            if replaced.is_dir():  # a job killed while deleting it, after `path` was whole again: it is older
+                shutil.rmtree(replaced)
+            path.rename(replaced)
         if linked:
             os.replace(swap, path)
         else:
@@ -100,6 +103,29 @@ class LastCheckpoint(ModelCheckpoint):
     Under a strategy that saves a folder (DeepSpeed), last.ckpt is a link to a whole folder (`replace_folder`):
     DeepSpeed writes its files in place, and a job killed during the save would otherwise leave last.ckpt
     neither the old checkpoint nor the new one."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._held_sigterm = False  # a SIGTERM held back until the optimizer step under way is taken
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Saves only where an optimizer step has just been taken. Within a gradient accumulation the gradients
+        gathered so far are in no checkpoint, while the data loader's place counts their micro-batches: a resume
+        would pass over them and take its next step on part of a batch. So a time or step trigger that falls there
+        waits for the step, and so does a SIGTERM (Lightning would stop after this micro-batch): it is held back
+        until the step's last micro-batch, at most `accumulate_grad_batches` - 1 more."""
+        connector = getattr(trainer, "_signal_connector", None)  # where Lightning keeps the SIGTERM it received
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            if connector is not None and connector.received_sigterm:
+                connector.received_sigterm = False
+                if not self._held_sigterm:
+                    log.warning("SIGTERM: the fit stops once the optimizer step under way is taken, and saves there")
+                self._held_sigterm = True
+            return
+        if self._held_sigterm and connector is not None:
+            connector.received_sigterm = True  # Lightning stops after this batch; on_exception saves
+            self._held_sigterm = False
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
