@@ -189,3 +189,38 @@ def test_a_checkpoint_that_cannot_be_written_says_where_and_how_much_space_is_le
         trainer.fit(BoringModel())
     assert "callbacks.model_checkpoint.dirpath" in str(err.value)
     assert torch.load(dirpath / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_a_single_file_checkpoint_cut_short_in_its_write_leaves_the_one_before_whole(tmp_path, monkeypatch):
+    """Lightning writes a checkpoint to a temporary file in TMPDIR and moves it into place, which where TMPDIR is
+    another file system is a copy over last.ckpt; LastCheckpoint has it written beside its place and renamed into
+    it. A write stopped part-way (here: half the bytes, then an error) leaves the last.ckpt before whole."""
+    import io
+
+    import lightning as L
+    from lightning.fabric.plugins.io import torch_io
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from hicom.callbacks.checkpoint import CheckpointWriteError, LastCheckpoint
+
+    dirpath = tmp_path / "checkpoints"
+    original, written = torch_io._atomic_save, []
+
+    def cut_short(checkpoint, filepath):
+        if written:
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            with open(filepath, "wb") as f:  # where the bytes go as the copy runs, until the job is killed
+                f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            raise OSError("killed during the copy")
+        written.append(filepath)
+        original(checkpoint, filepath)
+
+    monkeypatch.setattr(torch_io, "_atomic_save", cut_short)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[LastCheckpoint(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=3)],
+    )  # fmt: skip
+    with pytest.raises(CheckpointWriteError, match=r"last\.ckpt failed \(OSError: killed during the copy\)"):
+        trainer.fit(BoringModel())
+    assert torch.load(dirpath / "last.ckpt", weights_only=True)["global_step"] == 3

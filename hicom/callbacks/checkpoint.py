@@ -154,7 +154,10 @@ class LastCheckpoint(ModelCheckpoint):
             raise CheckpointWriteError(write_failure(Path(filepath), err)) from err
 
     def _write(self, trainer, filepath: str) -> None:
-        if filepath != self.last_model_path or not writes_folders(trainer.strategy):
+        if not writes_folders(trainer.strategy):
+            self._write_file(trainer, filepath)
+            return
+        if filepath != self.last_model_path:
             super()._save_checkpoint(trainer, filepath)
             return
         replace_folder(
@@ -165,3 +168,21 @@ class LastCheckpoint(ModelCheckpoint):
             trainer.strategy.barrier,
         )
         self._last_checkpoint_saved = filepath
+
+    def _write_file(self, trainer, filepath: str) -> None:
+        """A single-file checkpoint, written beside its place and renamed into it: one step on the same file system.
+        Lightning writes it to a temporary file in TMPDIR and moves that into place, which where TMPDIR is another
+        file system (a node's local disk, the checkpoints on a shared one) is a copy over the checkpoint before: a
+        job killed during it left neither."""
+        from fsspec.utils import get_protocol
+
+        if get_protocol(filepath) != "file":  # object storage writes a file whole or not at all
+            super()._save_checkpoint(trainer, filepath)
+            return
+        path = Path(filepath)
+        partial = path.with_name(f".{path.name}.partial")
+        super()._save_checkpoint(trainer, str(partial))
+        if trainer.is_global_zero:
+            os.replace(partial, path)
+        trainer.strategy.barrier()
+        self._last_checkpoint_saved = filepath  # Lightning's record of the save, which named the partial file
