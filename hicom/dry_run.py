@@ -168,7 +168,11 @@ def stages_of(cfg: DictConfig) -> list[dict]:
     compressor) and its ZeRO stage (`zero_stage_of`)."""
     from hicom.stages import stage_config
 
-    default_zero = int((cfg.get("dry_run_settings") or {}).get("zero_stage", 2))
+    default_zero = (cfg.get("dry_run_settings") or {}).get("zero_stage", 2)
+    if isinstance(default_zero, bool) or default_zero not in (0, 1, 2, 3):
+        raise ValueError(
+            f"dry_run_settings.zero_stage must be 0, 1, 2 or 3 (DeepSpeed's ZeRO stages), got {default_zero!r}"
+        )
     stages = cfg.get("stages")
     out = []
     for stage in stages or [None]:
@@ -202,7 +206,7 @@ def report(cfg: DictConfig) -> list[dict]:
     base = build_meta(cfg)
     longest = base.vision.guide_encoder.config.max_position_embeddings  # what the guide tokenizer pads to
     guide = settings.get("guide_tokens")
-    guide = longest if guide is None else whole_number("dry_run_settings.guide_tokens", guide, least=0)
+    guide = longest if guide is None else whole_number("dry_run_settings.guide_tokens", guide)
     if guide > longest:
         raise ValueError(f"dry_run_settings.guide_tokens={guide}: this guide encoder takes at most {longest} tokens")
     rows = []

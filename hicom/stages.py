@@ -33,6 +33,7 @@ from hicom.callbacks.checkpoint import resume_checkpoint
 from hicom.modules.compressors.base import unguided_config
 from hicom.training import check_global_batch, check_trainable, train
 from hicom.utils.checkpoints import check_safetensors, fill_tied, full_parameters, optimizer_masters, untied_state
+from hicom.utils.choices import flag
 from hicom.utils.config import dotted_keys, unshared_launch
 from hicom.utils.files import as_created_here
 from hicom.utils.instantiators import check_data, check_model, check_pretrained, check_tokenizers, write_assets
@@ -266,6 +267,10 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
     """Run the configured stages in order (or only `cfg.stage`), skipping finished ones."""
     stages = list(cfg.stages)
     names = [s.name for s in stages]
+    for stage in stages:  # `guided: no` would read as guided
+        for key in ("guided", "guide_added"):
+            if stage.get(key) is not None:
+                flag(f"stages.{stage.name}.{key}", stage.get(key))
     only = cfg.get("stage")
     if only is not None and only not in names:
         raise ValueError(f"stage={only!r} is not one of {names}")

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from hicom.callbacks.checkpoint import resume_checkpoint
 from hicom.callbacks.throughput import BatchFlops
-from hicom.utils.choices import whole_number
+from hicom.utils.choices import flag, whole_number
 from hicom.utils.instantiators import (
     check_data,
     check_model,
@@ -88,6 +88,7 @@ def check(cfg: DictConfig):
     """What fails in seconds, before anything is built: the model folders, the model's values and the data (tiny
     assets written first). Returns the compressor built on the meta device (see check_model)."""
     matmul_precision(cfg)
+    flag("evaluate", cfg.get("evaluate", False))
     write_assets(cfg.get("assets"))
     check_pretrained(cfg)
     check_tokenizers(cfg)

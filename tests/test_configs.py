@@ -496,7 +496,14 @@ def unloadable_llm(tiny_paths, tmp_path_factory) -> Path:
         ("data.batch_size=0", "data.batch_size must be a whole number >= 1"),
         ("data.eval_batch_size=0", "data.eval_batch_size must be a whole number >= 1"),
         ("data.num_workers=-1", "data.num_workers must be a whole number >= 0"),
-        ("data.num_frames=0", "num_frames must be >= 1"),
+        ("data.num_frames=0", "num_frames must be a whole number >= 1, got 0"),
+        ("data.num_frames=2.5", "num_frames must be a whole number >= 1, got 2.5"),
+        ("data.sampling.frame_folder_fps=0", r"frame_folder_fps \(frames per second of a folder of frames\) must be"),
+        ("data.sampling.repeat_frames=no", "repeat_frames must be true or false, got 'no'"),
+        ("data.shuffle=no", "data.shuffle must be true or false, got 'no'"),
+        ("evaluate=maybe", "evaluate must be true or false, got 'maybe'"),
+        ("model.compressor.local.clip_scale=no", "local: clip_scale must be true or false, got 'no'"),  # read as true
+        ("model.compressor.global_.adapt_guide=no", "global_: adapt_guide must be true or false, got 'no'"),
         ("data.sampling.fps=-1", "fps must be positive"),
         ("trainer.max_steps=-5", "max_steps"),
         ("+global_batch_size=6", "global_batch_size 6 is not a multiple"),
@@ -617,3 +624,12 @@ def test_warmup_is_counted_as_the_releases_trainer_counts_it():
 
     assert warmup_steps(0.03, 1444) == 44  # stage 2 at 512 a step: rounded up, where round() gave 43
     assert warmup_steps(0.03, 100) == math.ceil(100 * 0.03) and warmup_steps(0.0, 100) == 0
+
+
+def test_a_stage_flag_that_is_not_true_or_false_is_refused_by_name(cache_dir, tmp_path):
+    """`guided: no` read as guided: the alignment stage trained with its guide on."""
+    from hicom.stages import run_stages
+
+    cfg = compose_train(cache_dir, tmp_path, ["experiment=tiny_stages", *SMALL, "stages.0.guided=no"])
+    with pytest.raises(ValueError, match="stages.alignment.guided must be true or false, got 'no'"):
+        run_stages(cfg)

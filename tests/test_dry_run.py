@@ -42,6 +42,12 @@ def test_a_bad_dry_run_setting_names_itself(cache_dir, tmp_path):
     overrides = ["experiment=directg_local43_global32", "model/llm=qwen25_05b", "dry_run_settings.gpus=0"]
     with pytest.raises(ValueError, match="dry_run_settings.gpus must be a whole number >= 1, got 0"):
         report(compose_train(cache_dir, tmp_path, overrides))
+    for setting, message in [
+        ("zero_stage=7", r"dry_run_settings.zero_stage must be 0, 1, 2 or 3 .*got 7"),
+        ("guide_tokens=0", "dry_run_settings.guide_tokens must be a whole number >= 1, got 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            report(compose_train(cache_dir, tmp_path, [*overrides[:2], "~strategy", f"dry_run_settings.{setting}"]))
 
 
 def test_zero_memory_arithmetic():

@@ -22,7 +22,7 @@ from hicom.data.template import ChatEncoder
 from hicom.data.transforms import FrameTransform
 from hicom.data.video import FrameSampling
 from hicom.utils.checkpoints import load_guide_tokenizer, load_tokenizer
-from hicom.utils.choices import whole_number
+from hicom.utils.choices import flag, whole_number
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,14 @@ class VideoQADataModule(LightningDataModule):
         for key, value in sizes:
             whole_number(key, value)
         whole_number("data.num_workers", num_workers, least=0)
+        for key, value in (
+            ("data.pad_to_square", pad_to_square),
+            ("data.group_by_length", group_by_length),
+            ("data.shuffle", shuffle),
+        ):
+            flag(key, value)
+        if split_turns is not None:
+            flag("data.split_turns", split_turns)
         self.source = source
         self.root = root
         self.llm_path, self.vision_path = llm_path, vision_path

@@ -26,7 +26,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from hicom.utils.choices import Choice
+from hicom.utils.choices import Choice, flag, positive, whole_number
 
 T = TypeVar("T")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -69,12 +69,17 @@ class FrameSampling:
     time_limit: float | None = 60.0
 
     def __post_init__(self) -> None:
-        if self.num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
-        if self.fps is not None and self.fps <= 0:
-            raise ValueError(f"fps must be positive or None (uniform), got {self.fps}")
-        if self.time_limit is not None and self.time_limit <= 0:
-            raise ValueError(f"time_limit must be positive or None, got {self.time_limit}")
+        whole_number("num_frames", self.num_frames)
+        if self.fps is not None and (
+            isinstance(self.fps, bool) or not isinstance(self.fps, int | float) or self.fps <= 0
+        ):
+            raise ValueError(f"fps must be positive or None (uniform), got {self.fps!r}")
+        if self.time_limit is not None and (
+            isinstance(self.time_limit, bool) or not isinstance(self.time_limit, int | float) or self.time_limit <= 0
+        ):
+            raise ValueError(f"time_limit must be positive or None, got {self.time_limit!r}")
+        flag("repeat_frames", self.repeat_frames)
+        positive("frame_folder_fps (frames per second of a folder of frames)", self.frame_folder_fps)
         object.__setattr__(self, "decoder", Decoder(self.decoder))
         if self.fallback is not None:
             object.__setattr__(self, "fallback", Decoder.of(self.fallback, "fallback"))

@@ -28,6 +28,20 @@ def whole_number(key: str, value, least: int = 1) -> int:
     return value
 
 
+def flag(key: str, value) -> bool:
+    """`value` if it is a bool, else ValueError naming `key`: a string such as `no` would read as true."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def positive(key: str, value) -> float:
+    """`value` if it is a number (not a bool) above 0, else ValueError naming `key`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{key} must be a number > 0, got {value!r}")
+    return value
+
+
 def kernel_sizes(key: str, kernel) -> tuple[int, ...]:
     """`kernel` as a tuple of three whole numbers >= 1, else ValueError naming `key`."""
     if (

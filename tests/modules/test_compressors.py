@@ -1,4 +1,5 @@
 import math
+import re
 from functools import partial
 
 import pytest
@@ -326,6 +327,19 @@ def test_bilinear_pooling_halves_video_frames_and_keeps_images_whole():
 def small_qformer(**kwargs):
     sizes = dict(num_queries=3, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, dropout=0.0)
     return QFormerCompressor(**{**sizes, **kwargs})
+
+
+def test_qformer_sizes_are_checked_by_name():
+    """A Q-Former of no layers built and read nothing of the clip; a zero width or frequency failed in a division."""
+    for key, value, message in [
+        ("num_layers", 0, "num_layers must be a whole number >= 1, got 0"),
+        ("hidden_size", 0, "hidden_size must be a whole number >= 1, got 0"),
+        ("cross_attention_frequency", 0, "cross_attention_frequency must be a whole number >= 1, got 0"),
+        ("num_heads", 3, "hidden_size 16 is not divisible by num_heads 3"),
+        ("instruction", "no", "instruction must be true or false, got 'no'"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            small_qformer(in_dim=8, out_dim=4, **{key: value})
 
 
 @pytest.mark.parametrize("instruction", [False, True])

@@ -17,7 +17,7 @@ from hicom.modules.compressors.base import (
     readout,
 )
 from hicom.modules.compressors.injection import Attention, Guide, GuideInjector
-from hicom.utils.choices import whole_number
+from hicom.utils.choices import flag, whole_number
 
 
 def sincos_table(n: int, dim: int, device=None) -> torch.Tensor:
@@ -68,6 +68,8 @@ class GlobalCompressor(Compressor):
     ) -> None:
         super().__init__()
         whole_number("num_queries", num_queries)
+        flag("adapt_guide", adapt_guide)
+        flag("clip_scale", clip_scale)
         if position not in ("kv", "k", "none"):
             raise ValueError(f"position must be 'kv', 'k' or 'none', got {position!r}")
         self.num_queries = num_queries

@@ -25,7 +25,7 @@ from hicom.modules.compressors.base import (
     take_rows,
 )
 from hicom.modules.compressors.injection import Guide, GuideInjector
-from hicom.utils.choices import Choice, kernel_sizes
+from hicom.utils.choices import Choice, flag, kernel_sizes
 
 
 class Adapt(Choice):
@@ -73,6 +73,7 @@ class LocalCompressor(Compressor):
     ) -> None:
         super().__init__()
         kernel = kernel_sizes("kernel", kernel)
+        flag("clip_scale", clip_scale)
         if kernel[1] != kernel[2]:
             raise ValueError(f"kernel must be (k_t, k_s, k_s): one spatial size for both axes, got {kernel!r}")
         self.kernel = tuple(int(k) for k in kernel)

@@ -22,7 +22,7 @@ from torch import nn
 
 from hicom.modules.compressors.base import Compressor, PackedLayout, pad_packed, readout
 from hicom.modules.compressors.global_compressor import position_table_3d
-from hicom.utils.choices import whole_number
+from hicom.utils.choices import flag, whole_number
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,14 @@ class QFormerCompressor(Compressor):
         from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
         whole_number("num_queries", num_queries)
+        sizes = ("hidden_size", hidden_size), ("num_layers", num_layers), ("num_heads", num_heads)
+        for key, value in (*sizes, ("intermediate_size", intermediate_size)):
+            whole_number(key, value)
+        whole_number("cross_attention_frequency", cross_attention_frequency)
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        flag("instruction", instruction)
+        flag("positions", positions)
         if hidden_size * 8 <= in_dim:  # train.yaml's qformer_size is sized for the 64-wide tiny towers
             log.warning(
                 "model.compressor: a %d-wide Q-Former reads %d-wide visual tokens; train.yaml's qformer_size is the "
