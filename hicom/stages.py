@@ -35,7 +35,7 @@ from hicom.training import check_global_batch, check_trainable, train
 from hicom.utils.checkpoints import check_safetensors, fill_tied, full_parameters, optimizer_masters, untied_state
 from hicom.utils.choices import flag
 from hicom.utils.config import dotted_keys, unshared_launch
-from hicom.utils.files import as_created_here
+from hicom.utils.files import as_created_here, write_atomically
 from hicom.utils.instantiators import check_data, check_model, check_pretrained, check_tokenizers, write_assets
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,8 @@ def save_handoff(
         "parameters": {key: list(value.shape) for key, value in state.items()},
         "init_from": cfg.get("init_from"),  # the release folder its untrained parts are
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))  # written last: the stage is done
+    # written last, whole or not at all: the stage is done
+    write_atomically(out_dir / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def file_sha256(path: Path) -> str:
