@@ -49,7 +49,17 @@ def test_a_few_bad_samples_pass_and_the_count_survives_a_resume():
         guard.on_train_batch_start(ONE_PROCESS, Recorder(), batch(7, ["missing"] if step % 2 else []), step)
     resumed = BadSampleGuard(max_fraction=0.25, min_samples=4)
     resumed.load_state_dict(guard.state_dict())
-    assert resumed.seen == 75 and resumed.reasons["missing"] == 5
+    assert resumed._counts(ONE_PROCESS, Recorder()) == (75, 5) and resumed.before_reasons["missing"] == 5
+    # On 2 processes the checkpoint holds the first one's guard, loaded by both: the run's sum of both processes'
+    # counts, added once (counting what each loaded would count it twice)
+    others = torch.tensor([10.0, 1.0])  # the other process since the resume
+    two = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=lambda t, reduce_op: t + others))
+    guard._run = (150, 10)  # what the last sum over both gave before the save
+    first, second = BadSampleGuard(max_fraction=0.25, min_samples=4), BadSampleGuard(max_fraction=0.25, min_samples=4)
+    for resumed in (first, second):
+        resumed.load_state_dict(guard.state_dict())
+    first.on_train_batch_start(two, Recorder(), batch(9, ["missing"]), 0)
+    assert first._counts(two, Recorder()) == (150 + 10 + 10, 10 + 1 + 1)
     with pytest.raises(ValueError, match="max_fraction"):
         BadSampleGuard(max_fraction=1.5)
 

@@ -29,9 +29,15 @@ class BadSampleGuard(Callback):
         if min_samples < 1:
             raise ValueError(f"min_samples must be >= 1, got {min_samples}")
         self.max_fraction, self.min_samples = max_fraction, min_samples
-        self.reasons: Counter[str] = Counter()
+        self.reasons: Counter[str] = Counter()  # this process's skips since the fit started
         self.examples: dict[str, list[str]] = {}
         self.seen = 0
+        # A resumed run's counts before it stopped: the whole run's (every process's, summed), added once to the
+        # sum, and the first process's skips by reason. A checkpoint holds the first process's state alone, so
+        # loading its own counts into every process would count them once per process.
+        self.before: tuple[int, int] = (0, 0)
+        self.before_reasons: Counter[str] = Counter()
+        self._run: tuple[int, int] = (0, 0)  # the whole run's counts as last summed
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         skipped = batch.get("skipped", [])
@@ -42,7 +48,7 @@ class BadSampleGuard(Callback):
             if len(examples) < 3:
                 examples.append(f"{item['id']} ({item.get('path')}): {item['error']}")
         if skipped:
-            for reason, count in self.reasons.items():
+            for reason, count in (self.before_reasons + self.reasons).items():
                 pl_module.log(f"data/skipped/{reason}", float(count))
         seen, bad = self._counts(trainer, pl_module)
         if seen >= self.min_samples and bad > self.max_fraction * seen:
@@ -54,7 +60,8 @@ class BadSampleGuard(Callback):
         if trainer.world_size > 1:
             counts = torch.tensor([seen, bad], dtype=torch.float64, device=pl_module.device)
             seen, bad = (int(x) for x in trainer.strategy.reduce(counts, reduce_op="sum"))
-        return seen, bad
+        self._run = (seen + self.before[0], bad + self.before[1])
+        return self._run
 
     def on_train_end(self, trainer, pl_module) -> None:
         # a fit shorter than min_samples is never stopped: its rate is said at the end instead
@@ -74,15 +81,24 @@ class BadSampleGuard(Callback):
             f"{bad} of {seen} training samples were skipped ({bad / max(seen, 1):.1%}), over the allowed "
             f"{self.max_fraction:.1%} (callbacks.bad_samples.max_fraction). By reason, on this process:"
         ]
-        for reason, count in self.reasons.most_common():
+        for reason, count in (self.before_reasons + self.reasons).most_common():
             lines.append(f"  {reason}: {count}, e.g.")
-            lines.extend(f"    {example}" for example in self.examples[reason])
+            lines.extend(f"    {example}" for example in self.examples.get(reason, ["(before the resume)"]))
         lines.append("Check data.source paths and the media folder, or run `python -m hicom.data.preflight`.")
         return "\n".join(lines)
 
     def state_dict(self) -> dict:
-        return {"reasons": dict(self.reasons), "seen": self.seen}
+        return {
+            "reasons": dict(self.before_reasons + self.reasons),
+            "run_seen": self._run[0],
+            "run_bad": self._run[1],
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.reasons = Counter(state_dict.get("reasons", {}))
-        self.seen = int(state_dict.get("seen", 0))
+        self.before_reasons = Counter(state_dict.get("reasons", {}))
+        if "run_seen" in state_dict:
+            self.before = (int(state_dict["run_seen"]), int(state_dict["run_bad"]))
+        else:  # an older checkpoint: the first process's counts, the best there is
+            self.before = (int(state_dict.get("seen", 0)), sum(self.before_reasons.values()))
+        self._run = self.before
+        self.reasons, self.seen = Counter(), 0
