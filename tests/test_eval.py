@@ -665,7 +665,9 @@ def test_frames_default_to_the_checkpoints_own(cache_dir, bench_data, trained_ru
     with pytest.raises(ValueError, match="model/vision=siglip_so400m"):
         compose(in_dim=config["mm_hidden_size"], out_dim=width + 1)
     monkeypatch.setattr("hicom.eval.runner.load_model", lambda *a: pytest.fail("the model was loaded"))
-    with pytest.raises(ValueError, match="num_frames must be >= 1"):  # bad values stop the run before loading
+    with pytest.raises(
+        ValueError, match="num_frames must be a whole number >= 1"
+    ):  # bad values stop the run before loading
         evaluate(compose_eval(cache_dir, bench_data, tmp_path / "bad", [f"ckpt={official}", "sampling.num_frames=0"]))
     bad_fps = compose_eval(cache_dir, bench_data, tmp_path / "bad", [f"ckpt={official}", "sampling.fps=-1"])
     with open_dict(bad_fps):
