@@ -228,12 +228,12 @@ def optimizer_masters(module: nn.Module, optimizer=None, keep: bool = True) -> d
     low = {
         id(p): n for n, p in module.named_parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)
     }
-    if not low or not keep and _zero0_masters(optimizer) is not None:
+    if not low:
         return {}
     masters = {}
     pairs = _zero0_masters(optimizer)
-    if pairs is not None:
-        for parameter, master in pairs:
+    if pairs is not None:  # whole on this process: nothing to take part in
+        for parameter, master in pairs if keep else ():
             if id(parameter) in low:
                 masters[low[id(parameter)]] = master.detach().to("cpu", copy=True)
         return masters
