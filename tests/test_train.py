@@ -270,16 +270,23 @@ def test_a_process_whose_batch_was_all_skipped_keeps_in_step_with_the_others(cac
     assert checkpoint["lr_schedulers"][0]["last_epoch"] == 3  # the schedule did not advance either
 
 
-def test_text_only_batches_train_under_ddp_beside_video_ones(cache_dir, tmp_path):
-    """torchrun, 2 processes, micro batch 1, no shuffling: process 1's first two samples (1 and 3) are text-only, so
-    its first two batches run no visual part while process 0's do. DDP (no search for unused parameters) still
-    finds a gradient for every trainable parameter: the visual parts run a blank image at zero weight."""
-    records, overrides = _videos_with_bad_ones(cache_dir, tmp_path, 15, 13)  # the bad ones are past the 4 steps
+def _text_only_second_and_fourth(cache_dir: Path, tmp_path: Path) -> list[str]:
+    """16 generated training samples, the second and fourth text-only (the bad ones are past 4 steps at batch 1);
+    the overrides that train on them."""
+    records, overrides = _videos_with_bad_ones(cache_dir, tmp_path, 15, 13)
     for i in (1, 3):
         records[i].pop("video")
         records[i]["conversations"] = [{"from": "human", "value": "What is two and two?"},
                                        {"from": "gpt", "value": "Four."}]  # fmt: skip
     (tmp_path / "train.json").write_text(json.dumps(records))
+    return overrides
+
+
+def test_text_only_batches_train_under_ddp_beside_video_ones(cache_dir, tmp_path):
+    """torchrun, 2 processes, micro batch 1, no shuffling: process 1's first two samples (1 and 3) are text-only, so
+    its first two batches run no visual part while process 0's do. DDP (no search for unused parameters) still
+    finds a gradient for every trainable parameter: the visual parts run a blank image at zero weight."""
+    overrides = _text_only_second_and_fourth(cache_dir, tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "HICOM_RUN_STAMP"}
     env["HICOM_LOGS"] = str(tmp_path / "logs")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -296,12 +303,7 @@ def test_text_only_batches_with_the_llm_frozen_are_passed_over_on_one_process(ca
     """Micro batch 1, no shuffling, the compressor alone trained: the second and fourth samples are text-only, so
     their loss reaches no trainable parameter (backward failed on it). They are passed over with a warning, and only
     the two steps with clips move AdamW and the schedule."""
-    records, overrides = _videos_with_bad_ones(cache_dir, tmp_path, 15, 13)  # the bad ones are past the 4 steps
-    for i in (1, 3):
-        records[i].pop("video")
-        records[i]["conversations"] = [{"from": "human", "value": "What is two and two?"},
-                                       {"from": "gpt", "value": "Four."}]  # fmt: skip
-    (tmp_path / "train.json").write_text(json.dumps(records))
+    overrides = _text_only_second_and_fourth(cache_dir, tmp_path)
     overrides += ["data.batch_size=1", "data.shuffle=false", "data.group_by_length=false", "evaluate=false",
                   "model.trainable=[compressor]"]  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="hicom"):
