@@ -155,9 +155,9 @@ def activation_bytes(model: MetaModel, frames: int, visual: int, text: int, micr
 def zero_stage_of(cfg: DictConfig, default: int) -> int:
     """The ZeRO stage a config trains at: its DeepSpeed strategy's; 0 (nothing sharded) under another strategy it
     names, such as DDP; `default` (dry_run_settings.zero_stage) where it leaves the strategy to Lightning."""
-    from hicom.stages import uses_deepspeed
+    from hicom.stages import named_strategy, uses_deepspeed
 
-    strategy = cfg.trainer.get("strategy")
+    strategy = named_strategy(cfg.trainer.get("strategy"))
     if uses_deepspeed(cfg):
         return int(strategy.get("stage", 0))
     return 0 if isinstance(strategy, DictConfig) else default

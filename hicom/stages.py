@@ -48,14 +48,39 @@ class HandoffError(RuntimeError):
 
 
 def uses_deepspeed(cfg: DictConfig) -> bool:
-    """Whether the config's trainer strategy is (a subclass of) Lightning's DeepSpeedStrategy."""
+    """Whether the config's trainer strategy is (a subclass of) Lightning's DeepSpeedStrategy, given as a config or
+    by one of Lightning's registered names (`trainer.strategy=deepspeed_stage_2`)."""
     from hydra.utils import get_class
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    strategy = OmegaConf.select(cfg, "trainer.strategy")
+    strategy = named_strategy(OmegaConf.select(cfg, "trainer.strategy"))
     if not isinstance(strategy, DictConfig) or "_target_" not in strategy:
         return False
     return issubclass(get_class(strategy._target_), DeepSpeedStrategy)
+
+
+def named_strategy(strategy):
+    """A strategy Lightning knows by name (`deepspeed_stage_2`, `ddp`) as the config that builds the same strategy:
+    `{_target_: <its class>, **<the name's arguments>}`, so that a stage can raise its ZeRO stage and the dry run can
+    read it; anything else (a config, "auto", a name Lightning does not register) as it is."""
+    if not isinstance(strategy, str):
+        return strategy
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if strategy not in StrategyRegistry:
+        return strategy
+    entry = StrategyRegistry[strategy]
+    cls = entry["strategy"]
+    return OmegaConf.create({"_target_": f"{cls.__module__}.{cls.__qualname__}", **entry["init_params"]})
+
+
+def expand_strategy_name(cfg: DictConfig) -> None:
+    """Replaces a registered strategy name in `cfg.trainer.strategy` with its config (`named_strategy`)."""
+    strategy = OmegaConf.select(cfg, "trainer.strategy")
+    expanded = named_strategy(strategy)
+    if expanded is not strategy:
+        with open_dict(cfg):
+            cfg.trainer.strategy = expanded
 
 
 # what a stage's own fields set in the run's config, and the field a per-stage override names
@@ -121,6 +146,7 @@ def stage_config(base: DictConfig, stage: DictConfig, out_dir: Path) -> DictConf
             cfg.global_batch_size = stage.global_batch_size
         if stage.get("guided") is False:
             cfg.model.compressor = unguided_config(cfg.model.compressor)
+        expand_strategy_name(cfg)  # the run's, or its stage's: a name Lightning registers, as its config
         if stage.get("zero_stage") is not None and uses_deepspeed(cfg):
             cfg.trainer.strategy.stage = max(int(cfg.trainer.strategy.get("stage", 0)), int(stage.zero_stage))
         cfg.paths.output_dir = str(out_dir)

@@ -231,6 +231,24 @@ def check_resume_compressor(state_dict: dict, compressor) -> None:
     )
 
 
+def check_throughput_window(cfg: DictConfig) -> None:
+    """Lightning's ThroughputMonitor asserts its window holds at least 2 batches when the fit starts, naming nothing."""
+    from hydra.utils import get_object
+
+    for name, conf in (cfg.get("callbacks") or {}).items():
+        if not isinstance(conf, DictConfig) or "_target_" not in conf:
+            continue
+        target = get_object(conf._target_)  # a class, or a function that builds a callback
+        if not (isinstance(target, type) and issubclass(target, ThroughputMonitor)):
+            continue
+        window = conf.get("window_size", 100)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+            raise ValueError(
+                f"callbacks.{name}.window_size must be a whole number >= 2 (the batches a rate is measured over), "
+                f"got {window!r}"
+            )
+
+
 def gradient_accumulation(global_batch: int | None, micro_batch: int, world_size: int) -> int:
     """Accumulation steps that make `global_batch` samples per optimizer step from `micro_batch` per process on
     `world_size` processes (1 when no global batch is set)."""
@@ -340,6 +358,7 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
         )
     loggers = instantiate_all(cfg.get("logger"), "logger")
     callbacks = instantiate_all(cfg.get("callbacks"), "callback")
+    check_throughput_window(cfg)
     if not loggers:  # `~logger`: nothing to write learning rates to (Lightning's monitor would refuse at the fit)
         from lightning.pytorch.callbacks import LearningRateMonitor
 

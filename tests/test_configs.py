@@ -136,6 +136,10 @@ def test_a_staged_run_checks_every_stages_values_before_the_first_trains(overrid
         (None, [("DeepSpeedStrategy", 0), ("DeepSpeedStrategy", 0), ("DeepSpeedStrategy", 2)]),  # SPEC 5
         ("strategy=deepspeed_zero3", [("DeepSpeedStrategy", 3)] * 3),  # more sharding than a stage needs is kept
         ("strategy=ddp", [("DDPStrategy", None)] * 3),
+        # Lightning's registered names read as the configs they stand for
+        ("trainer.strategy=deepspeed_stage_1", [("DeepSpeedStrategy", 1)] * 2 + [("DeepSpeedStrategy", 2)]),
+        ("trainer.strategy=deepspeed_stage_3_offload", [("DeepSpeedStrategy", 3)] * 3),
+        ("trainer.strategy=ddp_find_unused_parameters_true", [("DDPStrategy", None)] * 3),
     ],
 )
 def test_the_recipes_stages_run_under_deepspeed_zero_0_0_2_unless_told_otherwise(
@@ -515,6 +519,10 @@ def unloadable_llm(tiny_paths, tmp_path_factory) -> Path:
         ("data.max_length=0", "data.max_length must be a whole number >= 1"),
         ("data.max_length=40", "data.max_length=40 leaves no room for text after the 50 visual tokens"),
         ("data.too_long=cut", r"data.too_long must be one of \['skip', 'truncate'\], got 'cut'"),
+        (
+            "callbacks.throughput.window_size=1",
+            r"callbacks.throughput.window_size must be a whole number >= 2 \(.*\), got 1",
+        ),
     ],
 )
 def test_a_bad_config_value_fails_before_any_weights_load(override, message, cache_dir, tmp_path, unloadable_llm):
@@ -526,8 +534,9 @@ def test_a_bad_config_value_fails_before_any_weights_load(override, message, cac
         train(compose_train(cache_dir, tmp_path, overrides))
 
 
+@pytest.mark.parametrize("strategy", ["strategy=deepspeed_zero2", "trainer.strategy=deepspeed_stage_2"])
 def test_a_deepspeed_strategy_without_deepspeed_says_how_to_train_instead(
-    cache_dir, tmp_path, unloadable_llm, monkeypatch
+    strategy, cache_dir, tmp_path, unloadable_llm, monkeypatch
 ):
     """The set-up installs deepspeed; a machine without it is made here by hiding the package."""
     from hicom.training import train
@@ -536,7 +545,7 @@ def test_a_deepspeed_strategy_without_deepspeed_says_how_to_train_instead(
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a)
     )
-    overrides = [*SMALL, "strategy=deepspeed_zero2", f"model.llm.path={unloadable_llm}"]
+    overrides = [*SMALL, strategy, f"model.llm.path={unloadable_llm}"]
     with pytest.raises(ValueError, match=r"deepspeed is not installed: .* '~strategy' \(one process\) or strategy=ddp"):
         train(compose_train(cache_dir, tmp_path, overrides))
 

@@ -21,6 +21,8 @@ def test_the_paper_recipe_on_qwen25_05b(cache_dir, tmp_path, capsys):
     assert rows[0]["trainable_params"] < rows[1]["trainable_params"]  # the compressor alone trains in both
     assert [r["zero_stage"] for r in rows] == [0, 0, 2]
     assert [r["micro_batch"] for r in rows] == [32, 8, 2]  # each stage's data.batch_size: the release's per GPU
+    named = report(compose_train(cache_dir, tmp_path, [*recipe, "trainer.strategy=deepspeed_stage_1"]))
+    assert [r["zero_stage"] for r in named] == [1, 1, 2]  # a name Lightning registers, as its config
     one = report(compose_train(cache_dir, tmp_path, [*recipe, "dry_run_settings.micro_batch=1"]))
     assert [r["micro_batch"] for r in one] == [1, 1, 1]
     assert one[0]["memory_gib"]["activations"] < rows[0]["memory_gib"]["activations"]
