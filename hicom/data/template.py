@@ -29,6 +29,19 @@ _FROM_THE_CHOICES = re.compile(
 )
 
 
+def _without_inline_options(line: str) -> str:
+    """`line` without the options written on it, except where they are part of the question: "(A) x (B) y" after
+    words that end no sentence, on a line that ends with "?" ("Is it (A) a cat or (B) a dog?")."""
+    found = _INLINE_OPTIONS.search(line)
+    if found is None:
+        return line
+    before = line[: found.start()]
+    listed = found.group().lstrip().startswith("(A)")
+    if listed and not before.endswith((".", "?", "!", ":")) and line.endswith("?"):
+        return line
+    return before.strip()
+
+
 def _before_list_lead(line: str, after: str | None) -> str | None:
     """The part of `line` before its lead-in to the list that follows it (`after`: the next line with text), or
     None where it leads into none: no line follows, or the next one is a question ("Answer the following:\nWhat
@@ -82,7 +95,7 @@ def guide_text(question: str) -> str:
             lines.append(asked_before or ("" if lines else line.strip()))
             break
         if line.strip():
-            lines.append(_INLINE_OPTIONS.split(line.strip(), maxsplit=1)[0].strip())
+            lines.append(_without_inline_options(line.strip()))
     text = " ".join(line for line in lines if line).removeprefix("Question:").strip()
     return text or " ".join(plain.split())
 

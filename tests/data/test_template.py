@@ -103,6 +103,8 @@ def test_guide_is_the_bare_question():
     assert guide_text("What happens? Options: (A) x (B) y") == "What happens?"  # options on the question's line
     assert guide_text("Which one? (A) a cat (B) a dog ") == "Which one?"
     assert guide_text("What is (A) in the chart?") == "What is (A) in the chart?"  # one letter is no option list
+    assert guide_text("Is it (A) a cat or (B) a dog?") == "Is it (A) a cat or (B) a dog?"  # the question's own
+    assert guide_text("What does he hold (A) a cup (B) a pen") == "What does he hold"  # options after it
     for kept in ("Describe (a) the room and (b) the person in it.", "What are his options: stay or leave the room?"):
         assert guide_text(kept) == kept
     for listed in ("Options: A. run B. walk", "options: (a) run (b) walk", "Options: A) run B) walk C) sit"):
