@@ -758,6 +758,27 @@ def test_a_fit_stopped_by_sigterm_or_ctrl_c_saves_its_step_and_does_not_exit_as_
     assert all(torch.equal(ends[0][key], ends[1][key]) for key in ends[0])
 
 
+def test_a_sigterm_to_one_process_of_a_ddp_launch_stops_them_all_at_one_step(cache_dir, tmp_path):
+    """SIGTERM to process 1 alone, within a step's accumulation (its third micro-batch of 2 a step): both processes
+    stop after that step and last.ckpt holds it. Lightning's own handler broadcast from inside the signal handler:
+    the launch crashed (gloo: "collective mismatch") with nothing saved. (Each process signalled at its own moment
+    stops alike: the processes agree at each step.)"""
+    env = {k: v for k, v in os.environ.items() if k != "HICOM_RUN_STAMP"}
+    env["HICOM_LOGS"] = str(tmp_path / "logs")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = [*torchrun, "train.py", *SMALL, "data.source.num_train=24", "trainer.limit_train_batches=null",
+               "trainer.limit_val_batches=0", "data.batch_size=1", "global_batch_size=4", "trainer.devices=2",
+               "strategy=ddp", "evaluate=false", f"paths.cache_dir={cache_dir}",
+               "+callbacks.sigterm._target_=tests.scripts.sigterm_at.SigtermAt", "+callbacks.sigterm.at={1:2}"]  # fmt: skip
+    done = subprocess.run(command, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=300)
+    (folder,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    for log in ("train.log", "train.rank1.log"):
+        assert "stopped by SIGTERM or Ctrl-C at step 2," in (folder / log).read_text(), done.stderr[-3000:]
+    assert done.returncode == 1  # torchrun's, for processes that exited 143
+    checkpoint = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 2
+
+
 def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path, monkeypatch):
     """ckpt_path= loads the Lightning checkpoint (torch.load with weights_only=True: the module's hyperparameters
     must be plain Python values) and goes on from its step."""

@@ -106,26 +106,54 @@ class LastCheckpoint(ModelCheckpoint):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._held_sigterm = False  # a SIGTERM held back until the optimizer step under way is taken
+        self._signalled = False  # this process has received SIGTERM; the fit stops where every process agrees
+        self._connector = None  # Lightning's signal connector, whose SIGTERM handler this callback replaces
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Replaces Lightning's SIGTERM handler before the trainer registers it (when its run starts, after this
+        hook). Lightning's makes a `dist.broadcast` from inside the handler and stops each process on its own flag:
+        under DDP a SIGTERM that reaches one process (or each at a different moment) pairs that broadcast with
+        whatever collective the others are in, and the launch crashes or hangs with nothing saved. This one only
+        notes the signal; the processes agree to stop at an optimizer-step boundary (`_agree_to_stop`)."""
+        super().setup(trainer, pl_module, stage)
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None:
+            connector._sigterm_notifier_fn = self._note_sigterm  # an instance attribute: what it registers
+            self._connector = connector
+
+    def _note_sigterm(self, signum, frame) -> None:
+        log.info("received SIGTERM (%d): the fit stops at the next optimizer step every process has taken", signum)
+        if not self._signalled and self._connector is not None:
+            launcher = self._connector.trainer.strategy.launcher
+            if launcher is not None:  # Lightning's own launcher: its first process passes the signal on, as before
+                launcher.kill(signum)
+        self._signalled = True
+
+    def _agree_to_stop(self, trainer) -> None:
+        """Where any process has been signalled, every process stops after the batch at hand: one all-reduce of a
+        flag, at a point all of them reach in step. Lightning then ends the loop and `on_exception` saves."""
+        signalled = self._signalled
+        if trainer.world_size > 1:
+            signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
+        if signalled and self._connector is not None:
+            self._connector.received_sigterm = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """Saves only where an optimizer step has just been taken. Within a gradient accumulation the gradients
         gathered so far are in no checkpoint, while the data loader's place counts their micro-batches: a resume
         would pass over them and take its next step on part of a batch. So a time or step trigger that falls there
-        waits for the step, and so does a SIGTERM (Lightning would stop after this micro-batch): it is held back
-        until the step's last micro-batch, at most `accumulate_grad_batches` - 1 more."""
-        connector = getattr(trainer, "_signal_connector", None)  # where Lightning keeps the SIGTERM it received
+        waits for the step, and so does a SIGTERM: the fit stops after the step's last micro-batch, at most
+        `accumulate_grad_batches` - 1 more."""
         if trainer.fit_loop.epoch_loop._should_accumulate():
-            if connector is not None and connector.received_sigterm:
-                connector.received_sigterm = False
-                if not self._held_sigterm:
-                    log.warning("SIGTERM: the fit stops once the optimizer step under way is taken, and saves there")
-                self._held_sigterm = True
             return
-        if self._held_sigterm and connector is not None:
-            connector.received_sigterm = True  # Lightning stops after this batch; on_exception saves
-            self._held_sigterm = False
+        self._agree_to_stop(trainer)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._agree_to_stop(trainer)  # Lightning's evaluation loop stops on each process's own flag
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._agree_to_stop(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
