@@ -329,6 +329,14 @@ def test_the_whole_model_round_trips_through_the_release_layout(cfg_small, tmp_p
     import_official(target, folder)
     for (name, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+    # the tower's layer the compressor was trained on: another one is refused, naming the setting
+    (folder / "config.json").write_text(json.dumps({**config, "mm_vision_select_layer": -1}))
+    with pytest.raises(ValueError, match=r"hidden state -1 \(mm_vision_select_layer\).* model.vision.select_layer=-1"):
+        import_official(target, folder)
+    (folder / "config.json").write_text(
+        json.dumps({**config, "mm_vision_select_layer": len(target.vision.vision_tower.encoder.layers) - 1})
+    )  # -2 counted from the first hidden state
+    import_official(target, folder)
     # a folder that writes the tied weight twice loads the same
     state = load_file(str(folder / "model.safetensors"))
     save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}, str(tmp_path / "both.st"))

@@ -621,6 +621,10 @@ def test_an_official_folder_evaluates_like_the_run_it_was_exported_from(cache_di
     assert type(llm).__name__ == "HIComQwen2ForCausalLM" and llm.config.model_type == "hicom_qwen2"
     again = export_official(module.net, tmp_path / "again")  # what was loaded from a release folder exports again
     assert json.loads((again / "config.json").read_text()) == config
+    # the tower takes the layer the folder's compressor was trained on, whatever model.vision says
+    (official / "config.json").write_text(json.dumps({**config, "mm_vision_select_layer": -1}))
+    module, _ = load_model(official, compose_eval(cache_dir, bench_data, tmp_path, []))
+    assert module.net.vision.select_layer == -1
 
 
 def test_a_run_whose_handoff_is_cut_short_stops_before_the_model_loads(cache_dir, bench_data, trained_run, tmp_path,

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "model.mm_projector."
 SIGLIP, SIGLIP_WIDTH = "siglip-so400m-patch14-384", 1152  # the one tower the published checkpoints use
+RELEASE_SELECT_LAYER = -2  # the vision tower's hidden state the release's compressor reads: the last layer's input
 _MODES = {mode.value for mode in Guide}
 _MLP = re.compile(r"mlp(\d+)x_gelu")
 
@@ -704,6 +705,28 @@ def check_release_start(cfg) -> None:
     check_model(cfg, _composer(folder, fitted))  # the vision tower's width
 
 
+def select_layer_of(config: Mapping, folder: Path) -> int:
+    """The vision layer a release-layout folder's compressor was trained on: config.json's mm_vision_select_layer,
+    -2 (the release's) where it names none."""
+    layer = config.get("mm_vision_select_layer", RELEASE_SELECT_LAYER)
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ValueError(f"{folder / 'config.json'}: mm_vision_select_layer must be a whole number, got {layer!r}")
+    return layer
+
+
+def check_select_layer(vision, config: Mapping, folder: Path) -> None:
+    """The tower a folder is imported into takes its features from the layer the folder's compressor was trained
+    on: the same weights read another layer's features otherwise, without an error."""
+    layers = len(vision.vision_tower.encoder.layers) + 1  # hidden states: the embeddings, then each layer's output
+    layer = select_layer_of(config, folder)
+    if layer % layers != vision.select_layer % layers:
+        raise ValueError(
+            f"{folder / 'config.json'} was trained on the vision tower's hidden state {layer} "
+            f"(mm_vision_select_layer), model.vision.select_layer is {vision.select_layer}: set "
+            f"model.vision.select_layer={layer}"
+        )
+
+
 def import_official(net, folder: str | Path, *, loaded: tuple[str, ...] = ()) -> None:
     """Load a release-layout folder (every safetensors shard) into our VideoLLM, strictly: a KeyError lists, per
     part ("vision", "guide", "projector", "llm"), the missing, unexpected and mis-shaped tensors, before any value is
@@ -713,7 +736,9 @@ def import_official(net, folder: str | Path, *, loaded: tuple[str, ...] = ()) ->
     from safetensors import safe_open
 
     folder = Path(folder)
-    check_compressor(net.compressor, read_config(folder), folder)
+    config = read_config(folder)
+    check_compressor(net.compressor, config, folder)
+    check_select_layer(net.vision, config, folder)
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"no .safetensors in {folder}")

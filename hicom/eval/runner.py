@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader, Dataset
 
 from hicom.data.collate import Collator
@@ -80,9 +80,21 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
 
     ckpt = Path(ckpt)
     if (ckpt / "config.json").is_file():
-        from hicom.compat.official import folder_compressor, import_official, read_config, use_release_llm
+        from hicom.compat.official import (
+            folder_compressor,
+            import_official,
+            read_config,
+            select_layer_of,
+            use_release_llm,
+        )
 
-        frames = read_config(ckpt).get("num_frames")
+        config = read_config(ckpt)
+        frames = config.get("num_frames")
+        layer = select_layer_of(config, ckpt)  # the tower's layer its compressor was trained on (the release's: -2)
+        if cfg.model.vision.get("select_layer", layer) != layer:
+            log.info("model.vision.select_layer=%d, as %s names", layer, ckpt / "config.json")
+        with open_dict(cfg):
+            cfg.model.vision.select_layer = layer
         use_release_llm(cfg, ckpt, str(ckpt))  # the folder is an HF folder of its LLM too
         write_assets(cfg.get("assets"))
         check_pretrained(cfg)
