@@ -12,6 +12,11 @@ import torch.nn.functional as F
 
 # PIL resample codes used by HF image processors, mapped to torch interpolation modes.
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+# the padded copies of a clip's frames held at once, at most (one frame's where it is larger)
+SQUARING_BYTES = 256 * 2**20
+# the longest side a frame is padded to square at; a longer frame (beyond 4K, or a strip such as 2 x 16000) is
+# resized to it first, keeping its aspect
+MAX_SQUARE_SIDE = 4096
 
 
 def image_side(cfg: dict, file: Path) -> int:
@@ -75,10 +80,33 @@ class FrameTransform:
     def __call__(self, frames: np.ndarray) -> torch.Tensor:
         """Padding and resizing stay in uint8 and channels-last, as the HF processors' PIL path does: torch's
         antialiased uint8 resize matches PIL to one grey level, and is several times faster than resizing floats.
-        """
+        Frames are squared a few at a time (`SQUARING_BYTES`), so that a clip's padded copies are never all held at
+        once, and a frame longer than `MAX_SQUARE_SIDE` is first resized to it: a 2 x 16000 clip would otherwise
+        pad to 768 MB a frame."""
         x = torch.from_numpy(np.ascontiguousarray(frames))  # (T, H, W, 3) uint8
         n, h, w, _ = x.shape
+        per_frame = max(h, w, self.size) ** 2 * 3
+        step = max(1, SQUARING_BYTES // per_frame)
+        out = torch.empty((n, 3, self.size, self.size), dtype=torch.float32)
+        for start in range(0, n, step):
+            out[start : start + step].copy_(self._square(x[start : start + step]))  # contiguous float (T, 3, S, S)
+        scale = torch.tensor([self.rescale / s for s in self.std]).view(1, 3, 1, 1)
+        shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std, strict=True)]).view(1, 3, 1, 1)
+        return out.mul_(scale).add_(shift)
+
+    def _resize(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(T, 3, H, W) uint8 to (T, 3, h, w), antialiased where the mode smooths."""
+        smooth = {"antialias": True, "align_corners": False} if self.mode in ("bilinear", "bicubic") else {}
+        return F.interpolate(x, size=(h, w), mode=self.mode, **smooth)
+
+    def _square(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, H, W, 3) uint8 frames to (T, 3, size, size) uint8: padded to square (or stretched), resized."""
+        n, h, w, _ = x.shape
         if h != w and self.pad_to_square:
+            if max(h, w) > MAX_SQUARE_SIDE:
+                ratio = MAX_SQUARE_SIDE / max(h, w)
+                h, w = max(1, round(h * ratio)), max(1, round(w * ratio))
+                x = self._resize(x.permute(0, 3, 1, 2), h, w).permute(0, 2, 3, 1)
             side = max(h, w)
             fill = torch.tensor([int(m / self.rescale) for m in self.mean], dtype=torch.uint8)  # LLaVA's expand2square
             top, left = (side - h) // 2, (side - w) // 2
@@ -94,10 +122,5 @@ class FrameTransform:
             x = canvas
         x = x.permute(0, 3, 1, 2)  # (T, 3, H, W), channels-last in memory: the fast layout for uint8 resizing
         if x.shape[-2:] != (self.size, self.size):
-            smooth = {"antialias": True, "align_corners": False} if self.mode in ("bilinear", "bicubic") else {}
-            x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, **smooth)
-        out = torch.empty(x.shape, dtype=torch.float32)
-        out.copy_(x)  # contiguous float (T, 3, S, S)
-        scale = torch.tensor([self.rescale / s for s in self.std]).view(1, 3, 1, 1)
-        shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std, strict=True)]).view(1, 3, 1, 1)
-        return out.mul_(scale).add_(shift)
+            x = self._resize(x, self.size, self.size)
+        return x

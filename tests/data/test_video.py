@@ -68,6 +68,26 @@ def test_transform_pads_with_the_mean_colour_then_normalises():
     assert out[0, :, 3].sub(1).abs().max() < 1e-6  # white is 1
 
 
+def test_transform_squares_a_few_frames_at_a_time_and_a_strip_at_a_bounded_size(monkeypatch):
+    """The padded copies are made a few frames at a time (the same output); a frame longer than MAX_SQUARE_SIDE is
+    resized to it before padding, keeping its aspect: a 2 x 16000 frame pads to 4096^2, not to 16000^2 (768 MB)."""
+    import hicom.data.transforms as transforms
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(5, 30, 50, 3), dtype=np.uint8)
+    transform = FrameTransform(size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    whole = transform(frames)
+    monkeypatch.setattr(transforms, "SQUARING_BYTES", 2 * 50 * 50 * 3)  # two frames at a time
+    assert torch.equal(transform(frames), whole)
+    made = []
+    empty = torch.empty
+    monkeypatch.setattr(transforms.torch, "empty", lambda size, **kw: made.append(tuple(size)) or empty(size, **kw))
+    assert transform(np.zeros((1, 2, 16000, 3), np.uint8)).shape == (1, 3, 16, 16)
+    assert (1, 4096, 4096, 3) in made and max(s[1] for s in made if len(s) == 4) <= 4096
+    out = transform(np.full((1, 1000, 16000, 3), 255, np.uint8))  # 256 x 4096 on the mean colour, then 16 x 16
+    assert out[0, :, 8].min() > 0.5 and out[0, :, 0].abs().max() < 0.01  # the frame, on the bands
+
+
 def test_transform_without_padding_stretches_to_square_as_the_releases_stage_1():
     from PIL import Image
 
