@@ -306,6 +306,63 @@ def test_a_relaunched_shard_retries_its_failed_clip_and_merges_the_new_answer(
     assert not list((out / "mlvu").glob("predictions.shard-*"))
 
 
+def test_a_question_that_fails_is_answered_with_its_error_and_a_changed_one_is_asked_again(
+    cache_dir, bench_data, trained_run, tmp_path
+):
+    """One question whose prompt cannot be encoded (a second visual placeholder) gets an error row; the others are
+    answered. A question edited in the benchmark's file between runs into one folder is asked again, not scored
+    with the reply to the old one; a corrected gold answer re-scores the reply kept."""
+    from hicom.eval.runner import evaluate
+
+    data = tmp_path / "data"
+    shutil.copytree(bench_data / "eval/mlvu", data / "eval/mlvu")
+    counts = data / "eval/mlvu/json/4_count.json"
+    records = json.loads(counts.read_text())
+    records[1]["question"] = "How many <image> dogs?"
+    counts.write_text(json.dumps(records))
+
+    def run() -> tuple[dict, dict]:
+        results = evaluate(compose_eval(cache_dir, data, tmp_path / "out", [f"ckpt={trained_run}", "benchmark=mlvu"]))
+        rows = {r["question_id"]: r for r in map(json.loads, (tmp_path / "out/mlvu/predictions.jsonl").open())}
+        return results["mlvu"], rows
+
+    first, rows = run()
+    assert first["answered_this_run"] == 3 and first["n_failed"] == 1
+    assert rows["4_count/1"]["error"].startswith("error: MalformedSample: ") and rows["4_count/1"]["reply"] is None
+    records[1]["question"] = "How many dogs?"  # mended: asked again, as a failed clip is
+    records[2]["question"] = "How many birds?"  # changed: asked again
+    records[0]["answer"] = "3"  # a corrected gold answer: the reply stands, scored against it
+    counts.write_text(json.dumps(records))
+    second, again = run()
+    assert second["answered_this_run"] == 2 and second["n_failed"] == 0
+    assert (
+        again["4_count/2"]["question"] == "How many birds?"
+        and again["4_count/0"]["reply"] == rows["4_count/0"]["reply"]
+    )
+    assert again["4_count/0"]["answer"] == "C"
+
+
+def test_a_merge_that_finds_questions_unanswered_scores_nothing_and_names_the_shards_that_owe_them(
+    cache_dir, bench_data, trained_run, tmp_path, caplog
+):
+    """Shard 1's .done left by a launch that asked 2 questions; a launch of all 4 whose shard 0 finishes first
+    would have scored 3 answers as the benchmark's. It withdraws shard 1's mark; shard 1's run merges all 4."""
+    from hicom.eval.runner import evaluate
+
+    out = tmp_path / "out"
+
+    def shard(i: int, *more: str) -> dict | None:
+        overrides = [f"ckpt={trained_run}", "benchmark=mlvu", f"shard={i}", "num_shards=2", *more]
+        return evaluate(compose_eval(cache_dir, bench_data, out, overrides)).get("mlvu")
+
+    assert shard(1, "limit=2") is None  # question 1 of the first 2
+    assert shard(0) is None  # questions 0 and 2: question 3, shard 1's, has no answer
+    assert "1 of 4 questions have no answer (4_count/2): not scored; run shards [1] of 2 again" in caplog.text
+    assert not (out / "mlvu/shard-1-of-2.done").exists() and not (out / "mlvu/results.json").exists()
+    last = shard(1)
+    assert last["n"] == 4 and last["answered_this_run"] == 1
+
+
 def test_a_limited_run_scores_its_questions_and_keeps_every_answer(cache_dir, bench_data, trained_run, tmp_path):
     from hicom.eval.runner import evaluate
 

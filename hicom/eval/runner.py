@@ -178,11 +178,20 @@ class BenchmarkDataset(Dataset):
         return text
 
     def __getitem__(self, i: int) -> dict:
+        """The question's model inputs, or a skip record that its answer row reports: a clip that cannot be read,
+        or any other error of this one question (a prompt the template cannot encode, a frame too large for
+        memory), so that one bad question does not end the benchmark."""
         q = self.questions[i]
         try:
-            sampled = load_video(q.video, self.sampling, start=q.start, end=q.end)
+            return self._inputs(q)
         except VideoDecodeError as err:
             return {"skip": err.reason, "id": q.question_id, "path": q.video, "error": str(err), "source": None}
+        except Exception as err:
+            error = f"{type(err).__name__}: {err}"
+            return {"skip": "error", "id": q.question_id, "path": q.video, "error": error, "source": None}
+
+    def _inputs(self, q: Question) -> dict:
+        sampled = load_video(q.video, self.sampling, start=q.start, end=q.end)
         subtitles = None
         if q.subtitles is not None:  # a video without an .srt file has none to show
             found = Path(q.subtitles).is_file()
@@ -204,12 +213,33 @@ class BenchmarkDataset(Dataset):
         }
 
 
-def _answered(paths: list[Path]) -> set[str]:
-    done = set()
+def asked(q: Question) -> str:
+    """What decides a question's reply besides the model and settings (its clip's file name, bounds, question,
+    options and subtitles' file name), as a short digest: an answer row is the question's only where it matches,
+    so that a benchmark file edited between runs into one folder has its changed questions asked again rather than
+    scored with the replies to the old ones. Not the gold answer (a corrected one re-scores the reply) nor the
+    folders (the data moved elsewhere keeps its answers)."""
+    import hashlib
+
+    fields = [Path(q.video).name, q.start, q.end, q.question, list(q.options), q.subtitles and Path(q.subtitles).name]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
+
+
+def _rows(paths: list[Path], by_id: dict[str, Question]) -> dict[str, dict]:
+    """The answer rows of `paths` (a later one for a question wins) for the questions of `by_id` as they are asked
+    now (`asked`), each with the question's current gold answer, task and duration."""
+    rows = {}
     for path in paths:
         if path.is_file():
-            done |= {r["question_id"] for r in read_predictions(path) if "error" not in r}
-    return done
+            for row in read_predictions(path):
+                q = by_id.get(row["question_id"])
+                if q is not None and row.get("asked") == asked(q):
+                    rows[q.question_id] = {**row, **_row(q, row["pred"], row["reply"], row.get("error"))}
+    return rows
+
+
+def _answered(paths: list[Path], by_id: dict[str, Question]) -> set[str]:
+    return {qid for qid, row in _rows(paths, by_id).items() if "error" not in row}
 
 
 def _shard() -> tuple[int, int]:
@@ -291,7 +321,7 @@ def run_benchmark(
         # the shard file it appends to
         done_files[shard].unlink(missing_ok=True)
     drop_torn_tail(shard_file)  # a run killed mid-write: that question is answered again
-    done = _answered([merged, shard_file])
+    done = _answered([merged, shard_file], by_id)
     todo = [q for q in questions[shard::num_shards] if q.question_id not in done]
     log.info("%s: %d questions, shard %d/%d, %d to answer", name, len(questions), shard, num_shards, len(todo))
 
@@ -318,8 +348,7 @@ def run_benchmark(
         for batch in loader:
             for skip in batch["skipped"]:
                 q = by_id[skip["id"]]
-                row = _row(q, None, None)
-                row["error"] = f"{skip['skip']}: {skip['error']}"
+                row = _row(q, None, None, f"{skip['skip']}: {skip['error']}")
                 f.write(json.dumps(row) + "\n")
                 log.warning("%s %s: %s", name, q.question_id, row["error"])
             if "input_ids" not in batch:
@@ -347,16 +376,26 @@ def run_benchmark(
 
 def _merge(
     name: str, reader, out: Path, every: list[Question], questions: list[Question], num_shards: int, timing: dict
-) -> dict:
+) -> dict | None:
     """predictions.jsonl and every shard's answers (a later line for a question wins) into predictions.jsonl, in the
     order of `every` question of the benchmark, the shard files removed; the scores of `questions` (a `limit` run's
-    first ones). Merging again changes nothing."""
+    first ones). Merging again changes nothing. None, with nothing merged, where a question of `questions` has no
+    answer: the shards that owe one have their .done marks withdrawn."""
     merged = out / "predictions.jsonl"
     shards = [out / f"predictions.shard-{i}-of-{num_shards}.jsonl" for i in range(num_shards)]
-    rows = {}
-    for path in [merged, *shards]:
-        if path.is_file():
-            rows.update({r["question_id"]: r for r in read_predictions(path)})
+    rows = _rows([merged, *shards], {q.question_id: q for q in every})
+    unanswered = [i for i, q in enumerate(questions) if q.question_id not in rows]
+    if unanswered:  # a shard's .done left by an earlier launch that asked fewer questions (a `limit`, other files)
+        again = sorted({i % num_shards for i in unanswered})
+        log.warning(
+            "%s: %d of %d questions have no answer (%s): not scored; run shards %s of %d again (shard=<i> "
+            "num_shards=<n>, or the whole launch): the last to finish merges", name, len(unanswered), len(questions),
+            ", ".join(questions[i].question_id for i in unanswered[:5]) + (", ..." if len(unanswered) > 5 else ""),
+            again, num_shards,
+        )  # fmt: skip
+        for shard in again:
+            (out / f"shard-{shard}-of-{num_shards}.done").unlink(missing_ok=True)
+        return None
     kept = [rows[q.question_id] for q in every if q.question_id in rows]
     write_atomically(merged, "".join(json.dumps(r) + "\n" for r in kept))
     for path in shards:
@@ -374,7 +413,7 @@ def _merge(
     return results
 
 
-def _row(q: Question, pred, reply) -> dict:
+def _row(q: Question, pred, reply, error: str | None = None) -> dict:
     row = {
         "question_id": q.question_id,
         "task": q.task,
@@ -382,11 +421,14 @@ def _row(q: Question, pred, reply) -> dict:
         "answer": q.answer,
         "pred": pred,
         "reply": reply,
+        "asked": asked(q),
     }
     if q.duration is not None:
         row["duration"] = q.duration
     if q.options:
         row["n_options"] = len(q.options)
+    if error is not None:
+        row["error"] = error
     return row
 
 
@@ -402,7 +444,14 @@ def check_same_answers(path: Path, settings: dict) -> None:
     output_dir that holds answers of another checkpoint or other settings is refused, with what differs."""
     if not path.is_file():
         return
-    before, now = answer_settings(json.loads(path.read_text())), answer_settings(settings)
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{path} cannot be read ({error}): the answers beside it cannot be matched to their settings; delete "
+            "the file to keep them (this run's settings are written in its place), or give another output_dir"
+        ) from error
+    before, now = answer_settings(before), answer_settings(settings)
     differ = {key: (before[key], now[key]) for key in now if before[key] != now[key]}
     if differ:
         lines = "\n  ".join(f"{key}: {old!r} there, {new!r} now" for key, (old, new) in differ.items())
@@ -507,8 +556,9 @@ def evaluate(cfg: DictConfig) -> dict:
         "shards": num_shards,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_same_answers(out_dir / "settings.json", settings)
-    (out_dir / "settings.json").write_text(json.dumps(settings, indent=2))
+    with locked(out_dir / "results.lock"):  # shards starting together: each reads the file whole
+        check_same_answers(out_dir / "settings.json", settings)
+        write_atomically(out_dir / "settings.json", json.dumps(settings, indent=2))
     all_results = {}
     for name in names:
         results = run_benchmark(
