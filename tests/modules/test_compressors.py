@@ -304,6 +304,30 @@ def test_every_parameter_of_the_paper_default_gets_a_gradient_from_a_packed_batc
     assert not missing
 
 
+@pytest.mark.parametrize(
+    ("guide", "position"), [(Guide.OFF, "kv"), (Guide.OFF, "none"), (Guide.COARSE, "none"), (Guide.DIRECT, "kv")]
+)
+def test_a_clip_scale_global_branch_is_finite_at_its_init_and_over_padded_frames(guide, position):
+    """Unguided (the recipe's stage 1), the learned query and q_proj's bias start at zero: a zero query, which
+    unit length made 0 / 0. Packed clips of other lengths pad with zero frames, whose keys are zero without
+    positions: NaN gradients before. Every parameter gets a gradient, the direct branch's unused query at zero."""
+    torch.manual_seed(0)
+    module = GlobalCompressor(
+        in_dim=8, out_dim=4, guide_dim=6, num_queries=3, num_heads=2, guide=guide, position=position, clip_scale=True
+    )
+    rows = sum(MIXED.num_frames)
+    guides = torch.randn(len(MIXED.num_frames), 6) if guide is not Guide.OFF else None
+    out = module.forward_packed(torch.randn(rows, 5, 5, 8), None, guides, MIXED)
+    out.square().mean().backward()
+    assert torch.isfinite(out).all()
+    grads = {name: p.grad for name, p in module.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), grads
+    if guide is Guide.DIRECT:
+        assert not grads["query"].any()  # SPEC 3, defect 1: the learned query gets no gradient
+    with pytest.raises(ValueError, match="num_heads must be a whole number >= 1, got 0"):
+        GlobalCompressor(in_dim=8, out_dim=4, num_heads=0)
+
+
 def test_bilinear_pooling_halves_video_frames_and_keeps_images_whole():
     torch.manual_seed(0)
     module = BilinearPoolCompressor(in_dim=8, out_dim=4)

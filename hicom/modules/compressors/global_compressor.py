@@ -6,6 +6,7 @@ import math
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hicom.modules.compressors.base import (
@@ -73,7 +74,7 @@ class GlobalCompressor(Compressor):
         if position not in ("kv", "k", "none"):
             raise ValueError(f"position must be 'kv', 'k' or 'none', got {position!r}")
         self.num_queries = num_queries
-        self.num_heads = num_heads or max(1, in_dim // 128)
+        self.num_heads = max(1, in_dim // 128) if num_heads is None else whole_number("num_heads", num_heads)
         if in_dim % self.num_heads:
             raise ValueError(f"in_dim {in_dim} is not divisible by num_heads {self.num_heads}")
         self.position = position
@@ -163,9 +164,10 @@ class GlobalCompressor(Compressor):
         folded = not self.clip_scale
         if not folded:  # unit-length projected keys need every key projected
             keys, x = self._keys_values(features)
-            q = q / q.norm(dim=-1, keepdim=True)
-            k = proj.k_proj(keys)
-            k = (k / k.norm(dim=-1, keepdim=True)).reshape(b, -1, heads, head_dim).transpose(1, 2)
+            # F.normalize is q / |q| where |q| > 1e-12: the zero vector (the unguided learned query and q_proj's
+            # bias both start at zero; a padded frame's key) stays zero instead of 0 / 0, in the backward too
+            q = F.normalize(q, dim=-1)
+            k = F.normalize(proj.k_proj(keys), dim=-1).reshape(b, -1, heads, head_dim).transpose(1, 2)
             q = q.reshape(b, n, heads, head_dim).transpose(1, 2)
             scores = torch.matmul(q, k.transpose(2, 3)).to(wide) * self.logit_scale.exp() + self.logit_bias
             scores = scores.reshape(b, heads * n, -1)  # (B, h N, L)

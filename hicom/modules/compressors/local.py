@@ -143,9 +143,9 @@ class LocalCompressor(Compressor):
         plan = _packed_plan(layout, self.kernel, features.device, runs=runs)
         keys = embeds if self.uses_embeds else features
         if self.clip_scale and self.uses_embeds:  # as released: unit-length embeds and guide, queries as they come
-            keys = keys / keys.norm(dim=-1, keepdim=True)
+            keys = F.normalize(keys, dim=-1)  # x / |x|, a zero vector kept zero
             if guide is not None:
-                guide = guide / guide.norm(dim=-1, keepdim=True)
+                guide = F.normalize(guide, dim=-1)
         keys = self._adapted(keys.reshape(-1, d), Adapt.K)  # (sum T H W, D)
         if self.guide is Guide.DIRECT:
             queries = self.guide_injector.prepare(guide)  # (B, D): one query for all cells of a clip
