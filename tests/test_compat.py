@@ -304,6 +304,65 @@ def test_unreadable_or_foreign_folders_say_what_is_wrong(tmp_path):
         load_official(tmp_path)
 
 
+def test_the_weight_files_read_are_those_from_pretrained_reads(tmp_path, caplog):
+    """The LLM of a release folder loads through from_pretrained, which reads the files the index names: the rest
+    is read from the same files, a stale copy beside them ignored. Where a tensor could come from two files (two
+    without an index, a tensor in two shards, an index naming another file), which one loads is not guessed."""
+    config = official("local43_global32_coarse")
+    source = randomised(build_compressor(config))
+    theirs = to_official_state_dict(source.state_dict())
+    names = sorted(theirs)
+    shards = {"model-00001-of-00002.safetensors": names[:10], "model-00002-of-00002.safetensors": names[10:]}
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    for shard, keys in shards.items():
+        save_file({key: theirs[key] for key in keys}, folder / shard)
+    weight_map = {key: shard for shard, keys in shards.items() for key in keys}
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    save_file({key: value + 1 for key, value in theirs.items()}, folder / "model_stale.safetensors")
+    with caplog.at_level(logging.WARNING):
+        loaded = load_official(folder)
+    assert "ignoring ['model_stale.safetensors'], which model.safetensors.index.json does not name" in caplog.text
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    # a tensor in two of the shards the index names
+    save_file({key: theirs[key] for key in [*names[10:], *names[:4]]}, folder / "model-00002-of-00002.safetensors")
+    with pytest.raises(
+        ValueError,
+        match=r"the weight files \['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors'\] hold the "
+        rf"same tensors, .* \(4 tensors: '{names[0]}' in \['model-00001-of-00002.safetensors', 'model-00002-of-00002"
+        r".safetensors'\], .* and 1 more\): remove the stale copies",
+    ):
+        load_official(folder)
+    # a tensor in another shard than the index says
+    save_file({key: theirs[key] for key in names[:9]}, folder / "model-00001-of-00002.safetensors")
+    save_file({key: theirs[key] for key in names[9:]}, folder / "model-00002-of-00002.safetensors")
+    with pytest.raises(
+        ValueError,
+        match=rf"maps tensors to other files than those holding them \(1 tensor: '{names[9]}' mapped to "
+        r"'model-00001-of-00002.safetensors', in 'model-00002-of-00002.safetensors'\): write the index again",
+    ):
+        load_official(folder)
+    # a shard the index names that is missing
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"index.json maps tensors to \['model-00002-of-00002.safetensors'\], which .*ckpt does not hold",
+    ):
+        load_official(folder)
+    # several files and no index
+    save_file({key: theirs[key] for key in names[10:]}, folder / "model-00002-of-00002.safetensors")
+    index.unlink()
+    with pytest.raises(
+        ValueError,
+        match=r"holds 3 .safetensors files, \['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', "
+        r"'model_stale.safetensors'\], and no model.safetensors.index.json",
+    ):
+        load_official(folder)
+
+
 def test_the_whole_model_round_trips_through_the_release_layout(cfg_small, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -393,7 +452,19 @@ def test_an_export_past_the_shard_size_writes_shards_and_their_index_as_save_pre
     register()  # evaluate.py loads the LLM from the folder through from_pretrained, which reads the index
     llm = AutoModelForCausalLM.from_pretrained(folder)
     assert torch.equal(llm.model.norm.weight, source.llm.model.model.norm.weight)
-    # another export's weight files in the folder would be read with these: refused before anything is written
+    # a stale copy beside the shards, which from_pretrained ignores: every part is read from the shards
+    stale = {key: value + 1 for key, value in to_official_state_dict(source.compressor.state_dict()).items()}
+    save_file(
+        {**stale, "model.norm.weight": torch.zeros_like(llm.model.norm.weight)}, folder / "model_stale.safetensors"
+    )
+    torch.manual_seed(2)
+    again = build(cfg_small)[0].net
+    import_official(again, folder)
+    for (name, a), b in zip(source.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(folder).model.norm.weight, llm.model.norm.weight)
+    (folder / "model_stale.safetensors").unlink()
+    # another export's weight files in the folder would stay beside these: refused before anything is written
     with pytest.raises(ValueError, match=r"holds the weight files of another export, \['model-00001-of"):
         export_official(source, folder)
     assert export_official(source, folder, shard_bytes=2**18) == folder  # the same layout again overwrites it

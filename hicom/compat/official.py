@@ -279,7 +279,8 @@ def check_keys(
 
 
 def read_projector_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The mm_projector tensors of an official folder: mm_projector.bin / .safetensors, or the model shards."""
+    """The mm_projector tensors of an official folder: mm_projector.bin / .safetensors, or the model's weight files
+    (those from_pretrained reads, `stored_tensors`)."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -293,22 +294,16 @@ def read_projector_weights(folder: Path) -> dict[str, torch.Tensor]:
                     return {key: f.get_tensor(key) for key in f.keys()}
             except Exception as error:  # truncated or foreign files: say which file
                 raise ValueError(f"cannot read projector weights from {path}: {error}") from error
-    shards = sorted(folder.glob("*.safetensors"))
-    if not shards:
+    stored = stored_tensors(folder)
+    if not stored:
         raise FileNotFoundError(
             f"no projector weights in {folder}: expected mm_projector.bin, mm_projector.safetensors or "
             "model*.safetensors holding model.mm_projector.* tensors"
         )
-    weights = {}
-    for shard in shards:
-        try:
-            with safe_open(str(shard), framework="pt") as f:
-                weights.update({key: f.get_tensor(key) for key in f.keys() if "mm_projector." in key})
-        except Exception as error:
-            raise ValueError(f"cannot read {shard}: {error}") from error
-    if not weights:
+    projector = {key: value for key, value in stored.items() if "mm_projector." in key}
+    if not projector:
         raise KeyError(f"the safetensors files in {folder} hold no model.mm_projector.* tensors")
-    return weights
+    return _read(projector)
 
 
 def load_official(folder: str | Path, *, reproduce_defect_1: bool | None = None) -> Compressor:
@@ -569,7 +564,7 @@ def export_official(net, folder: str | Path, *, num_frames: int | None = None, s
 def write_shards(state: Mapping[str, torch.Tensor], folder: Path, shard_bytes: int) -> None:
     """`state` as model.safetensors, or, past `shard_bytes`, as model-0000i-of-0000n.safetensors and
     model.safetensors.index.json (the layout from_pretrained reads), copying one shard's tensors at a time. Weight
-    files already in the folder that this would not overwrite are refused first: import reads every one."""
+    files already in the folder that this would not overwrite are refused first: they would stay as stale copies."""
     from safetensors.torch import save_file
 
     shards: list[list[str]] = [[]]
@@ -647,6 +642,92 @@ class _Stored:
     shard: Path
     key: str
     shape: torch.Size
+
+
+INDEX = "model.safetensors.index.json"  # a sharded model's index, as save_pretrained writes it
+
+
+def weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
+    """The safetensors files of a release-layout folder that from_pretrained reads, and the index's weight map
+    (tensor name -> file name, empty without an index): the files model.safetensors.index.json names where there is
+    one (others beside them are ignored, as from_pretrained ignores them), else the folder's one .safetensors file
+    (none: an empty list). A FileNotFoundError names the files an index names that are missing; a ValueError, several
+    files without an index, where which of them hold the model is a guess."""
+    index = folder / INDEX
+    if not index.is_file():
+        files = sorted(folder.glob("*.safetensors"))
+        if len(files) > 1:
+            raise ValueError(
+                f"{folder} holds {len(files)} .safetensors files, {[f.name for f in files]}, and no {INDEX} to say "
+                "which of them hold the model: keep the model's one file (model.safetensors), or write the index "
+                "of its shards"
+            )
+        return files, {}
+    try:
+        weight_map = json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {index}: {error}") from error
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise ValueError(f"{index}: expected a weight_map object from tensor names to file names")
+    files = [folder / name for name in sorted(set(weight_map.values()))]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{index} maps tensors to {missing}, which {folder} does not hold: copy them in (the folder is a partial "
+            "copy), or write the index again from the shards there"
+        )
+    ignored = sorted(f.name for f in set(folder.glob("*.safetensors")) - set(files))
+    if ignored:
+        log.warning(
+            "%s: ignoring %s, which %s does not name (from_pretrained ignores them too)", folder, ignored, INDEX
+        )
+    return files, weight_map
+
+
+def stored_tensors(folder: Path) -> dict[str, _Stored]:
+    """Every tensor of a folder's weight files (`weight_files`) by name, with its file and shape, none read yet (empty
+    where there are no files). A ValueError where a name is in two of the files (which one loads would depend on the
+    reading order) or in another file than the one the index maps it to."""
+    from safetensors import safe_open
+
+    files, weight_map = weight_files(folder)
+    stored: dict[str, _Stored] = {}
+    twice: dict[str, list[str]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    if key in stored:
+                        twice.setdefault(key, [stored[key].shard.name]).append(path.name)
+                    stored[key] = _Stored(path, key, torch.Size(f.get_slice(key).get_shape()))
+        except Exception as error:  # truncated or foreign files: say which file
+            raise ValueError(f"cannot read {path}: {error}") from error
+    if twice:
+        holding = sorted({name for names in twice.values() for name in names})
+        raise ValueError(
+            f"{folder}: the weight files {holding} hold the same tensors, so which copy loads would depend on the "
+            f"reading order ({_few({key: f'in {names}' for key, names in twice.items()})}): remove the stale copies"
+        )
+    elsewhere = {
+        key: f"mapped to {weight_map[key]!r}, in {value.shard.name!r}"
+        for key, value in stored.items()
+        if key in weight_map and folder / weight_map[key] != value.shard
+    }
+    if elsewhere:
+        raise ValueError(
+            f"{folder / INDEX} maps tensors to other files than those holding them ({_few(elsewhere)}): write the "
+            "index again from the shards there"
+        )
+    return stored
+
+
+def _few(where: Mapping[str, str], shown: int = 3) -> str:
+    """How many tensors, and the first few names, each with what is said of it."""
+    names = sorted(where)
+    few = ", ".join(f"{name!r} {where[name]}" for name in names[:shown])
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{len(names)} tensor{'s' * (len(names) != 1)}: {few}{more}"
 
 
 def use_release_llm(cfg, folder: str | Path, missing: str) -> str:
@@ -728,27 +809,18 @@ def check_select_layer(vision, config: Mapping, folder: Path) -> None:
 
 
 def import_official(net, folder: str | Path, *, loaded: tuple[str, ...] = ()) -> None:
-    """Load a release-layout folder (every safetensors shard) into our VideoLLM, strictly: a KeyError lists, per
-    part ("vision", "guide", "projector", "llm"), the missing, unexpected and mis-shaped tensors, before any value is
-    read. The parts in `loaded` are checked but not read again (evaluate.py's LLM, loaded from this folder by
+    """Load a release-layout folder (the weight files from_pretrained reads, `stored_tensors`) into our VideoLLM,
+    strictly: a KeyError lists, per part ("vision", "guide", "projector", "llm"), the missing, unexpected and
+    mis-shaped tensors, before any value is read. The parts in `loaded` are checked but not read again (evaluate.py's LLM, loaded from this folder by
     from_pretrained), and one part is read at a time. SigLIP's logit scale and bias are not in the release's layout
     and keep the vision checkpoint's values."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     config = read_config(folder)
     check_compressor(net.compressor, config, folder)
     check_select_layer(net.vision, config, folder)
-    shards = sorted(folder.glob("*.safetensors"))
-    if not shards:
+    stored = stored_tensors(folder)
+    if not stored:
         raise FileNotFoundError(f"no .safetensors in {folder}")
-    stored = {}
-    for shard in shards:
-        try:
-            with safe_open(str(shard), framework="pt") as f:
-                stored.update({key: _Stored(shard, key, torch.Size(f.get_slice(key).get_shape())) for key in f.keys()})
-        except Exception as error:
-            raise ValueError(f"cannot read {shard}: {error}") from error
     groups = {"vision": {}, "guide": {}, "projector": {}, "llm": {}}
     for key, value in stored.items():
         if key.startswith(_VISION):
@@ -786,6 +858,9 @@ def _read(group: Mapping[str, _Stored]) -> dict[str, torch.Tensor]:
 
     out = {}
     for shard in sorted({s.shard for s in group.values()}):
-        with safe_open(str(shard), framework="pt") as f:
-            out.update({name: f.get_tensor(s.key) for name, s in group.items() if s.shard == shard})
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                out.update({name: f.get_tensor(s.key) for name, s in group.items() if s.shard == shard})
+        except Exception as error:  # a file changed or cut short since its header was read
+            raise ValueError(f"cannot read {shard}: {error}") from error
     return out
