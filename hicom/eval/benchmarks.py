@@ -1,9 +1,10 @@
 """The benchmarks as distributed (SPEC 7), read into one question type.
 
-Each reader takes the benchmark's folder and returns `Question`s; a missing or malformed file is an error that
-names the file and what it expected. Multiple-choice answers become letters (A, B, ...), the option texts keep
-their order; open-ended answers stay text. A reader class also says how its benchmark is scored: `kind`,
-`mean_of_tasks` and `metric`, the official headline figure (a key of hicom.eval.score's results).
+Each reader takes the benchmark's folder and returns `Question`s, each under an id of its own; a missing or
+malformed file is an error that names the file, the record and what it expected. Multiple-choice answers become
+letters (A, B, ...), the option texts keep their order; open-ended answers stay text. A reader class also says how
+its benchmark is scored: `kind`, `mean_of_tasks` and `metric`, the official headline figure (a key of
+hicom.eval.score's results).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import enum
 import json
 import logging
 import re
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +30,31 @@ class Kind(str, enum.Enum):
 
 @dataclass
 class Reader:
-    """What every reader takes besides its files: `prompts`, the templates its benchmark is asked with where they
-    differ from evaluate's `prompts` (the keys it sets; see hicom.eval.runner.PROMPT_FIELDS)."""
+    """What every reader takes: `root`, the benchmark's folder, and `prompts`, the templates its benchmark is asked
+    with where they differ from evaluate's `prompts` (the keys it sets; see hicom.eval.runner.PROMPT_FIELDS)."""
 
+    root: str
     prompts: dict[str, str] | None = field(default=None, kw_only=True)
+
+    def read(self) -> list[Question]:
+        """The benchmark's questions. Replies are kept by question id, so an id given to two questions would lose
+        one's reply and score the other's twice: it is an error that names the ids."""
+        questions = self._read()
+        shared = [qid for qid, n in Counter(q.question_id for q in questions).items() if n > 1]
+        if shared:
+            named = ", ".join(repr(qid) for qid in shared[:5]) + (", ..." if len(shared) > 5 else "")
+            raise BenchmarkFormatError(
+                f"{self._ids_from()}: question ids given to more than one question ({len(shared)}: {named}); "
+                "every question needs an id of its own"
+            )
+        return questions
+
+    def _read(self) -> list[Question]:
+        raise NotImplementedError
+
+    def _ids_from(self) -> Path:
+        """The file the question ids come from (the folder, where they are positions in task files)."""
+        return Path(self.root)
 
 
 @dataclass(frozen=True)
@@ -56,13 +80,18 @@ class BenchmarkFormatError(ValueError):
     """A benchmark file that is missing or not in the distributed format."""
 
 
-def _read_json(path: Path):
+def _read_json(path: Path, container: type[list | dict] = list) -> list | dict:
+    """A JSON file's content: a list of records, or an object where `container` is dict."""
     if not path.is_file():
         raise BenchmarkFormatError(f"{path} is missing: put the benchmark's files under {path.parent}")
     try:
-        return json.loads(path.read_bytes())  # bytes: UTF-8 whatever the locale
+        value = json.loads(path.read_bytes())  # bytes: UTF-8 whatever the locale
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
         raise BenchmarkFormatError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(value, container):
+        expected = "a list of records" if container is list else "an object"
+        raise BenchmarkFormatError(f"{path}: expected {expected}, found {value!r:.80}")
+    return value
 
 
 def _field(record: dict, key: str, where: str):
@@ -71,30 +100,41 @@ def _field(record: dict, key: str, where: str):
     return record[key]
 
 
-def _text(record: dict, key: str, where: str) -> str:
-    """A text field: a string (a number or null would be asked as its repr)."""
+def _typed(record: dict, key: str, where: str, ok: Callable[[object], bool], expected: str):
+    """`record[key]` where `ok` holds of it; else an error naming the record, the value and what was expected (a
+    value of another type would be read as something else: null as the text "None", "abc" as the options a, b, c)."""
     value = _field(record, key, where)
-    if not isinstance(value, str):
-        raise BenchmarkFormatError(f"{where}: {key!r} is {value!r:.80}, not a text")
+    if not ok(value):
+        raise BenchmarkFormatError(f"{where}: {key!r} is {value!r:.80}, not {expected}")
     return value
 
 
-def _candidates(record: dict, where: str) -> list:
-    """The `candidates` field: a list of texts or numbers (a string would be read as one option per character)."""
-    value = _field(record, "candidates", where)
-    if not isinstance(value, list) or not all(
-        isinstance(c, str | int | float) and not isinstance(c, bool) for c in value
-    ):
-        raise BenchmarkFormatError(f"{where}: 'candidates' is {value!r:.80}, not a list of texts")
+def _is_scalar(value) -> bool:
+    return isinstance(value, str | int | float) and not isinstance(value, bool)
+
+
+def _text(record: dict, key: str, where: str) -> str:
+    return _typed(record, key, where, lambda value: isinstance(value, str), "a text")
+
+
+def _scalar(record: dict, key: str, where: str) -> str | int | float:
+    """A text or a number: an id, a candidate answer."""
+    return _typed(record, key, where, _is_scalar, "a text or a number")
+
+
+def _options(record: dict, key: str, where: str, *, numbers: bool = True) -> list:
+    """A list of 2-8 options, one per letter: texts, or numbers too where `numbers`."""
+    item = _is_scalar if numbers else (lambda value: isinstance(value, str))
+    value = _typed(record, key, where, lambda v: isinstance(v, list) and all(map(item, v)), "a list of texts")
+    if not 2 <= len(value) <= len(LETTERS):
+        raise BenchmarkFormatError(f"{where}: {len(value)} {key} (2-{len(LETTERS)} expected)")
     return value
 
 
-def _letter(candidates: list[str], answer: str, where: str) -> str | None:
+def _letter(candidates: list, answer: str | int | float, where: str) -> str | None:
     """The letter of the candidate that is the answer: the same text, else the same but for surrounding spaces.
     A question whose answer is none of its candidates is asked but not scored (None), and named in the log: one
     such record must not stop a benchmark of thousands (the release scores it wrong whatever the reply)."""
-    if len(candidates) > len(LETTERS) or len(candidates) < 2:
-        raise BenchmarkFormatError(f"{where}: {len(candidates)} candidates (2-{len(LETTERS)} expected)")
     if answer in candidates:
         return LETTERS[candidates.index(answer)]
     stripped = [str(c).strip() for c in candidates]
@@ -119,14 +159,13 @@ class MVBench(Reader):
     """json/<task>.json records {video, question, candidates, answer (text), start?, end?}; videos under
     video/<task prefix>/."""
 
-    root: str
     tasks: dict[str, MVBenchTask] = field(default_factory=dict)
     kind = Kind.MULTIPLE_CHOICE
     mean_of_tasks = False
     metric = "acc"
     submission = False  # writes the benchmark server's submission file
 
-    def read(self) -> list[Question]:
+    def _read(self) -> list[Question]:
         root = Path(self.root)
         if not self.tasks:
             raise BenchmarkFormatError("mvbench: no tasks configured")
@@ -143,17 +182,17 @@ class MVBench(Reader):
             path = root / "json" / f"{name}.json"
             for i, record in enumerate(_read_json(path)):
                 where = f"{path} record {i}"
-                candidates = _candidates(record, where)
+                candidates = _options(record, "candidates", where)
                 bounded = spec.bounded and record.get("start") is not None and record.get("end") is not None
                 start, end = _mvbench_window(record["start"], record["end"], where) if bounded else (None, None)
                 questions.append(
                     Question(
                         question_id=f"{name}/{i}",
                         task=name,
-                        video=str(root / "video" / spec.prefix / _field(record, "video", where)),
+                        video=str(root / "video" / spec.prefix / _text(record, "video", where)),
                         question=_text(record, "question", where),
                         options=tuple(str(c) for c in candidates),
-                        answer=_letter(candidates, _field(record, "answer", where), where),
+                        answer=_letter(candidates, _scalar(record, "answer", where), where),
                         start=start,
                         end=end,
                     )
@@ -182,7 +221,6 @@ class VideoMME(Reader):
     <subtitle_dir>/<videoID>.srt where `subtitles` is on (a question's `subtitles` is then that path, whether or
     not the file exists: not every video has one, and its prompt still says that its subtitles follow)."""
 
-    root: str
     parquet: str = "videomme/test-00000-of-00001.parquet"
     video_dir: str = "videos"
     subtitle_dir: str = "subtitle"
@@ -192,7 +230,7 @@ class VideoMME(Reader):
     metric = "acc_answered"  # SPEC 7: accuracy over the answered questions
     submission = False  # writes the benchmark server's submission file
 
-    def read(self) -> list[Question]:
+    def _read(self) -> list[Question]:
         import pyarrow.parquet as pq
 
         root = Path(self.root)
@@ -207,7 +245,7 @@ class VideoMME(Reader):
         for i, row in enumerate(rows):
             where = f"{path} row {i}"
             options = []
-            for j, option in enumerate(_field(row, "options", where)):
+            for j, option in enumerate(_options(row, "options", where, numbers=False)):
                 match = _VIDEOMME_OPTION.match(option)
                 if not match or match.group(1) != LETTERS[j]:
                     raise BenchmarkFormatError(f"{where}: option {j} {option!r} is not of the form '{LETTERS[j]}. ...'")
@@ -215,11 +253,11 @@ class VideoMME(Reader):
             answer = str(_field(row, "answer", where)).strip()
             if answer not in LETTERS[: len(options)]:
                 raise BenchmarkFormatError(f"{where}: the answer {answer!r} is not an option letter")
-            video_id = str(_field(row, "videoID", where))
+            video_id = _text(row, "videoID", where)
             srt = root / self.subtitle_dir / f"{video_id}.srt"
             questions.append(
                 Question(
-                    question_id=str(_field(row, "question_id", where)),
+                    question_id=str(_scalar(row, "question_id", where)),
                     task=str(_field(row, "task_type", where)),
                     video=str(root / self.video_dir / f"{video_id}.mp4"),
                     question=_text(row, "question", where),
@@ -231,6 +269,9 @@ class VideoMME(Reader):
             )
         return questions
 
+    def _ids_from(self) -> Path:
+        return Path(self.root) / self.parquet
+
 
 @dataclass
 class EgoSchema(Reader):
@@ -238,7 +279,6 @@ class EgoSchema(Reader):
     <video_dir>/<q_uid>.mp4. `subset`: only the 500 questions with public answers (scored offline); off: all of
     them, the others without an answer (for the submission file)."""
 
-    root: str
     video_dir: str = "videos"
     subset: bool = True
     kind = Kind.MULTIPLE_CHOICE
@@ -250,18 +290,16 @@ class EgoSchema(Reader):
         """The full set has no public answers: its replies go to submission.json for the benchmark's server."""
         return not self.subset
 
-    def read(self) -> list[Question]:
+    def _read(self) -> list[Question]:
         root = Path(self.root)
-        answers = _read_json(root / "subset_answers.json")
-        if not isinstance(answers, dict):
-            raise BenchmarkFormatError(f"{root / 'subset_answers.json'}: expected {{q_uid: answer index}}")
+        answers = _read_json(root / "subset_answers.json", dict)  # {q_uid: answer index}
         questions = []
         for i, record in enumerate(_read_json(root / "questions.json")):
             where = f"{root / 'questions.json'} record {i}"
-            uid = str(_field(record, "q_uid", where))
+            uid = str(_scalar(record, "q_uid", where))
             if self.subset and uid not in answers:
                 continue
-            options = tuple(str(_field(record, f"option {j}", where)) for j in range(5))
+            options = tuple(_text(record, f"option {j}", where) for j in range(5))
             index = answers.get(uid)
             if index is not None and not (isinstance(index, int) and 0 <= index < 5):
                 raise BenchmarkFormatError(f"subset_answers.json: {uid} -> {index!r}, expected 0-4")
@@ -276,6 +314,9 @@ class EgoSchema(Reader):
                 )
             )
         return questions
+
+    def _ids_from(self) -> Path:
+        return Path(self.root) / "questions.json"
 
 
 MLVU_DEV_TASKS = (
@@ -294,30 +335,29 @@ class MLVU(Reader):
     """MLVU dev, multiple choice: json/<stem>.json records {video, duration, question, candidates, answer (text),
     question_type}; videos video/<stem>/<video>. Scored by M-Avg, the mean of the task accuracies."""
 
-    root: str
     tasks: tuple[str, ...] = MLVU_DEV_TASKS
     kind = Kind.MULTIPLE_CHOICE
     mean_of_tasks = True
     metric = "m_avg"
     submission = False
 
-    def read(self) -> list[Question]:
+    def _read(self) -> list[Question]:
         root = Path(self.root)
         questions = []
         for stem in self.tasks:
             path = root / "json" / f"{stem}.json"
             for i, record in enumerate(_read_json(path)):
                 where = f"{path} record {i}"
-                candidates = _candidates(record, where)
+                candidates = _options(record, "candidates", where)
                 questions.append(
                     Question(
                         question_id=f"{stem}/{i}",
                         task=str(record.get("question_type") or stem),
-                        video=str(root / "video" / stem / _field(record, "video", where)),
+                        video=str(root / "video" / stem / _text(record, "video", where)),
                         question=_text(record, "question", where),
                         options=tuple(str(c) for c in candidates),
                         # MLVU's duration is a length in seconds, not a class to group scores by
-                        answer=_letter(candidates, _field(record, "answer", where), where),
+                        answer=_letter(candidates, _scalar(record, "answer", where), where),
                     )
                 )
         return questions
@@ -329,7 +369,6 @@ class OpenEndedQA(Reader):
     [{answer, type, question_id}], aligned by index; the video is <video_dir>/<video_prefix><video_name> with the
     first of `extensions` that exists."""
 
-    root: str
     video_dir: str = "videos"
     video_prefix: str = ""
     extensions: tuple[str, ...] = (".mp4", ".mkv", ".webm", ".avi")
@@ -343,29 +382,32 @@ class OpenEndedQA(Reader):
         found = next((path for path in candidates if path.exists()), candidates[0])  # missing: reported on decoding
         return str(found)
 
-    def read(self) -> list[Question]:
+    def _read(self) -> list[Question]:
         root = Path(self.root)
         asked, answered = _read_json(root / "test_q.json"), _read_json(root / "test_a.json")
         if len(asked) != len(answered):
             raise BenchmarkFormatError(f"{root}: test_q.json has {len(asked)} entries, test_a.json {len(answered)}")
         questions = []
         for i, (q, a) in enumerate(zip(asked, answered, strict=True)):
-            where = f"{root} entry {i}"
-            qid = str(_field(q, "question_id", where))
-            if str(_field(a, "question_id", where)) != qid:
+            asked_at, answered_at = (f"{root / name} entry {i}" for name in ("test_q.json", "test_a.json"))
+            qid = str(_scalar(q, "question_id", asked_at))
+            if str(_scalar(a, "question_id", answered_at)) != qid:
                 raise BenchmarkFormatError(
-                    f"{where}: question_id {qid} in test_q.json, {a['question_id']} in test_a.json"
+                    f"{root} entry {i}: question_id {qid} in test_q.json, {a['question_id']} in test_a.json"
                 )
             questions.append(
                 Question(
                     question_id=qid,
                     task=str(a.get("type", "all")),
-                    video=self._video(str(_field(q, "video_name", where))),
-                    question=_text(q, "question", where),
-                    answer=str(_field(a, "answer", where)),
+                    video=self._video(_text(q, "video_name", asked_at)),
+                    question=_text(q, "question", asked_at),
+                    answer=str(_scalar(a, "answer", answered_at)),
                 )
             )
         return questions
+
+    def _ids_from(self) -> Path:
+        return Path(self.root) / "test_q.json"
 
 
 def read_srt(path: str | Path) -> list[tuple[float, float, str]]:
