@@ -43,6 +43,17 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 
 # checkpoint files up to this size are read whole before a resume, to find damaged bytes (a few seconds per GiB)
 CRC_CHECKED_BYTES = 4 * 2**30
+# The classes DeepSpeed pickles into its checkpoint files besides tensors and plain values (the loss scaler, the
+# ZeRO stage, ZeRO-1/2's parameter fragments). Its engine loads those files with torch.load(weights_only=False),
+# which runs whatever a pickle names: a resume checks first that they name nothing else.
+DEEPSPEED_PICKLED = frozenset(
+    {
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+    }
+)
 
 # the exit status of a fit stopped by SIGTERM, as a shell reports a process the signal ended (128 + 15)
 STOPPED_BY_SIGTERM = 143
@@ -154,6 +165,40 @@ def check_checkpoint(path: Path) -> None:
                 "(DeepSpeed's 'latest' or FSDP's 'meta.pt' missing: a save that stopped part-way?); resume from "
                 "another one in the run's checkpoints/ folder"
             )
+        if named:
+            check_deepspeed_files(path, path / latest.read_text().strip())
+
+
+def check_deepspeed_files(path: Path, tag: Path) -> None:
+    """A DeepSpeed checkpoint's files, before its engine loads them with torch.load(weights_only=False): each whole
+    (a zip archive; every entry's CRC where the checkpoint is at most CRC_CHECKED_BYTES) and pickling nothing but
+    tensors, plain values and the classes of DEEPSPEED_PICKLED, so that the load runs no code a file names."""
+    files = sorted(tag.glob("*.pt"))
+    if not files:
+        raise ValueError(f"ckpt_path '{path}': {tag.name}/ holds no .pt files: resume from another checkpoint")
+    damaged = "resume from another one in the run's checkpoints/ folder"
+    for file in files:
+        if not zipfile.is_zipfile(file):
+            raise ValueError(
+                f"ckpt_path '{path}': {tag.name}/{file.name} is truncated or not a torch.save file: {damaged}"
+            )
+        named = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(file)) - DEEPSPEED_PICKLED)
+        if named:
+            raise ValueError(
+                f"ckpt_path '{path}': {tag.name}/{file.name} pickles {named}, which DeepSpeed's load would run (it "
+                f"unpickles without weights_only); a DeepSpeed checkpoint holds no classes but "
+                f"{sorted(DEEPSPEED_PICKLED)}: refused. If it is yours and a newer DeepSpeed wrote it, add the "
+                "class to hicom.training.DEEPSPEED_PICKLED"
+            )
+    if sum(file.stat().st_size for file in files) <= CRC_CHECKED_BYTES:
+        for file in files:
+            with zipfile.ZipFile(file) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                raise ValueError(
+                    f"ckpt_path '{path}': {tag.name}/{file.name} is damaged (its entry {bad} fails its CRC check): "
+                    f"{damaged}"
+                )
 
 
 def read_checkpoint(path: Path) -> dict | None:

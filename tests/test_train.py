@@ -806,7 +806,7 @@ def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"deepspeed\.ckpt' is neither a run's folder .* nor a checkpoint folder"):
         train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"ckpt_path={stopped}"]))
     (stopped / "latest").write_text("checkpoint")  # named: a DeepSpeed checkpoint, whose tag folder is not one
-    with pytest.raises(ValueError, match=r"deepspeed\.ckpt' is not a whole checkpoint \(mp_rank_00_model_states\.pt"):
+    with pytest.raises(ValueError, match=r"deepspeed\.ckpt': checkpoint/mp_rank_00_model_states\.pt is truncated"):
         train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"ckpt_path={stopped}"]))
     with pytest.raises(ValueError, match=r"inside a DeepSpeed checkpoint: give its parent, '.*deepspeed\.ckpt'"):
         train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"ckpt_path={stopped / 'checkpoint'}"]))
@@ -822,6 +822,42 @@ def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path, monkeypatch):
     resumed = train(compose_train(cache_dir, tmp_path / "resumed", more))
     rows = csv.DictReader((tmp_path / "resumed" / "csv" / "metrics.csv").open())
     assert resumed["steps"] == 3 and [int(r["step"]) for r in rows if r.get("train/loss")] == [2]  # one more step
+
+
+class _Payload:
+    """What a tampered checkpoint could pickle: unpickling it runs a call (here a harmless one)."""
+
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+def test_a_deepspeed_checkpoint_that_pickles_code_or_is_damaged_is_refused_before_its_engine_loads_it(tmp_path):
+    """DeepSpeed's engine loads its files with torch.load(weights_only=False): a file naming any class but the
+    few DeepSpeed pickles (its loss scaler, ZeRO stage, parameter fragments) would run code at the resume."""
+    from hicom.training import check_checkpoint
+
+    deepspeed = pytest.importorskip("deepspeed")
+    folder = tmp_path / "last.ckpt"
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "latest").write_text("checkpoint")
+    states, optim = folder / "checkpoint/mp_rank_00_model_states.pt", folder / "checkpoint/optim_states.pt"
+    torch.save({"module": {"w": torch.ones(64, 64)}, "ds_version": deepspeed.__version__}, states)
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    torch.save({"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum(2), "state": torch.zeros(64, 64)}, optim)
+    check_checkpoint(folder)  # what DeepSpeed writes
+    torch.save({"loss_scaler": _Payload()}, optim)
+    with pytest.raises(
+        ValueError, match=r"optim_states\.pt pickles \['builtins\.print'\], which DeepSpeed's load"
+    ):
+        check_checkpoint(folder)
+    torch.save({"state": torch.ones(64, 64)}, optim)
+    data = bytearray(optim.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 1024] = bytes(1024)  # its zip directory whole, bytes within zeroed
+    optim.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"optim_states\.pt is damaged \(its entry .* fails its CRC check\)"):
+        check_checkpoint(folder)
 
 
 def test_a_run_whose_every_training_sample_is_unusable_fails_instead_of_reporting_success(cache_dir, tmp_path):
