@@ -30,6 +30,7 @@ import torch
 
 from hicom.dry_run import ARCH_DIR
 from hicom.tiny import SIGLIP_FILES, TinyQwen2, TinySiglip
+from hicom.utils.config import hydra_path
 
 VISION_ARCH = "siglip_so400m_patch14_384"
 LLM_ARCHS = sorted(p.stem for p in ARCH_DIR.glob("qwen2.5_*.json"))
@@ -128,18 +129,18 @@ def run_script(out: Path, vision: Path, llms: dict[str, Path], python: str) -> s
     q = shlex.quote
     common = [
         "experiment=directg_local43_global32",
-        f"model.vision.path={vision}",
+        hydra_path("model.vision.path", vision),
         "model.vision.arch=null",
         "model.llm.arch=null",
-        f"paths.data_dir={data}",
+        hydra_path("paths.data_dir", data),
         "logger=csv",
     ]
     first = next(iter(llms.values()))
     recipe = [
         *common,
-        f"model.llm.path={first}",
-        *(f"stages.{i}.config.data.source.train={data}/stage{i + 1}.yaml" for i in range(3)),
-        f"+stages.2.config.data.source.val={data}/val.yaml",
+        hydra_path("model.llm.path", first),
+        *(hydra_path(f"stages.{i}.config.data.source.train", data / f"stage{i + 1}.yaml") for i in range(3)),
+        hydra_path("+stages.2.config.data.source.val", data / "val.yaml"),
         "stages.0.global_batch_size=64",
         "stages.1.global_batch_size=16",
         "stages.2.global_batch_size=4",
@@ -161,8 +162,8 @@ def run_script(out: Path, vision: Path, llms: dict[str, Path], python: str) -> s
         fit = [
             *common,
             "stages=null",
-            f"model.llm.path={folder}",
-            f"data.source.train={data}/stage2.yaml",
+            hydra_path("model.llm.path", folder),
+            hydra_path("data.source.train", data / "stage2.yaml"),
             "model.trainable=[compressor]",
             "data.num_frames=32",
             "data.batch_size=8",
@@ -176,9 +177,10 @@ def run_script(out: Path, vision: Path, llms: dict[str, Path], python: str) -> s
         )
     benchmarks = "[mvbench,videomme,videomme_subs,egoschema,mlvu,activitynet_qa,msvd_qa,msrvtt_qa]"
     lines += [
-        f"run 'demo benchmarks' {python} -m hicom.eval.demo paths.data_dir={q(str(out / 'demo'))}",
-        f"run 'evaluate.py on the recipe run' {python} evaluate.py ckpt={q(str(out / 'logs/train/runs/recipe'))} "
-        f"paths.data_dir={q(str(out / 'demo'))} {q('benchmark=' + benchmarks)} max_new_tokens=8",
+        f"run 'demo benchmarks' {python} -m hicom.eval.demo {q(hydra_path('paths.data_dir', out / 'demo'))}",
+        f"run 'evaluate.py on the recipe run' {python} evaluate.py "
+        f"{q(hydra_path('ckpt', out / 'logs/train/runs/recipe'))} {q(hydra_path('paths.data_dir', out / 'demo'))} "
+        f"{q('benchmark=' + benchmarks)} max_new_tokens=8",
         "exit $status",
     ]
     return "\n".join(lines) + "\n"

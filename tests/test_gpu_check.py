@@ -37,9 +37,22 @@ def test_the_data_and_the_run_script(tmp_path):
             media = record.get("video") or record.get("image")
             assert (index.root_of(i) / media).is_file()
     assert sizes == {"stage1": 4, "stage2": 4, "stage3": 8, "val": 8}
-    llms = {"qwen2.5_0.5b_instruct": tmp_path / "q05", "qwen2.5_7b_instruct": tmp_path / "q7"}
-    script = gpu_check.run_script(tmp_path, tmp_path / "siglip", llms, "python")
-    assert script.count(" train.py ") == 3 and "evaluate.py ckpt=" in script
-    assert f"model.llm.path={tmp_path / 'q05'}" in script.split("stage 2")[0]  # the recipe runs on the first LLM
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = tmp_path / "run's ünï [1]"  # a quote, a space, accents and brackets: each path is quoted for Hydra too
+    llms = {"qwen2.5_0.5b_instruct": out / "q05", "qwen2.5_7b_instruct": out / "q7"}
+    script = gpu_check.run_script(out, out / "siglip", llms, "python")
+    assert script.count(" train.py ") == 3 and " evaluate.py " in script
+    recipe, *fits = [shlex.split(line) for line in script.splitlines() if " train.py " in line]
+    evaluate = next(shlex.split(line) for line in script.splitlines() if " evaluate.py " in line)
+    parse = OverridesParser.create().parse_overrides
+    values = [{o.key_or_group: o.value() for o in parse(args[args.index(s) + 1 :])} for args, s in
+              [(recipe, "train.py"), (fits[0], "train.py"), (evaluate, "evaluate.py")]]  # fmt: skip
+    assert values[0]["model.llm.path"] == str(out / "q05")  # the recipe runs on the first LLM
+    assert values[0]["stages.0.config.data.source.train"] == str(out / "data" / "stage1.yaml")
+    assert values[1]["model.vision.path"] == str(out / "siglip")
+    assert values[2]["ckpt"] == str(out / "logs/train/runs/recipe")
     (tmp_path / "run.sh").write_text(script)
     assert subprocess.run(["bash", "-n", str(tmp_path / "run.sh")]).returncode == 0

@@ -848,9 +848,7 @@ def test_a_deepspeed_checkpoint_that_pickles_code_or_is_damaged_is_refused_befor
     torch.save({"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum(2), "state": torch.zeros(64, 64)}, optim)
     check_checkpoint(folder)  # what DeepSpeed writes
     torch.save({"loss_scaler": _Payload()}, optim)
-    with pytest.raises(
-        ValueError, match=r"optim_states\.pt pickles \['builtins\.print'\], which DeepSpeed's load"
-    ):
+    with pytest.raises(ValueError, match=r"optim_states\.pt pickles \['builtins\.print'\], which DeepSpeed's load"):
         check_checkpoint(folder)
     torch.save({"state": torch.ones(64, 64)}, optim)
     data = bytearray(optim.read_bytes())

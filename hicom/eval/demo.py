@@ -13,6 +13,7 @@ so that real benchmark files are never written over.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def main(argv: list[str]) -> Path:
     <paths.cache_dir>/demo_benchmarks."""
     from hydra import compose, initialize_config_dir
 
-    from hicom.utils.config import project_root
+    from hicom.utils.config import hydra_path, project_root
 
     overrides = list(argv)
     if not any(arg.startswith("paths.data_dir=") for arg in overrides):
@@ -172,7 +173,8 @@ def main(argv: list[str]) -> Path:
     data_dir = write_demo(cfg)
     names = ",".join(cfg.benchmarks)
     print(f"wrote {len(cfg.benchmarks)} benchmarks' stand-ins under {data_dir / 'eval'}; try:\n"
-          f"  python evaluate.py ckpt=<a run's folder> paths.data_dir={data_dir} benchmark=[{names}]")  # fmt: skip
+          f"  python evaluate.py ckpt=<a run's folder> {shlex.quote(hydra_path('paths.data_dir', data_dir))} "
+          f"'benchmark=[{names}]'")  # fmt: skip
     return data_dir
 
 

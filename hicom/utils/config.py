@@ -121,6 +121,13 @@ def refuse_null_groups(args: list[str]) -> None:
             raise SystemExit(f"{arg}: a config group is left out with ~{group} (Hydra cannot set one to null)")
 
 
+def hydra_path(key: str, path: Path | str) -> str:
+    """A Hydra override setting `key` to a path, the path quoted for Hydra's grammar, which takes a bare value of
+    letters, digits and a few signs only (a path with a space, an accent or a bracket is refused unquoted)."""
+    text = str(path).replace("\\", "\\\\").replace("'", "\\'")
+    return f"{key}='{text}'"
+
+
 def _explicit_stamp() -> str:
     return os.environ.get("HICOM_RUN_STAMP", "").strip()
 
