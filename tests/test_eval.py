@@ -924,6 +924,10 @@ def test_a_run_fine_tuned_from_a_release_folder_starts_from_every_weight_of_it(
             train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"init_from={release}", other]))
     with pytest.raises(FileNotFoundError, match=r"init_from=.*nowhere is not an HF folder in the release's layout"):
         train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"init_from={tmp_path / 'nowhere'}"]))
+    broken = shutil.copytree(release, tmp_path / "broken", ignore=shutil.ignore_patterns("*.safetensors"))
+    (broken / "config.json").write_text("{not json")  # named, not the tokenizer that reads it next
+    with pytest.raises(ValueError, match=r"cannot read .*broken/config\.json: "):
+        train(compose_train(cache_dir, tmp_path / "bad", [*SMALL, f"init_from={broken}"]))
     monkeypatch.undo()
     with pytest.raises(ValueError, match="set stages=null to fine-tune the release in one fit"):
         run_stages(compose_train(cache_dir, tmp_path / "staged", ["experiment=tiny_stages", f"init_from={release}"]))

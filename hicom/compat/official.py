@@ -736,6 +736,7 @@ def use_release_llm(cfg, folder: str | Path, missing: str) -> str:
     path = Path(folder)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{missing}: no config.json in {path}")
+    read_config(path)  # named where it is not JSON: the tokenizer's load, which reads it next, would blame itself
     resolved = str(path.resolve())
     with open_dict(cfg):
         cfg.model.llm.path = resolved
