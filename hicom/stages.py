@@ -394,11 +394,31 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
         handoff = _Handoff(
             parent, out_dir, stage_cfg, list(stage.get("new_parameters") or []), stage.get("guide_added")
         )
-        log.info("stage %s: training %s from %s", stage.name, list(stage.trainable), parent or "scratch")
-        results[stage.name] = train(stage_cfg, before_fit=handoff.load, after_fit=handoff.save)
+        start = parent or "the model's folders (the first stage)"
+        log.info("stage %s: training %s from %s", stage.name, list(stage.trainable), start)
+        results[stage.name] = train(
+            stage_cfg, before_fit=handoff.load, after_fit=handoff.save, resume=relaunch(cfg, stage.name)
+        )
         parent = out_dir
         free_memory()  # the stage's trainer and model sit in reference cycles: a 7B LLM held through the next stage
     return results
+
+
+def relaunch(cfg: DictConfig, stage: str) -> str:
+    """How a staged run whose stage stopped part-way goes on: the same command under the run's name, which skips
+    the finished stages and resumes that one from its own checkpoints/last.ckpt."""
+    import shlex
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+
+    stamp = f"HICOM_RUN_STAMP={shlex.quote(Path(cfg.paths.output_dir).name)}"
+    if not HydraConfig.initialized():
+        return f"launch the run again with {stamp} and it resumes stage {stage}"
+    command = " ".join(
+        shlex.quote(arg) for arg in ["python", Path(sys.argv[0]).name, *HydraConfig.get().overrides.task]
+    )
+    return f"{stamp} {command} (or your launcher's command, with {stamp}) resumes stage {stage}"
 
 
 def free_memory() -> None:

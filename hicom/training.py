@@ -60,19 +60,19 @@ STOPPED_BY_SIGTERM = 143
 
 
 @contextlib.contextmanager
-def _unfinished_on_sigterm(trainer, cfg: DictConfig, what: str) -> Iterator[None]:
+def _unfinished_on_sigterm(trainer, cfg: DictConfig, what: str, resume: str | None = None) -> Iterator[None]:
     """Lightning ends a fit or test that SIGTERM (or Ctrl-C, see GracefulInterrupt) stopped with a SystemExit of no
-    code: the run would exit 0, "finished", and a scheduler's afterok would go on. It exits STOPPED_BY_SIGTERM."""
+    code: the run would exit 0, "finished", and a scheduler's afterok would go on. It exits STOPPED_BY_SIGTERM,
+    saying how to go on: `resume`, or ckpt_path=<the run's folder>."""
     try:
         yield
     except SIGTERMException as stop:
         log.error(
-            "stopped by SIGTERM or Ctrl-C at step %d, before the end of %s (checkpoints/last.ckpt holds that step): "
-            "ckpt_path=%s goes on from there (a stage of a staged run: launch the run again under its name, "
-            "HICOM_RUN_STAMP, and it resumes the stage)",
+            "stopped by SIGTERM or Ctrl-C at step %d, before the end of %s (checkpoints/last.ckpt holds that step); "
+            "to go on from there: %s",
             trainer.global_step,
             what,
-            cfg.paths.output_dir,
+            resume or f"ckpt_path={cfg.paths.output_dir}",
         )
         raise SystemExit(STOPPED_BY_SIGTERM) from stop
 
@@ -355,11 +355,11 @@ def batch_flops(cfg: DictConfig, trainable) -> BatchFlops | None:
         return None
 
 
-def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
+def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None = None) -> dict:
     """Fit the configured model and return the run's figures (also written to <output_dir>/metrics.json).
 
     `before_fit(model)` / `after_fit(model)` run around the fit, on every process (the stage runner loads and
-    saves hand-offs there). Without `after_fit`, the trained parts are written as a hand-off into the output
+    saves hand-offs there); `resume` is how a fit stopped by SIGTERM goes on (ckpt_path=<output_dir> if None). Without `after_fit`, the trained parts are written as a hand-off into the output
     folder (handoff.safetensors + manifest.json), beside config.yaml: what `evaluate.py ckpt=<folder>` reads.
     """
     L.seed_everything(cfg.seed, workers=True)
@@ -439,7 +439,7 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
     # a checkpoint holds tensors and plain values only: unpickling anything else is refused whatever torch's default
     # (weights_only=False before torch 2.6); Lightning before 2.5 has no such argument, and torch's default rules
     safe = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
-    with _unfinished_on_sigterm(trainer, cfg, "the fit"):
+    with _unfinished_on_sigterm(trainer, cfg, "the fit", resume):
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), **safe)
     fit_seconds = time.perf_counter() - start
     if trainer.global_step == 0:  # e.g. max_steps=0, max_epochs=0 or limit_train_batches=0: allowed, but said
@@ -507,7 +507,7 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None) -> dict:
             log.info("no held-out questions (data.source names none): the held-out check is skipped")
             model.results, model.test_failed = [], []
         else:
-            with _unfinished_on_sigterm(trainer, cfg, "the held-out questions"):
+            with _unfinished_on_sigterm(trainer, cfg, "the held-out questions", resume):
                 trainer.test(model, datamodule=datamodule, verbose=False)
         results = merge_shares(_gathered(model.results))
         failed = len(_unique([row for rows in _gathered(model.test_failed) for row in rows], "key"))
