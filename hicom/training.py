@@ -276,6 +276,22 @@ def check_resume_compressor(state_dict: dict, compressor) -> None:
     )
 
 
+def check_deepspeed_accelerator(trainer) -> None:
+    """Lightning's DeepSpeedStrategy refuses any accelerator but CUDA, once the model and data are built."""
+    from lightning.pytorch.accelerators import CUDAAccelerator
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = trainer.strategy
+    if not isinstance(strategy, DeepSpeedStrategy) or isinstance(trainer.accelerator, CUDAAccelerator):
+        return
+    if type(strategy).setup_environment is DeepSpeedStrategy.setup_environment:  # a subclass may run elsewhere
+        raise ValueError(
+            f"the strategy is DeepSpeed, which Lightning runs on CUDA GPUs only, and the accelerator is "
+            f"{type(trainer.accelerator).__name__}: trainer=gpu on a GPU machine, or on this one '~strategy' (one "
+            "process) or strategy=ddp"
+        )
+
+
 def check_throughput_window(cfg: DictConfig) -> None:
     """Lightning's ThroughputMonitor asserts its window holds at least 2 batches when the fit starts, naming nothing."""
     from hydra.utils import get_object
@@ -409,6 +425,7 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
 
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    check_deepspeed_accelerator(trainer)
     if cfg.get("global_batch_size") is not None:
         if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
             raise ValueError("set global_batch_size or trainer.accumulate_grad_batches, not both")

@@ -489,7 +489,10 @@ def unloadable_llm(tiny_paths, tmp_path_factory) -> Path:
         ("model.compressor.local.keys=embed", r"local: keys must be one of \['embeds', 'features'\], got 'embed'"),
         ("model.compressor.global_.guide=Direct", r"global_: guide must be one of \['off', 'direct'"),
         *(
-            [("trainer=gpu", "sees no CUDA GPU: trainer=default trains on the CPU")]
+            [
+                ("trainer=gpu", "sees no CUDA GPU: trainer=default trains on the CPU"),
+                ("strategy=deepspeed_zero2", r"Lightning runs on CUDA GPUs only, .* '~strategy' \(one process\)"),
+            ]
             if not torch.cuda.is_available()
             else []
         ),
