@@ -591,6 +591,9 @@ def evaluate(cfg: DictConfig) -> dict:
             (out_dir / "results.md").write_text(markdown_table(report, settings))
         print(markdown_table(report, settings))
         log_scores(cfg, all_results)
+        log.info("results written to %s (results.json, results.md; <benchmark>/predictions.jsonl)", out_dir)
+    else:
+        log.info("answers written to %s/<benchmark>/; the last shard to finish merges and scores them", out_dir)
     return all_results
 
 
