@@ -235,8 +235,8 @@ def report(cfg: DictConfig) -> list[dict]:
             print(f"\n[{stage['name']}] config:\n{OmegaConf.to_yaml(stage['config'], resolve=True)}")
         print(
             f"\n[{stage['name']}] ZeRO-{zero}, micro batch {batch}; parameters: "
-            + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in params.items())
-            + f", total {sum(params.values()) / 1e9:.3f}B"
+            + ", ".join(f"{k} {_count(v)}" for k, v in params.items())
+            + f", total {_count(sum(params.values()), billions=True)}"
         )
         trainable = set(stage["trainable"])
         unknown = trainable - set(PARTS)
@@ -265,9 +265,23 @@ def report(cfg: DictConfig) -> list[dict]:
             "micro_batch": batch,
         }
         rows.append(row)
-        print(f"  trainable {sorted(trainable)}: {row['trainable_params'] / 1e6:.1f}M parameters; "
+        print(f"  trainable {sorted(trainable)}: {_count(row['trainable_params'])} parameters; "
               f"{frames} x {modality} -> {visual} visual tokens")  # fmt: skip
-        print("  forward TFLOP per sample: " + ", ".join(f"{k} {v:.3f}" for k, v in row["forward_tflops"].items()))
-        print(f"  training TFLOP per sample (forward + backward): {row['train_tflops']:.2f}")
-        print("  GiB per GPU: " + ", ".join(f"{k} {v:.1f}" for k, v in memory.items()))
+        tflops = row["forward_tflops"].items()
+        print("  forward TFLOP per sample: " + ", ".join(f"{k} {_figure(v, 3)}" for k, v in tflops))
+        print(f"  training TFLOP per sample (forward + backward): {_figure(row['train_tflops'], 2)}")
+        print("  GiB per GPU: " + ", ".join(f"{k} {_figure(v, 1)}" for k, v in memory.items()))
     return rows
+
+
+def _count(n: float, billions: bool = False) -> str:
+    """A parameter count as the report prints it: 494.0M, 7.615B (`billions`), and the tiny models' 119.4K."""
+    if billions and n >= 1e8:
+        return f"{n / 1e9:.3f}B"
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+def _figure(value: float, digits: int) -> str:
+    """`value` to `digits` decimals, or in two significant figures where those would show only zeros (a tiny
+    model's TFLOP and GiB)."""
+    return f"{value:.{digits}f}" if value == 0 or abs(value) >= 10**-digits else f"{value:.1e}"
