@@ -483,7 +483,7 @@ def test_a_stage_that_stopped_part_way_resumes_from_its_last_checkpoint(cache_di
     cfg = compose_train(cache_dir, tmp_path / "run", ["experiment=tiny_stages", *SMALL, *every_step])
     trained, resumed_from = {}, {}
 
-    def train(stage_cfg, before_fit, after_fit):
+    def train(stage_cfg, before_fit, after_fit, resume):
         name = Path(stage_cfg.paths.output_dir).name
         resumed_from[name] = stage_cfg.ckpt_path
 
@@ -499,7 +499,7 @@ def test_a_stage_that_stopped_part_way_resumes_from_its_last_checkpoint(cache_di
 
             model.training_step = dies
 
-        return hicom.training.train(stage_cfg, before_fit=recorded, after_fit=after_fit)
+        return hicom.training.train(stage_cfg, before_fit=recorded, after_fit=after_fit, resume=resume)
 
     monkeypatch.setattr(hicom.stages, "train", train)
     with pytest.raises(RuntimeError, match="node went away"):
@@ -942,13 +942,13 @@ def test_a_finished_stage_is_freed_before_the_next_one_starts(cache_dir, tmp_pat
 
     fit, models, alive = hicom.stages.train, [], []
 
-    def train(cfg, before_fit, after_fit):
+    def train(cfg, before_fit, after_fit, resume):
         def first(model):
             alive.append([ref() is not None for ref in models])  # the earlier stages' models, as this one starts
             models.append(weakref.ref(model))
             before_fit(model)
 
-        return fit(cfg, before_fit=first, after_fit=after_fit)
+        return fit(cfg, before_fit=first, after_fit=after_fit, resume=resume)
 
     monkeypatch.setattr(hicom.stages, "train", train)
     run_stages(compose_train(cache_dir, tmp_path, ["experiment=tiny_stages", *SMALL, "trainer.limit_train_batches=1"]))
