@@ -32,6 +32,8 @@ from hicom.utils.instantiators import (
     check_pretrained,
     check_tokenizers,
     ensure_dir,
+    finish_loggers,
+    finish_open_wandb_run,
     instantiate_all,
     write_assets,
 )
@@ -417,6 +419,7 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
             "is not installed: pip install -e .[gpu] on a GPU machine, or train without it: '~strategy' (one process) "
             "or strategy=ddp"
         )
+    finish_open_wandb_run()
     loggers = instantiate_all(cfg.get("logger"), "logger")
     callbacks = instantiate_all(cfg.get("callbacks"), "callback")
     check_throughput_window(cfg)
@@ -548,7 +551,7 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
         logger.log_metrics(
             {f"summary/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, trainer.global_step
         )
-        logger.finalize("success")
+    finish_loggers(loggers)
     if trainer.is_global_zero:
         if "n_questions" in metrics:
             _write_jsonl(out_dir / "predictions.jsonl", results)

@@ -617,13 +617,15 @@ def score_metrics(results: dict) -> dict[str, float]:
 
 def log_scores(cfg: DictConfig, results: dict) -> None:
     """The scores merged by this process, to the configured loggers (TensorBoard by default)."""
-    from hicom.utils.instantiators import instantiate_all
+    from hicom.utils.instantiators import finish_loggers, finish_open_wandb_run, instantiate_all
 
     metrics = score_metrics(results)
     here = OmegaConf.merge(cfg, {"paths": {"output_dir": str(cfg.output_dir)}})  # under output_dir, as the rest
-    for logger in instantiate_all(here.get("logger"), "logger"):
+    finish_open_wandb_run()
+    loggers = instantiate_all(here.get("logger"), "logger")
+    for logger in loggers:
         logger.log_metrics(metrics, step=0)
-        logger.finalize("success")
+    finish_loggers(loggers)
 
 
 # each benchmark's official metric (its reader's `metric`), as results.md names it

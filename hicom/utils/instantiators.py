@@ -185,6 +185,28 @@ def instantiate_all(cfg: DictConfig | None, kind: str) -> list:
     return built
 
 
+def finish_loggers(loggers: list) -> None:
+    """Each logger's run ended as a success. Lightning's WandbLogger leaves its W&B run open at `finalize`, and the
+    next job of a multirun in this process would log into it: it is finished here."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        logger.finalize("success")
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
+
+
+def finish_open_wandb_run() -> None:
+    """A W&B run an earlier job of this process left open (it failed before `finish_loggers`) is finished as failed,
+    so that this job's WandbLogger starts a run of its own instead of reusing that one."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        log.warning("W&B run %s of an earlier job was left open: finished as failed", wandb.run.id)
+        wandb.finish(exit_code=1)
+
+
 def ensure_dir(path: str) -> Path:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
