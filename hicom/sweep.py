@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,13 @@ def check_sweep(cfg: DictConfig) -> None:
         return
     wanted = figure(name)
     direction = _sweeper_direction(cfg)
+    if isinstance(direction, Sequence) and not isinstance(direction, str):  # Optuna's list form: [maximize]
+        if len(direction) != 1:
+            raise ValueError(
+                f"hydra.sweeper.direction={list(direction)}: a run returns one figure ({name}), so one direction: "
+                f"{wanted.direction}, or leave it out (the search configs follow the metric)"
+            )
+        direction = direction[0]
     if isinstance(direction, str) and direction != wanted.direction:
         raise ValueError(
             f"optimized_metric={name} is better {'higher' if wanted.direction == 'maximize' else 'lower'}, and "

@@ -60,6 +60,27 @@ def test_a_search_keeps_the_best_trial_of_its_metric_not_the_worst(search):
         check_sweep(cfg)
     with pytest.raises(ValueError, match="train_loss is better lower, and hydra.sweeper.direction=maximize would"):
         check_sweep(composed("optimized_metric=train_loss", "hydra.sweeper.direction=maximize"))
+    with pytest.raises(ValueError, match="train_loss is better lower, and hydra.sweeper.direction=maximize would"):
+        check_sweep(composed("optimized_metric=train_loss", "hydra.sweeper.direction=[maximize]"))  # Optuna's list
+    check_sweep(composed("optimized_metric=train_loss", "hydra.sweeper.direction=[minimize]"))
+    with pytest.raises(ValueError, match=r"direction=\['minimize', 'minimize'\]: a run returns one figure"):
+        check_sweep(composed("optimized_metric=train_loss", "hydra.sweeper.direction=[minimize,minimize]"))
+
+
+def test_a_w_and_b_run_an_earlier_job_left_open_is_finished_before_the_next_job_logs(monkeypatch, caplog):
+    """Lightning's WandbLogger reuses an open W&B run: a multirun's next job would log into the failed job's run."""
+    import types
+
+    from hicom.utils.instantiators import finish_open_wandb_run
+
+    finished = []
+    wandb = types.SimpleNamespace(run=types.SimpleNamespace(id="abc123"))
+    wandb.finish = lambda exit_code=0: finished.append(exit_code) or setattr(wandb, "run", None)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    finish_open_wandb_run()
+    assert finished == [1] and "W&B run abc123 of an earlier job was left open" in caplog.text
+    finish_open_wandb_run()  # none open: nothing to finish
+    assert finished == [1]
 
 
 def test_the_swept_value_is_the_named_figure_and_a_missing_one_fails_the_trial(cache_dir, tmp_path):
