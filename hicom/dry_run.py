@@ -119,15 +119,23 @@ def forward_flops(model: MetaModel, frames: int, modality: str, guided: bool, te
 
 
 def memory_per_gpu(
-    params: dict[str, int], trainable: set[str], zero: int, gpus: int, activations: int, offload: bool = False
+    params: dict[str, int],
+    trainable: set[str],
+    zero: int,
+    gpus: int,
+    activations: int,
+    offload: tuple[bool, bool] = (False, False),
 ) -> dict[str, float]:
     """GiB per GPU: bf16 weights, bf16 gradients and fp32 Adam states (master, m, v) of the trainable parameters,
-    sharded as ZeRO-`zero` shards them over `gpus`, plus an activation estimate."""
+    sharded as ZeRO-`zero` shards them over `gpus`, plus an activation estimate. `offload`: DeepSpeed's
+    (offload_optimizer, offload_parameters): the Adam states in CPU memory, and under ZeRO-3 the weights too (the
+    layer at hand is gathered onto the GPU, counted as nothing here)."""
     total = sum(params.values())
     train = sum(params[p] for p in trainable)
-    weights = 2 * total / (gpus if zero >= 3 else 1)
+    offload_optimizer, offload_parameters = offload
+    weights = 0 if offload_parameters and zero >= 3 else 2 * total / (gpus if zero >= 3 else 1)
     grads = 2 * train / (gpus if zero >= 2 else 1)
-    optimizer = 0 if offload else 12 * train / (gpus if zero >= 1 else 1)
+    optimizer = 0 if offload_optimizer else 12 * train / (gpus if zero >= 1 else 1)
     gib = 2**30
     return {
         "weights": weights / gib,
@@ -163,6 +171,16 @@ def zero_stage_of(cfg: DictConfig, default: int) -> int:
     return 0 if isinstance(strategy, DictConfig) else default
 
 
+def offload_of(cfg: DictConfig) -> tuple[bool, bool]:
+    """What a config's DeepSpeed strategy keeps in CPU memory: (optimizer states, parameters)."""
+    from hicom.stages import named_strategy, uses_deepspeed
+
+    if not uses_deepspeed(cfg):
+        return False, False
+    strategy = named_strategy(cfg.trainer.get("strategy"))
+    return bool(strategy.get("offload_optimizer", False)), bool(strategy.get("offload_parameters", False))
+
+
 def stages_of(cfg: DictConfig) -> list[dict]:
     """Each stage's name, trainable parts, frames, modality, its config (as the stage runner composes it: its own
     compressor) and its ZeRO stage (`zero_stage_of`)."""
@@ -183,6 +201,7 @@ def stages_of(cfg: DictConfig) -> list[dict]:
             "num_frames": int(merged.data.num_frames),
             "config": merged,
             "zero": zero_stage_of(merged, default_zero),
+            "offload": offload_of(merged),
         }
         entry["modality"] = (stage or {}).get("modality") or ("image" if entry["num_frames"] == 1 else "video")
         out.append(entry)
@@ -234,7 +253,7 @@ def report(cfg: DictConfig) -> list[dict]:
         if settings.get("print_config"):
             print(f"\n[{stage['name']}] config:\n{OmegaConf.to_yaml(stage['config'], resolve=True)}")
         print(
-            f"\n[{stage['name']}] ZeRO-{zero}, micro batch {batch}; parameters: "
+            f"\n[{stage['name']}] ZeRO-{zero}{_offloaded(stage['offload'])}, micro batch {batch}; parameters: "
             + ", ".join(f"{k} {_count(v)}" for k, v in params.items())
             + f", total {_count(sum(params.values()), billions=True)}"
         )
@@ -253,7 +272,7 @@ def report(cfg: DictConfig) -> list[dict]:
         # sets the parts' requires_grad as the stage trains them)
         train = BatchFlops(model, trainable, exact=True).sample(frames, modality, visual + text, guide)
         acts = activation_bytes(model, frames, visual, text, batch, bool(trainable))
-        memory = memory_per_gpu(params, trainable, zero, gpus, acts)
+        memory = memory_per_gpu(params, trainable, zero, gpus, acts, stage["offload"])
         row = {
             "stage": stage["name"],
             "trainable_params": sum(params[p] for p in trainable),
@@ -285,3 +304,8 @@ def _figure(value: float, digits: int) -> str:
     """`value` to `digits` decimals, or in two significant figures where those would show only zeros (a tiny
     model's TFLOP and GiB)."""
     return f"{value:.{digits}f}" if value == 0 or abs(value) >= 10**-digits else f"{value:.1e}"
+
+
+def _offloaded(offload: tuple[bool, bool]) -> str:
+    kept = [name for name, on in zip(("optimizer states", "parameters"), offload, strict=True) if on]
+    return f" ({' and '.join(kept)} in CPU memory)" if kept else ""

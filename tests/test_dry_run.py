@@ -58,6 +58,17 @@ def test_zero_memory_arithmetic():
     zero3 = memory_per_gpu(params, {"compressor"}, zero=3, gpus=4, activations=0)
     assert (zero0["weights"], zero0["gradients"], zero0["optimizer"]) == (4.0, 2.0, 12.0)
     assert (zero3["weights"], zero3["gradients"], zero3["optimizer"]) == (1.0, 0.5, 3.0)
+    offloaded = memory_per_gpu(params, {"compressor"}, zero=3, gpus=4, activations=0, offload=(True, True))
+    assert (offloaded["weights"], offloaded["gradients"], offloaded["optimizer"]) == (0.0, 0.5, 0.0)
+
+
+def test_the_dry_run_counts_deepspeeds_offload_out_of_gpu_memory(cache_dir, tmp_path, capsys):
+    recipe = ["experiment=directg_local43_global32", "model/llm=qwen25_05b"]
+    kept = report(compose_train(cache_dir, tmp_path, [*recipe, "strategy=deepspeed_zero3"]))[2]["memory_gib"]
+    capsys.readouterr()
+    offloaded = report(compose_train(cache_dir, tmp_path, [*recipe, "strategy=deepspeed_zero3_offload"]))[2]
+    assert offloaded["memory_gib"]["optimizer"] == offloaded["memory_gib"]["weights"] == 0 < kept["optimizer"]
+    assert "ZeRO-3 (optimizer states and parameters in CPU memory)" in capsys.readouterr().out
 
 
 def test_clip_l336_and_llama31_8b_are_selectable_by_config(cache_dir, tmp_path, capsys):
