@@ -112,26 +112,45 @@ def _train_sentencepiece(vocab_size: int) -> bytes:
 
 
 class _Writer:
-    """Writes a folder once per spec: build into a temporary sibling, then rename into place."""
+    """Writes a folder once per spec: build into a temporary sibling, then rename into place. The processes of a
+    launch on a fresh cache take turns (a file lock beside the folder): the first writes, the others find it
+    written; a folder of another spec (an older version's) is renamed aside in one step before the new one takes
+    its place, so that a kill at any moment leaves the folder whole or absent, and the leftovers go next time."""
 
     def __call__(self, out_dir: str | os.PathLike) -> Path:
+        from hicom.utils.files import locked
+
         out = Path(out_dir)
         spec = {"kind": type(self).__name__, **asdict(self)}
-        if (out / "spec.json").is_file():
-            if json.loads((out / "spec.json").read_text()) == spec:
+        if self._written(out, spec):
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with locked(out.with_name(f".{out.name}.lock")):
+            if self._written(out, spec):  # another process wrote it while this one waited
                 return out
-        elif out.exists() and any(out.iterdir()):
-            raise FileExistsError(f"{out} exists and was not written by {spec['kind']}: refusing to replace it")
-        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        with torch.random.fork_rng(devices=[]):  # seeded writing must not move the caller's random state
-            self.write(tmp)
-        (tmp / "spec.json").write_text(json.dumps(spec, indent=2))
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+            for leftover in [*out.parent.glob(f"{out.name}.tmp-*"), *out.parent.glob(f"{out.name}.old-*")]:
+                shutil.rmtree(leftover, ignore_errors=True)  # of a writer that was killed: every writer locks
+            tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+            tmp.mkdir()
+            with torch.random.fork_rng(devices=[]):  # seeded writing must not move the caller's random state
+                self.write(tmp)
+            (tmp / "spec.json").write_text(json.dumps(spec, indent=2))
+            old = out.with_name(f"{out.name}.old-{os.getpid()}")
+            if out.exists():
+                out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
         log.info("wrote %s to %s", spec["kind"], out)
         return out
+
+    @staticmethod
+    def _written(out: Path, spec: dict) -> bool:
+        """Whether `out` holds this spec's folder; an error where it holds something this writer did not write."""
+        if (out / "spec.json").is_file():
+            return json.loads((out / "spec.json").read_text()) == spec
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} exists and was not written by {spec['kind']}: refusing to replace it")
+        return False
 
     def write(self, out: Path) -> None:
         raise NotImplementedError

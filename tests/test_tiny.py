@@ -61,6 +61,27 @@ def test_writer_is_seeded_and_keyed_by_spec(tmp_path):
     assert json.loads((a / "spec.json").read_text())["seed"] == 1
 
 
+def test_processes_writing_one_folder_at_once_take_turns_and_a_killed_writers_leftovers_go(tmp_path, monkeypatch):
+    """The processes of a launch on a fresh cache: one writes, the others wait for it and find the folder written
+    (the later one used to delete the folder the first was reading). Threads stand for them: each opens the lock
+    file, and flock excludes each open of it."""
+    import threading
+
+    writes, write = [], TinyQwen2.write
+    monkeypatch.setattr(TinyQwen2, "write", lambda self, out: writes.append(out) or write(self, out))
+    out = tmp_path / "qwen2"
+    threads = [threading.Thread(target=TinyQwen2(hidden_size=32, num_layers=1), args=(out,)) for _ in range(3)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(writes) == 1 and AutoTokenizer.from_pretrained(out) is not None
+    # a writer killed after renaming the older folder aside, before its own took the place: nothing there, its two
+    # folders beside it; the next writer writes the folder and clears them
+    (tmp_path / "qwen2.tmp-999").mkdir()
+    out.rename(tmp_path / "qwen2.old-999")
+    TinyQwen2(hidden_size=32, num_layers=1)(out)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["qwen2"]
+
+
 def test_writer_never_replaces_a_foreign_folder(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "config.json").write_text("{}")
