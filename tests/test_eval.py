@@ -340,6 +340,12 @@ def test_a_question_that_fails_is_answered_with_its_error_and_a_changed_one_is_a
         and again["4_count/0"]["reply"] == rows["4_count/0"]["reply"]
     )
     assert again["4_count/0"]["answer"] == "C"
+    # an answer of a version before the digest: kept, and given it at the next merge
+    path = tmp_path / "out/mlvu/predictions.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "asked"}) + "\n" for r in rows))
+    third, kept = run()
+    assert third["answered_this_run"] == 0 and all(kept[qid]["asked"] == again[qid]["asked"] for qid in again)
 
 
 def test_a_merge_that_finds_questions_unanswered_scores_nothing_and_names_the_shards_that_owe_them(

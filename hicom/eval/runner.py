@@ -227,13 +227,14 @@ def asked(q: Question) -> str:
 
 def _rows(paths: list[Path], by_id: dict[str, Question]) -> dict[str, dict]:
     """The answer rows of `paths` (a later one for a question wins) for the questions of `by_id` as they are asked
-    now (`asked`), each with the question's current gold answer, task and duration."""
+    now (`asked`), each with the question's current gold answer, task and duration, and the digest."""
     rows = {}
     for path in paths:
         if path.is_file():
             for row in read_predictions(path):
                 q = by_id.get(row["question_id"])
-                if q is not None and row.get("asked") == asked(q):
+                # a row of a version before the digest is taken as it is (its question cannot be compared)
+                if q is not None and row.get("asked", asked(q)) == asked(q):
                     rows[q.question_id] = {**row, **_row(q, row["pred"], row["reply"], row.get("error"))}
     return rows
 
