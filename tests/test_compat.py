@@ -361,6 +361,13 @@ def test_the_weight_files_read_are_those_from_pretrained_reads(tmp_path, caplog)
         r"'model_stale.safetensors'\], and no model.safetensors.index.json",
     ):
         load_official(folder)
+    # ... unless one is model.safetensors, the one from_pretrained reads by name
+    save_file(theirs, folder / "model.safetensors")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        loaded = load_official(folder)
+    assert "reading model.safetensors and ignoring ['model-00001-of-00002.safetensors'," in caplog.text
+    assert all(torch.equal(loaded.state_dict()[key], value) for key, value in source.state_dict().items())
 
 
 def test_the_whole_model_round_trips_through_the_release_layout(cfg_small, tmp_path):

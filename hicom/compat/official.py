@@ -650,12 +650,16 @@ INDEX = "model.safetensors.index.json"  # a sharded model's index, as save_pretr
 def weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
     """The safetensors files of a release-layout folder that from_pretrained reads, and the index's weight map
     (tensor name -> file name, empty without an index): the files model.safetensors.index.json names where there is
-    one (others beside them are ignored, as from_pretrained ignores them), else the folder's one .safetensors file
-    (none: an empty list). A FileNotFoundError names the files an index names that are missing; a ValueError, several
+    one (others beside them are ignored, as from_pretrained ignores them), else model.safetensors (from_pretrained's
+    one file; others beside it are ignored too) or the folder's one .safetensors file (none: an empty list). A FileNotFoundError names the files an index names that are missing; a ValueError, several
     files without an index, where which of them hold the model is a guess."""
     index = folder / INDEX
     if not index.is_file():
         files = sorted(folder.glob("*.safetensors"))
+        if len(files) > 1 and (folder / "model.safetensors").is_file():  # the one from_pretrained reads by name
+            others = [f.name for f in files if f.name != "model.safetensors"]
+            log.warning("%s: reading model.safetensors and ignoring %s, as from_pretrained does", folder, others)
+            return [folder / "model.safetensors"], {}
         if len(files) > 1:
             raise ValueError(
                 f"{folder} holds {len(files)} .safetensors files, {[f.name for f in files]}, and no {INDEX} to say "
