@@ -141,19 +141,8 @@ def check_checkpoint(path: Path) -> None:
     a zip archive (torch.save), cut short it has no central directory; DeepSpeed's is a folder."""
     if not path.exists():
         raise FileNotFoundError(f"ckpt_path '{path}' not found: give a run's checkpoints/last.ckpt (or null)")
-    if path.is_file() and not zipfile.is_zipfile(path):
-        raise ValueError(
-            f"ckpt_path '{path}' is not a whole checkpoint (truncated or not a torch.save file): resume from "
-            "another one in the run's checkpoints/ folder"
-        )
-    if path.is_file() and path.stat().st_size <= CRC_CHECKED_BYTES:  # bytes damaged within: each entry's CRC-32
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-        if bad is not None:
-            raise ValueError(
-                f"ckpt_path '{path}' is damaged (its entry {bad} fails its CRC check): resume from another one in the "
-                "run's checkpoints/ folder"
-            )
+    if path.is_file():
+        _check_archive(f"ckpt_path '{path}'", path, crc=path.stat().st_size <= CRC_CHECKED_BYTES)
     if path.is_dir():
         if (path.parent / "latest").is_file():  # a DeepSpeed checkpoint's tag folder
             raise ValueError(f"ckpt_path '{path}' is inside a DeepSpeed checkpoint: give its parent, '{path.parent}'")
@@ -178,12 +167,9 @@ def check_deepspeed_files(path: Path, tag: Path) -> None:
     files = sorted(tag.glob("*.pt"))
     if not files:
         raise ValueError(f"ckpt_path '{path}': {tag.name}/ holds no .pt files: resume from another checkpoint")
-    damaged = "resume from another one in the run's checkpoints/ folder"
+    crc = sum(file.stat().st_size for file in files) <= CRC_CHECKED_BYTES
     for file in files:
-        if not zipfile.is_zipfile(file):
-            raise ValueError(
-                f"ckpt_path '{path}': {tag.name}/{file.name} is truncated or not a torch.save file: {damaged}"
-            )
+        _check_archive(f"ckpt_path '{path}': {tag.name}/{file.name}", file, crc)
         named = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(file)) - DEEPSPEED_PICKLED)
         if named:
             raise ValueError(
@@ -192,15 +178,19 @@ def check_deepspeed_files(path: Path, tag: Path) -> None:
                 f"{sorted(DEEPSPEED_PICKLED)}: refused. If it is yours and a newer DeepSpeed wrote it, add the "
                 "class to hicom.training.DEEPSPEED_PICKLED"
             )
-    if sum(file.stat().st_size for file in files) <= CRC_CHECKED_BYTES:
-        for file in files:
-            with zipfile.ZipFile(file) as archive:
-                bad = archive.testzip()
-            if bad is not None:
-                raise ValueError(
-                    f"ckpt_path '{path}': {tag.name}/{file.name} is damaged (its entry {bad} fails its CRC check): "
-                    f"{damaged}"
-                )
+
+
+def _check_archive(what: str, file: Path, crc: bool) -> None:
+    """A torch.save file is a zip archive: cut short it has no central directory; with `crc`, bytes damaged within
+    fail an entry's CRC-32 (the whole file is read). `what` names it in the error."""
+    again = "resume from another one in the run's checkpoints/ folder"
+    if not zipfile.is_zipfile(file):
+        raise ValueError(f"{what} is not a whole checkpoint (truncated or not a torch.save file): {again}")
+    if crc:
+        with zipfile.ZipFile(file) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            raise ValueError(f"{what} is damaged (its entry {bad} fails its CRC check): {again}")
 
 
 def read_checkpoint(path: Path) -> dict | None:
@@ -212,12 +202,7 @@ def read_checkpoint(path: Path) -> dict | None:
         files = sorted(tag.glob("*model_states.pt")) if tag is not None else []
         if not files:
             return None
-        if not zipfile.is_zipfile(files[0]):
-            raise ValueError(
-                f"ckpt_path '{path}' is not a whole checkpoint ({files[0].name} is truncated or not a torch.save "
-                "file): resume from another one in the run's checkpoints/ folder"
-            )
-        path = files[0]
+        path = files[0]  # whole: check_checkpoint has read it
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
@@ -377,8 +362,9 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
     """Fit the configured model and return the run's figures (also written to <output_dir>/metrics.json).
 
     `before_fit(model)` / `after_fit(model)` run around the fit, on every process (the stage runner loads and
-    saves hand-offs there); `resume` is how a fit stopped by SIGTERM goes on (ckpt_path=<output_dir> if None). Without `after_fit`, the trained parts are written as a hand-off into the output
-    folder (handoff.safetensors + manifest.json), beside config.yaml: what `evaluate.py ckpt=<folder>` reads.
+    saves hand-offs there); `resume` is how a fit stopped by SIGTERM goes on (ckpt_path=<output_dir> if None).
+    Without `after_fit`, the trained parts are written as a hand-off into the output folder
+    (handoff.safetensors + manifest.json), beside config.yaml: what `evaluate.py ckpt=<folder>` reads.
     """
     L.seed_everything(cfg.seed, workers=True)
     set_matmul_precision(cfg)
