@@ -5,7 +5,6 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from hicom.stages import expand_strategy_name
 from hicom.sweep import check_sweep, swept_value
 from hicom.training import release_process_group, train
 from hicom.utils.config import refuse_null_groups  # registers the config resolvers too
@@ -14,7 +13,6 @@ from hicom.utils.config import refuse_null_groups  # registers the config resolv
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     check_sweep(cfg)
-    expand_strategy_name(cfg)  # trainer.strategy=deepspeed_stage_2: as the config strategy=deepspeed_zero2 gives
     if cfg.get("stages"):
         from hydra.core.hydra_config import HydraConfig
 
