@@ -233,9 +233,12 @@ def _rows(paths: list[Path], by_id: dict[str, Question]) -> dict[str, dict]:
         if path.is_file():
             for row in read_predictions(path):
                 q = by_id.get(row["question_id"])
+                if q is None:
+                    continue
+                now = _row(q, row["pred"], row["reply"], row.get("error"))
                 # a row of a version before the digest is taken as it is (its question cannot be compared)
-                if q is not None and row.get("asked", asked(q)) == asked(q):
-                    rows[q.question_id] = {**row, **_row(q, row["pred"], row["reply"], row.get("error"))}
+                if row.get("asked", now["asked"]) == now["asked"]:
+                    rows[q.question_id] = {**row, **now}
     return rows
 
 
