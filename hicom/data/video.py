@@ -54,7 +54,8 @@ class FrameSampling:
 
     `decoder` first, then `fallback` (None: no second try) when the first cannot decode a file. PyAV is the
     default: decord's batched seek returns wrong frames, with no error, for AVI files and for MPEG-4 Part 2 video
-    with B-frames (dmlc/decord#195, #252). Seeking PyAV to keyframes is faster on long clips (2.0 against 3.7 s
+    with B-frames (dmlc/decord#195, #252), and it numbers frames wrongly in MPEG transport streams and in trimmed
+    MP4s; the decord path refuses those files (`_check_decord_reads`), so they go to the fallback. Seeking PyAV to keyframes is faster on long clips (2.0 against 3.7 s
     for 32 frames of a 2-minute 640 x 360 clip), slower on tiny ones (7 against 3 ms for 8 frames at 112 px);
     `frame_folder_fps`: the rate of folders of frames (3 fps, MVBench's); `time_limit`: seconds one clip may
     take before it is given up as a timeout (None: no limit; see `within_time_limit`); `repeat_frames`: a clip
@@ -118,26 +119,66 @@ def uniform_indices(num_available: int, num_frames: int, repeat: bool = True) ->
 
 
 def sample_indices(
-    num_available: int, fps: float, sampling: FrameSampling, start: float | None = None, end: float | None = None
+    num_available: int,
+    fps: float,
+    sampling: FrameSampling,
+    start: float | None = None,
+    end: float | None = None,
+    times: np.ndarray | None = None,
 ) -> np.ndarray:
     """Frame indices for a clip of `num_available` frames at `fps`, within [start, end] seconds if given (`end` past
-    the clip is taken as its end, as annotations round; `start` past it is an error, never a substitute frame)."""
+    the clip is taken as its end, as annotations round; `start` past it is an error, never a substitute frame).
+
+    `times`: each frame's time in seconds from the first, for a clip whose frames are not evenly spaced (see
+    `uneven_times`); the window and fps sampling then go by those times rather than by frame counts over `fps`.
+    Uniform sampling stays the middle frame of each of N equal segments of the window's frames."""
+    if start is not None and start >= num_available / fps:
+        raise VideoDecodeError(
+            f"the window [{start}, {end}] s starts after the clip's end ({num_available / fps:.2f} s)", "empty"
+        )
     first, stop = 0, num_available
-    if start is not None:
-        first = int(math.floor(start * fps))
-        if first >= num_available:
-            raise VideoDecodeError(
-                f"the window [{start}, {end}] s starts after the clip's end ({num_available / fps:.2f} s)", "empty"
-            )
-    if end is not None:
-        stop = max(min(int(math.ceil(end * fps)), num_available), first + 1)
+    if times is None:
+        if start is not None:
+            first = int(math.floor(start * fps))
+        if end is not None:
+            stop = int(math.ceil(end * fps))
+    else:  # the frame on screen at `start`; the frames that start before `end`
+        if start is not None:
+            first = max(int(np.searchsorted(times, start + _TIME_SLACK, side="right")) - 1, 0)
+        if end is not None:
+            stop = int(np.searchsorted(times, end - _TIME_SLACK, side="left"))
+    stop = max(min(stop, num_available), first + 1)
     window = stop - first
     if sampling.fps is None:
         return first + uniform_indices(window, sampling.num_frames, sampling.repeat_frames)
-    step = fps / sampling.fps  # source frames per sampled frame
-    candidates = np.unique(np.floor(np.arange(0, window, max(step, 1.0))).astype(np.int64))
+    if times is None:
+        step = fps / sampling.fps  # source frames per sampled frame
+        candidates = np.unique(np.floor(np.arange(0, window, max(step, 1.0))).astype(np.int64))
+    else:  # the frame on screen every 1 / fps seconds from the window's first
+        shown = times[first:stop]
+        ticks = np.arange(shown[0], shown[-1] + _TIME_SLACK, 1 / sampling.fps)
+        candidates = np.unique(np.searchsorted(shown, ticks + _TIME_SLACK, side="right") - 1)
     chosen = candidates[uniform_indices(len(candidates), sampling.num_frames, repeat=False)]  # a cap
     return first + chosen
+
+
+_TIME_SLACK = 1e-6  # seconds: frame times come from integer timestamps, windows from annotations
+
+
+def uneven_times(times, fps: float) -> np.ndarray | None:
+    """Frame times in seconds (sorted, from any origin) as seconds from the first frame, where they are not evenly
+    spaced at `fps`: some frame more than half a frame off its place at that rate (a variable frame rate, a phone's
+    recording, frames dropped); None where they are, and where there are none."""
+    if times is None or len(times) == 0 or not fps:
+        return None
+    times = np.asarray(times, dtype=np.float64)
+    times = times - times[0]
+    return times if np.abs(times - np.arange(len(times)) / fps).max() > 0.5 / fps else None
+
+
+def frame_times(indices: np.ndarray, fps: float, times: np.ndarray | None) -> np.ndarray:
+    """The sampled frames' times in seconds: from the clip's own frame times where they are uneven."""
+    return indices / fps if times is None else times[indices]
 
 
 def check_window(start, end) -> None:
@@ -200,19 +241,54 @@ def within_time_limit(fn: Callable[[], T], seconds: float | None, what: str) -> 
     return box["value"]
 
 
+# Containers in which decord's frame index is not the display order: it returns other frames than those asked
+# for, without an error (AVI: dmlc/decord#195, #252; MPEG transport and program streams count and order frames
+# wrongly too). They are left to PyAV, as is MPEG-4 Part 2 video with B-frames (dmlc/decord#195).
+DECORD_MISREADS = frozenset({"avi", "mpegts", "mpeg"})
+
+
+def _check_decord_reads(path: Path) -> None:
+    """A VideoDecodeError for a file whose frames decord would misnumber: a container in DECORD_MISREADS, MPEG-4
+    Part 2 video with B-frames, or a stream whose first frames an edit list hides (a clip trimmed without
+    re-encoding; decord counts and returns the hidden frames). A file PyAV cannot open is left to decord."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            name, codec, reordered, first = container.format.name, None, False, None
+            if container.streams.video:
+                stream = container.streams.video[0]
+                codec, reordered = stream.codec_context.name, bool(stream.codec_context.has_b_frames)
+                first = next((p.pts for p in container.demux(stream) if p.pts is not None), None)
+    except Exception:  # noqa: BLE001  not readable the PyAV way: decord may still read it
+        return
+    if set(name.split(",")) & DECORD_MISREADS or (codec == "mpeg4" and reordered):
+        what = f"{name} files" if set(name.split(",")) & DECORD_MISREADS else "MPEG-4 Part 2 video with B-frames"
+        raise VideoDecodeError(f"{path}: decord misnumbers the frames of {what}; decode it with pyav")
+    if first is not None and first < 0:
+        raise VideoDecodeError(
+            f"{path}: an edit list hides its first frames, which decord returns; decode it with pyav"
+        )
+
+
 def _decode_decord(path: Path, sampling: FrameSampling, start, end) -> SampledFrames:
     import decord
 
+    _check_decord_reads(path)
     try:
         reader = decord.VideoReader(str(path), num_threads=1)
     except Exception as err:  # decord raises its own DECORDError, or RuntimeError, for unreadable files
         raise VideoDecodeError(f"{path}: {err}") from err
     try:
         fps = reader.get_avg_fps() or 1.0
+        times = None
         if len(reader):  # decord reads what is left of a file cut short without a word: compare with its header
-            last = reader.get_frame_timestamp(len(reader) - 1)  # (start, end) seconds
-            _check_whole_by_header(path, float(last[1]), len(reader) / fps, fps)
-        indices = sample_indices(len(reader), fps, sampling, start, end)
+            spans = reader.get_frame_timestamp(np.arange(len(reader)))  # (n, 2): each frame's start, end in seconds
+            _check_whole_by_header(path, float(spans[-1, 1]), len(reader) / fps, fps)
+            if len(np.unique(spans[:, 0])) < len(spans):  # decord finds frames by time: it returns a neighbour
+                raise VideoDecodeError(f"{path}: frames share timestamps, which decord confuses; decode it with pyav")
+            times = uneven_times(spans[:, 0], fps)
+        indices = sample_indices(len(reader), fps, sampling, start, end, times)
         frames = reader.get_batch(indices.tolist()).asnumpy()
     except VideoDecodeError:
         raise
@@ -221,7 +297,7 @@ def _decode_decord(path: Path, sampling: FrameSampling, start, end) -> SampledFr
     finally:
         count = len(reader)
         del reader
-    return SampledFrames(frames, indices, indices / fps, fps, count)
+    return SampledFrames(frames, indices, frame_times(indices, fps, times), fps, count)
 
 
 def _decode_pyav(path: Path, sampling: FrameSampling, start, end) -> SampledFrames:
@@ -240,16 +316,22 @@ def _decode_pyav(path: Path, sampling: FrameSampling, start, end) -> SampledFram
                 raise VideoDecodeError(f"{path}: no video stream", "no_video_stream")
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 1.0)
+            time_base = stream.time_base
             packets, covered = _scan_packets(stream)
             check_whole(path, covered, _declared_seconds(container, stream), fps)
         timestamps = sorted(pts for pts, _ in packets if pts is not None)
         keyframes = np.array(sorted(pts for pts, key in packets if key and pts is not None))
-        indices = sample_indices(len(packets), fps, sampling, start, end)
-        if len(timestamps) == len(packets):
+        # seeking finds a frame by its timestamp: only where every frame has its own
+        seekable = len(timestamps) == len(packets) and len(set(timestamps)) == len(timestamps)
+        times = uneven_times(np.array(timestamps) * float(time_base), fps) if seekable and time_base else None
+        indices = sample_indices(len(packets), fps, sampling, start, end, times)
+        if seekable:
             frames, decoded = _pyav_seek(path, [timestamps[i] for i in indices.tolist()], keyframes)
             if frames is not None:
-                return SampledFrames(np.stack(frames), indices, indices / fps, fps, len(packets), decoded)
-        return _pyav_in_order(path, sampling, start, end, fps, len(packets))
+                return SampledFrames(
+                    np.stack(frames), indices, frame_times(indices, fps, times), fps, len(packets), decoded
+                )
+        return _pyav_in_order(path, sampling, start, end, fps, len(packets), times)
     except VideoDecodeError:
         raise
     except Exception as err:
@@ -352,36 +434,46 @@ def _pyav_seek(path: Path, targets: list[int], keyframes: np.ndarray) -> tuple[l
                 if frame.pts is None or frame.pts > target:
                     return None, count
                 if frame.pts == target:
-                    found[target] = frame.to_ndarray(format="rgb24")
+                    found[target] = _rgb(frame)
                     break
             else:
                 return None, count
     return [found[t] for t in targets], count
 
 
-def _pyav_in_order(path: Path, sampling: FrameSampling, start, end, fps: float, counted: int) -> SampledFrames:
+def _rgb(frame) -> np.ndarray:
+    """A decoded frame as (H, W, 3) uint8, turned as its stream's display matrix says it is shown (a phone's
+    portrait video is stored landscape): what decord returns, and what a player shows."""
+    rgb = frame.to_ndarray(format="rgb24")
+    turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4  # quarter turns counterclockwise
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
+def _pyav_in_order(
+    path: Path, sampling: FrameSampling, start, end, fps: float, counted: int, times: np.ndarray | None = None
+) -> SampledFrames:
     """Decodes in order up to the last sampled frame, converting only the sampled ones; samples again from what
-    decodes when that is fewer frames than counted."""
+    decodes when that is fewer frames than counted (by frame counts then: the frame times were the container's)."""
     import av
 
     for _ in range(2):
-        indices = sample_indices(counted, fps, sampling, start, end)
+        indices = sample_indices(counted, fps, sampling, start, end, times)
         wanted = set(indices.tolist())
         frames, decoded = {}, 0
         with av.open(str(path)) as container:
             for frame in container.decode(container.streams.video[0]):
                 _go_on()
                 if decoded in wanted:
-                    frames[decoded] = frame.to_ndarray(format="rgb24")
+                    frames[decoded] = _rgb(frame)
                 decoded += 1
                 if decoded > indices[-1]:
                     break
         if len(frames) == len(wanted):  # a short clip's indices repeat
             stacked = np.stack([frames[i] for i in indices])
-            return SampledFrames(stacked, indices, indices / fps, fps, counted, decoded)
+            return SampledFrames(stacked, indices, frame_times(indices, fps, times), fps, counted, decoded)
         if decoded == 0:
             raise VideoDecodeError(f"{path}: no frame decodes", "undecodable")
-        counted = decoded  # what decodes, not what the container holds
+        counted, times = decoded, None  # what decodes, not what the container holds
     raise VideoDecodeError(f"{path}: frames keep failing to decode")
 
 
@@ -392,7 +484,8 @@ def _decode_gif(path: Path, sampling: FrameSampling, start, end) -> SampledFrame
         with Image.open(path) as image:
             durations = [frame.info.get("duration", 100) or 100 for frame in ImageSequence.Iterator(image)]
             fps = 1000.0 / (sum(durations) / len(durations))
-            indices = sample_indices(len(durations), fps, sampling, start, end)
+            times = uneven_times(np.cumsum([0, *durations[:-1]]) / 1000.0, fps)
+            indices = sample_indices(len(durations), fps, sampling, start, end, times)
             frames = []
             for i in indices.tolist():
                 _go_on()
@@ -400,7 +493,7 @@ def _decode_gif(path: Path, sampling: FrameSampling, start, end) -> SampledFrame
                 frames.append(np.asarray(image.convert("RGB")))
     except (OSError, ValueError, EOFError, Image.DecompressionBombError) as err:
         raise VideoDecodeError(f"{path}: {err}") from err
-    return SampledFrames(np.stack(frames), indices, indices / fps, fps, len(durations))
+    return SampledFrames(np.stack(frames), indices, frame_times(indices, fps, times), fps, len(durations))
 
 
 def frame_order(path: Path) -> list:
@@ -414,6 +507,11 @@ def read_rgb(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as image:
+            if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit grey (PNG): convert() would clip at 255
+                grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+                return np.repeat(((grey * 255 + 32767) // 65535).astype(np.uint8)[..., None], 3, axis=-1)
+            if image.mode == "F":
+                raise VideoDecodeError(f"{path}: floating-point pixels (mode F) have no 8-bit colour to read")
             return np.asarray(image.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise VideoDecodeError(f"{path}: {err}") from err
