@@ -479,6 +479,35 @@ def test_bf16_weights_and_inputs_agree_with_fp32_and_learn(make):
     assert not bad
 
 
+@pytest.mark.parametrize("branch", ["global", "local"])
+def test_attention_weights_are_fp32_under_bf16_autocast_on_cpu(branch):
+    """SPEC 2.3: the attention weights are fp32. What bf16-mixed runs on CPU: fp32 weights and inputs under
+    autocast, which makes the score products bf16 and would leave the softmax (not upcast on CPU) in bf16."""
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Softmaxes(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if getattr(func, "__name__", "") == "softmax":
+                seen.append(out.dtype)
+            return out
+
+    torch.manual_seed(0)
+    if branch == "global":
+        module = GlobalCompressor(in_dim=64, out_dim=32, guide_dim=48, num_queries=4, guide=Guide.COARSE)
+    else:
+        module = LocalCompressor(in_dim=64, out_dim=32, guide_dim=48, kernel=(2, 2, 2), guide=Guide.COARSE)
+    rows = sum(MIXED.num_frames)
+    v, e, g = torch.randn(rows, 5, 5, 64), torch.randn(rows, 5, 5, 64), torch.randn(len(MIXED.num_frames), 48)
+    expected = module.forward_packed(v, e, g, MIXED)
+    with torch.autocast("cpu", dtype=torch.bfloat16), Softmaxes():
+        out = module.forward_packed(v, e, g, MIXED)
+    assert seen and set(seen) == {torch.float32}
+    assert (out.float() - expected).norm() / expected.norm() < 3e-2
+
+
 def test_unpad_packed_takes_back_the_rows_pad_packed_spread():
     from hicom.modules.compressors.base import pad_packed, unpad_packed
 

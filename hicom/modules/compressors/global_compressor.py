@@ -186,13 +186,16 @@ class GlobalCompressor(Compressor):
                     (bias[..., None, None] + along[0][..., :, None, None] + along[1][..., None, :, None])
                     + along[2][..., None, None, :]
                 ).reshape(b, heads * n, t * h * w)
-            if x.dtype == wide:  # one pass: scale * q x^T + bias
+            # one pass, scale * q x^T + bias, where it runs in fp32; under autocast (bf16-mixed) the product is
+            # made in bf16 and the bias added after it in fp32, so that the softmax gets fp32 scores (SPEC 2.3)
+            autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)  # meta: none
+            if x.dtype == wide and not autocast:
                 scores = torch.baddbmm(bias, q_in, x.transpose(1, 2), alpha=scale)
             else:
                 scores = torch.bmm(q_in, x.transpose(1, 2)).to(wide) * scale + bias.to(wide)  # (B, h N, L)
         if key_mask is not None:
             scores = scores.masked_fill(~key_mask[:, None, :], float("-inf"))
-        weights = scores.softmax(dim=-1).to(x.dtype)
+        weights = scores.softmax(dim=-1, dtype=wide).to(x.dtype)  # fp32 even where autocast would make it bf16
         mixed = torch.bmm(weights, x)  # (B, h N, D): sum_i a_i x_i for each head's queries
         if folded and self.position == "kv":  # + sum_i a_i p_i, axis by axis from the weights' marginals
             grid = weights.reshape(b, heads * n, t, h, w)

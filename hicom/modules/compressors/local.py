@@ -170,7 +170,9 @@ class LocalCompressor(Compressor):
         if plan.padding is not None:  # images' cells hold fewer tokens than videos' cells
             scores = scores.masked_fill(plan.padding, float("-inf"))
         values = self._adapted(features.reshape(-1, d), Adapt.V)  # (sum T H W, D)
-        weights = scores.softmax(dim=-1).to(values.dtype)  # padding positions get weight exactly 0
+        # at least fp32, as the global branch's (SPEC 2.3), also for bf16 weights and under bf16 autocast on CPU;
+        # padding positions get weight exactly 0
+        weights = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(values.dtype)
         return self.readout(_weighted_sum(weights, values, plan.index))  # (cells, d_out)
 
 
