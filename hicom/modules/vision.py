@@ -184,7 +184,8 @@ class ClipTower(_Tower):
       class token and changes the width), so there are no joint-space keys: `has_joint_embeds` is False and a
       compressor that asks for them is refused when the model is built (set the local branch's `keys: features`).
     - `encode_guide`: the text tower's pooled output through the text projection (B, D_joint), or with `tokens`
-      every position through it (B, L, D_joint).
+      every position through it (B, L, D_joint), the pooled (end-of-text) position moved to the last row, where
+      SigLIP's token-level guide has its pooled guide.
     - `logit_scale` is CLIP's; CLIP has no logit bias, so it is a zero.
     """
 
@@ -233,4 +234,18 @@ class ClipTower(_Tower):
 
     def encode_guide(self, input_ids: torch.Tensor, tokens: bool = False) -> torch.Tensor:
         out = self.guide_encoder(input_ids=input_ids)
-        return self.text_projection(out.last_hidden_state if tokens else out.pooler_output)
+        if not tokens:
+            return self.text_projection(out.pooler_output)
+        # A pooled-guide branch beside a fine one reads C_p as C_f's last row (`injection.pooled`), where SigLIP
+        # pools; CLIP pools at the end-of-text token, which padding leaves before the last position. That row is
+        # swapped with the last: the fine injection attends to C_f as a set (no positions, no mask), so the swap
+        # changes nothing else. The pooled output is one row of the last hidden state, found by equality.
+        states, pooled_at = out.last_hidden_state, out.pooler_output[:, None]
+        matches = (states == pooled_at).all(-1)
+        if not matches.any(-1).all():
+            raise RuntimeError("CLIP's pooled text output is not a row of its last hidden state; cannot place C_p")
+        at = matches.int().argmax(-1)  # (B,)
+        rows = torch.arange(states.shape[1], device=states.device).repeat(states.shape[0], 1)
+        batch = torch.arange(states.shape[0], device=states.device)
+        rows[batch, at], rows[:, -1] = rows.shape[1] - 1, at
+        return self.text_projection(states.gather(1, rows[..., None].expand_as(states)))

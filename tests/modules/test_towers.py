@@ -41,6 +41,17 @@ def test_clip_guide_is_projected_into_the_joint_space_and_pads_do_not_move_it(ca
         assert pooled.shape == (1, 48)
         torch.testing.assert_close(tower.encode_guide(padded), pooled)  # pooled at the end token, causal mask
         assert tower.encode_guide(padded, tokens=True).shape == (1, padded.shape[1], 48)
+        # C_f's last row is C_p, as for SigLIP (a pooled branch beside a fine one reads it there), and its rows
+        # are every position's, in another order
+        both = tok(["What colour is the circle?", "Is it red, green or blue, and how big?"], padding="max_length",
+                   return_tensors="pt")["input_ids"]  # fmt: skip
+        guide_tokens = tower.encode_guide(both, tokens=True)
+        torch.testing.assert_close(guide_tokens[:, -1], tower.encode_guide(both))
+        every = tower.text_projection(tower.guide_encoder(input_ids=both).last_hidden_state)
+        nearest = torch.cdist(guide_tokens, every, compute_mode="donot_use_mm_for_euclid_dist").min(
+            -1
+        )  # each row's nearest position: one each
+        assert nearest.values.max() < 1e-5 and all(len(set(i.tolist())) == both.shape[1] for i in nearest.indices)
         features, embeds = tower(torch.randn(3, 3, 112, 112))
     assert features.shape == (3, 7, 7, 64) and embeds is None
 
