@@ -15,8 +15,9 @@ on), which start from their init instead of the parent.
 Each finished stage writes `<output_dir>/stages/<name>/` with `handoff.safetensors` (the parts trained so far,
 frozen parts left out) and `manifest.json` (parent, compressor config, parameter names and shapes). Loading is
 strict: any parameter of the handed-off parts that is missing (and not declared new) or unexpected stops the run
-with the list. A stage whose manifest exists is skipped on re-run; `stage=<name>` with `stage_parent=<folder>`
-runs one stage alone from a given parent.
+with the list; so does, before any stage trains, a parent whose compressor config is not the stage's (but for the
+guide that a `guide_added` stage turns on). A stage whose manifest exists is skipped on re-run; `stage=<name>` with
+`stage_parent=<folder>` runs one stage alone from a given parent.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ HANDOFF, MANIFEST = "handoff.safetensors", "manifest.json"
 
 
 class HandoffError(RuntimeError):
-    """A stage's parent does not fit it: missing or unexpected parameters, or a wrong shape."""
+    """A stage's parent does not fit it: missing or unexpected parameters, a wrong shape, or another compressor."""
 
 
 def uses_deepspeed(cfg: DictConfig) -> bool:
@@ -229,6 +230,94 @@ def check_handoff(folder: Path) -> None:
         raise HandoffError(f"{error}; {again}") from error
 
 
+# Compressor settings a parent may hold otherwise than its child: they set only how parameters start, which the
+# hand-off's weights replace (a parameter the child adds starts from the child's own value), or which kernel computes
+# the same attention (the Q-Former's sdpa or eager).
+UNCHECKED_SETTINGS = frozenset({"init_std", "initializer_range", "attn_implementation"})
+
+_ABSENT = object()
+
+
+def check_parent_compressor(
+    parent: Path, trained: dict | None, compressor: DictConfig, guide_added: bool = False
+) -> None:
+    """Before any weights load, refuse a parent whose compressor config, `trained` (its manifest's), is not
+    `compressor`, the one this stage builds, but for what the recipe changes between stages: a `guide_added` stage
+    starts from a parent that trained the same compressor without its guide (its class's `unguided_config`, as a
+    `guided: false` stage builds it). Weights of the same names and shapes fit compressors that compute other things
+    (another kernel, position table or head count), and would load without a word. A manifest written before the
+    config was recorded (`trained` None) is let through, and the log says so."""
+    if trained is None:
+        log.warning(
+            "%s: its %s records no compressor config (written before hand-offs recorded it): not checked against this "
+            "stage's",
+            parent,
+            MANIFEST,
+        )
+        return
+    built = OmegaConf.to_container(compressor, resolve=True)
+    wanted = OmegaConf.to_container(unguided_config(OmegaConf.create(built)), resolve=True) if guide_added else built
+    differences = _differences(trained, wanted)
+    if not differences:
+        return
+    guide_keys = {key for key, _, _ in _differences(wanted, built)}  # what unguided_config turned off
+    lines = [f"{key}: the parent's {_value(was)}, this stage's {_value(now)}" for key, was, now in differences]
+    overrides = [
+        _override(f"model.compressor.{key}", was, now) for key, was, now in differences if key not in guide_keys
+    ]
+    ways = []
+    if overrides:
+        ways.append(f"build this stage's compressor as the parent's ({' '.join(overrides)})")
+    if len(overrides) < len(differences):
+        ways.append(
+            "start this stage, which turns the guide on (guide_added: true), from a parent trained without it (a stage "
+            "with guided: false)"
+        )
+    unguided = ", without the guide this stage adds" if guide_added else ""
+    raise HandoffError(
+        f"{parent} trained a compressor configured otherwise than this stage's ({MANIFEST}'s compressor against "
+        f"model.compressor{unguided}): its weights would load into another computation:\n  "
+        + "\n  ".join(lines)
+        + f"\nTo go on from it, {'; or '.join(ways)}. To train this compressor, start from a parent trained with it: "
+        "stage_parent=<such a stage's folder>, or the stages before this one trained again (a new run, or this "
+        "run's folders of those stages deleted)"
+    )
+
+
+def _differences(trained: dict, wanted: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, trained value, wanted value) for each setting that differs, where present on either side."""
+    found = []
+    for key in dict.fromkeys([*trained, *wanted]):
+        if key in UNCHECKED_SETTINGS:
+            continue
+        was, now = trained.get(key, _ABSENT), wanted.get(key, _ABSENT)
+        if isinstance(was, dict) and isinstance(now, dict):
+            found += _differences(was, now, f"{prefix}{key}.")
+        elif was != now:
+            found.append((f"{prefix}{key}", was, now))
+    return found
+
+
+def _value(value) -> str:
+    """A config value as a Hydra override writes it (`[4,3,3]`, `null`, `kv`)."""
+    if value is _ABSENT:
+        return "(none)"
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _override(key: str, was, now) -> str:
+    """The command-line override that sets `key` back to the parent's value `was`."""
+    if was is _ABSENT:
+        return f"~{key}"
+    return f"{'+' if now is _ABSENT else ''}{key}={_value(was)}"
+
+
 def guide_parameters(model, cfg: DictConfig) -> list[str]:
     """The names (as hand-offs write them) of the compressor's tensors that only its guided form has."""
     from hicom.modules.video_llm import guide_only_names
@@ -237,14 +326,20 @@ def guide_parameters(model, cfg: DictConfig) -> list[str]:
     return [f"compressor.{key}" for key in model.net.compressor.state_dict() if key in only]
 
 
-def load_handoff(model, parent: Path, new_parameters: list[str]) -> list[str]:
-    """Load a parent's hand-off into `model`, strictly; returns the parts it held."""
+def load_handoff(
+    model, parent: Path, new_parameters: list[str], compressor: DictConfig | None = None, guide_added: bool = False
+) -> list[str]:
+    """Load a parent's hand-off into `model`, strictly; returns the parts it held. `compressor`, the config
+    `model`'s compressor was built from, is checked against the parent's first (`check_parent_compressor`; the
+    stage runner checks it before the model is built, and passes none)."""
     from safetensors.torch import load_file
 
     manifest_path = parent / MANIFEST
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{parent} holds no finished stage ({MANIFEST} missing)")
     manifest = read_manifest(manifest_path)
+    if compressor is not None:
+        check_parent_compressor(parent, manifest.get("compressor"), compressor, guide_added)
     # the digest the stage wrote (manifests from before it was recorded have none): damaged bytes in the tensor data
     # would load as other numbers
     if "sha256" in manifest and (parent / HANDOFF).is_file() and file_sha256(parent / HANDOFF) != manifest["sha256"]:
@@ -288,6 +383,15 @@ def load_handoff(model, parent: Path, new_parameters: list[str]) -> list[str]:
 
 def _declared(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+
+
+def parent_folder(cfg: DictConfig, i: int) -> Path | None:
+    """The folder stage `i` starts from: `stage_parent` for the stage run alone that names one, else the stage
+    before it in this run (none for the first)."""
+    stages = list(cfg.stages)
+    if cfg.get("stage") == stages[i].name and cfg.get("stage_parent"):
+        return Path(cfg.stage_parent)
+    return Path(cfg.paths.output_dir) / "stages" / stages[i - 1].name if i > 0 else None
 
 
 def run_stages(cfg: DictConfig) -> dict[str, dict]:
@@ -360,19 +464,29 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
             missing_data.append(f"stage {name}: {err}")
     if missing_data:
         raise FileNotFoundError("\n".join(missing_data))
-    parent: Path | None = None
+    composed = dict(to_run)
+    for name, stage_cfg in to_run:  # the compressor its parent trained, or will train in this run
+        i = names.index(name)
+        parent = parent_folder(cfg, i)
+        if parent is not None and (parent / MANIFEST).is_file():
+            trained = read_manifest(parent / MANIFEST).get("compressor")
+        elif i > 0 and parent == root / names[i - 1] and names[i - 1] in composed:
+            trained = OmegaConf.to_container(composed[names[i - 1]].model.compressor, resolve=True)
+        else:  # none: the stage stops with that before it is built
+            continue
+        try:
+            check_parent_compressor(parent, trained, stage_cfg.model.compressor, bool(stages[i].get("guide_added")))
+        except HandoffError as err:
+            raise HandoffError(f"stage {name}: {err}") from err
     results = {}
     for i, stage in enumerate(stages):
         out_dir = root / stage.name
         if only is not None and stage.name != only:
-            parent = out_dir  # the default parent of a stage run alone: the stage before it
             continue
-        if only is not None and cfg.get("stage_parent"):
-            parent = Path(cfg.stage_parent)
+        parent = parent_folder(cfg, i)
         if (out_dir / MANIFEST).is_file():
             log.info("stage %s is done (%s): skipped", stage.name, out_dir)
             results[stage.name] = {"skipped": True}
-            parent = out_dir
             continue
         if i > 0 and (parent is None or not (parent / MANIFEST).is_file()):  # before any weights load
             raise FileNotFoundError(
@@ -399,7 +513,6 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
         results[stage.name] = train(
             stage_cfg, before_fit=handoff.load, after_fit=handoff.save, resume=relaunch(cfg, stage.name)
         )
-        parent = out_dir
         free_memory()  # the stage's trainer and model sit in reference cycles: a 7B LLM held through the next stage
     return results
 

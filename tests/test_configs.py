@@ -278,6 +278,33 @@ def test_a_global_batch_sets_accumulation_in_a_run(cache_dir, tmp_path):
     assert metrics["steps"] == 2  # 4 micro batches of 4, 2 per optimizer step
 
 
+def test_the_recipe_without_its_stages_is_one_fit_of_stage_2_with_its_batch(cache_dir, tmp_path):
+    """`experiment=directg_local43_global32 stages=null` trains as stage 2 does, 512 samples per optimizer step
+    (SPEC 5) of 8 per GPU, on any number of GPUs; the stages keep their own batches."""
+    from omegaconf import OmegaConf
+
+    from hicom.stages import stage_config
+    from hicom.training import gradient_accumulation
+
+    staged = compose_train(cache_dir, tmp_path, ["experiment=directg_local43_global32"])
+    stages = [stage_config(staged, stage, tmp_path / stage.name) for stage in staged.stages]
+    one = compose_train(cache_dir, tmp_path, ["experiment=directg_local43_global32", "stages=null"])
+    keys = (
+        "global_batch_size",
+        "data.batch_size",
+        "data.num_frames",
+        "data.source.train",
+        "model.trainable",
+        "model.lr",
+    )
+    assert {k: OmegaConf.select(one, k) for k in keys} == {k: OmegaConf.select(stages[1], k) for k in keys}
+    assert (one.global_batch_size, one.data.batch_size) == (512, 8)
+    for world in (1, 8, 64):
+        micro = one.data.batch_size
+        assert micro * world * gradient_accumulation(one.global_batch_size, micro, world) == 512
+    assert [(s.global_batch_size, s.data.batch_size) for s in stages] == [(512, 32), (512, 8), (256, 2)]
+
+
 def test_command_line_values_a_staged_experiment_would_replace_are_refused_with_the_per_stage_keys(cache_dir, tmp_path):
     from hicom.stages import check_stage_overrides
 

@@ -133,7 +133,7 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
         from hicom.compat.official import import_official
 
         import_official(module.net, run_cfg.init_from, loaded=("llm",))
-    parts = load_handoff(module, folder, [])
+    parts = load_handoff(module, folder, [], compressor=run_cfg.model.compressor)  # run_overrides may change it
     source = {"ckpt": str(folder), "format": "run", "parts": parts, "trained_frames": int(run_cfg.data.num_frames)}
     return module, source
 

@@ -1,0 +1,153 @@
+"""A stage starts only from a parent that trained its compressor, as configured (hicom/stages.py)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+import hicom.stages
+from hicom.stages import HandoffError, load_handoff, run_stages, save_handoff, stage_config
+from tests.conftest import SMALL, compose_train
+
+OTHER_COMPRESSOR = [
+    "model.compressor.local.kernel=[2,2,2]",
+    "model.compressor.global_.position=k",
+    "model.compressor.global_.num_heads=1",
+]
+
+
+def finished_stage(cfg, folder: Path) -> dict[str, torch.Tensor]:
+    """A finished stage in `folder` that trained the compressor of `cfg` (as the stage runner writes it); its
+    hand-off's tensors."""
+    model = instantiate(cfg.model)
+    save_handoff(model, folder, ["compressor"], None, cfg)
+    return {f"compressor.{k}": v.clone() for k, v in model.net.compressor.state_dict().items()}
+
+
+def without_compressor_entry(folder: Path, to: Path) -> Path:
+    """A copy of a finished stage whose manifest is as hand-offs wrote it before they recorded the compressor."""
+    shutil.copytree(folder, to)
+    manifest = json.loads((to / "manifest.json").read_text())
+    del manifest["compressor"]
+    (to / "manifest.json").write_text(json.dumps(manifest))
+    return to
+
+
+def test_a_parent_that_trained_another_compressor_is_refused_before_its_weights_load(
+    tiny_paths, cache_dir, tmp_path, caplog
+):
+    parent_cfg = compose_train(cache_dir, tmp_path / "a", ["model.trainable=[compressor]"])
+    trained = finished_stage(parent_cfg, tmp_path / "parent")
+    cfg = compose_train(cache_dir, tmp_path / "b", ["model.trainable=[compressor]", *OTHER_COMPRESSOR])
+    model = instantiate(cfg.model)  # the same names and shapes: loading alone would take the parent's weights
+    before = {k: v.clone() for k, v in model.net.compressor.state_dict().items()}
+    with pytest.raises(HandoffError) as error:
+        load_handoff(model, tmp_path / "parent", [], compressor=cfg.model.compressor)
+    lines = str(error.value).splitlines()
+    assert "  local.kernel: the parent's [4,3,3], this stage's [2,2,2]" in lines
+    assert "  global_.position: the parent's kv, this stage's k" in lines
+    assert "  global_.num_heads: the parent's null, this stage's 1" in lines
+    assert len([line for line in lines if line.startswith("  ")]) == 3  # nothing else differs
+    # what to write to go on from this parent
+    assert (
+        "model.compressor.local.kernel=[4,3,3] model.compressor.global_.position=kv "
+        "model.compressor.global_.num_heads=null" in str(error.value)
+    )
+    assert all(torch.equal(v, before[k]) for k, v in model.net.compressor.state_dict().items())
+
+    # the same compressor at another init: the parent's weights replace the init, so it loads
+    cfg = compose_train(cache_dir, tmp_path / "c", ["model.trainable=[compressor]", "compressor_init_std=0.02"])
+    assert cfg.model.compressor.local.init_std != parent_cfg.model.compressor.local.init_std
+    model = instantiate(cfg.model)
+    assert load_handoff(model, tmp_path / "parent", [], compressor=cfg.model.compressor) == ["compressor"]
+    assert all(torch.equal(v, trained[f"compressor.{k}"]) for k, v in model.net.compressor.state_dict().items())
+
+    # a hand-off from before manifests recorded the compressor loads as it did, and the log says it is unchecked
+    legacy = without_compressor_entry(tmp_path / "parent", tmp_path / "legacy")
+    cfg = compose_train(cache_dir, tmp_path / "d", ["model.trainable=[compressor]", *OTHER_COMPRESSOR])
+    with caplog.at_level("WARNING", logger="hicom.stages"):
+        assert load_handoff(instantiate(cfg.model), legacy, [], compressor=cfg.model.compressor) == ["compressor"]
+    assert "records no compressor config" in caplog.text and "not checked" in caplog.text
+
+
+@pytest.fixture
+def stage_runs(monkeypatch) -> list[str]:
+    """The stages run_stages would train: their fits are not run, only recorded."""
+    started = []
+
+    def train(cfg, **_):
+        started.append(Path(cfg.paths.output_dir).name)
+        return {"steps": 0}
+
+    monkeypatch.setattr(hicom.stages, "train", train)
+    return started
+
+
+def test_a_relaunch_with_another_compressor_stops_before_the_next_stage_is_built(
+    tiny_paths, cache_dir, tmp_path, stage_runs
+):
+    run = tmp_path / "run"
+    cfg = compose_train(cache_dir, run, ["experiment=tiny_stages", *SMALL])
+    alignment = cfg.stages[0]
+    finished_stage(stage_config(cfg, alignment, run / "stages" / "alignment"), run / "stages" / "alignment")
+    # the recipe's own difference: stage 2 turns on the guide that stage 1 trained without
+    assert run_stages(compose_train(cache_dir, run, ["experiment=tiny_stages", *SMALL, "stage=conditional"])) == {
+        "conditional": {"steps": 0}
+    }
+    assert stage_runs == ["conditional"]
+    # the same run launched again with another compressor setting: its finished stage 1 trained the old one
+    cfg = compose_train(cache_dir, run, ["experiment=tiny_stages", *SMALL, "model.compressor.global_.position=k"])
+    with pytest.raises(HandoffError) as error:
+        run_stages(cfg)
+    message = str(error.value)
+    assert message.startswith(f"stage conditional: {run / 'stages' / 'alignment'} trained a compressor configured")
+    assert "without the guide this stage adds" in message
+    assert "\n  global_.position: the parent's kv, this stage's k\nTo go on" in message
+    assert "model.compressor.global_.position=kv" in message
+    assert stage_runs == ["conditional"]  # nothing more was built
+
+
+def test_a_stage_from_another_runs_parent_names_each_setting_that_differs(tiny_paths, cache_dir, tmp_path, stage_runs):
+    cfg = compose_train(cache_dir, tmp_path / "other", ["experiment=tiny_stages", *SMALL])
+    other = tmp_path / "other" / "stages"
+    finished_stage(stage_config(cfg, cfg.stages[0], other / "alignment"), other / "alignment")
+    finished_stage(stage_config(cfg, cfg.stages[1], other / "conditional"), other / "conditional")
+
+    def alone(stage: str, parent: Path, *overrides: str):
+        with_parent = [f"stage={stage}", f"stage_parent={parent}", *overrides]
+        return run_stages(compose_train(cache_dir, tmp_path / "run", ["experiment=tiny_stages", *SMALL, *with_parent]))
+
+    with pytest.raises(HandoffError) as error:
+        alone("instruction", other / "conditional", *OTHER_COMPRESSOR)
+    assert [line for line in str(error.value).splitlines() if line.startswith("  ")] == [
+        "  local.kernel: the parent's [4,3,3], this stage's [2,2,2]",
+        "  global_.position: the parent's kv, this stage's k",
+        "  global_.num_heads: the parent's null, this stage's 1",
+    ]
+    # stage 3 from a stage 1 (trained unguided) is not the recipe: only stage 2 adds the guide
+    with pytest.raises(HandoffError, match=r"\n  local.guide: the parent's off, this stage's direct\n"):
+        alone("instruction", other / "alignment")
+    # nor is stage 2 from a parent that trained with the guide it adds
+    with pytest.raises(HandoffError, match=r"from a parent trained without it \(a stage with guided: false\)"):
+        alone("conditional", other / "conditional")
+    assert stage_runs == []
+    assert alone("instruction", other / "conditional") == {"instruction": {"steps": 0}}
+    # a parent whose manifest predates the recorded compressor is taken as it was
+    legacy = without_compressor_entry(other / "conditional", tmp_path / "legacy")
+    assert alone("instruction", legacy, *OTHER_COMPRESSOR) == {"instruction": {"steps": 0}}
+    assert stage_runs == ["instruction", "instruction"]
+
+
+def test_a_stage_that_changes_the_compressor_its_parent_trains_is_refused_before_any_stage_trains(
+    tiny_paths, cache_dir, tmp_path, stage_runs
+):
+    override = "+stages.2.config={model: {compressor: {global_: {position: k}}}}"
+    cfg = compose_train(cache_dir, tmp_path / "run", ["experiment=tiny_stages", *SMALL, override])
+    with pytest.raises(
+        HandoffError, match=r"stage instruction: .*\n  global_.position: the parent's kv, this stage's k"
+    ):
+        run_stages(cfg)
+    assert stage_runs == [] and not (tmp_path / "run" / "stages").exists()
