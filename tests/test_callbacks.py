@@ -208,29 +208,65 @@ def test_a_single_file_checkpoint_cut_short_in_its_write_leaves_the_one_before_w
     import io
 
     import lightning as L
-    from lightning.fabric.plugins.io import torch_io
     from lightning.pytorch.demos.boring_classes import BoringModel
 
     from hicom.callbacks.checkpoint import CheckpointWriteError, LastCheckpoint
 
     dirpath = tmp_path / "checkpoints"
-    original, written = torch_io._atomic_save, []
+    original, written = torch.save, []
 
-    def cut_short(checkpoint, filepath):
+    def cut_short(checkpoint, filepath, *args, **kwargs):
         if written:
             buffer = io.BytesIO()
-            torch.save(checkpoint, buffer)
-            with open(filepath, "wb") as f:  # where the bytes go as the copy runs, until the job is killed
+            original(checkpoint, buffer)
+            with open(filepath, "wb") as f:  # where the bytes go as the write runs, until the job is killed
                 f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-            raise OSError("killed during the copy")
+            raise OSError("killed during the write")
         written.append(filepath)
-        original(checkpoint, filepath)
+        original(checkpoint, filepath, *args, **kwargs)
 
-    monkeypatch.setattr(torch_io, "_atomic_save", cut_short)
+    monkeypatch.setattr(torch, "save", cut_short)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[LastCheckpoint(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=3)],
     )  # fmt: skip
-    with pytest.raises(CheckpointWriteError, match=r"last\.ckpt failed \(OSError: killed during the copy\)"):
+    with pytest.raises(CheckpointWriteError, match=r"last\.ckpt failed \(OSError: killed during the write\)") as err:
         trainer.fit(BoringModel())
     assert torch.load(dirpath / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert "the checkpoint written before this one" in str(err.value) and str(dirpath / "last.ckpt") in str(err.value)
+    assert Path(written[0]).name == ".last.ckpt.partial"  # beside its place
+
+
+def test_a_checkpoint_goes_straight_to_its_folder_not_through_tmpdir(tmp_path, monkeypatch):
+    """A node's small /tmp (or one that is gone) fails nothing: Lightning's path serialised the checkpoint in memory
+    and wrote it into TMPDIR first. A folder that cannot be written is named as such, not as a full disk."""
+    import errno
+    import tempfile
+
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from hicom.callbacks.checkpoint import CheckpointWriteError, DirectCheckpointIO, LastCheckpoint
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-tmp"))  # mkstemp there fails
+
+    def fit(dirpath):
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[LastCheckpoint(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=1)],
+        )  # fmt: skip
+        trainer.fit(BoringModel())
+        return trainer
+
+    trainer = fit(tmp_path / "checkpoints")
+    assert isinstance(trainer.strategy.checkpoint_io, DirectCheckpointIO)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert not (tmp_path / "checkpoints" / ".last.ckpt.partial").exists()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(torch, "save", read_only)
+    with pytest.raises(CheckpointWriteError, match="its folder cannot be written") as err:
+        fit(tmp_path / "elsewhere")
+    assert "no earlier checkpoint is there to resume from" in str(err.value) and "GiB free" not in str(err.value)

@@ -9,9 +9,33 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 log = logging.getLogger(__name__)
+
+
+class DirectCheckpointIO(TorchCheckpointIO):
+    """Lightning's TorchCheckpointIO, but a checkpoint on a local file system goes straight into its file.
+
+    Lightning's first serialises the whole checkpoint into memory (a second copy of the weights and optimizer
+    states in host RAM: tens of GB at 7B), then writes it to a temporary file in TMPDIR and moves that into place.
+    Where TMPDIR is small (a node's /tmp), every save fails and the error names the checkpoint's file system;
+    where it is another file system, the move is a copy, and a job killed during it leaves a checkpoint-sized
+    file in TMPDIR for good. `LastCheckpoint` writes into a `.partial` file beside the checkpoint and renames it,
+    so the file in place is always whole. Object storage keeps Lightning's path (it writes a file whole or not
+    at all)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        from fsspec.utils import get_protocol
+
+        if storage_options is not None or get_protocol(str(path)) != "file":
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        import torch
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(checkpoint, path)
 
 
 def writes_folders(strategy) -> bool:
@@ -72,15 +96,36 @@ class CheckpointWriteError(RuntimeError):
 
 
 def write_failure(path: Path, err: BaseException) -> str:
-    """What a failed checkpoint write says: the error, the space left where it was written, and what to do. torch
-    reports a full disk as an 'unexpected pos' or an 'iostream error', which names neither."""
+    """What a failed checkpoint write says: the error, what to do, and whether an earlier checkpoint is there to
+    resume from. A folder that cannot be written (read-only, no permission) is said to be so; otherwise the space
+    left where it was written is given: torch reports a full disk as an 'unexpected pos' or an 'iostream error',
+    which names neither."""
+    import errno
+
     folder = next((p for p in (path.parent, *path.parents) if p.exists()), None)
+    cause, causes = err, []
+    while cause is not None:  # the OSError behind torch's or Lightning's wrapping
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    denied = any(isinstance(c, OSError) and c.errno in (errno.EROFS, errno.EACCES, errno.EPERM) for c in causes)
+    # a failed write never replaces last.ckpt (it fills a .partial file, or a new step folder), so one there is earlier
+    earlier = resume_checkpoint(path.parent) if path.parent.is_dir() else None
+    kept = (
+        f"the checkpoint written before this one ({earlier}) is kept, and `ckpt_path=` resumes from it"
+        if earlier is not None
+        else "no earlier checkpoint is there to resume from"
+    )
+    if denied:
+        return (
+            f"writing the checkpoint {path} failed ({type(err).__name__}: {str(err).strip()}): its folder cannot be "
+            "written (a read-only file system, or no permission): point callbacks.model_checkpoint.dirpath (or "
+            f"hydra.run.dir) at a folder this job can write; {kept}"
+        )
     free = f"{shutil.disk_usage(folder).free / 2**30:.1f} GiB free on its file system" if folder else "no such folder"
     return (
         f"writing the checkpoint {path} failed ({type(err).__name__}: {str(err).strip()}); {free}. A full disk "
         "fails this way: free space (unfinished folders beside it, last.step<N>[.<k>].ckpt, can go), or point "
-        "callbacks.model_checkpoint.dirpath at a larger file system; the last.ckpt written before this one is kept, "
-        "and `ckpt_path=` resumes from it"
+        f"callbacks.model_checkpoint.dirpath at a larger file system; {kept}"
     )
 
 
@@ -116,6 +161,9 @@ class LastCheckpoint(ModelCheckpoint):
         whatever collective the others are in, and the launch crashes or hangs with nothing saved. This one only
         notes the signal; the processes agree to stop at an optimizer-step boundary (`_agree_to_stop`)."""
         super().setup(trainer, pl_module, stage)
+        strategy = trainer.strategy
+        if type(getattr(strategy, "_checkpoint_io", None)) in (TorchCheckpointIO, type(None)):  # not a user's own
+            strategy.checkpoint_io = DirectCheckpointIO()
         connector = getattr(trainer, "_signal_connector", None)
         if connector is not None:
             connector._sigterm_notifier_fn = self._note_sigterm  # an instance attribute: what it registers
@@ -198,10 +246,8 @@ class LastCheckpoint(ModelCheckpoint):
         self._last_checkpoint_saved = filepath
 
     def _write_file(self, trainer, filepath: str) -> None:
-        """A single-file checkpoint, written beside its place and renamed into it: one step on the same file system.
-        Lightning writes it to a temporary file in TMPDIR and moves that into place, which where TMPDIR is another
-        file system (a node's local disk, the checkpoints on a shared one) is a copy over the checkpoint before: a
-        job killed during it left neither."""
+        """A single-file checkpoint, written beside its place (`DirectCheckpointIO`: not through TMPDIR) and renamed
+        into it: one step on the same file system, so a job killed during the save leaves the checkpoint before."""
         from fsspec.utils import get_protocol
 
         if get_protocol(filepath) != "file":  # object storage writes a file whole or not at all
