@@ -380,10 +380,18 @@ class SampleIndex:
         folder = Path(folder)
         tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name in self._ARRAYS:
-            np.save(tmp / f"{name}.npy", getattr(self, name))
-        (tmp / "meta.json").write_text(json.dumps({"roots": self.roots, "files": self.files}))
+        try:
+            tmp.mkdir(parents=True)
+            for name in self._ARRAYS:
+                np.save(tmp / f"{name}.npy", getattr(self, name))
+            (tmp / "meta.json").write_text(json.dumps({"roots": self.roots, "files": self.files}))
+        except OSError as err:  # numpy names neither the file nor the folder ("Not enough free space to write")
+            shutil.rmtree(tmp, ignore_errors=True)
+            free = shutil.disk_usage(tmp.parent).free / 2**30 if tmp.parent.is_dir() else 0.0
+            raise OSError(
+                f"writing the sample index into {tmp.parent} failed ({err}; {free:.1f} GiB free there): free space, "
+                "or point data.index_dir at another folder"
+            ) from err
         if folder.exists():  # another process wrote the same index first
             shutil.rmtree(tmp)
         else:

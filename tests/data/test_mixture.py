@@ -378,3 +378,17 @@ def test_preflight_counts_tokens_as_training_encodes_them(tmp_path, tiny_paths, 
     assert "give --image-tokens" in capsys.readouterr().err
     preflight.main(base)  # without --llm: no counts
     assert "tokens" not in json.loads((out / "summary.json").read_text())
+
+
+def test_an_index_that_cannot_be_written_names_its_folder_and_leaves_no_temporary_one(tmp_path, monkeypatch):
+    """numpy reports a full disk as 'Not enough free space to write N bytes', naming no file."""
+    (tmp_path / "a.json").write_text(json.dumps(records("a", 3)))
+    index = SampleIndex.build([MixtureEntry(tmp_path / "a.json", tmp_path)])
+
+    def full(*args, **kwargs):
+        raise OSError("Not enough free space to write 33288130 bytes after offset 128")
+
+    monkeypatch.setattr(np, "save", full)
+    with pytest.raises(OSError, match=r"writing the sample index into .*indexes failed .*GiB free there.*index_dir"):
+        index.save(tmp_path / "indexes" / "one")
+    assert list((tmp_path / "indexes").iterdir()) == []
