@@ -197,6 +197,7 @@ class VideoQADataModule(LightningDataModule):
         self.splits = None
         self._train_loader: ResumableLoader | None = None
         self._train_state: dict | None = None  # a checkpoint's loader state, for the loader not made yet
+        self._said_left_out: tuple[int, int] | None = None  # the cut last said (`_say_left_out`)
 
     @property
     def split_turns(self) -> bool:
@@ -270,7 +271,8 @@ class VideoQADataModule(LightningDataModule):
 
     def train_dataloader(self) -> ResumableLoader:
         """The training batches in `TrainSampler`'s order (this process's shard under DDP, `shuffle` and `seed`
-        honoured there too), grouped by modality and length with `group_by_length`; resumable mid-epoch."""
+        honoured there too), grouped by modality and length with `group_by_length`; resumable mid-epoch. Under a
+        strategy that accumulates gradients inside its engine, whole optimizer steps only (`_step_samples`)."""
         world, rank = 1, 0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -281,9 +283,18 @@ class VideoQADataModule(LightningDataModule):
             visual = np.array([0, self.visual_tokens(1, "image"), self.visual_tokens(self.num_frames, "video")])
             lengths = index.text_bytes() // 4 + visual[modalities]  # about 4 bytes of JSON per text token
             grouping = dict(batch_size=self.batch_size, lengths=lengths, groups=modalities)
+        step = self._step_samples()
         sampler = TrainSampler(
-            self.train_set, num_replicas=world, rank=rank, shuffle=self.shuffle, seed=self.seed, **grouping
+            self.train_set,
+            num_replicas=world,
+            rank=rank,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            multiple_of=step,
+            **grouping,
         )
+        if len(sampler) < sampler.num_samples:
+            self._say_left_out(sampler, step, world)
         loader = self._train_loader = ResumableLoader(
             self.train_set,
             batch_size=self.batch_size,
@@ -301,6 +312,43 @@ class VideoQADataModule(LightningDataModule):
             loader.load_state_dict(self._train_state)
             self._train_state = None
         return loader
+
+    def _step_samples(self) -> int:
+        """This process's samples per optimizer step where the trainer's strategy accumulates gradients inside its
+        engine (Lightning's `handles_gradient_accumulation`: DeepSpeed), else 1 (no cut).
+
+        Such an engine steps on every accumulation-th batch since the fit began, while Lightning counts from each
+        epoch's start and sizes the schedule (estimated_stepping_batches) for a partial last step per epoch, which
+        the engine never takes: the last epoch's partial accumulation is never applied, and an earlier one's joins
+        the next epoch's first step, after which the engine steps batches away from where Lightning steps its
+        scheduler, saves its checkpoints and stops on SIGTERM. An epoch of whole accumulations keeps them together.
+        """
+        trainer = self.trainer
+        if trainer is None or not trainer.strategy.handles_gradient_accumulation:
+            return 1
+        return self.batch_size * trainer.accumulate_grad_batches
+
+    def _say_left_out(self, sampler: TrainSampler, step: int, world: int) -> None:
+        """The samples an epoch leaves out to end on an optimizer step (`_step_samples`), said, or a ValueError
+        where not one step is left."""
+        accumulation = step // self.batch_size
+        if len(sampler) == 0:
+            raise ValueError(
+                f"each process has {sampler.num_samples} training samples an epoch, fewer than one optimizer step "
+                f"takes from it (data.batch_size {self.batch_size} x {accumulation} accumulation = {step}), and the "
+                "strategy accumulates inside its engine (DeepSpeed), which never steps on a partial accumulation: "
+                "lower global_batch_size, or train on more samples"
+            )
+        if self._said_left_out == (len(sampler), sampler.num_samples):
+            return  # DeepSpeedStrategy makes a loader of its own before the fit's, to read its batch size
+        self._said_left_out = (len(sampler), sampler.num_samples)
+        left_out = max(len(self.train_set) - len(sampler) * world, 0)  # the shards' padding repeats come off first
+        log.warning(
+            "the strategy accumulates gradients inside its engine (DeepSpeed), which steps on whole accumulations "
+            "only: each epoch takes %d of each process's %d training samples (optimizer steps of data.batch_size %d x "
+            "%d accumulation), leaving out %d of the %d samples an epoch (other ones each epoch where shuffled)",
+            len(sampler), sampler.num_samples, self.batch_size, accumulation, left_out, len(self.train_set),
+        )  # fmt: skip
 
     def state_dict(self) -> dict:
         """The training loader's place, which Lightning keeps in its checkpoints: it restores a data module's state

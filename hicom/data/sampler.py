@@ -27,6 +27,11 @@ class TrainSampler(DistributedSampler):
     boundaries, so that the batch count depends on the sample count alone. Where a group ends inside a batch (at
     most once per group and megabatch), that batch holds two modalities, which the collator and the compressors
     take like any other batch.
+
+    `multiple_of`: each process's share of an epoch is cut to a multiple of this many samples, its tail left out,
+    where a strategy accumulates gradients inside its engine (DeepSpeed; see VideoQADataModule.train_dataloader):
+    at `batch_size` x the accumulation, every epoch ends on an optimizer step. The cut comes before the grouping,
+    and with shuffling it leaves out other samples each epoch.
     """
 
     def __init__(
@@ -41,20 +46,29 @@ class TrainSampler(DistributedSampler):
         lengths: np.ndarray | None = None,
         groups: np.ndarray | None = None,
         megabatch: int = 64,
+        multiple_of: int = 1,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         if (lengths is None) != (groups is None):
             raise ValueError("grouping needs both lengths and groups")
         if lengths is not None and not len(lengths) == len(groups) == len(dataset):
             raise ValueError(f"{len(lengths)} lengths and {len(groups)} groups for {len(dataset)} samples")
-        if batch_size < 1 or megabatch < 1:
-            raise ValueError(f"batch_size and megabatch must be >= 1, got {batch_size} and {megabatch}")
+        if batch_size < 1 or megabatch < 1 or multiple_of < 1:
+            raise ValueError(
+                f"batch_size, megabatch and multiple_of must be >= 1, got {batch_size}, {megabatch} and {multiple_of}"
+            )
         self.lengths = None if lengths is None else np.asarray(lengths)
         self.groups = None if groups is None else np.asarray(groups)
         self.batch_size, self.megabatch = batch_size, megabatch
+        # DistributedSampler's num_samples stays the padded share; this is what an epoch hands out of it
+        self.kept = self.num_samples // multiple_of * multiple_of
+
+    def __len__(self) -> int:
+        return self.kept
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
+        # a shard is strided over the permutation, so its tail is the permutation's end, where the padding is
+        indices = list(super().__iter__())[: self.kept]
         if self.lengths is None:
             return iter(indices)
         rng = np.random.default_rng((self.seed, self.epoch))

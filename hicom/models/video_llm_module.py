@@ -464,7 +464,7 @@ class VideoLLMModule(LightningModule):
         return (stats[0], *stats[1:].tolist())
 
     def on_validation_epoch_start(self) -> None:
-        self._val_sum, self._val_count = 0.0, 0.0  # this process's sum of batch losses times samples, and samples
+        self._val_sum, self._val_count = 0.0, 0.0  # this process's sum of token losses, and labelled tokens
 
     def _join_visual_gathers(self, batch: dict) -> None:
         """Under ZeRO-3 on several processes, before a held-out batch without clips runs the LLM: a blank image
@@ -479,20 +479,24 @@ class VideoLLMModule(LightningModule):
             self._keep_stand_in(batch, "val")
             self._join_visual_gathers(batch)
             loss = self.net(batch).loss.detach().float()
-            self._val_sum, self._val_count = (
-                self._val_sum + loss * len(batch["ids"]),
-                self._val_count + len(batch["ids"]),
-            )
+            # the LLM's loss is the mean over the tokens it is asked to predict (the labels after the shift, as in
+            # training): times their count it is their sum, which adds up over batches whatever their sizes; a
+            # batch without any (its mean a NaN) adds nothing
+            labelled = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+            self._val_sum = self._val_sum + torch.where(labelled > 0, loss * labelled, 0.0)
+            self._val_count = self._val_count + labelled
         elif self.net.zero3 and self._world() > 1:  # the others' forward gathers parameters from this process too
             stand_in = self._stand_in(batch, "val")
             self._join_visual_gathers(stand_in)  # a text-only stand-in runs the visual parts too
             self.net(stand_in)
 
     def on_validation_epoch_end(self) -> None:
-        """val/loss over every process's held-out samples (each process validates its own shard): summed across
-        processes by all of them, so that a process whose batches were all skipped joins in with nothing."""
+        """val/loss, the mean loss of every labelled token of every process's held-out samples (each process
+        validates its own shard), as training's loss is a micro-batch's: the same whatever the batch size and the
+        number of processes. Summed across processes by all of them, so that a process whose batches were all
+        skipped joins in with nothing."""
         value = torch.as_tensor(self._val_sum, dtype=torch.float32, device=self.device)
-        total, count = self._sum_over_processes(value, self._val_count)
+        total, count = self._sum_over_processes(value, float(self._val_count))
         if count > 0:
             self.log("val/loss", total / count, prog_bar=True, sync_dist=True)  # the same on every process
 
@@ -557,5 +561,25 @@ class VideoLLMModule(LightningModule):
         params = [{"params": list(p.values()), "lr": self.lr[key], "name": key} for key, p in groups.items()]
         optimizer = torch.optim.AdamW(params, weight_decay=self.weight_decay, betas=self.betas)
         total = int(self.trainer.estimated_stepping_batches)
+        self._check_whole_steps()
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(self.warmup_ratio, total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _check_whole_steps(self) -> None:
+        """Where the strategy accumulates gradients inside its engine (DeepSpeed), an epoch of whole optimizer
+        steps: the engine then steps where Lightning counts a step, and the schedule's total
+        (estimated_stepping_batches) is the steps taken (why it matters: VideoQADataModule._step_samples). The
+        training loader cuts its epochs so; a batch limit can still end one inside a step, and is refused.
+        fast_dev_run, one batch through every hook, is let through."""
+        trainer = self.trainer
+        batches, accumulation = trainer.num_training_batches, trainer.accumulate_grad_batches
+        if not trainer.strategy.handles_gradient_accumulation or trainer.fast_dev_run or not math.isfinite(batches):
+            return
+        if batches % accumulation:
+            raise ValueError(
+                f"an epoch of {batches} training batches ends inside an optimizer step of {accumulation} batches, and "
+                f"the strategy ({type(trainer.strategy).__name__}) accumulates gradients inside its engine, which "
+                f"never steps part-way: the last {batches % accumulation} batches' gradients would not be applied, or "
+                "would join the next epoch's first step, and the engine's steps would drift from the schedule's. Set "
+                f"trainer.limit_train_batches to a multiple of {accumulation}"
+            )
