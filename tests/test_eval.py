@@ -399,6 +399,49 @@ def test_a_limited_run_scores_its_questions_and_keeps_every_answer(cache_dir, be
     assert path.read_text() == rows
 
 
+def test_answers_of_other_weights_or_run_overrides_are_not_mixed_and_a_shard_is_answered_by_one_process(
+    cache_dir, bench_data, trained_run, tmp_path
+):
+    """The same run folder trained on (another hand-off in it) or loaded with other run_overrides answers otherwise:
+    its answers are not kept and scored with the earlier ones. Two processes on one shard of one folder: the
+    second is refused at once, rather than merging and removing the shard file the first appends to."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from hicom.eval.runner import evaluate
+    from hicom.stages import MANIFEST, file_sha256
+    from hicom.utils.files import Busy, held_alone
+
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    out = tmp_path / "out"
+
+    def run(*overrides: str) -> dict:
+        cfg = compose_eval(cache_dir, bench_data, out, [f"ckpt={run_dir}", "benchmark=mlvu", "limit=2", *overrides])
+        return evaluate(cfg)
+
+    assert run()["mlvu"]["n"] == 2
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["weights"] == json.loads((run_dir / MANIFEST).read_text())["sha256"]
+    with pytest.raises(ValueError, match=r"holds answers made otherwise(.|\n)*run_overrides: \[\] there"):
+        run("run_overrides=['model.lr.compressor=0.5']")
+    with held_alone(out / "mlvu" / "shard-0-of-1.lock", "the test"), pytest.raises(Busy, match="shard 0 of 1"):
+        run()
+    # a folder's settings from before the weights were recorded: kept
+    legacy = {k: v for k, v in settings.items() if k not in ("weights", "run_overrides")}
+    (out / "settings.json").write_text(json.dumps(legacy))
+    assert run()["mlvu"]["answered_this_run"] == 0
+    # the run trained on: another hand-off, its manifest's digest with it
+    tensors = load_file(run_dir / "handoff.safetensors")
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, run_dir / "handoff.safetensors")
+    manifest = json.loads((run_dir / MANIFEST).read_text())
+    (run_dir / MANIFEST).write_text(json.dumps({**manifest, "sha256": file_sha256(run_dir / "handoff.safetensors")}))
+    with pytest.raises(ValueError, match=r"holds answers made otherwise(.|\n)*weights: "):
+        run()
+
+
 def test_a_bad_checkpoint_or_benchmark_is_a_clear_error(
     cache_dir, bench_data, trained_run, tmp_path, monkeypatch, caplog
 ):

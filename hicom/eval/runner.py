@@ -18,6 +18,7 @@ and keeps every answer predictions.jsonl already has.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ from hicom.eval.score import drop_torn_tail, read_predictions, score
 from hicom.utils.checkpoints import computed_buffers, load_guide_tokenizer, loading_dtype, restore_computed_buffers
 from hicom.utils.choices import whole_number
 from hicom.utils.config import dotted_keys, process_own_folder
-from hicom.utils.files import locked, write_atomically
+from hicom.utils.files import held_alone, locked, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
     """The VideoLLMModule of a run folder (built from its own config.yaml, weights from its hand-off) or of an
     HF folder in the release's layout (towers from this config's `model`, the compressor its config.json
     describes, weights imported strictly), and where it came from, with the frames it was trained at."""
-    from hicom.stages import check_handoff, load_handoff
+    from hicom.stages import MANIFEST, check_handoff, load_handoff, read_manifest
     from hicom.utils.instantiators import check_model, check_pretrained, check_tokenizers, write_assets
 
     ckpt = Path(ckpt)
@@ -105,7 +106,8 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
         import_official(module.net, ckpt, loaded=("llm",))  # the LLM came from this folder: checked, not read again
         if frames is None:
             log.info("%s names no num_frames: %d frames, as the release trains", ckpt / "config.json", RELEASE_FRAMES)
-        return module, {"ckpt": str(ckpt), "format": "official", "trained_frames": int(frames or RELEASE_FRAMES)}
+        source = {"ckpt": str(ckpt), "format": "official", "weights": files_identity(ckpt)}
+        return module, {**source, "trained_frames": int(frames or RELEASE_FRAMES)}
     folder = find_handoff(ckpt)
     check_handoff(folder)
     run_cfg = OmegaConf.load(folder / "config.yaml")
@@ -134,8 +136,22 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
 
         import_official(module.net, run_cfg.init_from, loaded=("llm",))
     parts = load_handoff(module, folder, [], compressor=run_cfg.model.compressor)  # run_overrides may change it
-    source = {"ckpt": str(folder), "format": "run", "parts": parts, "trained_frames": int(run_cfg.data.num_frames)}
-    return module, source
+    # the hand-off's digest: a run trained on (or a stage re-run) into the same folder answers otherwise
+    weights = read_manifest(folder / MANIFEST).get("sha256") or files_identity(folder)
+    source = {"ckpt": str(folder), "format": "run", "parts": parts, "weights": weights}
+    source["run_overrides"] = list(cfg.get("run_overrides") or [])  # other towers or LLM, other answers
+    return module, {**source, "trained_frames": int(run_cfg.data.num_frames)}
+
+
+def files_identity(folder: Path) -> str:
+    """What tells the weights in `folder` from others, cheaply: its weight and config files by name, size and
+    modification time (hashing a 7B model's files at each evaluation would take minutes)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix in (".safetensors", ".bin", ".json"):
+            stat = path.stat()
+            digest.update(f"{path.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def _has_key(cfg: DictConfig, key: str) -> bool:
@@ -312,11 +328,21 @@ def run_benchmark(
     """Answer this shard's unanswered questions (`every`: the benchmark's questions, read by `reader` when not
     given; `prompts`: its templates, from benchmark_prompts when not given); merge and score when every shard is
     done (else None)."""
+    out.mkdir(parents=True, exist_ok=True)
+    # one process a shard: a second one (a launch started twice into one output_dir) would merge and remove the
+    # shard file the first still appends to, and its later answers would be lost
+    with held_alone(out / f"shard-{shard}-of-{num_shards}.lock", f"{name}: answering shard {shard} of {num_shards}"):
+        return _answer_shard(name, reader, module, cfg, out, shard, num_shards, device, dtype, every, prompts)
+
+
+def _answer_shard(
+    name: str, reader, module, cfg: DictConfig, out: Path, shard: int, num_shards: int, device: torch.device,
+    dtype: torch.dtype, every: list[Question] | None, prompts: dict[str, str] | None,
+) -> dict | None:  # fmt: skip
     net = module.net
     every = reader.read() if every is None else every
     questions = every if cfg.limit is None else every[: int(cfg.limit)]
     by_id = {q.question_id: q for q in questions}
-    out.mkdir(parents=True, exist_ok=True)
     merged = out / "predictions.jsonl"
     shard_file = out / f"predictions.shard-{shard}-of-{num_shards}.jsonl"
     done_files = [out / f"shard-{i}-of-{num_shards}.done" for i in range(num_shards)]
@@ -436,10 +462,14 @@ def _row(q: Question, pred, reply, error: str | None = None) -> dict:
     return row
 
 
+SETTINGS_ADDED = frozenset({"weights", "run_overrides"})  # answer settings that older settings.json files lack
+
+
 def answer_settings(settings: dict) -> dict:
     """What decides a reply, of a run's settings: the model and how it was loaded, the frames and their sampling,
     the prompts, the number format and the reply length (not the benchmarks, device, batch size or shards)."""
-    keys = ("ckpt", "format", "parts", "frames", "sampling", "prompts", "dtype", "visual_tokens_per_video")
+    keys = ("ckpt", "format", "parts", "weights", "run_overrides", "frames", "sampling", "prompts", "dtype")
+    keys += ("visual_tokens_per_video",)
     return {**{k: settings.get(k) for k in keys}, "max_new_tokens": settings.get("decoding", {}).get("max_new_tokens")}
 
 
@@ -455,8 +485,13 @@ def check_same_answers(path: Path, settings: dict) -> None:
             f"{path} cannot be read ({error}): the answers beside it cannot be matched to their settings; delete "
             "the file to keep them (this run's settings are written in its place), or give another output_dir"
         ) from error
+    recorded = before  # a folder's settings from before `weights` and `run_overrides` were recorded: not compared
     before, now = answer_settings(before), answer_settings(settings)
-    differ = {key: (before[key], now[key]) for key in now if before[key] != now[key]}
+    differ = {
+        key: (before[key], now[key])
+        for key in now
+        if before[key] != now[key] and (key in recorded or key not in SETTINGS_ADDED)
+    }
     if differ:
         lines = "\n  ".join(f"{key}: {old!r} there, {new!r} now" for key, (old, new) in differ.items())
         raise ValueError(

@@ -40,3 +40,23 @@ def locked(path: Path) -> Iterator[None]:
         except OSError as error:  # e.g. a mount without locking
             log.warning("cannot lock %s (%s): going on without the lock", path, error)
         yield
+
+
+class Busy(RuntimeError):
+    """Another live process holds the lock that `held_alone` asked for."""
+
+
+@contextlib.contextmanager
+def held_alone(path: Path, what: str) -> Iterator[None]:
+    """An exclusive lock on `path` for as long as the block runs, or Busy at once where another process holds it:
+    for work that two processes must not do together (`what` says which, in the error). Released when the file
+    closes, or if the process dies, so a killed run never leaves it taken. Where the file system does not lock,
+    the block runs unlocked."""
+    with path.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            raise Busy(f"{what}: another process is at it now (it holds {path})") from error
+        except OSError as error:  # e.g. a mount without locking
+            log.warning("cannot lock %s (%s): going on without the lock", path, error)
+        yield
