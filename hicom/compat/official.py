@@ -744,6 +744,7 @@ def use_release_llm(cfg, folder: str | Path, missing: str) -> str:
     resolved = str(path.resolve())
     with open_dict(cfg):
         cfg.model.llm.path = resolved
+        cfg.model.llm.arch = None  # the folder's own config.json says its size (a 1.5B release, a 7B config)
     return resolved
 
 

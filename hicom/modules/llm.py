@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from hicom.utils.checkpoints import load_pretrained, load_tokenizer, require_pretrained
+from hicom.utils.choices import flag
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class CausalLM(nn.Module):
         super().__init__()
         from transformers import AutoModelForCausalLM
 
+        flag("model.llm.gradient_checkpointing", gradient_checkpointing)  # `no` would read as true
         folder = require_pretrained(path, "the LLM checkpoint", "model.llm.path")
         self.path = str(folder)
         tokenizer = load_tokenizer(folder)

@@ -123,6 +123,7 @@ class SiglipTower(_Tower):
     """
 
     what = "SigLIP"
+    model_type = "siglip"  # what a checkpoint folder's config.json names (check_architectures)
     has_joint_embeds = True
 
     @staticmethod
@@ -190,6 +191,7 @@ class ClipTower(_Tower):
     """
 
     what = "CLIP"
+    model_type = "clip"
     has_joint_embeds = False
 
     @staticmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 
 
 class Choice(str, enum.Enum):
@@ -36,9 +37,9 @@ def flag(key: str, value) -> bool:
 
 
 def positive(key: str, value) -> float:
-    """`value` if it is a number (not a bool) above 0, else ValueError naming `key`."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"{key} must be a number > 0, got {value!r}")
+    """`value` if it is a finite number (not a bool) above 0, else ValueError naming `key`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
     return value
 
 

@@ -33,6 +33,66 @@ def check_pretrained(cfg: DictConfig, override: str | None = None) -> None:
                 missing.append(str(error))
     if missing:  # both at once, not one per launch
         raise FileNotFoundError("\n".join(missing))
+    check_architectures(cfg)
+
+
+# what tells one size of a family from another, in an HF config.json (a tower's in its vision and text configs)
+SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+
+
+def check_architectures(cfg: DictConfig) -> None:
+    """Before any weights load, each model folder against what its config says it is: a vision tower's family
+    (SigLIP, CLIP) against the folder's model_type, and a part's bundled `arch` (the size the dry run reports, and
+    the one an experiment was written for: Table 4's 0.5B) against the folder's sizes. A folder of another family
+    fails deep in loading (a size mismatch, a KeyError); one of another size trains that other model in silence."""
+    import json
+
+    from hydra.utils import get_class
+
+    from hicom.dry_run import load_arch
+
+    problems = []
+    for key in ("model.vision", "model.llm"):
+        part = OmegaConf.select(cfg, key)
+        folder = None if part is None or part.get("path") is None else Path(part.path)
+        if folder is None or not (folder / "config.json").is_file():
+            continue
+        try:
+            found = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            continue  # loading says what is wrong with it
+        try:
+            wanted = getattr(get_class(part._target_), "model_type", None) if part.get("_target_") else None
+        except (ImportError, ValueError):  # a class of the user's own that does not import: building says so
+            wanted = None
+        if wanted is not None and found.get("model_type") != wanted:
+            problems.append(
+                f"{key}.path={folder} holds a {found.get('model_type')!r} model, and {key} builds a {wanted!r} one: "
+                f"pick the {key.replace('.', '/')} config of the folder's family (or point the path at a {wanted} "
+                "folder)"
+            )
+            continue
+        if not part.get("arch"):
+            continue
+        name, arch = load_arch(part, key)
+        differ = []
+        for section in ("", "vision_config", "text_config"):  # the LLM's sizes are top-level, a tower's in sections
+            ours, theirs = (arch, found) if not section else (arch.get(section), found.get(section))
+            if not isinstance(ours, dict) or not isinstance(theirs, dict):
+                continue
+            differ += [
+                f"{section + '.' if section else ''}{field} {theirs[field]} there, {ours[field]} in {name}"
+                for field in SIZE_FIELDS
+                if field in ours and field in theirs and ours[field] != theirs[field]
+            ]
+        if differ:
+            problems.append(
+                f"{key}.path={folder} is not the model {key}.arch={name} describes ({'; '.join(differ)}): point the "
+                f"path at a {name} folder, pick the {key.replace('.', '/')} config of the folder's size, or set "
+                f"{key}.arch=null (the dry run then reads the folder's config.json)"
+            )
+    if problems:
+        raise ValueError("\n".join(problems))
 
 
 def check_tokenizers(cfg: DictConfig, training: bool = True) -> None:

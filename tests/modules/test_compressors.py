@@ -148,8 +148,9 @@ def test_init_std_is_the_release_fixed_value_or_scaled_to_the_width(make):
             # a normal truncated at +-2 (absolute) is the plain normal at these stds
             assert layer.weight.std().item() == pytest.approx(want, rel=0.1)
             assert layer.bias is None or not layer.bias.any()
-    with pytest.raises(ValueError, match="init_std"):
-        make(**dims, init_std=0.0)
+    for bad in (0.0, float("nan"), float("inf"), True, "abc"):  # nan drew from [-2, 2]; true read as 1.0
+        with pytest.raises(ValueError, match=r"init_std \(None: 1 / sqrt\(fan_in\)\) must be a finite number > 0"):
+            make(**dims, init_std=bad)
 
 
 @pytest.mark.parametrize("t", [1, 3, 8])

@@ -156,3 +156,28 @@ def test_siglips_default_text_ids_do_not_warn_and_other_out_of_vocabulary_ids_st
         assert len(heard) == 1 and "got 40000" in heard[0]
     finally:
         logger.removeHandler(handler)
+
+
+def test_a_model_folder_of_another_family_or_size_than_its_config_is_refused_before_loading(cache_dir, tmp_path):
+    """A SigLIP config on a CLIP folder failed deep in loading; a sized config (`arch`: the 0.5B of Table 4) on a
+    folder of another size trained that other model without a word, while the dry run reported the 0.5B."""
+    from hicom.utils.instantiators import check_pretrained, write_assets
+
+    clip = compose_train(cache_dir, tmp_path, SWAP)
+    write_assets(clip.assets)
+    cfg = compose_train(cache_dir, tmp_path, [f"model.vision.path={clip.model.vision.path}"])
+    with pytest.raises(ValueError, match=r"model\.vision\.path=.* holds a 'clip' model, and model\.vision builds a "
+                                         r"'siglip' one: pick the model/vision config"):  # fmt: skip
+        check_pretrained(cfg)
+    sized = compose_train(cache_dir, tmp_path, ["+model.llm.arch=qwen2.5_0.5b_instruct"])
+    with pytest.raises(ValueError, match=r"is not the model model\.llm\.arch=qwen2\.5_0\.5b_instruct describes "
+                                         r"\(hidden_size 64 there, 896 in qwen2\.5_0\.5b_instruct"):  # fmt: skip
+        check_pretrained(sized)
+    check_pretrained(compose_train(cache_dir, tmp_path))  # the tiny default names no arch: nothing to compare
+
+
+def test_a_gradient_checkpointing_value_that_is_no_flag_is_refused(tiny_paths):
+    from hicom.modules.llm import CausalLM
+
+    with pytest.raises(ValueError, match=r"model\.llm\.gradient_checkpointing must be true or false, got 'no'"):
+        CausalLM(path=str(tiny_paths["qwen2"]), gradient_checkpointing="no")

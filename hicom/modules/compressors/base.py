@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from hicom.utils.choices import positive
+
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
@@ -48,8 +50,8 @@ def init_weights(module: nn.Module, std: float | None = RELEASE_INIT_STD) -> Non
     training sits at chance for a thousand steps before it finds the video.
     Use with `module.apply(functools.partial(init_weights, std=...))`.
     """
-    if std is not None and std <= 0:
-        raise ValueError(f"init_std must be positive or None (1 / sqrt(fan_in)), got {std}")
+    if std is not None:  # nan would draw from [-2, 2], true would read as 1.0
+        positive("init_std (None: 1 / sqrt(fan_in))", std)
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=module.in_features**-0.5 if std is None else std)
         if module.bias is not None:
