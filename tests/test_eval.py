@@ -442,6 +442,24 @@ def test_answers_of_other_weights_or_run_overrides_are_not_mixed_and_a_shard_is_
         run()
 
 
+def test_model_overrides_of_a_run_folder_are_refused_for_run_overrides(cache_dir, bench_data, trained_run, tmp_path):
+    """`model` in evaluate's config builds a release-layout folder's model; a run folder is built from its own
+    config.yaml, so `model/compressor=avgpool` there would evaluate the run's HICom in silence."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from hicom.eval.runner import evaluate
+
+    for override in ("model/compressor=avgpool", "model.compressor.global_.num_queries=8", "+model.x=1"):
+        overrides = [f"ckpt={trained_run}", "benchmark=mlvu", override]
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            HydraConfig.instance().set_config(compose("evaluate", overrides=overrides, return_hydra_config=True))
+        try:
+            with pytest.raises(ValueError, match=rf"is a training run.*\['{re.escape(override)}'\].*run_overrides"):
+                evaluate(compose_eval(cache_dir, bench_data, tmp_path, overrides))
+        finally:
+            HydraConfig.instance().cfg = None
+
+
 def test_a_bad_checkpoint_or_benchmark_is_a_clear_error(
     cache_dir, bench_data, trained_run, tmp_path, monkeypatch, caplog
 ):
@@ -458,7 +476,8 @@ def test_a_bad_checkpoint_or_benchmark_is_a_clear_error(
         ("max_new_tokens=0", r"max_new_tokens must be a whole number >= 1, got 0"),
         ("num_workers=-1", r"num_workers must be a whole number >= 0, got -1"),
         ("precision=half", r"precision must be one of \['auto', 'bf16', 'fp32', 'fp16'\], got 'half'"),
-        ("shard=2", r"shard=2 of num_shards=2: shards count from 0 to 1"),
+        ("shard=2", r"shard=2 of num_shards=1: shards count from 0 to 0"),
+        ("num_shards=4", r"num_shards=4 needs shard=<i> \(this process's share, from 0\)"),
         (  # a misspelt field, a template that is not one, a lone brace: named with the benchmark
             "benchmarks.mvbench.prompts.multiple_choice='Q: {questoin}'",
             r"mvbench: prompts.multiple_choice='Q: \{questoin\}' names \['questoin'\]: it may use \['\{options\}', '\{question\}'\]",
@@ -477,7 +496,7 @@ def test_a_bad_checkpoint_or_benchmark_is_a_clear_error(
         ),
     ]:  # all before the model loads
         with pytest.raises(ValueError, match=message):
-            evaluate(compose_eval(cache_dir, bench_data, tmp_path, [f"ckpt={trained_run}", override, "num_shards=2"]))
+            evaluate(compose_eval(cache_dir, bench_data, tmp_path, [f"ckpt={trained_run}", override]))
     from hicom.utils.config import run_stamp
 
     for name in ("HICOM_RUN_STAMP", "WORLD_SIZE", "SLURM_NTASKS"):

@@ -109,6 +109,13 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
         source = {"ckpt": str(ckpt), "format": "official", "weights": files_identity(ckpt)}
         return module, {**source, "trained_frames": int(frames or RELEASE_FRAMES)}
     folder = find_handoff(ckpt)
+    ignored = model_overrides()
+    if ignored:  # a run folder is built from its own config.yaml: these would change nothing, in silence
+        raise ValueError(
+            f"{ckpt} is a training run, built from its own config.yaml: {ignored} apply to a release-layout folder "
+            "only. Override the run's config with run_overrides=['model.<key>=<value>', ...] (its towers' folders "
+            "on this machine, say), or train the model you mean to evaluate"
+        )
     check_handoff(folder)
     run_cfg = OmegaConf.load(folder / "config.yaml")
     if cfg.get("run_overrides"):  # e.g. the towers' folders on this machine
@@ -141,6 +148,20 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
     source = {"ckpt": str(folder), "format": "run", "parts": parts, "weights": weights}
     source["run_overrides"] = list(cfg.get("run_overrides") or [])  # other towers or LLM, other answers
     return module, {**source, "trained_frames": int(run_cfg.data.num_frames)}
+
+
+def model_overrides() -> list[str]:
+    """This evaluate.py launch's command-line overrides of `model` (Hydra's task overrides; none where the config
+    was composed without Hydra's app, as in tests)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [
+        override
+        for override in HydraConfig.get().overrides.task
+        if override.lstrip("+~").split("=")[0].split("@")[0].replace("/", ".").split(".")[0] == "model"
+    ]
 
 
 def files_identity(folder: Path) -> str:
@@ -528,6 +549,11 @@ def evaluate(cfg: DictConfig) -> dict:
     unknown = [n for n in names if n not in cfg.benchmarks]
     if unknown:
         raise ValueError(f"unknown benchmarks {unknown}; configured: {sorted(cfg.benchmarks)}")
+    if cfg.shard is None and cfg.num_shards != 1:  # torchrun's RANK and WORLD_SIZE set both, or neither is set
+        raise ValueError(
+            f"num_shards={cfg.num_shards!r} needs shard=<i> (this process's share, from 0); under torchrun leave both "
+            "unset: RANK and WORLD_SIZE give them"
+        )
     shard, num_shards = (cfg.shard, cfg.num_shards) if cfg.shard is not None else _shard()
     if cfg.limit is not None:
         whole_number("limit (questions per benchmark; null: all)", cfg.limit)
