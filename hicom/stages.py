@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from hicom.callbacks.checkpoint import resume_checkpoint
+from hicom.callbacks.checkpoint import refuse_non_finite, resume_checkpoint
 from hicom.modules.compressors.base import unguided_config
 from hicom.training import check_global_batch, check_trainable, train
 from hicom.utils.checkpoints import check_safetensors, fill_tied, full_parameters, optimizer_masters, untied_state
@@ -161,7 +161,9 @@ def stage_config(base: DictConfig, stage: DictConfig, out_dir: Path) -> DictConf
 def save_handoff(
     model, out_dir: Path, parts: list[str], parent: str | None, cfg: DictConfig, write: bool = True
 ) -> None:
-    """Every process calls it (under ZeRO-3 the parameters are gathered from all of them); `write` on one."""
+    """Every process calls it (under ZeRO-3 the parameters are gathered from all of them); `write` on one. Weights
+    that hold a NaN or an infinity are refused (`refuse_non_finite`) before anything is written: the stage is not
+    done, and the next one would start from them."""
     from safetensors.torch import save_file
 
     modules = model.parts()
@@ -176,6 +178,11 @@ def save_handoff(
                 continue
             for key, value in untied_state(modules[part]).items():  # a tied LM head is its embeddings: once
                 state[f"{part}.{key}"] = masters.get(key, value).detach().to("cpu", copy=True).contiguous()
+    # the writer reads them; every process of the run's strategy joins in its decision
+    if trainer is not None:
+        refuse_non_finite(state, out_dir / HANDOFF, trainer.strategy, trainer.global_step)
+    else:
+        refuse_non_finite(state, out_dir / HANDOFF)
     if not write:
         return
     out_dir.mkdir(parents=True, exist_ok=True)

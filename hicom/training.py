@@ -17,7 +17,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
@@ -65,7 +65,7 @@ STOPPED_BY_SIGTERM = 143
 def _unfinished_on_sigterm(trainer, cfg: DictConfig, what: str, resume: str | None = None) -> Iterator[None]:
     """Lightning ends a fit or test that SIGTERM (or Ctrl-C, see GracefulInterrupt) stopped with a SystemExit of no
     code: the run would exit 0, "finished", and a scheduler's afterok would go on. It exits STOPPED_BY_SIGTERM,
-    saying how to go on: `resume`, or ckpt_path=<the run's folder>."""
+    saying how to go on: `resume`, or `resume_command`."""
     try:
         yield
     except SIGTERMException as stop:
@@ -74,9 +74,27 @@ def _unfinished_on_sigterm(trainer, cfg: DictConfig, what: str, resume: str | No
             "to go on from there: %s",
             trainer.global_step,
             what,
-            resume or f"ckpt_path={cfg.paths.output_dir}",
+            resume or resume_command(cfg),
         )
         raise SystemExit(STOPPED_BY_SIGTERM) from stop
+
+
+def resume_command(cfg: DictConfig) -> str:
+    """How a fit stopped part-way goes on in its own run folder: its command again with that folder as both
+    `hydra.run.dir` and `ckpt_path`. `ckpt_path` alone resumes into a new folder (named by the time it starts),
+    and every preemption would leave a run folder behind, with a whole last.ckpt."""
+    import shlex
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+
+    run = shlex.quote(str(cfg.paths.output_dir))
+    again = f"hydra.run.dir={run} ckpt_path={run}"
+    if not HydraConfig.initialized():
+        return f"the run's command with {again}"
+    given = [arg for arg in HydraConfig.get().overrides.task if arg.lstrip("+").split("=", 1)[0] != "ckpt_path"]
+    command = " ".join(shlex.quote(arg) for arg in ["python", Path(sys.argv[0]).name, *given])
+    return f"{command} {again} (or your launcher's command, with {again})"
 
 
 MATMUL_PRECISIONS = ("highest", "high", "medium")
@@ -297,6 +315,31 @@ def check_throughput_window(cfg: DictConfig) -> None:
             )
 
 
+def check_writable(folder: Path, what: str, setting: str) -> None:
+    """Before the fit: `folder` (made where missing) takes a small file, removed again, so that a read-only or
+    forbidden folder stops the run now rather than at its first checkpoint, an hour in. `what` names the folder
+    and `setting` what moves it, in the error. Object storage is not tried."""
+    import os
+    import socket
+
+    from fsspec.utils import get_protocol
+
+    if get_protocol(str(folder)) != "file":
+        return
+    probe = Path(folder) / f".write_test.{socket.gethostname()}.{os.getpid()}"  # each process of a launch its own
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"hicom")
+    except OSError as err:
+        raise OSError(
+            f"{what} {folder} cannot be written ({type(err).__name__}: {err}): a read-only file system, no "
+            f"permission or a full disk; point {setting} at a folder this job can write"
+        ) from err
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+
+
 def gradient_accumulation(global_batch: int | None, micro_batch: int, world_size: int) -> int:
     """Accumulation steps that make `global_batch` samples per optimizer step from `micro_batch` per process on
     `world_size` processes (1 when no global batch is set)."""
@@ -386,6 +429,7 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
         check_release_start(cfg)
     if cfg.get("ckpt_path"):
         check_resume(cfg, compressor)
+    check_writable(Path(cfg.paths.output_dir), "the run folder", "hydra.run.dir (or HICOM_LOGS)")
     out_dir = ensure_dir(cfg.paths.output_dir)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     # the trainer (with its loggers and callbacks) and the batch arithmetic next: their values fail in seconds,
@@ -409,6 +453,9 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
     loggers = instantiate_all(cfg.get("logger"), "logger")
     callbacks = instantiate_all(cfg.get("callbacks"), "callback")
     check_throughput_window(cfg)
+    for callback in callbacks:  # before the towers and the LLM load, and hours before the first save
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+            check_writable(Path(callback.dirpath), "the checkpoint folder", "callbacks.model_checkpoint.dirpath")
     if not loggers:  # `~logger`: nothing to write learning rates to (Lightning's monitor would refuse at the fit)
         from lightning.pytorch.callbacks import LearningRateMonitor
 
@@ -515,19 +562,35 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
         else:
             with _unfinished_on_sigterm(trainer, cfg, "the held-out questions", resume):
                 trainer.test(model, datamodule=datamodule, verbose=False)
+        from hicom.eval.score import normalize_answer
+
         results = merge_shares(_gathered(model.results))
         failed = len(_unique([row for rows in _gathered(model.test_failed) for row in rows], "key"))
-        n = len(results)
+        choices = [r for r in results if r["n_options"]]
+        open_ended = [r for r in results if not r["n_options"]]  # no options listed: a reply, not a letter
+        # a question whose sample could not be read counts wrong, as evaluate.py counts a failed clip; never read,
+        # its kind is unknown: it counts among the multiple-choice ones unless every question read is open-ended
+        failed_open = failed if open_ended and not choices else 0
+        asked, asked_open = len(choices) + failed - failed_open, len(open_ended) + failed_open
+        matched = sum(normalize_answer(r["reply"]) == normalize_answer(r["answer"]) for r in open_ended)
         metrics.update(  # None where the data has no held-out questions (e.g. data=llava_json without val_json)
-            # a question whose sample could not be read counts wrong, as evaluate.py counts a failed clip
-            accuracy=sum(r["pred"] == r["answer"] for r in results) / (n + failed) if n + failed else None,
-            chance=sum(1 / r["n_options"] for r in results) / n if n else None,
-            n_questions=n + failed,
-            n_unparsed=sum(r["pred"] is None for r in results),
+            accuracy=sum(r["pred"] == r["answer"] for r in choices) / asked if asked else None,
+            chance=sum(1 / r["n_options"] for r in choices) / len(choices) if choices else None,
+            n_questions=len(results) + failed,
+            n_unparsed=sum(r["pred"] is None for r in choices),
             n_failed=failed,
+            # open-ended questions, left out of the accuracy and its chance: scored by exact match (the reply and
+            # the answer normalised as hicom.eval.score does for the open-ended benchmarks)
+            n_open_ended=len(open_ended),
+            open_ended_exact_match=matched / asked_open if asked_open else None,
         )
         if failed:
-            log.warning("%d of %d held-out questions could not be read: counted wrong", failed, n + failed)
+            log.warning("%d of %d held-out questions could not be read: counted wrong", failed, len(results) + failed)
+        if open_ended:
+            log.info(
+                "%d of %d held-out questions list no options: left out of the accuracy, scored by exact match",
+                len(open_ended), len(results) + failed,
+            )  # fmt: skip
     metrics["wall_seconds"] = round(time.perf_counter() - start, 1)
     skipped = _unique([item for items in _gathered(list(model.skipped.values())) for item in items], "key")
     metrics["skipped_samples"] = [

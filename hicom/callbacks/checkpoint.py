@@ -95,6 +95,44 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (a full disk, most often)."""
 
 
+class NonFiniteWeightsError(RuntimeError):
+    """Trained weights hold a NaN or an infinity: a checkpoint or hand-off of them would replace a good one."""
+
+
+def non_finite(tensors: dict) -> list[str]:
+    """The names of the floating-point tensors that hold a NaN or an infinity; a ZeRO-3 parameter is read in this
+    process's shard. Read a part at a time: a whole 7B embedding's mask would take half its size again."""
+    import torch
+
+    found = []
+    for name, tensor in tensors.items():
+        local = getattr(tensor, "ds_tensor", tensor).detach()
+        if local.is_floating_point() and not all(torch.isfinite(part).all() for part in local.reshape(-1).split(2**26)):
+            found.append(name)
+    return found
+
+
+def refuse_non_finite(tensors: dict, written: Path, strategy=None, step: int | None = None) -> None:
+    """Stops before `written` is written from `tensors` where any holds a NaN or an infinity (a finiteness pass,
+    at save time only). With the run's `strategy` on several processes, all of them decide alike (one all-reduce of
+    a flag, each process having read its own tensors), so that none is left waiting in the save's collectives."""
+    found = non_finite(tensors)
+    refused = bool(found)
+    if getattr(strategy, "world_size", 1) > 1:
+        refused = strategy.reduce_boolean_decision(refused, all=False)
+    if not refused:
+        return
+    # a checkpoint's folder, or a run's (or stage's) with its checkpoints/
+    folders = [folder for folder in (written.parent, written.parent / "checkpoints") if folder.is_dir()]
+    earlier = next((last for last in map(resume_checkpoint, folders) if last is not None), None)
+    where = "" if step is None else f" at step {step}"
+    which = f"{len(found)} of {len(tensors)} tensors, e.g. {found[:3]}" if found else "on another process"
+    kept = f"; the checkpoint written before, {earlier}, stays, and ckpt_path= resumes from it" if earlier else ""
+    raise NonFiniteWeightsError(
+        f"the trained weights{where} hold NaN or infinite values ({which}): {written} is not written{kept}"
+    )
+
+
 def write_failure(path: Path, err: BaseException) -> str:
     """What a failed checkpoint write says: the error, what to do, and whether an earlier checkpoint is there to
     resume from. A folder that cannot be written (read-only, no permission) is said to be so; otherwise the space
@@ -224,6 +262,8 @@ class LastCheckpoint(ModelCheckpoint):
         log.warning("stopped at step %d: %s written", trainer.global_step, self.last_model_path)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
+        trained = {name: p for name, p in trainer.lightning_module.named_parameters() if p.requires_grad}
+        refuse_non_finite(trained, Path(filepath), trainer.strategy, trainer.global_step)
         try:
             self._write(trainer, filepath)
         except (OSError, RuntimeError) as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -22,6 +23,10 @@ from hicom.utils.checkpoints import computed_buffers, restore_computed_buffers
 log = logging.getLogger(__name__)
 
 PARTS = ("vision_trunk", "vision_head", "guide_encoder", "compressor", "llm")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training batch's loss is NaN or infinite: the fit stops before it reaches the weights."""
 
 
 def check_hparams(
@@ -312,6 +317,7 @@ class VideoLLMModule(LightningModule):
         (the configs turn it on; `setup` turns it off where a frozen parameter is not reloaded), and the names it
         wrote are recorded for on_load_checkpoint's check."""
         checkpoint["init_from"] = self.init_from
+        checkpoint["skipped_samples"] = self._skipped_so_far()
         strategy = self._deepspeed()
         if strategy is not None:
             checkpoint.pop("state_dict", None)  # the strategy drops it (after these hooks): the engine's is saved
@@ -322,8 +328,26 @@ class VideoLLMModule(LightningModule):
         left_out = [name for name in self.frozen_loaded() if name in state]
         checkpoint["frozen_left_out"] = {name: list(state.pop(name).shape) for name in left_out}
 
+    def _skipped_so_far(self) -> list[dict]:
+        """The samples every process has skipped so far, each once, as plain values (a resume loads checkpoints with
+        weights_only). Every process saves (Lightning calls the hook on all of them), and only the first one's
+        checkpoint is written: the records are gathered from all of them."""
+        rows = [list(self.skipped.values())]
+        if self._world() > 1:
+            import torch.distributed as dist
+
+            rows = [None] * self._world()
+            dist.all_gather_object(rows, list(self.skipped.values()))
+        unique: dict[str, dict] = {}
+        for items in rows:
+            for item in items:
+                unique.setdefault(item["key"], item)
+        return json.loads(json.dumps(list(unique.values()), default=str))
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_resume_origin(checkpoint.get("init_from"), self.init_from)
+        for item in checkpoint.get("skipped_samples", []):  # those before the stop, in the run's metrics.json too
+            self.skipped.setdefault(item["key"], item)
         state, left_out = checkpoint.get("state_dict"), checkpoint.get("frozen_left_out") or {}
         if state is None and "module_keys" in checkpoint:  # DeepSpeed's engine has loaded it, leniently (`setup`)
             self._check_module_keys(checkpoint["module_keys"], left_out)
@@ -418,11 +442,37 @@ class VideoLLMModule(LightningModule):
         # a skipped batch adds zero, not its stand-in's loss
         value = torch.zeros((), device=loss.device) if skipped else loss.detach().float()
         total, count, teaching = self._sum_over_processes(value, 0.0 if skipped else 1.0, float(teaches))
+        if not torch.isfinite(total):  # a NaN or an infinity on any process makes the sum they all share one
+            self._stop_on_non_finite(value, batch)
         self._stepped += teaching
         if count > 0:
             self.log("train/loss", total / count, prog_bar=True, batch_size=max(len(batch["ids"]), 1))
         self.log("data/skipped", float(len(self.skipped)), batch_size=max(len(batch["ids"]), 1))
         return loss
+
+    def _stop_on_non_finite(self, value: torch.Tensor, batch: dict) -> None:
+        """Stops the fit before a non-finite loss is backpropagated: its gradients would make every trained weight
+        NaN at the next optimizer step, and every later checkpoint with them. Every process comes here at the same
+        micro-batch (they share the loss's sum), so the gather of which batches it was, the only collective, is
+        made by all of them; the checkpoints written before stay as they were."""
+        own = (float(value), list(batch.get("ids", []))) if not torch.isfinite(value) else None
+        rows = [own]
+        if self._world() > 1:
+            import torch.distributed as dist
+
+            rows = [None] * self._world()
+            dist.all_gather_object(rows, own)
+        found = [
+            f"{row[0]} for the samples {row[1]}" + (f" on process {rank}" if len(rows) > 1 else "")
+            for rank, row in enumerate(rows)
+            if row is not None
+        ]
+        raise NonFiniteLossError(
+            f"the training loss is not finite at step {self.trainer.global_step}: {'; '.join(found)}. The fit stops "
+            "before it reaches the weights, and the checkpoints written before stay: check those samples (their "
+            "media and conversations) or lower the learning rates (model.lr), then resume from checkpoints/last.ckpt "
+            "where one was written"
+        )
 
     def _teaches(self, batch: dict) -> bool:
         """Whether the batch's loss reaches a trainable parameter: one without clips passes through the LLM alone."""
@@ -501,8 +551,9 @@ class VideoLLMModule(LightningModule):
             self.log("val/loss", total / count, prog_bar=True, sync_dist=True)  # the same on every process
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        """Greedy answers to held-out multiple-choice questions, parsed into letters; the questions whose sample
-        could not be read are noted (`test_failed`), to be counted wrong."""
+        """Greedy answers to the held-out questions, parsed into letters where the question lists options (an
+        open-ended one's reply is kept as it is, `pred` None); the questions whose sample could not be read are
+        noted (`test_failed`), to be counted wrong."""
         self.test_failed += [{"key": key} for key in self._count_skipped(batch)]
         if "input_ids" not in batch:
             if self.net.zero3 and self._world() > 1:  # as in validation: generate along, discard the replies
@@ -517,7 +568,7 @@ class VideoLLMModule(LightningModule):
         for sample_id, position, reply, answer, options in zip(
             batch["ids"], batch["positions"], replies, batch["answers"], batch["options"], strict=True
         ):
-            pred = parse_choice(reply, options)
+            pred = parse_choice(reply, options) if options else None
             self.results.append(
                 {"id": sample_id, "position": position, "answer": answer, "pred": pred, "reply": reply,
                  "n_options": len(options)}
@@ -532,9 +583,10 @@ class VideoLLMModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         # over every process's answers (the distributed sampler's few repeats included; the run's summary has none)
-        correct = sum(r["pred"] == r["answer"] for r in self.results)
-        unparsed = sum(r["pred"] is None for r in self.results)
-        counts = torch.tensor([correct, unparsed, len(self.results)], dtype=torch.float32, device=self.device)
+        choices = [r for r in self.results if r["n_options"]]  # multiple-choice ones: open-ended have no letter
+        correct = sum(r["pred"] == r["answer"] for r in choices)
+        unparsed = sum(r["pred"] is None for r in choices)
+        counts = torch.tensor([correct, unparsed, len(choices)], dtype=torch.float32, device=self.device)
         if self._world() > 1:
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         self._stand_ins.clear()
