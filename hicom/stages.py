@@ -137,7 +137,22 @@ def check_stage_overrides(stages, overrides: list[str]) -> None:
         )
 
 
+# what a stage entry may hold (the module's docstring says what each does)
+STAGE_ENTRY_KEYS = (
+    "name", "trainable", "num_frames", "global_batch_size", "zero_stage", "guided", "guide_added", "config",
+    "new_parameters",
+)  # fmt: skip
+
+
 def stage_config(base: DictConfig, stage: DictConfig, out_dir: Path) -> DictConfig:
+    """The config stage `stage` runs with: the run's, its `config` delta merged on, its own fields set. A field it
+    does not know (`num_frame: 4`, `+stages.1.zero_stge=3`) is refused: it would change nothing, in silence."""
+    unknown = [key for key in stage if key not in STAGE_ENTRY_KEYS]
+    if unknown:
+        raise ValueError(
+            f"stage {stage.get('name')!r}: unknown fields {unknown}; a stage holds {list(STAGE_ENTRY_KEYS)}, and "
+            "anything else of the run's config goes under its `config` (e.g. config.model.lr.compressor)"
+        )
     cfg = OmegaConf.merge(base, stage.get("config") or {})
     with open_dict(cfg):
         cfg.model.trainable = list(stage.trainable)

@@ -409,6 +409,8 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
     Without `after_fit`, the trained parts are written as a hand-off into the output folder
     (handoff.safetensors + manifest.json), beside config.yaml: what `evaluate.py ckpt=<folder>` reads.
     """
+    if cfg.seed is not None:  # Lightning's own error names no key ("invalid literal for int()")
+        whole_number("seed", cfg.seed, least=0)
     L.seed_everything(cfg.seed, workers=True)
     set_matmul_precision(cfg)
     if cfg.get("init_from"):  # the release's LLM loads from its folder; the rest is imported once built

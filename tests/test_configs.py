@@ -119,6 +119,7 @@ def test_a_staged_run_checks_every_stages_data_before_the_first_trains(cache_dir
             r"stages\.2\.global_batch_size, stages\.2\.config\.data\.batch_size\)",
         ),
         ("+stages.1.config={model: {compressor: {local: {kernel: [0, 3, 3]}}}}", "stage conditional: "),
+        ("+stages.1.num_frame=4", r"stage 'conditional': unknown fields \['num_frame'\]; a stage holds"),
     ],
 )
 def test_a_staged_run_checks_every_stages_values_before_the_first_trains(override, message, cache_dir, tmp_path):
@@ -497,6 +498,12 @@ def unloadable_llm(tiny_paths, tmp_path_factory) -> Path:
         ("model.lr=1e-4", r"model.lr is a learning rate per trainable part, got 0.0001: set model.lr.<part>=1e-4"),
         ("model.lr.compressor=abc", r"learning rates are numbers, got \{'compressor': 'abc'\}"),
         ("model.trainable=[compressor,bogus]", "unknown trainable parts"),
+        (
+            "model.trainable=compressor",
+            r"model\.trainable is a list of parts \(e\.g\. \[compressor\]\), got 'compressor'",
+        ),
+        ("+model.lr.compresor=1e-3", r"model\.lr: unknown parts \['compresor'\]; the learning rates are of"),
+        ("seed=abc", "seed must be a whole number >= 0, got 'abc'"),
         ("model.warmup_ratio=5", "warmup_ratio"),
         (
             "model.compressor.global_.num_queries=0",

@@ -37,13 +37,22 @@ def check_hparams(
     max_new_tokens: int = 4,
 ) -> None:
     """The module's own values (see VideoLLMModule): `build` checks them before the towers load, too."""
+    if isinstance(trainable, str) or not isinstance(trainable, Iterable):  # `compressor` would read as letters
+        raise ValueError(f"model.trainable is a list of parts (e.g. [compressor]), got {trainable!r}")
     unknown = set(trainable) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown trainable parts {sorted(unknown)}; choose from {PARTS}")
     missing = [p for p in trainable if p not in lr]
     if missing:
         raise ValueError(f"no learning rate for trainable parts {missing}: set model.lr.<part>")
-    bad = {part: rate for part, rate in lr.items() if not rate > 0}
+    misspelt = sorted(set(lr) - {*PARTS, "injection"})  # a learning rate no group reads would change nothing
+    if misspelt:
+        raise ValueError(f"model.lr: unknown parts {misspelt}; the learning rates are of {[*PARTS, 'injection']}")
+    bad = {
+        part: rate
+        for part, rate in lr.items()
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < math.inf
+    }
     if bad:
         raise ValueError(f"learning rates must be > 0, got {bad} (model.lr)")
     for key, value in (("warmup_ratio", warmup_ratio), ("weight_decay", weight_decay)):

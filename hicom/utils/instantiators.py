@@ -175,8 +175,9 @@ def check_model(cfg: DictConfig, compressor=None):
         bad = {part: rate for part, rate in lr.items() if isinstance(rate, bool) or not isinstance(rate, int | float)}
         if bad:
             raise ValueError(f"learning rates are numbers, got {bad} (model.lr)")
+        trainable = model.trainable
         check_hparams(
-            [str(p) for p in model.trainable],
+            [str(p) for p in trainable] if OmegaConf.is_list(trainable) else trainable,
             lr,
             model.get("warmup_ratio", 0.0),
             model.get("weight_decay", 0.0),
