@@ -540,20 +540,21 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
 
 
 def relaunch(cfg: DictConfig, stage: str) -> str:
-    """How a staged run whose stage stopped part-way goes on: the same command under the run's name, which skips
-    the finished stages and resumes that one from its own checkpoints/last.ckpt."""
+    """How a staged run whose stage stopped part-way goes on: the same command into the run's own folder
+    (`hydra.run.dir`, which holds under a custom run folder too, where HICOM_RUN_STAMP names one under
+    logs/train/runs/ alone), which skips the finished stages and resumes that one from its own checkpoints/last.ckpt."""
     import shlex
     import sys
 
     from hydra.core.hydra_config import HydraConfig
 
-    stamp = f"HICOM_RUN_STAMP={shlex.quote(Path(cfg.paths.output_dir).name)}"
+    again = f"hydra.run.dir={shlex.quote(str(cfg.paths.output_dir))}"
     if not HydraConfig.initialized():
-        return f"launch the run again with {stamp} and it resumes stage {stage}"
+        return f"launch the run again with {again} and it resumes stage {stage}"
     command = " ".join(
         shlex.quote(arg) for arg in ["python", Path(sys.argv[0]).name, *HydraConfig.get().overrides.task]
     )
-    return f"{stamp} {command} (or your launcher's command, with {stamp}) resumes stage {stage}"
+    return f"{command} {again} (or your launcher's command, with {again}) resumes stage {stage}"
 
 
 def free_memory() -> None:

@@ -151,3 +151,31 @@ def test_a_stage_that_changes_the_compressor_its_parent_trains_is_refused_before
     ):
         run_stages(cfg)
     assert stage_runs == [] and not (tmp_path / "run" / "stages").exists()
+
+
+def test_a_stopped_stage_is_resumed_into_the_runs_own_folder(cache_dir, tmp_path):
+    """HICOM_RUN_STAMP names a folder under logs/train/runs/ alone: a staged run in a folder of its own choosing
+    (`hydra.run.dir`) was told to go on in another one, where it would start over from stage 1."""
+    import shlex
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from hicom.stages import relaunch
+    from tests.conftest import CONFIGS
+
+    run = tmp_path / "my runs" / "recipe"
+    overrides = [f"paths.cache_dir={cache_dir}", "experiment=tiny_stages"]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        HydraConfig.instance().set_config(
+            compose("train", overrides=[*overrides, f"hydra.run.dir={run}"], return_hydra_config=True)
+        )
+        try:
+            cfg = compose("train", overrides=overrides)
+            cfg.paths.output_dir = str(run)
+            message = relaunch(cfg, "conditional")
+        finally:
+            HydraConfig.instance().cfg = None
+        args = shlex.split(message.split(" (or your launcher's", 1)[0])
+        again = compose("train", overrides=args[2:], return_hydra_config=True)
+    assert again.hydra.run.dir == str(run) and message.endswith("resumes stage conditional")
