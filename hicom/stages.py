@@ -261,14 +261,16 @@ _ABSENT = object()
 
 
 def check_parent_compressor(
-    parent: Path, trained: dict | None, compressor: DictConfig, guide_added: bool = False
+    parent: Path, trained: dict | None, compressor: DictConfig, guide_added: bool = False, grows: bool = False
 ) -> None:
     """Before any weights load, refuse a parent whose compressor config, `trained` (its manifest's), is not
     `compressor`, the one this stage builds, but for what the recipe changes between stages: a `guide_added` stage
     starts from a parent that trained the same compressor without its guide (its class's `unguided_config`, as a
     `guided: false` stage builds it). Weights of the same names and shapes fit compressors that compute other things
     (another kernel, position table or head count), and would load without a word. A manifest written before the
-    config was recorded (`trained` None) is let through, and the log says so."""
+    config was recorded (`trained` None) is let through, and the log says so. A stage that `grows` (it declares
+    `new_parameters`: it changes the compressor on purpose, e.g. adds the release's key and value adapters) is let
+    through too, with each difference logged."""
     if trained is None:
         log.warning(
             "%s: its %s records no compressor config (written before hand-offs recorded it): not checked against this "
@@ -284,6 +286,12 @@ def check_parent_compressor(
         return
     guide_keys = {key for key, _, _ in _differences(wanted, built)}  # what unguided_config turned off
     lines = [f"{key}: the parent's {_value(was)}, this stage's {_value(now)}" for key, was, now in differences]
+    if grows:
+        log.warning(
+            "%s trained a compressor configured otherwise than this stage's, which declares new_parameters and so is "
+            "taken to change it on purpose: %s", parent, "; ".join(lines),
+        )  # fmt: skip
+        return
     overrides = [
         _override(f"model.compressor.{key}", was, now) for key, was, now in differences if key not in guide_keys
     ]
@@ -361,7 +369,7 @@ def load_handoff(
         raise FileNotFoundError(f"{parent} holds no finished stage ({MANIFEST} missing)")
     manifest = read_manifest(manifest_path)
     if compressor is not None:
-        check_parent_compressor(parent, manifest.get("compressor"), compressor, guide_added)
+        check_parent_compressor(parent, manifest.get("compressor"), compressor, guide_added, bool(new_parameters))
     # the digest the stage wrote (manifests from before it was recorded have none): damaged bytes in the tensor data
     # would load as other numbers
     if "sha256" in manifest and (parent / HANDOFF).is_file() and file_sha256(parent / HANDOFF) != manifest["sha256"]:
@@ -497,7 +505,13 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
         else:  # none: the stage stops with that before it is built
             continue
         try:
-            check_parent_compressor(parent, trained, stage_cfg.model.compressor, bool(stages[i].get("guide_added")))
+            check_parent_compressor(
+                parent,
+                trained,
+                stage_cfg.model.compressor,
+                bool(stages[i].get("guide_added")),
+                grows=bool(stages[i].get("new_parameters")),
+            )
         except HandoffError as err:
             raise HandoffError(f"stage {name}: {err}") from err
     results = {}

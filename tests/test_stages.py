@@ -179,3 +179,24 @@ def test_a_stopped_stage_is_resumed_into_the_runs_own_folder(cache_dir, tmp_path
         args = shlex.split(message.split(" (or your launcher's", 1)[0])
         again = compose("train", overrides=args[2:], return_hydra_config=True)
     assert again.hydra.run.dir == str(run) and message.endswith("resumes stage conditional")
+
+
+def test_a_stage_that_declares_new_parameters_may_change_its_compressor_to_add_them(
+    tiny_paths, cache_dir, tmp_path, stage_runs, caplog
+):
+    """`new_parameters` is how a stage grows its parent's compressor (here the release's key and value adapters):
+    the difference is logged, not refused."""
+    run = tmp_path / "run"
+    grow = [
+        "+stages.2.config={model: {compressor: {local: {adapt: [k, v]}}}}",
+        "+stages.2.new_parameters=[compressor.local_compressor.k_*,compressor.local_compressor.v_*]",
+    ]
+    cfg = compose_train(cache_dir, run, ["experiment=tiny_stages", *SMALL, *grow])
+    for stage in cfg.stages[:2]:
+        finished_stage(stage_config(cfg, stage, run / "stages" / stage.name), run / "stages" / stage.name)
+    with caplog.at_level("WARNING", logger="hicom.stages"):
+        assert set(run_stages(cfg)) == {"alignment", "conditional", "instruction"}
+    assert stage_runs == ["instruction"]
+    assert (
+        "declares new_parameters" in caplog.text and "local.adapt: the parent's [], this stage's [k,v]" in caplog.text
+    )
