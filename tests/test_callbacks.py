@@ -263,10 +263,16 @@ def test_a_checkpoint_goes_straight_to_its_folder_not_through_tmpdir(tmp_path, m
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     assert not (tmp_path / "checkpoints" / ".last.ckpt.partial").exists()
 
-    def read_only(*args, **kwargs):
+    def read_only(*args, **kwargs):  # what the file system and torch's C++ writer say
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(torch, "save", read_only)
+    def torch_says(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:747] . open file failed with strerror: Read-only")
+
+    import hicom.callbacks.checkpoint
+
+    monkeypatch.setattr(hicom.callbacks.checkpoint, "open", read_only, raising=False)
+    monkeypatch.setattr(torch, "save", torch_says)
     with pytest.raises(CheckpointWriteError, match="its folder cannot be written") as err:
         fit(tmp_path / "elsewhere")
     assert "no earlier checkpoint is there to resume from" in str(err.value) and "GiB free" not in str(err.value)

@@ -35,6 +35,8 @@ class DirectCheckpointIO(TorchCheckpointIO):
         import torch
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb"):  # a folder that cannot be written fails here with its errno; torch's own writer
+            pass  # raises a RuntimeError that carries only the message, which write_failure cannot tell apart
         torch.save(checkpoint, path)
 
 

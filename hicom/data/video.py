@@ -255,13 +255,19 @@ def _check_decord_reads(path: Path) -> None:
 
     try:
         with av.open(str(path)) as container:
-            name, codec, reordered, first = container.format.name, None, False, None
+            name, codec, reordered, first, matrix = container.format.name, None, False, None, None
             if container.streams.video:
                 stream = container.streams.video[0]
                 codec, reordered = stream.codec_context.name, bool(stream.codec_context.has_b_frames)
                 first = next((p.pts for p in container.demux(stream) if p.pts is not None), None)
+                container.seek(0, stream=stream)
+                matrix = _display_matrix(next(container.decode(stream), None))
     except Exception:  # noqa: BLE001  not readable the PyAV way: decord may still read it
         return
+    if matrix is not None and int(matrix[0]) * int(matrix[4]) - int(matrix[1]) * int(matrix[3]) < 0:
+        raise VideoDecodeError(
+            f"{path}: its display matrix mirrors the picture, which decord does not; decode it with pyav"
+        )
     if set(name.split(",")) & DECORD_MISREADS or (codec == "mpeg4" and reordered):
         what = f"{name} files" if set(name.split(",")) & DECORD_MISREADS else "MPEG-4 Part 2 video with B-frames"
         raise VideoDecodeError(f"{path}: decord misnumbers the frames of {what}; decode it with pyav")
@@ -442,11 +448,38 @@ def _pyav_seek(path: Path, targets: list[int], keyframes: np.ndarray) -> tuple[l
 
 
 def _rgb(frame) -> np.ndarray:
-    """A decoded frame as (H, W, 3) uint8, turned as its stream's display matrix says it is shown (a phone's
-    portrait video is stored landscape): what decord returns, and what a player shows."""
-    rgb = frame.to_ndarray(format="rgb24")
-    turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4  # quarter turns counterclockwise
-    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+    """A decoded frame as (H, W, 3) uint8, shown as its stream's display matrix says (a phone's portrait video is
+    stored landscape; an editor may mirror it): what a player shows, and what ffmpeg's autorotate makes."""
+    return _as_displayed(frame.to_ndarray(format="rgb24"), _display_matrix(frame), getattr(frame, "rotation", 0) or 0)
+
+
+def _display_matrix(frame) -> np.ndarray | None:
+    """The frame's display matrix (ffmpeg's 3 x 3, 16.16 fixed point, row-major), or None."""
+    for data in getattr(frame, "side_data", None) or ():
+        if str(getattr(data, "type", "")).endswith("DISPLAYMATRIX"):
+            return np.frombuffer(bytes(data), dtype=np.int32)
+    return None
+
+
+def _as_displayed(rgb: np.ndarray, matrix: np.ndarray | None, rotation: float) -> np.ndarray:
+    """`rgb` turned and mirrored as ffmpeg's autorotate does for a display matrix whose rotation (counterclockwise,
+    as PyAV reads it) is `rotation` degrees: a quarter turn (mirrored where the matrix's second row says so), half
+    a turn as two mirrors, or a mirror alone."""
+    if matrix is None and not rotation:
+        return rgb
+    theta = round(-rotation / 90) % 4  # quarter turns clockwise
+    mirrored_rows = matrix is not None and matrix[3] > 0  # with a quarter turn: ffmpeg's *_flip transposes
+    if theta == 1:
+        out = np.rot90(rgb, 1)[::-1] if mirrored_rows else np.rot90(rgb, -1)
+    elif theta == 3:
+        out = np.rot90(rgb, -1)[::-1] if matrix is not None and matrix[3] < 0 else np.rot90(rgb, 1)
+    else:
+        out = rgb
+        if theta == 2 and (matrix is None or matrix[0] < 0):
+            out = out[:, ::-1]
+        if (theta == 2 and matrix is None) or (matrix is not None and matrix[4] < 0):
+            out = out[::-1]
+    return out if out is rgb else np.ascontiguousarray(out)
 
 
 def _pyav_in_order(

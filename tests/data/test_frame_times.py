@@ -45,19 +45,42 @@ def write(path, frames, codec="libx264", pts=None, time_base=None, options=None,
             container.mux(packet)
 
 
-def test_a_rotated_video_comes_out_as_shown_by_both_decoders(tmp_path):
+U = 0x10000  # 1.0 in the track header's 16.16 fixed point
+
+
+@pytest.mark.parametrize(
+    ("matrix", "shape", "white"),
+    [
+        ((0, U, -U, 0), (64, 32), "top right"),  # a quarter turn clockwise (a phone held upright)
+        ((-U, 0, 0, -U), (32, 64), "bottom right"),  # half a turn
+        ((0, -U, U, 0), (64, 32), "bottom left"),  # a quarter turn counterclockwise
+        ((-U, 0, 0, U), (32, 64), "top right"),  # mirrored left to right
+        ((U, 0, 0, -U), (32, 64), "bottom left"),  # mirrored top to bottom
+    ],
+    ids=["90", "180", "270", "hflip", "vflip"],
+)
+def test_a_turned_or_mirrored_video_comes_out_as_shown_by_both_decoders(tmp_path, matrix, shape, white):
+    """As ffmpeg's autorotate shows it. decord turns but does not mirror: it refuses a mirroring matrix, so that
+    its fallback decodes the file."""
     frame = np.zeros((32, 64, 3), np.uint8)
-    frame[:, :32] = 255  # stored landscape, the left half white
+    frame[:16, :32] = 255  # stored 32 high and 64 wide, the top-left quarter white
     write(tmp_path / "stored.mp4", np.stack([frame] * 4))
     data = bytearray((tmp_path / "stored.mp4").read_bytes())
     at = data.find(b"tkhd")
-    matrix = at + 8 + (32 if data[at + 4] == 1 else 20) + 16  # the track header's 3 x 3 display matrix
-    data[matrix : matrix + 36] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)  # 90 degrees
-    (tmp_path / "rotated.mp4").write_bytes(bytes(data))
+    start = at + 8 + (32 if data[at + 4] == 1 else 20) + 16  # the track header's 3 x 3 display matrix
+    a, b, c, d = matrix
+    data[start : start + 36] = struct.pack(">9i", a, b, 0, c, d, 0, 0, 0, 0x40000000)
+    (tmp_path / "shown.mp4").write_bytes(bytes(data))
     for decoder in Decoder:
-        frames = load_video(tmp_path / "rotated.mp4", only(decoder, num_frames=2)).frames
-        assert frames.shape == (2, 64, 32, 3), decoder
-        assert frames[0, :32].mean() > 250 and frames[0, 32:].mean() < 5, decoder  # white on top, as shown
+        shown = load_video(tmp_path / "shown.mp4", FrameSampling(num_frames=2, decoder=decoder, fallback=Decoder.PYAV))
+        f = shown.frames[0]
+        assert f.shape[:2] == shape, decoder
+        h, w = shape[0] // 2, shape[1] // 2
+        quarters = {"top left": f[:h, :w], "top right": f[:h, w:], "bottom left": f[h:, :w], "bottom right": f[h:, w:]}
+        assert [name for name, q in quarters.items() if q.mean() > 200] == [white], decoder
+    if matrix[0] * matrix[3] - matrix[1] * matrix[2] < 0:
+        with pytest.raises(VideoDecodeError, match="mirrors the picture"):
+            load_video(tmp_path / "shown.mp4", only(Decoder.DECORD, num_frames=2))
 
 
 @pytest.mark.parametrize("decoder", list(Decoder))
