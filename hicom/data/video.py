@@ -55,8 +55,9 @@ class FrameSampling:
     `decoder` first, then `fallback` (None: no second try) when the first cannot decode a file. PyAV is the
     default: decord's batched seek returns wrong frames, with no error, for AVI files and for MPEG-4 Part 2 video
     with B-frames (dmlc/decord#195, #252), and it numbers frames wrongly in MPEG transport streams and in trimmed
-    MP4s; the decord path refuses those files (`_check_decord_reads`), so they go to the fallback. Seeking PyAV to keyframes is faster on long clips (2.0 against 3.7 s
-    for 32 frames of a 2-minute 640 x 360 clip), slower on tiny ones (7 against 3 ms for 8 frames at 112 px);
+    MP4s; the decord path refuses those files (`_check_decord_reads`), so they go to the fallback. Seeking PyAV to
+    keyframes is faster on long clips (2.0 against 3.7 s for 32 frames of a 2-minute 640 x 360 clip), slower on
+    tiny ones (7 against 3 ms for 8 frames at 112 px);
     `frame_folder_fps`: the rate of folders of frames (3 fps, MVBench's); `time_limit`: seconds one clip may
     take before it is given up as a timeout (None: no limit; see `within_time_limit`); `repeat_frames`: a clip
     shorter than `num_frames` repeats frames to make them (uniform sampling; see the module's docstring)."""
@@ -248,9 +249,11 @@ DECORD_MISREADS = frozenset({"avi", "mpegts", "mpeg"})
 
 
 def _check_decord_reads(path: Path) -> None:
-    """A VideoDecodeError for a file whose frames decord would misnumber: a container in DECORD_MISREADS, MPEG-4
-    Part 2 video with B-frames, or a stream whose first frames an edit list hides (a clip trimmed without
-    re-encoding; decord counts and returns the hidden frames). A file PyAV cannot open is left to decord."""
+    """A VideoDecodeError for a file whose frames decord would misnumber or mis-show: a container in
+    DECORD_MISREADS, MPEG-4 Part 2 video with B-frames, a stream whose first frames an edit list hides (a clip
+    trimmed without re-encoding; decord counts and returns the hidden frames), or a display matrix that mirrors
+    (decord turns frames but does not mirror them). Frames that share a timestamp are refused once decord has
+    read them (`_decode_decord`). A file PyAV cannot open is left to decord."""
     import av
 
     try:
