@@ -400,7 +400,7 @@ def test_a_limited_run_scores_its_questions_and_keeps_every_answer(cache_dir, be
 
 
 def test_answers_of_other_weights_or_run_overrides_are_not_mixed_and_a_shard_is_answered_by_one_process(
-    cache_dir, bench_data, trained_run, tmp_path
+    cache_dir, bench_data, trained_run, tmp_path, monkeypatch
 ):
     """The same run folder trained on (another hand-off in it) or loaded with other run_overrides answers otherwise:
     its answers are not kept and scored with the earlier ones. Two processes on one shard of one folder: the
@@ -422,6 +422,10 @@ def test_answers_of_other_weights_or_run_overrides_are_not_mixed_and_a_shard_is_
 
     assert run()["mlvu"]["n"] == 2
     settings = json.loads((out / "settings.json").read_text())
+    # the same run named by a relative path: the same weights, so its answers are kept
+    monkeypatch.chdir(tmp_path)
+    relative = compose_eval(cache_dir, bench_data, out, ["ckpt=run", "benchmark=mlvu", "limit=2"])
+    assert evaluate(relative)["mlvu"]["answered_this_run"] == 0
     assert settings["weights"] == json.loads((run_dir / MANIFEST).read_text())["sha256"]
     with pytest.raises(ValueError, match=r"holds answers made otherwise(.|\n)*run_overrides: \[\] there"):
         run("run_overrides=['model.lr.compressor=0.5']")

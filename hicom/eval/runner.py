@@ -508,10 +508,14 @@ def check_same_answers(path: Path, settings: dict) -> None:
         ) from error
     recorded = before  # a folder's settings from before `weights` and `run_overrides` were recorded: not compared
     before, now = answer_settings(before), answer_settings(settings)
+    # the same weights named by another path (relative, or the folder moved) are the same checkpoint
+    same_weights = before["weights"] is not None and before["weights"] == now["weights"]
     differ = {
         key: (before[key], now[key])
         for key in now
-        if before[key] != now[key] and (key in recorded or key not in SETTINGS_ADDED)
+        if before[key] != now[key]
+        and (key in recorded or key not in SETTINGS_ADDED)
+        and not (key == "ckpt" and same_weights)
     }
     if differ:
         lines = "\n  ".join(f"{key}: {old!r} there, {new!r} now" for key, (old, new) in differ.items())
