@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hicom.callbacks.checkpoint import refuse_non_finite, resume_checkpoint
 from hicom.modules.compressors.base import unguided_config
-from hicom.training import check_global_batch, check_trainable, train
+from hicom.training import check_global_batch, check_trainable, command_again, train
 from hicom.utils.checkpoints import check_safetensors, fill_tied, full_parameters, optimizer_masters, untied_state
 from hicom.utils.choices import flag
 from hicom.utils.config import dotted_keys, unshared_launch
@@ -558,17 +558,8 @@ def relaunch(cfg: DictConfig, stage: str) -> str:
     (`hydra.run.dir`, which holds under a custom run folder too, where HICOM_RUN_STAMP names one under
     logs/train/runs/ alone), which skips the finished stages and resumes that one from its own checkpoints/last.ckpt."""
     import shlex
-    import sys
 
-    from hydra.core.hydra_config import HydraConfig
-
-    again = f"hydra.run.dir={shlex.quote(str(cfg.paths.output_dir))}"
-    if not HydraConfig.initialized():
-        return f"launch the run again with {again} and it resumes stage {stage}"
-    command = " ".join(
-        shlex.quote(arg) for arg in ["python", Path(sys.argv[0]).name, *HydraConfig.get().overrides.task]
-    )
-    return f"{command} {again} (or your launcher's command, with {again}) resumes stage {stage}"
+    return f"{command_again(f'hydra.run.dir={shlex.quote(str(cfg.paths.output_dir))}')} resumes stage {stage}"
 
 
 def free_memory() -> None:

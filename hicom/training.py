@@ -84,17 +84,24 @@ def resume_command(cfg: DictConfig) -> str:
     `hydra.run.dir` and `ckpt_path`. `ckpt_path` alone resumes into a new folder (named by the time it starts),
     and every preemption would leave a run folder behind, with a whole last.ckpt."""
     import shlex
+
+    run = shlex.quote(str(cfg.paths.output_dir))
+    return command_again(f"hydra.run.dir={run} ckpt_path={run}", leave_out=("ckpt_path",))
+
+
+def command_again(settings: str, leave_out: tuple[str, ...] = ()) -> str:
+    """This launch's command (its script and command-line overrides, but those of the keys in `leave_out`) with
+    `settings` added; where the config was not composed by Hydra's app, a sentence that says to add them."""
+    import shlex
     import sys
 
     from hydra.core.hydra_config import HydraConfig
 
-    run = shlex.quote(str(cfg.paths.output_dir))
-    again = f"hydra.run.dir={run} ckpt_path={run}"
     if not HydraConfig.initialized():
-        return f"the run's command with {again}"
-    given = [arg for arg in HydraConfig.get().overrides.task if arg.lstrip("+").split("=", 1)[0] != "ckpt_path"]
+        return f"the run's command with {settings}"
+    given = [arg for arg in HydraConfig.get().overrides.task if arg.lstrip("+").split("=", 1)[0] not in leave_out]
     command = " ".join(shlex.quote(arg) for arg in ["python", Path(sys.argv[0]).name, *given])
-    return f"{command} {again} (or your launcher's command, with {again})"
+    return f"{command} {settings} (or your launcher's command, with {settings})"
 
 
 MATMUL_PRECISIONS = ("highest", "high", "medium")

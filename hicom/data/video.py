@@ -471,9 +471,9 @@ def _as_displayed(rgb: np.ndarray, matrix: np.ndarray | None, rotation: float) -
     if matrix is None and not rotation:
         return rgb
     theta = round(-rotation / 90) % 4  # quarter turns clockwise
-    mirrored_rows = matrix is not None and matrix[3] > 0  # with a quarter turn: ffmpeg's *_flip transposes
+    # with a quarter turn, the sign of the matrix's second row picks ffmpeg's mirrored turn (transpose *_flip)
     if theta == 1:
-        out = np.rot90(rgb, 1)[::-1] if mirrored_rows else np.rot90(rgb, -1)
+        out = np.rot90(rgb, 1)[::-1] if matrix is not None and matrix[3] > 0 else np.rot90(rgb, -1)
     elif theta == 3:
         out = np.rot90(rgb, -1)[::-1] if matrix is not None and matrix[3] < 0 else np.rot90(rgb, 1)
     else:
