@@ -248,25 +248,28 @@ def within_time_limit(fn: Callable[[], T], seconds: float | None, what: str) -> 
 DECORD_MISREADS = frozenset({"avi", "mpegts", "mpeg"})
 
 
-def _check_decord_reads(path: Path) -> None:
+def _check_decord_reads(path: Path) -> float | None:
     """A VideoDecodeError for a file whose frames decord would misnumber or mis-show: a container in
     DECORD_MISREADS, MPEG-4 Part 2 video with B-frames, a stream whose first frames an edit list hides (a clip
     trimmed without re-encoding; decord counts and returns the hidden frames), or a display matrix that mirrors
     (decord turns frames but does not mirror them). Frames that share a timestamp are refused once decord has
-    read them (`_decode_decord`). A file PyAV cannot open is left to decord."""
+    read them (`_decode_decord`). A file PyAV cannot open is left to decord. Returns the video's duration in
+    seconds as its header declares it (None if none, or if PyAV cannot open the file), for
+    `_check_whole_by_header`, so that a whole file is opened the PyAV way once."""
     import av
 
     try:
         with av.open(str(path)) as container:
-            name, codec, reordered, first, matrix = container.format.name, None, False, None, None
+            name, codec, reordered, first, matrix, declared = container.format.name, None, False, None, None, None
             if container.streams.video:
                 stream = container.streams.video[0]
+                declared = _declared_seconds(container, stream)
                 codec, reordered = stream.codec_context.name, bool(stream.codec_context.has_b_frames)
                 first = next((p.pts for p in container.demux(stream) if p.pts is not None), None)
                 container.seek(0, stream=stream)
                 matrix = _display_matrix(next(container.decode(stream), None))
     except Exception:  # noqa: BLE001  not readable the PyAV way: decord may still read it
-        return
+        return None
     if matrix is not None and int(matrix[0]) * int(matrix[4]) - int(matrix[1]) * int(matrix[3]) < 0:
         raise VideoDecodeError(
             f"{path}: its display matrix mirrors the picture, which decord does not; decode it with pyav"
@@ -278,12 +281,13 @@ def _check_decord_reads(path: Path) -> None:
         raise VideoDecodeError(
             f"{path}: an edit list hides its first frames, which decord returns; decode it with pyav"
         )
+    return declared
 
 
 def _decode_decord(path: Path, sampling: FrameSampling, start, end) -> SampledFrames:
     import decord
 
-    _check_decord_reads(path)
+    declared = _check_decord_reads(path)
     try:
         reader = decord.VideoReader(str(path), num_threads=1)
     except Exception as err:  # decord raises its own DECORDError, or RuntimeError, for unreadable files
@@ -293,7 +297,7 @@ def _decode_decord(path: Path, sampling: FrameSampling, start, end) -> SampledFr
         times = None
         if len(reader):  # decord reads what is left of a file cut short without a word: compare with its header
             spans = reader.get_frame_timestamp(np.arange(len(reader)))  # (n, 2): each frame's start, end in seconds
-            _check_whole_by_header(path, float(spans[-1, 1]), len(reader) / fps, fps)
+            _check_whole_by_header(path, declared, float(spans[-1, 1]), len(reader) / fps, fps)
             if len(np.unique(spans[:, 0])) < len(spans):  # decord finds frames by time: it returns a neighbour
                 raise VideoDecodeError(f"{path}: frames share timestamps, which decord confuses; decode it with pyav")
             times = uneven_times(spans[:, 0], fps)
@@ -364,24 +368,22 @@ def _scan_packets(stream) -> tuple[list[tuple[int | None, bool]], float | None]:
     return packets, covered
 
 
-def _check_whole_by_header(path: Path, last_end: float, counted: float, fps: float) -> None:
-    """check_whole for a file decord read: `last_end`, its last frame's end, and `counted`, its frames over its
-    rate, in seconds. decord's frame times start at the stream's start, AVI frames get none and a cut Matroska
-    file can end on one of 10^15 s, so a time past the declared duration is no reading, and a file the longer
-    reading calls short is read again the PyAV way (packets, no decoding) before it is called cut; a whole one
-    costs a header read."""
+def _check_whole_by_header(path: Path, declared: float | None, last_end: float, counted: float, fps: float) -> None:
+    """check_whole for a file decord read: `declared`, the duration its header declares (`_check_decord_reads`),
+    `last_end`, its last frame's end, and `counted`, its frames over its rate, in seconds. decord's frame times
+    start at the stream's start, AVI frames get none and a cut Matroska file can end on one of 10^15 s, so a time
+    past the declared duration is no reading, and a file the longer reading calls short is read again the PyAV way
+    (packets, no decoding) before it is called cut; a whole one costs nothing more."""
+    if not declared:
+        return
+    readings = [counted] + ([last_end] if math.isfinite(last_end) and last_end <= 1.05 * declared else [])
+    if not _short(max(readings), declared, fps):
+        return
     import av
 
     try:
         with av.open(str(path)) as container:
-            stream = container.streams.video[0] if container.streams.video else None
-            declared = _declared_seconds(container, stream) if stream is not None else None
-            if not declared:
-                return
-            readings = [counted] + ([last_end] if math.isfinite(last_end) and last_end <= 1.05 * declared else [])
-            if not _short(max(readings), declared, fps):
-                return
-            covered = _scan_packets(stream)[1]
+            covered = _scan_packets(container.streams.video[0])[1]
     except Exception:  # noqa: BLE001  a file PyAV cannot read is not called cut: decord decoded it
         return
     check_whole(path, covered, declared, fps)
