@@ -146,14 +146,19 @@ def memory_per_gpu(
     }
 
 
-def activation_bytes(model: MetaModel, frames: int, visual: int, text: int, micro: int, train_llm_path: bool) -> int:
+def activation_bytes(
+    model: MetaModel, frames: int, visual: int, text: int, answer: int, micro: int, train_llm_path: bool
+) -> int:
     """A rough bf16 activation estimate with gradient checkpointing in the LLM: every layer's input, one layer's
-    internals, and the fp32 logits; plus the vision features and joint-space keys handed to the compressor."""
+    internals, and the fp32 logits (of the `answer` tokens the loss is taken on, where the LM head runs on those
+    alone: `CausalLM.loss`); plus the vision features and joint-space keys handed to the compressor."""
+    from hicom.modules.llm import PLAIN_HEAD_TYPES
+
     c = model.llm.config
     seq = visual + text
     checkpoints = c.num_hidden_layers * seq * c.hidden_size * 2
     layer = seq * (10 * c.hidden_size + 3 * c.intermediate_size) * 2
-    logits = seq * c.vocab_size * 4
+    logits = (answer if c.model_type in PLAIN_HEAD_TYPES else seq) * c.vocab_size * 4
     width = model.vision.hidden_size
     vision = 2 * frames * model.grid * model.grid * width * 2
     llm = checkpoints + layer + logits if train_llm_path else seq * c.hidden_size * 2
@@ -222,6 +227,9 @@ def report(cfg: DictConfig) -> list[dict]:
     if micro is not None:
         micro = whole_number("dry_run_settings.micro_batch", micro)
     text = whole_number("dry_run_settings.text_tokens", settings.get("text_tokens", 256), least=0)
+    answer = whole_number("dry_run_settings.answer_tokens", settings.get("answer_tokens", 32), least=0)
+    if answer > text:
+        raise ValueError(f"dry_run_settings.answer_tokens={answer}: more than the {text} text tokens it is part of")
     base = build_meta(cfg)
     longest = base.vision.guide_encoder.config.max_position_embeddings  # what the guide tokenizer pads to
     guide = settings.get("guide_tokens")
@@ -230,7 +238,7 @@ def report(cfg: DictConfig) -> list[dict]:
         raise ValueError(f"dry_run_settings.guide_tokens={guide}: this guide encoder takes at most {longest} tokens")
     rows = []
     print(f"dry run: {base.names[0]} + {type(base.compressor).__name__} + {base.names[1]}, "
-          f"{gpus} GPUs, {text} text tokens per sample")  # fmt: skip
+          f"{gpus} GPUs, {text} text tokens per sample ({answer} of them answer)")  # fmt: skip
     for stage in stages_of(cfg):
         with torch.device("meta"):  # the stage's own compressor (stage 1 of the recipe has no injection modules)
             compressor = instantiate(stage["config"].model.compressor)
@@ -270,8 +278,8 @@ def report(cfg: DictConfig) -> list[dict]:
         fwd = forward_flops(model, frames, modality, guided, text, guide)
         # forward and backward as the throughput monitor counts a training sample (after the forward counts: it
         # sets the parts' requires_grad as the stage trains them)
-        train = BatchFlops(model, trainable, exact=True).sample(frames, modality, visual + text, guide)
-        acts = activation_bytes(model, frames, visual, text, batch, bool(trainable))
+        train = BatchFlops(model, trainable, exact=True).sample(frames, modality, visual + text, guide, answer)
+        acts = activation_bytes(model, frames, visual, text, answer, batch, bool(trainable))
         memory = memory_per_gpu(params, trainable, zero, gpus, acts, stage["offload"])
         row = {
             "stage": stage["name"],

@@ -21,7 +21,7 @@ def test_deepspeed_epochs_end_on_an_optimizer_step_and_the_engine_steps_with_lig
     """12 micro-batches an epoch at 5 a step, 2 epochs: each epoch takes 10 (2 samples a batch short of a step are
     left out, and said), the engine steps where Lightning counts a step at every batch, no gradient is left
     unapplied, and the schedule's total is the steps taken. A batch limit that ends an epoch inside a step is
-    refused."""
+    refused. One step of 8 samples applies the same gradient as 1, 2 or 4 micro-batches."""
     pytest.importorskip("deepspeed")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}  # Lightning finds a free port
     script = str(ROOT / "tests" / "scripts" / "deepspeed_accumulation.py")
@@ -43,3 +43,9 @@ def test_deepspeed_epochs_end_on_an_optimizer_step_and_the_engine_steps_with_lig
     assert "leaving out 8 of the 48 samples an epoch" in done.stderr
     assert "ends inside an optimizer step of 5 batches" in report["limited"]
     assert "trainer.limit_train_batches to a multiple of 5" in report["limited"]
+    # the same 8 samples in 1, 2 or 4 micro-batches make the same step: the engine's own division of the loss by the
+    # accumulation is undone (the norms were 8.8, 4.4 and 2.2 when Lightning's and the engine's both applied)
+    norms = report["step_gradient_norm"]
+    assert norms["4"] == pytest.approx(norms["8"], rel=1e-4) and norms["2"] == pytest.approx(norms["8"], rel=1e-4), (
+        norms
+    )

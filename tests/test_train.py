@@ -30,7 +30,7 @@ def test_a_few_steps_lower_the_loss_and_write_the_summary(cfg_small, tmp_path):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(12):
-        loss = model.net(batch).loss
+        loss = model.net(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -324,7 +324,7 @@ def test_held_out_batches_without_clips_join_the_visual_gathers_under_zero3(cfg_
     model, _ = build(cfg_small)
     net = model.net
     calls = []
-    for name, part in (("vision", net.vision), ("compressor", net.compressor), ("llm", net.llm.model)):
+    for name, part in (("vision", net.vision), ("compressor", net.compressor), ("llm", net.llm.model.get_decoder())):
         part.register_forward_pre_hook(lambda *_, name=name: calls.append(name) if calls[-1:] != [name] else None)
     tokens = net.llm.tokenizer(["What is two and two?"], return_tensors="pt")
     batch = {"ids": ["t"], "input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
@@ -918,7 +918,7 @@ def test_a_text_only_batch_runs_the_parts_in_the_order_a_batch_with_clips_does(c
     datamodule.setup("fit")
     monkeypatch.setattr(model, "_in_step", lambda: True)  # as on several processes
     order = []
-    for name, part in {"compressor": model.net.compressor, "llm": model.net.llm.model}.items():
+    for name, part in {"compressor": model.net.compressor, "llm": model.net.llm.model.get_decoder()}.items():
         part.register_forward_hook(lambda *_, name=name: order.append(name))
     batch = datamodule.collate([datamodule.train_set[0]])
     model.training_step(batch, 0)
@@ -1034,7 +1034,7 @@ def test_the_flop_count_of_a_batch_is_what_torch_counts_for_its_samples_one_by_o
     }
     model.net(batch)  # the batch runs as it is
     with sdpa_kernel(SDPBackend.MATH):
-        expected = sum(flops(lambda s=s: model.net(s).loss.backward()) for s in samples)
+        expected = sum(flops(lambda s=s: model.net(s).backward()) for s in samples)
     assert BatchFlops(build_meta(cfg_small), model.trainable)(batch) == expected  # the default trains every part
     with open_dict(cfg_small):  # a bundled architecture named beside a loaded folder: the folder's is counted
         cfg_small.model.llm.arch = "qwen2.5_7b_instruct"
@@ -1045,9 +1045,9 @@ def test_the_flop_count_of_a_batch_is_what_torch_counts_for_its_samples_one_by_o
     model.net.compressor.requires_grad_(True)
     with sdpa_kernel(SDPBackend.MATH):  # the recipe's alignment stage: gradients pass through the frozen LLM
         video_only = [s for s in samples if s["pixel_values"] is not None]
-        expected = sum(flops(lambda s=s: model.net(s).loss.backward()) for s in video_only)
+        expected = sum(flops(lambda s=s: model.net(s).backward()) for s in video_only)
     text_free = {**batch, "num_frames": torch.tensor([8, 1, 5]), "modalities": ["video", "image", "video"]}
-    text_free["attention_mask"] = batch["attention_mask"][[0, 1, 3]]
+    text_free["attention_mask"], text_free["labels"] = batch["attention_mask"][[0, 1, 3]], batch["labels"][[0, 1, 3]]
     text_free["guide_ids"] = batch["guide_ids"][:3]
     alignment = BatchFlops(build_meta(cfg_small), ["compressor"])
     assert alignment(text_free) == expected

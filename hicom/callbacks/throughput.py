@@ -10,8 +10,10 @@ from functools import cache, partial
 
 import torch
 
+from hicom.data.template import IGNORE_INDEX
 from hicom.dry_run import flops
 from hicom.modules.compressors.base import PackedLayout
+from hicom.modules.llm import PLAIN_HEAD_TYPES
 
 
 def samples(batch: dict) -> int:
@@ -34,7 +36,8 @@ class BatchFlops:
     count), with the run's trainable parts taking gradients and a gradient passed back into a frozen part wherever
     a part before it trains: the vision tower per frame, the compressor per clip length (counted once per length),
     the guide encoder and the LLM as a + b n + c n^2 in their sequence length n (fitted exactly from three lengths:
-    matrix products grow with n, attention with n^2). A batch is the sum over its samples at their own lengths,
+    matrix products grow with n, attention with n^2), and the LLM's head once per labelled token (where it runs on
+    those alone: `CausalLM.loss`). A batch is the sum over its samples at their own lengths,
     padding left out (the LLM's, and the global attention's over shorter clips); the guide encoder at its padded
     length, for the samples with a clip. These are the model's FLOPs: what
     gradient checkpointing computes again is not counted.
@@ -56,10 +59,19 @@ class BatchFlops:
         frame = torch.empty(1, 3, tower.image_size, tower.image_size, device="meta", dtype=torch.float32)
         self.frame = flops(partial(_trained, lambda: tower(frame, joint_embeds=compressor.uses_embeds)))
         hidden = meta.llm.config.hidden_size
+        # the LM head runs on the labelled positions alone where it is a plain linear map (CausalLM.loss): it is then
+        # counted per labelled token, and the rest of the LLM per sequence length
+        plain_head = meta.llm.config.model_type in PLAIN_HEAD_TYPES
+        body = meta.llm.get_decoder() if plain_head else meta.llm
 
         def llm(n: int) -> int:
             embeds = torch.empty(1, n, hidden, device="meta", dtype=torch.float32, requires_grad=self.grads["llm"])
-            return flops(partial(_trained, lambda: meta.llm(inputs_embeds=embeds).logits))
+            return flops(partial(_trained, lambda: body(inputs_embeds=embeds)[0]))
+
+        self.head = 0
+        if plain_head:
+            row = torch.empty(1, hidden, device="meta", dtype=torch.float32, requires_grad=self.grads["llm"])
+            self.head = flops(partial(_trained, lambda: meta.llm.get_output_embeddings()(row)))
 
         lengthwise = cache if exact else _quadratic
         self.llm = lengthwise(llm)
@@ -92,9 +104,10 @@ class BatchFlops:
             self._clips[key] = flops(partial(_trained, lambda: compressor(features, embeds, guide, layout=layout)))
         return self._clips[key]
 
-    def sample(self, frames: int, modality: str, length: int, guide_length: int) -> int:
-        """One sample's training FLOPs: a clip of `frames` frames (none for 0) and `length` LLM tokens."""
-        total = self.llm(length)
+    def sample(self, frames: int, modality: str, length: int, guide_length: int, labelled: int) -> int:
+        """One sample's training FLOPs: a clip of `frames` frames (none for 0), `length` LLM tokens, and `labelled`
+        tokens predicted (the loss's)."""
+        total = self.llm(length) + labelled * self.head
         if frames:
             total += frames * self.frame + self.clip(frames, modality, guide_length)
             if self.guide is not None:  # for the samples with a clip (the encoder runs on all, in one batched call)
@@ -107,9 +120,16 @@ class BatchFlops:
         guide_ids = batch.get("guide_ids")
         guide_length = 0 if guide_ids is None else guide_ids.shape[1]
         samples = zip(
-            batch["num_frames"].tolist(), batch["modalities"], batch["attention_mask"].sum(dim=1).tolist(), strict=True
+            batch["num_frames"].tolist(),
+            batch["modalities"],
+            batch["attention_mask"].sum(dim=1).tolist(),
+            (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist(),  # each labelled token is predicted once
+            strict=True,
         )
-        return sum(self.sample(frames, modality, length, guide_length) for frames, modality, length in samples)
+        return sum(
+            self.sample(frames, modality, length, guide_length, labelled)
+            for frames, modality, length, labelled in samples
+        )
 
 
 def _trained(forward: Callable) -> None:

@@ -285,7 +285,7 @@ class VideoLLMModule(LightningModule):
         blank = None
         if batch.get("pixel_values") is None and self._in_step():
             blank = self._visual_at_zero_weight(batch["input_ids"].device)
-        loss = self.net(batch).loss
+        loss = self.net(batch)
         return loss if blank is None else loss + blank.to(loss.device)
 
     def _visual_at_zero_weight(self, device: torch.device) -> torch.Tensor:
@@ -457,6 +457,11 @@ class VideoLLMModule(LightningModule):
         if count > 0:
             self.log("train/loss", total / count, prog_bar=True, batch_size=max(len(batch["ids"]), 1))
         self.log("data/skipped", float(len(self.skipped)), batch_size=max(len(batch["ids"]), 1))
+        if self._deepspeed() is not None:
+            # Lightning divides the loss by the accumulation, and DeepSpeed's engine divides it again in its backward
+            # (Lightning-AI/pytorch-lightning#6170): undone once, the step's gradient is the global batch's mean, as
+            # under DDP, and gradient clipping sees it at that size whatever the world size makes the accumulation
+            loss = loss * self.trainer.accumulate_grad_batches
         return loss
 
     def _stop_on_non_finite(self, value: torch.Tensor, batch: dict) -> None:
@@ -537,7 +542,7 @@ class VideoLLMModule(LightningModule):
         if "input_ids" in batch:
             self._keep_stand_in(batch, "val")
             self._join_visual_gathers(batch)
-            loss = self.net(batch).loss.detach().float()
+            loss = self.net(batch).detach().float()
             # the LLM's loss is the mean over the tokens it is asked to predict (the labels after the shift, as in
             # training): times their count it is their sum, which adds up over batches whatever their sizes; a
             # batch without any (its mean a NaN) adds nothing

@@ -107,9 +107,10 @@ class VideoLLM(nn.Module):
             guide = guide[clips]
         return self.compressor(features, embeds, guide, layout=layout)  # (sum N_i, d_llm)
 
-    def forward(self, batch: dict):
+    def forward(self, batch: dict) -> torch.Tensor:
+        """The batch's loss: the mean cross-entropy of its labelled tokens (`CausalLM.loss`)."""
         embeds = self.llm.embed(batch["input_ids"], self.encode_visual(batch))
-        return self.llm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return self.llm.loss(embeds, batch["attention_mask"], batch["labels"])
 
     @torch.no_grad()
     def generate(self, batch: dict, max_new_tokens: int = 8) -> torch.Tensor:

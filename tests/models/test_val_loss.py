@@ -25,7 +25,9 @@ def test_val_loss_is_the_token_mean_of_the_held_out_set_whatever_the_batch_size(
     with torch.no_grad():
         for item in items:
             batch = datamodule.collate([item])
-            logits, labels = model.net(batch).logits[0, :-1], batch["labels"][0, 1:]  # each token predicts the next
+            embeds = model.net.llm.embed(batch["input_ids"], model.net.encode_visual(batch))
+            logits = model.net.llm.model(inputs_embeds=embeds).logits[0, :-1]  # the HF model's, at every position
+            labels = batch["labels"][0, 1:]  # each token predicts the next
             total += F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
             count += int((labels != IGNORE_INDEX).sum())
     assert count == 9

@@ -84,7 +84,7 @@ def test_a_frozen_llm_with_gradient_checkpointing_is_checkpointed(cache_dir, tmp
             return tensor
 
         with graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-            loss = model.net(batch).loss
+            loss = model.net(batch)
         loss.backward()
         saved[checkpointing] = sum(kept)
         grads[checkpointing] = [p.grad.clone() for p in model.net.compressor.parameters()]
@@ -185,7 +185,7 @@ def test_trainable_parts_the_compressor_never_reads_stay_frozen(compressor, froz
     assert list(model.trainable) == [p for p in parts if p not in frozen]
     data.prepare_data()
     data.setup("fit")
-    model.net(next(iter(data.train_dataloader()))).loss.backward()
+    model.net(next(iter(data.train_dataloader()))).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
@@ -284,3 +284,51 @@ def test_the_llm_refuses_visual_tokens_of_another_width(cfg_small):
     assert llm.embed(ids, torch.randn(2, llm.hidden_size)).shape == (1, 4, llm.hidden_size)
     with pytest.raises(ValueError, match=rf"visual tokens of shape \(2, {llm.hidden_size + 1}\): the LLM takes"):
         llm.embed(ids, torch.randn(2, llm.hidden_size + 1))
+
+
+def test_the_loss_runs_the_lm_head_on_labelled_positions_and_equals_the_hf_models_loss(cfg_small, monkeypatch):
+    """The LM head runs on the positions whose next token is labelled, not on every visual and prompt token; the
+    loss and every gradient equal those of the HF model given `labels` (its head over every position), for a
+    right-padded batch of two samples. An LM family not known to have a plain head goes through HF's own loss."""
+    from hicom.modules import llm as llm_module
+
+    model, datamodule = build(cfg_small)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    net = model.net
+    batch = datamodule.collate([datamodule.train_set[i] for i in range(2)])
+    batch["attention_mask"][1, -3:] = 0  # padding at the end of the second sample
+    batch["labels"][1, -3:] = -100
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert 0 < labelled < batch["labels"][:, 1:].numel() // 2
+
+    rows = []
+    head = net.llm.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
+
+    def loss_and_grads(compute) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        net.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+    ours, our_grads = loss_and_grads(lambda: net(batch))
+    assert rows == [labelled]
+
+    def hf() -> torch.Tensor:
+        embeds = net.llm.embed(batch["input_ids"], net.encode_visual(batch))
+        return net.llm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+    reference, hf_grads = loss_and_grads(hf)
+    assert rows[1] == batch["input_ids"].numel()
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    assert len(our_grads) == len(hf_grads) > 0
+    for a, b in zip(our_grads, hf_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+    monkeypatch.setattr(llm_module, "PLAIN_HEAD_TYPES", frozenset())
+    rows.clear()
+    other, _ = loss_and_grads(lambda: net(batch))
+    handle.remove()
+    assert rows == [batch["input_ids"].numel()]
+    torch.testing.assert_close(other, reference, rtol=1e-6, atol=1e-6)
