@@ -153,7 +153,7 @@ def build(cfg: DictConfig, checked: bool = False):
     datamodule = hydra.utils.instantiate(cfg.data)
     log.info("model: <%s>", cfg.model._target_)
     model = hydra.utils.instantiate(cfg.model)
-    if "lr" in cfg.model and "injection" in cfg.model.lr:  # what only the guide adds, for its learning rate
+    if (cfg.model.get("lr") or {}).get("injection") is not None:  # what only the guide adds, for its learning rate
         from hicom.modules.video_llm import guide_only_names
 
         model.guide_only = guide_only_names(model.net, cfg.model.compressor)
@@ -253,7 +253,8 @@ def check_resume_training(saved: dict, model_cfg: DictConfig) -> None:
     if "trainable" not in hparams:
         return
     saved_parts, parts = sorted(hparams["trainable"]), sorted(str(p) for p in model_cfg.trainable)
-    saved_split, split = "injection" in (hparams.get("lr") or {}), "injection" in (model_cfg.get("lr") or {})
+    saved_split = (hparams.get("lr") or {}).get("injection") is not None
+    split = (model_cfg.get("lr") or {}).get("injection") is not None
     if saved_parts != parts:
         raise ValueError(
             f"this checkpoint's run trained {saved_parts} and this one trains {parts}: its optimizer state is for "

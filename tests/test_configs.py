@@ -306,6 +306,27 @@ def test_the_recipe_without_its_stages_is_one_fit_of_stage_2_with_its_batch(cach
     assert [(s.global_batch_size, s.data.batch_size) for s in stages] == [(512, 32), (512, 8), (256, 2)]
 
 
+def test_the_recipe_as_one_fit_names_the_rate_of_a_part_it_trains_beyond_stage_2(cache_dir, tmp_path, unloadable_llm):
+    """The recipe's rates are stage 2's and null for the other parts: a one fit that also trains the LLM is refused
+    before any weights load, rather than train it at the tiny default's 3e-4; given its rate, it composes."""
+    from hicom.training import train
+
+    trains_llm = [
+        "experiment=directg_local43_global32",
+        *TINY_PARTS,
+        "stages=null",
+        "model.trainable=[compressor,llm]",
+        f"model.llm.path={unloadable_llm}",
+    ]
+    with pytest.raises(ValueError, match=r"no learning rate for trainable parts \['llm'\]: set model.lr.<part>"):
+        train(compose_train(cache_dir, tmp_path, trains_llm))
+    given = compose_train(cache_dir, tmp_path, [*trains_llm, "model.lr.llm=1e-5"])
+    assert dict(given.model.lr) == {
+        "vision_trunk": None, "vision_head": None, "guide_encoder": None, "compressor": 1e-4, "injection": 1e-3,
+        "llm": 1e-5,
+    }  # fmt: skip
+
+
 def test_command_line_values_a_staged_experiment_would_replace_are_refused_with_the_per_stage_keys(cache_dir, tmp_path):
     from hicom.stages import check_stage_overrides
 

@@ -42,7 +42,7 @@ def check_hparams(
     unknown = set(trainable) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown trainable parts {sorted(unknown)}; choose from {PARTS}")
-    missing = [p for p in trainable if p not in lr]
+    missing = [p for p in trainable if lr.get(p) is None]  # a rate of null is none: an experiment clears the defaults
     if missing:
         raise ValueError(f"no learning rate for trainable parts {missing}: set model.lr.<part>")
     misspelt = sorted(set(lr) - {*PARTS, "injection"})  # a learning rate no group reads would change nothing
@@ -51,7 +51,7 @@ def check_hparams(
     bad = {
         part: rate
         for part, rate in lr.items()
-        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < math.inf
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < math.inf)
     }
     if bad:
         raise ValueError(f"learning rates must be > 0, got {bad} (model.lr)")
@@ -130,7 +130,7 @@ class VideoLLMModule(LightningModule):
         if idle:  # a recipe's stage 3 trains the SigLIP head and the text tower, which a pooling compressor never reads
             log.warning("trainable parts %s stay frozen: this compressor does not read them", idle)
             trainable = [name for name in trainable if name not in idle]
-        self.trainable, self.lr = tuple(trainable), lr
+        self.trainable, self.lr = tuple(trainable), {part: rate for part, rate in lr.items() if rate is not None}
         self.weight_decay, self.betas, self.warmup_ratio = weight_decay, betas, warmup_ratio
         self.max_new_tokens = max_new_tokens
         net.requires_grad_(False)

@@ -172,7 +172,11 @@ def check_model(cfg: DictConfig, compressor=None):
         if not isinstance(lr, DictConfig):
             raise ValueError(f"model.lr is a learning rate per trainable part, got {lr!r}: set model.lr.<part>=1e-4")
         lr = OmegaConf.to_container(lr, resolve=True)
-        bad = {part: rate for part, rate in lr.items() if isinstance(rate, bool) or not isinstance(rate, int | float)}
+        bad = {  # null: no rate, as though the key were absent
+            part: rate
+            for part, rate in lr.items()
+            if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float))
+        }
         if bad:
             raise ValueError(f"learning rates are numbers, got {bad} (model.lr)")
         trainable = model.trainable
