@@ -592,6 +592,28 @@ def test_a_bad_config_value_fails_before_any_weights_load(override, message, cac
         train(compose_train(cache_dir, tmp_path, overrides))
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.llm.path=null", r"the LLM checkpoint: model.llm.path is null. Set `model.llm.path=<folder>`"),
+        ("model.vision.path=null", r"model.vision.path is null. Set `model.vision.path=<folder>`"),
+        ("data.source.train=null", r"data.source.train is null: set `data.source.train=<file.yaml>`"),
+        ("data.source.data_dir=null", r"data.source.data_dir is null: set `data.source.data_dir=<dir>`"),
+    ],
+)
+def test_a_null_path_is_named_before_anything_loads(override, message, cache_dir, tmp_path):
+    """A path set to null is a missing one, named with its key (it was a TypeError naming none, after the vision
+    tower had loaded)."""
+    from hicom.training import train
+
+    mixture = Path(__file__).resolve().parents[1] / "configs/mixtures/stage2_hicom248k.yaml"
+    data = ["data=mixture", f"data.source.train={mixture}"]
+    small = [o for o in SMALL if not (override.startswith("data.") and o.startswith("data.source."))]
+    overrides = [*small, *(data if override.startswith("data.") else []), override]
+    with pytest.raises(FileNotFoundError, match=message):
+        train(compose_train(cache_dir, tmp_path, overrides))
+
+
 @pytest.mark.parametrize("strategy", ["strategy=deepspeed_zero2", "trainer.strategy=deepspeed_stage_2"])
 def test_a_deepspeed_strategy_without_deepspeed_says_how_to_train_instead(
     strategy, cache_dir, tmp_path, unloadable_llm, monkeypatch

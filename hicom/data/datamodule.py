@@ -71,6 +71,12 @@ class JsonSource:
     def check(self) -> Splits:
         """A FileNotFoundError naming the key to set where the annotation files or the media folder are missing;
         the splits otherwise."""
+        if self.train_json is None:
+            raise FileNotFoundError(
+                f"data.source.train_json is null: set `data.source.train_json=<file>`{DATA_DIR_HINT}"
+            )
+        if self.data_root is None:
+            raise FileNotFoundError(f"data.source.data_root is null: set `data.source.data_root=<dir>`{DATA_DIR_HINT}")
         for key, value in (("data.source.train_json", self.train_json), ("data.source.val_json", self.val_json)):
             if value is not None and not Path(value).is_file():
                 raise FileNotFoundError(f"annotation file '{value}' not found: set `{key}=<file>`{DATA_DIR_HINT}")
@@ -97,6 +103,10 @@ class MixtureSource:
     def check(self) -> Splits:
         """A FileNotFoundError naming what to set where a mixture file or an annotation file it lists is missing
         (the media are checked sample by sample: a missing clip skips its sample); the splits otherwise."""
+        if self.train is None:  # the training mixture has no default to fall back on: a stage's own is needed
+            raise FileNotFoundError("data.source.train is null: set `data.source.train=<file.yaml>`")
+        if self.data_dir is None:
+            raise FileNotFoundError(f"data.source.data_dir is null: set `data.source.data_dir=<dir>`{DATA_DIR_HINT}")
         for key, value in (("data.source.train", self.train), ("data.source.val", self.val)):
             if value is not None and not Path(value).is_file():
                 raise FileNotFoundError(f"mixture file '{value}' not found: set `{key}=<file.yaml>`")

@@ -12,12 +12,16 @@ import torch
 from torch import nn
 
 
-def require_pretrained(path: str | Path, what: str, key: str, override: str | None = None) -> Path:
-    """The folder `path` if it holds a config.json, else a FileNotFoundError that names what to set: `override`
-    (default `<key>=<folder>`) on the command line, or the environment."""
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        message = f"{what} not found at '{folder}' (no config.json there). Put the HF-format folder there, or set "
+def require_pretrained(path: str | Path | None, what: str, key: str, override: str | None = None) -> Path:
+    """The folder `path` if it holds a config.json, else (a null `path` too) a FileNotFoundError that names what to
+    set: `override` (default `<key>=<folder>`) on the command line, or the environment."""
+    folder = None if path is None else Path(path)
+    if folder is None or not (folder / "config.json").is_file():
+        message = (
+            f"{what}: {key} is null. Set "
+            if folder is None
+            else f"{what} not found at '{folder}' (no config.json there). Put the HF-format folder there, or set "
+        )
         if override is not None:  # e.g. a trained run's config, whose paths are resolved: only the override works
             raise FileNotFoundError(message + f"`{override}` on the command line.")
         raise FileNotFoundError(

@@ -25,8 +25,9 @@ def check_pretrained(cfg: DictConfig, override: str | None = None) -> None:
     `override` (formatted with the config key) where given, else the key or the environment."""
     missing = []
     for key, what in (("model.vision.path", "the vision tower's checkpoint"), ("model.llm.path", "the LLM checkpoint")):
-        path = OmegaConf.select(cfg, key)
-        if path is not None:
+        part = OmegaConf.select(cfg, key.rpartition(".")[0])
+        if isinstance(part, DictConfig) and "path" in part:  # a part built from a folder (null: none given)
+            path = part.path
             try:
                 require_pretrained(path, what, key, None if override is None else override.format(key=key))
             except FileNotFoundError as error:
