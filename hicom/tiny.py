@@ -156,7 +156,9 @@ class _Writer:
         raise NotImplementedError
 
 
-SIGLIP_FILES = 2  # TinySiglip's files: 2 since its tokenizer is SentencePiece (1: a byte-level BPE)
+# TinySiglip's files: 3 since its tokenizer, as the real folders' do, gives input ids alone (no attention mask); 2: a
+# SentencePiece tokenizer that gave a mask too; 1: a byte-level BPE
+SIGLIP_FILES = 3
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,7 @@ class TinySiglip(_Writer):
         if self.files_version != SIGLIP_FILES:
             raise ValueError(
                 f"TinySiglip files_version={self.files_version}: this config asks for the tiny SigLIP of an earlier "
-                f"version of hicom (now {SIGLIP_FILES}: the real folders' SentencePiece tokenizer), which is no "
+                f"version of hicom (now {SIGLIP_FILES}: the real folders' SentencePiece tokenizer, without a mask), which is no "
                 "longer written; a run trained on it cannot be evaluated or resumed: train it again"
             )
 
@@ -193,7 +195,11 @@ class TinySiglip(_Writer):
         # the real folder's tokenizer: SiglipTokenizer over a SentencePiece model (spiece.model), which lowercases
         # and drops punctuation before encoding, so its pieces are learnt from text in that form
         (out / "spiece.model").write_bytes(_train_sentencepiece(self.vocab_size))
-        tokenizer = SiglipTokenizer(vocab_file=str(out / "spiece.model"), model_max_length=self.text_max_length)
+        # and, as the real folders' tokenizer_config.json declares, input ids alone: no attention mask, so the text
+        # tower attends to its padding as it was trained to
+        tokenizer = SiglipTokenizer(
+            vocab_file=str(out / "spiece.model"), model_max_length=self.text_max_length, model_input_names=["input_ids"]
+        )
         tokenizer.save_pretrained(out)
         tower = dict(
             hidden_size=self.hidden_size,

@@ -14,7 +14,7 @@ class Collator:
     """Builds a batch from dataset items.
 
     Batch fields: `input_ids`, `labels`, `attention_mask` (B, L); `pixel_values` (sum T, 3, S, S);
-    `num_frames` (B,); `guide_ids` (B, Lg); `ids`; `skipped` (list of skip dicts); in generation mode `answers`,
+    `num_frames` (B,); `guide_ids` (B, Lg) and, where the guide tokenizer gives one, `guide_mask` (B, Lg); `ids`; `skipped` (list of skip dicts); in generation mode `answers`,
     `options` and `positions` (each question's index in its dataset).
     Generation batches pad on the left so every prompt ends where decoding starts.
     """
@@ -51,6 +51,9 @@ class Collator:
             num_frames=torch.tensor([item["num_frames"] for item in items], dtype=torch.long),
             modalities=[item["modality"] for item in items],
             guide_ids=guides["input_ids"],
+            # the guide encoder gets what the folder's tokenizer gives, as the release passes it on: the SigLIP
+            # folders' tokenizers give no mask (the text tower was trained attending to its padding), CLIP's do
+            guide_mask=guides.get("attention_mask"),
         )
         if "prompt" in items[0]:  # evaluation: the question as the model saw it
             batch["prompts"] = [item["prompt"] for item in items]

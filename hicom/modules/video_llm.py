@@ -43,7 +43,7 @@ class VideoLLM(nn.Module):
     come from the loaded checkpoints rather than from config.
 
     Batches (see hicom.data.collate): pixel_values (sum T, 3, S, S) with num_frames (B,) and modalities;
-    guide_ids (B, Lg); input_ids / attention_mask / labels (B, L).
+    guide_ids (B, Lg) and the optional guide_mask (B, Lg); input_ids / attention_mask / labels (B, L).
     """
 
     def __init__(
@@ -94,7 +94,9 @@ class VideoLLM(nn.Module):
             features = features.detach().requires_grad_()  # a ZeRO-3 leaf is re-gathered for backward through it
         guide = None
         if self.compressor.uses_guide:
-            guide = self.vision.encode_guide(batch["guide_ids"], tokens=self.compressor.guide_tokens)
+            guide = self.vision.encode_guide(
+                batch["guide_ids"], tokens=self.compressor.guide_tokens, attention_mask=batch.get("guide_mask")
+            )
         counts = batch["num_frames"].tolist()
         clips = [i for i, n in enumerate(counts) if n]  # samples without a video or image have no rows
         layout = PackedLayout(

@@ -169,11 +169,13 @@ class SiglipTower(_Tower):
             "guide_encoder": self.guide_encoder,
         }
 
-    def encode_guide(self, input_ids: torch.Tensor, tokens: bool = False) -> torch.Tensor:
+    def encode_guide(
+        self, input_ids: torch.Tensor, tokens: bool = False, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The guide tokens' (padded to the tokenizer's max length) text embedding: pooled C_p (B, D_text), or
         with `tokens` the token-level C_f (B, L, D_text), the text head applied at every position, whose last
-        row is C_p (SigLIP pools the last position)."""
-        out = self.guide_encoder(input_ids=input_ids)
+        row is C_p (SigLIP pools the last position). `attention_mask` (B, L): the tokenizer's, where it gives one."""
+        out = self.guide_encoder(input_ids=input_ids, attention_mask=attention_mask)
         return self.guide_encoder.head(out.last_hidden_state) if tokens else out.pooler_output
 
 
@@ -234,8 +236,10 @@ class ClipTower(_Tower):
         features = selected[:, 1:]  # the class token dropped
         return features.reshape(n, self.grid, self.grid, -1), None
 
-    def encode_guide(self, input_ids: torch.Tensor, tokens: bool = False) -> torch.Tensor:
-        out = self.guide_encoder(input_ids=input_ids)
+    def encode_guide(
+        self, input_ids: torch.Tensor, tokens: bool = False, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        out = self.guide_encoder(input_ids=input_ids, attention_mask=attention_mask)
         if not tokens:
             return self.text_projection(out.pooler_output)
         # A pooled-guide branch beside a fine one reads C_p as C_f's last row (`injection.pooled`), where SigLIP

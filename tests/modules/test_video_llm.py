@@ -332,3 +332,33 @@ def test_the_loss_runs_the_lm_head_on_labelled_positions_and_equals_the_hf_model
     handle.remove()
     assert rows == [batch["input_ids"].numel()]
     torch.testing.assert_close(other, reference, rtol=1e-6, atol=1e-6)
+
+
+def test_the_guide_encoder_gets_the_attention_mask_exactly_when_the_guide_tokenizer_gives_one(cfg_small):
+    """As the release passes its guide tokenizer's output on whole: the SigLIP folders' tokenizer gives input ids
+    alone (the tiny one as the real ones), so the text tower attends to its padding as it was trained to; a
+    tokenizer that gives a mask (CLIP's, or a SigLIP folder saved with one) has it applied."""
+    model, datamodule = build(cfg_small)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    net, collate = model.net, datamodule.collate
+    assert collate.guide_tokenizer.model_input_names == ["input_ids"]
+    given = []
+    net.vision.guide_encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: given.append(kwargs.get("attention_mask")), with_kwargs=True
+    )
+    items = [datamodule.train_set[i] for i in range(2)]
+    batch = collate(items)
+    assert batch["guide_mask"] is None
+    with torch.no_grad():
+        unmasked = net.encode_visual(batch)
+    assert given == [None]
+
+    collate.guide_tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    batch = collate(items)
+    mask = batch["guide_mask"]
+    assert mask is not None and mask.shape == batch["guide_ids"].shape and not mask.all()  # padded to max length
+    with torch.no_grad():
+        masked = net.encode_visual(batch)
+    assert given[-1] is mask
+    assert not torch.allclose(masked, unmasked)  # the padding no longer reaches the guide
