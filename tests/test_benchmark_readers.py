@@ -114,7 +114,8 @@ def test_a_malformed_record_names_its_file_and_what_was_expected(benchmark, spoi
 @pytest.mark.parametrize(
     ("benchmark", "share", "said"),
     [
-        ("egoschema", lambda f: f["questions.json"][1].update(q_uid="u0", question="Another question?"),
+        ("egoschema", lambda f: (f["questions.json"][1].update(q_uid="u0", question="Another question?"),
+                                 f.update({"subset_answers.json": {"u0": 1}})),  # u1's answer: no question asks it
          "questions.json: question ids given to more than one question (1: 'u0')"),
         ("egoschema", lambda f: (f["questions.json"][0].update(q_uid=7), f["questions.json"][1].update(q_uid="7"),
                                  f.update({"subset_answers.json": {"7": 0}})),
@@ -150,3 +151,38 @@ def test_a_task_listed_twice_is_refused_not_read_twice(tmp_path):
     _write(tmp_path, _files("mlvu"))
     with pytest.raises(BenchmarkFormatError, match=re.escape("(2: '1_plotQA/0', '1_plotQA/1')")):
         MLVU(root=str(tmp_path), tasks=("1_plotQA", "1_plotQA")).read()
+
+
+@pytest.mark.parametrize(
+    ("benchmark", "remove", "said"),
+    [
+        ("mlvu", ["json/1_plotQA.json", "json/2_needle.json"],
+         "2 of 2 files missing under {root}: json/1_plotQA.json, json/2_needle.json (put MLVU's dev files there; "
+         "to run some tasks only: benchmarks.mlvu.tasks="),
+        ("egoschema", ["questions.json", "subset_answers.json"],
+         "2 of 2 files missing under {root}: questions.json, subset_answers.json"),
+        ("open_ended", ["test_q.json", "test_a.json"], "2 of 2 files missing under {root}: test_q.json, test_a.json"),
+    ],
+    ids=["mlvu", "egoschema", "open_ended"],
+)  # fmt: skip
+def test_every_missing_file_of_a_benchmark_is_named_at_once(benchmark, remove, said, tmp_path):
+    """All that is missing in one error, as MVBench's task files are: not one file per run."""
+    _write(tmp_path, _files(benchmark))
+    for name in remove:
+        (tmp_path / name).unlink(missing_ok=True)
+    reader = MLVU(root=str(tmp_path), tasks=("1_plotQA", "2_needle")) if benchmark == "mlvu" else None
+    with pytest.raises(BenchmarkFormatError, match=re.escape(said.format(root=tmp_path))):
+        (reader or READERS[benchmark](tmp_path)).read()
+
+
+def test_egoschema_subset_answers_that_no_question_asks_are_refused(tmp_path):
+    """The subset's answers name the 500 questions scored: one missing from questions.json would change the
+    denominator in silence."""
+    files = _files("egoschema")
+    files["subset_answers.json"].update({f"gone{i}": 0 for i in range(6)})
+    _write(tmp_path, files)
+    said = "answers 6 of its 8 q_uids that {} does not ask (gone0, gone1, gone2, gone3, gone4, ...)"
+    with pytest.raises(BenchmarkFormatError, match=re.escape(said.format(tmp_path / "questions.json"))):
+        EgoSchema(root=str(tmp_path)).read()
+    with pytest.raises(BenchmarkFormatError, match="does not ask"):  # the full set is scored on them too
+        EgoSchema(root=str(tmp_path), subset=False).read()

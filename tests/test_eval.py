@@ -157,7 +157,7 @@ def compose_eval(cache: Path, data: Path, out: Path, overrides: list[str]):
     return cfg
 
 
-def test_every_benchmark_end_to_end_then_resume(cache_dir, bench_data, trained_run, tmp_path):
+def test_every_benchmark_end_to_end_then_resume(cache_dir, bench_data, trained_run, tmp_path, caplog):
     from hicom.eval.runner import evaluate
 
     out = tmp_path / "eval"
@@ -211,12 +211,102 @@ def test_every_benchmark_end_to_end_then_resume(cache_dir, bench_data, trained_r
     assert "\nOptions:\n(A) " in mvbench[0] and mvbench[0].endswith("directly and only give the best option.")
     cues = read_srt(bench_data / "eval/videomme/subtitle/vidA.srt")
     assert cues[1][2] == "Where is the cat?" and subtitles_at(cues, [0.4, 3.0]) == ["Hello there.", "Where is the cat?"]
+    # how many questions had subtitles to show: vidB has none, as some of Video-MME's videos have none
+    assert results["videomme_subs"]["n_with_subtitles"] == 2 and "n_with_subtitles" not in results["videomme"]
+    assert json.loads((out / "videomme_subs/results.json").read_text())["n_with_subtitles"] == 2
+    assert "\nvideomme_subs: subtitles for 2 of 3 questions\n" in table
+    assert f"videomme_subs: 1 of 3 questions have no subtitle file in {bench_data / 'eval/videomme/subtitle'}" in (
+        caplog.text
+    )
 
     again = evaluate(cfg)  # resumed: everything answered is skipped; the missing video is tried again
     assert all(again[name]["answered_this_run"] == 0 for name in ALL)
     for name in ALL:  # the timing measured when the questions were answered stays
         assert again[name]["seconds_per_question"] == results[name]["seconds_per_question"]
     assert again["mvbench"]["n_failed"] == 1 and again["mvbench"]["n"] == 4
+
+
+def test_subtitles_in_no_place_the_reader_looks_are_refused_before_the_model_loads(
+    cache_dir, bench_data, trained_run, tmp_path, monkeypatch
+):
+    """A subtitle folder under another name would give a "w/ subs" score with no subtitles at all: refused, naming
+    the folder looked in and the setting that moves it."""
+    from hicom.eval.benchmarks import BenchmarkFormatError
+    from hicom.eval.runner import evaluate
+
+    data = tmp_path / "data"
+    shutil.copytree(bench_data / "eval/videomme", data / "eval/videomme")
+    (data / "eval/videomme/subtitle").rename(data / "eval/videomme/subtitles")
+    monkeypatch.setattr("hicom.eval.runner.load_model", lambda *a: pytest.fail("the model was loaded"))
+    said = (
+        f"videomme_subs: none of the 3 questions' subtitle files is in {data / 'eval/videomme/subtitle'} (the "
+        "first: vidA.srt): put the benchmark's .srt files there, or set benchmarks.videomme_subs.subtitle_dir="
+    )
+    with pytest.raises(BenchmarkFormatError, match=re.escape(said)):
+        evaluate(compose_eval(cache_dir, data, tmp_path / "out", [f"ckpt={trained_run}", "benchmark=videomme_subs"]))
+
+
+def test_an_answer_asked_without_its_subtitles_is_asked_again_once_they_are_there(tmp_path):
+    """The digest of what was asked holds what the prompt showed of the subtitles: whether the .srt file was there
+    and what it said, not its name alone."""
+    import hashlib
+
+    from hicom.eval.benchmarks import Question
+    from hicom.eval.runner import _answered, _row, asked
+
+    srt = tmp_path / "subtitle/vidA.srt"
+    q = Question(
+        "001-1", "Counting", str(tmp_path / "vidA.mp4"), "How many?", ("One.", "Two."), "B", subtitles=str(srt)
+    )
+    path = tmp_path / "predictions.jsonl"
+    path.write_text(json.dumps(_row(q, "B", "(B)")) + "\n")  # answered while the subtitles were elsewhere
+    assert _answered([path], {q.question_id: q}) == {"001-1"}
+    srt.parent.mkdir()
+    srt.write_text("1\n00:00:00,000 --> 00:00:01,500\nHello there.\n")
+    assert _answered([path], {q.question_id: q}) == set()  # asked again, with its subtitles
+    shown = asked(q)
+    srt.write_text("1\n00:00:00,000 --> 00:00:01,500\nGeneral Kenobi.\n")
+    assert asked(q) != shown
+    # a question without subtitles has the digest of earlier versions: folders answered before keep their answers
+    plain = Question("001-2", "Counting", str(tmp_path / "vidA.mp4"), "How many?", ("One.", "Two."), start=1.0, end=4.0)
+    fields = ["vidA.mp4", 1.0, 4.0, "How many?", ["One.", "Two."], None]
+    assert asked(plain) == hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
+
+
+def test_a_missing_open_ended_video_is_named_by_its_stem_and_every_extension_tried(tmp_path):
+    """MSVD's videos are .avi: a missing one reported as <name>.mp4, the first extension tried, would send the user
+    looking for a file the benchmark never had."""
+    from hicom.data.video import FrameSampling
+    from hicom.eval.benchmarks import OpenEndedQA
+    from hicom.eval.runner import BenchmarkDataset
+
+    _clip(tmp_path / "videos/x1.avi", 30)
+    _dump(tmp_path / "test_q.json", [{"video_name": f"x{i}", "question": "what is shown", "question_id": f"x{i}_0"}
+                                     for i in (1, 2)])  # fmt: skip
+    _dump(tmp_path / "test_a.json", [{"answer": "dog", "type": 0, "question_id": f"x{i}_0"} for i in (1, 2)])
+    questions = OpenEndedQA(root=str(tmp_path)).read()
+    assert questions[0].video == str(tmp_path / "videos/x1.avi") and questions[0].not_found is None
+    dataset = BenchmarkDataset(
+        questions, encoder=None, transform=None, sampling=FrameSampling(num_frames=4), visual_tokens=None, prompts={}
+    )
+    skipped = dataset[1]  # the clip is looked for before anything else: the encoder and transform are not needed
+    assert skipped["skip"] == "missing"
+    assert skipped["error"] == f"{tmp_path / 'videos/x2'}: no file with any of the extensions .mp4, .mkv, .webm, .avi"
+
+
+def test_the_folder_report_holds_every_benchmark_evaluated_into_the_folder(
+    cache_dir, bench_data, trained_run, tmp_path
+):
+    """Two launches into one folder, one benchmark each: the top-level results.json and results.md hold both."""
+    from hicom.eval.runner import evaluate
+
+    for name in ("msvd_qa", "mlvu"):
+        evaluate(compose_eval(cache_dir, bench_data, tmp_path, [f"ckpt={trained_run}", f"benchmark={name}", "limit=1"]))
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert list(report) == ["mlvu", "msvd_qa"]
+    assert all(report[name] == json.loads((tmp_path / name / "results.json").read_text()) for name in report)
+    table = (tmp_path / "results.md").read_text()
+    assert "\n| mlvu | " in table and "\n| msvd_qa | " in table
 
 
 def test_shards_answer_their_share_and_the_last_one_merges(cache_dir, bench_data, trained_run, tmp_path):
@@ -705,6 +795,59 @@ def test_open_ended_exact_match_and_judge(tmp_path):
     assert judge_predictions(path, merging_judge, save_every=1) == 3  # rows 1 and 2 again (rewritten above), 4
     lines = {r["question_id"]: r for r in map(json.loads, path.read_text().splitlines())}
     assert sorted(lines) == ["1", "2", "4", "5"] and "judge" in lines["4"] and "judge" not in lines["5"]
+
+
+def test_the_judge_asks_with_the_prompts_of_the_config(tmp_path, monkeypatch):
+    """configs/evaluate.yaml's judge.system and judge.user (the built-in text by default), or their overrides on
+    the judge's command line, are what the endpoint is sent; a user prompt with a field it does not have is
+    refused before any is."""
+    import sys
+    import types
+
+    from hicom.eval.judge import JUDGE_SYSTEM, JUDGE_USER, OpenAICompatibleJudge, judge_config
+    from hicom.eval.judge import main as judge_main
+
+    sent = []
+
+    class Endpoint:  # stands in for the openai client: tests never call a remote judge
+        def __init__(self, **settings) -> None:
+            self.chat = types.SimpleNamespace(completions=types.SimpleNamespace(create=self.create))
+
+        def create(self, *, model, temperature, messages):
+            sent.append(messages)
+            message = types.SimpleNamespace(content="{'pred': 'yes', 'score': 5}")
+            return types.SimpleNamespace(choices=[types.SimpleNamespace(message=message)])
+
+    monkeypatch.setitem(sys.modules, "openai", types.SimpleNamespace(OpenAI=Endpoint))
+    defaults = judge_config([])
+    assert (defaults.system, defaults.user) == (JUDGE_SYSTEM, JUDGE_USER)
+    path = tmp_path / "predictions.jsonl"
+    row = {
+        "question_id": "1",
+        "task": 0,
+        "question": "what is shown",
+        "answer": "dog",
+        "pred": "a dog",
+        "reply": "a dog",
+    }
+    path.write_text(json.dumps(row) + "\n")
+    prompts = ["judge.system='Be strict.'", "judge.user='Q: {question} | gold: {answer} | said: {reply}'"]
+    judge_main([f"predictions={path}", "model=judge", "base_url=http://localhost:1", *prompts])
+    assert sent == [
+        [
+            {"role": "system", "content": "Be strict."},
+            {"role": "user", "content": "Q: what is shown | gold: dog | said: a dog"},
+        ]
+    ]
+    assert json.loads(path.read_text())["judge"]["correct"] is True
+    for user, said in (
+        ("{answer} {reply}, e.g. {'pred': 'yes'}", "names [\"'pred'\"]: it may use {question}, {answer} and {reply}"),
+        ("{question} {reply}", "it must show the judge {answer} and {reply}"),
+        ("{answer} {reply", "(a literal brace is written twice)"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            OpenAICompatibleJudge(model="judge", base_url="http://localhost:1", user=user)
+    assert len(sent) == 1
 
 
 def test_the_score_command_recomputes_results_beside_the_predictions(tmp_path, capsys):

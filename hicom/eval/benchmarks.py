@@ -62,7 +62,8 @@ class Question:
     """One question about one clip. `video` is a file or a folder of frames; `start` / `end` bound the clip in
     seconds; `answer` is a letter (multiple choice) or text (open-ended), None where the benchmark withholds it;
     `duration` is the benchmark's duration class (Video-MME's short / medium / long), by which scores are also
-    grouped; `subtitles` an .srt file."""
+    grouped; `subtitles` an .srt file; `not_found`, where the reader found no file for the clip, what it looked for
+    (open-ended QA tries several extensions, and `video` is only the first), for the clip's error to name."""
 
     question_id: str
     task: str
@@ -74,6 +75,7 @@ class Question:
     end: float | None = None
     duration: str | None = None
     subtitles: str | None = None
+    not_found: str | None = None
 
 
 class BenchmarkFormatError(ValueError):
@@ -92,6 +94,16 @@ def _read_json(path: Path, container: type[list | dict] = list) -> list | dict:
         expected = "a list of records" if container is list else "an object"
         raise BenchmarkFormatError(f"{path}: expected {expected}, found {value!r:.80}")
     return value
+
+
+def _require_files(root: Path, names: list[str], fix: str) -> None:
+    """Every file of `names` under `root`, or one error that names all that are missing (not one per run); `fix`
+    says what to do about them."""
+    missing = [name for name in names if not (root / name).is_file()]
+    if missing:
+        raise BenchmarkFormatError(
+            f"{len(missing)} of {len(names)} files missing under {root}: {', '.join(missing)} ({fix})"
+        )
 
 
 def _field(record: dict, key: str, where: str):
@@ -292,11 +304,13 @@ class EgoSchema(Reader):
 
     def _read(self) -> list[Question]:
         root = Path(self.root)
+        _require_files(root, ["questions.json", "subset_answers.json"], "put EgoSchema's files there, as distributed")
         answers = _read_json(root / "subset_answers.json", dict)  # {q_uid: answer index}
-        questions = []
+        questions, uids = [], set()
         for i, record in enumerate(_read_json(root / "questions.json")):
             where = f"{root / 'questions.json'} record {i}"
             uid = str(_scalar(record, "q_uid", where))
+            uids.add(uid)
             if self.subset and uid not in answers:
                 continue
             options = tuple(_text(record, f"option {j}", where) for j in range(5))
@@ -312,6 +326,14 @@ class EgoSchema(Reader):
                     options=options,
                     answer=LETTERS[index] if index is not None else None,
                 )
+            )
+        unasked = [uid for uid in answers if uid not in uids]
+        if unasked:  # the subset's questions would be scored as fewer, its score over another denominator
+            named = ", ".join(unasked[:5]) + (", ..." if len(unasked) > 5 else "")
+            raise BenchmarkFormatError(
+                f"{root / 'subset_answers.json'} answers {len(unasked)} of its {len(answers)} q_uids that "
+                f"{root / 'questions.json'} does not ask ({named}): put the questions.json distributed with these "
+                "answers there"
             )
         return questions
 
@@ -343,6 +365,11 @@ class MLVU(Reader):
 
     def _read(self) -> list[Question]:
         root = Path(self.root)
+        _require_files(
+            root,
+            [f"json/{stem}.json" for stem in self.tasks],
+            "put MLVU's dev files there; to run some tasks only: benchmarks.mlvu.tasks=[<task>, ...]",
+        )
         questions = []
         for stem in self.tasks:
             path = root / "json" / f"{stem}.json"
@@ -367,7 +394,7 @@ class MLVU(Reader):
 class OpenEndedQA(Reader):
     """ActivityNet-QA, MSVD-QA, MSRVTT-QA: test_q.json [{video_name, question, question_id}] and test_a.json
     [{answer, type, question_id}], aligned by index; the video is <video_dir>/<video_prefix><video_name> with the
-    first of `extensions` that exists."""
+    first of `extensions` that exists (where none does, its question's `not_found` names them all)."""
 
     video_dir: str = "videos"
     video_prefix: str = ""
@@ -377,13 +404,19 @@ class OpenEndedQA(Reader):
     metric = "exact_match"
     submission = False
 
-    def _video(self, name: str) -> str:
-        candidates = [Path(self.root) / self.video_dir / f"{self.video_prefix}{name}{ext}" for ext in self.extensions]
-        found = next((path for path in candidates if path.exists()), candidates[0])  # missing: reported on decoding
-        return str(found)
+    def _video(self, name: str) -> tuple[str, str | None]:
+        """The clip's file, and where none of the candidates exists, what was looked for: the first candidate alone
+        would name an .mp4 where the benchmark's videos are .avi. A missing clip is reported on decoding."""
+        stem = Path(self.root) / self.video_dir / f"{self.video_prefix}{name}"
+        candidates = [Path(f"{stem}{ext}") for ext in self.extensions]
+        found = next((path for path in candidates if path.exists()), None)
+        if found is None:
+            return str(candidates[0]), f"{stem}: no file with any of the extensions {', '.join(self.extensions)}"
+        return str(found), None
 
     def _read(self) -> list[Question]:
         root = Path(self.root)
+        _require_files(root, ["test_q.json", "test_a.json"], "put the benchmark's files there, as distributed")
         asked, answered = _read_json(root / "test_q.json"), _read_json(root / "test_a.json")
         if len(asked) != len(answered):
             raise BenchmarkFormatError(f"{root}: test_q.json has {len(asked)} entries, test_a.json {len(answered)}")
@@ -395,13 +428,15 @@ class OpenEndedQA(Reader):
                 raise BenchmarkFormatError(
                     f"{root} entry {i}: question_id {qid} in test_q.json, {a['question_id']} in test_a.json"
                 )
+            video, not_found = self._video(_text(q, "video_name", asked_at))
             questions.append(
                 Question(
                     question_id=qid,
                     task=str(a.get("type", "all")),
-                    video=self._video(_text(q, "video_name", asked_at)),
+                    video=video,
                     question=_text(q, "question", asked_at),
                     answer=str(_scalar(a, "answer", answered_at)),
+                    not_found=not_found,
                 )
             )
         return questions

@@ -7,6 +7,8 @@ package, pip install openai). Judging is a separate, resumable step over a predi
 
 adds a `judge` field ({correct, score, raw}) to each line; `python -m hicom.eval.score` then reports judge_acc
 and judge_score beside the exact match (a clip that could not be read, never judged, counting wrong with score 0).
+The judge's prompts are configs/evaluate.yaml's `judge.system` and `judge.user` (a protocol's own, Video-ChatGPT's
+say, goes there), or judge.system=... judge.user=... on the command line.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import ast
 import json
 import os
 import re
+import string
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from omegaconf import DictConfig
 
 from hicom.utils.files import locked, write_atomically
 
@@ -42,8 +47,35 @@ JUDGE_SYSTEM = (
 )
 
 
-def judge_prompt(question: str, answer: str, reply: str) -> str:
-    return f"Question: {question}\nCorrect answer: {answer}\nPredicted answer: {reply}\n"
+# the user message: one question's texts, by these fields
+JUDGE_USER = "Question: {question}\nCorrect answer: {answer}\nPredicted answer: {reply}\n"
+JUDGE_FIELDS = ("question", "answer", "reply")
+
+
+def check_user_prompt(template: str) -> None:
+    """A user prompt with a field other than {question}, {answer} and {reply}, or without the answer or the reply
+    (the judge would have nothing to compare), is an error that says which."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:  # an unmatched brace
+        raise ValueError(f"judge.user={template!r}: {err} (a literal brace is written twice)") from err
+    unknown = sorted(fields - set(JUDGE_FIELDS))
+    if unknown:  # a protocol's example verdict, {'pred': 'yes'}, reads as a field
+        raise ValueError(
+            f"judge.user={template!r} names {unknown}: it may use {{question}}, {{answer}} and {{reply}} (a literal "
+            "brace is written twice: {{'pred': 'yes'}})"
+        )
+    if not {"answer", "reply"} <= fields:
+        raise ValueError(f"judge.user={template!r}: it must show the judge {{answer}} and {{reply}}")
+    try:  # a format spec the text cannot take ({reply:d})
+        template.format(**dict.fromkeys(JUDGE_FIELDS, "text"))
+    except (ValueError, IndexError) as err:
+        raise ValueError(f"judge.user={template!r}: {err}") from err
+
+
+def judge_prompt(question: str, answer: str, reply: str, template: str = JUDGE_USER) -> str:
+    """The user message that asks the judge about one reply."""
+    return template.format(question=question, answer=answer, reply=reply)
 
 
 def parse_verdict(text: str) -> Verdict:
@@ -68,15 +100,19 @@ def parse_verdict(text: str) -> Verdict:
 
 @dataclass
 class OpenAICompatibleJudge:
-    """A chat-completions endpoint as judge; the key is read from the environment variable `api_key_env`."""
+    """A chat-completions endpoint as judge; the key is read from the environment variable `api_key_env`. `system`
+    and `user` are its prompts, `user` a template of {question}, {answer} and {reply}."""
 
     model: str
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     timeout: float = 60.0
     max_retries: int = 3
+    system: str = JUDGE_SYSTEM
+    user: str = JUDGE_USER
 
     def __post_init__(self) -> None:
+        check_user_prompt(self.user)  # before the client: a bad template would fail at the first reply
         try:
             from openai import OpenAI
         except ImportError as err:
@@ -93,8 +129,8 @@ class OpenAICompatibleJudge:
             model=self.model,
             temperature=0.0,
             messages=[
-                {"role": "system", "content": JUDGE_SYSTEM},
-                {"role": "user", "content": judge_prompt(question, answer, reply)},
+                {"role": "system", "content": self.system},
+                {"role": "user", "content": judge_prompt(question, answer, reply, self.user)},
             ],
         )
         return parse_verdict(response.choices[0].message.content or "")
@@ -132,11 +168,30 @@ def judge_predictions(path: str | Path, judge: Judge, save_every: int = 50) -> i
     return len(verdicts)
 
 
+def judge_config(overrides: list[str]) -> DictConfig:
+    """configs/evaluate.yaml's `judge` (its prompts), with `overrides` (judge.<key>=<value>) over it."""
+    from hydra import compose, initialize_config_dir
+
+    import hicom.utils.config  # noqa: F401  (registers the resolvers the configs use)
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        return compose("evaluate", overrides=overrides).judge
+
+
 def main(argv: list[str]) -> None:
-    args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
-    if "predictions" not in args or "model" not in args:
-        raise SystemExit("usage: python -m hicom.eval.judge predictions=<file> model=<name> [base_url=<url>]")
-    judge = OpenAICompatibleJudge(model=args["model"], base_url=args.get("base_url"))
+    usage = (
+        "usage: python -m hicom.eval.judge predictions=<file> model=<name> [base_url=<url>] "
+        "[\"judge.system='<text>'\"] [\"judge.user='<text with {question}, {answer}, {reply}>'\"]"
+    )
+    overrides = [arg for arg in argv if arg.split("=", 1)[0].startswith("judge.")]
+    args = dict(arg.split("=", 1) for arg in argv if "=" in arg and arg not in overrides)
+    if "predictions" not in args or "model" not in args or set(args) - {"predictions", "model", "base_url"}:
+        raise SystemExit(usage)
+    prompts = judge_config(overrides)
+    judge = OpenAICompatibleJudge(
+        model=args["model"], base_url=args.get("base_url"), system=prompts.system, user=prompts.user
+    )
     print(f"judged {judge_predictions(args['predictions'], judge)} replies")
 
 

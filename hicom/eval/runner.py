@@ -3,9 +3,11 @@
 Per benchmark, under <output_dir>/<benchmark>/:
 - predictions.jsonl: one line per question (question_id, task, question, answer, pred, reply, and duration or
   error where they apply), in the benchmark's order;
-- results.json: the official scores (hicom.eval.score), with the settings that produced them.
-And under <output_dir>: results.json (all benchmarks), results.md (a table), settings.json, and the scores as
-eval/<benchmark>/<metric> in the configured logger's files (TensorBoard events by default).
+- results.json: the official scores (hicom.eval.score), with the settings that produced them (and, where the
+  benchmark shows subtitles, n_with_subtitles: the scored questions whose .srt file exists).
+And under <output_dir>: results.json (every benchmark whose results.json is in the folder, from this launch or an
+earlier one), results.md (a table), settings.json, and the scores of this launch as eval/<benchmark>/<metric> in the
+configured logger's files (TensorBoard events by default).
 
 Sharding: process `shard` of `num_shards` (taken from torchrun's RANK / WORLD_SIZE unless set) answers every
 num_shards-th question into predictions.shard-<i>-of-<n>.jsonl. A shard removes its shard-<i>-of-<n>.done when it
@@ -222,7 +224,9 @@ class BenchmarkDataset(Dataset):
         try:
             return self._inputs(q)
         except VideoDecodeError as err:
-            return {"skip": err.reason, "id": q.question_id, "path": q.video, "error": str(err), "source": None}
+            # a reader that looked for the clip under several names says so: `video` is only the first of them
+            error = q.not_found if err.reason == "missing" and q.not_found else str(err)
+            return {"skip": err.reason, "id": q.question_id, "path": q.video, "error": error, "source": None}
         except Exception as err:
             error = f"{type(err).__name__}: {err}"
             return {"skip": "error", "id": q.question_id, "path": q.video, "error": error, "source": None}
@@ -252,14 +256,46 @@ class BenchmarkDataset(Dataset):
 
 def asked(q: Question) -> str:
     """What decides a question's reply besides the model and settings (its clip's file name, bounds, question,
-    options and subtitles' file name), as a short digest: an answer row is the question's only where it matches,
-    so that a benchmark file edited between runs into one folder has its changed questions asked again rather than
-    scored with the replies to the old ones. Not the gold answer (a corrected one re-scores the reply) nor the
-    folders (the data moved elsewhere keeps its answers)."""
-    import hashlib
-
-    fields = [Path(q.video).name, q.start, q.end, q.question, list(q.options), q.subtitles and Path(q.subtitles).name]
+    options, and its subtitles' file name and content, None where the file is missing), as a short digest: an answer
+    row is the question's only where it matches, so that a benchmark file edited between runs into one folder has
+    its changed questions asked again rather than scored with the replies to the old ones, and a question asked
+    without its subtitles (the folder misplaced) is asked again once they are there. Not the gold answer (a
+    corrected one re-scores the reply) nor the folders (the data moved elsewhere keeps its answers)."""
+    subtitles = q.subtitles and [Path(q.subtitles).name, _content_digest(Path(q.subtitles))]
+    fields = [Path(q.video).name, q.start, q.end, q.question, list(q.options), subtitles]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
+
+
+def _content_digest(path: Path) -> str | None:
+    """A short digest of a file's bytes; None where it is not a file (what a prompt then shows: no lines)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+
+def with_subtitles(questions: list[Question]) -> int | None:
+    """How many of `questions` have their .srt file, where their benchmark shows subtitles (else None)."""
+    files = [Path(q.subtitles) for q in questions if q.subtitles is not None]
+    return sum(path.is_file() for path in files) if files else None
+
+
+def check_subtitles(name: str, reader, questions: list[Question]) -> None:
+    """A benchmark that shows subtitles with none of its questions' .srt files in place would be scored "with
+    subtitles" without a line of them: refused, naming the folder looked in. Some missing is Video-MME's own case
+    (not every video has subtitles): the count is logged, and results.json records it."""
+    found = with_subtitles(questions)
+    if found is None:
+        return
+    first = Path(next(q.subtitles for q in questions if q.subtitles is not None))
+    if found == 0:
+        raise BenchmarkFormatError(
+            f"none of the {len(questions)} questions' subtitle files is in {first.parent} (the first: {first.name}): "
+            f"put the benchmark's .srt files there, or set benchmarks.{name}.subtitle_dir=<their folder, under "
+            f"{reader.root}>"
+        )
+    if found < len(questions):
+        log.warning(
+            "%s: %d of %d questions have no subtitle file in %s: they are asked with the subtitles' header and no "
+            "lines", name, len(questions) - found, len(questions), first.parent,
+        )  # fmt: skip
 
 
 def _rows(paths: list[Path], by_id: dict[str, Question]) -> dict[str, dict]:
@@ -457,6 +493,9 @@ def _merge(
         timing["seconds_per_question"] = json.loads(before.read_text()).get("seconds_per_question")
     results = {"benchmark": name, **score(reader, scored), **timing}
     results["n_questions"] = len(questions)
+    shown = with_subtitles(questions)  # the digest asks a question again once its file changes: these match
+    if shown is not None:
+        results["n_with_subtitles"] = shown
     if reader.submission:  # EgoSchema's full set: {q_uid: option index}, -1 where no letter parsed
         submission = {r["question_id"]: (LETTERS.index(r["pred"]) if r["pred"] else -1) for r in kept}
         (out / "submission.json").write_text(json.dumps(submission))
@@ -584,6 +623,7 @@ def evaluate(cfg: DictConfig) -> dict:
         try:
             readers[name] = instantiate(cfg.benchmarks[name])
             questions[name] = readers[name].read()
+            check_subtitles(name, readers[name], questions[name])
         except (OSError, ValueError) as error:
             problems.append(f"{name}: {error}")
     if problems:
@@ -648,14 +688,11 @@ def evaluate(cfg: DictConfig) -> dict:
             write_atomically(out_dir / name / "results.json", json.dumps(results, indent=2))  # others may read it
             all_results[name] = results
     if all_results:
-        # Under shards, different processes may merge different benchmarks: the report holds every benchmark of
-        # this call whose results are written so far, composed under a lock so that the last writer has them all.
+        # Under shards, different processes may merge different benchmarks, and earlier launches into this folder
+        # others still: the report holds every benchmark whose results are written in it so far, composed under a
+        # lock so that the last writer has them all.
         with locked(out_dir / "results.lock"):
-            report = {}
-            for name in names:
-                path = out_dir / name / "results.json"
-                if name in all_results or path.is_file():
-                    report[name] = all_results.get(name) or json.loads(path.read_text())
+            report = folder_report(out_dir, cfg.benchmarks)
             (out_dir / "results.json").write_text(json.dumps(report, indent=2))
             (out_dir / "results.md").write_text(markdown_table(report, settings))
         print(markdown_table(report, settings))
@@ -664,6 +701,16 @@ def evaluate(cfg: DictConfig) -> dict:
     else:
         log.info("answers written to %s/<benchmark>/; the last shard to finish merges and scores them", out_dir)
     return all_results
+
+
+def folder_report(out_dir: Path, benchmarks) -> dict:
+    """The results of every benchmark of `benchmarks` (the configured ones) with a results.json under `out_dir`, by
+    name: this launch's, and those an earlier launch or another shard merged into the folder."""
+    return {
+        name: json.loads((out_dir / name / "results.json").read_text())
+        for name in sorted(benchmarks)
+        if (out_dir / name / "results.json").is_file()
+    }
 
 
 def score_metrics(results: dict) -> dict[str, float]:
@@ -728,4 +775,8 @@ def markdown_table(results: dict, settings: dict) -> str:
             f"| {name} | {100 * r[metric]:.1f} | {METRIC_NAMES[metric]} | {r['n']} | {r.get('n_unparsed', '-')} | "
             f"{failed} | {seconds} |"
         )
+    shown = [(name, r) for name, r in results.items() if "n_with_subtitles" in r]
+    if shown:  # a "w/ subs" score is read with how many questions had subtitles to show
+        lines.append("")
+        lines += [f"{name}: subtitles for {r['n_with_subtitles']} of {r['n_questions']} questions" for name, r in shown]
     return "\n".join(lines) + "\n"

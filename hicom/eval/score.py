@@ -159,7 +159,14 @@ def benchmark_class(name: str):
 
 
 # what a re-score keeps of evaluate.py's results.json: how the predictions were made, not what they scored
-KEPT_ON_RESCORE = ("settings", "answered_this_run", "seconds_per_question", "n_questions", "submission")
+KEPT_ON_RESCORE = (
+    "settings",
+    "answered_this_run",
+    "seconds_per_question",
+    "n_questions",
+    "n_with_subtitles",
+    "submission",
+)
 
 
 def main(argv: list[str]) -> dict:
