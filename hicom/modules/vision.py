@@ -69,27 +69,33 @@ class _Tower(nn.Module):
     def _take_parts(self, model) -> None:
         raise NotImplementedError
 
-    def _trunk(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The trunk's hidden state at `select_layer` and its final one (after any post-layernorm), (N, tokens, D)
-        each; without autograd when the trunk is frozen. The selected state is taken from the layer that makes it,
-        so that the others are freed as the trunk goes on: `output_hidden_states` would hold every layer's (28 for
-        so400m, about 1.5 GiB for a 32-frame clip in bf16) until the compressor ran."""
+    def _trunk(self, pixel_values: torch.Tensor, final: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The trunk's hidden state at `select_layer` and, with `final`, its final one (after any post-layernorm),
+        (N, tokens, D) each; without autograd when the trunk is frozen. The selected state is taken from the layer
+        that makes it, so that the others are freed as the trunk goes on: `output_hidden_states` would hold every
+        layer's (28 for so400m, about 1.5 GiB for a 32-frame clip in bf16) until the compressor ran. Without
+        `final` the layers after the selected one do not run (None is returned for it): nothing reads them where
+        no joint-space keys are made (the release's -2 leaves one of so400m's 27 layers, 3.7 % of the trunk)."""
         frozen = not any(p.requires_grad for p in self.vision_tower.encoder.parameters())
         layers = self.vision_tower.encoder.layers
         index = self.select_layer % (len(layers) + 1)  # of the hidden states: the trunk's input, each layer's output
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             if index == 0:  # the encoder's input, which the tower makes in its own way (CLIP's pre-layernorm)
                 out = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
-                return out.hidden_states[0], out.last_hidden_state
+                return out.hidden_states[0], out.last_hidden_state if final else None
             taken = []
             hook = layers[index - 1].register_forward_hook(
                 lambda module, args, output: taken.append(output[0] if isinstance(output, tuple) else output)
             )
+            encoder = self.vision_tower.encoder
+            if not final:  # the tower's own forward over the layers up to the selected one (then its post-layernorm)
+                encoder.layers = nn.ModuleList(layers[:index])
             try:
                 out = self.vision_tower(pixel_values=pixel_values)
             finally:
                 hook.remove()
-        return taken[0], out.last_hidden_state
+                encoder.layers = layers
+        return taken[0], out.last_hidden_state if final else None
 
     def _take(self, model, select_layer: int, path: str | None) -> None:
         self.path = path
@@ -150,7 +156,7 @@ class SiglipTower(_Tower):
     def forward(
         self, pixel_values: torch.Tensor, joint_embeds: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        selected, final = self._trunk(pixel_values)  # final: after post_layernorm
+        selected, final = self._trunk(pixel_values, final=joint_embeds)  # final: after post_layernorm
         n = pixel_values.shape[0]
         features = selected.reshape(n, self.grid, self.grid, -1)  # (N, h, w, D)
         if not joint_embeds:
@@ -231,7 +237,7 @@ class ClipTower(_Tower):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if joint_embeds:
             raise ValueError("CLIP has no token-level joint-space embeddings: use the local branch's keys: features")
-        selected, _ = self._trunk(pixel_values)
+        selected, _ = self._trunk(pixel_values, final=False)
         n = pixel_values.shape[0]
         features = selected[:, 1:]  # the class token dropped
         return features.reshape(n, self.grid, self.grid, -1), None

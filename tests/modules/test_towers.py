@@ -98,7 +98,8 @@ def test_llama_without_a_pad_token_pads_with_its_end_token(cache_dir, tmp_path):
 @pytest.mark.parametrize("vision", ["tiny_siglip", "tiny_clip"])
 def test_a_tower_takes_the_selected_hidden_state_alone_and_equal_to_hf_s(vision, cache_dir, tmp_path):
     """The trunk keeps only the state it reads (a hook on the layer that makes it), not every layer's: the same
-    tensors as HF's output_hidden_states, at every select_layer, with autograd through a trainable trunk."""
+    tensors as HF's output_hidden_states, at every select_layer, with autograd through a trainable trunk; where no
+    joint-space keys are made, the layers after the selected one do not run."""
     from hicom.utils.instantiators import write_assets
 
     cfg = compose_train(cache_dir, tmp_path, [f"model/vision={vision}"])
@@ -108,12 +109,20 @@ def test_a_tower_takes_the_selected_hidden_state_alone_and_equal_to_hf_s(vision,
     pixels = torch.randn(2, 3, tower.image_size, tower.image_size)
     with torch.no_grad():
         reference = tower.vision_tower(pixel_values=pixels, output_hidden_states=True)
+    ran = []
+    for layer in tower.vision_tower.encoder.layers:
+        layer.register_forward_pre_hook(lambda module, args, ran=ran: ran.append(module))
     for select_layer in (-2, -1, 0, 1, layers, -layers - 1):
         tower.select_layer = select_layer
         with torch.no_grad():
             selected, final = tower._trunk(pixels)
+            ran.clear()
+            alone, none = tower._trunk(pixels, final=False)  # no joint-space keys: the later layers do not run
         assert torch.equal(selected, reference.hidden_states[select_layer]), select_layer
         assert torch.equal(final, reference.last_hidden_state)
+        assert torch.equal(alone, selected) and none is None
+        assert len(ran) == (select_layer % (layers + 1) or layers), select_layer  # 0: the tower's own input
+    assert len(tower.vision_tower.encoder.layers) == layers  # every layer back in place
     tower.select_layer = -2
     with torch.no_grad():
         features, _ = tower(pixels)
