@@ -567,6 +567,8 @@ def unloadable_llm(tiny_paths, tmp_path_factory) -> Path:
         ("model.compressor.local.clip_scale=no", "local: clip_scale must be true or false, got 'no'"),  # read as true
         ("model.compressor.global_.adapt_guide=no", "global_: adapt_guide must be true or false, got 'no'"),
         ("data.sampling.fps=-1", "fps must be positive"),
+        ("data.sampling.fps=nan", "fps must be positive and finite, or None"),
+        ("data.sampling.time_limit=inf", r"time_limit must be positive and finite, or None \(no limit\)"),
         ("trainer.max_steps=-5", "max_steps"),
         ("+global_batch_size=6", "global_batch_size 6 is not a multiple"),
         ("model.trainable=[]", "model.trainable is empty"),

@@ -15,6 +15,7 @@ from hicom.data.index import SampleIndex, unreadable_line
 from hicom.data.template import (
     ChatEncoder,
     MalformedSample,
+    TooLongSample,
     clip_first,
     cut_text,
     guide_text,
@@ -54,8 +55,9 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def merge_image_placeholders(messages: list[dict], images) -> list[dict]:
-    """A multi-image sample may mark each image with its own <image>: its images form one clip of frames whose
-    tokens (each image compressed on its own, then the global tokens) go where the first <image> stands."""
+    """A multi-image sample may mark each image with its own <image> in the questions: its images form one clip of
+    frames whose tokens (each image compressed on its own, then the global tokens) go where the first <image>
+    stands."""
     if not isinstance(images, list) or len(images) < 2:
         return messages
     count = sum(m["content"].count("<image>") for m in messages)
@@ -63,6 +65,9 @@ def merge_image_placeholders(messages: list[dict], images) -> list[dict]:
         raise MalformedSample(f"{count} <image> placeholders for {len(images)} images (expected 1 or one each)")
     merged, seen = [], False
     for message in messages:
+        if message["role"] != "user":  # one in an answer or a system turn stays, and is refused as malformed
+            merged.append(message)
+            continue
         parts = message["content"].split("<image>")
         text = parts[0]
         for part in parts[1:]:
@@ -178,7 +183,14 @@ class VideoQADataset(Dataset):
             messages = conversation_of(record, shown.modality)
             pixels, modality = self._load_visual(shown)
             num_visual = self.visual_tokens(len(pixels), modality) if pixels is not None else 0
-            encoded = self.encoder.encode(messages, num_visual, generation=self.generation, turn=turn)
+            # past this many text tokens (the placeholder one) a sample is too long, or cut to a prefix: no more
+            # of a long conversation is encoded (generation: every prompt whole)
+            limit = self.max_length if self.too_long is TooLong.TRUNCATE else self.max_length + 1 - num_visual
+            stop_after = None if self.generation else limit if num_visual else self.max_length
+            encoded = self.encoder.encode(
+                messages, num_visual, generation=self.generation, turn=turn, stop_after=stop_after
+            )
+            stopped = encoded.pop("stopped", False)
             if self.too_long is TooLong.TRUNCATE and not self.generation:
                 try:
                     encoded = cut_text(encoded, self.encoder.visual_token_id, self.max_length)
@@ -190,10 +202,15 @@ class VideoQADataset(Dataset):
                     sample_id,
                     media,
                     i,
-                    f"{len(encoded['input_ids'])} tokens ({num_visual} visual) exceed max_length {self.max_length}",
+                    f"{'over ' if stopped else ''}{len(encoded['input_ids'])} tokens ({num_visual} visual) exceed "
+                    f"max_length {self.max_length}",
                 )
         except VideoDecodeError as err:
             return self._skip(err.reason, sample_id, media, i, str(err))
+        except TooLongSample as err:  # raised by the encoding, once num_visual is known
+            return self._skip(
+                "too_long", sample_id, media, i, f"{err} ({num_visual} visual tokens, max_length {self.max_length})"
+            )
         except MalformedSample as err:
             return self._skip("malformed", sample_id, media, i, str(err))
         except Exception as err:  # noqa: BLE001  whatever else one sample raises skips it, named, and is counted

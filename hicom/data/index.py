@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -157,19 +156,19 @@ def iter_records(path: str | Path) -> Iterator:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         with path.open("rb") as f:  # bytes: a line that is not UTF-8 is one bad line too
             for number, line in enumerate(f, 1):
                 if line.strip():
                     try:
                         yield json.loads(line)
-                    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-                        yield {UNREADABLE: f"line {number} is not JSON ({err})"}
+                    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError; nested too deep
+                        yield {UNREADABLE: f"line {number} is not JSON ({type(err).__name__}: {err})"}
         return
     try:  # bytes: UTF-8 (a byte-order mark allowed) whatever the locale
         records = json.loads(path.read_bytes())
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path}: not JSON ({err})") from err
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError; nested too deep
+        raise ValueError(f"{path}: not JSON ({type(err).__name__}: {err})") from err
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of samples")
     yield from records
@@ -376,26 +375,34 @@ class SampleIndex:
     _ARRAYS = ("blob", "offsets", "source", "record", "turn", "origin", "modality")
 
     def save(self, folder: str | Path) -> Path:
-        """Write the index as .npy files plus meta.json, atomically (a temporary sibling renamed into place)."""
+        """Write the index as .npy files plus meta.json, atomically (a temporary sibling renamed into place). The
+        first rank of each node may build the same index into a shared folder at once (Lightning's
+        prepare_data_per_node), and containers give their processes the same ids on every node: each writes into
+        a sibling of its own (mkdtemp), and the first rename wins."""
+        import tempfile
+
         folder = Path(folder)
-        tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = None
         try:
-            tmp.mkdir(parents=True)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=folder.parent))
             for name in self._ARRAYS:
                 np.save(tmp / f"{name}.npy", getattr(self, name))
             (tmp / "meta.json").write_text(json.dumps({"roots": self.roots, "files": self.files}))
         except OSError as err:  # numpy names neither the file nor the folder ("Not enough free space to write")
-            shutil.rmtree(tmp, ignore_errors=True)
-            free = shutil.disk_usage(tmp.parent).free / 2**30 if tmp.parent.is_dir() else 0.0
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            free = shutil.disk_usage(folder.parent).free / 2**30 if folder.parent.is_dir() else 0.0
             raise OSError(
-                f"writing the sample index into {tmp.parent} failed ({err}; {free:.1f} GiB free there): free space, "
-                "or point data.index_dir at another folder"
+                f"writing the sample index into {folder.parent} failed ({err}; {free:.1f} GiB free there): free "
+                "space, or point data.index_dir at another folder"
             ) from err
-        if folder.exists():  # another process wrote the same index first
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(folder)
+        try:
+            tmp.rename(folder)  # atomic; onto a folder another process wrote first it fails
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (folder / "meta.json").is_file():  # not that: a rename that failed for its own reason
+                raise
         return folder
 
     @classmethod

@@ -29,7 +29,7 @@ import numpy as np
 
 from hicom.data.dataset import check_record, conversation_of, media_of, read_image
 from hicom.data.index import MixtureEntry, SampleIndex, read_mixture
-from hicom.data.template import ChatEncoder, MalformedSample, check_placeholders
+from hicom.data.template import ChatEncoder, MalformedSample, TooLongSample, check_placeholders
 from hicom.data.video import FrameSampling, VideoDecodeError, load_video, within_time_limit
 
 _INDEX: SampleIndex | None = None
@@ -40,7 +40,8 @@ _SAMPLING: FrameSampling | None = None
 class TokenCount:
     """How a sample's LLM tokens are counted: the run's tokenizer and chat template with its visual placeholder, and
     the compressor's tokens for a clip and for an image. A conversation counts whole: with split turns its last
-    exchange is a sample of that length, the earlier ones shorter."""
+    exchange is a sample of that length, the earlier ones shorter. One over twice `max_length` is counted only to
+    there (each message renders the conversation up to it again: thousands of exchanges would take minutes)."""
 
     encoder: ChatEncoder
     video_tokens: int
@@ -49,7 +50,10 @@ class TokenCount:
 
     def of(self, messages: list[dict], modality: str, images: int) -> int:
         visual = {"video": self.video_tokens, "image": self.image_tokens * images}.get(modality, 0)
-        return len(self.encoder.encode(messages, visual)["input_ids"])
+        try:
+            return len(self.encoder.encode(messages, visual, stop_after=2 * self.max_length)["input_ids"])
+        except TooLongSample:  # its clip's placeholder lies beyond: over the limit, by at least this much
+            return 2 * self.max_length + 1
 
 
 _TOKENS: TokenCount | None = None

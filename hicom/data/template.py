@@ -17,6 +17,10 @@ class MalformedSample(ValueError):
     """A sample whose conversation cannot be trained on as written."""
 
 
+class TooLongSample(MalformedSample):
+    """A sample over the length limit before its clip's placeholder is reached (`ChatEncoder.encode`'s `stop_after`)."""
+
+
 # options written on the question's own line: "... Options: A. x B. y" (the word, then an option marker), or
 # "(A) x (B) y" without the word (capitals, both letters: "(a) the room and (b) ..." is a question)
 _INLINE_OPTIONS = re.compile(r"\s+(?:(?i:options?)\s*:\s*(?=\(?[A-Ha-h][).:]\s)|\(A\)\s.*\(B\)\s)")
@@ -211,12 +215,22 @@ class ChatEncoder:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode(
-        self, messages: list[dict], num_visual: int, generation: bool = False, turn: int | None = None
+        self,
+        messages: list[dict],
+        num_visual: int,
+        generation: bool = False,
+        turn: int | None = None,
+        stop_after: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """`generation=True` drops the last answer and ends with the assistant prompt (for decoding).
 
         `turn=j` makes the sample of the j-th exchange (0-based): the conversation up to and including the j-th
-        answer, with only that answer labelled (the earlier turns are unlabelled context)."""
+        answer, with only that answer labelled (the earlier turns are unlabelled context).
+
+        `stop_after=n`: the encoding stops after the message that takes it past n tokens (the clip's placeholder
+        counted as one), giving that prefix and `stopped: True`, for a sample that is then too long or cut to a
+        prefix anyway. Each message renders the conversation up to it again, so a record of thousands of exchanges
+        (a bad conversion) would otherwise take minutes; a placeholder not reached by then raises TooLongSample."""
         messages = [dict(m) for m in messages]
         # the whole conversation, before a turn's cut: a record malformed in a later question is malformed in each
         # of its samples, as it is for preflight and for training without split turns
@@ -237,8 +251,11 @@ class ChatEncoder:
             messages = messages[:-1]
         ids: list[int] = []
         labels: list[int] = []
-        done = ""
+        done, stopped = "", False
         for i, message in enumerate(messages):
+            if stop_after is not None and len(ids) > stop_after:
+                stopped = True
+                break
             if message["role"] == "assistant":
                 head = self._render(messages[:i], generation_prompt=True)
                 full = self._render(messages[: i + 1])
@@ -262,7 +279,7 @@ class ChatEncoder:
                 ids += piece
                 labels += [IGNORE_INDEX] * len(piece)
             done = full
-        if generation:
+        if generation and not stopped:
             piece = self._ids(self._render(messages, generation_prompt=True)[len(done) :])
             ids += piece
             labels += [IGNORE_INDEX] * len(piece)
@@ -272,13 +289,16 @@ class ChatEncoder:
             raise MalformedSample(f"a text-only sample whose text holds the visual token {self.visual_token!r}")
         if num_visual:
             where = (input_ids == self.visual_token_id).nonzero().flatten()
+            if stopped and not len(where):
+                raise TooLongSample(f"over {stop_after} text tokens before the clip's placeholder")
             if len(where) != 1:
                 raise MalformedSample(f"the placeholder tokenised to {len(where)} visual tokens")
             at = int(where[0])
             repeat = torch.full((num_visual,), self.visual_token_id, dtype=torch.long)
             input_ids = torch.cat([input_ids[:at], repeat, input_ids[at + 1 :]])
             label_ids = torch.cat([label_ids[:at], torch.full_like(repeat, IGNORE_INDEX), label_ids[at + 1 :]])
-        return {"input_ids": input_ids, "labels": label_ids}
+        encoded = {"input_ids": input_ids, "labels": label_ids}
+        return encoded if stop_after is None else {**encoded, "stopped": stopped}
 
 
 def cut_text(encoded: dict[str, torch.Tensor], visual_token_id: int, max_length: int) -> dict[str, torch.Tensor]:

@@ -73,13 +73,15 @@ class FrameSampling:
     def __post_init__(self) -> None:
         whole_number("num_frames", self.num_frames)
         if self.fps is not None and (
-            isinstance(self.fps, bool) or not isinstance(self.fps, int | float) or self.fps <= 0
+            isinstance(self.fps, bool) or not isinstance(self.fps, int | float) or not 0 < self.fps < math.inf
         ):
-            raise ValueError(f"fps must be positive or None (uniform), got {self.fps!r}")
+            raise ValueError(f"fps must be positive and finite, or None (uniform), got {self.fps!r}")
         if self.time_limit is not None and (
-            isinstance(self.time_limit, bool) or not isinstance(self.time_limit, int | float) or self.time_limit <= 0
-        ):
-            raise ValueError(f"time_limit must be positive or None, got {self.time_limit!r}")
+            isinstance(self.time_limit, bool)
+            or not isinstance(self.time_limit, int | float)
+            or not 0 < self.time_limit < math.inf
+        ):  # inf would overflow the wait (every clip an error), NaN likewise
+            raise ValueError(f"time_limit must be positive and finite, or None (no limit), got {self.time_limit!r}")
         flag("repeat_frames", self.repeat_frames)
         positive("frame_folder_fps (frames per second of a folder of frames)", self.frame_folder_fps)
         object.__setattr__(self, "decoder", Decoder(self.decoder))

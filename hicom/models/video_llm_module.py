@@ -120,7 +120,7 @@ class VideoLLMModule(LightningModule):
         # torch.load(weights_only=True) of a resumed run accepts only plain types
         trainable, lr, betas = (
             [str(p) for p in trainable],
-            {str(k): float(v) for k, v in (lr or {}).items()},
+            {str(k): None if v is None else float(v) for k, v in (lr or {}).items()},
             tuple(betas),
         )
         self.save_hyperparameters(ignore=["vision", "llm", "compressor"])

@@ -529,3 +529,37 @@ def test_a_path_that_is_not_a_regular_file_says_so(tmp_path):
     assert error.value.reason == "missing"
     with pytest.raises(VideoDecodeError, match=r"gone\.mp4: file not found"):
         load_video(tmp_path / "gone.mp4", 4)
+
+
+def test_a_conversation_of_thousands_of_exchanges_is_given_up_at_max_length_not_encoded_whole(make_dataset):
+    """Each message renders the conversation up to it again, so a record of 2,000 exchanges (a bad conversion)
+    took seconds per sample, and with split turns each of its 2,000 samples did: the encoding now stops once the
+    sample is over max_length. Skipped as too_long, or cut to the same tokens as a whole encoding cuts it."""
+    turns = [QA[0], QA[1]]
+    for i in range(2000):
+        turns += [{"from": "human", "value": f"and question {i}?"}, {"from": "gpt", "value": f"answer {i}."}]
+    record = {"id": "chatty", "video": "good.mp4", "conversations": turns}
+    dataset = make_dataset([record], max_length=64)
+    renders = []
+    render = dataset.encoder._render
+    dataset.encoder._render = lambda *args, **kwargs: renders.append(1) or render(*args, **kwargs)
+    skipped = dataset[0]
+    assert skipped["skip"] == "too_long" and "over " in skipped["error"] and len(renders) < 40
+    split = make_dataset([record], max_length=64, split_turns=True)
+    assert len(split) == 2001 and split[2000]["skip"] == "too_long"
+    short = {"id": "short", "video": "good.mp4", "conversations": turns[:24]}  # encoded whole, then cut
+    whole = make_dataset([short], max_length=4096)[0]
+    for records in ([short], [record]):
+        cut = make_dataset(records, max_length=64, too_long="truncate")[0]
+        visual = 12
+        assert torch.equal(cut["input_ids"], whole["input_ids"][: 64 + visual - 1])
+        assert torch.equal(cut["labels"], whole["labels"][: 64 + visual - 1])
+
+
+def test_an_image_placeholder_in_an_answer_is_malformed_in_a_multi_image_sample_too(make_dataset):
+    """Extra <image> placeholders of a multi-image sample are merged into the first: in the questions. One in an
+    answer was deleted from the labelled text; it is malformed, as for one image or a video."""
+    asked = {"from": "human", "value": "<image>\nWhich is darker?"}
+    answer = {"from": "gpt", "value": "The second, <image>, is darker."}
+    skipped = make_dataset([{"id": "two", "image": ["still.png", "still.png"], "conversations": [asked, answer]}])[0]
+    assert skipped["skip"] == "malformed" and "assistant" in skipped["error"], skipped

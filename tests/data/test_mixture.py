@@ -392,3 +392,45 @@ def test_an_index_that_cannot_be_written_names_its_folder_and_leaves_no_temporar
     with pytest.raises(OSError, match=r"writing the sample index into .*indexes failed .*GiB free there.*index_dir"):
         index.save(tmp_path / "indexes" / "one")
     assert list((tmp_path / "indexes").iterdir()) == []
+
+
+def test_a_jsonl_line_nested_too_deep_is_one_bad_sample_and_the_suffix_is_read_in_any_case(tmp_path):
+    """A line nested past Python's recursion limit raised a bare RecursionError that ended the index build; and
+    a .JSONL file was read as one JSON document and refused."""
+    from hicom.data.index import count_records, unreadable_line
+
+    good = [json.dumps(r) for r in records("ok", 2)]
+    (tmp_path / "a.JSONL").write_text("\n".join([good[0], "[" * 100_000 + "]" * 100_000, good[1]]))
+    assert count_records(tmp_path / "a.JSONL") == 3
+    index = SampleIndex.build([MixtureEntry(tmp_path / "a.JSONL", tmp_path)])
+    assert [index.record_of(i).get("id") for i in (0, 2)] == ["ok0", "ok1"]
+    assert "line 2 is not JSON (RecursionError" in unreadable_line(index.record_of(1))
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"deep\.json: not JSON \(RecursionError"):
+        count_records(tmp_path / "deep.json")
+
+
+def test_processes_that_write_the_same_index_at_once_all_end_with_it(tmp_path):
+    """The first rank of every node builds the index into a shared folder (prepare_data_per_node), and containers
+    give their processes the same ids: a temporary folder named by the process id was torn up by the other node's
+    writer. Each writes its own now, and the first rename wins; the others find it written."""
+    import threading
+
+    (tmp_path / "a.json").write_text(json.dumps(records("a", 3)))
+    index = SampleIndex.build([MixtureEntry(tmp_path / "a.json", tmp_path)])
+    target, errors = tmp_path / "indexes" / "one", []
+
+    def save() -> None:
+        try:
+            index.save(target)
+        except Exception as err:  # noqa: BLE001  collected for the assertion
+            errors.append(err)
+
+    writers = [threading.Thread(target=save) for _ in range(4)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    assert errors == [] and [p.name for p in (tmp_path / "indexes").iterdir()] == ["one"]
+    assert SampleIndex.load(target).record_of(2)["id"] == "a2"
+    assert index.save(target) == target  # written already: kept
