@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigKeyError
 
 from hicom.callbacks.checkpoint import refuse_non_finite, resume_checkpoint
 from hicom.modules.compressors.base import unguided_config
@@ -153,7 +154,14 @@ def stage_config(base: DictConfig, stage: DictConfig, out_dir: Path) -> DictConf
             f"stage {stage.get('name')!r}: unknown fields {unknown}; a stage holds {list(STAGE_ENTRY_KEYS)}, and "
             "anything else of the run's config goes under its `config` (e.g. config.model.lr.compressor)"
         )
-    cfg = OmegaConf.merge(base, stage.get("config") or {})
+    try:
+        cfg = OmegaConf.merge(base, stage.get("config") or {})
+    except ConfigKeyError as err:  # e.g. data=llava_json, whose source has no `train`, under the recipe's mixtures
+        raise ValueError(
+            f"stage {stage.get('name')!r} sets {err.full_key}, a key this run's config does not have: the "
+            "experiment's stages are written for its own config groups (the recipe gives each stage a mixture: "
+            "data=mixture). Run one fit with stages=null, or give the stages what the chosen groups take"
+        ) from err
     with open_dict(cfg):
         cfg.model.trainable = list(stage.trainable)
         if stage.get("num_frames") is not None:

@@ -364,9 +364,10 @@ def gradient_accumulation(global_batch: int | None, micro_batch: int, world_size
 
 
 def check_global_batch(cfg: DictConfig) -> None:
-    """Before anything is built: `global_batch_size` against the micro batch and, where the launcher tells it
-    (WORLD_SIZE under torchrun, SLURM_NTASKS under srun), the number of processes. The trainer checks it again
-    once it knows the world size itself."""
+    """Before anything is built: `global_batch_size` against the micro batch and the number of processes, as the
+    launcher tells it (WORLD_SIZE under torchrun, SLURM_NTASKS under srun) or, launched as one process, as the
+    trainer will start them (`trainer.devices` x `trainer.num_nodes`, Lightning's own launcher: it starts the others
+    only once this one has built the model). The trainer checks it again once it knows the world size itself."""
     import os
 
     if cfg.get("global_batch_size") is None:
@@ -374,8 +375,32 @@ def check_global_batch(cfg: DictConfig) -> None:
     from hicom.utils.config import srun_tasks
 
     world = int(os.environ.get("WORLD_SIZE") or srun_tasks())
+    if world == 1 and "WORLD_SIZE" not in os.environ:
+        world = planned_processes(cfg.get("trainer") or {})
     micro = whole_number("data.batch_size", cfg.data.batch_size)
     gradient_accumulation(cfg.global_batch_size, micro, world)
+
+
+def planned_processes(trainer: DictConfig | dict) -> int:
+    """The processes a trainer config starts on its own: devices per node (a count, or a list of device ids;
+    "auto" or -1: the GPUs there are on a GPU accelerator, else 1) times nodes; 1 where that cannot be told."""
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
+        count = len(devices)
+    elif isinstance(devices, str) and "," in devices:  # Lightning's "0,1"
+        count = len([d for d in devices.split(",") if d.strip()])
+    elif devices in ("auto", -1, "-1"):
+        gpu = str(trainer.get("accelerator", "auto")) in ("gpu", "cuda", "auto")
+        count = torch.cuda.device_count() if gpu and torch.cuda.is_available() else 1
+    else:
+        try:
+            count = int(devices)
+        except (TypeError, ValueError):
+            return 1
+    try:
+        return max(count, 1) * max(int(nodes), 1)
+    except (TypeError, ValueError):
+        return max(count, 1)
 
 
 def parameter_report(model) -> Table:

@@ -261,6 +261,36 @@ def test_the_global_batch_is_checked_against_the_tasks_of_an_srun_step(cache_dir
         check_global_batch(cfg)  # 4 tasks of micro batch 4 make 16 a step
 
 
+def test_a_stage_setting_a_key_the_chosen_data_group_lacks_says_to_run_one_fit(cache_dir, tmp_path):
+    """data=llava_json under the recipe's stages, which give each stage a mixture (data.source.train), was a bare
+    ConfigKeyError."""
+    from hicom.stages import stage_config
+
+    cfg = compose_train(
+        cache_dir, tmp_path, ["experiment=directg_local43_global32", *TINY_PARTS[:3], "data=llava_json"]
+    )
+    with pytest.raises(ValueError, match=r"stage 'alignment' sets data.source.train, a key .* stages=null"):
+        stage_config(cfg, cfg.stages[0], tmp_path / "alignment")
+
+
+def test_the_global_batch_is_checked_against_the_processes_lightning_will_start(cache_dir, tmp_path, monkeypatch):
+    """Launched as one process with trainer.devices=2, Lightning starts the second only after the first has built
+    the model: the check counts both before anything loads (it counted one, and the second process failed late)."""
+    from hicom.training import check_global_batch, planned_processes
+
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    cfg = compose_train(cache_dir, tmp_path, [*SMALL, "global_batch_size=12", "trainer.devices=2"])  # micro 4
+    with pytest.raises(ValueError, match="global_batch_size 12 is not a multiple"):
+        check_global_batch(cfg)  # 2 processes of micro batch 4 make 8
+    assert planned_processes({"devices": [0, 3], "num_nodes": 2}) == 4
+    assert planned_processes({"devices": "0,1,2", "num_nodes": 1}) == 3
+    assert planned_processes({"devices": "auto", "accelerator": "cpu"}) == 1
+    monkeypatch.setenv("WORLD_SIZE", "5")  # a launcher's count wins
+    with pytest.raises(ValueError, match="world size 5"):
+        check_global_batch(cfg)
+
+
 @pytest.mark.parametrize("strategy", sorted(p.stem for p in (CONFIGS / "strategy").glob("*.yaml")))
 def test_strategies_compose_without_batch_settings(strategy, cache_dir, tmp_path):
     cfg = compose_train(cache_dir, tmp_path, [f"strategy={strategy}"])
