@@ -240,48 +240,109 @@ def test_checkpoints_trained_with_defect_1_load_with_it_and_say_so(tmp_path, cap
     torch.testing.assert_close(global_tokens, global_tokens[:1].expand_as(global_tokens))  # all 32 the same
 
 
-def test_a_fine_tuning_reads_weights_that_fit_both_readings_as_model_compressor_does(tmp_path):
+def test_a_fine_tuning_reads_weights_that_fit_both_readings_as_the_release_ran_them(tmp_path):
     from hicom.compat.official import _description, reading_of
 
     config = official("local43_global32_off")  # the release runs its global branch direct, ours off
     ours, release = (build_compressor(config, reproduce_defect_1=r) for r in (False, True))
     write_folder(tmp_path / "both", config, to_official_state_dict(randomised(release).state_dict()), "safetensors")
-    for wanted in (ours, release):  # the same weights: model.compressor decides
-        assert _description(reading_of(tmp_path / "both", wanted)) == _description(wanted)
+    assert _description(reading_of(tmp_path / "both")) == _description(release) != _description(ours)
     assert release.global_compressor.guide is Guide.DIRECT and ours.global_compressor.guide is Guide.OFF
-    # weights that fit the release's reading alone are read that way, whatever model.compressor is
+    # weights that fit the release's reading alone are read that way
     config = official("local43_global32_coarse")
     defect = build_compressor(config, reproduce_defect_1=True)
     write_folder(tmp_path / "one", config, to_official_state_dict(randomised(defect).state_dict()), "safetensors")
-    fitted = reading_of(tmp_path / "one", build_compressor(config))
+    fitted = reading_of(tmp_path / "one")
     assert _description(fitted) == _description(defect) != _description(build_compressor(config))
     state = to_official_state_dict(randomised(defect).state_dict())
     del state["model.mm_projector.global_compressor.query"]
     write_folder(tmp_path / "neither", config, state, "safetensors")
-    with pytest.raises(KeyError, match="global_compressor.query"):
-        reading_of(tmp_path / "neither", defect)
+    with pytest.raises(KeyError, match=r"the closest is the release's .*: missing \['global_compressor.query'\]"):
+        reading_of(tmp_path / "neither")
 
 
-def test_weights_that_fit_both_readings_load_ours_and_say_how_to_load_the_release(tmp_path, caplog):
-    """Direct and off injection have the same weights: the release runs this global branch direct (it ignores the
-    bare "off"), ours off, and the weights cannot tell which one they were trained with."""
-    config = official("local43_global32_off")
+def test_a_fine_tuning_from_weights_that_fit_both_readings_starts_in_the_releases(cache_dir, tmp_path):
+    """init_from: a bare mode in the name is the release trainer's, so its weights were trained in the release's
+    reading; model.compressor must build that one, not the name's."""
+    from hicom.compat.official import check_release_start
+    from hicom.training import build
+    from tests.conftest import SMALL, compose_train
+
+    direct = [*SMALL, "model.compressor.global_.guide=direct"]
+    folder = export_official(build(compose_train(cache_dir, tmp_path / "run", direct))[0].net, tmp_path / "release")
+    config = json.loads((folder / "config.json").read_text())
+    renamed = {**config, "mm_projector_type": "local43_global32_off", "use_guide": "direct"}  # as the release writes
+    (folder / "config.json").write_text(json.dumps(renamed))
+    check_release_start(compose_train(cache_dir, tmp_path / "ok", [*direct, f"init_from={folder}"]))
+    off = [*SMALL, "model.compressor.global_.guide=off", f"init_from={folder}"]
+    with pytest.raises(ValueError, match=r"the weights fit .*global32_guidedirect.*model.compressor builds .*guideoff"):
+        check_release_start(compose_train(cache_dir, tmp_path / "off", off))
+
+
+@pytest.mark.parametrize(
+    ("name", "use_guide", "branch", "release_mode", "name_mode"),
+    [
+        ("local43_global32_off", "direct", "global_compressor", Guide.DIRECT, Guide.OFF),
+        ("local43_off_global32", "direct", "local_compressor", Guide.DIRECT, Guide.OFF),
+        ("local43_global32_direct", None, "global_compressor", Guide.OFF, Guide.DIRECT),
+    ],
+)
+def test_weights_that_fit_both_readings_load_the_releases_and_say_how_to_load_the_names(
+    tmp_path, caplog, name, use_guide, branch, release_mode, name_mode
+):
+    """Direct and off injection have the same weights, so they cannot tell which reading they were trained in; the
+    name can: only the release's trainer writes a bare mode (ours writes guide<mode>), so it was the release's."""
+    config = official(name, use_guide)
     trained = randomised(build_compressor(config, reproduce_defect_1=True))
     write_folder(tmp_path / "ckpt", config, to_official_state_dict(trained.state_dict()), "safetensors")
     with caplog.at_level(logging.WARNING):
-        ours = load_official(tmp_path / "ckpt")
-    assert ours.global_compressor.guide is Guide.OFF
+        loaded = load_official(tmp_path / "ckpt")
+    assert getattr(loaded, branch).guide is release_mode
     warning = caplog.text
-    assert (
-        "the name gives the global branch off injection, the release (which reads only guide<mode> parts) direct"
-        in warning
-    )
-    assert "fit both readings" in warning and "load_official(folder, reproduce_defect_1=True)" in warning
-    caplog.clear()
-    release = load_official(tmp_path / "ckpt", reproduce_defect_1=True)
-    assert release.global_compressor.guide is Guide.DIRECT and not caplog.text
+    assert f"the name gives the {branch.split('_')[0]} branch {name_mode.value} injection, the release" in warning
+    assert "fit both readings" in warning and "Loading the release's: only its trainer writes a bare mode" in warning
+    assert "load_official(folder, reproduce_defect_1=False) loads the name's reading" in warning
     v, e, g = torch.randn(4, 9, 9, WIDTH), torch.randn(4, 9, 9, WIDTH), torch.randn(WIDTH)
-    torch.testing.assert_close(release.compress(v, e, g), trained.compress(v, e, g), rtol=0, atol=0)
+    if use_guide is None:  # the release's unguided model reads neither embeddings nor a guide
+        e = g = None
+    torch.testing.assert_close(loaded.compress(v, e, g), trained.compress(v, e, g), rtol=0, atol=0)
+    caplog.clear()
+    named = load_official(tmp_path / "ckpt", reproduce_defect_1=False)
+    assert getattr(named, branch).guide is name_mode and not caplog.text
+
+
+def test_weights_that_fit_neither_reading_are_reported_against_the_closest(tmp_path):
+    """A HICom-7B-style folder (the release's reading has no coarse injector) is reported against the release's
+    reading, not against the six coarse tensors ours would want; readouts of other widths name config.json's."""
+    config = official("local43_global32_coarse")
+    theirs = to_official_state_dict(randomised(build_compressor(config, reproduce_defect_1=True)).state_dict())
+    dropped = {key: value for key, value in theirs.items() if not key.endswith("global_compressor.query")}
+    write_folder(tmp_path / "dropped", config, dropped, "safetensors")
+    with pytest.raises(KeyError) as error:
+        load_official(tmp_path / "dropped")
+    assert (
+        "in either reading of mm_projector_type 'local43_global32_coarse' (use_guide 'direct', defect 1 of SPEC 3); "
+        "the closest is the release's (1 mismatch; the name's: 7 mismatches): missing ['global_compressor.query'], "
+        "unexpected []" in str(error.value)
+    )
+    assert "coarse" not in str(error.value).split("mismatches):")[1] and "readout" not in str(error.value)
+    for field, width, stored in (("hidden_size", 64, "256 -> 32"), ("mm_hidden_size", 128, "256 -> 32")):
+        folder = tmp_path / field
+        write_folder(folder, {**config, field: width}, theirs, "safetensors")
+        with pytest.raises(KeyError) as error:
+            load_official(folder)
+        assert "the closest is the release's" in str(error.value)
+        assert f"Every readout is of other widths than {folder / 'config.json'} gives: the weights map {stored}" in str(
+            error.value
+        )
+        assert f"Its {field} {width} is likely not these weights'" in str(error.value)
+    # readings with the same tensors miss the same ones: listed once
+    both = official("local43_global32_off")
+    state = to_official_state_dict(build_compressor(both).state_dict())
+    del state["model.mm_projector.local_compressor.readout.2.bias"]
+    write_folder(tmp_path / "same", both, state, "safetensors")
+    with pytest.raises(KeyError, match=r"defect 1 of SPEC 3\): missing \['local_compressor.readout.2.bias'\]"):
+        load_official(tmp_path / "same")
 
 
 def test_unreadable_or_foreign_folders_say_what_is_wrong(tmp_path):
@@ -433,6 +494,82 @@ def test_the_whole_model_round_trips_through_the_release_layout(cfg_small, tmp_p
         import_official(target, folder)
     with pytest.raises(KeyError, match=r"llm: .*model.norm.weight"):
         import_official(target, folder, loaded=("llm",))
+
+
+def test_a_release_folder_of_an_unguided_model_keeps_the_text_tower_of_the_vision_folder(cache_dir, tmp_path, caplog):
+    """The release builds a guide encoder only with use_guide on: its folders of unguided models hold none."""
+    from safetensors.torch import load_file
+
+    from hicom.compat.official import _GUIDE, import_official
+    from hicom.training import build
+    from tests.conftest import SMALL, compose_train
+
+    unguided = [*SMALL, "model.compressor.local.guide=off", "model.compressor.global_.guide=off"]
+    source = build(compose_train(cache_dir, tmp_path / "run", unguided))[0].net
+    with torch.no_grad():
+        for p in source.compressor.parameters():
+            p.normal_(0, 0.1)
+    folder = export_official(source, tmp_path / "official")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps({**config, "mm_projector_type": "local43_global32", "use_guide": None})  # as the release writes
+    )
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({key: value for key, value in state.items() if not key.startswith(_GUIDE)}, folder / "model.safetensors")
+    torch.manual_seed(1)
+    target = build(compose_train(cache_dir, tmp_path / "other", unguided))[0].net
+    with torch.no_grad():
+        for p in target.vision.guide_encoder.parameters():
+            p.add_(1.0)  # other than the vision folder's: kept as they are
+    tower = {key: value.clone() for key, value in target.vision.guide_encoder.state_dict().items()}
+    with caplog.at_level(logging.INFO, logger="hicom.compat.official"):
+        import_official(target, folder)
+    assert "use_guide None and no guide encoder saved, as the release saves an unguided model" in caplog.text
+    for name, value in target.vision.guide_encoder.state_dict().items():
+        assert torch.equal(value, tower[name]), name
+    for part in ("compressor", "llm", "vision.vision_tower"):
+        ours, theirs = source.get_submodule(part).state_dict(), target.get_submodule(part).state_dict()
+        assert all(torch.equal(value, theirs[name]) for name, value in ours.items()), part
+    # a guided config whose guide encoder is missing is still refused
+    guided = export_official(build(compose_train(cache_dir, tmp_path / "guided", SMALL))[0].net, tmp_path / "guided")
+    state = load_file(str(guided / "model.safetensors"))
+    save_file({key: value for key, value in state.items() if not key.startswith(_GUIDE)}, guided / "model.safetensors")
+    with pytest.raises(KeyError, match=r"guide: missing or unexpected tensors: missing \['embeddings"):
+        import_official(build(compose_train(cache_dir, tmp_path / "guided", SMALL))[0].net, guided)
+
+
+def test_a_projector_saved_beside_the_model_loads_and_a_stage_output_is_refused_early(cfg_small, tmp_path):
+    """The release's projector-only stages write config.json + mm_projector.bin; a folder may hold that file beside
+    the model's weight files, which then lack the projector."""
+    from safetensors.torch import load_file
+
+    from hicom.compat.official import PREFIX, import_official, use_release_llm
+    from hicom.training import build
+
+    source = build(cfg_small)[0].net
+    with torch.no_grad():
+        for p in source.compressor.parameters():
+            p.normal_(0, 0.1)
+    folder = export_official(source, tmp_path / "official")
+    state = load_file(str(folder / "model.safetensors"))
+    torch.save({key: value for key, value in state.items() if key.startswith(PREFIX)}, folder / "mm_projector.bin")
+    save_file({key: value for key, value in state.items() if not key.startswith(PREFIX)}, folder / "model.safetensors")
+    torch.manual_seed(1)
+    target = build(cfg_small)[0].net
+    import_official(target, folder)
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    for name in ("config.json", "mm_projector.bin"):
+        (stage / name).write_bytes((folder / name).read_bytes())
+    loaded = load_official(stage)  # the projector alone loads
+    assert all(torch.equal(value, loaded.state_dict()[key]) for key, value in source.compressor.state_dict().items())
+    refused = r"stage holds config.json and mm_projector.bin but no model weights: the output of a release stage"
+    with pytest.raises(ValueError, match=rf"{refused}.*official.load_official\('.*stage'\), or give the folder of the"):
+        use_release_llm(cfg_small, stage, "unused")  # evaluate.py's and init_from's first look, before the tokenizer
+    with pytest.raises(ValueError, match=refused):
+        import_official(target, stage)
 
 
 def test_an_export_past_the_shard_size_writes_shards_and_their_index_as_save_pretrained_does(cfg_small, tmp_path):

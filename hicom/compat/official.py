@@ -265,35 +265,35 @@ def check_keys(
     what: str = "projector weights do not fit the compressor",
 ) -> None:
     """KeyError unless the names and shapes of `state_dict` are exactly those of the module's (`what` begins it)."""
-    expected = compressor.state_dict()
+    missing, unexpected, shapes = _mismatches(state_dict, compressor)
+    if missing or unexpected or shapes:
+        raise KeyError(f"{what}: {_listed(missing, unexpected, shapes)}")
+
+
+def _mismatches(state_dict: Mapping[str, torch.Tensor], module: nn.Module) -> tuple[list, list, list]:
+    """The names `module` has and `state_dict` lacks, the names only `state_dict` has, and the shared names of
+    other shapes (each with both shapes), sorted."""
+    expected = module.state_dict()
     missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
     shapes = sorted(
         f"{key} {tuple(state_dict[key].shape)} != {tuple(expected[key].shape)}"
         for key in set(expected) & set(state_dict)
         if state_dict[key].shape != expected[key].shape
     )
-    if missing or unexpected or shapes:
-        raise KeyError(
-            f"{what}: missing {missing}, unexpected {unexpected}" + (f", wrong shapes {shapes}" if shapes else "")
-        )
+    return missing, unexpected, shapes
+
+
+def _listed(missing: list, unexpected: list, shapes: list) -> str:
+    return f"missing {missing}, unexpected {unexpected}" + (f", wrong shapes {shapes}" if shapes else "")
 
 
 def read_projector_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The mm_projector tensors of an official folder: mm_projector.bin / .safetensors, or the model's weight files
     (those from_pretrained reads, `stored_tensors`)."""
-    from safetensors import safe_open
-
     folder = Path(folder)
-    for name in ("mm_projector.safetensors", "mm_projector.bin"):
-        path = folder / name
-        if path.is_file():
-            try:
-                if path.suffix == ".bin":
-                    return dict(torch.load(path, map_location="cpu", weights_only=True))
-                with safe_open(str(path), framework="pt") as f:
-                    return {key: f.get_tensor(key) for key in f.keys()}
-            except Exception as error:  # truncated or foreign files: say which file
-                raise ValueError(f"cannot read projector weights from {path}: {error}") from error
+    path = projector_file(folder)
+    if path is not None:
+        return _read_projector_file(path)
     stored = stored_tensors(folder)
     if not stored:
         raise FileNotFoundError(
@@ -306,14 +306,34 @@ def read_projector_weights(folder: Path) -> dict[str, torch.Tensor]:
     return _read(projector)
 
 
+PROJECTOR_FILES = ("mm_projector.safetensors", "mm_projector.bin")  # the projector alone, as a release stage saves it
+
+
+def projector_file(folder: Path) -> Path | None:
+    """The folder's file of projector weights alone (`PROJECTOR_FILES`, in that order), if it has one."""
+    return next((folder / name for name in PROJECTOR_FILES if (folder / name).is_file()), None)
+
+
+def _read_projector_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    try:
+        if path.suffix == ".bin":
+            return dict(torch.load(path, map_location="cpu", weights_only=True))
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as error:  # truncated or foreign files: say which file
+        raise ValueError(f"cannot read projector weights from {path}: {error}") from error
+
+
 def load_official(folder: str | Path, *, reproduce_defect_1: bool | None = None) -> Compressor:
     """Build and load the compressor of an official checkpoint folder (config.json + projector weights).
 
     A bare mode in the projector name (as in "local43_global32_coarse") sets its branch's mode in our reading;
     the release ignores it and runs `use_guide` there (defect 1 of SPEC 3). Where the two readings differ, the
-    weights decide: ours when they fit it, else the release's, with a warning. When they fit both (direct and
-    off injection have the same weights), ours is used, with a warning. `reproduce_defect_1` True or False
-    takes the release's or our reading whatever the weights.
+    weights decide: the release's when they fit it, with a warning, also when they fit both (direct and off
+    injection have the same weights: only the release's trainer writes a bare mode, so they were trained in its
+    reading); else ours. `reproduce_defect_1` True or False takes the release's or our reading whatever the weights.
     """
     if reproduce_defect_1 not in (None, True, False):  # e.g. the string 'false' from a quoted override
         raise ValueError(f"reproduce_defect_1 is true, false or null (the weights decide), got {reproduce_defect_1!r}")
@@ -323,35 +343,119 @@ def load_official(folder: str | Path, *, reproduce_defect_1: bool | None = None)
         raise FileNotFoundError(f"no config.json in {folder}: pass an official HICom checkpoint folder")
     config = read_config(folder)
     state = convert_state_dict(read_projector_weights(folder))
-    compressor = build_compressor(config, reproduce_defect_1=bool(reproduce_defect_1))
-    differences = _differing_readings(config) if reproduce_defect_1 is None else ""
-    if differences:
-        release = build_compressor(config, reproduce_defect_1=True)
-        fit_ours, fit_release = _fits(state, compressor), _fits(state, release)
-        if fit_release and not fit_ours:
-            equal = release.global_compressor is not None and release.global_compressor.guide is Guide.DIRECT
-            log.warning(
-                "%s: the weights were trained with the release's reading of mm_projector_type %r (use_guide %r, "
-                "defect 1 of SPEC 3): %s. Loading them that way%s",
-                folder,
-                config["mm_projector_type"],
-                config.get("use_guide"),
-                differences,
-                ": its global tokens are all equal" if equal else "",
-            )
-            compressor = release
-        elif fit_release:
-            log.warning(
-                "%s: the weights fit both readings of mm_projector_type %r (use_guide %r): %s. Loading the name's "
-                "reading; load_official(folder, reproduce_defect_1=True) loads the release's",
-                folder,
-                config["mm_projector_type"],
-                config.get("use_guide"),
-                differences,
-            )
-    check_keys(state, compressor)  # a KeyError when the weights fit neither reading, naming what ours misses
+    compressor = _fitted_reading(
+        folder,
+        config,
+        state,
+        reproduce_defect_1=reproduce_defect_1,
+        then="load_official(folder, reproduce_defect_1=False) loads the name's reading "
+        "(official.reproduce_defect_1=false in evaluate.py)",
+    )
     compressor.load_state_dict(state, strict=True)
     return compressor
+
+
+def _fitted_reading(
+    folder: Path,
+    config: Mapping,
+    state: Mapping[str, torch.Tensor],
+    *,
+    reproduce_defect_1: bool | None = None,
+    then: str,
+) -> Compressor:
+    """The compressor (unloaded) of a folder's config.json in the reading `reproduce_defect_1` names (True: the
+    release's, False: the name's), or, where it is None, in the one the projector weights `state` fit (see
+    `load_official`), with a warning where that is the release's and it differs from the name's; `then` ends the
+    warning of weights that fit both readings (how to take the other one). A KeyError where the weights fit no
+    reading tried (`_misfit`)."""
+    compressor = build_compressor(config, reproduce_defect_1=bool(reproduce_defect_1))
+    differences = _differing_readings(config) if reproduce_defect_1 is None else ""
+    if not differences:
+        if not _fits(state, compressor):
+            raise _misfit(folder, config, state, {"its reading": compressor})
+        return compressor
+    release = build_compressor(config, reproduce_defect_1=True)
+    fit_ours, fit_release = _fits(state, compressor), _fits(state, release)
+    if not fit_release:
+        if not fit_ours:
+            raise _misfit(folder, config, state, {"the name's": compressor, "the release's": release})
+        return compressor
+    equal = release.global_compressor is not None and release.global_compressor.guide is Guide.DIRECT
+    if fit_ours:
+        log.warning(
+            "%s: the weights fit both readings of mm_projector_type %r (use_guide %r): %s. Loading the release's: "
+            "only its trainer writes a bare mode (our export writes guide<mode>), so they were trained in its "
+            "reading (defect 1 of SPEC 3)%s. %s",
+            folder,
+            config["mm_projector_type"],
+            config.get("use_guide"),
+            differences,
+            ": its global tokens are all equal" if equal else "",
+            then,
+        )
+    else:
+        log.warning(
+            "%s: the weights were trained with the release's reading of mm_projector_type %r (use_guide %r, "
+            "defect 1 of SPEC 3): %s. Loading them that way%s",
+            folder,
+            config["mm_projector_type"],
+            config.get("use_guide"),
+            differences,
+            ": its global tokens are all equal" if equal else "",
+        )
+    return release
+
+
+def _misfit(folder: Path, config: Mapping, state: Mapping[str, torch.Tensor], readings: Mapping) -> KeyError:
+    """The KeyError of projector weights that fit none of `readings` (compressors by the name of their reading):
+    what the closest one (the fewest missing, unexpected and mis-shaped tensors) misses, or each of those that tie;
+    and where every readout of the closest is of other widths, config.json's widths, the likely cause."""
+    counts = {name: _mismatches(state, compressor) for name, compressor in readings.items()}
+    size = {name: sum(map(len, mismatches)) for name, mismatches in counts.items()}
+    closest = [name for name in readings if size[name] == min(size.values())]
+    message = "projector weights do not fit the compressor config.json describes"
+    if len(readings) > 1:
+        message += (
+            f", in either reading of mm_projector_type {config['mm_projector_type']!r} (use_guide "
+            f"{config.get('use_guide')!r}, defect 1 of SPEC 3)"
+        )
+    if len(closest) < len(readings):
+        others = "; ".join(f"{name}: {_mismatch_count(size[name])}" for name in readings if name not in closest)
+        message += f"; the closest is {closest[0]} ({_mismatch_count(size[closest[0]])}; {others})"
+    listed = {name: _listed(*counts[name]) for name in closest}
+    if len(set(listed.values())) == 1:  # one reading, or readings that miss the same tensors
+        message += f": {listed[closest[0]]}"
+    else:
+        message += ": " + "; ".join(f"{name}: {listing}" for name, listing in listed.items())
+    return KeyError(message + _widths_hint(folder, config, state, readings[closest[0]]))
+
+
+def _mismatch_count(n: int) -> str:
+    return f"{n} mismatch{'es' * (n != 1)}"
+
+
+def _widths_hint(folder: Path, config: Mapping, state: Mapping[str, torch.Tensor], compressor: nn.Module) -> str:
+    """Where every readout of `compressor` (its first Linear, d_out x d_in) is of another shape in `state`: the
+    widths the weights have and config.json's, naming those that differ ("" otherwise). A config.json copied from
+    another model size, or edited, misreads every branch at once."""
+    expected = compressor.state_dict()
+    readouts = [key for key in expected if key == "readout.0.weight" or key.endswith(".readout.0.weight")]
+    if not readouts or any(
+        key not in state or state[key].dim() != 2 or state[key].shape == expected[key].shape for key in readouts
+    ):
+        return ""
+    fields = [
+        f"{field} {config[field]}"
+        for field, axis in (("mm_hidden_size", 1), ("hidden_size", 0))
+        if all(state[key].shape[axis] != expected[key].shape[axis] for key in readouts)
+    ]
+    stored = " and ".join(sorted({f"{state[key].shape[1]} -> {state[key].shape[0]}" for key in readouts}))
+    likely = f"{' and '.join(fields)} {'are' if len(fields) > 1 else 'is'}" if fields else "widths are"
+    return (
+        f". Every readout is of other widths than {folder / 'config.json'} gives: the weights map {stored} (the "
+        f"vision width -> the LLM's), config.json mm_hidden_size {config['mm_hidden_size']} -> hidden_size "
+        f"{config['hidden_size']}. Its {likely} likely not these weights': is it the config.json written with them?"
+    )
 
 
 def folder_compressor(folder: str | Path, *, reproduce_defect_1: bool | None = None) -> Callable[..., Compressor]:
@@ -395,11 +499,7 @@ def _differing_readings(config: Mapping) -> str:
 
 
 def _fits(state: Mapping[str, torch.Tensor], compressor: nn.Module) -> bool:
-    try:
-        check_keys(state, compressor)
-    except KeyError:
-        return False
-    return True
+    return not any(_mismatches(state, compressor))
 
 
 # The whole model in the release's layout (SPEC 4): vision tower and guide encoder under model.vision_tower.*,
@@ -741,6 +841,7 @@ def use_release_llm(cfg, folder: str | Path, missing: str) -> str:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{missing}: no config.json in {path}")
     read_config(path)  # named where it is not JSON: the tokenizer's load, which reads it next, would blame itself
+    check_whole_model(path)  # the tokenizer's load, next, would blame the missing tokenizer
     resolved = str(path.resolve())
     with open_dict(cfg):
         cfg.model.llm.path = resolved
@@ -748,17 +849,30 @@ def use_release_llm(cfg, folder: str | Path, missing: str) -> str:
     return resolved
 
 
-def reading_of(folder: Path, ours: Compressor) -> Compressor:
-    """The compressor of a release folder (unloaded) in the reading its weights fit, as load_official picks it;
-    where they fit both (direct and off injection have the same weights), in the reading `ours` is, so that
-    model.compressor decides how a fine-tuning reads them. A KeyError where they fit neither."""
+def check_whole_model(folder: Path) -> None:
+    """A ValueError for a release stage's output: config.json and the projector's weights alone (`PROJECTOR_FILES`;
+    the release's stages that train only the projector save nothing else, their LLM being the base model), where a
+    whole model is needed (its LLM, tokenizer, towers and projector, as the release's last stage saves them)."""
+    projector = projector_file(folder)
+    models = [p for p in folder.glob("*.safetensors") if p.name not in PROJECTOR_FILES]
+    if projector is None or models or any(folder.glob("pytorch_model*.bin")):
+        return
+    raise ValueError(
+        f"{folder} holds config.json and {projector.name} but no model weights: the output of a release stage that "
+        "trains the projector alone (its LLM is the base model it started from, its towers the pretrained ones), "
+        f"not a whole model. Load its projector with hicom.compat.official.load_official('{folder}'), or give "
+        "the folder of the release's last stage (config.json, the model's .safetensors files and its tokenizer)"
+    )
+
+
+def reading_of(folder: Path) -> Compressor:
+    """The compressor of a release folder (unloaded) in the reading its weights fit, as load_official picks it:
+    where they fit both (direct and off injection have the same weights), the release's, in which they were
+    trained, so a fine-tuning starts from what the release ran. A KeyError where they fit neither."""
     config = read_config(folder)
     state = convert_state_dict(read_projector_weights(folder))
-    readings = [build_compressor(config, reproduce_defect_1=r) for r in (False, True)]
-    fitting = [c for c in readings if _fits(state, c)]
-    if not fitting:
-        check_keys(state, readings[0])  # the KeyError, naming what our reading misses
-    return next((c for c in fitting if _description(c) == _description(ours)), fitting[0])
+    then = "A fine-tuning from them starts in that reading: model.compressor must build it"
+    return _fitted_reading(folder, config, state, then=then)
 
 
 def check_release_start(cfg) -> None:
@@ -775,7 +889,7 @@ def check_release_start(cfg) -> None:
     width = int(config["mm_hidden_size"])
     with torch.device("meta"):
         ours = instantiate(cfg.model.compressor)(in_dim=width, out_dim=int(config["hidden_size"]), guide_dim=width)
-    fitted = reading_of(folder, ours)
+    fitted = reading_of(folder)
     problems = release_gaps(ours)
     if _description(ours) != _description(fitted):
         problems.insert(0, f"the weights fit {_description(fitted)}, model.compressor builds {_description(ours)}")
@@ -817,17 +931,21 @@ def check_select_layer(vision, config: Mapping, folder: Path) -> None:
 def import_official(net, folder: str | Path, *, loaded: tuple[str, ...] = ()) -> None:
     """Load a release-layout folder (the weight files from_pretrained reads, `stored_tensors`) into our VideoLLM,
     strictly: a KeyError lists, per part ("vision", "guide", "projector", "llm"), the missing, unexpected and
-    mis-shaped tensors, before any value is read. The parts in `loaded` are checked but not read again (evaluate.py's LLM, loaded from this folder by
-    from_pretrained), and one part is read at a time. SigLIP's logit scale and bias are not in the release's layout
-    and keep the vision checkpoint's values."""
+    mis-shaped tensors, before any value is read. The parts in `loaded` are checked but not read again
+    (evaluate.py's LLM, loaded from this folder by from_pretrained), and one part is read at a time. The projector
+    comes from mm_projector.bin / .safetensors where the weight files hold none; a stage's output, with no model
+    weights, is a ValueError (`check_whole_model`). SigLIP's logit scale and bias are not in the release's layout
+    and keep the vision checkpoint's values; so does the text tower of a model whose config.json has use_guide
+    off or null, for which the release saves no guide encoder."""
     folder = Path(folder)
     config = read_config(folder)
+    check_whole_model(folder)
     check_compressor(net.compressor, config, folder)
     check_select_layer(net.vision, config, folder)
     stored = stored_tensors(folder)
     if not stored:
         raise FileNotFoundError(f"no .safetensors in {folder}")
-    groups = {"vision": {}, "guide": {}, "projector": {}, "llm": {}}
+    groups: dict[str, dict] = {"vision": {}, "guide": {}, "projector": {}, "llm": {}}
     for key, value in stored.items():
         if key.startswith(_VISION):
             groups["vision"][key[len(_VISION) :]] = value
@@ -843,7 +961,22 @@ def import_official(net, folder: str | Path, *, loaded: tuple[str, ...] = ()) ->
         "projector": net.compressor,
         "llm": net.llm.model,
     }
+    projector = projector_file(folder)
+    if not groups["projector"] and projector is not None:  # a projector saved beside the model, as stages save it
+        log.info("%s: reading the projector from %s: the model's weight files hold none", folder, projector.name)
+        groups["projector"] = _read_projector_file(projector)
     groups["projector"] = convert_state_dict(groups["projector"])
+    unguided = parse_projector_type(config["mm_projector_type"], config.get("use_guide")).use_guide is Guide.OFF
+    if unguided and not groups["guide"]:  # the release builds (and saves) its guide encoder only with use_guide on
+        log.info(
+            "%s: use_guide %r and no guide encoder saved, as the release saves an unguided model: the text tower "
+            "keeps the weights of model.vision's folder",
+            folder,
+            config.get("use_guide"),
+        )
+        if net.compressor.uses_guide:  # the name's reading of a bare mode, which the release ran unguided
+            log.warning("%s: the compressor reads a guide, from that text tower, which the release never ran", folder)
+        del targets["guide"]
     problems = []
     for name, module in targets.items():
         fill_tied(module, groups[name])  # save_pretrained writes a tied weight once
@@ -858,11 +991,12 @@ def import_official(net, folder: str | Path, *, loaded: tuple[str, ...] = ()) ->
             module.load_state_dict(_read(groups[name]), strict=True)
 
 
-def _read(group: Mapping[str, _Stored]) -> dict[str, torch.Tensor]:
-    """The tensors of one part, shard by shard."""
+def _read(group: Mapping[str, _Stored | torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of one part, shard by shard (those read already, from a projector file, as they are)."""
     from safetensors import safe_open
 
-    out = {}
+    out = {name: value for name, value in group.items() if isinstance(value, torch.Tensor)}
+    group = {name: value for name, value in group.items() if isinstance(value, _Stored)}
     for shard in sorted({s.shard for s in group.values()}):
         try:
             with safe_open(str(shard), framework="pt") as f:
