@@ -276,6 +276,7 @@ class VideoQADataModule(LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),  # the batch goes to the GPU by DMA, without a pageable copy
             worker_init_fn=loader_worker_signals,
         )
 
@@ -312,6 +313,7 @@ class VideoQADataModule(LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=self.collate,
             persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),  # the batch goes to the GPU by DMA, without a pageable copy
             worker_init_fn=loader_worker_signals,
             epochs_done=lambda: (
                 None if self.trainer is None else self.trainer.fit_loop.epoch_progress.current.processed

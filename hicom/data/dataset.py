@@ -162,12 +162,12 @@ class VideoQADataset(Dataset):
     def _load_visual(self, media: Media) -> tuple[torch.Tensor | None, str]:
         if media.modality == "video":
             sampled = load_video(media.paths[0], self.sampling, start=media.start, end=media.end)
-            return self.transform(sampled.frames), "video"
+            return self.transform.squared(sampled.frames), "video"
         if media.modality == "image":
             limit = self.sampling.time_limit
             frames = [within_time_limit(lambda p=path: read_image(p), limit, str(path)) for path in media.paths]
             # several images of different sizes: each is padded and resized on its own by the transform
-            return torch.cat([self.transform(frame) for frame in frames]), "image"
+            return torch.cat([self.transform.squared(frame) for frame in frames]), "image"
         return None, "text"
 
     def __getitem__(self, i: int) -> dict:

@@ -237,7 +237,7 @@ class BenchmarkDataset(Dataset):
         if q.subtitles is not None:  # a video without an .srt file has none to show
             found = Path(q.subtitles).is_file()
             subtitles = subtitles_at(read_srt(q.subtitles), sampled.timestamps) if found else []
-        pixels = self.transform(sampled.frames)
+        pixels = self.transform.squared(sampled.frames)
         messages = [
             {"role": "user", "content": "<video>\n" + self.prompt(q, subtitles)},
             {"role": "assistant", "content": ""},
@@ -429,7 +429,13 @@ def _answer_shard(
         guide_tokenizer=load_guide_tokenizer(net.vision.path),
         padding_side="left",
     )
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+    )
     start, answered = time.perf_counter(), 0
     with shard_file.open("a") as f:
         for batch in loader:
@@ -441,7 +447,8 @@ def _answer_shard(
             if "input_ids" not in batch:
                 continue
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            if batch["pixel_values"].is_floating_point():  # bytes are normalised by the tower, in float32 first
+                batch["pixel_values"] = batch["pixel_values"].to(dtype)
             tokens = net.generate(batch, max_new_tokens=cfg.max_new_tokens)
             replies = net.llm.tokenizer.batch_decode(tokens, skip_special_tokens=True)
             for qid, reply, prompt in zip(batch["ids"], replies, batch["prompts"], strict=True):

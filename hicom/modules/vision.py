@@ -8,6 +8,7 @@ import re
 import torch
 from torch import nn
 
+from hicom.data.transforms import FrameTransform, normalise
 from hicom.utils.checkpoints import load_pretrained, require_pretrained
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class _Tower(nn.Module):
         layer's (28 for so400m, about 1.5 GiB for a 32-frame clip in bf16) until the compressor ran. Without
         `final` the layers after the selected one do not run (None is returned for it): nothing reads them where
         no joint-space keys are made (the release's -2 leaves one of so400m's 27 layers, 3.7 % of the trunk)."""
+        pixel_values = normalise(pixel_values, *self.pixel_norm)  # bytes from the data loaders, here on the device
         frozen = not any(p.requires_grad for p in self.vision_tower.encoder.parameters())
         layers = self.vision_tower.encoder.layers
         index = self.select_layer % (len(layers) + 1)  # of the hidden states: the trunk's input, each layer's output
@@ -100,6 +102,10 @@ class _Tower(nn.Module):
     def _take(self, model, select_layer: int, path: str | None) -> None:
         self.path = path
         self._take_parts(model)
+        # (mean, std, rescale) of the folder's image processor, for frames handed over as bytes (an architecture
+        # alone, as the dry run builds, is never given any)
+        norm = FrameTransform.from_pretrained(path) if path is not None else None
+        self.pixel_norm = (norm.mean, norm.std, norm.rescale) if norm else ((0.5,) * 3, (0.5,) * 3, 1 / 255)
         vision = model.config.vision_config
         layers = vision.num_hidden_layers  # hidden states: the embeddings, then each layer's output
         if (

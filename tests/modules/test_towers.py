@@ -190,3 +190,24 @@ def test_a_gradient_checkpointing_value_that_is_no_flag_is_refused(tiny_paths):
 
     with pytest.raises(ValueError, match=r"model\.llm\.gradient_checkpointing must be true or false, got 'no'"):
         CausalLM(path=str(tiny_paths["qwen2"]), gradient_checkpointing="no")
+
+
+@pytest.mark.parametrize("vision", ["tiny_siglip", "tiny_clip"])
+def test_frames_handed_over_as_bytes_are_normalised_by_the_tower_bit_for_bit(vision, cache_dir, tmp_path):
+    """The data loaders hand frames over as bytes (a quarter of float32's), and the tower normalises them with its
+    folder's image-processor settings: the same features, exactly, as from frames normalised on the CPU."""
+    import numpy as np
+
+    from hicom.data.transforms import FrameTransform
+    from hicom.utils.instantiators import write_assets
+
+    cfg = compose_train(cache_dir, tmp_path, [f"model/vision={vision}"])
+    write_assets(cfg.assets)
+    tower = instantiate(cfg.model.vision)
+    transform = FrameTransform.from_pretrained(tower.path)
+    frames = np.random.default_rng(0).integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
+    squared = transform.squared(frames)
+    assert squared.dtype == torch.uint8 and squared.shape == (3, 3, transform.size, transform.size)
+    with torch.no_grad():
+        from_bytes, from_floats = tower(squared)[0], tower(transform(frames))[0]
+    assert torch.equal(from_bytes, from_floats)
