@@ -235,6 +235,12 @@ class ChatEncoder:
         # the whole conversation, before a turn's cut: a record malformed in a later question is malformed in each
         # of its samples, as it is for preflight and for training without split turns
         check_placeholders(messages, bool(num_visual))
+        written = [m["role"] for m in messages if self.visual_token in m["content"]]
+        if written:  # checked on the whole conversation: an encoding stopped at max_length would not see a later one
+            raise MalformedSample(
+                f"a {written[0]} message holds the LLM's visual token {self.visual_token!r} written out: it would "
+                "take the place of visual tokens"
+            )
         answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         supervised_turn = None
         if turn is not None:

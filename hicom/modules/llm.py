@@ -17,8 +17,9 @@ from hicom.utils.choices import flag
 log = logging.getLogger(__name__)
 
 # The LM families whose logits are their head's linear map of the last hidden state, and nothing more (no soft-cap,
-# no scale): for those the loss runs the head on the labelled positions alone (`CausalLM.loss`).
-PLAIN_HEAD_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral"})
+# no scale): for those the loss runs the head on the labelled positions alone (`CausalLM.loss`). The release's
+# folders name theirs hicom_qwen2 / hicom_llama (hicom.compat.release_llm: Qwen2's and Llama's classes).
+PLAIN_HEAD_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral", "hicom_qwen2", "hicom_llama"})
 
 
 class CausalLM(nn.Module):

@@ -178,5 +178,9 @@ def test_a_template_that_trims_messages_labels_the_trimmed_answer(tiny_paths):
 
 def test_a_text_only_sample_holding_the_visual_token_is_malformed(encoder):
     """The LLM would find a visual position with no visual token to fill it, and fail the whole batch."""
-    with pytest.raises(MalformedSample, match="text-only sample whose text holds the visual token"):
+    with pytest.raises(MalformedSample, match="a user message holds the LLM's visual token '<|video_pad|>' written"):
         encoder.encode(to_messages(conversation("What is <|video_pad|>?", "A token.")), num_visual=0)
+    # in a later message, past where an encoding stopped at max_length would look: the whole conversation is read
+    turns = [*conversation("<video>\nWhat?", "Red."), *conversation("And <|video_pad|>?", "Blue.")]
+    with pytest.raises(MalformedSample, match="written out"):
+        encoder.encode(to_messages(turns), num_visual=4, stop_after=1)

@@ -290,8 +290,11 @@ def test_the_loss_runs_the_lm_head_on_labelled_positions_and_equals_the_hf_model
     """The LM head runs on the positions whose next token is labelled, not on every visual and prompt token; the
     loss and every gradient equal those of the HF model given `labels` (its head over every position), for a
     right-padded batch of two samples. An LM family not known to have a plain head goes through HF's own loss."""
+    from hicom.compat.release_llm import HIComLlamaConfig, HIComQwen2Config
     from hicom.modules import llm as llm_module
 
+    # the release's folders (init_from) load as Qwen2's and Llama's classes under their own model types
+    assert {HIComQwen2Config.model_type, HIComLlamaConfig.model_type} <= llm_module.PLAIN_HEAD_TYPES
     model, datamodule = build(cfg_small)
     datamodule.prepare_data()
     datamodule.setup("fit")
