@@ -12,12 +12,14 @@ taken from the configured data folder.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import json
 import logging
 import math
 import shutil
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -26,6 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from hicom.utils.files import write_atomically
+
+# a temporary index folder this old is a killed writer's leftover: removed by the next writer (a live one is minutes old)
+STALE_SECONDS = 24 * 3600
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +388,10 @@ class SampleIndex:
 
         folder = Path(folder)
         tmp = None
+        for leftover in folder.parent.glob(f"{folder.name}.tmp-*"):  # of a writer killed a day or more ago
+            with contextlib.suppress(OSError):
+                if time.time() - leftover.stat().st_mtime > STALE_SECONDS:
+                    shutil.rmtree(leftover, ignore_errors=True)
         try:
             folder.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=folder.parent))

@@ -434,3 +434,11 @@ def test_processes_that_write_the_same_index_at_once_all_end_with_it(tmp_path):
     assert errors == [] and [p.name for p in (tmp_path / "indexes").iterdir()] == ["one"]
     assert SampleIndex.load(target).record_of(2)["id"] == "a2"
     assert index.save(target) == target  # written already: kept
+    import os
+
+    stale, fresh = tmp_path / "indexes" / "one.tmp-old", tmp_path / "indexes" / "one.tmp-live"
+    for leftover in (stale, fresh):
+        leftover.mkdir()
+    os.utime(stale, (0, 0))  # a writer killed long ago; the other may be writing now
+    index.save(target)
+    assert not stale.exists() and fresh.exists()
