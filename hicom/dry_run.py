@@ -152,13 +152,13 @@ def activation_bytes(
     """A rough bf16 activation estimate with gradient checkpointing in the LLM: every layer's input, one layer's
     internals, and the fp32 logits (of the `answer` tokens the loss is taken on, where the LM head runs on those
     alone: `CausalLM.loss`); plus the vision features and joint-space keys handed to the compressor."""
-    from hicom.modules.llm import PLAIN_HEAD_TYPES
+    from hicom.modules.llm import labelled_head
 
     c = model.llm.config
     seq = visual + text
     checkpoints = c.num_hidden_layers * seq * c.hidden_size * 2
     layer = seq * (10 * c.hidden_size + 3 * c.intermediate_size) * 2
-    logits = (answer if c.model_type in PLAIN_HEAD_TYPES else seq) * c.vocab_size * 4
+    logits = (answer if labelled_head(c) else seq) * c.vocab_size * 4
     width = model.vision.hidden_size
     vision = 2 * frames * model.grid * model.grid * width * 2
     llm = checkpoints + layer + logits if train_llm_path else seq * c.hidden_size * 2

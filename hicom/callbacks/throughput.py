@@ -13,7 +13,7 @@ import torch
 from hicom.data.template import IGNORE_INDEX
 from hicom.dry_run import flops
 from hicom.modules.compressors.base import PackedLayout
-from hicom.modules.llm import PLAIN_HEAD_TYPES
+from hicom.modules.llm import labelled_head
 
 
 def samples(batch: dict) -> int:
@@ -61,7 +61,7 @@ class BatchFlops:
         hidden = meta.llm.config.hidden_size
         # the LM head runs on the labelled positions alone where it is a plain linear map (CausalLM.loss): it is then
         # counted per labelled token, and the rest of the LLM per sequence length
-        plain_head = meta.llm.config.model_type in PLAIN_HEAD_TYPES
+        plain_head = labelled_head(meta.llm.config)
         body = meta.llm.get_decoder() if plain_head else meta.llm
 
         def llm(n: int) -> int:

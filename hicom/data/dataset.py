@@ -185,12 +185,11 @@ class VideoQADataset(Dataset):
             num_visual = self.visual_tokens(len(pixels), modality) if pixels is not None else 0
             # past this many text tokens (the placeholder one) a sample is too long, or cut to a prefix: no more
             # of a long conversation is encoded (generation: every prompt whole)
-            limit = self.max_length if self.too_long is TooLong.TRUNCATE else self.max_length + 1 - num_visual
-            stop_after = None if self.generation else limit if num_visual else self.max_length
+            truncating = self.too_long is TooLong.TRUNCATE
+            stop_after = None if self.generation else self.max_length - (0 if truncating else max(num_visual - 1, 0))
             encoded = self.encoder.encode(
                 messages, num_visual, generation=self.generation, turn=turn, stop_after=stop_after
             )
-            stopped = encoded.pop("stopped", False)
             if self.too_long is TooLong.TRUNCATE and not self.generation:
                 try:
                     encoded = cut_text(encoded, self.encoder.visual_token_id, self.max_length)
@@ -202,8 +201,8 @@ class VideoQADataset(Dataset):
                     sample_id,
                     media,
                     i,
-                    f"{'over ' if stopped else ''}{len(encoded['input_ids'])} tokens ({num_visual} visual) exceed "
-                    f"max_length {self.max_length}",
+                    f"over max_length {self.max_length}: {len(encoded['input_ids'])} tokens ({num_visual} visual) "
+                    "counted",
                 )
         except VideoDecodeError as err:
             return self._skip(err.reason, sample_id, media, i, str(err))

@@ -228,8 +228,7 @@ class ChatEncoder:
         answer, with only that answer labelled (the earlier turns are unlabelled context).
 
         `stop_after=n`: the encoding stops after the message that takes it past n tokens (the clip's placeholder
-        counted as one), giving that prefix and `stopped: True`, for a sample that is then too long or cut to a
-        prefix anyway. Each message renders the conversation up to it again, so a record of thousands of exchanges
+        counted as one), giving that prefix, for a sample that is then too long or cut to a prefix anyway. Each message renders the conversation up to it again, so a record of thousands of exchanges
         (a bad conversion) would otherwise take minutes; a placeholder not reached by then raises TooLongSample."""
         messages = [dict(m) for m in messages]
         # the whole conversation, before a turn's cut: a record malformed in a later question is malformed in each
@@ -291,8 +290,6 @@ class ChatEncoder:
             labels += [IGNORE_INDEX] * len(piece)
         input_ids = torch.tensor(ids, dtype=torch.long)
         label_ids = torch.tensor(labels, dtype=torch.long)
-        if not num_visual and (input_ids == self.visual_token_id).any():  # the LLM would look for visual tokens
-            raise MalformedSample(f"a text-only sample whose text holds the visual token {self.visual_token!r}")
         if num_visual:
             where = (input_ids == self.visual_token_id).nonzero().flatten()
             if stopped and not len(where):
@@ -303,8 +300,7 @@ class ChatEncoder:
             repeat = torch.full((num_visual,), self.visual_token_id, dtype=torch.long)
             input_ids = torch.cat([input_ids[:at], repeat, input_ids[at + 1 :]])
             label_ids = torch.cat([label_ids[:at], torch.full_like(repeat, IGNORE_INDEX), label_ids[at + 1 :]])
-        encoded = {"input_ids": input_ids, "labels": label_ids}
-        return encoded if stop_after is None else {**encoded, "stopped": stopped}
+        return {"input_ids": input_ids, "labels": label_ids}
 
 
 def cut_text(encoded: dict[str, torch.Tensor], visual_token_id: int, max_length: int) -> dict[str, torch.Tensor]:

@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 PLAIN_HEAD_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral", "hicom_qwen2", "hicom_llama"})
 
 
+def labelled_head(config) -> bool:
+    """Whether the loss runs the LM head on the labelled positions alone for an LLM of this HF config: its logits
+    are its head's linear map and nothing more (PLAIN_HEAD_TYPES). The FLOP count and the dry run follow it."""
+    return config.model_type in PLAIN_HEAD_TYPES
+
+
 class CausalLM(nn.Module):
     """An HF causal LM loaded with `from_pretrained`; `visual_token` marks where compressed tokens go."""
 
@@ -66,7 +72,7 @@ class CausalLM(nn.Module):
         alone: a training sequence is mostly visual and prompt tokens, and at Qwen2.5-7B's 152K vocabulary the
         head's logits over every position, kept in fp32 for the backward, are about 1.3 GiB a sample and 4-5 % of
         its FLOPs. `embeds` (B, L, d), `attention_mask` and `labels` (B, L); labels are shifted here, as HF does."""
-        if self.model.config.model_type not in PLAIN_HEAD_TYPES:
+        if not labelled_head(self.model.config):
             return self.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels).loss
         decoder = self.model.get_decoder()
         hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state

@@ -544,7 +544,7 @@ def test_a_conversation_of_thousands_of_exchanges_is_given_up_at_max_length_not_
     render = dataset.encoder._render
     dataset.encoder._render = lambda *args, **kwargs: renders.append(1) or render(*args, **kwargs)
     skipped = dataset[0]
-    assert skipped["skip"] == "too_long" and "over " in skipped["error"] and len(renders) < 40
+    assert skipped["skip"] == "too_long" and "over max_length 64" in skipped["error"] and len(renders) < 40
     split = make_dataset([record], max_length=64, split_turns=True)
     assert len(split) == 2001 and split[2000]["skip"] == "too_long"
     short = {"id": "short", "video": "good.mp4", "conversations": turns[:24]}  # encoded whole, then cut
