@@ -442,7 +442,7 @@ def test_a_merge_that_finds_questions_unanswered_scores_nothing_and_names_the_sh
     cache_dir, bench_data, trained_run, tmp_path, caplog
 ):
     """Shard 1's .done left by a launch that asked 2 questions; a launch of all 4 whose shard 0 finishes first
-    would have scored 3 answers as the benchmark's. It withdraws shard 1's mark; shard 1's run merges all 4."""
+    would have scored 2 answers as the benchmark's. It withdraws shard 1's mark; shard 1's run merges all 4."""
     from hicom.eval.runner import evaluate
 
     out = tmp_path / "out"
@@ -451,12 +451,12 @@ def test_a_merge_that_finds_questions_unanswered_scores_nothing_and_names_the_sh
         overrides = [f"ckpt={trained_run}", "benchmark=mlvu", f"shard={i}", "num_shards=2", *more]
         return evaluate(compose_eval(cache_dir, bench_data, out, overrides)).get("mlvu")
 
-    assert shard(1, "limit=2") is None  # question 1 of the first 2
-    assert shard(0) is None  # questions 0 and 2: question 3, shard 1's, has no answer
-    assert "1 of 4 questions have no answer (4_count/2): not scored; run shards [1] of 2 again" in caplog.text
+    assert shard(1, "limit=2") is None  # question 1 of the first 2 (the first of c.mp4's, the second clip)
+    assert shard(0) is None  # question 0: questions 2 and 3, c.mp4's as well, are shard 1's and have no answer
+    assert "2 of 4 questions have no answer (4_count/1, 4_count/2): not scored; run shards [1] of 2" in caplog.text
     assert not (out / "mlvu/shard-1-of-2.done").exists() and not (out / "mlvu/results.json").exists()
     last = shard(1)
-    assert last["n"] == 4 and last["answered_this_run"] == 1
+    assert last["n"] == 4 and last["answered_this_run"] == 2
 
 
 def test_a_limited_run_scores_its_questions_and_keeps_every_answer(cache_dir, bench_data, trained_run, tmp_path):
@@ -977,20 +977,53 @@ def test_egoschema_full_set_writes_the_submission_file(cache_dir, bench_data, tr
     assert "| 0 (+1 unscored) |" in (tmp_path / "gone/results.md").read_text()
 
 
-def test_batched_generation_with_left_padding_answers_as_one_at_a_time(cache_dir, bench_data, trained_run, tmp_path):
-    from hicom.eval.runner import evaluate
+def test_batched_generation_with_left_padding_answers_as_one_at_a_time(
+    cache_dir, bench_data, trained_run, tmp_path, monkeypatch
+):
+    """Batches of 4 pad prompts of different lengths on the left, and hold questions about one clip (MLVU's c.mp4
+    has 3, Video-MME's vidA 2), which read it and run the vision tower on it once: the replies are those of
+    questions asked one at a time, from 4 reads of the 4 clips instead of 7."""
+    import hicom.eval.runner as runner
 
-    replies = {}
+    reads = []
+
+    def load_video(path, *args, **kwargs):
+        reads.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    real = runner.load_video
+    monkeypatch.setattr(runner, "load_video", load_video)
+    replies, read = {}, {}
     for size in (1, 4):
         out = tmp_path / f"batch{size}"
         overrides = [f"ckpt={trained_run}", "benchmark=[mlvu,videomme]", f"batch_size={size}", "max_new_tokens=8"]
-        evaluate(compose_eval(cache_dir, bench_data, out, overrides))
+        reads.clear()
+        runner.evaluate(compose_eval(cache_dir, bench_data, out, overrides))
+        read[size] = sorted(reads)
         replies[size] = [
             json.loads(line)["reply"]
             for name in ("mlvu", "videomme")
             for line in (out / name / "predictions.jsonl").open()
         ]
     assert replies[1] == replies[4] and len(set(replies[1])) > 1  # prompts of different lengths, padded on the left
+    assert read[1] == ["c.mp4"] * 3 + ["p.mp4", "vidA.mp4", "vidA.mp4", "vidB.mp4"]
+    assert read[4] == ["c.mp4", "p.mp4", "vidA.mp4", "vidB.mp4"]
+
+
+def test_a_clips_questions_go_to_one_shard_and_are_answered_together():
+    """Sharding by clip, in the order of each clip's first question: a `limit` run's first questions go where the
+    whole run's would, and a shard asks a clip's questions one after the other, each clip's in their order."""
+    from hicom.eval.benchmarks import Question
+    from hicom.eval.runner import shard_of, shard_order
+
+    videos = ["a", "b", "a", "c", "b", "a", "d"]
+    questions = [Question(f"q{i}", "t", f"{v}.mp4", f"question {i}?", ()) for i, v in enumerate(videos)]
+    assert shard_of(questions, 2) == [0, 1, 0, 0, 1, 0, 1]
+    assert shard_of(questions[:4], 2) == shard_of(questions, 2)[:4]
+    assert [q.question_id for q in shard_order(questions, 0, 2)] == ["q0", "q2", "q5", "q3"]
+    assert [q.question_id for q in shard_order(questions, 1, 2)] == ["q1", "q4", "q6"]
+    bounded = [Question(f"q{i}", "t", "a.mp4", "why?", (), start=s, end=s + 1.0) for i, s in enumerate((0.0, 5.0))]
+    assert shard_of(bounded, 2) == [0, 1]  # other bounds of one file are other frames
 
 
 def test_a_bf16_evaluation_answers_every_question(cache_dir, bench_data, trained_run, tmp_path):

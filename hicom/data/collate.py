@@ -14,8 +14,10 @@ class Collator:
     """Builds a batch from dataset items.
 
     Batch fields: `input_ids`, `labels`, `attention_mask` (B, L); `pixel_values` (sum T, 3, S, S);
-    `num_frames` (B,); `guide_ids` (B, Lg) and, where the guide tokenizer gives one, `guide_mask` (B, Lg); `ids`; `skipped` (list of skip dicts); in generation mode `answers`,
-    `options` and `positions` (each question's index in its dataset).
+    `num_frames` (B,); `guide_ids` (B, Lg) and, where the guide tokenizer gives one, `guide_mask` (B, Lg); `ids`;
+    `skipped` (list of skip dicts); in generation mode `answers`, `options` and `positions` (each question's index
+    in its dataset). Items that name the same `clip` (an evaluation's questions about one video) share its frames:
+    they are in `pixel_values` once, and `clip_index` gives each sample with frames its clip (see VideoLLM).
     Generation batches pad on the left so every prompt ends where decoding starts.
     """
 
@@ -39,7 +41,11 @@ class Collator:
             input_ids[row, span] = item["input_ids"]
             labels[row, span] = item["labels"]
             attention_mask[row, span] = 1
-        pixels = [item["pixel_values"] for item in items if item["pixel_values"] is not None]
+        shown = [item for item in items if item["pixel_values"] is not None]
+        first = {}  # each clip's first item: a training sample is its own clip
+        for row, item in enumerate(shown):
+            first.setdefault(item.get("clip", row), row)
+        pixels = [shown[row]["pixel_values"] for row in first.values()]
         guides = self.guide_tokenizer(
             [item["guide"] for item in items], padding="max_length", truncation=True, return_tensors="pt"
         )
@@ -55,6 +61,9 @@ class Collator:
             # folders' tokenizers give no mask (the text tower was trained attending to its padding), CLIP's do
             guide_mask=guides.get("attention_mask"),
         )
+        if len(first) < len(shown):
+            order = {key: i for i, key in enumerate(first)}
+            batch["clip_index"] = torch.tensor([order[item.get("clip", row)] for row, item in enumerate(shown)])
         if "prompt" in items[0]:  # evaluation: the question as the model saw it
             batch["prompts"] = [item["prompt"] for item in items]
         if "answer" in items[0]:

@@ -9,8 +9,9 @@ And under <output_dir>: results.json (every benchmark whose results.json is in t
 earlier one), results.md (a table), settings.json, and the scores of this launch as eval/<benchmark>/<metric> in the
 configured logger's files (TensorBoard events by default).
 
-Sharding: process `shard` of `num_shards` (taken from torchrun's RANK / WORLD_SIZE unless set) answers every
-num_shards-th question into predictions.shard-<i>-of-<n>.jsonl. A shard removes its shard-<i>-of-<n>.done when it
+Sharding: process `shard` of `num_shards` (taken from torchrun's RANK / WORLD_SIZE unless set) answers the
+questions of every num_shards-th clip into predictions.shard-<i>-of-<n>.jsonl; a batch's questions about one clip
+share one read of it and one pass of the vision tower. A shard removes its shard-<i>-of-<n>.done when it
 starts and writes it when it finishes; a shard that finishes with every .done present merges (under a lock, one at a
 time), so the last to finish merges everything, a relaunched shard included. Merging again changes nothing, so the
 .done files stay. Resuming: questions already answered (in predictions.jsonl or the shard's file) are skipped;
@@ -217,12 +218,29 @@ class BenchmarkDataset(Dataset):
         return text
 
     def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """The questions' model inputs, each clip read once for all of its questions among them (the DataLoader
+        asks for a batch's questions at once, in one worker)."""
+        clips: dict[str, tuple | Exception] = {}
+        return [self._item(self.questions[i], clips) for i in indices]
+
+    def _item(self, q: Question, clips: dict[str, tuple | Exception]) -> dict:
         """The question's model inputs, or a skip record that its answer row reports: a clip that cannot be read,
         or any other error of this one question (a prompt the template cannot encode, a frame too large for
-        memory), so that one bad question does not end the benchmark."""
-        q = self.questions[i]
+        memory), so that one bad question does not end the benchmark. `clips`: the clips read so far, by
+        `clip_key`, or the error reading one gave."""
+        key = clip_key(q)
         try:
-            return self._inputs(q)
+            if key not in clips:
+                try:
+                    clips[key] = self._clip(q)
+                except Exception as err:  # its other questions get the same error without reading it again
+                    clips[key] = err
+            if isinstance(clips[key], Exception):
+                raise clips[key]
+            return self._inputs(q, key, *clips[key])
         except VideoDecodeError as err:
             # a reader that looked for the clip under several names says so: `video` is only the first of them
             error = q.not_found if err.reason == "missing" and q.not_found else str(err)
@@ -231,13 +249,17 @@ class BenchmarkDataset(Dataset):
             error = f"{type(err).__name__}: {err}"
             return {"skip": "error", "id": q.question_id, "path": q.video, "error": error, "source": None}
 
-    def _inputs(self, q: Question) -> dict:
+    def _clip(self, q: Question) -> tuple[torch.Tensor, list[str] | None]:
+        """The frames of the question's clip, ready for the tower, and the subtitle lines shown at them (None
+        where its benchmark shows none)."""
         sampled = load_video(q.video, self.sampling, start=q.start, end=q.end)
         subtitles = None
         if q.subtitles is not None:  # a video without an .srt file has none to show
             found = Path(q.subtitles).is_file()
             subtitles = subtitles_at(read_srt(q.subtitles), sampled.timestamps) if found else []
-        pixels = self.transform.squared(sampled.frames)
+        return self.transform.squared(sampled.frames), subtitles
+
+    def _inputs(self, q: Question, clip: str, pixels: torch.Tensor, subtitles: list[str] | None) -> dict:
         messages = [
             {"role": "user", "content": "<video>\n" + self.prompt(q, subtitles)},
             {"role": "assistant", "content": ""},
@@ -248,10 +270,34 @@ class BenchmarkDataset(Dataset):
             "prompt": messages[0]["content"],
             **encoded,
             "pixel_values": pixels,
+            "clip": clip,  # the batch holds its frames once for all its questions (Collator)
             "num_frames": len(pixels),
             "modality": "video",
             "guide": q.question,  # SPEC 7: the guide is the bare question
         }
+
+
+def clip_key(q: Question) -> str:
+    """What makes a question's frames and subtitle lines: its clip's file and bounds, and its subtitle file."""
+    return json.dumps([q.video, q.start, q.end, q.subtitles])
+
+
+def shard_of(questions: list[Question], num_shards: int) -> list[int]:
+    """The shard that answers each question: every num_shards-th clip, in the order of their first questions, with
+    all of its questions, so that a clip is read and seen by the vision tower once per batch of its questions
+    rather than once by each shard. A `limit` run's first questions go where a whole run's would."""
+    clips: dict[str, int] = {}
+    return [clips.setdefault(clip_key(q), len(clips)) % num_shards for q in questions]
+
+
+def shard_order(questions: list[Question], shard: int, num_shards: int) -> list[Question]:
+    """The questions `shard` answers, each clip's together (in the order of their first questions) so that
+    batches hold one clip's questions."""
+    owned = [q for q, owner in zip(questions, shard_of(questions, num_shards), strict=True) if owner == shard]
+    first: dict[str, int] = {}
+    for q in owned:
+        first.setdefault(clip_key(q), len(first))
+    return sorted(owned, key=lambda q: first[clip_key(q)])  # stable: a clip's questions keep their order
 
 
 def asked(q: Question) -> str:
@@ -409,7 +455,7 @@ def _answer_shard(
         done_files[shard].unlink(missing_ok=True)
     drop_torn_tail(shard_file)  # a run killed mid-write: that question is answered again
     done = _answered([merged, shard_file], by_id)
-    todo = [q for q in questions[shard::num_shards] if q.question_id not in done]
+    todo = [q for q in shard_order(questions, shard, num_shards) if q.question_id not in done]
     log.info("%s: %d questions, shard %d/%d, %d to answer", name, len(questions), shard, num_shards, len(todo))
 
     prompts = benchmark_prompts(cfg, reader) if prompts is None else prompts
@@ -480,7 +526,8 @@ def _merge(
     rows = _rows([merged, *shards], {q.question_id: q for q in every})
     unanswered = [i for i, q in enumerate(questions) if q.question_id not in rows]
     if unanswered:  # a shard's .done left by an earlier launch that asked fewer questions (a `limit`, other files)
-        again = sorted({i % num_shards for i in unanswered})
+        owners = shard_of(questions, num_shards)
+        again = sorted({owners[i] for i in unanswered})
         log.warning(
             "%s: %d of %d questions have no answer (%s): not scored; run shards %s of %d again (shard=<i> "
             "num_shards=<n>, or the whole launch): the last to finish merges", name, len(unanswered), len(questions),

@@ -43,7 +43,9 @@ class VideoLLM(nn.Module):
     come from the loaded checkpoints rather than from config.
 
     Batches (see hicom.data.collate): pixel_values (sum T, 3, S, S) with num_frames (B,) and modalities;
-    guide_ids (B, Lg) and the optional guide_mask (B, Lg); input_ids / attention_mask / labels (B, L).
+    guide_ids (B, Lg) and the optional guide_mask (B, Lg); input_ids / attention_mask / labels (B, L); and where
+    samples share a clip (an evaluation batch of one video's questions), clip_index (B',): for each sample with
+    frames the clip of pixel_values it shows, each clip's frames given once.
     """
 
     def __init__(
@@ -90,6 +92,12 @@ class VideoLLM(nn.Module):
         if pixels is None:
             return None
         features, embeds = self.vision(pixels, joint_embeds=self.compressor.uses_embeds)
+        counts = batch["num_frames"].tolist()
+        clips = [i for i, n in enumerate(counts) if n]  # samples without a video or image have no rows
+        shared = batch.get("clip_index")
+        if shared is not None:  # the tower ran once per clip: each sample gets its clip's rows
+            rows = clip_rows(shared, [counts[i] for i in clips]).to(features.device)
+            features, embeds = (None if x is None else x[rows] for x in (features, embeds))
         if self.zero3 and torch.is_grad_enabled() and not features.requires_grad:
             features = features.detach().requires_grad_()  # a ZeRO-3 leaf is re-gathered for backward through it
         guide = None
@@ -97,8 +105,6 @@ class VideoLLM(nn.Module):
             guide = self.vision.encode_guide(
                 batch["guide_ids"], tokens=self.compressor.guide_tokens, attention_mask=batch.get("guide_mask")
             )
-        counts = batch["num_frames"].tolist()
-        clips = [i for i, n in enumerate(counts) if n]  # samples without a video or image have no rows
         layout = PackedLayout(
             num_frames=tuple(counts[i] for i in clips),
             modalities=tuple(batch["modalities"][i] for i in clips),
@@ -150,6 +156,19 @@ class VideoLLM(nn.Module):
             )
         finally:
             model.generation_config = checkpoint_config
+
+
+def clip_rows(clip_index: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """The rows of the clips' frames that make each sample's frames, where samples share clips: clip_index (B',)
+    the clip of each sample with frames, counts (B',) its frames -> (sum counts,) rows of the clips' frames."""
+    index = clip_index.tolist()
+    frames = dict(zip(index, counts, strict=True))  # a clip's frames, from any sample that shows it
+    if sorted(frames) != list(range(len(frames))) or any(frames[c] != n for c, n in zip(index, counts, strict=True)):
+        raise ValueError(f"clip_index {index} with frames {counts}: each clip numbered from 0, with one frame count")
+    starts = [0]
+    for clip in range(len(frames)):
+        starts.append(starts[-1] + frames[clip])
+    return torch.cat([torch.arange(starts[c], starts[c] + n) for c, n in zip(index, counts, strict=True)])
 
 
 def idle_parts(parts: dict[str, nn.Module], compressor) -> list[str]:

@@ -42,6 +42,34 @@ def test_fine_injection_and_clip_scale_run_through_the_network(cache_dir, tmp_pa
     assert branch.logit_scale.grad is not None
 
 
+def test_questions_sharing_a_clip_see_it_once_and_get_the_tokens_of_their_own_copies(cfg_small):
+    """An evaluation batch of questions about two clips, the first asked twice: the collator keeps each clip's
+    frames once, and the network runs the tower once per clip; each question's tokens equal those of a batch that
+    holds a copy of its clip per question (the guide differs between the questions)."""
+    from hicom.data.collate import Collator
+    from hicom.utils.checkpoints import load_guide_tokenizer
+
+    model, _ = build(cfg_small)
+    net = model.net.eval()
+    size = net.vision.vision_tower.config.image_size
+    frames = {"a": torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8),
+              "b": torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)}  # fmt: skip
+    asked = [("a", "what is the man doing"), ("b", "why"), ("a", "where is the cat")]
+    items = [{"input_ids": torch.tensor([1, 2]), "labels": torch.tensor([-100, -100]), "id": f"q{i}", "guide": guide,
+              "pixel_values": frames[clip], "num_frames": len(frames[clip]), "modality": "video", "clip": clip}
+             for i, (clip, guide) in enumerate(asked)]  # fmt: skip
+    collate = Collator(pad_token_id=0, guide_tokenizer=load_guide_tokenizer(net.vision.path))
+    shared, copies = collate(items), collate([{k: v for k, v in item.items() if k != "clip"} for item in items])
+    assert shared["pixel_values"].shape[0] == 6 and shared["clip_index"].tolist() == [0, 1, 0]
+    assert copies["pixel_values"].shape[0] == 10 and "clip_index" not in copies
+    with torch.no_grad():
+        once, each = net.encode_visual(shared), net.encode_visual(copies)
+    assert once.shape == (net.num_visual_tokens(4) * 2 + net.num_visual_tokens(2), net.llm.hidden_size)
+    torch.testing.assert_close(once, each, rtol=1e-5, atol=1e-6)
+    first, third = once.split([net.num_visual_tokens(4), net.num_visual_tokens(2) + net.num_visual_tokens(4)])
+    assert not torch.equal(first, third[-net.num_visual_tokens(4) :])  # their own guides
+
+
 def test_instruction_aware_qformer_trains_through_the_network(cache_dir, tmp_path):
     small = ["hidden_size=16", "num_layers=2", "num_heads=2", "intermediate_size=32", "dropout=0.0"]
     overrides = ["model/compressor=instructblip", *(f"model.compressor.{o}" for o in small), *SMALL]
