@@ -573,6 +573,7 @@ def unloadable_llm(tiny_paths, tmp_path_factory) -> Path:
         ("data.batch_size=four", "data.batch_size must be a whole number >= 1, got 'four'"),
         ("model.compressor.local.keys=embed", r"local: keys must be one of \['embeds', 'features'\], got 'embed'"),
         ("model.compressor.global_.guide=Direct", r"global_: guide must be one of \['off', 'direct'"),
+        ("model.compressor.global_.position=q", r"global_: position must be one of \['kv', 'k', 'none'\], got 'q'"),
         *(
             [
                 ("trainer=gpu", "sees no CUDA GPU: trainer=default trains on the CPU"),

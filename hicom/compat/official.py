@@ -42,6 +42,7 @@ from hicom.modules.compressors import (
     HICom,
     Keys,
     LocalCompressor,
+    Position,
 )
 from hicom.modules.compressors.base import RELEASE_INIT_STD
 from hicom.utils.checkpoints import fill_tied, untied_state
@@ -195,7 +196,7 @@ def build_compressor(config: Mapping, *, reproduce_defect_1: bool = False) -> Co
             GlobalCompressor,
             num_queries=spec.global_.size[0],
             guide=guide,
-            position="kv",
+            position=Position.KV,
             adapt_guide="g" in spec.global_.adapt and guide is not Guide.OFF,
             clip_scale="global" in spec.clip_scale,
             init_std=RELEASE_INIT_STD,
@@ -548,9 +549,9 @@ def release_gaps(compressor: Compressor) -> list[str]:
                 f"set {keys.value}"
             )
     if global_ is not None:
-        if global_.position != "kv":
+        if global_.position is not Position.KV:
             gaps.append(
-                f"model.compressor.global_.position={global_.position}: the release adds the position table to the "
+                f"model.compressor.global_.position={global_.position.value}: the release adds the position table to the "
                 "keys and the values: set kv"
             )
         heads = max(1, global_.query.shape[1] // 128)
@@ -718,7 +719,7 @@ def _description(compressor: Compressor) -> dict:
     return {
         **_legacy_fields(compressor),
         "local_keys": None if local is None else local.keys.value,
-        "global_position": None if global_ is None else global_.position,
+        "global_position": None if global_ is None else global_.position.value,
     }
 
 

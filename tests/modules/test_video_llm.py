@@ -354,8 +354,8 @@ def test_the_loss_runs_the_lm_head_on_labelled_positions_and_equals_the_hf_model
     assert rows[1] == batch["input_ids"].numel()
     torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
     assert len(our_grads) == len(hf_grads) > 0
-    for a, b in zip(our_grads, hf_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    for a, b in zip(our_grads, hf_grads, strict=True):  # sums in another order: fp32 rounding, at the scale
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=max(1e-7, 1e-5 * float(b.abs().max())))
 
     monkeypatch.setattr(llm_module, "PLAIN_HEAD_TYPES", frozenset())
     rows.clear()

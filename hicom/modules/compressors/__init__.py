@@ -1,7 +1,7 @@
 from hicom.modules.compressors.avgpool import AvgPoolCompressor
 from hicom.modules.compressors.base import Compressor, PackedLayout
 from hicom.modules.compressors.bilinear import BilinearPoolCompressor
-from hicom.modules.compressors.global_compressor import GlobalCompressor
+from hicom.modules.compressors.global_compressor import GlobalCompressor, Position
 from hicom.modules.compressors.hicom import HICom
 from hicom.modules.compressors.injection import Guide, GuideInjector
 from hicom.modules.compressors.local import Adapt, Keys, LocalCompressor
@@ -19,5 +19,6 @@ __all__ = [
     "Keys",
     "LocalCompressor",
     "PackedLayout",
+    "Position",
     "QFormerCompressor",
 ]

@@ -18,7 +18,16 @@ from hicom.modules.compressors.base import (
     readout,
 )
 from hicom.modules.compressors.injection import Attention, Guide, GuideInjector
-from hicom.utils.choices import flag, whole_number
+from hicom.utils.choices import Choice, flag, whole_number
+
+
+class Position(Choice):
+    """Where the global compressor adds the 3D position table: keys and values (as released), keys only (as the
+    paper writes), or nowhere."""
+
+    KV = "kv"
+    K = "k"
+    NONE = "none"
 
 
 def sincos_table(n: int, dim: int, device=None) -> torch.Tensor:
@@ -61,7 +70,7 @@ class GlobalCompressor(Compressor):
         num_queries: int = 32,
         guide: Guide = Guide.COARSE,
         num_heads: int | None = None,
-        position: str = "kv",
+        position: Position = Position.KV,
         adapt_guide: bool = False,
         clip_scale: bool = False,
         readout_depth: int = 2,
@@ -71,13 +80,11 @@ class GlobalCompressor(Compressor):
         whole_number("num_queries", num_queries)
         flag("adapt_guide", adapt_guide)
         flag("clip_scale", clip_scale)
-        if position not in ("kv", "k", "none"):
-            raise ValueError(f"position must be 'kv', 'k' or 'none', got {position!r}")
         self.num_queries = num_queries
         self.num_heads = max(1, in_dim // 128) if num_heads is None else whole_number("num_heads", num_heads)
         if in_dim % self.num_heads:
             raise ValueError(f"in_dim {in_dim} is not divisible by num_heads {self.num_heads}")
-        self.position = position
+        self.position = Position(position)
         self.guide = Guide(guide)
         self.uses_guide = self.guide is not Guide.OFF
         self.query = nn.Parameter(torch.zeros(num_queries, in_dim))
@@ -135,11 +142,11 @@ class GlobalCompressor(Compressor):
         """(B, T, H, W, D) -> keys and values (B, T H W, D), the position table added as configured."""
         b, t, h, w, d = features.shape
         tokens = features.reshape(b, t * h * w, d)
-        if self.position == "none":
+        if self.position is Position.NONE:
             return tokens, tokens
         table = position_table_3d(t, h, w, d, features.device).to(features.dtype)
         keys = tokens + table.reshape(1, t * h * w, d)
-        return keys, (keys if self.position == "kv" else tokens)
+        return keys, (keys if self.position is Position.KV else tokens)
 
     def _attend(
         self, queries: torch.Tensor, features: torch.Tensor, key_mask: torch.Tensor | None = None
@@ -180,7 +187,7 @@ class GlobalCompressor(Compressor):
             scale = head_dim**-0.5
             # the scaled bias, scaled while its parts are small: (B, h N, 1), then (B, h N, L) with positions
             bias = (q * proj.k_proj.bias.reshape(heads, 1, head_dim)).sum(-1).reshape(b, heads * n, 1) * scale
-            if self.position != "none":  # q . p(t, h, w) = q . P[t] + q . P[h] + q . P[w]
+            if self.position is not Position.NONE:  # q . p(t, h, w) = q . P[t] + q . P[h] + q . P[w]
                 along = [(q_in * scale) @ self._axis_table(size, x).T for size in (t, h, w)]  # (B, h N, size) each
                 bias = (
                     (bias[..., None, None] + along[0][..., :, None, None] + along[1][..., None, :, None])
@@ -197,7 +204,7 @@ class GlobalCompressor(Compressor):
             scores = scores.masked_fill(~key_mask[:, None, :], float("-inf"))
         weights = scores.softmax(dim=-1, dtype=wide).to(x.dtype)  # fp32 even where autocast would make it bf16
         mixed = torch.bmm(weights, x)  # (B, h N, D): sum_i a_i x_i for each head's queries
-        if folded and self.position == "kv":  # + sum_i a_i p_i, axis by axis from the weights' marginals
+        if folded and self.position is Position.KV:  # + sum_i a_i p_i, axis by axis from the weights' marginals
             grid = weights.reshape(b, heads * n, t, h, w)
             over_w = grid.sum(-1)  # (B, h N, T, H)
             mixed = (

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hicom.modules.compressors.base import group_starts
-from hicom.modules.compressors.global_compressor import GlobalCompressor, position_table_3d
+from hicom.modules.compressors.global_compressor import GlobalCompressor, Position, position_table_3d
 from hicom.modules.compressors.hicom import HICom
 from hicom.modules.compressors.local import Adapt, LocalCompressor
 
@@ -70,9 +70,9 @@ def global_reference(
         queries = module.guide_injector(queries[None], guide[None])[0]
     tokens = features.reshape(-1, d)
     keys = values = tokens
-    if module.position != "none":
+    if module.position is not Position.NONE:
         keys = tokens + position_table_3d(t, h, w, d, tokens.device).to(tokens.dtype).reshape(-1, d)
-        values = keys if module.position == "kv" else tokens
+        values = keys if module.position is Position.KV else tokens
     proj = module.attn_layer
     q, k, v = proj.q_proj(queries), proj.k_proj(keys), proj.v_proj(values)
     head_dim = d // module.num_heads
