@@ -36,13 +36,22 @@ from hicom.modules.compressors.base import unguided_config
 from hicom.training import check_global_batch, check_trainable, command_again, train
 from hicom.utils.checkpoints import check_safetensors, fill_tied, full_parameters, optimizer_masters, untied_state
 from hicom.utils.choices import flag
-from hicom.utils.config import dotted_keys, unshared_launch
+from hicom.utils.config import dotted_keys, launch_rank, unshared_launch
 from hicom.utils.files import as_created_here, write_atomically
-from hicom.utils.instantiators import check_data, check_model, check_pretrained, check_tokenizers, write_assets
+from hicom.utils.instantiators import (
+    check_data,
+    check_model,
+    check_pretrained,
+    check_tokenizers,
+    ensure_dir,
+    write_assets,
+)
 
 log = logging.getLogger(__name__)
 
 HANDOFF, MANIFEST = "handoff.safetensors", "manifest.json"
+# a staged run's stage names, in order, in its folder
+STAGE_LIST = "stages.json"
 
 
 class HandoffError(RuntimeError):
@@ -464,6 +473,9 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
             "name in every process (scripts/cluster/torchrun.sh asks for it), or give torchrun an --rdzv-id"
         )
     root = Path(cfg.paths.output_dir) / "stages"
+    if launch_rank() == 0:  # what evaluate.py checks the run's finished stages against (`find_handoff`)
+        ensure_dir(root.parent)
+        write_atomically(root.parent / STAGE_LIST, json.dumps(names))
     # every stage still to run finds its weights and data, and has its values checked, now: not after the stages
     # before it have trained
     write_assets(cfg.get("assets"))
@@ -529,6 +541,13 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
             continue
         parent = parent_folder(cfg, i)
         if (out_dir / MANIFEST).is_file():
+            trained_from = read_manifest(out_dir / MANIFEST).get("parent")
+            if only == stage.name and cfg.get("stage_parent") and not _same_folder(trained_from, parent):
+                raise ValueError(
+                    f"stage {stage.name} is done in this run ({out_dir}), trained from {trained_from}, and stage_parent "
+                    f"names another, {parent}: to train it from that one, launch it into a new run folder "
+                    "(hydra.run.dir), or move this run's stage folder away"
+                )
             log.info("stage %s is done (%s): skipped", stage.name, out_dir)
             results[stage.name] = {"skipped": True}
             continue
@@ -559,6 +578,13 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
         )
         free_memory()  # the stage's trainer and model sit in reference cycles: a 7B LLM held through the next stage
     return results
+
+
+def _same_folder(a: str | Path | None, b: str | Path | None) -> bool:
+    """Whether two folder names (a manifest's parent, a stage_parent) name one folder; None is no folder."""
+    if a is None or b is None:
+        return a is None and b is None
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def relaunch(cfg: DictConfig, stage: str) -> str:

@@ -179,7 +179,7 @@ def check_checkpoint(path: Path) -> None:
             raise ValueError(
                 f"ckpt_path '{path}' is neither a run's folder with checkpoints/last.ckpt nor a checkpoint folder "
                 "(DeepSpeed's 'latest' or FSDP's 'meta.pt' missing: a save that stopped part-way?); resume from "
-                "another one in the run's checkpoints/ folder"
+                "another checkpoint (ckpt_path=), or move this one away and the fit starts from its beginning"
             )
         if named:
             check_deepspeed_files(path, path / latest.read_text().strip())
@@ -208,7 +208,7 @@ def check_deepspeed_files(path: Path, tag: Path) -> None:
 def _check_archive(what: str, file: Path, crc: bool) -> None:
     """A torch.save file is a zip archive: cut short it has no central directory; with `crc`, bytes damaged within
     fail an entry's CRC-32 (the whole file is read). `what` names it in the error."""
-    again = "resume from another one in the run's checkpoints/ folder"
+    again = "resume from another checkpoint (ckpt_path=), or move this one away and the fit starts from its beginning"
     if not zipfile.is_zipfile(file):
         raise ValueError(f"{what} is not a whole checkpoint (truncated or not a torch.save file): {again}")
     if crc:
@@ -241,6 +241,7 @@ def check_resume(cfg: DictConfig, compressor) -> None:
         return
     check_resume_origin(saved.get("init_from"), cfg.get("init_from"))
     check_resume_training(saved, cfg.model)
+    check_resume_compressor_config(saved.get("compressor_config"), cfg.model.compressor)
     if "state_dict" in saved:  # a Lightning file's; DeepSpeed's module names are checked once it has loaded
         check_resume_compressor(saved["state_dict"], compressor)
 
@@ -267,6 +268,72 @@ def check_resume_training(saved: dict, model_cfg: DictConfig) -> None:
             f"this checkpoint's run {'gave' if saved_split else 'did not give'} the compressor's injection parameters "
             "a learning-rate group of their own (model.lr.injection), and this one "
             f"{'does' if split else 'does not'}: its optimizer state is for its own groups. Resume as it was saved"
+        )
+    # the optimizer's state restores its groups' rates, decay and betas, and the schedule its base rates: another
+    # value here would be written to config.yaml and ignored
+    now = {"weight_decay": float(model_cfg.get("weight_decay", 0.0)), "betas": _floats(model_cfg.get("betas"))}
+    was = {"weight_decay": float(hparams.get("weight_decay", 0.0)), "betas": _floats(hparams.get("betas"))}
+    for group in [*parts, *(["injection"] if split else [])]:
+        now[f"lr.{group}"] = _floats((model_cfg.get("lr") or {}).get(group))
+        was[f"lr.{group}"] = _floats((hparams.get("lr") or {}).get(group))
+    # betas None: the module's default, which the checkpoint records as numbers
+    differ = [key for key in now if now[key] != was[key] and not (key == "betas" and None in (now[key], was[key]))]
+    if differ:
+        raise ValueError(
+            "a resume restores the optimizer's state, and with it the learning rates, weight decay and betas it was "
+            "saved with: "
+            + "; ".join(
+                f"model.{key} is {_plain(now[key])} here, {_plain(was[key])} in the checkpoint" for key in differ
+            )
+            + ". Resume with the checkpoint's values ("
+            + " ".join(f"model.{key}={_plain(was[key])}" for key in differ)
+            + "); to train on from its weights with other ones, start a stage of a staged experiment from its "
+            "finished run's folder (stage=<name> stage_parent=<folder with its handoff.safetensors>)"
+        )
+
+
+def _floats(value):
+    """A rate, a decay or betas as plain floats (None stays None), to compare a config's with a checkpoint's."""
+    if value is None:
+        return None
+    if isinstance(value, int | float | str):
+        return float(value)
+    return [float(v) for v in value]
+
+
+def _plain(value) -> str:
+    """A value as an override writes it: `3e-06`, `[0.9,0.999]`, `null`."""
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ",".join(_plain(v) for v in value) + "]"
+    return repr(value)
+
+
+def check_resume_compressor_config(saved: dict | None, compressor: DictConfig) -> None:
+    """Before the build: the checkpoint's compressor config (kept since checkpoints record it) is the configured
+    one. Another kernel, position table or head count has tensors of the same names and shapes, and would resume
+    into another computation without a word."""
+    from hicom.stages import _differences, _override, _value
+
+    if saved is None:
+        return
+    now = OmegaConf.to_container(compressor, resolve=True)
+    if saved.get("_target_") != now.get("_target_"):
+        raise ValueError(
+            f"this checkpoint's run trained another compressor ({saved.get('_target_')}; this run's is "
+            f"{now.get('_target_')}): resume with the settings of the run it comes from (its config.yaml)"
+        )
+    differences = _differences(saved, now)
+    if differences:
+        raise ValueError(
+            "this checkpoint's run trained a compressor configured otherwise (model.compressor): "
+            + "; ".join(
+                f"{key}: the checkpoint's {_value(was)}, this run's {_value(now)}" for key, was, now in differences
+            )
+            + ". Resume with the checkpoint's ("
+            + " ".join(_override(f"model.compressor.{key}", was, now) for key, was, now in differences)
+            + "), or train this compressor in a new run"
         )
 
 
@@ -452,6 +519,13 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
         missing = f"init_from={cfg.init_from} is not an HF folder in the release's layout"
         with open_dict(cfg):  # config.yaml names the folder absolutely, wherever evaluate.py reads it
             cfg.init_from = use_release_llm(cfg, cfg.init_from, missing)
+    found = None  # the checkpoint of an earlier launch into this run's folder
+    if not cfg.get("ckpt_path"):  # a run launched again in its own folder (a requeued job) goes on where it stopped
+        own = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
+        found = resume_checkpoint(Path(own)) if own else None
+        if found is not None:
+            log.info("%s is the last checkpoint of an earlier launch into this run's folder: resuming from it", found)
+            cfg.ckpt_path = str(found)
     if cfg.get("ckpt_path"):
         last = resume_checkpoint(Path(cfg.ckpt_path) / "checkpoints")
         if last is not None:  # a run's folder (as evaluate.py's ckpt= takes): its last checkpoint
@@ -463,10 +537,18 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
 
         check_release_start(cfg)
     if cfg.get("ckpt_path"):
-        check_resume(cfg, compressor)
+        try:
+            check_resume(cfg, compressor)
+        except ValueError as err:
+            if found is None:
+                raise
+            raise ValueError(
+                f"{found} is the last checkpoint of an earlier launch into this run's folder, which a launch there "
+                f"goes on from, and it is not this launch's run: {err}. To start another run, launch it into a new "
+                "folder (hydra.run.dir; hydra.sweep.dir for a multirun), or move that one's checkpoints away"
+            ) from err
     check_writable(Path(cfg.paths.output_dir), "the run folder", "hydra.run.dir (or HICOM_LOGS)")
     out_dir = ensure_dir(cfg.paths.output_dir)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     # the trainer (with its loggers and callbacks) and the batch arithmetic next: their values fail in seconds,
     # before the towers and the LLM load
     accelerator = OmegaConf.select(cfg, "trainer.accelerator")
@@ -519,11 +601,15 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
+    model.compressor_config = OmegaConf.to_container(cfg.model.compressor, resolve=True)
     if before_fit is not None:
         before_fit(model)
+    # once the launch has been built and checked: a launch refused before would leave the config of a run it never
+    # made beside the hand-off of the one that was (evaluate.py builds the model from this file)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()  # an earlier stage of this process does not count
-    start = time.perf_counter()
+    start = model.fit_clock = time.perf_counter()
     # a checkpoint holds tensors and plain values only: unpickling anything else is refused whatever torch's default
     # (weights_only=False before torch 2.6); Lightning before 2.5 has no such argument, and torch's default rules
     safe = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
@@ -540,13 +626,13 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
     peak = (
         torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     )
-    counts = _gathered([model.fit_counts, peak])  # every process's, in one gather
-    peaks = [row[1] for row in counts if row[1] is not None]
-    batches, samples, videos, video_tokens = (
-        sum(c[0][key] for c in counts) for key in ("batches", "samples", "videos", "video_tokens")
-    )
-    counted = [c[0]["flops"] for c in counts]
-    flops = None if None in counted else sum(counted)  # every process's; None where one turned counting off
+    peaks = [row[0] for row in _gathered([peak]) if row[0] is not None]
+    # every process's counts, with those of the launches a resume goes on from: the run's, and its seconds of fitting
+    run = model.fit_so_far(fit_seconds)
+    batches, samples, videos, video_tokens, flops = (
+        run[key] for key in ("batches", "samples", "videos", "video_tokens", "flops")
+    )  # flops: None where a process turned counting off
+    fit_seconds = run["seconds"]
     if batches and not samples:  # every training sample was skipped: the weights are the untrained ones
         reasons = Counter(item["skip"] for item in model.skipped.values())
         fix = "check data.source and the media, or run `python -m hicom.data.preflight`"

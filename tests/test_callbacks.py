@@ -235,6 +235,7 @@ def test_a_single_file_checkpoint_cut_short_in_its_write_leaves_the_one_before_w
     assert torch.load(dirpath / "last.ckpt", weights_only=True)["global_step"] == 3
     assert "the checkpoint written before this one" in str(err.value) and str(dirpath / "last.ckpt") in str(err.value)
     assert Path(written[0]).name == ".last.ckpt.partial"  # beside its place
+    assert [p.name for p in dirpath.iterdir()] == ["last.ckpt"]  # the failed write's part (a full disk's) is gone
 
 
 def test_a_checkpoint_goes_straight_to_its_folder_not_through_tmpdir(tmp_path, monkeypatch):

@@ -53,7 +53,7 @@ def test_a_few_steps_lower_the_loss_and_write_the_summary(cfg_small, tmp_path):
     assert done / (fit + 0.051) < metrics["train_gflops_per_second"] < done / max(fit - 0.051, 1e-3)
     import csv
 
-    rows = list(csv.DictReader((Path(cfg_small.paths.output_dir) / "csv" / "metrics.csv").open()))
+    rows = list(csv.DictReader((Path(cfg_small.paths.output_dir) / "csv" / "version_0" / "metrics.csv").open()))
     rates = [(int(r["train/samples"]), float(r["train/device/samples_per_sec"]), float(r["train/device/items_per_sec"]))
              for r in rows if r.get("train/device/samples_per_sec")]  # fmt: skip
     assert [n for n, _, _ in rates] == [8, 12, 16]  # ThroughputMonitor, at steps 2-4 of batch 4
@@ -130,10 +130,15 @@ def test_multirun_trains_each_compressor_and_writes_its_metrics(cache_dir, tmp_p
     rows = json.loads((sweep / "summary.json").read_text())
     assert [row["metrics"] for row in rows] == [json.loads(f.read_text()) for f in files]
     assert "the sweep's 2 runs" in done.stderr + done.stdout
-    # the same sweep folder again, one job: its table lists that job, not the earlier launch's job 1 left there
-    again = [*cmd[:3], "model/compressor=avgpool", f"hydra.sweep.dir={sweep}", *overrides]
+    # the same sweep folder again, one job: its table lists that job, not the earlier launch's job 1 left there;
+    # the job goes on from the checkpoint its folder holds (a requeue), where it is the same run
+    again = [*cmd[:3], "model/compressor=hicom", f"hydra.sweep.dir={sweep}", *overrides]
     subprocess.run(again, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
     assert [row["job"] for row in json.loads((sweep / "summary.json").read_text())] == ["0"]
+    other = [*cmd[:3], "model/compressor=avgpool", f"hydra.sweep.dir={sweep}", *overrides]
+    done = subprocess.run(other, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert "0/checkpoints/last.ckpt is the last checkpoint of an earlier launch into this run's folder" in done.stderr
+    assert "trained another compressor (hicom.modules.compressors.HICom; this run's is" in done.stderr
     # a job that fails: the sweeper raises and calls no end-of-multirun hook, and the table, written as each job
     # ends, has the job with its error (also in the job's error.txt)
     failed = tmp_path / "failed"
@@ -218,7 +223,7 @@ def test_two_process_ddp_follows_the_one_process_run_into_one_folder(cache_dir, 
         done = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         (folder,) = (tmp_path / name / "train" / "runs").iterdir()  # one folder for the launch
-        rows = list(csv.DictReader((folder / "csv" / "metrics.csv").open()))
+        rows = list(csv.DictReader((folder / "csv" / "version_0" / "metrics.csv").open()))
         losses = [float(r[key]) for key in ("train/loss", "val/loss") for r in rows if r.get(key)]
         ids = [json.loads(line)["id"] for line in (folder / "predictions.jsonl").open()]
         return losses, json.loads((folder / "metrics.json").read_text()), ids
@@ -260,7 +265,9 @@ def test_a_process_whose_batch_was_all_skipped_keeps_in_step_with_the_others(cac
     assert metrics["steps"] == 4
     assert {s["id"] for s in metrics["skipped_samples"]} == {records[i]["id"] for i in (1, 5, 6, 7)}
     losses = [
-        float(r["train/loss"]) for r in csv.DictReader((folder / "csv" / "metrics.csv").open()) if r.get("train/loss")
+        float(r["train/loss"])
+        for r in csv.DictReader((folder / "csv" / "version_0" / "metrics.csv").open())
+        if r.get("train/loss")
     ]
     # the fourth step logs no loss; Lightning's row for it repeats the third's
     assert len(losses) == 4 and losses[3] == losses[2] and all(0 < loss < 100 for loss in losses)
@@ -420,10 +427,20 @@ def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_delete
     )
     # one stage alone, from its default parent (the stage before it)
     shutil.rmtree(stages / "instruction")
+    from hicom.eval.runner import find_handoff
+
+    with pytest.raises(FileNotFoundError, match=r"stages \['instruction'\] have not finished .* ckpt=.*/stages/<name>"):
+        find_handoff(tmp_path / "run")  # evaluate.py would score the stage before, as if it were the run
+    assert find_handoff(stages / "conditional") == stages / "conditional"  # named, it is scored
     alone = run_stages(
         compose_train(cache_dir, tmp_path / "run", ["experiment=tiny_stages", *SMALL, "stage=instruction"])
     )
     assert list(alone) == ["instruction"] and alone["instruction"]["steps"] == 4
+    assert find_handoff(tmp_path / "run") == stages / "instruction"
+    # a finished stage asked for again from another parent is not skipped in silence
+    other_parent = ["experiment=tiny_stages", *SMALL, "stage=instruction", f"stage_parent={stages / 'alignment'}"]
+    with pytest.raises(ValueError, match=r"stage instruction is done in this run .*, and stage_parent names another"):
+        run_stages(compose_train(cache_dir, tmp_path / "run", other_parent))
     assert json.loads((stages / "instruction" / "manifest.json").read_text())["parent"] == str(stages / "conditional")
     model, _ = build(cfg)
     assert load_handoff(model, stages / "instruction", []) == ["compressor", "llm"]
@@ -815,15 +832,43 @@ def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:  # refused before the towers and the LLM load
         patch.setattr("hicom.training.build", lambda *a, **k: pytest.fail("built before the resume was checked"))
         trained = "trained ['compressor', 'guide_encoder', 'llm', 'vision_head', 'vision_trunk'] and this one trains"
-        for other, differs in [("model/compressor=avgpool", "missing ['readout.0.bias'"),
-                               ("model.compressor.global_.num_queries=8", "query (32, 64) != (8, 64)"),
+        for other, differs in [("model/compressor=avgpool", "another compressor (hicom.modules.compressors.HICom; this run's is "
+                                "hicom.modules.compressors.AvgPoolCompressor): resume with the settings of the run"),
+                               ("model.compressor.global_.num_queries=8", "global_.num_queries: the checkpoint's 32, "
+                                "this run's 8. Resume with the checkpoint's (model.compressor.global_.num_queries=32)"),
                                ("model.trainable=[compressor,llm]", f"{trained} ['compressor', 'llm']"),
-                               ("~model.lr.injection", "learning-rate group of their own (model.lr.injection)")]:  # fmt: skip
+                               ("~model.lr.injection", "learning-rate group of their own (model.lr.injection)"),
+                               # what the optimizer's state would restore, and the config would say otherwise
+                               ("model.lr.compressor=1e-6", "model.lr.compressor is 1e-06 here, 0.0003 in the chec"),
+                               ("+model.betas=[0.9,0.95]", "model.betas is [0.9,0.95] here, [0.9,0.999] in the chec"),
+                               # the same tensors, another computation
+                               ("model.compressor.global_.position=k", "global_.position: the checkpoint's kv, this "
+                                "run's k. Resume with the checkpoint's (model.compressor.global_.position=kv)")]:  # fmt: skip
             with pytest.raises(ValueError, match=re.escape(differs)):
                 train(compose_train(cache_dir, tmp_path / "bad", [*more, other]))
+        legacy = tmp_path / "legacy.ckpt"  # saved before checkpoints kept the compressor's config: its tensors tell
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        del saved["compressor_config"]
+        torch.save(saved, legacy)
+        with pytest.raises(ValueError, match=re.escape("query (32, 64) != (8, 64)")):
+            overrides = [*SMALL, f"ckpt_path={legacy}", "model.compressor.global_.num_queries=8"]
+            train(compose_train(cache_dir, tmp_path / "bad", overrides))
     resumed = train(compose_train(cache_dir, tmp_path / "resumed", more))
-    rows = csv.DictReader((tmp_path / "resumed" / "csv" / "metrics.csv").open())
+    rows = csv.DictReader((tmp_path / "resumed" / "csv" / "version_0" / "metrics.csv").open())
     assert resumed["steps"] == 3 and [int(r["step"]) for r in rows if r.get("train/loss")] == [2]  # one more step
+    # the run's figures, the launch before included
+    assert resumed["train_samples"] == first["train_samples"] // 2 * 3 and resumed["fit_seconds"] > first["fit_seconds"]
+
+    # launched again in its own folder without ckpt_path (a requeued job), a run goes on from its last checkpoint;
+    # a launch refused before it is built leaves the folder's config.yaml, what evaluate.py builds from, as it was
+    written = (tmp_path / "first" / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=re.escape("model.lr.compressor is 1e-06 here")):
+        train(compose_train(cache_dir, tmp_path / "first", [*more[1:], "model.lr.compressor=1e-6"]))
+    assert (tmp_path / "first" / "config.yaml").read_text() == written
+    again = train(compose_train(cache_dir, tmp_path / "first", more[1:]))
+    assert again["steps"] == 3 and again["train_samples"] == resumed["train_samples"]
+    launches = [csv.DictReader((tmp_path / "first" / "csv" / f"version_{n}" / "metrics.csv").open()) for n in (0, 1)]
+    assert [[int(r["step"]) for r in rows if r.get("train/loss")] for rows in launches] == [[0, 1], [2]]
 
 
 class _Payload:

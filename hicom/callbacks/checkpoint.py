@@ -297,7 +297,12 @@ class LastCheckpoint(ModelCheckpoint):
             return
         path = Path(filepath)
         partial = path.with_name(f".{path.name}.partial")
-        super()._save_checkpoint(trainer, str(partial))
+        try:
+            super()._save_checkpoint(trainer, str(partial))
+        except BaseException:
+            if trainer.is_global_zero:  # a full disk's share of a checkpoint: of no use, and it holds the space
+                partial.unlink(missing_ok=True)
+            raise
         if trainer.is_global_zero:
             os.replace(partial, path)
         trainer.strategy.barrier()

@@ -100,8 +100,8 @@ class ResumableLoader(DataLoader):
     trainer): an epoch is done when all its batches are. An epoch the trainer counts done before its last batch
     (`batches_per_epoch`, the trainer's count: max_steps stopped it) is named in the state, and resuming from it
     says which batches are left out. The state also records the layout it counts in (the
-    processes, the batch size and the samples): under another layout the same count means other samples, so the
-    epoch starts over, with a warning. Where Lightning gives the loader another sampler (overfit_batches), there
+    processes, the batch size, the samples, and the seed, shuffling and grouping of the order): under another
+    layout the same count means other samples, so the epoch starts over, with a warning. Where Lightning gives the loader another sampler (overfit_batches), there
     is no place to keep, and the loader iterates as a DataLoader does.
     """
 
@@ -127,7 +127,12 @@ class ResumableLoader(DataLoader):
         return self._batches()
 
     def _layout(self) -> dict[str, int]:
-        return {"processes": self.sampler.num_replicas, "batch_size": self.batch_size, "samples": len(self.dataset)}
+        layout = {"processes": self.sampler.num_replicas, "batch_size": self.batch_size, "samples": len(self.dataset)}
+        if isinstance(self.sampler, TrainSampler):  # what else decides the order: another seed is another order
+            sampler = self.sampler
+            grouped = {"megabatch": sampler.megabatch} if sampler.lengths is not None else {"megabatch": 0}
+            layout |= {"seed": int(sampler.seed), "shuffle": int(sampler.shuffle), **grouped}
+        return layout
 
     def _batches(self) -> Iterator:
         state, self._resume = self._resume, None

@@ -52,11 +52,21 @@ log = logging.getLogger(__name__)
 def find_handoff(ckpt: Path) -> Path:
     """The folder holding a run's trained weights: the run itself (handoff.safetensors + manifest.json +
     config.yaml), or for a staged run the last of its stages."""
-    from hicom.stages import read_manifest
+    from hicom.stages import STAGE_LIST, read_manifest
 
     if (ckpt / "manifest.json").is_file() and (ckpt / "config.yaml").is_file():
         return ckpt
     stages = [d for d in sorted((ckpt / "stages").glob("*")) if (d / "manifest.json").is_file()]
+    if stages and (ckpt / STAGE_LIST).is_file():  # the run's stages (written since runs record them): all finished
+        unfinished = [
+            name for name in json.loads((ckpt / STAGE_LIST).read_text()) if name not in {d.name for d in stages}
+        ]
+        if unfinished:
+            raise FileNotFoundError(
+                f"ckpt={ckpt}: this staged run's stages {unfinished} have not finished (no manifest.json): launch the "
+                f"run again to finish them, or evaluate a finished stage by its folder, ckpt={ckpt / 'stages'}/<name> "
+                f"(finished: {[d.name for d in stages]})"
+            )
     if stages:
         # A stage's parent is recorded as the path it had when it was trained; the run may since have been moved
         # or be named here by another (relative) path, so a parent names a stage of this run by folder name.

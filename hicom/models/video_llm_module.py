@@ -146,6 +146,13 @@ class VideoLLMModule(LightningModule):
         # this process's fit: training batches, usable samples, and the videos among them with their visual tokens
         # and their training FLOPs, where counted (`batch_flops`)
         self.fit_counts = dict.fromkeys(("batches", "samples", "videos", "video_tokens", "flops"), 0)
+        # the run's counts (all processes') and seconds of fitting before this launch, from the checkpoint it resumes
+        # (`fit_so_far`), and the clock this launch's fit started at (training.train sets it): a resumed run's
+        # metrics are the whole run's
+        self.earlier: dict = {}
+        self.fit_clock: float | None = None
+        # the compressor's config (training.train sets it), kept in checkpoints: a resume with another is refused
+        self.compressor_config: dict | None = None
         # ThroughputMonitor's FLOPs of the batch at hand (its flops_per_sec and MFU), set at each training step from
         # `batch_flops` (hicom.callbacks.throughput.BatchFlops; training.train sets it where the monitor is on)
         self.flops_per_batch: int | None = None
@@ -327,6 +334,8 @@ class VideoLLMModule(LightningModule):
         wrote are recorded for on_load_checkpoint's check."""
         checkpoint["init_from"] = self.init_from
         checkpoint["skipped_samples"] = self._skipped_so_far()
+        checkpoint["fit_so_far"] = self.fit_so_far()
+        checkpoint["compressor_config"] = self.compressor_config
         strategy = self._deepspeed()
         if strategy is not None:
             checkpoint.pop("state_dict", None)  # the strategy drops it (after these hooks): the engine's is saved
@@ -337,16 +346,36 @@ class VideoLLMModule(LightningModule):
         left_out = [name for name in self.frozen_loaded() if name in state]
         checkpoint["frozen_left_out"] = {name: list(state.pop(name).shape) for name in left_out}
 
+    def _every_process(self, value) -> list:
+        """`value` of every process. Every process saves (Lightning calls the checkpoint hook on all of them), and
+        only the first one's checkpoint is written: what it records of the run is gathered from all of them."""
+        if self._world() == 1:
+            return [value]
+        import torch.distributed as dist
+
+        rows = [None] * self._world()
+        dist.all_gather_object(rows, value)
+        return rows
+
+    def fit_so_far(self, seconds: float | None = None) -> dict:
+        """The run's fit so far: every process's `fit_counts` summed, with the earlier launches' (`earlier`), and
+        its seconds (this launch's `seconds`, or those since `fit_clock`). FLOPs are None where a process did not
+        count them. Called on every process."""
+        import time
+
+        if seconds is None:
+            seconds = time.perf_counter() - self.fit_clock if self.fit_clock is not None else 0.0
+        rows = [*self._every_process(dict(self.fit_counts)), self.earlier]
+        total = {key: sum(row.get(key, 0) for row in rows) for key in self.fit_counts if key != "flops"}
+        flops = [row.get("flops", 0) for row in rows]
+        total["flops"] = None if None in flops else sum(flops)
+        total["seconds"] = float(seconds) + float(self.earlier.get("seconds", 0.0))
+        return total
+
     def _skipped_so_far(self) -> list[dict]:
         """The samples every process has skipped so far, each once, as plain values (a resume loads checkpoints with
-        weights_only). Every process saves (Lightning calls the hook on all of them), and only the first one's
-        checkpoint is written: the records are gathered from all of them."""
-        rows = [list(self.skipped.values())]
-        if self._world() > 1:
-            import torch.distributed as dist
-
-            rows = [None] * self._world()
-            dist.all_gather_object(rows, list(self.skipped.values()))
+        weights_only)."""
+        rows = self._every_process(list(self.skipped.values()))
         unique: dict[str, dict] = {}
         for items in rows:
             for item in items:
@@ -355,6 +384,7 @@ class VideoLLMModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_resume_origin(checkpoint.get("init_from"), self.init_from)
+        self.earlier = dict(checkpoint.get("fit_so_far") or {})  # none in a checkpoint from before it was kept
         for item in checkpoint.get("skipped_samples", []):  # those before the stop, in the run's metrics.json too
             self.skipped.setdefault(item["key"], item)
         state, left_out = checkpoint.get("state_dict"), checkpoint.get("frozen_left_out") or {}

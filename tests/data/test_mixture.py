@@ -291,7 +291,8 @@ def test_a_resumable_loader_goes_on_with_the_batches_it_would_have_had_next():
     iterator = iter(first)
     assert [next(iterator).tolist() for _ in range(3)] == epochs[1][:3]
     state = first.state_dict()
-    assert state == {"epoch": 1, "batches": 3, "processes": 1, "batch_size": 4, "samples": 40}
+    order = {"seed": 3, "shuffle": 1, "megabatch": 0}  # what else decides which samples a count of batches is
+    assert state == {"epoch": 1, "batches": 3, "processes": 1, "batch_size": 4, "samples": 40, **order}
     resumed = loader()
     iterator = iter(resumed)  # as the trainer does before it restores the state: iteration starts at next()
     resumed.load_state_dict(state)
@@ -313,6 +314,11 @@ def test_a_resumable_loader_goes_on_with_the_batches_it_would_have_had_next():
     other.load_state_dict(state)  # counted in batches of 4: with batches of 8 the epoch starts over
     other.sampler.set_epoch(1)
     assert len([b for b in other]) == 5
+    for sampler in (TrainSampler(range(40), seed=4), TrainSampler(range(40), seed=3, shuffle=False)):
+        reordered = ResumableLoader(list(range(40)), batch_size=4, sampler=sampler)
+        reordered.load_state_dict(state)  # 3 batches of seed 3's order are other samples in this one: over again
+        reordered.sampler.set_epoch(1)
+        assert len([b for b in reordered]) == 10
 
 
 def test_a_cached_index_is_built_once_and_memory_mapped(tmp_path):
