@@ -136,6 +136,14 @@ class VideoLLMModule(LightningModule):
         net.requires_grad_(False)
         for name in self.trainable:
             self.parts()[name].requires_grad_(True)
+        unread = [p for m in net.vision.unread(net.compressor.uses_embeds) for p in m.parameters() if p.requires_grad]
+        if unread:  # e.g. a pooling compressor's trunk: the layers after select_layer never run
+            log.info(
+                "vision_trunk: %d parameters after model.vision.select_layer stay frozen: this compressor takes no "
+                "joint-space keys, so nothing reads them", sum(p.numel() for p in unread),
+            )  # fmt: skip
+            for parameter in unread:
+                parameter.requires_grad_(False)
         self.skipped: dict[str, dict] = {}
         self.init_from: str | None = None  # the release folder the fit started from (training.train sets it)
         self.results: list[dict] = []
@@ -646,6 +654,8 @@ class VideoLLMModule(LightningModule):
             if name not in self.trainable:
                 continue
             for pname, param in module.named_parameters():
+                if not param.requires_grad:  # a part's modules that nothing reads (`unread`): not optimized
+                    continue
                 guided = name == "compressor" and (
                     pname in self.guide_only if self.guide_only is not None else module.is_guide_parameter(pname)
                 )

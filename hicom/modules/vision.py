@@ -99,6 +99,16 @@ class _Tower(nn.Module):
                 encoder.layers = layers
         return taken[0], out.last_hidden_state if final else None
 
+    def unread(self, joint_embeds: bool) -> list[nn.Module]:
+        """The trunk's modules whose outputs nothing reads where no joint-space keys are made (`joint_embeds`
+        False): the layers after `select_layer` (which `_trunk` then does not run) and the post-layernorm. Trained,
+        they would get no gradient, which stops a DDP run at its first step."""
+        if joint_embeds:
+            return []
+        layers = self.vision_tower.encoder.layers
+        post = getattr(self.vision_tower, "post_layernorm", None)
+        return [*layers[self.select_layer % (len(layers) + 1) :], *([post] if post is not None else [])]
+
     def _take(self, model, select_layer: int, path: str | None) -> None:
         self.path = path
         self._take_parts(model)

@@ -187,18 +187,28 @@ def test_a_folder_missing_weight_tensors_or_its_tokenizer_is_an_error_not_a_rand
         CausalLM(path=str(folder))
 
 
+UNGUIDED = ["model.compressor.local.guide=off", "model.compressor.global_.guide=off"]
+
+
 @pytest.mark.parametrize(
     ("compressor", "frozen"),
-    [("hicom", []), ("avgpool", ["vision_head", "guide_encoder"]), ("instructblip", ["vision_head"])],
+    [
+        ("hicom", []),
+        ("avgpool", ["vision_head", "guide_encoder"]),
+        ("instructblip", ["vision_head"]),
+        ("hicom_unguided", ["vision_head", "guide_encoder"]),
+    ],
 )
 def test_trainable_parts_the_compressor_never_reads_stay_frozen(compressor, frozen, cache_dir, tmp_path):
     """The recipe's stage 3 trains the SigLIP head and the text tower; a compressor that reads neither the
     joint-space keys nor the guide leaves them frozen, so that every trainable parameter gets a gradient (DDP
-    stops a run where one does not)."""
+    stops a run where one does not). Without joint-space keys the trunk's layers after select_layer and its
+    post-layernorm never run: they stay frozen too, and the rest of the trunk trains."""
     from omegaconf import open_dict
 
-    parts = ["compressor", "llm", "vision_head", "guide_encoder"]
-    overrides = [*SMALL, f"model/compressor={compressor}"]
+    parts = ["compressor", "llm", "vision_trunk", "vision_head", "guide_encoder"]
+    unguided = compressor == "hicom_unguided"
+    overrides = [*SMALL, f"model/compressor={'hicom' if unguided else compressor}", *(UNGUIDED if unguided else [])]
     if compressor == "instructblip":  # a Q-Former of the tiny models' size
         overrides += [
             "model.compressor.hidden_size=32",
@@ -215,6 +225,12 @@ def test_trainable_parts_the_compressor_never_reads_stay_frozen(compressor, froz
     data.setup("fit")
     model.net(next(iter(data.train_dataloader()))).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    tower = model.net.vision.vision_tower
+    unread = [*tower.encoder.layers[-1].parameters(), *tower.post_layernorm.parameters()]  # select_layer -2
+    assert all(p.requires_grad != bool(frozen) for p in unread)
+    assert all(p.requires_grad for p in tower.encoder.layers[0].parameters())
+    grouped = {id(p) for group in model.parameter_groups().values() for p in group.values()}
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}  # the optimizer's, and only those
 
 
 def test_the_guide_is_padded_to_the_text_towers_positions_whatever_the_tokenizer_folder_says(tiny_paths, tmp_path):
