@@ -372,6 +372,26 @@ def check_deepspeed_accelerator(trainer) -> None:
         )
 
 
+def check_multirun_launch(trainer) -> None:
+    """A multirun's jobs run one after another in one process. Lightning's own launcher starts a job's other
+    processes with the command that started this one, the whole sweep (`-m`) included: each of them would run the
+    sweep again, into a sweep folder of its own, a job at a time beside this one's. Refused before the model is
+    built; torchrun (or srun) starts every process of the sweep, which then run its jobs in step."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN or trainer.world_size == 1:
+        return
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if environment is not None and not environment.creates_processes_externally:
+        raise ValueError(
+            f"a multirun on {trainer.world_size} processes: Lightning's own launcher would start each job's other "
+            "processes with the whole sweep's command (-m), and each would run the sweep again. Start every process "
+            "of the sweep with torchrun instead (its jobs then run in step, into one sweep folder): python -m "
+            "torch.distributed.run --nproc_per_node=<devices> train.py -m ... (or srun, one task per device)"
+        )
+
+
 def check_throughput_window(cfg: DictConfig) -> None:
     """Lightning's ThroughputMonitor asserts its window holds at least 2 batches when the fit starts, naming nothing."""
     from hydra.utils import get_object
@@ -579,6 +599,7 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_deepspeed_accelerator(trainer)
+    check_multirun_launch(trainer)
     if cfg.get("global_batch_size") is not None:
         if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
             raise ValueError("set global_batch_size or trainer.accumulate_grad_batches, not both")

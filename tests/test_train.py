@@ -139,6 +139,13 @@ def test_multirun_trains_each_compressor_and_writes_its_metrics(cache_dir, tmp_p
     done = subprocess.run(other, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert "0/checkpoints/last.ckpt is the last checkpoint of an earlier launch into this run's folder" in done.stderr
     assert "trained another compressor (hicom.modules.compressors.HICom; this run's is" in done.stderr
+    # on several processes a sweep is started by torchrun: Lightning's launcher would give each job's other
+    # processes the whole sweep's command
+    ddp = [*cmd[:3], "model/compressor=hicom", f"hydra.sweep.dir={tmp_path / 'ddp'}", *overrides]
+    done = subprocess.run([*ddp, "trainer.devices=2", "strategy=ddp"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode != 0 and "Start every process of the sweep with torchrun instead" in done.stderr
+    assert not (tmp_path / "ddp" / "0" / "config.yaml").exists()
     # a job that fails: the sweeper raises and calls no end-of-multirun hook, and the table, written as each job
     # ends, has the job with its error (also in the job's error.txt)
     failed = tmp_path / "failed"
