@@ -473,7 +473,9 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
             "name in every process (scripts/cluster/torchrun.sh asks for it), or give torchrun an --rdzv-id"
         )
     root = Path(cfg.paths.output_dir) / "stages"
-    if launch_rank() == 0:  # what evaluate.py checks the run's finished stages against (`find_handoff`)
+    # what evaluate.py checks the run's finished stages against (`find_handoff`); a stage run alone (stage=) does
+    # not make its folder a run of all the stages
+    if launch_rank() == 0 and only is None:
         ensure_dir(root.parent)
         write_atomically(root.parent / STAGE_LIST, json.dumps(names))
     # every stage still to run finds its weights and data, and has its values checked, now: not after the stages

@@ -161,6 +161,46 @@ def build(cfg: DictConfig, checked: bool = False):
     return model, datamodule
 
 
+# what a run launched again into its folder must share with the launch before for it to go on from its checkpoint
+SAME_RUN_KEYS = ("model", "data", "seed", "global_batch_size")
+# settings of the data loading that leave the run what it is
+SAME_RUN_UNCHECKED = ("num_workers", "eval_batch_size", "prefetch_factor", "pin_memory")
+
+
+def own_checkpoint(cfg: DictConfig) -> Path | None:
+    """The last checkpoint an earlier launch left in this run's folder (its checkpoint folder inside the run's),
+    which a launch there without ckpt_path goes on from; None where there is none. A launch of another run into
+    the folder (its config.yaml's model, data, seed or global batch differ) is refused, naming the differences:
+    a requeued job composes the same config, and `ckpt_path=` says a resume with other settings is meant."""
+    from hicom.stages import _differences, _value
+
+    own = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
+    run = Path(cfg.paths.output_dir).resolve()
+    if not own or not Path(own).resolve().is_relative_to(run):  # a shared checkpoint folder is no run's own
+        return None
+    found = resume_checkpoint(Path(own))
+    written = run / "config.yaml"
+    if found is None or not written.is_file():
+        return found
+    earlier, now = (
+        {key: OmegaConf.to_container(c, resolve=True).get(key) for key in SAME_RUN_KEYS}
+        for c in (OmegaConf.load(written), cfg)
+    )
+    for settings in (earlier, now):
+        if isinstance(settings.get("data"), dict):
+            settings["data"] = {k: v for k, v in settings["data"].items() if k not in SAME_RUN_UNCHECKED}
+    differences = _differences(earlier, now)
+    if differences:
+        raise ValueError(
+            f"{found} is the last checkpoint of an earlier launch into this run's folder, which a launch there goes on "
+            "from, and that launch's run was configured otherwise (its config.yaml): "
+            + "; ".join(f"{key}: {_value(was)} there, {_value(new)} here" for key, was, new in differences[:8])
+            + ". To start another run, launch it into a new folder (hydra.run.dir; hydra.sweep.dir for a multirun); "
+            f"to go on from that checkpoint with these settings, give it: ckpt_path={found}"
+        )
+    return found
+
+
 def check_checkpoint(path: Path) -> None:
     """Before anything is built: a checkpoint to resume from exists and is whole. A Lightning checkpoint file is
     a zip archive (torch.save), cut short it has no central directory; DeepSpeed's is a folder."""
@@ -541,8 +581,7 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
             cfg.init_from = use_release_llm(cfg, cfg.init_from, missing)
     found = None  # the checkpoint of an earlier launch into this run's folder
     if not cfg.get("ckpt_path"):  # a run launched again in its own folder (a requeued job) goes on where it stopped
-        own = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
-        found = resume_checkpoint(Path(own)) if own else None
+        found = own_checkpoint(cfg)
         if found is not None:
             log.info("%s is the last checkpoint of an earlier launch into this run's folder: resuming from it", found)
             cfg.ckpt_path = str(found)
@@ -694,7 +733,8 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
         # the model's training FLOPs (hicom.callbacks.throughput.BatchFlops) per sample, and per second of the fit
         "train_gflop_per_sample": round(flops / samples / 1e9, 3) if flops and samples else None,
         "train_gflops_per_second": round(flops / fit_seconds / 1e9, 3) if flops and fit_seconds > 0 else None,
-        "train_loss": _last(trainer, "train/loss"),
+        # the last logged; a launch that trained no step (a finished run launched again) keeps the run's
+        "train_loss": run["train_loss"],
     }
     if cfg.get("evaluate"):  # under fast_dev_run: one test batch, like every other hook
         held_out = getattr(datamodule, "test_set", None)
@@ -733,7 +773,8 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
                 "%d of %d held-out questions list no options: left out of the accuracy, scored by exact match",
                 len(open_ended), len(results) + failed,
             )  # fmt: skip
-    metrics["wall_seconds"] = round(time.perf_counter() - start, 1)
+    # the run's: its fitting before this launch (a resume's) and this launch's fit and held-out check
+    metrics["wall_seconds"] = round(time.perf_counter() - start + float(model.earlier.get("seconds", 0.0)), 1)
     skipped = _unique([item for items in _gathered(list(model.skipped.values())) for item in items], "key")
     metrics["skipped_samples"] = [
         {k: item[k] for k in ("id", "skip", "path", "error", "source") if k in item} for item in skipped.values()
@@ -791,11 +832,6 @@ def _unique(rows: list[dict], key: str) -> dict:
     for row in rows:
         unique.setdefault(row[key], row)
     return unique
-
-
-def _last(trainer, key: str) -> float | None:
-    value = trainer.callback_metrics.get(key)
-    return None if value is None else round(float(value), 4)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

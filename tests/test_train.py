@@ -138,7 +138,9 @@ def test_multirun_trains_each_compressor_and_writes_its_metrics(cache_dir, tmp_p
     other = [*cmd[:3], "model/compressor=avgpool", f"hydra.sweep.dir={sweep}", *overrides]
     done = subprocess.run(other, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert "0/checkpoints/last.ckpt is the last checkpoint of an earlier launch into this run's folder" in done.stderr
-    assert "trained another compressor (hicom.modules.compressors.HICom; this run's is" in done.stderr
+    assert (
+        "model.compressor._target_: hicom.modules.compressors.HICom there, hicom.modules.compressors.Avg" in done.stderr
+    )
     # on several processes a sweep is started by torchrun: Lightning's launcher would give each job's other
     # processes the whole sweep's command
     ddp = [*cmd[:3], "model/compressor=hicom", f"hydra.sweep.dir={tmp_path / 'ddp'}", *overrides]
@@ -444,6 +446,10 @@ def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_delete
     )
     assert list(alone) == ["instruction"] and alone["instruction"]["steps"] == 4
     assert find_handoff(tmp_path / "run") == stages / "instruction"
+    # a stage run alone into a folder of its own: that folder's run is the stage
+    single = ["experiment=tiny_stages", *SMALL, "stage=instruction", f"stage_parent={stages / 'conditional'}"]
+    run_stages(compose_train(cache_dir, tmp_path / "single", single))
+    assert find_handoff(tmp_path / "single") == tmp_path / "single" / "stages" / "instruction"
     # a finished stage asked for again from another parent is not skipped in silence
     other_parent = ["experiment=tiny_stages", *SMALL, "stage=instruction", f"stage_parent={stages / 'alignment'}"]
     with pytest.raises(ValueError, match=r"stage instruction is done in this run .*, and stage_parent names another"):
@@ -868,14 +874,32 @@ def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path, monkeypatch):
 
     # launched again in its own folder without ckpt_path (a requeued job), a run goes on from its last checkpoint;
     # a launch refused before it is built leaves the folder's config.yaml, what evaluate.py builds from, as it was
+    # (another run's launch into the folder is refused, naming what differs from its config.yaml)
     written = (tmp_path / "first" / "config.yaml").read_text()
-    with pytest.raises(ValueError, match=re.escape("model.lr.compressor is 1e-06 here")):
-        train(compose_train(cache_dir, tmp_path / "first", [*more[1:], "model.lr.compressor=1e-6"]))
+    relaunch = [*SMALL, "trainer.max_steps=3", "trainer.max_epochs=3"]  # no ckpt_path
+    for other, differs in [("model.lr.compressor=1e-6", "model.lr.compressor: 0.0003 there, 1e-06 here"),
+                           ("data.num_frames=4", "data.num_frames: 8 there, 4 here"),
+                           ("seed=1", "seed: 0 there, 1 here")]:  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(differs) + r".* to go on from that checkpoint with these"):
+            train(compose_train(cache_dir, tmp_path / "first", [*relaunch, other]))
     assert (tmp_path / "first" / "config.yaml").read_text() == written
-    again = train(compose_train(cache_dir, tmp_path / "first", more[1:]))
+    again = train(compose_train(cache_dir, tmp_path / "first", relaunch))
     assert again["steps"] == 3 and again["train_samples"] == resumed["train_samples"]
     launches = [csv.DictReader((tmp_path / "first" / "csv" / f"version_{n}" / "metrics.csv").open()) for n in (0, 1)]
     assert [[int(r["step"]) for r in rows if r.get("train/loss")] for rows in launches] == [[0, 1], [2]]
+    # finished, launched again: no step to train, and the run's figures stay the run's
+    done = train(compose_train(cache_dir, tmp_path / "first", relaunch))
+    assert done["steps"] == 3 and done["train_loss"] == again["train_loss"] is not None
+    assert done["train_samples"] == again["train_samples"] and done["wall_seconds"] >= done["fit_seconds"]
+    # an optimizer state for other parameter groups (a checkpoint from before the unread trunk layers were frozen)
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    saved["optimizer_states"][0]["param_groups"][0]["params"].append(10**6)
+    torch.save(saved, tmp_path / "other_groups.ckpt")
+    with pytest.raises(ValueError, match=r"the checkpoint's optimizer state is for groups of \[\("):
+        train(compose_train(cache_dir, tmp_path / "groups", [*SMALL, f"ckpt_path={tmp_path / 'other_groups.ckpt'}"]))
+    # a checkpoint folder outside the run's own (shared scratch) is no earlier launch of this run: a new run starts
+    shared = [*SMALL, "trainer.max_steps=1", f"callbacks.model_checkpoint.dirpath={tmp_path / 'first' / 'checkpoints'}"]
+    assert train(compose_train(cache_dir, tmp_path / "new", shared))["steps"] == 1
 
 
 class _Payload:

@@ -64,7 +64,7 @@ def find_handoff(ckpt: Path) -> Path:
         if unfinished:
             raise FileNotFoundError(
                 f"ckpt={ckpt}: this staged run's stages {unfinished} have not finished (no manifest.json): launch the "
-                f"run again to finish them, or evaluate a finished stage by its folder, ckpt={ckpt / 'stages'}/<name> "
+                f"run again into its folder (without stage=) to finish them, or evaluate a finished stage by its folder, ckpt={ckpt / 'stages'}/<name> "
                 f"(finished: {[d.name for d in stages]})"
             )
     if stages:

@@ -321,6 +321,8 @@ class VideoLLMModule(LightningModule):
     def on_fit_start(self) -> None:
         restore_computed_buffers(self.net, self._computed)  # the strategy has cast the module by now
         self.fit_counts = dict.fromkeys(self.fit_counts, 0)
+        if self.batch_flops is None:  # not counted in this launch: the run's count is unknown, not its earlier part
+            self.fit_counts["flops"] = None
         self._stepped = 0.0
 
     def frozen_loaded(self) -> list[str]:
@@ -378,6 +380,8 @@ class VideoLLMModule(LightningModule):
         flops = [row.get("flops", 0) for row in rows]
         total["flops"] = None if None in flops else sum(flops)
         total["seconds"] = float(seconds) + float(self.earlier.get("seconds", 0.0))
+        loss = self.trainer.callback_metrics.get("train/loss") if self._trainer is not None else None
+        total["train_loss"] = round(float(loss), 4) if loss is not None else self.earlier.get("train_loss")  # the last
         return total
 
     def _skipped_so_far(self) -> list[dict]:
@@ -393,6 +397,7 @@ class VideoLLMModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_resume_origin(checkpoint.get("init_from"), self.init_from)
         self.earlier = dict(checkpoint.get("fit_so_far") or {})  # none in a checkpoint from before it was kept
+        self._check_optimizer_groups(checkpoint.get("optimizer_states") or [])
         for item in checkpoint.get("skipped_samples", []):  # those before the stop, in the run's metrics.json too
             self.skipped.setdefault(item["key"], item)
         state, left_out = checkpoint.get("state_dict"), checkpoint.get("frozen_left_out") or {}
@@ -414,6 +419,23 @@ class VideoLLMModule(LightningModule):
             log.warning(
                 "the checkpoint holds no place of the data loader (it predates resumable loading): the epoch under "
                 "way starts again from its first batch"
+            )
+
+    def _check_optimizer_groups(self, states: list[dict]) -> None:
+        """Before the optimizer is made (and its state loaded, where torch names no group): the checkpoint's
+        optimizer groups hold as many parameters as this run's. They differ for a checkpoint saved before the
+        vision trunk's unread layers were frozen (`unread`), or with another select_layer."""
+        if not states or self._trainer is None:  # DeepSpeed's engine keeps its own
+            return
+        saved = [(group.get("name"), len(group["params"])) for group in states[0].get("param_groups", [])]
+        ours = [(name, len(params)) for name, params in self.parameter_groups().items()]
+        if saved != ours:
+            raise ValueError(
+                f"the checkpoint's optimizer state is for groups of {saved} parameters, and this run optimizes "
+                f"{ours}: it was saved by a run that trained other parameters (another model.vision.select_layer, "
+                "or a version of this code that trained the vision trunk's layers after it where the compressor "
+                "takes no joint-space keys). Resume with that run's settings and code, or start from its weights "
+                "with a new optimizer (a stage of a staged experiment: stage=<name> stage_parent=<its folder>)"
             )
 
     def _check_module_keys(self, saved: list[str], left_out: dict[str, list[int]]) -> None:
