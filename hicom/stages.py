@@ -546,8 +546,8 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
             trained_from = read_manifest(out_dir / MANIFEST).get("parent")
             if only == stage.name and cfg.get("stage_parent") and not _same_folder(trained_from, parent):
                 raise ValueError(
-                    f"stage {stage.name} is done in this run ({out_dir}), trained from {trained_from}, and stage_parent "
-                    f"names another, {parent}: to train it from that one, launch it into a new run folder "
+                    f"stage {stage.name} is done in this run ({out_dir}), trained from {trained_from}, and "
+                    f"stage_parent names another, {parent}: to train it from that one, launch it into a new run folder "
                     "(hydra.run.dir), or move this run's stage folder away"
                 )
             log.info("stage %s is done (%s): skipped", stage.name, out_dir)

@@ -309,6 +309,8 @@ def check_resume_training(saved: dict, model_cfg: DictConfig) -> None:
             "a learning-rate group of their own (model.lr.injection), and this one "
             f"{'does' if split else 'does not'}: its optimizer state is for its own groups. Resume as it was saved"
         )
+    from hicom.stages import _value
+
     # the optimizer's state restores its groups' rates, decay and betas, and the schedule its base rates: another
     # value here would be written to config.yaml and ignored
     now = {"weight_decay": float(model_cfg.get("weight_decay", 0.0)), "betas": _floats(model_cfg.get("betas"))}
@@ -323,10 +325,10 @@ def check_resume_training(saved: dict, model_cfg: DictConfig) -> None:
             "a resume restores the optimizer's state, and with it the learning rates, weight decay and betas it was "
             "saved with: "
             + "; ".join(
-                f"model.{key} is {_plain(now[key])} here, {_plain(was[key])} in the checkpoint" for key in differ
+                f"model.{key} is {_value(now[key])} here, {_value(was[key])} in the checkpoint" for key in differ
             )
             + ". Resume with the checkpoint's values ("
-            + " ".join(f"model.{key}={_plain(was[key])}" for key in differ)
+            + " ".join(f"model.{key}={_value(was[key])}" for key in differ)
             + "); to train on from its weights with other ones, start a stage of a staged experiment from its "
             "finished run's folder (stage=<name> stage_parent=<folder with its handoff.safetensors>)"
         )
@@ -339,15 +341,6 @@ def _floats(value):
     if isinstance(value, int | float | str):
         return float(value)
     return [float(v) for v in value]
-
-
-def _plain(value) -> str:
-    """A value as an override writes it: `3e-06`, `[0.9,0.999]`, `null`."""
-    if value is None:
-        return "null"
-    if isinstance(value, list):
-        return "[" + ",".join(_plain(v) for v in value) + "]"
-    return repr(value)
 
 
 def check_resume_compressor_config(saved: dict | None, compressor: DictConfig) -> None:

@@ -551,8 +551,8 @@ def release_gaps(compressor: Compressor) -> list[str]:
     if global_ is not None:
         if global_.position is not Position.KV:
             gaps.append(
-                f"model.compressor.global_.position={global_.position.value}: the release adds the position table to the "
-                "keys and the values: set kv"
+                f"model.compressor.global_.position={global_.position.value}: the release adds the position table "
+                "to the keys and the values: set kv"
             )
         heads = max(1, global_.query.shape[1] // 128)
         if global_.num_heads != heads:

@@ -101,8 +101,9 @@ class ResumableLoader(DataLoader):
     (`batches_per_epoch`, the trainer's count: max_steps stopped it) is named in the state, and resuming from it
     says which batches are left out. The state also records the layout it counts in (the
     processes, the batch size, the samples, and the seed, shuffling and grouping of the order): under another
-    layout the same count means other samples, so the epoch starts over, with a warning. Where Lightning gives the loader another sampler (overfit_batches), there
-    is no place to keep, and the loader iterates as a DataLoader does.
+    layout the same count means other samples, so the epoch starts over, with a warning. Where Lightning gives the
+    loader another sampler (overfit_batches), there is no place to keep, and the loader iterates as a DataLoader
+    does.
     """
 
     def __init__(
@@ -130,8 +131,8 @@ class ResumableLoader(DataLoader):
         layout = {"processes": self.sampler.num_replicas, "batch_size": self.batch_size, "samples": len(self.dataset)}
         if isinstance(self.sampler, TrainSampler):  # what else decides the order: another seed is another order
             sampler = self.sampler
-            grouped = {"megabatch": sampler.megabatch} if sampler.lengths is not None else {"megabatch": 0}
-            layout |= {"seed": int(sampler.seed), "shuffle": int(sampler.shuffle), **grouped}
+            megabatch = sampler.megabatch if sampler.lengths is not None else 0  # 0: not grouped by length
+            layout |= {"seed": int(sampler.seed), "shuffle": int(sampler.shuffle), "megabatch": megabatch}
         return layout
 
     def _batches(self) -> Iterator:

@@ -63,9 +63,9 @@ def find_handoff(ckpt: Path) -> Path:
         ]
         if unfinished:
             raise FileNotFoundError(
-                f"ckpt={ckpt}: this staged run's stages {unfinished} have not finished (no manifest.json): launch the "
-                f"run again into its folder (without stage=) to finish them, or evaluate a finished stage by its folder, ckpt={ckpt / 'stages'}/<name> "
-                f"(finished: {[d.name for d in stages]})"
+                f"ckpt={ckpt}: this staged run's stages {unfinished} have not finished (no manifest.json): launch "
+                "the run again into its folder (without stage=) to finish them, or evaluate a finished stage by its "
+                f"folder, ckpt={ckpt / 'stages'}/<name> (finished: {[d.name for d in stages]})"
             )
     if stages:
         # A stage's parent is recorded as the path it had when it was trained; the run may since have been moved
