@@ -15,8 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from hicom.utils.files import write_atomically
 
@@ -49,6 +51,40 @@ def figure(name: str) -> Figure:
 def direction_of(name: str) -> str:
     """The sweeper direction that makes `name` better (the `hicom_direction` resolver of the search configs)."""
     return figure(name).direction
+
+
+_ABSENT = object()
+
+
+class SearchSpaceError(CompactHydraException, InterpolationResolutionError):
+    """A search space that names keys the config lacks. Raised while the sweeper's config resolves: as an
+    interpolation error OmegaConf passes it on unwrapped, and as a compact one Hydra prints its message alone,
+    not the resolver's stack."""
+
+
+def check_search_space(root: DictConfig) -> None:
+    """Refuse a search space (`hydra.sweeper.params`) that names a key the composed config lacks, naming it:
+    `hparams_search=hicom_optuna model/compressor=avgpool` would otherwise stop at the first trial with Hydra's
+    "Could not override ... To append to your config use +...", advice that would search a setting nothing reads.
+    Run by the search configs' `hicom_direction` resolver, which the sweeper resolves before it launches a trial.
+    A space that also swaps config groups (a `group/name` key) is left alone: its keys may be those of a group
+    that some trials pick."""
+    params = OmegaConf.select(root, "hydra.sweeper.params", default=None) or {}
+    if any("/" in str(key) for key in params):
+        return
+    missing = [
+        key
+        for key in map(str, params)
+        if not key.startswith(("+", "~")) and OmegaConf.select(root, key, default=_ABSENT) is _ABSENT
+    ]
+    if missing:
+        target = OmegaConf.select(root, "model.compressor._target_", default=None)
+        raise SearchSpaceError(
+            f"the search space (hydra.sweeper.params) names {', '.join(missing)}, which this config does not have "
+            f"(its compressor: {target}). A search config names the keys of the parts it was written for "
+            "(hicom_optuna: HICom's): for another part, copy configs/hparams_search/hicom_optuna.yaml and name "
+            "that part's keys"
+        )
 
 
 def _sweeper_direction(cfg: DictConfig):

@@ -710,7 +710,7 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
     frames, grid = datamodule.num_frames, model.net.vision.grid
     tokens = model.net.num_visual_tokens(frames)
     metrics = {
-        "compressor": cfg.model.compressor._target_.rsplit(".", 1)[-1],
+        "compressor": model.net.compressor.label,
         "visual_tokens_per_video": tokens,
         # measured over the fit's videos: lower than the above where clips are shorter than num_frames frames
         "mean_visual_tokens_per_video": round(video_tokens / videos, 2) if videos else None,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from hicom.sweep import check_sweep, swept_value
 from tests.conftest import CONFIGS, SMALL, compose_train
@@ -28,6 +28,30 @@ def test_every_searched_parameter_is_a_key_of_the_config(search, cache_dir, tmp_
     for key in params:
         assert OmegaConf.select(cfg, key, throw_on_missing=True) is not None, key
     check_sweep(cfg)  # its metric is one a run reports
+
+
+def test_a_search_space_naming_keys_the_config_lacks_is_refused_by_name():
+    """HICom's search with another compressor: refused when the sweeper resolves its direction, before a trial,
+    naming the key, not with Hydra's advice to append it (+key=...), which would search a setting nothing reads."""
+    from hydra import compose, initialize_config_dir
+
+    from hicom.sweep import SearchSpaceError
+
+    def direction(*overrides: str, swap_groups: bool = False):
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose("train", overrides=["hparams_search=hicom_optuna", *overrides], return_hydra_config=True)
+        if swap_groups:  # as a search config's `model/compressor: choice(hicom, avgpool)` would
+            with open_dict(cfg):
+                cfg.hydra.sweeper.params["model/compressor"] = "choice(hicom, avgpool)"
+        return cfg.hydra.sweeper.direction
+
+    assert direction() == "maximize"
+    with pytest.raises(SearchSpaceError, match=r"names model\.compressor\.global_\.num_queries, which this config"):
+        direction("model/compressor=avgpool")
+    with pytest.raises(SearchSpaceError, match="copy configs/hparams_search/hicom_optuna.yaml"):
+        direction("model.compressor.global_=null")  # local-only HICom: no global query count
+    # a space that swaps the compressor itself may name keys that only some of its trials have
+    assert direction("model/compressor=avgpool", swap_groups=True) == "maximize"
 
 
 @pytest.mark.parametrize(

@@ -121,12 +121,16 @@ def test_multirun_trains_each_compressor_and_writes_its_metrics(cache_dir, tmp_p
     cmd = [sys.executable, "train.py", "-m", "model/compressor=hicom,avgpool", *overrides]
     done = subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=600)
     files = sorted(tmp_path.glob("train/multiruns/*/*/metrics.json"))
-    assert [json.loads(f.read_text())["compressor"] for f in files] == ["HICom", "AvgPoolCompressor"]
+    assert [json.loads(f.read_text())["compressor"] for f in files] == [
+        "local 4x3x3 direct + global 32 coarse",
+        "avgpool 4x3x3",
+    ]
     # one table of the runs: the swept override, then each run's figures
     (sweep,) = tmp_path.glob("train/multiruns/*")
     table = (sweep / "summary.md").read_text().splitlines()
     assert table[0].startswith("| job | model/compressor | compressor | visual_tokens_per_video | accuracy |")
-    assert table[2].startswith("| 0 | hicom | HICom | ") and table[3].startswith("| 1 | avgpool | AvgPoolCompressor | ")
+    assert table[2].startswith("| 0 | hicom | local 4x3x3 direct + global 32 coarse | ")
+    assert table[3].startswith("| 1 | avgpool | avgpool 4x3x3 | ")
     rows = json.loads((sweep / "summary.json").read_text())
     assert [row["metrics"] for row in rows] == [json.loads(f.read_text()) for f in files]
     assert "the sweep's 2 runs" in done.stderr + done.stdout

@@ -149,9 +149,10 @@ if not OmegaConf.has_resolver("first_process_only"):  # a value for the launch's
     OmegaConf.register_new_resolver("first_process_only", lambda value: value if launch_rank() == 0 else None)
 if not OmegaConf.has_resolver("hicom_direction"):  # a search config's sweeper direction, from its metric
 
-    def _direction(name: str) -> str:
-        from hicom.sweep import direction_of
+    def _direction(name: str, _root_) -> str:
+        from hicom.sweep import check_search_space, direction_of
 
+        check_search_space(_root_)  # resolved by the sweeper before its first trial: the first moment to check
         return direction_of(name)
 
     OmegaConf.register_new_resolver("hicom_direction", _direction)

@@ -116,6 +116,23 @@ def test_hicom_puts_local_tokens_before_global_ones():
     assert all(p.grad is not None for p in module.parameters())
 
 
+def test_each_compressor_names_its_settings():
+    """metrics.json's `compressor`: what was built, so that an ablation's runs read apart in a sweep table."""
+    local = lambda **d: LocalCompressor(**d, kernel=(4, 3, 3), guide=Guide.OFF, adapt=["v", "k"])
+    global_ = lambda **d: GlobalCompressor(**d, num_queries=16, guide=Guide.FINE, position="k", clip_scale=True)
+    dims = dict(in_dim=16, out_dim=8, guide_dim=16)
+    labels = [
+        HICom(**dims, local=local, global_=global_).label,
+        HICom(**dims, local=lambda **d: LocalCompressor(**d, kernel=(1, 2, 2), guide=Guide.DIRECT)).label,
+        AvgPoolCompressor(**dims, kernel=(2, 2, 2)).label,
+    ]
+    assert labels == [
+        "local 4x3x3 unguided adapt k,v + global 16 fine position k clip-scale",
+        "local 1x2x2 direct",
+        "avgpool 2x2x2",
+    ]
+
+
 def test_avgpool_averages_projected_tokens_per_cell():
     module = AvgPoolCompressor(in_dim=4, out_dim=4, kernel=(2, 2, 2))
     v = torch.randn(1, 4, 4, 4, 4)

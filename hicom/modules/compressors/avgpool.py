@@ -33,6 +33,10 @@ class AvgPoolCompressor(Compressor):
         self.readout = readout(in_dim, out_dim, readout_depth)
         self.apply(partial(init_weights, std=init_std))
 
+    @property
+    def label(self) -> str:
+        return "avgpool " + "x".join(map(str, self.kernel))
+
     def grid(self, t: int, h: int, w: int, modality: str = "video") -> tuple[int, int, int]:
         kt = frame_kernel(self.kernel[0], t, modality)
         return math.ceil(t / kt), math.ceil(h / self.kernel[1]), math.ceil(w / self.kernel[2])

@@ -173,6 +173,12 @@ class Compressor(nn.Module):
         module built outside `hicom.training.build`, which finds them from `unguided_config` instead."""
         return "guide_injector" in name.split(".")
 
+    @property
+    def label(self) -> str:
+        """What this compressor is, in a few words, from its built settings (e.g. "local 4x3x3 direct + global 32
+        coarse"): `metrics.json`'s and a sweep table's `compressor`. A compressor of one's own gets its class name."""
+        return type(self).__name__
+
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         raise NotImplementedError
 

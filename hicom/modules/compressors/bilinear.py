@@ -33,6 +33,10 @@ class BilinearPoolCompressor(Compressor):
         self.readout = readout(in_dim, out_dim, readout_depth)
         self.apply(partial(init_weights, std=init_std))
 
+    @property
+    def label(self) -> str:
+        return f"bilinear 1/{self.factor}"
+
     def grid(self, h: int, w: int, modality: str = "video") -> tuple[int, int]:
         if modality == "image":
             return h, w

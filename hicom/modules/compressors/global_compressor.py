@@ -106,6 +106,15 @@ class GlobalCompressor(Compressor):
         self.apply(partial(init_weights, std=init_std))
         self._table: torch.Tensor | None = None
 
+    @property
+    def label(self) -> str:
+        words = ["global", str(self.num_queries), "unguided" if self.guide is Guide.OFF else self.guide.value]
+        if self.position is not Position.KV:
+            words.append(f"position {self.position.value}")
+        if self.clip_scale:
+            words.append("clip-scale")
+        return " ".join(words)
+
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         return self.num_queries
 

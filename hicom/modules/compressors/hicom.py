@@ -48,6 +48,10 @@ class HICom(Compressor):
         self.uses_embeds = any(m.uses_embeds for m in branches)
         self.guide_tokens = any(m.guide_tokens for m in branches)
 
+    @property
+    def label(self) -> str:
+        return " + ".join(m.label for m in (self.local_compressor, self.global_compressor) if m is not None)
+
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         branches = (self.local_compressor, self.global_compressor)
         return sum(m.num_tokens(t, h, w, modality) for m in branches if m is not None)

@@ -120,6 +120,15 @@ class LocalCompressor(Compressor):
         kt, ks, _ = self.kernel
         return frame_kernel(kt, t, modality), ks, ks
 
+    @property
+    def label(self) -> str:
+        words = ["local", "x".join(map(str, self.kernel)), "unguided" if self.guide is Guide.OFF else self.guide.value]
+        if self.adapt:
+            words.append("adapt " + ",".join(sorted(a.value for a in self.adapt)))
+        if self.clip_scale:
+            words.append("clip-scale")
+        return " ".join(words)
+
     def grid(self, t: int, h: int, w: int, modality: str = "video") -> tuple[int, int, int]:
         kt, ks, _ = self._kernel(t, modality)
         return math.ceil(t / kt), math.ceil(h / ks), math.ceil(w / ks)

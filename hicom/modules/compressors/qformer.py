@@ -102,6 +102,10 @@ class QFormerCompressor(Compressor):
             or re.fullmatch(r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\..+", name) is not None
         )
 
+    @property
+    def label(self) -> str:
+        return f"{'instructblip' if self.instruction else 'qformer'} {self.num_queries}"
+
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         return self.num_queries
 
