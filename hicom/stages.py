@@ -225,6 +225,8 @@ def save_handoff(
         "sha256": file_sha256(out_dir / HANDOFF),
         "stage": out_dir.name,
         "parent": parent,
+        # the parent's weights, by which it is known again when its run folder has moved
+        "parent_sha256": _handoff_digest(Path(parent)) if parent else None,
         "parts": parts,
         "compressor": OmegaConf.to_container(cfg.model.compressor, resolve=True),
         "parameters": {key: list(value.shape) for key, value in state.items()},
@@ -232,6 +234,15 @@ def save_handoff(
     }
     # written last, whole or not at all: the stage is done
     write_atomically(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def _handoff_digest(folder: Path) -> str | None:
+    """A finished stage's hand-off digest, from its manifest; None where that no longer reads (a parent removed
+    while its child trained must not cost the child's save)."""
+    try:
+        return read_manifest(folder / MANIFEST).get("sha256")
+    except HandoffError:
+        return None
 
 
 def file_sha256(path: Path) -> str:
@@ -543,8 +554,9 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
             continue
         parent = parent_folder(cfg, i)
         if (out_dir / MANIFEST).is_file():
-            trained_from = read_manifest(out_dir / MANIFEST).get("parent")
-            if only == stage.name and cfg.get("stage_parent") and not _same_folder(trained_from, parent):
+            done = read_manifest(out_dir / MANIFEST)
+            trained_from = done.get("parent")
+            if only == stage.name and cfg.get("stage_parent") and not _same_parent(done, parent, out_dir):
                 raise ValueError(
                     f"stage {stage.name} is done in this run ({out_dir}), trained from {trained_from}, and "
                     f"stage_parent names another, {parent}: to train it from that one, launch it into a new run folder "
@@ -582,11 +594,19 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
     return results
 
 
-def _same_folder(a: str | Path | None, b: str | Path | None) -> bool:
-    """Whether two folder names (a manifest's parent, a stage_parent) name one folder; None is no folder."""
-    if a is None or b is None:
-        return a is None and b is None
-    return Path(a).resolve() == Path(b).resolve()
+def _same_parent(done: dict, parent: Path | None, out_dir: Path) -> bool:
+    """Whether a finished stage (its manifest, `done`) was trained from `parent`: the folder it records, by path or,
+    where the run has moved since, by the parent's hand-off digest (recorded since stages record it) or, for an older
+    manifest, as the stage of the same name in this run (as `hicom.eval.runner.find_handoff` reads a moved run)."""
+    recorded = done.get("parent")
+    if recorded is None or parent is None:
+        return recorded is None and parent is None
+    if Path(recorded).resolve() == parent.resolve():
+        return True
+    if done.get("parent_sha256") is not None:
+        return done["parent_sha256"] == _handoff_digest(parent)
+    recorded = Path(recorded)
+    return recorded.parent.name == "stages" and parent.resolve() == (out_dir.parent / recorded.name).resolve()
 
 
 def relaunch(cfg: DictConfig, stage: str) -> str:

@@ -454,6 +454,22 @@ def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_delete
     with pytest.raises(ValueError, match=r"stage instruction is done in this run .*, and stage_parent names another"):
         run_stages(compose_train(cache_dir, tmp_path / "run", other_parent))
     assert json.loads((stages / "instruction" / "manifest.json").read_text())["parent"] == str(stages / "conditional")
+    # ... and one moved since is known by its parent's weights, or, for a manifest of older code, by the stage's name
+    (tmp_path / "run").rename(tmp_path / "moved")
+    try:
+        moved = tmp_path / "moved" / "stages"
+        same = ["experiment=tiny_stages", *SMALL, "stage=instruction", f"stage_parent={moved / 'conditional'}"]
+        assert run_stages(compose_train(cache_dir, tmp_path / "moved", same)) == {"instruction": {"skipped": True}}
+        manifest = json.loads((moved / "instruction" / "manifest.json").read_text())
+        assert manifest["parent_sha256"] == json.loads((moved / "conditional" / "manifest.json").read_text())["sha256"]
+        (moved / "instruction" / "manifest.json").write_text(json.dumps({**manifest, "parent_sha256": None}))
+        assert run_stages(compose_train(cache_dir, tmp_path / "moved", same)) == {"instruction": {"skipped": True}}
+        other_parent[-1] = f"stage_parent={moved / 'alignment'}"
+        with pytest.raises(ValueError, match=r"stage instruction is done in this run .*, and stage_parent names"):
+            run_stages(compose_train(cache_dir, tmp_path / "moved", other_parent))
+        (moved / "instruction" / "manifest.json").write_text(json.dumps(manifest))
+    finally:
+        (tmp_path / "moved").rename(tmp_path / "run")
     model, _ = build(cfg)
     assert load_handoff(model, stages / "instruction", []) == ["compressor", "llm"]
     llm = model.net.llm.model
