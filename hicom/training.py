@@ -172,7 +172,6 @@ def own_checkpoint(cfg: DictConfig) -> Path | None:
     which a launch there without ckpt_path goes on from; None where there is none. A launch of another run into
     the folder (its config.yaml's model, data, seed or global batch differ) is refused, naming the differences:
     a requeued job composes the same config, and `ckpt_path=` says a resume with other settings is meant."""
-    from hicom.stages import _differences, _value
 
     own = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
     run = Path(cfg.paths.output_dir).resolve()
@@ -182,23 +181,44 @@ def own_checkpoint(cfg: DictConfig) -> Path | None:
     written = run / "config.yaml"
     if found is None or not written.is_file():
         return found
-    earlier, now = (
-        {key: OmegaConf.to_container(c, resolve=True).get(key) for key in SAME_RUN_KEYS}
-        for c in (OmegaConf.load(written), cfg)
-    )
-    for settings in (earlier, now):
-        if isinstance(settings.get("data"), dict):
-            settings["data"] = {k: v for k, v in settings["data"].items() if k not in SAME_RUN_UNCHECKED}
-    differences = _differences(earlier, now)
+    differences = run_differences(OmegaConf.load(written), cfg)
     if differences:
         raise ValueError(
             f"{found} is the last checkpoint of an earlier launch into this run's folder, which a launch there goes on "
-            "from, and that launch's run was configured otherwise (its config.yaml): "
-            + "; ".join(f"{key}: {_value(was)} there, {_value(new)} here" for key, was, new in differences[:8])
-            + ". To start another run, launch it into a new folder (hydra.run.dir; hydra.sweep.dir for a multirun); "
-            f"to go on from that checkpoint with these settings, give it: ckpt_path={found}"
+            f"from, and that launch's run was configured otherwise (its config.yaml): {differences}. To start another "
+            "run, launch it into a new folder (hydra.run.dir; hydra.sweep.dir for a multirun); to go on from that "
+            f"checkpoint with these settings, give it: ckpt_path={found}"
         )
     return found
+
+
+def run_differences(earlier: DictConfig, cfg: DictConfig, keys: tuple[str, ...] = SAME_RUN_KEYS) -> str:
+    """The settings of `keys` (less the loading settings of SAME_RUN_UNCHECKED) in which a run's config.yaml and
+    this launch's config differ, as "key: value there, value here; ...", the first 8; empty where none differ."""
+    from hicom.stages import _differences, _value
+
+    was, now = ({key: OmegaConf.to_container(c, resolve=True).get(key) for key in keys} for c in (earlier, cfg))
+    for settings in (was, now):
+        if isinstance(settings.get("data"), dict):
+            settings["data"] = {k: v for k, v in settings["data"].items() if k not in SAME_RUN_UNCHECKED}
+    differences = _differences(was, now)
+    return "; ".join(f"{key}: {_value(a)} there, {_value(b)} here" for key, a, b in differences[:8])
+
+
+def warn_resume_differences(cfg: DictConfig) -> None:
+    """A resume from the checkpoint ckpt_path gives whose run's config.yaml (in the folder above the checkpoint's
+    folder) has other data, seed or global batch: meant, as an explicit ckpt_path says, but logged, naming each,
+    since the run then trains on from the checkpoint on something other than what it trained on before. The model's
+    settings are checked (and refused) by check_resume."""
+    written = Path(cfg.ckpt_path).parent.parent / "config.yaml"
+    if not written.is_file():
+        return
+    differences = run_differences(OmegaConf.load(written), cfg, tuple(k for k in SAME_RUN_KEYS if k != "model"))
+    if differences:
+        log.warning(
+            "resuming from %s, whose run was configured otherwise (%s): %s. The fit goes on with this launch's settings",
+            cfg.ckpt_path, written, differences,
+        )  # fmt: skip
 
 
 def check_checkpoint(path: Path) -> None:
@@ -583,6 +603,8 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
         if last is not None:  # a run's folder (as evaluate.py's ckpt= takes): its last checkpoint
             cfg.ckpt_path = str(last)
         check_checkpoint(Path(cfg.ckpt_path))
+        if found is None:  # the folder's own is compared whole by own_checkpoint
+            warn_resume_differences(cfg)
     compressor = check(cfg)  # missing weights or data first: the user's first fix
     if cfg.get("init_from"):
         from hicom.compat.official import check_release_start

@@ -824,7 +824,7 @@ def test_a_sigterm_to_one_process_of_a_ddp_launch_stops_them_all_at_one_step(cac
     assert checkpoint["global_step"] == 2
 
 
-def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path, monkeypatch):
+def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path, monkeypatch, caplog):
     """ckpt_path= loads the Lightning checkpoint (torch.load with weights_only=True: the module's hyperparameters
     must be plain Python values) and goes on from its step."""
     import csv
@@ -881,7 +881,23 @@ def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=re.escape("query (32, 64) != (8, 64)")):
             overrides = [*SMALL, f"ckpt_path={legacy}", "model.compressor.global_.num_queries=8"]
             train(compose_train(cache_dir, tmp_path / "bad", overrides))
+
+    # other data than the checkpoint's run had: meant, as an explicit ckpt_path says, but named in the log
+    class Built(Exception):
+        pass
+
+    with monkeypatch.context() as patch, caplog.at_level("WARNING"):
+        patch.setattr("hicom.training.build", lambda *a, **k: (_ for _ in ()).throw(Built()))
+        with pytest.raises(Built):
+            train(compose_train(cache_dir, tmp_path / "other_data", [*more, "data.num_frames=4", "seed=3"]))
+    assert re.search(
+        r"resuming from .*last\.ckpt, whose run was configured otherwise \(.*first/config\.yaml\): "
+        r"data\.num_frames: 8 there, 4 here; data\.seed: 0 there, 3 here; seed: 0 there, 3 here\. The fit goes on",
+        caplog.text,
+    )
+    caplog.clear()
     resumed = train(compose_train(cache_dir, tmp_path / "resumed", more))
+    assert "configured otherwise" not in caplog.text
     rows = csv.DictReader((tmp_path / "resumed" / "csv" / "version_0" / "metrics.csv").open())
     assert resumed["steps"] == 3 and [int(r["step"]) for r in rows if r.get("train/loss")] == [2]  # one more step
     # the run's figures, the launch before included
