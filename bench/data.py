@@ -7,8 +7,12 @@
 2. Memory: a generated 1M-sample JSON read through `SampleIndex` against the same records as a Python list of
    dicts, each read at random by 2 DataLoader workers. Prints every worker's peak RSS and its PSS (which shares
    the pages that workers have in common).
+3. Memory of one large clip: 32 frames of a generated 3840 x 2160 clip decoded and squared to 384 px as the
+   dataset does (`load_video(..., shrink=transform.squared)`: a few frames at a time, as they decode) against
+   decoding the 32 frames whole and squaring them after, each in a fresh process, with PyAV and with decord.
+   Prints each one's peak RSS above what the process held before the clip, its seconds, and the ratio.
 
-    .venv/bin/python bench/data.py [--clips 8] [--seconds 10] [--samples 1000000] [--workers 2]
+    .venv/bin/python bench/data.py [--clips 8] [--seconds 10] [--samples 1000000] [--workers 2] [--large-side 3840]
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from hicom.data.index import MixtureEntry, SampleIndex
 from hicom.data.synthetic import write_video
 from hicom.data.template import ChatEncoder
 from hicom.data.transforms import FrameTransform
-from hicom.data.video import FrameSampling, sample_indices
+from hicom.data.video import FrameSampling, load_video, sample_indices
 
 QA = [{"from": "human", "value": "<video>\nWhat happens in the video?"}, {"from": "gpt", "value": "A ball rolls."}]
 
@@ -120,6 +124,48 @@ def worker_memory(source, workers: int, reads: int) -> dict[int, dict[str, float
     return peaks
 
 
+def make_large_clip(path: Path, width: int, frames: int = 36) -> None:
+    """A 16:9 clip `width` pixels wide of moving gradients (H.264), a frame at a time: the clip is never held."""
+    import av
+
+    height = width * 9 // 16 // 2 * 2
+    y, x = np.mgrid[0:height, 0:width]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=12, options={"crf": "18", "preset": "veryfast"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for t in range(frames):
+            frame = np.stack([(x // 8 + 4 * t) % 256, (y // 8 + 2 * t) % 256, np.full_like(x, 128)], -1)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame.astype(np.uint8), format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+def clip_peak(path: Path, decoder: str, as_decoded: bool, frames: int, size: int) -> tuple[float, float]:
+    """Run in a fresh process: MiB of peak RSS that decoding and squaring the clip added, and its seconds."""
+    from hicom.data.video import Decoder
+
+    torch.set_num_threads(1)
+    transform = FrameTransform(size=size, mean=(0.5,) * 3, std=(0.5,) * 3)
+    sampling = FrameSampling(num_frames=frames, decoder=Decoder(decoder), fallback=None)
+    before = memory_stats()["peak_rss"]
+    start = time.perf_counter()
+    if as_decoded:
+        out = load_video(path, sampling, shrink=transform.squared).frames
+    else:
+        out = transform.squared(load_video(path, sampling).frames)
+    seconds = time.perf_counter() - start
+    assert out.shape == (frames, 3, size, size)
+    return memory_stats()["peak_rss"] - before, seconds
+
+
+def fresh(fn, *args):
+    """fn(*args) in a new spawned process, so that its peak RSS is its own."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=8)
@@ -130,6 +176,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--samples", type=int, default=1_000_000, help="records in the memory test's JSON")
     parser.add_argument("--reads", type=int, default=200_000, help="random reads in the memory test")
+    parser.add_argument("--large-side", type=int, default=3840, help="width of the large clip (16:9)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
@@ -191,6 +238,16 @@ def main() -> None:
         ratio = max(p["pss"] for p in base.values()) / max(p["pss"] for p in ours.values())
         print(f"PSS per worker, list / index: {ratio:.1f}x")
         print(f"main process: {memory_stats()['peak_rss']:.0f} MiB peak RSS (pid {os.getpid()})")
+
+        large = tmp / "large.mp4"
+        make_large_clip(large, args.large_side)
+        print(f"\n{args.frames} frames of a {args.large_side}-wide 16:9 clip squared to {args.size} px, fresh process "
+              "each; peak RSS added (MiB) and seconds:")  # fmt: skip
+        for decoder in ("pyav", "decord"):
+            whole = fresh(clip_peak, large, decoder, False, args.frames, args.size)
+            ours = fresh(clip_peak, large, decoder, True, args.frames, args.size)
+            print(f"{decoder:7} decoded whole, then squared: {whole[0]:6.0f} MiB {whole[1]:5.2f} s;  squared as "
+                  f"decoded: {ours[0]:6.0f} MiB {ours[1]:5.2f} s;  memory whole / as decoded: {whole[0] / ours[0]:.1f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

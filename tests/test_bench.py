@@ -39,5 +39,7 @@ def test_data_bench_runs_at_a_small_size():
     out = run_bench(
         "data.py",
         *"--clips 2 --seconds 2 --repeats 1 --frames 4 --size 64 --workers 1 --samples 2000 --reads 1000".split(),
+        *"--large-side 256".split(),
     )
     assert "PSS per worker, list / index" in out
+    assert out.count("memory whole / as decoded") == 2  # PyAV and decord

@@ -161,8 +161,11 @@ class VideoQADataset(Dataset):
 
     def _load_visual(self, media: Media) -> tuple[torch.Tensor | None, str]:
         if media.modality == "video":
-            sampled = load_video(media.paths[0], self.sampling, start=media.start, end=media.end)
-            return self.transform.squared(sampled.frames), "video"
+            # squared as they are decoded: a 4K clip's frames are never all held at full size
+            sampled = load_video(
+                media.paths[0], self.sampling, start=media.start, end=media.end, shrink=self.transform.squared
+            )
+            return sampled.frames, "video"
         if media.modality == "image":
             limit = self.sampling.time_limit
             frames = [within_time_limit(lambda p=path: read_image(p), limit, str(path)) for path in media.paths]

@@ -22,14 +22,23 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 from hicom.utils.choices import Choice, flag, positive, whole_number
 
 T = TypeVar("T")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# What load_video's `shrink` does to decoded frames: (n, H, W, 3) uint8 to a tensor of n smaller ones (the
+# transform's `squared`, which the vision tower sees), applied as they are decoded, so that a clip's full-size
+# frames are never all held at once: 32 frames of 4K video are 796 MB, twice that while decord copies them out.
+Shrink = Callable[[np.ndarray], "torch.Tensor"]
+# decoded frames held at once before `shrink` makes them smaller, at most (one frame where that is larger)
+SHRINK_BYTES = 64 * 2**20
 
 
 class VideoDecodeError(RuntimeError):
@@ -94,10 +103,11 @@ DEFAULT_SAMPLING = FrameSampling()
 
 @dataclass(frozen=True)
 class SampledFrames:
-    """Frames of one clip: `frames` (T, H, W, 3) uint8, with the source indices and their times in seconds, and
-    the clip's frame rate and frame count (what decodes, where the decoder can tell)."""
+    """Frames of one clip: `frames` (T, H, W, 3) uint8 (or, given a `shrink`, the (T, ...) tensor it made of them),
+    with the source indices and their times in seconds, and the clip's frame rate and frame count (what decodes,
+    where the decoder can tell)."""
 
-    frames: np.ndarray
+    frames: np.ndarray | torch.Tensor
     indices: np.ndarray
     timestamps: np.ndarray
     fps: float = 0.0
@@ -286,7 +296,7 @@ def _check_decord_reads(path: Path) -> float | None:
     return declared
 
 
-def _decode_decord(path: Path, sampling: FrameSampling, start, end) -> SampledFrames:
+def _decode_decord(path: Path, sampling: FrameSampling, start, end, shrink: Shrink | None = None) -> SampledFrames:
     import decord
 
     declared = _check_decord_reads(path)
@@ -304,7 +314,7 @@ def _decode_decord(path: Path, sampling: FrameSampling, start, end) -> SampledFr
                 raise VideoDecodeError(f"{path}: frames share timestamps, which decord confuses; decode it with pyav")
             times = uneven_times(spans[:, 0], fps)
         indices = sample_indices(len(reader), fps, sampling, start, end, times)
-        frames = reader.get_batch(indices.tolist()).asnumpy()
+        frames = _decord_frames(reader, indices.tolist(), shrink)
     except VideoDecodeError:
         raise
     except Exception as err:  # frames the container claims but cannot decode, among others
@@ -315,7 +325,22 @@ def _decode_decord(path: Path, sampling: FrameSampling, start, end) -> SampledFr
     return SampledFrames(frames, indices, frame_times(indices, fps, times), fps, count)
 
 
-def _decode_pyav(path: Path, sampling: FrameSampling, start, end) -> SampledFrames:
+def _decord_frames(reader, indices: list[int], shrink: Shrink | None):
+    """decord's frames at `indices`: all at once, or given `shrink` a few at a time (SHRINK_BYTES), each batch
+    shrunk before the next is decoded (the first frame, decoded alone, tells their size)."""
+    if shrink is None:
+        return reader.get_batch(indices).asnumpy()
+    import torch
+
+    first = reader.get_batch(indices[:1]).asnumpy()
+    step = max(1, SHRINK_BYTES // max(first.nbytes, 1))
+    parts = [shrink(first)]
+    for at in range(1, len(indices), step):
+        parts.append(shrink(reader.get_batch(indices[at : at + step]).asnumpy()))
+    return torch.cat(parts)
+
+
+def _decode_pyav(path: Path, sampling: FrameSampling, start, end, shrink: Shrink | None = None) -> SampledFrames:
     """Reads the stream's packets without decoding them: their count, and the timestamps of the frames and of the
     keyframes. Each sampled frame is then reached by seeking to the keyframe before it whenever one lies between
     the last decoded frame and it, so a long video is not decoded end to end. When a sampled frame does not come
@@ -341,12 +366,12 @@ def _decode_pyav(path: Path, sampling: FrameSampling, start, end) -> SampledFram
         times = uneven_times(np.array(timestamps) * float(time_base), fps) if seekable and time_base else None
         indices = sample_indices(len(packets), fps, sampling, start, end, times)
         if seekable:
-            frames, decoded = _pyav_seek(path, [timestamps[i] for i in indices.tolist()], keyframes)
+            frames, decoded = _pyav_seek(path, [timestamps[i] for i in indices.tolist()], keyframes, shrink)
             if frames is not None:
                 return SampledFrames(
-                    np.stack(frames), indices, frame_times(indices, fps, times), fps, len(packets), decoded
+                    _stack(frames), indices, frame_times(indices, fps, times), fps, len(packets), decoded
                 )
-        return _pyav_in_order(path, sampling, start, end, fps, len(packets), times)
+        return _pyav_in_order(path, sampling, start, end, fps, len(packets), times, shrink)
     except VideoDecodeError:
         raise
     except Exception as err:
@@ -419,9 +444,11 @@ def check_whole(path: Path, covered: float | None, declared: float | None, fps: 
         )
 
 
-def _pyav_seek(path: Path, targets: list[int], keyframes: np.ndarray) -> tuple[list[np.ndarray] | None, int]:
-    """The frames whose timestamps are `targets` (sorted), or None when one of them does not decode; and how many
-    frames were decoded."""
+def _pyav_seek(
+    path: Path, targets: list[int], keyframes: np.ndarray, shrink: Shrink | None = None
+) -> tuple[list | None, int]:
+    """The frames whose timestamps are `targets` (sorted), each as `_kept`, or None when one of them does not
+    decode; and how many frames were decoded."""
     import av
 
     found: dict[int, np.ndarray] = {}
@@ -447,11 +474,25 @@ def _pyav_seek(path: Path, targets: list[int], keyframes: np.ndarray) -> tuple[l
                 if frame.pts is None or frame.pts > target:
                     return None, count
                 if frame.pts == target:
-                    found[target] = _rgb(frame)
+                    found[target] = _kept(_rgb(frame), shrink)
                     break
             else:
                 return None, count
     return [found[t] for t in targets], count
+
+
+def _kept(frame: np.ndarray, shrink: Shrink | None):
+    """A decoded (H, W, 3) frame as a decoder keeps it: `shrink` of it, else the frame itself."""
+    return frame if shrink is None else shrink(frame[None])[0]
+
+
+def _stack(frames: list):
+    """Kept frames (`_kept`) as one array, or one tensor where `shrink` made them tensors."""
+    if frames and not isinstance(frames[0], np.ndarray):
+        import torch
+
+        return torch.stack(frames)
+    return np.stack(frames)
 
 
 def _rgb(frame) -> np.ndarray:
@@ -490,7 +531,14 @@ def _as_displayed(rgb: np.ndarray, matrix: np.ndarray | None, rotation: float) -
 
 
 def _pyav_in_order(
-    path: Path, sampling: FrameSampling, start, end, fps: float, counted: int, times: np.ndarray | None = None
+    path: Path,
+    sampling: FrameSampling,
+    start,
+    end,
+    fps: float,
+    counted: int,
+    times: np.ndarray | None = None,
+    shrink: Shrink | None = None,
 ) -> SampledFrames:
     """Decodes in order up to the last sampled frame, converting only the sampled ones; samples again from what
     decodes when that is fewer frames than counted (by frame counts then: the frame times were the container's)."""
@@ -504,12 +552,12 @@ def _pyav_in_order(
             for frame in container.decode(container.streams.video[0]):
                 _go_on()
                 if decoded in wanted:
-                    frames[decoded] = _rgb(frame)
+                    frames[decoded] = _kept(_rgb(frame), shrink)
                 decoded += 1
                 if decoded > indices[-1]:
                     break
         if len(frames) == len(wanted):  # a short clip's indices repeat
-            stacked = np.stack([frames[i] for i in indices])
+            stacked = _stack([frames[i] for i in indices])
             return SampledFrames(stacked, indices, frame_times(indices, fps, times), fps, counted, decoded)
         if decoded == 0:
             raise VideoDecodeError(f"{path}: no frame decodes", "undecodable")
@@ -517,7 +565,7 @@ def _pyav_in_order(
     raise VideoDecodeError(f"{path}: frames keep failing to decode")
 
 
-def _decode_gif(path: Path, sampling: FrameSampling, start, end) -> SampledFrames:
+def _decode_gif(path: Path, sampling: FrameSampling, start, end, shrink: Shrink | None = None) -> SampledFrames:
     from PIL import Image, ImageSequence
 
     try:
@@ -530,10 +578,10 @@ def _decode_gif(path: Path, sampling: FrameSampling, start, end) -> SampledFrame
             for i in indices.tolist():
                 _go_on()
                 image.seek(i)
-                frames.append(np.asarray(image.convert("RGB")))
+                frames.append(_kept(np.asarray(image.convert("RGB")), shrink))
     except (OSError, ValueError, EOFError, Image.DecompressionBombError) as err:
         raise VideoDecodeError(f"{path}: {err}") from err
-    return SampledFrames(np.stack(frames), indices, frame_times(indices, fps, times), fps, len(durations))
+    return SampledFrames(_stack(frames), indices, frame_times(indices, fps, times), fps, len(durations))
 
 
 def frame_order(path: Path) -> list:
@@ -557,19 +605,21 @@ def read_rgb(path: Path) -> np.ndarray:
         raise VideoDecodeError(f"{path}: {err}") from err
 
 
-def _read_folder(path: Path, sampling: FrameSampling, start, end) -> SampledFrames:
+def _read_folder(path: Path, sampling: FrameSampling, start, end, shrink: Shrink | None = None) -> SampledFrames:
     files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=frame_order)
     if not files:
         raise VideoDecodeError(f"{path}: a folder without frames", "empty")
     indices = sample_indices(len(files), sampling.frame_folder_fps, sampling, start, end)
-    frames = []
+    frames, shapes = [], set()
     for i in indices.tolist():
         _go_on()
-        frames.append(read_rgb(files[i]))
-    if len({f.shape for f in frames}) != 1:
-        raise VideoDecodeError(f"{path}: frames of different sizes")
+        frame = read_rgb(files[i])
+        shapes.add(frame.shape)
+        if len(shapes) > 1:
+            raise VideoDecodeError(f"{path}: frames of different sizes")
+        frames.append(_kept(frame, shrink))
     fps = sampling.frame_folder_fps
-    return SampledFrames(np.stack(frames), indices, indices / fps, fps, len(files))
+    return SampledFrames(_stack(frames), indices, indices / fps, fps, len(files))
 
 
 _DECODERS = {Decoder.DECORD: _decode_decord, Decoder.PYAV: _decode_pyav}
@@ -581,22 +631,24 @@ def not_a_file(path: Path) -> VideoDecodeError:
     return VideoDecodeError(f"{path}: {'not a regular file' if path.exists() else 'file not found'}", "missing")
 
 
-def _load(path: Path, sampling: FrameSampling, start: float | None, end: float | None) -> SampledFrames:
+def _load(
+    path: Path, sampling: FrameSampling, start: float | None, end: float | None, shrink: Shrink | None
+) -> SampledFrames:
     if path.is_dir():
-        return _read_folder(path, sampling, start, end)
+        return _read_folder(path, sampling, start, end, shrink)
     if not path.is_file():
         raise not_a_file(path)
     if path.stat().st_size == 0:
         raise VideoDecodeError(f"{path}: empty file", "empty")
     if path.suffix.lower() == ".gif":
-        return _decode_gif(path, sampling, start, end)
+        return _decode_gif(path, sampling, start, end, shrink)
     try:
-        return _DECODERS[sampling.decoder](path, sampling, start, end)
+        return _DECODERS[sampling.decoder](path, sampling, start, end, shrink)
     except VideoDecodeError as first:
         if sampling.fallback is None or sampling.fallback is sampling.decoder or first.reason == "truncated":
             raise  # a file cut short is so for every decoder
         try:
-            return _DECODERS[sampling.fallback](path, sampling, start, end)
+            return _DECODERS[sampling.fallback](path, sampling, start, end, shrink)
         except VideoDecodeError as second:
             reason = second.reason if second.reason != "undecodable" else first.reason
             raise VideoDecodeError(f"{first}; {sampling.fallback.value}: {second}", reason) from second
@@ -609,10 +661,14 @@ def load_video(
     *,
     start: float | None = None,
     end: float | None = None,
+    shrink: Shrink | None = None,
 ) -> SampledFrames:
     """Sampled frames of a video file, a folder of frames or a GIF, or VideoDecodeError.
 
     `sampling` may be a frame count (uniform sampling with the default decoders); `decoder` overrides its decoder.
+    `shrink` (see `Shrink`), where given, is applied to the frames as they are decoded, and `frames` is what it
+    made of them: the same values as applying it to the whole clip's frames afterwards, for a function of each
+    frame alone, without holding them all at full size.
     """
     if isinstance(sampling, int):
         sampling = FrameSampling(num_frames=sampling)
@@ -620,8 +676,8 @@ def load_video(
         sampling = FrameSampling(**{**sampling.__dict__, "decoder": Decoder(decoder)})
     check_window(start, end)
     path = Path(path)
-    sampled = within_time_limit(lambda: _load(path, sampling, start, end), sampling.time_limit, str(path))
+    sampled = within_time_limit(lambda: _load(path, sampling, start, end, shrink), sampling.time_limit, str(path))
     frames = sampled.frames
-    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
-        raise VideoDecodeError(f"{path}: decoded an unexpected array of shape {frames.shape}")
+    if len(frames) == 0 or (shrink is None and (frames.ndim != 4 or frames.shape[-1] != 3)):
+        raise VideoDecodeError(f"{path}: decoded an unexpected array of shape {tuple(frames.shape)}")
     return sampled

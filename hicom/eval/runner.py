@@ -262,12 +262,16 @@ class BenchmarkDataset(Dataset):
     def _clip(self, q: Question) -> tuple[torch.Tensor, list[str] | None]:
         """The frames of the question's clip, ready for the tower, and the subtitle lines shown at them (None
         where its benchmark shows none)."""
-        sampled = load_video(q.video, self.sampling, start=q.start, end=q.end)
+        sampled = load_video(q.video, self.sampling, start=q.start, end=q.end, shrink=self._squared)
         subtitles = None
         if q.subtitles is not None:  # a video without an .srt file has none to show
             found = Path(q.subtitles).is_file()
             subtitles = subtitles_at(read_srt(q.subtitles), sampled.timestamps) if found else []
-        return self.transform.squared(sampled.frames), subtitles
+        return sampled.frames, subtitles
+
+    def _squared(self, frames):
+        """Decoded frames as the tower sees them, squared as they decode (the transform is read only then)."""
+        return self.transform.squared(frames)
 
     def _inputs(self, q: Question, clip: str, pixels: torch.Tensor, subtitles: list[str] | None) -> dict:
         messages = [

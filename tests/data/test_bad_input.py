@@ -83,7 +83,7 @@ def test_a_decoder_stuck_in_native_code_is_abandoned_not_waited_for(media, monke
 
     from hicom.data import video
 
-    def stuck(path, sampling, start, end):
+    def stuck(path, sampling, start, end, shrink):
         time.sleep(30)  # a call that never comes back to Python (it releases the GIL, as decoders do)
 
     monkeypatch.setitem(video._DECODERS, FrameSampling().decoder, stuck)
@@ -264,6 +264,32 @@ def test_frame_folders_and_gifs(media):
     assert folder.timestamps.tolist() == pytest.approx([2 / 3, 2, 10 / 3])  # 3 fps
     gif = load_video(media / "clip.gif", FrameSampling(num_frames=3))
     assert gif.indices.tolist() == [1, 3, 5] and frame_ids(gif.frames) == [1, 3, 5]
+
+
+@pytest.mark.parametrize(
+    ("name", "decoder"),
+    [("good.mp4", Decoder.PYAV), ("good.mp4", Decoder.DECORD), ("frames", Decoder.PYAV), ("clip.gif", Decoder.PYAV)],
+)
+def test_frames_squared_as_they_decode_equal_the_clip_squared_whole(media, name, decoder, monkeypatch):
+    """load_video's `shrink` (the dataset's and the evaluation's squaring) runs on a few frames at a time as they
+    decode, so that a 4K clip's 32 full-size frames (796 MB) are never held at once: the same values, and no call
+    given more than SHRINK_BYTES of frames (here two frames' worth) or, one frame at a time, more than one."""
+    import hicom.data.video as video
+
+    transform = FrameTransform(size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    sampling = FrameSampling(num_frames=7, decoder=decoder, fallback=None)
+    whole = load_video(media / name, sampling)
+    calls = []
+
+    def shrink(frames):
+        calls.append(len(frames))
+        return transform.squared(frames)
+
+    monkeypatch.setattr(video, "SHRINK_BYTES", 2 * whole.frames[0].nbytes)
+    shrunk = load_video(media / name, sampling, shrink=shrink)
+    assert torch.equal(shrunk.frames, transform.squared(whole.frames)) and shrunk.frames.shape == (7, 3, 16, 16)
+    assert shrunk.indices.tolist() == whole.indices.tolist() and max(calls) <= 2
+    assert sum(calls) in (7, len(set(whole.indices.tolist())))  # PyAV keeps a repeated frame once
 
 
 @pytest.fixture(scope="module")
