@@ -21,6 +21,7 @@ import argparse
 import json
 import multiprocessing
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,9 +60,11 @@ class TokenCount:
 _TOKENS: TokenCount | None = None
 
 
-def _init(index: SampleIndex, sampling: FrameSampling, tokens: TokenCount | None = None) -> None:
+def _init(index: SampleIndex | Path, sampling: FrameSampling, tokens: TokenCount | None = None) -> None:
+    """A worker's state: the index (or the folder it was saved to, memory-mapped here), the sampling, the count."""
     global _INDEX, _SAMPLING, _TOKENS
-    _INDEX, _SAMPLING, _TOKENS = index, sampling, tokens
+    _INDEX = SampleIndex.load(index) if isinstance(index, Path) else index
+    _SAMPLING, _TOKENS = sampling, tokens
 
 
 def probe(i: int) -> dict:
@@ -151,14 +154,21 @@ def run(
     index = SampleIndex.build(entries_of(source, data_root), seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with context.Pool(workers, initializer=_init, initargs=(index, sampling, tokens)) as pool:
-        probes = pool.imap(probe, range(len(index)), chunksize=16)
-        if progress:
-            from tqdm import tqdm
+    # Workers are started fresh (a fork server's children, or spawned), not forked from this process: a fork copies
+    # the locks its other threads hold (a decoder's, an allocator's) and a child that needs one waits forever. They
+    # memory-map the index from a saved copy, sharing its pages, as a forked child would.
+    context = multiprocessing.get_context("forkserver" if sys.platform == "linux" else "spawn")
+    if context.get_start_method() == "forkserver":  # the server imports what this does once, not each worker (not
+        context.set_forkserver_preload(["hicom.data.dataset"])  # this module: `-m` runs it in each as __mp_main__)
+    with tempfile.TemporaryDirectory(prefix="preflight-") as tmp:
+        saved = index.save(Path(tmp) / "index")
+        with context.Pool(workers, initializer=_init, initargs=(saved, sampling, tokens)) as pool:
+            probes = pool.imap(probe, range(len(index)), chunksize=16)
+            if progress:
+                from tqdm import tqdm
 
-            probes = tqdm(probes, total=len(index), desc="preflight", unit="sample")
-        results.extend(probes)
+                probes = tqdm(probes, total=len(index), desc="preflight", unit="sample")
+            results.extend(probes)
     with (out / "quarantine.jsonl").open("w") as f:
         for result in results:
             if "reason" in result:
