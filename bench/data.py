@@ -158,11 +158,14 @@ def clip_peak(path: Path, decoder: str, as_decoded: bool, frames: int, size: int
 
 
 def fresh(fn, *args):
-    """fn(*args) in a new spawned process, so that its peak RSS is its own."""
+    """fn(*args) in a new process, forked from a fork server that has imported this script once: its peak RSS
+    (VmHWM, which a fork resets to what the process holds) is its own."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__"])
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
         return pool.submit(fn, *args).result()
 
 

@@ -883,12 +883,12 @@ def test_a_run_resumes_from_its_checkpoint(cache_dir, tmp_path, monkeypatch, cap
             train(compose_train(cache_dir, tmp_path / "bad", overrides))
 
     # other data than the checkpoint's run had: meant, as an explicit ckpt_path says, but named in the log
-    class Built(Exception):
+    class Checked(Exception):
         pass
 
-    with monkeypatch.context() as patch, caplog.at_level("WARNING"):
-        patch.setattr("hicom.training.build", lambda *a, **k: (_ for _ in ()).throw(Built()))
-        with pytest.raises(Built):
+    with monkeypatch.context() as patch, caplog.at_level("WARNING"):  # said before the launch's checks
+        patch.setattr("hicom.training.check", lambda *a, **k: (_ for _ in ()).throw(Checked()))
+        with pytest.raises(Checked):
             train(compose_train(cache_dir, tmp_path / "other_data", [*more, "data.num_frames=4", "seed=3"]))
     assert re.search(
         r"resuming from .*last\.ckpt, whose run was configured otherwise \(.*first/config\.yaml\): "
