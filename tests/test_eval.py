@@ -188,6 +188,8 @@ def test_every_benchmark_end_to_end_then_resume(cache_dir, bench_data, trained_r
     assert results["videomme"]["metric"] == "acc_answered" and results["mvbench"]["metric"] == "acc"
     settings = json.loads((out / "settings.json").read_text())
     assert settings["visual_tokens_per_video"] == 8 // 4 * 3 * 3 + 32
+    assert settings["compressor"] == "local 4x3x3 direct + global 32 coarse"
+    assert table.startswith(f"ckpt `{settings['ckpt']}`, compressor local 4x3x3 direct + global 32 coarse, 8 frames")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tensorboard")).Reload()  # the scores under the STYLE's names

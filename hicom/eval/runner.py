@@ -730,6 +730,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
         "visual_tokens_per_video": module.net.num_visual_tokens(cfg.sampling.num_frames),
+        "compressor": module.net.compressor.label,  # what was built: the weights (`weights`) decide the replies
         "shards": num_shards,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -829,8 +830,10 @@ def _older_metric(results: dict) -> str:
 
 def markdown_table(results: dict, settings: dict) -> str:
     lines = [
-        f"ckpt `{settings['ckpt']}`, {settings['frames']} frames ({settings['visual_tokens_per_video']} visual "
-        f"tokens), greedy, {settings['dtype']}",
+        f"ckpt `{settings['ckpt']}`, "
+        + (f"compressor {settings['compressor']}, " if settings.get("compressor") else "")
+        + f"{settings['frames']} frames ({settings['visual_tokens_per_video']} visual tokens), greedy, "
+        f"{settings['dtype']}",
         "",
         "| benchmark | score | metric | n | unparsed | failed | s / question |",
         "|---|---|---|---|---|---|---|",
