@@ -595,17 +595,18 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
 
 
 def _same_parent(done: dict, parent: Path | None, out_dir: Path) -> bool:
-    """Whether a finished stage (its manifest, `done`) was trained from `parent`: the folder it records, by path or,
-    where the run has moved since, by the parent's hand-off digest (recorded since stages record it) or, for an older
-    manifest, as the stage of the same name in this run (as `hicom.eval.runner.find_handoff` reads a moved run)."""
+    """Whether a finished stage (its manifest, `done`) was trained from `parent`: by the parent's hand-off digest,
+    which manifests record (the same weights wherever the run has moved, and not a parent trained again in its
+    folder since); for an older manifest, by the folder it records or, where that folder is gone (the run moved),
+    as the stage of the same name in this run (as `hicom.eval.runner.find_handoff` reads a moved run)."""
     recorded = done.get("parent")
     if recorded is None or parent is None:
         return recorded is None and parent is None
-    if Path(recorded).resolve() == parent.resolve():
-        return True
     if done.get("parent_sha256") is not None:
         return done["parent_sha256"] == _handoff_digest(parent)
     recorded = Path(recorded)
+    if recorded.exists():
+        return recorded.resolve() == parent.resolve()
     return recorded.parent.name == "stages" and parent.resolve() == (out_dir.parent / recorded.name).resolve()
 
 

@@ -53,7 +53,12 @@ def direction_of(name: str) -> str:
     return figure(name).direction
 
 
-_ABSENT = object()
+def _has_key(root: DictConfig, key: str) -> bool:
+    """Whether the dotted `key` is in the config, its value unresolved (an unset `???` or an interpolation of an
+    unset variable is there all the same)."""
+    parent, _, last = key.rpartition(".")
+    node = OmegaConf.select(root, parent, default=None, throw_on_resolution_failure=False) if parent else root
+    return isinstance(node, DictConfig) and last in node.keys()
 
 
 class SearchSpaceError(CompactHydraException, InterpolationResolutionError):
@@ -67,16 +72,23 @@ def check_search_space(root: DictConfig) -> None:
     `hparams_search=hicom_optuna model/compressor=avgpool` would otherwise stop at the first trial with Hydra's
     "Could not override ... To append to your config use +...", advice that would search a setting nothing reads.
     Run by the search configs' `hicom_direction` resolver, which the sweeper resolves before it launches a trial.
-    A space that also swaps config groups (a `group/name` key) is left alone: its keys may be those of a group
-    that some trials pick."""
-    params = OmegaConf.select(root, "hydra.sweeper.params", default=None) or {}
-    if any("/" in str(key) for key in params):
+    A search that also swaps a config group (in its space, or by a sweep on the command line such as
+    `'model/compressor=choice(avgpool,bilinear)'`) is left alone: its keys may be those of a group some trials
+    pick, and this config is none of them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    def unresolved(key: str):  # an override such as `+x=${oc.env:X}` is text here, not its value
+        node = OmegaConf.select(root, key, default=None)
+        return OmegaConf.to_container(node, resolve=False) if node is not None else None
+
+    params = unresolved("hydra.sweeper.params") or {}
+    groups = set(unresolved("hydra.runtime.choices") or {})
+    task = [str(o) for o in unresolved("hydra.overrides.task") or []]
+    if any("/" in str(key) or str(key) in groups for key in params):
         return
-    missing = [
-        key
-        for key in map(str, params)
-        if not key.startswith(("+", "~")) and OmegaConf.select(root, key, default=_ABSENT) is _ABSENT
-    ]
+    if any(override.is_sweep_override() for override in OverridesParser.create().parse_overrides(task)):
+        return
+    missing = [key for key in map(str, params) if not key.startswith(("+", "~")) and not _has_key(root, key)]
     if missing:
         target = OmegaConf.select(root, "model.compressor._target_", default=None)
         raise SearchSpaceError(

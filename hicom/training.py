@@ -213,7 +213,12 @@ def warn_resume_differences(cfg: DictConfig) -> None:
     written = Path(cfg.ckpt_path).parent.parent / "config.yaml"
     if not written.is_file():
         return
-    differences = run_differences(OmegaConf.load(written), cfg, tuple(k for k in SAME_RUN_KEYS if k != "model"))
+    try:
+        differences = run_differences(OmegaConf.load(written), cfg, tuple(k for k in SAME_RUN_KEYS if k != "model"))
+    except Exception as err:  # noqa: BLE001  a file that does not read: nothing to compare, no reason to stop
+        log.warning("resuming from %s: its run's %s does not read (%s), so its settings are not compared with these",
+                    cfg.ckpt_path, written, err)  # fmt: skip
+        return
     if differences:
         log.warning(
             "resuming from %s, whose run was configured otherwise (%s): %s. The fit goes on with this launch's settings",

@@ -37,12 +37,13 @@ def test_a_search_space_naming_keys_the_config_lacks_is_refused_by_name():
 
     from hicom.sweep import SearchSpaceError
 
-    def direction(*overrides: str, swap_groups: bool = False):
+    def direction(*overrides: str, space: dict | None = None, swept: str | None = None):
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             cfg = compose("train", overrides=["hparams_search=hicom_optuna", *overrides], return_hydra_config=True)
-        if swap_groups:  # as a search config's `model/compressor: choice(hicom, avgpool)` would
-            with open_dict(cfg):
-                cfg.hydra.sweeper.params["model/compressor"] = "choice(hicom, avgpool)"
+        with open_dict(cfg):
+            cfg.hydra.sweeper.params.update(space or {})
+            if swept is not None:  # a sweep on the command line (which compose takes no part in)
+                cfg.hydra.overrides.task.append(swept)
         return cfg.hydra.sweeper.direction
 
     assert direction() == "maximize"
@@ -50,8 +51,18 @@ def test_a_search_space_naming_keys_the_config_lacks_is_refused_by_name():
         direction("model/compressor=avgpool")
     with pytest.raises(SearchSpaceError, match="copy configs/hparams_search/hicom_optuna.yaml"):
         direction("model.compressor.global_=null")  # local-only HICom: no global query count
-    # a space that swaps the compressor itself may name keys that only some of its trials have
-    assert direction("model/compressor=avgpool", swap_groups=True) == "maximize"
+    # a space that swaps the compressor itself, or a config group, or a command line that sweeps one, may name keys
+    # that only some of its trials have
+    assert direction("model/compressor=avgpool", space={"model/compressor": "choice(hicom, avgpool)"}) == "maximize"
+    assert direction("model/compressor=avgpool", space={"experiment": "choice(ablation_conditional)"})
+    assert direction(swept="model/compressor=choice(avgpool,bilinear)", space={"model.compressor.init_std": "0.01"})
+    # a key whose value is unset (???) or an interpolation of an unset variable is there all the same
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=["hparams_search=hicom_optuna", "+later=???", "+env=${oc.env:UNSET_X}"],
+                      return_hydra_config=True)  # fmt: skip
+    with open_dict(cfg):
+        cfg.hydra.sweeper.params.update({"later": "choice(1, 2)", "env": "choice(1, 2)"})
+    assert cfg.hydra.sweeper.direction == "maximize"
 
 
 @pytest.mark.parametrize(

@@ -464,6 +464,14 @@ def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_delete
         assert manifest["parent_sha256"] == json.loads((moved / "conditional" / "manifest.json").read_text())["sha256"]
         (moved / "instruction" / "manifest.json").write_text(json.dumps({**manifest, "parent_sha256": None}))
         assert run_stages(compose_train(cache_dir, tmp_path / "moved", same)) == {"instruction": {"skipped": True}}
+        # ... but not where another run's same-named stage still stands where it was recorded
+        (tmp_path / "other" / "stages").mkdir(parents=True)
+        shutil.copytree(moved / "conditional", tmp_path / "other" / "stages" / "conditional")
+        older = {**manifest, "parent_sha256": None, "parent": str(tmp_path / "other" / "stages" / "conditional")}
+        (moved / "instruction" / "manifest.json").write_text(json.dumps(older))
+        with pytest.raises(ValueError, match=r"stage instruction is done in this run .*, and stage_parent names"):
+            run_stages(compose_train(cache_dir, tmp_path / "moved", same))
+        shutil.rmtree(tmp_path / "other")
         other_parent[-1] = f"stage_parent={moved / 'alignment'}"
         with pytest.raises(ValueError, match=r"stage instruction is done in this run .*, and stage_parent names"):
             run_stages(compose_train(cache_dir, tmp_path / "moved", other_parent))

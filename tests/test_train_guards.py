@@ -187,3 +187,19 @@ def test_the_stop_message_resumes_into_the_same_run_folder(cache_dir, tmp_path, 
         assert args[:2] == ["python", Path(sys.argv[0]).name]
         again = compose("train", overrides=args[2:], return_hydra_config=True)
     assert again.hydra.run.dir == str(run) and again.ckpt_path == str(run) and again.trainer.max_steps == 5
+
+
+def test_a_resumed_runs_config_that_does_not_read_is_warned_of_not_fatal(cfg_small, tmp_path, caplog):
+    """An explicit ckpt_path resume compares the checkpoint's run's config.yaml with this launch's (a warning
+    where data, seed or global batch differ): a file that does not read is said, and the resume goes on."""
+    from omegaconf import open_dict
+
+    from hicom.training import warn_resume_differences
+
+    (tmp_path / "earlier" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "earlier" / "config.yaml").write_text("data: [unclosed\n")
+    with open_dict(cfg_small):
+        cfg_small.ckpt_path = str(tmp_path / "earlier" / "checkpoints" / "last.ckpt")
+    with caplog.at_level(logging.WARNING):
+        warn_resume_differences(cfg_small)
+    assert "config.yaml does not read" in caplog.text and "settings are not compared" in caplog.text

@@ -18,10 +18,12 @@ it finds: it reports, it does not judge.
 from __future__ import annotations
 
 import argparse
+import collections
+import itertools
 import json
 import multiprocessing
+import shutil
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,22 +155,20 @@ def run(
     entries pick their records; `tokens` counts their LLM tokens too."""
     index = SampleIndex.build(entries_of(source, data_root), seed=seed)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
     # Workers are started fresh (a fork server's children, or spawned), not forked from this process: a fork copies
     # the locks its other threads hold (a decoder's, an allocator's) and a child that needs one waits forever. They
-    # memory-map the index from a saved copy, sharing its pages, as a forked child would.
+    # memory-map the index from a copy saved under `out` (not the node's /tmp, which may be small or in memory),
+    # sharing its pages, as forked children would.
     context = multiprocessing.get_context("forkserver" if sys.platform == "linux" else "spawn")
     if context.get_start_method() == "forkserver":  # the server imports what this does once, not each worker (not
         context.set_forkserver_preload(["hicom.data.dataset"])  # this module: `-m` runs it in each as __mp_main__)
-    with tempfile.TemporaryDirectory(prefix="preflight-") as tmp:
-        saved = index.save(Path(tmp) / "index")
-        with context.Pool(workers, initializer=_init, initargs=(saved, sampling, tokens)) as pool:
-            probes = pool.imap(probe, range(len(index)), chunksize=16)
-            if progress:
-                from tqdm import tqdm
-
-                probes = tqdm(probes, total=len(index), desc="preflight", unit="sample")
-            results.extend(probes)
+    saved = out / ".index"
+    shutil.rmtree(saved, ignore_errors=True)  # a copy an interrupted preflight left
+    try:
+        index.save(saved)
+        results = _probe_all(context, workers, (saved, sampling, tokens), len(index), source, progress)
+    finally:
+        shutil.rmtree(saved, ignore_errors=True)
     with (out / "quarantine.jsonl").open("w") as f:
         for result in results:
             if "reason" in result:
@@ -179,6 +179,54 @@ def run(
     summary = summarise(results, None if tokens is None else tokens.max_length)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
+
+
+# samples a worker probes per task; at most two tasks per worker are handed out at once
+CHUNK = 16
+
+
+def _probe_range(start: int, stop: int) -> list[dict]:
+    return [probe(i) for i in range(start, stop)]
+
+
+def _probe_all(context, workers: int, initargs: tuple, n: int, source: Path, progress: bool) -> list[dict]:
+    """Every sample's probe, in order, from `workers` processes. A worker that dies (a decoder crashing on a file,
+    memory running out, a kill) stops the preflight with the samples that were being probed, rather than leave it
+    waiting for answers that will never come."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    chunks = iter([(start, min(start + CHUNK, n)) for start in range(0, n, CHUNK)])
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc="preflight", unit="sample")
+    results: list[dict] = []
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init, initargs=initargs) as pool:
+        pending = collections.deque(
+            (chunk, pool.submit(_probe_range, *chunk)) for chunk in itertools.islice(chunks, 2 * workers)
+        )
+        while pending:
+            chunk, future = pending.popleft()
+            try:
+                results.extend(future.result())
+            except BrokenProcessPool as err:
+                first, last = chunk[0], max([chunk[1], *(c[1] for c, _ in pending)]) - 1
+                raise RuntimeError(
+                    f"a preflight worker process stopped while samples {first}-{last} of {source} were being probed: "
+                    "a decoder crashing on one of their files, memory running out, or a kill; or a script that "
+                    "calls preflight outside `if __name__ == '__main__':`, which the worker processes, started fresh, "
+                    "run again"
+                ) from err
+            if bar is not None:
+                bar.update(chunk[1] - chunk[0])
+            more = next(chunks, None)
+            if more is not None:
+                pending.append((more, pool.submit(_probe_range, *more)))
+    if bar is not None:
+        bar.close()
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:

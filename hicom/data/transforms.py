@@ -102,7 +102,7 @@ class FrameTransform:
         grey level, and is several times faster than resizing floats. Frames are squared a few at a time
         (`SQUARING_BYTES`), so that a clip's padded copies are never all held at once, and a frame longer than
         `MAX_SQUARE_SIDE` is first resized to it: a 2 x 16000 clip would otherwise pad to 768 MB a frame."""
-        x = torch.from_numpy(np.ascontiguousarray(frames))  # (T, H, W, 3) uint8
+        x = torch.from_numpy(np.require(frames, requirements=("C", "W")))  # (T, H, W, 3) uint8; PIL's are read-only
         n, h, w, _ = x.shape
         per_frame = max(h, w, self.size) ** 2 * 3
         step = max(1, SQUARING_BYTES // per_frame)

@@ -221,6 +221,50 @@ def _go_on() -> None:
         raise _GivenUp
 
 
+class _ShrinkFailed(BaseException):
+    """Carries an error of load_video's `shrink` (a transform's bug, memory running out) past the decoders' `except
+    Exception`, which would take it for an undecodable file and try the fallback decoder; load_video raises the
+    error itself."""
+
+
+class _Keeper:
+    """How a decoder keeps the frames it decodes: as they are, or made smaller at once by `shrink` (see Shrink).
+    Frames of another size than the first (a stream whose size changes part-way) are refused, as stacking them
+    would refuse them (and squaring them one by one would pad each its own way)."""
+
+    def __init__(self, path: Path, shrink: Shrink | None) -> None:
+        self.path, self.shrink, self.size = path, shrink, None
+
+    def __call__(self, frames: np.ndarray):
+        """(n, H, W, 3) frames as kept: those frames, or what `shrink` made of them."""
+        if self.size is None:
+            self.size = frames.shape[1:]
+        elif frames.shape[1:] != self.size:
+            raise VideoDecodeError(
+                f"{self.path}: frames of different sizes ({self.size[1]} x {self.size[0]}, then "
+                f"{frames.shape[2]} x {frames.shape[1]})"
+            )
+        if self.shrink is None:
+            return frames
+        try:
+            return self.shrink(frames)
+        except Exception as err:
+            raise _ShrinkFailed(err) from err
+
+    def one(self, frame: np.ndarray):
+        """One (H, W, 3) frame as kept."""
+        return self(frame[None])[0]
+
+    @staticmethod
+    def stack(frames: list):
+        """Frames kept one by one as one array, or one tensor where `shrink` made them tensors."""
+        if frames and not isinstance(frames[0], np.ndarray):
+            import torch
+
+            return torch.stack(frames)
+        return np.stack(frames)
+
+
 def within_time_limit(fn: Callable[[], T], seconds: float | None, what: str) -> T:
     """`fn()`, or VideoDecodeError(reason="timeout") once it has run `seconds`.
 
@@ -296,7 +340,7 @@ def _check_decord_reads(path: Path) -> float | None:
     return declared
 
 
-def _decode_decord(path: Path, sampling: FrameSampling, start, end, shrink: Shrink | None = None) -> SampledFrames:
+def _decode_decord(path: Path, sampling: FrameSampling, start, end, keep: _Keeper) -> SampledFrames:
     import decord
 
     declared = _check_decord_reads(path)
@@ -314,7 +358,7 @@ def _decode_decord(path: Path, sampling: FrameSampling, start, end, shrink: Shri
                 raise VideoDecodeError(f"{path}: frames share timestamps, which decord confuses; decode it with pyav")
             times = uneven_times(spans[:, 0], fps)
         indices = sample_indices(len(reader), fps, sampling, start, end, times)
-        frames = _decord_frames(reader, indices.tolist(), shrink)
+        frames = _decord_frames(reader, indices.tolist(), keep)
     except VideoDecodeError:
         raise
     except Exception as err:  # frames the container claims but cannot decode, among others
@@ -325,22 +369,23 @@ def _decode_decord(path: Path, sampling: FrameSampling, start, end, shrink: Shri
     return SampledFrames(frames, indices, frame_times(indices, fps, times), fps, count)
 
 
-def _decord_frames(reader, indices: list[int], shrink: Shrink | None):
-    """decord's frames at `indices`: all at once, or given `shrink` a few at a time (SHRINK_BYTES), each batch
-    shrunk before the next is decoded (the first frame, decoded alone, tells their size)."""
-    if shrink is None:
-        return reader.get_batch(indices).asnumpy()
+def _decord_frames(reader, indices: list[int], keep: _Keeper):
+    """decord's frames at `indices`, kept: all at once, or where they are shrunk a few at a time (SHRINK_BYTES),
+    each batch shrunk before the next is decoded (the first frame, decoded alone, tells their size)."""
+    if keep.shrink is None:
+        return keep(reader.get_batch(indices).asnumpy())
     import torch
 
     first = reader.get_batch(indices[:1]).asnumpy()
     step = max(1, SHRINK_BYTES // max(first.nbytes, 1))
-    parts = [shrink(first)]
+    parts = [keep(first)]
     for at in range(1, len(indices), step):
-        parts.append(shrink(reader.get_batch(indices[at : at + step]).asnumpy()))
+        _go_on()  # a clip given up on stops here, not after its last batch
+        parts.append(keep(reader.get_batch(indices[at : at + step]).asnumpy()))
     return torch.cat(parts)
 
 
-def _decode_pyav(path: Path, sampling: FrameSampling, start, end, shrink: Shrink | None = None) -> SampledFrames:
+def _decode_pyav(path: Path, sampling: FrameSampling, start, end, keep: _Keeper) -> SampledFrames:
     """Reads the stream's packets without decoding them: their count, and the timestamps of the frames and of the
     keyframes. Each sampled frame is then reached by seeking to the keyframe before it whenever one lies between
     the last decoded frame and it, so a long video is not decoded end to end. When a sampled frame does not come
@@ -366,12 +411,12 @@ def _decode_pyav(path: Path, sampling: FrameSampling, start, end, shrink: Shrink
         times = uneven_times(np.array(timestamps) * float(time_base), fps) if seekable and time_base else None
         indices = sample_indices(len(packets), fps, sampling, start, end, times)
         if seekable:
-            frames, decoded = _pyav_seek(path, [timestamps[i] for i in indices.tolist()], keyframes, shrink)
+            frames, decoded = _pyav_seek(path, [timestamps[i] for i in indices.tolist()], keyframes, keep)
             if frames is not None:
                 return SampledFrames(
-                    _stack(frames), indices, frame_times(indices, fps, times), fps, len(packets), decoded
+                    keep.stack(frames), indices, frame_times(indices, fps, times), fps, len(packets), decoded
                 )
-        return _pyav_in_order(path, sampling, start, end, fps, len(packets), times, shrink)
+        return _pyav_in_order(path, sampling, start, end, fps, len(packets), times, _Keeper(path, keep.shrink))
     except VideoDecodeError:
         raise
     except Exception as err:
@@ -444,11 +489,9 @@ def check_whole(path: Path, covered: float | None, declared: float | None, fps: 
         )
 
 
-def _pyav_seek(
-    path: Path, targets: list[int], keyframes: np.ndarray, shrink: Shrink | None = None
-) -> tuple[list | None, int]:
-    """The frames whose timestamps are `targets` (sorted), each as `_kept`, or None when one of them does not
-    decode; and how many frames were decoded."""
+def _pyav_seek(path: Path, targets: list[int], keyframes: np.ndarray, keep: _Keeper) -> tuple[list | None, int]:
+    """The frames whose timestamps are `targets` (sorted), each kept, or None when one of them does not decode;
+    and how many frames were decoded."""
     import av
 
     found: dict[int, np.ndarray] = {}
@@ -474,25 +517,11 @@ def _pyav_seek(
                 if frame.pts is None or frame.pts > target:
                     return None, count
                 if frame.pts == target:
-                    found[target] = _kept(_rgb(frame), shrink)
+                    found[target] = keep.one(_rgb(frame))
                     break
             else:
                 return None, count
     return [found[t] for t in targets], count
-
-
-def _kept(frame: np.ndarray, shrink: Shrink | None):
-    """A decoded (H, W, 3) frame as a decoder keeps it: `shrink` of it, else the frame itself."""
-    return frame if shrink is None else shrink(frame[None])[0]
-
-
-def _stack(frames: list):
-    """Kept frames (`_kept`) as one array, or one tensor where `shrink` made them tensors."""
-    if frames and not isinstance(frames[0], np.ndarray):
-        import torch
-
-        return torch.stack(frames)
-    return np.stack(frames)
 
 
 def _rgb(frame) -> np.ndarray:
@@ -538,12 +567,13 @@ def _pyav_in_order(
     fps: float,
     counted: int,
     times: np.ndarray | None = None,
-    shrink: Shrink | None = None,
+    keep: _Keeper | None = None,
 ) -> SampledFrames:
     """Decodes in order up to the last sampled frame, converting only the sampled ones; samples again from what
     decodes when that is fewer frames than counted (by frame counts then: the frame times were the container's)."""
     import av
 
+    keep = keep or _Keeper(path, None)
     for _ in range(2):
         indices = sample_indices(counted, fps, sampling, start, end, times)
         wanted = set(indices.tolist())
@@ -552,12 +582,12 @@ def _pyav_in_order(
             for frame in container.decode(container.streams.video[0]):
                 _go_on()
                 if decoded in wanted:
-                    frames[decoded] = _kept(_rgb(frame), shrink)
+                    frames[decoded] = keep.one(_rgb(frame))
                 decoded += 1
                 if decoded > indices[-1]:
                     break
         if len(frames) == len(wanted):  # a short clip's indices repeat
-            stacked = _stack([frames[i] for i in indices])
+            stacked = keep.stack([frames[i] for i in indices])
             return SampledFrames(stacked, indices, frame_times(indices, fps, times), fps, counted, decoded)
         if decoded == 0:
             raise VideoDecodeError(f"{path}: no frame decodes", "undecodable")
@@ -565,7 +595,7 @@ def _pyav_in_order(
     raise VideoDecodeError(f"{path}: frames keep failing to decode")
 
 
-def _decode_gif(path: Path, sampling: FrameSampling, start, end, shrink: Shrink | None = None) -> SampledFrames:
+def _decode_gif(path: Path, sampling: FrameSampling, start, end, keep: _Keeper) -> SampledFrames:
     from PIL import Image, ImageSequence
 
     try:
@@ -578,10 +608,10 @@ def _decode_gif(path: Path, sampling: FrameSampling, start, end, shrink: Shrink 
             for i in indices.tolist():
                 _go_on()
                 image.seek(i)
-                frames.append(_kept(np.asarray(image.convert("RGB")), shrink))
+                frames.append(keep.one(np.asarray(image.convert("RGB"))))
     except (OSError, ValueError, EOFError, Image.DecompressionBombError) as err:
         raise VideoDecodeError(f"{path}: {err}") from err
-    return SampledFrames(_stack(frames), indices, frame_times(indices, fps, times), fps, len(durations))
+    return SampledFrames(keep.stack(frames), indices, frame_times(indices, fps, times), fps, len(durations))
 
 
 def frame_order(path: Path) -> list:
@@ -605,21 +635,17 @@ def read_rgb(path: Path) -> np.ndarray:
         raise VideoDecodeError(f"{path}: {err}") from err
 
 
-def _read_folder(path: Path, sampling: FrameSampling, start, end, shrink: Shrink | None = None) -> SampledFrames:
+def _read_folder(path: Path, sampling: FrameSampling, start, end, keep: _Keeper) -> SampledFrames:
     files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=frame_order)
     if not files:
         raise VideoDecodeError(f"{path}: a folder without frames", "empty")
     indices = sample_indices(len(files), sampling.frame_folder_fps, sampling, start, end)
-    frames, shapes = [], set()
+    frames = []
     for i in indices.tolist():
         _go_on()
-        frame = read_rgb(files[i])
-        shapes.add(frame.shape)
-        if len(shapes) > 1:
-            raise VideoDecodeError(f"{path}: frames of different sizes")
-        frames.append(_kept(frame, shrink))
+        frames.append(keep.one(read_rgb(files[i])))
     fps = sampling.frame_folder_fps
-    return SampledFrames(_stack(frames), indices, indices / fps, fps, len(files))
+    return SampledFrames(keep.stack(frames), indices, indices / fps, fps, len(files))
 
 
 _DECODERS = {Decoder.DECORD: _decode_decord, Decoder.PYAV: _decode_pyav}
@@ -635,20 +661,20 @@ def _load(
     path: Path, sampling: FrameSampling, start: float | None, end: float | None, shrink: Shrink | None
 ) -> SampledFrames:
     if path.is_dir():
-        return _read_folder(path, sampling, start, end, shrink)
+        return _read_folder(path, sampling, start, end, _Keeper(path, shrink))
     if not path.is_file():
         raise not_a_file(path)
     if path.stat().st_size == 0:
         raise VideoDecodeError(f"{path}: empty file", "empty")
     if path.suffix.lower() == ".gif":
-        return _decode_gif(path, sampling, start, end, shrink)
-    try:
-        return _DECODERS[sampling.decoder](path, sampling, start, end, shrink)
+        return _decode_gif(path, sampling, start, end, _Keeper(path, shrink))
+    try:  # each decoder keeps its frames afresh
+        return _DECODERS[sampling.decoder](path, sampling, start, end, _Keeper(path, shrink))
     except VideoDecodeError as first:
         if sampling.fallback is None or sampling.fallback is sampling.decoder or first.reason == "truncated":
             raise  # a file cut short is so for every decoder
         try:
-            return _DECODERS[sampling.fallback](path, sampling, start, end, shrink)
+            return _DECODERS[sampling.fallback](path, sampling, start, end, _Keeper(path, shrink))
         except VideoDecodeError as second:
             reason = second.reason if second.reason != "undecodable" else first.reason
             raise VideoDecodeError(f"{first}; {sampling.fallback.value}: {second}", reason) from second
@@ -676,7 +702,10 @@ def load_video(
         sampling = FrameSampling(**{**sampling.__dict__, "decoder": Decoder(decoder)})
     check_window(start, end)
     path = Path(path)
-    sampled = within_time_limit(lambda: _load(path, sampling, start, end, shrink), sampling.time_limit, str(path))
+    try:
+        sampled = within_time_limit(lambda: _load(path, sampling, start, end, shrink), sampling.time_limit, str(path))
+    except _ShrinkFailed as failed:  # not the file's fault: the sample fails as an error, the clip is not retried
+        raise failed.args[0] from None
     frames = sampled.frames
     if len(frames) == 0 or (shrink is None and (frames.ndim != 4 or frames.shape[-1] != 3)):
         raise VideoDecodeError(f"{path}: decoded an unexpected array of shape {tuple(frames.shape)}")

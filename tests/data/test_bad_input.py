@@ -292,6 +292,67 @@ def test_frames_squared_as_they_decode_equal_the_clip_squared_whole(media, name,
     assert sum(calls) in (7, len(set(whole.indices.tolist())))  # PyAV keeps a repeated frame once
 
 
+def test_a_failing_shrink_is_its_own_error_not_a_bad_file(media):
+    """An error of the transform (a bug, memory running out) is not the video's: it is raised as it is, neither
+    quarantined as undecodable nor retried with the fallback decoder."""
+    calls = []
+
+    def shrink(frames):
+        calls.append(len(frames))
+        raise MemoryError("out of memory")
+
+    for decoder in Decoder:
+        calls.clear()
+        with pytest.raises(MemoryError, match="out of memory"):
+            load_video(media / "good.mp4", FrameSampling(num_frames=4, decoder=decoder), shrink=shrink)
+        assert len(calls) == 1  # the other decoder was not tried
+
+
+def test_decord_given_up_on_stops_shrinking_at_its_next_batch(media, monkeypatch):
+    import threading
+    import time
+
+    import hicom.data.video as video
+
+    monkeypatch.setattr(video, "SHRINK_BYTES", 1)  # a frame a batch
+    calls = []
+
+    def slow(frames):
+        calls.append(len(frames))
+        time.sleep(0.2)
+        return torch.from_numpy(frames.copy())
+
+    path = media / "good.mp4"
+    before = set(threading.enumerate())
+    with pytest.raises(VideoDecodeError, match="gave up"):
+        sampling = FrameSampling(num_frames=8, decoder=Decoder.DECORD, fallback=None, time_limit=0.3)
+        load_video(path, sampling, shrink=slow)
+    (thread,) = [t for t in set(threading.enumerate()) - before if t.name == f"decode {path}"]
+    thread.join(2)
+    assert not thread.is_alive() and len(calls) <= 3  # not all 8
+
+
+def test_a_stream_whose_frames_change_size_is_refused_squared_or_not(tmp_path):
+    """Two MPEG-TS pieces of 64 x 48 and 64 x 96 in one file: stacking the frames whole refuses them, and so does
+    squaring them as they decode (which would pad each its own way)."""
+    parts = []
+    for i, height in enumerate((48, 96)):
+        write = tmp_path / f"{i}.ts"
+        with av.open(str(write), "w", format="mpegts") as container:
+            stream = container.add_stream("mpeg2video", rate=8)
+            stream.width, stream.height, stream.pix_fmt = 64, height, "yuv420p"
+            for t in range(8):
+                frame = np.full((height, 64, 3), 30 * t, np.uint8)
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode(None))
+        parts.append(write.read_bytes())
+    (tmp_path / "both.ts").write_bytes(b"".join(parts))
+    transform = FrameTransform(size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    for shrink in (None, transform.squared):
+        with pytest.raises(VideoDecodeError, match="frames of different sizes"):
+            load_video(tmp_path / "both.ts", FrameSampling(num_frames=8), shrink=shrink)
+
+
 @pytest.fixture(scope="module")
 def make_dataset(media, tiny_paths, tmp_path_factory):
     from transformers import AutoTokenizer

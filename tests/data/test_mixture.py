@@ -97,7 +97,7 @@ def test_preflight_writes_a_quarantine_that_training_leaves_out(tmp_path, capsys
     out = tmp_path / "preflight"
     code = preflight.main([str(tmp_path / "a.json"), "--data-root", str(tmp_path), "--out", str(out),
                            "--workers", "2", "--no-progress"])  # fmt: skip
-    assert code == 0
+    assert code == 0 and not (out / ".index").exists()  # the workers' copy of the index is removed
     lines = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
     assert [(q["index"], q["id"], q["reason"]) for q in lines] == [(3, "gone0", "missing"), (4, "odd", "malformed")]
     summary = json.loads((out / "summary.json").read_text())
@@ -448,3 +448,24 @@ def test_processes_that_write_the_same_index_at_once_all_end_with_it(tmp_path):
     os.utime(stale, (0, 0))  # a writer killed long ago; the other may be writing now
     index.save(target)
     assert not stale.exists() and fresh.exists()
+
+
+def test_preflight_whose_workers_die_stops_with_the_samples_in_hand_rather_than_waiting(tmp_path):
+    """Workers start fresh and import the calling script again: one that calls preflight outside a `__main__`
+    guard makes each of them fail as it starts, as a decoder crash or a kill would end one. The pool stops with
+    the samples it was probing instead of waiting forever for their answers."""
+    import subprocess
+    import sys
+
+    data = records("ok", 40)
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from hicom.data import preflight\n"
+        f"preflight.main([{str(tmp_path / 'a.json')!r}, '--data-root', {str(tmp_path)!r}, '--out', "
+        f"{str(tmp_path / 'out')!r}, '--workers', '2', '--no-progress'])\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "a preflight worker process stopped while samples 0-" in done.stderr
+    assert "of " + str(tmp_path / "a.json") in done.stderr and "if __name__ == '__main__':" in done.stderr

@@ -125,11 +125,17 @@ def test_each_compressor_names_its_settings():
         HICom(**dims, local=local, global_=global_).label,
         HICom(**dims, local=lambda **d: LocalCompressor(**d, kernel=(1, 2, 2), guide=Guide.DIRECT)).label,
         AvgPoolCompressor(**dims, kernel=(2, 2, 2)).label,
+        HICom(
+            **dims,
+            local=lambda **d: LocalCompressor(**d, guide=Guide.DIRECT, keys="features", readout_depth=1),
+            global_=lambda **d: GlobalCompressor(**d, num_queries=8, guide=Guide.COARSE, adapt_guide=True),
+        ).label,
     ]
     assert labels == [
         "local 4x3x3 unguided adapt k,v + global 16 fine position k clip-scale",
         "local 1x2x2 direct",
         "avgpool 2x2x2",
+        "local 4x3x3 direct keys features readout 1 + global 8 coarse adapt g",
     ]
 
 

@@ -8,7 +8,14 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from hicom.modules.compressors.base import RELEASE_INIT_STD, Compressor, frame_kernel, init_weights, readout
+from hicom.modules.compressors.base import (
+    RELEASE_INIT_STD,
+    Compressor,
+    frame_kernel,
+    init_weights,
+    readout,
+    readout_words,
+)
 from hicom.utils.choices import kernel_sizes
 
 
@@ -35,7 +42,7 @@ class AvgPoolCompressor(Compressor):
 
     @property
     def label(self) -> str:
-        return "avgpool " + "x".join(map(str, self.kernel))
+        return " ".join(["avgpool", "x".join(map(str, self.kernel)), *readout_words(self.readout)])
 
     def grid(self, t: int, h: int, w: int, modality: str = "video") -> tuple[int, int, int]:
         kt = frame_kernel(self.kernel[0], t, modality)

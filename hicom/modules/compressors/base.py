@@ -28,6 +28,12 @@ def unguided_config(cfg):
     return get_class(cfg._target_).unguided_config(cfg)
 
 
+def readout_words(layers: nn.Sequential) -> list[str]:
+    """A compressor label's words for its readout: none for the release's depth (2), else "readout <depth>"."""
+    depth = (len(layers) + 1) // 2
+    return [] if depth == 2 else [f"readout {depth}"]
+
+
 def readout(in_dim: int, out_dim: int, depth: int = 2) -> nn.Sequential:
     """Linear(in -> out), then (GELU, Linear(out -> out)) x (depth - 1): the projection into the LLM's width."""
     from hicom.utils.choices import whole_number

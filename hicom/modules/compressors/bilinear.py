@@ -10,7 +10,14 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from hicom.modules.compressors.base import RELEASE_INIT_STD, Compressor, PackedLayout, init_weights, readout
+from hicom.modules.compressors.base import (
+    RELEASE_INIT_STD,
+    Compressor,
+    PackedLayout,
+    init_weights,
+    readout,
+    readout_words,
+)
 
 
 class BilinearPoolCompressor(Compressor):
@@ -35,7 +42,7 @@ class BilinearPoolCompressor(Compressor):
 
     @property
     def label(self) -> str:
-        return f"bilinear 1/{self.factor}"
+        return " ".join([f"bilinear 1/{self.factor}", *readout_words(self.readout)])
 
     def grid(self, h: int, w: int, modality: str = "video") -> tuple[int, int]:
         if modality == "image":

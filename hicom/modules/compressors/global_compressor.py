@@ -16,6 +16,7 @@ from hicom.modules.compressors.base import (
     init_weights,
     pad_packed,
     readout,
+    readout_words,
 )
 from hicom.modules.compressors.injection import Attention, Guide, GuideInjector
 from hicom.utils.choices import Choice, flag, whole_number
@@ -111,9 +112,11 @@ class GlobalCompressor(Compressor):
         words = ["global", str(self.num_queries), "unguided" if self.guide is Guide.OFF else self.guide.value]
         if self.position is not Position.KV:
             words.append(f"position {self.position.value}")
+        if self.guide_injector is not None and self.guide_injector.adapt:
+            words.append("adapt g")
         if self.clip_scale:
             words.append("clip-scale")
-        return " ".join(words)
+        return " ".join(words + readout_words(self.readout))
 
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         return self.num_queries

@@ -22,6 +22,7 @@ from hicom.modules.compressors.base import (
     group_index,
     init_weights,
     readout,
+    readout_words,
     take_rows,
 )
 from hicom.modules.compressors.injection import Guide, GuideInjector
@@ -123,11 +124,13 @@ class LocalCompressor(Compressor):
     @property
     def label(self) -> str:
         words = ["local", "x".join(map(str, self.kernel)), "unguided" if self.guide is Guide.OFF else self.guide.value]
+        if self.keys is not (Keys.EMBEDS if self.uses_guide else Keys.FEATURES):  # not the release's for its guide
+            words.append(f"keys {self.keys.value}")
         if self.adapt:
             words.append("adapt " + ",".join(sorted(a.value for a in self.adapt)))
         if self.clip_scale:
             words.append("clip-scale")
-        return " ".join(words)
+        return " ".join(words + readout_words(self.readout))
 
     def grid(self, t: int, h: int, w: int, modality: str = "video") -> tuple[int, int, int]:
         kt, ks, _ = self._kernel(t, modality)

@@ -20,7 +20,7 @@ import re
 import torch
 from torch import nn
 
-from hicom.modules.compressors.base import Compressor, PackedLayout, pad_packed, readout
+from hicom.modules.compressors.base import Compressor, PackedLayout, pad_packed, readout, readout_words
 from hicom.modules.compressors.global_compressor import position_table_3d
 from hicom.utils.choices import flag, whole_number
 
@@ -104,7 +104,8 @@ class QFormerCompressor(Compressor):
 
     @property
     def label(self) -> str:
-        return f"{'instructblip' if self.instruction else 'qformer'} {self.num_queries}"
+        words = ["instructblip" if self.instruction else "qformer", str(self.num_queries)]
+        return " ".join(words + (["positions"] if self.positions else []) + readout_words(self.readout))
 
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         return self.num_queries
