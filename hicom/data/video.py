@@ -566,14 +566,13 @@ def _pyav_in_order(
     end,
     fps: float,
     counted: int,
-    times: np.ndarray | None = None,
-    keep: _Keeper | None = None,
+    times: np.ndarray | None,
+    keep: _Keeper,
 ) -> SampledFrames:
     """Decodes in order up to the last sampled frame, converting only the sampled ones; samples again from what
     decodes when that is fewer frames than counted (by frame counts then: the frame times were the container's)."""
     import av
 
-    keep = keep or _Keeper(path, None)
     for _ in range(2):
         indices = sample_indices(counted, fps, sampling, start, end, times)
         wanted = set(indices.tolist())
