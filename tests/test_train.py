@@ -643,20 +643,11 @@ def test_a_step_and_an_answer_in_bf16(compressor, precision, cache_dir, tmp_path
     assert any(not torch.equal(after[k], v.to(after[k].dtype)) for k, v in before.items())  # the step moved it
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_run_resumed_mid_epoch_trains_the_batches_it_would_have_had(workers, cache_dir, tmp_path, caplog):
-    """A run that dies mid-epoch resumes from its last periodic checkpoint, its data loader where it was
-    (ResumableLoader): the rest of the epoch in the uninterrupted run's order, then the next epoch as that run
-    has it, no batch twice. A run that max_steps stopped goes on with the next epoch, as Lightning counts it."""
-    base = [*SMALL, "trainer.limit_train_batches=null", "trainer.limit_val_batches=0", "evaluate=false"]
-    base += ["trainer.max_epochs=2", "data.source.num_train=24", "data.group_by_length=true"]
-    base += [f"data.num_workers={workers}"]  # persistent workers keep their iterator from epoch to epoch
-    every_2_steps = [
-        "callbacks.model_checkpoint.train_time_interval=null",
-        "callbacks.model_checkpoint.every_n_train_steps=2",
-    ]
+def _order_recorder(cache_dir, tmp_path, base: list[str]):
+    """`run(out, overrides, die_at=, halt_at=)`: a training run's batches (their sample ids), in order; it dies
+    (an exception) at step `die_at`, or sets should_stop at step `halt_at` as max_time's Timer does."""
 
-    def run(out, overrides, die_at=None):
+    def run(out, overrides, die_at=None, halt_at=None):
         seen = []
 
         def record(model) -> None:
@@ -665,6 +656,8 @@ def test_a_run_resumed_mid_epoch_trains_the_batches_it_would_have_had(workers, c
             def recorded(batch, *args):
                 if model.global_step == die_at:
                     raise RuntimeError("the node went away")
+                if model.global_step == halt_at:
+                    model.trainer.should_stop = True
                 seen.append(sorted(batch["ids"]))
                 return step(batch, *args)
 
@@ -676,6 +669,24 @@ def test_a_run_resumed_mid_epoch_trains_the_batches_it_would_have_had(workers, c
             assert die_at is not None and "node went away" in str(error)
         return seen
 
+    return run
+
+
+RESUMABLE = [*SMALL, "trainer.limit_train_batches=null", "trainer.limit_val_batches=0", "evaluate=false"]
+RESUMABLE += ["trainer.max_epochs=2", "data.source.num_train=24", "data.group_by_length=true"]  # 2 epochs of 6
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_resumed_mid_epoch_trains_the_batches_it_would_have_had(workers, cache_dir, tmp_path):
+    """A run that dies mid-epoch resumes from its last periodic checkpoint, its data loader where it was
+    (ResumableLoader): the rest of the epoch in the uninterrupted run's order, then the next epoch as that run
+    has it, no batch twice. A run that max_steps stopped part-way through an epoch goes on likewise."""
+    # persistent workers keep their iterator from epoch to epoch
+    run = _order_recorder(cache_dir, tmp_path, [*RESUMABLE, f"data.num_workers={workers}"])
+    every_2_steps = [
+        "callbacks.model_checkpoint.train_time_interval=null",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+    ]
     whole = run("whole", [])
     assert len(whole) == 12 and whole[:6] != whole[6:]  # 2 epochs of 6 batches, each in its own order
     died = run("died", every_2_steps, die_at=5)
@@ -683,14 +694,33 @@ def test_a_run_resumed_mid_epoch_trains_the_batches_it_would_have_had(workers, c
     rest = run("rest", [f"ckpt_path={tmp_path / 'died' / 'checkpoints' / 'last.ckpt'}"])  # saved at step 4
     assert whole[:4] + rest == whole
     stopped = run("stopped", ["trainer.max_steps=3"])
-    with caplog.at_level("WARNING"):
-        more = run("more", [f"ckpt_path={tmp_path / 'stopped'}"])  # a run's folder: its checkpoints/last.ckpt
-    assert stopped + more == whole[:3] + whole[6:]
-    assert "stopped after 3 of epoch 0's 6 batches (max_steps)" in caplog.text
+    more = run("more", [f"ckpt_path={tmp_path / 'stopped'}", "trainer.max_steps=12"])  # its checkpoints/last.ckpt
+    assert stopped + more == whole
     # a checkpoint on an epoch's last batch: the next epoch, whole
     every_6_steps = [every_2_steps[0], "callbacks.model_checkpoint.every_n_train_steps=6"]
     assert run("died_later", every_6_steps, die_at=7) == whole[:7]
     assert run("rest_later", [f"ckpt_path={tmp_path / 'died_later' / 'checkpoints' / 'last.ckpt'}"]) == whole[6:]
+
+
+def test_a_run_resumed_with_max_steps_after_an_epoch_lightning_counts_done_trains_the_next_epoch_whole(
+    cache_dir, tmp_path, caplog
+):
+    """Lightning counts an epoch done when its fit stops, and kept that epoch's batch count for a fit resumed
+    with max_steps set: the next epoch then had 6 - 6 + 1 batches after a whole epoch, 6 - 3 after a stop at 3.
+    A checkpoint written there (Lightning's own ModelCheckpoint at a max_steps stop, or any at the end of a
+    run's last epoch) now resumes with the next epoch whole. A stop from should_stop (max_time) part-way through
+    an epoch resumes where it stopped, as a max_steps one does."""
+    run = _order_recorder(cache_dir, tmp_path, RESUMABLE)
+    whole = run("whole", [])
+    lightnings = ["callbacks.model_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint"]
+    assert run("stopped", [*lightnings, "trainer.max_steps=3"]) == whole[:3]
+    with caplog.at_level("WARNING"):
+        assert run("next", [f"ckpt_path={tmp_path / 'stopped'}", "trainer.max_steps=12"]) == whole[6:]
+    assert "stopped after 3 of epoch 0's 6 batches (max_steps)" in caplog.text
+    assert run("first", ["trainer.max_epochs=1"]) == whole[:6]
+    assert run("second", [f"ckpt_path={tmp_path / 'first'}", "trainer.max_steps=12"]) == whole[6:]
+    assert run("halted", [], halt_at=1) == whole[:2]
+    assert run("after_halt", [f"ckpt_path={tmp_path / 'halted'}"]) == whole[2:]
 
 
 def test_a_resumed_run_that_makes_its_loader_again_each_epoch_resumes_once(cache_dir, tmp_path, caplog):

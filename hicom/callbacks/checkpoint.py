@@ -179,11 +179,28 @@ def resume_checkpoint(checkpoints: Path) -> Path | None:
     return replaced if replaced.is_dir() else None
 
 
+def _fit_ends_mid_epoch(trainer) -> bool:
+    """Whether the fit stops after the batch at hand (Lightning's conditions: max_steps reached, or should_stop
+    where min_epochs and min_steps allow) and that batch is not its epoch's last."""
+    loop = trainer.fit_loop.epoch_loop
+    if loop._num_ready_batches_reached():
+        return False
+    max_steps = loop.max_steps
+    if max_steps is not None and max_steps != -1 and trainer.global_step >= max_steps:
+        return True
+    return trainer.should_stop and trainer.fit_loop._can_stop_early
+
+
 class LastCheckpoint(ModelCheckpoint):
     """With a time or step trigger (the hourly last.ckpt), Lightning's ModelCheckpoint writes last.ckpt at the end
     of training only if it never wrote one, so a run longer than the interval ends with a last.ckpt up to an
     interval behind its weights. This one writes it at the end whenever the last write was at an earlier step
     (Lightning's own conditions: not in fast_dev_run, sanity checking or outside fit).
+
+    A fit that stops part-way through an epoch (max_steps, or trainer.should_stop: max_time) writes last.ckpt
+    after its last batch, before Lightning ends the epoch: there Lightning would count the epoch done, and a run
+    resumed from it with a larger max_steps would go on with the next epoch, the rest of this one never trained.
+    Written where the epoch is under way, it resumes as the run would have gone on.
 
     Under a strategy that saves a folder (DeepSpeed), last.ckpt is a link to a whole folder (`replace_folder`):
     DeepSpeed writes its files in place, and a job killed during the save would otherwise leave last.ckpt
@@ -236,6 +253,8 @@ class LastCheckpoint(ModelCheckpoint):
             return
         self._agree_to_stop(trainer)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.save_last and _fit_ends_mid_epoch(trainer) and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._agree_to_stop(trainer)  # Lightning's evaluation loop stops on each process's own flag

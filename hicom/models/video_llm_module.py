@@ -18,7 +18,7 @@ from hicom.modules.compressors import Compressor
 from hicom.modules.llm import CausalLM
 from hicom.modules.video_llm import VideoLLM
 from hicom.modules.vision import ClipTower, SiglipTower
-from hicom.utils.checkpoints import computed_buffers, restore_computed_buffers
+from hicom.utils.checkpoints import computed_buffers, next_epoch_from_its_start, restore_computed_buffers
 
 log = logging.getLogger(__name__)
 
@@ -396,6 +396,7 @@ class VideoLLMModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_resume_origin(checkpoint.get("init_from"), self.init_from)
+        next_epoch_from_its_start(checkpoint)
         self.earlier = dict(checkpoint.get("fit_so_far") or {})  # none in a checkpoint from before it was kept
         self._check_optimizer_groups(checkpoint.get("optimizer_states") or [])
         for item in checkpoint.get("skipped_samples", []):  # those before the stop, in the run's metrics.json too

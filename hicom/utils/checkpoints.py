@@ -1,4 +1,5 @@
-"""Checks on model folders given in config, so a missing path fails at once with what to set."""
+"""Checks on model folders given in config, so a missing path fails at once with what to set; and what a
+Lightning checkpoint needs to resume as the run would have gone on."""
 
 from __future__ import annotations
 
@@ -266,3 +267,32 @@ def full_parameters(module) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
         yield
+
+
+def next_epoch_from_its_start(checkpoint: dict) -> None:
+    """Sets a Lightning checkpoint's per-epoch batch counts to 0 where its epoch is over, so that a resumed fit's
+    next epoch has all its batches. Lightning (2.6) counts an epoch over when the fit stopped (max_epochs, or
+    max_steps or should_stop part-way), and keeps the epoch loop's counts of it; a fit resumed with max_steps set
+    (iteration-based, to Lightning) takes them as its place in the next epoch: it trained 1 batch of the next
+    epoch where the checkpoint's epoch was whole (4 of 4 batches), 2 of 4 where it had been stopped after 2. A
+    checkpoint taken part-way through an epoch (the loop's counts are its place there) is left as it is."""
+    loops = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    epochs = (loops.get("epoch_progress") or {}).get("current")
+    if not epochs or epochs.get("processed", 0) < epochs.get("ready", 0):
+        return
+
+    def zeroed(progress: dict) -> None:
+        for key, value in progress.items():
+            if key == "current" and isinstance(value, dict):
+                progress[key] = dict.fromkeys(value, 0)
+            elif key == "is_last_batch":
+                progress[key] = False
+            elif isinstance(value, dict):
+                zeroed(value)
+
+    for key, progress in loops.items():
+        if key.startswith("epoch_loop.") and key.endswith("progress") and isinstance(progress, dict):
+            zeroed(progress)
+    validation = loops.get("epoch_loop.val_loop.batch_progress")
+    if isinstance(validation, dict) and isinstance(validation.get("total"), dict):
+        validation["total"] = dict.fromkeys(validation["total"], 0)  # counts an epoch's validation batches
