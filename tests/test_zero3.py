@@ -80,7 +80,8 @@ def test_the_staged_recipe_runs_under_deepspeed_and_a_stopped_stage_resumes_from
     the next, and launched again after the second stopped (its hand-off missing), the run skips the first and
     resumes the second from its DeepSpeed folder, which left out the frozen towers."""
     pytest.importorskip("deepspeed")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    # HICOM_LOGS: Hydra's own folder for each launch (its .hydra/ and train.log), not the checkout's logs/
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HICOM_LOGS": str(tmp_path / "logs")}
     run = tmp_path / "run"
     command = [
         sys.executable, "train.py", "experiment=tiny_stages", *SMALL, "trainer.limit_train_batches=2",
