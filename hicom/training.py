@@ -164,7 +164,7 @@ def build(cfg: DictConfig, checked: bool = False):
 # what a run launched again into its folder must share with the launch before for it to go on from its checkpoint
 SAME_RUN_KEYS = ("model", "data", "seed", "global_batch_size")
 # settings of the data loading that leave the run what it is
-SAME_RUN_UNCHECKED = ("num_workers", "eval_batch_size", "prefetch_factor", "pin_memory")
+SAME_RUN_UNCHECKED = ("num_workers", "multiprocessing_context", "eval_batch_size", "prefetch_factor", "pin_memory")
 
 
 def own_checkpoint(cfg: DictConfig) -> Path | None:

@@ -589,6 +589,7 @@ def unloadable_llm(tiny_paths, tmp_path_factory) -> Path:
         ("data.batch_size=0", "data.batch_size must be a whole number >= 1"),
         ("data.eval_batch_size=0", "data.eval_batch_size must be a whole number >= 1"),
         ("data.num_workers=-1", "data.num_workers must be a whole number >= 0"),
+        ("data.multiprocessing_context=frk", r"data.multiprocessing_context must be one of \['fork', 'forkserver', 's"),
         ("data.num_frames=0", "num_frames must be a whole number >= 1, got 0"),
         ("data.num_frames=2.5", "num_frames must be a whole number >= 1, got 2.5"),
         ("data.sampling.frame_folder_fps=0", r"frame_folder_fps \(frames per second of a folder of frames\) must be"),

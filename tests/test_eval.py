@@ -571,6 +571,10 @@ def test_a_bad_checkpoint_or_benchmark_is_a_clear_error(
         ("limit=0", r"limit \(questions per benchmark; null: all\) must be a whole number >= 1, got 0"),
         ("max_new_tokens=0", r"max_new_tokens must be a whole number >= 1, got 0"),
         ("num_workers=-1", r"num_workers must be a whole number >= 0, got -1"),
+        (
+            "multiprocessing_context=threads",
+            r"multiprocessing_context must be one of \['fork', 'forkserver', 'spawn'\]",
+        ),
         ("precision=half", r"precision must be one of \['auto', 'bf16', 'fp32', 'fp16'\], got 'half'"),
         ("shard=2", r"shard=2 of num_shards=1: shards count from 0 to 0"),
         ("num_shards=4", r"num_shards=4 needs shard=<i> \(this process's share, from 0\)"),

@@ -1200,3 +1200,15 @@ def test_the_flop_count_of_a_batch_is_what_torch_counts_for_its_samples_one_by_o
     model.batch_flops = lambda batch: 1 / 0  # a count that fails turns counting off; the fit goes on
     model.on_train_batch_start(batch, 0)
     assert model.batch_flops is None and model.flops_per_batch is None
+
+
+def test_loader_workers_started_by_a_forkserver_train_and_validate(cache_dir, tmp_path):
+    """data.multiprocessing_context=forkserver: the workers are fresh processes, which unpickle the datasets, the
+    collator and the worker set-up (each must pickle), and give the batches forked workers give."""
+    overrides = [*SMALL, "data.num_workers=2", "evaluate=false", "trainer.limit_train_batches=2"]
+    forked = train(compose_train(cache_dir, tmp_path / "forked", overrides))
+    served = train(
+        compose_train(cache_dir, tmp_path / "served", [*overrides, "data.multiprocessing_context=forkserver"])
+    )
+    assert served["steps"] == forked["steps"] == 2
+    assert served["train_loss"] == forked["train_loss"]

@@ -22,7 +22,7 @@ from hicom.data.template import ChatEncoder
 from hicom.data.transforms import FrameTransform
 from hicom.data.video import FrameSampling
 from hicom.utils.checkpoints import load_guide_tokenizer, load_tokenizer
-from hicom.utils.choices import flag, whole_number
+from hicom.utils.choices import flag, loader_start, whole_number
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,7 @@ class VideoQADataModule(LightningDataModule):
     and similar length (TrainSampler). `pad_to_square`: frames padded to square with the mean colour before the
     resize (the release's "pad"), else stretched (its stage 1). `too_long`: a training sample over `max_length`
     tokens is skipped and counted (`skip`), or its text cut as the release cut it (`truncate`; see TooLong).
+    `multiprocessing_context`: how the loaders start their workers (MultiprocessingContext); None: torch's default.
     """
 
     def __init__(
@@ -159,6 +160,7 @@ class VideoQADataModule(LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int = 16,
         num_workers: int = 2,
+        multiprocessing_context: str | None = None,
         max_length: int = 4096,
         too_long: str = "skip",
         split_turns: bool | None = None,
@@ -178,6 +180,7 @@ class VideoQADataModule(LightningDataModule):
         for key, value in sizes:
             whole_number(key, value)
         whole_number("data.num_workers", num_workers, least=0)
+        self.worker_start = loader_start("data.multiprocessing_context", multiprocessing_context, num_workers)
         for key, value in (
             ("data.pad_to_square", pad_to_square),
             ("data.group_by_length", group_by_length),
@@ -278,6 +281,7 @@ class VideoQADataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),  # the batch goes to the GPU by DMA, without a pageable copy
             worker_init_fn=loader_worker_signals,
+            **self.worker_start,
         )
 
     def train_dataloader(self) -> ResumableLoader:
@@ -315,6 +319,7 @@ class VideoQADataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),  # the batch goes to the GPU by DMA, without a pageable copy
             worker_init_fn=loader_worker_signals,
+            **self.worker_start,
             epochs_done=lambda: (
                 None if self.trainer is None else self.trainer.fit_loop.epoch_progress.current.processed
             ),

@@ -42,7 +42,7 @@ from hicom.eval.answers import LETTERS, parse_choice
 from hicom.eval.benchmarks import BenchmarkFormatError, Kind, Question, read_srt, subtitles_at
 from hicom.eval.score import drop_torn_tail, read_predictions, score
 from hicom.utils.checkpoints import computed_buffers, load_guide_tokenizer, loading_dtype, restore_computed_buffers
-from hicom.utils.choices import whole_number
+from hicom.utils.choices import loader_start, whole_number
 from hicom.utils.config import dotted_keys, process_own_folder
 from hicom.utils.files import held_alone, locked, write_atomically
 
@@ -495,6 +495,7 @@ def _answer_shard(
         num_workers=cfg.num_workers,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
+        **loader_start("multiprocessing_context", cfg.get("multiprocessing_context"), cfg.num_workers),
     )
     start, answered = time.perf_counter(), 0
     with shard_file.open("a") as f:
@@ -671,6 +672,7 @@ def evaluate(cfg: DictConfig) -> dict:
     whole_number("batch_size", cfg.batch_size)
     whole_number("max_new_tokens", cfg.max_new_tokens)
     whole_number("num_workers", cfg.num_workers, least=0)
+    loader_start("multiprocessing_context", cfg.get("multiprocessing_context"), cfg.num_workers)
     whole_number("num_shards", num_shards)
     if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < num_shards:
         raise ValueError(f"shard={shard!r} of num_shards={num_shards}: shards count from 0 to {num_shards - 1}")

@@ -53,3 +53,27 @@ def kernel_sizes(key: str, kernel) -> tuple[int, ...]:
     ):
         raise ValueError(f"{key} must be three whole numbers >= 1 (k_t, k_s, k_s), got {kernel!r}")
     return tuple(kernel)
+
+
+class MultiprocessingContext(Choice):
+    """How a DataLoader starts its worker processes (torch's `multiprocessing_context`). `fork` (Linux's default)
+    copies the main process, locks other threads hold included: a worker that needs one waits forever (a decoder's
+    or an allocator's thread in the parent). `forkserver` and `spawn` start clean processes, which import the
+    dataset's modules once each (seconds, once per run with persistent workers)."""
+
+    FORK = "fork"
+    FORKSERVER = "forkserver"
+    SPAWN = "spawn"
+
+
+def loader_start(key: str, value, num_workers: int) -> dict:
+    """The DataLoader keyword for `value` (None: torch's default), checked against this platform's start methods
+    under the name `key`; none without workers, where torch refuses one."""
+    if value is None:
+        return {}
+    import multiprocessing
+
+    method = MultiprocessingContext.of(value, key).value
+    if method not in multiprocessing.get_all_start_methods():
+        raise ValueError(f"{key}={method} is not available here: {multiprocessing.get_all_start_methods()}")
+    return {"multiprocessing_context": method} if num_workers > 0 else {}
