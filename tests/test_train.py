@@ -644,8 +644,8 @@ def test_a_step_and_an_answer_in_bf16(compressor, precision, cache_dir, tmp_path
 
 
 def _order_recorder(cache_dir, tmp_path, base: list[str]):
-    """`run(out, overrides, die_at=, halt_at=)`: a training run's batches (their sample ids), in order; it dies
-    (an exception) at step `die_at`, or sets should_stop at step `halt_at` as max_time's Timer does."""
+    """`run(out, overrides, die_at=, halt_at=)`: a training run's batches (epoch and sample ids), in order; it
+    dies (an exception) at step `die_at`, or sets should_stop on micro-batch `halt_at` as max_time's Timer does."""
 
     def run(out, overrides, die_at=None, halt_at=None):
         seen = []
@@ -656,9 +656,9 @@ def _order_recorder(cache_dir, tmp_path, base: list[str]):
             def recorded(batch, *args):
                 if model.global_step == die_at:
                     raise RuntimeError("the node went away")
-                if model.global_step == halt_at:
+                if len(seen) == halt_at:
                     model.trainer.should_stop = True
-                seen.append(sorted(batch["ids"]))
+                seen.append((model.current_epoch, sorted(batch["ids"])))
                 return step(batch, *args)
 
             model.training_step = recorded
@@ -708,19 +708,46 @@ def test_a_run_resumed_with_max_steps_after_an_epoch_lightning_counts_done_train
     """Lightning counts an epoch done when its fit stops, and kept that epoch's batch count for a fit resumed
     with max_steps set: the next epoch then had 6 - 6 + 1 batches after a whole epoch, 6 - 3 after a stop at 3.
     A checkpoint written there (Lightning's own ModelCheckpoint at a max_steps stop, or any at the end of a
-    run's last epoch) now resumes with the next epoch whole. A stop from should_stop (max_time) part-way through
-    an epoch resumes where it stopped, as a max_steps one does."""
+    run's last epoch, or in on_train_epoch_end, whose epoch number stayed one behind) now resumes with the next
+    epoch whole."""
     run = _order_recorder(cache_dir, tmp_path, RESUMABLE)
     whole = run("whole", [])
     lightnings = ["callbacks.model_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint"]
     assert run("stopped", [*lightnings, "trainer.max_steps=3"]) == whole[:3]
     with caplog.at_level("WARNING"):
         assert run("next", [f"ckpt_path={tmp_path / 'stopped'}", "trainer.max_steps=12"]) == whole[6:]
-    assert "stopped after 3 of epoch 0's 6 batches (max_steps)" in caplog.text
+    assert "stopped after 3 of epoch 0's 6 batches (max_steps, max_time or should_stop)" in caplog.text
     assert run("first", ["trainer.max_epochs=1"]) == whole[:6]
     assert run("second", [f"ckpt_path={tmp_path / 'first'}", "trainer.max_steps=12"]) == whole[6:]
+    epoch_ends = ["callbacks.model_checkpoint.train_time_interval=null", "+callbacks.model_checkpoint.every_n_epochs=1"]
+    epoch_ends += ["callbacks.model_checkpoint.save_top_k=-1"]  # Lightning writes last.ckpt there with a top-k one
+    assert run("epoch_ends", epoch_ends, die_at=8) == whole[:8]  # its last.ckpt: epoch 0's on_train_epoch_end
+    ended = tmp_path / "epoch_ends" / "checkpoints" / "last.ckpt"
+    assert run("after_end", [f"ckpt_path={ended}", "trainer.max_steps=12"]) == whole[6:]
+
+
+def test_a_fit_that_should_stop_ends_mid_epoch_resumes_where_it_stopped(cache_dir, tmp_path):
+    """A stop from should_stop (max_time's Timer) part-way through an epoch resumes where it stopped, as a
+    max_steps one does; set within a gradient accumulation, the fit stops at its step. A stop with a validation
+    writes that validation's checkpoints (a monitored top-k) as well as last.ckpt, which is written after it."""
+    run = _order_recorder(cache_dir, tmp_path, RESUMABLE)
+    whole = run("whole", [])
     assert run("halted", [], halt_at=1) == whole[:2]
     assert run("after_halt", [f"ckpt_path={tmp_path / 'halted'}"]) == whole[2:]
+    accumulating = ["global_batch_size=8"]  # 2 micro-batches of 4 a step
+    assert run("halted_within", accumulating, halt_at=2) == whole[:4]  # on a step's first micro-batch
+    assert run("after_within", [*accumulating, f"ckpt_path={tmp_path / 'halted_within'}"]) == whole[4:]
+    validating = ["trainer.limit_val_batches=1", "+trainer.val_check_interval=3"]
+    validating += ["+callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.save_top_k=-1"]
+    validating += ["callbacks.model_checkpoint.train_time_interval=null"]
+    assert run("validated", [*validating, "trainer.max_steps=3"]) == whole[:3]
+    checkpoints = tmp_path / "validated" / "checkpoints"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["epoch00-step3.ckpt", "last.ckpt"]
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["VideoQADataModule"]["train_loader"]["batches"] == 3  # epoch 0 under way
+    assert last["callbacks"]  # written after the validation: the top-k it recorded
+    state = next(value for key, value in last["callbacks"].items() if "LastCheckpoint" in key)
+    assert state["best_model_path"].endswith("epoch00-step3.ckpt")
 
 
 def test_a_resumed_run_that_makes_its_loader_again_each_epoch_resumes_once(cache_dir, tmp_path, caplog):

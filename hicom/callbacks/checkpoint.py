@@ -191,6 +191,14 @@ def _fit_ends_mid_epoch(trainer) -> bool:
     return trainer.should_stop and trainer.fit_loop._can_stop_early
 
 
+def _validates_after(trainer) -> bool:
+    """Whether Lightning validates after the training batch at hand (its own test, which a stop makes true)."""
+    loop = trainer.fit_loop.epoch_loop
+    if loop._skip_next_val or loop.val_loop.skip:
+        return False
+    return loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+
+
 class LastCheckpoint(ModelCheckpoint):
     """With a time or step trigger (the hourly last.ckpt), Lightning's ModelCheckpoint writes last.ckpt at the end
     of training only if it never wrote one, so a run longer than the interval ends with a last.ckpt up to an
@@ -198,9 +206,10 @@ class LastCheckpoint(ModelCheckpoint):
     (Lightning's own conditions: not in fast_dev_run, sanity checking or outside fit).
 
     A fit that stops part-way through an epoch (max_steps, or trainer.should_stop: max_time) writes last.ckpt
-    after its last batch, before Lightning ends the epoch: there Lightning would count the epoch done, and a run
-    resumed from it with a larger max_steps would go on with the next epoch, the rest of this one never trained.
-    Written where the epoch is under way, it resumes as the run would have gone on.
+    after its last batch (after the validation Lightning runs there, if any), before Lightning ends the epoch:
+    there Lightning would count the epoch done, and a run resumed from it with a larger max_steps would go on with
+    the next epoch, the rest of this one never trained. Written where the epoch is under way, it resumes as the
+    run would have gone on. A should_stop set within a gradient accumulation waits for its step, as SIGTERM does.
 
     Under a strategy that saves a folder (DeepSpeed), last.ckpt is a link to a whole folder (`replace_folder`):
     DeepSpeed writes its files in place, and a job killed during the save would otherwise leave last.ckpt
@@ -210,6 +219,8 @@ class LastCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self._signalled = False  # this process has received SIGTERM; the fit stops where every process agrees
         self._connector = None  # Lightning's signal connector, whose SIGTERM handler this callback replaces
+        self._stop_at_step = False  # should_stop was set within a gradient accumulation: set again at its step
+        self._save_after_validation = False  # the fit ends mid-epoch after the validation under way
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Replaces Lightning's SIGTERM handler before the trainer registers it (when its run starts, after this
@@ -250,14 +261,28 @@ class LastCheckpoint(ModelCheckpoint):
         waits for the step, and so does a SIGTERM: the fit stops after the step's last micro-batch, at most
         `accumulate_grad_batches` - 1 more."""
         if trainer.fit_loop.epoch_loop._should_accumulate():
+            if trainer.should_stop:  # max_time's Timer checks every micro-batch: the stop waits for the step too
+                trainer.should_stop, self._stop_at_step = False, True
             return
+        if self._stop_at_step:
+            trainer.should_stop, self._stop_at_step = True, False
         self._agree_to_stop(trainer)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self.save_last and _fit_ends_mid_epoch(trainer) and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self.save_last and _fit_ends_mid_epoch(trainer):
+            if _validates_after(trainer):  # its checkpoints (a monitored top-k) first, then last.ckpt
+                self._save_after_validation = True
+            elif not self._should_skip_saving_checkpoint(trainer):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._agree_to_stop(trainer)  # Lightning's evaluation loop stops on each process's own flag
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._save_after_validation:
+            self._save_after_validation = False
+            if not self._should_skip_saving_checkpoint(trainer):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._agree_to_stop(trainer)

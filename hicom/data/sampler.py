@@ -150,8 +150,9 @@ class ResumableLoader(DataLoader):
                 self._skipping = state["batches"]
                 if state.get("cut_short"):
                     log.warning(
-                        "the run this resumes stopped after %d of epoch %d's %d batches (max_steps), and Lightning "
-                        "counts that epoch done: it goes on with epoch %d, and the rest of epoch %d is not trained",
+                        "the run this resumes stopped after %d of epoch %d's %d batches (max_steps, max_time or "
+                        "should_stop), and its checkpoint counts that epoch done: it goes on with epoch %d, and the "
+                        "rest of epoch %d is not trained",
                         state["cut_short"], state["epoch"] - 1, state["of"], state["epoch"], state["epoch"] - 1,
                     )  # fmt: skip
         try:

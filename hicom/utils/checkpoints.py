@@ -275,11 +275,16 @@ def next_epoch_from_its_start(checkpoint: dict) -> None:
     max_steps or should_stop part-way), and keeps the epoch loop's counts of it; a fit resumed with max_steps set
     (iteration-based, to Lightning) takes them as its place in the next epoch: it trained 1 batch of the next
     epoch where the checkpoint's epoch was whole (4 of 4 batches), 2 of 4 where it had been stopped after 2. A
-    checkpoint taken part-way through an epoch (the loop's counts are its place there) is left as it is."""
+    checkpoint taken part-way through an epoch (the loop's counts are its place there) is left as it is. One
+    taken at an epoch's end (on_train_epoch_end: every_n_epochs) has the epoch counted completed too, which
+    Lightning does itself only without max_steps (with it, the resumed fit's epoch number stayed one behind)."""
     loops = (checkpoint.get("loops") or {}).get("fit_loop") or {}
     epochs = (loops.get("epoch_progress") or {}).get("current")
     if not epochs or epochs.get("processed", 0) < epochs.get("ready", 0):
         return
+    for count in loops["epoch_progress"].values():  # saved within on_train_epoch_end: its end was not counted yet
+        if isinstance(count, dict) and count.get("completed", 0) < count.get("processed", 0):
+            count["completed"] = count["processed"]  # as Lightning sets it where max_steps is not set
 
     def zeroed(progress: dict) -> None:
         for key, value in progress.items():
