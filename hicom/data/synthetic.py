@@ -51,9 +51,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Bump whenever the rendering or the question logic changes, so that datasets cached on disk by an
-# older version get a new key instead of being silently reused.
-GENERATOR_VERSION = 3
+# Bump whenever the rendering, the encoding or the question logic changes, so that datasets cached on disk by
+# an older version get a new key instead of being silently reused. 4: lossless clips (write_video), the same
+# decoded frames in every process.
+GENERATOR_VERSION = 4
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -291,7 +292,7 @@ class SyntheticVideoQA:
             records = []
             for index in range(count):
                 frames, record = build_sample(self, split, index)
-                write_video(directory / "videos" / record["video"], frames, self.fps)
+                write_video(directory / "videos" / record["video"], frames, self.fps, lossless=True)
                 records.append(record)
             with open(directory / f"{split}.json", "w") as f:
                 json.dump(records, f, indent=1)
@@ -452,16 +453,45 @@ def build_sample(spec: SyntheticVideoQA, split: str, index: int) -> tuple[np.nda
     return frames, record
 
 
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int) -> None:
-    """Encode (T, H, W, 3) uint8 RGB frames (H, W even) to an H.264 mp4 at `fps`."""
+def yuv420(rgb: np.ndarray) -> np.ndarray:
+    """One (H, W, 3) uint8 RGB frame (H, W even) as yuv420p planes stacked (3H/2, W): BT.601 limited range, as
+    decoders read H.264 without colour tags, chroma averaged over 2 x 2 pixels."""
+    x = rgb.astype(np.float64)
+    y = 16 + (65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]) / 255
+    cb = 128 + (-37.797 * x[..., 0] - 74.203 * x[..., 1] + 112.0 * x[..., 2]) / 255
+    cr = 128 + (112.0 * x[..., 0] - 93.786 * x[..., 1] - 18.214 * x[..., 2]) / 255
+    height, width = y.shape
+
+    def quarter(plane: np.ndarray) -> np.ndarray:  # one row of the planar layout holds two of its rows
+        return plane.reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3)).reshape(height // 4, width)
+
+    planes = np.concatenate([y, quarter(cb), quarter(cr)])
+    return np.clip(np.rint(planes), 0, 255).astype(np.uint8)
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int, lossless: bool = False) -> None:
+    """Encode (T, H, W, 3) uint8 RGB frames (H, W even) to an H.264 mp4 at `fps`.
+
+    `lossless`: x264 at qp 0 from YUV computed here (`yuv420`), so that the decoded frames depend on `frames`
+    alone. Lossy (crf 18) takes libswscale's RGB-to-YUV, whose result depended on the process: the same 300
+    generated clips encoded in two train.py-like processes (torch imported) decoded differently in 36, and x264's
+    rate control differed in 2 of 300 between a process with torch and one without (the tiny default's accuracy
+    then varied with the clone that generated its data)."""
+    height, width = frames.shape[1:3]
+    if lossless and (height % 2 or width % 2):
+        raise ValueError(f"lossless clips need an even frame size, got {height} x {width}")
+    options = {"qp": "0", "preset": "veryfast"} if lossless else {"crf": "18", "preset": "veryfast"}
     with av.open(os.fspath(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"crf": "18", "preset": "veryfast"})
-        stream.width = frames.shape[2]
-        stream.height = frames.shape[1]
+        stream = container.add_stream("libx264", rate=fps, options=options)
+        stream.width = width
+        stream.height = height
         stream.pix_fmt = "yuv420p"
         # At these tiny frame sizes x264's worker threads cost more time than they save.
         stream.codec_context.thread_count = 1
         for array in frames:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
+            if lossless:
+                frame = av.VideoFrame.from_ndarray(yuv420(array), format="yuv420p")
+            else:
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))

@@ -198,7 +198,7 @@ def test_the_loser_of_a_race_keeps_the_winners_copy(tmp_path: Path, monkeypatch:
 
 
 def test_a_failed_generation_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_encoder(*args: object) -> None:
+    def broken_encoder(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
     monkeypatch.setattr(synthetic, "write_video", broken_encoder)
@@ -281,3 +281,20 @@ def test_question_types_from_a_hydra_list_become_a_tuple() -> None:
 def test_invalid_values_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=rf"\b{field}\b"):
         SyntheticVideoQA(**{field: value})
+
+
+def test_generated_clips_are_lossless_so_their_frames_depend_on_the_frames_alone(tmp_path: Path) -> None:
+    """The dataset's clips decode to exactly the YUV that write_video computed from the rendered frames (x264 at
+    qp 0): nothing of the encoding process (libswscale's conversion, x264's rate control) reaches the frames a run
+    trains on. Lossy clips went through libswscale, whose result depended on the process."""
+    import av
+
+    frames, _ = build_sample(TINY, "train", 1)
+    path = tmp_path / "clip.mp4"
+    synthetic.write_video(path, frames, TINY.fps, lossless=True)
+    with av.open(str(path)) as container:
+        decoded = [frame.to_ndarray(format="yuv420p") for frame in container.decode(video=0)]
+    assert len(decoded) == len(frames)
+    assert all(np.array_equal(got, synthetic.yuv420(want)) for got, want in zip(decoded, frames, strict=True))
+    with pytest.raises(ValueError, match="even frame size, got 5 x 6"):
+        synthetic.write_video(tmp_path / "odd.mp4", np.zeros((2, 5, 6, 3), np.uint8), 4, lossless=True)
