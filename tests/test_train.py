@@ -726,6 +726,43 @@ def test_a_run_resumed_with_max_steps_after_an_epoch_lightning_counts_done_train
     assert run("after_end", [f"ckpt_path={ended}", "trainer.max_steps=12"]) == whole[6:]
 
 
+def test_a_run_resumed_with_a_longer_schedule_trains_its_first_step_at_that_schedules_rate(cache_dir, tmp_path, caplog):
+    """A run trained on for longer (a resume with a larger max_steps: another total, another cosine) gets the
+    rates of a run that had that schedule from the start, its first resumed step included (it ran at the
+    restored rate of the ended schedule, 0), and says so; a resume with the same schedule says nothing."""
+
+    def run(out, overrides, halt_at=None):
+        rates = []
+
+        def record(model) -> None:
+            step = model.training_step
+
+            def recorded(batch, *args):
+                if len(rates) == halt_at:
+                    model.trainer.should_stop = True
+                rates.append([group["lr"] for group in model.trainer.optimizers[0].param_groups])
+                return step(batch, *args)
+
+            model.training_step = recorded
+
+        train(compose_train(cache_dir, tmp_path / out, [*RESUMABLE, *overrides]), before_fit=record)
+        return rates
+
+    whole = run("whole", [])
+    assert len(whole) == 12 and whole[3][0] > 0
+    assert run("short", ["trainer.max_steps=4"])[-1] != whole[3]
+    with caplog.at_level("WARNING"):
+        longer = run("longer", [f"ckpt_path={tmp_path / 'short'}", "trainer.max_steps=12"])
+    assert longer == whole[4:]
+    assert "resuming at step 4 with a learning-rate schedule of 1 warmup and 12 total steps" in caplog.text
+    assert "the checkpoint's run had 1 and 4" in caplog.text
+    assert run("halted", [], halt_at=1) == whole[:2]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert run("same", [f"ckpt_path={tmp_path / 'halted'}"]) == whole[2:]
+    assert "learning-rate schedule" not in caplog.text
+
+
 def test_a_fit_that_should_stop_ends_mid_epoch_resumes_where_it_stopped(cache_dir, tmp_path):
     """A stop from should_stop (max_time's Timer) part-way through an epoch resumes where it stopped, as a
     max_steps one does; set within a gradient accumulation, the fit stops at its step. A stop with a validation

@@ -88,6 +88,12 @@ def _some(names: list[str]) -> str:
     return f"{names[:5]}{' ...' if len(names) > 5 else ''}"
 
 
+def _rates(groups: list[dict], rates: list[float]) -> str:
+    """Each optimizer group's learning rate, by the group's name, for a message."""
+    named = enumerate(zip(groups, rates, strict=True))
+    return ", ".join(f"{group.get('name', index)} {rate:.3g}" for index, (group, rate) in named)
+
+
 def warmup_steps(ratio: float, total: int) -> int:
     """The warmup of `total` optimizer steps, counted as transformers' Trainer counts it for the release: the ratio's
     share rounded up (3% of stage 2's 1,444 steps at 512 a step is 44)."""
@@ -173,6 +179,10 @@ class VideoLLMModule(LightningModule):
         self._val_sum, self._val_count = 0.0, 0.0  # the validation under way (on_validation_epoch_end)
         self._leaves_out_frozen = False  # the state dict drops the frozen weights (DeepSpeed's checkpoints: `setup`)
         self._computed = computed_buffers(net)  # fp32 RoPE frequencies, put back after bf16-true / DeepSpeed casts
+        # the learning-rate schedule's warmup and total steps (configure_optimizers), kept in checkpoints; and where
+        # this fit resumes, the checkpoint's run's (None in one written before they were kept): `_follow_schedule`
+        self.schedule: dict[str, int] | None = None
+        self._resumed_schedule: dict | None = None
         self.train()
 
     def train(self, mode: bool = True):
@@ -325,6 +335,43 @@ class VideoLLMModule(LightningModule):
             self.fit_counts["flops"] = None
         self._stepped = 0.0
 
+    def on_train_start(self) -> None:
+        self._follow_schedule()
+
+    def _follow_schedule(self) -> None:
+        """Where this fit resumed, after Lightning restored the optimizer and the schedule: the optimizer's rates
+        are this schedule's at the checkpoint's step. The restored rates are those the checkpoint's run had there,
+        which a resume with another schedule (other max_steps or max_epochs, so another total and warmup: a run
+        trained on for longer) would have trained its first step at, then jumped to this schedule's (after a run
+        that ended, from 0). Such a change is logged with the rates before and after; with the same schedule the
+        rates are the ones restored."""
+        from torch.optim.lr_scheduler import LambdaLR
+
+        resumed, self._resumed_schedule = self._resumed_schedule, None
+        if resumed is None:
+            return
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if not isinstance(scheduler, LambdaLR):  # a schedule of another kind: its restored state is left alone
+                continue
+            step = scheduler.last_epoch
+            rates = [base * rule(step) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+            groups = scheduler.optimizer.param_groups
+            restored = [group["lr"] for group in groups]
+            for group, rate in zip(groups, rates, strict=True):
+                group["lr"] = rate
+            scheduler._last_lr = list(rates)
+            if restored != rates or resumed["was"] not in (None, self.schedule):
+                was = resumed["was"] or {}
+                log.warning(
+                    "resuming at step %d with a learning-rate schedule of %s warmup and %s total steps, where the "
+                    "checkpoint's run had %s and %s: the rates go on from this schedule's at step %d (%s), not from "
+                    "the checkpoint's (%s)",
+                    step, self.schedule["warmup_steps"], self.schedule["total_steps"],
+                    was.get("warmup_steps", "an unrecorded warmup"), was.get("total_steps", "total"), step,
+                    _rates(groups, rates), _rates(groups, restored),
+                )  # fmt: skip
+
     def frozen_loaded(self) -> list[str]:
         """The state-dict names of the frozen parameters of the towers and the LLM: what every build loads again
         from the model folders (or init_from), and so what a checkpoint need not hold."""
@@ -346,6 +393,7 @@ class VideoLLMModule(LightningModule):
         checkpoint["skipped_samples"] = self._skipped_so_far()
         checkpoint["fit_so_far"] = self.fit_so_far()
         checkpoint["compressor_config"] = self.compressor_config
+        checkpoint["lr_schedule"] = self.schedule
         strategy = self._deepspeed()
         if strategy is not None:
             checkpoint.pop("state_dict", None)  # the strategy drops it (after these hooks): the engine's is saved
@@ -398,6 +446,7 @@ class VideoLLMModule(LightningModule):
         check_resume_origin(checkpoint.get("init_from"), self.init_from)
         next_epoch_from_its_start(checkpoint)
         self.earlier = dict(checkpoint.get("fit_so_far") or {})  # none in a checkpoint from before it was kept
+        self._resumed_schedule = {"was": checkpoint.get("lr_schedule")}
         self._check_optimizer_groups(checkpoint.get("optimizer_states") or [])
         for item in checkpoint.get("skipped_samples", []):  # those before the stop, in the run's metrics.json too
             self.skipped.setdefault(item["key"], item)
@@ -691,7 +740,8 @@ class VideoLLMModule(LightningModule):
         optimizer = torch.optim.AdamW(params, weight_decay=self.weight_decay, betas=self.betas)
         total = int(self.trainer.estimated_stepping_batches)
         self._check_whole_steps()
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(self.warmup_ratio, total), total)
+        self.schedule = {"warmup_steps": warmup_steps(self.warmup_ratio, total), "total_steps": total}
+        scheduler = get_cosine_schedule_with_warmup(optimizer, self.schedule["warmup_steps"], total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _check_whole_steps(self) -> None:
