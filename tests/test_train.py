@@ -765,7 +765,8 @@ def test_a_run_resumed_with_a_longer_schedule_trains_its_first_step_at_that_sche
 
 def test_a_fit_that_should_stop_ends_mid_epoch_resumes_where_it_stopped(cache_dir, tmp_path):
     """A stop from should_stop (max_time's Timer) part-way through an epoch resumes where it stopped, as a
-    max_steps one does; set within a gradient accumulation, the fit stops at its step. A stop with a validation
+    max_steps one does; set within a gradient accumulation (in training, or by EarlyStopping at a validation
+    there), the fit stops at its step, and such a validation's checkpoints are written there too. A stop with a validation
     writes that validation's checkpoints (a monitored top-k) as well as last.ckpt, which is written after it."""
     run = _order_recorder(cache_dir, tmp_path, RESUMABLE)
     whole = run("whole", [])
@@ -777,6 +778,23 @@ def test_a_fit_that_should_stop_ends_mid_epoch_resumes_where_it_stopped(cache_di
     validating = ["trainer.limit_val_batches=1", "+trainer.val_check_interval=3"]
     validating += ["+callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.save_top_k=-1"]
     validating += ["callbacks.model_checkpoint.train_time_interval=null"]
+    early = ["+callbacks.early_stopping._target_=lightning.pytorch.callbacks.EarlyStopping"]
+    early += ["+callbacks.early_stopping.monitor=val/loss", "+callbacks.early_stopping.stopping_threshold=1000"]
+    early += ["+callbacks.early_stopping.check_on_train_epoch_end=false"]  # it stops at the first validation
+    validating_within = ["trainer.limit_val_batches=1", "+trainer.val_check_interval=3", *accumulating]
+    assert run("stopped_early", [*validating_within, *early]) == whole[:4]  # validated on step 2's first micro-batch
+    assert run("after_early", [*accumulating, f"ckpt_path={tmp_path / 'stopped_early'}"]) == whole[4:]
+    top_k = [*validating_within, *validating[2:]]  # a monitored top-k at each validation
+    assert run("validated_within", [*top_k, "trainer.max_steps=3"]) == whole[:6]
+    checkpoints = tmp_path / "validated_within" / "checkpoints"  # the first validation's, at its step
+    assert sorted(path.name for path in checkpoints.iterdir()) == [
+        "epoch00-step2.ckpt",
+        "epoch00-step3.ckpt",
+        "last.ckpt",
+    ]
+    first = torch.load(checkpoints / "epoch00-step2.ckpt", map_location="cpu", weights_only=True)
+    assert first["VideoQADataModule"]["train_loader"]["batches"] == 4
+    assert run("after_first", [*accumulating, f"ckpt_path={checkpoints / 'epoch00-step2.ckpt'}"]) == whole[4:]
     assert run("validated", [*validating, "trainer.max_steps=3"]) == whole[:3]
     checkpoints = tmp_path / "validated" / "checkpoints"
     assert sorted(path.name for path in checkpoints.iterdir()) == ["epoch00-step3.ckpt", "last.ckpt"]

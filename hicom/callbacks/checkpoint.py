@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,8 @@ class LastCheckpoint(ModelCheckpoint):
     after its last batch (after the validation Lightning runs there, if any), before Lightning ends the epoch:
     there Lightning would count the epoch done, and a run resumed from it with a larger max_steps would go on with
     the next epoch, the rest of this one never trained. Written where the epoch is under way, it resumes as the
-    run would have gone on. A should_stop set within a gradient accumulation waits for its step, as SIGTERM does.
+    run would have gone on. A should_stop set within a gradient accumulation waits for its step, as SIGTERM does,
+    and so do a validation's checkpoints there (`on_validation_end`).
 
     Under a strategy that saves a folder (DeepSpeed), last.ckpt is a link to a whole folder (`replace_folder`):
     DeepSpeed writes its files in place, and a job killed during the save would otherwise leave last.ckpt
@@ -221,6 +223,7 @@ class LastCheckpoint(ModelCheckpoint):
         self._connector = None  # Lightning's signal connector, whose SIGTERM handler this callback replaces
         self._stop_at_step = False  # should_stop was set within a gradient accumulation: set again at its step
         self._save_after_validation = False  # the fit ends mid-epoch after the validation under way
+        self._validated_within_step = False  # a validation within a gradient accumulation: its saves wait for the step
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Replaces Lightning's SIGTERM handler before the trainer registers it (when its run starts, after this
@@ -267,6 +270,9 @@ class LastCheckpoint(ModelCheckpoint):
         if self._stop_at_step:
             trainer.should_stop, self._stop_at_step = True, False
         self._agree_to_stop(trainer)
+        if self._validated_within_step:  # that validation's checkpoints, first, as where it is at a step
+            self._validated_within_step = False
+            super().on_validation_end(trainer, pl_module)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.save_last and _fit_ends_mid_epoch(trainer):
             if _validates_after(trainer):  # its checkpoints (a monitored top-k) first, then last.ckpt
@@ -278,6 +284,17 @@ class LastCheckpoint(ModelCheckpoint):
         self._agree_to_stop(trainer)  # Lightning's evaluation loop stops on each process's own flag
 
     def on_validation_end(self, trainer, pl_module) -> None:
+        """Writes the validation's checkpoints, then last.ckpt where the fit ends mid-epoch after it. A validation
+        within a gradient accumulation (a `val_check_interval` that is not a multiple of it) leaves both, and a
+        stop it sets (EarlyStopping, which runs before this callback), to the step, as `on_train_batch_end` does
+        for its own: written there, a checkpoint would count the step's micro-batches as read with their gradients
+        in no file, and Lightning would end the epoch at the stop, the rest of it untrained on a resume."""
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        if fitting and trainer.fit_loop.epoch_loop._should_accumulate():
+            self._validated_within_step = True
+            if trainer.should_stop:
+                trainer.should_stop, self._stop_at_step = False, True
+            return
         super().on_validation_end(trainer, pl_module)
         if self._save_after_validation:
             self._save_after_validation = False
