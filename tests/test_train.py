@@ -645,13 +645,19 @@ def test_a_step_and_an_answer_in_bf16(compressor, precision, cache_dir, tmp_path
 
 def _order_recorder(cache_dir, tmp_path, base: list[str]):
     """`run(out, overrides, die_at=, halt_at=)`: a training run's batches (epoch and sample ids), in order; it
-    dies (an exception) at step `die_at`, or sets should_stop on micro-batch `halt_at` as max_time's Timer does."""
+    dies (an exception) at step `die_at`, or sets should_stop on micro-batch `halt_at` as max_time's Timer does.
+    `run.validated`: the step of each held-out batch of the last run."""
 
     def run(out, overrides, die_at=None, halt_at=None):
-        seen = []
+        seen, run.validated = [], []
 
         def record(model) -> None:
-            step = model.training_step
+            step, validation_step = model.training_step, model.validation_step
+
+            def validated(batch, *args):
+                if not model.trainer.sanity_checking:
+                    run.validated.append(model.global_step)
+                return validation_step(batch, *args)
 
             def recorded(batch, *args):
                 if model.global_step == die_at:
@@ -661,7 +667,7 @@ def _order_recorder(cache_dir, tmp_path, base: list[str]):
                 seen.append((model.current_epoch, sorted(batch["ids"])))
                 return step(batch, *args)
 
-            model.training_step = recorded
+            model.training_step, model.validation_step = recorded, validated
 
         try:
             train(compose_train(cache_dir, tmp_path / out, [*base, *overrides]), before_fit=record)
@@ -754,7 +760,7 @@ def test_a_run_resumed_with_a_longer_schedule_trains_its_first_step_at_that_sche
     with caplog.at_level("WARNING"):
         longer = run("longer", [f"ckpt_path={tmp_path / 'short'}", "trainer.max_steps=12"])
     assert longer == whole[4:]
-    assert "resuming at step 4 with a learning-rate schedule of 1 warmup and 12 total steps" in caplog.text
+    assert "resuming at schedule step 4 with a learning-rate schedule of 1 warmup and 12 total steps" in caplog.text
     assert "the checkpoint's run had 1 and 4" in caplog.text
     assert run("halted", [], halt_at=1) == whole[:2]
     caplog.clear()
@@ -766,7 +772,8 @@ def test_a_run_resumed_with_a_longer_schedule_trains_its_first_step_at_that_sche
 def test_a_fit_that_should_stop_ends_mid_epoch_resumes_where_it_stopped(cache_dir, tmp_path):
     """A stop from should_stop (max_time's Timer) part-way through an epoch resumes where it stopped, as a
     max_steps one does; set within a gradient accumulation (in training, or by EarlyStopping at a validation
-    there), the fit stops at its step, and such a validation's checkpoints are written there too. A stop with a validation
+    there, which does not run again at the step), the fit stops at its step, and last.ckpt is written there where
+    such a validation asks for it (its top-k where it measured). A stop with a validation
     writes that validation's checkpoints (a monitored top-k) as well as last.ckpt, which is written after it."""
     run = _order_recorder(cache_dir, tmp_path, RESUMABLE)
     whole = run("whole", [])
@@ -783,18 +790,16 @@ def test_a_fit_that_should_stop_ends_mid_epoch_resumes_where_it_stopped(cache_di
     early += ["+callbacks.early_stopping.check_on_train_epoch_end=false"]  # it stops at the first validation
     validating_within = ["trainer.limit_val_batches=1", "+trainer.val_check_interval=3", *accumulating]
     assert run("stopped_early", [*validating_within, *early]) == whole[:4]  # validated on step 2's first micro-batch
+    assert run.validated == [1]  # not again at the step, where Lightning validates a stopping fit
     assert run("after_early", [*accumulating, f"ckpt_path={tmp_path / 'stopped_early'}"]) == whole[4:]
     top_k = [*validating_within, *validating[2:]]  # a monitored top-k at each validation
-    assert run("validated_within", [*top_k, "trainer.max_steps=3"]) == whole[:6]
-    checkpoints = tmp_path / "validated_within" / "checkpoints"  # the first validation's, at its step
-    assert sorted(path.name for path in checkpoints.iterdir()) == [
-        "epoch00-step2.ckpt",
-        "epoch00-step3.ckpt",
-        "last.ckpt",
-    ]
-    first = torch.load(checkpoints / "epoch00-step2.ckpt", map_location="cpu", weights_only=True)
-    assert first["VideoQADataModule"]["train_loader"]["batches"] == 4
-    assert run("after_first", [*accumulating, f"ckpt_path={checkpoints / 'epoch00-step2.ckpt'}"]) == whole[4:]
+    assert run("validated_within", top_k, die_at=2) == whole[:4]  # dies on step 3's first micro-batch
+    checkpoints = tmp_path / "validated_within" / "checkpoints"
+    # the validation's top-k where it measured the weights of step 1; last.ckpt at the step after it
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["epoch00-step1.ckpt", "last.ckpt"]
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 2 and last["VideoQADataModule"]["train_loader"]["batches"] == 4
+    assert run("after_within", [*accumulating, f"ckpt_path={checkpoints / 'last.ckpt'}"]) == whole[4:]
     assert run("validated", [*validating, "trainer.max_steps=3"]) == whole[:3]
     checkpoints = tmp_path / "validated" / "checkpoints"
     assert sorted(path.name for path in checkpoints.iterdir()) == ["epoch00-step3.ckpt", "last.ckpt"]

@@ -200,6 +200,13 @@ def _validates_after(trainer) -> bool:
     return loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
 
 
+def _within_step(trainer) -> bool:
+    """Whether a fit is part-way through a gradient accumulation (at a micro-batch that does not step, or in a
+    validation after one)."""
+    fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+    return fitting and trainer.fit_loop.epoch_loop._should_accumulate()
+
+
 class LastCheckpoint(ModelCheckpoint):
     """With a time or step trigger (the hourly last.ckpt), Lightning's ModelCheckpoint writes last.ckpt at the end
     of training only if it never wrote one, so a run longer than the interval ends with a last.ckpt up to an
@@ -211,7 +218,7 @@ class LastCheckpoint(ModelCheckpoint):
     there Lightning would count the epoch done, and a run resumed from it with a larger max_steps would go on with
     the next epoch, the rest of this one never trained. Written where the epoch is under way, it resumes as the
     run would have gone on. A should_stop set within a gradient accumulation waits for its step, as SIGTERM does,
-    and so do a validation's checkpoints there (`on_validation_end`).
+    and so does last.ckpt where a validation there asks for it (`_save_last_checkpoint`).
 
     Under a strategy that saves a folder (DeepSpeed), last.ckpt is a link to a whole folder (`replace_folder`):
     DeepSpeed writes its files in place, and a job killed during the save would otherwise leave last.ckpt
@@ -223,7 +230,8 @@ class LastCheckpoint(ModelCheckpoint):
         self._connector = None  # Lightning's signal connector, whose SIGTERM handler this callback replaces
         self._stop_at_step = False  # should_stop was set within a gradient accumulation: set again at its step
         self._save_after_validation = False  # the fit ends mid-epoch after the validation under way
-        self._validated_within_step = False  # a validation within a gradient accumulation: its saves wait for the step
+        self._last_at_step = False  # last.ckpt was asked for within a gradient accumulation: written at its step
+        self._stopped_by_validation = False  # the stop waiting for the step was set at a validation
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Replaces Lightning's SIGTERM handler before the trainer registers it (when its run starts, after this
@@ -269,10 +277,12 @@ class LastCheckpoint(ModelCheckpoint):
             return
         if self._stop_at_step:
             trainer.should_stop, self._stop_at_step = True, False
+            if self._stopped_by_validation:  # Lightning validates where a fit stops: this one has, in the step
+                trainer.fit_loop.epoch_loop._skip_next_val, self._stopped_by_validation = True, False
         self._agree_to_stop(trainer)
-        if self._validated_within_step:  # that validation's checkpoints, first, as where it is at a step
-            self._validated_within_step = False
-            super().on_validation_end(trainer, pl_module)
+        if self._last_at_step:
+            self._last_at_step = False
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.save_last and _fit_ends_mid_epoch(trainer):
             if _validates_after(trainer):  # its checkpoints (a monitored top-k) first, then last.ckpt
@@ -284,18 +294,14 @@ class LastCheckpoint(ModelCheckpoint):
         self._agree_to_stop(trainer)  # Lightning's evaluation loop stops on each process's own flag
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        """Writes the validation's checkpoints, then last.ckpt where the fit ends mid-epoch after it. A validation
-        within a gradient accumulation (a `val_check_interval` that is not a multiple of it) leaves both, and a
-        stop it sets (EarlyStopping, which runs before this callback), to the step, as `on_train_batch_end` does
-        for its own: written there, a checkpoint would count the step's micro-batches as read with their gradients
-        in no file, and Lightning would end the epoch at the stop, the rest of it untrained on a resume."""
-        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
-        if fitting and trainer.fit_loop.epoch_loop._should_accumulate():
-            self._validated_within_step = True
-            if trainer.should_stop:
-                trainer.should_stop, self._stop_at_step = False, True
-            return
+        """Writes the validation's checkpoints (a monitored top-k: the weights it measured), then last.ckpt where the
+        fit ends mid-epoch after it. A validation within a gradient accumulation (where `val_check_interval` falls
+        inside an optimizer step) leaves last.ckpt to the step (`_save_last_checkpoint`), and a stop it sets
+        (EarlyStopping, which runs before this callback) too: Lightning would end the epoch there, the step's
+        micro-batches untrained and the rest of the epoch too on a resume."""
         super().on_validation_end(trainer, pl_module)
+        if _within_step(trainer) and trainer.should_stop:
+            trainer.should_stop, self._stop_at_step, self._stopped_by_validation = False, True, True
         if self._save_after_validation:
             self._save_after_validation = False
             if not self._should_skip_saving_checkpoint(trainer):
@@ -319,10 +325,22 @@ class LastCheckpoint(ModelCheckpoint):
 
         if not isinstance(exception, SIGTERMException) or not self.save_last:
             return
-        if self._should_skip_saving_checkpoint(trainer):  # saved at this step already; not fitting; sanity check
+        asked, self._last_at_step = self._last_at_step, False
+        if self._should_skip_saving_checkpoint(trainer) and not asked:  # saved at this step; not fitting; sanity
             return
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        # within a gradient accumulation too (a SIGTERM in a validation there stops the fit at once): it ends here
+        super()._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         log.warning("stopped at step %d: %s written", trainer.global_step, self.last_model_path)
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates: dict) -> None:
+        """last.ckpt, which a resume goes on from, is written only where an optimizer step has just been taken:
+        asked for within a gradient accumulation (by a validation there, after its top-k), it is written at the
+        step's last micro-batch (`on_train_batch_end`), since there it would count the step's micro-batches as
+        read with their gradients in no file. A top-k checkpoint is written where its validation measured it."""
+        if _within_step(trainer):
+            self._last_at_step = True
+            return
+        super()._save_last_checkpoint(trainer, monitor_candidates)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         trained = {name: p for name, p in trainer.lightning_module.named_parameters() if p.requires_grad}

@@ -363,12 +363,16 @@ class VideoLLMModule(LightningModule):
             scheduler._last_lr = list(rates)
             if restored != rates or resumed["was"] not in (None, self.schedule):
                 was = resumed["was"] or {}
+                # the schedule counts the steps that moved the weights (`lr_scheduler_step`), the trainer every step
+                at = f"step {step}" + (
+                    f" (trainer step {self.trainer.global_step})" if step != self.trainer.global_step else ""
+                )
                 log.warning(
-                    "resuming at step %d with a learning-rate schedule of %s warmup and %s total steps, where the "
-                    "checkpoint's run had %s and %s: the rates go on from this schedule's at step %d (%s), not from "
-                    "the checkpoint's (%s)",
-                    step, self.schedule["warmup_steps"], self.schedule["total_steps"],
-                    was.get("warmup_steps", "an unrecorded warmup"), was.get("total_steps", "total"), step,
+                    "resuming at schedule %s with a learning-rate schedule of %s warmup and %s total steps, where the "
+                    "checkpoint's run had %s and %s: the rates go on from this schedule's there (%s), not from the "
+                    "checkpoint's (%s)",
+                    at, self.schedule["warmup_steps"], self.schedule["total_steps"],
+                    was.get("warmup_steps", "an unrecorded warmup"), was.get("total_steps", "total"),
                     _rates(groups, rates), _rates(groups, restored),
                 )  # fmt: skip
 
