@@ -180,7 +180,8 @@ class VideoLLMModule(LightningModule):
         self._leaves_out_frozen = False  # the state dict drops the frozen weights (DeepSpeed's checkpoints: `setup`)
         self._computed = computed_buffers(net)  # fp32 RoPE frequencies, put back after bf16-true / DeepSpeed casts
         # the learning-rate schedule's warmup and total steps (configure_optimizers), kept in checkpoints; and where
-        # this fit resumes, the checkpoint's run's (None in one written before they were kept): `_follow_schedule`
+        # this fit resumes, {"was": the checkpoint's run's, None in one written before they were kept}, until
+        # `_follow_schedule` has compared them
         self.schedule: dict[str, int] | None = None
         self._resumed_schedule: dict | None = None
         self.train()
