@@ -277,3 +277,18 @@ def test_a_checkpoint_goes_straight_to_its_folder_not_through_tmpdir(tmp_path, m
     with pytest.raises(CheckpointWriteError, match="its folder cannot be written") as err:
         fit(tmp_path / "elsewhere")
     assert "no earlier checkpoint is there to resume from" in str(err.value) and "GiB free" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("ready", "last", "accumulation", "within"),
+    [(3, False, 2, 1), (4, False, 2, 0), (5, True, 2, 0), (7, False, 4, 3), (3, False, 1, 0)],
+)
+def test_a_checkpoint_knows_the_micro_batches_it_was_written_after_within_a_step(ready, last, accumulation, within):
+    """Lightning's epoch-loop counts say how far into an optimizer step a checkpoint was written; an epoch's last
+    batch steps whatever the count."""
+    from hicom.utils.checkpoints import micro_batches_within_step
+
+    progress = {"current": {"ready": ready, "completed": ready}, "is_last_batch": last}
+    checkpoint = {"loops": {"fit_loop": {"epoch_loop.batch_progress": progress}}}
+    assert micro_batches_within_step(checkpoint, accumulation) == within
+    assert micro_batches_within_step({}, accumulation) == 0  # not a fit's checkpoint

@@ -769,7 +769,7 @@ def test_a_run_resumed_with_a_longer_schedule_trains_its_first_step_at_that_sche
     assert "learning-rate schedule" not in caplog.text
 
 
-def test_a_fit_that_should_stop_ends_mid_epoch_resumes_where_it_stopped(cache_dir, tmp_path):
+def test_a_fit_that_should_stop_ends_mid_epoch_resumes_where_it_stopped(cache_dir, tmp_path, caplog):
     """A stop from should_stop (max_time's Timer) part-way through an epoch resumes where it stopped, as a
     max_steps one does; set within a gradient accumulation (in training, or by EarlyStopping at a validation
     there, which does not run again at the step), the fit stops at its step, and last.ckpt is written there where
@@ -799,7 +799,12 @@ def test_a_fit_that_should_stop_ends_mid_epoch_resumes_where_it_stopped(cache_di
     assert sorted(path.name for path in checkpoints.iterdir()) == ["epoch00-step1.ckpt", "last.ckpt"]
     last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 2 and last["VideoQADataModule"]["train_loader"]["batches"] == 4
-    assert run("after_within", [*accumulating, f"ckpt_path={checkpoints / 'last.ckpt'}"]) == whole[4:]
+    with caplog.at_level("WARNING"):
+        assert run("after_within", [*accumulating, f"ckpt_path={checkpoints / 'last.ckpt'}"]) == whole[4:]
+    assert "micro-batches, before the step" not in caplog.text  # last.ckpt: at a step
+    with caplog.at_level("WARNING"):  # the top-k file: written after 1 of step 2's 2 micro-batches, which is said
+        assert run("after_top_k", [*accumulating, f"ckpt_path={checkpoints / 'epoch00-step1.ckpt'}"]) == whole[3:]
+    assert "written after 1 of an optimizer step's 2 micro-batches, before the step" in caplog.text
     assert run("validated", [*validating, "trainer.max_steps=3"]) == whole[:3]
     checkpoints = tmp_path / "validated" / "checkpoints"
     assert sorted(path.name for path in checkpoints.iterdir()) == ["epoch00-step3.ckpt", "last.ckpt"]

@@ -18,7 +18,12 @@ from hicom.modules.compressors import Compressor
 from hicom.modules.llm import CausalLM
 from hicom.modules.video_llm import VideoLLM
 from hicom.modules.vision import ClipTower, SiglipTower
-from hicom.utils.checkpoints import computed_buffers, next_epoch_from_its_start, restore_computed_buffers
+from hicom.utils.checkpoints import (
+    computed_buffers,
+    micro_batches_within_step,
+    next_epoch_from_its_start,
+    restore_computed_buffers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -450,6 +455,7 @@ class VideoLLMModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_resume_origin(checkpoint.get("init_from"), self.init_from)
         next_epoch_from_its_start(checkpoint)
+        self._warn_within_step(checkpoint)
         self.earlier = dict(checkpoint.get("fit_so_far") or {})  # none in a checkpoint from before it was kept
         self._resumed_schedule = {"was": checkpoint.get("lr_schedule")}
         self._check_optimizer_groups(checkpoint.get("optimizer_states") or [])
@@ -475,6 +481,22 @@ class VideoLLMModule(LightningModule):
                 "the checkpoint holds no place of the data loader (it predates resumable loading): the epoch under "
                 "way starts again from its first batch"
             )
+
+    def _warn_within_step(self, checkpoint: dict) -> None:
+        """A checkpoint written part-way through an optimizer step (a validation's top-k there, or last.ckpt of a
+        SIGTERM during that validation) resumes with a gap, said here: its micro-batches were read and are in no
+        weights, and the resumed fit's first step takes the step's other micro-batches alone."""
+        if self._trainer is None:
+            return
+        accumulation = self.trainer.accumulate_grad_batches
+        read = micro_batches_within_step(checkpoint, accumulation)
+        if read:
+            log.warning(
+                "this checkpoint was written after %d of an optimizer step's %d micro-batches, before the step (a "
+                "validation's top-k there, or a SIGTERM during it): their samples are not in its weights and are not "
+                "read again, and the first step of this fit takes the other %d alone. last.ckpt is written at steps",
+                read, accumulation, accumulation - read,
+            )  # fmt: skip
 
     def _check_optimizer_groups(self, states: list[dict]) -> None:
         """Before the optimizer is made (and its state loaded, where torch names no group): the checkpoint's

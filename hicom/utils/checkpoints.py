@@ -301,3 +301,15 @@ def next_epoch_from_its_start(checkpoint: dict) -> None:
     validation = loops.get("epoch_loop.val_loop.batch_progress")
     if isinstance(validation, dict) and isinstance(validation.get("total"), dict):
         validation["total"] = dict.fromkeys(validation["total"], 0)  # counts an epoch's validation batches
+
+
+def micro_batches_within_step(checkpoint: dict, accumulation: int) -> int:
+    """How many micro-batches of an optimizer step a Lightning checkpoint was written after, that step not yet
+    taken (0 where it was written at a step): a top-k checkpoint of a validation inside a gradient accumulation,
+    or last.ckpt of a SIGTERM there. Their gradients are in no file, and the data loader's place counts them.
+    An epoch's last batch steps whatever the count (Lightning's rule), so a checkpoint there is at a step."""
+    loops = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    progress = loops.get("epoch_loop.batch_progress") or {}
+    if progress.get("is_last_batch"):
+        return 0
+    return (progress.get("current") or {}).get("ready", 0) % max(accumulation, 1)
