@@ -24,53 +24,95 @@ def batch(good: int, bad: list[str]) -> dict:
     return {"ids": [f"g{i}" for i in range(good)], "skipped": skipped}
 
 
+def processes(*others: list[float]) -> SimpleNamespace:
+    """A trainer of 1 + len(others) processes, this one first; each other's counts as `_gather` makes them."""
+    rows = torch.tensor(others, dtype=torch.float64).reshape(-1, 4)
+    return SimpleNamespace(
+        world_size=1 + len(others), strategy=SimpleNamespace(all_gather=lambda t: torch.cat([t, rows])[:, None])
+    )
+
+
 def test_skips_are_logged_per_reason_and_a_mostly_bad_run_stops_with_a_report():
-    guard, module = BadSampleGuard(max_fraction=0.25, min_samples=10), Recorder()
+    guard, module = BadSampleGuard(max_fraction=0.25, window=13), Recorder()
     guard.on_train_batch_start(ONE_PROCESS, module, batch(3, ["missing"]), 0)
     guard.on_train_batch_start(
         ONE_PROCESS, module, batch(3, ["missing", "timeout"]), 1
-    )  # 3 of 9 > 25%, but too few yet
+    )  # 3 of 9 seen, but not over 25 % of the 13
     assert module.logged == {"data/skipped/missing": 2.0, "data/skipped/timeout": 1.0}
-    with pytest.raises(BadSampleRateExceeded, match=r"4 of 13 training samples were skipped") as error:
+    with pytest.raises(BadSampleRateExceeded, match=r"4 of the run's last 13 training samples were skipped") as error:
         guard.on_train_batch_start(ONE_PROCESS, module, batch(3, ["undecodable"]), 2)
     assert "missing: 2" in str(error.value) and "preflight" in str(error.value)
 
 
 def test_a_fit_too_short_to_be_stopped_says_its_rate_at_the_end(caplog):
-    guard, module = BadSampleGuard(max_fraction=0.2, min_samples=200), Recorder()
+    guard, module = BadSampleGuard(max_fraction=0.2, window=1000), Recorder()
     guard.on_train_batch_start(ONE_PROCESS, module, batch(17, ["missing"] * 16), 0)  # 48 %, of 33 samples
     guard.on_train_end(ONE_PROCESS, module)
-    assert "16 of 33 training samples were skipped (48.5%)" in caplog.text and "min_samples=200" in caplog.text
+    assert "16 of the fit's 33 training samples were skipped (48.5%)" in caplog.text and "window=1000" in caplog.text
 
 
 def test_a_few_bad_samples_pass_and_the_count_survives_a_resume():
-    guard = BadSampleGuard(max_fraction=0.25, min_samples=4)
+    guard = BadSampleGuard(max_fraction=0.25, window=8)
     for step in range(10):
         guard.on_train_batch_start(ONE_PROCESS, Recorder(), batch(7, ["missing"] if step % 2 else []), step)
-    resumed = BadSampleGuard(max_fraction=0.25, min_samples=4)
+    resumed = BadSampleGuard(max_fraction=0.25, window=8)
     resumed.load_state_dict(guard.state_dict())
-    assert resumed._counts(ONE_PROCESS, Recorder()) == (75, 5) and resumed.before_reasons["missing"] == 5
+    resumed._gather(ONE_PROCESS, Recorder())
+    assert resumed._run == (75, 5) and resumed.before_reasons["missing"] == 5
     # On 2 processes the checkpoint holds the first one's guard, loaded by both: the run's sum of both processes'
     # counts, added once (counting what each loaded would count it twice)
-    others = torch.tensor([10.0, 1.0])  # the other process since the resume
-    two = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=lambda t, reduce_op: t + others))
+    two = processes([10.0, 1.0, 10.0, 1.0])  # the other process since the resume
     guard._run = (150, 10)  # what the last sum over both gave before the save
-    first, second = BadSampleGuard(max_fraction=0.25, min_samples=4), BadSampleGuard(max_fraction=0.25, min_samples=4)
+    first, second = BadSampleGuard(max_fraction=0.25, window=8), BadSampleGuard(max_fraction=0.25, window=8)
     for resumed in (first, second):
         resumed.load_state_dict(guard.state_dict())
     first.on_train_batch_start(two, Recorder(), batch(9, ["missing"]), 0)
-    assert first._counts(two, Recorder()) == (150 + 10 + 10, 10 + 1 + 1)
-    with pytest.raises(ValueError, match="max_fraction"):
-        BadSampleGuard(max_fraction=1.5)
+    assert first._run == (150 + 10 + 10, 10 + 1 + 1)
+    for bad in ({"max_fraction": 1.5}, {"max_process_fraction": -0.1}, {"window": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            BadSampleGuard(**bad)
 
 
 def test_on_several_processes_the_run_stops_on_the_counts_of_all_of_them():
     """Each process sees its own share; deciding on it, one would stop alone and leave the others waiting."""
-    others = torch.tensor([10.0, 8.0])  # the other process: 8 of its 10 samples skipped
-    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=lambda t, reduce_op: t + others))
-    guard = BadSampleGuard(max_fraction=0.25, min_samples=10)
-    with pytest.raises(BadSampleRateExceeded, match=r"9 of 20 training samples"):  # this one alone: 1 of 10
+    trainer = processes([10.0, 8.0, 10.0, 8.0])  # the other process: 8 of its 10 samples skipped
+    guard = BadSampleGuard(max_fraction=0.25, window=10, max_process_fraction=1.0)
+    with pytest.raises(BadSampleRateExceeded, match=r"9 of the run's last 20 training samples"):  # this one: 1 of 10
         guard.on_train_batch_start(trainer, Recorder(), batch(9, ["missing"]), 0)
+
+
+def run_steps(guard: BadSampleGuard, bad_at: range, steps: int, trainer=ONE_PROCESS) -> int | None:
+    """Feeds `steps` batches of 8 samples, all skipped at the steps in `bad_at`, 1 in 16 skipped elsewhere;
+    the step the guard stopped at, or None."""
+    for step in range(steps):
+        bad = 8 if step in bad_at else step % 2
+        try:
+            guard.on_train_batch_start(trainer, Recorder(), batch(8 - bad, ["missing"] * bad), step)
+        except BadSampleRateExceeded:
+            return step
+    return None
+
+
+def test_an_outage_weighs_the_same_early_or_late_in_a_run():
+    """The rate is a recent one: counted since the run began, a 15-step outage at step 5 stopped the run and the
+    same outage at step 2000 passed unseen (diluted by 2000 good steps), as would a mount dead for good by then."""
+    for start in (5, 2000):
+        assert run_steps(BadSampleGuard(), range(start, start + 5), start + 400) is None  # 40 samples lost: passes
+        stopped = run_steps(BadSampleGuard(), range(start, start + 60), start + 400)  # 480 of them: stops
+        assert stopped is not None and start + 15 < stopped < start + 30, (start, stopped)
+        assert run_steps(BadSampleGuard(), range(start, 10**9), start + 400) is not None  # dead from then on
+
+
+def test_one_process_whose_data_died_stops_the_run_that_the_others_dilute():
+    """One of 8 machines whose mount died skips all its samples: 12.5 % of the run, under max_fraction (20 %),
+    so the run-wide rate never stops it; its own rate does, on every process alike."""
+    healthy = [[800.0, 40.0, 800.0, 40.0]] * 6
+    dead = [800.0, 800.0, 800.0, 800.0]
+    guard = BadSampleGuard()
+    with pytest.raises(BadSampleRateExceeded, match=r"process 2 skipped 800 of its last 800 .*on its machine"):
+        guard.on_train_batch_start(processes(*healthy[:1], dead, *healthy[1:]), Recorder(), batch(8, []), 0)
+    # at the release's rate of bad files everywhere (5 %), on every process: nothing stops
+    assert run_steps(BadSampleGuard(), range(0), 500, processes(*healthy, healthy[0])) is None
 
 
 def test_a_folder_checkpoint_replaces_last_ckpt_whole_or_not_at_all(tmp_path, monkeypatch):

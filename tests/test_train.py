@@ -294,6 +294,24 @@ def test_a_process_whose_batch_was_all_skipped_keeps_in_step_with_the_others(cac
     assert checkpoint["lr_schedulers"][0]["last_epoch"] == 3  # the schedule did not advance either
 
 
+def test_one_process_whose_data_is_all_bad_stops_every_process(cache_dir, tmp_path):
+    """torchrun, 2 processes, micro batch 1, no shuffling: every sample of process 1 (the odd ones) is missing or
+    corrupt, half of the run, under max_fraction=0.9; its own rate is over max_process_fraction, and both processes
+    stop on it together with the report (neither left waiting in a collective for the other)."""
+    _, overrides = _videos_with_bad_ones(cache_dir, tmp_path, 1, 3, 5, 7, 9, 11, 13, 15)
+    env = {k: v for k, v in os.environ.items() if k != "HICOM_RUN_STAMP"}
+    env["HICOM_LOGS"] = str(tmp_path / "logs")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = [*torchrun, "train.py", *overrides, "data.batch_size=1", "data.shuffle=false", "data.group_by_length=false",
+               "trainer.devices=2", "strategy=ddp", "evaluate=false", f"paths.cache_dir={cache_dir}",
+               "callbacks.bad_samples.max_fraction=0.9", "callbacks.bad_samples.window=2"]  # fmt: skip
+    done = subprocess.run(command, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("BadSampleRateExceeded: process 1 skipped 2 of its last 2 training samples") == 2, (
+        done.stderr[-3000:]
+    )
+
+
 def _text_only_second_and_fourth(cache_dir: Path, tmp_path: Path) -> list[str]:
     """16 generated training samples, the second and fourth text-only (the bad ones are past 4 steps at batch 1);
     the overrides that train on them."""
