@@ -141,7 +141,9 @@ def run_script(out: Path, vision: Path, llms: dict[str, Path], python: str) -> s
         hydra_path("model.llm.path", first),
         *(hydra_path(f"stages.{i}.config.data.source.train", data / f"stage{i + 1}.yaml") for i in range(3)),
         hydra_path("+stages.2.config.data.source.val", data / "val.yaml"),
-        "stages.0.global_batch_size=64",
+        # one GPU's optimizer steps, within write_data's samples a stage (under DeepSpeed an epoch of fewer than
+        # one step's samples stops the run): 48 images, 48 clips, 96 of both
+        "stages.0.global_batch_size=32",
         "stages.1.global_batch_size=16",
         "stages.2.global_batch_size=4",
         "trainer.limit_train_batches=6",

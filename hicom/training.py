@@ -69,13 +69,26 @@ def _unfinished_on_sigterm(trainer, cfg: DictConfig, what: str, resume: str | No
     try:
         yield
     except SIGTERMException as stop:
-        log.error(
-            "stopped by SIGTERM or Ctrl-C at step %d, before the end of %s (checkpoints/last.ckpt holds that step); "
-            "to go on from there: %s",
-            trainer.global_step,
-            what,
-            resume or resume_command(cfg),
-        )
+        if resume is None and resume_checkpoint(Path(cfg.paths.output_dir) / "checkpoints") is None:
+            # stopped before its first save (in the sanity check, which writes none): ckpt_path=<run> would fail
+            import shlex
+
+            again = "the same command (from its ckpt_path again)" if cfg.get("ckpt_path") else None
+            log.error(
+                "stopped by SIGTERM or Ctrl-C at step %d, before the end of %s and before anything was saved "
+                "(no checkpoints/last.ckpt); to start it again: %s",
+                trainer.global_step,
+                what,
+                again or command_again(f"hydra.run.dir={shlex.quote(str(cfg.paths.output_dir))}"),
+            )
+        else:
+            log.error(
+                "stopped by SIGTERM or Ctrl-C at step %d, before the end of %s (checkpoints/last.ckpt holds that "
+                "step); to go on from there: %s",
+                trainer.global_step,
+                what,
+                resume or resume_command(cfg),
+            )
         raise SystemExit(STOPPED_BY_SIGTERM) from stop
 
 

@@ -1,6 +1,7 @@
 """The GPU smoke test's set-up (hicom/gpu_check.py), on CPU: the writers at the bundled architectures' sizes, the
 generated data and mixtures, and the run script. Its runs themselves need a GPU (the recipe's trainer=gpu)."""
 
+import inspect
 import json
 import subprocess
 
@@ -54,5 +55,10 @@ def test_the_data_and_the_run_script(tmp_path):
     assert values[0]["stages.0.config.data.source.train"] == str(out / "data" / "stage1.yaml")
     assert values[1]["model.vision.path"] == str(out / "siglip")
     assert values[2]["ckpt"] == str(out / "logs/train/runs/recipe")
+    # on one GPU each stage's optimizer step fits in the samples write_data gives it by default (48 images, 48
+    # clips, both): under DeepSpeed an epoch of fewer stops the run after the models are loaded
+    clips = inspect.signature(gpu_check.write_data).parameters["clips"].default
+    per_stage = {0: clips, 1: clips, 2: 2 * clips}
+    assert all(int(values[0][f"stages.{i}.global_batch_size"]) <= n for i, n in per_stage.items()), values[0]
     (tmp_path / "run.sh").write_text(script)
     assert subprocess.run(["bash", "-n", str(tmp_path / "run.sh")]).returncode == 0

@@ -58,6 +58,9 @@ def test_a_few_steps_lower_the_loss_and_write_the_summary(cfg_small, tmp_path):
              for r in rows if r.get("train/device/samples_per_sec")]  # fmt: skip
     assert [n for n, _, _ in rates] == [8, 12, 16]  # ThroughputMonitor, at steps 2-4 of batch 4
     assert all(0 < per_second < tokens for _, per_second, tokens in rates)
+    # held-out batches have rates of their own, and no FLOP/s: the last training batch's count is not theirs
+    held_out = [r for r in rows if r.get("test/device/batches_per_sec")]
+    assert held_out and not any(r.get(f"{s}/device/flops_per_sec") for r in rows for s in ("validate", "test"))
     flop_rates = [float(r["train/device/flops_per_sec"]) for r in rows if r.get("train/device/flops_per_sec")]
     assert len(flop_rates) == 3 and all(rate > 1e6 for rate in flop_rates)  # no MFU on a CPU: its peak is unknown
     assert metrics["visual_tokens_per_video"] == 50 and metrics["uncompressed_tokens_per_video"] == 8 * 7 * 7

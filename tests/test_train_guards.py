@@ -203,3 +203,26 @@ def test_a_resumed_runs_config_that_does_not_read_is_warned_of_not_fatal(cfg_sma
     with caplog.at_level(logging.WARNING):
         warn_resume_differences(cfg_small)
     assert "config.yaml does not read" in caplog.text and "settings are not compared" in caplog.text
+
+
+def test_a_stop_before_the_first_save_says_to_start_again_not_to_resume(tmp_path, caplog):
+    """A SIGTERM in the sanity check (which writes no checkpoint) stops the fit with 143 as any other; the
+    ckpt_path=<run> of the usual message would fail there (nothing in checkpoints/), so it says to start again."""
+    from omegaconf import OmegaConf
+
+    from hicom.training import _unfinished_on_sigterm
+
+    trainer = SimpleNamespace(global_step=0)
+    for ckpt_path, says in ((None, f"hydra.run.dir={tmp_path}"), ("earlier/last.ckpt", "the same command")):
+        cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)}, "ckpt_path": ckpt_path})
+        caplog.clear()
+        with pytest.raises(SystemExit) as stopped, _unfinished_on_sigterm(trainer, cfg, "the fit"):
+            raise SIGTERMException
+        assert stopped.value.code == 143
+        assert "before anything was saved (no checkpoints/last.ckpt); to start it again" in caplog.text
+        assert says in caplog.text and "ckpt_path=" not in caplog.text
+    (tmp_path / "checkpoints" / "last.ckpt").mkdir(parents=True)  # saved: it goes on from there
+    caplog.clear()
+    with pytest.raises(SystemExit), _unfinished_on_sigterm(trainer, cfg, "the fit"):
+        raise SIGTERMException
+    assert f"ckpt_path={tmp_path}" in caplog.text and "holds that step" in caplog.text

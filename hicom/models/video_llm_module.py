@@ -570,6 +570,12 @@ class VideoLLMModule(LightningModule):
             return
         self.fit_counts["flops"] += self.flops_per_batch
 
+    def on_validation_batch_start(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.flops_per_batch = None  # ThroughputMonitor reads it on held-out batches too: no count, no FLOP/s
+
+    def on_test_batch_start(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.flops_per_batch = None  # the last training batch's forward + backward is no held-out batch's
+
     def training_step(self, batch: dict, batch_idx: int):
         self._count_skipped(batch)
         skipped = "input_ids" not in batch  # every sample of this batch was skipped

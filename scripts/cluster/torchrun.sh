@@ -11,6 +11,10 @@ if [ "$NNODES" -gt 1 ]; then
 fi
 export HICOM_RUN_STAMP=${HICOM_RUN_STAMP:-$(date +%Y-%m-%d_%H-%M-%S)_$$}
 export HICOM_NUM_NODES=$NNODES HICOM_GPUS_PER_NODE=$GPUS
+# torchrun passes a SIGTERM (a scheduler's) or Ctrl-C on to the training processes and kills them 30 s later by
+# default: too soon for the fit to finish its step and write last.ckpt (a DeepSpeed checkpoint of stage 3 takes
+# minutes). 15 minutes, as slurm.sbatch allows. A torchrun whose --help lists no --shutdown-timeout ignores this.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}
 .venv/bin/python -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS" \
   --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-29500}" \
   train.py experiment=directg_local43_global32 trainer=multinode "$@"
