@@ -50,6 +50,8 @@ from hicom.utils.instantiators import (
 log = logging.getLogger(__name__)
 
 HANDOFF, MANIFEST = "handoff.safetensors", "manifest.json"
+# the parent a stage's fit started from, written as it starts: a stage that stopped part-way resumes only from it
+STARTED = "started.json"
 # a staged run's stage names, in order, in its folder
 STAGE_LIST = "stages.json"
 
@@ -489,6 +491,7 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
     if launch_rank() == 0 and only is None:
         ensure_dir(root.parent)
         write_atomically(root.parent / STAGE_LIST, json.dumps(names))
+    check_lineage(cfg, root)
     # every stage still to run finds its weights and data, and has its values checked, now: not after the stages
     # before it have trained
     write_assets(cfg.get("assets"))
@@ -582,6 +585,11 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
         stage_cfg = stage_config(cfg, stage, out_dir)
         if stage_cfg.ckpt_path:
             log.info("stage %s: resuming from %s", stage.name, stage_cfg.ckpt_path)
+        elif parent is not None and launch_rank() == 0:  # what a fit that stops part-way went on from
+            ensure_dir(out_dir)
+            write_atomically(
+                out_dir / STARTED, json.dumps({"parent": str(parent), "parent_sha256": _handoff_digest(parent)})
+            )
         handoff = _Handoff(
             parent, out_dir, stage_cfg, list(stage.get("new_parameters") or []), stage.get("guide_added")
         )
@@ -592,6 +600,60 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
         )
         free_memory()  # the stage's trainer and model sit in reference cycles: a 7B LLM held through the next stage
     return results
+
+
+def check_lineage(cfg: DictConfig, root: Path) -> None:
+    """Refuses, before anything trains, the stages of this run whose weights would not follow from their parent's
+    as it is now: a finished one whose parent this run trains (again: its folder was deleted), or one trained again
+    since (its hand-off is not the one recorded); and one that stopped part-way from another parent's weights
+    (`STARTED`), whose checkpoint would override the new parent's hand-off. Skipped, either would hand its stale
+    weights on (the next stages trained from them, evaluate.py scoring them as the run's)."""
+    stages, only = list(cfg.stages), cfg.get("stage")
+    trained_here: set[Path] = set()
+    stale = []
+    for i, stage in enumerate(stages):
+        if only is not None and stage.name != only:
+            continue
+        out_dir, parent = root / stage.name, parent_folder(cfg, i)
+        if not (out_dir / MANIFEST).is_file():
+            trained_here.add(out_dir.resolve())
+            recorded = _started_from(out_dir)
+            own = not (only == stage.name and cfg.get("ckpt_path"))  # an explicit ckpt_path is the user's choice
+            if own and recorded and parent is not None and resume_checkpoint(out_dir / "checkpoints") is not None:
+                if recorded != _handoff_digest(parent):
+                    stale.append(
+                        f"stage {stage.name} stopped part-way ({out_dir / 'checkpoints'}) training from other weights "
+                        f"than {parent} holds now: resumed, its checkpoint would override them"
+                    )
+            continue
+        if parent is None:
+            continue
+        if parent.resolve() in trained_here:
+            stale.append(
+                f"stage {stage.name} is done ({out_dir}), trained from {parent} as it was, which this run trains "
+                "again (it has no finished hand-off)"
+            )
+        elif not (only == stage.name and cfg.get("stage_parent")):  # a parent named on purpose: checked below
+            recorded = read_manifest(out_dir / MANIFEST).get("parent_sha256")
+            if recorded and (parent / MANIFEST).is_file() and recorded != _handoff_digest(parent):
+                stale.append(
+                    f"stage {stage.name} is done ({out_dir}), trained from other weights than {parent} holds now "
+                    "(trained again since)"
+                )
+    if stale:
+        raise ValueError(
+            "\n".join(stale) + "\nTheir weights would not follow from their parents': delete their folders to train "
+            "them again from the parents as they are (or put the parents' earlier folders back), or launch into a new "
+            "run folder (hydra.run.dir) with stage=<name> stage_parent=<folder>"
+        )
+
+
+def _started_from(out_dir: Path) -> str | None:
+    """The parent's hand-off digest a stage's fit started from (`STARTED`), or None (none recorded: older runs)."""
+    try:
+        return json.loads((out_dir / STARTED).read_text()).get("parent_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _same_parent(done: dict, parent: Path | None, out_dir: Path) -> bool:

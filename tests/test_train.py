@@ -453,13 +453,22 @@ def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_delete
     assert "llm.model.embed_tokens.weight" in names and "llm.lm_head.weight" not in names
     assert not any("guide_injector" in n for n in manifests["alignment"]["parameters"])
     assert any("guide_injector" in n for n in manifests["conditional"]["parameters"])
-    # a re-run skips every finished stage; deleting one re-runs it (and only it) from its parent
+    # a re-run skips every finished stage; one deleted is trained again from its parent, but not while a finished
+    # stage after it holds weights trained from its old ones: refused before anything trains
     assert all(r == {"skipped": True} for r in run_stages(cfg).values())
     before = load_file(str(stages / "alignment" / "handoff.safetensors"))
     shutil.rmtree(stages / "conditional")
-    again = run_stages(cfg)
-    assert again["alignment"] == {"skipped": True} and again["instruction"] == {"skipped": True}
+    stale = r"stage instruction is done .*, trained from .*conditional as it was, which this run trains again"
+    with pytest.raises(ValueError, match=stale):
+        run_stages(cfg)
+    assert not (stages / "conditional").exists()
+    other_lr = ["experiment=tiny_stages", *SMALL, "stage=conditional", "+stages.1.config.model.lr.compressor=5e-3"]
+    again = run_stages(compose_train(cache_dir, tmp_path / "run", other_lr))  # that stage alone: other weights
     assert again["conditional"]["steps"] == 4
+    with pytest.raises(
+        ValueError, match=r"stage instruction is done .*, trained from other weights than .*conditional"
+    ):
+        run_stages(cfg)  # known by the digest of the hand-off it was trained from
     assert all(
         torch.equal(v, load_file(str(stages / "alignment" / "handoff.safetensors"))[k]) for k, v in before.items()
     )
@@ -588,6 +597,13 @@ def test_a_stage_that_stopped_part_way_resumes_from_its_last_checkpoint(cache_di
     with pytest.raises(RuntimeError, match="node went away"):
         run_stages(cfg)
     assert trained == {"alignment": [0, 1, 2, 3], "conditional": [0, 1]}
+    # it goes on from its checkpoint only from the parent it started from: another's would be overridden by it
+    started = tmp_path / "run" / "stages" / "conditional" / "started.json"
+    recorded = started.read_text()
+    started.write_text(json.dumps({**json.loads(recorded), "parent_sha256": "0" * 64}))  # as if trained again since
+    with pytest.raises(ValueError, match=r"stage conditional stopped part-way .* training from other weights than"):
+        run_stages(cfg)
+    started.write_text(recorded)
     trained.clear()
     resumed_from.clear()
     results = run_stages(cfg)
