@@ -35,8 +35,7 @@ def main(cfg: DictConfig) -> float | None:
         run_stages(cfg)
         release_process_group()
         return None
-    metrics = train(cfg)
-    release_process_group()
+    metrics = release_process_group(train(cfg))  # process 0's, on every process
     return swept_value(cfg, metrics)  # what a Hydra sweeper optimises
 
 

@@ -86,7 +86,8 @@ def check_search_space(root: DictConfig) -> None:
     task = [str(o) for o in unresolved("hydra.overrides.task") or []]
     if any("/" in str(key) or str(key) in groups for key in params):
         return
-    if any(override.is_sweep_override() for override in OverridesParser.create().parse_overrides(task)):
+    swept = [o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()]
+    if any("/" in key or key in groups for key in swept):  # a range over a plain key swaps no part
         return
     missing = [key for key in map(str, params) if not key.startswith(("+", "~")) and not _has_key(root, key)]
     if missing:

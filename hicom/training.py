@@ -112,6 +112,10 @@ def command_again(settings: str, leave_out: tuple[str, ...] = ()) -> str:
 
     if not HydraConfig.initialized():
         return f"the run's command with {settings}"
+    from hydra.types import RunMode
+
+    if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep's job (hparams_search sets it): one run again, not a sweep
+        settings = f"{settings} hydra.mode=RUN"
     given = [arg for arg in HydraConfig.get().overrides.task if arg.lstrip("+").split("=", 1)[0] not in leave_out]
     command = " ".join(shlex.quote(arg) for arg in ["python", Path(sys.argv[0]).name, *given])
     return f"{command} {settings} (or your launcher's command, with {settings})"
@@ -828,15 +832,24 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
     return metrics
 
 
-def release_process_group() -> None:
+def release_process_group(metrics: dict | None = None) -> dict | None:
     """Close the process group Lightning opened and leaves open, once every process has come this far. Left to the
     interpreter's exit, gloo's worker threads can outlive its teardown and abort a process whose run succeeded
-    (SIGABRT, "terminate called without an active exception"), which fails the whole launch."""
+    (SIGABRT, "terminate called without an active exception"), which fails the whole launch.
+
+    Returns `metrics` as process 0 has them, on every process: under torchrun each process runs its own sweeper,
+    and the figures of each one's own clock (fit_seconds, samples_per_second) would lead their seeded samplers to
+    suggest different trials to the processes of one job."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            shared = [metrics]
+            dist.broadcast_object_list(shared, src=0)
+            metrics = shared[0]
         dist.barrier()
         dist.destroy_process_group()
+    return metrics
 
 
 def _gathered(rows: list) -> list[list]:

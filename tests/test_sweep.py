@@ -56,6 +56,8 @@ def test_a_search_space_naming_keys_the_config_lacks_is_refused_by_name():
     assert direction("model/compressor=avgpool", space={"model/compressor": "choice(hicom, avgpool)"}) == "maximize"
     assert direction("model/compressor=avgpool", space={"experiment": "choice(ablation_conditional)"})
     assert direction(swept="model/compressor=choice(avgpool,bilinear)", space={"model.compressor.init_std": "0.01"})
+    with pytest.raises(SearchSpaceError, match=r"names model\.compressor\.global_\.num_queries"):  # no group swept
+        direction("model/compressor=avgpool", swept="model.lr.llm=tag(log, interval(1e-6, 1e-4))")
     # a key whose value is unset (???) or an interpolation of an unset variable is there all the same
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=["hparams_search=hicom_optuna", "+later=???", "+env=${oc.env:UNSET_X}"],
@@ -144,3 +146,55 @@ def test_an_optuna_sweep_runs_its_trials_and_records_the_best(cache_dir, tmp_pat
     for trial in trials:  # each trial ran with the values Optuna drew
         queries = yaml.safe_load((trial.parent / "config.yaml").read_text())["model"]["compressor"]["global_"]
         assert queries["num_queries"] in (8, 16, 32, 64)
+
+
+def test_every_process_of_a_launch_hands_its_sweeper_the_figures_of_process_0(tmp_path):
+    """Under torchrun each process runs its own sweeper: told each its own clock's fit_seconds, their seeded
+    samplers would suggest different trials to the processes of one job."""
+    script = tmp_path / "share.py"
+    script.write_text(
+        "import json\n"
+        "import torch.distributed as dist\n"
+        "from hicom.training import release_process_group\n"
+        "dist.init_process_group('gloo')\n"
+        "rank = dist.get_rank()\n"
+        "shared = release_process_group({'fit_seconds': 10.0 + rank, 'accuracy': 0.5})\n"
+        "row = {'rank': rank, 'shared': shared, 'open': dist.is_initialized()}\n"
+        f"open(f'{tmp_path}/rank{{rank}}.json', 'w').write(json.dumps(row))\n"  # not stdout: the two interleave
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    done = subprocess.run(torchrun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [row["rank"] for row in rows] == [0, 1]
+    assert all(row["shared"] == {"fit_seconds": 10.0, "accuracy": 0.5} and not row["open"] for row in rows)
+
+
+def test_w_and_b_names_a_run_by_its_folder_groups_a_launch_and_keeps_its_id_across_a_resume(tmp_path):
+    """Every run, sweep job and stage was named `train` in W&B, with no group, and a run launched again into its
+    folder (a resume) opened a second W&B run: the folder now names it, its launch groups it, and keys its id."""
+    from hydra import compose, initialize_config_dir
+
+    logs = tmp_path / "logs"
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=["logger=wandb", f"paths.log_dir={logs}"])
+
+    def wandb_of(folder: Path) -> dict:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(folder)
+        return OmegaConf.to_container(cfg.logger.wandb, resolve=True)
+
+    run = wandb_of(logs / "train" / "runs" / "2026-11-24_05-00-00")
+    job = wandb_of(logs / "train" / "multiruns" / "2026-11-24_05-00-00" / "3")
+    stage = wandb_of(logs / "train" / "runs" / "2026-11-24_05-00-00" / "stages" / "alignment")
+    assert (run["name"], run["group"]) == ("train/runs/2026-11-24_05-00-00",) * 2
+    assert (job["name"], job["group"]) == (
+        "train/multiruns/2026-11-24_05-00-00/3",
+        "train/multiruns/2026-11-24_05-00-00",
+    )
+    assert stage["group"] == run["group"] and stage["name"].endswith("stages/alignment")
+    assert len({run["id"], job["id"], stage["id"]}) == 3 and run["resume"] == "allow"
+    assert wandb_of(logs / "train" / "runs" / "2026-11-24_05-00-00")["id"] == run["id"]  # launched again: the same
+    elsewhere = wandb_of(tmp_path / "my run")  # hydra.run.dir outside the log folder
+    assert elsewhere["name"] == elsewhere["group"] == str(tmp_path / "my run")

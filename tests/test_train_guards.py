@@ -12,6 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -169,10 +170,14 @@ def test_the_stop_message_resumes_into_the_same_run_folder(cache_dir, tmp_path, 
     """`ckpt_path=<run>` alone resumed into a new folder named by its start time: one more folder, and one more
     whole last.ckpt, per preemption. The command it gives sets the run folder too."""
     run = tmp_path / "logs" / "my run"
+    (run / "checkpoints" / "last.ckpt").mkdir(parents=True)  # the stop's save
     overrides = [f"paths.cache_dir={cache_dir}", "trainer.max_steps=5"]
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+
+    def stop_message(mode: RunMode) -> list[str]:
         hydra_cfg = compose("train", overrides=[*overrides, f"hydra.run.dir={run}"], return_hydra_config=True)
+        hydra_cfg.hydra.mode = mode
         HydraConfig.instance().set_config(hydra_cfg)
+        caplog.clear()
         try:
             cfg = compose("train", overrides=overrides)
             cfg.paths.output_dir = str(run)
@@ -185,8 +190,17 @@ def test_the_stop_message_resumes_into_the_same_run_folder(cache_dir, tmp_path, 
         command = caplog.text.split("to go on from there: ", 1)[1].split(" (or your launcher's", 1)[0]
         args = shlex.split(command)
         assert args[:2] == ["python", Path(sys.argv[0]).name]
-        again = compose("train", overrides=args[2:], return_hydra_config=True)
-    assert again.hydra.run.dir == str(run) and again.ckpt_path == str(run) and again.trainer.max_steps == 5
+        return args[2:]
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        args = stop_message(RunMode.RUN)
+        again = compose("train", overrides=args, return_hydra_config=True)
+        assert again.hydra.run.dir == str(run) and again.ckpt_path == str(run) and again.trainer.max_steps == 5
+        # a sweep's job (hparams_search sets hydra.mode: MULTIRUN): its command goes on as one run, into its folder,
+        # not as a new sweep
+        args = stop_message(RunMode.MULTIRUN)
+        assert args[-1] == "hydra.mode=RUN"
+        assert compose("train", overrides=args, return_hydra_config=True).hydra.mode == RunMode.RUN
 
 
 def test_a_resumed_runs_config_that_does_not_read_is_warned_of_not_fatal(cfg_small, tmp_path, caplog):

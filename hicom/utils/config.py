@@ -128,6 +128,29 @@ def hydra_path(key: str, path: Path | str) -> str:
     return f"{key}='{text}'"
 
 
+def run_label(output_dir: str, log_dir: str) -> str:
+    """A run's name in a dashboard (W&B): its folder under the log folder (train/runs/<stamp>, a sweep's job
+    train/multiruns/<stamp>/<n>, a stage train/runs/<stamp>/stages/<name>), else the folder's own path."""
+    folder, logs = Path(output_dir).resolve(), Path(log_dir).resolve()
+    return str(folder.relative_to(logs)) if folder.is_relative_to(logs) else str(folder)
+
+
+def run_group(output_dir: str, log_dir: str) -> str:
+    """The launch a run belongs to in a dashboard: train/<runs or multiruns>/<stamp>, the same for a staged run's
+    stages and a sweep's jobs; a folder outside the log folder is its own."""
+    label = run_label(output_dir, log_dir)
+    parts = Path(label).parts
+    return str(Path(*parts[:3])) if Path(output_dir).resolve().is_relative_to(Path(log_dir).resolve()) else label
+
+
+def run_id(output_dir: str) -> str:
+    """A dashboard's id for the run in this folder: the same folder, the same id, so that a run launched again into
+    its folder (a resume) goes on logging into its run instead of opening another."""
+    import hashlib
+
+    return hashlib.sha256(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
+
+
 def _explicit_stamp() -> str:
     return os.environ.get("HICOM_RUN_STAMP", "").strip()
 
@@ -143,6 +166,9 @@ if not OmegaConf.has_resolver("run_stamp"):
     # cached like Hydra's own `now`: the run folder is read again later (Lightning's DDP launcher hands it to its
     # child processes, a multirun copies it to every job) and must not move to a later second
     OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
+for _name, _resolver in (("run_label", run_label), ("run_group", run_group), ("run_id", run_id)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver)
 if not OmegaConf.has_resolver("rank_suffix"):
     OmegaConf.register_new_resolver("rank_suffix", rank_suffix)
 if not OmegaConf.has_resolver("first_process_only"):  # a value for the launch's first process, null for the others
