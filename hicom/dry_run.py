@@ -125,17 +125,20 @@ def memory_per_gpu(
     gpus: int,
     activations: int,
     offload: tuple[bool, bool] = (False, False),
+    sizes: tuple[int, int, int] = (2, 2, 12),
 ) -> dict[str, float]:
-    """GiB per GPU: bf16 weights, bf16 gradients and fp32 Adam states (master, m, v) of the trainable parameters,
-    sharded as ZeRO-`zero` shards them over `gpus`, plus an activation estimate. `offload`: DeepSpeed's
-    (offload_optimizer, offload_parameters): the Adam states in CPU memory, and under ZeRO-3 the weights too (the
-    layer at hand is gathered onto the GPU, counted as nothing here)."""
+    """GiB per GPU: weights, gradients and Adam states of the trainable parameters at `sizes` bytes a parameter
+    (`parameter_bytes`; DeepSpeed's bf16: 16-bit weights and gradients, fp32 master, m and v), sharded as
+    ZeRO-`zero` shards them over `gpus`, plus an activation estimate. `offload`: DeepSpeed's (offload_optimizer,
+    offload_parameters): the Adam states in CPU memory, and under ZeRO-3 the weights too (the layer at hand is
+    gathered onto the GPU, counted as nothing here)."""
     total = sum(params.values())
     train = sum(params[p] for p in trainable)
     offload_optimizer, offload_parameters = offload
-    weights = 0 if offload_parameters and zero >= 3 else 2 * total / (gpus if zero >= 3 else 1)
-    grads = 2 * train / (gpus if zero >= 2 else 1)
-    optimizer = 0 if offload_optimizer else 12 * train / (gpus if zero >= 1 else 1)
+    weight, gradient, states = sizes
+    weights = 0 if offload_parameters and zero >= 3 else weight * total / (gpus if zero >= 3 else 1)
+    grads = gradient * train / (gpus if zero >= 2 else 1)
+    optimizer = 0 if offload_optimizer else states * train / (gpus if zero >= 1 else 1)
     gib = 2**30
     return {
         "weights": weights / gib,
@@ -147,22 +150,48 @@ def memory_per_gpu(
 
 
 def activation_bytes(
-    model: MetaModel, frames: int, visual: int, text: int, answer: int, micro: int, train_llm_path: bool
+    model: MetaModel,
+    frames: int,
+    visual: int,
+    text: int,
+    answer: int,
+    micro: int,
+    train_llm_path: bool,
+    checkpointing: bool = True,
+    element: int = 2,
 ) -> int:
-    """A rough bf16 activation estimate with gradient checkpointing in the LLM: every layer's input, one layer's
-    internals, and the fp32 logits (of the `answer` tokens the loss is taken on, where the LM head runs on those
-    alone: `CausalLM.loss`); plus the vision features and joint-space keys handed to the compressor."""
+    """A rough activation estimate, `element` bytes a value (2 in bf16): with gradient checkpointing in the LLM,
+    every layer's input and one layer's internals; without, every layer's internals; and the fp32 logits (of the
+    `answer` tokens the loss is taken on, where the LM head runs on those alone: `CausalLM.loss`); plus the
+    vision features and joint-space keys handed to the compressor."""
     from hicom.modules.llm import labelled_head
 
     c = model.llm.config
     seq = visual + text
-    checkpoints = c.num_hidden_layers * seq * c.hidden_size * 2
-    layer = seq * (10 * c.hidden_size + 3 * c.intermediate_size) * 2
+    layer = seq * (10 * c.hidden_size + 3 * c.intermediate_size) * element
+    stored = (
+        c.num_hidden_layers * seq * c.hidden_size * element + layer if checkpointing else c.num_hidden_layers * layer
+    )
     logits = (answer if labelled_head(c) else seq) * c.vocab_size * 4
     width = model.vision.hidden_size
-    vision = 2 * frames * model.grid * model.grid * width * 2
-    llm = checkpoints + layer + logits if train_llm_path else seq * c.hidden_size * 2
+    vision = 2 * frames * model.grid * model.grid * width * element
+    llm = stored + logits if train_llm_path else seq * c.hidden_size * element
     return micro * (llm + vision)
+
+
+def parameter_bytes(cfg: DictConfig, deepspeed: bool) -> tuple[int, int, int, int]:
+    """Bytes as `cfg` trains: a weight, a trainable parameter's gradient and its Adam states, an activation.
+    DeepSpeed in 16 bits casts the model down and keeps an fp32 master copy beside m and v; a 16-bit module
+    (`*-true`) elsewhere keeps its Adam states in its own dtype; mixed precision elsewhere (DDP) keeps the fp32
+    weights, gradients and states, and only the activations are made in 16 bits."""
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if not precision.startswith(("bf16", "16")):
+        return 4, 4, 8, 4
+    if deepspeed:
+        return 2, 2, 12, 2
+    if precision.endswith("-true"):
+        return 2, 2, 4, 2
+    return 4, 4, 8, 2
 
 
 def zero_stage_of(cfg: DictConfig, default: int) -> int:
@@ -186,10 +215,16 @@ def offload_of(cfg: DictConfig) -> tuple[bool, bool]:
     return bool(strategy.get("offload_optimizer", False)), bool(strategy.get("offload_parameters", False))
 
 
+def _names_strategy(cfg: DictConfig) -> bool:
+    from hicom.stages import named_strategy
+
+    return isinstance(named_strategy(cfg.trainer.get("strategy")), DictConfig)
+
+
 def stages_of(cfg: DictConfig) -> list[dict]:
     """Each stage's name, trainable parts, frames, modality, its config (as the stage runner composes it: its own
     compressor) and its ZeRO stage (`zero_stage_of`)."""
-    from hicom.stages import stage_config
+    from hicom.stages import stage_config, uses_deepspeed
 
     default_zero = (cfg.get("dry_run_settings") or {}).get("zero_stage", 2)
     if isinstance(default_zero, bool) or default_zero not in (0, 1, 2, 3):
@@ -207,6 +242,9 @@ def stages_of(cfg: DictConfig) -> list[dict]:
             "config": merged,
             "zero": zero_stage_of(merged, default_zero),
             "offload": offload_of(merged),
+            # a strategy left to Lightning is taken as DeepSpeed at dry_run_settings.zero_stage, as zero_stage_of does
+            "bytes": parameter_bytes(merged, uses_deepspeed(merged) or not _names_strategy(merged)),
+            "checkpointing": bool(merged.model.llm.get("gradient_checkpointing", False)),
         }
         entry["modality"] = (stage or {}).get("modality") or ("image" if entry["num_frames"] == 1 else "video")
         out.append(entry)
@@ -219,6 +257,7 @@ def report(cfg: DictConfig) -> list[dict]:
     from hicom.callbacks.throughput import BatchFlops
     from hicom.modules.compressors.base import check_output
     from hicom.modules.video_llm import compose_compressor, idle_parts
+    from hicom.training import gradient_accumulation
     from hicom.utils.choices import whole_number
 
     settings = cfg.get("dry_run_settings") or {}
@@ -258,6 +297,11 @@ def report(cfg: DictConfig) -> list[dict]:
         params = {name: sum(p.numel() for p in part.parameters()) for name, part in model.parts().items()}
         zero = stage["zero"]
         batch = micro or whole_number("data.batch_size", stage["config"].data.batch_size)
+        if micro is None:  # as the real run on that many GPUs refuses it, before anything is built
+            try:
+                gradient_accumulation(stage["config"].get("global_batch_size"), batch, gpus)
+            except ValueError as err:
+                raise ValueError(f"stage {stage['name']} on dry_run_settings.gpus={gpus}: {err}") from err
         if settings.get("print_config"):
             print(f"\n[{stage['name']}] config:\n{OmegaConf.to_yaml(stage['config'], resolve=True)}")
         print(
@@ -279,8 +323,11 @@ def report(cfg: DictConfig) -> list[dict]:
         # forward and backward as the throughput monitor counts a training sample (after the forward counts: it
         # sets the parts' requires_grad as the stage trains them)
         train = BatchFlops(model, trainable, exact=True).sample(frames, modality, visual + text, guide, answer)
-        acts = activation_bytes(model, frames, visual, text, answer, batch, bool(trainable))
-        memory = memory_per_gpu(params, trainable, zero, gpus, acts, stage["offload"])
+        weight, gradient, states, element = stage["bytes"]
+        acts = activation_bytes(
+            model, frames, visual, text, answer, batch, bool(trainable), stage["checkpointing"], element
+        )
+        memory = memory_per_gpu(params, trainable, zero, gpus, acts, stage["offload"], (weight, gradient, states))
         row = {
             "stage": stage["name"],
             "trainable_params": sum(params[p] for p in trainable),

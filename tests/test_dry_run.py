@@ -100,3 +100,21 @@ def test_the_dry_run_refuses_a_compressor_whose_output_is_not_what_it_counts(cac
         ValueError, match=r"stage alignment: model.compressor: OwnCompressor gave \(1, 897\) for a video of 1 frame of"
     ):
         report(cfg)
+
+
+def test_memory_follows_the_strategy_precision_and_checkpointing_the_run_trains_with(cache_dir, tmp_path):
+    """Weights were counted at 2 bytes whatever the run: DDP (mixed precision: fp32 weights, gradients and Adam
+    states) and 32-true print the DeepSpeed bf16 figures; and the LLM's activations as checkpointed when it is not."""
+    recipe = ["experiment=directg_local43_global32", "model/llm=qwen25_05b"]
+
+    def memory(*overrides: str) -> dict:
+        return report(compose_train(cache_dir, tmp_path, [*recipe, *overrides]))[1]["memory_gib"]  # stage 2
+
+    deepspeed, ddp, fp32 = memory(), memory("strategy=ddp"), memory("trainer.precision=32-true")
+    assert ddp["weights"] == pytest.approx(2 * deepspeed["weights"]) == pytest.approx(fp32["weights"])
+    assert ddp["optimizer"] == pytest.approx(deepspeed["optimizer"] * 8 / 12)  # m and v, no master copy
+    assert ddp["activations"] == deepspeed["activations"] < fp32["activations"]  # made in bf16 under autocast
+    unchecked = memory("model.llm.gradient_checkpointing=false")
+    assert unchecked["activations"] > 5 * deepspeed["activations"]  # every layer's internals, 24 layers
+    with pytest.raises(ValueError, match=r"stage alignment on dry_run_settings.gpus=64: global_batch_size 512"):
+        report(compose_train(cache_dir, tmp_path, [*recipe, "dry_run_settings.gpus=64"]))  # 32 x 64 > 512
