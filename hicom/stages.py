@@ -37,7 +37,7 @@ from hicom.training import check_global_batch, check_trainable, command_again, t
 from hicom.utils.checkpoints import check_safetensors, fill_tied, full_parameters, optimizer_masters, untied_state
 from hicom.utils.choices import flag
 from hicom.utils.config import dotted_keys, launch_rank, unshared_launch
-from hicom.utils.files import as_created_here, write_atomically
+from hicom.utils.files import as_created_here, weights_identity, write_atomically
 from hicom.utils.instantiators import (
     check_data,
     check_model,
@@ -233,9 +233,44 @@ def save_handoff(
         "compressor": OmegaConf.to_container(cfg.model.compressor, resolve=True),
         "parameters": {key: list(value.shape) for key, value in state.items()},
         "init_from": cfg.get("init_from"),  # the release folder its untrained parts are
+        "frozen_from": frozen_sources(cfg, parts),
     }
     # written last, whole or not at all: the stage is done
     write_atomically(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+
+
+# the model folders a hand-off's frozen parts come from, by the key that names each, and the parts each gives
+FROZEN_FOLDERS = {"model.vision.path": ("vision_trunk", "vision_head", "guide_encoder"), "model.llm.path": ("llm",)}
+
+
+def frozen_sources(cfg: DictConfig, parts: list[str]) -> dict[str, dict]:
+    """The folders whose weights a hand-off leaves out (parts it does not hold) and their `weights_identity`: who
+    loads the hand-off takes those parts from folders of its own config, which must hold the same weights."""
+    if cfg.get("init_from"):  # they are the release folder's, recorded as init_from
+        return {}
+    out = {}
+    for key, given in FROZEN_FOLDERS.items():
+        folder = OmegaConf.select(cfg, key, default=None)
+        if folder and not set(given) <= set(parts):
+            out[key] = {"folder": str(folder), "identity": weights_identity(Path(folder))}
+    return out
+
+
+def check_frozen_sources(manifest: dict, cfg: DictConfig, parent: Path) -> None:
+    """Warns where a folder this model takes a frozen part from holds other weights than the one `parent` was
+    trained with (its manifest's `frozen_from`): another LLM or tower under the trained compressor, which would
+    answer otherwise, in silence. A warning: a folder may have been re-saved on purpose."""
+    for key, recorded in (manifest.get("frozen_from") or {}).items():
+        folder = OmegaConf.select(cfg, key, default=None)
+        if not folder or not recorded.get("identity"):
+            continue
+        identity = weights_identity(Path(folder))
+        if identity is not None and identity != recorded["identity"]:
+            log.warning(
+                "%s=%s holds other weights than %s, which %s was trained with (their config.json or weight files "
+                "differ): its frozen parts are not those of the training",
+                key, folder, recorded["folder"], parent,
+            )  # fmt: skip
 
 
 def _handoff_digest(folder: Path) -> str | None:
@@ -387,11 +422,17 @@ def guide_parameters(model, cfg: DictConfig) -> list[str]:
 
 
 def load_handoff(
-    model, parent: Path, new_parameters: list[str], compressor: DictConfig | None = None, guide_added: bool = False
+    model,
+    parent: Path,
+    new_parameters: list[str],
+    compressor: DictConfig | None = None,
+    guide_added: bool = False,
+    cfg: DictConfig | None = None,
 ) -> list[str]:
     """Load a parent's hand-off into `model`, strictly; returns the parts it held. `compressor`, the config
     `model`'s compressor was built from, is checked against the parent's first (`check_parent_compressor`; the
-    stage runner checks it before the model is built, and passes none)."""
+    stage runner checks it before the model is built, and passes none). `cfg`, the config `model` was built
+    from: its frozen parts' folders are checked against those the parent was trained with (`check_frozen_sources`)."""
     from safetensors.torch import load_file
 
     manifest_path = parent / MANIFEST
@@ -400,6 +441,8 @@ def load_handoff(
     manifest = read_manifest(manifest_path)
     if compressor is not None:
         check_parent_compressor(parent, manifest.get("compressor"), compressor, guide_added, bool(new_parameters))
+    if cfg is not None:
+        check_frozen_sources(manifest, cfg, parent)
     # the digest the stage wrote (manifests from before it was recorded have none): damaged bytes in the tensor data
     # would load as other numbers
     if "sha256" in manifest and (parent / HANDOFF).is_file() and file_sha256(parent / HANDOFF) != manifest["sha256"]:
@@ -705,7 +748,7 @@ class _Handoff:
     def load(self, model) -> None:
         if self.parent is not None:
             new = [*self.new_parameters, *(guide_parameters(model, self.cfg) if self.guide_added else [])]
-            self.carried = load_handoff(model, self.parent, new)
+            self.carried = load_handoff(model, self.parent, new, cfg=self.cfg)
 
     def save(self, model) -> None:
         parts = list(dict.fromkeys([*self.carried, *model.trainable]))  # less the parts it left frozen

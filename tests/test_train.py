@@ -424,7 +424,9 @@ def test_the_shares_of_the_held_out_answers_merge_in_order_without_the_repeats()
     assert [r["position"] for r in merge_shares([rows(0, 1, 2)])] == [0, 1, 2]  # one process
 
 
-def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_deleted(cache_dir, tmp_path, monkeypatch):
+def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_deleted(
+    cache_dir, tmp_path, monkeypatch, caplog
+):
     import shutil
 
     from safetensors.torch import load_file
@@ -519,6 +521,22 @@ def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_delete
         (tmp_path / "moved").rename(tmp_path / "run")
     model, _ = build(cfg)
     assert load_handoff(model, stages / "instruction", []) == ["compressor", "llm"]
+    # the folders of the parts a hand-off leaves out are recorded by their weights; another folder's are said
+    assert set(manifests["conditional"]["frozen_from"]) == {"model.vision.path", "model.llm.path"}
+    assert set(manifests["instruction"]["frozen_from"]) == {"model.vision.path"}  # it trained the LLM
+    shutil.copytree(cfg.model.llm.path, tmp_path / "llm copy")
+    with caplog.at_level(logging.WARNING):
+        load_handoff(model, stages / "conditional", [], cfg=compose_train(cache_dir, tmp_path / "run", [
+            "experiment=tiny_stages", *SMALL, f"model.llm.path={tmp_path / 'llm copy'}"]))  # fmt: skip
+    assert "holds other weights" not in caplog.text  # a copy is the same weights
+    weights = next((tmp_path / "llm copy").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one weight's last byte
+    weights.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        load_handoff(model, stages / "conditional", [], cfg=compose_train(cache_dir, tmp_path / "run", [
+            "experiment=tiny_stages", *SMALL, f"model.llm.path={tmp_path / 'llm copy'}"]))  # fmt: skip
+    assert f"model.llm.path={tmp_path / 'llm copy'} holds other weights than" in caplog.text
     llm = model.net.llm.model
     assert llm.lm_head.weight is llm.model.embed_tokens.weight
     trained = load_file(str(stages / "instruction" / "handoff.safetensors"))["llm.model.embed_tokens.weight"]

@@ -152,7 +152,8 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
         from hicom.compat.official import import_official
 
         import_official(module.net, run_cfg.init_from, loaded=("llm",))
-    parts = load_handoff(module, folder, [], compressor=run_cfg.model.compressor)  # run_overrides may change it
+    # run_overrides may change the compressor, or the towers' folders (which must hold the weights it trained with)
+    parts = load_handoff(module, folder, [], compressor=run_cfg.model.compressor, cfg=run_cfg)
     # the hand-off's digest: a run trained on (or a stage re-run) into the same folder answers otherwise
     weights = read_manifest(folder / MANIFEST).get("sha256") or files_identity(folder)
     source = {"ckpt": str(folder), "format": "run", "parts": parts, "weights": weights}

@@ -60,3 +60,34 @@ def held_alone(path: Path, what: str) -> Iterator[None]:
         except OSError as error:  # e.g. a mount without locking
             log.warning("cannot lock %s (%s): going on without the lock", path, error)
         yield
+
+
+# the bytes read from each end of a weight file for its identity
+_IDENTITY_BYTES = 2**20
+
+
+def weights_identity(folder: Path) -> str | None:
+    """What tells the weights of a model folder from others, in seconds at any size: its config.json, and each
+    weight file's name, size and first and last MiB (different weights differ there: a base and an instruct
+    model of one architecture have files of the same names and sizes). A copy has the same identity, wherever
+    it is and whenever it was made; None where the folder holds no weight files (or cannot be read)."""
+    import hashlib
+
+    folder = Path(folder)
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
+        if not files:
+            return None
+        digest = hashlib.sha256()
+        config = folder / "config.json"
+        digest.update(config.read_bytes() if config.is_file() else b"")
+        for path in files:
+            size = path.stat().st_size
+            digest.update(f"{path.name} {size}\n".encode())
+            with path.open("rb") as f:
+                digest.update(f.read(_IDENTITY_BYTES))
+                f.seek(max(size - _IDENTITY_BYTES, 0))
+                digest.update(f.read(_IDENTITY_BYTES))
+    except OSError:
+        return None
+    return digest.hexdigest()[:16]
