@@ -772,6 +772,22 @@ def test_a_run_resumed_mid_epoch_trains_the_batches_it_would_have_had(workers, c
     assert run("rest_later", [f"ckpt_path={tmp_path / 'died_later' / 'checkpoints' / 'last.ckpt'}"]) == whole[6:]
 
 
+def test_a_relaunch_with_another_checkpoint_interval_replaces_last_ckpt(cache_dir, tmp_path):
+    """Lightning keeps where it last wrote only for a checkpoint of the same interval settings: a relaunch into the
+    run folder with another interval wrote last-v1.ckpt beside last.ckpt, and the next relaunch resumed from the
+    stale last.ckpt, its steps trained twice in silence."""
+    every_2 = [
+        "callbacks.model_checkpoint.train_time_interval=null",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+    ]
+    for max_steps, interval in ((2, every_2), (4, []), (6, [])):  # the default hourly interval after the first
+        train(compose_train(cache_dir, tmp_path / "run", [*RESUMABLE, f"trainer.max_steps={max_steps}", *interval]))
+        checkpoints = tmp_path / "run" / "checkpoints"
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
+        saved = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+        assert saved["global_step"] == max_steps
+
+
 def test_a_run_resumed_with_max_steps_after_an_epoch_lightning_counts_done_trains_the_next_epoch_whole(
     cache_dir, tmp_path, caplog
 ):

@@ -225,6 +225,11 @@ class LastCheckpoint(ModelCheckpoint):
     neither the old checkpoint nor the new one."""
 
     def __init__(self, *args, **kwargs) -> None:
+        # last.ckpt is the one file a relaunch into the run folder goes on from: always it, never last-v1.ckpt.
+        # Lightning restores where it last wrote only for a checkpoint of the same interval settings (its state key),
+        # so a relaunch with another interval found last.ckpt "taken", wrote last-v1.ckpt beside it, and the next
+        # relaunch resumed from the stale last.ckpt, training its steps again
+        kwargs.setdefault("enable_version_counter", False)
         super().__init__(*args, **kwargs)
         self._signalled = False  # this process has received SIGTERM; the fit stops where every process agrees
         self._connector = None  # Lightning's signal connector, whose SIGTERM handler this callback replaces
