@@ -538,13 +538,16 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
     # every stage still to run finds its weights and data, and has its values checked, now: not after the stages
     # before it have trained
     write_assets(cfg.get("assets"))
-    check_pretrained(cfg)
-    check_tokenizers(cfg)
     to_run = [
         (stage.name, stage_config(cfg, stage, root / stage.name))
         for stage in stages
         if (only is None or stage.name == only) and not (root / stage.name / MANIFEST).is_file()
     ]
+    try:
+        check_pretrained(cfg)
+    except FileNotFoundError as err:  # and the data's missing files in the same message: not a launch per kind
+        raise FileNotFoundError("\n".join([str(err), *_missing_data(to_run)])) from err
+    check_tokenizers(cfg)
     unguided = {stage.name for stage in stages if stage.get("guided") is False}
     for name, stage_cfg in to_run:
         try:
@@ -565,12 +568,7 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
                 ) from err
         except ValueError as err:
             raise ValueError(f"stage {name}: {err}") from err
-    missing_data = []
-    for name, stage_cfg in to_run:
-        try:
-            check_data(stage_cfg)
-        except FileNotFoundError as err:  # every stage's missing files at once, not one launch per stage
-            missing_data.append(f"stage {name}: {err}")
+    missing_data = _missing_data(to_run)
     if missing_data:
         raise FileNotFoundError("\n".join(missing_data))
     composed = dict(to_run)
@@ -643,6 +641,17 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
         )
         free_memory()  # the stage's trainer and model sit in reference cycles: a 7B LLM held through the next stage
     return results
+
+
+def _missing_data(to_run: list[tuple[str, DictConfig]]) -> list[str]:
+    """Every stage's missing data files, each line naming its stage: all at once, not one launch per stage."""
+    missing = []
+    for name, stage_cfg in to_run:
+        try:
+            check_data(stage_cfg)
+        except FileNotFoundError as err:
+            missing.append(f"stage {name}: {err}")
+    return missing
 
 
 def check_lineage(cfg: DictConfig, root: Path) -> None:

@@ -145,7 +145,14 @@ def check(cfg: DictConfig):
     matmul_precision(cfg)
     flag("evaluate", cfg.get("evaluate", False))
     write_assets(cfg.get("assets"))
-    check_pretrained(cfg)
+    try:
+        check_pretrained(cfg)
+    except FileNotFoundError as missing:  # and the data's missing files in the same message: not a launch per kind
+        try:
+            check_data(cfg)
+        except FileNotFoundError as missing_data:
+            raise FileNotFoundError(f"{missing}\n{missing_data}") from missing
+        raise
     check_tokenizers(cfg)
     compressor = check_model(cfg)
     check_trainable(cfg)

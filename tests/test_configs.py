@@ -81,6 +81,24 @@ def test_experiments_without_weights_name_the_missing_path_and_key(experiment, c
     assert str(Path(tmp_path / "none")) in str(error.value)
 
 
+def test_missing_weights_and_missing_data_are_named_in_one_message(cache_dir, tmp_path):
+    """The weights were checked first, alone: the data's missing files came to light a launch later."""
+    from hicom.stages import run_stages
+    from hicom.training import check
+
+    missing = [f"paths.weights_dir={tmp_path / 'no_weights'}", f"paths.data_dir={tmp_path / 'no_data'}"]
+    recipe = compose_train(cache_dir, tmp_path / "run", ["experiment=directg_local43_global32", *missing])
+    with pytest.raises(FileNotFoundError) as error:
+        run_stages(recipe)
+    message = str(error.value)
+    assert "model.llm.path" in message and "stage alignment: " in message and "stage instruction: " in message
+    one_fit = ["experiment=directg_local43_global32", "stages=null", "data=llava_json", *missing,
+               f"data.source.train_json={tmp_path / 'no_data' / 'train.json'}"]  # fmt: skip
+    with pytest.raises(FileNotFoundError) as error:
+        check(compose_train(cache_dir, tmp_path / "one", one_fit))
+    assert "model.vision.path" in str(error.value) and str(tmp_path / "no_data" / "train.json") in str(error.value)
+
+
 def test_one_stage_without_a_finished_parent_names_stage_parent_before_any_weights_load(cache_dir, tmp_path):
     from hicom.stages import run_stages
 
