@@ -265,6 +265,32 @@ def test_two_process_ddp_follows_the_one_process_run_into_one_folder(cache_dir, 
     assert sorted(p.name for p in folder.glob(".hydra*")) == [".hydra"]
 
 
+def test_the_logged_training_loss_is_each_steps_mean_over_its_micro_batches(cache_dir, tmp_path):
+    """Lightning writes a step's metrics at its end: logged at every micro-batch, train/loss (and metrics.json's
+    train_loss) was the step's last micro-batch's alone under gradient accumulation."""
+    import csv
+
+    losses = []
+
+    def record(model) -> None:
+        loss = model._loss
+
+        def recorded(batch):
+            value = loss(batch)
+            losses.append(float(value))
+            return value
+
+        model._loss = recorded
+
+    cfg = compose_train(cache_dir, tmp_path, [*SMALL, "global_batch_size=8", "trainer.limit_val_batches=0"])
+    metrics = train(cfg, before_fit=record)  # 4 micro-batches of 4, 2 a step
+    rows = csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open())
+    logged = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == 4 and len(logged) == 2
+    means = [(losses[0] + losses[1]) / 2, (losses[2] + losses[3]) / 2]
+    assert logged == pytest.approx(means, rel=1e-6) and metrics["train_loss"] == pytest.approx(means[1], abs=1e-4)
+
+
 def test_a_process_whose_batch_was_all_skipped_keeps_in_step_with_the_others(cache_dir, tmp_path):
     """torchrun, 2 processes, micro batch 1, no shuffling: process 1's first and third samples (1 and 5) are
     missing / corrupt. It steps with a zero loss over its trainable parameters, so the other's gradient all-reduce
@@ -291,6 +317,11 @@ def test_a_process_whose_batch_was_all_skipped_keeps_in_step_with_the_others(cac
     ]
     # the fourth step logs no loss; Lightning's row for it repeats the third's
     assert len(losses) == 4 and losses[3] == losses[2] and all(0 < loss < 100 for loss in losses)
+    skips = [float(r["data/skipped"]) for r in csv.DictReader((folder / "csv" / "version_0" / "metrics.csv").open())
+             if r.get("data/skipped")]  # fmt: skip
+    # both processes' distinct skipped samples (process 0 logged its own alone: 1): the held-out questions are the
+    # same file here, and the sanity check's validation met all four before the first step
+    assert skips == [4.0, 4.0, 4.0, 4.0]
     checkpoint = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     adam_steps = {float(state["step"]) for state in checkpoint["optimizer_states"][0]["state"].values()}
     assert checkpoint["global_step"] == 4 and adam_steps == {3.0}

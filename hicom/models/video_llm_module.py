@@ -180,6 +180,11 @@ class VideoLLMModule(LightningModule):
         self._stand_ins: dict[str, dict] = {}  # ZeRO-3, per stage: what runs for a batch whose samples were all skipped
         # processes whose samples reached a trainable parameter, over the micro-batches of the optimizer step under way
         self._stepped = 0.0
+        # the step's loss over its micro-batches (summed over processes) and their count: logged once it steps
+        self._step_loss: tuple[torch.Tensor | float, float] = (0.0, 0.0)
+        # distinct samples skipped, every process's: the run's count so far, and this process's part of it counted
+        self._skipped_total: float | None = None
+        self._skipped_counted = 0
         self._empty_step = False  # the last optimizer step had no such sample on any process (on_before_optimizer_step)
         self._said_untaught = False  # the warning that batches without clips teach a fit with the LLM frozen nothing
         self._val_sum, self._val_count = 0.0, 0.0  # the validation under way (on_validation_epoch_end)
@@ -353,6 +358,7 @@ class VideoLLMModule(LightningModule):
         if self.batch_flops is None:  # not counted in this launch: the run's count is unknown, not its earlier part
             self.fit_counts["flops"] = None
         self._stepped = 0.0
+        self._step_loss = (0.0, 0.0)
 
     def on_train_start(self) -> None:
         self._follow_schedule()
@@ -591,6 +597,7 @@ class VideoLLMModule(LightningModule):
                 batch["ids"][:3],
             )
         if not teaches and not self._in_step():
+            self._log_step_loss(0.0, 0.0, len(batch.get("ids", [])))
             return None  # Lightning skips the step
         if skipped:
             loss = self._empty_loss(batch)
@@ -607,21 +614,38 @@ class VideoLLMModule(LightningModule):
         # and Lightning's logger rows repeat the last value logged);
         # a skipped batch adds zero, not its stand-in's loss
         value = torch.zeros((), device=loss.device) if skipped else loss.detach().float()
-        total, count, teaching = self._sum_over_processes(value, 0.0 if skipped else 1.0, float(teaches))
+        new_skips = len(self.skipped) - self._skipped_counted  # held-out ones since the last step included
+        self._skipped_counted = len(self.skipped)
+        total, count, teaching, skips = self._sum_over_processes(
+            value, 0.0 if skipped else 1.0, float(teaches), float(new_skips)
+        )
         if not torch.isfinite(total):  # a NaN or an infinity on any process makes the sum they all share one
             self._stop_on_non_finite(value, batch)
         self._stepped += teaching
-        if count > 0:
-            self.log("train/loss", total / count, prog_bar=True, batch_size=max(len(batch["ids"]), 1))
-        self.log(
-            "data/skipped", float(len(self.skipped_before) + len(self.skipped)), batch_size=max(len(batch["ids"]), 1)
-        )
+        if self._skipped_total is None:
+            self._skipped_total = float(len(self.skipped_before))
+        self._skipped_total += skips
+        self.log("data/skipped", self._skipped_total, batch_size=max(len(batch["ids"]), 1))
+        self._log_step_loss(total, count, len(batch["ids"]))
         if self._deepspeed() is not None:
             # Lightning divides the loss by the accumulation, and DeepSpeed's engine divides it again in its backward
             # (Lightning-AI/pytorch-lightning#6170): undone once, the step's gradient is the global batch's mean, as
             # under DDP, and gradient clipping sees it at that size whatever the world size makes the accumulation
             loss = loss * self.trainer.accumulate_grad_batches
         return loss
+
+    def _log_step_loss(self, total: torch.Tensor | float, count: float, size: int) -> None:
+        """Adds a micro-batch's loss (summed over the processes that had samples, and their count) to the step's,
+        and logs the step's mean once its last micro-batch is in: Lightning writes a step's metrics at its end, so
+        a figure logged at each micro-batch was the last one's alone under gradient accumulation."""
+        step_total, step_count = self._step_loss
+        self._step_loss = (step_total + total, step_count + count)
+        if self.trainer.fit_loop.epoch_loop._should_accumulate():
+            return
+        step_total, step_count = self._step_loss
+        self._step_loss = (0.0, 0.0)
+        if step_count > 0:
+            self.log("train/loss", step_total / step_count, prog_bar=True, batch_size=max(size, 1))
 
     def _stop_on_non_finite(self, value: torch.Tensor, batch: dict) -> None:
         """Stops the fit before a non-finite loss is backpropagated: its gradients would make every trained weight
