@@ -525,11 +525,12 @@ class VideoLLMModule(LightningModule):
         if not states or self._trainer is None:  # DeepSpeed's engine keeps its own
             return
         saved = [(group.get("name"), len(group["params"])) for group in states[0].get("param_groups", [])]
-        ours = [(name, len(params)) for name, params in self.parameter_groups().items()]
+        ours = [(group["name"], len(group["params"])) for group in self.optimizer_groups()]
         if saved != ours:
             raise ValueError(
                 f"the checkpoint's optimizer state is for groups of {saved} parameters, and this run optimizes "
-                f"{ours}: it was saved by a run that trained other parameters (another model.vision.select_layer, "
+                f"{ours}: it was saved by a run with another model.weight_decay (with decay, biases and norm weights have "
+                "groups of their own, `<part>/no_decay`), or that trained other parameters (another model.vision.select_layer, "
                 "or a version of this code that trained the vision trunk's layers after it where the compressor "
                 "takes no joint-space keys). Resume with that run's settings and code, or start from its weights "
                 "with a new optimizer (a stage of a staged experiment: stage=<name> stage_parent=<its folder>)"
@@ -824,10 +825,27 @@ class VideoLLMModule(LightningModule):
                 groups.setdefault("injection" if guided and "injection" in self.lr else name, {})[pname] = param
         return groups
 
+    def optimizer_groups(self) -> list[dict]:
+        """AdamW's groups: one per entry of `parameter_groups`, at its learning rate. With weight decay, a group's
+        biases, norm weights and scalars (parameters of fewer than two dimensions) go into a group of their own
+        without it (`<name>/no_decay`), as HF's Trainer leaves biases and LayerNorm weights undecayed."""
+        out = []
+        for key, params in self.parameter_groups().items():
+            if not self.weight_decay:
+                out.append({"params": list(params.values()), "lr": self.lr[key], "name": key})
+                continue
+            # a ZeRO-3 parameter's own shape is its ds_shape (its data is a shard)
+            flat = [len(getattr(p, "ds_shape", p.shape)) < 2 for p in params.values()]
+            decayed = [p for p, f in zip(params.values(), flat, strict=True) if not f]
+            plain = [p for p, f in zip(params.values(), flat, strict=True) if f]
+            if decayed:
+                out.append({"params": decayed, "lr": self.lr[key], "name": key, "weight_decay": self.weight_decay})
+            if plain:
+                out.append({"params": plain, "lr": self.lr[key], "name": f"{key}/no_decay", "weight_decay": 0.0})
+        return out
+
     def configure_optimizers(self):
-        groups = self.parameter_groups()
-        params = [{"params": list(p.values()), "lr": self.lr[key], "name": key} for key, p in groups.items()]
-        optimizer = torch.optim.AdamW(params, weight_decay=self.weight_decay, betas=self.betas)
+        optimizer = torch.optim.AdamW(self.optimizer_groups(), weight_decay=self.weight_decay, betas=self.betas)
         total = int(self.trainer.estimated_stepping_batches)
         self._check_whole_steps()
         self.schedule = {"warmup_steps": warmup_steps(self.warmup_ratio, total), "total_steps": total}

@@ -231,6 +231,16 @@ def test_trainable_parts_the_compressor_never_reads_stay_frozen(compressor, froz
     assert all(p.requires_grad for p in tower.encoder.layers[0].parameters())
     grouped = {id(p) for group in model.parameter_groups().values() for p in group.values()}
     assert grouped == {id(p) for p in model.parameters() if p.requires_grad}  # the optimizer's, and only those
+    # without weight decay one AdamW group a part; with it, biases, norm weights and scalars in groups without it
+    assert [g["name"] for g in model.optimizer_groups()] == list(model.parameter_groups())
+    model.weight_decay = 0.1
+    groups = model.optimizer_groups()
+    assert {id(p) for g in groups for p in g["params"]} == grouped
+    for group in groups:
+        undecayed = group["name"].endswith("/no_decay")
+        assert group["weight_decay"] == (0.0 if undecayed else 0.1)
+        assert all((p.ndim < 2) == undecayed for p in group["params"])
+    assert any(g["name"].endswith("/no_decay") for g in groups) and any(g["weight_decay"] for g in groups)
 
 
 def test_the_guide_is_padded_to_the_text_towers_positions_whatever_the_tokenizer_folder_says(tiny_paths, tmp_path):
