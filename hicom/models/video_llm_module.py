@@ -641,7 +641,7 @@ class VideoLLMModule(LightningModule):
         a figure logged at each micro-batch was the last one's alone under gradient accumulation."""
         step_total, step_count = self._step_loss
         self._step_loss = (step_total + total, step_count + count)
-        if self.trainer.fit_loop.epoch_loop._should_accumulate():
+        if self._trainer is not None and self.trainer.fit_loop.epoch_loop._should_accumulate():
             return
         step_total, step_count = self._step_loss
         self._step_loss = (0.0, 0.0)
