@@ -834,10 +834,9 @@ class VideoLLMModule(LightningModule):
             if not self.weight_decay:
                 out.append({"params": list(params.values()), "lr": self.lr[key], "name": key})
                 continue
-            # a ZeRO-3 parameter's own shape is its ds_shape (its data is a shard)
-            flat = [len(getattr(p, "ds_shape", p.shape)) < 2 for p in params.values()]
-            decayed = [p for p, f in zip(params.values(), flat, strict=True) if not f]
-            plain = [p for p, f in zip(params.values(), flat, strict=True) if f]
+            decayed, plain = [], []
+            for param in params.values():  # a ZeRO-3 parameter's own shape is its ds_shape (its data is a shard)
+                (plain if len(getattr(param, "ds_shape", param.shape)) < 2 else decayed).append(param)
             if decayed:
                 out.append({"params": decayed, "lr": self.lr[key], "name": key, "weight_decay": self.weight_decay})
             if plain:

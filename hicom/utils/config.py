@@ -138,9 +138,8 @@ def run_label(output_dir: str, log_dir: str) -> str:
 def run_group(output_dir: str, log_dir: str) -> str:
     """The launch a run belongs to in a dashboard: train/<runs or multiruns>/<stamp>, the same for a staged run's
     stages and a sweep's jobs; a folder outside the log folder is its own."""
-    label = run_label(output_dir, log_dir)
-    parts = Path(label).parts
-    return str(Path(*parts[:3])) if Path(output_dir).resolve().is_relative_to(Path(log_dir).resolve()) else label
+    label = Path(run_label(output_dir, log_dir))
+    return str(label if label.is_absolute() else Path(*label.parts[:3]))
 
 
 def run_id(output_dir: str) -> str:
