@@ -566,3 +566,28 @@ def test_each_compressor_runs_the_meta_check_on_a_video_and_an_image_packed(make
     with caplog.at_level("INFO", logger="hicom.modules.compressors.base"):
         check_output(module, in_dim=16, guide_dim=12, out_dim=8, grid=5, frames=4)
     assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        partial(paper_default, in_dim=8, out_dim=4, guide_dim=8),
+        partial(LocalCompressor, in_dim=8, out_dim=4, guide=Guide.COARSE),
+        partial(LocalCompressor, in_dim=8, out_dim=4, guide=Guide.OFF, adapt="kv"),
+        partial(BilinearPoolCompressor, in_dim=8, out_dim=4),
+        partial(GlobalCompressor, in_dim=8, out_dim=4, guide=Guide.OFF, num_queries=2, num_heads=2),
+    ],
+)
+def test_a_layout_first_seen_in_inference_mode_still_trains(make):
+    """`trainer.validate` or `test` (inference mode) before a fit, or a stage's test before the next stage trains
+    in the same process: the index tensors cached for a layout are not inference tensors, which backward could
+    not save. fp64 makes the global branch's position table reach the backward uncopied."""
+    torch.manual_seed(0)
+    module = make().double()
+    layout = PackedLayout((5, 1), ("video", "image"), 7, 4)  # a layout no other test builds
+    features = torch.randn(6, 7, 4, 8, dtype=torch.float64)
+    guide = torch.randn(2, 8, dtype=torch.float64)
+    with torch.inference_mode():
+        module(features, features, guide, layout=layout)
+    module(features, features, guide, layout=layout).square().mean().backward()
+    assert all(p.grad is not None for p in module.parameters() if p.requires_grad)

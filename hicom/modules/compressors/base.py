@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,23 @@ def readout(in_dim: int, out_dim: int, depth: int = 2) -> nn.Sequential:
     for _ in range(whole_number("readout_depth", depth) - 1):
         layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
     return nn.Sequential(*layers)
+
+
+def index_cache(maxsize: int) -> Callable[[Callable], Callable]:
+    """`functools.lru_cache` for functions that build index tensors of a layout, which are built outside
+    `torch.inference_mode`: a tensor made under it (a first batch of that layout in `trainer.validate`, `test` or
+    an evaluation) could not be saved for backward, so that a later training step on the same layout would fail."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.lru_cache(maxsize=maxsize)
+        @functools.wraps(fn)
+        def built(*args, **kwargs):
+            with torch.inference_mode(False):
+                return fn(*args, **kwargs)
+
+        return built
+
+    return wrap
 
 
 RELEASE_INIT_STD = 0.02

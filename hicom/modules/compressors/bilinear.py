@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from functools import partial
 
@@ -14,6 +13,7 @@ from hicom.modules.compressors.base import (
     RELEASE_INIT_STD,
     Compressor,
     PackedLayout,
+    index_cache,
     init_weights,
     readout,
     readout_words,
@@ -77,7 +77,7 @@ class BilinearPoolCompressor(Compressor):
         return rows.index_select(0, _rows(layout, self.grid(layout.height, layout.width), x.device))
 
 
-@functools.lru_cache(maxsize=32)
+@index_cache(maxsize=32)
 def _rows(layout: PackedLayout, pooled_grid: tuple[int, int], device: torch.device) -> torch.Tensor:
     """Rows of cat([pooled tokens, full tokens]) that make up each clip in order: pooled for video frames,
     full for image frames."""

@@ -126,7 +126,8 @@ class GlobalCompressor(Compressor):
         table = self._table
         if table is None or table.device != like.device or table.shape[0] < n:
             size = n if table is None else max(n, table.shape[0])
-            table = self._table = sincos_table(size, like.shape[-1], like.device)
+            with torch.inference_mode(False):  # kept for training steps after a first call in inference mode
+                table = self._table = sincos_table(size, like.shape[-1], like.device)
         return table[:n].to(like.dtype)
 
     def forward_packed(

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from hicom.modules.compressors.base import Compressor, PackedLayout, unguided_config
+from hicom.modules.compressors.base import Compressor, PackedLayout, index_cache, unguided_config
 from hicom.modules.compressors.global_compressor import GlobalCompressor
 from hicom.modules.compressors.local import LocalCompressor
 
@@ -73,7 +71,7 @@ class HICom(Compressor):
         return torch.cat([local, global_]).index_select(0, order)
 
 
-@functools.lru_cache(maxsize=32)
+@index_cache(maxsize=32)
 def _interleave(local_counts: tuple[int, ...], num_global: int, device: torch.device) -> torch.Tensor:
     """Row order that puts each clip's `local_counts[i]` local rows before its `num_global` global rows."""
     local_total = sum(local_counts)

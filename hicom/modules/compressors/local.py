@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from hicom.modules.compressors.base import (
     PackedLayout,
     frame_kernel,
     group_index,
+    index_cache,
     init_weights,
     readout,
     readout_words,
@@ -263,7 +263,7 @@ class _PackedPlan:
     frame_lambda: torch.Tensor
 
 
-@functools.lru_cache(maxsize=32)
+@index_cache(maxsize=32)
 def _packed_plan(
     layout: PackedLayout, kernel: tuple[int, int, int], device: torch.device, runs: bool = True
 ) -> _PackedPlan:
@@ -312,7 +312,7 @@ def _packed_plan(
     )
 
 
-@functools.lru_cache(maxsize=256)
+@index_cache(maxsize=256)
 def _run_index(
     size: tuple[int, int, int], kernel: tuple[int, int, int], slots: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -343,7 +343,7 @@ def _first_window(windows: torch.Tensor, n: int) -> torch.Tensor:
     return holds.int().argmax(dim=0)
 
 
-@functools.lru_cache(maxsize=256)
+@index_cache(maxsize=256)
 def _frame_sources(n: int, out: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...]]:
     """Linear interpolation of n frames to `out`, as F.interpolate computes it: for each output frame the two
     source frames and the weight of the second."""
@@ -357,7 +357,7 @@ def _frame_sources(n: int, out: int) -> tuple[tuple[int, ...], tuple[int, ...], 
     return tuple(low), tuple(high), tuple(lam)
 
 
-@functools.lru_cache(maxsize=256)
+@index_cache(maxsize=256)
 def _cell_index(size: tuple[int, int, int], kernel: tuple[int, int, int]) -> torch.Tensor:
     """(cells, k_t * k_s * k_s) flat indices of the tokens under each output cell of one (T, H, W) clip
     (cached: callers add an offset, which makes a new tensor)."""
