@@ -707,10 +707,12 @@ def test_a_release_folder_is_imported_only_into_the_compressor_its_config_descri
 
 LOCAL_VARIANTS = [None] + [dict(guide=guide, keys=keys) for guide in Guide for keys in (None, "embeds", "features")]
 LOCAL_VARIANTS += [
-    dict(guide=Guide.DIRECT, adapt=["k", "v"], clip_scale=True),
-    dict(guide=Guide.COARSE, adapt=["q", "k", "v", "g"], clip_scale=True),
+    dict(guide=Guide.DIRECT, adapt=["k", "v"], clip_scale=True, clip_norm="release"),
+    dict(guide=Guide.COARSE, adapt=["q", "k", "v", "g"], clip_scale=True, clip_norm="release"),
     dict(guide=Guide.FINE, adapt=["g"]),
-    dict(guide=Guide.OFF, kernel=(2, 12, 12), adapt=["q"], clip_scale=True),
+    dict(guide=Guide.OFF, kernel=(2, 12, 12), adapt=["q"], clip_scale=True, clip_norm="release"),
+    dict(guide=Guide.DIRECT, clip_scale=True),  # unit queries and keys: the release's own for the guide itself
+    dict(guide=Guide.COARSE, clip_scale=True),  # unit queries and keys: not the release's for injected queries
 ]
 GLOBAL_VARIANTS = [None] + [dict(guide=guide, position=p) for guide in Guide for p in ("kv", "k", "none")]
 GLOBAL_VARIANTS += [
@@ -731,6 +733,11 @@ def release_cannot_carry(local, global_):
         keys = local.get("keys") or ("features" if local["guide"] is Guide.OFF else "embeds")
         if keys != ("embeds" if guides else "features"):
             reasons.append(f"local.keys={keys}")
+        plain_direct = (
+            local["guide"] is Guide.DIRECT and keys == "embeds" and not {"k", "g"} & {*local.get("adapt", [])}
+        )
+        if local.get("clip_scale") and local.get("clip_norm", "qk") == "qk" and not plain_direct:
+            reasons.append("local.clip_norm=qk")
     if global_ is not None and global_.get("position", "kv") != "kv":
         reasons.append(f"global_.position={global_['position']}")
     return reasons
@@ -766,7 +773,7 @@ def test_what_the_release_can_describe_exports_and_loads_as_the_same_compressor(
         torch.testing.assert_close(loaded.compress(v, e, guide), source.compress(v, e, guide), rtol=0, atol=0)
         exported += 1
     assert not caplog.text  # the guide<mode> names read the same way in the release
-    assert exported == 59  # of the 254 pairs
+    assert exported == 64  # of the 284 pairs
 
 
 def test_the_clip_scale_pair_of_a_missing_branch_is_dropped_on_both_load_paths(cache_dir, tmp_path, caplog):

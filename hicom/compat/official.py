@@ -36,6 +36,7 @@ from torch import nn
 from hicom.modules.compressors import (
     Adapt,
     BilinearPoolCompressor,
+    ClipNorm,
     Compressor,
     GlobalCompressor,
     Guide,
@@ -193,6 +194,7 @@ def build_compressor(config: Mapping, *, reproduce_defect_1: bool = False) -> Co
             keys="embeds" if spec.use_guide is not Guide.OFF else "features",
             adapt=sorted(a.value for a in adapt),
             clip_scale="local" in spec.clip_scale,
+            clip_norm=ClipNorm.RELEASE,
             init_std=RELEASE_INIT_STD,
         )
     if spec.global_ is not None:
@@ -562,6 +564,18 @@ def release_gaps(compressor: Compressor) -> list[str]:
             gaps.append(
                 f"model.compressor.local.kernel={list(local.kernel)}: the release's name holds k_t in one digit and "
                 "k_s in one or two"
+            )
+        if local.unit_qk and not (
+            local.guide is Guide.DIRECT
+            and local.uses_embeds
+            and Adapt.K not in local.adapt
+            and not local.guide_injector.adapt
+            and isinstance(local.guide_injector.text2qk_proj, nn.Identity)
+        ):
+            gaps.append(
+                "model.compressor.local.clip_norm=qk: the release's clip scale makes the embeds and the guide unit "
+                "length, not the queries and keys the attention uses (the same only for direct injection of the "
+                "guide itself against unadapted embeds): set release"
             )
         keys = Keys.EMBEDS if modes else Keys.FEATURES
         if local.keys is not keys:

@@ -249,6 +249,11 @@ def paper_default(**dims):
         (partial(LocalCompressor, guide=Guide.COARSE, adapt="qkvg", clip_scale=True), local_reference),
         (partial(LocalCompressor, guide=Guide.DIRECT, adapt="kvg", clip_scale=True), local_reference),
         (partial(LocalCompressor, guide=Guide.OFF, adapt="qkv", clip_scale=True), local_reference),
+        (
+            partial(LocalCompressor, guide=Guide.COARSE, adapt="qkvg", clip_scale=True, clip_norm="release"),
+            local_reference,
+        ),
+        (partial(LocalCompressor, guide=Guide.OFF, adapt="qkv", clip_scale=True, clip_norm="release"), local_reference),
         (partial(GlobalCompressor, num_queries=3, guide=Guide.FINE, num_heads=2, adapt_guide=True), global_reference),
         (partial(GlobalCompressor, num_queries=3, guide=Guide.COARSE, num_heads=2, clip_scale=True), global_reference),
         (
@@ -591,3 +596,41 @@ def test_a_layout_first_seen_in_inference_mode_still_trains(make):
         module(features, features, guide, layout=layout)
     module(features, features, guide, layout=layout).square().mean().backward()
     assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("guide", [Guide.OFF, Guide.COARSE, Guide.DIRECT])
+def test_local_clip_scale_attends_with_unit_queries_and_keys_as_spec_writes(guide):
+    """SPEC 2.2: softmax(unit(q) . unit(k) * exp(logit_scale) + logit_bias) over the cell. As released (clip_norm:
+    release) the embeds and the guide are made unit length instead, and an injected or unguided query keeps its
+    length; the two agree where the query is the guide itself."""
+    torch.manual_seed(0)
+    d = 64
+    make = partial(LocalCompressor, in_dim=d, out_dim=d, guide=guide, clip_scale=True)
+    spec, released = make(), make(clip_norm="release")
+    released.load_state_dict(spec.state_dict())
+    for module in (spec, released):
+        module.readout = torch.nn.Identity()
+    v, e, g = torch.randn(4, 3, 3, d) * 3, torch.randn(4, 3, 3, d), torch.randn(d)
+    guide_in = g if spec.uses_guide else None
+    unit = partial(torch.nn.functional.normalize, dim=-1)
+    scale, bias = spec.logit_scale.exp(), spec.logit_bias
+
+    def attend(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(keys.reshape(-1, d) @ query * scale + bias, dim=0) @ v.reshape(-1, d)
+
+    def query(g: torch.Tensor | None) -> torch.Tensor:  # 27 -> 9 takes the centre token, 4 -> 1 the middle frames
+        centre = (v[1, 1, 1] + v[2, 1, 1]) / 2
+        if guide is Guide.DIRECT:
+            return g
+        return spec.guide_injector(centre[None, None], g[None])[0, 0] if spec.uses_guide else centre
+
+    keys = e if spec.uses_embeds else v
+    ours = spec.compress(v, e, guide_in)[0]
+    torch.testing.assert_close(ours, attend(unit(query(guide_in)), unit(keys)), rtol=1e-5, atol=1e-5)
+    as_released = released.compress(v, e, guide_in)[0]
+    if spec.uses_guide:
+        expected = attend(query(unit(g)), unit(keys))
+    else:
+        expected = attend(query(None), keys)
+    torch.testing.assert_close(as_released, expected, rtol=1e-5, atol=1e-5)
+    assert (guide is Guide.DIRECT) == torch.allclose(as_released, ours, atol=1e-5)

@@ -4,13 +4,14 @@ from hicom.modules.compressors.bilinear import BilinearPoolCompressor
 from hicom.modules.compressors.global_compressor import GlobalCompressor, Position
 from hicom.modules.compressors.hicom import HICom
 from hicom.modules.compressors.injection import Guide, GuideInjector
-from hicom.modules.compressors.local import Adapt, Keys, LocalCompressor
+from hicom.modules.compressors.local import Adapt, ClipNorm, Keys, LocalCompressor
 from hicom.modules.compressors.qformer import QFormerCompressor
 
 __all__ = [
     "Adapt",
     "AvgPoolCompressor",
     "BilinearPoolCompressor",
+    "ClipNorm",
     "Compressor",
     "GlobalCompressor",
     "Guide",

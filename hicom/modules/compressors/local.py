@@ -45,6 +45,18 @@ class Keys(Choice):
     FEATURES = "features"
 
 
+class ClipNorm(Choice):
+    """What a clip-scale local compressor makes unit length before its dot products: the queries and keys its
+    attention uses (`qk`, SPEC 2.2), or what the release does (`release`): the joint-space embeddings and the
+    guide where the keys are the embeddings, nothing where they are the features. Under `release` queries other
+    than the guide itself (coarse or fine injection, or no guide) keep their length, and SigLIP's logit scale then
+    makes each cell's softmax nearly one-hot. The two agree where the queries are the guide itself (direct
+    injection, no guide adapter, a guide as wide as the features) and the keys are the unadapted embeddings."""
+
+    QK = "qk"
+    RELEASE = "release"
+
+
 class LocalCompressor(Compressor):
     """Queries are the features resized to the output grid (trilinear), or the guide itself with direct injection;
     keys are the joint-space embeddings when guided (else the features, unless `keys` says); values are the features.
@@ -69,12 +81,14 @@ class LocalCompressor(Compressor):
         keys: Keys | None = None,
         adapt: Sequence[str] = (),
         clip_scale: bool = False,
+        clip_norm: ClipNorm = ClipNorm.QK,
         readout_depth: int = 2,
         init_std: float | None = RELEASE_INIT_STD,
     ) -> None:
         super().__init__()
         kernel = kernel_sizes("kernel", kernel)
         flag("clip_scale", clip_scale)
+        self.clip_norm = ClipNorm(clip_norm)
         if kernel[1] != kernel[2]:
             raise ValueError(f"kernel must be (k_t, k_s, k_s): one spatial size for both axes, got {kernel!r}")
         self.kernel = tuple(int(k) for k in kernel)
@@ -102,8 +116,8 @@ class LocalCompressor(Compressor):
             self.add_module(f"{name.value}_proj", proj)
             self.add_module(f"{name.value}_norm", nn.LayerNorm(in_dim, eps=1e-6))
             self.register_parameter(f"{name.value}_alpha", nn.Parameter(torch.zeros(1)))
-        # Clip scale: unit-length guide and embeds (keys), SigLIP's logit scale and bias (copied from the vision tower by
-        # VideoLLM) in place of 1 / sqrt(D).
+        # Clip scale: unit-length queries and keys (`clip_norm`), SigLIP's logit scale and bias (copied from the vision
+        # tower by VideoLLM) in place of 1 / sqrt(D).
         self.clip_scale = clip_scale
         if clip_scale:
             self.logit_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
@@ -129,8 +143,13 @@ class LocalCompressor(Compressor):
         if self.adapt:
             words.append("adapt " + ",".join(sorted(a.value for a in self.adapt)))
         if self.clip_scale:
-            words.append("clip-scale")
+            words.append("clip-scale" if self.clip_norm is ClipNorm.QK else "clip-scale as released")
         return " ".join(words + readout_words(self.readout))
+
+    @property
+    def unit_qk(self) -> bool:
+        """Whether the attention's queries and keys are made unit length (clip scale, SPEC 2.2's way)."""
+        return self.clip_scale and self.clip_norm is ClipNorm.QK
 
     def grid(self, t: int, h: int, w: int, modality: str = "video") -> tuple[int, int, int]:
         kt, ks, _ = self._kernel(t, modality)
@@ -154,13 +173,18 @@ class LocalCompressor(Compressor):
         runs = self.guide is not Guide.DIRECT and not _GATHER_KEYS.get()
         plan = _packed_plan(layout, self.kernel, features.device, runs=runs)
         keys = embeds if self.uses_embeds else features
-        if self.clip_scale and self.uses_embeds:  # as released: unit-length embeds and guide, queries as they come
+        release_norm = self.clip_scale and self.clip_norm is ClipNorm.RELEASE
+        if release_norm and self.uses_embeds:  # as released: unit-length embeds and guide, queries as they come
             keys = F.normalize(keys, dim=-1)  # x / |x|, a zero vector kept zero
             if guide is not None:
                 guide = F.normalize(guide, dim=-1)
         keys = self._adapted(keys.reshape(-1, d), Adapt.K)  # (sum T H W, D)
+        if self.unit_qk:
+            keys = F.normalize(keys, dim=-1)
         if self.guide is Guide.DIRECT:
             queries = self.guide_injector.prepare(guide)  # (B, D): one query for all cells of a clip
+            if self.unit_qk:
+                queries = F.normalize(queries, dim=-1)
             # each frame's tokens against its own clip's query: (sum T, H W, D) x (sum T, D, 1)
             frame_queries = take_rows(queries, plan.frame_clip).unsqueeze(-1)
             token_scores = torch.bmm(keys.reshape(-1, h * w, d), frame_queries)
@@ -174,6 +198,8 @@ class LocalCompressor(Compressor):
             queries = self._adapted(queries.permute(0, 2, 3, 1).reshape(-1, d), Adapt.Q)  # (cells, D)
             if self.guide_injector is not None:
                 queries = self.guide_injector.forward_rows(queries, guide, plan.cell_clip, plan.cell_counts)
+            if self.unit_qk:
+                queries = F.normalize(queries, dim=-1)
             scores = _cell_scores(queries, keys, plan)
         if self.clip_scale:
             scores = scores * self.logit_scale.exp() + self.logit_bias

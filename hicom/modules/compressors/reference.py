@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hicom.modules.compressors.base import group_starts
 from hicom.modules.compressors.global_compressor import GlobalCompressor, Position, position_table_3d
 from hicom.modules.compressors.hicom import HICom
-from hicom.modules.compressors.local import Adapt, LocalCompressor
+from hicom.modules.compressors.local import Adapt, ClipNorm, LocalCompressor
 
 
 def local_reference(
@@ -33,13 +33,16 @@ def local_reference(
     resized = F.interpolate(features.permute(3, 0, 1, 2)[None], size=grid, mode="trilinear", align_corners=False)[0]
     queries = module._adapted(resized.permute(1, 2, 3, 0), Adapt.Q)  # (T', H', W', D)
     keys = embeds if module.uses_embeds else features
-    if module.clip_scale and module.uses_embeds:
+    if module.clip_scale and module.clip_norm is ClipNorm.RELEASE and module.uses_embeds:  # the embeds and guide
         keys = keys / keys.norm(dim=-1, keepdim=True)
         if guide is not None:
             guide = guide / guide.norm(dim=-1, keepdim=True)
     if module.guide_injector is not None:
         queries = module.guide_injector(queries.reshape(1, -1, d), guide[None]).reshape(*grid, d)
     keys = module._adapted(keys, Adapt.K)
+    if module.clip_scale and module.clip_norm is ClipNorm.QK:  # the queries and keys the attention uses
+        queries = queries / queries.norm(dim=-1, keepdim=True)
+        keys = keys / keys.norm(dim=-1, keepdim=True)
     values = module._adapted(features, Adapt.V)
     if module.clip_scale:
         scale, bias = module.logit_scale.exp(), module.logit_bias
