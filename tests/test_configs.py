@@ -781,3 +781,21 @@ def test_a_stage_flag_that_is_not_true_or_false_is_refused_by_name(cache_dir, tm
     cfg = compose_train(cache_dir, tmp_path, ["experiment=tiny_stages", *SMALL, "stages.0.guided=no"])
     with pytest.raises(ValueError, match="stages.alignment.guided must be true or false, got 'no'"):
         run_stages(cfg)
+
+
+def test_an_empty_path_variable_counts_as_unset(monkeypatch, tmp_path):
+    """`export HICOM_CACHE=$UNSET` in a job script sets it empty: the default folder, not the filesystem's root."""
+    from hydra import compose, initialize_config_dir
+
+    from hicom.utils.config import project_root
+
+    monkeypatch.setenv("HICOM_DATA", str(tmp_path))
+    for name in ("HICOM_ROOT", "HICOM_CACHE", "HICOM_LOGS", "HICOM_WEIGHTS", "HICOM_SIGLIP", "HICOM_QWEN"):
+        monkeypatch.setenv(name, "")
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=directg_local43_global32"])
+    root = str(project_root())
+    assert cfg.paths.root_dir == root and cfg.paths.data_dir == str(tmp_path)
+    assert (cfg.paths.cache_dir, cfg.paths.log_dir) == (f"{root}/.cache", f"{root}/logs")
+    assert cfg.model.vision.path == f"{root}/weights/siglip-so400m-patch14-384"
+    assert cfg.model.llm.path == f"{root}/weights/Qwen2.5-7B-Instruct"

@@ -159,8 +159,17 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", name)
 
 
+def env_or(name: str, default: str | None = None) -> str | None:
+    """An environment variable's value, or `default` where it is unset or empty: `export HICOM_CACHE=$UNSET` in a job
+    script sets it empty, which `oc.env` would take as the path '' (the cache, data or logs at the filesystem's
+    root), where the shell's own `${HICOM_CACHE:-default}` takes the default."""
+    return os.environ.get(name) or default
+
+
 if not OmegaConf.has_resolver("hicom_root"):
     OmegaConf.register_new_resolver("hicom_root", project_root)
+if not OmegaConf.has_resolver("env_or"):
+    OmegaConf.register_new_resolver("env_or", env_or)
 if not OmegaConf.has_resolver("run_stamp"):
     # cached like Hydra's own `now`: the run folder is read again later (Lightning's DDP launcher hands it to its
     # child processes, a multirun copies it to every job) and must not move to a later second
