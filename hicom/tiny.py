@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -118,24 +119,27 @@ class _Writer:
     its place, so that a kill at any moment leaves the folder whole or absent, and the leftovers go next time."""
 
     def __call__(self, out_dir: str | os.PathLike) -> Path:
-        from hicom.utils.files import locked
+        from hicom.utils.files import as_created_here, locked
 
         out = Path(out_dir)
         spec = {"kind": type(self).__name__, **asdict(self)}
         if self._written(out, spec):
             return out
         out.parent.mkdir(parents=True, exist_ok=True)
-        with locked(out.with_name(f".{out.name}.lock")):
+        with locked(out.with_name(f".{out.name}.lock")) as held:
             if self._written(out, spec):  # another process wrote it while this one waited
                 return out
-            for leftover in [*out.parent.glob(f"{out.name}.tmp-*"), *out.parent.glob(f"{out.name}.old-*")]:
-                shutil.rmtree(leftover, ignore_errors=True)  # of a writer that was killed: every writer locks
-            tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-            tmp.mkdir()
+            if held:  # every writer locks, so these are of writers that were killed (unlocked, maybe live ones')
+                for leftover in [*out.parent.glob(f"{out.name}.tmp-*"), *out.parent.glob(f"{out.name}.old-*")]:
+                    shutil.rmtree(leftover, ignore_errors=True)
+            # folders of its own: a process id is not (the same one in two nodes' containers)
+            tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+            as_created_here(tmp)
             with torch.random.fork_rng(devices=[]):  # seeded writing must not move the caller's random state
                 self.write(tmp)
             (tmp / "spec.json").write_text(json.dumps(spec, indent=2))
-            old = out.with_name(f"{out.name}.old-{os.getpid()}")
+            old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+            old.rmdir()  # a free name for the folder it replaces
             if out.exists():
                 out.rename(old)
             tmp.rename(out)

@@ -109,3 +109,19 @@ def test_writing_the_tiny_checkpoints_leaves_the_random_state_alone(tmp_path):
     torch.manual_seed(0)
     TinyQwen2()(tmp_path / "qwen2")  # a fresh write seeds its own init
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_a_writer_without_a_lock_leaves_other_writers_folders_alone(tmp_path, monkeypatch, caplog):
+    """On a mount without locking (NFS with nolock) a writer cannot tell a killed writer's folder from a live
+    one's: it used to delete every `*.tmp-*` beside its folder, a live writer's too."""
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    live = tmp_path / "qwen2.tmp-4242"  # another node's writer, the same process id in its container
+    live.mkdir()
+    out = TinyQwen2(hidden_size=32, num_layers=1)(tmp_path / "qwen2")
+    assert live.is_dir() and (out / "spec.json").is_file() and "cannot lock" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["qwen2", "qwen2.tmp-4242"]

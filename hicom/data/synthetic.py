@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,6 +31,7 @@ import av
 import numpy as np
 
 from hicom.data.index import MixtureEntry
+from hicom.utils.files import as_created_here
 
 __all__ = [
     "BACKGROUND",
@@ -256,9 +258,11 @@ class SyntheticVideoQA:
         if self.is_prepared(root):
             return splits
         final = splits.root
-        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-        # A directory under our pid can only be the remains of an earlier, crashed process.
-        shutil.rmtree(tmp, ignore_errors=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # a folder of its own: the process id alone is not (each node's first process may have the same one in its
+        # container, on a shared file system)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
+        as_created_here(tmp)  # mkdtemp's 0700 would keep the cache from the rest of a shared cluster
         start = time.perf_counter()
         try:
             self._generate(tmp)

@@ -21,25 +21,27 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def as_created_here(path: Path) -> None:
-    """Give `path` the permissions a file created here gets (0666 less the umask). safetensors 0.8 writes through a
-    temporary file, which is made 0600: a hand-off or an export no one else could read (a teammate's
-    `evaluate.py ckpt=<your run>`)."""
+    """Give `path` the permissions a file (or folder) created here gets (0666, or 0777, less the umask).
+    safetensors 0.8 writes through a temporary file, which is made 0600: a hand-off or an export no one else could
+    read (a teammate's `evaluate.py ckpt=<your run>`); `tempfile.mkdtemp` makes its folder 0700."""
     mask = os.umask(0)
     os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[bool]:
     """An exclusive lock on `path` for as long as the block runs, waiting for it (flock: released when the file
     closes, or if the process dies). Where the file system does not lock, the block runs unlocked (one process per
-    benchmark is then the user's guarantee, as without shards)."""
+    benchmark is then the user's guarantee, as without shards). Gives whether the lock is held."""
     with path.open("a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX)
         except OSError as error:  # e.g. a mount without locking
             log.warning("cannot lock %s (%s): going on without the lock", path, error)
-        yield
+            yield False
+        else:
+            yield True
 
 
 class Busy(RuntimeError):

@@ -146,6 +146,22 @@ def test_prepare_twice_returns_at_once_and_touches_nothing(tmp_path: Path) -> No
     assert [p.name for p in tmp_path.iterdir()] == [first.root.name]
 
 
+def test_another_nodes_writer_with_the_same_process_id_keeps_its_folder(tmp_path: Path) -> None:
+    """Each node's first process prepares the data on a shared file system, and containers give them the same
+    process ids: the folder named by this process's id used to be taken for a crashed run's and deleted."""
+    import os
+    import stat
+
+    name = TINY.splits(tmp_path).root.name
+    other = tmp_path / f"{name}.tmp-{os.getpid()}"
+    (other / "videos").mkdir(parents=True)
+    splits = TINY.prepare(tmp_path)
+    assert (other / "videos").is_dir() and TINY.is_prepared(tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(splits.root.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's 0700
+
+
 def test_a_changed_field_changes_the_key_and_the_directory(tmp_path: Path) -> None:
     changed = {
         "num_train": 4,
