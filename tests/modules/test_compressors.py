@@ -634,3 +634,18 @@ def test_local_clip_scale_attends_with_unit_queries_and_keys_as_spec_writes(guid
         expected = attend(query(None), keys)
     torch.testing.assert_close(as_released, expected, rtol=1e-5, atol=1e-5)
     assert (guide is Guide.DIRECT) == torch.allclose(as_released, ours, atol=1e-5)
+
+
+def test_the_q_former_reads_layer_normalised_visual_tokens_as_blip2_does():
+    """BLIP-2 passes the vision tower's output through `ln_vision` before its Q-Former: the features here are the
+    tower's layer -2, at whatever scale it has, so a clip scaled up reads the same."""
+    torch.manual_seed(0)
+    module = QFormerCompressor(in_dim=8, out_dim=4, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32)
+    module.eval()
+    assert "ln_vision.weight" in dict(module.named_parameters())
+    v = torch.randn(3, 4, 4, 8)
+    torch.testing.assert_close(module.compress(v * 50), module.compress(v), rtol=1e-4, atol=1e-4)
+    plain = QFormerCompressor(
+        in_dim=8, out_dim=4, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, visual_norm=False
+    ).eval()
+    assert "unnormed" in plain.label and not torch.allclose(plain.compress(v * 50), plain.compress(v), atol=1e-3)

@@ -2,8 +2,9 @@
 
 The Q-Former is transformers' `Blip2QFormerModel`: BERT-like layers in which N learned queries self-attend and,
 every `cross_attention_frequency` layers, cross-attend to the visual tokens. Here the visual tokens are every token
-of the clip (T H W of them, the 3D position table added so that frames are told apart), and the N outputs are
-projected into the LLM's width.
+of the clip (T H W of them), layer-normalised first as BLIP-2 does (its `ln_vision`: the features are the tower's
+layer -2, which no norm has scaled), then the 3D position table added so that frames are told apart; the N outputs
+are projected into the LLM's width.
 
 Instruction-aware (InstructBLIP): the instruction's tokens join the queries in self-attention, through the text
 half of each layer (its own feed-forward, no cross-attention), and only the query outputs are kept. InstructBLIP
@@ -50,6 +51,7 @@ class QFormerCompressor(Compressor):
         initializer_range: float = 0.02,
         instruction: bool = False,
         positions: bool = True,
+        visual_norm: bool = True,
         readout_depth: int = 1,
         attn_implementation: str = "sdpa",
     ) -> None:
@@ -65,6 +67,7 @@ class QFormerCompressor(Compressor):
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         flag("instruction", instruction)
         flag("positions", positions)
+        flag("visual_norm", visual_norm)
         if hidden_size * 8 <= in_dim:  # train.yaml's qformer_size is sized for the 64-wide tiny towers
             log.warning(
                 "model.compressor: a %d-wide Q-Former reads %d-wide visual tokens; train.yaml's qformer_size is the "
@@ -93,6 +96,7 @@ class QFormerCompressor(Compressor):
         self.uses_guide = self.guide_tokens = instruction
         self.instruction_proj = nn.Linear(guide_dim or in_dim, hidden_size) if instruction else None
         self.positions = positions
+        self.ln_vision = nn.LayerNorm(in_dim) if visual_norm else None  # BLIP-2's, before the Q-Former
         self.readout = readout(hidden_size, out_dim, readout_depth)
 
     def is_guide_parameter(self, name: str) -> bool:
@@ -105,7 +109,8 @@ class QFormerCompressor(Compressor):
     @property
     def label(self) -> str:
         words = ["instructblip" if self.instruction else "qformer", str(self.num_queries)]
-        return " ".join(words + (["positions"] if self.positions else []) + readout_words(self.readout))
+        words += (["positions"] if self.positions else []) + ([] if self.ln_vision is not None else ["unnormed"])
+        return " ".join(words + readout_words(self.readout))
 
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         return self.num_queries
@@ -130,6 +135,8 @@ class QFormerCompressor(Compressor):
                 dtype = torch.get_autocast_dtype(device_type)
             mask = torch.zeros(keep.shape, dtype=dtype, device=features.device)
             mask = mask.masked_fill(~keep, torch.finfo(dtype).min).expand(-1, -1, self.num_queries, -1)
+        if self.ln_vision is not None:
+            padded = self.ln_vision(padded)
         if self.positions:
             padded = padded + table
         queries = self.query_tokens.expand(b, -1, -1)
