@@ -649,3 +649,47 @@ def test_the_q_former_reads_layer_normalised_visual_tokens_as_blip2_does():
         in_dim=8, out_dim=4, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, visual_norm=False
     ).eval()
     assert "unnormed" in plain.label and not torch.allclose(plain.compress(v * 50), plain.compress(v), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        partial(AvgPoolCompressor, kernel=(4, 3, 3)),
+        partial(AvgPoolCompressor, kernel=(2, 2, 2)),
+        BilinearPoolCompressor,
+    ],
+)
+def test_pooling_baselines_train_in_deterministic_mode_with_the_same_outputs_and_gradients(make, monkeypatch):
+    """`trainer.deterministic=true` on a GPU refuses the gradients of adaptive_avg_pool3d and of bilinear
+    interpolate (CUDA has no deterministic kernel for them): there the pooling baselines resize by matrix
+    products, the same values, which this checks on the CPU, where the two ops refuse as on CUDA."""
+    import torch.nn.functional as F
+
+    def refusing(op):
+        def call(x, *args, **kwargs):
+            if torch.are_deterministic_algorithms_enabled() and x.requires_grad:
+                raise RuntimeError(f"{op.__name__} does not have a deterministic implementation (as on CUDA)")
+            return op(x, *args, **kwargs)
+
+        return call
+
+    for name in ("adaptive_avg_pool3d", "interpolate"):
+        monkeypatch.setattr(F, name, refusing(getattr(F, name)))
+    torch.manual_seed(0)
+    module = make(in_dim=8, out_dim=4).double()
+    layout = PackedLayout((9, 1, 5), ("video", "image", "video"), 7, 10)
+    features = torch.randn(15, 7, 10, 8, dtype=torch.float64)
+    results = []
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            out = module(features, None, None, layout=layout)
+            out.square().sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(False)
+        results.append((out.detach(), [p.grad.clone() for p in module.parameters()]))
+        module.zero_grad()
+    (plain, plain_grads), (matrix, matrix_grads) = results
+    torch.testing.assert_close(matrix, plain, rtol=1e-12, atol=1e-12)
+    for a, b in zip(matrix_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from hicom.modules.compressors.base import (
     RELEASE_INIT_STD,
     Compressor,
+    deterministic_resize,
     frame_kernel,
     init_weights,
     readout,
     readout_words,
+    resize_matrix,
 )
 from hicom.utils.choices import kernel_sizes
 
@@ -53,6 +55,10 @@ class AvgPoolCompressor(Compressor):
 
     def forward_clips(self, features, embeds=None, guide=None, modality: str = "video") -> torch.Tensor:
         b, t, h, w, _ = features.shape
-        x = self.readout(features).permute(0, 4, 1, 2, 3)  # (B, d_out, T, H, W)
-        x = F.adaptive_avg_pool3d(x, self.grid(t, h, w, modality))
+        grid = self.grid(t, h, w, modality)
+        x = self.readout(features)  # (B, T, H, W, d_out)
+        if deterministic_resize(x):  # the same averages as matrix products, whose gradient CUDA makes deterministic
+            pt, ph, pw = (resize_matrix(n, m, True, x.device).to(x.dtype) for n, m in zip((t, h, w), grid, strict=True))
+            return torch.einsum("ti,hj,wk,bijkd->bthwd", pt, ph, pw, x).flatten(1, 3)
+        x = F.adaptive_avg_pool3d(x.permute(0, 4, 1, 2, 3), grid)  # (B, d_out, T', H', W')
         return x.flatten(2).transpose(1, 2)  # (B, N, d_out)

@@ -90,6 +90,44 @@ def frame_kernel(k_t: int, t: int, modality: str) -> int:
     return 1 if modality == "image" or t == 1 else k_t
 
 
+@functools.lru_cache(maxsize=256)
+def linear_sources(n: int, out: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...]]:
+    """Linear interpolation of n positions to `out`, as F.interpolate computes it (align_corners False): for each
+    output position the two source positions and the weight of the second."""
+    low, high, lam = [], [], []
+    for dst in range(out):
+        src = max((dst + 0.5) * (n / out) - 0.5, 0.0)
+        below = int(src)
+        low.append(below)
+        high.append(below + (1 if below < n - 1 else 0))
+        lam.append(src - below)
+    return tuple(low), tuple(high), tuple(lam)
+
+
+@index_cache(maxsize=64)
+def resize_matrix(n: int, out: int, average: bool, device: torch.device) -> torch.Tensor:
+    """(out, n) float64 weights that resize an axis of n positions to `out`: adaptive average pooling's windows
+    (`average`, as F.adaptive_avg_pool*d takes them) or linear interpolation's (F.interpolate, align_corners False).
+    A product with them is a resize whose gradient is a matrix product: deterministic on CUDA, where the gradients
+    of adaptive_avg_pool3d and of bilinear interpolate are not, and deterministic mode refuses them."""
+    weights = torch.zeros(out, n, dtype=torch.float64)
+    for i in range(out):
+        if average:
+            start, end = (i * n) // out, -(-((i + 1) * n) // out)
+            weights[i, start:end] = 1 / (end - start)
+        else:
+            low, high, lam = (x[i] for x in linear_sources(n, out))
+            weights[i, low] += 1 - lam
+            weights[i, high] += lam
+    return weights.to(device)
+
+
+def deterministic_resize(x: torch.Tensor) -> bool:
+    """Whether a resize of `x` takes the matrix products of `resize_matrix`: in deterministic mode, where a gradient
+    will flow through it."""
+    return torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled() and x.requires_grad
+
+
 def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[index] for an integer index of any shape into the first dimension: the same values as advanced
     indexing, but the gradient sums through index_add (deterministic on CUDA under deterministic mode), which on

@@ -13,10 +13,12 @@ from hicom.modules.compressors.base import (
     RELEASE_INIT_STD,
     Compressor,
     PackedLayout,
+    deterministic_resize,
     index_cache,
     init_weights,
     readout,
     readout_words,
+    resize_matrix,
 )
 
 
@@ -57,6 +59,9 @@ class BilinearPoolCompressor(Compressor):
         size = self.grid(x.shape[1], x.shape[2])
         if size == tuple(x.shape[1:3]):
             return x
+        if deterministic_resize(x):  # the same resize as matrix products, whose gradient CUDA makes deterministic
+            ph, pw = (resize_matrix(n, m, False, x.device).to(x.dtype) for n, m in zip(x.shape[1:3], size, strict=True))
+            return torch.einsum("hj,wk,fjkd->fhwd", ph, pw, x)
         x = F.interpolate(x.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False)
         return x.permute(0, 2, 3, 1)
 

@@ -21,6 +21,7 @@ from hicom.modules.compressors.base import (
     group_index,
     index_cache,
     init_weights,
+    linear_sources,
     readout,
     readout_words,
     take_rows,
@@ -311,7 +312,7 @@ def _packed_plan(
             clip_rows, clip_scores = _run_index((n, h, w), (clip_kt, ks, ks), slots)
             run_rows.append(clip_rows + len(low) * rows)  # the clip's first row of cells
             scores.append(clip_scores + start * h * w * slots * cols)  # its first run
-        below, above, weight = _frame_sources(n, math.ceil(n / clip_kt))
+        below, above, weight = linear_sources(n, math.ceil(n / clip_kt))
         low += [start + i for i in below]
         high += [start + i for i in above]
         lam += weight
@@ -367,20 +368,6 @@ def _first_window(windows: torch.Tensor, n: int) -> torch.Tensor:
     """(n,) the first of the (windows, size) windows that holds each of the positions 0..n-1."""
     holds = (windows[:, :, None] == torch.arange(n)).any(dim=1)  # (windows, n)
     return holds.int().argmax(dim=0)
-
-
-@index_cache(maxsize=256)
-def _frame_sources(n: int, out: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...]]:
-    """Linear interpolation of n frames to `out`, as F.interpolate computes it: for each output frame the two
-    source frames and the weight of the second."""
-    low, high, lam = [], [], []
-    for dst in range(out):
-        src = max((dst + 0.5) * (n / out) - 0.5, 0.0)
-        below = int(src)
-        low.append(below)
-        high.append(below + (1 if below < n - 1 else 0))
-        lam.append(src - below)
-    return tuple(low), tuple(high), tuple(lam)
 
 
 @index_cache(maxsize=256)
