@@ -323,6 +323,9 @@ class TinyClip(_Writer):
     patch_size: int = 16
     text_max_length: int = 32
     vocab_size: int = 384
+    # 2: the tokenizer gives an attention mask, as the real CLIPTokenizer does (1 gave none); a cached folder of
+    # version 1 is rewritten (the same weights)
+    files_version: int = 2
     seed: int = 0
 
     def write(self, out: Path) -> None:
@@ -341,7 +344,7 @@ class TinyClip(_Writer):
             pad_token="<|endoftext|>",
             unk_token="<|endoftext|>",
             model_max_length=self.text_max_length,
-            model_input_names=["input_ids"],
+            model_input_names=["input_ids", "attention_mask"],
         )
         tokenizer.save_pretrained(out)
         tower = dict(

@@ -100,11 +100,12 @@ class VideoLLM(nn.Module):
             features, embeds = (None if x is None else x[rows] for x in (features, embeds))
         if self.zero3 and torch.is_grad_enabled() and not features.requires_grad:
             features = features.detach().requires_grad_()  # a ZeRO-3 leaf is re-gathered for backward through it
-        guide = None
+        guide = guide_mask = None
         if self.compressor.uses_guide:
-            guide = self.vision.encode_guide(
-                batch["guide_ids"], tokens=self.compressor.guide_tokens, attention_mask=batch.get("guide_mask")
-            )
+            tokens, tokenizer_mask = self.compressor.guide_tokens, batch.get("guide_mask")
+            guide = self.vision.encode_guide(batch["guide_ids"], tokens=tokens, attention_mask=tokenizer_mask)
+            if tokens:  # which of the token-level guide's rows are real tokens, where the tower masks padding
+                guide_mask = self.vision.guide_rows_mask(tokenizer_mask)
         layout = PackedLayout(
             num_frames=tuple(counts[i] for i in clips),
             modalities=tuple(batch["modalities"][i] for i in clips),
@@ -113,7 +114,9 @@ class VideoLLM(nn.Module):
         )
         if guide is not None and len(clips) != len(counts):
             guide = guide[clips]
-        return self.compressor(features, embeds, guide, layout=layout)  # (sum N_i, d_llm)
+            guide_mask = None if guide_mask is None else guide_mask[clips]
+        masked = {} if guide_mask is None else {"guide_mask": guide_mask}
+        return self.compressor(features, embeds, guide, layout=layout, **masked)  # (sum N_i, d_llm)
 
     def forward(self, batch: dict) -> torch.Tensor:
         """The batch's loss: the mean cross-entropy of its labelled tokens (`CausalLM.loss`)."""

@@ -70,6 +70,12 @@ class _Tower(nn.Module):
     def _take_parts(self, model) -> None:
         raise NotImplementedError
 
+    def guide_rows_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Which rows of the token-level guide (`encode_guide(..., tokens=True)`) are real tokens, (B, L), from the
+        guide tokenizer's mask (None where it gives none: SigLIP's, whose text tower reads every position,
+        padding included, as it was trained); a compressor attends to these rows only."""
+        return attention_mask
+
     def _trunk(self, pixel_values: torch.Tensor, final: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The trunk's hidden state at `select_layer` and, with `final`, its final one (after any post-layernorm),
         (N, tokens, D) each; without autograd when the trunk is frozen. The selected state is taken from the layer
@@ -277,3 +283,14 @@ class ClipTower(_Tower):
         batch = torch.arange(states.shape[0], device=states.device)
         rows[batch, at], rows[:, -1] = rows.shape[1] - 1, at
         return self.text_projection(states.gather(1, rows[..., None].expand_as(states)))
+
+    def guide_rows_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The tokenizer's mask, its rows swapped as `encode_guide` swaps the guide's: the end-of-text token where CLIP
+        pools, the last real one of a right-padded guide, and the last row."""
+        if attention_mask is None:
+            return None
+        at = attention_mask.sum(-1) - 1  # (B,)
+        batch = torch.arange(attention_mask.shape[0], device=attention_mask.device)
+        mask = attention_mask.clone()
+        mask[batch, at], mask[:, -1] = attention_mask[:, -1], attention_mask[batch, at]
+        return mask

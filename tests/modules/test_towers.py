@@ -211,3 +211,73 @@ def test_frames_handed_over_as_bytes_are_normalised_by_the_tower_bit_for_bit(vis
     with torch.no_grad():
         from_bytes, from_floats = tower(squared)[0], tower(transform(frames))[0]
     assert torch.equal(from_bytes, from_floats)
+
+
+def test_a_token_level_clip_guide_is_read_without_its_padding(cache_dir, tmp_path):
+    """CLIP's guide tokenizer pads and masks: the fine injection and InstructBLIP's self-attention attend to the
+    guide's real tokens only (`guide_rows_mask`), so the same question padded to other lengths compresses alike.
+    SigLIP's text tower reads every position, as it was trained, and gives no mask."""
+    from transformers import AutoTokenizer
+
+    from hicom.modules.compressors import Guide, LocalCompressor, QFormerCompressor
+    from hicom.utils.instantiators import write_assets
+
+    cfg = compose_train(cache_dir, tmp_path, SWAP)
+    write_assets(cfg.assets)
+    tower = instantiate(cfg.model.vision)
+    tok = AutoTokenizer.from_pretrained(tower.path)
+    question, longer = "What colour is the circle?", "Is it red, green or blue, and how big is it, and where?"
+    torch.manual_seed(0)
+    compressors = [
+        LocalCompressor(
+            in_dim=64, out_dim=16, guide_dim=48, kernel=(2, 3, 3), guide=Guide.FINE, keys="features", init_std=None
+        ),
+        QFormerCompressor(
+            in_dim=64, out_dim=16, guide_dim=48, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+            instruction=True, dropout=0.0,
+        ),
+    ]  # fmt: skip
+    features = torch.randn(2, 4, 7, 7, 64)
+    outputs = []
+    for padding in ("longest", "max_length"):
+        guides = tok([question, longer], padding=padding, return_tensors="pt")
+        mask = guides["attention_mask"]
+        assert int(mask[0].sum()) < mask.shape[1]  # the question is padded either way
+        with torch.no_grad():
+            guide = tower.encode_guide(guides["input_ids"], tokens=True, attention_mask=mask)
+            rows = tower.guide_rows_mask(mask)
+            assert rows[:, -1].all() and torch.equal(rows.sum(-1), mask.sum(-1))  # C_p's row is real
+            outputs.append([m(features, None, guide, guide_mask=rows) for m in compressors])
+    for short, long in zip(*outputs, strict=True):
+        torch.testing.assert_close(short, long, rtol=1e-5, atol=1e-5)
+
+
+def test_the_model_hands_the_compressor_the_clip_guides_mask(cache_dir, tmp_path):
+    """VideoLLM.encode_visual: the collated guide_mask reaches a fine injection as the rows' mask, also for the
+    guides of the samples that show a clip (a text-only sample's guide is dropped with its mask row)."""
+    from transformers import AutoTokenizer
+
+    from hicom.training import build
+
+    overrides = [*SMALL, *SWAP, "model.compressor.local.guide=fine", "model.compressor.global_=null"]
+    net = build(compose_train(cache_dir, tmp_path / "run", overrides))[0].net.eval()
+    tok = AutoTokenizer.from_pretrained(net.vision.path)
+    torch.manual_seed(0)
+    with torch.no_grad():  # fine injection at a weight that shows: at the release's init its share is tiny
+        for p in net.compressor.local_compressor.guide_injector.parameters():
+            p.normal_(0, 0.3)
+    pixels = torch.randint(0, 256, (4, 3, 112, 112), dtype=torch.uint8)
+    questions = ["What colour is the circle?", "Is it red?", "Is it red, green or blue, and how big is it?"]
+    outputs = []
+    for padding in ("longest", "max_length"):
+        guides = tok(questions, padding=padding, return_tensors="pt")
+        batch = dict(
+            pixel_values=pixels,
+            num_frames=torch.tensor([2, 0, 2]),
+            modalities=["video", "text", "video"],
+            guide_ids=guides["input_ids"],
+            guide_mask=guides["attention_mask"],
+        )
+        with torch.no_grad():
+            outputs.append(net.encode_visual(batch))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)

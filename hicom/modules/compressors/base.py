@@ -216,6 +216,10 @@ class Compressor(nn.Module):
     Calling the module runs one or the other: `compressor(features, embeds, guide, modality)` the clips,
     `compressor(features, embeds, guide, layout=layout)` the packed form. Going through the call (rather than
     the methods) lets module hooks see it, which is how DeepSpeed ZeRO-3 gathers the compressor's parameters.
+
+    A token-level guide may come with `guide_mask` (B, L), True (or 1) for its real tokens, where the guide's tower
+    masks its padding (CLIP's; SigLIP's reads every position, and gives none): the call hands it on as the keyword
+    `guide_mask` to either method, so a compressor that reads token-level guides (`guide_tokens`) takes it there.
     """
 
     uses_embeds: bool = False
@@ -251,10 +255,12 @@ class Compressor(nn.Module):
         guide: torch.Tensor | None = None,
         modality: str = "video",
         layout: PackedLayout | None = None,
+        guide_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        masked = {} if guide_mask is None else {"guide_mask": guide_mask}
         if layout is not None:
-            return self.forward_packed(features, embeds, guide, layout)
-        return self.forward_clips(features, embeds, guide, modality)
+            return self.forward_packed(features, embeds, guide, layout, **masked)
+        return self.forward_clips(features, embeds, guide, modality, **masked)
 
     def forward_clips(
         self,
@@ -262,6 +268,7 @@ class Compressor(nn.Module):
         embeds: torch.Tensor | None = None,
         guide: torch.Tensor | None = None,
         modality: str = "video",
+        guide_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, T, H, W, D) clips of one shape -> (B, N, d_out) through `forward_packed`, for compressors whose one
         implementation is their packed path; the others override `forward_clips` (and inherit the per-shape
@@ -271,7 +278,8 @@ class Compressor(nn.Module):
         b, t, h, w, _ = features.shape
         layout = PackedLayout((t,) * b, (modality,) * b, h, w)
         packed_embeds = embeds.flatten(0, 1) if embeds is not None else None
-        out = self.forward_packed(features.flatten(0, 1), packed_embeds, guide, layout)
+        masked = {} if guide_mask is None else {"guide_mask": guide_mask}
+        out = self.forward_packed(features.flatten(0, 1), packed_embeds, guide, layout, **masked)
         return out.reshape(b, -1, out.shape[-1])
 
     def compress(
@@ -280,13 +288,16 @@ class Compressor(nn.Module):
         embeds: torch.Tensor | None = None,
         guide: torch.Tensor | None = None,
         modality: str = "video",
+        guide_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One clip: features (T, H, W, D), embeds likewise or None, guide (Dg,) pooled or (L, Dg) token-level
-        or None -> (N, d_out). The same computation as a batch of one."""
+        or None (and the token-level guide's mask (L,), or None) -> (N, d_out). The same computation as a batch of
+        one."""
         if features.ndim != 4:
             raise ValueError(f"compress takes one clip (T, H, W, D), got shape {tuple(features.shape)}")
-        batch = (x[None] if x is not None else None for x in (embeds, guide))
-        return self(features[None], *batch, modality)[0]
+        embeds, guide = (x[None] if x is not None else None for x in (embeds, guide))
+        masked = {} if guide_mask is None else {"guide_mask": guide_mask[None]}
+        return self(features[None], embeds, guide, modality, **masked)[0]
 
     def forward_packed(
         self,
@@ -294,6 +305,7 @@ class Compressor(nn.Module):
         embeds: torch.Tensor | None,
         guide: torch.Tensor | None,
         layout: PackedLayout,
+        guide_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         shapes: dict[tuple[int, str], list[int]] = {}
         for i, key in enumerate(zip(layout.num_frames, layout.modalities, strict=True)):
@@ -309,6 +321,7 @@ class Compressor(nn.Module):
                 take_rows(embeds, frames) if embeds is not None else None,
                 guide[members] if guide is not None else None,
                 modality,
+                **({} if guide_mask is None else {"guide_mask": guide_mask[members]}),
             )
             outputs.update(zip(members, out, strict=True))
         return torch.cat([outputs[i] for i in range(len(layout.num_frames))])

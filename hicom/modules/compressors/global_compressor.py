@@ -136,9 +136,11 @@ class GlobalCompressor(Compressor):
         embeds: torch.Tensor | None,
         guide: torch.Tensor | None,
         layout: PackedLayout,
+        guide_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Clips of any lengths in one pass: padded to the longest clip, the padding masked out of the keys.
-        (sum T, H, W, D) -> (B * num_queries, d_out), clip by clip."""
+        (sum T, H, W, D) -> (B * num_queries, d_out), clip by clip; guide_mask (B, L) marks a token-level guide's
+        real tokens."""
         _, h, w, _ = features.shape
         b = len(layout.num_frames)
         padded, real = pad_packed(features, layout.num_frames)  # (B, T_max, H, W, D), (B, T_max) or None
@@ -146,7 +148,7 @@ class GlobalCompressor(Compressor):
         if self.guide_injector is not None:
             if guide is None:
                 raise ValueError("this global compressor is guided: pass the guide")
-            queries = self.guide_injector(queries, guide)
+            queries = self.guide_injector(queries, guide, guide_mask)
         key_mask = None if real is None else real.repeat_interleave(h * w, dim=1)  # (B, T_max H W)
         out = self.readout(queries + self._attend(queries, padded, key_mask))
         return out.reshape(b * self.num_queries, -1)

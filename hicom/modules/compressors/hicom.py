@@ -54,13 +54,13 @@ class HICom(Compressor):
         branches = (self.local_compressor, self.global_compressor)
         return sum(m.num_tokens(t, h, w, modality) for m in branches if m is not None)
 
-    def forward_packed(self, features, embeds, guide, layout: PackedLayout) -> torch.Tensor:
+    def forward_packed(self, features, embeds, guide, layout: PackedLayout, guide_mask=None) -> torch.Tensor:
         """(sum T, H, W, D) -> (sum N, d_out): each clip's local tokens, then its global tokens."""
         local = global_ = None
         if self.local_compressor is not None:
-            local = self.local_compressor.forward_packed(features, embeds, guide, layout)
+            local = self.local_compressor.forward_packed(features, embeds, guide, layout, guide_mask)
         if self.global_compressor is not None:
-            global_ = self.global_compressor.forward_packed(features, embeds, guide, layout)
+            global_ = self.global_compressor.forward_packed(features, embeds, guide, layout, guide_mask)
         if local is None or global_ is None:
             return local if global_ is None else global_
         # Interleave clip by clip with one gather: rows of `local` first, then those of `global_`.

@@ -96,8 +96,11 @@ class GuideInjector(nn.Module):
             guide = (1 - self.guide_alpha) * guide + self.guide_alpha * self.guide_norm(self.guide_proj(guide))
         return guide
 
-    def forward(self, queries: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
-        """Queries (B, N, D), guide (B, Dg) or (B, L, Dg) -> (B, N, D)."""
+    def forward(
+        self, queries: torch.Tensor, guide: torch.Tensor, guide_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Queries (B, N, D), guide (B, Dg) or (B, L, Dg) -> (B, N, D); guide_mask (B, L) True or 1 for the
+        token-level guide's real tokens, the only ones the fine injection attends to (None: all)."""
         guide = self.prepare(guide)
         if self.mode is Guide.DIRECT:
             # every query is the guide (SPEC 3's defect 1 where the global branch runs so): the learned queries
@@ -106,10 +109,15 @@ class GuideInjector(nn.Module):
         if self.mode is Guide.COARSE:
             scale, shift = self.coarse_proj(guide)[:, None].chunk(2, dim=-1)
             return self.coarse_norm(queries * (1 + scale) + shift)
-        return self.fine_norm(queries + self.fine_proj(queries, guide))
+        return self.fine_norm(queries + self.fine_proj(queries, guide, _key_mask(guide_mask)))
 
     def forward_rows(
-        self, queries: torch.Tensor, guide: torch.Tensor, clip: torch.Tensor, counts: tuple[int, ...]
+        self,
+        queries: torch.Tensor,
+        guide: torch.Tensor,
+        clip: torch.Tensor,
+        counts: tuple[int, ...],
+        guide_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Packed queries (R, D) of several clips, guide (B, ...), clip (R,) the clip of each row, which is
         sorted, and counts (B,) the rows of each clip -> (R, D). The guide is transformed once per clip."""
@@ -120,6 +128,11 @@ class GuideInjector(nn.Module):
             scale, shift = self.coarse_proj(guide).chunk(2, dim=-1)
             return self.coarse_norm(queries * (1 + take_rows(scale, clip)) + take_rows(shift, clip))
         padded, real = pad_packed(queries, counts)  # rows padded to the largest clip, then taken back
-        attended = self.fine_proj(padded, guide)
+        attended = self.fine_proj(padded, guide, _key_mask(guide_mask))
         attended = attended.reshape_as(queries) if real is None else unpad_packed(attended, counts)
         return self.fine_norm(queries + attended)
+
+
+def _key_mask(guide_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A token-level guide's mask (B, L) as the attention's key mask: bool, True for real tokens."""
+    return None if guide_mask is None else guide_mask.bool()

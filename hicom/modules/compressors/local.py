@@ -165,8 +165,10 @@ class LocalCompressor(Compressor):
         embeds: torch.Tensor | None,
         guide: torch.Tensor | None,
         layout: PackedLayout,
+        guide_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Clips of any lengths and modalities in one pass: (sum T, H, W, D) -> (sum N, d_out)."""
+        """Clips of any lengths and modalities in one pass: (sum T, H, W, D) -> (sum N, d_out); guide_mask (B, L)
+        marks a token-level guide's real tokens (the rest are not attended to)."""
         _, h, w, d = features.shape
         if (self.uses_guide and guide is None) or (self.uses_embeds and embeds is None):
             raise ValueError("this local compressor is guided: pass the guide (and the joint-space embeddings)")
@@ -198,7 +200,7 @@ class LocalCompressor(Compressor):
             queries = low * (1 - lam) + high * lam  # (sum T', D, H', W')
             queries = self._adapted(queries.permute(0, 2, 3, 1).reshape(-1, d), Adapt.Q)  # (cells, D)
             if self.guide_injector is not None:
-                queries = self.guide_injector.forward_rows(queries, guide, plan.cell_clip, plan.cell_counts)
+                queries = self.guide_injector.forward_rows(queries, guide, plan.cell_clip, plan.cell_counts, guide_mask)
             if self.unit_qk:
                 queries = F.normalize(queries, dim=-1)
             scores = _cell_scores(queries, keys, plan)

@@ -115,9 +115,10 @@ class QFormerCompressor(Compressor):
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:
         return self.num_queries
 
-    def forward_packed(self, features, embeds, guide, layout: PackedLayout) -> torch.Tensor:
+    def forward_packed(self, features, embeds, guide, layout: PackedLayout, guide_mask=None) -> torch.Tensor:
         """Clips padded to the longest, the padding masked out of the cross-attention: (sum T, H, W, D) ->
-        (B * num_queries, d_out)."""
+        (B * num_queries, d_out). guide_mask (B, L): the instruction's real tokens, the others masked out of the
+        self-attention, as InstructBLIP masks its instruction's padding."""
         _, h, w, d = features.shape
         b, longest = len(layout.num_frames), max(layout.num_frames)
         if self.positions:
@@ -140,13 +141,18 @@ class QFormerCompressor(Compressor):
         if self.positions:
             padded = padded + table
         queries = self.query_tokens.expand(b, -1, -1)
+        self_mask = None
         if self.instruction:
             if guide is None or guide.ndim != 3:
                 raise ValueError("the instruction-aware Q-Former needs the token-level guide (B, L, D)")
             queries = torch.cat([queries, self.instruction_proj(guide).to(queries.dtype)], dim=1)
+            if guide_mask is not None:  # (B, N + L): every query, and the instruction's real tokens
+                real_queries = torch.ones(b, self.num_queries, dtype=torch.long, device=guide_mask.device)
+                self_mask = torch.cat([real_queries, guide_mask.long()], dim=1)
         out = self.qformer(
             query_embeds=queries,
             query_length=self.num_queries,
+            attention_mask=self_mask,
             encoder_hidden_states=padded.reshape(b, longest * h * w, d),
             encoder_attention_mask=mask,
         ).last_hidden_state[:, : self.num_queries]
