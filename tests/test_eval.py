@@ -825,6 +825,17 @@ def test_open_ended_exact_match_and_judge(tmp_path):
     lines = {r["question_id"]: r for r in map(json.loads, path.read_text().splitlines())}
     assert sorted(lines) == ["1", "2", "4", "5"] and "judge" in lines["4"] and "judge" not in lines["5"]
 
+    # a judge's reply that holds no verdict: that line is kept as refused (wrong), the lines after it judged; at
+    # temperature 0 a stop there would stop every resume at the same line
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + [{**rows[0], "question_id": "6"}]))
+
+    def odd_judge(question, answer, reply):
+        return parse_verdict("{'pred': 'yes', 'score': '4/5'}") if answer == "man" else judge(question, answer, reply)
+
+    assert judge_predictions(path, odd_judge) == 3 and judge_predictions(path, odd_judge) == 0
+    scored = score_open_ended([json.loads(line) for line in path.read_text().splitlines()])
+    assert scored["n_judged"] == 3 and scored["n_judge_refused"] == 1 and scored["judge_acc"] == pytest.approx(2 / 3)
+
 
 def test_the_judge_asks_with_the_prompts_of_the_config(tmp_path, monkeypatch):
     """configs/evaluate.yaml's judge.system and judge.user (the built-in text by default), or their overrides on
@@ -1303,3 +1314,19 @@ def test_an_evaluation_sweep_writes_one_table_of_its_jobs_and_benchmarks(cache_d
         ["1", "8", "mlvu", "M-Avg", "1", "0", "8", "50"],
         ["1", "8", "msvd_qa", "exact match", "2", "0", "8", "50"],
     ]
+
+
+def test_answers_of_a_compressor_built_otherwise_are_not_kept(tmp_path):
+    """A release folder read with and without `official.reproduce_defect_1` has one file identity and two
+    compressors: the answers of one are not scored with the other's. A settings.json without the label (older)
+    is not compared on it."""
+    from hicom.eval.runner import check_same_answers
+
+    settings = {"ckpt": "release", "format": "release", "weights": "w", "frames": 32, "decoding": {"max_new_tokens": 8}}
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({**settings, "compressor": "local 4x3x3 direct + global 32 direct"}))
+    with pytest.raises(ValueError, match=r"holds answers made otherwise(.|\n)*compressor: 'local 4x3x3 direct \+"):
+        check_same_answers(path, {**settings, "compressor": "local 4x3x3 direct + global 32 unguided"})
+    check_same_answers(path, {**settings, "compressor": "local 4x3x3 direct + global 32 direct"})
+    path.write_text(json.dumps(settings))
+    check_same_answers(path, {**settings, "compressor": "local 4x3x3 direct + global 32 unguided"})

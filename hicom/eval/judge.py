@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import os
 import re
 import string
@@ -26,6 +27,8 @@ from typing import Protocol
 from omegaconf import DictConfig
 
 from hicom.utils.files import locked, write_atomically
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,17 @@ def judge_prompt(question: str, answer: str, reply: str, template: str = JUDGE_U
     return template.format(question=question, answer=answer, reply=reply)
 
 
+class UnreadableVerdict(ValueError):
+    """A judge's reply that holds no {'pred': yes/no, 'score': 0-5} dict; `raw` is the reply."""
+
+    def __init__(self, message: str, raw: str) -> None:
+        super().__init__(message)
+        self.raw = raw
+
+
 def parse_verdict(text: str) -> Verdict:
-    """The judge's dict, read leniently (JSON or a Python literal, anywhere in the text); ValueError otherwise."""
+    """The judge's dict, read leniently (JSON or a Python literal, anywhere in the text); UnreadableVerdict (a
+    ValueError) otherwise."""
     match = re.search(r"\{[^{}]*\}", text)
     if match:
         for load in (json.loads, ast.literal_eval):
@@ -95,7 +107,7 @@ def parse_verdict(text: str) -> Verdict:
                     continue
                 if pred in ("yes", "no") and 0 <= score <= 5:
                     return Verdict(correct=pred == "yes", score=score, raw=text)
-    raise ValueError(f"the judge's reply is not a {{'pred': yes/no, 'score': 0-5}} dict: {text[:200]!r}")
+    raise UnreadableVerdict(f"the judge's reply is not a {{'pred': yes/no, 'score': 0-5}} dict: {text[:200]!r}", text)
 
 
 @dataclass
@@ -138,9 +150,12 @@ class OpenAICompatibleJudge:
 
 def judge_predictions(path: str | Path, judge: Judge, save_every: int = 50) -> int:
     """Adds a verdict to every line of a predictions file that has none (lines with a decoding error are left
-    alone). The verdicts are written into the file every `save_every` verdicts, at the end and on an error, so that an
-    interrupted run resumes; each write reads the file again under the benchmark folder's merge lock and adds
-    the verdicts to it, so answers an evaluation merged in meanwhile stay. Returns the count judged."""
+    alone). A reply of the judge's that holds no verdict is kept as refused on its line (`{"refused": reply}`,
+    scored wrong) and judging goes on: at temperature 0 the judge would give it again at every resume, and the
+    lines after it would never be judged. The verdicts are written into the file every `save_every` verdicts, at
+    the end and on an error, so that an interrupted run resumes; each write reads the file again under the
+    benchmark folder's merge lock and adds the verdicts to it, so answers an evaluation merged in meanwhile stay.
+    Returns the count judged, refused ones included."""
     path = Path(path)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     verdicts: dict[str, dict] = {}
@@ -158,8 +173,14 @@ def judge_predictions(path: str | Path, judge: Judge, save_every: int = 50) -> i
         for row in rows:
             if "judge" in row or "error" in row:
                 continue
-            verdict = judge(row.get("question", ""), str(row["answer"]), row.get("reply") or "")
-            verdicts[str(row["question_id"])] = {"correct": verdict.correct, "score": verdict.score, "raw": verdict.raw}
+            try:
+                verdict = judge(row.get("question", ""), str(row["answer"]), row.get("reply") or "")
+            except UnreadableVerdict as error:
+                log.warning("question %s: %s; kept as refused, scored wrong", row["question_id"], error)
+                verdicts[str(row["question_id"])] = {"refused": error.raw}
+            else:
+                verdict_row = {"correct": verdict.correct, "score": verdict.score, "raw": verdict.raw}
+                verdicts[str(row["question_id"])] = verdict_row
             if len(verdicts) % save_every == 0:
                 save()
     finally:  # stopped by an endpoint's error or a verdict it cannot read: the verdicts paid for so far are kept

@@ -589,13 +589,17 @@ def _row(q: Question, pred, reply, error: str | None = None) -> dict:
     return row
 
 
-SETTINGS_ADDED = frozenset({"weights", "run_overrides"})  # answer settings that older settings.json files lack
+# answer settings that older settings.json files lack, compared only where recorded
+SETTINGS_ADDED = frozenset({"weights", "run_overrides", "compressor"})
 
 
 def answer_settings(settings: dict) -> dict:
-    """What decides a reply, of a run's settings: the model and how it was loaded, the frames and their sampling,
-    the prompts, the number format and the reply length (not the benchmarks, device, batch size or shards)."""
-    keys = ("ckpt", "format", "parts", "weights", "run_overrides", "frames", "sampling", "prompts", "dtype")
+    """What decides a reply, of a run's settings: the model and how it was loaded (the compressor as built: a
+    release folder's weights read with or without `official.reproduce_defect_1` make other tokens), the frames and
+    their sampling, the prompts, the number format and the reply length (not the benchmarks, device, batch size or
+    shards)."""
+    keys = ("ckpt", "format", "parts", "weights", "run_overrides", "compressor", "frames", "sampling", "prompts")
+    keys += ("dtype",)
     keys += ("visual_tokens_per_video",)
     return {**{k: settings.get(k) for k in keys}, "max_new_tokens": settings.get("decoding", {}).get("max_new_tokens")}
 

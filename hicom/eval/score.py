@@ -117,8 +117,9 @@ def _exact_match(rows: list[dict]) -> float:
 def score_open_ended(rows: list[dict]) -> dict:
     """`exact_match`: the normalised reply equals the normalised answer; and, once a judge has seen replies,
     `judge_acc` (share judged correct) and `judge_score` (mean 0-5 score) over the judged lines and the failed
-    clips, which have no reply to judge: wrong, score 0, as in the exact match. `n_judged` counts the verdicts, so
-    that a judge run still under way shows (n_judged + n_failed < n)."""
+    clips, which have no reply to judge: wrong, score 0, as in the exact match; so are the lines whose judge's reply
+    held no verdict (`n_judge_refused`). `n_judged` counts the verdicts, refused ones included, so that a judge run
+    still under way shows (n_judged + n_failed < n)."""
     out = {"exact_match": _exact_match(rows), "n": len(rows), "n_failed": sum("error" in r for r in rows)}
     tasks: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
@@ -127,9 +128,11 @@ def score_open_ended(rows: list[dict]) -> dict:
     judged = [r["judge"] for r in rows if isinstance(r.get("judge"), dict) and "error" not in r]
     if judged:
         counted = len(judged) + out["n_failed"]
-        out["judge_acc"] = sum(bool(j["correct"]) for j in judged) / counted
-        out["judge_score"] = sum(float(j["score"]) for j in judged) / counted
+        read = [j for j in judged if "refused" not in j]
+        out["judge_acc"] = sum(bool(j["correct"]) for j in read) / counted
+        out["judge_score"] = sum(float(j["score"]) for j in read) / counted
         out["n_judged"] = len(judged)
+        out["n_judge_refused"] = len(judged) - len(read)
     return out
 
 
