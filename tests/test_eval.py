@@ -1330,3 +1330,25 @@ def test_answers_of_a_compressor_built_otherwise_are_not_kept(tmp_path):
     check_same_answers(path, {**settings, "compressor": "local 4x3x3 direct + global 32 direct"})
     path.write_text(json.dumps(settings))
     check_same_answers(path, {**settings, "compressor": "local 4x3x3 direct + global 32 unguided"})
+
+
+def test_a_run_over_some_tasks_keeps_the_answers_to_the_others(cache_dir, bench_data, trained_run, tmp_path):
+    """A re-run into the same folder over part of a benchmark (some tasks; EgoSchema's subset after its full set)
+    answers and scores its questions and leaves the others' answers in predictions.jsonl: the full run after it
+    asks nothing again."""
+    from hicom.eval.runner import evaluate
+
+    out = tmp_path / "out"
+
+    def run(*overrides: str) -> dict:
+        return evaluate(compose_eval(cache_dir, bench_data, out, [f"ckpt={trained_run}", "benchmark=mlvu", *overrides]))
+
+    assert run()["mlvu"]["n"] == 4
+    before = (out / "mlvu/predictions.jsonl").read_text()
+    part = run("benchmarks.mlvu.tasks=[4_count]")["mlvu"]
+    assert part["n"] == 3 and part["answered_this_run"] == 0
+    lines = (out / "mlvu/predictions.jsonl").read_text().splitlines()
+    assert sorted(lines) == sorted(before.splitlines())  # the other task's answer kept, as it was
+    again = run()["mlvu"]
+    assert again["n"] == 4 and again["answered_this_run"] == 0
+    assert (out / "mlvu/predictions.jsonl").read_text() == before

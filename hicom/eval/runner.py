@@ -532,8 +532,10 @@ def _merge(
 ) -> dict | None:
     """predictions.jsonl and every shard's answers (a later line for a question wins) into predictions.jsonl, in the
     order of `every` question of the benchmark, the shard files removed; the scores of `questions` (a `limit` run's
-    first ones). Merging again changes nothing. None, with nothing merged, where a question of `questions` has no
-    answer: the shards that owe one have their .done marks withdrawn."""
+    first ones). The answers already there to questions outside `every` (a run over some of the tasks, EgoSchema's
+    subset after its full set) stay after them, as they were. Merging again changes nothing. None, with nothing
+    merged, where a question of `questions` has no answer: the shards that owe one have their .done marks
+    withdrawn."""
     merged = out / "predictions.jsonl"
     shards = [out / f"predictions.shard-{i}-of-{num_shards}.jsonl" for i in range(num_shards)]
     rows = _rows([merged, *shards], {q.question_id: q for q in every})
@@ -551,7 +553,11 @@ def _merge(
             (out / f"shard-{shard}-of-{num_shards}.done").unlink(missing_ok=True)
         return None
     kept = [rows[q.question_id] for q in every if q.question_id in rows]
-    write_atomically(merged, "".join(json.dumps(r) + "\n" for r in kept))
+    known = {q.question_id for q in every}
+    outside = {}  # a later line for a question wins, as in `_rows`
+    if merged.is_file():
+        outside = {r["question_id"]: r for r in read_predictions(merged) if r["question_id"] not in known}
+    write_atomically(merged, "".join(json.dumps(r) + "\n" for r in [*kept, *outside.values()]))
     for path in shards:
         path.unlink(missing_ok=True)
     scored = [rows[q.question_id] for q in questions if q.question_id in rows]
