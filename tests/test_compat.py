@@ -675,7 +675,23 @@ def test_an_export_past_the_shard_size_writes_shards_and_their_index_as_save_pre
     for (name, a), b in zip(source.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert torch.equal(AutoModelForCausalLM.from_pretrained(folder).model.norm.weight, llm.model.norm.weight)
-    (folder / "model_stale.safetensors").unlink()
+    # a stray model.safetensors beside the index: from_pretrained would take the LLM from it, import the shards
+    (folder / "model_stale.safetensors").rename(folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"both model\.safetensors and model\.safetensors\.index\.json"):
+        import_official(again, folder)
+    (folder / "model.safetensors").unlink()
+    # what transformers 4, the release's, reads: the files' format metadata (its from_pretrained fails without),
+    # rope_theta (a 4.x Qwen2Config without it runs at 10000), torch_dtype, the chat template in tokenizer_config
+    from safetensors import safe_open
+
+    with safe_open(folder / shards[0], framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    config = json.loads((folder / "config.json").read_text())
+    rope = source.llm.model.config.rope_parameters
+    assert config["rope_theta"] == rope["rope_theta"] and config["rope_scaling"] is None
+    assert config["torch_dtype"] == "float32"
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert tokenizer_config["chat_template"] == source.llm.tokenizer.chat_template
     # another export's weight files in the folder would stay beside these: refused before anything is written
     with pytest.raises(ValueError, match=r"holds the weight files of another export, \['model-00001-of"):
         export_official(source, folder)

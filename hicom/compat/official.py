@@ -695,10 +695,30 @@ def export_official(net, folder: str | Path, *, num_frames: int | None = None, s
     if net.vision.hidden_size == SIGLIP_WIDTH:  # the release builds its tower from this name (hub id or a local copy)
         config["mm_vision_tower"] = f"google/{SIGLIP}"
     config.update(RELEASE_VISUAL_FIELDS, num_frames=num_frames)
+    config.update(_transformers_4_fields(config, net.llm.model.dtype))
     (folder / "config.json").write_text(json.dumps(config, indent=1, default=str))
     net.llm.tokenizer.save_pretrained(folder)  # as released: the folder is an HF folder of its LLM too
+    template = net.llm.tokenizer.chat_template
+    settings = folder / "tokenizer_config.json"
+    if isinstance(template, str) and settings.is_file():  # transformers 4 reads it there, not in chat_template.jinja
+        tokenizer_config = json.loads(settings.read_text())
+        settings.write_text(json.dumps({**tokenizer_config, "chat_template": template}, indent=2, ensure_ascii=False))
     net.llm.model.generation_config.save_pretrained(folder)
     return folder
+
+
+def _transformers_4_fields(config: dict, dtype: torch.dtype) -> dict:
+    """The config fields transformers 4 reads, which the release's code runs on, where transformers 5 writes others:
+    `rope_theta` and `rope_scaling` (5 keeps both in `rope_parameters`, and a 4.x Qwen2Config without them runs at
+    rope_theta 10000 where Qwen2.5's is 1e6), and `torch_dtype` (5's `dtype`). transformers 5 reads
+    `rope_parameters` first, so the two agree."""
+    fields = {"torch_dtype": str(dtype).removeprefix("torch.")}
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        scaling = {key: value for key, value in rope.items() if key != "rope_theta"}
+        fields["rope_theta"] = rope["rope_theta"]
+        fields["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
+    return fields
 
 
 def write_shards(state: Mapping[str, torch.Tensor], folder: Path, shard_bytes: int) -> None:
@@ -729,7 +749,9 @@ def write_shards(state: Mapping[str, torch.Tensor], folder: Path, shard_bytes: i
     index.unlink(missing_ok=True)
     weight_map = {}
     for name, keys in zip(names, shards, strict=True):
-        save_file({key: state[key].detach().contiguous().clone() for key in keys}, str(folder / name))
+        tensors = {key: state[key].detach().contiguous().clone() for key in keys}
+        # the metadata save_pretrained writes, which transformers 4's from_pretrained reads (and fails without)
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
         as_created_here(folder / name)
         weight_map.update(dict.fromkeys(keys, name))
     if len(shards) > 1:
@@ -821,6 +843,12 @@ def weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
         raise FileNotFoundError(
             f"{index} maps tensors to {missing}, which {folder} does not hold: copy them in (the folder is a partial "
             "copy), or write the index again from the shards there"
+        )
+    if (folder / "model.safetensors").is_file() and "model.safetensors" not in weight_map.values():
+        raise ValueError(
+            f"{folder} holds both model.safetensors and {INDEX} with its shards: from_pretrained loads the LLM from "
+            "model.safetensors, and the index names the shards, so the parts would come from two checkpoints; "
+            "keep the one that is the model and delete the other"
         )
     ignored = sorted(f.name for f in set(model_files(folder)) - set(files))
     if ignored:
