@@ -1352,3 +1352,25 @@ def test_a_run_over_some_tasks_keeps_the_answers_to_the_others(cache_dir, bench_
     again = run()["mlvu"]
     assert again["n"] == 4 and again["answered_this_run"] == 0
     assert (out / "mlvu/predictions.jsonl").read_text() == before
+
+
+def test_a_run_evaluated_with_its_tower_moved_writes_nothing_at_the_old_path(
+    cache_dir, bench_data, trained_run, tmp_path
+):
+    """On another machine (another cache folder) a tiny run's towers are given by run_overrides; its config's
+    assets still name the training machine's cache, where nothing is to be written (as another user it fails)."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from hicom.eval.runner import evaluate
+
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    here = shutil.copytree(cfg.model.vision.path, tmp_path / "bob" / "siglip")
+    cfg.assets.siglip.out_dir = str(tmp_path / "alice" / "siglip")  # the training machine's, absent here
+    cfg.model.vision.path = cfg.assets.siglip.out_dir
+    OmegaConf.save(cfg, run_dir / "config.yaml")
+    overrides = [f"ckpt={run_dir}", "benchmark=mlvu", "limit=1", f"run_overrides=['model.vision.path={here}']"]
+    assert evaluate(compose_eval(cache_dir, bench_data, tmp_path / "out", overrides))["mlvu"]["n"] == 1
+    assert not (tmp_path / "alice").exists()

@@ -143,7 +143,10 @@ def load_model(ckpt: str | Path, cfg: DictConfig):
             f"the run was fine-tuned from the release folder {run_cfg.init_from}, not found here: "
             "run_overrides=['init_from=<that folder>']",
         )
-    write_assets(run_cfg.get("assets"))
+    # the run's tiny checkpoints, those its model still reads: a tower or LLM that run_overrides moved (the run
+    # evaluated on another machine) leaves the folder named by the training machine's cache alone
+    paths = {str(OmegaConf.select(run_cfg, key, default=None)) for key in ("model.vision.path", "model.llm.path")}
+    write_assets({name: asset for name, asset in (run_cfg.get("assets") or {}).items() if str(asset.out_dir) in paths})
     check_pretrained(run_cfg, override="run_overrides=['{key}=<folder>']")  # the run's config names the towers
     check_tokenizers(run_cfg, training=False)
     check_model(run_cfg)  # its compressor's output, the towers' files: before any weights load
