@@ -15,6 +15,8 @@ export HICOM_NUM_NODES=$NNODES HICOM_GPUS_PER_NODE=$GPUS
 # default: too soon for the fit to finish its step and write last.ckpt (a DeepSpeed checkpoint of stage 3 takes
 # minutes). 15 minutes, as slurm.sbatch allows. A torchrun whose --help lists no --shutdown-timeout ignores this.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}
-.venv/bin/python -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS" \
+# exec: torchrun takes this script's process, so a SIGTERM sent to it (kill, timeout, a container's PID 1,
+# SLURM's --signal=B:) reaches torchrun, where bash would exit and leave the fit running, never told to save
+exec .venv/bin/python -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS" \
   --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-29500}" \
   train.py experiment=directg_local43_global32 trainer=multinode "$@"
