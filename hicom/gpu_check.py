@@ -124,7 +124,10 @@ def write_data(out: Path, clips: int = 48) -> Path:
 
 
 def run_script(out: Path, vision: Path, llms: dict[str, Path], python: str) -> str:
-    """The runs, one command each, every one started whatever the one before did; logs under `out`/logs."""
+    """The runs, one command each, every one started whatever the one before did; logs under `out`/logs, in run
+    folders named by the launch's time (a second launch measures again, where fixed names resumed the finished
+    runs and printed their figures), on one GPU (`devices: auto` would take every GPU of the node, for which the
+    global batches here are too small)."""
     data = out / "data"
     q = shlex.quote
     common = [
@@ -134,6 +137,7 @@ def run_script(out: Path, vision: Path, llms: dict[str, Path], python: str) -> s
         "model.llm.arch=null",
         hydra_path("paths.data_dir", data),
         "logger=csv",
+        "trainer.devices=1",
     ]
     first = next(iter(llms.values()))
     recipe = [
@@ -154,10 +158,11 @@ def run_script(out: Path, vision: Path, llms: dict[str, Path], python: str) -> s
         "# memory are the figures, accuracies mean nothing).",
         "set -u",
         f"cd {q(str(Path(__file__).resolve().parents[1]))}",
+        "stamp=$(date +%Y-%m-%d_%H-%M-%S)  # this launch: its runs are logs/train/runs/<name>-$stamp",
         f"export HICOM_LOGS={q(str(out / 'logs'))}",
         "status=0",
         'run() { echo "== $1"; shift; "$@"; local rc=$?; [ "$rc" -eq 0 ] || { status=1; echo "== failed: exit $rc"; }; }',
-        f"run 'recipe, three stages, {first.name}' env HICOM_RUN_STAMP=recipe {python} train.py "
+        f"run 'recipe, three stages, {first.name}' env HICOM_RUN_STAMP=\"recipe-$stamp\" {python} train.py "
         + " ".join(q(arg) for arg in recipe),
     ]
     for name, folder in llms.items():
@@ -174,14 +179,15 @@ def run_script(out: Path, vision: Path, llms: dict[str, Path], python: str) -> s
             "evaluate=false",
         ]
         lines.append(
-            f"run 'stage 2 at 32 frames, micro batch 8, {name}' env HICOM_RUN_STAMP=stage2-{name} {python} train.py "
-            + " ".join(q(arg) for arg in fit)
+            f"run 'stage 2 at 32 frames, micro batch 8, {name}' env HICOM_RUN_STAMP=\"stage2-{name}-$stamp\" "
+            f"{python} train.py " + " ".join(q(arg) for arg in fit)
         )
     benchmarks = "[mvbench,videomme,videomme_subs,egoschema,mlvu,activitynet_qa,msvd_qa,msrvtt_qa]"
+    ckpt = hydra_path("ckpt", out / "logs/train/runs/recipe-STAMP").split("STAMP")  # the stamp from bash, unquoted
     lines += [
         f"run 'demo benchmarks' {python} -m hicom.eval.demo {q(hydra_path('paths.data_dir', out / 'demo'))}",
         f"run 'evaluate.py on the recipe run' {python} evaluate.py "
-        f"{q(hydra_path('ckpt', out / 'logs/train/runs/recipe'))} {q(hydra_path('paths.data_dir', out / 'demo'))} "
+        f'{q(ckpt[0])}"$stamp"{q(ckpt[1])} {q(hydra_path("paths.data_dir", out / "demo"))} '
         f"{q('benchmark=' + benchmarks)} max_new_tokens=8",
         "exit $status",
     ]

@@ -3,6 +3,7 @@ generated data and mixtures, and the run script. Its runs themselves need a GPU 
 
 import inspect
 import json
+import re
 import subprocess
 
 import pytest
@@ -54,7 +55,8 @@ def test_the_data_and_the_run_script(tmp_path):
     assert values[0]["model.llm.path"] == str(out / "q05")  # the recipe runs on the first LLM
     assert values[0]["stages.0.config.data.source.train"] == str(out / "data" / "stage1.yaml")
     assert values[1]["model.vision.path"] == str(out / "siglip")
-    assert values[2]["ckpt"] == str(out / "logs/train/runs/recipe")
+    assert values[2]["ckpt"] == str(out / "logs/train/runs/recipe-$stamp")  # as bash is given it
+    assert all(values[i]["trainer.devices"] == 1 for i in (0, 1))  # one GPU, whatever the node has
     # on one GPU each stage's optimizer step fits in the samples write_data gives it by default (48 images, 48
     # clips, both): under DeepSpeed an epoch of fewer stops the run after the models are loaded
     clips = inspect.signature(gpu_check.write_data).parameters["clips"].default
@@ -62,3 +64,13 @@ def test_the_data_and_the_run_script(tmp_path):
     assert all(int(values[0][f"stages.{i}.global_batch_size"]) <= n for i, n in per_stage.items()), values[0]
     (tmp_path / "run.sh").write_text(script)
     assert subprocess.run(["bash", "-n", str(tmp_path / "run.sh")]).returncode == 0
+    # each launch's runs are its own (fixed names resumed the finished runs, and their figures were printed again):
+    # run with a stand-in that prints the run name it is given and its arguments
+    out.mkdir(parents=True)
+    shown = """sh -c 'echo "stamp=$HICOM_RUN_STAMP" "$@"'"""
+    (tmp_path / "shown.sh").write_text(gpu_check.run_script(out, out / "siglip", llms, shown))
+    printed = subprocess.run(["bash", str(tmp_path / "shown.sh")], capture_output=True, text=True).stdout
+    stamps = re.findall(r"^stamp=(\S*)", printed, re.M)  # the recipe, the two fits, then the demo and evaluate.py
+    date = stamps[0].removeprefix("recipe-")
+    assert stamps[1:] == [f"stage2-{name}-{date}" for name in llms] + ["", ""] and date[:4].isdigit()
+    assert f"/logs/train/runs/recipe-{date}'" in printed.splitlines()[-1]  # evaluate.py reads this launch's recipe
