@@ -18,10 +18,10 @@ it finds: it reports, it does not judge.
 from __future__ import annotations
 
 import argparse
-import collections
 import itertools
 import json
 import multiprocessing
+import os
 import shutil
 import sys
 from collections import Counter
@@ -199,10 +199,11 @@ def _probe_range(start: int, stop: int) -> list[dict]:
 
 
 def _probe_all(context, workers: int, initargs: tuple, n: int, source: Path, progress: bool) -> list[dict]:
-    """Every sample's probe, in order, from `workers` processes. A worker that dies (a decoder crashing on a file,
-    memory running out, a kill) stops the preflight with the samples that were being probed, rather than leave it
-    waiting for answers that will never come."""
-    from concurrent.futures import ProcessPoolExecutor
+    """Every sample's probe, in order, from `workers` processes, each given a new chunk as soon as it is done with
+    one (a slow clip holds up its own chunk only, not the others behind it). A worker that dies (a decoder crashing
+    on a file, memory running out, a kill) stops the preflight with the samples that were being probed, rather than
+    leave it waiting for answers that will never come."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     chunks = iter([(start, min(start + CHUNK, n)) for start in range(0, n, CHUNK)])
@@ -211,31 +212,38 @@ def _probe_all(context, workers: int, initargs: tuple, n: int, source: Path, pro
         from tqdm import tqdm
 
         bar = tqdm(total=n, desc="preflight", unit="sample")
-    results: list[dict] = []
+    done: dict[int, list[dict]] = {}  # by the chunk's first sample
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init, initargs=initargs) as pool:
-        pending = collections.deque(
-            (chunk, pool.submit(_probe_range, *chunk)) for chunk in itertools.islice(chunks, 2 * workers)
-        )
+        pending = {pool.submit(_probe_range, *chunk): chunk for chunk in itertools.islice(chunks, 2 * workers)}
         while pending:
-            chunk, future = pending.popleft()
-            try:
-                results.extend(future.result())
-            except BrokenProcessPool as err:
-                first, last = chunk[0], max([chunk[1], *(c[1] for c, _ in pending)]) - 1
-                raise RuntimeError(
-                    f"a preflight worker process stopped while samples {first}-{last} of {source} were being probed: "
-                    "a decoder crashing on one of their files, memory running out, or a kill; or a script that "
-                    "calls preflight outside `if __name__ == '__main__':`, which the worker processes, started fresh, "
-                    "run again"
-                ) from err
-            if bar is not None:
-                bar.update(chunk[1] - chunk[0])
-            more = next(chunks, None)
-            if more is not None:
-                pending.append((more, pool.submit(_probe_range, *more)))
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                chunk = pending[future]
+                try:
+                    done[chunk[0]] = future.result()
+                except BrokenProcessPool as err:
+                    first, last = min(c[0] for c in pending.values()), max(c[1] for c in pending.values()) - 1
+                    raise RuntimeError(
+                        f"a preflight worker process stopped while samples {first}-{last} of {source} were being "
+                        "probed: a decoder crashing on one of their files, memory running out, or a kill; or a "
+                        "script that calls preflight outside `if __name__ == '__main__':`, which the worker "
+                        "processes, started fresh, run again"
+                    ) from err
+                del pending[future]
+                if bar is not None:
+                    bar.update(chunk[1] - chunk[0])
+                more = next(chunks, None)
+                if more is not None:
+                    pending[pool.submit(_probe_range, *more)] = more
     if bar is not None:
         bar.close()
-    return results
+    return [result for start in sorted(done) for result in done[start]]
+
+
+def _default_workers() -> int:
+    """The cores this process may use (SLURM's allocation, a taskset), less one: not the machine's count."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else multiprocessing.cpu_count()
+    return max(1, cores - 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", type=Path, help="a mixture .yaml or a .json / .jsonl annotation file")
     parser.add_argument("--data-root", type=Path, required=True, help="the folder relative paths start from")
     parser.add_argument("--out", type=Path, required=True, help="where quarantine.jsonl and summary.json go")
-    parser.add_argument("--workers", type=int, default=max(1, multiprocessing.cpu_count() - 1))
+    parser.add_argument("--workers", type=int, default=_default_workers())
     parser.add_argument(
         "--num-frames",
         type=int,

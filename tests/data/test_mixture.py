@@ -494,3 +494,32 @@ def test_preflight_whose_workers_die_stops_with_the_samples_in_hand_rather_than_
     assert done.returncode != 0
     assert "a preflight worker process stopped while samples 0-" in done.stderr
     assert "of " + str(tmp_path / "a.json") in done.stderr and "if __name__ == '__main__':" in done.stderr
+
+
+def _no_state(*args) -> None:  # a worker's start, for `_probe_all` alone
+    pass
+
+
+def _timed_range(start: int, stop: int) -> list[dict]:
+    """A chunk's probes that note when they ran; the first chunk is slow, as a chunk with a 4K clip or a timeout."""
+    import time
+
+    began = time.monotonic()
+    if start == 0:
+        time.sleep(1.5)
+    return [{"index": i, "began": began, "ended": time.monotonic()} for i in range(start, stop)]
+
+
+def test_preflight_gives_a_free_worker_the_next_chunk_while_a_slow_one_runs(monkeypatch):
+    """A slow chunk holds up its own samples only: the workers done with theirs take the next chunks, where they
+    used to wait for the oldest chunk to finish. The results still come in the samples' order."""
+    import multiprocessing
+
+    monkeypatch.setattr(preflight, "_probe_range", _timed_range)
+    monkeypatch.setattr(preflight, "_init", _no_state)
+    n = preflight.CHUNK * 8
+    results = preflight._probe_all(multiprocessing.get_context("fork"), 2, (), n, Path("a.json"), progress=False)
+    assert [r["index"] for r in results] == list(range(n))
+    slow_end = results[0]["ended"]
+    fifth_chunk = results[4 * preflight.CHUNK]  # past the 2 x workers chunks submitted at the start
+    assert fifth_chunk["began"] < slow_end
