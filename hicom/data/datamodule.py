@@ -27,8 +27,9 @@ from hicom.utils.choices import flag, loader_start, whole_number
 log = logging.getLogger(__name__)
 
 
-def read_quarantine(path: str | Path) -> list[tuple[str, int]]:
-    """(annotation file, record position) pairs of a preflight quarantine.jsonl."""
+def read_quarantine(path: str | Path) -> list[tuple[str, int, str | None]]:
+    """(annotation file, record position, the record's id as preflight read it, or None) of a preflight
+    quarantine.jsonl."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"quarantine list '{path}' not found: set `data.quarantine=<quarantine.jsonl>` or null")
@@ -39,7 +40,9 @@ def read_quarantine(path: str | Path) -> list[tuple[str, int]]:
                 continue
             try:
                 entry = json.loads(line)
-                pairs.append((str(entry["source"]), int(entry["index"])))
+                source, row = str(entry["source"]), int(entry["index"])  # an entry that is no object fails here
+                named = entry.get("id")
+                pairs.append((source, row, None if named is None else str(named)))
             except (ValueError, KeyError, TypeError) as err:
                 raise ValueError(
                     f"data.quarantine: {path} line {number} is not a preflight entry with 'source' and 'index' "

@@ -242,6 +242,27 @@ def count_turns(record) -> int:
     return max(answers, 1)
 
 
+def _check_excluded(path: Path, records: list, excluded: dict[int, str | None]) -> None:
+    """Refuse a quarantine written for another version of the annotation file `path`: a position past its end, or
+    whose record has another id than preflight read there (its id, else its position, as preflight writes it)."""
+    for row, expected in sorted(excluded.items()):
+        if row >= len(records):
+            found = "no record"
+        elif expected is None:
+            continue
+        else:
+            record = records[row]
+            found = str(record.get("id", row)) if isinstance(record, dict) else None
+            if found is None or found == expected:
+                continue
+            found = f"the record {found!r}"
+        raise ValueError(
+            f"data.quarantine: {path} has {found} at position {row}, where its preflight quarantined "
+            f"{expected!r}: the file changed since, and the positions would leave out other samples; run "
+            "`python -m hicom.data.preflight` on it again"
+        )
+
+
 class SampleIndex:
     """Samples of one or more annotation files: records as JSON bytes in one buffer, and per sample its source,
     its record and, when conversations are split into one sample per exchange, its turn (-1: the whole conversation).
@@ -280,14 +301,16 @@ class SampleIndex:
         *,
         split_turns: bool = False,
         seed: int = 0,
-        exclude: Iterable[tuple[str, int]] = (),
+        exclude: Iterable[tuple[str, int] | tuple[str, int, str | None]] = (),
     ) -> SampleIndex:
         """Read every entry's file, keep the records its sampling selects, and split conversations per exchange
         when `split_turns` (guided training: one sample per question). `exclude`: (annotation file, record
-        position in that file) pairs to leave out, e.g. a preflight's quarantine."""
-        excluded: dict[str, set[int]] = {}
-        for file, row in exclude:
-            excluded.setdefault(str(Path(file).resolve()), set()).add(int(row))
+        position in that file[, the record's id as preflight read it]) to leave out, e.g. a preflight's quarantine;
+        a file whose record at a position has another id (or that has no record there) was edited since, and is
+        refused: the positions would leave out other samples."""
+        excluded: dict[str, dict[int, str | None]] = {}
+        for file, row, *named in exclude:
+            excluded.setdefault(str(Path(file).resolve()), {})[int(row)] = named[0] if named else None
         chunks: list[bytes] = []
         lengths: list[int] = []
         origin: list[int] = []
@@ -301,7 +324,8 @@ class SampleIndex:
             roots.append(str(entry.data_root))
             files.append(str(entry.json_path))
             resolved = str(Path(entry.json_path).resolve())
-            skip = excluded.get(resolved, set())
+            skip = excluded.get(resolved, {})
+            _check_excluded(entry.json_path, records, skip)
             read.add(resolved)
             unreadable = []
             for row in chosen.tolist():
@@ -450,7 +474,7 @@ class SampleIndex:
                  repr(e.sampling)]
                 for e in entries
             ],
-            "options": {k: sorted(v) if k == "exclude" else v for k, v in options.items()},
+            "options": {k: sorted(v, key=repr) if k == "exclude" else v for k, v in options.items()},
         }  # fmt: skip
         digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
         folder = Path(cache_dir) / f"index-{digest}"

@@ -111,6 +111,14 @@ def test_preflight_writes_a_quarantine_that_training_leaves_out(tmp_path, capsys
     index = SampleIndex.build([MixtureEntry(tmp_path / "a.json", tmp_path)], exclude=exclude)
     assert [index.record_of(i)["id"] for i in range(len(index))] == ["ok0", "ok1", "ok2"]
     assert "5 samples, 2 bad" in capsys.readouterr().out
+    # the file edited since its preflight (the missing clip's record deleted): the positions would leave out the
+    # next record, which is good, and keep the malformed one, so the quarantine is refused
+    (tmp_path / "b.json").write_text(json.dumps(data[:3] + data[4:]))
+    moved = [(str(tmp_path / "b.json"), row, named) for _, row, named in exclude]
+    with pytest.raises(
+        ValueError, match=r"b\.json has the record 'odd' at position 3, where its preflight quarantined 'gone0'"
+    ):
+        SampleIndex.build([MixtureEntry(tmp_path / "b.json", tmp_path)], exclude=moved)
     # a quarantine cut short, or a line of another kind, names the file and line (training checks it first)
     whole = (out / "quarantine.jsonl").read_text()
     for text, line in [(whole[:-10], 2), ('{"source": "a.json"}\n', 1)]:
