@@ -215,8 +215,18 @@ def count_records(path: str | Path, seen_dir: str | Path | None = None) -> int:
 def check_annotations(entries: Iterable[MixtureEntry], seen_dir: str | Path | None = None) -> int:
     """Read every entry's annotation file through (count_records) and return how many records their sampling
     selects: run before any weights load (and, in a staged run, before the first stage trains), a file that cannot
-    be read fails in seconds, not once the training of its stage starts."""
-    return sum(entry.sampling.size(count_records(entry.json_path, seen_dir)) for entry in entries)
+    be read fails in seconds, not once the training of its stage starts. A file without a record fails too: a
+    source of a mixture that adds nothing (a download cut short) would otherwise go untrained in silence."""
+    total = 0
+    for entry in entries:
+        count = count_records(entry.json_path, seen_dir)
+        if count == 0:
+            raise ValueError(
+                f"{entry.json_path} holds no record: a source that would add nothing to the data (a download or "
+                "a conversion cut short?); fill it, or drop it from data.source"
+            )
+        total += entry.sampling.size(count)
+    return total
 
 
 MODALITIES = ("text", "image", "video")
