@@ -111,11 +111,18 @@ def probe(i: int) -> dict:
 
 
 def entries_of(source: Path, data_root: Path) -> list[MixtureEntry]:
-    if source.suffix in (".yaml", ".yml"):
-        return read_mixture(source, data_root)
-    if source.suffix in (".json", ".jsonl"):
-        return [MixtureEntry(source, data_root)]
-    raise ValueError(f"{source}: expected a mixture .yaml or a .json / .jsonl annotation file")
+    """The annotation files `source` names; a FileNotFoundError that lists every one of them that is missing."""
+    suffix = source.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        entries = read_mixture(source, data_root)
+    elif suffix in (".json", ".jsonl"):
+        entries = [MixtureEntry(source, data_root)]
+    else:
+        raise ValueError(f"{source}: expected a mixture .yaml or a .json / .jsonl annotation file")
+    missing = list(dict.fromkeys(str(e.json_path) for e in entries if not e.json_path.is_file()))
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} annotation file(s) of {source} not found: {', '.join(missing)}")
+    return entries
 
 
 def summarise(results: list[dict], max_length: int | None = None) -> dict:
@@ -275,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     tokens.add_argument("--max-length", type=int, default=4096, help="data.max_length")
     args = parser.parse_args(argv)
+    try:  # what is missing or malformed in the listing, as a usage error before anything starts
+        entries_of(args.source, args.data_root)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
     sampling = FrameSampling(num_frames=args.num_frames, time_limit=args.time_limit)
     counts = None
     if args.llm is not None:

@@ -531,3 +531,18 @@ def test_preflight_gives_a_free_worker_the_next_chunk_while_a_slow_one_runs(monk
     slow_end = results[0]["ended"]
     fifth_chunk = results[4 * preflight.CHUNK]  # past the 2 x workers chunks submitted at the start
     assert fifth_chunk["began"] < slow_end
+
+
+def test_preflight_names_every_missing_annotation_file_before_it_starts(tmp_path, capsys):
+    """A mixture with several annotation files missing (a data root not yet synced) is a usage error naming all of
+    them, not a traceback naming the first; a suffix in capitals is an annotation file too."""
+    (tmp_path / "b.JSONL").write_text("".join(json.dumps(r) + "\n" for r in records("b", 2, "b.mp4")))
+    (tmp_path / "mix.yaml").write_text("- {json_path: a.json}\n- {json_path: b.JSONL}\n- {json_path: c.jsonl}\n")
+    base = ["--data-root", str(tmp_path), "--out", str(tmp_path / "p"), "--workers", "1", "--no-progress"]
+    with pytest.raises(SystemExit) as stopped:
+        preflight.main([str(tmp_path / "mix.yaml"), *base])
+    assert stopped.value.code == 2 and not (tmp_path / "p").exists()
+    err = capsys.readouterr().err
+    assert "2 annotation file(s)" in err and "a.json" in err and "c.jsonl" in err and "b.JSONL" not in err
+    assert preflight.main([str(tmp_path / "b.JSONL"), *base]) == 0
+    assert len((tmp_path / "p" / "quarantine.jsonl").read_text().splitlines()) == 2  # b.mp4 does not exist
