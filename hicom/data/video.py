@@ -321,7 +321,7 @@ def _check_decord_reads(path: Path) -> float | None:
             name, codec, reordered, first, matrix, declared = container.format.name, None, False, None, None, None
             leading = False
             if container.streams.video:
-                stream = container.streams.video[0]
+                stream = video_stream(container, path)  # only a cover picture: decord would read it as the video
                 declared = _declared_seconds(container, stream)
                 codec, reordered = stream.codec_context.name, bool(stream.codec_context.has_b_frames)
                 first = next((p.pts for p in container.demux(stream) if p.pts is not None), None)
@@ -329,6 +329,8 @@ def _check_decord_reads(path: Path) -> float | None:
                 leading = reordered and _leading_frames(container.demux(stream))
                 container.seek(0, stream=stream)
                 matrix = _display_matrix(next(container.decode(stream), None))
+    except VideoDecodeError:
+        raise
     except Exception:  # noqa: BLE001  not readable the PyAV way: decord may still read it
         return None
     if matrix is not None and int(matrix[0]) * int(matrix[4]) - int(matrix[1]) * int(matrix[3]) < 0:
@@ -425,9 +427,7 @@ def _decode_pyav(path: Path, sampling: FrameSampling, start, end, keep: _Keeper)
         with av.open(str(path)) as container:
             if container.format.name == "image2" or container.format.name.endswith("_pipe"):
                 raise VideoDecodeError(f"{path}: holds a still image ({container.format.name})", "wrong_extension")
-            if not container.streams.video:
-                raise VideoDecodeError(f"{path}: no video stream", "no_video_stream")
-            stream = container.streams.video[0]
+            stream = video_stream(container, path)
             fps = float(stream.average_rate or stream.guessed_rate or 1.0)
             time_base = stream.time_base
             packets, covered = _scan_packets(stream)
@@ -449,6 +449,19 @@ def _decode_pyav(path: Path, sampling: FrameSampling, start, end, keep: _Keeper)
         raise
     except Exception as err:
         raise VideoDecodeError(f"{path}: {err}") from err
+
+
+def video_stream(container, path: Path):
+    """The container's first video stream that moves: a cover picture (an audio file's or a download's embedded
+    thumbnail, which PyAV lists as a one-frame video stream marked `attached_pic`) is not the video; a
+    VideoDecodeError (no_video_stream) where there is none other."""
+    import av
+
+    for stream in container.streams.video:
+        if not stream.disposition & av.stream.Disposition.attached_pic:
+            return stream
+    covers = " (only a cover picture)" if container.streams.video else ""
+    raise VideoDecodeError(f"{path}: no video stream{covers}", "no_video_stream")
 
 
 def _scan_packets(stream) -> tuple[list[tuple[int | None, bool]], float | None]:
@@ -483,7 +496,7 @@ def _check_whole_by_header(path: Path, declared: float | None, last_end: float, 
 
     try:
         with av.open(str(path)) as container:
-            covered = _scan_packets(container.streams.video[0])[1]
+            covered = _scan_packets(video_stream(container, path))[1]
     except Exception:  # noqa: BLE001  a file PyAV cannot read is not called cut: decord decoded it
         return
     check_whole(path, covered, declared, fps)
@@ -525,7 +538,7 @@ def _pyav_seek(path: Path, targets: list[int], keyframes: np.ndarray, keep: _Kee
     found: dict[int, np.ndarray] = {}
     count = 0
     with av.open(str(path)) as container:
-        stream = container.streams.video[0]
+        stream = video_stream(container, path)
         position = None  # timestamp of the last frame decoded
         decoded = None  # one frame iterator, kept across targets until a seek (a second one would flush twice)
         for target in targets:
@@ -606,7 +619,7 @@ def _pyav_in_order(
         wanted = set(indices.tolist())
         frames, decoded = {}, 0
         with av.open(str(path)) as container:
-            for frame in container.decode(container.streams.video[0]):
+            for frame in container.decode(video_stream(container, path)):
                 _go_on()
                 if decoded in wanted:
                     frames[decoded] = keep.one(_rgb(frame))

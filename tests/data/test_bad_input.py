@@ -28,6 +28,33 @@ def frame_ids(frames: np.ndarray) -> list[int]:
     return [round(float(f.mean()) / 10) for f in frames]
 
 
+def write_with_cover(path, frames: np.ndarray | None) -> None:
+    """An mp4 with a cover picture (`attached_pic`, as an audio download's or an embedded thumbnail is), `frames`
+    as H.264 when given, and an audio track."""
+    with av.open(str(path), "w") as container:
+        cover = container.add_stream("mjpeg", rate=1)
+        cover.width = cover.height = 32
+        cover.pix_fmt = "yuvj420p"
+        cover.disposition = av.stream.Disposition.attached_pic
+        video = None
+        if frames is not None:
+            video = container.add_stream("libx264", rate=10)
+            video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        audio = container.add_stream("aac", rate=16000)
+        still = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 250, dtype=np.uint8), format="rgb24")
+        for packet in [*cover.encode(still), *cover.encode(None)]:
+            container.mux(packet)
+        for i, array in enumerate(frames if frames is not None else ()):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts = i
+            container.mux(video.encode(frame))
+        if video is not None:
+            container.mux(video.encode(None))
+        sound = av.AudioFrame.from_ndarray(np.zeros((1, 16000), dtype=np.float32), format="fltp", layout="mono")
+        sound.sample_rate = 16000
+        container.mux([*audio.encode(sound), *audio.encode(None)])
+
+
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     root = tmp_path_factory.mktemp("media")
@@ -49,6 +76,8 @@ def media(tmp_path_factory):
             container.mux(packet)
         for packet in stream.encode(None):
             container.mux(packet)
+    write_with_cover(root / "cover.mp4", None)  # an audio file with its cover picture: no video
+    write_with_cover(root / "thumbnailed.mp4", counting_frames(20))  # a video with its thumbnail
     folder = root / "frames"
     folder.mkdir()
     for i, frame in enumerate(counting_frames(12)):
@@ -68,6 +97,7 @@ def media(tmp_path_factory):
         ("notes.txt", "undecodable"),
         ("still.mp4", "wrong_extension"),
         ("audio.mp4", "no_video_stream"),
+        ("cover.mp4", "no_video_stream"),
     ],
 )
 @pytest.mark.parametrize("decoder", list(Decoder))
@@ -76,6 +106,14 @@ def test_bad_files_fail_with_their_reason(media, name, reason, decoder):
     with pytest.raises(VideoDecodeError) as error:
         load_video(media / name, FrameSampling(num_frames=4, decoder=decoder, fallback=other))
     assert error.value.reason == reason, str(error.value)
+
+
+@pytest.mark.parametrize("decoder", list(Decoder))
+def test_a_cover_picture_is_not_the_video(media, decoder):
+    """A video with an embedded thumbnail: the frames come from the video, not the picture repeated (an audio file
+    with a cover picture, whose one video stream is that picture, was read as a clip of one still frame)."""
+    sampled = load_video(media / "thumbnailed.mp4", FrameSampling(num_frames=4, decoder=decoder, fallback=None))
+    assert frame_ids(sampled.frames) == [2, 7, 12, 17] and sampled.available == 20 and sampled.fps == 10
 
 
 def test_a_decoder_stuck_in_native_code_is_abandoned_not_waited_for(media, monkeypatch):
