@@ -352,18 +352,18 @@ def _check_decord_reads(path: Path) -> float | None:
     return declared
 
 
-def _leading_frames(packets, keyframes: int = 6, most: int = 2000) -> bool:
+def _leading_frames(packets, most: int = 2000) -> bool:
     """Whether a frame decoded after a keyframe other than the first is shown before it: the leading frames of an
     open GOP (x265's default, broadcast H.264), across which decord's seeks land on other frames. An encoder
-    setting, so the first `keyframes` keyframes, within `most` packets, tell."""
+    setting, so the first `most` packets tell (demuxed, not decoded: about a minute of video at 30 fps); every
+    keyframe among them is looked at, since an encoder may close the first GOPs and open later ones (x264's
+    open-gop with short keyframe intervals, whose sixth keyframe was the first open one in a test clip)."""
     seen, key = 0, None
     for packet in itertools.islice(packets, most):
         if packet.pts is None:
             continue
         if packet.is_keyframe:
             seen += 1
-            if seen > keyframes:
-                break
             key = packet.pts if seen > 1 else None
         elif key is not None and packet.pts < key:
             return True

@@ -261,6 +261,14 @@ def test_open_gops_which_decord_seeks_wrongly_in_go_to_pyav_and_closed_ones_stay
     for name, fallback in (("open.mkv", Decoder.PYAV), ("closed.mkv", None)):
         sampled = load_video(tmp_path / name, FrameSampling(num_frames=32, decoder=Decoder.DECORD, fallback=fallback))
         assert binary_ids(sampled.frames) == sampled.indices.tolist() and sampled.available == 240, name
+    # the first GOPs closed, later ones open (x264's open-gop with scene cuts): its first six keyframes, all the
+    # check looked at, said closed, and decord returned frame 286 for 285
+    ramp = np.zeros((300, 48, 64, 3), dtype=np.uint8)
+    for i in range(300):
+        ramp[i] = (7 * i % 256, i // 37 * 20 % 256, 128)
+    _encode(tmp_path / "later.mkv", ramp, "libx264", bf="3", **{"x264-params": "open-gop=1:keyint=30"})
+    with pytest.raises(VideoDecodeError, match="open GOPs"):
+        load_video(tmp_path / "later.mkv", FrameSampling(num_frames=32, decoder=Decoder.DECORD, fallback=None))
 
 
 @pytest.mark.parametrize("name", ["cut.mp4", "cut.webm"])
