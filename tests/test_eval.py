@@ -1187,6 +1187,12 @@ def test_the_demo_benchmarks_run_every_configured_benchmark_end_to_end(cache_dir
     (real / "eval" / "mvbench").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="holds files the demo did not write"):
         demo_main([f"paths.data_dir={real}"])
+    # a benchmark pointed at its real folder: refused before anything is written, there or in the demo's folder
+    (real / "mvbench.json").write_text("[]")
+    with pytest.raises(FileExistsError, match=r"benchmarks.mvbench.root=.*real.*leave their roots"):
+        demo_main([f"paths.data_dir={tmp_path / 'fresh'}", f"benchmarks.mvbench.root={real}"])
+    assert sorted(p.name for p in real.rglob("*")) == ["eval", "mvbench", "mvbench.json"]
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_a_run_fine_tuned_from_a_release_folder_starts_from_every_weight_of_it(

@@ -6,8 +6,8 @@ subtitles, folders of frames), over generated clips that the real decoders read.
     python evaluate.py ckpt=<run> paths.data_dir=.cache/demo_benchmarks benchmark=[mvbench,videomme,mlvu]
 
 The clips are noise and the answers arbitrary, so the scores are chance; what runs is the real path, from reading
-the benchmark files to results.md. The folder is marked as the demo's, and a folder holding anything else is refused,
-so that real benchmark files are never written over.
+the benchmark files to results.md. The folder is marked as the demo's, and a folder holding anything else is refused, as is a benchmark whose
+root lies outside it, so that real benchmark files are never written over.
 """
 
 from __future__ import annotations
@@ -139,8 +139,19 @@ WRITERS = {MVBench: _mvbench, VideoMME: _videomme, EgoSchema: _egoschema, MLVU: 
 
 def write_demo(cfg: DictConfig, seed: int = 0) -> Path:
     """Write every configured benchmark's stand-in under cfg.paths.data_dir (refused where that folder holds
-    anything the demo did not write); returns the folder."""
+    anything the demo did not write, or where a benchmark's root lies outside it); returns the folder."""
     data_dir = Path(cfg.paths.data_dir)
+    readers = {name: instantiate(cfg.benchmarks[name]) for name in cfg.benchmarks}
+    outside = [
+        f"benchmarks.{name}.root={reader.root}"
+        for name, reader in readers.items()
+        if not Path(reader.root).resolve().is_relative_to(data_dir.resolve())
+    ]
+    if outside:  # a root set to a real benchmark's folder: the marker below speaks for data_dir alone
+        raise FileExistsError(
+            f"the demo writes only under paths.data_dir ({data_dir}), and these benchmarks read from elsewhere (real "
+            f"benchmarks?): {', '.join(outside)}; leave their roots at their defaults, or leave those benchmarks out"
+        )
     if data_dir.exists() and any(data_dir.iterdir()) and not (data_dir / MARK).is_file():
         raise FileExistsError(
             f"{data_dir} holds files the demo did not write (real benchmarks?): give paths.data_dir=<an empty or "
@@ -149,8 +160,7 @@ def write_demo(cfg: DictConfig, seed: int = 0) -> Path:
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / MARK).write_text("benchmark stand-ins written by python -m hicom.eval.demo\n")
     media = Media(seed)
-    for name in cfg.benchmarks:
-        reader = instantiate(cfg.benchmarks[name])
+    for name, reader in readers.items():
         writer = WRITERS.get(type(reader))
         if writer is None:
             raise TypeError(f"benchmarks.{name}: no demo writer for {type(reader).__name__}")
