@@ -836,6 +836,20 @@ def test_open_ended_exact_match_and_judge(tmp_path):
     scored = score_open_ended([json.loads(line) for line in path.read_text().splitlines()])
     assert scored["n_judged"] == 3 and scored["n_judge_refused"] == 1 and scored["judge_acc"] == pytest.approx(2 / 3)
 
+    # the benchmark's gold answer corrected since: the reply is kept, its verdict (given against the old answer)
+    # is not, so the judge sees the reply again; a verdict from before verdicts kept their answer stays
+    from hicom.eval.benchmarks import Question
+    from hicom.eval.runner import _rows
+
+    questions = {q.question_id: q for q in (Question("1", "0", "a.mp4", "", answer="cat"),
+                                            Question("2", "1", "b.mp4", "", answer="man"))}  # fmt: skip
+    kept = _rows([path], questions)
+    assert kept["1"]["answer"] == "cat" and kept["1"]["reply"] == "A dog!" and "judge" not in kept["1"]
+    assert kept["2"]["judge"]["answer"] == "man"
+    older = [{**r, "judge": {"correct": True, "score": 5.0, "raw": ""}} for r in rows]
+    path.write_text("".join(json.dumps(r) + "\n" for r in older))
+    assert all("judge" in row for row in _rows([path], questions).values())
+
 
 def test_the_judge_asks_with_the_prompts_of_the_config(tmp_path, monkeypatch):
     """configs/evaluate.yaml's judge.system and judge.user (the built-in text by default), or their overrides on

@@ -173,13 +173,14 @@ def judge_predictions(path: str | Path, judge: Judge, save_every: int = 50) -> i
         for row in rows:
             if "judge" in row or "error" in row:
                 continue
+            answer = str(row["answer"])  # kept with the verdict: a corrected gold answer is judged again
             try:
-                verdict = judge(row.get("question", ""), str(row["answer"]), row.get("reply") or "")
+                verdict = judge(row.get("question", ""), answer, row.get("reply") or "")
             except UnreadableVerdict as error:
                 log.warning("question %s: %s; kept as refused, scored wrong", row["question_id"], error)
-                verdicts[str(row["question_id"])] = {"refused": error.raw}
+                verdicts[str(row["question_id"])] = {"refused": error.raw, "answer": answer}
             else:
-                verdict_row = {"correct": verdict.correct, "score": verdict.score, "raw": verdict.raw}
+                verdict_row = {"correct": verdict.correct, "score": verdict.score, "raw": verdict.raw, "answer": answer}
                 verdicts[str(row["question_id"])] = verdict_row
             if len(verdicts) % save_every == 0:
                 save()

@@ -361,7 +361,8 @@ def check_subtitles(name: str, reader, questions: list[Question]) -> None:
 
 def _rows(paths: list[Path], by_id: dict[str, Question]) -> dict[str, dict]:
     """The answer rows of `paths` (a later one for a question wins) for the questions of `by_id` as they are asked
-    now (`asked`), each with the question's current gold answer, task and duration, and the digest."""
+    now (`asked`), each with the question's current gold answer, task and duration, and the digest; a judge's
+    verdict only where it was given against that gold answer (one from before verdicts kept theirs is kept)."""
     rows = {}
     for path in paths:
         if path.is_file():
@@ -373,6 +374,9 @@ def _rows(paths: list[Path], by_id: dict[str, Question]) -> dict[str, dict]:
                 # a row of a version before the digest is taken as it is (its question cannot be compared)
                 if row.get("asked", now["asked"]) == now["asked"]:
                     rows[q.question_id] = {**row, **now}
+                    verdict = row.get("judge")  # one of another gold answer (corrected since): judged again
+                    if isinstance(verdict, dict) and verdict.get("answer", str(q.answer)) != str(q.answer):
+                        del rows[q.question_id]["judge"]
     return rows
 
 
