@@ -799,3 +799,22 @@ def test_an_empty_path_variable_counts_as_unset(monkeypatch, tmp_path):
     assert (cfg.paths.cache_dir, cfg.paths.log_dir) == (f"{root}/.cache", f"{root}/logs")
     assert cfg.model.vision.path == f"{root}/weights/siglip-so400m-patch14-384"
     assert cfg.model.llm.path == f"{root}/weights/Qwen2.5-7B-Instruct"
+
+
+def test_each_benchmark_prompt_is_overridden_on_its_own():
+    """configs/evaluate.yaml says `benchmarks.<name>.prompts.multiple_choice=...` changes one benchmark: Video-MME
+    with subtitles asks as Video-MME does, and an override of either leaves the other as it was."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    def prompts(*overrides: str) -> dict:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose("evaluate", overrides=list(overrides))
+        return {name: OmegaConf.to_container(cfg.benchmarks[name].prompts) for name in ("videomme", "videomme_subs")}
+
+    default = prompts()
+    assert default["videomme"] == default["videomme_subs"] and default["videomme"]["option"] == "{letter}. {text}"
+    for name, other in (("videomme", "videomme_subs"), ("videomme_subs", "videomme")):
+        changed = prompts(f"benchmarks.{name}.prompts.multiple_choice='{{question}} {{options}}'")
+        assert changed[name] == {**default[name], "multiple_choice": "{question} {options}"}
+        assert changed[other] == default[other]
