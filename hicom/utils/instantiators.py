@@ -37,8 +37,17 @@ def check_pretrained(cfg: DictConfig, override: str | None = None) -> None:
     check_architectures(cfg)
 
 
-# what tells one size of a family from another, in an HF config.json (a tower's in its vision and text configs)
-SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+# what tells one size of a family from another, in an HF config.json (a tower's in its vision and text configs);
+# a tower's input size and patch too: so400m at 224 px has 16 x 16 patches, not 27 x 27, and other token counts
+SIZE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "image_size",
+    "patch_size",
+)
 
 
 def check_architectures(cfg: DictConfig) -> None:

@@ -183,6 +183,18 @@ def test_a_model_folder_of_another_family_or_size_than_its_config_is_refused_bef
                                          r"\(hidden_size 64 there, 896 in qwen2\.5_0\.5b_instruct"):  # fmt: skip
         check_pretrained(sized)
     check_pretrained(compose_train(cache_dir, tmp_path))  # the tiny default names no arch: nothing to compare
+    # so400m at 224 px (google/siglip-so400m-patch14-224): the same widths and depths, 16 x 16 patches a frame
+    from hicom.dry_run import ARCH_DIR
+
+    arch = json.loads((ARCH_DIR / "siglip_so400m_patch14_384.json").read_text())
+    arch["vision_config"]["image_size"] = 224
+    (tmp_path / "so400m-224").mkdir()
+    (tmp_path / "so400m-224" / "config.json").write_text(json.dumps(arch))
+    small = compose_train(
+        cache_dir, tmp_path, ["model/vision=siglip_so400m", f"model.vision.path={tmp_path / 'so400m-224'}"]
+    )
+    with pytest.raises(ValueError, match=r"\(vision_config\.image_size 224 there, 384 in siglip_so400m_patch14_384\)"):
+        check_pretrained(small)
 
 
 def test_a_gradient_checkpointing_value_that_is_no_flag_is_refused(tiny_paths):
