@@ -818,3 +818,20 @@ def test_each_benchmark_prompt_is_overridden_on_its_own():
         changed = prompts(f"benchmarks.{name}.prompts.multiple_choice='{{question}} {{options}}'")
         assert changed[name] == {**default[name], "multiple_choice": "{question} {options}"}
         assert changed[other] == default[other]
+
+
+def test_the_bundled_mixtures_are_read_from_the_checkout_wherever_hicom_root_points(monkeypatch, tmp_path):
+    """HICOM_ROOT moves the work folders (data, weights, logs, cache); the recipe's mixture files ship with the code,
+    and were looked for under HICOM_ROOT/configs/mixtures, where no stage found them."""
+    from hydra import compose, initialize_config_dir
+
+    from hicom.utils.config import project_root
+
+    monkeypatch.setenv("HICOM_ROOT", str(tmp_path))
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        recipe = compose("train", overrides=["experiment=directg_local43_global32"])
+        mixture = compose("train", overrides=["data=mixture"])
+    assert recipe.paths.data_dir == f"{tmp_path}/data"
+    trains = [stage.config.data.source.train for stage in recipe.stages] + [mixture.data.source.train]
+    assert [Path(train).parent for train in trains] == [Path(project_root()) / "configs" / "mixtures"] * 4
+    assert all(Path(train).is_file() for train in trains)
