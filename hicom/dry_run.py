@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from hicom.modules.compressors.base import PackedLayout
+from hicom.utils.choices import flag
 
 ARCH_DIR = Path(__file__).parent / "arch"
 PARTS = ("vision_trunk", "vision_head", "guide_encoder", "compressor", "llm")
@@ -244,7 +245,10 @@ def stages_of(cfg: DictConfig) -> list[dict]:
             "offload": offload_of(merged),
             # a strategy left to Lightning is taken as DeepSpeed at dry_run_settings.zero_stage, as zero_stage_of does
             "bytes": parameter_bytes(merged, uses_deepspeed(merged) or not _names_strategy(merged)),
-            "checkpointing": bool(merged.model.llm.get("gradient_checkpointing", False)),
+            # a string such as `yes` is no flag: refused, as training refuses it
+            "checkpointing": flag(
+                "model.llm.gradient_checkpointing", merged.model.llm.get("gradient_checkpointing", False)
+            ),
         }
         entry["modality"] = (stage or {}).get("modality") or ("image" if entry["num_frames"] == 1 else "video")
         out.append(entry)

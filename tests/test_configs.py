@@ -607,6 +607,13 @@ def unloadable_llm(tiny_paths, tmp_path_factory) -> Path:
             if not torch.cuda.is_available()
             else []
         ),
+        ("model.vision.attn_implementation=spda", r"model.vision.attn_implementation must be one of \['auto', 'sdpa'"),
+        ("model.llm.gradient_checkpointing=yes", "model.llm.gradient_checkpointing must be true or false, got 'yes'"),
+        *(
+            [("model.llm.attn_implementation=flash_attention_2", "flash_attention_2 needs the flash-attn package")]
+            if importlib.util.find_spec("flash_attn") is None
+            else []
+        ),
         ("data.sampling.fallback=decrd", r"fallback must be one of \['decord', 'pyav'\], got 'decrd'"),
         ("data.sampling.decoder=ffmpeg", r"decoder must be one of \['decord', 'pyav'\], got 'ffmpeg'"),
         ("model.compressor.local.guide=bogus", r"guide must be one of \['off', 'direct', 'coarse', 'fine'\]"),

@@ -50,6 +50,11 @@ def test_a_bad_dry_run_setting_names_itself(cache_dir, tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             report(compose_train(cache_dir, tmp_path, [*overrides[:2], "~strategy", f"dry_run_settings.{setting}"]))
+    # not a dry-run setting, but a value the report reads: `yes` counted as gradient checkpointing on
+    with pytest.raises(ValueError, match="model.llm.gradient_checkpointing must be true or false, got 'yes'"):
+        report(
+            compose_train(cache_dir, tmp_path, [*overrides[:2], "~strategy", "model.llm.gradient_checkpointing=yes"])
+        )
 
 
 def test_zero_memory_arithmetic():

@@ -93,6 +93,25 @@ def restore_computed_buffers(module: nn.Module, saved: dict[str, torch.Tensor]) 
             sub._buffers[name] = value.to(current.device)
 
 
+# the kernels transformers takes by name, and `auto` (resolve_attention)
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def check_attention(key: str, requested) -> None:
+    """A ValueError naming `key` for an attention kernel transformers does not know, or flash_attention_2 where
+    the flash-attn package is not installed: said before any weights load, not as the part loads (for the LLM,
+    after the vision tower has)."""
+    import importlib.util
+
+    if requested not in ATTENTION:
+        raise ValueError(f"{key} must be one of {list(ATTENTION)}, got {requested!r}")
+    if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError(
+            f"{key}=flash_attention_2 needs the flash-attn package (GPU only: pip install flash-attn "
+            "--no-build-isolation); `auto` takes it where it is installed and a GPU is present, else sdpa"
+        )
+
+
 def resolve_attention(requested: str) -> str:
     """`auto`: flash_attention_2 where the flash-attn package is installed and a GPU is present, else torch SDPA.
     Anything else is passed to transformers as is."""

@@ -197,6 +197,15 @@ def check_model(cfg: DictConfig, compressor=None):
             model.get("weight_decay", 0.0),
             model.get("max_new_tokens", 4),
         )
+    from hicom.utils.checkpoints import check_attention
+    from hicom.utils.choices import flag
+
+    for part in ("vision", "llm"):  # else said as the part loads: for the LLM, after the vision tower has
+        conf = model.get(part)
+        if isinstance(conf, DictConfig) and conf.get("attn_implementation") is not None:
+            check_attention(f"model.{part}.attn_implementation", conf.attn_implementation)
+    if isinstance(model.get("llm"), DictConfig) and "gradient_checkpointing" in model.llm:
+        flag("model.llm.gradient_checkpointing", model.llm.gradient_checkpointing)
     if not all(OmegaConf.select(cfg, key) for key in ("model.vision.path", "model.llm.path", "model.compressor")):
         return None
     vision_json = Path(model.vision.path) / "config.json"
