@@ -497,6 +497,43 @@ def parent_folder(cfg: DictConfig, i: int) -> Path | None:
     return Path(cfg.paths.output_dir) / "stages" / stages[i - 1].name if i > 0 else None
 
 
+def check_same_run(cfg: DictConfig, stages: list, root: Path) -> None:
+    """A launch into a run folder whose stages an earlier launch finished or began (a hand-off, or a checkpoint to
+    go on from) is that run again: their config.yaml and this launch's stage configs must agree on the model, the
+    data, the seed and the global batch (training.SAME_RUN_KEYS), as a one-fit run's launch into its own folder must
+    (own_checkpoint). Else another run (a sweep folder given again for another sweep, a changed recipe) would skip
+    the finished stages and report their figures as its own, and go on from the stopped one's checkpoint with other
+    settings. A stage given with its own checkpoint (`stage=<name> ckpt_path=...`) is meant: not compared."""
+    from hicom.training import SAME_RUN_KEYS, run_differences
+
+    only, differ = cfg.get("stage"), []
+    for stage in stages:
+        folder = root / stage.name
+        if only is not None and stage.name != only or only == stage.name and cfg.get("ckpt_path"):
+            continue
+        written = folder / "config.yaml"
+        begun = (folder / MANIFEST).is_file() or resume_checkpoint(folder / "checkpoints") is not None
+        if not begun or not written.is_file():
+            continue
+        now = stage_config(cfg, stage, folder)
+        keys = SAME_RUN_KEYS if now.get("seed") is not None else tuple(k for k in SAME_RUN_KEYS if k != "seed")
+        try:
+            earlier = OmegaConf.load(written)
+        except Exception as err:  # noqa: BLE001  a file that does not read: nothing to compare it with
+            log.warning("stage %s: %s does not read (%s), so its settings are not compared", stage.name, written, err)
+            continue
+        differences = run_differences(earlier, now, keys)
+        if differences:
+            differ.append(f"stage {stage.name} ({folder}): {differences}")
+    if differ:
+        raise ValueError(
+            f"{root.parent} holds stages of a run configured otherwise (their config.yaml), which this launch would "
+            "skip where finished and go on from where stopped:\n  " + "\n  ".join(differ) + "\nTo start another "
+            "run, launch it into a new folder (hydra.run.dir; hydra.sweep.dir for a multirun); to go on from a stopped "
+            "stage's checkpoint with these settings, give stage=<name> ckpt_path=<its checkpoints/last.ckpt>"
+        )
+
+
 def run_stages(cfg: DictConfig) -> dict[str, dict]:
     """Run the configured stages in order (or only `cfg.stage`), skipping finished ones."""
     stages = list(cfg.stages)
@@ -543,6 +580,7 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
         for stage in stages
         if (only is None or stage.name == only) and not (root / stage.name / MANIFEST).is_file()
     ]
+    check_same_run(cfg, stages, root)
     try:
         check_pretrained(cfg)
     except FileNotFoundError as err:  # and the data's missing files in the same message: not a launch per kind

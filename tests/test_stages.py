@@ -110,6 +110,42 @@ def test_a_relaunch_with_another_compressor_stops_before_the_next_stage_is_built
     assert stage_runs == ["conditional"]  # nothing more was built
 
 
+def test_a_launch_of_another_run_into_a_folder_with_its_stages_is_refused(tiny_paths, cache_dir, tmp_path, stage_runs):
+    """A sweep folder given again for another sweep, or a run launched again with other settings: its finished
+    stages were skipped and their figures reported as this launch's, and a stopped stage went on from its checkpoint
+    with the new settings (a one-fit run's folder refuses both: own_checkpoint)."""
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "run"
+    cfg = compose_train(cache_dir, run, ["experiment=tiny_stages", *SMALL])
+    stages = {stage.name: stage_config(cfg, stage, run / "stages" / stage.name) for stage in cfg.stages}
+    finished_stage(stages["alignment"], run / "stages" / "alignment")
+    stopped = run / "stages" / "conditional" / "checkpoints"
+    stopped.mkdir(parents=True)
+    (stopped / "last.ckpt").write_bytes(b"")  # not read: only its being there counts here
+    for name in ("alignment", "conditional"):  # as train writes it
+        (run / "stages" / name / "config.yaml").write_text(OmegaConf.to_yaml(stages[name], resolve=True))
+    # the same run launched again (other loading settings): the finished stage skipped, the stopped one trained
+    # (here its fit only recorded, so the last stage then finds no hand-off to start from)
+    with pytest.raises(FileNotFoundError, match="stage instruction starts from its parent's hand-off"):
+        run_stages(compose_train(cache_dir, run, ["experiment=tiny_stages", *SMALL, "data.num_workers=1"]))
+    assert stage_runs == ["conditional"]
+    other = compose_train(cache_dir, run, ["experiment=tiny_stages", *SMALL, "seed=5", "data.max_length=900"])
+    with pytest.raises(ValueError, match="holds stages of a run configured otherwise") as error:
+        run_stages(other)
+    lines = str(error.value).splitlines()
+    assert [line.split(" (", 1)[0] for line in lines if line.startswith("  ")] == [
+        "  stage alignment", "  stage conditional"
+    ]  # fmt: skip
+    assert "seed: 0 there, 5 here" in lines[1] and "data.max_length: " in lines[1] and "900 here" in lines[1]
+    assert stage_runs == ["conditional"]  # the refused launch built nothing
+    # the stopped stage given with its checkpoint: meant, so not compared (its finished parent is not run)
+    alone = ["stage=conditional", f"ckpt_path={stopped / 'last.ckpt'}", "seed=5"]
+    assert run_stages(compose_train(cache_dir, run, ["experiment=tiny_stages", *SMALL, *alone])) == {
+        "conditional": {"steps": 0}
+    }
+
+
 def test_a_stage_from_another_runs_parent_names_each_setting_that_differs(tiny_paths, cache_dir, tmp_path, stage_runs):
     cfg = compose_train(cache_dir, tmp_path / "other", ["experiment=tiny_stages", *SMALL])
     other = tmp_path / "other" / "stages"

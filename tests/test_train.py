@@ -595,8 +595,12 @@ def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_delete
     handoff.write_bytes(bytes(data)[:-100])
     shutil.rmtree(stages / "instruction")
     monkeypatch.setattr(hicom.stages, "train", lambda *a, **k: pytest.fail("the stage was built"))
-    with pytest.raises(HandoffError, match=r"handoff\.safetensors' \(\d+ bytes\) is not a whole safetensors file"):
+    # (launched as the run now is: its stage 2 was trained again with another rate above)
+    with pytest.raises(ValueError, match=r"stage conditional .*: model.lr.compressor: 0.005 there, 0.0003 here"):
         run_stages(cfg)
+    as_now = compose_train(cache_dir, tmp_path / "run", ["experiment=tiny_stages", *SMALL, *other_lr[-1:]])
+    with pytest.raises(HandoffError, match=r"handoff\.safetensors' \(\d+ bytes\) is not a whole safetensors file"):
+        run_stages(as_now)
 
 
 def test_a_guided_compressor_that_cannot_turn_its_guide_off_is_refused_for_an_unguided_stage(cache_dir, tmp_path):
