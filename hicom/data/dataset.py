@@ -106,7 +106,10 @@ def check_record(record) -> None:
 
 def media_of(record: dict, root: Path) -> Media:
     """The media a record names, under `root`; MalformedSample where 'video' is not one path or 'image' not a path
-    or a list of them (an empty name would be the data folder itself)."""
+    or a list of them (an empty name would be the data folder itself), or where it names both (one of them would
+    be left out without a word)."""
+    if "video" in record and "image" in record:
+        raise MalformedSample("it names both a 'video' and an 'image': a sample holds one kind of media")
     if "video" in record:
         if not isinstance(record["video"], str) or not record["video"].strip():
             raise MalformedSample(f"'video' must be a path, got {record['video']!r:.80}")

@@ -648,7 +648,7 @@ def _decode_gif(path: Path, sampling: FrameSampling, start, end, keep: _Keeper) 
             for i in indices.tolist():
                 _go_on()
                 image.seek(i)
-                frames.append(keep.one(np.asarray(image.convert("RGB"))))
+                frames.append(keep.one(_shown_rgb(image)))  # a transparent background over white, as an image's
     except (OSError, ValueError, EOFError, Image.DecompressionBombError) as err:
         raise VideoDecodeError(f"{path}: {err}") from err
     return SampledFrames(keep.stack(frames), indices, frame_times(indices, fps, times), fps, len(durations))
@@ -659,18 +659,34 @@ def frame_order(path: Path) -> list:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.name) if part]
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """One image file as (H, W, 3) uint8, or a VideoDecodeError naming it."""
+def _shown_rgb(image) -> np.ndarray:
+    """A PIL image's RGB pixels, any transparent ones over white (see read_rgb)."""
     from PIL import Image
+
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """One image file as (H, W, 3) uint8, as a viewer shows it: turned as its EXIF orientation says (a phone's
+    portrait photo is stored sideways), and transparent pixels over white, as transformers' image processors
+    (`convert_to_rgb`) put them (their colour under the transparency, black or a palette's key colour, is no part
+    of the picture); or a VideoDecodeError naming it."""
+    from PIL import ExifTags, Image, ImageOps
 
     try:
         with Image.open(path) as image:
+            if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+                image = ImageOps.exif_transpose(image)
             if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit grey (PNG): convert() would clip at 255
                 grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
                 return np.repeat(((grey * 255 + 32767) // 65535).astype(np.uint8)[..., None], 3, axis=-1)
             if image.mode == "F":
                 raise VideoDecodeError(f"{path}: floating-point pixels (mode F) have no 8-bit colour to read")
-            return np.asarray(image.convert("RGB"))
+            return _shown_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise VideoDecodeError(f"{path}: {err}") from err
 

@@ -522,6 +522,8 @@ def test_media_fields_and_windows_of_the_wrong_kind_are_malformed_not_fatal(make
         {"id": "endless", "video": "good.mp4", "end": float("inf"), "conversations": QA},
         {"id": "after-the-end", "video": "frames", "start": 20, "end": 25, "conversations": QA},  # a 4 s folder
         {"id": "end-rounded", "video": "good.mp4", "start": 1.0, "end": 2.05, "conversations": QA},  # a 2 s clip
+        # both kinds: the image was left out without a word (and never opened: a missing one went unseen)
+        {"id": "both", "video": "good.mp4", "image": "nowhere.png", "conversations": QA},
     ]
     Image.new("1", (20000, 10000)).save(media / "bomb.png")  # 24 KB, 200 M pixels: PIL's decompression-bomb guard
     records.append({"id": "bomb", "image": "bomb.png", "conversations": [{"from": "human", "value": "<image>\nQ?"},
@@ -530,8 +532,9 @@ def test_media_fields_and_windows_of_the_wrong_kind_are_malformed_not_fatal(make
     items = {item["id"]: item for item in (dataset[i] for i in range(len(records)))}
     expected = {**{r["id"]: "malformed" for r in records[:9]}, "role": "malformed", "start-text": "malformed",
                 "reversed": "malformed", "negative": "malformed", "endless": "malformed", "after-the-end": "empty",
-                "end-rounded": None, "bomb": "undecodable"}  # fmt: skip
+                "end-rounded": None, "both": "malformed", "bomb": "undecodable"}  # fmt: skip
     assert {key: item.get("skip") for key, item in items.items()} == expected
+    assert "both a 'video' and an 'image'" in items["both"]["error"]
     assert "starts after the clip's end" in items["after-the-end"]["error"]
     assert items["end-rounded"]["num_frames"] == 4
 

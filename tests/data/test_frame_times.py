@@ -140,3 +140,31 @@ def test_a_16_bit_image_keeps_its_levels_and_a_float_one_is_refused(tmp_path):
     Image.fromarray(np.ones((4, 4), np.float32)).save(tmp_path / "float.tif")
     with pytest.raises(VideoDecodeError, match="floating-point"):
         read_rgb(tmp_path / "float.tif")
+
+
+def test_an_image_is_read_as_a_viewer_shows_it(tmp_path):
+    """A phone's portrait photo is stored sideways with an EXIF orientation; transparent pixels have a colour
+    under them that no viewer shows (black in a logo, a palette's key colour in a sprite). They were read as
+    stored: the photo sideways, the background black or magenta."""
+    from PIL import ExifTags
+
+    stored = np.zeros((16, 24, 3), np.uint8)
+    stored[:8, :8] = (255, 0, 0)  # red at the stored top left (a JPEG block)
+    exif = Image.Image().getexif()
+    exif[ExifTags.Base.Orientation] = 6  # shown turned 90 degrees clockwise
+    Image.fromarray(stored).save(tmp_path / "portrait.jpg", exif=exif, quality=100)
+    shown = read_rgb(tmp_path / "portrait.jpg")
+    assert shown.shape == (24, 16, 3) and shown[0, -1, 0] > 200 and shown[0, 0, 0] < 60  # red at the shown top right
+    logo = np.zeros((4, 4, 4), np.uint8)
+    logo[1:3, 1:3] = (0, 0, 255, 255)  # an opaque blue square on a transparent black background
+    Image.fromarray(logo, "RGBA").save(tmp_path / "logo.png")
+    assert read_rgb(tmp_path / "logo.png")[0, 0].tolist() == [255, 255, 255]
+    assert read_rgb(tmp_path / "logo.png")[1, 1].tolist() == [0, 0, 255]
+    sprite = Image.new("P", (4, 4), 1)
+    sprite.putpalette([0, 255, 0, 255, 0, 255] + [0] * 762)  # 0: green, 1: magenta, the transparent key
+    sprite.putpixel((0, 0), 0)
+    sprite.save(tmp_path / "sprite.png", transparency=1)
+    read = read_rgb(tmp_path / "sprite.png")
+    assert read[0, 0].tolist() == [0, 255, 0] and read[3, 3].tolist() == [255, 255, 255]
+    Image.fromarray(stored).save(tmp_path / "plain.png")  # nothing to turn or show through: as stored
+    assert np.array_equal(read_rgb(tmp_path / "plain.png"), stored)
