@@ -29,13 +29,17 @@ def main(cfg: DictConfig) -> float | None:
 
         report(cfg)
         return None
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    more_jobs = HydraConfig.get().mode == RunMode.MULTIRUN  # the process group stays open for them
     if cfg.get("stages"):
         from hicom.stages import run_stages
 
         run_stages(cfg)
-        release_process_group()
+        release_process_group(more_jobs=more_jobs)
         return None
-    metrics = release_process_group(train(cfg))  # process 0's, on every process
+    metrics = release_process_group(train(cfg), more_jobs)  # process 0's, on every process
     return swept_value(cfg, metrics)  # what a Hydra sweeper optimises
 
 

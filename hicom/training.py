@@ -839,14 +839,21 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
     return metrics
 
 
-def release_process_group(metrics: dict | None = None) -> dict | None:
+def release_process_group(metrics: dict | None = None, more_jobs: bool = False) -> dict | None:
     """Close the process group Lightning opened and leaves open, once every process has come this far. Left to the
     interpreter's exit, gloo's worker threads can outlive its teardown and abort a process whose run succeeded
     (SIGABRT, "terminate called without an active exception"), which fails the whole launch.
 
+    `more_jobs` (a multirun under torchrun: each process runs every job): the group stays open for the next job,
+    which Lightning then takes as it is, and closes as the process exits (before the interpreter's teardown). Opened
+    again per job, it met the last job's rendezvous keys in torchrun's store under the same names: a process that
+    got there first read process 0's old address and failed ("Connection refused"), or, with NCCL, an old id.
+
     Returns `metrics` as process 0 has them, on every process: under torchrun each process runs its own sweeper,
     and the figures of each one's own clock (fit_seconds, samples_per_second) would lead their seeded samplers to
     suggest different trials to the processes of one job."""
+    import atexit
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -855,8 +862,21 @@ def release_process_group(metrics: dict | None = None) -> dict | None:
             dist.broadcast_object_list(shared, src=0)
             metrics = shared[0]
         dist.barrier()
-        dist.destroy_process_group()
+        if more_jobs:
+            atexit.unregister(_close_process_group)  # once, whatever the count of jobs
+            atexit.register(_close_process_group)
+        else:
+            dist.destroy_process_group()
     return metrics
+
+
+def _close_process_group() -> None:
+    """At a multirun's exit: the last job's release_process_group has had every process come that far, so no
+    barrier (a process leaving on an error would wait in one for the others, which go on)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _gathered(rows: list) -> list[list]:

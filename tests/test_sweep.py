@@ -171,6 +171,34 @@ def test_every_process_of_a_launch_hands_its_sweeper_the_figures_of_process_0(tm
     assert all(row["shared"] == {"fit_seconds": 10.0, "accuracy": 0.5} and not row["open"] for row in rows)
 
 
+def test_the_jobs_of_a_torchrun_multirun_share_one_process_group(tmp_path):
+    """Each job opened the process group again on torchrun's store, where the last job's rendezvous keys stood
+    under the same names: a process that got there before process 0 read its old address and failed (gloo:
+    "Connection refused"; here process 0 comes late every time). The group now stays open across the jobs, as a
+    staged run's stages share it, and closes as the process exits."""
+    script = tmp_path / "jobs.py"
+    script.write_text(
+        "import time\n"
+        "import torch, torch.distributed as dist\n"
+        "from hicom.training import release_process_group\n"
+        "for job in range(2):\n"
+        "    if not dist.is_initialized():  # as Lightning's DDP strategy opens it: where none is open\n"
+        "        if job and int(__import__('os').environ['RANK']) == 0:\n"
+        "            time.sleep(2)\n"
+        "        dist.init_process_group('gloo')\n"
+        "    total = torch.ones(1)\n"
+        "    dist.all_reduce(total)\n"
+        "    assert total.item() == 2\n"
+        "    release_process_group({'job': job}, more_jobs=True)\n"
+        "    assert dist.is_initialized()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    done = subprocess.run(torchrun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "terminate called" not in done.stderr  # closed before the interpreter's teardown
+
+
 def test_w_and_b_names_a_run_by_its_folder_groups_a_launch_and_keeps_its_id_across_a_resume(tmp_path):
     """Every run, sweep job and stage was named `train` in W&B, with no group, and a run launched again into its
     folder (a resume) opened a second W&B run: the folder now names it, its launch groups it, and keys its id."""
