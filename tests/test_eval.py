@@ -1181,6 +1181,17 @@ def test_the_demo_benchmarks_run_every_configured_benchmark_end_to_end(cache_dir
     data = demo_main([f"paths.data_dir={tmp_path / 'demo'}"])
     assert "python evaluate.py ckpt=<a run's folder>" in capsys.readouterr().out
     assert demo_main([f"paths.data_dir={data}"]) == data  # its own folder: written again
+    # ... but not over what was put or changed there since (a benchmark's real files copied in)
+    task = data / "eval" / "mvbench" / "json" / "action_sequence.json"
+    kept = task.read_text()
+    task.write_text('[{"my": "real annotations"}]')
+    (data / "eval" / "mvbench" / "extra.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds files the demo did not write .*action_sequence.json"):
+        demo_main([f"paths.data_dir={data}"])
+    assert task.read_text() == '[{"my": "real annotations"}]'
+    task.write_text(kept)
+    (data / "eval" / "mvbench" / "extra.txt").unlink()
+    assert demo_main([f"paths.data_dir={data}"]) == data
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(
             "evaluate",

@@ -152,20 +152,54 @@ def write_demo(cfg: DictConfig, seed: int = 0) -> Path:
             f"the demo writes only under paths.data_dir ({data_dir}), and these benchmarks read from elsewhere (real "
             f"benchmarks?): {', '.join(outside)}; leave their roots at their defaults, or leave those benchmarks out"
         )
-    if data_dir.exists() and any(data_dir.iterdir()) and not (data_dir / MARK).is_file():
-        raise FileExistsError(
-            f"{data_dir} holds files the demo did not write (real benchmarks?): give paths.data_dir=<an empty or "
-            "new folder>"
-        )
+    if data_dir.exists() and any(data_dir.iterdir()):
+        foreign = _not_written(data_dir)
+        if foreign:
+            raise FileExistsError(
+                f"{data_dir} holds files the demo did not write (real benchmarks?), e.g. {foreign[:3]}: give "
+                "paths.data_dir=<an empty or new folder>"
+            )
     data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / MARK).write_text("benchmark stand-ins written by python -m hicom.eval.demo\n")
+    # files: null while writing (a run stopped part-way leaves a folder the next run may write over)
+    (data_dir / MARK).write_text(json.dumps({"written_by": "python -m hicom.eval.demo", "files": None}))
     media = Media(seed)
     for name, reader in readers.items():
         writer = WRITERS.get(type(reader))
         if writer is None:
             raise TypeError(f"benchmarks.{name}: no demo writer for {type(reader).__name__}")
         writer(reader, media)
+    files = {str(path.relative_to(data_dir)): _digest(path) for path in _files(data_dir)}
+    (data_dir / MARK).write_text(json.dumps({"written_by": "python -m hicom.eval.demo", "files": files}, indent=1))
     return data_dir
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARK)
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _not_written(folder: Path) -> list[str]:
+    """The files under `folder` that the demo's last writing there did not write as they are now (all of them
+    where the folder is not the demo's): files put there since, or changed since, are someone's. A mark without
+    the list (an earlier version's, or a writing stopped part-way) vouches for the whole folder, as it did."""
+    if not (folder / MARK).is_file():
+        return [str(p.relative_to(folder)) for p in folder.iterdir()]
+    try:
+        written = json.loads((folder / MARK).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        written = None
+    if not isinstance(written, dict):
+        return []
+    return [
+        name
+        for name in (str(p.relative_to(folder)) for p in _files(folder))
+        if written.get(name) != _digest(folder / name)
+    ]
 
 
 def main(argv: list[str]) -> Path:
