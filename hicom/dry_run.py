@@ -263,6 +263,7 @@ def report(cfg: DictConfig) -> list[dict]:
     from hicom.modules.video_llm import compose_compressor, idle_parts
     from hicom.training import gradient_accumulation
     from hicom.utils.choices import whole_number
+    from hicom.utils.instantiators import check_model_hparams
 
     settings = cfg.get("dry_run_settings") or {}
     gpus = whole_number("dry_run_settings.gpus", settings.get("gpus", 8))
@@ -283,6 +284,10 @@ def report(cfg: DictConfig) -> list[dict]:
     print(f"dry run: {base.names[0]} + {type(base.compressor).__name__} + {base.names[1]}, "
           f"{gpus} GPUs, {text} text tokens per sample ({answer} of them answer)")  # fmt: skip
     for stage in stages_of(cfg):
+        try:  # a run that training refuses (a trainable part without its learning rate) is not reported
+            check_model_hparams(stage["config"].model)
+        except ValueError as err:
+            raise ValueError(f"stage {stage['name']}: {err}") from err
         with torch.device("meta"):  # the stage's own compressor (stage 1 of the recipe has no injection modules)
             compressor = instantiate(stage["config"].model.compressor)
             compressor = compose_compressor(compressor, base.vision, base.llm.config.hidden_size)

@@ -50,6 +50,10 @@ def test_a_bad_dry_run_setting_names_itself(cache_dir, tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             report(compose_train(cache_dir, tmp_path, [*overrides[:2], "~strategy", f"dry_run_settings.{setting}"]))
+    # a run training refuses is not reported: a trainable part without its learning rate
+    with pytest.raises(ValueError, match=r"stage train: no learning rate for trainable parts \['llm'\]"):
+        report(compose_train(cache_dir, tmp_path, [*overrides[:2], "~strategy", "stages=null",
+                                                   "model.trainable=[compressor,llm]"]))  # fmt: skip
     # not a dry-run setting, but a value the report reads: `yes` counted as gradient checkpointing on
     with pytest.raises(ValueError, match="model.llm.gradient_checkpointing must be true or false, got 'yes'"):
         report(

@@ -159,24 +159,11 @@ def check_data(cfg: DictConfig) -> None:
     )  # fmt: skip
 
 
-def check_model(cfg: DictConfig, compressor=None):
-    """Fail in seconds, before any weights load, on a bad model value: the module's own (trainable parts, learning
-    rates, warm-up) and the compressor's, which is built on the meta device at the widths the checkpoints'
-    config.json give (check_pretrained first: the folders are there). `compressor`: the callable that builds it, in
-    place of `model.compressor`'s. Returns that meta-device compressor (None where the config names no model
-    folders)."""
-    import json
-
-    import torch
-    from hydra.utils import get_class
-    from transformers import AutoConfig
-
-    from hicom.data.transforms import FrameTransform
+def check_model_hparams(model: DictConfig) -> None:
+    """The module's own values of `model` (trainable parts, a learning rate for each, warm-up, weight decay), as
+    training checks them; the dry run too, so that it does not report a run training refuses."""
     from hicom.models.video_llm_module import check_hparams
-    from hicom.modules.compressors.base import check_output
-    from hicom.modules.video_llm import compose_compressor
 
-    model = cfg.model
     if "trainable" in model:
         lr = model.get("lr") or {}
         if not isinstance(lr, DictConfig):
@@ -197,9 +184,28 @@ def check_model(cfg: DictConfig, compressor=None):
             model.get("weight_decay", 0.0),
             model.get("max_new_tokens", 4),
         )
+
+
+def check_model(cfg: DictConfig, compressor=None):
+    """Fail in seconds, before any weights load, on a bad model value: the module's own (trainable parts, learning
+    rates, warm-up) and the compressor's, which is built on the meta device at the widths the checkpoints'
+    config.json give (check_pretrained first: the folders are there). `compressor`: the callable that builds it, in
+    place of `model.compressor`'s. Returns that meta-device compressor (None where the config names no model
+    folders)."""
+    import json
+
+    import torch
+    from hydra.utils import get_class
+    from transformers import AutoConfig
+
+    from hicom.data.transforms import FrameTransform
+    from hicom.modules.compressors.base import check_output
+    from hicom.modules.video_llm import compose_compressor
     from hicom.utils.checkpoints import check_attention
     from hicom.utils.choices import flag
 
+    model = cfg.model
+    check_model_hparams(model)
     for part in ("vision", "llm"):  # else said as the part loads: for the LLM, after the vision tower has
         conf = model.get(part)
         if isinstance(conf, DictConfig) and conf.get("attn_implementation") is not None:
