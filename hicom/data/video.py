@@ -635,6 +635,17 @@ def _pyav_in_order(
     raise VideoDecodeError(f"{path}: frames keep failing to decode")
 
 
+def _animated(path: Path) -> bool:
+    """Whether Pillow reads more than one frame from an image file (False where it cannot read it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return bool(getattr(image, "is_animated", False))
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
 def _decode_gif(path: Path, sampling: FrameSampling, start, end, keep: _Keeper) -> SampledFrames:
     from PIL import Image, ImageSequence
 
@@ -727,7 +738,7 @@ def _load(
         raise not_a_file(path)
     if path.stat().st_size == 0:
         raise VideoDecodeError(f"{path}: empty file", "empty")
-    if path.suffix.lower() == ".gif":
+    if path.suffix.lower() == ".gif" or path.suffix.lower() == ".webp" and _animated(path):  # FFmpeg: no animated WebP
         return _decode_gif(path, sampling, start, end, _Keeper(path, shrink))
     try:  # each decoder keeps its frames afresh
         return _DECODERS[sampling.decoder](path, sampling, start, end, _Keeper(path, shrink))
@@ -750,7 +761,7 @@ def load_video(
     end: float | None = None,
     shrink: Shrink | None = None,
 ) -> SampledFrames:
-    """Sampled frames of a video file, a folder of frames or a GIF, or VideoDecodeError.
+    """Sampled frames of a video file, a folder of frames, a GIF or an animated WebP, or VideoDecodeError.
 
     `sampling` may be a frame count (uniform sampling with the default decoders); `decoder` overrides its decoder.
     `shrink` (see `Shrink`), where given, is applied to the frames as they are decoded, and `frames` is what it

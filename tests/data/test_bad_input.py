@@ -84,6 +84,8 @@ def media(tmp_path_factory):
         Image.fromarray(frame).save(folder / f"{i + 1:05d}.jpg", quality=100)
     images = [Image.fromarray(f) for f in counting_frames(6)]
     images[0].save(root / "clip.gif", save_all=True, append_images=images[1:], duration=100, loop=0)
+    images[0].save(root / "clip.webp", save_all=True, append_images=images[1:], duration=100, lossless=True)
+    images[0].save(root / "still.webp", lossless=True)
     return root
 
 
@@ -96,6 +98,7 @@ def media(tmp_path_factory):
         ("garbage.mp4", "undecodable"),
         ("notes.txt", "undecodable"),
         ("still.mp4", "wrong_extension"),
+        ("still.webp", "wrong_extension"),
         ("audio.mp4", "no_video_stream"),
         ("cover.mp4", "no_video_stream"),
     ],
@@ -342,6 +345,9 @@ def test_frame_folders_and_gifs(media):
     assert folder.timestamps.tolist() == pytest.approx([2 / 3, 2, 10 / 3])  # 3 fps
     gif = load_video(media / "clip.gif", FrameSampling(num_frames=3))
     assert gif.indices.tolist() == [1, 3, 5] and frame_ids(gif.frames) == [1, 3, 5]
+    # an animated WebP, which FFmpeg reads as a still image (it was skipped as one): read as a GIF is
+    webp = load_video(media / "clip.webp", FrameSampling(num_frames=3))
+    assert webp.indices.tolist() == [1, 3, 5] and frame_ids(webp.frames) == [1, 3, 5] and webp.fps == 10
 
 
 @pytest.mark.parametrize(
