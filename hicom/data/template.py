@@ -10,7 +10,9 @@ import torch
 IGNORE_INDEX = -100
 PLACEHOLDERS = ("<video>", "<image>")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-_OPTION_LINE = re.compile(r"^\s*(options?\s*:|\(?[A-Ha-h][\).:]\s)", re.IGNORECASE)
+_OPTION_LINE = re.compile(
+    r"^\s*(options?\s*:|option\s+(?:\([A-Ha-h]\)|[A-Ha-h]\s*[).:])|\(?[A-Ha-h][\).:]\s)", re.IGNORECASE
+)
 
 
 class MalformedSample(ValueError):

@@ -149,6 +149,7 @@ def test_guide_is_the_bare_question():
             "<video>\nThe man walks in.\nIdentify the category of the object he picks up. Options:\nknife\nspoon",
             "The man walks in. Identify the category of the object he picks up.",
         ),
+        ("<video>\nWhich one is right?\nOption A: a dog\nOption B) a cat", "Which one is right?"),  # the word first
         ("What is it? Options:", "What is it? Options:"),  # nothing follows
         ("Why did the boy cry? Options:\n(A) Why not?\n(B) He fell.", "Why did the boy cry?"),  # options that ask
         # no list after it: a question that speaks of options, or quotes with a colon, is kept
