@@ -112,6 +112,9 @@ def _train_sentencepiece(vocab_size: int) -> bytes:
     return model.getvalue()
 
 
+FILES = "files.json"  # in a written folder: its files and their sizes, by which it is known to be whole
+
+
 class _Writer:
     """Writes a folder once per spec: build into a temporary sibling, then rename into place. The processes of a
     launch on a fresh cache take turns (a file lock beside the folder): the first writes, the others find it
@@ -137,6 +140,8 @@ class _Writer:
             as_created_here(tmp)
             with torch.random.fork_rng(devices=[]):  # seeded writing must not move the caller's random state
                 self.write(tmp)
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / FILES).write_text(json.dumps(files, indent=1))
             (tmp / "spec.json").write_text(json.dumps(spec, indent=2))
             old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
             old.rmdir()  # a free name for the folder it replaces
@@ -149,9 +154,17 @@ class _Writer:
 
     @staticmethod
     def _written(out: Path, spec: dict) -> bool:
-        """Whether `out` holds this spec's folder; an error where it holds something this writer did not write."""
+        """Whether `out` holds this spec's folder, whole: every file it was written with, at its size (a weight
+        file deleted or cut short since is written again, the same seeded weights); an error where it holds
+        something this writer did not write."""
         if (out / "spec.json").is_file():
-            return json.loads((out / "spec.json").read_text()) == spec
+            if json.loads((out / "spec.json").read_text()) != spec:
+                return False
+            try:
+                files = json.loads((out / FILES).read_text())
+            except (OSError, ValueError):  # an earlier version's folder, which listed none: written again once
+                return False
+            return all((out / name).is_file() and (out / name).stat().st_size == size for name, size in files.items())
         if out.exists() and any(out.iterdir()):
             raise FileExistsError(f"{out} exists and was not written by {spec['kind']}: refusing to replace it")
         return False

@@ -59,6 +59,13 @@ def test_writer_is_seeded_and_keyed_by_spec(tmp_path):
     assert (a / "spec.json").stat().st_mtime_ns == stamp
     TinyQwen2(hidden_size=32, num_layers=1, seed=1)(a)
     assert json.loads((a / "spec.json").read_text())["seed"] == 1
+    # a folder whose weights were deleted or cut short since (spec.json still there) is written again, whole
+    (b / "model.safetensors").unlink()
+    TinyQwen2(hidden_size=32, num_layers=1)(b)
+    assert all(torch.equal(wa[k], v) for k, v in AutoModelForCausalLM.from_pretrained(b).state_dict().items())
+    (b / "tokenizer.json").write_text((b / "tokenizer.json").read_text()[:100])
+    TinyQwen2(hidden_size=32, num_layers=1)(b)
+    assert json.loads((b / "tokenizer.json").read_text())  # whole again
 
 
 def test_processes_writing_one_folder_at_once_take_turns_and_a_killed_writers_leftovers_go(tmp_path, monkeypatch):
