@@ -1178,6 +1178,9 @@ def test_the_demo_benchmarks_run_every_configured_benchmark_end_to_end(cache_dir
     from hicom.eval.demo import main as demo_main
     from hicom.eval.runner import evaluate
 
+    with pytest.raises(SystemExit) as stopped:  # usage, not a Hydra traceback over "--help" as an override
+        demo_main(["--help"])
+    assert stopped.value.code == 0 and "python -m hicom.eval.demo" in capsys.readouterr().out
     data = demo_main([f"paths.data_dir={tmp_path / 'demo'}"])
     assert "python evaluate.py ckpt=<a run's folder>" in capsys.readouterr().out
     assert demo_main([f"paths.data_dir={data}"]) == data  # its own folder: written again

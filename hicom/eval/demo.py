@@ -209,6 +209,9 @@ def main(argv: list[str]) -> Path:
 
     from hicom.utils.config import hydra_path, project_root
 
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__)
+        raise SystemExit(0)
     overrides = list(argv)
     if not any(arg.startswith("paths.data_dir=") for arg in overrides):
         overrides.append("paths.data_dir=${paths.cache_dir}/demo_benchmarks")
