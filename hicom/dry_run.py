@@ -328,7 +328,14 @@ def report(cfg: DictConfig) -> list[dict]:
             trainable -= idle
         frames, modality, guided = stage["num_frames"], stage.get("modality", "video"), compressor.uses_guide
         visual = model.compressor.num_tokens(frames, model.grid, model.grid, modality)
-        fwd = forward_flops(model, frames, modality, guided, text, guide)
+        try:
+            fwd = forward_flops(model, frames, modality, guided, text, guide)
+        except (RuntimeError, NotImplementedError) as err:  # a value read (`.item()`), an op without a meta kernel
+            raise ValueError(
+                f"stage {stage['name']}: model.compressor ({type(model.compressor).__name__}) or a part does not run "
+                f"on the meta device, where the dry run counts without weights ({type(err).__name__}: "
+                f"{str(err).splitlines()[0]}); training takes it (and counts no FLOPs for it)"
+            ) from err
         # forward and backward as the throughput monitor counts a training sample (after the forward counts: it
         # sets the parts' requires_grad as the stage trains them)
         train = BatchFlops(model, trainable, exact=True).sample(frames, modality, visual + text, guide, answer)

@@ -40,6 +40,29 @@ def test_a_part_without_a_bundled_architecture_is_built_from_its_folder(cache_di
         report(compose_train(cache_dir, tmp_path, ["dry_run_settings.guide_tokens=33"]))
 
 
+def test_a_token_level_guide_from_clip_is_counted_on_the_meta_device(cache_dir, tmp_path):
+    """CLIP's guide rows are placed by comparing values, which the meta device has none of: the dry run of CLIP with
+    InstructBLIP (or a fine injection) failed there, and training's FLOP count was dropped without a word."""
+    from hicom.utils.instantiators import write_assets
+
+    cfg = compose_train(cache_dir, tmp_path, ["model/vision=tiny_clip", "model/compressor=instructblip"])
+    write_assets(cfg.assets)
+    (row,) = report(cfg)
+    assert row["forward_tflops"]["compressor"] > 0
+
+
+def test_a_compressor_that_cannot_run_on_the_meta_device_is_named(cache_dir, tmp_path, monkeypatch):
+    """One of one's own that reads a value (`.item()`): training takes it; the dry run said only torch's error."""
+    from hicom.modules.compressors import HICom
+
+    def reads_a_value(self, features, *args, **kwargs):
+        return features.sum().item()
+
+    monkeypatch.setattr(HICom, "forward_packed", reads_a_value)
+    with pytest.raises(ValueError, match=r"stage train: model.compressor \(HICom\) or a part does not run on the meta"):
+        report(compose_train(cache_dir, tmp_path, []))
+
+
 def test_a_bad_dry_run_setting_names_itself(cache_dir, tmp_path):
     overrides = ["experiment=directg_local43_global32", "model/llm=qwen25_05b", "dry_run_settings.gpus=0"]
     with pytest.raises(ValueError, match="dry_run_settings.gpus must be a whole number >= 1, got 0"):
