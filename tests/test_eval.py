@@ -951,6 +951,18 @@ def test_an_official_folder_evaluates_like_the_run_it_was_exported_from(cache_di
     (official / "config.json").write_text(json.dumps({**config, "mm_vision_select_layer": -1}))
     module, _ = load_model(official, compose_eval(cache_dir, bench_data, tmp_path, []))
     assert module.net.vision.select_layer == -1
+    # the command line's export of the run: the same weights, at the frames it was trained at
+    from safetensors.torch import load_file
+
+    from hicom.compat.export import main as export_main
+
+    cli = export_main([str(trained_run), str(tmp_path / "cli"), f"paths.cache_dir={cache_dir}"])
+    assert (
+        json.loads((cli / "config.json").read_text())["num_frames"]
+        == OmegaConf.load(trained_run / "config.yaml").data.num_frames
+    )
+    ours, theirs = load_file(str(cli / "model.safetensors")), load_file(str(official / "model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_a_run_whose_handoff_is_cut_short_stops_before_the_model_loads(cache_dir, bench_data, trained_run, tmp_path,
