@@ -70,6 +70,8 @@ class JsonSource:
     train_json: str
     data_root: str
     val_json: str | None = None
+    # the held-out file's media folder where it is not data_root's (None: data_root)
+    val_data_root: str | None = None
 
     def check(self) -> Splits:
         """A FileNotFoundError naming the key to set where the annotation files or the media folder are missing;
@@ -83,12 +85,15 @@ class JsonSource:
         for key, value in (("data.source.train_json", self.train_json), ("data.source.val_json", self.val_json)):
             if value is not None and not Path(value).is_file():
                 raise FileNotFoundError(f"annotation file '{value}' not found: set `{key}=<file>`{DATA_DIR_HINT}")
-        if not Path(self.data_root).is_dir():
-            raise FileNotFoundError(
-                f"media folder '{self.data_root}' not found: set `data.source.data_root=<dir>`{DATA_DIR_HINT}"
-            )
+        for key, value in (
+            ("data.source.data_root", self.data_root),
+            ("data.source.val_data_root", self.val_data_root),
+        ):
+            if value is not None and not Path(value).is_dir():
+                raise FileNotFoundError(f"media folder '{value}' not found: set `{key}=<dir>`{DATA_DIR_HINT}")
         root_dir = Path(self.data_root)
-        val = (MixtureEntry(Path(self.val_json), root_dir),) if self.val_json else ()
+        val_root = Path(self.val_data_root) if self.val_data_root is not None else root_dir
+        val = (MixtureEntry(Path(self.val_json), val_root),) if self.val_json else ()
         return Splits(train=(MixtureEntry(Path(self.train_json), root_dir),), val=val)
 
     def prepare(self, root: str | Path | None = None) -> Splits:

@@ -1,6 +1,8 @@
 import json
 import shutil
 
+import pytest
+
 from hicom.data.collate import Collator
 from hicom.data.index import MixtureEntry, SampleIndex
 from hicom.training import build
@@ -70,3 +72,19 @@ def test_validation_is_split_per_exchange_like_training_and_the_test_asks_the_la
         assert [(index.record_of(i)["id"], index.turn_of(i)) for i in range(len(index))] == [("c", 0), ("c", 1)]
     test = datamodule.test_set.index
     assert len(test) == 1 and test.turn_of(0) is None  # the whole conversation: its last question is asked
+
+
+def test_a_held_out_file_reads_its_media_from_its_own_folder(tmp_path):
+    """data=llava_json had one media folder for both files: a held-out set stored elsewhere had every clip missing
+    (accuracy 0 over n_failed questions). `val_data_root` names its folder; without it, data_root serves both."""
+    from hicom.data.datamodule import JsonSource
+
+    for name in ("train", "held_out"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "a.json").write_text("[]")
+    source = JsonSource(str(tmp_path / "a.json"), str(tmp_path / "train"), val_json=str(tmp_path / "a.json"))
+    assert source.check().val[0].data_root == tmp_path / "train"
+    apart = JsonSource(**{**source.__dict__, "val_data_root": str(tmp_path / "held_out")}).check()
+    assert (apart.train[0].data_root, apart.val[0].data_root) == (tmp_path / "train", tmp_path / "held_out")
+    with pytest.raises(FileNotFoundError, match=r"media folder '.*nowhere' not found: set `data.source.val_data_root"):
+        JsonSource(**{**source.__dict__, "val_data_root": str(tmp_path / "nowhere")}).check()
