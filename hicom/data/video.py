@@ -358,13 +358,12 @@ def _leading_frames(packets, most: int = 2000) -> bool:
     setting, so the first `most` packets tell (demuxed, not decoded: about a minute of video at 30 fps); every
     keyframe among them is looked at, since an encoder may close the first GOPs and open later ones (x264's
     open-gop with short keyframe intervals, whose sixth keyframe was the first open one in a test clip)."""
-    seen, key = 0, None
+    first, key = True, None  # the stream's first keyframe has nothing before it to show
     for packet in itertools.islice(packets, most):
         if packet.pts is None:
             continue
         if packet.is_keyframe:
-            seen += 1
-            key = packet.pts if seen > 1 else None
+            key, first = None if first else packet.pts, False
         elif key is not None and packet.pts < key:
             return True
     return False

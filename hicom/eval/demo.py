@@ -6,8 +6,9 @@ subtitles, folders of frames), over generated clips that the real decoders read.
     python evaluate.py ckpt=<run> paths.data_dir=.cache/demo_benchmarks benchmark=[mvbench,videomme,mlvu]
 
 The clips are noise and the answers arbitrary, so the scores are chance; what runs is the real path, from reading
-the benchmark files to results.md. The folder is marked as the demo's, and a folder holding anything else is refused, as is a benchmark whose
-root lies outside it, so that real benchmark files are never written over.
+the benchmark files to results.md. The folder is marked as the demo's, with the files it wrote: a folder holding
+anything else (or a file changed since) is refused, as is a benchmark whose root lies outside it, so that real
+benchmark files are never written over.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from omegaconf import DictConfig
 from hicom.data.synthetic import write_video
 from hicom.eval.answers import LETTERS
 from hicom.eval.benchmarks import MLVU, EgoSchema, MVBench, MVBenchTask, OpenEndedQA, VideoMME
+from hicom.eval.runner import content_digest
 
 MARK = ".hicom-demo"  # in the data folder: written by this module, safe to write again
 
@@ -168,19 +170,13 @@ def write_demo(cfg: DictConfig, seed: int = 0) -> Path:
         if writer is None:
             raise TypeError(f"benchmarks.{name}: no demo writer for {type(reader).__name__}")
         writer(reader, media)
-    files = {str(path.relative_to(data_dir)): _digest(path) for path in _files(data_dir)}
+    files = {str(path.relative_to(data_dir)): content_digest(path) for path in _files(data_dir)}
     (data_dir / MARK).write_text(json.dumps({"written_by": "python -m hicom.eval.demo", "files": files}, indent=1))
     return data_dir
 
 
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARK)
-
-
-def _digest(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _not_written(folder: Path) -> list[str]:
@@ -198,7 +194,7 @@ def _not_written(folder: Path) -> list[str]:
     return [
         name
         for name in (str(p.relative_to(folder)) for p in _files(folder))
-        if written.get(name) != _digest(folder / name)
+        if written.get(name) != content_digest(folder / name)
     ]
 
 

@@ -322,12 +322,12 @@ def asked(q: Question) -> str:
     its changed questions asked again rather than scored with the replies to the old ones, and a question asked
     without its subtitles (the folder misplaced) is asked again once they are there. Not the gold answer (a
     corrected one re-scores the reply) nor the folders (the data moved elsewhere keeps its answers)."""
-    subtitles = q.subtitles and [Path(q.subtitles).name, _content_digest(Path(q.subtitles))]
+    subtitles = q.subtitles and [Path(q.subtitles).name, content_digest(Path(q.subtitles))]
     fields = [Path(q.video).name, q.start, q.end, q.question, list(q.options), subtitles]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
 
-def _content_digest(path: Path) -> str | None:
+def content_digest(path: Path) -> str | None:
     """A short digest of a file's bytes; None where it is not a file (what a prompt then shows: no lines)."""
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
 
