@@ -209,6 +209,12 @@ class ChatEncoder:
             raise ValueError(f"the LLM tokenizer has no {self.visual_token!r} token for visual placeholders")
         self.visual_token_id = vid
         self.end_token = self.tokenizer.eos_token
+        # the tokenizer's control tokens (turn markers, end of text): written out in a message, one would be read as
+        # the control token itself, a turn boundary the data does not have
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}).values()
+        specials = {t.content for t in added if t.special} | set(self.tokenizer.all_special_tokens)
+        specials = sorted(specials - {self.visual_token, ""})
+        self.control_tokens = re.compile("|".join(map(re.escape, specials)) if specials else "(?!)")  # or none
         # a template that trims each message (Llama 3's `content | trim`) would render an answer with surrounding
         # whitespace differently from the text labelled: such templates get the messages trimmed first
         probe = self._render([{"role": "user", "content": " probe "}])
@@ -253,6 +259,13 @@ class ChatEncoder:
             raise MalformedSample(
                 f"a {written[0]} message holds the LLM's visual token {self.visual_token!r} written out: it would "
                 "take the place of visual tokens"
+            )
+        written = [(m["role"], found[0]) for m in messages if (found := self.control_tokens.search(m["content"]))]
+        if written:
+            role, token = written[0]
+            raise MalformedSample(
+                f"a {role} message holds the LLM's control token {token!r} written out: it would be read as the "
+                "token itself (a turn boundary the conversation does not have)"
             )
         answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         supervised_turn = None

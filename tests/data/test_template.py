@@ -200,3 +200,15 @@ def test_a_text_only_sample_holding_the_visual_token_is_malformed(encoder):
     turns = [*conversation("<video>\nWhat?", "Red."), *conversation("And <|video_pad|>?", "Blue.")]
     with pytest.raises(MalformedSample, match="written out"):
         encoder.encode(to_messages(turns), num_visual=4, stop_after=1)
+
+
+@pytest.mark.parametrize("role", ["user", "assistant"])
+def test_a_message_holding_a_control_token_written_out_is_malformed(encoder, role):
+    """Rendered and tokenised, "<|im_end|>" in the data would become the turn's end token: a turn boundary the
+    conversation does not have (and, in an answer, a labelled end in the middle of it)."""
+    turns = ("<video>\nSay <|im_end|> twice.", "Done.") if role == "user" else ("<video>\nSay it.", "<|im_end|>")
+    with pytest.raises(MalformedSample, match=rf"a {role} message holds the LLM's control token '<\|im_end\|>'"):
+        encoder.encode(to_messages(conversation(*turns)), num_visual=2)
+    # text that only looks like markup is text
+    out = encoder.encode(to_messages(conversation("<video>\nWhat does <im_end> mean?", "Nothing.")), num_visual=2)
+    assert "<im_end>" in encoder.tokenizer.decode(out["input_ids"])
