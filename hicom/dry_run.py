@@ -260,7 +260,7 @@ def report(cfg: DictConfig) -> list[dict]:
 
     from hicom.callbacks.throughput import BatchFlops
     from hicom.modules.compressors.base import check_output
-    from hicom.modules.video_llm import compose_compressor, idle_parts
+    from hicom.modules.video_llm import compose_compressor, idle_message, idle_parts
     from hicom.training import gradient_accumulation
     from hicom.utils.choices import whole_number
     from hicom.utils.instantiators import check_model_hparams
@@ -322,10 +322,10 @@ def report(cfg: DictConfig) -> list[dict]:
         unknown = trainable - set(PARTS)
         if unknown:
             raise ValueError(f"stage {stage['name']}: unknown parts {sorted(unknown)} (parts: {list(PARTS)})")
-        idle = trainable & set(idle_parts(base.vision.parts(), compressor))
+        idle = {k: v for k, v in idle_parts(base.vision.parts(), compressor).items() if k in trainable}
         if idle:  # as the training module leaves them
-            print(f"  {sorted(idle)} stay frozen: this compressor does not read them")
-            trainable -= idle
+            print(f"  trainable parts stay frozen: {idle_message(idle)}")
+            trainable -= set(idle)
         frames, modality, guided = stage["num_frames"], stage.get("modality", "video"), compressor.uses_guide
         visual = model.compressor.num_tokens(frames, model.grid, model.grid, modality)
         try:

@@ -584,7 +584,7 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
     try:
         check_pretrained(cfg)
     except FileNotFoundError as err:  # and the data's missing files in the same message: not a launch per kind
-        raise FileNotFoundError("\n".join([str(err), *_missing_data(to_run)])) from err
+        raise FileNotFoundError("\n".join([str(err), *_missing_data(to_run, stages)])) from err
     check_tokenizers(cfg)
     unguided = {stage.name for stage in stages if stage.get("guided") is False}
     for name, stage_cfg in to_run:
@@ -606,7 +606,7 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
                 ) from err
         except ValueError as err:
             raise ValueError(f"stage {name}: {err}") from err
-    missing_data = _missing_data(to_run)
+    missing_data = _missing_data(to_run, stages)
     if missing_data:
         raise FileNotFoundError("\n".join(missing_data))
     composed = dict(to_run)
@@ -681,14 +681,20 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
     return results
 
 
-def _missing_data(to_run: list[tuple[str, DictConfig]]) -> list[str]:
-    """Every stage's missing data files, each line naming its stage: all at once, not one launch per stage."""
+def _missing_data(to_run: list[tuple[str, DictConfig]], stages: list[DictConfig]) -> list[str]:
+    """Every stage's missing data files, each line naming its stage (and the keys of the data source the stage
+    sets itself, which the run's `data.source` cannot change): all at once, not one launch per stage."""
     missing = []
+    names = [stage.name for stage in stages]
     for name, stage_cfg in to_run:
         try:
             check_data(stage_cfg)
         except FileNotFoundError as err:
-            missing.append(f"stage {name}: {err}")
+            i = names.index(name)
+            own = OmegaConf.select(stages[i], "config.data.source", default=None)
+            keys = [f"stages.{i}.config.data.source.{key}" for key in own or {}]
+            own = f"\n  (this stage sets its own {', '.join(keys)}: data.source.* of the run does not change it)"
+            missing.append(f"stage {name}: {err}" + (own if keys else ""))
     return missing
 
 

@@ -842,3 +842,16 @@ def test_the_bundled_mixtures_are_read_from_the_checkout_wherever_hicom_root_poi
     trains = [stage.config.data.source.train for stage in recipe.stages] + [mixture.data.source.train]
     assert [Path(train).parent for train in trains] == [Path(project_root()) / "configs" / "mixtures"] * 4
     assert all(Path(train).is_file() for train in trains)
+
+
+def test_a_stages_missing_mixture_names_the_stages_own_key(cache_dir, tmp_path):
+    """The message said `data.source.train=<file.yaml>`, a key the stage's own config replaces."""
+    from hicom.stages import run_stages
+
+    overrides = ["experiment=directg_local43_global32", *TINY_PARTS[:3], f"paths.data_dir={tmp_path}",
+                 f"stages.1.config.data.source.train={tmp_path / 'mine.yaml'}"]  # fmt: skip
+    with pytest.raises(FileNotFoundError) as error:
+        run_stages(compose_train(cache_dir, tmp_path / "run", overrides))
+    message = str(error.value)
+    assert f"stage conditional: mixture file '{tmp_path / 'mine.yaml'}' not found" in message
+    assert "(this stage sets its own stages.1.config.data.source.train: data.source.* of the run" in message

@@ -150,3 +150,15 @@ def test_memory_follows_the_strategy_precision_and_checkpointing_the_run_trains_
     assert unchecked["activations"] > 5 * deepspeed["activations"]  # every layer's internals, 24 layers
     with pytest.raises(ValueError, match=r"stage alignment on dry_run_settings.gpus=64: global_batch_size 512"):
         report(compose_train(cache_dir, tmp_path, [*recipe, "dry_run_settings.gpus=64"]))  # 32 x 64 > 512
+
+
+def test_parts_left_frozen_are_named_with_why(cache_dir, tmp_path, capsys):
+    """CLIP's tower has no head: the dry run said its vision_head stays frozen because the compressor does not read
+    it, which sent readers to look for a reading the compressor does not do."""
+    from hicom.utils.instantiators import write_assets
+
+    cfg = compose_train(cache_dir, tmp_path, ["model/vision=tiny_clip", "model/compressor=avgpool"])
+    write_assets(cfg.assets)
+    report(cfg)
+    out = capsys.readouterr().out
+    assert "vision_head (it has no parameters), guide_encoder (this compressor takes no guide)" in out

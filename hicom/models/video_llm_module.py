@@ -16,7 +16,7 @@ from hicom.data.template import IGNORE_INDEX
 from hicom.eval.answers import parse_choice
 from hicom.modules.compressors import Compressor
 from hicom.modules.llm import CausalLM
-from hicom.modules.video_llm import VideoLLM
+from hicom.modules.video_llm import VideoLLM, idle_message
 from hicom.modules.vision import ClipTower, SiglipTower
 from hicom.utils.checkpoints import (
     computed_buffers,
@@ -137,9 +137,9 @@ class VideoLLMModule(LightningModule):
         self.save_hyperparameters(ignore=["vision", "llm", "compressor"])
         check_hparams(trainable, lr, warmup_ratio, weight_decay, max_new_tokens)
         self.net = net = VideoLLM(vision=vision, llm=llm, compressor=compressor)
-        idle = [name for name in trainable if name in net.idle_parts()]
+        idle = {name: why for name, why in net.idle_parts().items() if name in trainable}
         if idle:  # a recipe's stage 3 trains the SigLIP head and the text tower, which a pooling compressor never reads
-            log.warning("trainable parts %s stay frozen: this compressor does not read them", idle)
+            log.warning("trainable parts stay frozen: %s", idle_message(idle))
             trainable = [name for name in trainable if name not in idle]
         self.trainable, self.lr = tuple(trainable), {part: rate for part, rate in lr.items() if rate is not None}
         self.weight_decay, self.betas, self.warmup_ratio = weight_decay, betas, warmup_ratio

@@ -78,8 +78,8 @@ class VideoLLM(nn.Module):
         deepspeed.zero.register_external_parameter(embeddings, embeddings.position_embedding.weight)
         self.zero3 = True
 
-    def idle_parts(self) -> list[str]:
-        """The vision tower's parts whose outputs this compressor never reads (see `idle_parts`)."""
+    def idle_parts(self) -> dict[str, str]:
+        """The vision tower's parts that training would not change, each with why (see `idle_parts`)."""
         return idle_parts(self.vision.parts(), self.compressor)
 
     def num_visual_tokens(self, num_frames: int, modality: str = "video") -> int:
@@ -174,13 +174,18 @@ def clip_rows(clip_index: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return torch.cat([torch.arange(starts[c], starts[c] + n) for c, n in zip(index, counts, strict=True)])
 
 
-def idle_parts(parts: dict[str, nn.Module], compressor) -> list[str]:
-    """Of a vision tower's `parts`, those whose outputs `compressor` never reads: the head that makes the
-    joint-space keys where it takes none, the text tower where it takes no guide, and any part without parameters
-    (CLIP's head). Training them would change nothing, and under DDP their missing gradients stop the run."""
-    idle = [name for name, part in parts.items() if next(part.parameters(), None) is None]
+def idle_parts(parts: dict[str, nn.Module], compressor) -> dict[str, str]:
+    """Of a vision tower's `parts`, those that training would not change, each with why: any part without
+    parameters (CLIP's head), the head that makes the joint-space keys where `compressor` takes none, the text tower
+    where it takes no guide. Under DDP their missing gradients would stop the run."""
+    idle = {name: "it has no parameters" for name, part in parts.items() if next(part.parameters(), None) is None}
     if not compressor.uses_embeds:
-        idle.append("vision_head")
+        idle.setdefault("vision_head", "this compressor takes no joint-space keys")
     if not compressor.uses_guide:
-        idle.append("guide_encoder")
-    return list(dict.fromkeys(idle))
+        idle.setdefault("guide_encoder", "this compressor takes no guide")
+    return idle
+
+
+def idle_message(idle: dict[str, str]) -> str:
+    """`idle` parts, for the line that says they stay frozen: "vision_head (it has no parameters), ..."."""
+    return ", ".join(f"{name} ({why})" for name, why in idle.items())
