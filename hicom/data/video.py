@@ -152,6 +152,8 @@ def sample_indices(
     if start is not None and start >= span:
         raise VideoDecodeError(f"the window [{start}, {end}] s starts after the clip's end ({span:.2f} s)", "empty")
     first, stop = 0, num_available
+    if end is not None:  # past the clip is its end (and 1e308 x fps would overflow)
+        end = min(end, span)
     if times is None:  # with slack as below: 4.6 s x 25 fps is 114.99999999999999 in floats, frame 115's start
         if start is not None:
             first = int(math.floor((start + _TIME_SLACK) * fps))

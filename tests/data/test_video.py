@@ -39,6 +39,16 @@ def test_window_bounds_in_seconds_take_the_frames_they_name_despite_float_roundi
     assert error.value.reason == "empty"
 
 
+def test_an_end_far_past_the_clip_is_its_end():
+    """1e308 s (a placeholder for "to the end" in some conversions) times the frame rate overflowed, and the
+    sample was skipped as undecodable."""
+    five = FrameSampling(num_frames=5, repeat_frames=False)
+    whole = sample_indices(250, 25.0, five).tolist()
+    assert sample_indices(250, 25.0, five, start=0.0, end=1e308).tolist() == whole
+    times = np.arange(250) / 25.0 + np.r_[0.0, np.full(249, 0.03)]  # uneven: by the frames' own times
+    assert sample_indices(250, 25.0, five, end=1e308, times=times).tolist() == whole
+
+
 @pytest.fixture
 def clip(tmp_path):
     frames = np.zeros((12, 48, 64, 3), np.uint8)
