@@ -12,20 +12,21 @@ text-length statistics). With `--llm` (the run's model.llm.path) it also counts 
 training encodes them (chat template, the clip's visual tokens: `--video-tokens` for a clip of --num-frames frames,
 `--image-tokens` per image, as the run summary and the dry run print them) and how many exceed `--max-length`
 (data.max_length): those are the samples `data.too_long` will skip or cut, not quarantined here. Exits 0 whatever
-it finds: it reports, it does not judge.
+it finds: it reports, it does not judge. Stopped part-way, it goes on from OUT/progress.jsonl when run again.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import multiprocessing
 import os
 import shutil
 import sys
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -168,8 +169,13 @@ def run(
     tokens: TokenCount | None = None,
 ) -> dict:
     """Probe the samples training would read: `seed` is the run's data.seed, with which `random:N` mixture
-    entries pick their records; `tokens` counts their LLM tokens too."""
-    index = SampleIndex.build(entries_of(source, data_root), seed=seed)
+    entries pick their records; `tokens` counts their LLM tokens too.
+
+    Each chunk's results go to OUT/progress.jsonl as it finishes: a preflight stopped part-way (a kill, a node's
+    time limit) and run again with the same files and options probes only what it had not; the file goes once
+    quarantine.jsonl and summary.json are written."""
+    entries = entries_of(source, data_root)
+    index = SampleIndex.build(entries, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     # Workers are started fresh (a fork server's children, or spawned), not forked from this process: a fork copies
     # the locks its other threads hold (a decoder's, an allocator's) and a child that needs one waits forever. They
@@ -178,13 +184,19 @@ def run(
     context = multiprocessing.get_context("forkserver" if sys.platform == "linux" else "spawn")
     if context.get_start_method() == "forkserver":  # the server imports what this does once, not each worker (not
         context.set_forkserver_preload(["hicom.data.dataset"])  # this module: `-m` runs it in each as __mp_main__)
+    journal = Journal(out / PROGRESS, _options(source, data_root, entries, len(index), seed, sampling, tokens))
+    if journal.done:
+        print(f"preflight: {journal.probed} of {len(index)} samples probed before, in {journal.path}", file=sys.stderr)
     saved = out / ".index"
     shutil.rmtree(saved, ignore_errors=True)  # a copy an interrupted preflight left
     try:
         index.save(saved)
-        results = _probe_all(context, workers, (saved, sampling, tokens), len(index), source, progress)
+        results = _probe_all(
+            context, workers, (saved, sampling, tokens), len(index), source, progress, journal, partial(_crashed, index)
+        )
     finally:
         shutil.rmtree(saved, ignore_errors=True)
+        journal.close()
     with (out / "quarantine.jsonl").open("w") as f:
         for result in results:
             if "reason" in result:
@@ -194,57 +206,225 @@ def run(
                 f.write(json.dumps(entry) + "\n")
     summary = summarise(results, None if tokens is None else tokens.max_length)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    journal.path.unlink(missing_ok=True)
     return summary
+
+
+PROGRESS = "progress.jsonl"  # under --out: the options, then each finished range's results, a line each
+
+
+def _options(source, data_root, entries, n, seed, sampling, tokens) -> dict:
+    """What a preflight's results follow from: its files (as they are now), their records' selection, the
+    sampling, the token count's settings."""
+    files = [
+        [
+            str(e.json_path.resolve()),
+            e.json_path.stat().st_size,
+            e.json_path.stat().st_mtime_ns,
+            str(e.data_root.resolve()),
+        ]
+        + [repr(e.sampling)]
+        for e in entries
+    ]
+    counted = None
+    if tokens is not None:
+        encoder = tokens.encoder
+        counted = [encoder.tokenizer.name_or_path, encoder.visual_token, tokens.video_tokens, tokens.image_tokens]
+        counted.append(tokens.max_length)
+    return {
+        "source": str(Path(source).resolve()),
+        "data_root": str(Path(data_root).resolve()),
+        "files": files,
+        "samples": n,
+        "seed": seed,
+        "sampling": repr(sampling),
+        "tokens": counted,
+    }
+
+
+class Journal:
+    """OUT/progress.jsonl: a first line with the options, then a line per finished range of samples, flushed as it
+    is written. Opened on one that holds other options (files edited since, another --num-frames), it starts
+    again; a line cut short by a kill is dropped."""
+
+    def __init__(self, path: Path, options: dict) -> None:
+        self.path, self.done = path, {}  # results by the first sample of their range
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        try:
+            same = bool(lines) and json.loads(lines[0]) == {"options": options}
+        except ValueError:
+            same = False
+        for line in lines[1:] if same else ():
+            try:
+                entry = json.loads(line)
+                self.done[int(entry["start"])] = list(entry["results"])
+            except (ValueError, KeyError, TypeError):  # the last line, cut short
+                break
+        tmp = path.with_name(path.name + ".tmp")  # what was read, and nothing cut short, to append to
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(json.dumps({"options": options}) + "\n")
+            for start, results in self.done.items():
+                f.write(json.dumps({"start": start, "results": results}) + "\n")
+        tmp.replace(path)
+        self._file = path.open("a", encoding="utf-8")
+
+    @property
+    def probed(self) -> int:
+        return sum(len(results) for results in self.done.values())
+
+    def add(self, start: int, results: list[dict]) -> None:
+        self.done[start] = results
+        self._file.write(json.dumps({"start": start, "results": results}, default=_plain) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _plain(value):
+    """A numpy scalar as the Python number it holds, for JSON."""
+    return value.item() if isinstance(value, np.generic) else str(value)
+
+
+def _crashed(index: SampleIndex, i: int) -> dict:
+    """Sample `i`'s entry where probing it ended its process (a decoder's crash, memory, a kill), twice."""
+    record = index.record_of(i)
+    file, row = index.where(i)
+    out = {"source": file, "index": row, "reason": "crashed"}
+    if isinstance(record, dict):
+        out["id"] = str(record.get("id", row))
+        out["path"] = record.get("video") or record.get("image")
+    out["error"] = "its probe ended the process probing it, alone, twice (a decoder crashing on the file, memory)"
+    return out
 
 
 # samples a worker probes per task; at most two tasks per worker are handed out at once
 CHUNK = 16
+# processes ended in a row, each probing one sample alone: workers that cannot start, not bad files
+MAX_CRASHES = 8
 
 
 def _probe_range(start: int, stop: int) -> list[dict]:
     return [probe(i) for i in range(start, stop)]
 
 
-def _probe_all(context, workers: int, initargs: tuple, n: int, source: Path, progress: bool) -> list[dict]:
+def _probe_all(
+    context,
+    workers: int,
+    initargs: tuple,
+    n: int,
+    source: Path,
+    progress: bool,
+    journal: Journal | None = None,
+    crashed: Callable[[int], dict] | None = None,
+) -> list[dict]:
     """Every sample's probe, in order, from `workers` processes, each given a new chunk as soon as it is done with
-    one (a slow clip holds up its own chunk only, not the others behind it). A worker that dies (a decoder crashing
-    on a file, memory running out, a kill) stops the preflight with the samples that were being probed, rather than
-    leave it waiting for answers that will never come."""
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
-
-    chunks = iter([(start, min(start + CHUNK, n)) for start in range(0, n, CHUNK)])
+    one (a slow clip holds up its own chunk only, not the others behind it); those in `journal` already are not
+    probed again. A worker that dies (a decoder crashing on a file, memory running out, a kill) loses the chunks
+    then in flight: their samples are probed again one per task, and those in flight at a second loss each alone,
+    in a process of its own, where a death is that sample's (`crashed(i)`, reason `crashed`). Processes that end
+    on MAX_CRASHES samples in a row, each alone (workers that cannot start), stop the preflight, naming them."""
+    done = journal.done if journal is not None else {}
+    covered = np.zeros(n, dtype=bool)
+    for start, results in done.items():
+        covered[start : start + len(results)] = True
+    todo = deque(
+        (start, min(start + CHUNK, n)) for start in range(0, n, CHUNK) if not covered[start : start + CHUNK].all()
+    )
+    todo = deque(run for start, stop in todo for run in _runs(covered, start, stop))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n, desc="preflight", unit="sample")
-    done: dict[int, list[dict]] = {}  # by the chunk's first sample
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init, initargs=initargs) as pool:
-        pending = {pool.submit(_probe_range, *chunk): chunk for chunk in itertools.islice(chunks, 2 * workers)}
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                chunk = pending[future]
-                try:
-                    done[chunk[0]] = future.result()
-                except BrokenProcessPool as err:
-                    first, last = min(c[0] for c in pending.values()), max(c[1] for c in pending.values()) - 1
-                    raise RuntimeError(
-                        f"a preflight worker process stopped while samples {first}-{last} of {source} were being "
-                        "probed: a decoder crashing on one of their files, memory running out, or a kill; or a "
-                        "script that calls preflight outside `if __name__ == '__main__':`, which the worker "
-                        "processes, started fresh, run again"
-                    ) from err
-                del pending[future]
-                if bar is not None:
-                    bar.update(chunk[1] - chunk[0])
-                more = next(chunks, None)
-                if more is not None:
-                    pending[pool.submit(_probe_range, *more)] = more
+        bar = tqdm(total=n, initial=int(covered.sum()), desc="preflight", unit="sample")
+
+    def finish(start: int, results: list[dict]) -> None:
+        if journal is not None:
+            journal.add(start, results)
+        else:
+            done[start] = results
+        if bar is not None:
+            bar.update(len(results))
+
+    alone_crashes: list[int] = []
+    while todo:
+        lost = _pool_pass(context, workers, initargs, todo, finish)
+        singles = deque((i, i + 1) for start, stop in sorted(lost) for i in range(start, stop))
+        while singles:  # a lost chunk's samples, one per task: a second loss leaves only those then in flight
+            for start, _ in sorted(_pool_pass(context, workers, initargs, singles, finish)):
+                results = _probe_alone(context, initargs, start)
+                if results is None:
+                    alone_crashes.append(start)
+                    if crashed is None or len(alone_crashes) >= MAX_CRASHES:
+                        raise RuntimeError(
+                            f"preflight worker processes stopped on {len(alone_crashes)} samples in a row, each "
+                            f"probed alone (samples {', '.join(map(str, alone_crashes))} of {source}): a script "
+                            "that calls preflight outside `if __name__ == '__main__':`, which the worker processes, "
+                            "started fresh, run again; memory running out; or a kill. What was probed is kept in "
+                            f"{PROGRESS} under --out: run it again to go on"
+                        )
+                    results = [crashed(start)]
+                else:
+                    alone_crashes.clear()
+                finish(start, results)
     if bar is not None:
         bar.close()
     return [result for start in sorted(done) for result in done[start]]
+
+
+def _runs(covered: np.ndarray, start: int, stop: int) -> list[tuple[int, int]]:
+    """The ranges of samples in [start, stop) not yet covered."""
+    runs, first = [], None
+    for i in range(start, stop):
+        if not covered[i] and first is None:
+            first = i
+        elif covered[i] and first is not None:
+            runs.append((first, i))
+            first = None
+    return runs + ([(first, stop)] if first is not None else [])
+
+
+def _pool_pass(context, workers: int, initargs: tuple, queue: deque, finish) -> list[tuple[int, int]]:
+    """Probe the ranges in `queue` (taking them from it) with a pool of `workers`, two ranges per worker handed out
+    at once, calling `finish(start, results)` for each; where a worker dies, the ranges then in flight (the pool's
+    others are lost with it), and [] when the queue is done."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init, initargs=initargs) as pool:
+        pending: dict = {}
+        while queue or pending:
+            while queue and len(pending) < 2 * workers:
+                chunk = queue.popleft()
+                pending[pool.submit(_probe_range, *chunk)] = chunk
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            lost = []
+            for future in finished:
+                chunk = pending.pop(future)
+                try:
+                    finish(chunk[0], future.result())
+                except BrokenProcessPool:
+                    lost.append(chunk)
+            if lost:  # the others in flight: done before the loss, or lost with it
+                for future, chunk in pending.items():
+                    if future.done() and future.exception() is None:
+                        finish(chunk[0], future.result())
+                    else:
+                        lost.append(chunk)
+                return lost
+    return []
+
+
+def _probe_alone(context, initargs: tuple, i: int) -> list[dict] | None:
+    """Sample `i`'s probe in a process of its own; None where that process dies."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1, mp_context=context, initializer=_init, initargs=initargs) as pool:
+        try:
+            return pool.submit(_probe_range, i, i + 1).result()
+        except BrokenProcessPool:
+            return None
 
 
 def _default_workers() -> int:

@@ -500,8 +500,39 @@ def test_preflight_whose_workers_die_stops_with_the_samples_in_hand_rather_than_
     )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
-    assert "a preflight worker process stopped while samples 0-" in done.stderr
+    assert f"stopped on {preflight.MAX_CRASHES} samples in a row, each probed alone (samples 0, 1, " in done.stderr
     assert "of " + str(tmp_path / "a.json") in done.stderr and "if __name__ == '__main__':" in done.stderr
+
+
+def _dies_on_37(start: int, stop: int) -> list[dict]:
+    """A chunk's probes, as a decoder that crashes its process on sample 37's file would give them."""
+    import os
+
+    if start <= 37 < stop:
+        os._exit(1)
+    return [{"index": i} for i in range(start, stop)]
+
+
+def test_preflight_reports_the_sample_whose_probe_ends_its_process_and_goes_on(monkeypatch):
+    """A decoder that crashes on one file of terabytes (a segfault in a codec, memory) stopped the whole preflight,
+    naming the 2 x workers chunks in flight; the sample is now found (its chunk's samples probed again one per task,
+    then alone) and reported as `crashed`, and the others are probed as usual."""
+    import multiprocessing
+
+    monkeypatch.setattr(preflight, "_probe_range", _dies_on_37)
+    monkeypatch.setattr(preflight, "_init", _no_state)
+    n = preflight.CHUNK * 6
+    results = preflight._probe_all(
+        multiprocessing.get_context("fork"),
+        2,
+        (),
+        n,
+        Path("a.json"),
+        False,
+        crashed=lambda i: {"index": i, "reason": "crashed"},
+    )
+    assert [r["index"] for r in results] == list(range(n))
+    assert [r["index"] for r in results if r.get("reason") == "crashed"] == [37]
 
 
 def _no_state(*args) -> None:  # a worker's start, for `_probe_all` alone
@@ -546,3 +577,63 @@ def test_preflight_names_every_missing_annotation_file_before_it_starts(tmp_path
     assert "2 annotation file(s)" in err and "a.json" in err and "c.jsonl" in err and "b.JSONL" not in err
     assert preflight.main([str(tmp_path / "b.JSONL"), *base]) == 0
     assert len((tmp_path / "p" / "quarantine.jsonl").read_text().splitlines()) == 2  # b.mp4 does not exist
+
+
+def test_a_preflight_run_again_after_a_stop_probes_only_what_it_had_not(tmp_path, monkeypatch, capsys):
+    """Preflight of a 248K-sample mix takes hours; a kill (a node's time limit) lost all of it, as it wrote nothing
+    until the end. Each chunk's results now go to progress.jsonl as they come; run again with the same files and
+    options, it probes the rest; with the file edited since, all of it."""
+    write_video(tmp_path / "clip.mp4", np.zeros((6, 16, 24, 3), dtype=np.uint8), fps=3)
+    data = records("ok", 2 * preflight.CHUNK) + records("gone", 8, "missing.mp4")
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    out = tmp_path / "pf"
+    args = [str(tmp_path / "a.json"), "--data-root", str(tmp_path), "--out", str(out), "--workers", "1",
+            "--no-progress", "--num-frames", "4"]  # fmt: skip
+    add = preflight.Journal.add
+
+    def stopped_after_one(self, start, results):
+        add(self, start, results)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(preflight.Journal, "add", stopped_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        preflight.main(args)
+    assert (out / "progress.jsonl").is_file() and not (out / "quarantine.jsonl").exists()
+    monkeypatch.setattr(preflight.Journal, "add", add)
+    passes = []
+    pool_pass = preflight._pool_pass
+    monkeypatch.setattr(
+        preflight, "_pool_pass", lambda c, w, i, queue, f: passes.append(list(queue)) or pool_pass(c, w, i, queue, f)
+    )
+    assert preflight.main(args) == 0
+    assert passes == [[(preflight.CHUNK, 2 * preflight.CHUNK), (2 * preflight.CHUNK, len(data))]]  # not chunk 0
+    assert f"{preflight.CHUNK} of {len(data)} samples probed before" in capsys.readouterr().err
+    lines = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert [q["id"] for q in lines] == [f"gone{i}" for i in range(8)]
+    assert json.loads((out / "summary.json").read_text())["samples"] == len(data)
+    assert not (out / "progress.jsonl").exists()  # done with
+
+    monkeypatch.setattr(preflight.Journal, "add", stopped_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        preflight.main(args)
+    monkeypatch.setattr(preflight.Journal, "add", add)
+    (tmp_path / "a.json").write_text(json.dumps(data[:-1]))  # edited since: its results are not those
+    passes.clear()
+    assert preflight.main(args) == 0
+    assert passes[0][0] == (0, preflight.CHUNK)
+    assert json.loads((out / "summary.json").read_text())["samples"] == len(data) - 1
+
+
+def test_a_progress_line_cut_short_by_a_kill_is_dropped(tmp_path):
+    path, options = tmp_path / "progress.jsonl", {"samples": 3}
+    journal = preflight.Journal(path, options)
+    journal.add(0, [{"index": 0}])
+    journal.close()
+    with path.open("a") as f:
+        f.write('{"start": 1, "results": [{"ind')  # the kill
+    again = preflight.Journal(path, options)
+    assert again.done == {0: [{"index": 0}]}
+    again.add(1, [{"index": 1}])  # appended after the lines kept, not onto the cut one
+    again.close()
+    assert preflight.Journal(path, options).done == {0: [{"index": 0}], 1: [{"index": 1}]}
+    assert preflight.Journal(path, {"samples": 4}).done == {}  # other options: started again
