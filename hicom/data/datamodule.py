@@ -338,6 +338,13 @@ class VideoQADataModule(LightningDataModule):
         )
         if len(sampler) < sampler.num_samples:
             self._say_left_out(sampler, step, world)
+        elif sampler.total_size > len(self.train_set) and self._said_left_out != (len(sampler), world):
+            self._said_left_out = (len(sampler), world)  # said once, as the cut is
+            repeats = sampler.total_size - len(self.train_set)
+            (log.warning if len(self.train_set) < world else log.info)(
+                "%d training samples on %d processes: each epoch trains %d of them twice (or more), so that every "
+                "process has %d", len(self.train_set), world, repeats, sampler.num_samples,
+            )  # fmt: skip
         loader = self._train_loader = ResumableLoader(
             self.train_set,
             batch_size=self.batch_size,

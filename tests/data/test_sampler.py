@@ -63,3 +63,27 @@ def test_the_training_loader_ends_its_epochs_on_a_step_where_the_engine_accumula
             datamodule.train_dataloader()
     else:
         assert len(loader) == 12 and not said
+
+
+def test_the_samples_repeated_to_give_every_process_as_many_are_said(cfg_small, caplog, monkeypatch):
+    """48 samples on 5 processes: 2 are trained twice an epoch (DistributedSampler's padding), which was not said;
+    on a debug set of fewer samples than processes, most of an epoch is repeats: a warning."""
+    import torch.distributed as dist
+
+    from hicom.training import build
+
+    _, datamodule = build(cfg_small)
+    datamodule.setup("fit")
+    datamodule.trainer = SimpleNamespace(strategy=SimpleNamespace(handles_gradient_accumulation=False),
+                                         accumulate_grad_batches=1)  # fmt: skip
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    for world, level, repeats in ((5, logging.INFO, 2), (64, logging.WARNING, 16)):
+        monkeypatch.setattr(dist, "get_world_size", lambda world=world: world)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="hicom.data.datamodule"):
+            datamodule.train_dataloader()
+            datamodule.train_dataloader()  # said once
+        said = [r for r in caplog.records if "twice" in r.getMessage()]
+        assert len(said) == 1 and said[0].levelno == level
+        assert f"48 training samples on {world} processes: each epoch trains {repeats} of them" in said[0].getMessage()
