@@ -231,6 +231,8 @@ def save_handoff(
         "parent_sha256": _handoff_digest(Path(parent)) if parent else None,
         "parts": parts,
         "compressor": OmegaConf.to_container(cfg.model.compressor, resolve=True),
+        # the tower's hidden state the compressor was trained on: the same weights would read another's features
+        "select_layer": OmegaConf.select(cfg, "model.vision.select_layer", default=None),
         "parameters": {key: list(value.shape) for key, value in state.items()},
         "init_from": cfg.get("init_from"),  # the release folder its untrained parts are
         "frozen_from": frozen_sources(cfg, parts),
@@ -421,6 +423,18 @@ def guide_parameters(model, cfg: DictConfig) -> list[str]:
     return [f"compressor.{key}" for key in model.net.compressor.state_dict() if key in only]
 
 
+def check_parent_layer(parent: Path, trained, layer) -> None:
+    """Before any weights load, refuse a parent whose compressor was trained on another hidden state of the vision
+    tower (its manifest's `select_layer`) than the one this model reads (`layer`): the weights fit, and read
+    another layer's features without a word. A manifest from before it was recorded is let through."""
+    if trained is None or layer is None or int(trained) == int(layer):
+        return
+    raise HandoffError(
+        f"{parent} trained its compressor on the vision tower's hidden state {trained} ({MANIFEST}'s select_layer), "
+        f"this model reads {layer}: set model.vision.select_layer={trained}, or train the compressor on {layer}"
+    )
+
+
 def load_handoff(
     model,
     parent: Path,
@@ -442,6 +456,7 @@ def load_handoff(
     if compressor is not None:
         check_parent_compressor(parent, manifest.get("compressor"), compressor, guide_added, bool(new_parameters))
     if cfg is not None:
+        check_parent_layer(parent, manifest.get("select_layer"), OmegaConf.select(cfg, "model.vision.select_layer"))
         check_frozen_sources(manifest, cfg, parent)
     # the digest the stage wrote (manifests from before it was recorded have none): damaged bytes in the tensor data
     # would load as other numbers
@@ -614,12 +629,15 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
         i = names.index(name)
         parent = parent_folder(cfg, i)
         if parent is not None and (parent / MANIFEST).is_file():
-            trained = read_manifest(parent / MANIFEST).get("compressor")
+            manifest = read_manifest(parent / MANIFEST)
+            trained, layer = manifest.get("compressor"), manifest.get("select_layer")
         elif i > 0 and parent == root / names[i - 1] and names[i - 1] in composed:
             trained = OmegaConf.to_container(composed[names[i - 1]].model.compressor, resolve=True)
+            layer = OmegaConf.select(composed[names[i - 1]], "model.vision.select_layer")
         else:  # none: the stage stops with that before it is built
             continue
         try:
+            check_parent_layer(parent, layer, OmegaConf.select(stage_cfg, "model.vision.select_layer"))
             check_parent_compressor(
                 parent,
                 trained,

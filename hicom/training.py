@@ -331,6 +331,12 @@ def check_resume(cfg: DictConfig, compressor) -> None:
     check_resume_origin(saved.get("init_from"), cfg.get("init_from"))
     check_resume_training(saved, cfg.model)
     check_resume_compressor_config(saved.get("compressor_config"), cfg.model.compressor)
+    layer, trained = OmegaConf.select(cfg, "model.vision.select_layer"), saved.get("select_layer")
+    if trained is not None and layer is not None and int(trained) != int(layer):  # the same weights, other features
+        raise ValueError(
+            f"this checkpoint's run trained its compressor on the vision tower's hidden state {trained}, this run "
+            f"reads {layer}: resume with model.vision.select_layer={trained}, or train on {layer} in a new run"
+        )
     if "state_dict" in saved:  # a Lightning file's; DeepSpeed's module names are checked once it has loaded
         check_resume_compressor(saved["state_dict"], compressor)
 

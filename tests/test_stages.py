@@ -236,3 +236,33 @@ def test_a_stage_that_declares_new_parameters_may_change_its_compressor_to_add_t
     assert (
         "declares new_parameters" in caplog.text and "local.adapt: the parent's [], this stage's [k,v]" in caplog.text
     )
+
+
+def test_a_compressor_trained_on_one_tower_layer_is_not_loaded_onto_another(
+    tiny_paths, cache_dir, tmp_path, stage_runs
+):
+    """select_layer was recorded nowhere: a stage from a parent trained on hidden state -2, a resume, or an
+    evaluation with run_overrides, could read layer -1 with the same weights, without a word."""
+    import torch
+
+    from hicom.training import check_resume
+
+    cfg = compose_train(cache_dir, tmp_path / "other", ["experiment=tiny_stages", *SMALL])
+    parent = tmp_path / "other" / "stages" / "conditional"
+    finished_stage(stage_config(cfg, cfg.stages[1], parent), parent)
+    other_layer = ["experiment=tiny_stages", *SMALL, "stage=instruction", f"stage_parent={parent}"]
+    with pytest.raises(HandoffError, match=r"hidden state -2 \(manifest.json's select_layer\), this model reads -1: "):
+        run_stages(compose_train(cache_dir, tmp_path / "run", [*other_layer, "model.vision.select_layer=-1"]))
+    assert stage_runs == []
+    # as evaluation loads a run's hand-off, with cfg (run_overrides merged in)
+    moved = compose_train(cache_dir, tmp_path / "eval", ["model.vision.select_layer=-1"])
+    with pytest.raises(HandoffError, match="set model.vision.select_layer=-2"):
+        load_handoff(instantiate(moved.model), parent, [], cfg=moved)
+    # a resume: the checkpoint records the layer its compressor read
+    torch.save({"select_layer": -2}, tmp_path / "last.ckpt")
+    resumed = compose_train(
+        cache_dir, tmp_path / "again", [f"ckpt_path={tmp_path / 'last.ckpt'}", "model.vision.select_layer=-1"]
+    )
+    with pytest.raises(ValueError, match="resume with model.vision.select_layer=-2"):
+        check_resume(resumed, None)
+    check_resume(compose_train(cache_dir, tmp_path / "again", [f"ckpt_path={tmp_path / 'last.ckpt'}"]), None)

@@ -1323,6 +1323,7 @@ def test_a_checkpoint_leaves_out_the_frozen_towers_and_llm_and_resumes_with_them
     assert names and all(name.startswith("net.compressor.") for name in names)
     left_out = checkpoint["frozen_left_out"]
     assert any(n.startswith("net.llm.") for n in left_out) and any(n.startswith("net.vision.") for n in left_out)
+    assert checkpoint["select_layer"] == -2  # the tower's hidden state its compressor read: a resume reads the same
     resumed = train(
         compose_train(
             cache_dir, tmp_path / "again", [*frozen, f"ckpt_path={last}", "trainer.max_steps=3", "trainer.max_epochs=3"]

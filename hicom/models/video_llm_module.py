@@ -422,6 +422,7 @@ class VideoLLMModule(LightningModule):
         checkpoint["skipped_samples"] = self.skipped_so_far()
         checkpoint["fit_so_far"] = self.fit_so_far()
         checkpoint["compressor_config"] = self.compressor_config
+        checkpoint["select_layer"] = int(self.net.vision.select_layer)  # the hidden state the compressor reads
         checkpoint["lr_schedule"] = self.schedule
         strategy = self._deepspeed()
         if strategy is not None:
