@@ -635,6 +635,12 @@ def test_a_folder_of_pickled_shards_is_refused_before_anything_loads(cfg_small, 
         json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}})
     )
     assert all(torch.equal(v, state[PREFIX + k]) for k, v in load_official(folder).state_dict().items())
+    # a whole model copied in part (a shard missing): named, not made up for by the (maybe earlier stage's) file
+    sharded = export_official(build(cfg_small)[0].net, tmp_path / "sharded", shard_bytes=2**18)
+    torch.save({k: v for k, v in state.items() if k.startswith(PREFIX)}, sharded / "mm_projector.bin")
+    sorted(sharded.glob("model-*.safetensors"))[-1].unlink()
+    with pytest.raises(FileNotFoundError, match=r"model-\d+-of-\d+\.safetensors"):
+        load_official(sharded)
     with pytest.raises(ValueError, match="num_frames must be a whole number >= 1, got 0"):
         export_official(build(cfg_small)[0].net, tmp_path / "none", num_frames=0)
     assert not (tmp_path / "none").exists()  # refused before anything is written
@@ -716,6 +722,10 @@ def test_a_release_folder_is_imported_only_into_the_compressor_its_config_descri
         with pytest.raises(ValueError, match=gap):  # nor can such a model be exported as the release's
             export_official(other, tmp_path / "refused")
         assert not (tmp_path / "refused").exists()
+    # what the release's fields do not carry, and its reading fixes: 1 head at width 64, not 2
+    other = build(compose_train(cache_dir, tmp_path / "other", [*SMALL, "model.compressor.global_.num_heads=2"]))[0]
+    with pytest.raises(ValueError, match=r"model.compressor builds otherwise:\n  model.compressor.global_.num_heads=2"):
+        import_official(other.net, folder)
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"cannot read .*config\.json"):
         import_official(build(cfg_small)[0].net, folder)

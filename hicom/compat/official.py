@@ -305,8 +305,8 @@ def read_projector_weights(folder: Path) -> dict[str, torch.Tensor]:
         check_pickled_shards(folder)
         stored = stored_tensors(folder)
     except (ValueError, FileNotFoundError) as error:  # the compressor alone needs only the projector's own file
-        if path is None:
-            raise
+        if path is None or model_files(folder):  # the model's safetensors there, but one missing or cut short: named,
+            raise  # never made up for by a stage's projector file beside them (an earlier stage's, maybe)
         log.warning("%s: reading the projector from %s, as the model's weight files cannot be read: %s", folder,
                     path.name, error)  # fmt: skip
         return _read_projector_file(path)
@@ -794,6 +794,11 @@ def check_compressor(compressor: Compressor, config: Mapping, folder: Path) -> N
         raise ValueError(
             f"{folder / 'config.json'} describes the compressor {readings[0]}, but model.compressor builds {ours}: "
             "set model.compressor to match (hicom.compat.official.build_compressor(config) builds it)"
+        )
+    gaps = release_gaps(compressor) if isinstance(compressor, HICom) else []
+    if gaps:  # what the release's fields cannot say computes otherwise than the release did (its head count, ...)
+        raise ValueError(
+            f"{folder} holds a release compressor, which model.compressor builds otherwise:\n  " + "\n  ".join(gaps)
         )
 
 
