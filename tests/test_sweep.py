@@ -1,7 +1,9 @@
 """Optuna sweeps (configs/hparams_search/): the configs name real keys, the metric is checked first, trials run."""
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -226,3 +228,12 @@ def test_w_and_b_names_a_run_by_its_folder_groups_a_launch_and_keeps_its_id_acro
     assert wandb_of(logs / "train" / "runs" / "2026-11-24_05-00-00")["id"] == run["id"]  # launched again: the same
     elsewhere = wandb_of(tmp_path / "my run")  # hydra.run.dir outside the log folder
     assert elsewhere["name"] == elsewhere["group"] == str(tmp_path / "my run")
+    # the folder deleted and made again (the same hydra.run.dir): another run, which W&B must not append to the old
+    # one's (it drops the steps it has seen)
+    shutil.rmtree(logs / "train" / "runs" / "2026-11-24_05-00-00")
+    assert wandb_of(logs / "train" / "runs" / "2026-11-24_05-00-00")["id"] != run["id"]
+    # a run folder from before the id was kept in it keeps the one it logged under, its path's hash
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.yaml").write_text("{}")
+    assert wandb_of(legacy)["id"] == hashlib.sha256(str(legacy.resolve()).encode()).hexdigest()[:16]

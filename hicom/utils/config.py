@@ -142,12 +142,35 @@ def run_group(output_dir: str, log_dir: str) -> str:
     return str(label if label.is_absolute() else Path(*label.parts[:3]))
 
 
-def run_id(output_dir: str) -> str:
-    """A dashboard's id for the run in this folder: the same folder, the same id, so that a run launched again into
-    its folder (a resume) goes on logging into its run instead of opening another."""
-    import hashlib
+RUN_ID = ".run_id"  # in a run's folder: its dashboard id, written at its first launch
 
-    return hashlib.sha256(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
+
+def run_id(output_dir: str) -> str:
+    """A dashboard's id for the run in this folder, kept in it (`RUN_ID`): a run launched again into its folder (a
+    resume) goes on logging into its run, where a folder deleted and made again (the same `hydra.run.dir` or
+    HICOM_RUN_STAMP) gets a new one, rather than log a new run into the old one's (W&B drops the steps it has seen).
+    A run folder from before the file was kept (its config.yaml there) keeps the id it had, a hash of its path."""
+    import hashlib
+    import secrets
+
+    folder = Path(output_dir).resolve()
+    path = folder / RUN_ID
+    if not path.is_file():
+        legacy = (folder / "config.yaml").is_file()
+        new = hashlib.sha256(str(folder).encode()).hexdigest()[:16] if legacy else secrets.token_hex(8)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"{RUN_ID}.{secrets.token_hex(4)}"
+        tmp.write_text(new)
+        try:  # whole or not at all, and the first process of a launch to get there decides for all
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: a rename, whole too (only rank 0 logs)
+            if not path.is_file():
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
 
 
 def _explicit_stamp() -> str:
