@@ -334,3 +334,11 @@ def test_a_checkpoint_knows_the_micro_batches_it_was_written_after_within_a_step
     checkpoint = {"loops": {"fit_loop": {"epoch_loop.batch_progress": progress}}}
     assert micro_batches_within_step(checkpoint, accumulation) == within
     assert micro_batches_within_step({}, accumulation) == 0  # not a fit's checkpoint
+
+
+def test_a_bad_sample_met_again_each_epoch_is_one_example():
+    guard = BadSampleGuard(max_fraction=0.9, window=1000)
+    for epoch in range(3):  # the same missing clip, each epoch; then another
+        guard.on_train_batch_start(ONE_PROCESS, Recorder(), batch(7, ["missing"]), epoch)
+    guard.on_train_batch_start(ONE_PROCESS, Recorder(), batch(7, ["timeout", "missing"]), 3)
+    assert guard.examples["missing"] == ["s0 (v.mp4): e", "s1 (v.mp4): e"]

@@ -59,8 +59,9 @@ class BadSampleGuard(Callback):
         for item in skipped:
             self.reasons[item["skip"]] += 1
             examples = self.examples.setdefault(item["skip"], [])
-            if len(examples) < 3:
-                examples.append(f"{item['id']} ({item.get('path')}): {item['error']}")
+            example = f"{item['id']} ({item.get('path')}): {item['error']}"
+            if len(examples) < 3 and example not in examples:  # a bad sample is met again each epoch: said once
+                examples.append(example)
         self._remember(seen, len(skipped))
         if skipped:
             for reason, count in (self.before_reasons + self.reasons).items():
