@@ -22,7 +22,10 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
+import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,11 +67,28 @@ class TokenCount:
 _TOKENS: TokenCount | None = None
 
 
-def _init(index: SampleIndex | Path, sampling: FrameSampling, tokens: TokenCount | None = None) -> None:
-    """A worker's state: the index (or the folder it was saved to, memory-mapped here), the sampling, the count."""
+def _init(
+    index: SampleIndex | Path, sampling: FrameSampling, tokens: TokenCount | None = None, parent: int | None = None
+) -> None:
+    """A worker's state: the index (or the folder it was saved to, memory-mapped here), the sampling, the count;
+    and a watch on the `parent` process, whose end ends the worker (its children are the fork server's, which a
+    kill of the preflight alone leaves running, holding their memory and the terminal's output)."""
     global _INDEX, _SAMPLING, _TOKENS
     _INDEX = SampleIndex.load(index) if isinstance(index, Path) else index
     _SAMPLING, _TOKENS = sampling, tokens
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(pid: int) -> None:
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:  # another user's process under that number: not ours, which has ended
+            os._exit(1)
 
 
 def probe(i: int) -> dict:
@@ -192,7 +212,14 @@ def run(
     try:
         index.save(saved)
         results = _probe_all(
-            context, workers, (saved, sampling, tokens), len(index), source, progress, journal, partial(_crashed, index)
+            context,
+            workers,
+            (saved, sampling, tokens, os.getpid()),
+            len(index),
+            source,
+            progress,
+            journal,
+            partial(_crashed, index),
         )
     finally:
         shutil.rmtree(saved, ignore_errors=True)
@@ -294,13 +321,13 @@ def _crashed(index: SampleIndex, i: int) -> dict:
     if isinstance(record, dict):
         out["id"] = str(record.get("id", row))
         out["path"] = record.get("video") or record.get("image")
-    out["error"] = "its probe ended the process probing it, alone, twice (a decoder crashing on the file, memory)"
+    out["error"] = "its probe ended the process probing it alone, where another probed (a decoder crashing on it)"
     return out
 
 
 # samples a worker probes per task; at most two tasks per worker are handed out at once
 CHUNK = 16
-# processes ended in a row, each probing one sample alone: workers that cannot start, not bad files
+# processes ended, each probing one sample alone, before any probe came back: workers that cannot start
 MAX_CRASHES = 8
 
 
@@ -322,8 +349,9 @@ def _probe_all(
     one (a slow clip holds up its own chunk only, not the others behind it); those in `journal` already are not
     probed again. A worker that dies (a decoder crashing on a file, memory running out, a kill) loses the chunks
     then in flight: their samples are probed again one per task, and those in flight at a second loss each alone,
-    in a process of its own, where a death is that sample's (`crashed(i)`, reason `crashed`). Processes that end
-    on MAX_CRASHES samples in a row, each alone (workers that cannot start), stop the preflight, naming them."""
+    in a process of its own: a death there is that sample's (`crashed(i)`, reason `crashed`) where another process
+    then probes a sample that came back before. Where that one dies too, or MAX_CRASHES die alone before any probe
+    came back (workers that cannot start), the preflight stops, naming them, with none of them recorded."""
     done = journal.done if journal is not None else {}
     covered = np.zeros(n, dtype=bool)
     for start, results in done.items():
@@ -338,6 +366,8 @@ def _probe_all(
 
         bar = tqdm(total=n, initial=int(covered.sum()), desc="preflight", unit="sample")
 
+    control: list[int] = []  # a sample whose probe came back: probed again, it tells a bad file from bad workers
+
     def finish(start: int, results: list[dict]) -> None:
         if journal is not None:
             journal.add(start, results)
@@ -345,28 +375,41 @@ def _probe_all(
             done[start] = results
         if bar is not None:
             bar.update(len(results))
+        if not control:
+            control.extend([start + j for j, r in enumerate(results) if r.get("reason") != "crashed"][:1])
 
-    alone_crashes: list[int] = []
+    for start, results in done.items():  # probed before a resume
+        if not control:
+            control.extend([start + j for j, r in enumerate(results) if r.get("reason") != "crashed"][:1])
+
+    held: list[int] = []  # samples whose process died alone before any probe came back: said once one does
     while todo:
         lost = _pool_pass(context, workers, initargs, todo, finish)
         singles = deque((i, i + 1) for start, stop in sorted(lost) for i in range(start, stop))
-        while singles:  # a lost chunk's samples, one per task: a second loss leaves only those then in flight
+        while singles:  # a lost chunk's samples, one per task: a loss then leaves only those in flight
             for start, _ in sorted(_pool_pass(context, workers, initargs, singles, finish)):
                 results = _probe_alone(context, initargs, start)
-                if results is None:
-                    alone_crashes.append(start)
-                    if crashed is None or len(alone_crashes) >= MAX_CRASHES:
-                        raise RuntimeError(
-                            f"preflight worker processes stopped on {len(alone_crashes)} samples in a row, each "
-                            f"probed alone (samples {', '.join(map(str, alone_crashes))} of {source}): a script "
-                            "that calls preflight outside `if __name__ == '__main__':`, which the worker processes, "
-                            "started fresh, run again; memory running out; or a kill. What was probed is kept in "
-                            f"{PROGRESS} under --out: run it again to go on"
-                        )
-                    results = [crashed(start)]
-                else:
-                    alone_crashes.clear()
-                finish(start, results)
+                if results is not None:
+                    for i in held:
+                        finish(i, [crashed(i)])
+                    held.clear()
+                    finish(start, results)
+                    continue
+                # a death alone is the sample's only where a process can still probe another (`control`): workers
+                # that cannot start (a script without the __main__ guard), memory taken by something else, a kill
+                if crashed is not None and control and _probe_alone(context, initargs, control[0]) is not None:
+                    finish(start, [crashed(start)])
+                    continue
+                held.append(start)
+                if crashed is None or control or len(held) >= MAX_CRASHES:
+                    raise RuntimeError(
+                        f"preflight worker processes stopped on {len(held)} sample(s) probed alone (samples "
+                        f"{', '.join(map(str, held))} of {source})"
+                        + (f" and on sample {control[0]}, which they probed before" if control else "")
+                        + ": a script that calls preflight outside `if __name__ == '__main__':`, which the worker "
+                        "processes, started fresh, run again; memory running out; or a kill. What was probed is "
+                        f"kept in {PROGRESS} under --out: run it again to go on"
+                    )
     if bar is not None:
         bar.close()
     return [result for start in sorted(done) for result in done[start]]
@@ -386,18 +429,24 @@ def _runs(covered: np.ndarray, start: int, stop: int) -> list[tuple[int, int]]:
 
 def _pool_pass(context, workers: int, initargs: tuple, queue: deque, finish) -> list[tuple[int, int]]:
     """Probe the ranges in `queue` (taking them from it) with a pool of `workers`, two ranges per worker handed out
-    at once, calling `finish(start, results)` for each; where a worker dies, the ranges then in flight (the pool's
-    others are lost with it), and [] when the queue is done."""
+    at once, calling `finish(start, results)` for each, until the queue is done or a worker dies; then the ranges
+    in flight, lost with the pool (those not handed out stay in the queue)."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init, initargs=initargs) as pool:
         pending: dict = {}
         while queue or pending:
+            broken = False
             while queue and len(pending) < 2 * workers:
                 chunk = queue.popleft()
-                pending[pool.submit(_probe_range, *chunk)] = chunk
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                try:
+                    pending[pool.submit(_probe_range, *chunk)] = chunk
+                except BrokenProcessPool:  # a worker died since the last look: this chunk waits for the next pool
+                    queue.appendleft(chunk)
+                    broken = True
+                    break
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED) if pending else (set(), set())
             lost = []
             for future in finished:
                 chunk = pending.pop(future)
@@ -405,7 +454,7 @@ def _pool_pass(context, workers: int, initargs: tuple, queue: deque, finish) -> 
                     finish(chunk[0], future.result())
                 except BrokenProcessPool:
                     lost.append(chunk)
-            if lost:  # the others in flight: done before the loss, or lost with it
+            if lost or broken:  # the others in flight: done before the loss, or lost with it
                 for future, chunk in pending.items():
                     if future.done() and future.exception() is None:
                         finish(chunk[0], future.result())
@@ -431,6 +480,10 @@ def _default_workers() -> int:
     """The cores this process may use (SLURM's allocation, a taskset), less one: not the machine's count."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else multiprocessing.cpu_count()
     return max(1, cores - 1)
+
+
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -479,9 +532,17 @@ def main(argv: list[str] | None = None) -> int:
 
         encoder = ChatEncoder(load_tokenizer(args.llm), args.visual_token)
         counts = TokenCount(encoder, args.video_tokens, args.image_tokens, args.max_length)
-    summary = run(
-        args.source, args.data_root, args.out, args.workers, sampling, not args.no_progress, args.seed, counts
+    # a kill (a job's time limit) ends it as Ctrl-C does: the index copy removed, the journal closed, the pool shut
+    previous = (
+        signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() else None
     )
+    try:
+        summary = run(
+            args.source, args.data_root, args.out, args.workers, sampling, not args.no_progress, args.seed, counts
+        )
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(f"{summary['samples']} samples, {summary['bad']} bad: {summary['by_reason'] or 'none'}")
     if counts is not None:
         longest = summary["tokens"]["max"] if summary["tokens"] else 0

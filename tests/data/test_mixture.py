@@ -500,7 +500,8 @@ def test_preflight_whose_workers_die_stops_with_the_samples_in_hand_rather_than_
     )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
-    assert f"stopped on {preflight.MAX_CRASHES} samples in a row, each probed alone (samples 0, 1, " in done.stderr
+    assert f"stopped on {preflight.MAX_CRASHES} sample(s) probed alone (samples 0, 1, " in done.stderr
+    assert '"crashed"' not in (tmp_path / "out" / "progress.jsonl").read_text()  # not the samples': run again
     assert "of " + str(tmp_path / "a.json") in done.stderr and "if __name__ == '__main__':" in done.stderr
 
 
@@ -577,6 +578,71 @@ def test_preflight_names_every_missing_annotation_file_before_it_starts(tmp_path
     assert "2 annotation file(s)" in err and "a.json" in err and "c.jsonl" in err and "b.JSONL" not in err
     assert preflight.main([str(tmp_path / "b.JSONL"), *base]) == 0
     assert len((tmp_path / "p" / "quarantine.jsonl").read_text().splitlines()) == 2  # b.mp4 does not exist
+
+
+class SlowJournal:
+    """A journal on a slow shared file system: a worker may die while the last chunk's line is written."""
+
+    def __init__(self):
+        self.done = {}
+
+    def add(self, start, results):
+        import time
+
+        time.sleep(0.2)
+        self.done[start] = results
+
+
+def _dies_on_40_to_51(start: int, stop: int) -> list[dict]:
+    """Twelve records in a row on one clip that crashes the decoder (a video's many questions)."""
+    import os
+
+    if any(40 <= i < 52 for i in range(start, stop)):
+        os._exit(1)
+    return [{"index": i} for i in range(start, stop)]
+
+
+def test_records_sharing_a_crashing_clip_are_each_reported_and_a_slow_journal_loses_nothing(monkeypatch):
+    """Eight crashes in a row stopped the preflight as if its workers could not start (and journaled seven good
+    samples as crashed where they could not); a worker dying while the main process wrote a journal line made the
+    next hand-out raise BrokenProcessPool out of the preflight. A process that probes a sample that came back
+    before now tells a bad file from bad workers."""
+    import multiprocessing
+
+    monkeypatch.setattr(preflight, "_probe_range", _dies_on_40_to_51)
+    monkeypatch.setattr(preflight, "_init", _no_state)
+    journal, n = SlowJournal(), preflight.CHUNK * 6
+    results = preflight._probe_all(multiprocessing.get_context("fork"), 2, (), n, Path("a.json"), False, journal,
+                                   crashed=lambda i: {"index": i, "reason": "crashed"})  # fmt: skip
+    assert [r["index"] for r in results] == list(range(n))
+    assert [r["index"] for r in results if r.get("reason") == "crashed"] == list(range(40, 52))
+
+
+def _breaks_at_40(start: int, stop: int) -> list[dict]:
+    """Workers that can probe nothing once sample 40 has been reached (memory taken by something else)."""
+    import os
+
+    marker = Path(os.environ["BROKEN_MARKER"])
+    if any(i >= 40 for i in range(start, stop)):
+        marker.touch()
+    if marker.exists():
+        os._exit(1)
+    return [{"index": i} for i in range(start, stop)]
+
+
+def test_workers_that_stop_probing_anything_stop_the_preflight_with_nothing_recorded_against_the_samples(
+    tmp_path, monkeypatch
+):
+    import multiprocessing
+
+    monkeypatch.setenv("BROKEN_MARKER", str(tmp_path / "broken"))
+    monkeypatch.setattr(preflight, "_probe_range", _breaks_at_40)
+    monkeypatch.setattr(preflight, "_init", _no_state)
+    journal = SlowJournal()
+    with pytest.raises(RuntimeError, match=r"probed alone \(samples \d+ of a.json\) and on sample \d+, which they"):
+        preflight._probe_all(multiprocessing.get_context("fork"), 2, (), preflight.CHUNK * 6, Path("a.json"), False,
+                             journal, crashed=lambda i: {"index": i, "reason": "crashed"})  # fmt: skip
+    assert not any(r.get("reason") == "crashed" for results in journal.done.values() for r in results)
 
 
 def test_a_preflight_run_again_after_a_stop_probes_only_what_it_had_not(tmp_path, monkeypatch, capsys):
