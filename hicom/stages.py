@@ -54,6 +54,14 @@ HANDOFF, MANIFEST = "handoff.safetensors", "manifest.json"
 STARTED = "started.json"
 # a staged run's stage names, in order, in its folder
 STAGE_LIST = "stages.json"
+METRICS = "metrics.json"  # a fit's figures, written last (after its held-out check)
+
+
+def stage_done(folder: Path) -> bool:
+    """A stage's fit and its held-out check both finished: its hand-off's manifest, and its metrics. A stop during
+    the check (a job's time limit) leaves the first alone: launched again, the stage goes on from its last.ckpt,
+    trains no step, and asks the questions."""
+    return (folder / MANIFEST).is_file() and (folder / METRICS).is_file()
 
 
 class HandoffError(RuntimeError):
@@ -593,7 +601,7 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
     to_run = [
         (stage.name, stage_config(cfg, stage, root / stage.name))
         for stage in stages
-        if (only is None or stage.name == only) and not (root / stage.name / MANIFEST).is_file()
+        if (only is None or stage.name == only) and not stage_done(root / stage.name)
     ]
     check_same_run(cfg, stages, root)
     try:
@@ -662,9 +670,20 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
                     f"stage_parent names another, {parent}: to train it from that one, launch it into a new run folder "
                     "(hydra.run.dir), or move this run's stage folder away"
                 )
-            log.info("stage %s is done (%s): skipped", stage.name, out_dir)
-            results[stage.name] = {"skipped": True}
-            continue
+            if stage_done(out_dir):
+                log.info("stage %s is done (%s): skipped", stage.name, out_dir)
+                results[stage.name] = {"skipped": True}
+                continue
+            if resume_checkpoint(out_dir / "checkpoints") is None:
+                log.warning(
+                    "stage %s trained (%s), but its held-out check did not finish and it has no last.ckpt to finish it "
+                    "from: skipped (evaluate.py ckpt=%s asks a benchmark's questions)", stage.name, out_dir, out_dir,
+                )  # fmt: skip
+                results[stage.name] = {"skipped": True}
+                continue
+            log.info(
+                "stage %s trained, but its held-out check did not finish: it goes on from its checkpoint", stage.name
+            )
         if i > 0 and (parent is None or not (parent / MANIFEST).is_file()):  # before any weights load
             raise FileNotFoundError(
                 f"stage {stage.name} starts from its parent's hand-off, and {parent} holds no finished stage "

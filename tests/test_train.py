@@ -489,6 +489,15 @@ def test_three_stages_hand_off_skip_when_done_and_resume_after_a_stage_is_delete
     # a re-run skips every finished stage; one deleted is trained again from its parent, but not while a finished
     # stage after it holds weights trained from its old ones: refused before anything trains
     assert all(r == {"skipped": True} for r in run_stages(cfg).values())
+    # stopped during its held-out check (a job's time limit): its hand-off written, not its metrics. Launched again,
+    # it was skipped as done, its figures never written; it goes on from its last.ckpt, trains no step, and asks
+    handoff = (stages / "instruction" / "handoff.safetensors").read_bytes()
+    (stages / "instruction" / "metrics.json").unlink()
+    again = run_stages(cfg)
+    assert again["alignment"] == again["conditional"] == {"skipped": True}
+    assert again["instruction"]["steps"] == 4  # the steps it had: none trained now
+    assert (stages / "instruction" / "metrics.json").is_file()
+    assert (stages / "instruction" / "handoff.safetensors").read_bytes() == handoff
     before = load_file(str(stages / "alignment" / "handoff.safetensors"))
     shutil.rmtree(stages / "conditional")
     stale = r"stage instruction is done .*, trained from .*conditional as it was, which this run trains again"
