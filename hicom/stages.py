@@ -809,9 +809,9 @@ def relaunch(cfg: DictConfig, stage: str) -> str:
     """How a staged run whose stage stopped part-way goes on: the same command into the run's own folder
     (`hydra.run.dir`, which holds under a custom run folder too, where HICOM_RUN_STAMP names one under
     logs/train/runs/ alone), which skips the finished stages and resumes that one from its own checkpoints/last.ckpt."""
-    import shlex
+    from hicom.utils.config import shell_override
 
-    return f"{command_again(f'hydra.run.dir={shlex.quote(str(cfg.paths.output_dir))}')} resumes stage {stage}"
+    return f"{command_again(shell_override('hydra.run.dir', cfg.paths.output_dir))} resumes stage {stage}"
 
 
 def free_memory() -> None:

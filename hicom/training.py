@@ -26,6 +26,7 @@ from rich.table import Table
 from hicom.callbacks.checkpoint import resume_checkpoint
 from hicom.callbacks.throughput import BatchFlops
 from hicom.utils.choices import flag, whole_number
+from hicom.utils.config import shell_override
 from hicom.utils.instantiators import (
     check_data,
     check_model,
@@ -71,15 +72,13 @@ def _unfinished_on_sigterm(trainer, cfg: DictConfig, what: str, resume: str | No
     except SIGTERMException as stop:
         if resume is None and resume_checkpoint(Path(cfg.paths.output_dir) / "checkpoints") is None:
             # stopped before its first save (in the sanity check, which writes none): ckpt_path=<run> would fail
-            import shlex
-
             again = "the same command (from its ckpt_path again)" if cfg.get("ckpt_path") else None
             log.error(
                 "stopped by SIGTERM or Ctrl-C at step %d, before the end of %s and before anything was saved "
                 "(no checkpoints/last.ckpt); to start it again: %s",
                 trainer.global_step,
                 what,
-                again or command_again(f"hydra.run.dir={shlex.quote(str(cfg.paths.output_dir))}"),
+                again or command_again(shell_override("hydra.run.dir", cfg.paths.output_dir)),
             )
         else:
             log.error(
@@ -96,10 +95,9 @@ def resume_command(cfg: DictConfig) -> str:
     """How a fit stopped part-way goes on in its own run folder: its command again with that folder as both
     `hydra.run.dir` and `ckpt_path`. `ckpt_path` alone resumes into a new folder (named by the time it starts),
     and every preemption would leave a run folder behind, with a whole last.ckpt."""
-    import shlex
-
-    run = shlex.quote(str(cfg.paths.output_dir))
-    return command_again(f"hydra.run.dir={run} ckpt_path={run}", leave_out=("ckpt_path",))
+    run = cfg.paths.output_dir
+    again = f"{shell_override('hydra.run.dir', run)} {shell_override('ckpt_path', run)}"
+    return command_again(again, leave_out=("ckpt_path",))
 
 
 def command_again(settings: str, leave_out: tuple[str, ...] = ()) -> str:

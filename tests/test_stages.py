@@ -198,13 +198,15 @@ def test_a_stopped_stage_is_resumed_into_the_runs_own_folder(cache_dir, tmp_path
     from hydra.core.hydra_config import HydraConfig
 
     from hicom.stages import relaunch
+    from hicom.utils.config import hydra_path
     from tests.conftest import CONFIGS
 
-    run = tmp_path / "my runs" / "recipe"
+    # a path Hydra's grammar refuses bare (an accent, brackets, a comma): the command printed must parse
+    run = tmp_path / "my runs (José, v2)" / "recipe"
     overrides = [f"paths.cache_dir={cache_dir}", "experiment=tiny_stages"]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         HydraConfig.instance().set_config(
-            compose("train", overrides=[*overrides, f"hydra.run.dir={run}"], return_hydra_config=True)
+            compose("train", overrides=[*overrides, hydra_path("hydra.run.dir", run)], return_hydra_config=True)
         )
         try:
             cfg = compose("train", overrides=overrides)

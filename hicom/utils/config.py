@@ -128,6 +128,15 @@ def hydra_path(key: str, path: Path | str) -> str:
     return f"{key}='{text}'"
 
 
+def shell_override(key: str, path: Path | str) -> str:
+    """`key=path` as one shell word that Hydra parses: bare where the path is letters, digits and `/._+-` alone,
+    else quoted for Hydra (`hydra_path`: an accent, a space, a bracket, a comma) and then for the shell."""
+    import shlex
+
+    text = str(path)
+    return f"{key}={text}" if re.fullmatch(r"[A-Za-z0-9/._+-]+", text) else shlex.quote(hydra_path(key, text))
+
+
 def run_label(output_dir: str, log_dir: str) -> str:
     """A run's name in a dashboard (W&B): its folder under the log folder (train/runs/<stamp>, a sweep's job
     train/multiruns/<stamp>/<n>, a stage train/runs/<stamp>/stages/<name>), else the folder's own path."""
