@@ -1420,3 +1420,21 @@ def test_a_run_evaluated_with_its_tower_moved_writes_nothing_at_the_old_path(
     overrides = [f"ckpt={run_dir}", "benchmark=mlvu", "limit=1", f"run_overrides=['model.vision.path={here}']"]
     assert evaluate(compose_eval(cache_dir, bench_data, tmp_path / "out", overrides))["mlvu"]["n"] == 1
     assert not (tmp_path / "alice").exists()
+
+
+def test_evaluate_under_srun_takes_its_shard_and_gpu_from_slurm(monkeypatch):
+    """Launched with srun (no torchrun), every task answered every question on cuda:0 in one shared folder, and all
+    but one stopped on the shard's lock."""
+    from hicom.eval.runner import _local_rank, _shard
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert _shard() == (0, 1) and _local_rank() == 0
+    srun = {"SLURM_JOB_ID": "777", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1"}
+    for name, value in srun.items():
+        monkeypatch.setenv(name, value)
+    assert _shard() == (3, 4) and _local_rank() == 1
+    monkeypatch.setenv("RANK", "0")  # torchrun inside the step: its own variables
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert _shard() == (0, 2) and _local_rank() == 0

@@ -43,7 +43,7 @@ from hicom.eval.benchmarks import BenchmarkFormatError, Kind, Question, read_srt
 from hicom.eval.score import drop_torn_tail, read_predictions, score
 from hicom.utils.checkpoints import computed_buffers, load_guide_tokenizer, loading_dtype, restore_computed_buffers
 from hicom.utils.choices import loader_start, whole_number
-from hicom.utils.config import dotted_keys, process_own_folder
+from hicom.utils.config import dotted_keys, process_own_folder, srun_tasks
 from hicom.utils.files import held_alone, locked, write_atomically
 
 log = logging.getLogger(__name__)
@@ -385,12 +385,24 @@ def _answered(paths: list[Path], by_id: dict[str, Question]) -> set[str]:
 
 
 def _shard() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """This process's shard of the questions, and how many: torchrun's RANK / WORLD_SIZE, else srun's tasks."""
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    tasks = srun_tasks()
+    return (int(os.environ["SLURM_PROCID"]), tasks) if tasks > 1 else (0, 1)
+
+
+def _local_rank() -> int:
+    """This process's place on its node (torchrun's LOCAL_RANK, else srun's SLURM_LOCALID), for its GPU."""
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    return int(os.environ.get("SLURM_LOCALID", 0)) if srun_tasks() > 1 else 0
 
 
 def _device(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
     if cfg.device == "auto":
-        local = int(os.environ.get("LOCAL_RANK", 0))
+        # a task given its own GPU (srun --gpus-per-task) sees it alone, as cuda:0
+        local = _local_rank() % max(torch.cuda.device_count(), 1)
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
