@@ -456,7 +456,8 @@ def test_the_q_former_is_tiny_on_the_tiny_default_and_bert_base_in_the_real_expe
 
 
 def test_multinode_reads_the_launchers_counts(cache_dir, tmp_path, monkeypatch):
-    for name in ("SLURM_NNODES", "SLURM_NTASKS_PER_NODE", "HICOM_NUM_NODES", "HICOM_GPUS_PER_NODE"):
+    launchers = ["SLURM_NNODES", "SLURM_NTASKS_PER_NODE", "GROUP_WORLD_SIZE", "LOCAL_WORLD_SIZE"]
+    for name in (*launchers, "HICOM_NUM_NODES", "HICOM_GPUS_PER_NODE"):
         monkeypatch.delenv(name, raising=False)
     cpu = ["trainer=multinode", "trainer.accelerator=cpu", "trainer.precision=32-true"]
 
@@ -467,6 +468,9 @@ def test_multinode_reads_the_launchers_counts(cache_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_NNODES", "4")
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
     assert (trainer().num_nodes, trainer().world_size) == (4, 8)
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "3")  # a plain torchrun --nnodes=3 --nproc_per_node=2 (inside SLURM too)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert (trainer().num_nodes, trainer().world_size) == (3, 6)
     monkeypatch.setenv("HICOM_NUM_NODES", "2")
     monkeypatch.setenv("HICOM_GPUS_PER_NODE", "1")
     assert (trainer().num_nodes, trainer().world_size) == (2, 2)

@@ -1,6 +1,6 @@
 #!/bin/bash
 # torchrun: run this on every node with the same MASTER_ADDR / MASTER_PORT and its own NODE_RANK.
-#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 bash scripts/cluster/torchrun.sh [extra overrides]
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 HICOM_RUN_STAMP=<run name> bash scripts/cluster/torchrun.sh [overrides]
 set -euo pipefail
 : "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK}" "${MASTER_ADDR:?set MASTER_ADDR}"
 GPUS=${GPUS_PER_NODE:-8}
