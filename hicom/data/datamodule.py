@@ -27,9 +27,9 @@ from hicom.utils.choices import flag, loader_start, whole_number
 log = logging.getLogger(__name__)
 
 
-def read_quarantine(path: str | Path) -> list[tuple[str, int, str | None]]:
-    """(annotation file, record position, the record's id as preflight read it, or None) of a preflight
-    quarantine.jsonl."""
+def read_quarantine(path: str | Path) -> list[tuple[str, int, str | None, str | None]]:
+    """(annotation file, record position, the record's id as preflight read it, the file's content digest) of a
+    preflight quarantine.jsonl (the last two None where it has none)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"quarantine list '{path}' not found: set `data.quarantine=<quarantine.jsonl>` or null")
@@ -41,8 +41,10 @@ def read_quarantine(path: str | Path) -> list[tuple[str, int, str | None]]:
             try:
                 entry = json.loads(line)
                 source, row = str(entry["source"]), int(entry["index"])  # an entry that is no object fails here
-                named = entry.get("id")
-                pairs.append((source, row, None if named is None else str(named)))
+                named, digest = entry.get("id"), entry.get("file_digest")
+                pairs.append(
+                    (source, row, None if named is None else str(named), None if digest is None else str(digest))
+                )
             except (ValueError, KeyError, TypeError) as err:
                 raise ValueError(
                     f"data.quarantine: {path} line {number} is not a preflight entry with 'source' and 'index' "

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hicom.utils.files import write_atomically
+from hicom.utils.files import file_digest, write_atomically
 
 # a temporary index folder this old is a killed writer's leftover: removed by the next writer (a live one is minutes old)
 STALE_SECONDS = 24 * 3600
@@ -311,16 +311,22 @@ class SampleIndex:
         *,
         split_turns: bool = False,
         seed: int = 0,
-        exclude: Iterable[tuple[str, int] | tuple[str, int, str | None]] = (),
+        exclude: Iterable[tuple] = (),
     ) -> SampleIndex:
         """Read every entry's file, keep the records its sampling selects, and split conversations per exchange
         when `split_turns` (guided training: one sample per question). `exclude`: (annotation file, record
-        position in that file[, the record's id as preflight read it]) to leave out, e.g. a preflight's quarantine;
-        a file whose record at a position has another id (or that has no record there) was edited since, and is
-        refused: the positions would leave out other samples."""
+        position in that file[, the record's id as preflight read it[, the file's content digest]]) to leave out,
+        e.g. a preflight's quarantine; a file whose record at a position has another id (or that has no record
+        there) was edited since, and is refused: the positions would leave out other samples. A file named by a
+        path this data does not read is found by its digest (the data moved since its preflight: another mount)."""
         excluded: dict[str, dict[int, str | None]] = {}
-        for file, row, *named in exclude:
-            excluded.setdefault(str(Path(file).resolve()), {})[int(row)] = named[0] if named else None
+        digests: dict[str, str] = {}  # a quarantined file's content digest -> its path as the quarantine names it
+        relocated: dict[str, str] = {}  # a file read here -> the quarantine's path for it, where they differ
+        for file, row, *more in exclude:
+            key = str(Path(file).resolve())
+            excluded.setdefault(key, {})[int(row)] = more[0] if more else None
+            if len(more) > 1 and more[1] is not None:
+                digests[more[1]] = key
         chunks: list[bytes] = []
         lengths: list[int] = []
         origin: list[int] = []
@@ -334,6 +340,13 @@ class SampleIndex:
             roots.append(str(entry.data_root))
             files.append(str(entry.json_path))
             resolved = str(Path(entry.json_path).resolve())
+            if resolved in relocated:
+                resolved = relocated[resolved]
+            elif resolved not in excluded and set(digests.values()) - read:
+                moved = digests.get(file_digest(entry.json_path))
+                if moved is not None:
+                    log.info("the quarantine's %s is %s here (the same content)", moved, entry.json_path)
+                    relocated[resolved] = resolved = moved
             skip = excluded.get(resolved, {})
             _check_excluded(entry.json_path, records, skip)
             read.add(resolved)

@@ -39,6 +39,7 @@ from hicom.data.dataset import check_record, conversation_of, media_of, read_ima
 from hicom.data.index import MixtureEntry, SampleIndex, read_mixture
 from hicom.data.template import ChatEncoder, MalformedSample, TooLongSample, check_placeholders
 from hicom.data.video import FrameSampling, VideoDecodeError, load_video, within_time_limit
+from hicom.utils.files import file_digest
 
 _INDEX: SampleIndex | None = None
 _SAMPLING: FrameSampling | None = None
@@ -224,12 +225,17 @@ def run(
     finally:
         shutil.rmtree(saved, ignore_errors=True)
         journal.close()
+    digests: dict[str, str] = {}
     with (out / "quarantine.jsonl").open("w") as f:
         for result in results:
             if "reason" in result:
                 keep = ("source", "index", "id", "path", "reason", "error")
-                # the file as resolved here: training, launched from another folder, finds it all the same
-                entry = {**{k: result.get(k) for k in keep}, "source": str(Path(result["source"]).resolve())}
+                # the file as resolved here: training, launched from another folder, finds it all the same; and its
+                # content, by which training finds it where the data has moved since (another mount, a copy)
+                source = str(Path(result["source"]).resolve())
+                if source not in digests:
+                    digests[source] = file_digest(Path(source))
+                entry = {**{k: result.get(k) for k in keep}, "source": source, "file_digest": digests[source]}
                 f.write(json.dumps(entry) + "\n")
     summary = summarise(results, None if tokens is None else tokens.max_length)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))

@@ -114,7 +114,7 @@ def test_preflight_writes_a_quarantine_that_training_leaves_out(tmp_path, capsys
     # the file edited since its preflight (the missing clip's record deleted): the positions would leave out the
     # next record, which is good, and keep the malformed one, so the quarantine is refused
     (tmp_path / "b.json").write_text(json.dumps(data[:3] + data[4:]))
-    moved = [(str(tmp_path / "b.json"), row, named) for _, row, named in exclude]
+    moved = [(str(tmp_path / "b.json"), row, named) for _, row, named, _ in exclude]
     with pytest.raises(
         ValueError, match=r"b\.json has the record 'odd' at position 3, where its preflight quarantined 'gone0'"
     ):
@@ -158,6 +158,14 @@ def test_a_quarantine_written_from_one_folder_is_read_from_any_and_one_of_other_
     with caplog.at_level("WARNING", logger="hicom"):
         SampleIndex.build([MixtureEntry(other, work / "data")], exclude=exclude)
     assert "1 quarantined sample(s) name annotation files this data does not read" in caplog.text
+    # the data moved since its preflight (another mount, a copy on the cluster): the file is found by its content;
+    # listed twice in a mixture, both times
+    shutil.copytree(work / "data", tmp_path / "mount" / "data")
+    moved = MixtureEntry(tmp_path / "mount" / "data" / "a.json", tmp_path / "mount" / "data")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hicom"):
+        index = SampleIndex.build([moved, moved], exclude=exclude)
+    assert [index.record_of(i)["id"] for i in range(len(index))] == ["ok0", "ok1"] * 2 and not caplog.records
 
 
 def test_a_record_whose_text_holds_a_lone_surrogate_is_one_bad_sample(tmp_path):
