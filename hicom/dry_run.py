@@ -66,6 +66,7 @@ class MetaModel:
 
 
 def build_meta(cfg: DictConfig) -> MetaModel:
+    import transformers
     from hydra.utils import get_class, instantiate
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -75,8 +76,16 @@ def build_meta(cfg: DictConfig) -> MetaModel:
 
     if not (cfg.model.vision.get("arch") and cfg.model.llm.get("arch")):
         write_assets(cfg.get("assets"))  # the tiny checkpoints' folders, where the config's parts are those
+    from hicom.compat.release_llm import register
+
+    register()  # a release folder's LLM (model_type hicom_qwen2), as training reads it
     vision_name, vision_arch = load_arch(cfg.model.vision, "model.vision")
     llm_name, llm_arch = load_arch(cfg.model.llm, "model.llm")
+    if llm_arch.get("model_type") not in CONFIG_MAPPING:
+        raise ValueError(
+            f"model.llm ({llm_name}): model_type {llm_arch.get('model_type')!r} is not one transformers "
+            f"{transformers.__version__} knows"
+        )
     llm_config = CONFIG_MAPPING[llm_arch["model_type"]](**{k: v for k, v in llm_arch.items() if k != "model_type"})
     tower_class = get_class(cfg.model.vision._target_)
     with torch.device("meta"):
@@ -119,6 +128,36 @@ def forward_flops(model: MetaModel, frames: int, modality: str, guided: bool, te
     return out
 
 
+def saved_bytes(model: MetaModel, frames: int, modality: str, guided: bool, guide: int, element: int = 2) -> int:
+    """Bytes the vision tower, the guide encoder and the compressor keep for backward for one sample, measured on
+    the meta device under the parts' requires_grad flags as the stage trains them (autograd keeps nothing where no
+    gradient passes), `element` bytes a floating value (2 in bf16); the weights (and views of them) aside."""
+    weights = {id(p) for part in (model.vision, model.compressor) for p in part.parameters()}
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        base = t._base if t._base is not None else t
+        if id(t) not in seen and id(base) not in weights:
+            seen.add(id(t))
+            total += t.numel() * (element if t.is_floating_point() else t.element_size())
+        return t
+
+    meta = {"device": "meta"}
+    tower, grid = model.vision, model.grid
+    uses_embeds = getattr(model.compressor, "uses_embeds", False) and guided
+    tokens = getattr(model.compressor, "guide_tokens", False)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        features, embeds = tower(torch.empty(frames, 3, tower.image_size, tower.image_size, **meta), uses_embeds)
+        text = None
+        if guided:
+            text = tower.encode_guide(torch.zeros(1, guide, dtype=torch.long, **meta), tokens=tokens)
+        layout = PackedLayout((frames,), (modality,), grid, grid)
+        model.compressor.forward_packed(features, features if embeds is None else embeds, text, layout)
+    return total
+
+
 def memory_per_gpu(
     params: dict[str, int],
     trainable: set[str],
@@ -127,14 +166,16 @@ def memory_per_gpu(
     activations: int,
     offload: tuple[bool, bool] = (False, False),
     sizes: tuple[int, int, int] = (2, 2, 12),
+    untrained: int = 0,
 ) -> dict[str, float]:
     """GiB per GPU: weights, gradients and Adam states of the trainable parameters at `sizes` bytes a parameter
     (`parameter_bytes`; DeepSpeed's bf16: 16-bit weights and gradients, fp32 master, m and v), sharded as
     ZeRO-`zero` shards them over `gpus`, plus an activation estimate. `offload`: DeepSpeed's (offload_optimizer,
     offload_parameters): the Adam states in CPU memory, and under ZeRO-3 the weights too (the layer at hand is
-    gathered onto the GPU, counted as nothing here)."""
+    gathered onto the GPU, counted as nothing here). `untrained`: parameters of the trainable parts left frozen (the
+    trunk's layers nothing reads)."""
     total = sum(params.values())
-    train = sum(params[p] for p in trainable)
+    train = sum(params[p] for p in trainable) - untrained
     offload_optimizer, offload_parameters = offload
     weight, gradient, states = sizes
     weights = 0 if offload_parameters and zero >= 3 else weight * total / (gpus if zero >= 3 else 1)
@@ -160,11 +201,13 @@ def activation_bytes(
     train_llm_path: bool,
     checkpointing: bool = True,
     element: int = 2,
+    upstream: int | None = None,
 ) -> int:
     """A rough activation estimate, `element` bytes a value (2 in bf16): with gradient checkpointing in the LLM,
     every layer's input and one layer's internals; without, every layer's internals; and the fp32 logits (of the
-    `answer` tokens the loss is taken on, where the LM head runs on those alone: `CausalLM.loss`); plus the
-    vision features and joint-space keys handed to the compressor."""
+    `answer` tokens the loss is taken on, where the LM head runs on those alone: `CausalLM.loss`); plus what the
+    towers and the compressor keep for backward (`upstream`, per sample: `saved_bytes`), or where not measured
+    the vision features and joint-space keys handed to the compressor."""
     from hicom.modules.llm import labelled_head
 
     c = model.llm.config
@@ -175,7 +218,7 @@ def activation_bytes(
     )
     logits = (answer if labelled_head(c) else seq) * c.vocab_size * 4
     width = model.vision.hidden_size
-    vision = 2 * frames * model.grid * model.grid * width * element
+    vision = 2 * frames * model.grid * model.grid * width * element if upstream is None else upstream
     llm = stored + logits if train_llm_path else seq * c.hidden_size * element
     return micro * (llm + vision)
 
@@ -263,7 +306,7 @@ def report(cfg: DictConfig) -> list[dict]:
     from hicom.modules.video_llm import compose_compressor, idle_message, idle_parts
     from hicom.training import gradient_accumulation
     from hicom.utils.choices import whole_number
-    from hicom.utils.instantiators import check_model_hparams
+    from hicom.utils.instantiators import check_model_hparams, check_room
 
     settings = cfg.get("dry_run_settings") or {}
     gpus = whole_number("dry_run_settings.gpus", settings.get("gpus", 8))
@@ -302,6 +345,10 @@ def report(cfg: DictConfig) -> list[dict]:
             )
         except ValueError as err:
             raise ValueError(f"stage {stage['name']}: model.compressor: {err}") from err
+        try:  # as training refuses it
+            check_room(stage["config"], compressor, base.grid)
+        except ValueError as err:
+            raise ValueError(f"stage {stage['name']}: {err}") from err
         model = MetaModel(vision=base.vision, llm=base.llm, compressor=compressor, names=base.names)
         params = {name: sum(p.numel() for p in part.parameters()) for name, part in model.parts().items()}
         zero = stage["zero"]
@@ -339,14 +386,23 @@ def report(cfg: DictConfig) -> list[dict]:
         # forward and backward as the throughput monitor counts a training sample (after the forward counts: it
         # sets the parts' requires_grad as the stage trains them)
         train = BatchFlops(model, trainable, exact=True).sample(frames, modality, visual + text, guide, answer)
+        # the trunk's layers after select_layer where no joint-space keys are made: never run, left frozen (as the
+        # training module leaves them)
+        unread = [p for m in base.vision.unread(compressor.uses_embeds) for p in m.parameters()]
+        unread = unread if "vision_trunk" in trainable else []
+        for parameter in unread:
+            parameter.requires_grad_(False)
         weight, gradient, states, element = stage["bytes"]
+        upstream = saved_bytes(model, frames, modality, guided, guide, element)
         acts = activation_bytes(
-            model, frames, visual, text, answer, batch, bool(trainable), stage["checkpointing"], element
+            model, frames, visual, text, answer, batch, bool(trainable), stage["checkpointing"], element, upstream
         )
-        memory = memory_per_gpu(params, trainable, zero, gpus, acts, stage["offload"], (weight, gradient, states))
+        untrained = sum(p.numel() for p in unread)
+        sizes = (weight, gradient, states)
+        memory = memory_per_gpu(params, trainable, zero, gpus, acts, stage["offload"], sizes, untrained)
         row = {
             "stage": stage["name"],
-            "trainable_params": sum(params[p] for p in trainable),
+            "trainable_params": sum(params[p] for p in trainable) - untrained,
             "visual_tokens": visual,
             "forward_tflops": {k: v / 1e12 for k, v in fwd.items()},
             "train_tflops": train / 1e12,

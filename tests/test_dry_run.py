@@ -162,3 +162,55 @@ def test_parts_left_frozen_are_named_with_why(cache_dir, tmp_path, capsys):
     report(cfg)
     out = capsys.readouterr().out
     assert "vision_head (it has no parameters), guide_encoder (this compressor takes no guide)" in out
+
+
+def test_the_memory_estimate_measures_what_the_compressor_and_trainable_towers_keep(cache_dir, tmp_path):
+    """It counted the LLM's activations and two feature maps: a Q-Former's attention over every frame, and a
+    trainable trunk's layers, were left out (about 12 GiB and 170 GiB at the real sizes)."""
+    from hicom.utils.instantiators import write_assets
+
+    def row(*overrides):
+        cfg = compose_train(cache_dir, tmp_path, ["dry_run_settings.micro_batch=1", *overrides])
+        write_assets(cfg.assets)
+        (only,) = report(cfg)
+        return only
+
+    trained = row("model/compressor=qformer", "model.trainable=[compressor,llm]")
+    frozen = row("model/compressor=qformer", "model.trainable=[llm]")  # no gradient through it: it keeps nothing
+    assert trained["memory_gib"]["activations"] > 1.3 * frozen["memory_gib"]["activations"]
+    frozen = row("model/compressor=avgpool", "model.trainable=[compressor]")
+    trunk = row("model/compressor=avgpool", "model.trainable=[compressor,vision_trunk]")
+    assert trunk["memory_gib"]["activations"] > 2 * frozen["memory_gib"]["activations"]
+    # the trunk's last layer and post-layernorm never run for a compressor without joint-space keys: left frozen
+    # and not counted as trained, as the training module leaves them
+    from hicom.training import build
+
+    module, _ = build(
+        compose_train(cache_dir, tmp_path, ["model/compressor=avgpool", "model.trainable=[compressor,vision_trunk]"])
+    )
+    assert trunk["trainable_params"] == sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def test_a_stage_whose_visual_tokens_fill_max_length_is_refused_as_training_refuses_it(cache_dir, tmp_path):
+    from hicom.utils.instantiators import write_assets
+
+    cfg = compose_train(cache_dir, tmp_path, ["data.max_length=40"])
+    write_assets(cfg.assets)
+    with pytest.raises(
+        ValueError, match=r"stage train: data.max_length=40 leaves no room for text after the 50 visual"
+    ):
+        report(cfg)
+
+
+def test_a_release_folders_llm_is_dry_run_as_training_reads_it(cache_dir, tmp_path, cfg_small):
+    """Its config.json says model_type hicom_qwen2, which training registers with transformers: the dry run failed
+    with a bare KeyError."""
+    from hicom.compat.official import export_official
+    from hicom.training import build
+    from hicom.utils.instantiators import write_assets
+
+    folder = export_official(build(cfg_small)[0].net, tmp_path / "official")
+    cfg = compose_train(cache_dir, tmp_path, [f"model.llm.path={folder}"])
+    write_assets(cfg.assets)
+    (row,) = report(cfg)
+    assert row["forward_tflops"]["llm"] > 0

@@ -237,7 +237,7 @@ def check_model(cfg: DictConfig, compressor=None):
             f"{Path(model.vision.path) / 'preprocessor_config.json'} resizes frames to {side} px, but the vision tower "
             f"({vision_json}) takes {tower.image_size} px images: the two files come from different checkpoints"
         )
-    frames, max_length = OmegaConf.select(cfg, "data.num_frames"), OmegaConf.select(cfg, "data.max_length")
+    frames = OmegaConf.select(cfg, "data.num_frames")
     try:  # its output's rows and width, in a moment on the meta device
         check_output(
             built,
@@ -249,20 +249,28 @@ def check_model(cfg: DictConfig, compressor=None):
         )
     except ValueError as err:
         raise ValueError(f"model.compressor: {err}") from err
+    check_room(cfg, built, tower.grid)
+    return built
+
+
+def check_room(cfg: DictConfig, compressor, grid: int) -> None:
+    """A ValueError where `data.max_length` leaves no room for text after a `data.num_frames` clip's visual tokens
+    (every video sample would be skipped as too_long); not where fps sampling makes num_frames a cap, nor where
+    too_long cuts (max_length then counts the text alone)."""
     from hicom.data.dataset import TooLong
 
+    frames, max_length = OmegaConf.select(cfg, "data.num_frames"), OmegaConf.select(cfg, "data.max_length")
     by_fps = OmegaConf.select(cfg, "data.sampling.fps") is not None  # then num_frames is only a cap
     too_long = OmegaConf.select(cfg, "data.too_long", default=TooLong.SKIP.value)
     cut = TooLong.of(too_long, "data.too_long") is TooLong.TRUNCATE  # then max_length counts the text alone
     sized = isinstance(frames, int) and frames >= 1 and isinstance(max_length, int) and max_length >= 1
     if sized and not by_fps and not cut:
-        visual = built.num_tokens(frames, tower.grid, tower.grid, "video")
-        if visual >= max_length:  # every video sample would be skipped as too_long
+        visual = compressor.num_tokens(frames, grid, grid, "video")
+        if visual >= max_length:
             raise ValueError(
                 f"data.max_length={max_length} leaves no room for text after the {visual} visual tokens of a "
                 f"{frames}-frame clip: raise data.max_length (the recipe's is 4096) or lower data.num_frames"
             )
-    return built
 
 
 def instantiate_all(cfg: DictConfig | None, kind: str) -> list:
