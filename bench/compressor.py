@@ -19,6 +19,7 @@ where both sides run their products at the same rate, that ratio bounds the spee
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -132,7 +133,7 @@ def bench_batch(module: HICom, batch: int, args: argparse.Namespace) -> None:
         fast, slow = batched(), baseline()
     error = ((fast - slow).abs().max() / slow.abs().max()).item()
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
-    if error > tolerance:
+    if not math.isfinite(error) or error > tolerance:  # NaN compares false: a broken side must not be timed
         raise SystemExit(f"batched and baseline outputs differ: max relative error {error:.2e} > {tolerance}")
 
     def forward(fn: Callable[[], torch.Tensor]) -> None:

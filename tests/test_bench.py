@@ -43,3 +43,18 @@ def test_data_bench_runs_at_a_small_size():
     )
     assert "PSS per worker, list / index" in out
     assert out.count("memory whole / as decoded") == 2  # PyAV and decord
+
+
+def test_compressor_bench_refuses_nan_outputs_before_timing_them():
+    """A NaN error compared false with the tolerance: a broken fast path was timed and its speed-up printed."""
+    wrapper = (
+        "import runpy, sys\n"
+        "from hicom.modules.compressors import HICom\n"
+        "fast = HICom.forward_packed\n"
+        "HICom.forward_packed = lambda self, *a, **k: fast(self, *a, **k) * float('nan')\n"
+        "sys.argv = ['compressor.py', '--frames', '2', '--grid', '3', '--dim', '64', '--out-dim', '32', '--batch', '1']\n"
+        f"runpy.run_path({str(ROOT / 'bench' / 'compressor.py')!r}, run_name='__main__')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", wrapper], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "batched and baseline outputs differ: max relative error nan" in done.stderr
+    assert "speed-up" not in done.stdout.split("\n", 2)[-1]  # no row timed
