@@ -241,6 +241,7 @@ def save_handoff(
         "compressor": OmegaConf.to_container(cfg.model.compressor, resolve=True),
         # the tower's hidden state the compressor was trained on: the same weights would read another's features
         "select_layer": OmegaConf.select(cfg, "model.vision.select_layer", default=None),
+        "vision_depth": tower_depth(model.net.vision),  # -2 and depth - 1 are one hidden state
         "parameters": {key: list(value.shape) for key, value in state.items()},
         "init_from": cfg.get("init_from"),  # the release folder its untrained parts are
         "frozen_from": frozen_sources(cfg, parts),
@@ -431,11 +432,27 @@ def guide_parameters(model, cfg: DictConfig) -> list[str]:
     return [f"compressor.{key}" for key in model.net.compressor.state_dict() if key in only]
 
 
-def check_parent_layer(parent: Path, trained, layer) -> None:
+def tower_depth(tower) -> int:
+    """A vision tower's number of layers (its hidden states: the embeddings, then each layer's output)."""
+    return len(tower.vision_tower.encoder.layers)
+
+
+def same_layer(trained, layer, depth: int | None = None) -> bool:
+    """Whether two select_layer values read one hidden state of a tower of `depth` layers (-2 and depth - 1 do);
+    with the depth unknown, whether they are equal. A value not recorded (None) is taken as the same."""
+    if trained is None or layer is None:
+        return True
+    if depth is None:
+        return int(trained) == int(layer)
+    return int(trained) % (depth + 1) == int(layer) % (depth + 1)
+
+
+def check_parent_layer(parent: Path, trained, layer, depth: int | None = None) -> None:
     """Before any weights load, refuse a parent whose compressor was trained on another hidden state of the vision
-    tower (its manifest's `select_layer`) than the one this model reads (`layer`): the weights fit, and read
-    another layer's features without a word. A manifest from before it was recorded is let through."""
-    if trained is None or layer is None or int(trained) == int(layer):
+    tower (its manifest's `select_layer`, of a tower of `depth` layers) than the one this model reads (`layer`):
+    the weights fit, and read another layer's features without a word. A manifest from before it was recorded is
+    let through."""
+    if same_layer(trained, layer, depth):
         return
     raise HandoffError(
         f"{parent} trained its compressor on the vision tower's hidden state {trained} ({MANIFEST}'s select_layer), "
@@ -464,7 +481,8 @@ def load_handoff(
     if compressor is not None:
         check_parent_compressor(parent, manifest.get("compressor"), compressor, guide_added, bool(new_parameters))
     if cfg is not None:
-        check_parent_layer(parent, manifest.get("select_layer"), OmegaConf.select(cfg, "model.vision.select_layer"))
+        layer = OmegaConf.select(cfg, "model.vision.select_layer")
+        check_parent_layer(parent, manifest.get("select_layer"), layer, manifest.get("vision_depth"))
         check_frozen_sources(manifest, cfg, parent)
     # the digest the stage wrote (manifests from before it was recorded have none): damaged bytes in the tensor data
     # would load as other numbers
@@ -638,14 +656,18 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
         parent = parent_folder(cfg, i)
         if parent is not None and (parent / MANIFEST).is_file():
             manifest = read_manifest(parent / MANIFEST)
-            trained, layer = manifest.get("compressor"), manifest.get("select_layer")
+            trained, layer, depth = (
+                manifest.get("compressor"),
+                manifest.get("select_layer"),
+                manifest.get("vision_depth"),
+            )
         elif i > 0 and parent == root / names[i - 1] and names[i - 1] in composed:
             trained = OmegaConf.to_container(composed[names[i - 1]].model.compressor, resolve=True)
-            layer = OmegaConf.select(composed[names[i - 1]], "model.vision.select_layer")
+            layer, depth = OmegaConf.select(composed[names[i - 1]], "model.vision.select_layer"), None
         else:  # none: the stage stops with that before it is built
             continue
         try:
-            check_parent_layer(parent, layer, OmegaConf.select(stage_cfg, "model.vision.select_layer"))
+            check_parent_layer(parent, layer, OmegaConf.select(stage_cfg, "model.vision.select_layer"), depth)
             check_parent_compressor(
                 parent,
                 trained,

@@ -329,8 +329,10 @@ def check_resume(cfg: DictConfig, compressor) -> None:
     check_resume_origin(saved.get("init_from"), cfg.get("init_from"))
     check_resume_training(saved, cfg.model)
     check_resume_compressor_config(saved.get("compressor_config"), cfg.model.compressor)
+    from hicom.stages import same_layer
+
     layer, trained = OmegaConf.select(cfg, "model.vision.select_layer"), saved.get("select_layer")
-    if trained is not None and layer is not None and int(trained) != int(layer):  # the same weights, other features
+    if not same_layer(trained, layer, saved.get("vision_depth")):  # the same weights, other features
         raise ValueError(
             f"this checkpoint's run trained its compressor on the vision tower's hidden state {trained}, this run "
             f"reads {layer}: resume with model.vision.select_layer={trained}, or train on {layer} in a new run"

@@ -28,7 +28,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -195,7 +195,11 @@ def run(
     Each chunk's results go to OUT/progress.jsonl as it finishes: a preflight stopped part-way (a kill, a node's
     time limit) and run again with the same files and options probes only what it had not; the file goes once
     quarantine.jsonl and summary.json are written."""
-    entries = entries_of(source, data_root)
+    # as resolved here: the results name their files so, and a preflight run again from another folder goes on
+    entries = [
+        replace(e, json_path=e.json_path.resolve(), data_root=e.data_root.resolve())
+        for e in entries_of(source, data_root)
+    ]
     index = SampleIndex.build(entries, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     # Workers are started fresh (a fork server's children, or spawned), not forked from this process: a fork copies
@@ -437,36 +441,57 @@ def _pool_pass(context, workers: int, initargs: tuple, queue: deque, finish) -> 
     """Probe the ranges in `queue` (taking them from it) with a pool of `workers`, two ranges per worker handed out
     at once, calling `finish(start, results)` for each, until the queue is done or a worker dies; then the ranges
     in flight, lost with the pool (those not handed out stay in the queue)."""
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init, initargs=initargs)
+    pending: dict = {}
+    try:
+        return _hand_out(pool, workers, queue, pending, finish)
+    except BaseException:  # Ctrl-C, a SIGTERM: what is done is kept, the rest is not waited for (a clip takes a minute)
+        try:
+            for future, chunk in list(pending.items()):
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    del pending[future]
+                    finish(chunk[0], future.result())
+        finally:
+            for process in list((getattr(pool, "_processes", None) or {}).values()):  # no public way in 3.11
+                process.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _hand_out(pool, workers: int, queue: deque, pending: dict, finish) -> list[tuple[int, int]]:
+    """`_pool_pass`'s loop, on `pool`, with the futures in flight in `pending`."""
+    from concurrent.futures import FIRST_COMPLETED, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init, initargs=initargs) as pool:
-        pending: dict = {}
-        while queue or pending:
-            broken = False
-            while queue and len(pending) < 2 * workers:
-                chunk = queue.popleft()
-                try:
-                    pending[pool.submit(_probe_range, *chunk)] = chunk
-                except BrokenProcessPool:  # a worker died since the last look: this chunk waits for the next pool
-                    queue.appendleft(chunk)
-                    broken = True
-                    break
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED) if pending else (set(), set())
-            lost = []
-            for future in finished:
-                chunk = pending.pop(future)
-                try:
+    while queue or pending:
+        broken = False
+        while queue and len(pending) < 2 * workers:
+            chunk = queue.popleft()
+            try:
+                pending[pool.submit(_probe_range, *chunk)] = chunk
+            except BrokenProcessPool:  # a worker died since the last look: this chunk waits for the next pool
+                queue.appendleft(chunk)
+                broken = True
+                break
+        finished, _ = wait(pending, return_when=FIRST_COMPLETED) if pending else (set(), set())
+        lost = []
+        for future in finished:
+            chunk = pending.pop(future)
+            try:
+                finish(chunk[0], future.result())
+            except BrokenProcessPool:
+                lost.append(chunk)
+        if lost or broken:  # the others in flight: done before the loss, or lost with it
+            for future, chunk in list(pending.items()):
+                del pending[future]
+                if future.done() and future.exception() is None:
                     finish(chunk[0], future.result())
-                except BrokenProcessPool:
+                else:
                     lost.append(chunk)
-            if lost or broken:  # the others in flight: done before the loss, or lost with it
-                for future, chunk in pending.items():
-                    if future.done() and future.exception() is None:
-                        finish(chunk[0], future.result())
-                    else:
-                        lost.append(chunk)
-                return lost
+            return lost
     return []
 
 

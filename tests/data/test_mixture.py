@@ -680,7 +680,8 @@ def test_a_preflight_run_again_after_a_stop_probes_only_what_it_had_not(tmp_path
         preflight, "_pool_pass", lambda c, w, i, queue, f: passes.append(list(queue)) or pool_pass(c, w, i, queue, f)
     )
     assert preflight.main(args) == 0
-    assert passes == [[(preflight.CHUNK, 2 * preflight.CHUNK), (2 * preflight.CHUNK, len(data))]]  # not chunk 0
+    # not chunk 0 (nor a chunk done when the stop came, which is kept too)
+    assert passes and all(start >= preflight.CHUNK for start, _ in passes[0])
     assert f"{preflight.CHUNK} of {len(data)} samples probed before" in capsys.readouterr().err
     lines = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
     assert [q["id"] for q in lines] == [f"gone{i}" for i in range(8)]
@@ -711,3 +712,61 @@ def test_a_progress_line_cut_short_by_a_kill_is_dropped(tmp_path):
     again.close()
     assert preflight.Journal(path, options).done == {0: [{"index": 0}], 1: [{"index": 1}]}
     assert preflight.Journal(path, {"samples": 4}).done == {}  # other options: started again
+
+
+def test_a_preflight_stopped_in_one_folder_goes_on_from_another(tmp_path, monkeypatch):
+    """The results named their file by the relative path given: run again from another folder, the end of the
+    preflight looked for it there and failed, after all the probing."""
+    work = tmp_path / "proj"
+    (work / "data").mkdir(parents=True)
+    write_video(work / "data" / "clip.mp4", np.zeros((6, 16, 24, 3), dtype=np.uint8), fps=3)
+    data = records("gone", 4, "missing.mp4") + records("ok", preflight.CHUNK)  # the bad ones in the first chunk
+    (work / "data" / "a.json").write_text(json.dumps(data))
+    add = preflight.Journal.add
+
+    def stopped_after_one(self, start, results):
+        add(self, start, results)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(preflight.Journal, "add", stopped_after_one)
+    monkeypatch.chdir(work)
+    common = ["--out", str(tmp_path / "pf"), "--workers", "1", "--no-progress", "--num-frames", "4"]
+    with pytest.raises(KeyboardInterrupt):
+        preflight.main(["data/a.json", "--data-root", "data", *common])
+    monkeypatch.setattr(preflight.Journal, "add", add)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert preflight.main(["../proj/data/a.json", "--data-root", "../proj/data", *common]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "pf" / "quarantine.jsonl").read_text().splitlines()]
+    assert [q["id"] for q in lines] == [f"gone{i}" for i in range(4)]
+    assert {q["source"] for q in lines} == {str(work / "data" / "a.json")}
+
+
+def _slow_after_first(start: int, stop: int) -> list[dict]:
+    import time
+
+    if start:
+        time.sleep(60)  # a chunk of long clips
+    return [{"index": i} for i in range(start, stop)]
+
+
+def test_a_stopped_preflight_does_not_wait_for_the_chunks_in_flight(monkeypatch):
+    """Ctrl-C or a SIGTERM unwound through the pool's shutdown, which waited for every chunk handed out (up to a
+    minute a clip) and then threw their results away."""
+    import multiprocessing
+    import time
+    from collections import deque
+
+    monkeypatch.setattr(preflight, "_probe_range", _slow_after_first)
+    monkeypatch.setattr(preflight, "_init", _no_state)
+    kept = {}
+
+    def finish(start, results):
+        kept[start] = results
+        raise KeyboardInterrupt  # the stop, as the first chunk comes back
+
+    queue = deque((s, s + preflight.CHUNK) for s in range(0, 4 * preflight.CHUNK, preflight.CHUNK))
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        preflight._pool_pass(multiprocessing.get_context("fork"), 2, (), queue, finish)
+    assert time.monotonic() - began < 20 and list(kept) == [0]
