@@ -133,14 +133,14 @@ def saved_bytes(model: MetaModel, frames: int, modality: str, guided: bool, guid
     the meta device under the parts' requires_grad flags as the stage trains them (autograd keeps nothing where no
     gradient passes), `element` bytes a floating value (2 in bf16); the weights (and views of them) aside."""
     weights = {id(p) for part in (model.vision, model.compressor) for p in part.parameters()}
-    seen: set[int] = set()
+    seen: dict[int, torch.Tensor] = {}  # held, so that no other tensor takes a counted one's id once it is freed
     total = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         nonlocal total
         base = t._base if t._base is not None else t
         if id(t) not in seen and id(base) not in weights:
-            seen.add(id(t))
+            seen[id(t)] = t
             total += t.numel() * (element if t.is_floating_point() else t.element_size())
         return t
 

@@ -177,10 +177,10 @@ def test_the_memory_estimate_measures_what_the_compressor_and_trainable_towers_k
 
     trained = row("model/compressor=qformer", "model.trainable=[compressor,llm]")
     frozen = row("model/compressor=qformer", "model.trainable=[llm]")  # no gradient through it: it keeps nothing
-    assert trained["memory_gib"]["activations"] > 1.3 * frozen["memory_gib"]["activations"]
+    assert trained["memory_gib"]["activations"] > 1.2 * frozen["memory_gib"]["activations"]
     frozen = row("model/compressor=avgpool", "model.trainable=[compressor]")
     trunk = row("model/compressor=avgpool", "model.trainable=[compressor,vision_trunk]")
-    assert trunk["memory_gib"]["activations"] > 2 * frozen["memory_gib"]["activations"]
+    assert trunk["memory_gib"]["activations"] > 1.5 * frozen["memory_gib"]["activations"]
     # the trunk's last layer and post-layernorm never run for a compressor without joint-space keys: left frozen
     # and not counted as trained, as the training module leaves them
     from hicom.training import build
