@@ -148,11 +148,19 @@ def saved_bytes(model: MetaModel, frames: int, modality: str, guided: bool, guid
     tower, grid = model.vision, model.grid
     uses_embeds = getattr(model.compressor, "uses_embeds", False) and guided
     tokens = getattr(model.compressor, "guide_tokens", False)
+    trained = any(p.requires_grad for p in tower.parameters())  # else the towers keep nothing: not run (minutes)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        features, embeds = tower(torch.empty(frames, 3, tower.image_size, tower.image_size, **meta), uses_embeds)
         text = None
-        if guided:
-            text = tower.encode_guide(torch.zeros(1, guide, dtype=torch.long, **meta), tokens=tokens)
+        if trained:
+            features, embeds = tower(torch.empty(frames, 3, tower.image_size, tower.image_size, **meta), uses_embeds)
+            if guided:
+                text = tower.encode_guide(torch.zeros(1, guide, dtype=torch.long, **meta), tokens=tokens)
+        else:
+            features = embeds = torch.empty(frames, grid, grid, tower.hidden_size, **meta)
+            if guided:
+                text = torch.empty(
+                    (1, guide, tower.text_hidden_size) if tokens else (1, tower.text_hidden_size), **meta
+                )
         layout = PackedLayout((frames,), (modality,), grid, grid)
         model.compressor.forward_packed(features, features if embeds is None else embeds, text, layout)
     return total
