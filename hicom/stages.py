@@ -241,7 +241,7 @@ def save_handoff(
         "compressor": OmegaConf.to_container(cfg.model.compressor, resolve=True),
         # the tower's hidden state the compressor was trained on: the same weights would read another's features
         "select_layer": OmegaConf.select(cfg, "model.vision.select_layer", default=None),
-        "vision_depth": tower_depth(model.net.vision),  # -2 and depth - 1 are one hidden state
+        "vision_depth": model.net.vision.depth,  # -2 and depth - 1 are one hidden state
         "parameters": {key: list(value.shape) for key, value in state.items()},
         "init_from": cfg.get("init_from"),  # the release folder its untrained parts are
         "frozen_from": frozen_sources(cfg, parts),
@@ -430,11 +430,6 @@ def guide_parameters(model, cfg: DictConfig) -> list[str]:
 
     only = model.guide_only if model.guide_only is not None else guide_only_names(model.net, cfg.model.compressor)
     return [f"compressor.{key}" for key in model.net.compressor.state_dict() if key in only]
-
-
-def tower_depth(tower) -> int:
-    """A vision tower's number of layers (its hidden states: the embeddings, then each layer's output)."""
-    return len(tower.vision_tower.encoder.layers)
 
 
 def same_layer(trained, layer, depth: int | None = None) -> bool:
@@ -750,8 +745,8 @@ def _missing_data(to_run: list[tuple[str, DictConfig]], stages: list[DictConfig]
             check_data(stage_cfg)
         except FileNotFoundError as err:
             i = names.index(name)
-            own = OmegaConf.select(stages[i], "config.data.source", default=None)
-            keys = [f"stages.{i}.config.data.source.{key}" for key in own or {}]
+            source = OmegaConf.select(stages[i], "config.data.source", default=None)
+            keys = [f"stages.{i}.config.data.source.{key}" for key in source or {}]
             own = f"\n  (this stage sets its own {', '.join(keys)}: data.source.* of the run does not change it)"
             missing.append(f"stage {name}: {err}" + (own if keys else ""))
     return missing

@@ -269,7 +269,7 @@ def test_a_compressor_trained_on_one_tower_layer_is_not_loaded_onto_another(
         check_resume(resumed, None)
     check_resume(compose_train(cache_dir, tmp_path / "again", [f"ckpt_path={tmp_path / 'last.ckpt'}"]), None)
     # the same hidden state written the other way (-2 of a 2-layer tiny tower is 1) is the same layer
-    depth = len(instantiate(moved.model).net.vision.vision_tower.encoder.layers)
+    depth = instantiate(moved.model).net.vision.depth
     same = compose_train(cache_dir, tmp_path / "eval", [f"model.vision.select_layer={depth - 1}"])
     load_handoff(instantiate(same.model), parent, [], cfg=same)
     torch.save({"select_layer": -2, "vision_depth": depth}, tmp_path / "last.ckpt")

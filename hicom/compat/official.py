@@ -1034,7 +1034,7 @@ def import_official(net, folder: str | Path, *, loaded: tuple[str, ...] = ()) ->
     config = read_config(folder)
     check_whole_model(folder)
     check_compressor(net.compressor, config, folder)
-    check_select_layer(len(net.vision.vision_tower.encoder.layers), net.vision.select_layer, config, folder)
+    check_select_layer(net.vision.depth, net.vision.select_layer, config, folder)
     stored = stored_tensors(folder)
     if not stored:
         raise FileNotFoundError(f"no .safetensors in {folder}")

@@ -86,9 +86,7 @@ def _exit_with(pid: int) -> None:
         time.sleep(1.0)
         try:
             os.kill(pid, 0)
-        except ProcessLookupError:
-            os._exit(1)
-        except PermissionError:  # another user's process under that number: not ours, which has ended
+        except (ProcessLookupError, PermissionError):  # gone, or another user's process under that number now
             os._exit(1)
 
 
@@ -253,15 +251,10 @@ PROGRESS = "progress.jsonl"  # under --out: the options, then each finished rang
 def _options(source, data_root, entries, n, seed, sampling, tokens) -> dict:
     """What a preflight's results follow from: its files (as they are now), their records' selection, the
     sampling, the token count's settings."""
+    stats = [e.json_path.stat() for e in entries]
     files = [
-        [
-            str(e.json_path.resolve()),
-            e.json_path.stat().st_size,
-            e.json_path.stat().st_mtime_ns,
-            str(e.data_root.resolve()),
-        ]
-        + [repr(e.sampling)]
-        for e in entries
+        [str(e.json_path), st.st_size, st.st_mtime_ns, str(e.data_root), repr(e.sampling)]
+        for e, st in zip(entries, stats, strict=True)
     ]
     counted = None
     if tokens is not None:
@@ -324,7 +317,7 @@ def _plain(value):
 
 
 def _crashed(index: SampleIndex, i: int) -> dict:
-    """Sample `i`'s entry where probing it ended its process (a decoder's crash, memory, a kill), twice."""
+    """Sample `i`'s entry where probing it alone ended its process while another process could probe."""
     record = index.record_of(i)
     file, row = index.where(i)
     out = {"source": file, "index": row, "reason": "crashed"}
@@ -366,10 +359,7 @@ def _probe_all(
     covered = np.zeros(n, dtype=bool)
     for start, results in done.items():
         covered[start : start + len(results)] = True
-    todo = deque(
-        (start, min(start + CHUNK, n)) for start in range(0, n, CHUNK) if not covered[start : start + CHUNK].all()
-    )
-    todo = deque(run for start, stop in todo for run in _runs(covered, start, stop))
+    todo = deque(run for start in range(0, n, CHUNK) for run in _runs(covered, start, min(start + CHUNK, n)))
     bar = None
     if progress:
         from tqdm import tqdm
@@ -378,6 +368,10 @@ def _probe_all(
 
     control: list[int] = []  # a sample whose probe came back: probed again, it tells a bad file from bad workers
 
+    def note_control(start: int, results: list[dict]) -> None:
+        if not control:
+            control.extend([start + j for j, r in enumerate(results) if r.get("reason") != "crashed"][:1])
+
     def finish(start: int, results: list[dict]) -> None:
         if journal is not None:
             journal.add(start, results)
@@ -385,12 +379,10 @@ def _probe_all(
             done[start] = results
         if bar is not None:
             bar.update(len(results))
-        if not control:
-            control.extend([start + j for j, r in enumerate(results) if r.get("reason") != "crashed"][:1])
+        note_control(start, results)
 
     for start, results in done.items():  # probed before a resume
-        if not control:
-            control.extend([start + j for j, r in enumerate(results) if r.get("reason") != "crashed"][:1])
+        note_control(start, results)
 
     held: list[int] = []  # samples whose process died alone before any probe came back: said once one does
     while todo:

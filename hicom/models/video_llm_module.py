@@ -423,7 +423,7 @@ class VideoLLMModule(LightningModule):
         checkpoint["fit_so_far"] = self.fit_so_far()
         checkpoint["compressor_config"] = self.compressor_config
         checkpoint["select_layer"] = int(self.net.vision.select_layer)  # the hidden state the compressor reads
-        checkpoint["vision_depth"] = len(self.net.vision.vision_tower.encoder.layers)  # -2 is depth - 1
+        checkpoint["vision_depth"] = self.net.vision.depth  # -2 is depth - 1
         checkpoint["lr_schedule"] = self.schedule
         strategy = self._deepspeed()
         if strategy is not None:

@@ -105,6 +105,11 @@ class _Tower(nn.Module):
                 encoder.layers = layers
         return taken[0], out.last_hidden_state if final else None
 
+    @property
+    def depth(self) -> int:
+        """The trunk's layers (its hidden states: the embeddings, then each layer's output; -2 is depth - 1)."""
+        return len(self.vision_tower.encoder.layers)
+
     def unread(self, joint_embeds: bool) -> list[nn.Module]:
         """The trunk's modules whose outputs nothing reads where no joint-space keys are made (`joint_embeds`
         False): the layers after `select_layer` (which `_trunk` then does not run) and the post-layernorm. Trained,
