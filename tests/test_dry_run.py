@@ -202,15 +202,24 @@ def test_a_stage_whose_visual_tokens_fill_max_length_is_refused_as_training_refu
         report(cfg)
 
 
-def test_a_release_folders_llm_is_dry_run_as_training_reads_it(cache_dir, tmp_path, cfg_small):
+def test_a_release_folders_llm_is_dry_run_as_training_reads_it(cache_dir, tmp_path, cfg_small, monkeypatch):
     """Its config.json says model_type hicom_qwen2, which training registers with transformers: the dry run failed
     with a bare KeyError."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
     from hicom.compat.official import export_official
+    from hicom.compat.release_llm import RELEASE_TYPES
     from hicom.training import build
     from hicom.utils.instantiators import write_assets
 
     folder = export_official(build(cfg_small)[0].net, tmp_path / "official")
     cfg = compose_train(cache_dir, tmp_path, [f"model.llm.path={folder}"])
     write_assets(cfg.assets)
+    # As in a fresh process: whatever ran before in this one (the export above) may have registered the types.
+    for model_class in RELEASE_TYPES.values():
+        config_class = model_class.config_class
+        monkeypatch.delitem(CONFIG_MAPPING._extra_content, config_class.model_type, raising=False)
+        monkeypatch.delitem(MODEL_FOR_CAUSAL_LM_MAPPING._extra_content, config_class, raising=False)
     (row,) = report(cfg)
     assert row["forward_tflops"]["llm"] > 0

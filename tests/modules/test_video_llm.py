@@ -5,6 +5,7 @@ import functools
 import pytest
 import torch
 
+from hicom.modules.compressors import GlobalCompressor
 from hicom.modules.compressors.base import Compressor
 from hicom.training import build
 from tests.conftest import SMALL, compose_train
@@ -39,7 +40,30 @@ def test_fine_injection_and_clip_scale_run_through_the_network(cache_dir, tmp_pa
     expected = net.num_visual_tokens(4) + net.num_visual_tokens(1, "image")
     assert out.shape == (expected, net.llm.hidden_size)
     out.square().mean().backward()
-    assert branch.logit_scale.grad is not None
+    # as released, SigLIP's pair is kept while the compressor trains: saved with it, never stepped
+    assert not branch.logit_scale.requires_grad and branch.logit_scale.grad is None
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert not {name for name in trained if "logit_" in name}
+    assert {"net.compressor.global_compressor.logit_scale", "net.compressor.global_compressor.logit_bias"} <= set(
+        model.state_dict()
+    )
+
+
+@pytest.mark.parametrize("branch", ["local", "global_"])
+def test_train_clip_scale_trains_the_pair_with_the_compressor(cache_dir, tmp_path, branch):
+    """The release's "attn_scale" tunable part: the pair becomes parameters of the branch, stepped with it."""
+    overrides = [f"model.compressor.{branch}.clip_scale=true", f"model.compressor.{branch}.train_clip_scale=true"]
+    model, _ = build(compose_train(cache_dir, tmp_path, [*overrides, *SMALL]))
+    prefix = f"net.compressor.{'local' if branch == 'local' else 'global'}_compressor"
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert {f"{prefix}.logit_scale", f"{prefix}.logit_bias"} <= trained
+    vision = model.net.vision
+    torch.testing.assert_close(model.get_parameter(f"{prefix}.logit_scale"), vision.logit_scale.reshape(1).detach())
+
+
+def test_train_clip_scale_needs_clip_scale():
+    with pytest.raises(ValueError, match="train_clip_scale .* needs clip_scale"):
+        GlobalCompressor(in_dim=8, out_dim=4, train_clip_scale=True)
 
 
 def test_questions_sharing_a_clip_see_it_once_and_get_the_tokens_of_their_own_copies(cfg_small):

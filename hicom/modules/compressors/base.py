@@ -65,6 +65,18 @@ def index_cache(maxsize: int) -> Callable[[Callable], Callable]:
 RELEASE_INIT_STD = 0.02
 
 
+def add_clip_scale(module: nn.Module, trained: bool) -> None:
+    """A branch's clip-scale pair, logit_scale and logit_bias (VideoLLM copies the vision tower's in). As released
+    they stay SigLIP's while the branch trains: buffers, saved with it but never stepped. `trained` makes them
+    parameters (the release's "attn_scale" tunable part)."""
+    for name, value in (("logit_scale", math.log(10.0)), ("logit_bias", -10.0)):
+        tensor = torch.full((1,), value)
+        if trained:
+            module.register_parameter(name, nn.Parameter(tensor))
+        else:
+            module.register_buffer(name, tensor)
+
+
 def init_weights(module: nn.Module, std: float | None = RELEASE_INIT_STD) -> None:
     """Truncated-normal linear weights, zero biases, unit LayerNorms.
 

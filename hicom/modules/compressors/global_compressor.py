@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
@@ -13,6 +12,7 @@ from hicom.modules.compressors.base import (
     RELEASE_INIT_STD,
     Compressor,
     PackedLayout,
+    add_clip_scale,
     init_weights,
     pad_packed,
     readout,
@@ -74,6 +74,7 @@ class GlobalCompressor(Compressor):
         position: Position = Position.KV,
         adapt_guide: bool = False,
         clip_scale: bool = False,
+        train_clip_scale: bool = False,
         readout_depth: int = 2,
         init_std: float | None = RELEASE_INIT_STD,
     ) -> None:
@@ -81,6 +82,8 @@ class GlobalCompressor(Compressor):
         whole_number("num_queries", num_queries)
         flag("adapt_guide", adapt_guide)
         flag("clip_scale", clip_scale)
+        if flag("train_clip_scale", train_clip_scale) and not clip_scale:
+            raise ValueError("train_clip_scale trains the clip-scale pair: it needs clip_scale: true")
         self.num_queries = num_queries
         self.num_heads = max(1, in_dim // 128) if num_heads is None else whole_number("num_heads", num_heads)
         if in_dim % self.num_heads:
@@ -100,9 +103,9 @@ class GlobalCompressor(Compressor):
         self.attn_layer = Attention(in_dim, self.num_heads)
         # Clip scale: unit-length projected queries and keys, SigLIP's logit scale and bias for 1 / sqrt(d_head).
         self.clip_scale = clip_scale
+        self.train_clip_scale = train_clip_scale
         if clip_scale:
-            self.logit_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
-            self.logit_bias = nn.Parameter(torch.full((1,), -10.0))
+            add_clip_scale(self, train_clip_scale)
         self.readout = readout(in_dim, out_dim, readout_depth)
         self.apply(partial(init_weights, std=init_std))
         self._table: torch.Tensor | None = None
@@ -115,7 +118,7 @@ class GlobalCompressor(Compressor):
         if self.guide_injector is not None and self.guide_injector.adapt:
             words.append("adapt g")
         if self.clip_scale:
-            words.append("clip-scale")
+            words.append("clip-scale trained" if self.train_clip_scale else "clip-scale")
         return " ".join(words + readout_words(self.readout))
 
     def num_tokens(self, t: int, h: int, w: int, modality: str = "video") -> int:

@@ -17,6 +17,7 @@ from hicom.modules.compressors.base import (
     RELEASE_INIT_STD,
     Compressor,
     PackedLayout,
+    add_clip_scale,
     frame_kernel,
     group_index,
     index_cache,
@@ -82,6 +83,7 @@ class LocalCompressor(Compressor):
         keys: Keys | None = None,
         adapt: Sequence[str] = (),
         clip_scale: bool = False,
+        train_clip_scale: bool = False,
         clip_norm: ClipNorm = ClipNorm.QK,
         readout_depth: int = 2,
         init_std: float | None = RELEASE_INIT_STD,
@@ -89,6 +91,8 @@ class LocalCompressor(Compressor):
         super().__init__()
         kernel = kernel_sizes("kernel", kernel)
         flag("clip_scale", clip_scale)
+        if flag("train_clip_scale", train_clip_scale) and not clip_scale:
+            raise ValueError("train_clip_scale trains the clip-scale pair: it needs clip_scale: true")
         self.clip_norm = ClipNorm(clip_norm)
         if kernel[1] != kernel[2]:
             raise ValueError(f"kernel must be (k_t, k_s, k_s): one spatial size for both axes, got {kernel!r}")
@@ -120,9 +124,9 @@ class LocalCompressor(Compressor):
         # Clip scale: unit-length queries and keys (`clip_norm`), SigLIP's logit scale and bias (copied from the vision
         # tower by VideoLLM) in place of 1 / sqrt(D).
         self.clip_scale = clip_scale
+        self.train_clip_scale = train_clip_scale
         if clip_scale:
-            self.logit_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
-            self.logit_bias = nn.Parameter(torch.full((1,), -10.0))
+            add_clip_scale(self, train_clip_scale)
         self.readout = readout(in_dim, out_dim, readout_depth)
         self.apply(partial(init_weights, std=init_std))
 
@@ -145,6 +149,8 @@ class LocalCompressor(Compressor):
             words.append("adapt " + ",".join(sorted(a.value for a in self.adapt)))
         if self.clip_scale:
             words.append("clip-scale" if self.clip_norm is ClipNorm.QK else "clip-scale as released")
+            if self.train_clip_scale:
+                words.append("trained")
         return " ".join(words + readout_words(self.readout))
 
     @property
