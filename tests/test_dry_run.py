@@ -23,9 +23,12 @@ def test_the_paper_recipe_on_qwen25_05b(cache_dir, tmp_path, capsys):
     assert [r["micro_batch"] for r in rows] == [32, 8, 2]  # each stage's data.batch_size: the release's per GPU
     named = report(compose_train(cache_dir, tmp_path, [*recipe, "trainer.strategy=deepspeed_stage_1"]))
     assert [r["zero_stage"] for r in named] == [1, 1, 2]  # a name Lightning registers, as its config
-    one = report(compose_train(cache_dir, tmp_path, [*recipe, "dry_run_settings.micro_batch=1"]))
-    assert [r["micro_batch"] for r in one] == [1, 1, 1]
+    # stage=<name>: that stage alone, as training runs it
+    one = report(compose_train(cache_dir, tmp_path, [*recipe, "stage=alignment", "dry_run_settings.micro_batch=1"]))
+    assert [(r["stage"], r["micro_batch"]) for r in one] == [("alignment", 1)]
     assert one[0]["memory_gib"]["activations"] < rows[0]["memory_gib"]["activations"]
+    with pytest.raises(ValueError, match=r"stage='tuning' is not one of \['alignment', 'conditional', 'instruction'\]"):
+        report(compose_train(cache_dir, tmp_path, [*recipe, "stage=tuning"]))
 
 
 def test_a_part_without_a_bundled_architecture_is_built_from_its_folder(cache_dir, tmp_path, capsys):
@@ -95,10 +98,11 @@ def test_zero_memory_arithmetic():
 
 
 def test_the_dry_run_counts_deepspeeds_offload_out_of_gpu_memory(cache_dir, tmp_path, capsys):
-    recipe = ["experiment=directg_local43_global32", "model/llm=qwen25_05b"]
-    kept = report(compose_train(cache_dir, tmp_path, [*recipe, "strategy=deepspeed_zero3"]))[2]["memory_gib"]
+    recipe = ["experiment=directg_local43_global32", "model/llm=qwen25_05b", "stage=instruction"]
+    (kept,) = report(compose_train(cache_dir, tmp_path, [*recipe, "strategy=deepspeed_zero3"]))
+    kept = kept["memory_gib"]
     capsys.readouterr()
-    offloaded = report(compose_train(cache_dir, tmp_path, [*recipe, "strategy=deepspeed_zero3_offload"]))[2]
+    (offloaded,) = report(compose_train(cache_dir, tmp_path, [*recipe, "strategy=deepspeed_zero3_offload"]))
     assert offloaded["memory_gib"]["optimizer"] == offloaded["memory_gib"]["weights"] == 0 < kept["optimizer"]
     assert "ZeRO-3 (optimizer states and parameters in CPU memory)" in capsys.readouterr().out
 
@@ -140,7 +144,8 @@ def test_memory_follows_the_strategy_precision_and_checkpointing_the_run_trains_
     recipe = ["experiment=directg_local43_global32", "model/llm=qwen25_05b"]
 
     def memory(*overrides: str) -> dict:
-        return report(compose_train(cache_dir, tmp_path, [*recipe, *overrides]))[1]["memory_gib"]  # stage 2
+        (row,) = report(compose_train(cache_dir, tmp_path, [*recipe, "stage=conditional", *overrides]))
+        return row["memory_gib"]
 
     deepspeed, ddp, fp32 = memory(), memory("strategy=ddp"), memory("trainer.precision=32-true")
     assert ddp["weights"] == pytest.approx(2 * deepspeed["weights"]) == pytest.approx(fp32["weights"])
