@@ -158,6 +158,17 @@ def _reads_its_root(entry: MixtureEntry) -> bool:
     return False
 
 
+def approximate_lengths(index: SampleIndex, visual_tokens: Callable[[int, str], int], num_frames: int) -> np.ndarray:
+    """(samples,) each sample's LLM tokens, about, without reading its media: 4 bytes of its record's JSON per text
+    token, plus its visual tokens (a video at `num_frames`, a list of images as one clip of them all)."""
+    modalities, images = index.modalities(), index.image_counts()
+    lengths = index.text_bytes() // 4
+    lengths[modalities == 2] += visual_tokens(num_frames, "video")
+    for count in np.unique(images[modalities == 1]).tolist():
+        lengths[(modalities == 1) & (images == count)] += visual_tokens(count, "image")
+    return lengths
+
+
 class VideoQADataModule(LightningDataModule):
     """Serves LLaVA-format video QA for training (loss), validation (loss) and test (greedy multiple choice).
 
@@ -324,10 +335,8 @@ class VideoQADataModule(LightningDataModule):
         grouping = {}
         if self.group_by_length:
             index = self.train_set.index
-            modalities = index.modalities()
-            visual = np.array([0, self.visual_tokens(1, "image"), self.visual_tokens(self.num_frames, "video")])
-            lengths = index.text_bytes() // 4 + visual[modalities]  # about 4 bytes of JSON per text token
-            grouping = dict(batch_size=self.batch_size, lengths=lengths, groups=modalities)
+            lengths = approximate_lengths(index, self.visual_tokens, self.num_frames)
+            grouping = dict(batch_size=self.batch_size, lengths=lengths, groups=index.modalities())
         step = self._step_samples()
         sampler = TrainSampler(
             self.train_set,

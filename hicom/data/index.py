@@ -34,7 +34,8 @@ STALE_SECONDS = 24 * 3600
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 2  # bump when the saved layout or the build's rules change (2: text-only samples stay whole)
+INDEX_VERSION = 3  # bump when the saved layout or the build's rules change (2: text-only samples stay whole;
+# 3: the images of each record)
 
 
 class Strategy(str, enum.Enum):
@@ -242,6 +243,13 @@ def modality_of(record) -> int:
     return 0
 
 
+def image_count(record) -> int:
+    """The images a record shows (a list of them forms one clip), 0 for anything else."""
+    if modality_of(record) != 1:
+        return 0
+    return len(record["image"]) if isinstance(record["image"], list) else 1
+
+
 def count_turns(record) -> int:
     """Exchanges (user question + answer) in a record's conversation, 1 when it cannot tell (the dataset then
     reports the record as malformed)."""
@@ -289,9 +297,11 @@ class SampleIndex:
         roots: tuple[str, ...],
         files: tuple[str, ...],
         modality: np.ndarray | None = None,
+        images: np.ndarray | None = None,
     ) -> None:
         self.origin = origin
         self.modality = modality if modality is not None else np.zeros(len(origin), dtype=np.int8)
+        self.images = images if images is not None else np.zeros(len(origin), dtype=np.int32)
         self.blob, self.offsets = blob, offsets
         self.source, self.record, self.turn = source, record, turn
         self.roots, self.files = roots, files
@@ -331,6 +341,7 @@ class SampleIndex:
         lengths: list[int] = []
         origin: list[int] = []
         modality: list[int] = []
+        images: list[int] = []
         rows: list[tuple[int, int, int]] = []
         roots, files = [], []
         read: set[str] = set()  # the annotation files, resolved
@@ -365,6 +376,7 @@ class SampleIndex:
                     unreadable.append(what)
                 origin.append(row)
                 modality.append(modality_of(record))
+                images.append(image_count(record))
                 position = len(lengths)
                 chunks.append(data)
                 lengths.append(len(data))
@@ -403,6 +415,7 @@ class SampleIndex:
             roots=tuple(roots),
             files=tuple(files),
             modality=np.asarray(modality, dtype=np.int8),
+            images=np.asarray(images, dtype=np.int32),
         )
 
     def __len__(self) -> int:
@@ -411,6 +424,10 @@ class SampleIndex:
     def modalities(self) -> np.ndarray:
         """(samples,) MODALITIES code of each sample."""
         return self.modality[self.record]
+
+    def image_counts(self) -> np.ndarray:
+        """(samples,) the images each sample shows (0 for a video or text)."""
+        return self.images[self.record]
 
     def text_bytes(self) -> np.ndarray:
         """(samples,) the size of each sample's record in bytes: a proxy for its text length."""
@@ -432,7 +449,7 @@ class SampleIndex:
         """(annotation file, record position in that file) of sample i, for reports and quarantine lists."""
         return self.files[int(self.source[i])], int(self.origin[self.record[i]])
 
-    _ARRAYS = ("blob", "offsets", "source", "record", "turn", "origin", "modality")
+    _ARRAYS = ("blob", "offsets", "source", "record", "turn", "origin", "modality", "images")
 
     def save(self, folder: str | Path) -> Path:
         """Write the index as .npy files plus meta.json, atomically (a temporary sibling renamed into place). The
@@ -506,5 +523,4 @@ class SampleIndex:
         return cls.load(folder)
 
     def nbytes(self) -> int:
-        arrays = (self.blob, self.offsets, self.source, self.record, self.turn, self.origin, self.modality)
-        return sum(a.nbytes for a in arrays)
+        return sum(getattr(self, name).nbytes for name in self._ARRAYS)

@@ -770,3 +770,25 @@ def test_a_stopped_preflight_does_not_wait_for_the_chunks_in_flight(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         preflight._pool_pass(multiprocessing.get_context("fork"), 2, (), queue, finish)
     assert time.monotonic() - began < 20 and list(kept) == [0]
+
+
+def test_grouping_counts_a_list_of_images_as_one_clip_of_them_all(tmp_path):
+    """The length proxy of group_by_length gave a sample of 8 images the tokens of one."""
+    from hicom.data.datamodule import approximate_lengths
+
+    ask = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}]
+    data = [
+        {"id": "one", "image": "a.png", "conversations": ask},
+        {"id": "eight", "image": [f"{i}.png" for i in range(8)], "conversations": ask},
+        {"id": "video", "video": "v.mp4", "conversations": QA},
+        {"id": "text", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
+    ]
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    index = SampleIndex.build([MixtureEntry(tmp_path / "a.json", tmp_path)])
+    assert index.image_counts().tolist() == [1, 8, 0, 0]
+    visual = {("image", 1): 100, ("image", 8): 800, ("video", 4): 50}
+    lengths = approximate_lengths(index, lambda n, modality: visual[modality, n], num_frames=4)
+    text = index.text_bytes() // 4
+    assert (lengths - text).tolist() == [100, 800, 50, 0]
+    index.save(tmp_path / "saved")  # the counts are saved with the index
+    assert SampleIndex.load(tmp_path / "saved").image_counts().tolist() == [1, 8, 0, 0]
