@@ -18,6 +18,7 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
@@ -831,10 +832,12 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
     metrics["skipped_samples"] = [
         {k: item[k] for k in ("id", "skip", "path", "error", "source") if k in item} for item in model.skipped_so_far()
     ]
+    summary = {f"summary/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
     for logger in loggers:
-        logger.log_metrics(
-            {f"summary/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, trainer.global_step
-        )
+        if isinstance(logger, TensorBoardLogger):  # its HPARAMS tab: each run's config beside these figures
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True), summary, trainer.global_step)
+        else:
+            logger.log_metrics(summary, trainer.global_step)
     finish_loggers(loggers)
     if trainer.is_global_zero:
         if "n_questions" in metrics:

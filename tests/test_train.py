@@ -18,7 +18,7 @@ from tests.conftest import SMALL, compose_train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_a_few_steps_lower_the_loss_and_write_the_summary(cfg_small, tmp_path):
+def test_a_few_steps_lower_the_loss_and_write_the_summary(cfg_small, cache_dir, tmp_path):
     from hicom.callbacks.throughput import BatchFlops
     from hicom.dry_run import build_meta
     from hicom.training import build
@@ -39,6 +39,7 @@ def test_a_few_steps_lower_the_loss_and_write_the_summary(cfg_small, tmp_path):
 
     with open_dict(cfg_small):
         cfg_small.callbacks.throughput.window_size = 2  # a rate from the second micro-batch on
+        cfg_small.logger.tensorboard = compose_train(cache_dir, tmp_path, ["logger=tensorboard"]).logger.tensorboard
     metrics = train(cfg_small)
     written = json.loads((Path(cfg_small.paths.output_dir) / "metrics.json").read_text())
     assert written == metrics
@@ -67,6 +68,18 @@ def test_a_few_steps_lower_the_loss_and_write_the_summary(cfg_small, tmp_path):
     assert metrics["mean_visual_tokens_per_video"] == 50  # every generated clip has its 8 frames
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["chance"] == 0.25
     assert (Path(cfg_small.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
+    # TensorBoard's HPARAMS tab: the run's config beside its figures, no placeholder hp_metric
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(cfg_small.logger.tensorboard.save_dir).Reload()
+    assert "hp_metric" not in events.Tags()["scalars"]
+    assert events.Scalars("summary/accuracy")[-1].value == pytest.approx(metrics["accuracy"])
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["model/compressor/local/guide"].string_value == "direct"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert "summary/accuracy" in {info.name.tag for info in experiment.metric_infos}
 
 
 def _videos_with_bad_ones(
