@@ -593,6 +593,9 @@ def test_a_bad_checkpoint_or_benchmark_is_a_clear_error(
         ),
         ("benchmarks.mvbench.prompts.multiple_choice='{question:d} {options}'", r"mvbench: .*Unknown format code 'd'"),
         ("~benchmarks.mvbench.prompts", r"mvbench: no prompt template for \['multiple_choice'\]: set benchmarks"),
+        # an on / off value that is neither: `no` read as true
+        ("benchmarks.mvbench.tasks.action_sequence.bounded=no", r"mvbench: bounded must be true or false, got 'no'"),
+        ("benchmarks.mvbench.root=null", r"mvbench: (.|\n)*root must be the benchmark.s folder, got None"),
         *(
             [("device=cuda", r"device=cuda, and this torch .* sees no CUDA GPU")]
             if not torch.cuda.is_available()
@@ -619,8 +622,12 @@ def test_a_bad_checkpoint_or_benchmark_is_a_clear_error(
     missing.append(f"benchmarks.mvbench.root={tmp_path}/none")
     with pytest.raises(BenchmarkFormatError, match=r"cannot read the benchmarks:\n  mvbench: .*\n  egoschema: "):
         evaluate(compose_eval(cache_dir, bench_data, tmp_path, missing))
-    from hicom.eval.benchmarks import VideoMME
+    from hicom.eval.benchmarks import EgoSchema, VideoMME
 
+    with pytest.raises(ValueError, match="subtitles must be true or false, got 'no'"):
+        VideoMME(root=str(tmp_path), subtitles="no")
+    with pytest.raises(ValueError, match="subset must be true or false, got 'no'"):
+        EgoSchema(root=str(tmp_path), subset="no")
     bad = tmp_path / "videomme/test.parquet"
     bad.parent.mkdir()
     bad.write_bytes((bench_data / "eval/videomme/videomme/test-00000-of-00001.parquet").read_bytes()[:100])

@@ -15,10 +15,11 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from hicom.eval.answers import LETTERS
+from hicom.utils.choices import flag
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,13 @@ class Kind(str, enum.Enum):
     OPEN_ENDED = "open_ended"
 
 
+def check_flags(spec) -> None:
+    """Refuse a dataclass whose true / false fields hold anything else: `no` would read as true."""
+    for item in fields(spec):
+        if item.type in ("bool", bool):
+            flag(item.name, getattr(spec, item.name))
+
+
 @dataclass
 class Reader:
     """What every reader takes: `root`, the benchmark's folder, and `prompts`, the templates its benchmark is asked
@@ -35,6 +43,11 @@ class Reader:
 
     root: str
     prompts: dict[str, str] | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.root, str | Path) or not str(self.root).strip():
+            raise ValueError(f"root must be the benchmark's folder, got {self.root!r}")
+        check_flags(self)
 
     def read(self) -> list[Question]:
         """The benchmark's questions. Replies are kept by question id, so an id given to two questions would lose
@@ -164,6 +177,9 @@ class MVBenchTask:
     prefix: str
     frames: bool = False
     bounded: bool = False
+
+    def __post_init__(self) -> None:
+        check_flags(self)
 
 
 @dataclass

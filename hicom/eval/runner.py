@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader, Dataset
@@ -721,7 +722,7 @@ def evaluate(cfg: DictConfig) -> dict:
             readers[name] = instantiate(cfg.benchmarks[name])
             questions[name] = readers[name].read()
             check_subtitles(name, readers[name], questions[name])
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, InstantiationException) as error:  # the last: a reader's value refused
             problems.append(f"{name}: {error}")
     if problems:
         raise BenchmarkFormatError("cannot read the benchmarks:\n  " + "\n  ".join(problems))
