@@ -277,6 +277,7 @@ def stages_of(cfg: DictConfig) -> list[dict]:
     """Each stage's name (only `cfg.stage`'s where it names one), trainable parts, frames, modality, its config (as
     the stage runner composes it: its own compressor) and its ZeRO stage (`zero_stage_of`)."""
     from hicom.stages import stage_config, uses_deepspeed
+    from hicom.training import check_values
 
     default_zero = (cfg.get("dry_run_settings") or {}).get("zero_stage", 2)
     if isinstance(default_zero, bool) or default_zero not in (0, 1, 2, 3):
@@ -292,6 +293,10 @@ def stages_of(cfg: DictConfig) -> list[dict]:
     out = []
     for stage in stages or [None]:
         merged = cfg if stage is None else stage_config(cfg, stage, Path(cfg.paths.output_dir) / "stages" / stage.name)
+        try:  # as training refuses them
+            check_values(merged)
+        except ValueError as err:
+            raise ValueError(f"stage {stage.name}: {err}" if stage is not None else str(err)) from err
         entry = {
             "name": "train" if stage is None else stage.name,
             "trainable": list(merged.model.trainable),

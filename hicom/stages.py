@@ -33,7 +33,7 @@ from omegaconf.errors import ConfigKeyError
 
 from hicom.callbacks.checkpoint import refuse_non_finite, resume_checkpoint
 from hicom.modules.compressors.base import unguided_config
-from hicom.training import check_global_batch, check_trainable, command_again, train
+from hicom.training import check_global_batch, check_trainable, check_values, command_again, train
 from hicom.utils.checkpoints import check_safetensors, fill_tied, full_parameters, optimizer_masters, untied_state
 from hicom.utils.choices import flag
 from hicom.utils.config import dotted_keys, launch_rank, unshared_launch
@@ -191,7 +191,12 @@ def stage_config(base: DictConfig, stage: DictConfig, out_dir: Path) -> DictConf
             cfg.model.compressor = unguided_config(cfg.model.compressor)
         expand_strategy_name(cfg)  # the run's, or its stage's: a name Lightning registers, as its config
         if stage.get("zero_stage") is not None and uses_deepspeed(cfg):
-            cfg.trainer.strategy.stage = max(int(cfg.trainer.strategy.get("stage", 0)), int(stage.zero_stage))
+            zero = stage.zero_stage
+            if isinstance(zero, bool) or zero not in (0, 1, 2, 3):
+                raise ValueError(
+                    f"stage {stage.name}: zero_stage must be 0, 1, 2 or 3 (DeepSpeed's ZeRO stages), got {zero!r}"
+                )
+            cfg.trainer.strategy.stage = max(int(cfg.trainer.strategy.get("stage", 0)), zero)
         cfg.paths.output_dir = str(out_dir)
         cfg.stages = None
         if base.get("stage") != stage.name or not base.get("ckpt_path"):  # given with stage=<name>: that stage's
@@ -625,6 +630,7 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
     unguided = {stage.name for stage in stages if stage.get("guided") is False}
     for name, stage_cfg in to_run:
         try:
+            check_values(stage_cfg)  # its data's values first: check_model takes their frames
             built = check_model(stage_cfg)
             if name in unguided and built is not None and built.uses_guide:
                 raise ValueError(

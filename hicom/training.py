@@ -7,6 +7,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import math
 import time
 import warnings
 import zipfile
@@ -17,6 +18,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -138,11 +140,64 @@ def set_matmul_precision(cfg: DictConfig) -> None:
         torch.set_float32_matmul_precision(precision)
 
 
+def check_trainer(trainer: DictConfig) -> None:
+    """The trainer's values that Lightning takes as they are, naming the key: zero counts fail within the fit (a
+    division by zero), and `deterministic: yes` or a negative clipping value are passed over without a word."""
+    deterministic = trainer.get("deterministic")
+    if (
+        deterministic not in (None, True, False, "warn")
+        or isinstance(deterministic, int | float)
+        and not isinstance(deterministic, bool)
+    ):
+        raise ValueError(f"trainer.deterministic must be true, false, warn or null, got {deterministic!r}")
+    whole_number("trainer.accumulate_grad_batches", trainer.get("accumulate_grad_batches", 1))
+    if trainer.get("check_val_every_n_epoch") is not None:
+        whole_number("trainer.check_val_every_n_epoch", trainer.check_val_every_n_epoch)
+    interval = trainer.get("val_check_interval")
+    if interval is not None and not (
+        isinstance(interval, int)
+        and not isinstance(interval, bool)
+        and interval >= 1
+        or isinstance(interval, float)
+        and 0 < interval <= 1
+    ):
+        raise ValueError(
+            "trainer.val_check_interval must be a whole number of batches >= 1, a fraction of the epoch in (0, 1], "
+            f"or null, got {interval!r}"
+        )
+    try:  # Lightning's own rule, which its Trainer applies only once it is made
+        from lightning.fabric.connector import _convert_precision_to_unified_args
+    except ImportError:
+        pass
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the Trainer says its own words on an alias
+            try:
+                _convert_precision_to_unified_args(trainer.get("precision"))
+            except ValueError as err:
+                raise ValueError(f"trainer.precision: {err}") from err
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float) or not 0 <= clip < math.inf):
+        raise ValueError(
+            f"trainer.gradient_clip_val must be a finite number >= 0 (0 or null: no clipping), got {clip!r}"
+        )
+
+
+def check_values(cfg: DictConfig) -> None:
+    """The trainer's and the data module's values (the module checks its own as it is made, reading nothing)."""
+    check_trainer(cfg.trainer)
+    try:
+        hydra.utils.instantiate(cfg.data)
+    except InstantiationException as err:  # its ValueError, as the other checks raise theirs
+        raise ValueError(str(err.__cause__ or err)) from err
+
+
 def check(cfg: DictConfig):
     """What fails in seconds, before anything is built: the model folders, the model's values and the data (tiny
     assets written first). Returns the compressor built on the meta device (see check_model)."""
     matmul_precision(cfg)
     flag("evaluate", cfg.get("evaluate", False))
+    check_values(cfg)
     write_assets(cfg.get("assets"))
     try:
         check_pretrained(cfg)

@@ -145,6 +145,11 @@ def test_a_staged_run_checks_every_stages_data_before_the_first_trains(cache_dir
         ),
         ("+stages.1.config={model: {compressor: {local: {kernel: [0, 3, 3]}}}}", "stage conditional: "),
         ("+stages.1.num_frame=4", r"stage 'conditional': unknown fields \['num_frame'\]; a stage holds"),
+        # a later stage's data and trainer values: refused before the first stage trains
+        ("stages.1.num_frames=0", r"stage conditional: .*num_frames must be a whole number >= 1, got 0"),
+        ("+stages.1.config.data.batch_size=0", r"stage conditional: data.batch_size must be a whole number >= 1"),
+        ("+stages.1.config.data.sampling.fps=-1", r"stage conditional: .*fps must be positive"),
+        ("+stages.2.config.trainer.precision=fp32", r"stage instruction: trainer.precision: Precision 'fp32'"),
     ],
 )
 def test_a_staged_run_checks_every_stages_values_before_the_first_trains(override, message, cache_dir, tmp_path):
@@ -651,13 +656,30 @@ def unloadable_llm(tiny_paths, tmp_path_factory) -> Path:
             "callbacks.throughput.window_size=1",
             r"callbacks.throughput.window_size must be a whole number >= 2 \(.*\), got 1",
         ),
+        # values Lightning takes as they are: a division by zero within the fit, or passed over without a word
+        ("trainer.deterministic=yes", "trainer.deterministic must be true, false, warn or null, got 'yes'"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be a whole number >= 1, got 0"),
+        ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch must be a whole number >= 1, got 0"),
+        ("+trainer.val_check_interval=0", r"trainer.val_check_interval must be .* got 0"),
+        ("+trainer.val_check_interval=1.5", r"trainer.val_check_interval must be .* got 1.5"),
+        ("trainer.gradient_clip_val=-1", r"trainer.gradient_clip_val must be a finite number >= 0 .* got -1"),
+        ("trainer.gradient_clip_val=nan", r"trainer.gradient_clip_val must be a finite number >= 0 .* got nan"),
+        ("trainer.precision=fp32", "trainer.precision: Precision 'fp32' is invalid"),
+        ("data.seed=abc", "data.seed must be a whole number >= 0, got 'abc'"),
+        ("data.seed=1.5", "data.seed must be a whole number >= 0, got 1.5"),
+        ("+model.betas=[0.9]", r"model.betas are AdamW's two decay rates, each in \[0, 1\) .* got \[0.9\]"),
+        ("+model.betas=0.9", r"model.betas are AdamW's two decay rates.* got 0.9"),
+        ("+model.betas=[0.9,1.5]", r"model.betas are AdamW's two decay rates"),
+        ("callbacks.model_checkpoint.train_time_interval.hours=0", "train_time_interval must be a positive time"),
+        ("data.visual_token='<|image_pad|>'", r"data.visual_token='<\|image_pad\|>' is not the LLM's placeholder"),
+        ("model/compressor=qformer model.compressor.initializer_range=-1.0", "initializer_range must be a finite"),
     ],
 )
 def test_a_bad_config_value_fails_before_any_weights_load(override, message, cache_dir, tmp_path, unloadable_llm):
     """Each bad value is reported, not the LLM's unloadable weights: it was checked before they load."""
     from hicom.training import train
 
-    overrides = [*SMALL, override, f"model.llm.path={unloadable_llm}"]
+    overrides = [*SMALL, *override.split(), f"model.llm.path={unloadable_llm}"]
     with pytest.raises(Exception, match=message):
         train(compose_train(cache_dir, tmp_path, overrides))
 

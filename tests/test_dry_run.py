@@ -80,6 +80,15 @@ def test_a_bad_dry_run_setting_names_itself(cache_dir, tmp_path):
     with pytest.raises(ValueError, match=r"stage train: no learning rate for trainable parts \['llm'\]"):
         report(compose_train(cache_dir, tmp_path, [*overrides[:2], "~strategy", "stages=null",
                                                    "model.trainable=[compressor,llm]"]))  # fmt: skip
+    # the data's and the trainer's values, as training checks them: 2.5 frames reported as 2, fps=-1 and an
+    # unknown precision reported at all
+    for value, message in [
+        ("data.num_frames=2.5", "num_frames must be a whole number >= 1, got 2.5"),
+        ("data.sampling.fps=-1", "fps must be positive"),
+        ("trainer.precision=fp32", "trainer.precision: Precision 'fp32' is invalid"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            report(compose_train(cache_dir, tmp_path, [value]))
     # not a dry-run setting, but a value the report reads: `yes` counted as gradient checkpointing on
     with pytest.raises(ValueError, match="model.llm.gradient_checkpointing must be true or false, got 'yes'"):
         report(

@@ -230,6 +230,12 @@ class LastCheckpoint(ModelCheckpoint):
         # so a relaunch with another interval found last.ckpt "taken", wrote last-v1.ckpt beside it, and the next
         # relaunch resumed from the stale last.ckpt, training its steps again
         kwargs.setdefault("enable_version_counter", False)
+        interval = kwargs.get("train_time_interval")
+        if interval is not None and interval.total_seconds() <= 0:  # Lightning would save at every step
+            raise ValueError(
+                f"callbacks.model_checkpoint.train_time_interval must be a positive time, got {interval}: set it "
+                "longer, or to null with every_n_train_steps"
+            )
         super().__init__(*args, **kwargs)
         self._signalled = False  # this process has received SIGTERM; the fit stops where every process agrees
         self._connector = None  # Lightning's signal connector, whose SIGTERM handler this callback replaces

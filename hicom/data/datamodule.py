@@ -221,6 +221,7 @@ class VideoQADataModule(LightningDataModule):
         for key, value in sizes:
             whole_number(key, value)
         whole_number("data.num_workers", num_workers, least=0)
+        whole_number("data.seed", seed, least=0)
         self.worker_start = loader_start("data.multiprocessing_context", multiprocessing_context, num_workers)
         for key, value in (
             ("data.pad_to_square", pad_to_square),

@@ -40,6 +40,7 @@ def check_hparams(
     warmup_ratio: float,
     weight_decay: float = 0.0,
     max_new_tokens: int = 4,
+    betas=(0.9, 0.999),
 ) -> None:
     """The module's own values (see VideoLLMModule): `build` checks them before the towers load, too."""
     if isinstance(trainable, str) or not isinstance(trainable, Iterable):  # `compressor` would read as letters
@@ -69,6 +70,13 @@ def check_hparams(
         raise ValueError(f"model.weight_decay must be >= 0 (the recipe's is 0), got {weight_decay}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"model.max_new_tokens is how many tokens an answer may take, >= 1: got {max_new_tokens!r}")
+    pair = list(betas) if isinstance(betas, Iterable) and not isinstance(betas, str) else None
+    if (
+        pair is None
+        or len(pair) != 2
+        or not all(isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in pair)
+    ):
+        raise ValueError(f"model.betas are AdamW's two decay rates, each in [0, 1) (e.g. [0.9, 0.999]), got {betas!r}")
 
 
 def check_resume_origin(started: str | None, init_from: str | None) -> None:
@@ -132,10 +140,10 @@ class VideoLLMModule(LightningModule):
         trainable, lr, betas = (
             [str(p) for p in trainable],
             {str(k): None if v is None else float(v) for k, v in (lr or {}).items()},
-            tuple(betas),
+            tuple(betas) if isinstance(betas, Iterable) and not isinstance(betas, str) else betas,
         )
         self.save_hyperparameters(ignore=["vision", "llm", "compressor"])
-        check_hparams(trainable, lr, warmup_ratio, weight_decay, max_new_tokens)
+        check_hparams(trainable, lr, warmup_ratio, weight_decay, max_new_tokens, betas)
         self.net = net = VideoLLM(vision=vision, llm=llm, compressor=compressor)
         idle = {name: why for name, why in net.idle_parts().items() if name in trainable}
         if idle:  # a recipe's stage 3 trains the SigLIP head and the text tower, which a pooling compressor never reads

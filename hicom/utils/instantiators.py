@@ -116,6 +116,12 @@ def check_tokenizers(cfg: DictConfig, training: bool = True) -> None:
         tokenizer = load_tokenizer(llm)
         if training:
             token = OmegaConf.select(cfg, "model.llm.visual_token", default=None)
+            placed = OmegaConf.select(cfg, "data.visual_token", default=None)
+            if placed is not None and placed != token:  # the batches would hold no placeholder the LLM fills
+                raise ValueError(
+                    f"data.visual_token={placed!r} is not the LLM's placeholder model.llm.visual_token={token!r}: "
+                    "the data module writes the one the LLM fills (data configs set it to ${model.llm.visual_token})"
+                )
             try:
                 ChatEncoder(tokenizer, *([token] if token else []))
             except ValueError as err:
@@ -176,13 +182,14 @@ def check_model_hparams(model: DictConfig) -> None:
         }
         if bad:
             raise ValueError(f"learning rates are numbers, got {bad} (model.lr)")
-        trainable = model.trainable
+        trainable, betas = model.trainable, model.get("betas", (0.9, 0.999))
         check_hparams(
             [str(p) for p in trainable] if OmegaConf.is_list(trainable) else trainable,
             lr,
             model.get("warmup_ratio", 0.0),
             model.get("weight_decay", 0.0),
             model.get("max_new_tokens", 4),
+            OmegaConf.to_container(betas, resolve=True) if OmegaConf.is_list(betas) else betas,
         )
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from hicom.modules.compressors.base import Compressor, PackedLayout, pad_packed, readout, readout_words
 from hicom.modules.compressors.global_compressor import position_table_3d
-from hicom.utils.choices import flag, whole_number
+from hicom.utils.choices import flag, positive, whole_number
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class QFormerCompressor(Compressor):
         whole_number("cross_attention_frequency", cross_attention_frequency)
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        positive("initializer_range", initializer_range)
         flag("instruction", instruction)
         flag("positions", positions)
         flag("visual_norm", visual_norm)
