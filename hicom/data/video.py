@@ -17,10 +17,11 @@ trained with; `repeat_frames=False` gives each of its frames once instead. Under
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 from hicom.utils.choices import Choice, flag, positive, whole_number
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # What load_video's `shrink` does to decoded frames: (n, H, W, 3) uint8 to a tensor of n smaller ones (the
@@ -439,17 +441,47 @@ def _decode_pyav(path: Path, sampling: FrameSampling, start, end, keep: _Keeper)
         seekable = len(timestamps) == len(packets) and len(set(timestamps)) == len(timestamps)
         times = uneven_times(np.array(timestamps) * float(time_base), fps) if seekable and time_base else None
         indices = sample_indices(len(packets), fps, sampling, start, end, times)
+        damaged = _Damaged(path)
         if seekable:
-            frames, decoded = _pyav_seek(path, [timestamps[i] for i in indices.tolist()], keyframes, keep)
+            frames, decoded = _pyav_seek(path, [timestamps[i] for i in indices.tolist()], keyframes, keep, damaged)
             if frames is not None:
+                damaged.say()
                 return SampledFrames(
                     keep.stack(frames), indices, frame_times(indices, fps, times), fps, len(packets), decoded
                 )
-        return _pyav_in_order(path, sampling, start, end, fps, len(packets), times, _Keeper(path, keep.shrink))
+        keep = _Keeper(path, keep.shrink)
+        sampled = _pyav_in_order(path, sampling, start, end, fps, len(packets), times, keep, damaged)
+        damaged.say()
+        return sampled
     except VideoDecodeError:
         raise
     except Exception as err:
         raise VideoDecodeError(f"{path}: {err}") from err
+
+
+class _Damaged:
+    """The packets of one clip the decoder refused (a damaged packet: InvalidDataError), which `frames` passes over
+    as ffmpeg does rather than give up the clip; said once per clip, with how many."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.count = path, 0
+
+    def frames(self, container, stream) -> Iterator:
+        """The stream's frames from the container's position on, as container.decode gives them but for the
+        packets the decoder refuses (the frames after one may show its damage, as in any player)."""
+        import av
+
+        for packet in container.demux(stream):
+            try:
+                decoded = packet.decode()
+            except av.error.InvalidDataError:
+                self.count += 1
+                continue
+            yield from decoded
+
+    def say(self) -> None:
+        if self.count:
+            log.warning("%s: %d damaged packet(s) passed over, as a player does", self.path, self.count)
 
 
 def video_stream(container, path: Path):
@@ -531,7 +563,9 @@ def check_whole(path: Path, covered: float | None, declared: float | None, fps: 
         )
 
 
-def _pyav_seek(path: Path, targets: list[int], keyframes: np.ndarray, keep: _Keeper) -> tuple[list | None, int]:
+def _pyav_seek(
+    path: Path, targets: list[int], keyframes: np.ndarray, keep: _Keeper, damaged: _Damaged
+) -> tuple[list | None, int]:
     """The frames whose timestamps are `targets` (sorted), each kept, or None when one of them does not decode;
     and how many frames were decoded."""
     import av
@@ -551,7 +585,7 @@ def _pyav_seek(path: Path, targets: list[int], keyframes: np.ndarray, keep: _Kee
                 skip = after < len(keyframes) and keyframes[after] <= target
             if skip:
                 container.seek(int(target), stream=stream, backward=True, any_frame=False)
-                decoded = container.decode(stream)
+                decoded = damaged.frames(container, stream)
             for frame in decoded:
                 _go_on()
                 count += 1
@@ -610,6 +644,7 @@ def _pyav_in_order(
     counted: int,
     times: np.ndarray | None,
     keep: _Keeper,
+    damaged: _Damaged,
 ) -> SampledFrames:
     """Decodes in order up to the last sampled frame, converting only the sampled ones; samples again from what
     decodes when that is fewer frames than counted (by frame counts then: the frame times were the container's)."""
@@ -619,8 +654,9 @@ def _pyav_in_order(
         indices = sample_indices(counted, fps, sampling, start, end, times)
         wanted = set(indices.tolist())
         frames, decoded = {}, 0
+        damaged.count = 0  # this pass's
         with av.open(str(path)) as container:
-            for frame in container.decode(video_stream(container, path)):
+            for frame in damaged.frames(container, video_stream(container, path)):
                 _go_on()
                 if decoded in wanted:
                     frames[decoded] = keep.one(_rgb(frame))

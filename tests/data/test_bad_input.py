@@ -751,3 +751,23 @@ def test_an_image_placeholder_in_an_answer_is_malformed_in_a_multi_image_sample_
     answer = {"from": "gpt", "value": "The second, <image>, is darker."}
     skipped = make_dataset([{"id": "two", "image": ["still.png", "still.png"], "conversations": [asked, answer]}])[0]
     assert skipped["skip"] == "malformed" and "assistant" in skipped["error"], skipped
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "decord"])
+def test_one_damaged_packet_is_passed_over_at_any_frame_count(tmp_path, caplog, decoder):
+    """A clip with one damaged P-frame packet read at 8 frames but was refused at 16 and more (PyAV's decoder raised
+    on the packet, which the frame loop did not survive), so a 64-frame evaluation lost clips a 32-frame one read.
+    decord gives the damaged frame at another size: PyAV, its fallback, reads the clip."""
+    path = tmp_path / "damaged.mp4"
+    write_video(path, np.random.default_rng(0).integers(0, 255, (240, 32, 48, 3), dtype=np.uint8), 8)
+    with av.open(str(path)) as container:
+        packets = [(p.pos, p.size) for p in container.demux(container.streams.video[0]) if p.size and not p.is_keyframe]
+    data = bytearray(path.read_bytes())
+    pos, size = packets[len(packets) // 2]
+    data[pos + 4 : pos + size] = b"\xff" * (size - 4)
+    path.write_bytes(bytes(data))
+    for n in (8, 16, 64):
+        with caplog.at_level("WARNING", logger="hicom.data.video"):
+            sampled = load_video(path, FrameSampling(num_frames=n, decoder=decoder, fallback="pyav"))
+        assert sampled.frames.shape == (n, 32, 48, 3)
+    assert "1 damaged packet(s) passed over" in caplog.text
