@@ -493,6 +493,9 @@ def test_a_limited_run_scores_its_questions_and_keeps_every_answer(cache_dir, be
     with pytest.raises(ValueError, match=r"holds answers made otherwise(.|\n)*frames: 8 there, 4 now"):
         run("sampling.num_frames=4")  # the folder's answers were made at 8 frames: not kept and scored with these
     assert path.read_text() == rows
+    # more visual tokens than the LLM has positions (the tiny Qwen2's 1024): refused, not answered past them
+    with pytest.raises(ValueError, match=r"sampling.num_frames=512 gives 1184 visual tokens .* 1024 positions"):
+        run("sampling.num_frames=512")
 
 
 def test_answers_of_other_weights_or_run_overrides_are_not_mixed_and_a_shard_is_answered_by_one_process(

@@ -738,6 +738,13 @@ def evaluate(cfg: DictConfig) -> dict:
     trained_frames = source.pop("trained_frames")
     if cfg.sampling.num_frames is None:  # the checkpoint's own frames unless asked for others
         cfg.sampling.num_frames = trained_frames
+    visual = module.net.num_visual_tokens(cfg.sampling.num_frames)
+    positions = getattr(module.net.llm.model.config, "max_position_embeddings", None)
+    if positions is not None and visual >= positions:  # RoPE past what the LLM was made for: no reply to trust
+        raise ValueError(
+            f"sampling.num_frames={cfg.sampling.num_frames} gives {visual} visual tokens a clip, and the LLM has "
+            f"{positions} positions (max_position_embeddings) for them and the question: sample fewer frames"
+        )
     computed = computed_buffers(module.net)
     module.net.to(device=device, dtype=dtype).eval()  # bf16 weights on GPUs that have it
     restore_computed_buffers(module.net, computed)  # RoPE's frequencies stay fp32, as from_pretrained keeps them
@@ -759,7 +766,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size},
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
-        "visual_tokens_per_video": module.net.num_visual_tokens(cfg.sampling.num_frames),
+        "visual_tokens_per_video": visual,
         "compressor": module.net.compressor.label,  # what was built: the weights (`weights`) decide the replies
         "shards": num_shards,
     }
