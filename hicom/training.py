@@ -144,23 +144,14 @@ def check_trainer(trainer: DictConfig) -> None:
     """The trainer's values that Lightning takes as they are, naming the key: zero counts fail within the fit (a
     division by zero), and `deterministic: yes` or a negative clipping value are passed over without a word."""
     deterministic = trainer.get("deterministic")
-    if (
-        deterministic not in (None, True, False, "warn")
-        or isinstance(deterministic, int | float)
-        and not isinstance(deterministic, bool)
-    ):
+    if not (deterministic is None or isinstance(deterministic, bool) or deterministic == "warn"):
         raise ValueError(f"trainer.deterministic must be true, false, warn or null, got {deterministic!r}")
     whole_number("trainer.accumulate_grad_batches", trainer.get("accumulate_grad_batches", 1))
     if trainer.get("check_val_every_n_epoch") is not None:
         whole_number("trainer.check_val_every_n_epoch", trainer.check_val_every_n_epoch)
     interval = trainer.get("val_check_interval")
-    if interval is not None and not (
-        isinstance(interval, int)
-        and not isinstance(interval, bool)
-        and interval >= 1
-        or isinstance(interval, float)
-        and 0 < interval <= 1
-    ):
+    batches = isinstance(interval, int) and not isinstance(interval, bool) and interval >= 1
+    if not (interval is None or batches or isinstance(interval, float) and 0 < interval <= 1):
         raise ValueError(
             "trainer.val_check_interval must be a whole number of batches >= 1, a fraction of the epoch in (0, 1], "
             f"or null, got {interval!r}"
