@@ -337,6 +337,9 @@ def check_handoff(folder: Path) -> None:
 # hand-off's weights replace (a parameter the child adds starts from the child's own value), or which kernel computes
 # the same attention (the Q-Former's sdpa or eager).
 UNCHECKED_SETTINGS = frozenset({"init_std", "initializer_range", "attn_implementation"})
+# ... and what only a stage's training reads: whether the clip-scale pair trains (the hand-off holds it either way;
+# a resume's optimizer state does not, so a resume compares it)
+TRAINING_SETTINGS = frozenset({"train_clip_scale"})
 
 _ABSENT = object()
 
@@ -362,7 +365,7 @@ def check_parent_compressor(
         return
     built = OmegaConf.to_container(compressor, resolve=True)
     wanted = OmegaConf.to_container(unguided_config(OmegaConf.create(built)), resolve=True) if guide_added else built
-    differences = _differences(trained, wanted)
+    differences = [d for d in _differences(trained, wanted) if d[0].rpartition(".")[2] not in TRAINING_SETTINGS]
     if not differences:
         return
     guide_keys = {key for key, _, _ in _differences(wanted, built)}  # what unguided_config turned off

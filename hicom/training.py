@@ -151,10 +151,11 @@ def check_trainer(trainer: DictConfig) -> None:
         whole_number("trainer.check_val_every_n_epoch", trainer.check_val_every_n_epoch)
     interval = trainer.get("val_check_interval")
     batches = isinstance(interval, int) and not isinstance(interval, bool) and interval >= 1
-    if not (interval is None or batches or isinstance(interval, float) and 0 < interval <= 1):
+    timed = isinstance(interval, str | DictConfig | dict)  # a time ("DD:HH:MM:SS", {minutes: 30}): Lightning's check
+    if not (interval is None or timed or batches or isinstance(interval, float) and 0 < interval <= 1):
         raise ValueError(
             "trainer.val_check_interval must be a whole number of batches >= 1, a fraction of the epoch in (0, 1], "
-            f"or null, got {interval!r}"
+            f"a time, or null, got {interval!r}"
         )
     try:  # Lightning's own rule, which its Trainer applies only once it is made
         from lightning.fabric.connector import _convert_precision_to_unified_args
@@ -267,6 +268,8 @@ def run_differences(earlier: DictConfig, cfg: DictConfig, keys: tuple[str, ...] 
     from hicom.stages import _differences, _value
 
     was, now = ({key: OmegaConf.to_container(c, resolve=True).get(key) for key in keys} for c in (earlier, cfg))
+    if isinstance(was.get("model"), dict) and isinstance(was["model"].get("compressor"), dict):
+        was["model"]["compressor"] = with_legacy_settings(was["model"]["compressor"])
     for settings in (was, now):
         if isinstance(settings.get("data"), dict):
             settings["data"] = {k: v for k, v in settings["data"].items() if k not in SAME_RUN_UNCHECKED}
@@ -445,6 +448,22 @@ def _floats(value):
     return [float(v) for v in value]
 
 
+def with_legacy_settings(saved: dict) -> dict:
+    """A checkpoint's compressor config with the settings added since, as its run had them: before
+    `train_clip_scale`, a branch with clip scale trained its logit pair (and its optimizer state holds it)."""
+
+    def filled(branch: dict) -> dict:
+        if "clip_scale" in branch and "train_clip_scale" not in branch:
+            return {**branch, "train_clip_scale": bool(branch["clip_scale"])}
+        return branch
+
+    saved = filled(dict(saved))  # a branch configured alone
+    for name in ("local", "global_"):
+        if isinstance(saved.get(name), dict):
+            saved[name] = filled(saved[name])
+    return saved
+
+
 def check_resume_compressor_config(saved: dict | None, compressor: DictConfig) -> None:
     """Before the build: the checkpoint's compressor config (kept since checkpoints record it) is the configured
     one. Another kernel, position table or head count has tensors of the same names and shapes, and would resume
@@ -453,6 +472,7 @@ def check_resume_compressor_config(saved: dict | None, compressor: DictConfig) -
 
     if saved is None:
         return
+    saved = with_legacy_settings(saved)
     now = OmegaConf.to_container(compressor, resolve=True)
     if saved.get("_target_") != now.get("_target_"):
         raise ValueError(

@@ -881,3 +881,42 @@ def test_a_stages_missing_mixture_names_the_stages_own_key(cache_dir, tmp_path):
     message = str(error.value)
     assert f"stage conditional: mixture file '{tmp_path / 'mine.yaml'}' not found" in message
     assert "(this stage sets its own stages.1.config.data.source.train: data.source.* of the run" in message
+
+
+def test_runs_and_hand_offs_from_before_train_clip_scale_go_on(cache_dir, tmp_path):
+    """Configs written before the key existed: a run without clip scale resumes and relaunches as it was; one with
+    it trained its logit pair (its optimizer state holds it) and is told to keep training it; a hand-off carries the
+    pair whether it trained or not."""
+    from omegaconf import OmegaConf
+
+    from hicom.stages import check_parent_compressor
+    from hicom.training import check_resume_compressor_config, run_differences
+
+    def legacy(cfg):
+        old = OmegaConf.to_container(cfg.model.compressor, resolve=True)
+        for branch in ("local", "global_"):
+            del old[branch]["train_clip_scale"]
+        return old
+
+    plain = compose_train(cache_dir, tmp_path, SMALL)
+    check_resume_compressor_config(legacy(plain), plain.model.compressor)
+    earlier = plain.copy()
+    earlier.model.compressor = OmegaConf.create(legacy(plain))
+    assert run_differences(earlier, plain) == ""  # a requeue into the run's folder goes on
+    scaled = compose_train(cache_dir, tmp_path, [*SMALL, "model.compressor.global_.clip_scale=true"])
+    with pytest.raises(ValueError, match=r"global_\.train_clip_scale: the checkpoint's true, this run's false"):
+        check_resume_compressor_config(legacy(scaled), scaled.model.compressor)
+    trained = compose_train(cache_dir, tmp_path, [*SMALL, "model.compressor.global_.clip_scale=true",
+                                                  "model.compressor.global_.train_clip_scale=true"])  # fmt: skip
+    check_resume_compressor_config(legacy(scaled), trained.model.compressor)
+    check_parent_compressor(tmp_path, legacy(scaled), scaled.model.compressor)
+    check_parent_compressor(tmp_path, OmegaConf.to_container(trained.model.compressor), scaled.model.compressor)
+
+
+def test_a_time_for_val_check_interval_is_left_to_lightning():
+    from omegaconf import OmegaConf
+
+    from hicom.training import check_trainer
+
+    for interval in ("00:00:30:00", {"minutes": 30}, 100, 0.25, None):
+        check_trainer(OmegaConf.create({"val_check_interval": interval}))

@@ -165,7 +165,7 @@ def approximate_lengths(index: SampleIndex, visual_tokens: Callable[[int, str], 
     lengths = index.text_bytes() // 4
     lengths[modalities == 2] += visual_tokens(num_frames, "video")
     for count in np.unique(images[modalities == 1]).tolist():
-        lengths[(modalities == 1) & (images == count)] += visual_tokens(count, "image")
+        lengths[(modalities == 1) & (images == count)] += visual_tokens(max(count, 1), "image")  # [] is malformed
     return lengths
 
 
