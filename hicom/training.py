@@ -142,11 +142,18 @@ def set_matmul_precision(cfg: DictConfig) -> None:
 
 def check_trainer(trainer: DictConfig) -> None:
     """The trainer's values that Lightning takes as they are, naming the key: zero counts fail within the fit (a
-    division by zero), and `deterministic: yes` or a negative clipping value are passed over without a word."""
+    division by zero), and `deterministic: yes`, a negative clipping value or a fractional step count are passed
+    over without a word."""
     deterministic = trainer.get("deterministic")
     if not (deterministic is None or isinstance(deterministic, bool) or deterministic == "warn"):
         raise ValueError(f"trainer.deterministic must be true, false, warn or null, got {deterministic!r}")
     whole_number("trainer.accumulate_grad_batches", trainer.get("accumulate_grad_batches", 1))
+    # Lightning compares these with its counters: max_steps=1.5 ran 2 steps, log_every_n_steps=0 logged nothing
+    whole_number("trainer.max_steps", trainer.get("max_steps", -1), least=-1)  # -1: no limit
+    if trainer.get("max_epochs") is not None:
+        whole_number("trainer.max_epochs", trainer.max_epochs, least=-1)
+    if trainer.get("log_every_n_steps") is not None:
+        whole_number("trainer.log_every_n_steps", trainer.log_every_n_steps)
     if trainer.get("check_val_every_n_epoch") is not None:
         whole_number("trainer.check_val_every_n_epoch", trainer.check_val_every_n_epoch)
     interval = trainer.get("val_check_interval")

@@ -671,6 +671,10 @@ def unloadable_llm(tiny_paths, tmp_path_factory) -> Path:
         ("+model.betas=0.9", r"model.betas are AdamW's two decay rates.* got 0.9"),
         ("+model.betas=[0.9,1.5]", r"model.betas are AdamW's two decay rates"),
         ("callbacks.model_checkpoint.train_time_interval.hours=0", "train_time_interval must be a positive time"),
+        ("trainer.max_steps=1.5", "trainer.max_steps must be a whole number >= -1, got 1.5"),  # ran 2 steps
+        ("trainer.max_epochs=0.5", "trainer.max_epochs must be a whole number >= -1, got 0.5"),
+        ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps must be a whole number >= 1, got 0"),  # no logs
+        ("callbacks.model_checkpoint.save_last=no", "save_last must be true, false or link, got 'no'"),  # saved
         ("data.visual_token='<|image_pad|>'", r"data.visual_token='<\|image_pad\|>' is not the LLM's placeholder"),
         ("model/compressor=qformer model.compressor.initializer_range=-1.0", "initializer_range must be a finite"),
     ],

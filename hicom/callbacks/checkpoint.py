@@ -230,6 +230,9 @@ class LastCheckpoint(ModelCheckpoint):
         # so a relaunch with another interval found last.ckpt "taken", wrote last-v1.ckpt beside it, and the next
         # relaunch resumed from the stale last.ckpt, training its steps again
         kwargs.setdefault("enable_version_counter", False)
+        save_last = kwargs.get("save_last")
+        if not (save_last is None or isinstance(save_last, bool) or save_last == "link"):  # "no" saved, as true
+            raise ValueError(f"callbacks.model_checkpoint.save_last must be true, false or link, got {save_last!r}")
         interval = kwargs.get("train_time_interval")
         if interval is not None and interval.total_seconds() <= 0:  # Lightning would save at every step
             raise ValueError(

@@ -537,6 +537,28 @@ def test_attention_weights_are_fp32_under_bf16_autocast_on_cpu(branch):
     assert (out.float() - expected).norm() / expected.norm() < 3e-2
 
 
+@pytest.mark.parametrize("branch", ["local", "global"])
+def test_fp16_scores_do_not_overflow_where_the_raw_products_would(branch):
+    """What a 16-mixed run (GPUs without bf16) makes: fp16 products, whose largest value is 65504. Tokens 400
+    (local) or 10^4 (global, through the folded key projection) long make raw q . k products past it, inf, and
+    NaN weights; scaled before the product they stay finite and agree with fp32 at fp16 rounding."""
+    torch.manual_seed(0)
+    if branch == "local":  # 3 x 3 cells whose query is their centre token: q . k = |v|^2 = 1.6e5 unscaled
+        module = LocalCompressor(in_dim=256, out_dim=32, guide_dim=256, kernel=(1, 3, 3), guide=Guide.OFF)
+        length = 400.0
+    else:
+        module = GlobalCompressor(in_dim=256, out_dim=32, guide_dim=256, num_queries=4, num_heads=2, guide=Guide.OFF)
+        with torch.no_grad():
+            module.query.normal_(std=30)
+        length = 1e4
+    features = torch.randn(2, 9, 9, 256)
+    features = features / features.norm(dim=-1, keepdim=True) * length
+    expected = module.compress(features)
+    out = module.half().compress(features.half()).float()
+    assert out.isfinite().all()
+    assert (out - expected).norm() / expected.norm() < 3e-3
+
+
 def test_unpad_packed_takes_back_the_rows_pad_packed_spread():
     from hicom.modules.compressors.base import pad_packed, unpad_packed
 

@@ -140,6 +140,17 @@ def deterministic_resize(x: torch.Tensor) -> bool:
     return torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled() and x.requires_grad
 
 
+def fp16_products(x: torch.Tensor) -> bool:
+    """Whether matrix products of `x` come out in fp16: `x` is fp16, or fp16 autocast (16-mixed) is on for its
+    device. Their largest value is 65504, which a raw q . k of tokens 256 long already passes, so attention scales
+    the queries before such a product instead of the scores after it."""
+    if x.dtype == torch.float16:
+        return True
+    device = x.device.type
+    autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+    return autocast and torch.get_autocast_dtype(device) == torch.float16
+
+
 def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[index] for an integer index of any shape into the first dimension: the same values as advanced
     indexing, but the gradient sums through index_add (deterministic on CUDA under deterministic mode), which on

@@ -13,6 +13,7 @@ from hicom.modules.compressors.base import (
     Compressor,
     PackedLayout,
     add_clip_scale,
+    fp16_products,
     init_weights,
     pad_packed,
     readout,
@@ -216,6 +217,8 @@ class GlobalCompressor(Compressor):
             autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)  # meta: none
             if x.dtype == wide and not autocast:
                 scores = torch.baddbmm(bias, q_in, x.transpose(1, 2), alpha=scale)
+            elif fp16_products(x):  # fp16 products overflow past 65504: the queries are scaled before
+                scores = torch.bmm(q_in * scale, x.transpose(1, 2)).to(wide) + bias.to(wide)
             else:
                 scores = torch.bmm(q_in, x.transpose(1, 2)).to(wide) * scale + bias.to(wide)  # (B, h N, L)
         if key_mask is not None:
