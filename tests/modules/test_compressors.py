@@ -537,6 +537,16 @@ def test_attention_weights_are_fp32_under_bf16_autocast_on_cpu(branch):
     assert (out.float() - expected).norm() / expected.norm() < 3e-2
 
 
+def test_the_reference_takes_the_zero_queries_of_an_unguided_clip_scale_global_branch_at_init():
+    """Its learned queries start at zero: unit length, they stay zero as F.normalize leaves them (the reference
+    divided by their zero length, NaN)."""
+    torch.manual_seed(0)
+    module = GlobalCompressor(in_dim=8, out_dim=4, guide_dim=8, num_queries=3, num_heads=2, guide=Guide.OFF,
+                              clip_scale=True).double()  # fmt: skip
+    features = torch.randn(3, 4, 5, 8).double()
+    torch.testing.assert_close(module.compress(features), global_reference(module, features), rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("branch", ["local", "global"])
 def test_fp16_scores_do_not_overflow_where_the_raw_products_would(branch):
     """What a 16-mixed run (GPUs without bf16) makes: fp16 products, whose largest value is 65504. Tokens 400

@@ -18,6 +18,12 @@ from hicom.modules.compressors.hicom import HICom
 from hicom.modules.compressors.local import Adapt, ClipNorm, LocalCompressor
 
 
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """x / |x| along the last axis, a zero vector kept zero (|x| taken as at least 1e-12, as the release's
+    F.normalize does): the learned global queries start at zero."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 def local_reference(
     module: LocalCompressor,
     features: torch.Tensor,
@@ -34,15 +40,15 @@ def local_reference(
     queries = module._adapted(resized.permute(1, 2, 3, 0), Adapt.Q)  # (T', H', W', D)
     keys = embeds if module.uses_embeds else features
     if module.clip_scale and module.clip_norm is ClipNorm.RELEASE and module.uses_embeds:  # the embeds and guide
-        keys = keys / keys.norm(dim=-1, keepdim=True)
+        keys = unit(keys)
         if guide is not None:
-            guide = guide / guide.norm(dim=-1, keepdim=True)
+            guide = unit(guide)
     if module.guide_injector is not None:
         queries = module.guide_injector(queries.reshape(1, -1, d), guide[None]).reshape(*grid, d)
     keys = module._adapted(keys, Adapt.K)
     if module.clip_scale and module.clip_norm is ClipNorm.QK:  # the queries and keys the attention uses
-        queries = queries / queries.norm(dim=-1, keepdim=True)
-        keys = keys / keys.norm(dim=-1, keepdim=True)
+        queries = unit(queries)
+        keys = unit(keys)
     values = module._adapted(features, Adapt.V)
     if module.clip_scale:
         scale, bias = module.logit_scale.exp(), module.logit_bias
@@ -80,7 +86,7 @@ def global_reference(
     q, k, v = proj.q_proj(queries), proj.k_proj(keys), proj.v_proj(values)
     head_dim = d // module.num_heads
     if module.clip_scale:  # unit-length projected queries and keys (across all heads), SigLIP's scale and bias
-        q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+        q, k = unit(q), unit(k)
         scale, bias = module.logit_scale.exp(), module.logit_bias
     else:
         scale, bias = 1 / math.sqrt(head_dim), 0.0
