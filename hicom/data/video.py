@@ -290,8 +290,9 @@ def within_time_limit(fn: Callable[[], T], seconds: float | None, what: str) -> 
         _decoding.stop = stop
         try:
             box["value"] = fn()
-        except BaseException as err:  # re-raised in the caller's thread
-            box["error"] = err
+        except BaseException as err:  # re-raised in the caller's thread, where it still waits
+            if not stop.is_set():
+                box["error"] = err
 
     thread = threading.Thread(target=target, name=f"decode {what}", daemon=True)
     thread.start()
@@ -299,9 +300,16 @@ def within_time_limit(fn: Callable[[], T], seconds: float | None, what: str) -> 
     if thread.is_alive():
         stop.set()
         raise VideoDecodeError(f"{what}: gave up after {seconds:g} s", "timeout")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    # The error is taken out of the box and dropped from this frame as it leaves: its traceback holds `target`'s
+    # frame, which holds the box, and this one, and in either cycle a failed clip's decoder state (containers,
+    # decoder threads, full-size frames) waited for the garbage collector.
+    error = box.pop("error", None)
+    if error is not None:
+        try:
+            raise error
+        finally:
+            del error
+    return box.pop("value")
 
 
 # Containers in which decord's frame index is not the display order: it returns other frames than those asked

@@ -236,7 +236,10 @@ class BenchmarkDataset(Dataset):
         """The questions' model inputs, each clip read once for all of its questions among them (the DataLoader
         asks for a batch's questions at once, in one worker)."""
         clips: dict[str, tuple | Exception] = {}
-        return [self._item(self.questions[i], clips) for i in indices]
+        try:
+            return [self._item(self.questions[i], clips) for i in indices]
+        finally:  # an error kept here holds its traceback, which holds `clips`: the failed read's decoder state
+            clips.clear()  # (containers, frames, threads) would wait for the garbage collector
 
     def _item(self, q: Question, clips: dict[str, tuple | Exception]) -> dict:
         """The question's model inputs, or a skip record that its answer row reports: a clip that cannot be read,
