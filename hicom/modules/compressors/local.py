@@ -192,12 +192,12 @@ class LocalCompressor(Compressor):
         if self.unit_qk:
             keys = F.normalize(keys, dim=-1)
         # 1 / sqrt(D) goes on the queries where the products come out in fp16 (they would overflow unscaled)
-        prescale = d**-0.5 if not self.clip_scale and fp16_products(keys) else 1.0
+        prescaled = not self.clip_scale and fp16_products(keys)
         if self.guide is Guide.DIRECT:
             queries = self.guide_injector.prepare(guide)  # (B, D): one query for all cells of a clip
             if self.unit_qk:
                 queries = F.normalize(queries, dim=-1)
-            queries = queries * prescale if prescale != 1.0 else queries
+            queries = queries / math.sqrt(d) if prescaled else queries
             # each frame's tokens against its own clip's query: (sum T, H W, D) x (sum T, D, 1)
             frame_queries = take_rows(queries, plan.frame_clip).unsqueeze(-1)
             token_scores = torch.bmm(keys.reshape(-1, h * w, d), frame_queries)
@@ -213,11 +213,11 @@ class LocalCompressor(Compressor):
                 queries = self.guide_injector.forward_rows(queries, guide, plan.cell_clip, plan.cell_counts, guide_mask)
             if self.unit_qk:
                 queries = F.normalize(queries, dim=-1)
-            queries = queries * prescale if prescale != 1.0 else queries
+            queries = queries / math.sqrt(d) if prescaled else queries
             scores = _cell_scores(queries, keys, plan)
         if self.clip_scale:
             scores = scores * self.logit_scale.exp() + self.logit_bias
-        elif prescale == 1.0:
+        elif not prescaled:
             scores = scores / math.sqrt(d)
         if plan.padding is not None:  # images' cells hold fewer tokens than videos' cells
             scores = scores.masked_fill(plan.padding, float("-inf"))
