@@ -547,14 +547,15 @@ def test_the_reference_takes_the_zero_queries_of_an_unguided_clip_scale_global_b
     torch.testing.assert_close(module.compress(features), global_reference(module, features), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("branch", ["local", "global"])
+@pytest.mark.parametrize("branch", ["local", "local-clip-scale-as-released", "global"])
 def test_fp16_scores_do_not_overflow_where_the_raw_products_would(branch):
     """What a 16-mixed run (GPUs without bf16) makes: fp16 products, whose largest value is 65504. Tokens 400
     (local) or 10^4 (global, through the folded key projection) long make raw q . k products past it, inf, and
     NaN weights; scaled before the product they stay finite and agree with fp32 at fp16 rounding."""
     torch.manual_seed(0)
-    if branch == "local":  # 3 x 3 cells whose query is their centre token: q . k = |v|^2 = 1.6e5 unscaled
-        module = LocalCompressor(in_dim=256, out_dim=32, guide_dim=256, kernel=(1, 3, 3), guide=Guide.OFF)
+    if branch.startswith("local"):  # 3 x 3 cells whose query is their centre token: q . k = |v|^2 = 1.6e5 unscaled
+        clip = {"clip_scale": True, "clip_norm": "release"} if branch.endswith("released") else {}  # nothing unit
+        module = LocalCompressor(in_dim=256, out_dim=32, guide_dim=256, kernel=(1, 3, 3), guide=Guide.OFF, **clip)
         length = 400.0
     else:
         module = GlobalCompressor(in_dim=256, out_dim=32, guide_dim=256, num_queries=4, num_heads=2, guide=Guide.OFF)

@@ -191,8 +191,9 @@ class LocalCompressor(Compressor):
         keys = self._adapted(keys.reshape(-1, d), Adapt.K)  # (sum T H W, D)
         if self.unit_qk:
             keys = F.normalize(keys, dim=-1)
-        # 1 / sqrt(D) goes on the queries where the products come out in fp16 (they would overflow unscaled)
-        prescaled = not self.clip_scale and fp16_products(keys)
+        # where the products come out in fp16 and q, k are not unit length, 1 / sqrt(D) goes on the queries (the
+        # raw q . k would overflow) and the rest of the scale on the scores in fp32 (clip scale's would overflow)
+        prescaled = not self.unit_qk and fp16_products(keys)
         if self.guide is Guide.DIRECT:
             queries = self.guide_injector.prepare(guide)  # (B, D): one query for all cells of a clip
             if self.unit_qk:
@@ -215,9 +216,13 @@ class LocalCompressor(Compressor):
                 queries = F.normalize(queries, dim=-1)
             queries = queries / math.sqrt(d) if prescaled else queries
             scores = _cell_scores(queries, keys, plan)
-        if self.clip_scale:
+        if prescaled:
+            scores = scores.float()
+            if self.clip_scale:
+                scores = scores * (math.sqrt(d) * self.logit_scale.float().exp()) + self.logit_bias.float()
+        elif self.clip_scale:
             scores = scores * self.logit_scale.exp() + self.logit_bias
-        elif not prescaled:
+        else:
             scores = scores / math.sqrt(d)
         if plan.padding is not None:  # images' cells hold fewer tokens than videos' cells
             scores = scores.masked_fill(plan.padding, float("-inf"))
