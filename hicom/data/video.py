@@ -289,10 +289,13 @@ def within_time_limit(fn: Callable[[], T], seconds: float | None, what: str) -> 
     def target() -> None:
         _decoding.stop = stop
         try:
-            box["value"] = fn()
+            value = fn()
         except BaseException as err:  # re-raised in the caller's thread, where it still waits
             if not stop.is_set():
                 box["error"] = err
+        else:  # a clip finished after its caller gave up is not kept (the timeout's traceback holds the box)
+            if not stop.is_set():
+                box["value"] = value
 
     thread = threading.Thread(target=target, name=f"decode {what}", daemon=True)
     thread.start()

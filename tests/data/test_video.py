@@ -121,6 +121,42 @@ def test_a_clip_that_fails_within_its_time_limit_frees_what_its_decoding_held():
         gc.enable()
 
 
+def test_a_clip_that_finishes_after_its_caller_gave_up_is_not_kept_by_the_timeout():
+    import gc
+    import threading
+    import weakref
+
+    from hicom.data.video import within_time_limit
+
+    class Frames:  # what a slow decode returns
+        pass
+
+    refs, finished = [], threading.Event()
+
+    def slow():
+        finished.wait(5)
+        frames = Frames()
+        refs.append(weakref.ref(frames))
+        return frames
+
+    gc.collect()
+    gc.disable()
+    try:
+        try:
+            within_time_limit(slow, 0.05, "slow.mp4")
+        except VideoDecodeError as err:
+            timeout = err  # kept, as a report of the skipped sample may keep it
+        assert timeout.reason == "timeout"
+        finished.set()
+        for _ in range(100):  # the thread returns its frames and ends
+            if refs and refs[0]() is None:
+                break
+            threading.Event().wait(0.02)
+        assert refs and refs[0]() is None
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("decoder", list(Decoder))
 def test_bad_files_raise_a_decode_error(tmp_path, decoder):
     with pytest.raises(VideoDecodeError, match="not found"):
