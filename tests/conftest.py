@@ -42,6 +42,18 @@ def pytest_configure(config) -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)  # for train.py and the other processes a test starts
 
 
+@pytest.fixture
+def no_gc():
+    """The garbage collector off for the test (after one collection): what only it would free stays, so that an
+    object held in a reference cycle shows as alive."""
+    import gc
+
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")

@@ -300,11 +300,10 @@ def test_a_missing_open_ended_video_is_named_by_its_stem_and_every_extension_tri
     assert skipped["error"] == f"{tmp_path / 'videos/x2'}: no file with any of the extensions .mp4, .mkv, .webm, .avi"
 
 
-def test_the_questions_of_a_clip_that_fails_free_what_its_reading_held(tmp_path, monkeypatch):
+def test_the_questions_of_a_clip_that_fails_free_what_its_reading_held(tmp_path, monkeypatch, no_gc):
     """A batch's clips are read once for all of their questions, and a failed read's error kept for the others:
     its traceback held the batch's clip table, which held it, a cycle in which the failed read's decoder state
     (containers, frames, threads) waited for the garbage collector (+124 MB and 37 threads over 100 batches)."""
-    import gc
     import weakref
 
     from hicom.data.video import FrameSampling, VideoDecodeError
@@ -326,14 +325,9 @@ def test_the_questions_of_a_clip_that_fails_free_what_its_reading_held(tmp_path,
         questions, encoder=None, transform=None, sampling=FrameSampling(num_frames=4), visual_tokens=None, prompts={}
     )
     monkeypatch.setattr(BenchmarkDataset, "_clip", fails)
-    gc.collect()
-    gc.disable()
-    try:
-        items = dataset.__getitems__([0, 1, 2])
-        assert [item["skip"] for item in items] == ["undecodable"] * 3 and len(refs) == 1  # read once
-        assert refs[0]() is None
-    finally:
-        gc.enable()
+    items = dataset.__getitems__([0, 1, 2])
+    assert [item["skip"] for item in items] == ["undecodable"] * 3 and len(refs) == 1  # read once
+    assert refs[0]() is None
 
 
 def test_the_folder_report_holds_every_benchmark_evaluated_into_the_folder(

@@ -70,7 +70,7 @@ def test_decoders_return_the_sampled_frames(clip, decoder):
 
 
 @pytest.mark.parametrize("decoder", list(Decoder))
-def test_decoded_frames_are_freed_with_the_clip_not_left_for_the_garbage_collector(clip, decoder):
+def test_decoded_frames_are_freed_with_the_clip_not_left_for_the_garbage_collector(clip, decoder, no_gc):
     """PyAV keeps a frame whose side data was read (for its display matrix) in a reference cycle: each sampled
     frame, its picture and its converter's threads stayed until the collector ran, and a loader worker decoding
     720p clips grew by hundreds of threads and MB. Only the 2 x 2 copy the matrix is read from may wait for it."""
@@ -79,22 +79,15 @@ def test_decoded_frames_are_freed_with_the_clip_not_left_for_the_garbage_collect
     import av
 
     path, _ = clip
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(3):
-            load_video(path, 4, decoder)
-        left = [o for o in gc.get_objects() if isinstance(o, av.VideoFrame) and o.width > 2]
-    finally:
-        gc.enable()
-    assert not left
+    for _ in range(3):
+        load_video(path, 4, decoder)
+    assert not [o for o in gc.get_objects() if isinstance(o, av.VideoFrame) and o.width > 2]
 
 
-def test_a_clip_that_fails_within_its_time_limit_frees_what_its_decoding_held():
+def test_a_clip_that_fails_within_its_time_limit_frees_what_its_decoding_held(no_gc):
     """The error crossed from the decoding thread in a box that its own traceback held: a cycle, in which a failed
     clip's containers, frames and decoder threads waited for the garbage collector (a worker peaked at 584 MB and
     34 threads on clips that failed mid-decode, 370 MB and 4 threads without a time limit)."""
-    import gc
     import weakref
 
     from hicom.data.video import within_time_limit
@@ -109,20 +102,16 @@ def test_a_clip_that_fails_within_its_time_limit_frees_what_its_decoding_held():
         refs.append(weakref.ref(held))
         raise VideoDecodeError("frames of different sizes")
 
-    gc.collect()
-    gc.disable()
     try:
-        try:
-            within_time_limit(fails, 60, "clip.ts")
-        except VideoDecodeError as err:
-            assert "different sizes" in str(err)
-        assert refs and refs[0]() is None
-    finally:
-        gc.enable()
+        within_time_limit(fails, 60, "clip.ts")
+    except VideoDecodeError as err:
+        assert "different sizes" in str(err)
+    assert refs and refs[0]() is None
 
 
-def test_a_clip_that_finishes_after_its_caller_gave_up_is_not_kept_by_the_timeout():
-    import gc
+def test_a_clip_that_finishes_after_its_caller_gave_up_is_not_kept_by_the_timeout(no_gc):
+    """The timeout's traceback holds the box the decoding thread fills: frames put there after the caller gave up
+    lived as long as the error."""
     import threading
     import weakref
 
@@ -139,22 +128,17 @@ def test_a_clip_that_finishes_after_its_caller_gave_up_is_not_kept_by_the_timeou
         refs.append(weakref.ref(frames))
         return frames
 
-    gc.collect()
-    gc.disable()
     try:
-        try:
-            within_time_limit(slow, 0.05, "slow.mp4")
-        except VideoDecodeError as err:
-            timeout = err  # kept, as a report of the skipped sample may keep it
-        assert timeout.reason == "timeout"
-        finished.set()
-        for _ in range(100):  # the thread returns its frames and ends
-            if refs and refs[0]() is None:
-                break
-            threading.Event().wait(0.02)
-        assert refs and refs[0]() is None
-    finally:
-        gc.enable()
+        within_time_limit(slow, 0.05, "slow.mp4")
+    except VideoDecodeError as err:
+        timeout = err  # kept, as a report of the skipped sample may keep it
+    assert timeout.reason == "timeout"
+    finished.set()
+    for _ in range(100):  # the thread returns its frames and ends
+        if refs and refs[0]() is None:
+            break
+        threading.Event().wait(0.02)
+    assert refs and refs[0]() is None
 
 
 @pytest.mark.parametrize("decoder", list(Decoder))
