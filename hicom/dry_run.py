@@ -276,7 +276,7 @@ def _names_strategy(cfg: DictConfig) -> bool:
 def stages_of(cfg: DictConfig) -> list[dict]:
     """Each stage's name (only `cfg.stage`'s where it names one), trainable parts, frames, modality, its config (as
     the stage runner composes it: its own compressor) and its ZeRO stage (`zero_stage_of`)."""
-    from hicom.stages import stage_config, uses_deepspeed
+    from hicom.stages import chosen_stages, stage_config, uses_deepspeed
     from hicom.training import check_values
 
     default_zero = (cfg.get("dry_run_settings") or {}).get("zero_stage", 2)
@@ -284,12 +284,7 @@ def stages_of(cfg: DictConfig) -> list[dict]:
         raise ValueError(
             f"dry_run_settings.zero_stage must be 0, 1, 2 or 3 (DeepSpeed's ZeRO stages), got {default_zero!r}"
         )
-    stages, only = cfg.get("stages"), cfg.get("stage")
-    if stages and only is not None:  # stage=<name>: that stage alone, as training runs it
-        names = [stage.name for stage in stages]
-        if only not in names:
-            raise ValueError(f"stage={only!r} is not one of {names}")
-        stages = [stage for stage in stages if stage.name == only]
+    stages = chosen_stages(cfg) if cfg.get("stages") else None  # stage=<name>: that stage alone, as training runs it
     out = []
     for stage in stages or [None]:
         merged = cfg if stage is None else stage_config(cfg, stage, Path(cfg.paths.output_dir) / "stages" / stage.name)

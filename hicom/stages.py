@@ -578,6 +578,17 @@ def check_same_run(cfg: DictConfig, stages: list, root: Path) -> None:
         )
 
 
+def chosen_stages(cfg: DictConfig) -> list[DictConfig]:
+    """The staged run's stages that this launch runs: all, or `cfg.stage` alone (a name it must have)."""
+    stages, only = list(cfg.stages), cfg.get("stage")
+    if only is None:
+        return stages
+    names = [stage.name for stage in stages]
+    if only not in names:
+        raise ValueError(f"stage={only!r} is not one of {names}")
+    return [stage for stage in stages if stage.name == only]
+
+
 def run_stages(cfg: DictConfig) -> dict[str, dict]:
     """Run the configured stages in order (or only `cfg.stage`), skipping finished ones."""
     stages = list(cfg.stages)
@@ -586,9 +597,8 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
         for key in ("guided", "guide_added"):
             if stage.get(key) is not None:
                 flag(f"stages.{stage.name}.{key}", stage.get(key))
+    chosen_stages(cfg)  # a stage= it does not have is refused
     only = cfg.get("stage")
-    if only is not None and only not in names:
-        raise ValueError(f"stage={only!r} is not one of {names}")
     if cfg.get("init_from"):
         raise ValueError(
             "init_from starts one fit from a release folder, and a staged run's stages start from their parents' "

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from hicom.utils.choices import positive
+from hicom.utils.choices import flag, positive
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -65,10 +65,16 @@ def index_cache(maxsize: int) -> Callable[[Callable], Callable]:
 RELEASE_INIT_STD = 0.02
 
 
-def add_clip_scale(module: nn.Module, trained: bool) -> None:
-    """A branch's clip-scale pair, logit_scale and logit_bias (VideoLLM copies the vision tower's in). As released
-    they stay SigLIP's while the branch trains: buffers, saved with it but never stepped. `trained` makes them
-    parameters (the release's "attn_scale" tunable part)."""
+def add_clip_scale(module: nn.Module, clip_scale: bool, trained: bool) -> None:
+    """A branch's `clip_scale` and `train_clip_scale` settings, checked, and with clip scale its pair, logit_scale
+    and logit_bias (VideoLLM copies the vision tower's in). As released they stay SigLIP's while the branch trains:
+    buffers, saved with it but never stepped. `trained` makes them parameters (the release's "attn_scale" part)."""
+    flag("clip_scale", clip_scale)
+    if flag("train_clip_scale", trained) and not clip_scale:
+        raise ValueError("train_clip_scale trains the clip-scale pair: it needs clip_scale: true")
+    module.clip_scale, module.train_clip_scale = clip_scale, trained
+    if not clip_scale:
+        return
     for name, value in (("logit_scale", math.log(10.0)), ("logit_bias", -10.0)):
         tensor = torch.full((1,), value)
         if trained:

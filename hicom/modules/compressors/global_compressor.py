@@ -82,9 +82,6 @@ class GlobalCompressor(Compressor):
         super().__init__()
         whole_number("num_queries", num_queries)
         flag("adapt_guide", adapt_guide)
-        flag("clip_scale", clip_scale)
-        if flag("train_clip_scale", train_clip_scale) and not clip_scale:
-            raise ValueError("train_clip_scale trains the clip-scale pair: it needs clip_scale: true")
         self.num_queries = num_queries
         self.num_heads = max(1, in_dim // 128) if num_heads is None else whole_number("num_heads", num_heads)
         if in_dim % self.num_heads:
@@ -103,10 +100,7 @@ class GlobalCompressor(Compressor):
         self.guide_tokens = self.guide is Guide.FINE
         self.attn_layer = Attention(in_dim, self.num_heads)
         # Clip scale: unit-length projected queries and keys, SigLIP's logit scale and bias for 1 / sqrt(d_head).
-        self.clip_scale = clip_scale
-        self.train_clip_scale = train_clip_scale
-        if clip_scale:
-            add_clip_scale(self, train_clip_scale)
+        add_clip_scale(self, clip_scale, train_clip_scale)
         self.readout = readout(in_dim, out_dim, readout_depth)
         self.apply(partial(init_weights, std=init_std))
         self._table: torch.Tensor | None = None

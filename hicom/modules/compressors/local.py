@@ -29,7 +29,7 @@ from hicom.modules.compressors.base import (
     take_rows,
 )
 from hicom.modules.compressors.injection import Guide, GuideInjector
-from hicom.utils.choices import Choice, flag, kernel_sizes
+from hicom.utils.choices import Choice, kernel_sizes
 
 
 class Adapt(Choice):
@@ -91,9 +91,6 @@ class LocalCompressor(Compressor):
     ) -> None:
         super().__init__()
         kernel = kernel_sizes("kernel", kernel)
-        flag("clip_scale", clip_scale)
-        if flag("train_clip_scale", train_clip_scale) and not clip_scale:
-            raise ValueError("train_clip_scale trains the clip-scale pair: it needs clip_scale: true")
         self.clip_norm = ClipNorm(clip_norm)
         if kernel[1] != kernel[2]:
             raise ValueError(f"kernel must be (k_t, k_s, k_s): one spatial size for both axes, got {kernel!r}")
@@ -124,10 +121,7 @@ class LocalCompressor(Compressor):
             self.register_parameter(f"{name.value}_alpha", nn.Parameter(torch.zeros(1)))
         # Clip scale: unit-length queries and keys (`clip_norm`), SigLIP's logit scale and bias (copied from the vision
         # tower by VideoLLM) in place of 1 / sqrt(D).
-        self.clip_scale = clip_scale
-        self.train_clip_scale = train_clip_scale
-        if clip_scale:
-            add_clip_scale(self, train_clip_scale)
+        add_clip_scale(self, clip_scale, train_clip_scale)
         self.readout = readout(in_dim, out_dim, readout_depth)
         self.apply(partial(init_weights, std=init_std))
 
