@@ -786,6 +786,11 @@ def test_subtitle_cues_without_a_blank_line_between_stay_apart_and_only_tags_are
         ("option b is correct", ["run", "walk", "sit"], "B"),  # only 'a' after 'option' must end a clause
         ("I'd go with option c since he sits", ["run", "walk", "sit"], "C"),
         ("he is washing the car, as shown", ["He is washing the car.", "He is cooking."], "A"),  # less its period
+        ("答案是B", ["x", "y", "z"], "B"),  # "the answer is B": Chinese characters are not a word around it
+        ("最佳选项是(C)。", ["x", "y", "z"], "C"),
+        ("B选项", ["x", "y"], "B"),
+        ("视频中的人在washing the car", ["washing the car", "cooking"], "A"),
+        ("Día", ["x", "y", "z", "w"], None),  # an accented Latin word is a word: no D in it
     ],
 )
 def test_a_reply_names_an_option_by_letter_or_by_its_whole_text(reply, options, letter):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 
 LETTERS = "ABCDEFGH"
+# A letter or an option's text stands alone where no Latin letter, digit or underscore touches it: not \b, for which
+# Chinese characters are word characters too, so that "答案是B" (the answer is B) would name no option
+_LATIN = r"[0-9A-Za-z_\u00c0-\u024f]"
 _OPTION = re.compile(r"^\s*\(?([A-H])[\).:]\s*(.+?)\s*$")
 
 
@@ -37,7 +40,8 @@ def parse_choice(reply: str, options: list[str]) -> str | None:
     A reply that is one option's whole text names that option first, whatever letters it holds (EgoSchema's
     options read "C picks up ...", C being the camera wearer). A lowercase letter names an option alone ("b",
     "(c)."), in parentheses, after "option" or ending the reply after "is" ("the answer is b."); within words it
-    does not ("a dog"). An option's text (less a final period) appears only as whole words ("no" is not in "know",
+    does not ("a dog"). Words are Latin ones: a letter or an option's text next to Chinese characters stands
+    alone ("答案是B"). An option's text (less a final period) appears only as whole words ("no" is not in "know",
     "1" not in "10"), and an occurrence inside a longer option's occurrence does not count ("red" in "dark red");
     two options left: unparsed."""
     whole = [letter for letter, option in zip(LETTERS, options, strict=False) if _plain(option) == _plain(reply)]
@@ -47,7 +51,7 @@ def parse_choice(reply: str, options: list[str]) -> str | None:
     lower = letters.lower()
     text = re.sub(r"answer", "", reply, flags=re.IGNORECASE)
     match = (
-        re.search(rf"\b([{letters}])\b", text)
+        re.search(rf"(?<!{_LATIN})([{letters}])(?!{_LATIN})", text)
         or re.fullmatch(rf"\W*([{lower}])\W*", text)
         or re.search(rf"\(([{lower}])\)|\boption\s+{_named(lower)}|\bis:?\s+([{lower}])\W*$", text, re.IGNORECASE)
     )
@@ -59,7 +63,7 @@ def parse_choice(reply: str, options: list[str]) -> str | None:
         # less a final period: Video-MME's options end their sentence, where a reply may go on
         needle = option.strip().rstrip(".").rstrip().lower()
         if needle:
-            found = [m.span() for m in re.finditer(rf"(?<!\w){re.escape(needle)}(?!\w)", lowered)]
+            found = [m.span() for m in re.finditer(rf"(?<!{_LATIN}){re.escape(needle)}(?!{_LATIN})", lowered)]
             if found:
                 spans[letter] = found
     covered = [(start, end) for found in spans.values() for start, end in found]
