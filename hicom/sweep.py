@@ -220,6 +220,13 @@ def _mtime(path: Path) -> float:
     return path.stat().st_mtime
 
 
+def _stale(job: Path, name: str) -> bool:
+    """Whether the job's file `name` is older than the job's record: an earlier launch's, in a sweep folder given
+    again (the record is written as the job starts; the folder's own time is not)."""
+    record = job / ".hydra" / "overrides.yaml"
+    return record.is_file() and _mtime(job / name) < _mtime(record)
+
+
 def _first_line(text: str, limit: int = 200) -> str:
     """An error's first lines, joined, up to `limit` characters: a wrapped error (Hydra's "Error in call to
     target ...:") says its cause on the next line."""
@@ -252,8 +259,7 @@ class SweepSummary(Callback):
         metrics.json older than the job's record is an earlier launch's (a sweep folder given again), not this
         job's; a staged run's finished stages stay its own, skipped when it runs again."""
         if (job / "metrics.json").is_file():
-            record = job / ".hydra" / "overrides.yaml"  # written as the job starts (the folder's own time is not)
-            if record.is_file() and _mtime(job / "metrics.json") < _mtime(record):
+            if _stale(job, "metrics.json"):
                 return []
             return [(None, _read_json(job / "metrics.json"))]
         stages = sorted(job.glob("stages/*/metrics.json"), key=_mtime)
@@ -371,3 +377,22 @@ class EvalSweepSummary(SweepSummary):
             *(_cell(metrics.get(key)) for key in ("n", "n_unparsed", "n_failed")),
             *(_cell(settings.get(key)) for key in ("frames", "visual_tokens_per_video")),
         ]
+
+
+class AskSweepSummary(SweepSummary):
+    """An ask multirun's table (`ask.py -m ckpt=a,b video=... question=...`): a row per job and question with its
+    swept overrides, the reply (its first line) and, for a multiple-choice question, the letter read from it (each
+    job's answers.json)."""
+
+    part = "question"
+    header = ("reply", "choice")
+    missing = "no answers.json (running, or stopped)"
+
+    def figures(self, job: Path) -> list[tuple[str | None, dict | None]]:
+        answers = _read_json(job / "answers.json")
+        if not isinstance(answers, dict) or _stale(job, "answers.json"):
+            return []
+        return [(answer.get("question"), answer) for answer in answers.get("answers") or [] if isinstance(answer, dict)]
+
+    def cells(self, metrics: dict) -> list[str]:
+        return [_first_line(str(metrics.get("reply", "")).strip()), _cell(metrics.get("choice"))]

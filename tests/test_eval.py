@@ -1483,3 +1483,116 @@ def test_evaluate_under_srun_takes_its_shard_and_gpu_from_slurm(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert _shard() == (0, 2) and _local_rank() == 0
+
+
+def compose_ask(cache: Path, out: Path, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("ask", overrides=[f"paths.cache_dir={cache}", "max_new_tokens=4", *overrides])
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    return cfg
+
+
+def test_ask_replies_as_the_evaluation_does_to_the_same_question(cache_dir, bench_data, trained_run, tmp_path, capsys):
+    """ask.py puts a question to the model the way evaluate.py does: asked with evaluate's template, the same
+    question about the same clip gets the reply evaluate.py's predictions hold; several questions share one read."""
+    from hicom.eval.ask import ask
+    from hicom.eval.runner import evaluate
+
+    evaluation = compose_eval(cache_dir, bench_data, tmp_path / "eval", [f"ckpt={trained_run}", "benchmark=msvd_qa"])
+    evaluate(evaluation)
+    rows = {row["question"]: row for row in map(json.loads, (tmp_path / "eval/msvd_qa/predictions.jsonl").open())}
+    video = bench_data / "eval/msvd_qa/videos/x1.avi"
+    questions = "question=['what is shown','who is there']"
+    cfg = compose_ask(cache_dir, tmp_path / "ask", [f"ckpt={trained_run}", f"video={video}", questions,
+                                                    "sampling.num_frames=8"])  # fmt: skip
+    cfg.prompts.open_ended = evaluation.prompts.open_ended  # asked as evaluate asks, for its short answers
+    records = ask(cfg)
+    assert [r["question"] for r in records] == ["what is shown", "who is there"]
+    assert (
+        records[0]["reply"] == rows["what is shown"]["reply"]
+        and records[0]["prompt"] == rows["what is shown"]["prompt"]
+    )
+    written = json.loads((tmp_path / "ask/answers.json").read_text())
+    assert written["answers"] == records and written["settings"]["frames"] == 8
+    assert written["settings"]["format"] == "run" and "choice" not in records[0]
+    out = capsys.readouterr().out
+    assert f"Q: what is shown\nA: {records[0]['reply'].strip()}\n" in out
+    # options: asked as a multiple-choice question, the reply read for a letter; the frames default to the run's
+    cfg = compose_ask(cache_dir, tmp_path / "mc", [f"ckpt={trained_run}", f"video={video}", "question=which?",
+                                                   "options=[red,blue,1]"])  # fmt: skip
+    (record,) = ask(cfg)
+    assert record["options"] == ["red", "blue", "1"] and "(C) 1\n" in record["prompt"]
+    assert record["choice"] in (None, "A", "B", "C")
+    settings = json.loads((tmp_path / "mc/answers.json").read_text())["settings"]
+    assert settings["frames"] == OmegaConf.load(trained_run / "config.yaml").data.num_frames
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        (["question=what?"], r"set video=<a video file or a folder of frames>"),
+        (["video={video}"], r"question=None: give a text or a list of texts"),
+        (["video={missing}", "question=what?"], r"video=.*gone\.mp4: no such file or folder"),
+        (["video={video}", "question=[what?,'  ']"], r"question=.*: give a text or a list of texts"),
+        (["video={video}", "question=what?", "options=[red]"], r"options: 1 given; .* has 2 to 8"),
+        (["video={video}", "question=what?", "start=4", "end=2"], r"start=4 is not before end=2"),
+        (["video={video}", "question=what?", "start=-1"], r"start=-1: a time in seconds"),
+        (["video={video}", "question=what?", "subtitles={missing}"], r"subtitles=.*: no such \.srt file"),
+        (["video={video}", "question=what?", "prompts.open_ended='{{questoin}}'"], r"prompts\.open_ended=.*questoin"),
+        (["video={video}", "question=what?", "max_new_tokens=0"], r"max_new_tokens"),
+    ],
+)
+def test_ask_refuses_what_it_cannot_ask_before_the_model_loads(
+    cache_dir, bench_data, tmp_path, monkeypatch, overrides, error
+):
+    import hicom.eval.ask as ask_module
+
+    monkeypatch.setattr(ask_module, "answering_model", lambda cfg: pytest.fail("the model was loaded"))
+    video, missing = bench_data / "eval/msvd_qa/videos/x1.avi", tmp_path / "gone.mp4"
+    overrides = [o.format(video=video, missing=missing) for o in overrides]
+    run = tmp_path / "run"
+    (run / "config.json").parent.mkdir()
+    (run / "config.json").write_text("{}")  # a release folder, as far as the first check goes
+    with pytest.raises((ValueError, FileNotFoundError), match=error):
+        ask_module.ask(compose_ask(cache_dir, tmp_path / "out", [f"ckpt={run}", *overrides]))
+
+
+def test_ask_names_a_clip_that_does_not_decode(cache_dir, trained_run, tmp_path):
+    from hicom.eval.ask import ask
+
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    cfg = compose_ask(cache_dir, tmp_path / "out", [f"ckpt={trained_run}", f"video={broken}", "question=what?"])
+    with pytest.raises(RuntimeError, match=r"cannot ask about .*broken\.mp4: .*broken\.mp4"):
+        ask(cfg)
+    assert not (tmp_path / "out/answers.json").exists()
+
+
+def test_an_ask_sweep_writes_a_row_per_job_and_question(cache_dir, bench_data, trained_run, tmp_path):
+    """`ask.py -m`: the command composes from evaluate's config and its own; a row per job and question with the
+    swept value and the reply."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HICOM_CACHE": str(cache_dir), "HICOM_LOGS": str(tmp_path)}
+    env.pop("HICOM_RUN_STAMP", None)
+    video = bench_data / "eval/msvd_qa/videos/x1.avi"
+    cmd = [sys.executable, "ask.py", "-m", f"ckpt={trained_run}", f"video={video}", "question=[what?,who?]",
+           "max_new_tokens=4", "sampling.num_frames=4,8"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=CONFIGS.parent, env=env, check=True, capture_output=True, text=True, timeout=600)
+    assert done.stdout.count("Q: what?\nA: ") == 2
+    (sweep,) = tmp_path.glob("ask/multiruns/*")
+    rows = json.loads((sweep / "summary.json").read_text())
+    assert [(row["job"], row["question"]) for row in rows] == [
+        ("0", "what?"),
+        ("0", "who?"),
+        ("1", "what?"),
+        ("1", "who?"),
+    ]
+    for row in rows:
+        answers = json.loads((sweep / row["job"] / "answers.json").read_text())["answers"]
+        assert row["metrics"] in answers
+    table = (sweep / "summary.md").read_text().splitlines()
+    assert table[0] == "| job | sampling.num_frames | question | reply | choice |"
+    assert table[2].startswith("| 0 | 4 | what? | ") and table[2].endswith(" | n/a |")

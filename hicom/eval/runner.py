@@ -296,6 +296,36 @@ class BenchmarkDataset(Dataset):
         }
 
 
+def question_inputs(
+    net, questions: list[Question], sampling: DictConfig, prompts: dict[str, str]
+) -> tuple[BenchmarkDataset, Collator]:
+    """The questions as the model's generation inputs, read as `sampling` says and asked as `prompts` write them,
+    and the collator that batches them (left-padded, each clip's frames once)."""
+    dataset = BenchmarkDataset(
+        questions,
+        encoder=ChatEncoder(net.llm.tokenizer, net.llm.tokenizer.convert_ids_to_tokens(net.llm.visual_token_id)),
+        transform=FrameTransform.from_pretrained(net.vision.path),
+        sampling=FrameSampling(**OmegaConf.to_container(sampling, resolve=True)),
+        visual_tokens=net.num_visual_tokens,
+        prompts=prompts,
+    )
+    collate = Collator(
+        pad_token_id=net.llm.tokenizer.pad_token_id,
+        guide_tokenizer=load_guide_tokenizer(net.vision.path),
+        padding_side="left",
+    )
+    return dataset, collate
+
+
+def generate_replies(net, batch: dict, device: torch.device, dtype: torch.dtype, max_new_tokens: int) -> list[str]:
+    """The model's greedy reply to each question of a collated batch, as text."""
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if batch["pixel_values"].is_floating_point():  # bytes are normalised by the tower, in float32 first
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    tokens = net.generate(batch, max_new_tokens=max_new_tokens)
+    return net.llm.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+
 def clip_key(q: Question) -> str:
     """What makes a question's frames and subtitle lines: its clip's file and bounds, and its subtitle file."""
     return json.dumps([q.video, q.start, q.end, q.subtitles])
@@ -496,20 +526,7 @@ def _answer_shard(
     prompts = benchmark_prompts(cfg, reader) if prompts is None else prompts
     asked = prompts["multiple_choice" if reader.kind is Kind.MULTIPLE_CHOICE else "open_ended"]
     log.info("%s asks %r (options as %r)", name, asked, prompts["option"])
-    sampling = FrameSampling(**OmegaConf.to_container(cfg.sampling, resolve=True))
-    dataset = BenchmarkDataset(
-        todo,
-        encoder=ChatEncoder(net.llm.tokenizer, net.llm.tokenizer.convert_ids_to_tokens(net.llm.visual_token_id)),
-        transform=FrameTransform.from_pretrained(net.vision.path),
-        sampling=sampling,
-        visual_tokens=net.num_visual_tokens,
-        prompts=prompts,
-    )
-    collate = Collator(
-        pad_token_id=net.llm.tokenizer.pad_token_id,
-        guide_tokenizer=load_guide_tokenizer(net.vision.path),
-        padding_side="left",
-    )
+    dataset, collate = question_inputs(net, todo, cfg.sampling, prompts)
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -528,11 +545,7 @@ def _answer_shard(
                 log.warning("%s %s: %s", name, q.question_id, row["error"])
             if "input_ids" not in batch:
                 continue
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            if batch["pixel_values"].is_floating_point():  # bytes are normalised by the tower, in float32 first
-                batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            tokens = net.generate(batch, max_new_tokens=cfg.max_new_tokens)
-            replies = net.llm.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+            replies = generate_replies(net, batch, device, dtype, cfg.max_new_tokens)
             for qid, reply, prompt in zip(batch["ids"], replies, batch["prompts"], strict=True):
                 q = by_id[qid]
                 pred = parse_choice(reply, list(q.options)) if reader.kind is Kind.MULTIPLE_CHOICE else reply.strip()
@@ -681,60 +694,26 @@ def check_unmerged_shards(out_dir: Path, names: list[str], num_shards: int) -> N
             )
 
 
-def evaluate(cfg: DictConfig) -> dict:
+def check_answering(cfg: DictConfig) -> None:
+    """The settings of answering questions (evaluate.py's and ask.py's) that stop a launch before the model loads:
+    the checkpoint folder, decoding, precision, frame sampling."""
     if cfg.ckpt is None:
         raise ValueError("set ckpt=<a training run's folder, a stage folder, or an HF folder in the release's layout>")
     if not (Path(cfg.ckpt) / "config.json").is_file():  # a folder that holds no run fails first, in a moment
         find_handoff(Path(cfg.ckpt))
-    names = [cfg.benchmark] if isinstance(cfg.benchmark, str) else list(cfg.benchmark)
-    if not names:
-        raise ValueError(f"benchmark=[] names nothing to evaluate: one or more of {sorted(cfg.benchmarks)}")
-    unknown = [n for n in names if n not in cfg.benchmarks]
-    if unknown:
-        raise ValueError(f"unknown benchmarks {unknown}; configured: {sorted(cfg.benchmarks)}")
-    if cfg.shard is None and cfg.num_shards != 1:  # torchrun's RANK and WORLD_SIZE set both, or neither is set
-        raise ValueError(
-            f"num_shards={cfg.num_shards!r} needs shard=<i> (this process's share, from 0); under torchrun leave both "
-            "unset: RANK and WORLD_SIZE give them"
-        )
-    shard, num_shards = (cfg.shard, cfg.num_shards) if cfg.shard is not None else _shard()
-    if cfg.limit is not None:
-        whole_number("limit (questions per benchmark; null: all)", cfg.limit)
-    whole_number("batch_size", cfg.batch_size)
     whole_number("max_new_tokens", cfg.max_new_tokens)
-    whole_number("num_workers", cfg.num_workers, least=0)
-    loader_start("multiprocessing_context", cfg.get("multiprocessing_context"), cfg.num_workers)
-    whole_number("num_shards", num_shards)
-    if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < num_shards:
-        raise ValueError(f"shard={shard!r} of num_shards={num_shards}: shards count from 0 to {num_shards - 1}")
-    if num_shards > 1 and process_own_folder(cfg.output_dir):  # the shards would never meet to merge
-        raise ValueError(
-            f"{num_shards} shards merge their answers in one folder, and this one is named by this process's own "
-            f"start time and id ({cfg.output_dir}): give every shard the same output_dir=<folder> (or "
-            "HICOM_RUN_STAMP=<name>, or torchrun --rdzv-id=<id>)"
-        )
     if cfg.precision != "auto" and cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {['auto', *PRECISIONS]}, got {cfg.precision!r}")
-    check_unmerged_shards(Path(cfg.output_dir), names, num_shards)
     sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
     frames = 1 if sampling["num_frames"] is None else sampling["num_frames"]  # None: the checkpoint's, known later
     FrameSampling(**{**sampling, "num_frames": frames})  # a bad value stops the run before the model loads
-    readers, questions, problems = {}, {}, []
-    for name in names:  # every benchmark's files, before the model loads: all that is missing, at once
-        try:
-            readers[name] = instantiate(cfg.benchmarks[name])
-            questions[name] = readers[name].read()
-            check_subtitles(name, readers[name], questions[name])
-        except (OSError, ValueError, InstantiationException) as error:  # the last: a reader's value refused
-            problems.append(f"{name}: {error}")
-    if problems:
-        raise BenchmarkFormatError("cannot read the benchmarks:\n  " + "\n  ".join(problems))
-    prompts = {}
-    for name in names:  # a bad template, before the model loads
-        try:
-            prompts[name] = benchmark_prompts(cfg, readers[name])
-        except ValueError as error:
-            raise ValueError(f"{name}: {error}") from error
+
+
+def answering_model(cfg: DictConfig) -> tuple[object, dict, torch.device, torch.dtype]:
+    """The checkpoint's VideoLLMModule on this process's device in the answering precision, in eval mode; where it
+    came from (load_model's record, less the frames it was trained at); the device and dtype. An unset
+    `sampling.num_frames` becomes the frames it was trained at; frames whose visual tokens fill the LLM's positions
+    are refused."""
     device, dtype = _device(cfg)
     with loading_dtype(dtype):  # bf16 on GPUs: half the host memory of an fp32 load, the same numbers once cast
         module, source = load_model(cfg.ckpt, cfg)
@@ -751,6 +730,56 @@ def evaluate(cfg: DictConfig) -> dict:
     computed = computed_buffers(module.net)
     module.net.to(device=device, dtype=dtype).eval()  # bf16 weights on GPUs that have it
     restore_computed_buffers(module.net, computed)  # RoPE's frequencies stay fp32, as from_pretrained keeps them
+    return module, source, device, dtype
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    check_answering(cfg)
+    names = [cfg.benchmark] if isinstance(cfg.benchmark, str) else list(cfg.benchmark)
+    if not names:
+        raise ValueError(f"benchmark=[] names nothing to evaluate: one or more of {sorted(cfg.benchmarks)}")
+    unknown = [n for n in names if n not in cfg.benchmarks]
+    if unknown:
+        raise ValueError(f"unknown benchmarks {unknown}; configured: {sorted(cfg.benchmarks)}")
+    if cfg.shard is None and cfg.num_shards != 1:  # torchrun's RANK and WORLD_SIZE set both, or neither is set
+        raise ValueError(
+            f"num_shards={cfg.num_shards!r} needs shard=<i> (this process's share, from 0); under torchrun leave both "
+            "unset: RANK and WORLD_SIZE give them"
+        )
+    shard, num_shards = (cfg.shard, cfg.num_shards) if cfg.shard is not None else _shard()
+    if cfg.limit is not None:
+        whole_number("limit (questions per benchmark; null: all)", cfg.limit)
+    whole_number("batch_size", cfg.batch_size)
+    whole_number("num_workers", cfg.num_workers, least=0)
+    loader_start("multiprocessing_context", cfg.get("multiprocessing_context"), cfg.num_workers)
+    whole_number("num_shards", num_shards)
+    if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < num_shards:
+        raise ValueError(f"shard={shard!r} of num_shards={num_shards}: shards count from 0 to {num_shards - 1}")
+    if num_shards > 1 and process_own_folder(cfg.output_dir):  # the shards would never meet to merge
+        raise ValueError(
+            f"{num_shards} shards merge their answers in one folder, and this one is named by this process's own "
+            f"start time and id ({cfg.output_dir}): give every shard the same output_dir=<folder> (or "
+            "HICOM_RUN_STAMP=<name>, or torchrun --rdzv-id=<id>)"
+        )
+    check_unmerged_shards(Path(cfg.output_dir), names, num_shards)
+    readers, questions, problems = {}, {}, []
+    for name in names:  # every benchmark's files, before the model loads: all that is missing, at once
+        try:
+            readers[name] = instantiate(cfg.benchmarks[name])
+            questions[name] = readers[name].read()
+            check_subtitles(name, readers[name], questions[name])
+        except (OSError, ValueError, InstantiationException) as error:  # the last: a reader's value refused
+            problems.append(f"{name}: {error}")
+    if problems:
+        raise BenchmarkFormatError("cannot read the benchmarks:\n  " + "\n  ".join(problems))
+    prompts = {}
+    for name in names:  # a bad template, before the model loads
+        try:
+            prompts[name] = benchmark_prompts(cfg, readers[name])
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from error
+    module, source, device, dtype = answering_model(cfg)
+    visual = module.net.num_visual_tokens(cfg.sampling.num_frames)
     out_dir = Path(cfg.output_dir)
     settings = {
         **source,
