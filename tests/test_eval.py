@@ -22,7 +22,7 @@ from hicom.eval.score import main as score_main
 from hicom.eval.score import normalize_answer, score_multiple_choice, score_open_ended
 from tests.conftest import CONFIGS, SMALL, compose_train
 
-ALL = ["mvbench", "videomme", "videomme_subs", "egoschema", "mlvu", "activitynet_qa", "msvd_qa", "msrvtt_qa"]
+ALL = ["mvbench", "videomme", "videomme_subs", "egoschema", "mlvu", "activitynet_qa", "msvd_qa", "msrvtt_qa", "own"]
 
 
 def _clip(path: Path, seed: int, frames: int = 12, fps: int = 4) -> None:
@@ -113,6 +113,10 @@ def bench_data(tmp_path_factory) -> Path:
     _dump(ml / "json/4_count.json", [{"video": "c.mp4", "duration": 9.5, "question": f"How many {x}?",
                                        "candidates": ["1", "2", "3", "4"], "answer": "2", "question_type": "count"}
                                       for x in ("cars", "dogs", "cats")])  # fmt: skip
+    # a benchmark of one's own: one JSON file of records, answers as candidate texts
+    _clip(ev / "own/videos/o1.mp4", 32)
+    _dump(ev / "own/questions.json", [{"video": "o1.mp4", "question": q, "candidates": ["left", "right"],
+                                       "answer": "right", "task": "side"} for q in ("Where?", "Which side?")])  # fmt: skip
     # open-ended QA: test_q / test_a aligned by index; ActivityNet names its files v_<name>
     for name, prefix, ext in (("activitynet_qa", "v_", ".mp4"), ("msvd_qa", "", ".avi"), ("msrvtt_qa", "", ".mp4")):
         oq = ev / name
@@ -1264,7 +1268,7 @@ def test_the_demo_benchmarks_run_every_configured_benchmark_end_to_end(cache_dir
     assert sorted(results) == sorted(ALL)
     assert {name: r["n"] for name, r in results.items()} == {
         "mvbench": 40, "videomme": 2, "videomme_subs": 2, "egoschema": 2, "mlvu": 14,
-        "activitynet_qa": 2, "msvd_qa": 2, "msrvtt_qa": 2,
+        "activitynet_qa": 2, "msvd_qa": 2, "msrvtt_qa": 2, "own": 2,
     }  # fmt: skip
     assert all(r["n_failed"] == 0 for r in results.values())  # every clip decodes, frame folders and bounds included
     assert results["videomme"]["settings"]["frames"] == 8  # the run's own frames
@@ -1596,3 +1600,81 @@ def test_an_ask_sweep_writes_a_row_per_job_and_question(cache_dir, bench_data, t
     table = (sweep / "summary.md").read_text().splitlines()
     assert table[0] == "| job | sampling.num_frames | question | reply | choice |"
     assert table[2].startswith("| 0 | 4 | what? | ") and table[2].endswith(" | n/a |")
+
+
+def _own(root: Path, records: list, **settings):
+    from hicom.eval.benchmarks import QuestionFile
+
+    _dump(root / "questions.json", records)
+    return QuestionFile(root=str(root), **settings)
+
+
+def test_a_question_file_reads_each_answer_form_and_kind(tmp_path):
+    from hicom.eval.benchmarks import Kind
+
+    options = ["red", "green", "blue"]
+    base = {"video": "a.mp4", "question": "Which colour?", "candidates": options}
+    for answer_is, answer in (("text", "blue"), ("letter", "C"), ("index", 2)):
+        (q,) = _own(tmp_path, [{**base, "answer": answer}], answer_is=answer_is).read()
+        assert (q.answer, q.options, q.question_id, q.task) == ("C", tuple(options), "0", "all")
+        assert q.video == str(tmp_path / "videos/a.mp4") and (q.start, q.end, q.duration) == (None, None, None)
+    record = {**base, "answer": None, "question_id": 7, "task": "colour", "start": 1, "end": 2.5, "duration": "short"}
+    (q,) = _own(tmp_path, [record]).read()
+    assert (q.answer, q.question_id, q.task, q.start, q.end, q.duration) == (None, "7", "colour", 1.0, 2.5, "short")
+    reader = _own(tmp_path, [{"video": "a.mp4", "question": "What?", "answer": 3}], kind="open_ended")
+    (q,) = reader.read()
+    assert (reader.kind, reader.metric, q.answer, q.options) == (Kind.OPEN_ENDED, "exact_match", "3", ())
+    assert _own(tmp_path, [], mean_of_tasks=True).metric == "m_avg" and _own(tmp_path, []).metric == "acc"
+
+
+@pytest.mark.parametrize(
+    ("records", "settings", "error"),
+    [
+        ([{"video": "a.mp4", "question": "q", "answer": "x"}], {}, r"record 0: no 'candidates' field"),
+        ([{"video": "a.mp4", "question": "q", "candidates": ["x", "y"], "answer": "x"}], {"kind": "open_ended"},
+         r"record 0: candidates in an open-ended benchmark"),
+        ([{"video": "a.mp4", "question": "q", "candidates": ["x", "y"], "answer": "C"}], {"answer_is": "letter"},
+         r"record 0: 'answer' is 'C', not one of \['A', 'B'\]"),
+        ([{"video": "a.mp4", "question": "q", "candidates": ["x", "y"], "answer": 2}], {"answer_is": "index"},
+         r"record 0: 'answer' is 2, not an index from 0 to 1"),
+        ([{"video": "a.mp4", "question": "q", "candidates": ["x", "y"], "answer": "x", "start": 3, "end": 2}], {},
+         r"record 0: start 3.0 is not before end 2.0"),
+        ([{"video": "a.mp4", "question": "q", "candidates": ["x", "y"], "answer": "x", "start": "1"}], {},
+         r"record 0: 'start' is '1', not a number of seconds"),
+        ([{"video": "a.mp4", "question": "q", "candidates": ["x", "y"]}], {}, r"record 0: no 'answer' field"),
+        ([["a.mp4"]], {}, r"record 0: expected an object"),
+        ([{"video": "a.mp4", "question": "q", "candidates": ["x", "y"], "answer": "x", "question_id": 1}] * 2, {},
+         r"question ids given to more than one question \(1: '1'\)"),
+        ([], {"kind": "yes_no"}, r"kind must be one of \['multiple_choice', 'open_ended'\], got 'yes_no'"),
+        ([], {"answer_is": "number"}, r"answer_is must be one of \['text', 'letter', 'index'\], got 'number'"),
+        ([], {"mean_of_tasks": "no"}, r"mean_of_tasks must be true or false"),
+    ],
+)  # fmt: skip
+def test_a_question_file_refuses_what_it_cannot_score_naming_the_record(tmp_path, records, settings, error):
+    from hicom.eval.benchmarks import BenchmarkFormatError
+
+    with pytest.raises((BenchmarkFormatError, ValueError), match=error):
+        _own(tmp_path, records, **settings).read()
+
+
+def test_a_question_file_evaluates_end_to_end_and_rescores_with_its_settings(cache_dir, trained_run, tmp_path):
+    """benchmark=own over a file of one's own: asked, scored as its settings say (mean of tasks, answers by index),
+    and re-scored alike where the same settings are given to the score command."""
+    from hicom.eval.runner import evaluate
+
+    data = tmp_path / "data"
+    for i in range(3):
+        _clip(data / f"eval/mine/clips/c{i}.mp4", 40 + i)
+    records = [{"video": f"c{i}.mp4", "question": "Which colour?", "candidates": ["red", "green", "blue"],
+                "answer": i, "task": ["t1", "t1", "t2"][i]} for i in range(3)]  # fmt: skip
+    _dump(data / "eval/mine/questions.json", records)
+    settings = ["benchmarks.own.root=${paths.data_dir}/eval/mine", "benchmarks.own.video_dir=clips",
+                "benchmarks.own.answer_is=index", "benchmarks.own.mean_of_tasks=true"]  # fmt: skip
+    results = evaluate(compose_eval(cache_dir, data, tmp_path / "out", [f"ckpt={trained_run}", "benchmark=own",
+                                                                        *settings]))["own"]  # fmt: skip
+    assert results["metric"] == "m_avg" and results["n"] == 3 and set(results["per_task"]) == {"t1", "t2"}
+    rows = [json.loads(line) for line in (tmp_path / "out/own/predictions.jsonl").open()]
+    assert [row["answer"] for row in rows] == ["A", "B", "C"] and rows[0]["prompt"].startswith("<video>\nQuestion: ")
+    predictions = f"predictions={tmp_path / 'out/own/predictions.jsonl'}"
+    assert score_main(["benchmark=own", predictions, *settings])["m_avg"] == results["m_avg"]
+    assert score_main(["benchmark=own", predictions])["metric"] == "acc"  # the configured entry's own settings

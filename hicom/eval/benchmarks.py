@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from hicom.eval.answers import LETTERS
-from hicom.utils.choices import flag
+from hicom.utils.choices import Choice, flag
 
 log = logging.getLogger(__name__)
 
@@ -459,6 +459,113 @@ class OpenEndedQA(Reader):
 
     def _ids_from(self) -> Path:
         return Path(self.root) / "test_q.json"
+
+
+class AnswerIs(Choice):
+    """How a question file's `answer` names the right candidate: its text (MVBench's and MLVU's way), its letter
+    (Video-MME's) or its index from 0 (EgoSchema's)."""
+
+    TEXT = "text"
+    LETTER = "letter"
+    INDEX = "index"
+
+
+def _seconds(record: dict, key: str, where: str) -> float | None:
+    """An optional time in seconds (absent or null: none), a number >= 0."""
+    value = record.get(key)
+    if value is None:
+        return None
+    if not _is_scalar(value) or isinstance(value, str) or value < 0:
+        raise BenchmarkFormatError(f"{where}: {key!r} is {value!r:.80}, not a number of seconds >= 0")
+    return float(value)
+
+
+@dataclass
+class QuestionFile(Reader):
+    """A benchmark of one's own: `file` under `root`, a JSON list of records {video, question, answer, and for
+    multiple choice candidates (2-8 texts); optional question_id (else the record's position), task, duration (a
+    class to group scores by), start and end (seconds of the clip to read)}; videos (files or folders of frames)
+    under `video_dir`. `kind` says whether the questions are multiple-choice or open-ended (their answers are
+    texts, scored by exact match and by a judge); `answer_is` how a multiple-choice answer names its candidate;
+    an answer of null is asked, not scored. `mean_of_tasks`: the headline score is the mean of the tasks'
+    accuracies (as MLVU's M-Avg), else the accuracy over questions."""
+
+    file: str = "questions.json"
+    video_dir: str = "videos"
+    kind: Kind = Kind.MULTIPLE_CHOICE
+    answer_is: AnswerIs = AnswerIs.TEXT
+    mean_of_tasks: bool = False
+    submission = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kind not in {k.value for k in Kind}:
+            raise ValueError(f"kind must be one of {[k.value for k in Kind]}, got {self.kind!r}")
+        self.kind = Kind(self.kind)
+        self.answer_is = AnswerIs.of(self.answer_is, "answer_is")
+
+    @property
+    def metric(self) -> str:
+        if self.kind is Kind.OPEN_ENDED:
+            return "exact_match"
+        return "m_avg" if self.mean_of_tasks else "acc"
+
+    def _read(self) -> list[Question]:
+        path = Path(self.root) / self.file
+        questions = []
+        for i, record in enumerate(_read_json(path)):
+            where = f"{path} record {i}"
+            if not isinstance(record, dict):
+                raise BenchmarkFormatError(f"{where}: expected an object, found {record!r:.80}")
+            start, end = _seconds(record, "start", where), _seconds(record, "end", where)
+            if start is not None and end is not None and start >= end:
+                raise BenchmarkFormatError(f"{where}: start {start} is not before end {end}")
+            options = self._options(record, where)
+            duration = record.get("duration")
+            questions.append(
+                Question(
+                    question_id=str(_scalar(record, "question_id", where)) if "question_id" in record else str(i),
+                    task=str(_scalar(record, "task", where)) if record.get("task") is not None else "all",
+                    video=str(Path(self.root) / self.video_dir / _text(record, "video", where)),
+                    question=_text(record, "question", where),
+                    options=tuple(str(option) for option in options),
+                    answer=self._answer(record, options, where),
+                    start=start,
+                    end=end,
+                    duration=None if duration is None else str(_scalar(record, "duration", where)),
+                )
+            )
+        return questions
+
+    def _options(self, record: dict, where: str) -> list:
+        if self.kind is Kind.OPEN_ENDED:
+            if "candidates" in record:
+                raise BenchmarkFormatError(f"{where}: candidates in an open-ended benchmark (kind=multiple_choice?)")
+            return []
+        return _options(record, "candidates", where)
+
+    def _answer(self, record: dict, options: list, where: str) -> str | None:
+        """The record's answer as a letter (multiple choice) or a text (open-ended); None where it is null."""
+        answer = _field(record, "answer", where)
+        if answer is None:
+            return None
+        if self.kind is Kind.OPEN_ENDED:
+            return str(_scalar(record, "answer", where))
+        if self.answer_is is AnswerIs.TEXT:
+            return _letter(options, _scalar(record, "answer", where), where)
+        if self.answer_is is AnswerIs.LETTER:
+            letters = LETTERS[: len(options)]
+            return _typed(
+                record, "answer", where, lambda v: isinstance(v, str) and v in letters, f"one of {list(letters)}"
+            )
+        index = _typed(
+            record, "answer", where, lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(options),
+            f"an index from 0 to {len(options) - 1}",
+        )  # fmt: skip
+        return LETTERS[index]
+
+    def _ids_from(self) -> Path:
+        return Path(self.root) / self.file
 
 
 SRT_STAMP = re.compile(r"(\d+):(\d+):(\d+)[,.](\d+)\s*-->\s*(\d+):(\d+):(\d+)[,.](\d+)")

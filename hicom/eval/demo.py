@@ -24,7 +24,17 @@ from omegaconf import DictConfig
 
 from hicom.data.synthetic import write_video
 from hicom.eval.answers import LETTERS
-from hicom.eval.benchmarks import MLVU, EgoSchema, MVBench, MVBenchTask, OpenEndedQA, VideoMME
+from hicom.eval.benchmarks import (
+    MLVU,
+    AnswerIs,
+    EgoSchema,
+    Kind,
+    MVBench,
+    MVBenchTask,
+    OpenEndedQA,
+    QuestionFile,
+    VideoMME,
+)
 from hicom.eval.runner import content_digest
 
 MARK = ".hicom-demo"  # in the data folder: written by this module, safe to write again
@@ -136,7 +146,31 @@ def _open_ended(reader: OpenEndedQA, media: Media) -> None:
                                  for i in range(2)])  # fmt: skip
 
 
-WRITERS = {MVBench: _mvbench, VideoMME: _videomme, EgoSchema: _egoschema, MLVU: _mlvu, OpenEndedQA: _open_ended}
+def _question_file(reader: QuestionFile, media: Media) -> None:
+    """Two questions of two tasks, answered as the reader's `answer_is` says (multiple choice) or by a text."""
+    root = Path(reader.root)
+    options = ["red", "green", "blue"]
+    answers = {AnswerIs.TEXT: options, AnswerIs.LETTER: list(LETTERS), AnswerIs.INDEX: [0, 1, 2]}[reader.answer_is]
+    records = []
+    for i in range(2):
+        media.clip(root / reader.video_dir / f"demo{i}.mp4")
+        record = {"question_id": f"demo{i}", "video": f"demo{i}.mp4", "task": f"task{i}", "question": "Which colour?"}
+        if reader.kind is Kind.MULTIPLE_CHOICE:
+            record |= {"candidates": options, "answer": answers[i]}
+        else:
+            record["answer"] = options[i]
+        records.append(record)
+    _dump(root / reader.file, records)
+
+
+WRITERS = {
+    MVBench: _mvbench,
+    VideoMME: _videomme,
+    EgoSchema: _egoschema,
+    MLVU: _mlvu,
+    OpenEndedQA: _open_ended,
+    QuestionFile: _question_file,
+}
 
 
 def write_demo(cfg: DictConfig, seed: int = 0) -> Path:

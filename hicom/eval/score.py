@@ -146,19 +146,20 @@ def score(reader, rows: list[dict]) -> dict:
     return {**scores, "metric": reader.metric}
 
 
-def benchmark_class(name: str):
-    """The reader class of a benchmark named in configs/evaluate.yaml."""
+def benchmark_reader(name: str, overrides: list[str] = ()):
+    """The reader of a benchmark named in configs/evaluate.yaml (with `overrides` of that config), which says how
+    its replies are scored; its files are not read."""
     from hydra import compose, initialize_config_dir
-    from hydra.utils import get_class
+    from hydra.utils import instantiate
 
     import hicom.utils.config  # noqa: F401  (registers the resolvers the configs use)
 
     configs = Path(__file__).resolve().parents[2] / "configs"
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
-        cfg = compose("evaluate")
+        cfg = compose("evaluate", overrides=list(overrides))
     if name not in cfg.benchmarks:
         raise ValueError(f"benchmark={name!r} is not one of {sorted(cfg.benchmarks)}")
-    return get_class(cfg.benchmarks[name]._target_)
+    return instantiate(cfg.benchmarks[name])
 
 
 # what a re-score keeps of evaluate.py's results.json: how the predictions were made, not what they scored
@@ -173,11 +174,16 @@ KEPT_ON_RESCORE = (
 
 
 def main(argv: list[str]) -> dict:
-    args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
-    unknown = set(args) - {"benchmark", "predictions"}
-    if unknown or {"benchmark", "predictions"} - set(args):
-        raise SystemExit("usage: python -m hicom.eval.score benchmark=<name> predictions=<predictions.jsonl>")
-    reader = benchmark_class(args["benchmark"])
+    args = dict(
+        arg.split("=", 1) for arg in argv if "=" in arg and arg.split("=", 1)[0] in ("benchmark", "predictions")
+    )
+    overrides = [arg for arg in argv if arg.split("=", 1)[0] not in ("benchmark", "predictions")]
+    if {"benchmark", "predictions"} - set(args) or any("=" not in arg for arg in overrides):
+        raise SystemExit(
+            "usage: python -m hicom.eval.score benchmark=<name> predictions=<predictions.jsonl> [<override of "
+            "configs/evaluate.yaml>=<value> ...]  (e.g. benchmarks.<name>.mean_of_tasks=true for a question file's)"
+        )
+    reader = benchmark_reader(args["benchmark"], overrides)
     path = Path(args["predictions"])
     results = {"benchmark": args["benchmark"], **score(reader, read_predictions(path))}
     out = path.parent / "results.json"
