@@ -380,11 +380,11 @@ class EvalSweepSummary(SweepSummary):
 
 
 class AskSweepSummary(SweepSummary):
-    """An ask multirun's table (`ask.py -m ckpt=a,b video=... question=...`): a row per job and question with its
-    swept overrides, the reply (its first line) and, for a multiple-choice question, the letter read from it (each
-    job's answers.json)."""
+    """An ask multirun's table (`ask.py -m ckpt=a,b video=... question=...`): a row per job and question asked with
+    its swept overrides, the reply (its first lines, up to 200 characters) and, for a multiple-choice question, the
+    letter read from it or `none` (each job's answers.json)."""
 
-    part = "question"
+    part = "asked"  # not `question`: a swept question is an override column of that name
     header = ("reply", "choice")
     missing = "no answers.json (running, or stopped)"
 
@@ -395,4 +395,5 @@ class AskSweepSummary(SweepSummary):
         return [(answer.get("question"), answer) for answer in answers.get("answers") or [] if isinstance(answer, dict)]
 
     def cells(self, metrics: dict) -> list[str]:
-        return [_first_line(str(metrics.get("reply", "")).strip()), _cell(metrics.get("choice"))]
+        choice = "" if "options" not in metrics else metrics.get("choice") or "none"
+        return [_first_line(str(metrics.get("reply", "")).strip()), choice]

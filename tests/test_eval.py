@@ -795,6 +795,9 @@ def test_subtitle_cues_without_a_blank_line_between_stay_apart_and_only_tags_are
         ("B选项", ["x", "y"], "B"),
         ("视频中的人在washing the car", ["washing the car", "cooking"], "A"),
         ("Día", ["x", "y", "z", "w"], None),  # an accented Latin word is a word: no D in it
+        ("He jumps 3× in the clip.", ["2", "3", "4"], "B"),  # × is a sign, not a letter of the word
+        ("不是", ["是", "否"], None),  # "is not": the option 是 (yes) inside other Chinese text is not named
+        ("是", ["是", "否"], "A"),
     ],
 )
 def test_a_reply_names_an_option_by_letter_or_by_its_whole_text(reply, options, letter):
@@ -1540,6 +1543,8 @@ def test_ask_replies_as_the_evaluation_does_to_the_same_question(cache_dir, benc
         (["video={missing}", "question=what?"], r"video=.*gone\.mp4: no such file or folder"),
         (["video={video}", "question=[what?,'  ']"], r"question=.*: give a text or a list of texts"),
         (["video={video}", "question=what?", "options=[red]"], r"options: 1 given; .* has 2 to 8"),
+        (["video={video}", "question=what?", "options=[1.50,2.00]"], r"options: 1\.5 was read as a float, .*quote it"),
+        (["video={video}", "question=what?", "options=[True,False]"], r"options: True was read as a bool"),
         (["video={video}", "question=what?", "start=4", "end=2"], r"start=4 is not before end=2"),
         (["video={video}", "question=what?", "start=-1"], r"start=-1: a time in seconds"),
         (["video={video}", "question=what?", "subtitles={missing}"], r"subtitles=.*: no such \.srt file"),
@@ -1588,7 +1593,7 @@ def test_an_ask_sweep_writes_a_row_per_job_and_question(cache_dir, bench_data, t
     assert done.stdout.count("Q: what?\nA: ") == 2
     (sweep,) = tmp_path.glob("ask/multiruns/*")
     rows = json.loads((sweep / "summary.json").read_text())
-    assert [(row["job"], row["question"]) for row in rows] == [
+    assert [(row["job"], row["asked"]) for row in rows] == [
         ("0", "what?"),
         ("0", "who?"),
         ("1", "what?"),
@@ -1598,8 +1603,8 @@ def test_an_ask_sweep_writes_a_row_per_job_and_question(cache_dir, bench_data, t
         answers = json.loads((sweep / row["job"] / "answers.json").read_text())["answers"]
         assert row["metrics"] in answers
     table = (sweep / "summary.md").read_text().splitlines()
-    assert table[0] == "| job | sampling.num_frames | question | reply | choice |"
-    assert table[2].startswith("| 0 | 4 | what? | ") and table[2].endswith(" | n/a |")
+    assert table[0] == "| job | sampling.num_frames | asked | reply | choice |"
+    assert table[2].startswith("| 0 | 4 | what? | ") and table[2].endswith(" |  |")  # no options: no choice
 
 
 def _own(root: Path, records: list, **settings):

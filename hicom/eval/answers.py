@@ -5,9 +5,21 @@ from __future__ import annotations
 import re
 
 LETTERS = "ABCDEFGH"
-# A letter or an option's text stands alone where no Latin letter, digit or underscore touches it: not \b, for which
-# Chinese characters are word characters too, so that "答案是B" (the answer is B) would name no option
-_LATIN = r"[0-9A-Za-z_\u00c0-\u024f]"
+# A letter stands alone where no Latin letter, digit or underscore touches it: not \b, for which Chinese characters
+# are word characters too, so that "答案是B" (the answer is B) would name no option. Latin-1's letters and Latin
+# Extended-A and B, less the signs × and ÷ ("3×" is a number and a sign).
+_LATIN = r"[0-9A-Za-z_\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f]"
+
+
+def _alone(needle: str) -> str:
+    """A pattern of `needle` as a whole word of the reply: at an end that is a Latin character, no Latin word
+    character may touch it (English option text within a Chinese reply stands alone); at any other end (Chinese
+    text), no word character at all, so that the option 是 (yes) is not found in 不是 (is not)."""
+    before = f"(?<!{_LATIN})" if re.fullmatch(_LATIN, needle[0]) else r"(?<!\w)"
+    after = f"(?!{_LATIN})" if re.fullmatch(_LATIN, needle[-1]) else r"(?!\w)"
+    return before + re.escape(needle) + after
+
+
 _OPTION = re.compile(r"^\s*\(?([A-H])[\).:]\s*(.+?)\s*$")
 
 
@@ -40,8 +52,8 @@ def parse_choice(reply: str, options: list[str]) -> str | None:
     A reply that is one option's whole text names that option first, whatever letters it holds (EgoSchema's
     options read "C picks up ...", C being the camera wearer). A lowercase letter names an option alone ("b",
     "(c)."), in parentheses, after "option" or ending the reply after "is" ("the answer is b."); within words it
-    does not ("a dog"). Words are Latin ones: a letter or an option's text next to Chinese characters stands
-    alone ("答案是B"). An option's text (less a final period) appears only as whole words ("no" is not in "know",
+    does not ("a dog"). A capital letter next to Chinese characters stands alone ("答案是B"), as does an option's
+    English text; an option's Chinese text must not touch other Chinese text (是, yes, is not in 不是). An option's text (less a final period) appears only as whole words ("no" is not in "know",
     "1" not in "10"), and an occurrence inside a longer option's occurrence does not count ("red" in "dark red");
     two options left: unparsed."""
     whole = [letter for letter, option in zip(LETTERS, options, strict=False) if _plain(option) == _plain(reply)]
@@ -63,7 +75,7 @@ def parse_choice(reply: str, options: list[str]) -> str | None:
         # less a final period: Video-MME's options end their sentence, where a reply may go on
         needle = option.strip().rstrip(".").rstrip().lower()
         if needle:
-            found = [m.span() for m in re.finditer(rf"(?<!{_LATIN}){re.escape(needle)}(?!{_LATIN})", lowered)]
+            found = [m.span() for m in re.finditer(_alone(needle), lowered)]
             if found:
                 spans[letter] = found
     covered = [(start, end) for found in spans.values() for start, end in found]

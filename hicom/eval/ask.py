@@ -30,11 +30,18 @@ log = logging.getLogger(__name__)
 
 
 def _texts(name: str, value, *, least: int) -> list[str]:
-    """A text or a list of texts (a number, as the command line reads `options=[1,2,3]`, is its text), none
-    empty; at least `least` of them."""
+    """A text or a list of texts, none empty (a whole number, as the command line reads `options=[1,2,3]`, is its
+    text); at least `least` of them. Other numbers and true / false are refused: Hydra read them as values, and
+    their text is no longer the one typed (1.50 is 1.5)."""
     items = list(value) if isinstance(value, list | tuple | ListConfig) else [] if value is None else [value]
-    texts = [str(item) for item in items if isinstance(item, str | int | float) and not isinstance(item, bool)]
-    if len(texts) < len(items) or len(texts) < least or not all(text.strip() for text in texts):
+    typed = [item for item in items if not isinstance(item, str | int) or isinstance(item, bool)]
+    if typed:
+        raise ValueError(
+            f"{name}: {typed[0]!r} was read as a {type(typed[0]).__name__}, not as the text typed: quote it for "
+            f"Hydra, e.g. \"{name}=['1.50','2.00']\" or \"{name}='True'\""
+        )
+    texts = [str(item) for item in items]
+    if len(texts) < least or not all(text.strip() for text in texts):
         raise ValueError(f"{name}={value!r}: give {'a text or a list of texts' if least else 'a list of texts'}")
     return texts
 
