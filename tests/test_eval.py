@@ -1630,6 +1630,14 @@ def test_a_question_file_reads_each_answer_form_and_kind(tmp_path):
     (q,) = reader.read()
     assert (reader.kind, reader.metric, q.answer, q.options) == (Kind.OPEN_ENDED, "exact_match", "3", ())
     assert _own(tmp_path, [], mean_of_tasks=True).metric == "m_avg" and _own(tmp_path, []).metric == "acc"
+    numbers = {"video": "a.mp4", "question": "How many?", "candidates": [1, 2, 3], "answer": 2}  # numbers, as text
+    assert _own(tmp_path, [numbers]).read()[0].answer == "B"
+
+
+def test_a_question_file_names_the_keys_it_ignores(tmp_path, caplog):
+    record = {"video": "a.mp4", "question": "q", "candidates": ["x", "y"], "answer": "x", "question_type": "t"}
+    _own(tmp_path, [record, record | {"question_id": "b"}]).read()
+    assert "keys read by no rule, ignored: question_type (2 records)" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -1653,6 +1661,19 @@ def test_a_question_file_reads_each_answer_form_and_kind(tmp_path):
         ([], {"kind": "yes_no"}, r"kind must be one of \['multiple_choice', 'open_ended'\], got 'yes_no'"),
         ([], {"answer_is": "number"}, r"answer_is must be one of \['text', 'letter', 'index'\], got 'number'"),
         ([], {"mean_of_tasks": "no"}, r"mean_of_tasks must be true or false"),
+        ([{"video": "a.mp4", "question": "q", "candidates": ["x", "y"], "answer": "X"}], {},
+         r"record 0: 'answer' is 'X', not one of the candidates \['x', 'y'\] \(answer_is=text; an answer by letter"),
+        ([{"video": "a.mp4", "question": "q", "candidates": ["1", "2", "3"], "answer": 2}], {},
+         r"record 0: 'answer' is 2, not one of the candidates"),  # an index left under answer_is=text
+        ([{"video": "a.mp4", "question": "q", "candidates": ["x", "x", "y"], "answer": "y"}], {},
+         r"record 0: candidates .* repeat one"),
+        ([{"video": "a.mp4", "question": "q", "candidates": ["x", "y"], "answer": "x", "duration": 183.4}], {},
+         r"record 0: 'duration' is 183.4, not a text"),
+        ([{"video": "a.mp4", "question": "q", "candidates": ["x", "y"], "answer": "x", "end": 0}], {},
+         r"record 0: end 0 leaves nothing"),
+        ([{"video": "a.mp4", "question": "q", "candidates": ["x", "y"], "answer": a} for a in "zzzzzzzzzzzz"], {},
+         r"(?s)questions\.json: 12 records cannot be asked or scored:\n  record 0: 'answer' is 'z'.*\n  record 9: .*"
+         r"\n  \.\.\. and 2 more$"),
     ],
 )  # fmt: skip
 def test_a_question_file_refuses_what_it_cannot_score_naming_the_record(tmp_path, records, settings, error):
@@ -1682,4 +1703,20 @@ def test_a_question_file_evaluates_end_to_end_and_rescores_with_its_settings(cac
     assert [row["answer"] for row in rows] == ["A", "B", "C"] and rows[0]["prompt"].startswith("<video>\nQuestion: ")
     predictions = f"predictions={tmp_path / 'out/own/predictions.jsonl'}"
     assert score_main(["benchmark=own", predictions, *settings])["m_avg"] == results["m_avg"]
-    assert score_main(["benchmark=own", predictions])["metric"] == "acc"  # the configured entry's own settings
+    # without overrides, scored as the evaluation scored them (results.json records it), whatever the config says
+    assert score_main(["benchmark=own", predictions])["metric"] == "m_avg"
+    assert score_main(["benchmark=own", predictions, *settings[:3]])["metric"] == "acc"  # overrides: the config's
+
+
+def test_an_open_ended_question_without_an_answer_is_asked_not_scored_nor_judged(tmp_path):
+    from hicom.eval.score import read_predictions, score
+
+    rows = [{"question_id": str(i), "task": "t", "question": "q", "answer": a, "pred": "dog", "reply": "dog"} for i, a in
+            enumerate(["dog", "cat", None])]  # fmt: skip
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    asked = []
+    judge_predictions(path, lambda q, a, r: asked.append(a) or Verdict(a == r, 5, "{}"))
+    assert asked == ["dog", "cat"]
+    results = score({"kind": "open_ended", "mean_of_tasks": False, "metric": "exact_match"}, read_predictions(path))
+    assert (results["n"], results["n_unscored"], results["exact_match"], results["n_judged"]) == (2, 1, 0.5, 2)

@@ -480,15 +480,25 @@ def _seconds(record: dict, key: str, where: str) -> float | None:
     return float(value)
 
 
+# A question file's multiple-choice questions are asked as MVBench's are, unless its entry's `prompts` say otherwise
+QUESTION_FILE_MULTIPLE_CHOICE = (
+    "Question: {question}\nOptions:\n{options}\nAnswer with the option's letter from the given choices directly and "
+    "only give the best option."
+)
+QUESTION_FILE_KEYS = {"video", "question", "answer", "candidates", "question_id", "task", "duration", "start", "end"}
+
+
 @dataclass
 class QuestionFile(Reader):
     """A benchmark of one's own: `file` under `root`, a JSON list of records {video, question, answer, and for
-    multiple choice candidates (2-8 texts); optional question_id (else the record's position), task, duration (a
-    class to group scores by), start and end (seconds of the clip to read)}; videos (files or folders of frames)
-    under `video_dir`. `kind` says whether the questions are multiple-choice or open-ended (their answers are
-    texts, scored by exact match and by a judge); `answer_is` how a multiple-choice answer names its candidate;
-    an answer of null is asked, not scored. `mean_of_tasks`: the headline score is the mean of the tasks'
-    accuracies (as MLVU's M-Avg), else the accuracy over questions."""
+    multiple choice candidates (2-8 different texts); optional question_id (else the record's position), task,
+    duration (a class such as short / medium / long, by which scores are grouped), start and end (seconds of the
+    clip to read)}; videos (files or folders of frames) under `video_dir`. `kind` says whether the questions are
+    multiple-choice or open-ended (their answers are texts, scored by exact match and by a judge); `answer_is` how
+    a multiple-choice answer names its candidate; an answer of null is asked, not scored. `mean_of_tasks`: the
+    headline score is the mean of the tasks' accuracies (as MLVU's M-Avg), else the accuracy over questions.
+    Every record that breaks these rules is named (the first ten, with the count), and keys of no meaning here
+    (another format's `question_type`, say) are named in the log."""
 
     file: str = "questions.json"
     video_dir: str = "videos"
@@ -503,6 +513,8 @@ class QuestionFile(Reader):
             raise ValueError(f"kind must be one of {[k.value for k in Kind]}, got {self.kind!r}")
         self.kind = Kind(self.kind)
         self.answer_is = AnswerIs.of(self.answer_is, "answer_is")
+        if self.kind is Kind.MULTIPLE_CHOICE and "multiple_choice" not in (self.prompts or {}):
+            self.prompts = {**(self.prompts or {}), "multiple_choice": QUESTION_FILE_MULTIPLE_CHOICE}
 
     @property
     def metric(self) -> str:
@@ -512,47 +524,78 @@ class QuestionFile(Reader):
 
     def _read(self) -> list[Question]:
         path = Path(self.root) / self.file
-        questions = []
+        questions, problems, unknown = [], [], Counter()
         for i, record in enumerate(_read_json(path)):
-            where = f"{path} record {i}"
-            if not isinstance(record, dict):
-                raise BenchmarkFormatError(f"{where}: expected an object, found {record!r:.80}")
-            start, end = _seconds(record, "start", where), _seconds(record, "end", where)
-            if start is not None and end is not None and start >= end:
-                raise BenchmarkFormatError(f"{where}: start {start} is not before end {end}")
-            options = self._options(record, where)
-            duration = record.get("duration")
-            questions.append(
-                Question(
-                    question_id=str(_scalar(record, "question_id", where)) if "question_id" in record else str(i),
-                    task=str(_scalar(record, "task", where)) if record.get("task") is not None else "all",
-                    video=str(Path(self.root) / self.video_dir / _text(record, "video", where)),
-                    question=_text(record, "question", where),
-                    options=tuple(str(option) for option in options),
-                    answer=self._answer(record, options, where),
-                    start=start,
-                    end=end,
-                    duration=None if duration is None else str(_scalar(record, "duration", where)),
-                )
+            try:
+                questions.append(self._question(record, i, f"{path} record {i}"))
+            except BenchmarkFormatError as error:
+                problems.append(str(error).removeprefix(f"{path} "))  # the file is named once, above them
+                continue
+            unknown.update(set(record) - QUESTION_FILE_KEYS)
+        if problems:
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            raise BenchmarkFormatError(
+                f"{path}: {len(problems)} records cannot be asked or scored:\n  " + "\n  ".join(problems[:10]) + more
+            )
+        if unknown:
+            named = ", ".join(f"{key} ({n} records)" for key, n in sorted(unknown.items()))
+            log.warning(
+                "%s: keys read by no rule, ignored: %s; the keys read are %s", path, named, sorted(QUESTION_FILE_KEYS)
             )
         return questions
+
+    def _question(self, record, i: int, where: str) -> Question:
+        if not isinstance(record, dict):
+            raise BenchmarkFormatError(f"{where}: expected an object, found {record!r:.80}")
+        start, end = _seconds(record, "start", where), _seconds(record, "end", where)
+        if end == 0:
+            raise BenchmarkFormatError(f"{where}: end 0 leaves nothing of the clip to read")
+        if start is not None and end is not None and start >= end:
+            raise BenchmarkFormatError(f"{where}: start {start} is not before end {end}")
+        options = self._options(record, where)
+        return Question(
+            question_id=str(_scalar(record, "question_id", where)) if "question_id" in record else str(i),
+            task=str(_scalar(record, "task", where)) if record.get("task") is not None else "all",
+            video=str(Path(self.root) / self.video_dir / _text(record, "video", where)),
+            question=_text(record, "question", where),
+            options=tuple(str(option) for option in options),
+            answer=self._answer(record, options, where),
+            start=start,
+            end=end,
+            duration=_text(record, "duration", where) if record.get("duration") is not None else None,
+        )
 
     def _options(self, record: dict, where: str) -> list:
         if self.kind is Kind.OPEN_ENDED:
             if "candidates" in record:
                 raise BenchmarkFormatError(f"{where}: candidates in an open-ended benchmark (kind=multiple_choice?)")
             return []
-        return _options(record, "candidates", where)
+        options = _options(record, "candidates", where)
+        texts = [str(option).strip() for option in options]
+        if len(set(texts)) < len(texts):
+            raise BenchmarkFormatError(
+                f"{where}: candidates {options!r:.120} repeat one: no letter would name it alone"
+            )
+        return options
 
     def _answer(self, record: dict, options: list, where: str) -> str | None:
-        """The record's answer as a letter (multiple choice) or a text (open-ended); None where it is null."""
+        """The record's answer as a letter (multiple choice) or a text (open-ended); None where it is null. A
+        multiple-choice answer must name one candidate as `answer_is` says: a text that is none of them (a
+        different case, an index left under answer_is=text) is refused, not left unscored."""
         answer = _field(record, "answer", where)
         if answer is None:
             return None
         if self.kind is Kind.OPEN_ENDED:
             return str(_scalar(record, "answer", where))
         if self.answer_is is AnswerIs.TEXT:
-            return _letter(options, _scalar(record, "answer", where), where)
+            texts = [str(option).strip() for option in options]
+            numbers = any(not isinstance(option, str) for option in options)
+            if _is_scalar(answer) and (isinstance(answer, str) or numbers) and str(answer).strip() in texts:
+                return LETTERS[texts.index(str(answer).strip())]
+            raise BenchmarkFormatError(
+                f"{where}: 'answer' is {answer!r:.80}, not one of the candidates {options!r:.120} (answer_is=text; an "
+                "answer by letter or index: answer_is=letter or index)"
+            )
         if self.answer_is is AnswerIs.LETTER:
             letters = LETTERS[: len(options)]
             return _typed(

@@ -149,8 +149,8 @@ class OpenAICompatibleJudge:
 
 
 def judge_predictions(path: str | Path, judge: Judge, save_every: int = 50) -> int:
-    """Adds a verdict to every line of a predictions file that has none (lines with a decoding error are left
-    alone). A reply of the judge's that holds no verdict is kept as refused on its line (`{"refused": reply}`,
+    """Adds a verdict to every line of a predictions file that has none (lines with a decoding error, and those
+    without a gold answer, are left alone). A reply of the judge's that holds no verdict is kept as refused on its line (`{"refused": reply}`,
     scored wrong) and judging goes on: at temperature 0 the judge would give it again at every resume, and the
     lines after it would never be judged. The verdicts are written into the file every `save_every` verdicts, at
     the end and on an error, so that an interrupted run resumes; each write reads the file again under the
@@ -171,7 +171,7 @@ def judge_predictions(path: str | Path, judge: Judge, save_every: int = 50) -> i
 
     try:
         for row in rows:
-            if "judge" in row or "error" in row:
+            if "judge" in row or "error" in row or row.get("answer") is None:  # nothing to compare a reply with
                 continue
             answer = str(row["answer"])  # kept with the verdict: a corrected gold answer is judged again
             try:

@@ -119,8 +119,12 @@ def score_open_ended(rows: list[dict]) -> dict:
     `judge_acc` (share judged correct) and `judge_score` (mean 0-5 score) over the judged lines and the failed
     clips, which have no reply to judge: wrong, score 0, as in the exact match; so are the lines whose judge's reply
     held no verdict (`n_judge_refused`). `n_judged` counts the verdicts, refused ones included, so that a judge run
-    still under way shows (n_judged + n_failed < n)."""
-    out = {"exact_match": _exact_match(rows), "n": len(rows), "n_failed": sum("error" in r for r in rows)}
+    still under way shows (n_judged + n_failed < n). Questions without a gold answer (a question file's null) are
+    left out and counted (`n_unscored`), as for multiple choice."""
+    scored = [r for r in rows if r["answer"] is not None]
+    out = {"exact_match": _exact_match(scored), "n": len(scored), "n_failed": sum("error" in r for r in scored)}
+    out["n_unscored"] = len(rows) - len(scored)
+    rows = scored
     tasks: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         tasks[str(r["task"])].append(r)
@@ -136,14 +140,21 @@ def score_open_ended(rows: list[dict]) -> dict:
     return out
 
 
+def scoring_of(reader) -> dict:
+    """How a benchmark's replies are scored (its reader's or reader class's kind, mean_of_tasks, metric), as
+    results.json records it, so that a re-score scores them alike whatever the config says then."""
+    return {"kind": Kind(reader.kind).value, "mean_of_tasks": bool(reader.mean_of_tasks), "metric": reader.metric}
+
+
 def score(reader, rows: list[dict]) -> dict:
-    """The scores of a benchmark (its reader or reader class: kind, mean_of_tasks, metric) with `metric` naming
-    the official one among them."""
-    if Kind(reader.kind) is Kind.OPEN_ENDED:
+    """The scores of a benchmark (its reader, reader class, or recorded `scoring_of`, as a dict) with `metric`
+    naming the official one among them, and `scoring`, how they were computed."""
+    scoring = reader if isinstance(reader, dict) else scoring_of(reader)
+    if Kind(scoring["kind"]) is Kind.OPEN_ENDED:
         scores = score_open_ended(rows)
     else:
-        scores = score_multiple_choice(rows, reader.mean_of_tasks)
-    return {**scores, "metric": reader.metric}
+        scores = score_multiple_choice(rows, scoring["mean_of_tasks"])
+    return {**scores, "metric": scoring["metric"], "scoring": scoring}
 
 
 def benchmark_reader(name: str, overrides: list[str] = ()):
@@ -173,6 +184,16 @@ KEPT_ON_RESCORE = (
 )
 
 
+def _recorded_scoring(path: Path) -> dict | None:
+    """The `scoring` an evaluation's results.json records (None where there is none: no file, or an older one)."""
+    try:
+        recorded = json.loads(path.read_text()).get("scoring")
+    except (OSError, ValueError, AttributeError):
+        return None
+    keys = {"kind", "mean_of_tasks", "metric"}
+    return recorded if isinstance(recorded, dict) and set(recorded) == keys else None
+
+
 def main(argv: list[str]) -> dict:
     args = dict(
         arg.split("=", 1) for arg in argv if "=" in arg and arg.split("=", 1)[0] in ("benchmark", "predictions")
@@ -181,12 +202,19 @@ def main(argv: list[str]) -> dict:
     if {"benchmark", "predictions"} - set(args) or any("=" not in arg for arg in overrides):
         raise SystemExit(
             "usage: python -m hicom.eval.score benchmark=<name> predictions=<predictions.jsonl> [<override of "
-            "configs/evaluate.yaml>=<value> ...]  (e.g. benchmarks.<name>.mean_of_tasks=true for a question file's)"
+            "configs/evaluate.yaml>=<value> ...]: the replies are scored as the results.json beside them records (a "
+            "copied benchmark entry's included); overrides score them as the configured benchmark with them says"
         )
-    reader = benchmark_reader(args["benchmark"], overrides)
     path = Path(args["predictions"])
-    results = {"benchmark": args["benchmark"], **score(reader, read_predictions(path))}
     out = path.parent / "results.json"
+    recorded = _recorded_scoring(out)
+    if recorded is not None and not overrides:  # scored as the evaluation scored them, a copied entry's included
+        reader = recorded
+    else:
+        reader = scoring_of(benchmark_reader(args["benchmark"], overrides))
+        if recorded is not None and recorded != reader:
+            log.warning("%s was scored with %s; re-scoring with %s, as the overrides give", out, recorded, reader)
+    results = {"benchmark": args["benchmark"], **score(reader, read_predictions(path))}
     if out.is_file():  # evaluate.py's results: the scores are replaced, the settings and timings that made them kept
         before = json.loads(out.read_text())
         results.update({key: before[key] for key in KEPT_ON_RESCORE if key in before})
