@@ -1538,7 +1538,10 @@ def test_ask_replies_as_the_evaluation_does_to_the_same_question(cache_dir, benc
 @pytest.mark.parametrize(
     ("overrides", "error"),
     [
-        (["question=what?"], r"set video=<a video file or a folder of frames>"),
+        (["question=what?"], r"set video=<a video file or a folder of frames> or image=<an image file>"),
+        (["video={video}", "image={video}", "question=what?"], r"\(one of them\), got video="),
+        (["image={missing}", "question=what?"], r"image=.*gone\.mp4: no such file$"),
+        (["image={video}", "question=what?", "start=1"], r"start, end and subtitles are a video's"),
         (["video={video}"], r"question=None: give a text or a list of texts"),
         (["video={missing}", "question=what?"], r"video=.*gone\.mp4: no such file or folder"),
         (["video={video}", "question=[what?,'  ']"], r"question=.*: give a text or a list of texts"),
@@ -1565,6 +1568,32 @@ def test_ask_refuses_what_it_cannot_ask_before_the_model_loads(
     (run / "config.json").write_text("{}")  # a release folder, as far as the first check goes
     with pytest.raises((ValueError, FileNotFoundError), match=error):
         ask_module.ask(compose_ask(cache_dir, tmp_path / "out", [f"ckpt={run}", *overrides]))
+
+
+def test_ask_reads_an_image_as_one_frame_as_training_reads_one(cache_dir, trained_run, tmp_path):
+    from PIL import Image
+
+    from hicom.eval.ask import ask
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    cfg = compose_ask(cache_dir, tmp_path / "out", [f"ckpt={trained_run}", f"image={tmp_path / 'a.png'}",
+                                                    "question=What is shown?"])  # fmt: skip
+    (record,) = ask(cfg)
+    assert record["prompt"] == "<image>\nWhat is shown?" and isinstance(record["reply"], str)
+    settings = json.loads((tmp_path / "out/answers.json").read_text())["settings"]
+    assert settings["image"] == str(tmp_path / "a.png") and settings["frames"] == 1
+    assert settings["visual_tokens"] == 3 * 3 + 32  # the tiny tower's 7 x 7 grid, k_t = 1, and the global tokens
+    # the image's pixels are those a training sample of it gets
+    from hicom.data.dataset import read_image
+    from hicom.data.transforms import FrameTransform
+    from hicom.eval.ask import questions_of
+    from hicom.eval.runner import answering_model, question_inputs
+
+    module, *_ = answering_model(cfg)
+    dataset, _ = question_inputs(module.net, questions_of(cfg), cfg.sampling, {"open_ended": "{question}"})
+    (item,) = dataset.__getitems__([0])
+    trained = FrameTransform.from_pretrained(module.net.vision.path).squared(read_image(tmp_path / "a.png"))
+    assert item["modality"] == "image" and torch.equal(item["pixel_values"], trained)
 
 
 def test_ask_names_a_clip_that_does_not_decode(cache_dir, trained_run, tmp_path):

@@ -1,4 +1,4 @@
-"""ask.py's work: one or more questions about one video, put to a trained model, the replies printed.
+"""ask.py's work: one or more questions about one video (or image), put to a trained model, the replies printed.
 
 `python ask.py ckpt=<run | stage | release folder> video=<clip or folder of frames> question="What happens?"`
 loads the model as evaluate.py does (the same folders, frames, precision and decoding), reads the clip once, asks
@@ -47,13 +47,20 @@ def _texts(name: str, value, *, least: int) -> list[str]:
 
 
 def questions_of(cfg: DictConfig) -> list[Question]:
-    """The questions the config asks, checked before the model loads: a video that is there, a question or a
-    list of them, up to len(LETTERS) options, a window `start` < `end` in seconds, an .srt file for `subtitles`."""
-    if cfg.video is None:
-        raise ValueError("set video=<a video file or a folder of frames> to ask about")
-    video = Path(cfg.video)
-    if not video.exists():
-        raise FileNotFoundError(f"video={cfg.video}: no such file or folder")
+    """The questions the config asks, checked before the model loads: a video or an image that is there (one of
+    them), a question or a list of them, up to len(LETTERS) options, a window `start` < `end` in seconds of a
+    video, an .srt file for `subtitles`."""
+    if (cfg.video is None) == (cfg.image is None):
+        raise ValueError(
+            "set video=<a video file or a folder of frames> or image=<an image file> to ask about (one of them), "
+            f"got video={cfg.video!r}, image={cfg.image!r}"
+        )
+    modality = "video" if cfg.video is not None else "image"
+    media = Path(cfg[modality])
+    if not (media.exists() if modality == "video" else media.is_file()):
+        raise FileNotFoundError(f"{modality}={media}: no such {'file or folder' if modality == 'video' else 'file'}")
+    if modality == "image" and (cfg.start is not None or cfg.end is not None or cfg.subtitles is not None):
+        raise ValueError("start, end and subtitles are a video's: an image has no time")
     asked = _texts("question", cfg.question, least=1)
     options = tuple(_texts("options", cfg.options, least=0))
     if len(options) == 1 or len(options) > len(LETTERS):
@@ -70,12 +77,13 @@ def questions_of(cfg: DictConfig) -> list[Question]:
         Question(
             question_id=str(i),
             task="ask",
-            video=str(video),
+            video=str(media),
             question=text,
             options=options,
             start=cfg.start,
             end=cfg.end,
             subtitles=cfg.subtitles,
+            modality=modality,
         )
         for i, text in enumerate(asked)
     ]
@@ -101,6 +109,7 @@ def ask(cfg: DictConfig) -> list[dict]:
     if batch["skipped"]:  # every question is about the one clip: they fail together
         raise RuntimeError(f"cannot ask about {questions[0].video}: {batch['skipped'][0]['error']}")
     replies = generate_replies(net, batch, device, dtype, cfg.max_new_tokens)
+    modality, frames = questions[0].modality, int(batch["num_frames"][0])
     records = []
     for q, prompt, reply in zip(questions, batch["prompts"], replies, strict=True):
         record = {"question": q.question, "prompt": prompt, "reply": reply}
@@ -109,9 +118,9 @@ def ask(cfg: DictConfig) -> list[dict]:
         records.append(record)
     settings = {
         **source,
-        "video": questions[0].video,
-        "frames": cfg.sampling.num_frames,
-        "visual_tokens_per_video": net.num_visual_tokens(cfg.sampling.num_frames),
+        modality: questions[0].video,
+        "frames": frames,  # as read: fewer than sampling.num_frames from a short clip with repeat_frames=false
+        "visual_tokens": net.num_visual_tokens(frames, modality),
         "max_new_tokens": cfg.max_new_tokens,
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),

@@ -76,7 +76,8 @@ class Question:
     seconds; `answer` is a letter (multiple choice) or text (open-ended), None where the benchmark withholds it;
     `duration` is the benchmark's duration class (Video-MME's short / medium / long), by which scores are also
     grouped; `subtitles` an .srt file; `not_found`, where the reader found no file for the clip, what it looked for
-    (open-ended QA tries several extensions, and `video` is only the first), for the clip's error to name."""
+    (open-ended QA tries several extensions, and `video` is only the first), for the clip's error to name;
+    `modality` "image" where `video` is a still image (ask.py's), read as one frame as training reads images."""
 
     question_id: str
     task: str
@@ -89,6 +90,7 @@ class Question:
     duration: str | None = None
     subtitles: str | None = None
     not_found: str | None = None
+    modality: str = "video"
 
 
 class BenchmarkFormatError(ValueError):

@@ -36,9 +36,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader, Dataset
 
 from hicom.data.collate import Collator
+from hicom.data.dataset import read_image
 from hicom.data.template import ChatEncoder
 from hicom.data.transforms import FrameTransform
-from hicom.data.video import FrameSampling, VideoDecodeError, load_video
+from hicom.data.video import FrameSampling, VideoDecodeError, load_video, within_time_limit
 from hicom.eval.answers import LETTERS, parse_choice
 from hicom.eval.benchmarks import BenchmarkFormatError, Kind, Question, read_srt, subtitles_at
 from hicom.eval.score import drop_torn_tail, read_predictions, score
@@ -267,6 +268,9 @@ class BenchmarkDataset(Dataset):
     def _clip(self, q: Question) -> tuple[torch.Tensor, list[str] | None]:
         """The frames of the question's clip, ready for the tower, and the subtitle lines shown at them (None
         where its benchmark shows none)."""
+        if q.modality == "image":  # one frame, as training reads an image sample
+            image = within_time_limit(lambda: read_image(Path(q.video)), self.sampling.time_limit, q.video)
+            return self.transform.squared(image), None
         sampled = load_video(q.video, self.sampling, start=q.start, end=q.end, shrink=self._squared)
         subtitles = None
         if q.subtitles is not None:  # a video without an .srt file has none to show
@@ -280,10 +284,10 @@ class BenchmarkDataset(Dataset):
 
     def _inputs(self, q: Question, clip: str, pixels: torch.Tensor, subtitles: list[str] | None) -> dict:
         messages = [
-            {"role": "user", "content": "<video>\n" + self.prompt(q, subtitles)},
+            {"role": "user", "content": f"<{q.modality}>\n" + self.prompt(q, subtitles)},
             {"role": "assistant", "content": ""},
         ]
-        encoded = self.encoder.encode(messages, self.visual_tokens(len(pixels), "video"), generation=True)
+        encoded = self.encoder.encode(messages, self.visual_tokens(len(pixels), q.modality), generation=True)
         return {
             "id": q.question_id,
             "prompt": messages[0]["content"],
@@ -291,7 +295,7 @@ class BenchmarkDataset(Dataset):
             "pixel_values": pixels,
             "clip": clip,  # the batch holds its frames once for all its questions (Collator)
             "num_frames": len(pixels),
-            "modality": "video",
+            "modality": q.modality,
             "guide": q.question,  # SPEC 7: the guide is the bare question
         }
 
