@@ -1,0 +1,70 @@
+"""hicom.snapshot: a run's weights at its checkpoint, as the folder evaluate.py reads."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import SMALL
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def launched_run(cache_dir, tmp_path_factory) -> Path:
+    """A run launched as a user launches one (Hydra records its overrides), 4 steps."""
+    run = tmp_path_factory.mktemp("snapshot") / "run"
+    env = {**os.environ, "HICOM_CACHE": str(cache_dir)}
+    env.pop("HICOM_RUN_STAMP", None)
+    cmd = [sys.executable, "train.py", *SMALL, "evaluate=false", "trainer.max_steps=4", f"hydra.run.dir={run}"]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=600)
+    return run
+
+
+def test_a_snapshot_of_a_run_part_way_is_the_weights_its_checkpoint_holds(launched_run, cache_dir, tmp_path,
+                                                                          monkeypatch, capsys):  # fmt: skip
+    """A run still fitting has no hand-off: the snapshot of its last checkpoint is the hand-off its fit would
+    write there, bit for bit, in a folder evaluate.py takes."""
+    from hicom.eval.runner import find_handoff
+    from hicom.snapshot import main
+
+    monkeypatch.setenv("HICOM_CACHE", str(cache_dir))
+    run = shutil.copytree(launched_run, tmp_path / "run", symlinks=True)
+    written = load_file(str(run / "handoff.safetensors"))  # what the fit's end wrote, from the same weights
+    for name in ("handoff.safetensors", "manifest.json", "metrics.json"):
+        (run / name).unlink()  # as a run part-way has them
+    out = main([str(run)])
+    assert out.parent == run / "snapshots" and out.name.startswith("last-")
+    snapshot = load_file(str(out / "handoff.safetensors"))
+    assert snapshot.keys() == written.keys() and all(torch.equal(snapshot[k], written[k]) for k in written)
+    assert find_handoff(out) == out and json.loads((out / "metrics.json").read_text())["steps"] == 4
+    assert not (out / "checkpoints").exists() and sorted(p.name for p in run.iterdir()) == sorted(
+        [".hydra", "checkpoints", "config.yaml", "csv", "snapshots", "train.log"]
+    )  # nothing of the run's own is touched
+    assert f"score them: python evaluate.py ckpt={out}" in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match="holds files already"):
+        main([str(run), f"out={out}"])
+
+
+def test_a_snapshot_is_refused_what_it_cannot_read_as_the_run_trained(launched_run, cache_dir, tmp_path, monkeypatch):
+    from hicom.snapshot import main
+
+    monkeypatch.setenv("HICOM_CACHE", str(cache_dir))
+    with pytest.raises(FileNotFoundError, match=r"is not a run folder train.py made"):
+        main([str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint to read .*gone\.ckpt is missing"):
+        main([str(launched_run), f"ckpt={tmp_path / 'gone.ckpt'}"])
+    # the overrides compose otherwise here (the tiny models' cache moved): the weights would meet other towers
+    monkeypatch.setenv("HICOM_CACHE", str(tmp_path / "elsewhere"))
+    with pytest.raises(ValueError, match=r"compose another config than the one it trained with .*model"):
+        main([str(launched_run), f"out={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as usage:
+        main([])
+    assert usage.value.code == 2
