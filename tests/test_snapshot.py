@@ -22,7 +22,15 @@ def launched_run(cache_dir, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("snapshot") / "run"
     env = {**os.environ, "HICOM_CACHE": str(cache_dir)}
     env.pop("HICOM_RUN_STAMP", None)
-    cmd = [sys.executable, "train.py", *SMALL, "evaluate=false", "trainer.max_steps=4", f"hydra.run.dir={run}"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        *SMALL,
+        "evaluate=false",
+        "trainer.max_steps=4",
+        f"hydra.run.dir={run}",
+        "logger.csv.name=mine",
+    ]  # fmt: skip  (a logger's setting: the snapshot leaves the logger out, and it)
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=600)
     return run
 
@@ -45,7 +53,7 @@ def test_a_snapshot_of_a_run_part_way_is_the_weights_its_checkpoint_holds(launch
     assert snapshot.keys() == written.keys() and all(torch.equal(snapshot[k], written[k]) for k in written)
     assert find_handoff(out) == out and json.loads((out / "metrics.json").read_text())["steps"] == 4
     assert not (out / "checkpoints").exists() and sorted(p.name for p in run.iterdir()) == sorted(
-        [".hydra", "checkpoints", "config.yaml", "csv", "snapshots", "train.log"]
+        [".hydra", "checkpoints", "config.yaml", "mine", "snapshots", "train.log"]
     )  # nothing of the run's own is touched
     assert f"score them: python evaluate.py ckpt={out}" in capsys.readouterr().out
     with pytest.raises(FileExistsError, match="holds files already"):
@@ -60,6 +68,13 @@ def test_a_snapshot_is_refused_what_it_cannot_read_as_the_run_trained(launched_r
         main([str(tmp_path)])
     with pytest.raises(FileNotFoundError, match=r"no checkpoint to read .*gone\.ckpt is missing"):
         main([str(launched_run), f"ckpt={tmp_path / 'gone.ckpt'}"])
+    foreign = shutil.copy(launched_run / "checkpoints/last.ckpt", tmp_path / "other.ckpt")  # another run's, say
+    with pytest.raises(ValueError, match=r"other\.ckpt is not a checkpoint of .*run \(in neither it nor"):
+        main([str(launched_run), f"ckpt={foreign}"])
+    (tmp_path / "staged" / "stages").mkdir(parents=True)
+    for folder in (tmp_path / "staged", tmp_path / "staged" / "stages" / "alignment"):
+        with pytest.raises(ValueError, match=r"is a staged run or one of its stages: evaluate.py reads each finished"):
+            main([str(folder)])
     # the overrides compose otherwise here (the tiny models' cache moved): the weights would meet other towers
     monkeypatch.setenv("HICOM_CACHE", str(tmp_path / "elsewhere"))
     with pytest.raises(ValueError, match=r"compose another config than the one it trained with .*model"):
