@@ -27,6 +27,7 @@ SET_HERE = ("ckpt_path", "trainer.max_steps", "evaluate", "logger", "callbacks.m
 
 
 def _key(override: str) -> str:
+    """The config key a command-line override sets (`+a.b=1`, `~a.b`: `a.b`)."""
     return override.lstrip("+~").split("=", 1)[0]
 
 
@@ -97,6 +98,7 @@ def _first_process() -> bool:
 
 
 def main(argv: list[str]) -> Path:
+    """The command: `<run folder> [ckpt=<checkpoint>] [out=<folder>] [<train.py override> ...]`; returns the folder."""
     from hicom.training import train
     from hicom.utils.config import run_stamp
 

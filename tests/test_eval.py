@@ -798,6 +798,7 @@ def test_subtitle_cues_without_a_blank_line_between_stay_apart_and_only_tags_are
         ("He jumps 3× in the clip.", ["2", "3", "4"], "B"),  # × is a sign, not a letter of the word
         ("不是", ["是", "否"], None),  # "is not": the option 是 (yes) inside other Chinese text is not named
         ("是", ["是", "否"], "A"),
+        ("Cậu bé đang chạy.", ["run", "walk", "sit", "jump"], None),  # Vietnamese letters are word characters
     ],
 )
 def test_a_reply_names_an_option_by_letter_or_by_its_whole_text(reply, options, letter):
@@ -1690,6 +1691,7 @@ def test_a_question_file_names_the_keys_it_ignores(tmp_path, caplog):
         ([], {"kind": "yes_no"}, r"kind must be one of \['multiple_choice', 'open_ended'\], got 'yes_no'"),
         ([], {"answer_is": "number"}, r"answer_is must be one of \['text', 'letter', 'index'\], got 'number'"),
         ([], {"mean_of_tasks": "no"}, r"mean_of_tasks must be true or false"),
+        ([], {"kind": "open_ended", "mean_of_tasks": True}, r"mean_of_tasks=true scores multiple-choice accuracy"),
         ([{"video": "a.mp4", "question": "q", "candidates": ["x", "y"], "answer": "X"}], {},
          r"record 0: 'answer' is 'X', not one of the candidates \['x', 'y'\] \(answer_is=text; an answer by letter"),
         ([{"video": "a.mp4", "question": "q", "candidates": ["1", "2", "3"], "answer": 2}], {},
@@ -1735,13 +1737,15 @@ def test_a_question_file_evaluates_end_to_end_and_rescores_with_its_settings(cac
     # without overrides, scored as the evaluation scored them (results.json records it), whatever the config says
     assert score_main(["benchmark=own", predictions])["metric"] == "m_avg"
     assert score_main(["benchmark=own", predictions, *settings[:3]])["metric"] == "acc"  # overrides: the config's
+    with pytest.raises(SystemExit, match=r"scored these replies as benchmark=own, not benchmark=mlvu"):
+        score_main(["benchmark=mlvu", predictions])
 
 
 def test_an_open_ended_question_without_an_answer_is_asked_not_scored_nor_judged(tmp_path):
     from hicom.eval.score import read_predictions, score
 
-    rows = [{"question_id": str(i), "task": "t", "question": "q", "answer": a, "pred": "dog", "reply": "dog"} for i, a in
-            enumerate(["dog", "cat", None])]  # fmt: skip
+    rows = [{"question_id": str(i), "task": "t", "question": "q", "answer": a, "pred": "dog", "reply": "dog",
+             "duration": d} for i, (a, d) in enumerate([("dog", "short"), ("cat", "long"), (None, "long")])]  # fmt: skip
     path = tmp_path / "predictions.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     asked = []
@@ -1749,3 +1753,4 @@ def test_an_open_ended_question_without_an_answer_is_asked_not_scored_nor_judged
     assert asked == ["dog", "cat"]
     results = score({"kind": "open_ended", "mean_of_tasks": False, "metric": "exact_match"}, read_predictions(path))
     assert (results["n"], results["n_unscored"], results["exact_match"], results["n_judged"]) == (2, 1, 0.5, 2)
+    assert results["per_duration"] == {"long": {"exact_match": 0.0, "n": 1}, "short": {"exact_match": 1.0, "n": 1}}

@@ -5,18 +5,18 @@ from __future__ import annotations
 import re
 
 LETTERS = "ABCDEFGH"
-# A letter stands alone where no Latin letter, digit or underscore touches it: not \b, for which Chinese characters
-# are word characters too, so that "答案是B" (the answer is B) would name no option. Latin-1's letters and Latin
-# Extended-A and B, less the signs × and ÷ ("3×" is a number and a sign).
-_LATIN = r"[0-9A-Za-z_\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f]"
+# A letter stands alone where no word character touches it but a Chinese, Japanese or Korean one: not \b, for which
+# those are word characters too, so that "答案是B" (the answer is B) would name no option. Accented Latin, Greek,
+# Cyrillic or Vietnamese letters are word characters ("Día", "chạy" hold no letter D or C of their own).
+_WORD = r"[^\W\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]"
 
 
 def _alone(needle: str) -> str:
-    """A pattern of `needle` as a whole word of the reply: at an end that is a Latin character, no Latin word
-    character may touch it (English option text within a Chinese reply stands alone); at any other end (Chinese
-    text), no word character at all, so that the option 是 (yes) is not found in 不是 (is not)."""
-    before = f"(?<!{_LATIN})" if re.fullmatch(_LATIN, needle[0]) else r"(?<!\w)"
-    after = f"(?!{_LATIN})" if re.fullmatch(_LATIN, needle[-1]) else r"(?!\w)"
+    """A pattern of `needle` as a whole word of the reply: at an end that is not Chinese, Japanese or Korean, no
+    other word character may touch it but those (English option text within a Chinese reply stands alone); at a
+    Chinese end, no word character at all, so that the option 是 (yes) is not found in 不是 (is not)."""
+    before = f"(?<!{_WORD})" if re.fullmatch(_WORD, needle[0]) else r"(?<!\w)"
+    after = f"(?!{_WORD})" if re.fullmatch(_WORD, needle[-1]) else r"(?!\w)"
     return before + re.escape(needle) + after
 
 
@@ -63,7 +63,7 @@ def parse_choice(reply: str, options: list[str]) -> str | None:
     lower = letters.lower()
     text = re.sub(r"answer", "", reply, flags=re.IGNORECASE)
     match = (
-        re.search(rf"(?<!{_LATIN})([{letters}])(?!{_LATIN})", text)
+        re.search(rf"(?<!{_WORD})([{letters}])(?!{_WORD})", text)
         or re.fullmatch(rf"\W*([{lower}])\W*", text)
         or re.search(rf"\(([{lower}])\)|\boption\s+{_named(lower)}|\bis:?\s+([{lower}])\W*$", text, re.IGNORECASE)
     )

@@ -515,6 +515,10 @@ class QuestionFile(Reader):
             raise ValueError(f"kind must be one of {[k.value for k in Kind]}, got {self.kind!r}")
         self.kind = Kind(self.kind)
         self.answer_is = AnswerIs.of(self.answer_is, "answer_is")
+        if self.kind is Kind.OPEN_ENDED and self.mean_of_tasks:  # exact match and the judge are over questions
+            raise ValueError(
+                "mean_of_tasks=true scores multiple-choice accuracy; kind=open_ended is scored by questions"
+            )
         if self.kind is Kind.MULTIPLE_CHOICE and "multiple_choice" not in (self.prompts or {}):
             self.prompts = {**(self.prompts or {}), "multiple_choice": QUESTION_FILE_MULTIPLE_CHOICE}
 

@@ -301,7 +301,7 @@ class BenchmarkDataset(Dataset):
 
 
 def question_inputs(
-    net, questions: list[Question], sampling: DictConfig, prompts: dict[str, str]
+    net: torch.nn.Module, questions: list[Question], sampling: DictConfig, prompts: dict[str, str]
 ) -> tuple[BenchmarkDataset, Collator]:
     """The questions as the model's generation inputs, read as `sampling` says and asked as `prompts` write them,
     and the collator that batches them (left-padded, each clip's frames once)."""
@@ -321,7 +321,9 @@ def question_inputs(
     return dataset, collate
 
 
-def generate_replies(net, batch: dict, device: torch.device, dtype: torch.dtype, max_new_tokens: int) -> list[str]:
+def generate_replies(
+    net: torch.nn.Module, batch: dict, device: torch.device, dtype: torch.dtype, max_new_tokens: int
+) -> list[str]:
     """The model's greedy reply to each question of a collated batch, as text."""
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     if batch["pixel_values"].is_floating_point():  # bytes are normalised by the tower, in float32 first

@@ -129,6 +129,14 @@ def score_open_ended(rows: list[dict]) -> dict:
     for r in rows:
         tasks[str(r["task"])].append(r)
     out["per_task"] = {t: {"exact_match": _exact_match(rs), "n": len(rs)} for t, rs in sorted(tasks.items())}
+    durations: dict[str, list[dict]] = defaultdict(list)  # a question file's duration classes
+    for r in rows:
+        if r.get("duration") is not None:
+            durations[str(r["duration"])].append(r)
+    if durations:
+        out["per_duration"] = {
+            d: {"exact_match": _exact_match(rs), "n": len(rs)} for d, rs in sorted(durations.items())
+        }
     judged = [r["judge"] for r in rows if isinstance(r.get("judge"), dict) and "error" not in r]
     if judged:
         counted = len(judged) + out["n_failed"]
@@ -157,7 +165,7 @@ def score(reader, rows: list[dict]) -> dict:
     return {**scores, "metric": scoring["metric"], "scoring": scoring}
 
 
-def benchmark_reader(name: str, overrides: list[str] = ()):
+def benchmark_reader(name: str, overrides: list[str] = ()) -> object:
     """The reader of a benchmark named in configs/evaluate.yaml (with `overrides` of that config), which says how
     its replies are scored; its files are not read."""
     from hydra import compose, initialize_config_dir
@@ -208,6 +216,9 @@ def main(argv: list[str]) -> dict:
     path = Path(args["predictions"])
     out = path.parent / "results.json"
     recorded = _recorded_scoring(out)
+    scored_as = json.loads(out.read_text()).get("benchmark") if recorded is not None else None
+    if scored_as is not None and scored_as != args["benchmark"]:  # its rules would score another benchmark's lines
+        raise SystemExit(f"{out} scored these replies as benchmark={scored_as}, not benchmark={args['benchmark']}")
     if recorded is not None and not overrides:  # scored as the evaluation scored them, a copied entry's included
         reader = recorded
     else:
