@@ -46,18 +46,20 @@ def snapshot_config(run: Path, ckpt: Path | None = None, out: Path | None = None
 
     run = run.absolute()
     recorded = run / ".hydra" / "overrides.yaml"
+    staged = ValueError(
+        f"{run} is a staged run or one of its stages: evaluate.py reads each finished stage's folder "
+        "(<run>/stages/<name>) as it is; a stage's checkpoint part-way is not taken here"
+    )
     if (run / "stages").is_dir() or run.parent.name == "stages":
-        raise ValueError(
-            f"{run} is a staged run or one of its stages: evaluate.py reads each finished stage's folder "
-            "(<run>/stages/<name>) as it is; a stage's checkpoint part-way is not taken here"
-        )
+        raise staged
     if not (run / "config.yaml").is_file() or not recorded.is_file():
         raise FileNotFoundError(
             f"{run} is not a run folder train.py made (config.yaml and Hydra's record .hydra/overrides.yaml): give "
             "the folder of the run whose checkpoint to read (a multirun's job folder for one of its jobs)"
         )
     # where the run keeps its checkpoints: its own checkpoints/, or the folder it was given
-    own = Path(OmegaConf.select(OmegaConf.load(run / "config.yaml"), "callbacks.model_checkpoint.dirpath") or run)
+    written = OmegaConf.load(run / "config.yaml")
+    own = Path(OmegaConf.select(written, "callbacks.model_checkpoint.dirpath") or run)
     # not resolved: under DeepSpeed last.ckpt is a link to the step's folder, which the run's next save replaces
     ckpt = resume_checkpoint(own) if ckpt is None else ckpt.absolute()
     if ckpt is None or not ckpt.exists():
@@ -69,11 +71,8 @@ def snapshot_config(run: Path, ckpt: Path | None = None, out: Path | None = None
     given = [o for o in more if _key(o) not in ("ckpt_path", "trainer.max_steps")]
     with initialize_config_dir(config_dir=str(Path(project_root()) / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=[*launched, *set_here, *given])
-    if cfg.get("stages"):
-        raise ValueError(
-            f"{run} is a staged run: evaluate.py reads each finished stage's folder ({run / 'stages'}/<name>) as it "
-            "is; a stage's checkpoint part-way is not taken here"
-        )
+    if cfg.get("stages"):  # one stopped before its first stage's folder was made
+        raise staged
     # one name in every process of a launch: run_stamp is torchrun's or srun's launch id, or HICOM_RUN_STAMP, which
     # main() sets for the processes Lightning's own launcher starts
     out = (run / "snapshots" / f"{ckpt.name.removesuffix('.ckpt')}-{run_stamp()}") if out is None else out
@@ -81,7 +80,7 @@ def snapshot_config(run: Path, ckpt: Path | None = None, out: Path | None = None
         raise FileExistsError(f"out={out} holds files already: give an empty or new folder")
     with open_dict(cfg):
         cfg.paths.output_dir = str(out.resolve())
-    differences = run_differences(OmegaConf.load(run / "config.yaml"), cfg)
+    differences = run_differences(written, cfg)
     if differences:  # other code, or an environment variable that moved a folder since the run was launched
         raise ValueError(
             f"the run's recorded overrides compose another config than the one it trained with ({run / 'config.yaml'}):"
@@ -92,6 +91,7 @@ def snapshot_config(run: Path, ckpt: Path | None = None, out: Path | None = None
 
 
 def _first_process() -> bool:
+    """Whether this is the launch's first process (Lightning's own launcher gives the others a LOCAL_RANK only)."""
     from hicom.utils.config import launch_rank
 
     return launch_rank() == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0

@@ -53,9 +53,9 @@ def parse_choice(reply: str, options: list[str]) -> str | None:
     options read "C picks up ...", C being the camera wearer). A lowercase letter names an option alone ("b",
     "(c)."), in parentheses, after "option" or ending the reply after "is" ("the answer is b."); within words it
     does not ("a dog"). A capital letter next to Chinese characters stands alone ("答案是B"), as does an option's
-    English text; an option's Chinese text must not touch other Chinese text (是, yes, is not in 不是). An option's text (less a final period) appears only as whole words ("no" is not in "know",
-    "1" not in "10"), and an occurrence inside a longer option's occurrence does not count ("red" in "dark red");
-    two options left: unparsed."""
+    English text; an option's Chinese text must not touch other Chinese text (是, yes, is not in 不是). An option's
+    text (less a final period) appears only as whole words ("no" is not in "know", "1" not in "10"), and an
+    occurrence inside a longer option's occurrence does not count ("red" in "dark red"); two options left: unparsed."""
     whole = [letter for letter, option in zip(LETTERS, options, strict=False) if _plain(option) == _plain(reply)]
     if len(whole) == 1 and len(_plain(reply)) > 1:  # a lone letter is a letter ("(B)"), whatever an option reads
         return whole[0]

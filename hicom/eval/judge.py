@@ -150,8 +150,8 @@ class OpenAICompatibleJudge:
 
 def judge_predictions(path: str | Path, judge: Judge, save_every: int = 50) -> int:
     """Adds a verdict to every line of a predictions file that has none (lines with a decoding error, and those
-    without a gold answer, are left alone). A reply of the judge's that holds no verdict is kept as refused on its line (`{"refused": reply}`,
-    scored wrong) and judging goes on: at temperature 0 the judge would give it again at every resume, and the
+    without a gold answer, are left alone). A reply of the judge's that holds no verdict is kept as refused on its
+    line (`{"refused": reply}`, scored wrong) and judging goes on: at temperature 0 the judge would give it again at every resume, and the
     lines after it would never be judged. The verdicts are written into the file every `save_every` verdicts, at
     the end and on an error, so that an interrupted run resumes; each write reads the file again under the
     benchmark folder's merge lock and adds the verdicts to it, so answers an evaluation merged in meanwhile stay.

@@ -126,13 +126,12 @@ def score_open_ended(rows: list[dict]) -> dict:
     out["n_unscored"] = len(rows) - len(scored)
     rows = scored
     tasks: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        tasks[str(r["task"])].append(r)
-    out["per_task"] = {t: {"exact_match": _exact_match(rs), "n": len(rs)} for t, rs in sorted(tasks.items())}
     durations: dict[str, list[dict]] = defaultdict(list)  # a question file's duration classes
     for r in rows:
+        tasks[str(r["task"])].append(r)
         if r.get("duration") is not None:
             durations[str(r["duration"])].append(r)
+    out["per_task"] = {t: {"exact_match": _exact_match(rs), "n": len(rs)} for t, rs in sorted(tasks.items())}
     if durations:
         out["per_duration"] = {
             d: {"exact_match": _exact_match(rs), "n": len(rs)} for d, rs in sorted(durations.items())
@@ -192,12 +191,9 @@ KEPT_ON_RESCORE = (
 )
 
 
-def _recorded_scoring(path: Path) -> dict | None:
-    """The `scoring` an evaluation's results.json records (None where there is none: no file, or an older one)."""
-    try:
-        recorded = json.loads(path.read_text()).get("scoring")
-    except (OSError, ValueError, AttributeError):
-        return None
+def _recorded_scoring(results: dict) -> dict | None:
+    """The `scoring` an evaluation's results.json records (None where it records none: an older one)."""
+    recorded = results.get("scoring")
     keys = {"kind", "mean_of_tasks", "metric"}
     return recorded if isinstance(recorded, dict) and set(recorded) == keys else None
 
@@ -215,10 +211,10 @@ def main(argv: list[str]) -> dict:
         )
     path = Path(args["predictions"])
     out = path.parent / "results.json"
-    recorded = _recorded_scoring(out)
-    scored_as = json.loads(out.read_text()).get("benchmark") if recorded is not None else None
-    if scored_as is not None and scored_as != args["benchmark"]:  # its rules would score another benchmark's lines
-        raise SystemExit(f"{out} scored these replies as benchmark={scored_as}, not benchmark={args['benchmark']}")
+    before = json.loads(out.read_text()) if out.is_file() else {}  # evaluate.py's results, where it wrote them
+    recorded = _recorded_scoring(before)
+    if recorded is not None and before.get("benchmark") != args["benchmark"]:  # its rules are another benchmark's
+        raise SystemExit(f"{out} scored these replies as benchmark={before.get('benchmark')}, not {args['benchmark']}")
     if recorded is not None and not overrides:  # scored as the evaluation scored them, a copied entry's included
         reader = recorded
     else:
@@ -226,8 +222,7 @@ def main(argv: list[str]) -> dict:
         if recorded is not None and recorded != reader:
             log.warning("%s was scored with %s; re-scoring with %s, as the overrides give", out, recorded, reader)
     results = {"benchmark": args["benchmark"], **score(reader, read_predictions(path))}
-    if out.is_file():  # evaluate.py's results: the scores are replaced, the settings and timings that made them kept
-        before = json.loads(out.read_text())
+    if before:  # the scores are replaced, the settings and timings that made them kept
         results.update({key: before[key] for key in KEPT_ON_RESCORE if key in before})
         rows = results["n"] + results.get("n_unscored", 0)  # every line scored or, without an answer, counted
         if before.get("n_questions") not in (None, rows):  # e.g. a `limit` run over a fuller file
