@@ -1,6 +1,7 @@
 """A run's weights at one of its checkpoints, as a folder `evaluate.py` and `ask.py` read: score a run part-way.
 
     python -m hicom.snapshot <run folder> [ckpt=<checkpoint>] [out=<folder>] [<train.py override> ...]
+    python -m hicom.snapshot <staged run>[/stages/<name>] [ckpt=<checkpoint of a stage>] [out=<folder>] [...]
 
 A run hands off its trained parts when its fit ends; a run of days is worth scoring before that. This composes the
 run's own config again (configs/ and the overrides Hydra recorded in <run>/.hydra/overrides.yaml, checked against
@@ -10,8 +11,14 @@ always writes (the parts it trains, in the fp32 their optimizer steps: under Dee
 config.yaml and manifest.json, into `out` (default: <run>/snapshots/<checkpoint name>-<time>). No checkpoint, log
 or held-out check is written there (evaluate=true asks the held-out questions too). The run's training data and
 model folders must be where the run had them, as for a resume; a DeepSpeed checkpoint of several processes is
-restored by as many (launched as the run was, with torchrun or srun). A staged run's stages are not taken: each
-finished stage's folder is read by evaluate.py as it is.
+restored by as many (launched as the run was, with torchrun or srun).
+
+A staged run's stage is taken as the stage runner resumes it: its config is the stage's (stage_config), its
+parent's hand-off loads before the checkpoint restores (the parts trained by earlier stages and frozen in this one
+come from there), and the stage's hand-off (the parts carried and trained so far) is written into `out` (default:
+<run>/snapshots/<stage>-<checkpoint name>-<time>). Given the run's folder, the stage is the one that stopped or is
+running part-way; a stage's folder, or a checkpoint in it, names one. A finished stage's folder is read by
+evaluate.py as it is.
 """
 
 from __future__ import annotations
@@ -36,29 +43,46 @@ def _set_here(key: str) -> bool:
     return any(key == name or key.startswith(f"{name}.") for name in SET_HERE) or key.startswith("hydra.")
 
 
-def snapshot_config(run: Path, ckpt: Path | None = None, out: Path | None = None, more: list[str] = ()) -> DictConfig:
-    """The train config that writes the snapshot: the run's, from its checkpoint, with no step to take."""
+def snapshot_config(run: Path, ckpt: Path | None = None, out: Path | None = None, more: list[str] = ()):
+    """The train config that writes the snapshot (the run's, or its stage's, from the checkpoint, with no step to
+    take), and for a stage the `_Handoff` that loads its parent before the fit and writes its hand-off after it
+    (None for a run of one fit)."""
     from hydra import compose, initialize_config_dir
 
-    from hicom.callbacks.checkpoint import resume_checkpoint
-    from hicom.training import run_differences
-    from hicom.utils.config import project_root, run_stamp
+    from hicom.stages import STAGE_LIST
+    from hicom.utils.config import project_root
 
     run = run.absolute()
+    stage_dir = None
+    if run.parent.name == "stages" and (run.parent.parent / ".hydra" / "overrides.yaml").is_file():
+        run, stage_dir = run.parent.parent, run  # a stage's folder: its run's launch is recorded above it
     recorded = run / ".hydra" / "overrides.yaml"
-    staged = ValueError(
-        f"{run} is a staged run or one of its stages: evaluate.py reads each finished stage's folder "
-        "(<run>/stages/<name>) as it is; a stage's checkpoint part-way is not taken here"
-    )
-    if (run / "stages").is_dir() or run.parent.name == "stages":
-        raise staged
-    if not (run / "config.yaml").is_file() or not recorded.is_file():
+    staged = (run / "stages").is_dir() or (run / STAGE_LIST).is_file()
+    if not recorded.is_file() or not (staged or (run / "config.yaml").is_file()):
         raise FileNotFoundError(
-            f"{run} is not a run folder train.py made (config.yaml and Hydra's record .hydra/overrides.yaml): give "
-            "the folder of the run whose checkpoint to read (a multirun's job folder for one of its jobs)"
+            f"{run} is not a run folder train.py made (config.yaml, or a staged run's stages/, and Hydra's record "
+            ".hydra/overrides.yaml): give the folder of the run whose checkpoint to read (a multirun's job folder "
+            "for one of its jobs; a staged run's folder or one of its stages/<name>)"
         )
-    # where the run keeps its checkpoints: its own checkpoints/, or the folder it was given
-    written = OmegaConf.load(run / "config.yaml")
+    launched = [o for o in OmegaConf.load(recorded) if not _set_here(_key(o))]
+    set_here = ["trainer.max_steps=0", "evaluate=false", "~logger", "~callbacks.model_checkpoint"]
+    given = [o for o in more if _key(o) not in ("ckpt_path", "trainer.max_steps")]
+    with initialize_config_dir(config_dir=str(Path(project_root()) / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[*launched, *set_here, *given])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run)  # where the stages' folders are found (parent_folder)
+    if cfg.get("stages"):
+        return _stage_config(cfg, run, stage_dir, ckpt, out)
+    if staged:  # a run's stages/ under a config that names none: other code, or another folder
+        raise ValueError(f"{run} holds stages, and its recorded overrides compose a config with no `stages`")
+    return _one_fit_config(cfg, run, ckpt, out), None
+
+
+def _checkpoint(run: Path, written: DictConfig, ckpt: Path | None) -> Path:
+    """The checkpoint to read: `ckpt`, which must be in `run` or its checkpoint folder (named in its config.yaml,
+    `written`), or the one a resume takes there."""
+    from hicom.callbacks.checkpoint import resume_checkpoint
+
     own = Path(OmegaConf.select(written, "callbacks.model_checkpoint.dirpath") or run)
     # not resolved: under DeepSpeed last.ckpt is a link to the step's folder, which the run's next save replaces
     ckpt = resume_checkpoint(own) if ckpt is None else ckpt.absolute()
@@ -66,16 +90,116 @@ def snapshot_config(run: Path, ckpt: Path | None = None, out: Path | None = None
         raise FileNotFoundError(f"{run}: no checkpoint to read ({ckpt or own / 'last.ckpt'} is missing)")
     if not (ckpt.is_relative_to(run) or ckpt.is_relative_to(own)):  # another run's weights under this one's name
         raise ValueError(f"ckpt={ckpt} is not a checkpoint of {run} (in neither it nor its checkpoint folder {own})")
-    launched = [o for o in OmegaConf.load(recorded) if not _set_here(_key(o))]
-    set_here = [f"ckpt_path={ckpt}", "trainer.max_steps=0", "evaluate=false", "~logger", "~callbacks.model_checkpoint"]
-    given = [o for o in more if _key(o) not in ("ckpt_path", "trainer.max_steps")]
-    with initialize_config_dir(config_dir=str(Path(project_root()) / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=[*launched, *set_here, *given])
-    if cfg.get("stages"):  # one stopped before its first stage's folder was made
-        raise staged
-    # one name in every process of a launch: run_stamp is torchrun's or srun's launch id, or HICOM_RUN_STAMP, which
-    # main() sets for the processes Lightning's own launcher starts
-    out = (run / "snapshots" / f"{ckpt.name.removesuffix('.ckpt')}-{run_stamp()}") if out is None else out
+    return ckpt
+
+
+def _one_fit_config(cfg: DictConfig, run: Path, ckpt: Path | None, out: Path | None) -> DictConfig:
+    written = OmegaConf.load(run / "config.yaml")
+    ckpt = _checkpoint(run, written, ckpt)
+    out = (run / "snapshots" / f"{ckpt.name.removesuffix('.ckpt')}-{_stamp()}") if out is None else out
+    with open_dict(cfg):
+        cfg.ckpt_path = str(ckpt)
+    return _checked(cfg, written, run / "config.yaml", out)
+
+
+def _stage_config(cfg: DictConfig, run: Path, stage_dir: Path | None, ckpt: Path | None, out: Path | None):
+    """The config of the stage to snapshot (`stage_dir`'s; the one of `ckpt`; else the one part-way), and the
+    hand-off that loads its parent before the fit and writes the stage's after it, as the stage runner resumes it."""
+    from hicom.callbacks.checkpoint import resume_checkpoint
+    from hicom.stages import (
+        MANIFEST,
+        _Handoff,
+        _handoff_digest,
+        _started_from,
+        check_handoff,
+        chosen_stages,
+        parent_folder,
+        stage_config,
+    )
+
+    stages = chosen_stages(cfg)  # a stage run alone (stage=<name>) is that stage's run only
+    names = [stage.name for stage in stages]
+    root = run / "stages"
+    if stage_dir is None and ckpt is not None:  # the stage whose folder (or checkpoint folder) holds it
+        stage_dir = next((root / n for n in names if _holds(root / n, ckpt)), None)
+        if stage_dir is None:
+            raise ValueError(
+                f"ckpt={ckpt} is not a checkpoint of {run}: in none of its stages' folders ({root}/<name>, {names})"
+            )
+    if stage_dir is not None:
+        if stage_dir.name not in names:
+            raise ValueError(f"{stage_dir} is not a stage of {run} (its stages: {names})")
+        if (stage_dir / MANIFEST).is_file() and ckpt is None:
+            raise ValueError(
+                f"stage {stage_dir.name} is finished: evaluate.py ckpt={stage_dir} reads its hand-off as it is (give "
+                "ckpt=<one of its checkpoints> for the weights at an earlier one)"
+            )
+    else:
+        part_way = [
+            n for n in names if not (root / n / MANIFEST).is_file() and resume_checkpoint(root / n / "checkpoints")
+        ]
+        if len(part_way) != 1:
+            finished = [n for n in names if (root / n / MANIFEST).is_file()]
+            raise ValueError(
+                f"{run}: {'no stage' if not part_way else f'stages {part_way}'} part-way (with a checkpoint and no "
+                f"hand-off yet; finished: {finished}): give a stage's folder, {root}/<name>, or ckpt=<one of its "
+                f"checkpoints>; a finished stage is read by evaluate.py as it is (ckpt={root}/<name>)"
+            )
+        stage_dir = root / part_way[0]
+    i = names.index(stage_dir.name)
+    stage = stages[i]
+    if not (stage_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{stage_dir} has no config.yaml: stage {stage.name} has not begun its fit")
+    written = OmegaConf.load(stage_dir / "config.yaml")
+    ckpt = _checkpoint(stage_dir, written, ckpt)
+    parent = parent_folder(cfg, [s.name for s in cfg.stages].index(stage.name))
+    if parent is not None:  # the parts earlier stages trained, which the checkpoint may not hold, come from it
+        check_handoff(parent)
+        started = _started_from(stage_dir)
+        if started is not None and started != _handoff_digest(parent):
+            raise ValueError(
+                f"stage {stage.name} began its fit from other weights than {parent} holds now (trained again since, "
+                f"or moved: {stage_dir / 'started.json'}): its snapshot would carry that folder's weights, not those "
+                "it trained on"
+            )
+    name = f"{stage.name}-{ckpt.name.removesuffix('.ckpt')}-{_stamp()}"
+    out = run / "snapshots" / name if out is None else out
+    stage_cfg = stage_config(cfg, stage, out)
+    with open_dict(stage_cfg):  # the stage's own config delta may set these: the snapshot's values stand
+        stage_cfg.ckpt_path = str(ckpt)
+        stage_cfg.trainer.max_steps = 0
+        stage_cfg.evaluate = False
+        stage_cfg.pop("logger", None)
+        if stage_cfg.get("callbacks"):
+            stage_cfg.callbacks.pop("model_checkpoint", None)
+    checked = _checked(stage_cfg, written, stage_dir / "config.yaml", out)
+    handoff = _Handoff(parent, out, checked, list(stage.get("new_parameters") or []), stage.get("guide_added"))
+    return checked, handoff
+
+
+def _holds(stage_dir: Path, ckpt: Path) -> bool:
+    """Whether `ckpt` is in a stage's folder or the checkpoint folder its config.yaml names."""
+    if ckpt.absolute().is_relative_to(stage_dir):
+        return True
+    try:
+        own = OmegaConf.select(OmegaConf.load(stage_dir / "config.yaml"), "callbacks.model_checkpoint.dirpath")
+    except OSError:  # a stage not begun
+        return False
+    return own is not None and ckpt.absolute().is_relative_to(own)
+
+
+def _stamp() -> str:
+    """One name in every process of a launch: run_stamp is torchrun's or srun's launch id, or HICOM_RUN_STAMP,
+    which main() sets for the processes Lightning's own launcher starts."""
+    from hicom.utils.config import run_stamp
+
+    return run_stamp()
+
+
+def _checked(cfg: DictConfig, written: DictConfig, where: Path, out: Path) -> DictConfig:
+    """`cfg` writing into `out`, once `out` is free and `cfg` is the run's config as `where` wrote it."""
+    from hicom.training import run_differences
+
     if _first_process() and out.exists() and any(out.iterdir()):  # the others find the first one's config.yaml
         raise FileExistsError(f"out={out} holds files already: give an empty or new folder")
     with open_dict(cfg):
@@ -83,8 +207,8 @@ def snapshot_config(run: Path, ckpt: Path | None = None, out: Path | None = None
     differences = run_differences(written, cfg)
     if differences:  # other code, or an environment variable that moved a folder since the run was launched
         raise ValueError(
-            f"the run's recorded overrides compose another config than the one it trained with ({run / 'config.yaml'}):"
-            f" {differences}; take the snapshot where the run's folders are as they were (its HICOM_* environment "
+            f"the run's recorded overrides compose another config than the one it trained with ({where}): "
+            f"{differences}; take the snapshot where the run's folders are as they were (its HICOM_* environment "
             "variables, its code)"
         )
     return cfg
@@ -98,7 +222,8 @@ def _first_process() -> bool:
 
 
 def main(argv: list[str]) -> Path:
-    """The command: `<run folder> [ckpt=<checkpoint>] [out=<folder>] [<train.py override> ...]`; returns the folder."""
+    """The command: `<run or stage folder> [ckpt=<checkpoint>] [out=<folder>] [<train.py override> ...]`; returns
+    the folder."""
     from hicom.training import train
     from hicom.utils.config import run_stamp
 
@@ -111,7 +236,7 @@ def main(argv: list[str]) -> Path:
     # one stamp for the folder's name here and in the processes Lightning's own launcher starts during the fit
     os.environ["HICOM_RUN_STAMP"] = given_stamp or run_stamp()
     try:
-        cfg = snapshot_config(
+        cfg, handoff = snapshot_config(
             Path(argv[0]),
             Path(named["ckpt"]) if "ckpt" in named else None,
             Path(named["out"]) if "out" in named else None,
@@ -119,7 +244,10 @@ def main(argv: list[str]) -> Path:
         )
         out = Path(cfg.paths.output_dir)
         try:
-            metrics = train(cfg)
+            if handoff is None:
+                metrics = train(cfg)
+            else:  # as the stage runner resumes the stage
+                metrics = train(cfg, before_fit=handoff.load, after_fit=handoff.save)
         except BaseException:
             if _first_process() and not (out / "manifest.json").is_file():  # refused while loading: no snapshot
                 (out / "config.yaml").unlink(missing_ok=True)

@@ -71,9 +71,9 @@ def test_a_snapshot_is_refused_what_it_cannot_read_as_the_run_trained(launched_r
     foreign = shutil.copy(launched_run / "checkpoints/last.ckpt", tmp_path / "other.ckpt")  # another run's, say
     with pytest.raises(ValueError, match=r"other\.ckpt is not a checkpoint of .*run \(in neither it nor"):
         main([str(launched_run), f"ckpt={foreign}"])
-    (tmp_path / "staged" / "stages").mkdir(parents=True)
+    (tmp_path / "staged" / "stages" / "alignment").mkdir(parents=True)  # no record of its launch
     for folder in (tmp_path / "staged", tmp_path / "staged" / "stages" / "alignment"):
-        with pytest.raises(ValueError, match=r"is a staged run or one of its stages: evaluate.py reads each finished"):
+        with pytest.raises(FileNotFoundError, match=r"is not a run folder train.py made"):
             main([str(folder)])
     # the overrides compose otherwise here (the tiny models' cache moved): the weights would meet other towers
     monkeypatch.setenv("HICOM_CACHE", str(tmp_path / "elsewhere"))
@@ -83,3 +83,76 @@ def test_a_snapshot_is_refused_what_it_cannot_read_as_the_run_trained(launched_r
     with pytest.raises(SystemExit) as usage:
         main([])
     assert usage.value.code == 2
+
+
+@pytest.fixture(scope="module")
+def staged_run(cache_dir, tmp_path_factory) -> Path:
+    """A staged run launched as a user launches one, its three stages 4 steps each."""
+    run = tmp_path_factory.mktemp("snapshot_staged") / "run"
+    env = {**os.environ, "HICOM_CACHE": str(cache_dir)}
+    env.pop("HICOM_RUN_STAMP", None)
+    cmd = [sys.executable, "train.py", "experiment=tiny_stages", *SMALL, f"hydra.run.dir={run}"]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=600)
+    return run
+
+
+def part_way(run: Path, stage: str, tmp_path: Path, drop: tuple[str, ...] = ()) -> Path:
+    """A copy of `run` as it is while `stage` fits (no hand-off yet), the stages after it (`drop`) not begun."""
+    copy = shutil.copytree(run, tmp_path / "run", symlinks=True)
+    for name in ("handoff.safetensors", "manifest.json", "metrics.json"):
+        (copy / "stages" / stage / name).unlink()
+    for later in drop:
+        shutil.rmtree(copy / "stages" / later)
+    return copy
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    first, second = load_file(str(a)), load_file(str(b))
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("stage, drop", [("instruction", ()), ("conditional", ("instruction",))])
+def test_a_snapshot_of_a_stage_part_way_is_the_hand_off_its_stage_would_write(staged_run, cache_dir, tmp_path,
+                                                                             monkeypatch, stage, drop):  # fmt: skip
+    """The recipe's runs are staged: the stage that is fitting (found from the run's folder, or named by its own)
+    is restored as the stage runner resumes it, its parent's hand-off first (the guide's new modules of
+    `conditional` from their init, then the checkpoint), and its snapshot is the stage's own hand-off bit for bit."""
+    from hicom.eval.runner import find_handoff
+    from hicom.snapshot import main
+
+    monkeypatch.setenv("HICOM_CACHE", str(cache_dir))
+    run = part_way(staged_run, stage, tmp_path, drop)
+    out = main([str(run)]) if stage == "instruction" else main([str(run / "stages" / stage)])
+    assert out.parent == run / "snapshots" and out.name.startswith(f"{stage}-last-")
+    assert same_tensors(out / "handoff.safetensors", staged_run / "stages" / stage / "handoff.safetensors")
+    assert find_handoff(out) == out
+    manifest = json.loads((out / "manifest.json").read_text())
+    parent = "conditional" if stage == "instruction" else "alignment"
+    assert manifest["parent"] == str(run / "stages" / parent)
+    assert not (out / "checkpoints").exists() and not (run / "stages" / stage / "manifest.json").exists()
+
+
+def test_a_stage_snapshot_is_refused_where_no_stage_or_another_parent_is_meant(staged_run, cache_dir, tmp_path,
+                                                                               monkeypatch):  # fmt: skip
+    from hicom.snapshot import main
+
+    monkeypatch.setenv("HICOM_CACHE", str(cache_dir))
+    with pytest.raises(ValueError, match=r"no stage part-way .*finished: \['alignment', 'conditional', 'instructi"):
+        main([str(staged_run)])
+    with pytest.raises(ValueError, match=r"stage alignment is finished: evaluate.py ckpt=.*alignment reads its hand"):
+        main([str(staged_run / "stages" / "alignment")])
+    # a finished stage's checkpoint, named: the weights at it (here the stage's last, so its hand-off)
+    out = main(
+        [str(staged_run), f"ckpt={staged_run / 'stages/alignment/checkpoints/last.ckpt'}", f"out={tmp_path / 'a'}"]
+    )
+    assert same_tensors(out / "handoff.safetensors", staged_run / "stages/alignment/handoff.safetensors")
+    foreign = shutil.copy(staged_run / "stages/alignment/checkpoints/last.ckpt", tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match=r"other\.ckpt is not a checkpoint of .*run: in none of its stages' folders"):
+        main([str(staged_run), f"ckpt={foreign}"])
+    # the parent trained again since the stage began: its hand-off would carry other weights than the stage's
+    run = part_way(staged_run, "instruction", tmp_path)
+    started = run / "stages/instruction/started.json"
+    started.write_text(json.dumps({**json.loads(started.read_text()), "parent_sha256": "0" * 64}))
+    with pytest.raises(ValueError, match=r"stage instruction began its fit from other weights than .*conditional"):
+        main([str(run)])
+    assert not (run / "snapshots").exists()
