@@ -227,6 +227,20 @@ def _stale(job: Path, name: str) -> bool:
     return record.is_file() and _mtime(job / name) < _mtime(record)
 
 
+def _setting(override: str) -> tuple[str, str]:
+    """An override's key and its value as a table shows it: a text value as it reads (Hydra records a swept
+    `question="what is it?"` as `what\\ is\\ it?`), anything else as written (`1e-4`, `[4,3,3]`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    key, _, written = override.partition("=")
+    try:
+        value = OverridesParser.create().parse_override(override).value()
+    except HydraException:  # a record no parser reads: shown as it is
+        return key, written
+    return key, value if isinstance(value, str) else written
+
+
 def _first_line(text: str, limit: int = 200) -> str:
     """An error's first lines, joined, up to `limit` characters: a wrapped error (Hydra's "Error in call to
     target ...:") says its cause on the next line."""
@@ -289,7 +303,7 @@ class SweepSummary(Callback):
     def table(self, rows: list[dict]) -> str:
         """The rows as a Markdown table: the overrides that differ between runs, the part where a job has several,
         then the figures."""
-        settings = [dict(o.split("=", 1) if "=" in o else (o, "") for o in row["overrides"]) for row in rows]
+        settings = [dict(_setting(o) for o in row["overrides"]) for row in rows]
         keys = list(dict.fromkeys(key for setting in settings for key in setting))
         swept = [key for key in keys if len({setting.get(key) for setting in settings}) > 1]
         parts = any(row.get(self.part) for row in rows)

@@ -183,14 +183,18 @@ def test_multirun_trains_each_compressor_and_writes_its_metrics(cache_dir, tmp_p
     assert row["metrics"] is None and row["error"].startswith("ValueError: optimized_metric='no_such_figure'")
 
 
-def test_the_sweep_table_escapes_a_bar_in_an_override():
+def test_the_sweep_table_shows_values_as_they_read_and_escapes_a_bar():
+    """Hydra records a swept text with its escapes (`what\\ is\\ it?`): the table shows the text; other values as
+    they were written; a bar escaped for Markdown."""
     from hicom.sweep import SweepSummary
 
+    values = ["a=b", "c|d", r"what\ is\ it?", r"x\,y", "1e-4", "[4,3,3]"]
     rows = [{"job": str(i), "overrides": [f"+note={v}", "seed=0"], "stage": None, "metrics": {"accuracy": 0.5}}
-            for i, v in enumerate(["a=b", "c|d"])]  # fmt: skip
+            for i, v in enumerate(values)]  # fmt: skip
     table = SweepSummary().table(rows).splitlines()
     assert table[0].startswith("| job | +note | compressor |")
     assert table[2].startswith("| 0 | a=b | n/a | n/a | 0.5 |") and table[3].startswith("| 1 | c\\|d | n/a |")
+    assert [line.split(" | ")[1] for line in table[4:]] == ["what is it?", "x,y", "1e-4", "[4,3,3]"]
 
 
 def test_a_run_without_any_logger_trains(cache_dir, tmp_path):
