@@ -28,6 +28,18 @@ def test_the_writers_take_the_bundled_architectures_sizes():
         gpu_check.siglip_spec(arch)
 
 
+SPEC_BENCHMARKS = [
+    "mvbench",
+    "videomme",
+    "videomme_subs",
+    "egoschema",
+    "mlvu",
+    "activitynet_qa",
+    "msvd_qa",
+    "msrvtt_qa",
+]
+
+
 def test_the_data_and_the_run_script(tmp_path):
     data = gpu_check.write_data(tmp_path / "data", clips=4)
     sizes = {}
@@ -56,6 +68,7 @@ def test_the_data_and_the_run_script(tmp_path):
     assert values[0]["stages.0.config.data.source.train"] == str(out / "data" / "stage1.yaml")
     assert values[1]["model.vision.path"] == str(out / "siglip")
     assert values[2]["ckpt"] == str(out / "logs/train/runs/recipe-$stamp")  # as bash is given it
+    assert values[2]["benchmark"] == [*SPEC_BENCHMARKS, "own"]  # every benchmark the demo writes
     assert all(values[i]["trainer.devices"] == 1 for i in (0, 1))  # one GPU, whatever the node has
     # on one GPU each stage's optimizer step fits in the samples write_data gives it by default (48 images, 48
     # clips, both): under DeepSpeed an epoch of fewer stops the run after the models are loaded
