@@ -10,8 +10,9 @@ trainer.max_steps=0: Lightning restores the checkpoint, takes no step, and the f
 always writes (the parts it trains, in the fp32 their optimizer steps: under DeepSpeed the engine's masters), with
 config.yaml and manifest.json, into `out` (default: <run>/snapshots/<checkpoint name>-<time>). No checkpoint, log
 or held-out check is written there (evaluate=true asks the held-out questions too). The run's training data and
-model folders must be where the run had them, as for a resume; a DeepSpeed checkpoint of several processes is
-restored by as many (launched as the run was, with torchrun or srun).
+model folders must be where the run had them, as for a resume. A DeepSpeed checkpoint of ZeRO 1-3 is read in one
+plain process, however many wrote it (`gathered`); launched with several (torchrun, srun), or for ZeRO 0, the
+checkpoint is restored by Lightning as above.
 
 A staged run's stage is taken as the stage runner resumes it: its config is the stage's (stage_config), its
 parent's hand-off loads before the checkpoint restores (the parts trained by earlier stages and frozen in this one
@@ -204,6 +205,12 @@ def _checked(cfg: DictConfig, written: DictConfig, where: Path, out: Path) -> Di
         raise FileExistsError(f"out={out} holds files already: give an empty or new folder")
     with open_dict(cfg):
         cfg.paths.output_dir = str(out.resolve())
+    if cfg.get("init_from"):  # the fit pointed its LLM at the release folder (and config.yaml says so): here too
+        from hicom.compat.official import use_release_llm
+
+        missing = f"init_from={cfg.init_from} (the run's) is not an HF folder in the release's layout"
+        with open_dict(cfg):
+            cfg.init_from = use_release_llm(cfg, cfg.init_from, missing)
     differences = run_differences(written, cfg)
     if differences:  # other code, or an environment variable that moved a folder since the run was launched
         raise ValueError(
@@ -212,6 +219,101 @@ def _checked(cfg: DictConfig, written: DictConfig, where: Path, out: Path) -> Di
             "variables, its code)"
         )
     return cfg
+
+
+def zero_partitions(ckpt: Path) -> int:
+    """How many processes' ZeRO 1-3 partitions a DeepSpeed checkpoint folder holds (its *zero_pp_rank_*_optim_states.pt
+    files, under the tag `latest` names); 0 for a Lightning file, and for DeepSpeed's ZeRO 0, whose optimizer
+    state is whole in its model file."""
+    if not ckpt.is_dir() or not (ckpt / "latest").is_file():
+        return 0
+    return len(list((ckpt / (ckpt / "latest").read_text().strip()).glob("*zero_pp_rank_*_optim_states.pt")))
+
+
+def _one_process() -> bool:
+    """Whether this launch is one process (not torchrun's or srun's several)."""
+    from hicom.utils.config import srun_tasks
+
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 and srun_tasks() <= 1
+
+
+def gathered(cfg: DictConfig, handoff=None) -> dict:
+    """The snapshot of a DeepSpeed checkpoint of ZeRO 1-3 in this one process, on the CPU, however many processes
+    wrote it (a run of 32 GPUs, still running, scored from a login node): DeepSpeed's zero_to_fp32 gathers the
+    fp32 masters of the trained parameters from every process's partition. The model is built from the run's
+    config and checked against the checkpoint as a resume is (`check_resume`), a stage's parent loaded first; the
+    checkpoint's other tensors (buffers, the frozen weights it kept) load into it; and the hand-off is written
+    with the masters, as the fit's end writes it. Returns the checkpoint's step."""
+    import lightning as L
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from hydra.utils import instantiate
+
+    from hicom.stages import save_handoff
+    from hicom.training import check_checkpoint, check_resume, read_checkpoint
+    from hicom.utils.instantiators import check_model, check_pretrained, check_tokenizers, ensure_dir, write_assets
+
+    ckpt = Path(cfg.ckpt_path)
+    check_checkpoint(ckpt)  # whole, and pickling nothing but DeepSpeed's own classes: zero_to_fp32 unpickles it all
+    L.seed_everything(cfg.seed, workers=True)  # what the build draws (new modules' init) as the fit's build
+    if cfg.get("init_from"):  # as the fit: the LLM loads from the release folder, the rest is imported once built
+        from hicom.compat.official import check_release_start, import_official, use_release_llm
+
+        missing = f"init_from={cfg.init_from} is not an HF folder in the release's layout"
+        with open_dict(cfg):
+            cfg.init_from = use_release_llm(cfg, cfg.init_from, missing)
+    write_assets(cfg.get("assets"))
+    check_pretrained(cfg)
+    check_tokenizers(cfg)
+    compressor = check_model(cfg)
+    if cfg.get("init_from"):
+        check_release_start(cfg)
+    check_resume(cfg, compressor)
+    model = instantiate(cfg.model)
+    if cfg.get("init_from"):
+        import_official(model.net, cfg.init_from, loaded=("llm",))
+        model.init_from = cfg.init_from
+    model.compressor_config = OmegaConf.to_container(cfg.model.compressor, resolve=True)
+    if handoff is not None:  # the parts earlier stages trained
+        handoff.load(model)
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    except (ValueError, KeyError) as err:  # e.g. a bf16 ZeRO 0 optimizer's partitions, which it does not read
+        raise ValueError(
+            f"{ckpt}: DeepSpeed's zero_to_fp32 cannot gather this checkpoint's masters ({err}): launch the snapshot "
+            "with as many processes as the run had (torchrun, srun), which restore it as a resume does"
+        ) from err
+    current = model.state_dict()
+    trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    unexpected, missing = sorted(set(state) - set(current)), sorted(trained - set(state))
+    if unexpected or missing:
+        raise ValueError(
+            f"{ckpt} does not fit the model the run's config builds: trained parameters it lacks {missing[:5]} "
+            f"({len(missing)}), tensors the model lacks {unexpected[:5]} ({len(unexpected)})"
+        )
+    # into the model where it holds them in their dtype (its fp32 build: the masters bit for bit, and the gathered
+    # copy freed before the hand-off's), else kept apart as the masters the hand-off takes (a 16-bit build)
+    apart = {name for name in trained if current[name].dtype != state[name].dtype}
+    model.load_state_dict({k: v for k, v in state.items() if k not in apart}, strict=False)
+    # by hand-off name, <part>.<key within the part> (a part may be a list of modules made for the purpose): each
+    # name a trained parameter has there, a tied one's aliases too
+    keys: dict[int, list[str]] = {}
+    for part, module in model.parts().items():
+        for key, tensor in module.state_dict(keep_vars=True).items():
+            keys.setdefault(id(tensor), []).append(f"{part}.{key}")
+    masters = {
+        key: state[name]
+        for name, parameter in model.named_parameters(remove_duplicate=False)
+        if name in apart
+        for key in keys.get(id(parameter), [])
+    }
+    del state, current
+    out = ensure_dir(cfg.paths.output_dir)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if handoff is not None:
+        handoff.save(model, masters)
+    else:
+        save_handoff(model, out, list(model.trainable), None, cfg, masters=masters)
+    return {"steps": int((read_checkpoint(ckpt) or {}).get("global_step", 0))}
 
 
 def _first_process() -> bool:
@@ -244,7 +346,9 @@ def main(argv: list[str]) -> Path:
         )
         out = Path(cfg.paths.output_dir)
         try:
-            if handoff is None:
+            if zero_partitions(Path(cfg.ckpt_path)) and _one_process():  # whatever the processes that wrote it
+                metrics = gathered(cfg, handoff)
+            elif handoff is None:
                 metrics = train(cfg)
             else:  # as the stage runner resumes the stage
                 metrics = train(cfg, before_fit=handoff.load, after_fit=handoff.save)

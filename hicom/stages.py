@@ -206,11 +206,18 @@ def stage_config(base: DictConfig, stage: DictConfig, out_dir: Path) -> DictConf
 
 
 def save_handoff(
-    model, out_dir: Path, parts: list[str], parent: str | None, cfg: DictConfig, write: bool = True
+    model,
+    out_dir: Path,
+    parts: list[str],
+    parent: str | None,
+    cfg: DictConfig,
+    write: bool = True,
+    masters: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Every process calls it (under ZeRO-3 the parameters are gathered from all of them); `write` on one. Weights
     that hold a NaN or an infinity are refused (`refuse_non_finite`) before anything is written: the stage is not
-    done, and the next one would start from them."""
+    done, and the next one would start from them. `masters`, by hand-off name (`compressor.<key>`): the fp32
+    weights an optimizer stepped, read from a checkpoint (`hicom.snapshot`) instead of a live one."""
     from safetensors.torch import save_file
 
     modules = model.parts()
@@ -219,12 +226,15 @@ def save_handoff(
     state = {}
     for part in parts:
         # what the optimizer stepped: under DeepSpeed's bf16 the module holds 16-bit copies of its fp32 weights
-        masters = optimizer_masters(modules[part], optimizer, keep=write)
+        if masters is None:
+            stepped = optimizer_masters(modules[part], optimizer, keep=write)
+        else:
+            stepped = {key[len(part) + 1 :]: value for key, value in masters.items() if key.startswith(f"{part}.")}
         with full_parameters(modules[part]):
             if not write:  # it only takes part in the gathers
                 continue
             for key, value in untied_state(modules[part]).items():  # a tied LM head is its embeddings: once
-                state[f"{part}.{key}"] = masters.get(key, value).detach().to("cpu", copy=True).contiguous()
+                state[f"{part}.{key}"] = stepped.get(key, value).detach().to("cpu", copy=True).contiguous()
     # the writer reads them; every process of the run's strategy joins in its decision
     if trainer is not None:
         refuse_non_finite(state, out_dir / HANDOFF, trainer.strategy, trainer.global_step)
@@ -876,7 +886,9 @@ class _Handoff:
             new = [*self.new_parameters, *(guide_parameters(model, self.cfg) if self.guide_added else [])]
             self.carried = load_handoff(model, self.parent, new, cfg=self.cfg)
 
-    def save(self, model) -> None:
+    def save(self, model, masters: dict[str, torch.Tensor] | None = None) -> None:
+        """After the fit, on every process; or in one process with the `masters` read from a checkpoint."""
         parts = list(dict.fromkeys([*self.carried, *model.trainable]))  # less the parts it left frozen
         parent = str(self.parent) if self.parent else None
-        save_handoff(model, self.out_dir, parts, parent, self.cfg, write=model.trainer.is_global_zero)
+        write = True if masters is not None else model.trainer.is_global_zero
+        save_handoff(model, self.out_dir, parts, parent, self.cfg, write=write, masters=masters)

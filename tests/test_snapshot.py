@@ -156,3 +156,33 @@ def test_a_stage_snapshot_is_refused_where_no_stage_or_another_parent_is_meant(s
     with pytest.raises(ValueError, match=r"stage instruction began its fit from other weights than .*conditional"):
         main([str(run)])
     assert not (run / "snapshots").exists()
+
+
+def test_a_run_fine_tuned_from_a_release_folder_is_taken_with_its_llm_from_there(cache_dir, tmp_path, monkeypatch):
+    """init_from=<release folder>: the fit points its LLM at the folder (and its config.yaml says so), which the
+    snapshot's composition must do too, or it refuses the run as composed otherwise."""
+    import yaml
+
+    from hicom.compat.official import export_official
+    from hicom.snapshot import main
+    from hicom.training import build, train
+    from tests.conftest import compose_train
+
+    monkeypatch.setenv("HICOM_CACHE", str(cache_dir))
+    model, _ = build(compose_train(cache_dir, tmp_path / "source", SMALL))
+    release = export_official(model.net, tmp_path / "release", num_frames=8)
+    run = tmp_path / "tuned"
+    overrides = [
+        *SMALL,
+        "model.trainable=[compressor]",
+        "trainer.max_steps=2",
+        "evaluate=false",
+        f"init_from={release}",
+    ]
+    train(compose_train(cache_dir, run, overrides))
+    (run / ".hydra").mkdir()  # as Hydra records a launch's overrides
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"paths.cache_dir={cache_dir}", *overrides]))
+    (run / "handoff.safetensors").rename(tmp_path / "handoff.safetensors")
+    out = main([str(run), f"out={tmp_path / 'snapshot'}"])
+    assert same_tensors(out / "handoff.safetensors", tmp_path / "handoff.safetensors")
+    assert json.loads((out / "manifest.json").read_text())["init_from"] == str(release)

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.conftest import SMALL
 
@@ -144,3 +146,11 @@ def test_a_process_whose_batch_was_all_skipped_keeps_in_step_under_zero2(cache_d
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["steps"] == 4
     assert {s["id"] for s in metrics["skipped_samples"]} == {records[i]["id"] for i in (3, 5)}
+    # its checkpoint, scored from one process (as from a login node while the run holds its GPUs): DeepSpeed's
+    # zero_to_fp32 gathers both processes' partitions of the masters, and the snapshot is the run's own hand-off
+    (folder / "handoff.safetensors").rename(tmp_path / "handoff.safetensors")
+    snapshot = [sys.executable, "-m", "hicom.snapshot", str(folder), f"out={tmp_path / 'snapshot'}"]
+    done = subprocess.run(snapshot, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "world_size: 2" in done.stdout + done.stderr, done.stderr[-3000:]
+    written, gathered = (load_file(str(path / "handoff.safetensors")) for path in (tmp_path, tmp_path / "snapshot"))
+    assert written.keys() == gathered.keys() and all(torch.equal(written[k], gathered[k]) for k in written)
