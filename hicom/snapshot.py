@@ -245,8 +245,15 @@ def gathered(cfg: DictConfig, handoff=None) -> dict:
     checkpoint's other tensors (buffers, the frozen weights it kept) load into it; and the hand-off is written
     with the masters, as the fit's end writes it. Returns the checkpoint's step."""
     import lightning as L
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from hydra.utils import instantiate
+
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError as err:
+        raise ImportError(
+            f"{cfg.ckpt_path} is a DeepSpeed checkpoint, and reading it takes deepspeed, which this environment lacks "
+            "(pip install -e .[gpu]; its zero_to_fp32 runs on the CPU)"
+        ) from err
 
     from hicom.stages import save_handoff
     from hicom.training import check_checkpoint, check_resume, read_checkpoint
