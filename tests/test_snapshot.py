@@ -186,3 +186,21 @@ def test_a_run_fine_tuned_from_a_release_folder_is_taken_with_its_llm_from_there
     out = main([str(run), f"out={tmp_path / 'snapshot'}"])
     assert same_tensors(out / "handoff.safetensors", tmp_path / "handoff.safetensors")
     assert json.loads((out / "manifest.json").read_text())["init_from"] == str(release)
+
+
+def test_a_snapshot_refused_after_its_config_is_written_leaves_no_folder(launched_run, cache_dir, tmp_path,
+                                                                         monkeypatch):  # fmt: skip
+    """A checkpoint whose weights hold a NaN restores, and its hand-off is refused as a fit's would be: the folder,
+    which holds the config.yaml written before the fit by then, is taken away again."""
+    from hicom.callbacks.checkpoint import NonFiniteWeightsError
+    from hicom.snapshot import main
+
+    monkeypatch.setenv("HICOM_CACHE", str(cache_dir))
+    run = shutil.copytree(launched_run, tmp_path / "run", symlinks=True)
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    name = next(key for key in checkpoint["state_dict"] if key.startswith("net.compressor."))
+    checkpoint["state_dict"][name].view(-1)[0] = float("nan")
+    torch.save(checkpoint, run / "checkpoints" / "nan.ckpt")
+    with pytest.raises(NonFiniteWeightsError, match=r"hold NaN or infinite values .*compressor"):
+        main([str(run), f"ckpt={run / 'checkpoints' / 'nan.ckpt'}", f"out={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
