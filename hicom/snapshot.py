@@ -30,8 +30,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-# what a snapshot sets itself, whatever the run's launch said
-SET_HERE = ("ckpt_path", "trainer.max_steps", "evaluate", "logger", "callbacks.model_checkpoint")
+# what a snapshot sets itself, whatever the run's launch said (the logger and the checkpoint callback, which it
+# leaves out, are taken away once the config is composed: a stage's own settings of theirs merge first)
+SET_HERE = ("ckpt_path", "trainer.max_steps", "evaluate")
 
 
 def _key(override: str) -> str:
@@ -40,7 +41,7 @@ def _key(override: str) -> str:
 
 
 def _set_here(key: str) -> bool:
-    """Whether a recorded override is of what the snapshot sets itself (a logger's setting goes with the logger)."""
+    """Whether a recorded override is of what the snapshot sets itself, or Hydra's own."""
     return any(key == name or key.startswith(f"{name}.") for name in SET_HERE) or key.startswith("hydra.")
 
 
@@ -65,18 +66,42 @@ def snapshot_config(run: Path, ckpt: Path | None = None, out: Path | None = None
             ".hydra/overrides.yaml): give the folder of the run whose checkpoint to read (a multirun's job folder "
             "for one of its jobs; a staged run's folder or one of its stages/<name>)"
         )
-    launched = [o for o in OmegaConf.load(recorded) if not _set_here(_key(o))]
-    set_here = ["trainer.max_steps=0", "evaluate=false", "~logger", "~callbacks.model_checkpoint"]
+    overrides = list(OmegaConf.load(recorded))  # the run's last launch's
+    launched = [o for o in overrides if not _set_here(_key(o))]
+    set_here = ["trainer.max_steps=0", "evaluate=false"]
     given = [o for o in more if _key(o) not in ("ckpt_path", "trainer.max_steps")]
     with initialize_config_dir(config_dir=str(Path(project_root()) / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=[*launched, *set_here, *given])
     with open_dict(cfg):
         cfg.paths.output_dir = str(run)  # where the stages' folders are found (parent_folder)
     if cfg.get("stages"):
-        return _stage_config(cfg, run, stage_dir, ckpt, out)
+        # a stage resumed on purpose from its checkpoint (stage=<name> ckpt_path=...), as the runner takes it
+        resumed = cfg.get("stage") if any(_key(o) == "ckpt_path" for o in overrides) else None
+        return _stage_config(cfg, run, stage_dir, ckpt, out, resumed)
     if staged:  # a run's stages/ under a config that names none: other code, or another folder
         raise ValueError(f"{run} holds stages, and its recorded overrides compose a config with no `stages`")
     return _one_fit_config(cfg, run, ckpt, out), None
+
+
+def checkpoint_folder(run: Path, written: DictConfig) -> Path:
+    """Where a run (or stage) folder keeps its checkpoints: the folder its config.yaml names, where the run is now
+    (a run copied or moved keeps them in its own checkpoints/, as a resume there takes them), or `run`."""
+    recorded = OmegaConf.select(written, "callbacks.model_checkpoint.dirpath")
+    if recorded is None:
+        return run
+    was = OmegaConf.select(written, "paths.output_dir")
+    if was and Path(recorded).is_relative_to(was):
+        return run / Path(recorded).relative_to(was)
+    return Path(recorded)
+
+
+def _quiet(cfg: DictConfig) -> DictConfig:
+    """`cfg` without its loggers and checkpoint callback: a snapshot writes no log and no checkpoint."""
+    with open_dict(cfg):
+        cfg.pop("logger", None)
+        if cfg.get("callbacks"):
+            cfg.callbacks.pop("model_checkpoint", None)
+    return cfg
 
 
 def _checkpoint(run: Path, written: DictConfig, ckpt: Path | None) -> Path:
@@ -84,7 +109,7 @@ def _checkpoint(run: Path, written: DictConfig, ckpt: Path | None) -> Path:
     `written`), or the one a resume takes there."""
     from hicom.callbacks.checkpoint import resume_checkpoint
 
-    own = Path(OmegaConf.select(written, "callbacks.model_checkpoint.dirpath") or run)
+    own = checkpoint_folder(run, written)
     # not resolved: under DeepSpeed last.ckpt is a link to the step's folder, which the run's next save replaces
     ckpt = resume_checkpoint(own) if ckpt is None else ckpt.absolute()
     if ckpt is None or not ckpt.exists():
@@ -100,12 +125,15 @@ def _one_fit_config(cfg: DictConfig, run: Path, ckpt: Path | None, out: Path | N
     out = (run / "snapshots" / f"{ckpt.name.removesuffix('.ckpt')}-{_stamp()}") if out is None else out
     with open_dict(cfg):
         cfg.ckpt_path = str(ckpt)
-    return _checked(cfg, written, run / "config.yaml", out)
+    return _checked(_quiet(cfg), written, run / "config.yaml", out)
 
 
-def _stage_config(cfg: DictConfig, run: Path, stage_dir: Path | None, ckpt: Path | None, out: Path | None):
+def _stage_config(
+    cfg: DictConfig, run: Path, stage_dir: Path | None, ckpt: Path | None, out: Path | None, resumed: str | None
+):
     """The config of the stage to snapshot (`stage_dir`'s; the one of `ckpt`; else the one part-way), and the
-    hand-off that loads its parent before the fit and writes the stage's after it, as the stage runner resumes it."""
+    hand-off that loads its parent before the fit and writes the stage's after it, as the stage runner resumes it.
+    `resumed`: the stage the run's last launch resumed on purpose from a checkpoint, whatever its parent holds."""
     from hicom.callbacks.checkpoint import resume_checkpoint
     from hicom.stages import (
         MANIFEST,
@@ -113,12 +141,11 @@ def _stage_config(cfg: DictConfig, run: Path, stage_dir: Path | None, ckpt: Path
         _handoff_digest,
         _started_from,
         check_handoff,
-        chosen_stages,
         parent_folder,
         stage_config,
     )
 
-    stages = chosen_stages(cfg)  # a stage run alone (stage=<name>) is that stage's run only
+    stages = list(cfg.stages)  # all of them: a launch of one alone (stage=<name>) leaves the others' folders
     names = [stage.name for stage in stages]
     root = run / "stages"
     if stage_dir is None and ckpt is not None:  # the stage whose folder (or checkpoint folder) holds it
@@ -153,26 +180,25 @@ def _stage_config(cfg: DictConfig, run: Path, stage_dir: Path | None, ckpt: Path
         raise FileNotFoundError(f"{stage_dir} has no config.yaml: stage {stage.name} has not begun its fit")
     written = OmegaConf.load(stage_dir / "config.yaml")
     ckpt = _checkpoint(stage_dir, written, ckpt)
-    parent = parent_folder(cfg, [s.name for s in cfg.stages].index(stage.name))
+    parent = parent_folder(cfg, i)
     if parent is not None:  # the parts earlier stages trained, which the checkpoint may not hold, come from it
         check_handoff(parent)
         started = _started_from(stage_dir)
-        if started is not None and started != _handoff_digest(parent):
+        if started is not None and started != _handoff_digest(parent) and resumed != stage.name:
             raise ValueError(
-                f"stage {stage.name} began its fit from other weights than {parent} holds now (trained again since, "
-                f"or moved: {stage_dir / 'started.json'}): its snapshot would carry that folder's weights, not those "
-                "it trained on"
+                f"stage {stage.name} began its fit from other weights than {parent} holds now (its hand-off is not "
+                f"the one {stage_dir / 'started.json'} records: trained again since): its snapshot would carry that "
+                "hand-off's weights, not those the stage trained on, and the stage runner refuses to resume it for "
+                f"the same reason. Resumed on purpose (stage={stage.name} ckpt_path=<its checkpoint>), the run's "
+                "last launch is taken as it said"
             )
     name = f"{stage.name}-{ckpt.name.removesuffix('.ckpt')}-{_stamp()}"
     out = run / "snapshots" / name if out is None else out
-    stage_cfg = stage_config(cfg, stage, out)
+    stage_cfg = _quiet(stage_config(cfg, stage, out))
     with open_dict(stage_cfg):  # the stage's own config delta may set these: the snapshot's values stand
         stage_cfg.ckpt_path = str(ckpt)
         stage_cfg.trainer.max_steps = 0
         stage_cfg.evaluate = False
-        stage_cfg.pop("logger", None)
-        if stage_cfg.get("callbacks"):
-            stage_cfg.callbacks.pop("model_checkpoint", None)
     checked = _checked(stage_cfg, written, stage_dir / "config.yaml", out)
     handoff = _Handoff(parent, out, checked, list(stage.get("new_parameters") or []), stage.get("guide_added"))
     return checked, handoff
@@ -183,10 +209,10 @@ def _holds(stage_dir: Path, ckpt: Path) -> bool:
     if ckpt.absolute().is_relative_to(stage_dir):
         return True
     try:
-        own = OmegaConf.select(OmegaConf.load(stage_dir / "config.yaml"), "callbacks.model_checkpoint.dirpath")
+        own = checkpoint_folder(stage_dir, OmegaConf.load(stage_dir / "config.yaml"))
     except OSError:  # a stage not begun
         return False
-    return own is not None and ckpt.absolute().is_relative_to(own)
+    return ckpt.absolute().is_relative_to(own)
 
 
 def _stamp() -> str:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from tests.conftest import SMALL
@@ -91,14 +93,18 @@ def staged_run(cache_dir, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("snapshot_staged") / "run"
     env = {**os.environ, "HICOM_CACHE": str(cache_dir)}
     env.pop("HICOM_RUN_STAMP", None)
-    cmd = [sys.executable, "train.py", "experiment=tiny_stages", *SMALL, f"hydra.run.dir={run}"]
+    # the last stage sets its own logger and checkpoint settings, which its config merges before the snapshot
+    # takes both away
+    own = ["+stages.2.config.logger.csv.name=instruction", "+stages.2.config.callbacks.model_checkpoint.save_last=true"]
+    cmd = [sys.executable, "train.py", "experiment=tiny_stages", *SMALL, *own, f"hydra.run.dir={run}"]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=600)
     return run
 
 
 def part_way(run: Path, stage: str, tmp_path: Path, drop: tuple[str, ...] = ()) -> Path:
-    """A copy of `run` as it is while `stage` fits (no hand-off yet), the stages after it (`drop`) not begun."""
+    """`run` moved elsewhere, as it is while `stage` fits (no hand-off yet), the stages after it (`drop`) not begun."""
     copy = shutil.copytree(run, tmp_path / "run", symlinks=True)
+    run.rename(tmp_path / "away")  # the run's config.yaml files name its folders where they were
     for name in ("handoff.safetensors", "manifest.json", "metrics.json"):
         (copy / "stages" / stage / name).unlink()
     for later in drop:
@@ -122,8 +128,12 @@ def test_a_snapshot_of_a_stage_part_way_is_the_hand_off_its_stage_would_write(st
 
     monkeypatch.setenv("HICOM_CACHE", str(cache_dir))
     run = part_way(staged_run, stage, tmp_path, drop)
-    out = main([str(run)]) if stage == "instruction" else main([str(run / "stages" / stage)])
+    try:
+        out = main([str(run)]) if stage == "instruction" else main([str(run / "stages" / stage)])
+    finally:
+        (tmp_path / "away").rename(staged_run)
     assert out.parent == run / "snapshots" and out.name.startswith(f"{stage}-last-")
+    assert OmegaConf.load(out / "config.yaml").ckpt_path == str(run / "stages" / stage / "checkpoints" / "last.ckpt")
     assert same_tensors(out / "handoff.safetensors", staged_run / "stages" / stage / "handoff.safetensors")
     assert find_handoff(out) == out
     manifest = json.loads((out / "manifest.json").read_text())
@@ -151,17 +161,24 @@ def test_a_stage_snapshot_is_refused_where_no_stage_or_another_parent_is_meant(s
         main([str(staged_run), f"ckpt={foreign}"])
     # the parent trained again since the stage began: its hand-off would carry other weights than the stage's
     run = part_way(staged_run, "instruction", tmp_path)
+    (tmp_path / "away").rename(staged_run)
     started = run / "stages/instruction/started.json"
     started.write_text(json.dumps({**json.loads(started.read_text()), "parent_sha256": "0" * 64}))
     with pytest.raises(ValueError, match=r"stage instruction began its fit from other weights than .*conditional"):
         main([str(run)])
     assert not (run / "snapshots").exists()
+    # ... unless the run's last launch resumed it so on purpose, which also launched that stage alone: the other
+    # stages' checkpoints are still the run's
+    recorded = run / ".hydra" / "overrides.yaml"
+    again = ["stage=instruction", f"ckpt_path={run / 'stages/instruction/checkpoints/last.ckpt'}"]
+    recorded.write_text(yaml.safe_dump([*yaml.safe_load(recorded.read_text()), *again]))
+    assert same_tensors(main([str(run)]) / "handoff.safetensors", staged_run / "stages/instruction/handoff.safetensors")
+    assert main([str(run / "stages" / "alignment"), f"ckpt={run / 'stages/alignment/checkpoints/last.ckpt'}"]).is_dir()
 
 
 def test_a_run_fine_tuned_from_a_release_folder_is_taken_with_its_llm_from_there(cache_dir, tmp_path, monkeypatch):
     """init_from=<release folder>: the fit points its LLM at the folder (and its config.yaml says so), which the
     snapshot's composition must do too, or it refuses the run as composed otherwise."""
-    import yaml
 
     from hicom.compat.official import export_official
     from hicom.snapshot import main
