@@ -308,38 +308,7 @@ def gathered(cfg: DictConfig, handoff=None) -> dict:
     model.compressor_config = OmegaConf.to_container(cfg.model.compressor, resolve=True)
     if handoff is not None:  # the parts earlier stages trained
         handoff.load(model)
-    try:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
-    except (ValueError, KeyError) as err:  # e.g. a bf16 ZeRO 0 optimizer's partitions, which it does not read
-        raise ValueError(
-            f"{ckpt}: DeepSpeed's zero_to_fp32 cannot gather this checkpoint's masters ({err}): launch the snapshot "
-            "with as many processes as the run had (torchrun, srun), which restore it as a resume does"
-        ) from err
-    current = model.state_dict()
-    trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-    unexpected, missing = sorted(set(state) - set(current)), sorted(trained - set(state))
-    if unexpected or missing:
-        raise ValueError(
-            f"{ckpt} does not fit the model the run's config builds: trained parameters it lacks {missing[:5]} "
-            f"({len(missing)}), tensors the model lacks {unexpected[:5]} ({len(unexpected)})"
-        )
-    # into the model where it holds them in their dtype (its fp32 build: the masters bit for bit, and the gathered
-    # copy freed before the hand-off's), else kept apart as the masters the hand-off takes (a 16-bit build)
-    apart = {name for name in trained if current[name].dtype != state[name].dtype}
-    model.load_state_dict({k: v for k, v in state.items() if k not in apart}, strict=False)
-    # by hand-off name, <part>.<key within the part> (a part may be a list of modules made for the purpose): each
-    # name a trained parameter has there, a tied one's aliases too
-    keys: dict[int, list[str]] = {}
-    for part, module in model.parts().items():
-        for key, tensor in module.state_dict(keep_vars=True).items():
-            keys.setdefault(id(tensor), []).append(f"{part}.{key}")
-    masters = {
-        key: state[name]
-        for name, parameter in model.named_parameters(remove_duplicate=False)
-        if name in apart
-        for key in keys.get(id(parameter), [])
-    }
-    del state, current
+    masters = _load_gathered(model, ckpt, get_fp32_state_dict_from_zero_checkpoint)
     out = ensure_dir(cfg.paths.output_dir)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if handoff is not None:
@@ -347,6 +316,47 @@ def gathered(cfg: DictConfig, handoff=None) -> dict:
     else:
         save_handoff(model, out, list(model.trainable), None, cfg, masters=masters)
     return {"steps": int((read_checkpoint(ckpt) or {}).get("global_step", 0))}
+
+
+def _load_gathered(model, ckpt: Path, gather) -> dict:
+    """Loads the fp32 masters `gather` (DeepSpeed's get_fp32_state_dict_from_zero_checkpoint) reads from a ZeRO
+    checkpoint into `model` where it holds them in their dtype, with the checkpoint's buffers and frozen weights;
+    returns, by hand-off name, those it holds in another dtype. What it gathered (whole flat groups under ZeRO 1-2)
+    is let go when it returns, before the hand-off's copy is made."""
+    import torch
+
+    try:  # lazily: each tensor made whole when taken (ZeRO-3's are gathered one at a time)
+        state = gather(str(ckpt), lazy_mode=True)
+    except (ValueError, KeyError) as err:  # e.g. a bf16 ZeRO 0 optimizer's partitions, which it does not read
+        raise ValueError(
+            f"{ckpt}: DeepSpeed's zero_to_fp32 cannot gather this checkpoint's masters ({err}): launch the snapshot "
+            "with as many processes as the run had (torchrun, srun), which restore it as a resume does"
+        ) from err
+    current = model.state_dict(keep_vars=True)
+    trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    unexpected, missing = sorted(set(state) - set(current)), sorted(trained - set(state))
+    if unexpected or missing:
+        raise ValueError(
+            f"{ckpt} does not fit the model the run's config builds: trained parameters it lacks {missing[:5]} "
+            f"({len(missing)}), tensors the model lacks {unexpected[:5]} ({len(unexpected)})"
+        )
+    # by hand-off name, <part>.<key within the part> (a part may be a list of modules made for the purpose): each
+    # name a trained parameter has there, a tied one's aliases too
+    keys: dict[int, list[str]] = {}
+    for part, module in model.parts().items():
+        for key, tensor in module.state_dict(keep_vars=True).items():
+            keys.setdefault(id(tensor), []).append(f"{part}.{key}")
+    # into the model where it holds them in their dtype (its fp32 build: the masters bit for bit), else kept apart
+    # as the masters the hand-off takes (a 16-bit build); the checkpoint's buffers and frozen weights into it
+    masters = {}
+    with torch.no_grad():
+        for name, lazy in state.items():
+            value, target = lazy.contiguous(), current[name]
+            if name in trained and target.dtype != value.dtype:
+                masters.update(dict.fromkeys(keys.get(id(target), []), value.clone()))
+            else:
+                target.copy_(value)
+    return masters
 
 
 def _first_process() -> bool:
@@ -380,6 +390,12 @@ def main(argv: list[str]) -> Path:
         out = Path(cfg.paths.output_dir)
         try:
             if zero_partitions(Path(cfg.ckpt_path)) and _one_process():  # whatever the processes that wrote it
+                if cfg.get("evaluate"):  # the held-out check is a Lightning test loop, which needs the restore
+                    raise ValueError(
+                        "evaluate=true asks the held-out questions in Lightning's test loop, and this DeepSpeed "
+                        "checkpoint is read in one process without one: take the snapshot, then score its folder "
+                        "with evaluate.py ckpt=<it> (or launch the snapshot with the run's processes: torchrun, srun)"
+                    )
                 metrics = gathered(cfg, handoff)
             elif handoff is None:
                 metrics = train(cfg)

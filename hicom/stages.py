@@ -213,11 +213,14 @@ def save_handoff(
     cfg: DictConfig,
     write: bool = True,
     masters: dict[str, torch.Tensor] | None = None,
+    unchanged: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Every process calls it (under ZeRO-3 the parameters are gathered from all of them); `write` on one. Weights
     that hold a NaN or an infinity are refused (`refuse_non_finite`) before anything is written: the stage is not
     done, and the next one would start from them. `masters`, by hand-off name (`compressor.<key>`): the fp32
-    weights an optimizer stepped, read from a checkpoint (`hicom.snapshot`) instead of a live one."""
+    weights an optimizer stepped, read from a checkpoint (`hicom.snapshot`) instead of a live one. `unchanged`, by
+    hand-off name: tensors the fit left as they were loaded (a part carried from the parent and frozen in this
+    stage), as loaded: the module may hold them in 16 bits (DeepSpeed casts it whole, frozen parts too)."""
     from safetensors.torch import save_file
 
     modules = model.parts()
@@ -234,7 +237,8 @@ def save_handoff(
             if not write:  # it only takes part in the gathers
                 continue
             for key, value in untied_state(modules[part]).items():  # a tied LM head is its embeddings: once
-                state[f"{part}.{key}"] = stepped.get(key, value).detach().to("cpu", copy=True).contiguous()
+                value = stepped.get(key, (unchanged or {}).get(f"{part}.{key}", value))
+                state[f"{part}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
     # the writer reads them; every process of the run's strategy joins in its decision
     if trainer is not None:
         refuse_non_finite(state, out_dir / HANDOFF, trainer.strategy, trainer.global_step)
@@ -891,4 +895,13 @@ class _Handoff:
         parts = list(dict.fromkeys([*self.carried, *model.trainable]))  # less the parts it left frozen
         parent = str(self.parent) if self.parent else None
         write = True if masters is not None else model.trainer.is_global_zero
-        save_handoff(model, self.out_dir, parts, parent, self.cfg, write=write, masters=masters)
+        frozen = [part for part in self.carried if part not in model.trainable]
+        unchanged = self._as_handed(frozen) if write and frozen else None
+        save_handoff(model, self.out_dir, parts, parent, self.cfg, write=write, masters=masters, unchanged=unchanged)
+
+    def _as_handed(self, parts: list[str]) -> dict[str, torch.Tensor]:
+        """The parent's hand-off tensors of `parts`, which this stage carries frozen: what it loaded, as written."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.parent / HANDOFF), framework="pt") as handed:
+            return {key: handed.get_tensor(key) for key in handed.keys() if key.split(".", 1)[0] in parts}

@@ -347,6 +347,16 @@ def check_deepspeed_files(path: Path, tag: Path) -> None:
                 f"{sorted(DEEPSPEED_PICKLED)}: refused. If it is yours and a newer DeepSpeed wrote it, add the "
                 "class to hicom.training.DEEPSPEED_PICKLED"
             )
+    partitions = sorted(tag.glob("*zero_pp_rank_*_optim_states.pt"))  # ZeRO 1-3: one per process that saved
+    if partitions:
+        model_states = sorted(tag.glob("*model_states.pt"))[0]
+        processes = torch.load(model_states, map_location="cpu", weights_only=True, mmap=True).get("dp_world_size")
+        if processes is not None and len(partitions) != processes:
+            raise ValueError(
+                f"ckpt_path '{path}': {tag.name}/ holds the optimizer partitions of {len(partitions)} of the "
+                f"{processes} processes that saved it (a save that did not finish on every process, or a copy cut "
+                "short): resume from another checkpoint"
+            )
 
 
 def _check_archive(what: str, file: Path, crc: bool) -> None:

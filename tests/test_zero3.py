@@ -120,6 +120,12 @@ def test_a_bf16_deepspeed_fit_hands_off_the_fp32_weights_its_optimizer_stepped(c
     for stage, row in json.loads(lines[-1][len("BF16 ") :]).items():
         assert row["dtypes"] == ["torch.float32"] and row["masters"] == row["parameters"] == 23, (stage, row)
         assert row["from_masters"] == 0.0 and row["from_copies"] > 1e-5, (stage, row)
+    # the LLM trained by the first stage and carried frozen by the second is handed on as the first wrote it (the
+    # engine's bf16 copy of it was handed on, 6e-4 off)
+    (carried,) = [
+        json.loads(line[len("CARRIED ") :]) for line in done.stdout.splitlines() if line.startswith("CARRIED ")
+    ]
+    assert carried["carried"] == carried["as_handed"] == 26, carried
 
 
 def test_a_process_whose_batch_was_all_skipped_keeps_in_step_under_zero2(cache_dir, tmp_path):
@@ -154,3 +160,15 @@ def test_a_process_whose_batch_was_all_skipped_keeps_in_step_under_zero2(cache_d
     assert done.returncode == 0 and "world_size: 2" in done.stdout + done.stderr, done.stderr[-3000:]
     written, gathered = (load_file(str(path / "handoff.safetensors")) for path in (tmp_path, tmp_path / "snapshot"))
     assert written.keys() == gathered.keys() and all(torch.equal(written[k], gathered[k]) for k in written)
+    # refused before the model is built: the held-out check, which needs Lightning's restore; a partition missing
+    import shutil
+
+    from hicom.snapshot import main
+
+    with pytest.raises(ValueError, match=r"evaluate=true asks the held-out questions .*evaluate.py ckpt=<it>"):
+        main([str(folder), "evaluate=true", f"out={tmp_path / 'evaluated'}"])
+    cut = shutil.copytree(folder / "checkpoints" / "last.ckpt", folder / "checkpoints" / "cut.ckpt")
+    next(cut.glob("*/zero_pp_rank_1_*optim_states.pt")).unlink()
+    with pytest.raises(ValueError, match=r"holds the optimizer partitions of 1 of the 2 processes that saved it"):
+        main([str(folder), f"ckpt={cut}", f"out={tmp_path / 'cut'}"])
+    assert not (tmp_path / "evaluated").exists() and not (tmp_path / "cut").exists()

@@ -1,7 +1,8 @@
 """Run by tests/test_zero3.py (DS_ACCELERATOR=cpu): train.py's fit in bf16 under Lightning's DeepSpeedStrategy on
 the CPU at each ZeRO stage given, the compressor trained. The engine holds the module in bf16 and steps fp32 masters
 in its optimizer; prints one JSON line: per stage, the hand-off's dtypes and how far it lies from the masters and
-from the module's bf16 copies."""
+from the module's bf16 copies; then, for a part the first of two stages trains and the second carries frozen,
+how many of its tensors the second hands on as the first handed them."""
 
 import json
 import os
@@ -13,6 +14,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(cache: str, out: str, *zero_stages: str) -> None:
+    import torch
     from safetensors.torch import load_file
 
     from hicom.training import train
@@ -45,6 +47,18 @@ def main(cache: str, out: str, *zero_stages: str) -> None:
             "from_copies": max((handoff[f"compressor.{k}"] - v).abs().max().item() for k, v in copies.items()),
         }
     print("BF16 " + json.dumps(report), flush=True)
+    # a part an earlier stage trained, carried frozen by the next: the engine casts it to bf16 with the rest
+    from hicom.stages import run_stages
+
+    staged = [*SMALL, "experiment=tiny_stages", "stages.0.trainable=[compressor,llm]",
+              "strategy=deepspeed_zero2", "trainer.strategy._target_=tests.scripts.cpu_deepspeed.CPUDeepSpeedStrategy",
+              "trainer.precision=bf16-mixed", "trainer.limit_train_batches=2"]  # fmt: skip
+    run_stages(compose_train(Path(cache), Path(out) / "staged", staged))
+    first, second = (load_file(str(Path(out) / "staged/stages" / name / "handoff.safetensors"))
+                     for name in ("alignment", "conditional"))  # fmt: skip
+    carried = [key for key in first if key.startswith("llm.")]
+    same = [key for key in carried if second[key].dtype == first[key].dtype and torch.equal(second[key], first[key])]
+    print("CARRIED " + json.dumps({"carried": len(carried), "as_handed": len(same)}), flush=True)
 
 
 if __name__ == "__main__":
