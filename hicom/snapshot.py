@@ -285,8 +285,10 @@ def gathered(cfg: DictConfig, handoff=None) -> dict:
     from hicom.training import check_checkpoint, check_resume, read_checkpoint
     from hicom.utils.instantiators import check_model, check_pretrained, check_tokenizers, ensure_dir, write_assets
 
-    ckpt = Path(cfg.ckpt_path)
+    # the step's folder last.ckpt links to now: all its files are read from it, should the run save again meanwhile
+    ckpt = Path(cfg.ckpt_path).resolve()
     check_checkpoint(ckpt)  # whole, and pickling nothing but DeepSpeed's own classes: zero_to_fp32 unpickles it all
+    steps = int((read_checkpoint(ckpt) or {}).get("global_step", 0))
     L.seed_everything(cfg.seed, workers=True)  # what the build draws (new modules' init) as the fit's build
     if cfg.get("init_from"):  # as the fit: the LLM loads from the release folder, the rest is imported once built
         from hicom.compat.official import check_release_start, import_official, use_release_llm
@@ -315,7 +317,7 @@ def gathered(cfg: DictConfig, handoff=None) -> dict:
         handoff.save(model, masters)
     else:
         save_handoff(model, out, list(model.trainable), None, cfg, masters=masters)
-    return {"steps": int((read_checkpoint(ckpt) or {}).get("global_step", 0))}
+    return {"steps": steps}
 
 
 def _load_gathered(model, ckpt: Path, gather) -> dict:
