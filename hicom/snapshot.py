@@ -269,7 +269,7 @@ def gathered(cfg: DictConfig, handoff=None) -> dict:
     fp32 masters of the trained parameters from every process's partition. The model is built from the run's
     config and checked against the checkpoint as a resume is (`check_resume`), a stage's parent loaded first; the
     checkpoint's other tensors (buffers, the frozen weights it kept) load into it; and the hand-off is written
-    with the masters, as the fit's end writes it. Returns the checkpoint's step."""
+    with the masters, as the fit's end writes it. Returns the figures printed: the checkpoint's step."""
     import lightning as L
     from hydra.utils import instantiate
 
@@ -329,7 +329,7 @@ def _load_gathered(model, ckpt: Path, gather) -> dict:
 
     try:  # lazily: each tensor made whole when taken (ZeRO-3's are gathered one at a time)
         state = gather(str(ckpt), lazy_mode=True)
-    except (ValueError, KeyError) as err:  # e.g. a bf16 ZeRO 0 optimizer's partitions, which it does not read
+    except (ValueError, KeyError) as err:  # e.g. an older DeepSpeed's bf16 ZeRO 0 partitions (0.19 writes none)
         raise ValueError(
             f"{ckpt}: DeepSpeed's zero_to_fp32 cannot gather this checkpoint's masters ({err}): launch the snapshot "
             "with as many processes as the run had (torchrun, srun), which restore it as a resume does"

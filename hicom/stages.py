@@ -237,8 +237,11 @@ def save_handoff(
             if not write:  # it only takes part in the gathers
                 continue
             for key, value in untied_state(modules[part]).items():  # a tied LM head is its embeddings: once
-                value = stepped.get(key, (unchanged or {}).get(f"{part}.{key}", value))
-                state[f"{part}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+                name = f"{part}.{key}"
+                if key not in stepped and name in (unchanged or {}):  # read for this write: no copy to make
+                    state[name] = unchanged[name]
+                    continue
+                state[name] = stepped.get(key, value).detach().to("cpu", copy=True).contiguous()
     # the writer reads them; every process of the run's strategy joins in its decision
     if trainer is not None:
         refuse_non_finite(state, out_dir / HANDOFF, trainer.strategy, trainer.global_step)
@@ -884,11 +887,13 @@ class _Handoff:
         self.parent, self.out_dir, self.cfg, self.new_parameters = parent, out_dir, cfg, new_parameters
         self.guide_added = bool(guide_added)
         self.carried: list[str] = []
+        self.handed: str | None = None  # the parent's hand-off digest (its manifest's) when it loaded
 
     def load(self, model) -> None:
         if self.parent is not None:
             new = [*self.new_parameters, *(guide_parameters(model, self.cfg) if self.guide_added else [])]
             self.carried = load_handoff(model, self.parent, new, cfg=self.cfg)
+            self.handed = _handoff_digest(self.parent)  # the file load_handoff checked against it
 
     def save(self, model, masters: dict[str, torch.Tensor] | None = None) -> None:
         """After the fit, on every process; or in one process with the `masters` read from a checkpoint."""
@@ -896,12 +901,30 @@ class _Handoff:
         parent = str(self.parent) if self.parent else None
         write = True if masters is not None else model.trainer.is_global_zero
         frozen = [part for part in self.carried if part not in model.trainable]
-        unchanged = self._as_handed(frozen) if write and frozen else None
+        unchanged = self.as_handed(model, frozen) if write and frozen else None
         save_handoff(model, self.out_dir, parts, parent, self.cfg, write=write, masters=masters, unchanged=unchanged)
 
-    def _as_handed(self, parts: list[str]) -> dict[str, torch.Tensor]:
-        """The parent's hand-off tensors of `parts`, which this stage carries frozen: what it loaded, as written."""
+    def as_handed(self, model, parts: list[str]) -> dict[str, torch.Tensor] | None:
+        """The parent's hand-off tensors of `parts`, which this stage carries frozen, as it loaded them, where the
+        module holds them in 16 bits (DeepSpeed casts it whole): read again from the parent's file, if that is
+        still the file loaded (its digest). None where the module holds them as loaded, and where the file is gone
+        or another (the parent moved, or trained again: the stage's save must not fail for it, nor hand on weights
+        it did not train with); the module's copies are then handed on, with a warning."""
         from safetensors import safe_open
 
-        with safe_open(str(self.parent / HANDOFF), framework="pt") as handed:
+        modules = model.parts()
+        if not any(p.dtype in (torch.bfloat16, torch.float16) for part in parts for p in modules[part].parameters()):
+            return None
+        path = self.parent / HANDOFF
+        try:
+            loaded = self.handed is not None and file_sha256(path) == self.handed
+        except OSError:
+            loaded = False
+        if not loaded:
+            log.warning(
+                "%s is no longer the hand-off this stage loaded (moved, or trained again): the parts it carries "
+                "frozen (%s) are handed on as the module holds them, in 16 bits", path, ", ".join(parts),
+            )  # fmt: skip
+            return None
+        with safe_open(str(path), framework="pt") as handed:
             return {key: handed.get_tensor(key) for key in handed.keys() if key.split(".", 1)[0] in parts}

@@ -332,7 +332,8 @@ def check_checkpoint(path: Path) -> None:
 def check_deepspeed_files(path: Path, tag: Path) -> None:
     """A DeepSpeed checkpoint's files, before its engine loads them with torch.load(weights_only=False): each whole
     (a zip archive; every entry's CRC where the checkpoint is at most CRC_CHECKED_BYTES) and pickling nothing but
-    tensors, plain values and the classes of DEEPSPEED_PICKLED, so that the load runs no code a file names."""
+    tensors, plain values and the classes of DEEPSPEED_PICKLED, so that the load runs no code a file names; under
+    ZeRO 1-3, one optimizer partition for each process that saved it (its model file's dp_world_size)."""
     files = sorted(tag.glob("*.pt"))
     if not files:
         raise ValueError(f"ckpt_path '{path}': {tag.name}/ holds no .pt files: resume from another checkpoint")

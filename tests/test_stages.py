@@ -281,3 +281,33 @@ def test_a_compressor_trained_on_one_tower_layer_is_not_loaded_onto_another(
         ),
         None,
     )
+
+
+def test_a_part_carried_frozen_is_read_again_from_its_parent_only_while_that_is_the_file_loaded(
+    tiny_paths, cache_dir, tmp_path, caplog
+):
+    """Under DeepSpeed's bf16 the module holds a frozen carried part in 16 bits: it is handed on from the parent's
+    file, as loaded; from the module's copy where that file is no longer the one loaded (the parent moved or trained
+    again while the stage fitted: the stage's save must neither fail nor carry weights it did not train with), and
+    where the module holds it as loaded (fp32)."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = compose_train(cache_dir, tmp_path / "a", ["model.trainable=[compressor,llm]"])
+    model = instantiate(cfg.model)
+    save_handoff(model, tmp_path / "parent", ["compressor", "llm"], None, cfg)
+    handed = load_file(str(tmp_path / "parent" / "handoff.safetensors"))
+    stage = compose_train(cache_dir, tmp_path / "b", ["model.trainable=[compressor]"])
+    child = instantiate(stage.model)
+    handoff = hicom.stages._Handoff(tmp_path / "parent", tmp_path / "child", stage, [])
+    handoff.load(child)
+    assert handoff.carried == ["compressor", "llm"] and handoff.as_handed(child, ["llm"]) is None  # fp32: as loaded
+    child.net.llm.model.to(torch.bfloat16)  # as DeepSpeed's engine casts the module
+    exact = handoff.as_handed(child, ["llm"])
+    llm = [key for key in handed if key.startswith("llm.")]
+    assert sorted(exact) == llm and all(torch.equal(exact[k], handed[k]) for k in llm)
+    save_file({k: v + 1 for k, v in handed.items()}, str(tmp_path / "parent" / "handoff.safetensors"))  # again
+    with caplog.at_level("WARNING", logger="hicom.stages"):
+        assert handoff.as_handed(child, ["llm"]) is None
+        (tmp_path / "parent").rename(tmp_path / "moved")
+        assert handoff.as_handed(child, ["llm"]) is None
+    assert caplog.text.count("is no longer the hand-off this stage loaded") == 2
