@@ -198,7 +198,7 @@ def _stage_config(
     with open_dict(stage_cfg):  # the stage's own config delta may set these: the snapshot's values stand
         stage_cfg.ckpt_path = str(ckpt)
         stage_cfg.trainer.max_steps = 0
-        stage_cfg.evaluate = False
+        stage_cfg.evaluate = cfg.get("evaluate", False)  # false, unless given to the snapshot
     checked = _checked(stage_cfg, written, stage_dir / "config.yaml", out)
     handoff = _Handoff(parent, out, checked, list(stage.get("new_parameters") or []), stage.get("guide_added"))
     return checked, handoff
