@@ -10,9 +10,9 @@ trainer.max_steps=0: Lightning restores the checkpoint, takes no step, and the f
 always writes (the parts it trains, in the fp32 their optimizer steps: under DeepSpeed the engine's masters), with
 config.yaml and manifest.json, into `out` (default: <run>/snapshots/<checkpoint name>-<time>). No checkpoint, log
 or held-out check is written there (evaluate=true asks the held-out questions too). The run's training data and
-model folders must be where the run had them, as for a resume. A DeepSpeed checkpoint of ZeRO 1-3 is read in one
-plain process, however many wrote it (`gathered`); launched with several (torchrun, srun), or for ZeRO 0, the
-checkpoint is restored by Lightning as above.
+model folders must be where the run had them, as for a resume. A DeepSpeed checkpoint is read in one plain
+process, on the CPU, however many wrote it (`gathered`); launched with several (torchrun, srun), it is restored by
+Lightning as above.
 
 A staged run's stage is taken as the stage runner resumes it: its config is the stage's (stage_config), its
 parent's hand-off loads before the checkpoint restores (the parts trained by earlier stages and frozen in this one
@@ -247,13 +247,46 @@ def _checked(cfg: DictConfig, written: DictConfig, where: Path, out: Path) -> Di
     return cfg
 
 
-def zero_partitions(ckpt: Path) -> int:
-    """How many processes' ZeRO 1-3 partitions a DeepSpeed checkpoint folder holds (its *zero_pp_rank_*_optim_states.pt
-    files, under the tag `latest` names); 0 for a Lightning file, and for DeepSpeed's ZeRO 0, whose optimizer
-    state is whole in its model file."""
+def deepspeed_tag(ckpt: Path) -> Path | None:
+    """A DeepSpeed checkpoint folder's tag folder (the one `latest` names); None for anything else."""
     if not ckpt.is_dir() or not (ckpt / "latest").is_file():
-        return 0
-    return len(list((ckpt / (ckpt / "latest").read_text().strip()).glob("*zero_pp_rank_*_optim_states.pt")))
+        return None
+    return ckpt / (ckpt / "latest").read_text().strip()
+
+
+def zero0_state(ckpt: Path, model) -> dict | None:
+    """A DeepSpeed ZeRO 0 checkpoint's tensors, by the module's names, whatever the processes that wrote it (ZeRO 0
+    writes one model file, whole): the module's (its buffers, and its weights in the precision it trained), the
+    trained parameters as the fp32 masters its 16-bit optimizer kept (`fp32_groups`, matched to `model`'s
+    optimizer groups by name, count and shapes). None for a checkpoint of ZeRO 1-3 (DeepSpeed's zero_to_fp32 reads
+    those)."""
+    import torch
+
+    tag = deepspeed_tag(ckpt)
+    if tag is None or any(tag.glob("*zero_pp_rank_*_optim_states.pt")):
+        return None
+    saved = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True, mmap=True)
+    state = dict(saved["module"])
+    optimizer = saved.get("optimizer")
+    masters = optimizer.get("fp32_groups") if isinstance(optimizer, dict) else None
+    if masters is None:  # trained in fp32: the module's weights are those its optimizer stepped
+        return state
+    names: dict[int, list[str]] = {}  # a tied parameter under each of its names: the module file holds both
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    ours = {group["name"]: group["params"] for group in model.optimizer_groups()}
+    theirs = [group.get("name") for group in optimizer["optimizer_state_dict"]["param_groups"]]
+    if sorted(theirs, key=str) != sorted(ours, key=str):
+        raise ValueError(f"{ckpt}: its optimizer's groups are {theirs}, this model's {list(ours)}: not the run's model")
+    for name, kept in zip(theirs, masters, strict=True):
+        params = ours[name]
+        if [tuple(p.shape) for p in params] != [tuple(m.shape) for m in kept]:
+            raise ValueError(
+                f"{ckpt}: its optimizer's group {name!r} holds {len(kept)} fp32 masters, this model's "
+                f"{len(params)} parameters, or of other shapes: not the run's model"
+            )
+        state.update({name: m for p, m in zip(params, kept, strict=True) for name in names[id(p)]})
+    return state
 
 
 def _one_process() -> bool:
@@ -264,22 +297,15 @@ def _one_process() -> bool:
 
 
 def gathered(cfg: DictConfig, handoff=None) -> dict:
-    """The snapshot of a DeepSpeed checkpoint of ZeRO 1-3 in this one process, on the CPU, however many processes
-    wrote it (a run of 32 GPUs, still running, scored from a login node): DeepSpeed's zero_to_fp32 gathers the
-    fp32 masters of the trained parameters from every process's partition. The model is built from the run's
+    """The snapshot of a DeepSpeed checkpoint in this one process, on the CPU, however many processes wrote it (a
+    run of 32 GPUs, still running, scored from a login node): under ZeRO 1-3 DeepSpeed's zero_to_fp32 gathers the
+    fp32 masters of the trained parameters from every process's partition; ZeRO 0 keeps them whole in its one model
+    file (`zero0_state`). The model is built from the run's
     config and checked against the checkpoint as a resume is (`check_resume`), a stage's parent loaded first; the
     checkpoint's other tensors (buffers, the frozen weights it kept) load into it; and the hand-off is written
     with the masters, as the fit's end writes it. Returns the figures printed: the checkpoint's step."""
     import lightning as L
     from hydra.utils import instantiate
-
-    try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    except ImportError as err:
-        raise ImportError(
-            f"{cfg.ckpt_path} is a DeepSpeed checkpoint, and reading it takes deepspeed, which this environment lacks "
-            "(pip install -e .[gpu]; its zero_to_fp32 runs on the CPU)"
-        ) from err
 
     from hicom.stages import save_handoff
     from hicom.training import check_checkpoint, check_resume, read_checkpoint
@@ -310,7 +336,7 @@ def gathered(cfg: DictConfig, handoff=None) -> dict:
     model.compressor_config = OmegaConf.to_container(cfg.model.compressor, resolve=True)
     if handoff is not None:  # the parts earlier stages trained
         handoff.load(model)
-    masters = _load_gathered(model, ckpt, get_fp32_state_dict_from_zero_checkpoint)
+    masters = _load_gathered(model, ckpt, lambda: zero0_state(ckpt, model) or _zero_to_fp32(ckpt))
     out = ensure_dir(cfg.paths.output_dir)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if handoff is not None:
@@ -320,20 +346,34 @@ def gathered(cfg: DictConfig, handoff=None) -> dict:
     return {"steps": steps}
 
 
-def _load_gathered(model, ckpt: Path, gather) -> dict:
-    """Loads the fp32 masters `gather` (DeepSpeed's get_fp32_state_dict_from_zero_checkpoint) reads from a ZeRO
-    checkpoint into `model` where it holds them in their dtype, with the checkpoint's buffers and frozen weights;
-    returns, by hand-off name, those it holds in another dtype. What it gathered (whole flat groups under ZeRO 1-2)
-    is let go when it returns, before the hand-off's copy is made."""
-    import torch
-
-    try:  # lazily: each tensor made whole when taken (ZeRO-3's are gathered one at a time)
-        state = gather(str(ckpt), lazy_mode=True)
+def _zero_to_fp32(ckpt: Path) -> dict:
+    """DeepSpeed's zero_to_fp32 state of a ZeRO 1-3 checkpoint: its module's tensors, the trained parameters as the
+    fp32 masters gathered from every process's partition, lazily (each tensor made whole when taken: ZeRO-3's are
+    gathered one at a time)."""
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError as err:
+        raise ImportError(
+            f"{ckpt} is a DeepSpeed checkpoint of ZeRO 1-3, and reading it takes deepspeed, which this environment "
+            "lacks (pip install -e .[gpu]; its zero_to_fp32 runs on the CPU)"
+        ) from err
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), lazy_mode=True)
     except (ValueError, KeyError) as err:  # e.g. an older DeepSpeed's bf16 ZeRO 0 partitions (0.19 writes none)
         raise ValueError(
             f"{ckpt}: DeepSpeed's zero_to_fp32 cannot gather this checkpoint's masters ({err}): launch the snapshot "
             "with as many processes as the run had (torchrun, srun), which restore it as a resume does"
         ) from err
+
+
+def _load_gathered(model, ckpt: Path, read) -> dict:
+    """Loads the tensors `read()` gives (`zero0_state`'s or `_zero_to_fp32`'s) into `model` where it holds them in
+    their dtype: the fp32 masters of the trained parameters, the checkpoint's buffers and frozen weights; returns,
+    by hand-off name, the masters it holds in another dtype. What was read (whole flat groups under ZeRO 1-2) is let
+    go when it returns, before the hand-off's copy is made."""
+    import torch
+
+    state = read()
     current = model.state_dict(keep_vars=True)
     trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     unexpected, missing = sorted(set(state) - set(current)), sorted(trained - set(state))
@@ -391,7 +431,9 @@ def main(argv: list[str]) -> Path:
         )
         out = Path(cfg.paths.output_dir)
         try:
-            if zero_partitions(Path(cfg.ckpt_path)) and _one_process():  # whatever the processes that wrote it
+            if (
+                deepspeed_tag(Path(cfg.ckpt_path)) is not None and _one_process()
+            ):  # whatever the processes that wrote it
                 if cfg.get("evaluate"):  # the held-out check is a Lightning test loop, which needs the restore
                     raise ValueError(
                         "evaluate=true asks the held-out questions in Lightning's test loop, and this DeepSpeed "

@@ -126,6 +126,8 @@ def test_a_bf16_deepspeed_fit_hands_off_the_fp32_weights_its_optimizer_stepped(c
         json.loads(line[len("CARRIED ") :]) for line in done.stdout.splitlines() if line.startswith("CARRIED ")
     ]
     assert carried["carried"] == carried["as_handed"] == 26, carried
+    (zero0,) = [json.loads(line[len("ZERO0 ") :]) for line in done.stdout.splitlines() if line.startswith("ZERO0 ")]
+    assert zero0["keys"] and zero0["equal"] == zero0["tensors"] == 49, zero0
 
 
 def test_a_process_whose_batch_was_all_skipped_keeps_in_step_under_zero2(cache_dir, tmp_path):

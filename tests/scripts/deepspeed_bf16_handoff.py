@@ -2,7 +2,8 @@
 the CPU at each ZeRO stage given, the compressor trained. The engine holds the module in bf16 and steps fp32 masters
 in its optimizer; prints one JSON line: per stage, the hand-off's dtypes and how far it lies from the masters and
 from the module's bf16 copies; then, for a part the first of two stages trains and the second carries frozen,
-how many of its tensors the second hands on as the first handed them."""
+how many of its tensors the second hands on as the first handed them; then how many tensors of a ZeRO 0 fit's
+hand-off its one-process snapshot reproduces."""
 
 import json
 import os
@@ -59,6 +60,24 @@ def main(cache: str, out: str, *zero_stages: str) -> None:
     carried = [key for key in first if key.startswith("llm.")]
     same = [key for key in carried if second[key].dtype == first[key].dtype and torch.equal(second[key], first[key])]
     print("CARRIED " + json.dumps({"carried": len(carried), "as_handed": len(same)}), flush=True)
+    # a ZeRO 0 fit of the compressor and the (tied) LLM, snapshotted in this one process from its checkpoint: the
+    # fp32 masters its optimizer keeps whole in the model file, matched to the parameters by the optimizer's groups
+    import yaml
+
+    from hicom.snapshot import main as snapshot
+
+    run = Path(out) / "zero0"
+    fit = [*SMALL, "strategy=deepspeed_zero0", "trainer.strategy._target_=tests.scripts.cpu_deepspeed.CPUDeepSpeedStrategy",
+           "trainer.precision=bf16-mixed", "trainer.max_steps=2", "model.trainable=[compressor,llm]", "evaluate=false"]  # fmt: skip
+    train(compose_train(Path(cache), run, fit))
+    (run / ".hydra").mkdir()  # as Hydra records a launch
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"paths.cache_dir={cache}", *fit]))
+    written = load_file(str(run / "handoff.safetensors"))
+    taken = load_file(str(snapshot([str(run), f"out={Path(out) / 'zero0_snapshot'}"]) / "handoff.safetensors"))
+    same = [key for key in written if key in taken and torch.equal(written[key], taken[key])]
+    print(
+        "ZERO0 " + json.dumps({"tensors": len(written), "equal": len(same), "keys": sorted(taken) == sorted(written)})
+    )
 
 
 if __name__ == "__main__":
