@@ -220,12 +220,15 @@ def save_handoff(
     done, and the next one would start from them. `masters`, by hand-off name (`compressor.<key>`): the fp32
     weights an optimizer stepped, read from a checkpoint (`hicom.snapshot`) instead of a live one. `unchanged`, by
     hand-off name: tensors the fit left as they were loaded (a part carried from the parent and frozen in this
-    stage), as loaded: the module may hold them in 16 bits (DeepSpeed casts it whole, frozen parts too)."""
+    stage), as loaded: the module may hold them in 16 bits (DeepSpeed casts it whole, frozen parts too); and so are
+    the frozen weights of the parts it trains that the fit recorded before it began (`model.as_loaded`,
+    `frozen_in_trained`)."""
     from safetensors.torch import save_file
 
     modules = model.parts()
     trainer = getattr(model, "_trainer", None)
     optimizer = trainer.optimizers[0] if trainer is not None and trainer.optimizers else None
+    unchanged = {**(getattr(model, "as_loaded", None) or {}), **(unchanged or {})}
     state = {}
     for part in parts:
         # what the optimizer stepped: under DeepSpeed's bf16 the module holds 16-bit copies of its fp32 weights
@@ -238,7 +241,7 @@ def save_handoff(
                 continue
             for key, value in untied_state(modules[part]).items():  # a tied LM head is its embeddings: once
                 name = f"{part}.{key}"
-                if key not in stepped and name in (unchanged or {}):  # read for this write: no copy to make
+                if key not in stepped and name in unchanged:  # copies of their own already: none to make
                     state[name] = unchanged[name]
                     continue
                 state[name] = stepped.get(key, value).detach().to("cpu", copy=True).contiguous()
@@ -270,6 +273,19 @@ def save_handoff(
     }
     # written last, whole or not at all: the stage is done
     write_atomically(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def frozen_in_trained(model) -> dict[str, torch.Tensor]:
+    """By hand-off name, the frozen parameters of the parts `model` trains (a pooling compressor's unread trunk
+    layers, which nothing reads), copied to the CPU as they are before the fit: a DeepSpeed engine in 16 bits casts
+    them with the rest of the module, and the hand-off writes them as they were loaded (`save_handoff`)."""
+    modules = model.parts()
+    return {
+        f"{part}.{key}": parameter.detach().to("cpu", copy=True)
+        for part in model.trainable
+        for key, parameter in modules[part].named_parameters()
+        if not parameter.requires_grad
+    }
 
 
 # the model folders a hand-off's frozen parts come from, by the key that names each, and the parts each gives

@@ -802,6 +802,9 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
     model.compressor_config = OmegaConf.to_container(cfg.model.compressor, resolve=True)
     if before_fit is not None:
         before_fit(model)
+    from hicom.stages import frozen_in_trained
+
+    model.as_loaded = frozen_in_trained(model)  # what the hand-off writes of them, whatever the engine casts
     # once the launch has been built and checked: a launch refused before would leave the config of a run it never
     # made beside the hand-off of the one that was (evaluate.py builds the model from this file)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

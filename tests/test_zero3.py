@@ -127,7 +127,9 @@ def test_a_bf16_deepspeed_fit_hands_off_the_fp32_weights_its_optimizer_stepped(c
     ]
     assert carried["carried"] == carried["as_handed"] == 26, carried
     (zero0,) = [json.loads(line[len("ZERO0 ") :]) for line in done.stdout.splitlines() if line.startswith("ZERO0 ")]
-    assert zero0["keys"] and zero0["equal"] == zero0["tensors"] == 49, zero0
+    # (the trunk's frozen last layer handed on as it loaded, not as the engine's bf16 copy of it)
+    assert zero0["keys"] and zero0["equal"] == zero0["tensors"] and zero0["frozen"] == 16, zero0
+    assert zero0["dtypes"] == ["torch.float32"], zero0
 
 
 def test_a_process_whose_batch_was_all_skipped_keeps_in_step_under_zero2(cache_dir, tmp_path):

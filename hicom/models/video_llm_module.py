@@ -166,6 +166,8 @@ class VideoLLMModule(LightningModule):
         self.skipped: dict[str, dict] = {}  # this process's, since this launch began
         self.skipped_before: dict[str, dict] = {}  # every process's before a resume (its checkpoint's), on each
         self.init_from: str | None = None  # the release folder the fit started from (training.train sets it)
+        # the frozen weights of its trained parts as they loaded, for the hand-off (training.train sets them)
+        self.as_loaded: dict[str, torch.Tensor] = {}
         self.results: list[dict] = []
         self.test_failed: list[dict] = []  # held-out questions whose sample could not be read
         # the compressor's parameters that only its guided form has (hicom.training.build sets it from the

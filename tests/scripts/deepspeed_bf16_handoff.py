@@ -60,7 +60,7 @@ def main(cache: str, out: str, *zero_stages: str) -> None:
     carried = [key for key in first if key.startswith("llm.")]
     same = [key for key in carried if second[key].dtype == first[key].dtype and torch.equal(second[key], first[key])]
     print("CARRIED " + json.dumps({"carried": len(carried), "as_handed": len(same)}), flush=True)
-    # a ZeRO 0 fit of the compressor and the (tied) LLM, snapshotted in this one process from its checkpoint: the
+    # a ZeRO 0 fit of the trunk, the compressor and the (tied) LLM, snapshotted in this one process from its checkpoint: the
     # fp32 masters its optimizer keeps whole in the model file, matched to the parameters by the optimizer's groups
     import yaml
 
@@ -68,16 +68,19 @@ def main(cache: str, out: str, *zero_stages: str) -> None:
 
     run = Path(out) / "zero0"
     fit = [*SMALL, "strategy=deepspeed_zero0", "trainer.strategy._target_=tests.scripts.cpu_deepspeed.CPUDeepSpeedStrategy",
-           "trainer.precision=bf16-mixed", "trainer.max_steps=2", "model.trainable=[compressor,llm]", "evaluate=false"]  # fmt: skip
+           "trainer.precision=bf16-mixed", "trainer.max_steps=2", "evaluate=false",
+           # the trunk trained under a pooling compressor: its layers after select_layer stay frozen, cast to bf16
+           "model/compressor=avgpool", "model.trainable=[vision_trunk,compressor,llm]"]  # fmt: skip
     train(compose_train(Path(cache), run, fit))
     (run / ".hydra").mkdir()  # as Hydra records a launch
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"paths.cache_dir={cache}", *fit]))
     written = load_file(str(run / "handoff.safetensors"))
     taken = load_file(str(snapshot([str(run), f"out={Path(out) / 'zero0_snapshot'}"]) / "handoff.safetensors"))
     same = [key for key in written if key in taken and torch.equal(written[key], taken[key])]
-    print(
-        "ZERO0 " + json.dumps({"tensors": len(written), "equal": len(same), "keys": sorted(taken) == sorted(written)})
-    )
+    frozen = [key for key in written if key.startswith("vision_trunk.1.layers.1.")]  # the tiny tower's last layer
+    dtypes = sorted({str(written[key].dtype) for key in written})
+    print("ZERO0 " + json.dumps({"tensors": len(written), "equal": len(same), "keys": sorted(taken) == sorted(written),
+                                 "frozen": len(frozen), "dtypes": dtypes}))  # fmt: skip
 
 
 if __name__ == "__main__":
