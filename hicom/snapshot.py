@@ -285,7 +285,14 @@ def zero0_state(ckpt: Path, model) -> dict | None:
                 f"{ckpt}: its optimizer's group {name!r} holds {len(kept)} fp32 masters, this model's "
                 f"{len(params)} parameters, or of other shapes: not the run's model"
             )
-        state.update({name: m for p, m in zip(params, kept, strict=True) for name in names[id(p)]})
+        for parameter, master in zip(params, kept, strict=True):
+            copy = state.get(names[id(parameter)][0])  # the module's 16-bit copy of it, made from the master
+            if copy is not None and copy.dtype != master.dtype and not torch.equal(master.to(copy.dtype), copy):
+                raise ValueError(
+                    f"{ckpt}: the fp32 master matched to {names[id(parameter)][0]} (group {name!r}) does not round to "
+                    "the module's copy of it: the optimizer's parameters are in another order than this model's"
+                )
+            state.update(dict.fromkeys(names[id(parameter)], master))
     return state
 
 
