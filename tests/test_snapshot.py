@@ -144,7 +144,7 @@ def test_a_snapshot_of_a_stage_part_way_is_the_hand_off_its_stage_would_write(st
 
 def test_a_stage_snapshot_is_refused_where_no_stage_or_another_parent_is_meant(staged_run, cache_dir, tmp_path,
                                                                                monkeypatch):  # fmt: skip
-    from hicom.snapshot import main
+    from hicom.snapshot import main, snapshot_config
 
     monkeypatch.setenv("HICOM_CACHE", str(cache_dir))
     with pytest.raises(ValueError, match=r"no stage part-way .*finished: \['alignment', 'conditional', 'instructi"):
@@ -172,8 +172,13 @@ def test_a_stage_snapshot_is_refused_where_no_stage_or_another_parent_is_meant(s
     recorded = run / ".hydra" / "overrides.yaml"
     again = ["stage=instruction", f"ckpt_path={run / 'stages/instruction/checkpoints/last.ckpt'}"]
     recorded.write_text(yaml.safe_dump([*yaml.safe_load(recorded.read_text()), *again]))
-    assert same_tensors(main([str(run)]) / "handoff.safetensors", staged_run / "stages/instruction/handoff.safetensors")
-    assert main([str(run / "stages" / "alignment"), f"ckpt={run / 'stages/alignment/checkpoints/last.ckpt'}"]).is_dir()
+    cfg, handoff = snapshot_config(run, out=tmp_path / "resumed")  # composed, checked, not fitted (tested above)
+    assert (
+        cfg.ckpt_path == str(run / "stages/instruction/checkpoints/last.ckpt") and handoff.parent.name == "conditional"
+    )
+    first = run / "stages/alignment/checkpoints/last.ckpt"
+    cfg, handoff = snapshot_config(run / "stages" / "alignment", first, tmp_path / "first")
+    assert cfg.ckpt_path == str(first) and cfg.model.trainable == ["compressor"] and handoff.parent is None
 
 
 def test_a_run_fine_tuned_from_a_release_folder_is_taken_with_its_llm_from_there(cache_dir, tmp_path, monkeypatch):
