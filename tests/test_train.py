@@ -133,7 +133,7 @@ def test_a_run_without_held_out_questions_skips_the_check_and_says_so(cache_dir,
 
 def test_multirun_trains_each_compressor_and_writes_its_metrics(cache_dir, tmp_path):
     env = {**os.environ, "HICOM_CACHE": str(cache_dir), "HICOM_LOGS": str(tmp_path)}
-    overrides = [o for o in SMALL if not o.startswith("~")] + ["callbacks.progress.refresh_rate=0"]
+    overrides = [o for o in SMALL if not o.startswith("~")] + ["callbacks.progress.refresh_rate=0", "evaluate=false"]
     cmd = [sys.executable, "train.py", "-m", "model/compressor=hicom,avgpool", *overrides]
     done = subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=600)
     files = sorted(tmp_path.glob("train/multiruns/*/*/metrics.json"))
