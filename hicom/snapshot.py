@@ -30,6 +30,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from hicom.utils.config import run_stamp
+
 # what a snapshot sets itself, whatever the run's launch said (the logger and the checkpoint callback, which it
 # leaves out, are taken away once the config is composed: a stage's own settings of theirs merge first)
 SET_HERE = ("ckpt_path", "trainer.max_steps", "evaluate")
@@ -122,7 +124,7 @@ def _checkpoint(run: Path, written: DictConfig, ckpt: Path | None) -> Path:
 def _one_fit_config(cfg: DictConfig, run: Path, ckpt: Path | None, out: Path | None) -> DictConfig:
     written = OmegaConf.load(run / "config.yaml")
     ckpt = _checkpoint(run, written, ckpt)
-    out = (run / "snapshots" / f"{ckpt.name.removesuffix('.ckpt')}-{_stamp()}") if out is None else out
+    out = (run / "snapshots" / f"{ckpt.name.removesuffix('.ckpt')}-{run_stamp()}") if out is None else out
     with open_dict(cfg):
         cfg.ckpt_path = str(ckpt)
     return _checked(_quiet(cfg), written, run / "config.yaml", out)
@@ -192,7 +194,7 @@ def _stage_config(
                 f"the same reason. Resumed on purpose (stage={stage.name} ckpt_path=<its checkpoint>), the run's "
                 "last launch is taken as it said"
             )
-    name = f"{stage.name}-{ckpt.name.removesuffix('.ckpt')}-{_stamp()}"
+    name = f"{stage.name}-{ckpt.name.removesuffix('.ckpt')}-{run_stamp()}"
     out = run / "snapshots" / name if out is None else out
     stage_cfg = _quiet(stage_config(cfg, stage, out))
     with open_dict(stage_cfg):  # the stage's own config delta may set these: the snapshot's values stand
@@ -213,14 +215,6 @@ def _holds(stage_dir: Path, ckpt: Path) -> bool:
     except OSError:  # a stage not begun
         return False
     return ckpt.absolute().is_relative_to(own)
-
-
-def _stamp() -> str:
-    """One name in every process of a launch: run_stamp is torchrun's or srun's launch id, or HICOM_RUN_STAMP,
-    which main() sets for the processes Lightning's own launcher starts."""
-    from hicom.utils.config import run_stamp
-
-    return run_stamp()
 
 
 def _checked(cfg: DictConfig, written: DictConfig, where: Path, out: Path) -> DictConfig:
@@ -247,13 +241,6 @@ def _checked(cfg: DictConfig, written: DictConfig, where: Path, out: Path) -> Di
     return cfg
 
 
-def deepspeed_tag(ckpt: Path) -> Path | None:
-    """A DeepSpeed checkpoint folder's tag folder (the one `latest` names); None for anything else."""
-    if not ckpt.is_dir() or not (ckpt / "latest").is_file():
-        return None
-    return ckpt / (ckpt / "latest").read_text().strip()
-
-
 def zero0_state(ckpt: Path, model) -> dict | None:
     """A DeepSpeed ZeRO 0 checkpoint's tensors, by the module's names, whatever the processes that wrote it (ZeRO 0
     writes one model file, whole): the module's (its buffers, and its weights in the precision it trained), the
@@ -261,6 +248,8 @@ def zero0_state(ckpt: Path, model) -> dict | None:
     optimizer groups by name, count and shapes). None for a checkpoint of ZeRO 1-3 (DeepSpeed's zero_to_fp32 reads
     those)."""
     import torch
+
+    from hicom.training import deepspeed_tag
 
     tag = deepspeed_tag(ckpt)
     if tag is None or any(tag.glob("*zero_pp_rank_*_optim_states.pt")):
@@ -323,17 +312,13 @@ def gathered(cfg: DictConfig, handoff=None) -> dict:
     check_checkpoint(ckpt)  # whole, and pickling nothing but DeepSpeed's own classes: zero_to_fp32 unpickles it all
     steps = int((read_checkpoint(ckpt) or {}).get("global_step", 0))
     L.seed_everything(cfg.seed, workers=True)  # what the build draws (new modules' init) as the fit's build
-    if cfg.get("init_from"):  # as the fit: the LLM loads from the release folder, the rest is imported once built
-        from hicom.compat.official import check_release_start, import_official, use_release_llm
-
-        missing = f"init_from={cfg.init_from} is not an HF folder in the release's layout"
-        with open_dict(cfg):
-            cfg.init_from = use_release_llm(cfg, cfg.init_from, missing)
     write_assets(cfg.get("assets"))
     check_pretrained(cfg)
     check_tokenizers(cfg)
     compressor = check_model(cfg)
-    if cfg.get("init_from"):
+    if cfg.get("init_from"):  # as the fit (its LLM points at the release folder already: _checked), the rest imported
+        from hicom.compat.official import check_release_start, import_official
+
         check_release_start(cfg)
     check_resume(cfg, compressor)
     model = instantiate(cfg.model)
@@ -418,8 +403,7 @@ def _first_process() -> bool:
 def main(argv: list[str]) -> Path:
     """The command: `<run or stage folder> [ckpt=<checkpoint>] [out=<folder>] [<train.py override> ...]`; returns
     the folder."""
-    from hicom.training import train
-    from hicom.utils.config import run_stamp
+    from hicom.training import deepspeed_tag, train
 
     if not argv or argv[0] in ("-h", "--help") or "=" in argv[0]:
         print(__doc__)

@@ -373,12 +373,19 @@ def _check_archive(what: str, file: Path, crc: bool) -> None:
             raise ValueError(f"{what} is damaged (its entry {bad} fails its CRC check): {again}")
 
 
+def deepspeed_tag(ckpt: Path) -> Path | None:
+    """A DeepSpeed checkpoint folder's tag folder (the one its `latest` names); None for anything else."""
+    if not ckpt.is_dir() or not (ckpt / "latest").is_file():
+        return None
+    return ckpt / (ckpt / "latest").read_text().strip()
+
+
 def read_checkpoint(path: Path) -> dict | None:
     """A checkpoint's entries without reading its tensors (memory-mapped): a Lightning file (with its state dict),
     or what DeepSpeed's folder keeps beside the engine's state (hyperparameters, init_from, ...; the module's
     tensors are under `module`, a ZeRO-3 shard's empty). None for another folder (FSDP's)."""
     if path.is_dir():
-        tag = path / (path / "latest").read_text().strip() if (path / "latest").is_file() else None
+        tag = deepspeed_tag(path)
         files = sorted(tag.glob("*model_states.pt")) if tag is not None else []
         if not files:
             return None
