@@ -234,7 +234,7 @@ def build(cfg: DictConfig, checked: bool = False):
         from hicom.modules.video_llm import guide_only_names
 
         model.guide_only = guide_only_names(model.net, cfg.model.compressor)
-    datamodule.use_network(model.net.num_visual_tokens, model.net.compressor.uses_guide)
+    datamodule.use_network(model.net.visual_tokens(), model.net.compressor.uses_guide)
     return model, datamodule
 
 

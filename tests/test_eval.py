@@ -1754,3 +1754,25 @@ def test_an_open_ended_question_without_an_answer_is_asked_not_scored_nor_judged
     results = score({"kind": "open_ended", "mean_of_tasks": False, "metric": "exact_match"}, read_predictions(path))
     assert (results["n"], results["n_unscored"], results["exact_match"], results["n_judged"]) == (2, 1, 0.5, 2)
     assert results["per_duration"] == {"long": {"exact_match": 0.0, "n": 1}, "short": {"exact_match": 1.0, "n": 1}}
+
+
+def test_loader_workers_started_by_a_forkserver_answer_as_the_process_itself(
+    cache_dir, bench_data, trained_run, tmp_path
+):
+    """multiprocessing_context=forkserver: each worker unpickles the questions' dataset, which carries the network's
+    token count without the network; the LLM under gradient checkpointing, as the real configs have it (its input
+    hook cannot be pickled, and the network was sent whole with the count)."""
+    from hicom.eval.runner import evaluate
+
+    replies = {}
+    for name, extra in {"here": [], "served": ["num_workers=1", "multiprocessing_context=forkserver"]}.items():
+        overrides = [
+            f"ckpt={trained_run}",
+            "benchmark=[msvd_qa]",
+            "run_overrides=['model.llm.gradient_checkpointing=true']",
+        ]
+        results = evaluate(compose_eval(cache_dir, bench_data, tmp_path / name, [*overrides, *extra]))
+        assert results["msvd_qa"]["n"] == 2 and results["msvd_qa"]["n_failed"] == 0
+        rows = (tmp_path / name / "msvd_qa" / "predictions.jsonl").read_text().splitlines()
+        replies[name] = [json.loads(row)["reply"] for row in rows]
+    assert replies["served"] == replies["here"]

@@ -1435,11 +1435,40 @@ def test_the_flop_count_of_a_batch_is_what_torch_counts_for_its_samples_one_by_o
 
 def test_loader_workers_started_by_a_forkserver_train_and_validate(cache_dir, tmp_path):
     """data.multiprocessing_context=forkserver: the workers are fresh processes, which unpickle the datasets, the
-    collator and the worker set-up (each must pickle), and give the batches forked workers give."""
-    overrides = [*SMALL, "data.num_workers=2", "evaluate=false", "trainer.limit_train_batches=2"]
+    collator and the worker set-up (each must pickle), and give the batches forked workers give. The LLM trains
+    under gradient checkpointing, as every real LLM config has it: its input hook is a local function, and the
+    datasets once carried the whole network with its token count (the first batch failed to pickle)."""
+    overrides = [
+        *SMALL, "data.num_workers=2", "evaluate=false", "trainer.limit_train_batches=2",
+        "model.llm.gradient_checkpointing=true",
+    ]  # fmt: skip
     forked = train(compose_train(cache_dir, tmp_path / "forked", overrides))
     served = train(
         compose_train(cache_dir, tmp_path / "served", [*overrides, "data.multiprocessing_context=forkserver"])
     )
     assert served["steps"] == forked["steps"] == 2
     assert served["train_loss"] == forked["train_loss"]
+
+
+def test_a_dataset_pickles_without_the_network(cfg_small):
+    """What a loader worker started by forkserver or spawn is sent: the dataset carries the network's visual token
+    count as a copy of the compressor without weights, not the network (1.8 MB of the tiny one's 1.7 MB of weights
+    were in it)."""
+    from multiprocessing.reduction import ForkingPickler
+
+    from hicom.training import build
+
+    with open_dict(cfg_small):
+        cfg_small.model.llm.gradient_checkpointing = True
+    model, datamodule = build(cfg_small)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    dataset = datamodule.train_dataloader().dataset
+    sent = bytes(ForkingPickler.dumps(dataset))
+    weights = sum(p.numel() * p.element_size() for p in model.net.parameters())
+    assert len(sent) < weights / 10, (len(sent), weights)
+    received = ForkingPickler.loads(sent)
+    assert {p.device.type for p in received.visual_tokens.compressor.parameters()} == {"meta"}
+    for frames, modality in [(32, "video"), (5, "video"), (1, "image"), (3, "image")]:
+        assert received.visual_tokens(frames, modality) == model.net.num_visual_tokens(frames, modality)
+    assert next(model.net.compressor.parameters()).device.type == "cpu"  # the network's own left as it was

@@ -310,7 +310,7 @@ def question_inputs(
         encoder=ChatEncoder(net.llm.tokenizer, net.llm.tokenizer.convert_ids_to_tokens(net.llm.visual_token_id)),
         transform=FrameTransform.from_pretrained(net.vision.path),
         sampling=FrameSampling(**OmegaConf.to_container(sampling, resolve=True)),
-        visual_tokens=net.num_visual_tokens,
+        visual_tokens=net.visual_tokens(),
         prompts=prompts,
     )
     collate = Collator(

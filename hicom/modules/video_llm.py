@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from copy import deepcopy
 
 import torch
 from torch import nn
@@ -36,6 +37,44 @@ def guide_only_names(net: VideoLLM, compressor_cfg) -> set[str]:
     with torch.device("meta"):
         plain = compose_compressor(instantiate(unguided_config(compressor_cfg)), net.vision, net.llm.hidden_size)
     return set(net.compressor.state_dict()) - set(plain.state_dict())
+
+
+def weightless(module: nn.Module) -> nn.Module:
+    """A copy of `module` on the meta device, made without copying a weight, and without the hooks on it (a DeepSpeed
+    engine's, which hold the engine): what arithmetic on its sizes needs (`VisualTokens`). Its tensors kept as
+    attributes (a cached position table) are on the meta device too: a CPU one would be sent to a worker through
+    shared memory."""
+    memo: dict[int, object] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    for sub in module.modules():
+        for name, value in vars(sub).items():
+            if name.endswith("hooks") and isinstance(value, dict):  # torch keeps each kind of hook in a dict of its own
+                memo[id(value)] = type(value)()
+            elif isinstance(value, torch.Tensor) and id(value) not in memo:
+                memo[id(value)] = torch.empty_like(value, device="meta")
+    return deepcopy(module, memo)
+
+
+class VisualTokens:
+    """A network's visual token count for a clip of `num_frames` frames (its compressor's `num_tokens` on the vision
+    tower's grid), as the data loading holds it. Pickled (a loader worker started by forkserver or spawn unpickles
+    its dataset), it carries a copy of the compressor without weights: the network's own method would carry the
+    whole network, and fail at an LLM under gradient checkpointing (its input hook is a local function)."""
+
+    def __init__(self, compressor: Compressor, grid: int) -> None:
+        self.compressor, self.grid = compressor, grid
+
+    def __call__(self, num_frames: int, modality: str = "video") -> int:
+        return self.compressor.num_tokens(num_frames, self.grid, self.grid, modality)
+
+    def __getstate__(self) -> dict:
+        # made once and kept: what it holds must outlive the pickling (forkserver sends a shared tensor's file
+        # descriptor after pickling the whole process object)
+        if "_sent" not in self.__dict__:
+            self._sent = weightless(self.compressor)
+        return {"compressor": self._sent, "grid": self.grid}
 
 
 class VideoLLM(nn.Module):
@@ -84,7 +123,11 @@ class VideoLLM(nn.Module):
 
     def num_visual_tokens(self, num_frames: int, modality: str = "video") -> int:
         """Tokens the LLM receives for a clip of `num_frames` frames, known before running anything."""
-        return self.compressor.num_tokens(num_frames, self.vision.grid, self.vision.grid, modality)
+        return self.visual_tokens()(num_frames, modality)
+
+    def visual_tokens(self) -> VisualTokens:
+        """`num_visual_tokens` as the data loading holds it: it pickles without the network."""
+        return VisualTokens(self.compressor, self.vision.grid)
 
     def encode_visual(self, batch: dict) -> torch.Tensor | None:
         """Compressed tokens of every clip in the batch, concatenated in sample order: (sum N_i, d_llm)."""
