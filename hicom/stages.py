@@ -37,7 +37,7 @@ from hicom.training import check_global_batch, check_trainable, check_values, co
 from hicom.utils.checkpoints import check_safetensors, fill_tied, full_parameters, optimizer_masters, untied_state
 from hicom.utils.choices import flag
 from hicom.utils.config import dotted_keys, launch_rank, unshared_launch
-from hicom.utils.files import as_created_here, weights_identity, write_atomically
+from hicom.utils.files import RunFolderTaken, as_created_here, weights_identity, write_atomically
 from hicom.utils.instantiators import (
     check_data,
     check_model,
@@ -603,7 +603,7 @@ def check_same_run(cfg: DictConfig, stages: list, root: Path) -> None:
         if differences:
             differ.append(f"stage {stage.name} ({folder}): {differences}")
     if differ:
-        raise ValueError(
+        raise RunFolderTaken(
             f"{root.parent} holds stages of a run configured otherwise (their config.yaml), which this launch would "
             "skip where finished and go on from where stopped:\n  " + "\n  ".join(differ) + "\nTo start another "
             "run, launch it into a new folder (hydra.run.dir; hydra.sweep.dir for a multirun); to go on from a stopped "

@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from hicom.utils.files import write_atomically
+from hicom.utils.files import RunFolderTaken, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -334,12 +334,22 @@ class SweepSummary(Callback):
         if OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
             return
         folder = Path(config.hydra.runtime.output_dir)
-        (folder / ERROR_FILE).unlink(missing_ok=True)  # an earlier launch's, where the sweep folder is given again
+        error = None
         if job_return.status == JobStatus.FAILED:
             try:
                 job_return.return_value  # noqa: B018  (raises the exception the job ended with)
-            except BaseException as error:  # noqa: BLE001  (recorded, not handled: the sweeper raises it again)
-                write_atomically(folder / ERROR_FILE, f"{type(error).__name__}: {error}\n")
+            except BaseException as raised:  # noqa: BLE001  (recorded, not handled: the sweeper raises it again)
+                error = raised
+        if isinstance(error, RunFolderTaken):  # the folder holds an earlier launch's run: its records left as they are
+            self.before[folder.name] = _stamp(folder)  # (Hydra has written its .hydra again): not this launch's job
+            log.error(
+                "job %s of the sweep was refused, its folder %s holding another run (below): the sweep's table and "
+                "that run's files are left as they were", folder.name, folder,
+            )  # fmt: skip
+            return
+        (folder / ERROR_FILE).unlink(missing_ok=True)  # an earlier launch's, where the sweep folder is given again
+        if error is not None:
+            write_atomically(folder / ERROR_FILE, f"{type(error).__name__}: {error}\n")
         summary = self.summarise(config)
         if summary is not None and job_return.status == JobStatus.FAILED:
             log.error("a job of the sweep failed; the table of its %d runs so far (%s):\n%s", *summary)

@@ -30,6 +30,7 @@ from hicom.callbacks.checkpoint import resume_checkpoint
 from hicom.callbacks.throughput import BatchFlops
 from hicom.utils.choices import flag, whole_number
 from hicom.utils.config import shell_override
+from hicom.utils.files import RunFolderTaken
 from hicom.utils.instantiators import (
     check_data,
     check_model,
@@ -260,7 +261,7 @@ def own_checkpoint(cfg: DictConfig) -> Path | None:
         return found
     differences = run_differences(OmegaConf.load(written), cfg)
     if differences:
-        raise ValueError(
+        raise RunFolderTaken(
             f"{found} is the last checkpoint of an earlier launch into this run's folder, which a launch there goes on "
             f"from, and that launch's run was configured otherwise (its config.yaml): {differences}. To start another "
             "run, launch it into a new folder (hydra.run.dir; hydra.sweep.dir for a multirun); to go on from that "
@@ -746,7 +747,7 @@ def train(cfg: DictConfig, before_fit=None, after_fit=None, resume: str | None =
         except ValueError as err:
             if found is None:
                 raise
-            raise ValueError(
+            raise RunFolderTaken(
                 f"{found} is the last checkpoint of an earlier launch into this run's folder, which a launch there "
                 f"goes on from, and it is not this launch's run: {err}. To start another run, launch it into a new "
                 "folder (hydra.run.dir; hydra.sweep.dir for a multirun), or move that one's checkpoints away"

@@ -150,6 +150,14 @@ def test_multirun_trains_each_compressor_and_writes_its_metrics(cache_dir, tmp_p
     rows = json.loads((sweep / "summary.json").read_text())
     assert [row["metrics"] for row in rows] == [json.loads(f.read_text()) for f in files]
     assert "the sweep's 2 runs" in done.stderr + done.stdout
+    # another sweep launched into that folder by mistake: its job 0 is refused (the folder holds the hicom run), and
+    # the finished sweep's table and job folders are left as they were (no error.txt beside job 0's metrics.json)
+    table_before = (sweep / "summary.json").read_text()
+    other = [*cmd[:3], "model/compressor=avgpool", f"hydra.sweep.dir={sweep}", *overrides]
+    done = subprocess.run(other, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert not (sweep / "0" / "error.txt").exists()
+    assert (sweep / "summary.json").read_text() == table_before
+    assert done.returncode != 0 and "holding another run" in done.stderr + done.stdout
     # the same sweep folder again, one job: its table lists that job, not the earlier launch's job 1 left there;
     # the job goes on from the checkpoint its folder holds (a requeue), where it is the same run (another run's
     # launch into a run folder is refused: test_a_run_resumes_from_its_checkpoint)

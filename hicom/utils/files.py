@@ -48,6 +48,11 @@ class Busy(RuntimeError):
     """Another live process holds the lock that `held_alone` asked for."""
 
 
+class RunFolderTaken(ValueError):
+    """A launch into a run folder that holds another run (its config.yaml differs): refused before anything is
+    written there, so that a sweep leaves that run's records as they are (`hicom.sweep.SweepSummary`)."""
+
+
 @contextlib.contextmanager
 def held_alone(path: Path, what: str) -> Iterator[None]:
     """An exclusive lock on `path` for as long as the block runs, or Busy at once where another process holds it:
