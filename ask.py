@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from hicom.eval.ask import ask
-from hicom.utils.config import refuse_null_groups  # registers the config resolvers too
+from hicom.utils.config import refuse_group_slips  # registers the config resolvers too
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="ask")
@@ -19,5 +19,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    refuse_null_groups(sys.argv[1:])
+    refuse_group_slips(sys.argv[1:])
     main()

@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from hicom.sweep import check_sweep, swept_value
 from hicom.training import release_process_group, train
-from hicom.utils.config import refuse_null_groups  # registers the config resolvers too
+from hicom.utils.config import refuse_group_slips  # registers the config resolvers too
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -44,5 +44,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    refuse_null_groups(sys.argv[1:])
+    refuse_group_slips(sys.argv[1:])
     main()

@@ -428,6 +428,21 @@ def test_command_line_values_a_staged_experiment_would_replace_are_refused_with_
     )
 
 
+def test_a_group_chosen_with_a_dot_is_refused_with_the_slash_form():
+    """`model.compressor=avgpool` sets the key to a text, which failed in Hydra's instantiate ("Cannot instantiate
+    config of type str"), `model.vision=tiny_clip` in a resolver ("not a container")."""
+    from hicom.utils.config import refuse_group_slips
+
+    for arg, slashed in [("model.compressor=avgpool", "model/compressor=avgpool"),
+                         ("model.vision=tiny_clip", "model/vision=tiny_clip"), ("+model.llm=tiny_llama", "model/llm")]:  # fmt: skip
+        with pytest.raises(SystemExit, match=re.escape(slashed)):
+            refuse_group_slips([arg])
+    # a value given to the group's node, and keys inside it, are left to Hydra
+    refuse_group_slips(
+        ["model.compressor={kernel: [2, 2, 2]}", "model.compressor.kernel=[2,2,2]", "data.sampling.fps=1"]
+    )
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -677,6 +692,12 @@ def unloadable_llm(tiny_paths, tmp_path_factory) -> Path:
         ("callbacks.model_checkpoint.save_last=no", "save_last must be true, false or link, got 'no'"),  # saved
         ("data.visual_token='<|image_pad|>'", r"data.visual_token='<\|image_pad\|>' is not the LLM's placeholder"),
         ("model/compressor=qformer model.compressor.initializer_range=-1.0", "initializer_range must be a finite"),
+        # a compressor of one's own whose module is not on the path (Hydra said only "Error locating target")
+        (
+            "model.compressor._target_=nowhere_module.Mine",
+            r"nowhere_module.Mine cannot be imported here \(No module "
+            r"named 'nowhere_module'\)(.|\n)*on PYTHONPATH",
+        ),  # fmt: skip
     ],
 )
 def test_a_bad_config_value_fails_before_any_weights_load(override, message, cache_dir, tmp_path, unloadable_llm):

@@ -76,23 +76,18 @@ class JsonSource:
     val_data_root: str | None = None
 
     def check(self) -> Splits:
-        """A FileNotFoundError naming the key to set where the annotation files or the media folder are missing;
-        the splits otherwise."""
-        if self.train_json is None:
-            raise FileNotFoundError(
-                f"data.source.train_json is null: set `data.source.train_json=<file>`{DATA_DIR_HINT}"
-            )
-        if self.data_root is None:
-            raise FileNotFoundError(f"data.source.data_root is null: set `data.source.data_root=<dir>`{DATA_DIR_HINT}")
-        for key, value in (("data.source.train_json", self.train_json), ("data.source.val_json", self.val_json)):
+        """A FileNotFoundError naming the key to set for each annotation file or media folder that is missing (all
+        of them in one message); the splits otherwise."""
+        missing = [f"data.source.{key} is null: set `data.source.{key}=<{kind}>`"
+                   for key, kind in (("train_json", "file"), ("data_root", "dir")) if getattr(self, key) is None]  # fmt: skip
+        for key, value in (("train_json", self.train_json), ("val_json", self.val_json)):
             if value is not None and not Path(value).is_file():
-                raise FileNotFoundError(f"annotation file '{value}' not found: set `{key}=<file>`{DATA_DIR_HINT}")
-        for key, value in (
-            ("data.source.data_root", self.data_root),
-            ("data.source.val_data_root", self.val_data_root),
-        ):
+                missing.append(f"annotation file '{value}' not found: set `data.source.{key}=<file>`")
+        for key, value in (("data_root", self.data_root), ("val_data_root", self.val_data_root)):
             if value is not None and not Path(value).is_dir():
-                raise FileNotFoundError(f"media folder '{value}' not found: set `{key}=<dir>`{DATA_DIR_HINT}")
+                missing.append(f"media folder '{value}' not found: set `data.source.{key}=<dir>`")
+        if missing:
+            raise FileNotFoundError("\n".join(missing) + DATA_DIR_HINT)
         root_dir = Path(self.data_root)
         val_root = Path(self.val_data_root) if self.val_data_root is not None else root_dir
         val = (MixtureEntry(Path(self.val_json), val_root),) if self.val_json else ()

@@ -134,11 +134,13 @@ def read_mixture(path: str | Path, data_dir: str | Path | None = None) -> list[M
         for key in ("json_path", "data_root"):  # `data_root:` left empty reads as null
             if key in item and not isinstance(item[key], str) or item.get(key) == "":
                 raise ValueError(f"{path}: entry {i}: {key} must be a path, got {item[key]!r}")
+        try:
+            sampling = Sampling.parse(item.get("sampling_strategy"))
+        except ValueError as err:
+            raise ValueError(f"{path}: entry {i} ({item['json_path']}): {err}") from err
         entries.append(
             MixtureEntry(
-                json_path=base / item["json_path"],
-                data_root=base / item.get("data_root", "."),
-                sampling=Sampling.parse(item.get("sampling_strategy")),
+                json_path=base / item["json_path"], data_root=base / item.get("data_root", "."), sampling=sampling
             )
         )
     return entries

@@ -18,6 +18,12 @@ def compose_compressor(
 ) -> Compressor:
     """The compressor at the vision tower's and the LLM's widths, refused where it asks for keys the tower lacks."""
     built = compressor(in_dim=vision.hidden_size, out_dim=llm_width, guide_dim=vision.text_hidden_size)
+    if not isinstance(built, Compressor):
+        raise TypeError(
+            f"it built a {type(built).__module__}.{type(built).__qualname__}, which is not a "
+            "hicom.modules.compressors.Compressor: subclass that (it gives the token count, the guide and key flags "
+            "and the packed forward the network calls), not a plain module"
+        )
     if built.uses_embeds and not vision.has_joint_embeds:
         raise ValueError(
             f"the compressor takes joint-space keys, which {type(vision).__name__} does not provide: set "

@@ -110,15 +110,25 @@ def rank_suffix() -> str:
     return f".rank{rank}" if rank else ""
 
 
-def refuse_null_groups(args: list[str]) -> None:
-    """Hydra cannot set a config group to null from the command line: `strategy=null` fails deep inside it ("Config
-    group override must be a string or a list"). Stops, before Hydra starts, with the form that drops a group."""
+def refuse_group_slips(args: list[str]) -> None:
+    """Two slips that Hydra reports deep inside itself, stopped before it starts with the form to write:
+    `strategy=null` (Hydra cannot set a config group to null: "Config group override must be a string or a list";
+    a group is left out with ~strategy), and `model.compressor=avgpool` (the dot sets the key to that text, and the
+    run fails where it is read; a config of the group is chosen with a slash)."""
     configs = Path(project_root()) / "configs"
     for arg in args:
         key, sep, value = arg.partition("=")
         group = key.lstrip("+")
-        if sep and value == "null" and group and (configs / group).is_dir():
+        if not sep or not group:
+            continue
+        if value == "null" and (configs / group).is_dir():
             raise SystemExit(f"{arg}: a config group is left out with ~{group} (Hydra cannot set one to null)")
+        slashed = group.replace(".", "/")
+        if "." in group and not value.startswith(("{", "[")) and (configs / slashed).is_dir():
+            raise SystemExit(
+                f"{arg}: sets {group} to the text {value!r}; a config of the group {slashed} is chosen with a slash: "
+                f"{slashed}={value}"
+            )
 
 
 def hydra_path(key: str, path: Path | str) -> str:

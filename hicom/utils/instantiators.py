@@ -238,6 +238,14 @@ def check_model(cfg: DictConfig, compressor=None):
             built = compose_compressor(compressor or hydra.utils.instantiate(model.compressor), tower, llm_width)
         except (ValueError, TypeError) as err:
             raise (TypeError if isinstance(err, TypeError) else ValueError)(f"model.compressor: {err}") from err
+        except hydra.errors.InstantiationException as err:
+            if not isinstance(err.__cause__, ImportError):
+                raise
+            raise ImportError(
+                f"model.compressor: its _target_ {model.compressor.get('_target_')} cannot be imported here "
+                f"({err.__cause__.__cause__ or err.__cause__}): a compressor of one's own must import where the run "
+                "is read as where it trained; put the folder of its module on PYTHONPATH"
+            ) from err
     side = FrameTransform.from_pretrained(model.vision.path).size  # its image processor's file, read as the data will
     if side != tower.image_size:
         raise ValueError(

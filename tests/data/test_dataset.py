@@ -88,3 +88,12 @@ def test_a_held_out_file_reads_its_media_from_its_own_folder(tmp_path):
     assert (apart.train[0].data_root, apart.val[0].data_root) == (tmp_path / "train", tmp_path / "held_out")
     with pytest.raises(FileNotFoundError, match=r"media folder '.*nowhere' not found: set `data.source.val_data_root"):
         JsonSource(**{**source.__dict__, "val_data_root": str(tmp_path / "nowhere")}).check()
+    # every missing path in one message, not one per launch
+    gone = JsonSource(str(tmp_path / "no.json"), str(tmp_path / "no_media"), val_json=str(tmp_path / "no_val.json"),
+                      val_data_root=str(tmp_path / "no_val_media"))  # fmt: skip
+    with pytest.raises(FileNotFoundError) as missing:
+        gone.check()
+    keys = ("train_json=<file>", "val_json=<file>", "data_root=<dir>", "val_data_root=<dir>")
+    assert all(f"`data.source.{key}`" in str(missing.value) for key in keys), str(missing.value)
+    with pytest.raises(FileNotFoundError, match=r"train_json is null(.|\n)*data_root is null"):
+        JsonSource(None, None).check()

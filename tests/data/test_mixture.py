@@ -76,6 +76,12 @@ def test_a_mixture_of_json_and_jsonl_with_relative_paths(tmp_path):
     (tmp_path / "empty.yaml").write_text("- json_path: ann/b.jsonl\n  data_root:\n")
     with pytest.raises(ValueError, match=r"empty.yaml: entry 0: data_root must be a path, got None"):
         read_mixture(tmp_path / "empty.yaml")
+    # a bad strategy names its file and entry (the release's mixtures have ten)
+    (tmp_path / "bad.yaml").write_text(
+        "- json_path: ann/a.json\n- json_path: ann/b.jsonl\n  sampling_strategy: end:0\n"
+    )
+    with pytest.raises(ValueError, match=r"bad.yaml: entry 1 \(ann/b.jsonl\): sampling_strategy 'end:0' is ambiguous"):
+        read_mixture(tmp_path / "bad.yaml")
 
 
 def test_split_turns_index_and_its_memory(tmp_path):

@@ -1,6 +1,7 @@
 """The network's guide plumbing: token-level guides for fine injection, clip scale from the vision checkpoint."""
 
 import functools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -443,3 +444,15 @@ def test_the_guide_encoder_gets_the_attention_mask_exactly_when_the_guide_tokeni
         masked = net.encode_visual(batch)
     assert given[-1] is mask
     assert not torch.allclose(masked, unmasked)  # the padding no longer reaches the guide
+
+
+def test_a_compressor_that_is_no_compressor_subclass_is_named():
+    """A plain nn.Module lacks the flags and the token count the network reads: refused by name at the build, not
+    an AttributeError on `uses_embeds`."""
+    from hicom.modules.video_llm import compose_compressor
+
+    tower = SimpleNamespace(hidden_size=8, text_hidden_size=6, has_joint_embeds=True)
+    with pytest.raises(
+        TypeError, match=r"torch\.nn\.modules\.linear\.Linear, which is not a hicom\.modules\.compressors\.Compressor"
+    ):
+        compose_compressor(lambda in_dim, out_dim, guide_dim: torch.nn.Linear(in_dim, out_dim), tower, 4)
