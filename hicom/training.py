@@ -251,8 +251,15 @@ def own_checkpoint(cfg: DictConfig) -> Path | None:
     the folder (its config.yaml's model, data, seed or global batch differ) is refused, naming the differences:
     a requeued job composes the same config, and `ckpt_path=` says a resume with other settings is meant."""
 
+    from hicom.stages import STAGE_LIST
+
     own = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
     run = Path(cfg.paths.output_dir).resolve()
+    if (run / STAGE_LIST).is_file() or (run / "stages").is_dir():  # a staged run's: evaluate.py would read this fit
+        raise RunFolderTaken(
+            f"{run} holds a staged run ({STAGE_LIST}, stages/), beside which this fit would write its own records: "
+            "launch it into a new folder (hydra.run.dir; hydra.sweep.dir for a multirun)"
+        )
     if not own or not Path(own).resolve().is_relative_to(run):  # a shared checkpoint folder is no run's own
         return None
     found = resume_checkpoint(Path(own))

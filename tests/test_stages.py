@@ -146,6 +146,27 @@ def test_a_launch_of_another_run_into_a_folder_with_its_stages_is_refused(tiny_p
     }
 
 
+def test_a_run_of_one_kind_into_a_folder_of_the_other_is_refused(tiny_paths, cache_dir, tmp_path, stage_runs):
+    """A staged run launched into a one-fit run's folder (a sweep folder given again for a staged sweep) trained its
+    stages beside that run's records, and the reverse wrote a fit's beside the stages: evaluate.py and the sweep's
+    table then read the other run's (helper's reproduction: rc 0, the old fit scored)."""
+    from hicom.training import train
+    from hicom.utils.files import RunFolderTaken
+
+    fit = tmp_path / "fit"
+    fit.mkdir()
+    (fit / "metrics.json").write_text("{}")
+    with pytest.raises(RunFolderTaken, match=r"holds a run of one fit \(metrics.json\)"):
+        run_stages(compose_train(cache_dir, fit, ["experiment=tiny_stages", *SMALL]))
+    assert stage_runs == [] and not (fit / "stages.json").exists()  # refused before anything is written
+    staged = tmp_path / "staged"
+    (staged / "stages").mkdir(parents=True)
+    (staged / "stages.json").write_text('["alignment"]')
+    with pytest.raises(RunFolderTaken, match=r"holds a staged run"):
+        train(compose_train(cache_dir, staged, SMALL))
+    assert sorted(p.name for p in staged.iterdir()) == ["stages", "stages.json"]
+
+
 def test_a_stage_from_another_runs_parent_names_each_setting_that_differs(tiny_paths, cache_dir, tmp_path, stage_runs):
     cfg = compose_train(cache_dir, tmp_path / "other", ["experiment=tiny_stages", *SMALL])
     other = tmp_path / "other" / "stages"

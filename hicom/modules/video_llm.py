@@ -65,22 +65,16 @@ def weightless(module: nn.Module) -> nn.Module:
 
 class VisualTokens:
     """A network's visual token count for a clip of `num_frames` frames (its compressor's `num_tokens` on the vision
-    tower's grid), as the data loading holds it. Pickled (a loader worker started by forkserver or spawn unpickles
-    its dataset), it carries a copy of the compressor without weights: the network's own method would carry the
+    tower's grid), as the data loading holds it: a copy of the compressor without weights (`weightless`), made
+    before a strategy touches the network (DeepSpeed's ZeRO-3 sets attributes on each module that do not pickle). A
+    loader worker started by forkserver or spawn unpickles its dataset: the network's own method would send it the
     whole network, and fail at an LLM under gradient checkpointing (its input hook is a local function)."""
 
     def __init__(self, compressor: Compressor, grid: int) -> None:
-        self.compressor, self.grid = compressor, grid
+        self.compressor, self.grid = weightless(compressor), grid
 
     def __call__(self, num_frames: int, modality: str = "video") -> int:
         return self.compressor.num_tokens(num_frames, self.grid, self.grid, modality)
-
-    def __getstate__(self) -> dict:
-        # made once and kept: what it holds must outlive the pickling (forkserver sends a shared tensor's file
-        # descriptor after pickling the whole process object)
-        if "_sent" not in self.__dict__:
-            self._sent = weightless(self.compressor)
-        return {"compressor": self._sent, "grid": self.grid}
 
 
 class VideoLLM(nn.Module):
@@ -129,10 +123,11 @@ class VideoLLM(nn.Module):
 
     def num_visual_tokens(self, num_frames: int, modality: str = "video") -> int:
         """Tokens the LLM receives for a clip of `num_frames` frames, known before running anything."""
-        return self.visual_tokens()(num_frames, modality)
+        return self.compressor.num_tokens(num_frames, self.vision.grid, self.vision.grid, modality)
 
     def visual_tokens(self) -> VisualTokens:
-        """`num_visual_tokens` as the data loading holds it: it pickles without the network."""
+        """`num_visual_tokens` as the data loading holds it: it pickles without the network (made when the data
+        module is given the network, before the strategy sets the network up)."""
         return VisualTokens(self.compressor, self.vision.grid)
 
     def encode_visual(self, batch: dict) -> torch.Tensor | None:

@@ -49,9 +49,12 @@ def main(cache: str, out: str, zero_stage: str) -> None:
             "module_keys": sorted(model.get("module_keys") or []),
         }
 
+    # under ZeRO-3 a loader worker started by forkserver too: the dataset it unpickles holds a copy of the
+    # compressor, made before ZeRO-3 set its attributes that do not pickle on every module
+    served = ["data.num_workers=1", "data.multiprocessing_context=forkserver"] if zero_stage == "3" else []
     report = {
-        "first": fit("first", "trainer.max_steps=2"),
-        "kept": fit("kept", "trainer.max_steps=2", "trainer.strategy.exclude_frozen_parameters=false"),
+        "first": fit("first", "trainer.max_steps=2", *served),
+        "kept": fit("kept", "trainer.max_steps=2", "trainer.strategy.exclude_frozen_parameters=false", *served),
     }
     report["first_saved"], report["kept_saved"] = saved("first"), saved("kept")
     resume = [f"ckpt_path={Path(out) / 'first' / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=3"]
