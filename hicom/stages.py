@@ -653,7 +653,7 @@ def run_stages(cfg: DictConfig) -> dict[str, dict]:
             "name in every process (scripts/cluster/torchrun.sh asks for it), or give torchrun an --rdzv-id"
         )
     root = Path(cfg.paths.output_dir) / "stages"
-    one_fit = [name for name in (MANIFEST, "metrics.json", "checkpoints") if (root.parent / name).exists()]
+    one_fit = [name for name in (MANIFEST, METRICS, "checkpoints") if (root.parent / name).exists()]
     if one_fit:  # its records and these stages' side by side: evaluate.py and a sweep's table would read its own
         raise RunFolderTaken(
             f"{root.parent} holds a run of one fit ({', '.join(one_fit)}), which a staged run's stages would be written "
