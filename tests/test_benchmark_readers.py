@@ -75,6 +75,10 @@ MALFORMED = [
      "1_plotQA.json record 0: 'video' is None, not a text"),
     ("mlvu", lambda f: f.update({"json/1_plotQA.json": None}),
      "1_plotQA.json: expected a list of records, found None"),
+    # a task filtered to nothing: MLVU's M-Avg was a mean over the other tasks, with no word (review)
+    ("mlvu", lambda f: f.update({"json/1_plotQA.json": []}),
+     "1_plotQA.json holds no records"),
+    ("egoschema", lambda f: f.update({"questions.json": []}), "questions.json holds no records"),
     ("egoschema", lambda f: f.update({"questions.json": None}),
      "questions.json: expected a list of records, found None"),
     ("egoschema", lambda f: f.update({"subset_answers.json": [1, 4]}),

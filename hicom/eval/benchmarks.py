@@ -108,6 +108,8 @@ def _read_json(path: Path, container: type[list | dict] = list) -> list | dict:
     if not isinstance(value, container):
         expected = "a list of records" if container is list else "an object"
         raise BenchmarkFormatError(f"{path}: expected {expected}, found {value!r:.80}")
+    if not value:  # a file cut short or filtered to nothing: its task would be left out of the score in silence
+        raise BenchmarkFormatError(f"{path} holds no records: put the benchmark's file there whole")
     return value
 
 
