@@ -49,8 +49,9 @@ class Busy(RuntimeError):
 
 
 class RunFolderTaken(ValueError):
-    """A launch into a run folder that holds another run (its config.yaml differs): refused before anything is
-    written there, so that a sweep leaves that run's records as they are (`hicom.sweep.SweepSummary`)."""
+    """A launch into a run folder that holds another run (its config.yaml differs, or it is a staged run and this
+    launch one fit, or the reverse): refused before anything is written there, so that a sweep leaves that run's
+    records as they are (`hicom.sweep.SweepSummary`)."""
 
 
 @contextlib.contextmanager
